@@ -82,7 +82,10 @@ fn workload_service_from_hand_built_bytes() {
     assert_eq!(s.hostname, "s.ns.svc");
     assert_eq!(s.addresses[0].address, vec![10, 96, 0, 1]);
     assert_eq!(s.addresses[0].length, Some(32));
-    assert_eq!((s.ports[0].service_port, s.ports[0].target_port), (80, 8080));
+    assert_eq!(
+        (s.ports[0].service_port, s.ports[0].target_port),
+        (80, 8080)
+    );
     let lb = s.load_balancing.unwrap();
     assert_eq!(
         lb.routing_preference().collect::<Vec<_>>(),
@@ -97,9 +100,7 @@ fn authorization_from_hand_built_bytes() {
     let presence = "22 00"; // StringMatch{presence {}}
     let sa = "0a 02 6e73 12 02 7361"; // {namespace ns, serviceAccount sa}
     let ip = "0a 04 0a000000 10 18"; // {10.0.0.0, length 24}
-    let m = format!(
-        "1a 05 {string_prefix} 22 02 {presence} 4a 02 903f 5a 08 {sa} 2a 08 {ip}"
-    );
+    let m = format!("1a 05 {string_prefix} 22 02 {presence} 4a 02 903f 5a 08 {sa} 2a 08 {ip}");
     let m_len = bytes(&m).len();
     let clause = format!("12 {m_len:02x} {m}");
     let clause_len = bytes(&clause).len();
@@ -138,9 +139,7 @@ fn ca_messages_from_hand_built_bytes() {
     let entry_len = bytes(&entry).len();
     let meta = format!("0a {entry_len:02x} {entry}");
     let meta_len = bytes(&meta).len();
-    let req = bytes(&format!(
-        "0a 03 50454d 18 901c 22 {meta_len:02x} {meta}"
-    ));
+    let req = bytes(&format!("0a 03 50454d 18 901c 22 {meta_len:02x} {meta}"));
     let r = ca::IstioCertificateRequest::decode(req.as_slice()).unwrap();
     assert_eq!(r.csr, "PEM");
     assert_eq!(r.validity_duration, 3600);
@@ -334,7 +333,9 @@ fn every_message_round_trips() {
     roundtrip(ext);
     roundtrip(lb);
 
-    let sm = |m| security::StringMatch { match_type: Some(m) };
+    let sm = |m| security::StringMatch {
+        match_type: Some(m),
+    };
     use security::string_match::MatchType;
     let addr = security::Address {
         address: vec![10, 0, 0, 0],

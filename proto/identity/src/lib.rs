@@ -1,1 +1,12 @@
+//! Mesh identity: SPIFFE ids, workload certificates, the rustls configs that verify peers
+//! by identity, and the CA library the control plane signs with.
+#![forbid(unsafe_code)]
 
+pub mod ca;
+pub mod cert;
+pub mod spiffe;
+pub mod tls;
+
+pub use cert::{CertError, CertInfo, WorkloadCertificate, generate_csr};
+pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError};
+pub use tls::{IdentityError, client_config, peer_identity, provider, server_config};
