@@ -1,0 +1,153 @@
+//! HBONE server: TLS (client certificate required) → HTTP/2 → one CONNECT per stream,
+//! each handed to a [`ConnectHandler`] that refuses it or accepts it as a [`Tunnel`].
+
+use crate::protocol::{ConnectRequest, Refusal};
+use crate::settings::{H2Settings, keepalive_failed};
+use crate::tunnel::Tunnel;
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{HeaderMap, Response, StatusCode};
+use mesh_identity::SpiffeId;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One CONNECT request, with everything known about who sent it.
+#[derive(Debug, Clone)]
+pub struct InboundConnect {
+    pub request: ConnectRequest,
+    pub headers: HeaderMap,
+    /// Verified from the client certificate.
+    pub peer_identity: SpiffeId,
+    pub peer_addr: SocketAddr,
+    /// The address the HBONE connection arrived at (L3 destination).
+    pub local_addr: SocketAddr,
+}
+
+/// Answers one CONNECT exactly once. Dropping it unanswered refuses with 503.
+pub struct Responder {
+    respond: Option<SendResponse<Bytes>>,
+    recv: Option<RecvStream>,
+}
+
+impl Responder {
+    pub fn refuse(mut self, refusal: &Refusal) {
+        if let Some(r) = self.respond.take() {
+            send_status(r, refusal.status());
+        }
+    }
+
+    /// Sends 200 (with `headers`, e.g. destination baggage) and returns the tunnel.
+    pub fn accept(mut self, headers: HeaderMap) -> Result<Tunnel, h2::Error> {
+        let mut respond = self.respond.take().expect("responder used once");
+        let recv = self.recv.take().expect("responder used once");
+        let mut resp = Response::new(());
+        *resp.headers_mut() = headers;
+        let send = respond.send_response(resp, false)?;
+        Ok(Tunnel::new(send, recv, None))
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(r) = self.respond.take() {
+            send_status(r, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+}
+
+fn send_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    let _ = respond.send_response(resp, true);
+}
+
+/// What to do with each CONNECT.
+pub trait ConnectHandler: Send + Sync + 'static {
+    fn handle(&self, req: InboundConnect, respond: Responder) -> impl Future<Output = ()> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("TLS handshake timed out")]
+    TlsTimeout,
+    #[error("the client certificate carries no SPIFFE identity")]
+    NoPeerIdentity,
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("peer stopped answering PINGs")]
+    KeepaliveTimeout,
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Serves one accepted TCP connection until the client goes away, keepalive fails, or
+/// `drain` is cancelled (then GOAWAY is sent and open streams may finish).
+pub async fn serve_connection<H: ConnectHandler>(
+    tcp: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<H>,
+    settings: &H2Settings,
+    drain: CancellationToken,
+) -> Result<(), ServeError> {
+    let local_addr = tcp.local_addr()?;
+    let peer_addr = tcp.peer_addr()?;
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(tcp))
+        .await
+        .map_err(|_| ServeError::TlsTimeout)?
+        .map_err(ServeError::Tls)?;
+    let peer_identity = mesh_identity::peer_identity(tls.get_ref().1.peer_certificates())
+        .ok_or(ServeError::NoPeerIdentity)?;
+    let mut conn = settings.server_builder().handshake(tls).await?;
+    let ping_pong = conn.ping_pong().expect("ping_pong is available once");
+    let keepalive = keepalive_failed(
+        ping_pong,
+        settings.keepalive_interval,
+        settings.keepalive_timeout,
+    );
+    tokio::pin!(keepalive);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => {
+                let Some(next) = next else { return Ok(()) };
+                let (req, respond) = next?;
+                let (parts, recv) = req.into_parts();
+                match ConnectRequest::from_http(&parts.method, &parts.uri, &parts.headers) {
+                    Err(bad) => {
+                        tracing::debug!(%peer_addr, error = %bad, "refusing malformed CONNECT");
+                        send_status(respond, StatusCode::BAD_REQUEST);
+                    }
+                    Ok(request) => {
+                        let inbound = InboundConnect {
+                            request,
+                            headers: parts.headers,
+                            peer_identity: peer_identity.clone(),
+                            peer_addr,
+                            local_addr,
+                        };
+                        let responder = Responder { respond: Some(respond), recv: Some(recv) };
+                        let handler = handler.clone();
+                        tokio::spawn(async move { handler.handle(inbound, responder).await });
+                    }
+                }
+            }
+            _ = drain.cancelled(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+            _ = &mut keepalive => return Err(ServeError::KeepaliveTimeout),
+        }
+    }
+}
