@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 /// Generated code, nested exactly as the protobuf packages so cross-package paths resolve.
+#[allow(clippy::all, clippy::pedantic)]
 pub mod generated {
     pub mod istio {
         pub mod workload {

@@ -282,12 +282,7 @@ fn every_message_round_trips() {
             protocol: workload::application_tunnel::Protocol::Proxy as i32,
             port: 15088,
         }),
-        services: HashMap::from([(
-            "ns/s".to_string(),
-            workload::PortList {
-                ports: vec![port.clone()],
-            },
-        )]),
+        services: HashMap::from([("ns/s".to_string(), workload::PortList { ports: vec![port] })]),
         authorization_policies: vec!["ns/p".into()],
         status: workload::WorkloadStatus::Unhealthy as i32,
         cluster_id: "c".into(),
@@ -305,7 +300,7 @@ fn every_message_round_trips() {
         namespace: "ns".into(),
         hostname: "s.ns.svc.cluster.local".into(),
         addresses: vec![net_addr.clone()],
-        ports: vec![port.clone()],
+        ports: vec![port],
         subject_alt_names: vec!["spiffe://td/ns/ns/sa/x".into()],
         waypoint: Some(gw.clone()),
         load_balancing: Some(lb.clone()),
@@ -326,7 +321,7 @@ fn every_message_round_trips() {
         r#type: Some(workload::address::Type::Service(svc)),
     });
     roundtrip(wl);
-    roundtrip(port.clone());
+    roundtrip(port);
     roundtrip(workload::PortList { ports: vec![port] });
     roundtrip(net_addr);
     roundtrip(gw);

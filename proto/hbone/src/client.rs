@@ -292,7 +292,7 @@ impl<D: Dialer> Client<D> {
         let http = req.to_http().map_err(|e| StreamError::Failed(e.into()))?;
         let (response, send) = sender
             .send_request(http, false)
-            .map_err(|e| classify_stream_error(e))?;
+            .map_err(classify_stream_error)?;
         let response = response.await.map_err(classify_stream_error)?;
         if let Some(refused) = classify_status(response.status()) {
             return Err(StreamError::Failed(ConnectError::Refused(refused)));

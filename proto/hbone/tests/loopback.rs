@@ -230,7 +230,7 @@ async fn one_gib_transfer_keeps_memory_flat() {
     while sent < TOTAL {
         est.tunnel.write_all(&chunk).await.unwrap();
         sent += chunk.len() as u64;
-        if sent % (64 << 20) == 0 {
+        if sent.is_multiple_of(64 << 20) {
             peak = peak.max(rss_bytes());
         }
     }

@@ -156,7 +156,8 @@ mod tests {
     #[test]
     fn rejects_malformed() {
         use SpiffeIdError::*;
-        let cases: &[(&str, fn(&SpiffeIdError) -> bool)] = &[
+        type Check = fn(&SpiffeIdError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("cluster.local/ns/a/sa/b", |e| matches!(e, MissingScheme(_))),
             ("spiffe://td/ns/a", |e| matches!(e, BadShape(_))),
             ("spiffe://td/ns/a/sa/b/extra", |e| matches!(e, BadShape(_))),
