@@ -15,7 +15,7 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 unit:
-	$(CARGO) test --workspace
+	scripts/cargo-test.sh
 
 bench:
 	$(CARGO) bench -p hbone --bench hbone
