@@ -18,8 +18,12 @@ pub enum ResourceError {
 
 pub fn ip_from_bytes(what: &str, b: &[u8]) -> Result<IpAddr, ResourceError> {
     match b.len() {
-        4 => Ok(IpAddr::from(<[u8; 4]>::try_from(b).expect("length checked"))),
-        16 => Ok(IpAddr::from(<[u8; 16]>::try_from(b).expect("length checked"))),
+        4 => Ok(IpAddr::from(
+            <[u8; 4]>::try_from(b).expect("length checked"),
+        )),
+        16 => Ok(IpAddr::from(
+            <[u8; 16]>::try_from(b).expect("length checked"),
+        )),
         len => Err(ResourceError::BadAddress {
             what: what.to_string(),
             len,
@@ -35,13 +39,20 @@ pub enum GatewayAddress {
         hostname: String,
         port: u16,
     },
-    Ip { ip: IpAddr, port: u16 },
+    Ip {
+        ip: IpAddr,
+        port: u16,
+    },
 }
 
 impl GatewayAddress {
     fn from_proto(what: &str, g: &pb::GatewayAddress) -> Result<Self, ResourceError> {
         let port = u16::try_from(g.hbone_mtls_port).unwrap_or(0);
-        let port = if port == 0 { mesh_proto::ports::HBONE } else { port };
+        let port = if port == 0 {
+            mesh_proto::ports::HBONE
+        } else {
+            port
+        };
         match &g.destination {
             Some(pb::gateway_address::Destination::Hostname(h)) => Ok(GatewayAddress::Hostname {
                 namespace: h.namespace.clone(),
@@ -207,10 +218,7 @@ fn ports_from_proto(what: &str, ports: &[pb::Port]) -> Result<Vec<PortMapping>, 
                 }),
                 _ => Err(ResourceError::Invalid {
                     what: what.to_string(),
-                    reason: format!(
-                        "port {}→{} is out of range",
-                        p.service_port, p.target_port
-                    ),
+                    reason: format!("port {}→{} is out of range", p.service_port, p.target_port),
                 }),
             }
         })
@@ -278,12 +286,12 @@ impl Service {
             .subject_alt_names
             .iter()
             .map(|san| {
-                san.parse().map_err(|e: mesh_identity::SpiffeIdError| {
-                    ResourceError::BadIdentity {
+                san.parse().map_err(
+                    |e: mesh_identity::SpiffeIdError| ResourceError::BadIdentity {
                         what: what.clone(),
                         reason: e.to_string(),
-                    }
-                })
+                    },
+                )
             })
             .collect::<Result<_, _>>()?;
         let load_balancing = s
@@ -457,10 +465,18 @@ impl Policy {
         let strings = |v: &[pb_sec::StringMatch]| -> Result<Vec<StringMatch>, ResourceError> {
             v.iter()
                 .map(|m| match &m.match_type {
-                    Some(pb_sec::string_match::MatchType::Exact(s)) => Ok(StringMatch::Exact(s.clone())),
-                    Some(pb_sec::string_match::MatchType::Prefix(s)) => Ok(StringMatch::Prefix(s.clone())),
-                    Some(pb_sec::string_match::MatchType::Suffix(s)) => Ok(StringMatch::Suffix(s.clone())),
-                    Some(pb_sec::string_match::MatchType::Presence(())) => Ok(StringMatch::Presence),
+                    Some(pb_sec::string_match::MatchType::Exact(s)) => {
+                        Ok(StringMatch::Exact(s.clone()))
+                    }
+                    Some(pb_sec::string_match::MatchType::Prefix(s)) => {
+                        Ok(StringMatch::Prefix(s.clone()))
+                    }
+                    Some(pb_sec::string_match::MatchType::Suffix(s)) => {
+                        Ok(StringMatch::Suffix(s.clone()))
+                    }
+                    Some(pb_sec::string_match::MatchType::Presence(())) => {
+                        Ok(StringMatch::Presence)
+                    }
                     None => Err(ResourceError::Invalid {
                         what: what.clone(),
                         reason: "string match without a value".into(),

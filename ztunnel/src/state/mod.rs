@@ -1,0 +1,529 @@
+//! What ztunnel knows about the mesh: workloads, services and policies, indexed for the
+//! data path (by IP, by VIP, by service) and updated from xDS or a local file.
+
+pub mod types;
+
+use crate::rbac::{self, ConnectionInfo, Decision};
+use mesh_proto::{security as pb_sec, workload as pb};
+use rand::Rng;
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+pub use types::*;
+
+/// What an address refers to.
+#[derive(Clone, Debug)]
+pub enum Destination {
+    Workload(Arc<Workload>),
+    Service(Arc<Service>),
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct State {
+    workloads: HashMap<String, Arc<Workload>>,
+    workload_by_ip: HashMap<(String, IpAddr), String>,
+    services: HashMap<String, Arc<Service>>,
+    service_by_vip: HashMap<(String, IpAddr), String>,
+    /// service key → uids of workloads that back it.
+    endpoints: HashMap<String, BTreeSet<String>>,
+    policies: HashMap<String, Arc<Policy>>,
+    /// namespace ("" for global) → keys of namespace- and global-scoped policies.
+    policies_by_ns: HashMap<String, BTreeSet<String>>,
+}
+
+impl State {
+    // ---- updates ----
+
+    /// Applies one Address resource named `name` (a workload uid or `ns/hostname`).
+    pub fn apply_address(&mut self, address: &pb::Address) -> Result<(), ResourceError> {
+        match &address.r#type {
+            Some(pb::address::Type::Workload(w)) => {
+                let w = Workload::from_proto(w)?;
+                self.insert_workload(w);
+                Ok(())
+            }
+            Some(pb::address::Type::Service(s)) => {
+                let s = Service::from_proto(s)?;
+                self.insert_service(s);
+                Ok(())
+            }
+            None => Err(ResourceError::Invalid {
+                what: "address".into(),
+                reason: "neither workload nor service".into(),
+            }),
+        }
+    }
+
+    pub fn insert_workload(&mut self, w: Workload) {
+        self.remove_workload(&w.uid);
+        if !w.host_network {
+            for ip in &w.addresses {
+                self.workload_by_ip
+                    .insert((w.network.clone(), *ip), w.uid.clone());
+            }
+        }
+        for svc in w.services.keys() {
+            self.endpoints
+                .entry(svc.clone())
+                .or_default()
+                .insert(w.uid.clone());
+        }
+        self.workloads.insert(w.uid.clone(), Arc::new(w));
+    }
+
+    pub fn insert_service(&mut self, s: Service) {
+        let key = s.key();
+        self.remove_service(&key);
+        for (net, ip) in &s.vips {
+            self.service_by_vip.insert((net.clone(), *ip), key.clone());
+        }
+        self.services.insert(key, Arc::new(s));
+    }
+
+    /// Removes the Address resource `name`, whichever kind it is.
+    pub fn remove_address(&mut self, name: &str) -> bool {
+        self.remove_workload(name) | self.remove_service(name)
+    }
+
+    fn remove_workload(&mut self, uid: &str) -> bool {
+        let Some(old) = self.workloads.remove(uid) else {
+            return false;
+        };
+        for ip in &old.addresses {
+            let k = (old.network.clone(), *ip);
+            if self.workload_by_ip.get(&k).map(String::as_str) == Some(uid) {
+                self.workload_by_ip.remove(&k);
+            }
+        }
+        for svc in old.services.keys() {
+            if let Some(set) = self.endpoints.get_mut(svc) {
+                set.remove(uid);
+                if set.is_empty() {
+                    self.endpoints.remove(svc);
+                }
+            }
+        }
+        true
+    }
+
+    fn remove_service(&mut self, key: &str) -> bool {
+        let Some(old) = self.services.remove(key) else {
+            return false;
+        };
+        for (net, ip) in &old.vips {
+            let k = (net.clone(), *ip);
+            if self.service_by_vip.get(&k).map(String::as_str) == Some(key) {
+                self.service_by_vip.remove(&k);
+            }
+        }
+        true
+    }
+
+    pub fn apply_authorization(&mut self, a: &pb_sec::Authorization) -> Result<(), ResourceError> {
+        let p = Policy::from_proto(a)?;
+        self.insert_policy(p);
+        Ok(())
+    }
+
+    pub fn insert_policy(&mut self, p: Policy) {
+        let key = p.key();
+        self.remove_policy(&key);
+        let index_ns = match p.scope {
+            PolicyScope::Global => Some(String::new()),
+            PolicyScope::Namespace => Some(p.namespace.clone()),
+            PolicyScope::WorkloadSelector => None,
+        };
+        if let Some(ns) = index_ns {
+            self.policies_by_ns
+                .entry(ns)
+                .or_default()
+                .insert(key.clone());
+        }
+        self.policies.insert(key, Arc::new(p));
+    }
+
+    pub fn remove_policy(&mut self, key: &str) -> bool {
+        let Some(old) = self.policies.remove(key) else {
+            return false;
+        };
+        for set in self.policies_by_ns.values_mut() {
+            set.remove(key);
+        }
+        self.policies_by_ns.retain(|_, s| !s.is_empty());
+        let _ = old;
+        true
+    }
+
+    // ---- lookups ----
+
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        self.policies.values()
+    }
+
+    pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workload_by_ip
+            .get(&(network.to_string(), ip))
+            .and_then(|uid| self.workloads.get(uid))
+    }
+
+    /// Finds a workload by the name/namespace/service account the node agent reported.
+    pub fn workload_by_pod(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.workloads
+            .values()
+            .find(|w| w.namespace == namespace && w.name == name)
+    }
+
+    pub fn service(&self, namespace: &str, hostname: &str) -> Option<&Arc<Service>> {
+        self.services.get(&format!("{namespace}/{hostname}"))
+    }
+
+    pub fn service_by_hostname(&self, hostname: &str) -> Option<&Arc<Service>> {
+        self.services.values().find(|s| s.hostname == hostname)
+    }
+
+    /// What `ip` is: a service VIP takes precedence over a workload address.
+    pub fn destination(&self, network: &str, ip: IpAddr) -> Option<Destination> {
+        let k = (network.to_string(), ip);
+        if let Some(s) = self
+            .service_by_vip
+            .get(&k)
+            .and_then(|k| self.services.get(k))
+        {
+            return Some(Destination::Service(s.clone()));
+        }
+        self.workload_by_ip(network, ip)
+            .map(|w| Destination::Workload(w.clone()))
+    }
+
+    /// The target port on `w` for `svc`'s `service_port`, resolving named ports through
+    /// the workload's own port list.
+    pub fn target_port(svc: &Service, w: &Workload, service_port: u16) -> Option<u16> {
+        let port = svc.ports.iter().find(|p| p.service_port == service_port)?;
+        if let Some(ports) = w.services.get(&svc.key()) {
+            if let Some(p) = ports.iter().find(|p| p.service_port == service_port) {
+                if p.target_port != 0 {
+                    return Some(p.target_port);
+                }
+            }
+        }
+        (port.target_port != 0).then_some(port.target_port)
+    }
+
+    /// Picks an endpoint of `svc` for `service_port`: healthy ones (unless the service
+    /// allows all), ranked by the load-balancing scope against `source`, then weighted
+    /// random by capacity.
+    pub fn pick_endpoint(
+        &self,
+        svc: &Service,
+        service_port: u16,
+        source: Option<&Workload>,
+    ) -> Option<(Arc<Workload>, u16)> {
+        let uids = self.endpoints.get(&svc.key())?;
+        let candidates: Vec<(Arc<Workload>, u16)> = uids
+            .iter()
+            .filter_map(|uid| self.workloads.get(uid))
+            .filter(|w| w.healthy || svc.load_balancing.allow_unhealthy)
+            .filter(|w| !w.addresses.is_empty())
+            .filter_map(|w| Some((w.clone(), Self::target_port(svc, w, service_port)?)))
+            .collect();
+        let ranked = rank_by_locality(&svc.load_balancing, source, candidates);
+        weighted_choice(ranked)
+    }
+
+    /// Policies that apply to connections to `w`: its namespace's, the global ones, and
+    /// the selector policies it names.
+    pub fn policies_for(&self, w: &Workload) -> Vec<Arc<Policy>> {
+        let mut keys: BTreeSet<&str> = BTreeSet::new();
+        for ns in [w.namespace.as_str(), ""] {
+            if let Some(set) = self.policies_by_ns.get(ns) {
+                keys.extend(set.iter().map(String::as_str));
+            }
+        }
+        keys.extend(w.authorization_policies.iter().map(String::as_str));
+        keys.into_iter()
+            .filter_map(|k| self.policies.get(k).cloned())
+            .collect()
+    }
+
+    pub fn authorize(&self, dst: &Workload, conn: &ConnectionInfo) -> Decision {
+        rbac::evaluate(self.policies_for(dst).iter().map(|p| p.as_ref()), conn)
+    }
+}
+
+fn locality_matches(scope: Scope, a: &Workload, b: &Workload) -> bool {
+    match scope {
+        Scope::Region => a.locality.region == b.locality.region,
+        Scope::Zone => a.locality.zone == b.locality.zone,
+        Scope::Subzone => a.locality.subzone == b.locality.subzone,
+        Scope::Node => a.node == b.node,
+        Scope::Cluster => a.cluster_id == b.cluster_id,
+        Scope::Network => a.network == b.network,
+    }
+}
+
+fn rank_by_locality(
+    lb: &LoadBalancing,
+    source: Option<&Workload>,
+    candidates: Vec<(Arc<Workload>, u16)>,
+) -> Vec<(Arc<Workload>, u16)> {
+    if lb.preferences.is_empty() {
+        return candidates;
+    }
+    let Some(src) = source else {
+        // Without a known source, STRICT cannot be satisfied; FAILOVER falls back to all.
+        return if lb.mode == LbMode::Strict {
+            Vec::new()
+        } else {
+            candidates
+        };
+    };
+    let rank = |w: &Workload| {
+        lb.preferences
+            .iter()
+            .take_while(|s| locality_matches(**s, src, w))
+            .count()
+    };
+    match lb.mode {
+        LbMode::Strict => candidates
+            .into_iter()
+            .filter(|(w, _)| rank(w) == lb.preferences.len())
+            .collect(),
+        _ => {
+            let best = candidates.iter().map(|(w, _)| rank(w)).max().unwrap_or(0);
+            candidates
+                .into_iter()
+                .filter(|(w, _)| rank(w) == best)
+                .collect()
+        }
+    }
+}
+
+fn weighted_choice(mut candidates: Vec<(Arc<Workload>, u16)>) -> Option<(Arc<Workload>, u16)> {
+    let total: u64 = candidates.iter().map(|(w, _)| u64::from(w.capacity)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut pick = rand::rng().random_range(0..total);
+    let idx = candidates
+        .iter()
+        .position(|(w, _)| {
+            let c = u64::from(w.capacity);
+            if pick < c {
+                true
+            } else {
+                pick -= c;
+                false
+            }
+        })
+        .expect("pick < total");
+    Some(candidates.swap_remove(idx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn wl(uid: &str, ip: [u8; 4], node: &str, svc: Option<(&str, u16, u16)>) -> Workload {
+        let mut services = HashMap::new();
+        if let Some((k, sp, tp)) = svc {
+            services.insert(
+                k.to_string(),
+                vec![PortMapping {
+                    service_port: sp,
+                    target_port: tp,
+                    app_protocol: pb::AppProtocol::Unknown,
+                }],
+            );
+        }
+        Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "ns".into(),
+            addresses: vec![IpAddr::from(ip)],
+            network: String::new(),
+            hbone: true,
+            identity: mesh_identity::SpiffeId::new("cluster.local", "ns", "sa").unwrap(),
+            waypoint: None,
+            node: node.into(),
+            canonical_name: String::new(),
+            canonical_revision: String::new(),
+            workload_name: String::new(),
+            services,
+            authorization_policies: vec![],
+            healthy: true,
+            cluster_id: "c".into(),
+            locality: Locality::default(),
+            host_network: false,
+            capacity: 1,
+        }
+    }
+
+    fn svc(lb: LoadBalancing, target: u16) -> Service {
+        Service {
+            name: "s".into(),
+            namespace: "ns".into(),
+            hostname: "s.ns.svc.cluster.local".into(),
+            vips: vec![(String::new(), IpAddr::from([10, 96, 0, 1]))],
+            ports: vec![PortMapping {
+                service_port: 80,
+                target_port: target,
+                app_protocol: pb::AppProtocol::Unknown,
+            }],
+            subject_alt_names: vec![],
+            waypoint: None,
+            load_balancing: lb,
+        }
+    }
+
+    const KEY: &str = "ns/s.ns.svc.cluster.local";
+
+    #[test]
+    fn vip_and_pod_ip_lookups_and_removal() {
+        let mut st = State::default();
+        st.insert_service(svc(LoadBalancing::default(), 8080));
+        st.insert_workload(wl("a", [10, 0, 0, 1], "n1", Some((KEY, 80, 8080))));
+        assert!(matches!(
+            st.destination("", IpAddr::from([10, 96, 0, 1])),
+            Some(Destination::Service(_))
+        ));
+        assert!(matches!(
+            st.destination("", IpAddr::from([10, 0, 0, 1])),
+            Some(Destination::Workload(_))
+        ));
+        assert!(
+            st.destination("other-net", IpAddr::from([10, 0, 0, 1]))
+                .is_none()
+        );
+        assert!(st.remove_address("a"));
+        assert!(st.destination("", IpAddr::from([10, 0, 0, 1])).is_none());
+        assert!(
+            st.pick_endpoint(&svc(LoadBalancing::default(), 8080), 80, None)
+                .is_none()
+        );
+        assert!(st.remove_address(KEY));
+        assert!(st.destination("", IpAddr::from([10, 96, 0, 1])).is_none());
+    }
+
+    #[test]
+    fn named_ports_resolve_per_workload() {
+        let mut st = State::default();
+        let s = svc(LoadBalancing::default(), 0);
+        st.insert_service(s.clone());
+        st.insert_workload(wl("a", [10, 0, 0, 1], "n1", Some((KEY, 80, 9090))));
+        let (w, port) = st.pick_endpoint(&s, 80, None).unwrap();
+        assert_eq!((w.uid.as_str(), port), ("a", 9090));
+        assert!(
+            st.pick_endpoint(&s, 81, None).is_none(),
+            "unknown service port"
+        );
+    }
+
+    #[test]
+    fn unhealthy_endpoints_are_skipped_unless_allowed() {
+        let mut st = State::default();
+        let mut down = wl("down", [10, 0, 0, 1], "n1", Some((KEY, 80, 8080)));
+        down.healthy = false;
+        st.insert_workload(down);
+        assert!(
+            st.pick_endpoint(&svc(LoadBalancing::default(), 8080), 80, None)
+                .is_none()
+        );
+        let lb = LoadBalancing {
+            allow_unhealthy: true,
+            ..Default::default()
+        };
+        assert!(st.pick_endpoint(&svc(lb, 8080), 80, None).is_some());
+    }
+
+    #[test]
+    fn node_local_strict_and_failover() {
+        let mut st = State::default();
+        st.insert_workload(wl("far", [10, 0, 1, 1], "n2", Some((KEY, 80, 8080))));
+        let src = wl("src", [10, 0, 0, 9], "n1", None);
+        let strict = LoadBalancing {
+            preferences: vec![Scope::Node],
+            mode: LbMode::Strict,
+            allow_unhealthy: false,
+        };
+        assert!(
+            st.pick_endpoint(&svc(strict.clone(), 8080), 80, Some(&src))
+                .is_none()
+        );
+        let failover = LoadBalancing {
+            mode: LbMode::Failover,
+            ..strict.clone()
+        };
+        assert_eq!(
+            st.pick_endpoint(&svc(failover.clone(), 8080), 80, Some(&src))
+                .unwrap()
+                .0
+                .uid,
+            "far"
+        );
+        st.insert_workload(wl("near", [10, 0, 0, 2], "n1", Some((KEY, 80, 8080))));
+        for _ in 0..20 {
+            assert_eq!(
+                st.pick_endpoint(&svc(failover.clone(), 8080), 80, Some(&src))
+                    .unwrap()
+                    .0
+                    .uid,
+                "near"
+            );
+            assert_eq!(
+                st.pick_endpoint(&svc(strict.clone(), 8080), 80, Some(&src))
+                    .unwrap()
+                    .0
+                    .uid,
+                "near"
+            );
+        }
+    }
+
+    #[test]
+    fn weighted_by_capacity() {
+        let mut st = State::default();
+        let mut heavy = wl("heavy", [10, 0, 0, 1], "n1", Some((KEY, 80, 8080)));
+        heavy.capacity = 9;
+        st.insert_workload(heavy);
+        st.insert_workload(wl("light", [10, 0, 0, 2], "n1", Some((KEY, 80, 8080))));
+        let mut zero = wl("zero", [10, 0, 0, 3], "n1", Some((KEY, 80, 8080)));
+        zero.capacity = 0;
+        st.insert_workload(zero);
+        let s = svc(LoadBalancing::default(), 8080);
+        let mut heavy_count = 0;
+        for _ in 0..2000 {
+            let (w, _) = st.pick_endpoint(&s, 80, None).unwrap();
+            assert_ne!(w.uid, "zero");
+            if w.uid == "heavy" {
+                heavy_count += 1;
+            }
+        }
+        // Expect 90%: allow ±5 points (binomial sd ≈ 0.7 points at n=2000).
+        assert!(
+            (1700..=1900).contains(&heavy_count),
+            "heavy picked {heavy_count}/2000"
+        );
+    }
+
+    #[test]
+    fn replacing_a_workload_moves_its_ip() {
+        let mut st = State::default();
+        st.insert_workload(wl("a", [10, 0, 0, 1], "n1", None));
+        st.insert_workload(wl("a", [10, 0, 0, 2], "n1", None));
+        assert!(st.workload_by_ip("", IpAddr::from([10, 0, 0, 1])).is_none());
+        assert!(st.workload_by_ip("", IpAddr::from([10, 0, 0, 2])).is_some());
+    }
+}
