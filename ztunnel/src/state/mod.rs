@@ -143,14 +143,13 @@ impl State {
     }
 
     pub fn remove_policy(&mut self, key: &str) -> bool {
-        let Some(old) = self.policies.remove(key) else {
+        if self.policies.remove(key).is_none() {
             return false;
-        };
+        }
         for set in self.policies_by_ns.values_mut() {
             set.remove(key);
         }
         self.policies_by_ns.retain(|_, s| !s.is_empty());
-        let _ = old;
         true
     }
 
@@ -211,12 +210,13 @@ impl State {
     /// the workload's own port list.
     pub fn target_port(svc: &Service, w: &Workload, service_port: u16) -> Option<u16> {
         let port = svc.ports.iter().find(|p| p.service_port == service_port)?;
-        if let Some(ports) = w.services.get(&svc.key()) {
-            if let Some(p) = ports.iter().find(|p| p.service_port == service_port) {
-                if p.target_port != 0 {
-                    return Some(p.target_port);
-                }
-            }
+        if let Some(p) = w
+            .services
+            .get(&svc.key())
+            .and_then(|ports| ports.iter().find(|p| p.service_port == service_port))
+            .filter(|p| p.target_port != 0)
+        {
+            return Some(p.target_port);
         }
         (port.target_port != 0).then_some(port.target_port)
     }
