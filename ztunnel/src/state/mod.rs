@@ -242,6 +242,25 @@ impl State {
         weighted_choice(ranked)
     }
 
+    /// Any healthy endpoint of `svc`, whatever its ports (for waypoints, whose Service
+    /// ports do not list the HBONE port).
+    pub fn pick_any_endpoint(
+        &self,
+        svc: &Service,
+        source: Option<&Workload>,
+    ) -> Option<(Arc<Workload>, u16)> {
+        let uids = self.endpoints.get(&svc.key())?;
+        let candidates: Vec<(Arc<Workload>, u16)> = uids
+            .iter()
+            .filter_map(|uid| self.workloads.get(uid))
+            .filter(|w| {
+                (w.healthy || svc.load_balancing.allow_unhealthy) && !w.addresses.is_empty()
+            })
+            .map(|w| (w.clone(), 0))
+            .collect();
+        weighted_choice(rank_by_locality(&svc.load_balancing, source, candidates))
+    }
+
     /// Policies that apply to connections to `w`: its namespace's, the global ones, and
     /// the selector policies it names.
     pub fn policies_for(&self, w: &Workload) -> Vec<Arc<Policy>> {

@@ -1,0 +1,366 @@
+//! Prometheus metrics with Istio's names and labels, and the per-connection access log.
+
+use crate::state::Workload;
+use mesh_identity::SpiffeId;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+    fn reporter(self) -> &'static str {
+        match self {
+            Direction::Outbound => "source",
+            Direction::Inbound => "destination",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_cluster: String,
+    destination_service: String,
+    destination_service_namespace: String,
+    destination_service_name: String,
+    destination_workload: String,
+    destination_canonical_service: String,
+    destination_canonical_revision: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_cluster: String,
+    request_protocol: &'static str,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReporterLabel {
+    reporter: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    failed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    sockets_open: Family<ReporterLabel, Gauge>,
+    pub active_proxies: Gauge,
+    pub proxies_started: Counter,
+    pub proxies_stopped: Counter,
+    pub xds_connection_terminations: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut root = Registry::default();
+        let istio = root.sub_registry_with_prefix("istio");
+        let m = Metrics {
+            opened: Family::default(),
+            closed: Family::default(),
+            failed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            sockets_open: Family::default(),
+            active_proxies: Gauge::default(),
+            proxies_started: Counter::default(),
+            proxies_stopped: Counter::default(),
+            xds_connection_terminations: Counter::default(),
+            registry: Registry::default(),
+        };
+        istio.register(
+            "tcp_connections_opened",
+            "TCP connections opened",
+            m.opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "TCP connections closed",
+            m.closed.clone(),
+        );
+        istio.register(
+            "tcp_connections_failed",
+            "TCP connections that failed",
+            m.failed.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "Bytes sent during TCP connections",
+            m.sent.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "Bytes received during TCP connections",
+            m.received.clone(),
+        );
+        istio.register(
+            "tcp_sockets_open",
+            "Currently open proxied sockets",
+            m.sockets_open.clone(),
+        );
+        istio.register(
+            "xds_connection_terminations",
+            "xDS connections ended",
+            m.xds_connection_terminations.clone(),
+        );
+        let wm = root.sub_registry_with_prefix("workload_manager");
+        wm.register(
+            "active_proxy_count",
+            "Pods with running proxies",
+            m.active_proxies.clone(),
+        );
+        wm.register(
+            "proxies_started",
+            "Pod proxies started",
+            m.proxies_started.clone(),
+        );
+        wm.register(
+            "proxies_stopped",
+            "Pod proxies stopped",
+            m.proxies_stopped.clone(),
+        );
+        Arc::new(Metrics {
+            registry: root,
+            ..m
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Everything known about one proxied connection, for metrics and the access log.
+#[derive(Clone, Debug)]
+pub struct ConnReport {
+    pub direction: Direction,
+    pub src_addr: SocketAddr,
+    pub src: Option<Arc<Workload>>,
+    pub src_identity: Option<SpiffeId>,
+    pub dst_addr: SocketAddr,
+    pub dst_hbone_addr: Option<SocketAddr>,
+    pub dst_service: Option<String>,
+    pub dst: Option<Arc<Workload>>,
+    pub dst_identity: Option<SpiffeId>,
+    pub mtls: bool,
+    pub trace_id: String,
+    pub started: Instant,
+}
+
+fn or_unknown(s: Option<&str>) -> String {
+    match s {
+        Some(v) if !v.is_empty() => v.to_string(),
+        _ => "unknown".to_string(),
+    }
+}
+
+impl ConnReport {
+    fn labels(&self, flags: &'static str) -> TcpLabels {
+        let w =
+            |w: &Option<Arc<Workload>>, f: fn(&Workload) -> &str| or_unknown(w.as_deref().map(f));
+        let (svc_name, svc_ns) = match self.dst_service.as_deref() {
+            Some(h) => {
+                let mut parts = h.split('.');
+                (
+                    parts.next().map(str::to_string),
+                    parts.next().map(str::to_string),
+                )
+            }
+            None => (None, None),
+        };
+        TcpLabels {
+            reporter: self.direction.reporter(),
+            source_workload: w(&self.src, |w| w.telemetry_name()),
+            source_canonical_service: w(&self.src, |w| &w.canonical_name),
+            source_canonical_revision: w(&self.src, |w| &w.canonical_revision),
+            source_workload_namespace: w(&self.src, |w| &w.namespace),
+            source_principal: or_unknown(
+                self.src_identity.as_ref().map(|i| i.to_string()).as_deref(),
+            ),
+            source_cluster: w(&self.src, |w| &w.cluster_id),
+            destination_service: or_unknown(self.dst_service.as_deref()),
+            destination_service_namespace: or_unknown(svc_ns.as_deref()),
+            destination_service_name: or_unknown(svc_name.as_deref()),
+            destination_workload: w(&self.dst, |w| w.telemetry_name()),
+            destination_canonical_service: w(&self.dst, |w| &w.canonical_name),
+            destination_canonical_revision: w(&self.dst, |w| &w.canonical_revision),
+            destination_workload_namespace: w(&self.dst, |w| &w.namespace),
+            destination_principal: or_unknown(
+                self.dst_identity.as_ref().map(|i| i.to_string()).as_deref(),
+            ),
+            destination_cluster: w(&self.dst, |w| &w.cluster_id),
+            request_protocol: "tcp",
+            response_flags: flags,
+            connection_security_policy: if self.mtls { "mutual_tls" } else { "unknown" },
+        }
+    }
+
+    fn log_fields(&self) -> (String, String, String, String) {
+        let name =
+            |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.name.clone()).unwrap_or_default();
+        let ns =
+            |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.namespace.clone()).unwrap_or_default();
+        (
+            name(&self.src),
+            ns(&self.src),
+            name(&self.dst),
+            ns(&self.dst),
+        )
+    }
+}
+
+/// Tracks one connection from open to close; reports on `finish` (or drop, as failed).
+pub struct ConnRecorder {
+    metrics: Arc<Metrics>,
+    report: ConnReport,
+    finished: bool,
+}
+
+/// How a connection ended.
+pub enum Outcome<'a> {
+    Complete {
+        sent: u64,
+        received: u64,
+    },
+    /// Refused by policy: the policy and the reason are logged.
+    Denied {
+        policy: Option<&'a str>,
+        reason: &'a str,
+    },
+    Failed {
+        flags: &'static str,
+        error: &'a str,
+        sent: u64,
+        received: u64,
+    },
+}
+
+impl ConnRecorder {
+    pub fn open(metrics: Arc<Metrics>, report: ConnReport) -> Self {
+        let labels = report.labels("-");
+        metrics.opened.get_or_create(&labels).inc();
+        metrics
+            .sockets_open
+            .get_or_create(&ReporterLabel {
+                reporter: report.direction.reporter(),
+            })
+            .inc();
+        let (sw, sns, dw, dns) = report.log_fields();
+        tracing::debug!(target: "access", direction = report.direction.as_str(), id = %report.trace_id,
+            src.addr = %report.src_addr, src.workload = %sw, src.namespace = %sns,
+            dst.addr = %report.dst_addr, dst.workload = %dw, dst.namespace = %dns, "connection opened");
+        ConnRecorder {
+            metrics,
+            report,
+            finished: false,
+        }
+    }
+
+    pub fn report_mut(&mut self) -> &mut ConnReport {
+        &mut self.report
+    }
+
+    pub fn finish(mut self, outcome: Outcome<'_>) {
+        self.finished = true;
+        let r = &self.report;
+        let duration_ms = r.started.elapsed().as_millis();
+        let (sw, sns, dw, dns) = r.log_fields();
+        let src_id = r
+            .src_identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        let dst_id = r
+            .dst_identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        let hbone = r.dst_hbone_addr.map(|a| a.to_string()).unwrap_or_default();
+        let svc = r.dst_service.clone().unwrap_or_default();
+        let dir = r.direction.as_str();
+        let (flags, sent, received) = match outcome {
+            Outcome::Complete { sent, received } => {
+                tracing::info!(target: "access", direction = dir, id = %r.trace_id,
+                    src.addr = %r.src_addr, src.workload = %sw, src.namespace = %sns, src.identity = %src_id,
+                    dst.addr = %r.dst_addr, dst.hbone_addr = %hbone, dst.service = %svc,
+                    dst.workload = %dw, dst.namespace = %dns, dst.identity = %dst_id,
+                    bytes_sent = sent, bytes_recv = received, duration = %format!("{duration_ms}ms"),
+                    "connection complete");
+                ("-", sent, received)
+            }
+            Outcome::Denied { policy, reason } => {
+                tracing::warn!(target: "access", direction = dir, id = %r.trace_id,
+                    src.addr = %r.src_addr, src.workload = %sw, src.namespace = %sns, src.identity = %src_id,
+                    dst.addr = %r.dst_addr, dst.workload = %dw, dst.namespace = %dns,
+                    policy = %policy.unwrap_or("-"), reason = %reason,
+                    "connection denied by authorization policy");
+                ("DENY", 0, 0)
+            }
+            Outcome::Failed {
+                flags,
+                error,
+                sent,
+                received,
+            } => {
+                tracing::error!(target: "access", direction = dir, id = %r.trace_id,
+                    src.addr = %r.src_addr, src.workload = %sw, src.namespace = %sns, src.identity = %src_id,
+                    dst.addr = %r.dst_addr, dst.hbone_addr = %hbone, dst.service = %svc,
+                    dst.workload = %dw, dst.namespace = %dns, dst.identity = %dst_id,
+                    bytes_sent = sent, bytes_recv = received, duration = %format!("{duration_ms}ms"),
+                    error = %error, "connection complete");
+                (flags, sent, received)
+            }
+        };
+        let labels = r.labels(flags);
+        let m = &self.metrics;
+        m.closed.get_or_create(&labels).inc();
+        if flags != "-" {
+            m.failed.get_or_create(&labels).inc();
+        }
+        // Istio's convention: sent/received are from the reporting proxy's peer view.
+        m.sent.get_or_create(&labels).inc_by(sent);
+        m.received.get_or_create(&labels).inc_by(received);
+    }
+}
+
+impl Drop for ConnRecorder {
+    fn drop(&mut self) {
+        self.metrics
+            .sockets_open
+            .get_or_create(&ReporterLabel {
+                reporter: self.report.direction.reporter(),
+            })
+            .dec();
+        if !self.finished {
+            let labels = self.report.labels("CONNECT");
+            self.metrics.closed.get_or_create(&labels).inc();
+            self.metrics.failed.get_or_create(&labels).inc();
+        }
+    }
+}
