@@ -4,6 +4,7 @@
 pub mod drain;
 pub mod identity;
 pub mod inpod;
+pub mod local;
 pub mod metrics;
 pub mod proxy;
 pub mod rbac;

@@ -1,0 +1,209 @@
+//! Applies ZDS events: starts a proxy per added pod, drains it on Del, and after a
+//! snapshot drains pods the agent no longer knows.
+
+use super::netns::Netns;
+use super::zds::{ZdsConnection, ZdsError, ZdsEvent};
+use crate::drain::Drain;
+use crate::proxy::{NodeContext, PodInfo, PodProxy};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+
+/// Per-pod state shown in `/config_dump`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PodState {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub state: &'static str,
+    pub netns_inode: u64,
+    pub open_connections: usize,
+}
+
+pub struct WorkloadManager {
+    ctx: Arc<NodeContext>,
+    drain: Drain,
+    deadline: Duration,
+    proxies: HashMap<String, Arc<PodProxy>>,
+    seen_in_snapshot: HashSet<String>,
+    /// Set once a snapshot has been received (readiness).
+    pub snapshot_received: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl WorkloadManager {
+    pub fn new(ctx: Arc<NodeContext>, drain: Drain, deadline: Duration) -> Self {
+        WorkloadManager {
+            ctx,
+            drain,
+            deadline,
+            proxies: HashMap::new(),
+            seen_in_snapshot: HashSet::new(),
+            snapshot_received: Arc::default(),
+        }
+    }
+
+    pub fn pods(&self) -> Vec<PodState> {
+        let mut v: Vec<PodState> = self
+            .proxies
+            .values()
+            .map(|p| PodState {
+                uid: p.info.uid.clone(),
+                name: p.info.name.clone(),
+                namespace: p.info.namespace.clone(),
+                service_account: p.info.service_account.clone(),
+                state: "Up",
+                netns_inode: p.netns.inode(),
+                open_connections: p.drain.open_connections(),
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        v
+    }
+
+    fn stop(&mut self, uid: &str) {
+        if let Some(p) = self.proxies.remove(uid) {
+            self.ctx.metrics.proxies_stopped.inc();
+            self.ctx
+                .metrics
+                .active_proxies
+                .set(self.proxies.len() as i64);
+            let deadline = self.deadline;
+            tracing::info!(uid, pod = %format!("{}/{}", p.info.namespace, p.info.name), "draining pod proxy");
+            tokio::spawn(async move { p.drain.run(deadline).await });
+        }
+    }
+
+    /// Applies one event; `Err` is the reason sent back in the ack.
+    pub fn handle(&mut self, event: ZdsEvent) -> Result<(), String> {
+        match event {
+            ZdsEvent::Add { uid, info, netns } => {
+                self.seen_in_snapshot.insert(uid.clone());
+                if let Some(existing) = self.proxies.get(&uid) {
+                    if existing.netns == netns {
+                        return Ok(()); // idempotent
+                    }
+                    tracing::info!(uid, "pod sandbox changed; replacing its proxy");
+                    self.stop(&uid);
+                }
+                self.start(uid, info, netns)
+            }
+            ZdsEvent::Keep { uid } => {
+                self.seen_in_snapshot.insert(uid);
+                Ok(())
+            }
+            ZdsEvent::Del { uid } => {
+                self.seen_in_snapshot.remove(&uid);
+                self.stop(&uid);
+                Ok(())
+            }
+            ZdsEvent::SnapshotSent => {
+                let stale: Vec<String> = self
+                    .proxies
+                    .keys()
+                    .filter(|uid| !self.seen_in_snapshot.contains(*uid))
+                    .cloned()
+                    .collect();
+                for uid in stale {
+                    self.stop(&uid);
+                }
+                self.snapshot_received
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    fn start(
+        &mut self,
+        uid: String,
+        info: mesh_proto::zds::WorkloadInfo,
+        netns: Netns,
+    ) -> Result<(), String> {
+        let pod = PodInfo {
+            uid: uid.clone(),
+            name: info.name,
+            namespace: info.namespace,
+            service_account: info.service_account,
+        };
+        let label = format!("{}/{}", pod.namespace, pod.name);
+        match PodProxy::start(self.ctx.clone(), pod, netns, &self.drain) {
+            Ok(p) => {
+                tracing::info!(uid, pod = %label, "pod proxy started");
+                self.proxies.insert(uid, p);
+                self.ctx.metrics.proxies_started.inc();
+                self.ctx
+                    .metrics
+                    .active_proxies
+                    .set(self.proxies.len() as i64);
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("cannot start proxy for {label}: {e}");
+                tracing::error!("{msg}");
+                Err(msg)
+            }
+        }
+    }
+
+    fn new_connection(&mut self) {
+        self.seen_in_snapshot.clear();
+    }
+}
+
+/// Serves one ZDS connection until it fails.
+async fn serve(conn: ZdsConnection, mgr: &Mutex<WorkloadManager>) -> Result<(), ZdsError> {
+    mgr.lock().expect("manager lock").new_connection();
+    loop {
+        let event = conn.recv().await?;
+        let result = mgr.lock().expect("manager lock").handle(event);
+        conn.ack(result.err().as_deref()).await?;
+    }
+}
+
+/// Where pods come from.
+pub enum PodSource {
+    /// The node agent's socket.
+    Agent(PathBuf),
+    /// A ready connection (e.g. the standalone pods file server), not reconnected.
+    Connected(ZdsConnection),
+}
+
+/// Connects to the node agent and applies what it sends, reconnecting with backoff;
+/// running proxies keep serving while disconnected.
+pub async fn run(source: PodSource, mgr: Arc<Mutex<WorkloadManager>>) {
+    let path = match source {
+        PodSource::Connected(conn) => {
+            if let Err(e) = serve(conn, &mgr).await {
+                if !matches!(e, ZdsError::Closed) {
+                    tracing::error!(error = %e, "pod source failed");
+                }
+            }
+            return;
+        }
+        PodSource::Agent(path) => path,
+    };
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match ZdsConnection::connect(&path).await {
+            Ok(conn) => {
+                tracing::info!(socket = %path.display(), "connected to the node agent");
+                backoff = MIN_BACKOFF;
+                match serve(conn, &mgr).await {
+                    Err(ZdsError::Closed) => tracing::warn!("node agent closed the ZDS connection"),
+                    Err(e) => tracing::warn!(error = %e, "ZDS connection failed"),
+                    Ok(()) => {}
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "node agent not reachable yet");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
