@@ -14,8 +14,11 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Binaries first: the end-to-end tests run the real programs in network namespaces.
 unit:
+	$(CARGO) build --workspace --bins
 	scripts/cargo-test.sh
+	scripts/check-leftovers.sh
 
 bench:
 	$(CARGO) bench -p hbone --bench hbone

@@ -39,7 +39,7 @@ pub enum CertSource {
         ttl: Duration,
     },
     /// A CA key on local disk: for running ztunnel with no control plane.
-    Local(CertificateAuthority),
+    Local(Box<CertificateAuthority>),
 }
 
 impl CertSource {

@@ -294,6 +294,12 @@ fn strings(v: &[LocalStringMatch]) -> Result<Vec<sec::StringMatch>, String> {
         .collect()
 }
 
+/// Address and Authorization resources, each with its xDS name.
+pub type Resources = (
+    Vec<(String, pb::Address)>,
+    Vec<(String, sec::Authorization)>,
+);
+
 impl LocalConfig {
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -305,16 +311,7 @@ impl LocalConfig {
     }
 
     /// The messages xDS would have delivered: (name, Address) and (name, Authorization).
-    pub fn to_resources(
-        &self,
-        cluster_id: &str,
-    ) -> Result<
-        (
-            Vec<(String, pb::Address)>,
-            Vec<(String, sec::Authorization)>,
-        ),
-        String,
-    > {
+    pub fn to_resources(&self, cluster_id: &str) -> Result<Resources, String> {
         let mut addresses = Vec::new();
         for w in &self.workloads {
             let uid = if w.uid.is_empty() {

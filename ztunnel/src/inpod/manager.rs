@@ -178,10 +178,10 @@ pub enum PodSource {
 pub async fn run(source: PodSource, mgr: Arc<Mutex<WorkloadManager>>) {
     let path = match source {
         PodSource::Connected(conn) => {
-            if let Err(e) = serve(conn, &mgr).await {
-                if !matches!(e, ZdsError::Closed) {
-                    tracing::error!(error = %e, "pod source failed");
-                }
+            if let Err(e) = serve(conn, &mgr).await
+                && !matches!(e, ZdsError::Closed)
+            {
+                tracing::error!(error = %e, "pod source failed");
             }
             return;
         }

@@ -64,10 +64,10 @@ fn play_agent(sock: OwnedFd, pods: PodFile) -> Result<(), String> {
         let mut buf = [0u8; 1024];
         let n = recv(fd, &mut buf, MsgFlags::empty()).map_err(|e| e.to_string())?;
         let resp = zds::WorkloadResponse::decode(&buf[..n]).map_err(|e| e.to_string())?;
-        if let Some(zds::workload_response::Payload::Ack(a)) = resp.payload {
-            if !a.error.is_empty() {
-                tracing::error!(pod = what, error = %a.error, "ztunnel refused pod");
-            }
+        if let Some(zds::workload_response::Payload::Ack(a)) = resp.payload
+            && !a.error.is_empty()
+        {
+            tracing::error!(pod = what, error = %a.error, "ztunnel refused pod");
         }
         Ok(())
     };

@@ -35,7 +35,7 @@ pub struct NodeContext {
     pub network: String,
     pub trust_domain: String,
     pub cluster_id: String,
-    pub tracker: ConnTracker,
+    pub tracker: Arc<ConnTracker>,
 }
 
 /// The pod as the node agent described it.
@@ -104,15 +104,15 @@ impl ConnTracker {
                 Some(w) => state.authorize(w, &t.info),
                 None => continue,
             };
-            if let Decision::Deny { policy, reason } = decision {
-                if !t.close.is_cancelled() {
-                    let (src_ip, dst_port) = (t.info.src_ip, t.info.dst_port);
-                    tracing::info!(target: "access", direction = "inbound", src.addr = %src_ip, dst.port = dst_port,
-                        policy = %policy.unwrap_or_default(), reason = %reason,
-                        "closing open connection no longer allowed by policy");
-                    t.close.cancel();
-                    closed += 1;
-                }
+            if let Decision::Deny { policy, reason } = decision
+                && !t.close.is_cancelled()
+            {
+                let (src_ip, dst_port) = (t.info.src_ip, t.info.dst_port);
+                tracing::info!(target: "access", direction = "inbound", src.addr = %src_ip, dst.port = dst_port,
+                    policy = %policy.unwrap_or_default(), reason = %reason,
+                    "closing open connection no longer allowed by policy");
+                t.close.cancel();
+                closed += 1;
             }
         }
         closed
@@ -481,7 +481,7 @@ impl PodProxy {
                     _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
                     _ = tracked.closed_by_policy.cancelled() => Err(io::Error::other("closed: no longer allowed by policy")),
                 };
-                finish_copy(rec, r.map(|(s, r)| (s, r)));
+                finish_copy(rec, r);
             }
         }
     }

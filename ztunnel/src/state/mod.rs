@@ -153,6 +153,38 @@ impl State {
         true
     }
 
+    /// Replaces everything with a full set of resources (a local file). A resource that
+    /// fails validation keeps its previous version, if any; the errors are returned.
+    pub fn apply_snapshot(
+        &mut self,
+        addresses: &[(String, pb::Address)],
+        policies: &[(String, pb_sec::Authorization)],
+    ) -> Vec<String> {
+        let mut next = State::default();
+        let mut errors = Vec::new();
+        for (name, a) in addresses {
+            if let Err(e) = next.apply_address(a) {
+                errors.push(format!("{name}: {e}"));
+                if let Some(w) = self.workloads.get(name) {
+                    next.insert_workload((**w).clone());
+                }
+                if let Some(s) = self.services.get(name) {
+                    next.insert_service((**s).clone());
+                }
+            }
+        }
+        for (name, p) in policies {
+            if let Err(e) = next.apply_authorization(p) {
+                errors.push(format!("{name}: {e}"));
+                if let Some(old) = self.policies.get(name) {
+                    next.insert_policy((**old).clone());
+                }
+            }
+        }
+        *self = next;
+        errors
+    }
+
     // ---- lookups ----
 
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {

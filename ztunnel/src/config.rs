@@ -1,0 +1,219 @@
+//! ztunnel's configuration: flags or environment variables, validated once at start.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug, Clone, serde::Serialize)]
+#[command(
+    name = "ztunnel",
+    version,
+    about = "Per-node L4 proxy of the ambient mesh: captures pod traffic, carries it over HBONE (mTLS), authorizes it.",
+    after_help = "Standalone (no control plane, no node agent):\n  ztunnel --node-name node-1 --local-config mesh.yaml --local-ca ./ca --pods-file pods.yaml\n\nWith the control plane and node agent (the default in a cluster):\n  ztunnel --node-name $NODE_NAME --xds-address https://mesh-control.mesh-system.svc:15012 \\\n          --root-cert /var/run/secrets/mesh/root-cert.pem --token-file /var/run/secrets/tokens/mesh-token"
+)]
+pub struct Config {
+    /// Name of the node this ztunnel serves.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// This ztunnel's own pod (reported to the control plane).
+    #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
+    pub pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
+    pub pod_namespace: String,
+    #[arg(long, env = "INSTANCE_IP", default_value = "")]
+    pub instance_ip: String,
+    /// Network of this node (empty: the default network).
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
+
+    /// Control plane xDS address, e.g. https://10.0.0.1:15012.
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+    /// CA address (default: the xDS address).
+    #[arg(long, env = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// PEM root(s) that sign the control plane's serving certificate.
+    #[arg(long, env = "XDS_ROOT_CA")]
+    pub root_cert: Option<PathBuf>,
+    /// Name checked on the control plane's certificate (default: host of the address).
+    #[arg(long, env = "ALT_XDS_HOSTNAME")]
+    pub control_hostname: Option<String>,
+    /// Bearer token presented to the control plane and CA.
+    #[arg(long, env = "TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Requested workload certificate lifetime.
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[serde(with = "secs")]
+    pub cert_ttl: Duration,
+
+    /// Node agent's ZDS socket.
+    #[arg(
+        long,
+        env = "INPOD_UDS",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
+    pub zds_socket: PathBuf,
+    /// Pods and netns paths from a file instead of the node agent.
+    #[arg(long)]
+    pub pods_file: Option<PathBuf>,
+    /// Workloads, services and policies from a file instead of the control plane.
+    #[arg(long)]
+    pub local_config: Option<PathBuf>,
+    /// Directory with ca-cert.pem and ca-key.pem: issue workload certificates locally.
+    #[arg(long)]
+    pub local_ca: Option<PathBuf>,
+
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    #[arg(long, env = "METRICS_ADDR", default_value = "[::]:15020")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, env = "READINESS_ADDR", default_value = "[::]:15021")]
+    pub readiness_addr: SocketAddr,
+    /// How long open connections may finish after SIGTERM or a pod's removal.
+    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", default_value = "5s", value_parser = parse_duration)]
+    #[serde(with = "secs")]
+    pub drain_deadline: Duration,
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// Log filter, e.g. info or info,access=debug.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Worker threads for the data plane (default: 2).
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}s", d.as_secs_f64()))
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 5s, 200ms, 24h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl Config {
+    /// Checks that the options form one coherent mode.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_name.is_empty() {
+            return Err("--node-name (NODE_NAME) is required".into());
+        }
+        mesh_identity::SpiffeId::new(&self.trust_domain, "x", "x")
+            .map_err(|e| format!("--trust-domain: {e}"))?;
+        match (&self.xds_address, &self.local_config) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "use either --xds-address (control plane) or --local-config, not both".into(),
+                );
+            }
+            (None, None) => {
+                return Err("no configuration source: give --xds-address or --local-config".into());
+            }
+            _ => {}
+        }
+        if self.local_ca.is_none() && self.xds_address.is_none() && self.ca_address.is_none() {
+            return Err(
+                "no certificate source: give --local-ca, --ca-address or --xds-address".into(),
+            );
+        }
+        if (self.xds_address.is_some() || self.ca_address.is_some()) && self.root_cert.is_none() {
+            return Err("--root-cert (XDS_ROOT_CA) is required to verify the control plane".into());
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(format!(
+                "--log-format must be text or json, not {:?}",
+                self.log_format
+            ));
+        }
+        if self.worker_threads == 0 {
+            return Err("--worker-threads must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("ztunnel").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn modes_are_validated() {
+        let ok = parse(&[
+            "--node-name",
+            "n",
+            "--local-config",
+            "x.yaml",
+            "--local-ca",
+            "ca",
+        ]);
+        ok.validate().unwrap();
+        let none = parse(&["--node-name", "n"]);
+        assert!(
+            none.validate()
+                .unwrap_err()
+                .contains("no configuration source")
+        );
+        let both = parse(&[
+            "--node-name",
+            "n",
+            "--local-config",
+            "x",
+            "--xds-address",
+            "https://a:1",
+            "--root-cert",
+            "r",
+        ]);
+        assert!(both.validate().unwrap_err().contains("not both"));
+        let no_root = parse(&["--node-name", "n", "--xds-address", "https://a:1"]);
+        assert!(no_root.validate().unwrap_err().contains("--root-cert"));
+        let bad_td = parse(&[
+            "--node-name",
+            "n",
+            "--local-config",
+            "x",
+            "--local-ca",
+            "c",
+            "--trust-domain",
+            "Bad/TD",
+        ]);
+        assert!(bad_td.validate().is_err());
+    }
+}
