@@ -1,0 +1,6 @@
+//! mesh-control: watches config (a directory of manifests, or Kubernetes), computes the
+//! mesh's resources, serves them over delta xDS, and runs the CA.
+#![forbid(unsafe_code)]
+
+pub mod k8s;
+pub mod manifest;

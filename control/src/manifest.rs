@@ -1,0 +1,229 @@
+//! Manifests: multi-document YAML files of Kubernetes objects. Each problem is reported
+//! with the file, the document's index and the field path.
+
+use crate::k8s::*;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Everything the control plane observes, keyed by (namespace, name) (namespace "" for
+/// cluster-scoped kinds).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Objects {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub nodes: BTreeMap<String, Node>,
+    pub pods: BTreeMap<(String, String), Pod>,
+    pub services: BTreeMap<(String, String), Service>,
+    pub service_accounts: BTreeMap<(String, String), ServiceAccount>,
+    pub authorization_policies: BTreeMap<(String, String), AuthorizationPolicy>,
+    pub peer_authentications: BTreeMap<(String, String), PeerAuthentication>,
+    pub gateways: BTreeMap<(String, String), Gateway>,
+    pub http_routes: BTreeMap<(String, String), HttpRoute>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// 0-based index of the YAML document in the file, when known.
+    pub document: Option<usize>,
+    /// Field path, e.g. `spec.ports[0].port`.
+    pub path: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(d) = self.document {
+            write!(f, " (document {d})")?;
+        }
+        if let Some(p) = &self.path {
+            write!(f, " at {p}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+fn typed<T: DeserializeOwned>(
+    file: &Path,
+    doc: usize,
+    value: serde_json::Value,
+) -> Result<T, ManifestError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ManifestError {
+            file: file.to_path_buf(),
+            document: Some(doc),
+            path: (path != ".").then_some(path),
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+impl Objects {
+    /// Parses one file's text and adds its objects. On any error nothing from this file
+    /// is added.
+    pub fn add_file(&mut self, file: &Path, text: &str) -> Result<usize, ManifestError> {
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(text).map_err(|e| ManifestError {
+                file: file.to_path_buf(),
+                document: None,
+                path: None,
+                message: format!("not valid YAML: {e}"),
+            })?;
+        let mut staged = self.clone();
+        let mut count = 0;
+        for (i, doc) in docs.into_iter().enumerate() {
+            if doc.is_null() {
+                continue; // empty document (e.g. a trailing ---)
+            }
+            let err = |path: &str, message: String| ManifestError {
+                file: file.to_path_buf(),
+                document: Some(i),
+                path: Some(path.to_string()),
+                message,
+            };
+            let kind = doc
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .ok_or_else(|| err("kind", "missing or not a string".into()))?
+                .to_string();
+            let api_version = doc
+                .get("apiVersion")
+                .and_then(|k| k.as_str())
+                .ok_or_else(|| err("apiVersion", "missing or not a string".into()))?
+                .to_string();
+            if kind == "List" {
+                return Err(err("kind", "List is not supported: write one document per object".into()));
+            }
+            let name = doc
+                .pointer("/metadata/name")
+                .and_then(|n| n.as_str())
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| err("metadata.name", "missing".into()))?
+                .to_string();
+            let ns = doc
+                .pointer("/metadata/namespace")
+                .and_then(|n| n.as_str())
+                .unwrap_or("default")
+                .to_string();
+            let key = (ns, name.clone());
+            let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+            match (group, kind.as_str()) {
+                ("", "Namespace") => {
+                    staged.namespaces.insert(name, typed(file, i, doc)?);
+                }
+                ("", "Node") => {
+                    staged.nodes.insert(name, typed(file, i, doc)?);
+                }
+                ("", "Pod") => {
+                    staged.pods.insert(key, typed(file, i, doc)?);
+                }
+                ("", "Service") => {
+                    staged.services.insert(key, typed(file, i, doc)?);
+                }
+                ("", "ServiceAccount") => {
+                    staged.service_accounts.insert(key, typed(file, i, doc)?);
+                }
+                ("security.istio.io", "AuthorizationPolicy") => {
+                    staged.authorization_policies.insert(key, typed(file, i, doc)?);
+                }
+                ("security.istio.io", "PeerAuthentication") => {
+                    staged.peer_authentications.insert(key, typed(file, i, doc)?);
+                }
+                ("gateway.networking.k8s.io", "Gateway") => {
+                    staged.gateways.insert(key, typed(file, i, doc)?);
+                }
+                ("gateway.networking.k8s.io", "HTTPRoute") => {
+                    staged.http_routes.insert(key, typed(file, i, doc)?);
+                }
+                _ => {
+                    return Err(err(
+                        "kind",
+                        format!("{api_version} {kind} is not a kind the control plane reads"),
+                    ));
+                }
+            }
+            count += 1;
+        }
+        *self = staged;
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels: {istio.io/dataplane-mode: ambient}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: node-1
+  serviceAccountName: web
+  containers: [{name: web, ports: [{name: http, containerPort: 8080}]}]
+status:
+  podIP: 10.10.1.5
+  conditions: [{type: Ready, status: "True"}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+"#;
+
+    #[test]
+    fn parses_multi_document_files() {
+        let mut o = Objects::default();
+        assert_eq!(o.add_file(Path::new("a.yaml"), GOOD).unwrap(), 3);
+        assert!(o.namespaces.contains_key("shop"));
+        let pod = &o.pods[&("shop".into(), "web-1".into())];
+        assert_eq!(pod.spec.node_name.as_deref(), Some("node-1"));
+        let svc = &o.services[&("shop".into(), "web".into())];
+        assert_eq!(svc.spec.ports[0].target_port, Some(IntOrString::String("http".into())));
+    }
+
+    #[test]
+    fn errors_name_file_document_and_field() {
+        let bad = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  ports: [{port: notanumber}]\n";
+        let mut o = Objects::default();
+        let e = o.add_file(Path::new("bad.yaml"), bad).unwrap_err();
+        assert_eq!(e.document, Some(1));
+        assert_eq!(e.path.as_deref(), Some("spec.ports[0].port"));
+        assert!(e.to_string().starts_with("bad.yaml (document 1) at spec.ports[0].port:"), "{e}");
+        assert!(o.namespaces.is_empty(), "nothing from a bad file is applied");
+
+        let e = o
+            .add_file(Path::new("k.yaml"), "apiVersion: v1\nkind: Secret\nmetadata: {name: x}\n")
+            .unwrap_err();
+        assert!(e.message.contains("not a kind"), "{e}");
+        let e = o.add_file(Path::new("y.yaml"), "a: [unclosed").unwrap_err();
+        assert!(e.message.contains("not valid YAML"), "{e}");
+        let e = o
+            .add_file(Path::new("n.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: {}\n")
+            .unwrap_err();
+        assert_eq!(e.path.as_deref(), Some("metadata.name"));
+        let e = o
+            .add_file(
+                Path::new("p.yaml"),
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  rules: [{form: []}]\n",
+            )
+            .unwrap_err();
+        assert_eq!(e.path.as_deref(), Some("spec.rules[0].form"), "{e}");
+        assert!(e.message.contains("form"), "a typo is named: {e}");
+    }
+}
