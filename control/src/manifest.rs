@@ -97,7 +97,10 @@ impl Objects {
                 .ok_or_else(|| err("apiVersion", "missing or not a string".into()))?
                 .to_string();
             if kind == "List" {
-                return Err(err("kind", "List is not supported: write one document per object".into()));
+                return Err(err(
+                    "kind",
+                    "List is not supported: write one document per object".into(),
+                ));
             }
             let name = doc
                 .pointer("/metadata/name")
@@ -129,10 +132,14 @@ impl Objects {
                     staged.service_accounts.insert(key, typed(file, i, doc)?);
                 }
                 ("security.istio.io", "AuthorizationPolicy") => {
-                    staged.authorization_policies.insert(key, typed(file, i, doc)?);
+                    staged
+                        .authorization_policies
+                        .insert(key, typed(file, i, doc)?);
                 }
                 ("security.istio.io", "PeerAuthentication") => {
-                    staged.peer_authentications.insert(key, typed(file, i, doc)?);
+                    staged
+                        .peer_authentications
+                        .insert(key, typed(file, i, doc)?);
                 }
                 ("gateway.networking.k8s.io", "Gateway") => {
                     staged.gateways.insert(key, typed(file, i, doc)?);
@@ -194,7 +201,10 @@ spec:
         let pod = &o.pods[&("shop".into(), "web-1".into())];
         assert_eq!(pod.spec.node_name.as_deref(), Some("node-1"));
         let svc = &o.services[&("shop".into(), "web".into())];
-        assert_eq!(svc.spec.ports[0].target_port, Some(IntOrString::String("http".into())));
+        assert_eq!(
+            svc.spec.ports[0].target_port,
+            Some(IntOrString::String("http".into()))
+        );
     }
 
     #[test]
@@ -204,17 +214,30 @@ spec:
         let e = o.add_file(Path::new("bad.yaml"), bad).unwrap_err();
         assert_eq!(e.document, Some(1));
         assert_eq!(e.path.as_deref(), Some("spec.ports[0].port"));
-        assert!(e.to_string().starts_with("bad.yaml (document 1) at spec.ports[0].port:"), "{e}");
-        assert!(o.namespaces.is_empty(), "nothing from a bad file is applied");
+        assert!(
+            e.to_string()
+                .starts_with("bad.yaml (document 1) at spec.ports[0].port:"),
+            "{e}"
+        );
+        assert!(
+            o.namespaces.is_empty(),
+            "nothing from a bad file is applied"
+        );
 
         let e = o
-            .add_file(Path::new("k.yaml"), "apiVersion: v1\nkind: Secret\nmetadata: {name: x}\n")
+            .add_file(
+                Path::new("k.yaml"),
+                "apiVersion: v1\nkind: Secret\nmetadata: {name: x}\n",
+            )
             .unwrap_err();
         assert!(e.message.contains("not a kind"), "{e}");
         let e = o.add_file(Path::new("y.yaml"), "a: [unclosed").unwrap_err();
         assert!(e.message.contains("not valid YAML"), "{e}");
         let e = o
-            .add_file(Path::new("n.yaml"), "apiVersion: v1\nkind: Pod\nmetadata: {}\n")
+            .add_file(
+                Path::new("n.yaml"),
+                "apiVersion: v1\nkind: Pod\nmetadata: {}\n",
+            )
             .unwrap_err();
         assert_eq!(e.path.as_deref(), Some("metadata.name"));
         let e = o

@@ -1,0 +1,121 @@
+//! Which pods are in the mesh: namespace or pod label `istio.io/dataplane-mode=ambient`,
+//! pod opt-out `none`, never host-network pods or excluded namespaces.
+
+use super::IndexConfig;
+use crate::k8s::Pod;
+use crate::manifest::Objects;
+
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+
+pub fn is_enrolled(objs: &Objects, cfg: &IndexConfig, pod: &Pod) -> bool {
+    let ns = pod.metadata.ns();
+    if pod.spec.host_network || cfg.excluded_namespaces.iter().any(|e| e == ns) {
+        return false;
+    }
+    match pod.metadata.labels.get(DATAPLANE_MODE).map(String::as_str) {
+        Some("ambient") => return true,
+        Some("none") => return false,
+        _ => {}
+    }
+    objs.namespaces
+        .get(ns)
+        .and_then(|n| n.metadata.labels.get(DATAPLANE_MODE))
+        .is_some_and(|v| v == "ambient")
+}
+
+/// What a node agent needs to capture one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrolledPod {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub ips: Vec<String>,
+    pub bypass_inbound: bool,
+    pub dns_capture: Option<bool>,
+}
+
+impl EnrolledPod {
+    pub fn from_pod(pod: &Pod, _cfg: &IndexConfig) -> Self {
+        let ann = &pod.metadata.annotations;
+        EnrolledPod {
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone(),
+            namespace: pod.metadata.ns().to_string(),
+            service_account: pod
+                .spec
+                .service_account_name
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            ips: super::workload::pod_ips(pod)
+                .iter()
+                .map(|ip| ip.to_string())
+                .collect(),
+            bypass_inbound: ann
+                .get("ambient.istio.io/bypass-inbound-capture")
+                .is_some_and(|v| v == "true"),
+            dns_capture: ann.get("ambient.istio.io/dns-capture").map(|v| v == "true"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::{Namespace, ObjectMeta};
+
+    fn pod(ns: &str, label: Option<&str>, host_network: bool) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.name = "p".into();
+        p.metadata.namespace = Some(ns.into());
+        if let Some(l) = label {
+            p.metadata.labels.insert(DATAPLANE_MODE.into(), l.into());
+        }
+        p.spec.host_network = host_network;
+        p
+    }
+
+    fn objs(ambient_ns: &[&str]) -> Objects {
+        let mut o = Objects::default();
+        for ns in ["shop", "legacy", "kube-system"] {
+            let mut n = Namespace {
+                metadata: ObjectMeta {
+                    name: ns.into(),
+                    ..Default::default()
+                },
+            };
+            if ambient_ns.contains(&ns) {
+                n.metadata
+                    .labels
+                    .insert(DATAPLANE_MODE.into(), "ambient".into());
+            }
+            o.namespaces.insert(ns.into(), n);
+        }
+        o
+    }
+
+    #[test]
+    fn rules() {
+        let cfg = IndexConfig::default();
+        let o = objs(&["shop", "kube-system"]);
+        assert!(is_enrolled(&o, &cfg, &pod("shop", None, false)));
+        assert!(
+            !is_enrolled(&o, &cfg, &pod("shop", Some("none"), false)),
+            "pod opt-out"
+        );
+        assert!(!is_enrolled(&o, &cfg, &pod("legacy", None, false)));
+        assert!(
+            is_enrolled(&o, &cfg, &pod("legacy", Some("ambient"), false)),
+            "pod opt-in"
+        );
+        assert!(
+            !is_enrolled(&o, &cfg, &pod("shop", None, true)),
+            "host network"
+        );
+        assert!(!is_enrolled(&o, &cfg, &pod("shop", Some("ambient"), true)));
+        assert!(
+            !is_enrolled(&o, &cfg, &pod("kube-system", None, false)),
+            "excluded namespace"
+        );
+    }
+}

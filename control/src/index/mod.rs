@@ -1,0 +1,108 @@
+//! The index: pure functions from observed Kubernetes objects to the resources the data
+//! plane consumes (istio.workload.Address, istio.security.Authorization). No I/O, so
+//! every rule is unit-tested.
+
+pub mod authz;
+pub mod enrollment;
+pub mod service;
+pub mod waypoint;
+pub mod workload;
+
+use crate::manifest::Objects;
+use mesh_proto::{security as pb_sec, workload as pb};
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug)]
+pub struct IndexConfig {
+    pub cluster_id: String,
+    pub trust_domain: String,
+    /// DNS suffix of Services: `<name>.<ns>.svc.<domain>`.
+    pub domain_suffix: String,
+    /// Policies here apply mesh-wide (Istio's root namespace).
+    pub root_namespace: String,
+    /// Pods in these namespaces are never enrolled.
+    pub excluded_namespaces: Vec<String>,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig {
+            cluster_id: "Kubernetes".into(),
+            trust_domain: "cluster.local".into(),
+            domain_suffix: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            excluded_namespaces: vec!["kube-system".into()],
+        }
+    }
+}
+
+impl IndexConfig {
+    pub fn service_hostname(&self, ns: &str, name: &str) -> String {
+        format!("{name}.{ns}.svc.{}", self.domain_suffix)
+    }
+}
+
+/// Everything computed from one set of objects.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resources {
+    /// xDS name (workload uid, or `ns/hostname`) → resource.
+    pub addresses: BTreeMap<String, pb::Address>,
+    /// `ns/name` → policy.
+    pub authorizations: BTreeMap<String, pb_sec::Authorization>,
+    /// Enrolled pods by node: what each node agent must capture.
+    pub enrolled: BTreeMap<String, Vec<enrollment::EnrolledPod>>,
+    /// Things the user should know (e.g. a policy rule dropped at L4).
+    pub warnings: Vec<String>,
+}
+
+pub fn compute(objs: &Objects, cfg: &IndexConfig) -> Resources {
+    let mut out = Resources::default();
+    let strict = authz::StrictModes::from_objects(objs, cfg);
+    for svc in objs.services.values() {
+        if let Some(s) = service::service(objs, cfg, svc) {
+            let name = format!("{}/{}", s.namespace, s.hostname);
+            out.addresses.insert(
+                name,
+                pb::Address {
+                    r#type: Some(pb::address::Type::Service(s)),
+                },
+            );
+        }
+    }
+    for pod in objs.pods.values() {
+        let enrolled = enrollment::is_enrolled(objs, cfg, pod);
+        if let Some(w) = workload::workload(objs, cfg, pod, enrolled, &strict) {
+            if enrolled {
+                out.enrolled
+                    .entry(w.node.clone())
+                    .or_default()
+                    .push(enrollment::EnrolledPod::from_pod(pod, cfg));
+            }
+            out.addresses.insert(
+                w.uid.clone(),
+                pb::Address {
+                    r#type: Some(pb::address::Type::Workload(w)),
+                },
+            );
+        }
+    }
+    for policy in objs.authorization_policies.values() {
+        match authz::convert(policy, cfg) {
+            authz::Converted::ForZtunnel(a, warnings) => {
+                out.warnings.extend(warnings);
+                out.authorizations
+                    .insert(format!("{}/{}", a.namespace, a.name), a);
+            }
+            authz::Converted::NotForZtunnel(why) => {
+                if let Some(w) = why {
+                    out.warnings.push(w);
+                }
+            }
+        }
+    }
+    for a in strict.policies() {
+        out.authorizations
+            .insert(format!("{}/{}", a.namespace, a.name), a);
+    }
+    out
+}
