@@ -83,10 +83,12 @@ mod tests {
         ns.metadata.name = "shop".into();
         ns.metadata.labels.insert(USE_WAYPOINT.into(), "wp".into());
         o.namespaces.insert("shop".into(), ns);
-        let mut gw = Gateway::default();
-        gw.metadata = ObjectMeta {
-            name: "wp".into(),
-            namespace: Some("shop".into()),
+        let mut gw = Gateway {
+            metadata: ObjectMeta {
+                name: "wp".into(),
+                namespace: Some("shop".into()),
+                ..Default::default()
+            },
             ..Default::default()
         };
         if let Some(f) = waypoint_for {
