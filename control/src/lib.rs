@@ -2,6 +2,7 @@
 //! mesh's resources, serves them over delta xDS, and runs the CA.
 #![forbid(unsafe_code)]
 
+pub mod ads;
 pub mod index;
 pub mod k8s;
 pub mod manifest;
