@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "protos/istio/ca/ca.proto",
         "protos/istio/zds/zds.proto",
         "protos/envoy/discovery.proto",
+        "protos/mesh/cni.proto",
     ];
     println!("cargo:rerun-if-changed=protos");
     let fds = protox::compile(files, ["protos"])?;

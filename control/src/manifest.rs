@@ -64,6 +64,21 @@ fn typed<T: DeserializeOwned>(
 }
 
 impl Objects {
+    /// Adds `other`'s objects (later files win on a name clash).
+    pub fn merge(&mut self, other: &Objects) {
+        self.namespaces.extend(other.namespaces.clone());
+        self.nodes.extend(other.nodes.clone());
+        self.pods.extend(other.pods.clone());
+        self.services.extend(other.services.clone());
+        self.service_accounts.extend(other.service_accounts.clone());
+        self.authorization_policies
+            .extend(other.authorization_policies.clone());
+        self.peer_authentications
+            .extend(other.peer_authentications.clone());
+        self.gateways.extend(other.gateways.clone());
+        self.http_routes.extend(other.http_routes.clone());
+    }
+
     /// Parses one file's text and adds its objects. On any error nothing from this file
     /// is added.
     pub fn add_file(&mut self, file: &Path, text: &str) -> Result<usize, ManifestError> {

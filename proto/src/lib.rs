@@ -40,6 +40,13 @@ pub mod generated {
             }
         }
     }
+    pub mod mesh {
+        pub mod cni {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/mesh.cni.v1.rs"));
+            }
+        }
+    }
     pub mod google {
         pub mod rpc {
             include!(concat!(env!("OUT_DIR"), "/google.rpc.rs"));
@@ -50,6 +57,7 @@ pub mod generated {
 pub use generated::envoy::config::core::v3 as envoy_core;
 pub use generated::envoy::service::discovery::v3 as discovery;
 pub use generated::google::rpc;
+pub use generated::mesh::cni::v1 as cni;
 pub use generated::istio::security;
 pub use generated::istio::v1::auth as ca;
 pub use generated::istio::workload;
@@ -66,6 +74,8 @@ pub mod type_url {
     pub const AUTHORIZATION: &str = "type.googleapis.com/istio.security.Authorization";
     /// Workload-only view (served for compatibility; ztunnel uses ADDRESS).
     pub const WORKLOAD: &str = "type.googleapis.com/istio.workload.Workload";
+    /// Pods a node agent must capture (ours), keyed `ns/name`, per node.
+    pub const ENROLLED_POD: &str = "type.googleapis.com/mesh.cni.v1.EnrolledPod";
 }
 
 /// gRPC metadata key under which a node proxy names the identity it requests a

@@ -78,6 +78,26 @@ fn fill_random(buf: &mut [u8]) {
         .expect("system random source");
 }
 
+/// The SPIFFE identity a CSR asks for (its only URI SAN), after checking its signature.
+pub fn csr_identity(csr_pem: &str) -> Result<SpiffeId, CaError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
+    let uris: Vec<String> = csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            SanType::URI(u) => Some(u.as_str().to_string()),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] => one
+            .parse()
+            .map_err(|_| CaError::CsrIdentityMismatch(uris.clone())),
+        _ => Err(CaError::CsrIdentityMismatch(uris)),
+    }
+}
+
 fn key_matches_cert(key: &KeyPair, cert: &CertificateDer<'_>) -> Result<bool, CaError> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, parsed) =
@@ -281,6 +301,51 @@ impl CertificateAuthority {
         chain.extend(self.intermediates_pem.iter().cloned());
         chain.push(self.roots_pem());
         Ok(chain)
+    }
+
+    /// A TLS serving certificate for the control plane itself (DNS and IP SANs, server
+    /// auth), returned as (chain PEM: leaf then intermediates, key PEM).
+    pub fn issue_server_cert(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        validity: Duration,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
+        let now = SystemTime::now();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            dns_names.first().cloned().unwrap_or_else(|| "mesh-control".into()),
+        );
+        params.distinguished_name = dn;
+        let mut sans = Vec::new();
+        for d in dns_names {
+            sans.push(SanType::DnsName(d.clone().try_into().map_err(CaError::Sign)?));
+        }
+        for ip in ips {
+            sans.push(SanType::IpAddress(*ip));
+        }
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = to_offset(now - CLOCK_SKEW);
+        params.not_after = to_offset((now + validity).min(self.not_after));
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let issuer = Issuer::from_ca_cert_der(&self.cert, &self.key)
+            .map_err(|e| CaError::BadCaMaterial(e.to_string()))?;
+        let cert = params.signed_by(&key, &issuer).map_err(CaError::Sign)?;
+        let mut chain = cert.pem();
+        if !self.bundle.contains(&self.cert) {
+            chain.push_str(&self.cert_pem());
+        }
+        for i in &self.intermediates_pem {
+            chain.push_str(i);
+        }
+        Ok((chain, key.serialize_pem()))
     }
 
     /// Issues an intermediate CA certificate signed by this CA (for tests and for

@@ -9,6 +9,7 @@ use rand::Rng;
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
+pub use mesh_authz::{Action, IpNet, Match, Policy, PolicyScope, StringMatch};
 pub use types::*;
 
 /// What an address refers to.
@@ -120,7 +121,10 @@ impl State {
     }
 
     pub fn apply_authorization(&mut self, a: &pb_sec::Authorization) -> Result<(), ResourceError> {
-        let p = Policy::from_proto(a)?;
+        let p = Policy::from_proto(a).map_err(|e| ResourceError::Invalid {
+            what: e.what,
+            reason: e.reason,
+        })?;
         self.insert_policy(p);
         Ok(())
     }

@@ -1,0 +1,154 @@
+//! The local debug API meshctl reads: `/debug/status`, `/debug/config_dump?node=N`,
+//! `/debug/authz?from=SPIFFE&to=NS/POD&port=P`. Bound to localhost by default.
+
+use crate::grpc::Shared;
+use crate::server::ServerConfig;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use tokio::net::TcpListener;
+
+fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), percent_decode(v)))
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn status(shared: &Shared) -> Value {
+    let g = shared.generation.borrow().clone();
+    let clients: Vec<Value> = {
+        let c = shared.clients.lock().expect("clients lock");
+        let mut v: Vec<_> = c.values().cloned().collect();
+        v.sort_by_key(|c| c.id);
+        v.into_iter()
+            .map(|c| {
+                json!({"id": c.id, "principal": c.principal, "nodeId": c.node_id,
+                       "connectedAt": c.connected_at, "types": c.types,
+                       "acks": c.acks, "nacks": c.nacks, "lastNack": c.last_nack})
+            })
+            .collect()
+    };
+    let mut nodes: Vec<String> = g.objects.nodes.keys().cloned().collect();
+    for p in g.objects.pods.values() {
+        if let Some(n) = &p.spec.node_name {
+            if !nodes.contains(n) {
+                nodes.push(n.clone());
+            }
+        }
+    }
+    nodes.sort();
+    let enrolled: BTreeMap<&String, Vec<String>> = g
+        .resources
+        .enrolled
+        .iter()
+        .map(|(n, pods)| (n, pods.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect()))
+        .collect();
+    json!({
+        "version": g.version,
+        "nodes": nodes,
+        "clients": clients,
+        "enrolled": enrolled,
+        "addresses": g.addresses.len(),
+        "authorizations": g.authorizations.len(),
+        "warnings": g.resources.warnings,
+    })
+}
+
+pub fn config_dump(shared: &Shared, node: &str) -> Value {
+    let want = format!("node/{node}");
+    let c = shared.clients.lock().expect("clients lock");
+    let clients: Vec<Value> = c
+        .values()
+        .filter(|c| c.principal == want)
+        .map(|c| json!({"id": c.id, "nodeId": c.node_id, "held": c.held}))
+        .collect();
+    json!({"node": node, "clients": clients})
+}
+
+fn respond(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec_pretty(&body).unwrap_or_default())))
+        .expect("valid response")
+}
+
+async fn handle(shared: Shared, cfg: ServerConfig, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let q = query(&req);
+    match req.uri().path() {
+        "/debug/status" => respond(StatusCode::OK, status(&shared)),
+        "/debug/config_dump" => match q.get("node") {
+            Some(n) => respond(StatusCode::OK, config_dump(&shared, n)),
+            None => respond(StatusCode::BAD_REQUEST, json!({"error": "give ?node=NAME"})),
+        },
+        "/debug/authz" => {
+            let g = shared.generation.borrow().clone();
+            match crate::authz_check::check(&g, &cfg.trust_domain, &q) {
+                Ok(v) => respond(StatusCode::OK, v),
+                Err(e) => respond(StatusCode::BAD_REQUEST, json!({"error": e})),
+            }
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            json!({"error": "unknown path", "paths": ["/debug/status", "/debug/config_dump?node=", "/debug/authz?from=&to=&port="]}),
+        ),
+    }
+}
+
+pub async fn serve(addr: SocketAddr, shared: Shared, cfg: ServerConfig) -> Result<SocketAddr, String> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let (shared, cfg) = (shared.clone(), cfg.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let (shared, cfg) = (shared.clone(), cfg.clone());
+                    async move { Ok::<_, std::convert::Infallible>(handle(shared, cfg, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn decodes_queries() {
+        assert_eq!(super::percent_decode("spiffe%3A%2F%2Fa%2Fb"), "spiffe://a/b");
+        assert_eq!(super::percent_decode("a+b%2"), "a b%2");
+    }
+}

@@ -1,0 +1,146 @@
+//! Runs the control plane: config source → index → delta ADS + CA over TLS, and a local
+//! debug API for meshctl.
+
+use crate::auth::Tokens;
+use crate::generation::Generation;
+use crate::grpc::{Ads, Ca, Shared};
+use crate::index::IndexConfig;
+use crate::source::{self, DirSource};
+use mesh_identity::ca::CertificateAuthority;
+use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ServerConfig {
+    pub config_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub tokens: PathBuf,
+    pub listen: SocketAddr,
+    pub debug_listen: SocketAddr,
+    pub dns_names: Vec<String>,
+    pub ip_sans: Vec<IpAddr>,
+    pub trust_domain: String,
+    pub cluster_id: String,
+    pub root_namespace: String,
+    pub excluded_namespaces: Vec<String>,
+}
+
+/// Loads the CA from `state_dir`, or creates and persists a new root there. Also writes
+/// `root-cert.pem` (the bundle clients trust).
+pub fn load_or_create_ca(state_dir: &Path, trust_domain: &str) -> Result<CertificateAuthority, String> {
+    std::fs::create_dir_all(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+    let cert = state_dir.join("ca-cert.pem");
+    let key = state_dir.join("ca-key.pem");
+    let ca = if cert.exists() {
+        let c = std::fs::read_to_string(&cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+        let k = std::fs::read_to_string(&key).map_err(|e| format!("{}: {e}", key.display()))?;
+        let bundle_path = state_dir.join("root-cert.pem");
+        let bundle = std::fs::read_to_string(&bundle_path).unwrap_or_else(|_| c.clone());
+        CertificateAuthority::load(trust_domain, &c, &k, None, &bundle)
+            .map_err(|e| format!("CA in {}: {e}", state_dir.display()))?
+    } else {
+        let ca = CertificateAuthority::new_root(trust_domain, Duration::from_secs(10 * 365 * 86400))
+            .map_err(|e| e.to_string())?;
+        std::fs::write(&cert, ca.cert_pem()).map_err(|e| format!("{}: {e}", cert.display()))?;
+        write_private(&key, &ca.key_pem())?;
+        tracing::info!(dir = %state_dir.display(), "created a new mesh root CA");
+        ca
+    };
+    let bundle = state_dir.join("root-cert.pem");
+    std::fs::write(&bundle, ca.roots_pem()).map_err(|e| format!("{}: {e}", bundle.display()))?;
+    Ok(ca)
+}
+
+fn write_private(path: &Path, data: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(data.as_bytes()))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A running control plane (its listeners are bound when this returns).
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub debug_addr: SocketAddr,
+    pub shared: Shared,
+}
+
+pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
+    let tokens = Arc::new(Tokens::load(&cfg.tokens)?);
+    let ca = load_or_create_ca(&cfg.state_dir, &cfg.trust_domain)?;
+    let (chain, key) = ca
+        .issue_server_cert(&cfg.dns_names, &cfg.ip_sans, Duration::from_secs(365 * 86400))
+        .map_err(|e| format!("serving certificate: {e}"))?;
+    let index_cfg = IndexConfig {
+        cluster_id: cfg.cluster_id.clone(),
+        trust_domain: cfg.trust_domain.clone(),
+        root_namespace: cfg.root_namespace.clone(),
+        excluded_namespaces: cfg.excluded_namespaces.clone(),
+        ..Default::default()
+    };
+
+    // Config source → generations.
+    let mut src = DirSource::new(&cfg.config_dir);
+    src.scan()?;
+    let first = Generation::build(1, src.objects(), &index_cfg);
+    for w in &first.resources.warnings {
+        tracing::warn!("{w}");
+    }
+    let (gen_tx, gen_rx) = watch::channel(Arc::new(first));
+    let version = AtomicU64::new(1);
+    tokio::spawn(source::watch(src, Duration::from_millis(250), move |objects| {
+        let v = version.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let g = Generation::build(v, objects, &index_cfg);
+        for w in &g.resources.warnings {
+            tracing::warn!("{w}");
+        }
+        tracing::info!(version = v, addresses = g.addresses.len(), policies = g.authorizations.len(), "configuration updated");
+        gen_tx.send_replace(Arc::new(g));
+    }));
+
+    let shared = Shared {
+        generation: gen_rx,
+        tokens,
+        ca: Arc::new(RwLock::new(ca)),
+        clients: Arc::new(Mutex::new(Default::default())),
+        next_client: Arc::new(AtomicU64::new(1)),
+    };
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let grpc_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let identity = tonic::transport::Identity::from_pem(chain, key);
+    let server = tonic::transport::Server::builder()
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+        .map_err(|e| format!("TLS: {e}"))?
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(AggregatedDiscoveryServiceServer::new(Ads(shared.clone())))
+        .add_service(IstioCertificateServiceServer::new(Ca(shared.clone())));
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        if let Err(e) = server.serve_with_incoming(incoming).await {
+            tracing::error!(error = %e, "gRPC server stopped");
+        }
+    });
+    let debug_addr = crate::debug::serve(cfg.debug_listen, shared.clone(), cfg.clone()).await?;
+    tracing::info!(%grpc_addr, %debug_addr, "mesh-control serving xDS and CA");
+    Ok(Running {
+        grpc_addr,
+        debug_addr,
+        shared,
+    })
+}
