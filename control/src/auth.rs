@@ -86,7 +86,10 @@ impl Tokens {
         Ok(Tokens { by_token })
     }
 
-    pub fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Principal, AuthError> {
+    pub fn authenticate(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Principal, AuthError> {
         let header = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())

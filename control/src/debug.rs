@@ -27,12 +27,13 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(if b[i] == b'+' { b' ' } else { b[i] });
         i += 1;
@@ -56,10 +57,10 @@ pub fn status(shared: &Shared) -> Value {
     };
     let mut nodes: Vec<String> = g.objects.nodes.keys().cloned().collect();
     for p in g.objects.pods.values() {
-        if let Some(n) = &p.spec.node_name {
-            if !nodes.contains(n) {
-                nodes.push(n.clone());
-            }
+        if let Some(n) = &p.spec.node_name
+            && !nodes.contains(n)
+        {
+            nodes.push(n.clone());
         }
     }
     nodes.sort();
@@ -67,7 +68,14 @@ pub fn status(shared: &Shared) -> Value {
         .resources
         .enrolled
         .iter()
-        .map(|(n, pods)| (n, pods.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect()))
+        .map(|(n, pods)| {
+            (
+                n,
+                pods.iter()
+                    .map(|p| format!("{}/{}", p.namespace, p.name))
+                    .collect(),
+            )
+        })
         .collect();
     json!({
         "version": g.version,
@@ -95,11 +103,17 @@ fn respond(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(serde_json::to_vec_pretty(&body).unwrap_or_default())))
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec_pretty(&body).unwrap_or_default(),
+        )))
         .expect("valid response")
 }
 
-async fn handle(shared: Shared, cfg: ServerConfig, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    shared: Shared,
+    cfg: ServerConfig,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let q = query(&req);
     match req.uri().path() {
         "/debug/status" => respond(StatusCode::OK, status(&shared)),
@@ -121,14 +135,20 @@ async fn handle(shared: Shared, cfg: ServerConfig, req: Request<Incoming>) -> Re
     }
 }
 
-pub async fn serve(addr: SocketAddr, shared: Shared, cfg: ServerConfig) -> Result<SocketAddr, String> {
+pub async fn serve(
+    addr: SocketAddr,
+    shared: Shared,
+    cfg: ServerConfig,
+) -> Result<SocketAddr, String> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             let (shared, cfg) = (shared.clone(), cfg.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
@@ -148,7 +168,10 @@ pub async fn serve(addr: SocketAddr, shared: Shared, cfg: ServerConfig) -> Resul
 mod tests {
     #[test]
     fn decodes_queries() {
-        assert_eq!(super::percent_decode("spiffe%3A%2F%2Fa%2Fb"), "spiffe://a/b");
+        assert_eq!(
+            super::percent_decode("spiffe%3A%2F%2Fa%2Fb"),
+            "spiffe://a/b"
+        );
         assert_eq!(super::percent_decode("a+b%2"), "a b%2");
     }
 }

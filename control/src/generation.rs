@@ -61,7 +61,12 @@ impl Generation {
             .map(|(name, a)| {
                 (
                     name.clone(),
-                    Served::new(name.clone(), type_url::AUTHORIZATION, a.encode_to_vec(), vec![]),
+                    Served::new(
+                        name.clone(),
+                        type_url::AUTHORIZATION,
+                        a.encode_to_vec(),
+                        vec![],
+                    ),
                 )
             })
             .collect();

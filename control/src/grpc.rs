@@ -149,7 +149,9 @@ impl AggregatedDiscoveryService for Ads {
                 Err(e) => tracing::info!(client = id, reason = %e, "xDS client disconnected"),
             }
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 }
 
@@ -170,8 +172,12 @@ pub fn authorize_identity(
             let runs = generation.objects.pods.values().any(|p| {
                 p.spec.node_name.as_deref() == Some(node.as_str())
                     && p.metadata.ns() == id.namespace()
-                    && p.spec.service_account_name.as_deref().unwrap_or("default") == id.service_account()
-                    && !matches!(p.status.phase.as_deref(), Some("Succeeded") | Some("Failed"))
+                    && p.spec.service_account_name.as_deref().unwrap_or("default")
+                        == id.service_account()
+                    && !matches!(
+                        p.status.phase.as_deref(),
+                        Some("Succeeded") | Some("Failed")
+                    )
             });
             if runs {
                 Ok(())
@@ -183,7 +189,9 @@ pub fn authorize_identity(
             if id.namespace() == namespace && id.service_account() == name {
                 Ok(())
             } else {
-                Err(format!("waypoint {namespace}/{name} may only obtain its own identity, not {id}"))
+                Err(format!(
+                    "waypoint {namespace}/{name} may only obtain its own identity, not {id}"
+                ))
             }
         }
     }
@@ -198,7 +206,12 @@ impl IstioCertificateService for Ca {
         let principal = self.0.authenticate(&req, "CA")?;
         let body = req.into_inner();
         let impersonated = body.metadata.as_ref().and_then(|m| {
-            match m.fields.get(mesh_proto::IMPERSONATED_IDENTITY)?.kind.as_ref()? {
+            match m
+                .fields
+                .get(mesh_proto::IMPERSONATED_IDENTITY)?
+                .kind
+                .as_ref()?
+            {
                 prost_types::value::Kind::StringValue(s) => Some(s.clone()),
                 _ => None,
             }
@@ -221,6 +234,8 @@ impl IstioCertificateService for Ca {
             Status::invalid_argument(e.to_string())
         })?;
         tracing::info!(%principal, identity = %id, "certificate issued");
-        Ok(Response::new(IstioCertificateResponse { cert_chain: chain }))
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: chain,
+        }))
     }
 }

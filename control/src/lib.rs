@@ -3,6 +3,13 @@
 #![forbid(unsafe_code)]
 
 pub mod ads;
+pub mod auth;
+pub mod authz_check;
+pub mod debug;
+pub mod generation;
+pub mod grpc;
 pub mod index;
 pub mod k8s;
 pub mod manifest;
+pub mod server;
+pub mod source;

@@ -1,1 +1,95 @@
-fn main() {}
+use clap::Parser;
+use mesh_control::server::{self, ServerConfig};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+/// The mesh's control plane: reads Kubernetes manifests from a directory (watched for
+/// changes), serves workloads and policies over delta xDS, and signs workload
+/// certificates (node-authorized) on the same TLS port.
+#[derive(Parser, Debug)]
+#[command(
+    name = "mesh-control",
+    version,
+    after_help = "Directory mode (the default):\n  mesh-control --config-dir ./manifests --state-dir /var/lib/mesh-control --tokens tokens.yaml\n\nClients trust <state-dir>/root-cert.pem and authenticate with a bearer token listed in the tokens file."
+)]
+struct Args {
+    /// Directory of YAML manifests (Namespace, Pod, Service, ServiceAccount, Node,
+    /// AuthorizationPolicy, PeerAuthentication, Gateway, HTTPRoute).
+    #[arg(long, env = "CONFIG_DIR")]
+    config_dir: PathBuf,
+    /// Where the CA root is kept (created on first start) and root-cert.pem is written.
+    #[arg(long, env = "STATE_DIR")]
+    state_dir: PathBuf,
+    /// Bootstrap tokens: `tokens: [{token: ..., node: NAME} | {token: ..., waypoint: NS/NAME}]`.
+    #[arg(long, env = "TOKENS_FILE")]
+    tokens: PathBuf,
+    /// xDS + CA (gRPC over TLS).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// Debug API for meshctl (JSON over HTTP).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    debug_listen: SocketAddr,
+    /// DNS names on the serving certificate (repeatable).
+    #[arg(long = "dns-name", default_values_t = ["mesh-control.mesh-system.svc".to_string(), "mesh-control.mesh-system.svc.cluster.local".to_string()])]
+    dns_names: Vec<String>,
+    /// IP addresses on the serving certificate (repeatable).
+    #[arg(long = "ip-san")]
+    ip_sans: Vec<IpAddr>,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
+    /// Policies in this namespace apply mesh-wide.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// Namespaces whose pods are never enrolled (repeatable).
+    #[arg(long = "exclude-namespace", default_values_t = ["kube-system".to_string()])]
+    excluded_namespaces: Vec<String>,
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log_level: String,
+}
+
+fn main() {
+    let a = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&a.log_level).unwrap_or_else(|e| {
+                eprintln!("mesh-control: invalid log level: {e}");
+                std::process::exit(2)
+            }),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+    if let Err(e) = mesh_identity::SpiffeId::new(&a.trust_domain, "x", "x") {
+        eprintln!("mesh-control: --trust-domain: {e}");
+        std::process::exit(2);
+    }
+    let cfg = ServerConfig {
+        config_dir: a.config_dir,
+        state_dir: a.state_dir,
+        tokens: a.tokens,
+        listen: a.listen,
+        debug_listen: a.debug_listen,
+        dns_names: a.dns_names,
+        ip_sans: a.ip_sans,
+        trust_domain: a.trust_domain,
+        cluster_id: a.cluster_id,
+        root_namespace: a.root_namespace,
+        excluded_namespaces: a.excluded_namespaces,
+    };
+    tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting mesh-control");
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    rt.block_on(async {
+        if let Err(e) = server::start(cfg).await {
+            tracing::error!("mesh-control failed to start: {e}");
+            std::process::exit(1);
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("mesh-control stopping");
+    });
+}

@@ -34,7 +34,10 @@ pub struct ServerConfig {
 
 /// Loads the CA from `state_dir`, or creates and persists a new root there. Also writes
 /// `root-cert.pem` (the bundle clients trust).
-pub fn load_or_create_ca(state_dir: &Path, trust_domain: &str) -> Result<CertificateAuthority, String> {
+pub fn load_or_create_ca(
+    state_dir: &Path,
+    trust_domain: &str,
+) -> Result<CertificateAuthority, String> {
     std::fs::create_dir_all(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
     let cert = state_dir.join("ca-cert.pem");
     let key = state_dir.join("ca-key.pem");
@@ -46,8 +49,9 @@ pub fn load_or_create_ca(state_dir: &Path, trust_domain: &str) -> Result<Certifi
         CertificateAuthority::load(trust_domain, &c, &k, None, &bundle)
             .map_err(|e| format!("CA in {}: {e}", state_dir.display()))?
     } else {
-        let ca = CertificateAuthority::new_root(trust_domain, Duration::from_secs(10 * 365 * 86400))
-            .map_err(|e| e.to_string())?;
+        let ca =
+            CertificateAuthority::new_root(trust_domain, Duration::from_secs(10 * 365 * 86400))
+                .map_err(|e| e.to_string())?;
         std::fs::write(&cert, ca.cert_pem()).map_err(|e| format!("{}: {e}", cert.display()))?;
         write_private(&key, &ca.key_pem())?;
         tracing::info!(dir = %state_dir.display(), "created a new mesh root CA");
@@ -82,7 +86,11 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
     let tokens = Arc::new(Tokens::load(&cfg.tokens)?);
     let ca = load_or_create_ca(&cfg.state_dir, &cfg.trust_domain)?;
     let (chain, key) = ca
-        .issue_server_cert(&cfg.dns_names, &cfg.ip_sans, Duration::from_secs(365 * 86400))
+        .issue_server_cert(
+            &cfg.dns_names,
+            &cfg.ip_sans,
+            Duration::from_secs(365 * 86400),
+        )
         .map_err(|e| format!("serving certificate: {e}"))?;
     let index_cfg = IndexConfig {
         cluster_id: cfg.cluster_id.clone(),
@@ -101,15 +109,24 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
     }
     let (gen_tx, gen_rx) = watch::channel(Arc::new(first));
     let version = AtomicU64::new(1);
-    tokio::spawn(source::watch(src, Duration::from_millis(250), move |objects| {
-        let v = version.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        let g = Generation::build(v, objects, &index_cfg);
-        for w in &g.resources.warnings {
-            tracing::warn!("{w}");
-        }
-        tracing::info!(version = v, addresses = g.addresses.len(), policies = g.authorizations.len(), "configuration updated");
-        gen_tx.send_replace(Arc::new(g));
-    }));
+    tokio::spawn(source::watch(
+        src,
+        Duration::from_millis(250),
+        move |objects| {
+            let v = version.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let g = Generation::build(v, objects, &index_cfg);
+            for w in &g.resources.warnings {
+                tracing::warn!("{w}");
+            }
+            tracing::info!(
+                version = v,
+                addresses = g.addresses.len(),
+                policies = g.authorizations.len(),
+                "configuration updated"
+            );
+            gen_tx.send_replace(Arc::new(g));
+        },
+    ));
 
     let shared = Shared {
         generation: gen_rx,

@@ -27,7 +27,10 @@ fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             let p = entry?.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml") | Some("yml")) {
+            } else if matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml") | Some("yml")
+            ) {
                 out.push(p);
             }
         }
@@ -52,8 +55,13 @@ impl DirSource {
         self.files.retain(|p, _| present.contains(p));
         changed |= self.files.len() != before;
         for path in present {
-            let Ok(meta) = std::fs::metadata(&path) else { continue };
-            let stamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let stamp = (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            );
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
@@ -70,12 +78,30 @@ impl DirSource {
                     if self.files.get(&path).is_some_and(|f| f.error.is_some()) {
                         tracing::info!(file = %path.display(), "manifest fixed");
                     }
-                    self.files.insert(path, FileState { stamp, objects, error: None });
+                    self.files.insert(
+                        path,
+                        FileState {
+                            stamp,
+                            objects,
+                            error: None,
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "manifest rejected; keeping its last good contents");
-                    let previous = self.files.remove(&path).map(|f| f.objects).unwrap_or_default();
-                    self.files.insert(path, FileState { stamp, objects: previous, error: Some(e) });
+                    let previous = self
+                        .files
+                        .remove(&path)
+                        .map(|f| f.objects)
+                        .unwrap_or_default();
+                    self.files.insert(
+                        path,
+                        FileState {
+                            stamp,
+                            objects: previous,
+                            error: Some(e),
+                        },
+                    );
                 }
             }
             changed = true;
@@ -92,7 +118,10 @@ impl DirSource {
     }
 
     pub fn errors(&self) -> Vec<ManifestError> {
-        self.files.values().filter_map(|f| f.error.clone()).collect()
+        self.files
+            .values()
+            .filter_map(|f| f.error.clone())
+            .collect()
     }
 }
 
@@ -116,16 +145,31 @@ mod tests {
     fn bad_edit_keeps_last_good_state() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("ns.yaml");
-        std::fs::write(&f, "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n").unwrap();
+        std::fs::write(
+            &f,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n",
+        )
+        .unwrap();
         let mut src = DirSource::new(dir.path());
         assert!(src.scan().unwrap());
         assert!(src.objects().namespaces.contains_key("shop"));
         assert!(!src.scan().unwrap(), "unchanged");
-        std::fs::write(&f, "apiVersion: v1\nkind: Namespace\nmetadata: {name: [broken\n").unwrap();
+        std::fs::write(
+            &f,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: [broken\n",
+        )
+        .unwrap();
         src.scan().unwrap();
-        assert!(src.objects().namespaces.contains_key("shop"), "last good state kept");
+        assert!(
+            src.objects().namespaces.contains_key("shop"),
+            "last good state kept"
+        );
         assert_eq!(src.errors().len(), 1);
-        std::fs::write(&f, "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n").unwrap();
+        std::fs::write(
+            &f,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: other}\n",
+        )
+        .unwrap();
         src.scan().unwrap();
         assert!(src.objects().namespaces.contains_key("other"));
         assert!(src.errors().is_empty());

@@ -57,11 +57,11 @@ pub mod generated {
 pub use generated::envoy::config::core::v3 as envoy_core;
 pub use generated::envoy::service::discovery::v3 as discovery;
 pub use generated::google::rpc;
-pub use generated::mesh::cni::v1 as cni;
 pub use generated::istio::security;
 pub use generated::istio::v1::auth as ca;
 pub use generated::istio::workload;
 pub use generated::istio::workload::zds;
+pub use generated::mesh::cni::v1 as cni;
 
 pub use prost;
 pub use prost_types;

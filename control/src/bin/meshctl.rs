@@ -1,1 +1,288 @@
-fn main() {}
+//! meshctl: the user CLI. Reads the control plane's debug API (local by default) and
+//! generates manifests.
+
+use clap::{Parser, Subcommand};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "meshctl", version, about = "Inspect and operate the mesh")]
+struct Cli {
+    /// The control plane's debug API (mesh-control --debug-listen).
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_CONTROL",
+        default_value = "127.0.0.1:15014"
+    )]
+    control: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Nodes, connected ztunnels/agents/waypoints, enrolled workloads.
+    Status,
+    /// What the control plane sent to a node's clients.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Waypoint helpers.
+    Waypoint {
+        #[command(subcommand)]
+        cmd: WaypointCmd,
+    },
+    /// Authorization helpers.
+    Authz {
+        #[command(subcommand)]
+        cmd: AuthzCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Resources (name → version) each client of the node holds.
+    Dump {
+        #[arg(long)]
+        node: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum WaypointCmd {
+    /// Print the Gateway manifest of a waypoint for a namespace.
+    Generate {
+        #[arg(short = 'n', long)]
+        namespace: String,
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+        /// Which traffic the waypoint handles.
+        #[arg(long = "for", default_value = "service", value_parser = ["service", "workload", "all", "none"])]
+        for_: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthzCmd {
+    /// Which policy allows or denies a connection, and why.
+    Check {
+        /// Source SPIFFE id, or `plaintext`.
+        #[arg(long)]
+        from: String,
+        /// Destination workload: namespace/pod.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        port: u16,
+        /// Source IP, for policies that match on it.
+        #[arg(long)]
+        from_ip: Option<String>,
+    },
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A plain HTTP/1.0 GET: the debug API is local JSON; no client library needed.
+fn get(control: &str, path: &str) -> Result<serde_json::Value, String> {
+    let unreachable = |e: String| {
+        format!(
+            "cannot reach the control plane at {control}: {e}\n(is mesh-control running? set --control or MESH_CONTROL to its --debug-listen address)"
+        )
+    };
+    let addr: SocketAddr = control
+        .to_socket_addrs()
+        .map_err(|e| unreachable(e.to_string()))?
+        .next()
+        .ok_or_else(|| unreachable("no address".into()))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| unreachable(e.to_string()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {control}\r\n\r\n")
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or("malformed response from the control plane")?;
+    let v: serde_json::Value = serde_json::from_str(body)
+        .map_err(|e| format!("malformed JSON from the control plane: {e}"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(v["error"].as_str().unwrap_or(head).to_string());
+    }
+    Ok(v)
+}
+
+fn waypoint_yaml(namespace: &str, name: &str, for_: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    istio.io/waypoint-for: {for_}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n"
+    )
+}
+
+fn print_status(v: &serde_json::Value) {
+    println!("configuration version {}", v["version"]);
+    println!("\nNODES");
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let name = n.as_str().unwrap_or_default();
+        let enrolled = v["enrolled"][name].as_array().map(|a| a.len()).unwrap_or(0);
+        println!("  {name:<20} enrolled workloads: {enrolled}");
+    }
+    println!("\nCONNECTED CLIENTS");
+    let clients = v["clients"].as_array().cloned().unwrap_or_default();
+    if clients.is_empty() {
+        println!("  (none)");
+    }
+    for c in clients {
+        let kind = if c["nodeId"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("ztunnel~")
+        {
+            "ztunnel"
+        } else if c["principal"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("waypoint/")
+        {
+            "waypoint"
+        } else {
+            "node-agent"
+        };
+        println!(
+            "  {:<10} {:<28} since {}  acks {} nacks {}{}",
+            kind,
+            c["principal"].as_str().unwrap_or_default(),
+            c["connectedAt"].as_str().unwrap_or_default(),
+            c["acks"],
+            c["nacks"],
+            c["lastNack"]
+                .as_str()
+                .map(|m| format!(" (last: {m})"))
+                .unwrap_or_default()
+        );
+    }
+    println!("\nENROLLED WORKLOADS");
+    for (node, pods) in v["enrolled"].as_object().into_iter().flatten() {
+        for p in pods.as_array().into_iter().flatten() {
+            println!("  {:<40} on {node}", p.as_str().unwrap_or_default());
+        }
+    }
+    if let Some(w) = v["warnings"].as_array().filter(|w| !w.is_empty()) {
+        println!("\nWARNINGS");
+        for x in w {
+            println!("  {}", x.as_str().unwrap_or_default());
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.cmd {
+        Cmd::Status => print_status(&get(&cli.control, "/debug/status")?),
+        Cmd::Config {
+            cmd: ConfigCmd::Dump { node },
+        } => {
+            let v = get(
+                &cli.control,
+                &format!("/debug/config_dump?node={}", encode(&node)),
+            )?;
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        Cmd::Waypoint {
+            cmd:
+                WaypointCmd::Generate {
+                    namespace,
+                    name,
+                    for_,
+                },
+        } => {
+            print!("{}", waypoint_yaml(&namespace, &name, &for_));
+        }
+        Cmd::Authz {
+            cmd:
+                AuthzCmd::Check {
+                    from,
+                    to,
+                    port,
+                    from_ip,
+                },
+        } => {
+            let mut path = format!(
+                "/debug/authz?from={}&to={}&port={port}",
+                encode(&from),
+                encode(&to)
+            );
+            if let Some(ip) = from_ip {
+                path.push_str(&format!("&fromIp={}", encode(&ip)));
+            }
+            let v = get(&cli.control, &path)?;
+            let decision = v["decision"].as_str().unwrap_or("?");
+            match decision {
+                "DENY" => println!(
+                    "DENY by {}: {}",
+                    v["policy"].as_str().unwrap_or("(no single policy)"),
+                    v["reason"].as_str().unwrap_or_default()
+                ),
+                _ => println!("ALLOW"),
+            }
+            for p in v["policies"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:<6} {:<50} {}{}",
+                    p["action"].as_str().unwrap_or_default(),
+                    p["policy"].as_str().unwrap_or_default(),
+                    if p["matched"].as_bool() == Some(true) {
+                        "matched"
+                    } else {
+                        "no match"
+                    },
+                    if p["dryRun"].as_bool() == Some(true) {
+                        " (dry run)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if let Some(n) = v["note"].as_str() {
+                println!("note: {n}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("meshctl: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn waypoint_manifest_parses_as_a_gateway() {
+        let y = super::waypoint_yaml("shop", "waypoint", "service");
+        let mut o = mesh_control::manifest::Objects::default();
+        o.add_file(std::path::Path::new("wp.yaml"), &y).unwrap();
+        let gw = &o.gateways[&("shop".into(), "waypoint".into())];
+        assert_eq!(gw.spec.gateway_class_name, "istio-waypoint");
+        assert_eq!(gw.spec.listeners[0].port, 15008);
+    }
+
+    #[test]
+    fn unreachable_control_plane_is_explained() {
+        let e = super::get("127.0.0.1:1", "/debug/status").unwrap_err();
+        assert!(e.contains("cannot reach the control plane"), "{e}");
+    }
+}

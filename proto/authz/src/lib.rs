@@ -19,8 +19,12 @@ pub struct PolicyError {
 
 fn ip_from_bytes(what: &str, b: &[u8]) -> Result<IpAddr, PolicyError> {
     match b.len() {
-        4 => Ok(IpAddr::from(<[u8; 4]>::try_from(b).expect("length checked"))),
-        16 => Ok(IpAddr::from(<[u8; 16]>::try_from(b).expect("length checked"))),
+        4 => Ok(IpAddr::from(
+            <[u8; 4]>::try_from(b).expect("length checked"),
+        )),
+        16 => Ok(IpAddr::from(
+            <[u8; 16]>::try_from(b).expect("length checked"),
+        )),
         len => Err(PolicyError {
             what: what.to_string(),
             reason: format!("address of {len} bytes is neither IPv4 (4) nor IPv6 (16)"),
@@ -325,7 +329,7 @@ pub fn evaluate<'a>(
 }
 
 /// A policy with no rules never matches; a rule with no clauses matches everything.
-fn policy_matches(p: &Policy, conn: &ConnectionInfo) -> bool {
+pub fn policy_matches(p: &Policy, conn: &ConnectionInfo) -> bool {
     p.rules.iter().any(|clauses| {
         clauses
             .iter()
@@ -371,7 +375,6 @@ fn match_matches(m: &Match, conn: &ConnectionInfo) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    
 
     fn conn(id: Option<&str>, port: u16) -> ConnectionInfo {
         ConnectionInfo {

@@ -317,12 +317,17 @@ impl CertificateAuthority {
         let mut dn = DistinguishedName::new();
         dn.push(
             DnType::CommonName,
-            dns_names.first().cloned().unwrap_or_else(|| "mesh-control".into()),
+            dns_names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "mesh-control".into()),
         );
         params.distinguished_name = dn;
         let mut sans = Vec::new();
         for d in dns_names {
-            sans.push(SanType::DnsName(d.clone().try_into().map_err(CaError::Sign)?));
+            sans.push(SanType::DnsName(
+                d.clone().try_into().map_err(CaError::Sign)?,
+            ));
         }
         for ip in ips {
             sans.push(SanType::IpAddress(*ip));

@@ -4,12 +4,12 @@
 pub mod types;
 
 use crate::rbac::{self, ConnectionInfo, Decision};
+pub use mesh_authz::{Action, IpNet, Match, Policy, PolicyScope, StringMatch};
 use mesh_proto::{security as pb_sec, workload as pb};
 use rand::Rng;
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
-pub use mesh_authz::{Action, IpNet, Match, Policy, PolicyScope, StringMatch};
 pub use types::*;
 
 /// What an address refers to.
