@@ -108,7 +108,7 @@ pub struct ContainerPort {
 pub struct PodStatus {
     #[serde(default)]
     pub phase: Option<String>,
-    #[serde(default)]
+    #[serde(default, rename = "podIP")]
     pub pod_ip: Option<String>,
     #[serde(default, rename = "podIPs")]
     pub pod_ips: Vec<PodIp>,

@@ -215,6 +215,7 @@ spec:
         assert!(o.namespaces.contains_key("shop"));
         let pod = &o.pods[&("shop".into(), "web-1".into())];
         assert_eq!(pod.spec.node_name.as_deref(), Some("node-1"));
+        assert_eq!(pod.status.pod_ip.as_deref(), Some("10.10.1.5"));
         let svc = &o.services[&("shop".into(), "web".into())];
         assert_eq!(
             svc.spec.ports[0].target_port,
