@@ -2,6 +2,7 @@
 //! links removed on drop (also when a test panics), child processes ended by PID.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod net;
 pub mod proc;
 
