@@ -66,15 +66,15 @@ pub fn status(shared: &Shared) -> Value {
     nodes.sort();
     let enrolled: BTreeMap<&String, Vec<String>> = g
         .resources
-        .enrolled
+        .node_pods
         .iter()
         .map(|(n, pods)| {
-            (
-                n,
-                pods.iter()
-                    .map(|p| format!("{}/{}", p.namespace, p.name))
-                    .collect(),
-            )
+            let names = pods
+                .iter()
+                .filter(|p| p.enrolled)
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
+            (n, names)
         })
         .collect();
     json!({

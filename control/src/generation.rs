@@ -17,7 +17,7 @@ pub struct Generation {
     pub resources: Arc<Resources>,
     pub addresses: View,
     pub authorizations: View,
-    pub enrolled: HashMap<String, View>,
+    pub node_pods: HashMap<String, View>,
 }
 
 fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
@@ -70,15 +70,16 @@ impl Generation {
                 )
             })
             .collect();
-        let enrolled = resources
-            .enrolled
+        let node_pods = resources
+            .node_pods
             .iter()
             .map(|(node, pods)| {
                 let view = pods
                     .iter()
                     .map(|p| {
                         let name = format!("{}/{}", p.namespace, p.name);
-                        let msg = cni::EnrolledPod {
+                        let msg = cni::NodePod {
+                            enrolled: p.enrolled,
                             uid: p.uid.clone(),
                             name: p.name.clone(),
                             namespace: p.namespace.clone(),
@@ -89,7 +90,7 @@ impl Generation {
                         };
                         (
                             name.clone(),
-                            Served::new(name, type_url::ENROLLED_POD, msg.encode_to_vec(), vec![]),
+                            Served::new(name, type_url::NODE_POD, msg.encode_to_vec(), vec![]),
                         )
                     })
                     .collect();
@@ -102,7 +103,7 @@ impl Generation {
             resources: Arc::new(resources),
             addresses,
             authorizations,
-            enrolled,
+            node_pods,
         }
     }
 
@@ -111,8 +112,8 @@ impl Generation {
         match type_url {
             type_url::ADDRESS => Some(self.addresses.clone()),
             type_url::AUTHORIZATION => Some(self.authorizations.clone()),
-            type_url::ENROLLED_POD => match who {
-                Principal::Node(n) => Some(self.enrolled.get(n).cloned().unwrap_or_default()),
+            type_url::NODE_POD => match who {
+                Principal::Node(n) => Some(self.node_pods.get(n).cloned().unwrap_or_default()),
                 Principal::Waypoint { .. } => None,
             },
             _ => None,

@@ -74,8 +74,8 @@ pub mod type_url {
     pub const AUTHORIZATION: &str = "type.googleapis.com/istio.security.Authorization";
     /// Workload-only view (served for compatibility; ztunnel uses ADDRESS).
     pub const WORKLOAD: &str = "type.googleapis.com/istio.workload.Workload";
-    /// Pods a node agent must capture (ours), keyed `ns/name`, per node.
-    pub const ENROLLED_POD: &str = "type.googleapis.com/mesh.cni.v1.EnrolledPod";
+    /// Every pod on a node and whether it is enrolled (ours), keyed `ns/name`, per node.
+    pub const NODE_POD: &str = "type.googleapis.com/mesh.cni.v1.NodePod";
 }
 
 /// gRPC metadata key under which a node proxy names the identity it requests a

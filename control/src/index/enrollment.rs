@@ -23,9 +23,10 @@ pub fn is_enrolled(objs: &Objects, cfg: &IndexConfig, pod: &Pod) -> bool {
         .is_some_and(|v| v == "ambient")
 }
 
-/// What a node agent needs to capture one pod.
+/// What a node agent needs to know about one pod on its node.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EnrolledPod {
+pub struct NodePod {
+    pub enrolled: bool,
     pub uid: String,
     pub name: String,
     pub namespace: String,
@@ -35,10 +36,11 @@ pub struct EnrolledPod {
     pub dns_capture: Option<bool>,
 }
 
-impl EnrolledPod {
-    pub fn from_pod(pod: &Pod, _cfg: &IndexConfig) -> Self {
+impl NodePod {
+    pub fn from_pod(pod: &Pod, enrolled: bool) -> Self {
         let ann = &pod.metadata.annotations;
-        EnrolledPod {
+        NodePod {
+            enrolled,
             uid: pod.metadata.uid.clone().unwrap_or_default(),
             name: pod.metadata.name.clone(),
             namespace: pod.metadata.ns().to_string(),

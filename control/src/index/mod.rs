@@ -49,8 +49,8 @@ pub struct Resources {
     pub addresses: BTreeMap<String, pb::Address>,
     /// `ns/name` → policy.
     pub authorizations: BTreeMap<String, pb_sec::Authorization>,
-    /// Enrolled pods by node: what each node agent must capture.
-    pub enrolled: BTreeMap<String, Vec<enrollment::EnrolledPod>>,
+    /// Pods by node, enrolled or not: what each node agent must (not) capture.
+    pub node_pods: BTreeMap<String, Vec<enrollment::NodePod>>,
     /// Things the user should know (e.g. a policy rule dropped at L4).
     pub warnings: Vec<String>,
 }
@@ -71,13 +71,15 @@ pub fn compute(objs: &Objects, cfg: &IndexConfig) -> Resources {
     }
     for pod in objs.pods.values() {
         let enrolled = enrollment::is_enrolled(objs, cfg, pod);
+        if let Some(node) = &pod.spec.node_name
+            && !pod.spec.host_network
+        {
+            out.node_pods
+                .entry(node.clone())
+                .or_default()
+                .push(enrollment::NodePod::from_pod(pod, enrolled));
+        }
         if let Some(w) = workload::workload(objs, cfg, pod, enrolled, &strict) {
-            if enrolled {
-                out.enrolled
-                    .entry(w.node.clone())
-                    .or_default()
-                    .push(enrollment::EnrolledPod::from_pod(pod, cfg));
-            }
             out.addresses.insert(
                 w.uid.clone(),
                 pb::Address {
