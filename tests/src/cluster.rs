@@ -256,6 +256,22 @@ impl Cluster {
         self.ztunnels[i] = Some(p);
     }
 
+    /// Waits until ztunnel `i`'s log contains `needle`; panics with the log otherwise.
+    pub fn wait_log(&self, i: usize, needle: &str) {
+        let ok = (0..100).any(|_| {
+            if self.ztunnel_log(i).contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            false
+        });
+        assert!(
+            ok,
+            "ztunnel {i} never logged {needle:?}:\n{}",
+            self.ztunnel_log(i)
+        );
+    }
+
     pub fn ztunnel_log(&self, i: usize) -> String {
         self.ztunnels[i]
             .as_ref()
@@ -376,4 +392,15 @@ impl Capture {
 
 pub fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Polls `f` for up to 10 s.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
 }

@@ -30,17 +30,8 @@ fn pod_to_pod_over_hbone_shows_only_tls_on_the_wire() {
         assert!(l.contains(".15008"), "non-HBONE packet between nodes: {l}");
     }
     // Both ends logged the mTLS identities.
-    std::thread::sleep(Duration::from_millis(300));
-    let log_b = c.ztunnel_log(1);
-    assert!(
-        log_b.contains("src.identity=spiffe://cluster.local/ns/front/sa/web"),
-        "inbound access log lacks the client identity:\n{log_b}"
-    );
-    let log_a = c.ztunnel_log(0);
-    assert!(
-        log_a.contains("dst.identity=spiffe://cluster.local/ns/back/sa/api"),
-        "{log_a}"
-    );
+    c.wait_log(1, "src.identity=spiffe://cluster.local/ns/front/sa/web");
+    c.wait_log(0, "dst.identity=spiffe://cluster.local/ns/back/sa/api");
 }
 
 #[test]
@@ -81,13 +72,8 @@ fn l4_deny_is_refused_and_logged_with_the_policy_name() {
     );
     let err = talk(&c.pod_a, &format!("{POD_B}:8081"), "hi");
     assert!(err.is_err(), "port 8081 must be refused, got {err:?}");
-    std::thread::sleep(Duration::from_millis(300));
-    let log_b = c.ztunnel_log(1);
-    assert!(
-        log_b.contains("connection denied by authorization policy")
-            && log_b.contains("policy=back/deny-8081"),
-        "denial not logged with its policy:\n{log_b}"
-    );
+    c.wait_log(1, "connection denied by authorization policy");
+    c.wait_log(1, "policy=back/deny-8081");
 }
 
 #[test]

@@ -39,16 +39,6 @@ spec: {{selector: {{app: server}}, clusterIP: 10.96.0.20, ports: [{{port: 80, ta
     )
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..100 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[test]
 fn xds_configured_mesh_keeps_working_when_the_control_plane_dies() {
     let mut c = Cluster::new(Control::Plane(manifests("")));
@@ -62,15 +52,14 @@ fn xds_configured_mesh_keeps_working_when_the_control_plane_dies() {
         via_vip.starts_with(&format!("server-b peer={POD_A}")),
         "{via_vip}"
     );
-    let log_b = c.ztunnel_log(1);
-    assert!(
-        log_b.contains("src.identity=spiffe://cluster.local/ns/front/sa/web"),
-        "{log_b}"
-    );
-    assert!(
+    wait_until("the client identity in ztunnel 2's access log", || {
+        c.ztunnel_log(1)
+            .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
+    });
+    wait_until("the service in ztunnel 1's access log", || {
         c.ztunnel_log(0)
             .contains("dst.service=api.back.svc.cluster.local")
-    );
+    });
 
     // An open connection, then the control plane goes away.
     let to: SocketAddr = format!("{POD_B}:8080").parse().unwrap();

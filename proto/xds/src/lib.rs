@@ -1,0 +1,202 @@
+//! A delta ADS client shared by the mesh's data-plane programs. It subscribes (wildcard)
+//! to the given types, hands each response to a [`Handler`], ACKs or NACKs with the
+//! handler's reasons, remembers the versions of what was applied so a reconnect resumes
+//! with `initial_resource_versions`, and reconnects with jittered backoff. The caller's
+//! state is never touched on disconnect: last-known config stays in use.
+#![forbid(unsafe_code)]
+
+use mesh_proto::discovery::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+};
+use mesh_proto::{envoy_core, rpc};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+const MIN_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+
+/// How to reach and authenticate to the control plane.
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    pub address: String,
+    pub root_pem: String,
+    /// Name checked on the control plane's certificate (default: host of the address).
+    pub hostname: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub cluster_id: String,
+}
+
+impl ControlPlane {
+    /// A lazily connecting gRPC channel over TLS verified against the root.
+    pub fn channel(&self, address: &str) -> Result<Channel, String> {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.root_pem));
+        if let Some(h) = &self.hostname {
+            tls = tls.domain_name(h.clone());
+        }
+        let ep = Endpoint::from_shared(address.to_string())
+            .map_err(|e| format!("control plane address {address:?}: {e}"))?
+            .tls_config(tls)
+            .map_err(|e| format!("TLS for {address}: {e}"))?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Ok(ep.connect_lazy())
+    }
+
+    /// Adds `authorization: Bearer <token>` and `clusterid` metadata.
+    pub fn authorize<T>(&self, req: &mut tonic::Request<T>) -> Result<(), String> {
+        if let Some(path) = &self.token_file {
+            let token = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read token {}: {e}", path.display()))?;
+            let v = format!("Bearer {}", token.trim())
+                .parse()
+                .map_err(|_| "token is not a valid header value".to_string())?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        if let Ok(v) = self.cluster_id.parse() {
+            req.metadata_mut().insert("clusterid", v);
+        }
+        Ok(())
+    }
+}
+
+/// Applies responses to the caller's state.
+pub trait Handler: Send + 'static {
+    /// Applies one response; returns `(resource name, reason)` for each resource that
+    /// was rejected (those are NACKed and not remembered as held).
+    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<(String, String)>;
+    /// The stream connected (`true`) or dropped (`false`).
+    fn connection(&mut self, _up: bool) {}
+}
+
+fn request(type_url: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: type_url.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Runs forever: connect, subscribe to `types`, apply, ACK/NACK; reconnect with backoff.
+pub async fn run(
+    cp: ControlPlane,
+    node: envoy_core::Node,
+    types: Vec<&'static str>,
+    mut handler: impl Handler,
+) {
+    let channel = match cp.channel(&cp.address) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "xDS disabled: invalid control plane settings");
+            return;
+        }
+    };
+    let mut held: HashMap<&'static str, HashMap<String, String>> =
+        types.iter().map(|t| (*t, HashMap::new())).collect();
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let r = session(
+            &cp,
+            &node,
+            &types,
+            channel.clone(),
+            &mut handler,
+            &mut held,
+            &mut backoff,
+        )
+        .await;
+        handler.connection(false);
+        match r {
+            Ok(()) => tracing::warn!("xDS stream closed by the control plane"),
+            Err(e) => {
+                tracing::warn!(error = %e, "xDS stream failed; keeping the last known configuration")
+            }
+        }
+        let jitter = rand::random::<f64>() * 0.5 + 0.75;
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn session(
+    cp: &ControlPlane,
+    node: &envoy_core::Node,
+    types: &[&'static str],
+    channel: Channel,
+    handler: &mut impl Handler,
+    held: &mut HashMap<&'static str, HashMap<String, String>>,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<DeltaDiscoveryRequest>(16);
+    for (i, t) in types.iter().enumerate() {
+        let mut r = request(t);
+        if i == 0 {
+            r.node = Some(node.clone());
+        }
+        r.resource_names_subscribe = vec!["*".into()];
+        r.initial_resource_versions = held[t].clone();
+        tx.send(r).await.map_err(|_| "request channel closed")?;
+    }
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    cp.authorize(&mut req)?;
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(200 * 1024 * 1024);
+    let mut stream = client
+        .delta_aggregated_resources(req)
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    handler.connection(true);
+    tracing::info!(address = %cp.address, "xDS connected");
+    while let Some(resp) = stream
+        .message()
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+    {
+        *backoff = MIN_BACKOFF;
+        let mut reply = request(&resp.type_url);
+        reply.response_nonce = resp.nonce.clone();
+        let Some(versions) = held
+            .iter_mut()
+            .find(|(k, _)| **k == resp.type_url)
+            .map(|(_, v)| v)
+        else {
+            reply.error_detail = Some(rpc::Status {
+                code: tonic::Code::InvalidArgument as i32,
+                message: format!("type {} was not subscribed", resp.type_url),
+                details: vec![],
+            });
+            tx.send(reply).await.map_err(|_| "request channel closed")?;
+            continue;
+        };
+        let rejected = handler.apply(&resp);
+        for r in &resp.resources {
+            if !rejected.iter().any(|(n, _)| n == &r.name) {
+                versions.insert(r.name.clone(), r.version.clone());
+            }
+        }
+        for n in &resp.removed_resources {
+            versions.remove(n);
+        }
+        if rejected.is_empty() {
+            tracing::debug!(type_url = %resp.type_url, resources = resp.resources.len(),
+                removed = resp.removed_resources.len(), "xDS update applied");
+        } else {
+            let message = rejected
+                .iter()
+                .map(|(n, e)| format!("{n}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            tracing::warn!(type_url = %resp.type_url, %message, "NACK: rejected invalid resources");
+            reply.error_detail = Some(rpc::Status {
+                code: tonic::Code::InvalidArgument as i32,
+                message,
+                details: vec![],
+            });
+        }
+        tx.send(reply).await.map_err(|_| "request channel closed")?;
+    }
+    Ok(())
+}
