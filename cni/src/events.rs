@@ -26,7 +26,11 @@ pub enum AgentRequest {
         container_id: String,
     },
     #[serde(rename_all = "camelCase")]
-    Check { namespace: String, name: String, netns: String },
+    Check {
+        namespace: String,
+        name: String,
+        netns: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,8 +48,10 @@ pub struct SocketAgent {
 impl crate::plugin::Agent for SocketAgent {
     fn call(&self, socket: &str, req: &AgentRequest) -> Result<AgentReply, String> {
         let mut s = UnixStream::connect(socket).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
-        s.set_write_timeout(Some(self.timeout)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(self.timeout))
+            .map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(self.timeout))
+            .map_err(|e| e.to_string())?;
         let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
         line.push('\n');
         s.write_all(line.as_bytes()).map_err(|e| e.to_string())?;

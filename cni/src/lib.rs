@@ -1,6 +1,7 @@
 //! mesh-cni: the chained CNI plugin and the node agent that programs in-pod redirection.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod agent;
 pub mod events;
 pub mod plugin;
 pub mod rules;

@@ -1,1 +1,247 @@
-fn main() {}
+//! `mesh-cni`: invoked by the container runtime as a CNI plugin (CNI_COMMAND set), or run
+//! as the node agent with `mesh-cni agent`.
+
+use clap::Parser;
+use mesh_cni::agent::{Agent, AgentConfig, ViewHandler};
+use mesh_cni::events::{AgentReply, AgentRequest, SocketAgent};
+use mesh_cni::plugin;
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The node agent of the mesh: programs in-pod redirection for enrolled pods and hands
+/// their network namespaces to ztunnel.
+#[derive(Parser, Debug, serde::Serialize)]
+#[command(name = "mesh-cni agent", version)]
+struct AgentArgs {
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Control plane address, e.g. https://10.0.0.1:15012.
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: String,
+    #[arg(long, env = "XDS_ROOT_CA")]
+    root_cert: PathBuf,
+    #[arg(long, env = "ALT_XDS_HOSTNAME")]
+    control_hostname: Option<String>,
+    /// This node's bearer token for the control plane.
+    #[arg(long, env = "TOKEN_FILE")]
+    token_file: PathBuf,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
+    #[arg(long, default_value = "/var/run/ztunnel/ztunnel.sock")]
+    zds_socket: PathBuf,
+    #[arg(long, default_value = plugin::DEFAULT_AGENT_SOCKET)]
+    agent_socket: PathBuf,
+    /// Capture DNS (UDP/TCP 53) to ztunnel for enrolled pods.
+    #[arg(long, env = "AMBIENT_DNS_CAPTURE", default_value_t = false)]
+    dns_capture: bool,
+    /// SNAT kubelet probes to enrolled pods to 169.254.7.127 (node side).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    host_probe_snat: bool,
+    /// Where named network namespaces live (repeatable).
+    #[arg(long = "netns-dir", default_values_t = ["/var/run/netns".to_string()])]
+    netns_dirs: Vec<String>,
+    /// procfs to search for running pods' namespaces ("" to disable).
+    #[arg(long, default_value = "/proc")]
+    proc_dir: String,
+    /// Readiness: GET /readyz answers 200 once the control plane's view arrived.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    readiness_addr: SocketAddr,
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log_level: String,
+}
+
+/// When the agent is unreachable, ADD may still proceed for a pod the agent last knew
+/// as not enrolled; anything else fails closed.
+struct FallbackAgent(SocketAgent);
+
+impl plugin::Agent for FallbackAgent {
+    fn call(&self, socket: &str, req: &AgentRequest) -> Result<AgentReply, String> {
+        match self.0.call(socket, req) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if let AgentRequest::Add {
+                    namespace, name, ..
+                } = req
+                {
+                    let cache = std::path::Path::new(socket)
+                        .parent()
+                        .map(|d| d.join("node-pods.json"));
+                    let known: HashMap<String, bool> = cache
+                        .and_then(|p| std::fs::read(p).ok())
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                        .unwrap_or_default();
+                    if known.get(&format!("{namespace}/{name}")) == Some(&false) {
+                        return Ok(AgentReply::Ok { enrolled: false });
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+fn run_plugin() -> i32 {
+    let vars: HashMap<String, String> = std::env::vars().collect();
+    let mut stdin = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut stdin);
+    let version = serde_json::from_slice::<serde_json::Value>(&stdin)
+        .ok()
+        .and_then(|v| v["cniVersion"].as_str().map(str::to_string))
+        .filter(|v| plugin::SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| "1.0.0".into());
+    let result = plugin::Env::from_vars(&vars).and_then(|env| {
+        plugin::run(
+            &env,
+            &stdin,
+            &FallbackAgent(SocketAgent {
+                timeout: Duration::from_secs(15),
+            }),
+        )
+    });
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            0
+        }
+        Err(e) => {
+            print!("{}", e.to_json(&version));
+            1
+        }
+    }
+}
+
+fn run_agent(args: Vec<String>) -> i32 {
+    let a = AgentArgs::parse_from(args);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&a.log_level).unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+    tracing::info!(config = %serde_json::to_string(&a).unwrap_or_default(), "starting the node agent");
+    let root_pem = match std::fs::read_to_string(&a.root_cert) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mesh-cni agent: --root-cert {}: {e}", a.root_cert.display());
+            return 2;
+        }
+    };
+    let cfg = AgentConfig {
+        node_name: a.node_name.clone(),
+        zds_socket: a.zds_socket.clone(),
+        agent_socket: a.agent_socket.clone(),
+        dns_capture: a.dns_capture,
+        host_probe_snat: a.host_probe_snat,
+        netns_dirs: a.netns_dirs.iter().map(PathBuf::from).collect(),
+        proc_dir: Some(a.proc_dir.clone())
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async move {
+        let agent = match Agent::start(cfg) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("node agent failed to start: {e}");
+                return 1;
+            }
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let cp = mesh_xds::ControlPlane {
+            address: a.xds_address.clone(),
+            root_pem,
+            hostname: a.control_hostname.clone(),
+            token_file: Some(a.token_file.clone()),
+            cluster_id: a.cluster_id.clone(),
+        };
+        let node = mesh_proto::envoy_core::Node {
+            id: format!("cni-agent~{}", a.node_name),
+            user_agent_name: "mesh-cni".into(),
+            ..Default::default()
+        };
+        tokio::spawn(mesh_xds::run(
+            cp,
+            node,
+            vec![mesh_proto::type_url::NODE_POD],
+            ViewHandler { tx },
+        ));
+        let a2 = agent.clone();
+        tokio::spawn(async move {
+            while let Some(updates) = rx.recv().await {
+                a2.apply_view(updates).await;
+            }
+        });
+        let a3 = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = a3.serve_plugin().await {
+                tracing::error!("plugin socket: {e}");
+                std::process::exit(1);
+            }
+        });
+        tokio::spawn(agent.clone().resync_loop());
+        tokio::spawn(readiness(a.readiness_addr, agent.clone()));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signals");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        // Pod redirection stays in place: enrolled pods stay protected while we are away.
+        tracing::info!("node agent stopping; pod redirection is left in place");
+        0
+    })
+}
+
+async fn readiness(addr: SocketAddr, agent: std::sync::Arc<Agent>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(l) = tokio::net::TcpListener::bind(addr).await else {
+        tracing::warn!(%addr, "cannot serve readiness");
+        return;
+    };
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        let mut buf = [0u8; 512];
+        let _ = s.read(&mut buf).await;
+        let (code, body) = if agent.ready() {
+            ("200 OK", "ready\n")
+        } else {
+            ("503 Service Unavailable", "waiting for the control plane\n")
+        };
+        let _ = s
+            .write_all(
+                format!(
+                    "HTTP/1.1 {code}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await;
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let code = if args.get(1).map(String::as_str) == Some("agent") {
+        let mut rest = vec!["mesh-cni agent".to_string()];
+        rest.extend(args.into_iter().skip(2));
+        run_agent(rest)
+    } else if std::env::var_os("CNI_COMMAND").is_some() {
+        run_plugin()
+    } else {
+        eprintln!(
+            "mesh-cni: a chained CNI plugin (run by the container runtime with CNI_COMMAND set)\n\
+             or the node agent: `mesh-cni agent --help`"
+        );
+        2
+    };
+    std::process::exit(code);
+}

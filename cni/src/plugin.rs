@@ -69,8 +69,20 @@ impl Env {
             "DEL" => Command::Del,
             "CHECK" => Command::Check,
             "VERSION" => Command::Version,
-            "" => return Err(CniError::new(INVALID_ENV, "CNI_COMMAND is not set", "expected ADD, DEL, CHECK or VERSION")),
-            other => return Err(CniError::new(INVALID_ENV, format!("unknown CNI_COMMAND {other}"), "expected ADD, DEL, CHECK or VERSION")),
+            "" => {
+                return Err(CniError::new(
+                    INVALID_ENV,
+                    "CNI_COMMAND is not set",
+                    "expected ADD, DEL, CHECK or VERSION",
+                ));
+            }
+            other => {
+                return Err(CniError::new(
+                    INVALID_ENV,
+                    format!("unknown CNI_COMMAND {other}"),
+                    "expected ADD, DEL, CHECK or VERSION",
+                ));
+            }
         };
         let env = Env {
             command,
@@ -91,7 +103,11 @@ impl Env {
                 return Err(CniError::new(INVALID_ENV, "CNI_IFNAME is not set", ""));
             }
             if env.command != Command::Del && env.netns.is_empty() {
-                return Err(CniError::new(INVALID_ENV, "CNI_NETNS is not set", "ADD and CHECK need the pod's network namespace"));
+                return Err(CniError::new(
+                    INVALID_ENV,
+                    "CNI_NETNS is not set",
+                    "ADD and CHECK need the pod's network namespace",
+                ));
             }
         }
         Ok(env)
@@ -116,11 +132,19 @@ pub struct NetConf {
 
 pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
     let v: Value = serde_json::from_slice(stdin).map_err(|e| {
-        CniError::new(DECODE_FAILURE, "network configuration is not valid JSON", e.to_string())
+        CniError::new(
+            DECODE_FAILURE,
+            "network configuration is not valid JSON",
+            e.to_string(),
+        )
     })?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| CniError::new(DECODE_FAILURE, "network configuration must be a JSON object", ""))?;
+    let obj = v.as_object().ok_or_else(|| {
+        CniError::new(
+            DECODE_FAILURE,
+            "network configuration must be a JSON object",
+            "",
+        )
+    })?;
     let cni_version = obj
         .get("cniVersion")
         .and_then(Value::as_str)
@@ -137,17 +161,28 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
         match obj.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(CniError::new(INVALID_CONFIG, format!("{k} must be a string"), "")),
+            Some(_) => Err(CniError::new(
+                INVALID_CONFIG,
+                format!("{k} must be a string"),
+                "",
+            )),
         }
     };
     let prev_result = match obj.get("prevResult") {
         None | Some(Value::Null) => None,
         Some(p @ Value::Object(_)) => Some(p.clone()),
-        Some(_) => return Err(CniError::new(INVALID_CONFIG, "prevResult must be an object", "")),
+        Some(_) => {
+            return Err(CniError::new(
+                INVALID_CONFIG,
+                "prevResult must be an object",
+                "",
+            ));
+        }
     };
     Ok(NetConf {
         name: str_field("name")?.unwrap_or_default(),
-        agent_socket: str_field("agent_socket")?.unwrap_or_else(|| DEFAULT_AGENT_SOCKET.to_string()),
+        agent_socket: str_field("agent_socket")?
+            .unwrap_or_else(|| DEFAULT_AGENT_SOCKET.to_string()),
         prev_result,
         cni_version,
     })
@@ -155,20 +190,30 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
 
 /// The pod's IPs from the previous plugin's result (`ips[].address`, CIDR notation).
 pub fn prev_ips(prev: &Value) -> Result<Vec<String>, CniError> {
-    let Some(ips) = prev.get("ips") else { return Ok(vec![]) };
+    let Some(ips) = prev.get("ips") else {
+        return Ok(vec![]);
+    };
     let ips = ips
         .as_array()
         .ok_or_else(|| CniError::new(INVALID_CONFIG, "prevResult.ips must be an array", ""))?;
     ips.iter()
         .enumerate()
         .map(|(i, ip)| {
-            let a = ip
-                .get("address")
-                .and_then(Value::as_str)
-                .ok_or_else(|| CniError::new(INVALID_CONFIG, format!("prevResult.ips[{i}].address is missing"), ""))?;
+            let a = ip.get("address").and_then(Value::as_str).ok_or_else(|| {
+                CniError::new(
+                    INVALID_CONFIG,
+                    format!("prevResult.ips[{i}].address is missing"),
+                    "",
+                )
+            })?;
             let addr = a.split('/').next().unwrap_or(a);
-            addr.parse::<std::net::IpAddr>()
-                .map_err(|_| CniError::new(INVALID_CONFIG, format!("prevResult.ips[{i}].address {a:?} is not an IP/prefix"), ""))?;
+            addr.parse::<std::net::IpAddr>().map_err(|_| {
+                CniError::new(
+                    INVALID_CONFIG,
+                    format!("prevResult.ips[{i}].address {a:?} is not an IP/prefix"),
+                    "",
+                )
+            })?;
             Ok(addr.to_string())
         })
         .collect()
@@ -182,14 +227,20 @@ pub trait Agent {
 /// Runs one invocation: `Ok(stdout)` or the error object to print.
 pub fn run(env: &Env, stdin: &[u8], agent: &dyn Agent) -> Result<String, CniError> {
     if env.command == Command::Version {
-        return Ok(json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS}).to_string());
+        return Ok(
+            json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
+        );
     }
     let conf = parse_config(stdin)?;
     let pod = env.pod();
     match env.command {
         Command::Add => {
             let prev = conf.prev_result.as_ref().ok_or_else(|| {
-                CniError::new(INVALID_CONFIG, "mesh-cni must be chained after a primary plugin: prevResult is missing", "")
+                CniError::new(
+                    INVALID_CONFIG,
+                    "mesh-cni must be chained after a primary plugin: prevResult is missing",
+                    "",
+                )
             })?;
             let ips = prev_ips(prev)?;
             if let Some((namespace, name, uid)) = pod {
@@ -206,14 +257,18 @@ pub fn run(env: &Env, stdin: &[u8], agent: &dyn Agent) -> Result<String, CniErro
                     Ok(AgentReply::Error { message }) => {
                         return Err(CniError::new(
                             MESH_SETUP_FAILED,
-                            format!("pod {namespace}/{name} must be in the mesh but its redirection could not be set up"),
+                            format!(
+                                "pod {namespace}/{name} must be in the mesh but its redirection could not be set up"
+                            ),
                             message,
                         ));
                     }
                     Err(e) => {
                         return Err(CniError::new(
                             TRY_AGAIN_LATER,
-                            format!("node agent unreachable: cannot tell whether pod {namespace}/{name} must be in the mesh, so it is not started unprotected"),
+                            format!(
+                                "node agent unreachable: cannot tell whether pod {namespace}/{name} must be in the mesh, so it is not started unprotected"
+                            ),
                             format!("{}: {e}", conf.agent_socket),
                         ));
                     }
@@ -238,9 +293,9 @@ pub fn run(env: &Env, stdin: &[u8], agent: &dyn Agent) -> Result<String, CniErro
             Ok(String::new())
         }
         Command::Check => {
-            conf.prev_result.as_ref().ok_or_else(|| {
-                CniError::new(INVALID_CONFIG, "CHECK needs prevResult", "")
-            })?;
+            conf.prev_result
+                .as_ref()
+                .ok_or_else(|| CniError::new(INVALID_CONFIG, "CHECK needs prevResult", ""))?;
             if let Some((namespace, name, _)) = pod {
                 match agent.call(
                     &conf.agent_socket,
@@ -252,9 +307,15 @@ pub fn run(env: &Env, stdin: &[u8], agent: &dyn Agent) -> Result<String, CniErro
                 ) {
                     Ok(AgentReply::Ok { .. }) => {}
                     Ok(AgentReply::Error { message }) => {
-                        return Err(CniError::new(MESH_SETUP_FAILED, format!("pod {namespace}/{name}: mesh redirection is not in place"), message));
+                        return Err(CniError::new(
+                            MESH_SETUP_FAILED,
+                            format!("pod {namespace}/{name}: mesh redirection is not in place"),
+                            message,
+                        ));
                     }
-                    Err(e) => return Err(CniError::new(TRY_AGAIN_LATER, "node agent unreachable", e)),
+                    Err(e) => {
+                        return Err(CniError::new(TRY_AGAIN_LATER, "node agent unreachable", e));
+                    }
                 }
             }
             Ok(String::new())
@@ -281,7 +342,10 @@ mod tests {
     }
 
     fn agent(reply: Result<AgentReply, String>) -> FakeAgent {
-        FakeAgent { reply, seen: RefCell::new(vec![]) }
+        FakeAgent {
+            reply,
+            seen: RefCell::new(vec![]),
+        }
     }
 
     fn env(cmd: &str) -> Env {
@@ -290,7 +354,10 @@ mod tests {
             ("CNI_CONTAINERID", "c1"),
             ("CNI_NETNS", "/var/run/netns/p1"),
             ("CNI_IFNAME", "eth0"),
-            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web;K8S_POD_UID=u1"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web;K8S_POD_UID=u1",
+            ),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -305,10 +372,23 @@ mod tests {
         let a = agent(Ok(AgentReply::Ok { enrolled: true }));
         let out = run(&env("ADD"), CONF.as_bytes(), &a).unwrap();
         let prev: Value = serde_json::from_str(CONF).unwrap();
-        assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), prev["prevResult"]);
+        assert_eq!(
+            serde_json::from_str::<Value>(&out).unwrap(),
+            prev["prevResult"]
+        );
         match &a.seen.borrow()[0] {
-            AgentRequest::Add { namespace, name, uid, ips, netns, .. } => {
-                assert_eq!((namespace.as_str(), name.as_str(), uid.as_str()), ("shop", "web", "u1"));
+            AgentRequest::Add {
+                namespace,
+                name,
+                uid,
+                ips,
+                netns,
+                ..
+            } => {
+                assert_eq!(
+                    (namespace.as_str(), name.as_str(), uid.as_str()),
+                    ("shop", "web", "u1")
+                );
                 assert_eq!(ips, &vec!["10.1.1.2".to_string()]);
                 assert_eq!(netns, "/var/run/netns/p1");
             }
@@ -321,7 +401,9 @@ mod tests {
         let a = agent(Err("connection refused".into()));
         let e = run(&env("ADD"), CONF.as_bytes(), &a).unwrap_err();
         assert_eq!(e.code, TRY_AGAIN_LATER);
-        let a = agent(Ok(AgentReply::Error { message: "nft failed".into() }));
+        let a = agent(Ok(AgentReply::Error {
+            message: "nft failed".into(),
+        }));
         let e = run(&env("ADD"), CONF.as_bytes(), &a).unwrap_err();
         assert_eq!(e.code, MESH_SETUP_FAILED);
         assert_eq!(e.details, "nft failed");
@@ -347,24 +429,51 @@ mod tests {
         assert_eq!(code("{not json"), DECODE_FAILURE);
         assert_eq!(code("[]"), DECODE_FAILURE);
         assert_eq!(code(r#"{"name":"x"}"#), INVALID_CONFIG);
-        assert_eq!(code(r#"{"cniVersion":"0.2.0","name":"x"}"#), INCOMPATIBLE_VERSION);
-        assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"x"}"#), INVALID_CONFIG, "no prevResult");
-        assert_eq!(code(r#"{"cniVersion":"1.0.0","prevResult":{"ips":[{"address":"nope"}]}}"#), INVALID_CONFIG);
-        assert_eq!(code(r#"{"cniVersion":"1.0.0","prevResult":5}"#), INVALID_CONFIG);
+        assert_eq!(
+            code(r#"{"cniVersion":"0.2.0","name":"x"}"#),
+            INCOMPATIBLE_VERSION
+        );
+        assert_eq!(
+            code(r#"{"cniVersion":"1.0.0","name":"x"}"#),
+            INVALID_CONFIG,
+            "no prevResult"
+        );
+        assert_eq!(
+            code(r#"{"cniVersion":"1.0.0","prevResult":{"ips":[{"address":"nope"}]}}"#),
+            INVALID_CONFIG
+        );
+        assert_eq!(
+            code(r#"{"cniVersion":"1.0.0","prevResult":5}"#),
+            INVALID_CONFIG
+        );
         let vars: HashMap<String, String> = [("CNI_COMMAND".to_string(), "ADD".to_string())].into();
         assert_eq!(Env::from_vars(&vars).unwrap_err().code, INVALID_ENV);
-        let vars: HashMap<String, String> = [("CNI_COMMAND".to_string(), "FROB".to_string())].into();
+        let vars: HashMap<String, String> =
+            [("CNI_COMMAND".to_string(), "FROB".to_string())].into();
         assert_eq!(Env::from_vars(&vars).unwrap_err().code, INVALID_ENV);
         let e = CniError::new(7, "m", "d");
         let v: Value = serde_json::from_str(&e.to_json("1.0.0")).unwrap();
-        assert_eq!((v["code"].as_u64(), v["msg"].as_str(), v["details"].as_str()), (Some(7), Some("m"), Some("d")));
+        assert_eq!(
+            (v["code"].as_u64(), v["msg"].as_str(), v["details"].as_str()),
+            (Some(7), Some("m"), Some("d"))
+        );
     }
 
     #[test]
     fn older_config_versions_are_accepted() {
         for v in ["0.3.1", "0.4.0"] {
-            let conf = CONF.replace("\"cniVersion\":\"1.0.0\",\"name\"", &format!("\"cniVersion\":\"{v}\",\"name\""));
-            assert!(run(&env("ADD"), conf.as_bytes(), &agent(Ok(AgentReply::Ok { enrolled: false }))).is_ok());
+            let conf = CONF.replace(
+                "\"cniVersion\":\"1.0.0\",\"name\"",
+                &format!("\"cniVersion\":\"{v}\",\"name\""),
+            );
+            assert!(
+                run(
+                    &env("ADD"),
+                    conf.as_bytes(),
+                    &agent(Ok(AgentReply::Ok { enrolled: false }))
+                )
+                .is_ok()
+            );
         }
     }
 }

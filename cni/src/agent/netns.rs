@@ -1,0 +1,109 @@
+//! Running commands inside a pod's network namespace. Each command runs on a fresh
+//! thread that enters the namespace and ends with it, so no thread of the agent is ever
+//! left inside a pod.
+
+use nix::sched::{CloneFlags, setns};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::process::{Command, Stdio};
+
+/// An open namespace handle (keeps the namespace alive while held).
+#[derive(Debug)]
+pub struct Netns {
+    pub path: String,
+    pub file: File,
+    pub inode: u64,
+}
+
+impl Netns {
+    pub fn open(path: &str) -> Result<Netns, String> {
+        let file = File::open(path).map_err(|e| format!("open netns {path}: {e}"))?;
+        let inode = file.metadata().map_err(|e| e.to_string())?.ino();
+        Ok(Netns {
+            path: path.to_string(),
+            file,
+            inode,
+        })
+    }
+
+    pub fn try_clone(&self) -> Result<Netns, String> {
+        Ok(Netns {
+            path: self.path.clone(),
+            file: self.file.try_clone().map_err(|e| e.to_string())?,
+            inode: self.inode,
+        })
+    }
+
+    /// Runs `args` inside the namespace with `stdin`; returns stdout, or an error with
+    /// the command and its stderr.
+    pub fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+        let fd = self.file.try_clone().map_err(|e| e.to_string())?;
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let stdin = stdin.map(str::to_string);
+        let path = self.path.clone();
+        std::thread::spawn(move || -> Result<String, String> {
+            setns(&fd, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("setns into {path}: {e} (the agent needs CAP_SYS_ADMIN)"))?;
+            let mut child = Command::new(&args[0])
+                .args(&args[1..])
+                .stdin(if stdin.is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("cannot run {}: {e}", args[0]))?;
+            if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+                pipe.write_all(input.as_bytes())
+                    .map_err(|e| e.to_string())?;
+            }
+            let out = child.wait_with_output().map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            } else {
+                Err(format!(
+                    "`{}` in {path} failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        })
+        .join()
+        .map_err(|_| "netns command thread panicked".to_string())?
+    }
+
+    /// The namespace's IP addresses (via `ip -j addr`).
+    pub fn addresses(&self) -> Result<Vec<String>, String> {
+        let out = self.run(&["ip", "-j", "addr", "show"], None)?;
+        parse_ip_addr_json(&out)
+    }
+}
+
+/// Parses `ip -j addr show` output into addresses (without prefix length).
+pub fn parse_ip_addr_json(out: &str) -> Result<Vec<String>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(out).map_err(|e| format!("unexpected `ip -j addr` output: {e}"))?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|link| link["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str().map(str::to_string))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_ip_json() {
+        let out = r#"[{"ifindex":1,"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
+                     {"ifindex":2,"ifname":"eth0","addr_info":[{"family":"inet","local":"10.1.1.2","prefixlen":24},{"family":"inet6","local":"fe80::1","prefixlen":64}]}]"#;
+        assert_eq!(
+            super::parse_ip_addr_json(out).unwrap(),
+            vec!["127.0.0.1", "10.1.1.2", "fe80::1"]
+        );
+        assert!(super::parse_ip_addr_json("nonsense").is_err());
+    }
+}

@@ -1,0 +1,416 @@
+//! The CNI plugin and node agent in real network namespaces: the reference bridge +
+//! host-local plugins with mesh-cni chained after them, invoked as a container runtime
+//! does; the agent configured by a real mesh-control; a ZDS client on the other side.
+
+use mesh_e2e::cluster::wait_until;
+use mesh_e2e::net::{Netns, unique};
+use mesh_e2e::proc::Proc;
+use mesh_e2e::{binary, require_tool};
+use mesh_lab::cni_runtime::{Runtime, Sandbox, node_conflist, result_ipv4};
+use mesh_proto::zds;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use ztunnel::inpod::zds::{ZdsConnection, ZdsEvent};
+
+const TOKEN: &str = "cni-test-node-token-17a9";
+
+struct Node {
+    dir: PathBuf,
+    manifests: PathBuf,
+    agent: Option<Proc>,
+    _control: Proc,
+    runtime: Runtime,
+    node: Netns,
+}
+
+fn namespaces(ambient: &[&str], pods: &str) -> String {
+    let mut s = String::new();
+    for ns in ["shop", "plain"] {
+        let labels = if ambient.contains(&ns) {
+            "{istio.io/dataplane-mode: ambient}"
+        } else {
+            "{}"
+        };
+        s.push_str(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {labels}}}\n---\n"
+        ));
+    }
+    s.push_str(pods);
+    s
+}
+
+fn pod(ns: &str, name: &str, uid: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}}}\nspec: {{nodeName: node-1}}\n---\n"
+    )
+}
+
+impl Node {
+    fn new(subnet_octet: u8, manifests: &str) -> Node {
+        require_tool("nft");
+        assert!(
+            std::path::Path::new("/usr/lib/cni/bridge").exists(),
+            "containernetworking-plugins is not installed: run scripts/install-deps.sh"
+        );
+        let node = Netns::new("cn");
+        let dir = std::env::temp_dir().join(format!("{}-cni", node.name));
+        let manifests_dir = dir.join("manifests");
+        std::fs::create_dir_all(&manifests_dir).unwrap();
+        std::fs::write(manifests_dir.join("mesh.yaml"), manifests).unwrap();
+        std::fs::write(
+            dir.join("tokens.yaml"),
+            format!("tokens:\n- {{token: {TOKEN}, node: node-1}}\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("token"), TOKEN).unwrap();
+        let control = Proc::spawn(
+            Some(&node.name),
+            &[
+                binary("mesh-control").to_str().unwrap(),
+                "--config-dir",
+                manifests_dir.to_str().unwrap(),
+                "--state-dir",
+                dir.join("state").to_str().unwrap(),
+                "--tokens",
+                dir.join("tokens.yaml").to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:15012",
+                "--dns-name",
+                "mesh-control.lab",
+            ],
+            &dir.join("control.log"),
+        );
+        assert!(
+            control.wait_for("serving xDS and CA", Duration::from_secs(10)),
+            "{}",
+            control.output()
+        );
+        let bridge = unique("br");
+        let runtime = Runtime {
+            bin_dirs: vec![
+                "/usr/lib/cni".into(),
+                binary("mesh-cni").parent().unwrap().to_path_buf(),
+            ],
+            conflist: node_conflist(
+                "lab",
+                &bridge,
+                &format!("10.{subnet_octet}.0.0/24"),
+                &format!("10.{subnet_octet}.0.1"),
+                &dir.join("ipam"),
+                &dir.join("agent.sock"),
+            ),
+            cache_dir: dir.join("cni-cache"),
+            run_in_netns: Some(node.name.clone()),
+        };
+        let mut n = Node {
+            dir,
+            manifests: manifests_dir,
+            agent: None,
+            _control: control,
+            runtime,
+            node,
+        };
+        n.start_agent();
+        n
+    }
+
+    fn start_agent(&mut self) {
+        let p = Proc::spawn(
+            Some(&self.node.name),
+            &[
+                binary("mesh-cni").to_str().unwrap(),
+                "agent",
+                "--node-name",
+                "node-1",
+                "--xds-address",
+                "https://127.0.0.1:15012",
+                "--root-cert",
+                self.dir.join("state/root-cert.pem").to_str().unwrap(),
+                "--control-hostname",
+                "mesh-control.lab",
+                "--token-file",
+                self.dir.join("token").to_str().unwrap(),
+                "--zds-socket",
+                self.dir.join("zds.sock").to_str().unwrap(),
+                "--agent-socket",
+                self.dir.join("agent.sock").to_str().unwrap(),
+                "--proc-dir",
+                "",
+            ],
+            &self.dir.join("agent.log"),
+        );
+        assert!(
+            p.wait_for("xDS connected", Duration::from_secs(10)),
+            "{}",
+            p.output()
+        );
+        self.agent = Some(p);
+    }
+
+    fn write(&self, text: &str) {
+        std::fs::write(self.manifests.join("mesh.yaml"), text).unwrap();
+    }
+
+    fn sandbox(&self, pod_ns: &Netns, ns: &str, name: &str, uid: &str) -> Sandbox {
+        Sandbox {
+            container_id: format!("c-{}", pod_ns.name),
+            netns: pod_ns.path(),
+            ifname: "eth0".into(),
+            args: format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_UID={uid}"
+            ),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.agent = None;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tables(ns: &Netns) -> Vec<String> {
+    let out = ns.exec(&["nft", "-j", "list", "tables"]);
+    mesh_cni::agent::redirect::parse_tables_json(&out).unwrap()
+}
+
+fn captured(ns: &Netns) -> bool {
+    let t = tables(ns);
+    t.contains(&"inet ambient-nat".to_string())
+        && t.contains(&"inet ambient-mangle".to_string())
+        && ns
+            .exec(&["ip", "rule", "show"])
+            .contains("fwmark 0x111/0xfff lookup 100")
+}
+
+fn clean(ns: &Netns) -> bool {
+    // `ip route show table 100` fails when the table does not exist: that is clean too.
+    let routes = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "ip", "route", "show", "table", "100",
+        ])
+        .output()
+        .unwrap();
+    tables(ns).iter().all(|t| !t.contains("ambient"))
+        && !ns.exec(&["ip", "rule", "show"]).contains("0x111")
+        && (!routes.status.success() || routes.stdout.is_empty())
+}
+
+async fn zds_client(node: &Node) -> ZdsConnection {
+    ZdsConnection::connect(&node.dir.join("zds.sock"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_pod_lifecycle_through_the_runtime() {
+    let mut node = Node::new(210, &namespaces(&["shop"], &pod("shop", "web", "u-web")));
+    let pod_ns = Netns::new("cp");
+    let sb = node.sandbox(&pod_ns, "shop", "web", "u-web");
+    let result = node
+        .runtime
+        .add(&sb)
+        .expect("ADD through bridge, host-local and mesh-cni");
+    let ip = result_ipv4(&result).expect("host-local gave the pod an address");
+    assert!(
+        result["interfaces"].is_array(),
+        "prevResult passed through: {result}"
+    );
+    assert!(
+        captured(&pod_ns),
+        "redirect rules in the pod: {:?}",
+        tables(&pod_ns)
+    );
+    node.runtime.check(&sb).expect("CHECK");
+
+    // Traffic: a connection from the pod lands on 15001 with its original destination.
+    let listener = pod_ns
+        .handle()
+        .run(|| TcpListener::bind("0.0.0.0:15001"))
+        .unwrap()
+        .unwrap();
+    let target: SocketAddr = "10.210.0.1:9999".parse().unwrap();
+    let _c = pod_ns
+        .handle()
+        .run(|| TcpStream::connect_timeout(&target, Duration::from_secs(3)))
+        .unwrap()
+        .expect("redirected to the 15001 listener");
+    let (accepted, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip().to_string(), ip);
+    let orig = socket2::SockRef::from(&accepted)
+        .original_dst_v4()
+        .unwrap()
+        .as_socket()
+        .unwrap();
+    assert_eq!(orig, target, "SO_ORIGINAL_DST names the real destination");
+    drop(listener);
+
+    // ZDS: a ztunnel gets the pod with an fd that refers to the pod's namespace.
+    let zt = zds_client(&node).await;
+    match zt.recv().await.unwrap() {
+        ZdsEvent::Add { uid, info, netns } => {
+            assert_eq!(uid, "u-web");
+            assert_eq!(
+                (info.namespace.as_str(), info.name.as_str()),
+                ("shop", "web")
+            );
+            assert_eq!(
+                netns.inode(),
+                pod_ns.handle().inode(),
+                "the fd is the pod's netns"
+            );
+        }
+        other => panic!("expected Add, got {other:?}"),
+    }
+    zt.ack(None).await.unwrap();
+    assert!(matches!(zt.recv().await.unwrap(), ZdsEvent::SnapshotSent));
+    zt.ack(None).await.unwrap();
+
+    // Unlabel the namespace: rules removed, ztunnel told, nothing left behind.
+    node.write(&namespaces(&[], &pod("shop", "web", "u-web")));
+    match tokio::time::timeout(Duration::from_secs(10), zt.recv())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        ZdsEvent::Del { uid } => assert_eq!(uid, "u-web"),
+        other => panic!("expected Del, got {other:?}"),
+    }
+    zt.ack(None).await.unwrap();
+    wait_until("rules removed", || clean(&pod_ns));
+    node.runtime.del(&sb).expect("DEL");
+    node.agent.as_mut().unwrap().stop(Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelling_a_namespace_enrols_running_pods_and_agent_restart_reconciles() {
+    let mut node = Node::new(211, &namespaces(&[], &pod("plain", "legacy", "u-legacy")));
+    let pod_ns = Netns::new("cq");
+    let sb = node.sandbox(&pod_ns, "plain", "legacy", "u-legacy");
+    node.runtime
+        .add(&sb)
+        .expect("ADD of a pod outside the mesh");
+    assert!(clean(&pod_ns), "not enrolled: no rules");
+
+    // Label the namespace: the running pod is enrolled without a restart.
+    node.write(&namespaces(&["plain"], &pod("plain", "legacy", "u-legacy")));
+    wait_until("live enrolment", || captured(&pod_ns));
+
+    // Restart the agent: it forgets the plugin's ADD, finds the namespace by the pod's IP
+    // (written back by the runtime), keeps the rules, and hands the pod to ztunnel again.
+    let result: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            node.dir
+                .join(format!("cni-cache/{}-eth0.json", sb.container_id)),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let ip = result_ipv4(&result).unwrap();
+    node.write(&namespaces(
+        &["plain"],
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: legacy, namespace: plain, uid: u-legacy}}\nspec: {{nodeName: node-1}}\nstatus: {{podIP: {ip}}}\n"),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    node.agent.as_mut().unwrap().kill();
+    assert!(captured(&pod_ns), "rules survive the agent");
+    node.start_agent();
+    let zt = zds_client(&node).await;
+    let ev = tokio::time::timeout(Duration::from_secs(15), zt.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(ev, ZdsEvent::Add { ref uid, .. } if uid == "u-legacy"),
+        "{ev:?}"
+    );
+    zt.ack(None).await.unwrap();
+    assert!(captured(&pod_ns));
+    node.runtime.del(&sb).unwrap();
+    let _ = zds::Version::V1;
+}
+
+#[test]
+fn malformed_input_gets_cni_error_codes() {
+    let bin = binary("mesh-cni");
+    let run = |stdin: &str, cmd: &str| {
+        let mut child = Command::new(&bin)
+            .env_clear()
+            .env("CNI_COMMAND", cmd)
+            .env("CNI_CONTAINERID", "c")
+            .env("CNI_NETNS", "/var/run/netns/none")
+            .env("CNI_IFNAME", "eth0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.code(), v)
+    };
+    let (code, v) = run("{not json", "ADD");
+    assert_eq!(code, Some(1));
+    assert_eq!(v["code"], 6);
+    assert!(v["msg"].as_str().unwrap().contains("not valid JSON"));
+    let (_, v) = run(r#"{"cniVersion":"9.9.9","name":"x"}"#, "ADD");
+    assert_eq!(v["code"], 1);
+    let (_, v) = run(
+        r#"{"cniVersion":"1.0.0","name":"x","type":"mesh-cni"}"#,
+        "ADD",
+    );
+    assert_eq!(v["code"], 7, "{v}");
+    let (code, v) = run("", "VERSION");
+    assert_eq!(code, Some(0));
+    assert!(
+        v["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "0.3.1")
+    );
+}
+
+#[test]
+fn add_fails_closed_when_the_agent_is_unreachable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let node = Netns::new("cz");
+    let pod_ns = Netns::new("cy");
+    let runtime = Runtime {
+        bin_dirs: vec![
+            "/usr/lib/cni".into(),
+            binary("mesh-cni").parent().unwrap().to_path_buf(),
+        ],
+        conflist: node_conflist(
+            "lab",
+            &unique("br"),
+            "10.212.0.0/24",
+            "10.212.0.1",
+            &dir.join("ipam"),
+            &dir.join("missing.sock"),
+        ),
+        cache_dir: dir.join("cache"),
+        run_in_netns: Some(node.name.clone()),
+    };
+    let sb = Sandbox {
+        container_id: "c1".into(),
+        netns: pod_ns.path(),
+        ifname: "eth0".into(),
+        args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web".into(),
+    };
+    let err = runtime.add(&sb).unwrap_err();
+    assert_eq!(err.plugin, "mesh-cni", "{err}");
+    assert_eq!(err.code, Some(11), "{err}");
+    assert!(err.msg.contains("not started unprotected"), "{err}");
+    let _ = runtime.del(&sb);
+}
