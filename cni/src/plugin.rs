@@ -219,6 +219,15 @@ pub fn prev_ips(prev: &Value) -> Result<Vec<String>, CniError> {
         .collect()
 }
 
+/// The fuzz targets' entry: parse a configuration and its prevResult; never panic.
+pub fn fuzz_entry(data: &[u8]) {
+    if let Ok(conf) = parse_config(data)
+        && let Some(prev) = &conf.prev_result
+    {
+        let _ = prev_ips(prev);
+    }
+}
+
 /// Talks to the node agent.
 pub trait Agent {
     fn call(&self, socket: &str, req: &AgentRequest) -> Result<AgentReply, String>;
@@ -457,6 +466,35 @@ mod tests {
             (v["code"].as_u64(), v["msg"].as_str(), v["details"].as_str()),
             (Some(7), Some("m"), Some("d"))
         );
+    }
+
+    /// The fuzz entry on mutations of valid inputs (deterministic, so it runs in CI).
+    #[test]
+    fn mutated_configs_never_panic() {
+        let seeds = [
+            CONF.as_bytes().to_vec(),
+            br#"{"cniVersion":"0.3.1","prevResult":{"ips":[]}}"#.to_vec(),
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for seed in seeds {
+            for _ in 0..5000 {
+                let mut d = seed.clone();
+                for _ in 0..(x % 8 + 1) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let i = (x as usize) % d.len().max(1);
+                    match x % 3 {
+                        0 if !d.is_empty() => d[i] = (x >> 24) as u8,
+                        1 if !d.is_empty() => {
+                            d.remove(i);
+                        }
+                        _ => d.insert(i.min(d.len()), (x >> 32) as u8),
+                    }
+                }
+                fuzz_entry(&d);
+            }
+        }
     }
 
     #[test]
