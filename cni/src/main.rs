@@ -46,6 +46,9 @@ struct AgentArgs {
     /// procfs to search for running pods' namespaces ("" to disable).
     #[arg(long, default_value = "/proc")]
     proc_dir: String,
+    /// Only named namespaces with this prefix are searched.
+    #[arg(long, default_value = "")]
+    netns_name_prefix: String,
     /// Readiness: GET /readyz answers 200 once the control plane's view arrived.
     #[arg(long, default_value = "127.0.0.1:8000")]
     readiness_addr: SocketAddr,
@@ -139,6 +142,7 @@ fn run_agent(args: Vec<String>) -> i32 {
         proc_dir: Some(a.proc_dir.clone())
             .filter(|p| !p.is_empty())
             .map(PathBuf::from),
+        netns_name_prefix: a.netns_name_prefix.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

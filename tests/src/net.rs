@@ -5,6 +5,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// The prefix every name made by this test process starts with.
+pub fn unique_prefix() -> String {
+    format!("m{:x}", std::process::id() % 100_000)
+}
+
 /// A short name unique to this process and call: fits interface names (15 bytes).
 pub fn unique(tag: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

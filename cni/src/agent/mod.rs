@@ -38,6 +38,9 @@ pub struct AgentConfig {
     pub netns_dirs: Vec<PathBuf>,
     /// procfs to search for pod namespaces (e.g. /proc or /host/proc).
     pub proc_dir: Option<PathBuf>,
+    /// Only named namespaces starting with this prefix are considered (labs and tests
+    /// sharing a machine reuse pod IPs).
+    pub netns_name_prefix: String,
 }
 
 #[derive(Default)]
