@@ -24,5 +24,5 @@ bench:
 	$(CARGO) bench -p hbone --bench hbone
 
 demo: deps
-	$(CARGO) build --workspace
-	@scripts/demo.sh
+	$(CARGO) build --workspace --bins
+	@scripts/demo.sh $(ARGS)

@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# The demo: a lab cluster built from network namespaces with mesh traffic.
+# The demo: a 2-node lab cluster built from network namespaces, a sample app, its traffic
+# in plaintext, then the same traffic carried over the mesh. `make demo ARGS=--keep`
+# leaves the lab up afterwards.
 set -euo pipefail
-cat <<'MSG'
-The lab cluster (deploy/lab) is not built yet: today the repository holds the foundation
-(protocols, identity, CA, HBONE). Until the lab lands, see what runs:
-
-  cargo test --workspace            # wire, identity and HBONE tests over loopback
-  make bench                        # HBONE throughput and CONNECT rate over loopback
-MSG
+cd "$(dirname "$0")/.."
+target="${CARGO_TARGET_DIR:-target}"
+exec "$target/debug/mesh-lab" --name demo demo "$@"

@@ -139,6 +139,8 @@ impl Node {
                 self.dir.join("agent.sock").to_str().unwrap(),
                 "--proc-dir",
                 "",
+                "--netns-name-prefix",
+                &mesh_e2e::net::unique_prefix(),
             ],
             &self.dir.join("agent.log"),
         );

@@ -73,12 +73,19 @@ impl Agent {
         let zds = zds::ZdsServer::start(
             &cfg.zds_socket,
             Arc::new(move || {
-                let agent = src
-                    .lock()
-                    .expect("snapshot lock")
-                    .as_ref()
-                    .and_then(|w| w.upgrade());
-                agent.map(|a| a.snapshot()).unwrap_or_default()
+                // A ztunnel may connect before the agent is fully built; never answer
+                // with an empty snapshot (ztunnel would drain every pod), wait instead.
+                loop {
+                    let agent = src
+                        .lock()
+                        .expect("snapshot lock")
+                        .as_ref()
+                        .and_then(|w| w.upgrade());
+                    if let Some(a) = agent {
+                        return a.snapshot();
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }),
         )?;
         let cache_file = cfg
@@ -212,10 +219,7 @@ impl Agent {
         match self.zds.add(&entry(v, Some(ns))) {
             Ok(()) => {
                 rec.acked = true;
-                tracing::info!(
-                    pod = name,
-                    "pod enrolled: redirection programmed and handed to ztunnel"
-                );
+                tracing::info!(pod = name, netns = %ns.path, "pod enrolled: redirection programmed and handed to ztunnel");
             }
             Err(e) => {
                 rec.acked = false;
@@ -252,6 +256,11 @@ impl Agent {
             if let Ok(rd) = std::fs::read_dir(dir) {
                 candidates.extend(
                     rd.flatten()
+                        .filter(|e| {
+                            e.file_name()
+                                .to_string_lossy()
+                                .starts_with(&self.cfg.netns_name_prefix)
+                        })
                         .map(|e| e.path().to_string_lossy().into_owned()),
                 );
             }

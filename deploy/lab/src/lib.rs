@@ -1,6 +1,9 @@
 //! mesh-lab: a real multi-node cluster built from Linux network namespaces on one
 //! machine, with pods attached by the reference CNI plugins and mesh-cni chained after
-//! them.
+//! them. The demo, the end-to-end suite and the benchmarks run on it.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod cni_runtime;
+pub mod demo;
+pub mod lab;

@@ -87,7 +87,12 @@ impl WorkloadManager {
                     if existing.netns == netns {
                         return Ok(()); // idempotent
                     }
-                    tracing::info!(uid, "pod sandbox changed; replacing its proxy");
+                    tracing::info!(
+                        uid,
+                        old_netns = existing.netns.inode(),
+                        new_netns = netns.inode(),
+                        "pod sandbox changed; replacing its proxy"
+                    );
                     self.stop(&uid);
                 }
                 self.start(uid, info, netns)

@@ -1,0 +1,101 @@
+//! The lab's sample app, run inside pods: an HTTP server (HTTP/1.1 and h2c) that says who
+//! it is and who called, and a raw TCP echo server.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug)]
+pub struct AppConfig {
+    pub name: String,
+    pub http_port: Option<u16>,
+    pub tcp_echo_port: Option<u16>,
+}
+
+async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let version = format!("{:?}", req.version());
+    // `/status/NNN` answers with that status (for retries and fault tests).
+    let status = path
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::OK);
+    let body_len = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
+    let body = format!(
+        "hello from {name}: {version} {path} from {} ({body_len} bytes received)\n",
+        peer.ip()
+    );
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .header("x-served-by", &name)
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+async fn serve_http(name: String, port: u16) -> std::io::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    loop {
+        let (tcp, peer) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let name = name.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let name = name.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(name, peer, req).await) }
+            });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+        });
+    }
+}
+
+async fn serve_echo(port: u16) -> std::io::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    loop {
+        let (mut tcp, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tcp.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+pub async fn run(cfg: AppConfig) -> std::io::Result<()> {
+    let mut tasks = Vec::new();
+    if let Some(p) = cfg.http_port {
+        tasks.push(tokio::spawn(serve_http(cfg.name.clone(), p)));
+    }
+    if let Some(p) = cfg.tcp_echo_port {
+        tasks.push(tokio::spawn(serve_echo(p)));
+    }
+    if tasks.is_empty() {
+        // A client pod: stay alive, do nothing.
+        std::future::pending::<()>().await;
+    }
+    for t in tasks {
+        t.await.map_err(std::io::Error::other)??;
+    }
+    Ok(())
+}

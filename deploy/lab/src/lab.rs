@@ -1,0 +1,974 @@
+//! A lab cluster: nodes are network namespaces on a shared fabric (a bridge in a
+//! lab-owned namespace), pods are network namespaces attached by the reference bridge +
+//! host-local CNI plugins with mesh-cni chained, and every component runs for real:
+//! one mesh-control (directory mode), and per node a ztunnel and a node agent.
+//!
+//! Everything the lab makes is named `<lab>-...` and recorded in its state directory, so
+//! `down` removes it all, even after a crash or `kill -9` of the CLI.
+
+use crate::cni_runtime::{Runtime, Sandbox, loopback_conf, node_conflist, result_ipv4};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DEFAULT_ROOT: &str = "/var/run/mesh-lab";
+const FABRIC_NET: &str = "10.100.0";
+const CONTROL_NAME: &str = "mesh-control.lab";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub nodes: usize,
+    pub procs: Vec<ProcEntry>,
+    pub pods: BTreeMap<String, PodEntry>,
+    pub next_vip: u8,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcEntry {
+    pub role: String,
+    pub pid: u32,
+    pub log: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodEntry {
+    pub namespace: String,
+    pub name: String,
+    pub node: usize,
+    pub netns: String,
+    pub container_id: String,
+    pub ip: String,
+    pub uid: String,
+}
+
+pub struct Lab {
+    pub name: String,
+    pub dir: PathBuf,
+    /// Where ztunnel, mesh-control, mesh-cni and mesh-lab binaries are.
+    pub bin_dir: PathBuf,
+    pub cni_bin_dir: PathBuf,
+    pub state: State,
+}
+
+fn run(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn ns_exec(ns: &str, args: &[&str]) -> Result<String, String> {
+    let mut full = vec!["ip", "netns", "exec", ns];
+    full.extend_from_slice(args);
+    run(&full)
+}
+
+fn ns_exec_stdin(ns: &str, args: &[&str], stdin: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(stdin.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` in {ns}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn netns_exists(name: &str) -> bool {
+    Path::new("/var/run/netns").join(name).exists()
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Lab {
+    /// Opens (or prepares) the lab called `name` under `root`, with the mesh's binaries
+    /// next to the running executable.
+    pub fn open(name: &str, root: &Path) -> Result<Lab, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let bin_dir = exe.parent().ok_or("no binary directory")?.to_path_buf();
+        Self::open_with_binaries(name, root, &bin_dir)
+    }
+
+    pub fn open_with_binaries(name: &str, root: &Path, bin_dir: &Path) -> Result<Lab, String> {
+        if name.is_empty()
+            || name.len() > 12
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(format!(
+                "lab name {name:?}: use 1-12 letters, digits or '-'"
+            ));
+        }
+        let bin_dir = bin_dir.to_path_buf();
+        let dir = root.join(name);
+        let state = std::fs::read_to_string(dir.join("state.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        Ok(Lab {
+            name: name.to_string(),
+            dir,
+            bin_dir,
+            cni_bin_dir: PathBuf::from("/usr/lib/cni"),
+            state,
+        })
+    }
+
+    fn save(&self) -> Result<(), String> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
+        let tmp = self.dir.join("state.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&self.state).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, self.dir.join("state.json")).map_err(|e| e.to_string())
+    }
+
+    pub fn fabric_ns(&self) -> String {
+        format!("{}-fabric", self.name)
+    }
+    pub fn node_ns(&self, i: usize) -> String {
+        format!("{}-node{i}", self.name)
+    }
+    fn pod_ns(&self, ns: &str, name: &str) -> String {
+        format!("{}-pod-{ns}-{name}", self.name)
+    }
+    pub fn node_ip(i: usize) -> String {
+        format!("{FABRIC_NET}.{}", 10 + i)
+    }
+    fn pod_cidr(i: usize) -> String {
+        format!("10.244.{i}.0/24")
+    }
+    fn manifests(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+    fn bin(&self, name: &str) -> String {
+        self.bin_dir.join(name).to_string_lossy().into_owned()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state.nodes > 0 && netns_exists(&self.fabric_ns())
+    }
+
+    /// Starts a daemon inside a namespace, detached from the CLI, output to logs/<role>.log.
+    fn spawn(&mut self, role: &str, ns: &str, args: &[String]) -> Result<u32, String> {
+        use std::os::unix::process::CommandExt;
+        let logs = self.dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+        let log = logs.join(format!("{}.log", role.replace(['/', ':'], "_")));
+        // Appended: a restarted component's log keeps what came before.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| e.to_string())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .env("MESH_LAB_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().map_err(|e| e.to_string())?)
+            .stderr(file)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start {role}: {e}"))?;
+        let pid = child.id();
+        self.state.procs.push(ProcEntry {
+            role: role.to_string(),
+            pid,
+            log: log.clone(),
+        });
+        self.save()?;
+        Ok(pid)
+    }
+
+    pub fn wait_log(&self, role: &str, needle: &str, timeout: Duration) -> Result<(), String> {
+        let p = self
+            .state
+            .procs
+            .iter()
+            .find(|p| p.role == role)
+            .ok_or_else(|| format!("{role} is not running"))?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+            if log.contains(needle) {
+                return Ok(());
+            }
+            if !Path::new(&format!("/proc/{}", p.pid)).exists() {
+                return Err(format!("{role} exited:\n{log}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "{role} did not become ready ({needle:?} not in {})",
+            p.log.display()
+        ))
+    }
+
+    fn runtime(&self, node: usize) -> Runtime {
+        Runtime {
+            bin_dirs: vec![self.cni_bin_dir.clone(), self.bin_dir.clone()],
+            conflist: node_conflist(
+                &format!("{}-net", self.name),
+                "cni0",
+                &Self::pod_cidr(node),
+                &format!("10.244.{node}.1"),
+                &self.dir.join(format!("node{node}/ipam")),
+                &self.dir.join(format!("node{node}/agent.sock")),
+            ),
+            cache_dir: self.dir.join(format!("node{node}/cni-cache")),
+            run_in_netns: Some(self.node_ns(node)),
+        }
+    }
+
+    /// Builds the cluster: fabric, nodes, control plane, and per node an agent and a
+    /// ztunnel. Idempotent: an existing lab is left as it is.
+    pub fn up(&mut self, nodes: usize) -> Result<(), String> {
+        if self.is_up() {
+            return Ok(());
+        }
+        if !(1..=9).contains(&nodes) {
+            return Err("--nodes must be between 1 and 9".into());
+        }
+        // Leftovers of a crashed lab of the same name go first.
+        self.down()?;
+        self.state = State {
+            nodes,
+            next_vip: 10,
+            ..Default::default()
+        };
+        std::fs::create_dir_all(self.manifests()).map_err(|e| e.to_string())?;
+        self.save()?;
+        let fabric = self.fabric_ns();
+        run(&["ip", "netns", "add", &fabric])?;
+        ns_exec(&fabric, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        ns_exec(&fabric, &["ip", "link", "set", "br0", "up"])?;
+        let mut tokens = String::from("tokens:\n");
+        let mut node_manifests = String::new();
+        for i in 1..=nodes {
+            let ns = self.node_ns(i);
+            run(&["ip", "netns", "add", &ns])?;
+            run(&[
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("n{i}"),
+                "netns",
+                &fabric,
+            ])?;
+            ns_exec(
+                &fabric,
+                &["ip", "link", "set", &format!("n{i}"), "master", "br0", "up"],
+            )?;
+            ns_exec(
+                &ns,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{}/24", Self::node_ip(i)),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            ns_exec(&ns, &["ip", "link", "set", "eth0", "up"])?;
+            ns_exec(&ns, &["ip", "link", "set", "lo", "up"])?;
+            ns_exec(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            for j in 1..=nodes {
+                if j != i {
+                    ns_exec(
+                        &ns,
+                        &[
+                            "ip",
+                            "route",
+                            "add",
+                            &Self::pod_cidr(j),
+                            "via",
+                            &Self::node_ip(j),
+                        ],
+                    )?;
+                }
+            }
+            let token = format!("lab-{}-{}", self.name, random_hex(16));
+            std::fs::create_dir_all(self.dir.join(format!("node{i}")))
+                .map_err(|e| e.to_string())?;
+            std::fs::write(self.dir.join(format!("node{i}/token")), &token)
+                .map_err(|e| e.to_string())?;
+            tokens.push_str(&format!("- {{token: {token}, node: node-{i}}}\n"));
+            node_manifests.push_str(&format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: node-{i}}}\n---\n"
+            ));
+        }
+        std::fs::write(self.dir.join("tokens.yaml"), tokens).map_err(|e| e.to_string())?;
+        std::fs::write(self.manifests().join("nodes.yaml"), node_manifests)
+            .map_err(|e| e.to_string())?;
+
+        // The control plane runs on node 1, as a control-plane node would.
+        let control_args: Vec<String> = vec![
+            self.bin("mesh-control"),
+            "--config-dir".into(),
+            self.manifests().to_string_lossy().into(),
+            "--state-dir".into(),
+            self.dir.join("control").to_string_lossy().into(),
+            "--tokens".into(),
+            self.dir.join("tokens.yaml").to_string_lossy().into(),
+            "--listen".into(),
+            format!("{}:15012", Self::node_ip(1)),
+            "--dns-name".into(),
+            CONTROL_NAME.into(),
+            "--ip-san".into(),
+            Self::node_ip(1),
+        ];
+        let node1 = self.node_ns(1);
+        self.spawn("control", &node1, &control_args)?;
+        self.wait_log("control", "serving xDS and CA", Duration::from_secs(15))?;
+        for i in 1..=nodes {
+            self.start_node_components(i)?;
+        }
+        for i in 1..=nodes {
+            self.wait_log(
+                &format!("agent-{i}"),
+                "xDS connected",
+                Duration::from_secs(15),
+            )?;
+            self.wait_log(
+                &format!("ztunnel-{i}"),
+                "xDS connected",
+                Duration::from_secs(15),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn control_args(&self, i: usize) -> Vec<String> {
+        vec![
+            "--xds-address".into(),
+            format!("https://{}:15012", Self::node_ip(1)),
+            "--root-cert".into(),
+            self.dir
+                .join("control/root-cert.pem")
+                .to_string_lossy()
+                .into(),
+            "--control-hostname".into(),
+            CONTROL_NAME.into(),
+            "--token-file".into(),
+            self.dir
+                .join(format!("node{i}/token"))
+                .to_string_lossy()
+                .into(),
+        ]
+    }
+
+    /// Starts node `i`'s agent and ztunnel.
+    pub fn start_node_components(&mut self, i: usize) -> Result<(), String> {
+        self.start_agent(i)?;
+        self.start_ztunnel(i)
+    }
+
+    pub fn start_agent(&mut self, i: usize) -> Result<(), String> {
+        let ns = self.node_ns(i);
+        let zds = self
+            .dir
+            .join(format!("node{i}/ztunnel.sock"))
+            .to_string_lossy()
+            .into_owned();
+        let mut agent = vec![
+            self.bin("mesh-cni"),
+            "agent".into(),
+            "--node-name".into(),
+            format!("node-{i}"),
+            "--zds-socket".into(),
+            zds.clone(),
+            "--agent-socket".into(),
+            self.dir
+                .join(format!("node{i}/agent.sock"))
+                .to_string_lossy()
+                .into(),
+            "--proc-dir".into(),
+            String::new(),
+            "--netns-name-prefix".into(),
+            format!("{}-pod-", self.name),
+        ];
+        agent.extend(self.control_args(i));
+        self.state.procs.retain(|p| p.role != format!("agent-{i}"));
+        self.spawn(&format!("agent-{i}"), &ns, &agent)?;
+        Ok(())
+    }
+
+    pub fn start_ztunnel(&mut self, i: usize) -> Result<(), String> {
+        let ns = self.node_ns(i);
+        let zds = self
+            .dir
+            .join(format!("node{i}/ztunnel.sock"))
+            .to_string_lossy()
+            .into_owned();
+        let mut zt = vec![
+            self.bin("ztunnel"),
+            "--node-name".into(),
+            format!("node-{i}"),
+            "--zds-socket".into(),
+            zds,
+            "--instance-ip".into(),
+            Self::node_ip(i),
+            "--pod-name".into(),
+            format!("ztunnel-{i}"),
+            "--log-level".into(),
+            "info,access=info".into(),
+        ];
+        zt.extend(self.control_args(i));
+        self.state
+            .procs
+            .retain(|p| p.role != format!("ztunnel-{i}"));
+        self.spawn(&format!("ztunnel-{i}"), &ns, &zt)?;
+        Ok(())
+    }
+
+    /// Ends the process recorded for `role` (by its PID, after checking it is ours).
+    pub fn stop(&mut self, role: &str, kill: bool) -> Result<(), String> {
+        let Some(p) = self.state.procs.iter().find(|p| p.role == role).cloned() else {
+            return Err(format!("no process {role} in lab {}", self.name));
+        };
+        if self.owns(p.pid) {
+            let _ = run(&[
+                "kill",
+                if kill { "-KILL" } else { "-TERM" },
+                &p.pid.to_string(),
+            ]);
+            for _ in 0..50 {
+                if !Path::new(&format!("/proc/{}", p.pid)).exists() || is_zombie(p.pid) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.state.procs.retain(|x| x.role != role);
+        self.save()
+    }
+
+    /// A process is ours if it runs in one of this lab's namespaces.
+    fn owns(&self, pid: u32) -> bool {
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            return false;
+        };
+        let want = format!("MESH_LAB_DIR={}", self.dir.display());
+        env.split(|b| *b == 0).any(|kv| kv == want.as_bytes())
+    }
+
+    // ---- manifests and pods ----
+
+    /// Applies a manifest file: objects are written for the control plane; pods are
+    /// created through the CNI chain and their IPs written back.
+    pub fn apply(&mut self, text: &str, source: &str) -> Result<Vec<String>, String> {
+        if !self.is_up() {
+            return Err(format!(
+                "lab {} is not up: run `mesh-lab up` first",
+                self.name
+            ));
+        }
+        // Validate with the control plane's own parser first: nothing is applied from a
+        // bad file.
+        let mut check = mesh_control::manifest::Objects::default();
+        check
+            .add_file(Path::new(source), text)
+            .map_err(|e| e.to_string())?;
+        let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| e.to_string())?;
+        let mut done = Vec::new();
+        let mut pods = Vec::new();
+        for mut doc in docs.into_iter().filter(|d| !d.is_null()) {
+            let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+            let ns = doc["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
+            let name = doc["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            match kind.as_str() {
+                "Pod" => pods.push(doc),
+                _ => {
+                    if kind == "Service" && doc["spec"]["clusterIP"].is_null() {
+                        doc["spec"]["clusterIP"] =
+                            json!(format!("10.96.0.{}", self.state.next_vip));
+                        self.state.next_vip = self.state.next_vip.wrapping_add(1).max(10);
+                    }
+                    self.write_manifest(&kind, &ns, &name, &doc)?;
+                    let shown = if matches!(kind.as_str(), "Namespace" | "Node") {
+                        name.clone()
+                    } else {
+                        format!("{ns}/{name}")
+                    };
+                    done.push(format!("{} {shown} configured", kind.to_lowercase()));
+                }
+            }
+        }
+        for doc in pods {
+            done.push(self.create_pod(doc)?);
+        }
+        self.save()?;
+        self.program_services()?;
+        Ok(done)
+    }
+
+    fn manifest_path(&self, kind: &str, ns: &str, name: &str) -> PathBuf {
+        let scope = if matches!(kind, "Namespace" | "Node") {
+            ""
+        } else {
+            ns
+        };
+        self.manifests()
+            .join(format!("{}-{scope}-{name}.yaml", kind.to_lowercase()))
+    }
+
+    fn write_manifest(&self, kind: &str, ns: &str, name: &str, doc: &Value) -> Result<(), String> {
+        // JSON is YAML: the control plane reads it as written.
+        let path = self.manifest_path(kind, ns, name);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_string_pretty(doc).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &path).map_err(|e| e.to_string())
+    }
+
+    fn create_pod(&mut self, mut doc: Value) -> Result<String, String> {
+        let ns = doc["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let name = doc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        doc["metadata"]["namespace"] = json!(ns);
+        let key = format!("{ns}/{name}");
+        if let Some(existing) = self.state.pods.get(&key).cloned() {
+            // Labels and annotations may change on a running pod; the rest is fixed.
+            doc["metadata"]["uid"] = json!(existing.uid);
+            doc["spec"]["nodeName"] = json!(format!("node-{}", existing.node));
+            doc["status"] = ready_status(&existing.ip);
+            self.write_manifest("Pod", &ns, &name, &doc)?;
+            return Ok(format!("pod {key} configured"));
+        }
+        let node = match doc["spec"]["nodeName"].as_str() {
+            Some(n) => n
+                .strip_prefix("node-")
+                .and_then(|i| i.parse::<usize>().ok())
+                .filter(|i| (1..=self.state.nodes).contains(i))
+                .ok_or_else(|| {
+                    format!(
+                        "pod {key}: node {n} is not in this lab (node-1..node-{})",
+                        self.state.nodes
+                    )
+                })?,
+            None => (1..=self.state.nodes)
+                .min_by_key(|i| self.state.pods.values().filter(|p| p.node == *i).count())
+                .unwrap_or(1),
+        };
+        let uid = doc["metadata"]["uid"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| random_hex(8));
+        doc["metadata"]["uid"] = json!(uid);
+        doc["spec"]["nodeName"] = json!(format!("node-{node}"));
+        // The control plane learns of the pod before its sandbox exists, as in Kubernetes.
+        self.write_manifest("Pod", &ns, &name, &doc)?;
+        let netns = self.pod_ns(&ns, &name);
+        run(&["ip", "netns", "add", &netns])?;
+        let container_id = format!("{}-{}", self.name, random_hex(6));
+        let sb = |ifname: &str| Sandbox {
+            container_id: container_id.clone(),
+            netns: format!("/var/run/netns/{netns}"),
+            ifname: ifname.into(),
+            args: format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_UID={uid}"
+            ),
+        };
+        let rt = self.runtime(node);
+        let lo = Runtime {
+            conflist: loopback_conf(),
+            ..rt.clone()
+        };
+        let added = lo.add(&sb("lo")).and_then(|_| rt.add(&sb("eth0")));
+        let result = match added {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = rt.del(&sb("eth0"));
+                let _ = run(&["ip", "netns", "del", &netns]);
+                let _ = std::fs::remove_file(self.manifest_path("Pod", &ns, &name));
+                return Err(format!("pod {key} was not started: {e}"));
+            }
+        };
+        let ip = result_ipv4(&result)
+            .ok_or_else(|| format!("pod {key}: no IPv4 address from the CNI chain"))?;
+        doc["status"] = ready_status(&ip);
+        self.write_manifest("Pod", &ns, &name, &doc)?;
+        self.state.pods.insert(
+            key.clone(),
+            PodEntry {
+                namespace: ns.clone(),
+                name: name.clone(),
+                node,
+                netns: netns.clone(),
+                container_id,
+                ip: ip.clone(),
+                uid,
+            },
+        );
+        self.save()?;
+        // The pod's process.
+        let container = &doc["spec"]["containers"][0];
+        let mut cmd: Vec<String> = container["command"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        cmd.extend(
+            container["args"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
+        );
+        if cmd.is_empty() {
+            cmd = vec![
+                "mesh-lab".into(),
+                "app".into(),
+                "--name".into(),
+                key.clone(),
+            ];
+            for p in container["ports"].as_array().into_iter().flatten() {
+                let port = p["containerPort"].as_u64().unwrap_or(0).to_string();
+                let flag = if p["name"].as_str().is_some_and(|n| n.starts_with("tcp")) {
+                    "--tcp-echo"
+                } else {
+                    "--http"
+                };
+                cmd.push(flag.into());
+                cmd.push(port);
+            }
+        }
+        if cmd[0] == "mesh-lab" {
+            cmd[0] = self.bin("mesh-lab");
+        }
+        self.spawn(&format!("pod:{key}"), &netns, &cmd)?;
+        Ok(format!("pod {key} created on node-{node} with IP {ip}"))
+    }
+
+    /// Deletes a pod: its process, CNI DEL, its namespace and its manifest.
+    pub fn delete_pod(&mut self, key: &str) -> Result<(), String> {
+        let p = self
+            .state
+            .pods
+            .get(key)
+            .cloned()
+            .ok_or_else(|| format!("no pod {key}"))?;
+        let _ = self.stop(&format!("pod:{key}"), true);
+        let rt = self.runtime(p.node);
+        let sb = Sandbox {
+            container_id: p.container_id.clone(),
+            netns: format!("/var/run/netns/{}", p.netns),
+            ifname: "eth0".into(),
+            args: format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
+                p.namespace, p.name, p.uid
+            ),
+        };
+        let _ = rt.del(&sb);
+        let _ = run(&["ip", "netns", "del", &p.netns]);
+        let _ = std::fs::remove_file(self.manifest_path("Pod", &p.namespace, &p.name));
+        self.state.pods.remove(key);
+        self.save()?;
+        self.program_services()
+    }
+
+    /// kube-proxy's job for pods outside the mesh: Service VIP → endpoints NAT on every
+    /// node (mesh pods never get here: ztunnel resolves VIPs inside the pod).
+    pub fn program_services(&self) -> Result<(), String> {
+        let mut objs = mesh_control::manifest::Objects::default();
+        for entry in std::fs::read_dir(self.manifests())
+            .map_err(|e| e.to_string())?
+            .flatten()
+        {
+            let path = entry.path();
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let _ = objs.add_file(&path, &text);
+            }
+        }
+        let mut rules = String::from(
+            "add table ip lab-services\ndelete table ip lab-services\ntable ip lab-services {\n",
+        );
+        let mut body = String::new();
+        for svc in objs.services.values() {
+            let Some(vip) = svc.spec.cluster_ip.as_deref().filter(|v| *v != "None") else {
+                continue;
+            };
+            let Some(selector) = &svc.spec.selector else {
+                continue;
+            };
+            let ns = svc.metadata.ns();
+            let members: Vec<&mesh_control::k8s::Pod> = objs
+                .pods
+                .values()
+                .filter(|p| {
+                    p.metadata.ns() == ns
+                        && !selector.is_empty()
+                        && selector
+                            .iter()
+                            .all(|(k, v)| p.metadata.labels.get(k) == Some(v))
+                })
+                .filter(|p| p.status.pod_ip.is_some())
+                .collect();
+            for port in &svc.spec.ports {
+                let endpoints: Vec<String> = members
+                    .iter()
+                    .filter_map(|p| {
+                        let target = match &port.target_port {
+                            None => port.port,
+                            Some(mesh_control::k8s::IntOrString::Int(t)) => *t,
+                            Some(mesh_control::k8s::IntOrString::String(n)) => {
+                                p.spec
+                                    .containers
+                                    .iter()
+                                    .flat_map(|c| &c.ports)
+                                    .find(|cp| cp.name.as_deref() == Some(n.as_str()))?
+                                    .container_port
+                            }
+                        };
+                        Some(format!("{} . {target}", p.status.pod_ip.as_deref()?))
+                    })
+                    .collect();
+                if endpoints.is_empty() {
+                    continue;
+                }
+                let map: Vec<String> = endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| format!("{i} : {e}"))
+                    .collect();
+                body.push_str(&format!(
+                    "    ip daddr {vip} tcp dport {} dnat to numgen random mod {} map {{ {} }}\n",
+                    port.port,
+                    endpoints.len(),
+                    map.join(", ")
+                ));
+            }
+        }
+        rules.push_str(
+            "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n",
+        );
+        rules.push_str(&body);
+        rules.push_str(
+            "  }\n  chain output {\n    type nat hook output priority -100; policy accept;\n",
+        );
+        rules.push_str(&body);
+        rules.push_str("  }\n}\n");
+        for i in 1..=self.state.nodes {
+            ns_exec_stdin(&self.node_ns(i), &["nft", "-f", "-"], &rules)?;
+        }
+        Ok(())
+    }
+
+    /// Runs a command inside a pod (`namespace/name`), with the terminal's stdio.
+    pub fn exec(&self, pod: &str, cmd: &[String]) -> Result<i32, String> {
+        let p = self.state.pods.get(pod).ok_or_else(|| {
+            format!(
+                "no pod {pod} in lab {} (pods: {})",
+                self.name,
+                self.state
+                    .pods
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        let status = Command::new("ip")
+            .args(["netns", "exec", &p.netns])
+            .args(cmd)
+            .status()
+            .map_err(|e| e.to_string())?;
+        Ok(status.code().unwrap_or(1))
+    }
+
+    pub fn log_path(&self, component: &str) -> Result<PathBuf, String> {
+        self.state
+            .procs
+            .iter()
+            .find(|p| p.role == component)
+            .map(|p| p.log.clone())
+            .ok_or_else(|| {
+                format!(
+                    "no component {component}; known: {}",
+                    self.state
+                        .procs
+                        .iter()
+                        .map(|p| p.role.clone())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+    }
+
+    pub fn status(&self) -> String {
+        if !self.is_up() {
+            return format!("lab {} is down\n", self.name);
+        }
+        let mut s = format!(
+            "lab {} ({} nodes, state in {})\n\nNODES\n",
+            self.name,
+            self.state.nodes,
+            self.dir.display()
+        );
+        for i in 1..=self.state.nodes {
+            s.push_str(&format!(
+                "  node-{i}  {}  pods {}\n",
+                Self::node_ip(i),
+                Self::pod_cidr(i)
+            ));
+        }
+        s.push_str("\nCOMPONENTS\n");
+        for p in &self.state.procs {
+            let alive = Path::new(&format!("/proc/{}", p.pid)).exists() && !is_zombie(p.pid);
+            s.push_str(&format!(
+                "  {:<32} pid {:<8} {}\n",
+                p.role,
+                p.pid,
+                if alive { "running" } else { "EXITED" }
+            ));
+        }
+        s.push_str("\nPODS\n");
+        for (k, p) in &self.state.pods {
+            s.push_str(&format!("  {k:<32} node-{}  {}\n", p.node, p.ip));
+        }
+        s
+    }
+
+    /// Removes everything the lab made: processes (by PID, only ours), pods (CNI DEL),
+    /// namespaces, and the state directory. Works from whatever is left after a crash.
+    pub fn down(&mut self) -> Result<(), String> {
+        let prefix = format!("{}-", self.name);
+        // Processes: those recorded, and any other process carrying our marker.
+        let mut pids: Vec<u32> = self.state.procs.iter().map(|p| p.pid).collect();
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        let ours: Vec<u32> = pids
+            .into_iter()
+            .filter(|p| *p != std::process::id() && self.owns(*p))
+            .collect();
+        for pid in &ours {
+            let _ = run(&["kill", "-TERM", &pid.to_string()]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline
+            && ours
+                .iter()
+                .any(|p| Path::new(&format!("/proc/{p}")).exists() && !is_zombie(*p))
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for pid in &ours {
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = run(&["kill", "-KILL", &pid.to_string()]);
+            }
+        }
+        // Pods: CNI DEL as the runtime would (releases host-local leases), then namespaces.
+        for p in self.state.pods.values() {
+            let rt = self.runtime(p.node);
+            let _ = rt.del(&Sandbox {
+                container_id: p.container_id.clone(),
+                netns: format!("/var/run/netns/{}", p.netns),
+                ifname: "eth0".into(),
+                args: format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                    p.namespace, p.name
+                ),
+            });
+        }
+        if let Ok(list) = run(&["ip", "netns", "list"]) {
+            for line in list.lines() {
+                let name = line.split_whitespace().next().unwrap_or_default();
+                if name.starts_with(&prefix) {
+                    let _ = run(&["ip", "netns", "del", name]);
+                }
+            }
+        }
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir)
+                .map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        }
+        self.state = State::default();
+        Ok(())
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+fn ready_status(ip: &str) -> Value {
+    json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "conditions": [{"type": "Ready", "status": "True"}]})
+}

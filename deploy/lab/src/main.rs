@@ -1,0 +1,170 @@
+use clap::{Parser, Subcommand};
+use mesh_lab::lab::{DEFAULT_ROOT, Lab};
+use std::path::PathBuf;
+
+/// A real multi-node mesh cluster on one machine, built from network namespaces.
+#[derive(Parser)]
+#[command(name = "mesh-lab", version)]
+struct Cli {
+    /// Lab name: prefixes everything it creates, so several labs can coexist.
+    #[arg(long, global = true, env = "MESH_LAB", default_value = "lab")]
+    name: String,
+    /// Where labs keep their state, manifests and logs.
+    #[arg(long, global = true, default_value = DEFAULT_ROOT)]
+    state_root: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the cluster (idempotent).
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+    },
+    /// Remove everything the lab made (also after a crash).
+    Down,
+    /// Nodes, components and pods.
+    Status,
+    /// Apply a manifest file (namespaces, pods, services, policies, gateways...).
+    Apply {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+    },
+    /// Delete a pod (namespace/name).
+    Delete { pod: String },
+    /// Run a command inside a pod: mesh-lab exec shop/web -- curl -s http://10.96.0.10/
+    Exec {
+        pod: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Print a component's log (control, ztunnel-N, agent-N, pod:NS/NAME).
+    Logs { component: String },
+    /// Stop a component (ztunnel-N, agent-N, control), with SIGKILL if --kill.
+    Stop {
+        component: String,
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Start a node's stopped ztunnel or agent again.
+    Start { component: String },
+    /// Run meshctl against the lab's control plane.
+    Meshctl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The guided demo: plaintext, then the same traffic over the mesh.
+    Demo {
+        /// Leave the lab up at the end.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// The sample app (run inside pods by the lab).
+    App {
+        #[arg(long, default_value = "app")]
+        name: String,
+        #[arg(long)]
+        http: Option<u16>,
+        #[arg(long)]
+        tcp_echo: Option<u16>,
+    },
+}
+
+fn run(cli: Cli) -> Result<i32, String> {
+    if let Cmd::App {
+        name,
+        http,
+        tcp_echo,
+    } = cli.cmd
+    {
+        let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+        rt.block_on(mesh_lab::app::run(mesh_lab::app::AppConfig {
+            name,
+            http_port: http,
+            tcp_echo_port: tcp_echo,
+        }))
+        .map_err(|e| e.to_string())?;
+        return Ok(0);
+    }
+    let mut lab = Lab::open(&cli.name, &cli.state_root)?;
+    match cli.cmd {
+        Cmd::Up { nodes } => {
+            let was_up = lab.is_up();
+            lab.up(nodes)?;
+            println!(
+                "{}",
+                if was_up {
+                    "lab is already up"
+                } else {
+                    "lab is up"
+                }
+            );
+            print!("{}", lab.status());
+        }
+        Cmd::Down => {
+            lab.down()?;
+            println!("lab {} removed", cli.name);
+        }
+        Cmd::Status => print!("{}", lab.status()),
+        Cmd::Apply { file } => {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            for line in lab.apply(&text, &file.to_string_lossy())? {
+                println!("{line}");
+            }
+        }
+        Cmd::Delete { pod } => {
+            lab.delete_pod(&pod)?;
+            println!("pod {pod} deleted");
+        }
+        Cmd::Exec { pod, cmd } => return lab.exec(&pod, &cmd),
+        Cmd::Logs { component } => {
+            let path = lab.log_path(&component)?;
+            print!(
+                "{}",
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?
+            );
+        }
+        Cmd::Stop { component, kill } => {
+            lab.stop(&component, kill)?;
+            println!("{component} stopped");
+        }
+        Cmd::Start { component } => {
+            match component.split_once('-') {
+                Some(("ztunnel", n)) => lab.start_ztunnel(n.parse().map_err(|_| "ztunnel-N")?)?,
+                Some(("agent", n)) => lab.start_agent(n.parse().map_err(|_| "agent-N")?)?,
+                _ => {
+                    return Err(format!(
+                        "cannot start {component}: give ztunnel-N or agent-N"
+                    ));
+                }
+            }
+            println!("{component} started");
+        }
+        Cmd::Meshctl { args } => {
+            let mut cmd = vec![lab.bin_dir.join("meshctl").to_string_lossy().into_owned()];
+            cmd.extend(args);
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", &lab.node_ns(1)])
+                .args(&cmd)
+                .status()
+                .map_err(|e| e.to_string())?;
+            return Ok(status.code().unwrap_or(1));
+        }
+        Cmd::Demo { keep } => return mesh_lab::demo::run(&mut lab, keep),
+        Cmd::App { .. } => unreachable!("handled above"),
+    }
+    Ok(0)
+}
+
+fn main() {
+    match run(Cli::parse()) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("mesh-lab: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! The user stories on a real lab cluster (nodes and pods as network namespaces, the
+//! reference CNI plugins, every mesh component running as a process).
+
+use mesh_e2e::cluster::{contains, wait_until};
+use mesh_e2e::net::unique;
+use mesh_e2e::proc::Proc;
+use mesh_e2e::{binary, require_tool};
+use mesh_lab::lab::Lab;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+struct TestLab {
+    lab: Lab,
+    _root: tempfile::TempDir,
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = self.lab.down();
+    }
+}
+
+impl TestLab {
+    fn up() -> TestLab {
+        require_tool("curl");
+        require_tool("tcpdump");
+        let root = tempfile::tempdir().unwrap();
+        let bins = binary("ztunnel").parent().unwrap().to_path_buf();
+        let mut lab = Lab::open_with_binaries(&unique("l"), root.path(), &bins).unwrap();
+        lab.up(2).unwrap();
+        TestLab { lab, _root: root }
+    }
+
+    fn apply(&mut self, yaml: &str) {
+        self.lab.apply(yaml, "test.yaml").unwrap();
+    }
+
+    fn log(&self, role: &str) -> String {
+        std::fs::read_to_string(self.lab.log_path(role).unwrap()).unwrap_or_default()
+    }
+
+    /// Every component's log, for failure messages.
+    fn all_logs(&self) -> String {
+        let mut out = String::new();
+        for p in &self.lab.state.procs {
+            out.push_str(&format!(
+                "\n----- {} -----\n{}",
+                p.role,
+                std::fs::read_to_string(&p.log).unwrap_or_default()
+            ));
+        }
+        out
+    }
+
+    fn wait_log(&self, role: &str, needle: &str) {
+        wait_until(&format!("{needle:?} in {role}'s log"), || {
+            self.log(role).contains(needle)
+        });
+    }
+
+    fn netns(&self, pod: &str) -> String {
+        format!("/var/run/netns/{}", self.lab.state.pods[pod].netns)
+    }
+
+    /// curl from inside a pod; `Err` when the request fails.
+    fn curl(&self, pod: &str, url: &str) -> Result<String, String> {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.lab.state.pods[pod].netns,
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                url,
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!("curl exit {:?}", out.status.code()))
+        }
+    }
+
+    /// Raw TCP from inside a pod: send, half-close, read everything.
+    fn tcp(&self, pod: &str, to: &str, msg: &str) -> std::io::Result<String> {
+        let to: SocketAddr = to.parse().unwrap();
+        let ns = ztunnel::inpod::netns::Netns::open(&self.netns(pod))?;
+        let mut s = ns.run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))??;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(msg.as_bytes())?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    fn capture(&self, name: &str) -> Capture {
+        let file = self.lab.dir.join(format!("{name}.pcap"));
+        let proc = Proc::spawn(
+            Some(&self.lab.fabric_ns()),
+            // Pod traffic only: the control plane's own TLS also crosses the fabric.
+            &[
+                "tcpdump",
+                "-i",
+                "br0",
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-s",
+                "0",
+                "-w",
+                file.to_str().unwrap(),
+                "tcp and net 10.244.0.0/16",
+            ],
+            &self.lab.dir.join(format!("{name}.tcpdump.log")),
+        );
+        assert!(proc.wait_for("listening on", Duration::from_secs(5)));
+        Capture { proc, file }
+    }
+}
+
+struct Capture {
+    proc: Proc,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// (payload seen, every packet on 15008)
+    fn finish(mut self, marker: &str) -> (bool, bool) {
+        std::thread::sleep(Duration::from_millis(300));
+        self.proc.stop(Duration::from_secs(2));
+        let bytes = std::fs::read(&self.file).unwrap();
+        let summary =
+            mesh_e2e::net::run(&["tcpdump", "-r", self.file.to_str().unwrap(), "-nn", "-q"]);
+        let all_hbone = !summary.is_empty() && summary.lines().all(|l| l.contains(".15008"));
+        (contains(&bytes, marker), all_hbone)
+    }
+}
+
+const APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: front}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: back}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: back, labels: {app: api}}
+spec:
+  nodeName: node-2
+  serviceAccountName: api
+  containers: [{name: api, ports: [{name: http, containerPort: 8080}, {name: tcp-echo, containerPort: 9000}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: back}
+spec:
+  selector: {app: api}
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: http}, {name: tcp-legacy, port: 9000, targetPort: 9000}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: front, labels: {app: client}}
+spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: client}]}
+"#;
+
+fn ambient(on: bool) -> String {
+    let l = if on {
+        "{istio.io/dataplane-mode: ambient}"
+    } else {
+        "{}"
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: front, labels: {l}}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: back, labels: {l}}}\n"
+    )
+}
+
+#[test]
+fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
+    let mut t = TestLab::up();
+    t.apply(APP);
+    wait_until("the app", || {
+        t.curl("front/client", "http://10.96.0.20/").is_ok()
+    });
+
+    // Before: plaintext on the fabric.
+    let cap = t.capture("before");
+    assert!(
+        t.curl("front/client", "http://10.96.0.20/plain-marker-1")
+            .unwrap()
+            .contains("plain-marker-1")
+    );
+    let (seen, _) = cap.finish("plain-marker-1");
+    assert!(
+        seen,
+        "before the mesh the request is plaintext (positive control)"
+    );
+
+    // Label the namespaces: the same running pods are enrolled, no restart.
+    let api_pid = t
+        .lab
+        .state
+        .procs
+        .iter()
+        .find(|p| p.role == "pod:back/api")
+        .unwrap()
+        .pid;
+    t.apply(&ambient(true));
+    t.wait_log("agent-1", "pod enrolled");
+    t.wait_log("agent-2", "pod enrolled");
+    wait_until("mTLS", || {
+        t.curl("front/client", "http://10.96.0.20/").is_ok()
+            && t.log("ztunnel-2")
+                .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
+    });
+    let cap = t.capture("after");
+    let answer = t
+        .curl("front/client", "http://10.96.0.20/mesh-marker-2")
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nztunnel-1:\n{}\nztunnel-2:\n{}",
+                t.log("ztunnel-1"),
+                t.log("ztunnel-2")
+            )
+        });
+    assert!(
+        answer.contains("from 10.244.1.2"),
+        "the app still sees the client's IP: {answer}"
+    );
+    // Story (c): a legacy plain-TCP server, reached only over mTLS.
+    let echoed = t
+        .tcp("front/client", "10.96.0.20:9000", "legacy-marker-3")
+        .unwrap_or_else(|e| panic!("{e}{}", t.all_logs()));
+    assert_eq!(echoed, "legacy-marker-3");
+    let (seen_http, all_hbone) = cap.finish("mesh-marker-2");
+    assert!(
+        !seen_http && all_hbone,
+        "only HBONE on the fabric after labelling"
+    );
+    let bytes = std::fs::read(t.lab.dir.join("after.pcap")).unwrap();
+    assert!(
+        !contains(&bytes, "legacy-marker-3"),
+        "the legacy TCP payload never crosses in the clear"
+    );
+    assert_eq!(
+        t.lab
+            .state
+            .procs
+            .iter()
+            .find(|p| p.role == "pod:back/api")
+            .unwrap()
+            .pid,
+        api_pid,
+        "the pod was not restarted"
+    );
+
+    // Unlabel: back to plaintext.
+    t.apply(&ambient(false));
+    t.wait_log("agent-2", "pod removed from the mesh");
+    t.wait_log("agent-1", "pod removed from the mesh");
+    wait_until("plaintext again", || {
+        let cap = t.capture("unlabelled");
+        let ok = t
+            .curl("front/client", "http://10.96.0.20/plain-again-4")
+            .is_ok();
+        let (seen, _) = cap.finish("plain-again-4");
+        ok && seen
+    });
+}
+
+#[test]
+fn policy_strict_and_component_failures() {
+    let mut t = TestLab::up();
+    t.apply(APP);
+    t.apply(&ambient(true));
+    // A pod outside the mesh, on node 2.
+    t.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: outside}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: legacy-client, namespace: outside}\nspec: {nodeName: node-2, containers: [{name: c}]}\n");
+    t.wait_log("agent-2", "pod enrolled");
+    wait_until("mTLS", || {
+        t.tcp("front/client", "10.96.0.20:9000", "x")
+            .is_ok_and(|s| s == "x")
+    });
+
+    // L4 DENY from the control plane, logged with the policy's name.
+    t.apply("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-echo, namespace: back}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {ports: [\"9000\"]}}]}]\n");
+    wait_until("the deny to apply", || {
+        t.tcp("front/client", "10.96.0.20:9000", "x").is_err()
+            || t.tcp("front/client", "10.96.0.20:9000", "x")
+                .is_ok_and(|s| s.is_empty())
+    });
+    t.wait_log("ztunnel-2", "policy=back/no-echo");
+    if let Err(e) = t.curl("front/client", "http://10.96.0.20/") {
+        panic!(
+            "other ports must be unaffected: {e}\nztunnel-1:\n{}\nztunnel-2:\n{}",
+            t.log("ztunnel-1"),
+            t.log("ztunnel-2")
+        );
+    }
+
+    // STRICT: plaintext from outside the mesh is refused, mTLS still works.
+    assert!(
+        t.curl("outside/legacy-client", "http://10.96.0.20/")
+            .is_ok(),
+        "permissive by default"
+    );
+    t.apply("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: back}\nspec: {mtls: {mode: STRICT}}\n");
+    wait_until("STRICT", || {
+        t.curl("outside/legacy-client", "http://10.96.0.20/")
+            .is_err()
+    });
+    assert!(t.curl("front/client", "http://10.96.0.20/").is_ok());
+
+    // The node agent restarts: nothing breaks.
+    t.lab.stop("agent-1", true).unwrap();
+    assert!(t.curl("front/client", "http://10.96.0.20/").is_ok());
+    t.lab.start_agent(1).unwrap();
+    t.lab
+        .wait_log("agent-1", "xDS connected", Duration::from_secs(10))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    if let Err(e) = t.curl("front/client", "http://10.96.0.20/") {
+        let ls = std::process::Command::new("sh")
+            .args(["-c", "ls -i /var/run/netns"])
+            .output()
+            .unwrap();
+        panic!(
+            "after the agent restart: {e}\n{}{}",
+            String::from_utf8_lossy(&ls.stdout),
+            t.all_logs()
+        );
+    }
+
+    // The control plane dies: traffic continues on last-known config.
+    t.lab.stop("control", true).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        t.curl("front/client", "http://10.96.0.20/after-control")
+            .unwrap()
+            .contains("after-control")
+    );
+
+    // ztunnel on node 1 dies: the client's traffic is refused, never sent in the clear.
+    t.lab.stop("ztunnel-1", true).unwrap();
+    let cap = t.capture("zt-down");
+    assert!(
+        t.curl("front/client", "http://10.96.0.20/must-not-leak-5")
+            .is_err()
+    );
+    let (seen, _) = cap.finish("must-not-leak-5");
+    assert!(!seen, "nothing in the clear with ztunnel down");
+    let _ = binary("mesh-control");
+}
