@@ -38,34 +38,10 @@ pub struct Cluster {
     plane: bool,
 }
 
+/// The redirection the node agent programs, applied by the agent's own code.
 pub fn pod_rules(pod: &Netns) {
-    let script = mesh_cni::rules::pod_ruleset(&Default::default());
-    let path = std::env::temp_dir().join(format!("{}.nft", pod.name));
-    std::fs::write(&path, script).unwrap();
-    pod.exec(&["nft", "-f", path.to_str().unwrap()]);
-    let _ = std::fs::remove_file(path);
-    pod.exec(&[
-        "ip",
-        "rule",
-        "add",
-        "fwmark",
-        "0x111/0xfff",
-        "pref",
-        "32764",
-        "lookup",
-        "100",
-    ]);
-    pod.exec(&[
-        "ip",
-        "route",
-        "add",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        "100",
-    ]);
+    let ns = mesh_cni::agent::netns::Netns::open(&pod.path()).unwrap();
+    mesh_cni::agent::redirect::apply(&ns, &Default::default()).unwrap();
 }
 
 pub fn base_config(extra_policies: &str, b_policies: &str) -> String {
@@ -347,10 +323,15 @@ pub struct Capture {
 }
 
 pub fn capture(ns: &Netns, iface: &str, dir: &Path) -> Capture {
+    capture_in(&ns.name, iface, dir, iface, "tcp")
+}
+
+/// Captures `filter` on `iface` in namespace `ns` into `<dir>/<name>.pcap`.
+pub fn capture_in(ns: &str, iface: &str, dir: &Path, name: &str, filter: &str) -> Capture {
     require_tool("tcpdump");
-    let file = dir.join(format!("{iface}.pcap"));
+    let file = dir.join(format!("{name}.pcap"));
     let proc = Proc::spawn(
-        Some(&ns.name),
+        Some(ns),
         &[
             "tcpdump",
             "-i",
@@ -362,9 +343,9 @@ pub fn capture(ns: &Netns, iface: &str, dir: &Path) -> Capture {
             "0",
             "-w",
             file.to_str().unwrap(),
-            "tcp",
+            filter,
         ],
-        &dir.join(format!("{iface}.tcpdump.log")),
+        &dir.join(format!("{name}.tcpdump.log")),
     );
     assert!(
         proc.wait_for("listening on", Duration::from_secs(5)),

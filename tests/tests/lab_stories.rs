@@ -1,14 +1,12 @@
 //! The user stories on a real lab cluster (nodes and pods as network namespaces, the
 //! reference CNI plugins, every mesh component running as a process).
 
-use mesh_e2e::cluster::{contains, wait_until};
+use mesh_e2e::cluster::{Capture, capture_in, contains, wait_until};
 use mesh_e2e::net::unique;
-use mesh_e2e::proc::Proc;
 use mesh_e2e::{binary, require_tool};
 use mesh_lab::lab::Lab;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::time::Duration;
 
 struct TestLab {
@@ -99,47 +97,23 @@ impl TestLab {
         Ok(out)
     }
 
+    /// Pod traffic only: the control plane's own TLS also crosses the fabric.
     fn capture(&self, name: &str) -> Capture {
-        let file = self.lab.dir.join(format!("{name}.pcap"));
-        let proc = Proc::spawn(
-            Some(&self.lab.fabric_ns()),
-            // Pod traffic only: the control plane's own TLS also crosses the fabric.
-            &[
-                "tcpdump",
-                "-i",
-                "br0",
-                "--immediate-mode",
-                "-U",
-                "-n",
-                "-s",
-                "0",
-                "-w",
-                file.to_str().unwrap(),
-                "tcp and net 10.244.0.0/16",
-            ],
-            &self.lab.dir.join(format!("{name}.tcpdump.log")),
-        );
-        assert!(proc.wait_for("listening on", Duration::from_secs(5)));
-        Capture { proc, file }
+        capture_in(
+            &self.lab.fabric_ns(),
+            "br0",
+            &self.lab.dir,
+            name,
+            "tcp and net 10.244.0.0/16",
+        )
     }
 }
 
-struct Capture {
-    proc: Proc,
-    file: PathBuf,
-}
-
-impl Capture {
-    /// (payload seen, every packet on 15008)
-    fn finish(mut self, marker: &str) -> (bool, bool) {
-        std::thread::sleep(Duration::from_millis(300));
-        self.proc.stop(Duration::from_secs(2));
-        let bytes = std::fs::read(&self.file).unwrap();
-        let summary =
-            mesh_e2e::net::run(&["tcpdump", "-r", self.file.to_str().unwrap(), "-nn", "-q"]);
-        let all_hbone = !summary.is_empty() && summary.lines().all(|l| l.contains(".15008"));
-        (contains(&bytes, marker), all_hbone)
-    }
+/// (payload seen, every packet on 15008)
+fn finish(cap: Capture, marker: &str) -> (bool, bool) {
+    let (bytes, summary) = cap.finish();
+    let all_hbone = !summary.is_empty() && summary.lines().all(|l| l.contains(".15008"));
+    (contains(&bytes, marker), all_hbone)
 }
 
 const APP: &str = r#"
@@ -199,7 +173,7 @@ fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
             .unwrap()
             .contains("plain-marker-1")
     );
-    let (seen, _) = cap.finish("plain-marker-1");
+    let (seen, _) = finish(cap, "plain-marker-1");
     assert!(
         seen,
         "before the mesh the request is plaintext (positive control)"
@@ -241,7 +215,7 @@ fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
         .tcp("front/client", "10.96.0.20:9000", "legacy-marker-3")
         .unwrap_or_else(|e| panic!("{e}{}", t.all_logs()));
     assert_eq!(echoed, "legacy-marker-3");
-    let (seen_http, all_hbone) = cap.finish("mesh-marker-2");
+    let (seen_http, all_hbone) = finish(cap, "mesh-marker-2");
     assert!(
         !seen_http && all_hbone,
         "only HBONE on the fabric after labelling"
@@ -272,7 +246,7 @@ fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
         let ok = t
             .curl("front/client", "http://10.96.0.20/plain-again-4")
             .is_ok();
-        let (seen, _) = cap.finish("plain-again-4");
+        let (seen, _) = finish(cap, "plain-again-4");
         ok && seen
     });
 }
@@ -355,7 +329,7 @@ fn policy_strict_and_component_failures() {
         t.curl("front/client", "http://10.96.0.20/must-not-leak-5")
             .is_err()
     );
-    let (seen, _) = cap.finish("must-not-leak-5");
+    let (seen, _) = finish(cap, "must-not-leak-5");
     assert!(!seen, "nothing in the clear with ztunnel down");
     let _ = binary("mesh-control");
 }

@@ -706,6 +706,18 @@ impl Lab {
         Ok(format!("pod {key} created on node-{node} with IP {ip}"))
     }
 
+    fn sandbox(p: &PodEntry) -> Sandbox {
+        Sandbox {
+            container_id: p.container_id.clone(),
+            netns: format!("/var/run/netns/{}", p.netns),
+            ifname: "eth0".into(),
+            args: format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
+                p.namespace, p.name, p.uid
+            ),
+        }
+    }
+
     /// Deletes a pod: its process, CNI DEL, its namespace and its manifest.
     pub fn delete_pod(&mut self, key: &str) -> Result<(), String> {
         let p = self
@@ -716,16 +728,7 @@ impl Lab {
             .ok_or_else(|| format!("no pod {key}"))?;
         let _ = self.stop(&format!("pod:{key}"), true);
         let rt = self.runtime(p.node);
-        let sb = Sandbox {
-            container_id: p.container_id.clone(),
-            netns: format!("/var/run/netns/{}", p.netns),
-            ifname: "eth0".into(),
-            args: format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
-                p.namespace, p.name, p.uid
-            ),
-        };
-        let _ = rt.del(&sb);
+        let _ = rt.del(&Self::sandbox(&p));
         let _ = run(&["ip", "netns", "del", &p.netns]);
         let _ = std::fs::remove_file(self.manifest_path("Pod", &p.namespace, &p.name));
         self.state.pods.remove(key);
@@ -933,15 +936,7 @@ impl Lab {
         // Pods: CNI DEL as the runtime would (releases host-local leases), then namespaces.
         for p in self.state.pods.values() {
             let rt = self.runtime(p.node);
-            let _ = rt.del(&Sandbox {
-                container_id: p.container_id.clone(),
-                netns: format!("/var/run/netns/{}", p.netns),
-                ifname: "eth0".into(),
-                args: format!(
-                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
-                    p.namespace, p.name
-                ),
-            });
+            let _ = rt.del(&Self::sandbox(p));
         }
         if let Ok(list) = run(&["ip", "netns", "list"]) {
             for line in list.lines() {

@@ -78,6 +78,30 @@ fn fill_random(buf: &mut [u8]) {
         .expect("system random source");
 }
 
+/// Parameters of a CA certificate (root or intermediate).
+fn ca_params(
+    trust_domain: &str,
+    common_name: String,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, trust_domain);
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = to_offset(not_before);
+    params.not_after = to_offset(not_after);
+    params.serial_number = Some(random_serial());
+    params
+}
+
 /// The SPIFFE identity a CSR asks for (its only URI SAN), after checking its signature.
 pub fn csr_identity(csr_pem: &str) -> Result<SpiffeId, CaError> {
     let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::BadCsr)?;
@@ -110,28 +134,17 @@ impl CertificateAuthority {
     pub fn new_root(trust_domain: &str, validity: Duration) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
         let now = SystemTime::now();
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, trust_domain);
         // A distinct name per root, so that during rotation each certificate names the
         // root that signed it and an unknown root reads as such (not as a bad signature).
         let mut tag = [0u8; 4];
         fill_random(&mut tag);
         let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
-        dn.push(
-            DnType::CommonName,
+        let params = ca_params(
+            trust_domain,
             format!("mesh root CA {trust_domain} {tag}"),
+            now - CLOCK_SKEW,
+            now + validity,
         );
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = to_offset(now - CLOCK_SKEW);
-        params.not_after = to_offset(now + validity);
-        params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key).map_err(CaError::Sign)?;
         let der = cert.der().clone();
         Ok(CertificateAuthority {
@@ -358,20 +371,12 @@ impl CertificateAuthority {
     pub fn issue_intermediate(&self, validity: Duration) -> Result<(String, String), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
         let now = SystemTime::now();
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, self.trust_domain.as_str());
-        dn.push(DnType::CommonName, "mesh intermediate CA");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = to_offset(now - CLOCK_SKEW);
-        params.not_after = to_offset((now + validity).min(self.not_after));
-        params.serial_number = Some(random_serial());
+        let mut params = ca_params(
+            &self.trust_domain,
+            "mesh intermediate CA".into(),
+            now - CLOCK_SKEW,
+            (now + validity).min(self.not_after),
+        );
         params.use_authority_key_identifier_extension = true;
         let issuer = Issuer::from_ca_cert_der(&self.cert, &self.key)
             .map_err(|e| CaError::BadCaMaterial(e.to_string()))?;
