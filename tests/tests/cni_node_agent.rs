@@ -251,6 +251,36 @@ async fn enrolled_pod_lifecycle_through_the_runtime() {
     assert_eq!(orig, target, "SO_ORIGINAL_DST names the real destination");
     drop(listener);
 
+    // Kubelet probes from the node are SNATed to 169.254.7.127 and reach the app
+    // directly (no ztunnel here: anything captured would be refused).
+    wait_until("the pod IP in the probe set", || {
+        node.node
+            .exec(&["nft", "list", "set", "ip", "ambient-host", "probes"])
+            .contains(&ip)
+    });
+    let app = pod_ns
+        .handle()
+        .run(|| TcpListener::bind("0.0.0.0:8080"))
+        .unwrap()
+        .unwrap();
+    let pod_addr: SocketAddr = format!("{ip}:8080").parse().unwrap();
+    let probe = node
+        .node
+        .handle()
+        .run(|| TcpStream::connect_timeout(&pod_addr, Duration::from_secs(3)))
+        .unwrap();
+    assert!(
+        probe.is_ok(),
+        "a node-local probe reaches the app: {probe:?}"
+    );
+    let (_probe_conn, seen_from) = app.accept().unwrap();
+    assert_eq!(
+        seen_from.ip().to_string(),
+        "169.254.7.127",
+        "probe source is the SNAT address"
+    );
+    drop(app);
+
     // ZDS: a ztunnel gets the pod with an fd that refers to the pod's namespace.
     let zt = zds_client(&node).await;
     match zt.recv().await.unwrap() {
@@ -284,6 +314,12 @@ async fn enrolled_pod_lifecycle_through_the_runtime() {
     }
     zt.ack(None).await.unwrap();
     wait_until("rules removed", || clean(&pod_ns));
+    wait_until("the pod IP out of the probe set", || {
+        !node
+            .node
+            .exec(&["nft", "list", "set", "ip", "ambient-host", "probes"])
+            .contains(&ip)
+    });
     node.runtime.del(&sb).expect("DEL");
     node.agent.as_mut().unwrap().stop(Duration::from_secs(2));
 }

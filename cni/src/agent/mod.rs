@@ -51,6 +51,20 @@ struct PodRecord {
     programmed: Option<u64>,
     /// Reported by ztunnel's ack.
     acked: bool,
+    /// IPs from the plugin's ADD (the control plane may learn them later).
+    plugin_ips: Vec<String>,
+}
+
+impl PodRecord {
+    fn ips(&self) -> Vec<String> {
+        let mut ips = self.plugin_ips.clone();
+        for ip in self.view.iter().flat_map(|v| &v.ips) {
+            if !ips.contains(ip) {
+                ips.push(ip.clone());
+            }
+        }
+        ips
+    }
 }
 
 pub struct Agent {
@@ -175,8 +189,7 @@ impl Agent {
         };
         let want = rec.view.as_ref().is_some_and(|v| v.enrolled);
         if want && rec.netns.is_none() {
-            let ips = rec.view.as_ref().map(|v| v.ips.clone()).unwrap_or_default();
-            rec.netns = self.discover(&ips);
+            rec.netns = self.discover(&rec.ips());
         }
         let inode = rec.netns.as_ref().map(|n| n.inode);
         match (want, rec.programmed, inode) {
@@ -304,6 +317,7 @@ impl Agent {
                 namespace,
                 name,
                 netns,
+                ips,
                 ..
             } => {
                 let k = key(&namespace, &name);
@@ -316,6 +330,7 @@ impl Agent {
                     {
                         let mut pods = self.pods.lock().await;
                         let rec = pods.entry(k.clone()).or_default();
+                        rec.plugin_ips = ips.clone();
                         match ns.try_clone() {
                             Ok(n) => rec.netns = Some(n),
                             Err(message) => return AgentReply::Error { message },
@@ -452,8 +467,7 @@ impl Agent {
             .await
             .values()
             .filter(|r| r.programmed.is_some())
-            .filter_map(|r| r.view.as_ref())
-            .flat_map(|v| v.ips.clone())
+            .flat_map(|r| r.ips())
             .collect();
         if let Err(e) = run_here(&["nft", "-f", "-"], Some(&redirect::host_probe_set(&ips))) {
             tracing::warn!(error = %e, "cannot update the probe SNAT set");
