@@ -9,6 +9,15 @@ use std::time::Duration;
 #[test]
 fn pod_to_pod_over_hbone_shows_only_tls_on_the_wire() {
     let c = Cluster::new(Control::Local(base_config("  []", "")));
+    // Certificates are fetched when the pods arrive, before any traffic.
+    c.wait_log(
+        0,
+        "certificate issued identity=spiffe://cluster.local/ns/front/sa/web",
+    );
+    c.wait_log(
+        1,
+        "certificate issued identity=spiffe://cluster.local/ns/back/sa/api",
+    );
     let _server = echo_server(&c.pod_b, "0.0.0.0:8080", "server-b");
     let cap = capture(&c.node1, &c.link, &c.dir);
     let marker = "SECRET-PAYLOAD-7f3a";

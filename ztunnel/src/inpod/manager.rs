@@ -75,6 +75,9 @@ impl WorkloadManager {
             let deadline = self.deadline;
             tracing::info!(uid, pod = %format!("{}/{}", p.info.namespace, p.info.name), "draining pod proxy");
             tokio::spawn(async move { p.drain.run(deadline).await });
+            // Identities no local pod runs as any more are forgotten.
+            let in_use: Vec<_> = self.proxies.values().filter_map(|p| p.identity()).collect();
+            self.ctx.certs.retain(|id| in_use.contains(id));
         }
     }
 
@@ -139,6 +142,7 @@ impl WorkloadManager {
         match PodProxy::start(self.ctx.clone(), pod, netns, &self.drain) {
             Ok(p) => {
                 tracing::info!(uid, pod = %label, "pod proxy started");
+                p.prefetch_certificate();
                 self.proxies.insert(uid, p);
                 self.ctx.metrics.proxies_started.inc();
                 self.ctx

@@ -170,6 +170,32 @@ impl PodProxy {
         Ok(proxy)
     }
 
+    /// The identity this pod runs as (from xDS, else from what the node agent reported).
+    pub fn identity(&self) -> Option<SpiffeId> {
+        self.workload()
+            .map(|w| w.identity.clone())
+            .or_else(|| self.fallback_identity())
+    }
+
+    /// Fetches the pod's certificate in the background, so its first connection does not
+    /// wait for the CA. Waits briefly for the pod to appear in xDS (its identity may carry
+    /// a trust domain that only xDS knows).
+    pub fn prefetch_certificate(self: &Arc<Self>) {
+        let pod = self.clone();
+        tokio::spawn(async move {
+            let id = match pod.wait_for_workload().await {
+                Some(w) => w.identity.clone(),
+                None => match pod.fallback_identity() {
+                    Some(id) => id,
+                    None => return,
+                },
+            };
+            if let Err(e) = pod.ctx.certs.get(&id).await {
+                tracing::warn!(identity = %id, error = %e, "certificate prefetch failed; will retry on first use");
+            }
+        });
+    }
+
     fn fallback_identity(&self) -> Option<SpiffeId> {
         let sa = if self.info.service_account.is_empty() {
             "default"
@@ -487,11 +513,9 @@ impl PodProxy {
     }
 
     async fn inbound_hbone(self: Arc<Self>, tcp: TcpStream) {
-        let identity = self
-            .workload()
-            .map(|w| w.identity.clone())
-            .or_else(|| self.fallback_identity());
-        let Some(identity) = identity else { return };
+        let Some(identity) = self.identity() else {
+            return;
+        };
         let creds = match self.ctx.certs.get(&identity).await {
             Ok(c) => c,
             Err(e) => {
