@@ -1,7 +1,7 @@
 # The two entry points of the README: `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: test demo deps fmt-check clippy unit bench
+.PHONY: test demo deps fmt-check clippy unit bench bench-ztunnel
 
 test: deps fmt-check clippy unit
 
@@ -22,6 +22,11 @@ unit:
 
 bench:
 	$(CARGO) bench -p hbone --bench hbone
+
+# ztunnel's data path on two nodes (release binaries): direct vs through two ztunnels.
+bench-ztunnel: deps
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p mesh-e2e --bench ztunnel_paths
 
 demo: deps
 	$(CARGO) build --workspace --bins

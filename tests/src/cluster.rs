@@ -22,6 +22,9 @@ pub enum Control {
     Local(String),
     /// A mesh-control in node 1's namespace, reading these Kubernetes manifests.
     Plane(String),
+    /// No mesh at all: the same nodes and pods, no redirect rules, no ztunnel (the
+    /// direct path benchmarks compare against).
+    None,
 }
 
 pub struct Cluster {
@@ -85,8 +88,11 @@ impl Cluster {
         node2.exec(&["ip", "route", "add", "10.201.1.0/24", "via", "10.200.0.1"]);
         pod_a.exec(&["ip", "route", "add", "default", "via", "10.201.1.1"]);
         pod_b.exec(&["ip", "route", "add", "default", "via", "10.201.2.1"]);
-        pod_rules(&pod_a);
-        pod_rules(&pod_b);
+        let mesh = !matches!(control, Control::None);
+        if mesh {
+            pod_rules(&pod_a);
+            pod_rules(&pod_b);
+        }
 
         let dir = std::env::temp_dir().join(format!("{}-state", node1.name));
         std::fs::create_dir_all(dir.join("ca")).unwrap();
@@ -106,6 +112,7 @@ impl Cluster {
                 std::fs::write(&p, manifests).unwrap();
                 (p, true)
             }
+            Control::None => (dir.join("unused"), false),
         };
         let mut c = Cluster {
             control: None,
@@ -122,8 +129,10 @@ impl Cluster {
         if plane {
             c.start_control();
         }
-        c.start_ztunnel(0);
-        c.start_ztunnel(1);
+        if mesh {
+            c.start_ztunnel(0);
+            c.start_ztunnel(1);
+        }
         c
     }
 
