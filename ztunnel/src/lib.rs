@@ -5,11 +5,14 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod drain;
-pub mod identity;
 pub mod inpod;
 pub mod local;
 pub mod metrics;
 pub mod proxy;
 pub mod rbac;
-pub mod state;
 pub mod xds;
+
+/// Workload/service/policy state (shared with the waypoint).
+pub use mesh_discovery as state;
+/// Workload certificates (shared with the waypoint).
+pub use mesh_xds::certs as identity;

@@ -5,6 +5,8 @@
 //! state is never touched on disconnect: last-known config stays in use.
 #![forbid(unsafe_code)]
 
+pub mod certs;
+
 use mesh_proto::discovery::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
     aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,

@@ -1,10 +1,11 @@
-//! What ztunnel knows about the mesh: workloads, services and policies, indexed for the
-//! data path (by IP, by VIP, by service) and updated from xDS or a local file.
+//! What a data-plane proxy knows about the mesh: workloads, services and policies,
+//! indexed for the data path (by IP, by VIP, by service) and updated from xDS or a file.
+#![forbid(unsafe_code)]
 
 pub mod types;
 
-use crate::rbac::{self, ConnectionInfo, Decision};
 pub use mesh_authz::{Action, IpNet, Match, Policy, PolicyScope, StringMatch};
+use mesh_authz::{ConnectionInfo, Decision};
 use mesh_proto::{security as pb_sec, workload as pb};
 use rand::Rng;
 use std::collections::{BTreeSet, HashMap};
@@ -313,7 +314,7 @@ impl State {
     }
 
     pub fn authorize(&self, dst: &Workload, conn: &ConnectionInfo) -> Decision {
-        rbac::evaluate(self.policies_for(dst).iter().map(|p| p.as_ref()), conn)
+        mesh_authz::evaluate(self.policies_for(dst).iter().map(|p| p.as_ref()), conn)
     }
 }
 
