@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "protos/istio/zds/zds.proto",
         "protos/envoy/discovery.proto",
         "protos/mesh/cni.proto",
+        "protos/mesh/waypoint.proto",
     ];
     println!("cargo:rerun-if-changed=protos");
     let fds = protox::compile(files, ["protos"])?;

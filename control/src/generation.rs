@@ -13,6 +13,7 @@ use std::sync::Arc;
 #[derive(Debug, Default)]
 pub struct Generation {
     pub version: u64,
+    pub index_config: IndexConfig,
     pub objects: Arc<Objects>,
     pub resources: Arc<Resources>,
     pub addresses: View,
@@ -99,6 +100,7 @@ impl Generation {
             .collect();
         Generation {
             version,
+            index_config: cfg.clone(),
             objects: Arc::new(objects),
             resources: Arc::new(resources),
             addresses,
@@ -112,6 +114,36 @@ impl Generation {
         match type_url {
             type_url::ADDRESS => Some(self.addresses.clone()),
             type_url::AUTHORIZATION => Some(self.authorizations.clone()),
+            type_url::HTTP_ROUTE | type_url::L7_POLICY => match who {
+                Principal::Waypoint { namespace, name } => {
+                    use crate::index::waypoint_config as wc;
+                    let served =
+                        wc::served_services(&self.objects, &self.index_config, namespace, name);
+                    let view = if type_url == type_url::HTTP_ROUTE {
+                        wc::routes(&self.objects, &served)
+                            .into_iter()
+                            .map(|(k, r)| {
+                                (
+                                    k.clone(),
+                                    Served::new(k, type_url, r.encode_to_vec(), vec![]),
+                                )
+                            })
+                            .collect()
+                    } else {
+                        wc::policies(&self.objects, namespace, name, &served)
+                            .into_iter()
+                            .map(|(k, p)| {
+                                (
+                                    k.clone(),
+                                    Served::new(k, type_url, p.encode_to_vec(), vec![]),
+                                )
+                            })
+                            .collect()
+                    };
+                    Some(view)
+                }
+                Principal::Node(_) => None,
+            },
             type_url::NODE_POD => match who {
                 Principal::Node(n) => Some(self.node_pods.get(n).cloned().unwrap_or_default()),
                 Principal::Waypoint { .. } => None,

@@ -40,7 +40,7 @@ pub struct ClientInfo {
 #[derive(Clone)]
 pub struct Shared {
     pub generation: watch::Receiver<Arc<Generation>>,
-    pub tokens: Arc<Tokens>,
+    pub tokens: Arc<RwLock<Tokens>>,
     pub ca: Arc<RwLock<CertificateAuthority>>,
     pub clients: Arc<Mutex<HashMap<u64, ClientInfo>>>,
     pub next_client: Arc<AtomicU64>,
@@ -48,7 +48,8 @@ pub struct Shared {
 
 impl Shared {
     fn authenticate<T>(&self, req: &Request<T>, what: &str) -> Result<Principal, Status> {
-        self.tokens.authenticate(req.metadata()).map_err(|e| {
+        let tokens = self.tokens.read().expect("tokens lock");
+        tokens.authenticate(req.metadata()).map_err(|e| {
             let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::warn!(%peer, error = %e, "{what}: refused unauthenticated caller");
             Status::unauthenticated(e.to_string())

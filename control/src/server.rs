@@ -75,6 +75,34 @@ fn write_private(path: &Path, data: &str) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Re-reads the tokens file when it changes (nodes and waypoints come and go); a bad
+/// file is reported and the previous tokens stay in force.
+async fn watch_tokens(path: PathBuf, tokens: Arc<RwLock<Tokens>>) {
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .and_then(|m| Ok((m.modified()?, m.len())))
+            .ok()
+    };
+    let mut last = stamp(&path);
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = stamp(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match Tokens::load(&path) {
+            Ok(t) => {
+                *tokens.write().expect("tokens lock") = t;
+                tracing::info!(file = %path.display(), "tokens reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "tokens file rejected; keeping the previous tokens")
+            }
+        }
+    }
+}
+
 /// A running control plane (its listeners are bound when this returns).
 pub struct Running {
     pub grpc_addr: SocketAddr,
@@ -83,7 +111,8 @@ pub struct Running {
 }
 
 pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
-    let tokens = Arc::new(Tokens::load(&cfg.tokens)?);
+    let tokens = Arc::new(RwLock::new(Tokens::load(&cfg.tokens)?));
+    tokio::spawn(watch_tokens(cfg.tokens.clone(), tokens.clone()));
     let ca = load_or_create_ca(&cfg.state_dir, &cfg.trust_domain)?;
     let (chain, key) = ca
         .issue_server_cert(

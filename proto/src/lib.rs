@@ -46,6 +46,11 @@ pub mod generated {
                 include!(concat!(env!("OUT_DIR"), "/mesh.cni.v1.rs"));
             }
         }
+        pub mod waypoint {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/mesh.waypoint.v1.rs"));
+            }
+        }
     }
     pub mod google {
         pub mod rpc {
@@ -62,6 +67,7 @@ pub use generated::istio::v1::auth as ca;
 pub use generated::istio::workload;
 pub use generated::istio::workload::zds;
 pub use generated::mesh::cni::v1 as cni;
+pub use generated::mesh::waypoint::v1 as waypoint;
 
 pub use prost;
 pub use prost_types;
@@ -76,6 +82,10 @@ pub mod type_url {
     pub const WORKLOAD: &str = "type.googleapis.com/istio.workload.Workload";
     /// Every pod on a node and whether it is enrolled (ours), keyed `ns/name`, per node.
     pub const NODE_POD: &str = "type.googleapis.com/mesh.cni.v1.NodePod";
+    /// HTTPRoutes for the services a waypoint serves (ours), keyed `ns/name`.
+    pub const HTTP_ROUTE: &str = "type.googleapis.com/mesh.waypoint.v1.HttpRoute";
+    /// AuthorizationPolicies targeting a waypoint or its services (ours), keyed `ns/name`.
+    pub const L7_POLICY: &str = "type.googleapis.com/mesh.waypoint.v1.L7Policy";
 }
 
 /// gRPC metadata key under which a node proxy names the identity it requests a

@@ -6,6 +6,7 @@ pub mod authz;
 pub mod enrollment;
 pub mod service;
 pub mod waypoint;
+pub mod waypoint_config;
 pub mod workload;
 
 use crate::manifest::Objects;
