@@ -1,0 +1,10 @@
+//! The waypoint: an L7 proxy for the namespaces (or services) that ask for one. HBONE in,
+//! HTTP routing from Gateway API HTTPRoutes and L7 AuthorizationPolicy, HBONE out to the
+//! chosen endpoint's ztunnel.
+#![forbid(unsafe_code)]
+
+pub mod authz;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod xds;

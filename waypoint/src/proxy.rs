@@ -1,0 +1,416 @@
+//! The waypoint's data path: HBONE in (the CONNECT authority names the original
+//! destination: a Service VIP:port or a pod IP:port), HTTP routing and L7 policy for HTTP
+//! ports, plain TCP for the others, and HBONE out to the chosen endpoint's ztunnel.
+
+use crate::authz::{self, Decision, Policy};
+use crate::metrics::{Metrics, RequestLabels};
+use crate::route::{self, RequestInfo, Route};
+use bytes::Bytes;
+use hbone::{Authority, ConnectHandler, InboundConnect, Refusal, Responder};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use mesh_discovery::{Destination, Service, State, Workload};
+use mesh_identity::SpiffeId;
+use mesh_proto::workload::AppProtocol;
+use mesh_xds::certs::CertManager;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Everything the waypoint knows, from xDS.
+#[derive(Default)]
+pub struct Config {
+    pub discovery: State,
+    pub routes: BTreeMap<String, Route>,
+    pub policies: BTreeMap<String, (Policy, Vec<Target>)>,
+}
+
+/// What an L7 policy targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Gateway,
+    Service { namespace: String, name: String },
+}
+
+pub struct Waypoint {
+    pub identity: SpiffeId,
+    pub config: Arc<RwLock<Config>>,
+    pub certs: Arc<CertManager>,
+    pub client: hbone::Client,
+    pub metrics: Arc<Metrics>,
+}
+
+fn local(status: StatusCode, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())
+        .expect("valid response")
+}
+
+fn is_http(p: AppProtocol) -> bool {
+    matches!(
+        p,
+        AppProtocol::Http11 | AppProtocol::Http2 | AppProtocol::Grpc
+    )
+}
+
+/// The request's view of where it is going.
+#[derive(Clone)]
+struct Target2 {
+    service: Arc<Service>,
+    port: u16,
+    protocol: AppProtocol,
+}
+
+struct Conn {
+    source: SpiffeId,
+    source_addr: SocketAddr,
+    source_workload: Option<Arc<Workload>>,
+    target: Target2,
+}
+
+impl Waypoint {
+    /// Opens an HBONE tunnel to `endpoint` on `port` (through its ztunnel on 15008).
+    async fn tunnel_to(&self, ep: &Workload, port: u16) -> Result<hbone::Tunnel, String> {
+        let ip = *ep.addresses.first().ok_or("endpoint has no address")?;
+        let creds = self
+            .certs
+            .get(&self.identity)
+            .await
+            .map_err(|e| e.to_string())?;
+        let key = hbone::PoolKey::new(
+            self.identity.clone(),
+            vec![ep.identity.clone()],
+            SocketAddr::new(ip, mesh_proto::ports::HBONE),
+            None,
+        );
+        let req = hbone::ConnectRequest::new(SocketAddr::new(ip, port));
+        let est = self
+            .client
+            .connect(&key, &creds.cert, &req)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(est.tunnel)
+    }
+
+    async fn serve_http(self: Arc<Self>, conn: Arc<Conn>, tunnel: hbone::Tunnel) {
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (wp, conn) = (self.clone(), conn.clone());
+            async move { Ok::<_, std::convert::Infallible>(wp.request(conn, req).await) }
+        });
+        let io = hyper_util::rt::TokioIo::new(tunnel);
+        if let Err(e) =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(io, svc)
+                .await
+        {
+            tracing::debug!(error = %e, "HTTP connection through the waypoint ended");
+        }
+    }
+
+    async fn request(&self, conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let host = req
+            .uri()
+            .host()
+            .map(str::to_string)
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| conn.target.service.hostname.clone());
+        if !req.headers().contains_key("traceparent")
+            && let Ok(v) = hbone::TraceParent::random().to_string().parse()
+        {
+            req.headers_mut().insert("traceparent", v);
+        }
+        let mut labels = RequestLabels::new(
+            &conn.source,
+            conn.source_workload.as_deref(),
+            &conn.target.service,
+            conn.target.protocol,
+        );
+        let (resp, backend) = self
+            .route_and_forward(&conn, req, &method, &path, &host, &mut labels)
+            .await;
+        labels.response_code = resp.status().as_u16();
+        self.metrics.record(&labels, start.elapsed());
+        tracing::info!(target: "access", method = %method, path = %path, status = resp.status().as_u16(),
+            src.identity = %conn.source, src.addr = %conn.source_addr, dst.service = %conn.target.service.hostname,
+            backend = %backend, duration = %format!("{}ms", start.elapsed().as_millis()), "request");
+        resp
+    }
+
+    async fn route_and_forward(
+        &self,
+        conn: &Conn,
+        mut req: Request<Incoming>,
+        method: &http::Method,
+        path: &str,
+        host: &str,
+        labels: &mut RequestLabels,
+    ) -> (Response<Body>, String) {
+        let svc = &conn.target.service;
+        // 1. L7 policy.
+        let decision = {
+            let cfg = self.config.read().expect("config lock");
+            let applicable = cfg.policies.values().filter(|(_, targets)| {
+                targets.iter().any(|t| match t {
+                    Target::Gateway => true,
+                    Target::Service { namespace, name } => {
+                        *namespace == svc.namespace && *name == svc.name
+                    }
+                })
+            });
+            authz::evaluate(
+                applicable.map(|(p, _)| p),
+                &authz::Request {
+                    source: Some(&conn.source),
+                    source_ip: conn.source_addr.ip(),
+                    method: method.as_str(),
+                    path,
+                    host,
+                    port: conn.target.port,
+                    headers: req.headers(),
+                },
+            )
+        };
+        if let Decision::Deny { policy, reason } = decision {
+            tracing::warn!(target: "access", method = %method, src.identity = %conn.source, path = %path,
+                policy = %policy, reason = %reason, "request denied by authorization policy");
+            return (
+                local(
+                    StatusCode::FORBIDDEN,
+                    format!("RBAC: access denied by {policy}\n"),
+                ),
+                "-".into(),
+            );
+        }
+        // 2. Route: the first matching rule by precedence; no route → the service itself.
+        let (backend_svc, backend_port, rule) = {
+            let cfg = self.config.read().expect("config lock");
+            let attached: Vec<Route> = cfg
+                .routes
+                .values()
+                .filter(|r| r.attaches_to(&svc.namespace, &svc.name, conn.target.port))
+                .cloned()
+                .collect();
+            let info = RequestInfo {
+                method,
+                path,
+                query: req.uri().query(),
+                headers: req.headers(),
+            };
+            match route::select(&attached, &info) {
+                Some((r, rule)) => {
+                    let total = route::total_weight(rule);
+                    if total == 0 {
+                        return (
+                            local(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                format!("route {}/{} has no backend\n", r.namespace, r.name),
+                            ),
+                            "-".into(),
+                        );
+                    }
+                    let b = route::pick_backend(rule, rand::random_range(0..total))
+                        .expect("weight > 0");
+                    let ns = b.namespace.clone().unwrap_or_else(|| r.namespace.clone());
+                    let found = cfg
+                        .discovery
+                        .services()
+                        .find(|s| s.namespace == ns && s.name == b.name)
+                        .cloned();
+                    match found {
+                        Some(s) => (s, b.port.unwrap_or(conn.target.port), Some(rule.clone())),
+                        None => {
+                            return (
+                                local(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    format!("backend {ns}/{} is not a known service\n", b.name),
+                                ),
+                                "-".into(),
+                            );
+                        }
+                    }
+                }
+                None => (svc.clone(), conn.target.port, None),
+            }
+        };
+        let backend = format!(
+            "{}/{}:{backend_port}",
+            backend_svc.namespace, backend_svc.name
+        );
+        for f in rule.iter().flat_map(|r| &r.filters) {
+            if let Some(m) = &f.request_header_modifier {
+                m.apply(req.headers_mut());
+            }
+        }
+        // 3. An endpoint of the backend, and HBONE to its ztunnel.
+        let picked = {
+            let cfg = self.config.read().expect("config lock");
+            cfg.discovery
+                .pick_endpoint(&backend_svc, backend_port, None)
+        };
+        let Some((ep, target_port)) = picked else {
+            return (
+                local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("no healthy endpoint for {backend}\n"),
+                ),
+                backend,
+            );
+        };
+        labels.set_destination(&ep);
+        let timeout = rule
+            .as_ref()
+            .and_then(|r| r.timeouts.as_ref())
+            .and_then(|t| t.request.as_deref())
+            .and_then(route::parse_gateway_duration);
+        let forward = self.forward(req, &ep, target_port, conn.target.protocol);
+        let result = match timeout {
+            Some(t) => tokio::time::timeout(t, forward).await.unwrap_or_else(|_| {
+                Err((
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout".into(),
+                ))
+            }),
+            None => forward.await,
+        };
+        match result {
+            Ok(mut resp) => {
+                for f in rule.iter().flat_map(|r| &r.filters) {
+                    if let Some(m) = &f.response_header_modifier {
+                        m.apply(resp.headers_mut());
+                    }
+                }
+                (resp, backend)
+            }
+            Err((code, msg)) => (local(code, format!("{msg}\n")), backend),
+        }
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        ep: &Workload,
+        port: u16,
+        protocol: AppProtocol,
+    ) -> Result<Response<Body>, (StatusCode, String)> {
+        let unavailable = |e: String| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("upstream connect error: {e}"),
+            )
+        };
+        let tunnel = self.tunnel_to(ep, port).await.map_err(unavailable)?;
+        let io = hyper_util::rt::TokioIo::new(tunnel);
+        let resp = if matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc) {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+            tokio::spawn(conn);
+            sender.send_request(req).await
+        } else {
+            // HTTP/1.1 upstream: origin-form URI, Host kept.
+            if let Some(pq) = req.uri().path_and_query().cloned() {
+                if !req.headers().contains_key(http::header::HOST)
+                    && let Some(a) = req.uri().authority().and_then(|a| a.as_str().parse().ok())
+                {
+                    req.headers_mut().insert(http::header::HOST, a);
+                }
+                *req.uri_mut() = pq.as_str().parse().expect("path is a valid URI");
+            }
+            *req.version_mut() = http::Version::HTTP_11;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            tokio::spawn(conn);
+            sender.send_request(req).await
+        };
+        resp.map(|r| {
+            r.map(|b| {
+                b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    .boxed()
+            })
+        })
+        .map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream error: {e}")))
+    }
+
+    /// Non-HTTP ports: TCP through to an endpoint.
+    async fn serve_tcp(&self, conn: &Conn, tunnel: hbone::Tunnel) {
+        let picked = {
+            let cfg = self.config.read().expect("config lock");
+            cfg.discovery
+                .pick_endpoint(&conn.target.service, conn.target.port, None)
+        };
+        let Some((ep, port)) = picked else { return };
+        let Ok(upstream) = self.tunnel_to(&ep, port).await else {
+            return;
+        };
+        let (mut a, mut b) = (tunnel, upstream);
+        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+    }
+}
+
+pub struct Handler(pub Arc<Waypoint>);
+
+impl ConnectHandler for Handler {
+    async fn handle(&self, req: InboundConnect, respond: Responder) {
+        let wp = self.0.clone();
+        let Authority::Addr(dst) = req.request.authority else {
+            return respond.refuse(&Refusal::BadRequest(
+                "the waypoint expects an ip:port authority".into(),
+            ));
+        };
+        let (target, source_workload) = {
+            let cfg = wp.config.read().expect("config lock");
+            let source = cfg
+                .discovery
+                .workload_by_ip("", req.peer_addr.ip())
+                .cloned();
+            let target = match cfg.discovery.destination("", dst.ip()) {
+                Some(Destination::Service(svc)) => svc
+                    .ports
+                    .iter()
+                    .find(|p| p.service_port == dst.port())
+                    .map(|p| Target2 {
+                        service: svc.clone(),
+                        port: dst.port(),
+                        protocol: p.app_protocol,
+                    }),
+                _ => None,
+            };
+            (target, source)
+        };
+        let Some(target) = target else {
+            return respond.refuse(&Refusal::Unavailable(format!(
+                "{dst} is not a service port this waypoint knows"
+            )));
+        };
+        let conn = Arc::new(Conn {
+            source: req.peer_identity.clone(),
+            source_addr: req.peer_addr,
+            source_workload,
+            target,
+        });
+        let Ok(tunnel) = respond.accept(Default::default()) else {
+            return;
+        };
+        if is_http(conn.target.protocol) {
+            wp.serve_http(conn, tunnel).await;
+        } else {
+            wp.serve_tcp(&conn, tunnel).await;
+        }
+    }
+}
