@@ -333,3 +333,142 @@ fn policy_strict_and_component_failures() {
     assert!(!seen, "nothing in the clear with ztunnel down");
     let _ = binary("mesh-control");
 }
+
+const WAYPOINT: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: api-v2, namespace: back, labels: {app: api, version: v2}}
+spec:
+  nodeName: node-2
+  serviceAccountName: api
+  containers: [{name: api, ports: [{name: http, containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api-v1, namespace: back}
+spec: {selector: {app: api, version: v1}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api-v2, namespace: back}
+spec: {selector: {app: api, version: v2}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: back}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: back, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-split, namespace: back}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v2}}]
+    backendRefs: [{name: api-v2, port: 80}]
+  - backendRefs: [{name: api-v1, port: 80, weight: 90}, {name: api-v2, port: 80, weight: 10}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: back}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"#;
+
+#[test]
+fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
+    let mut t = TestLab::up();
+    t.apply(&APP.replace("labels: {app: api}}", "labels: {app: api, version: v1}}"));
+    t.apply(&ambient(true));
+    wait_until("mTLS", || {
+        t.curl("front/client", "http://10.96.0.20/").is_ok()
+    });
+    t.apply(WAYPOINT);
+    wait_until("the waypoint in the path", || {
+        t.curl("front/client", "http://10.96.0.20/").is_ok()
+            && t.log("pod:back/waypoint").contains("backend=back/api-")
+    });
+    // Path routing.
+    for _ in 0..5 {
+        let a = t.curl("front/client", "http://10.96.0.20/v2/x").unwrap();
+        assert!(a.contains("back/api-v2"), "/v2 goes to api-v2: {a}");
+    }
+    // The 90/10 split over 1000 requests: expect 100 on v2; binomial sd ≈ 9.5, allow ±4 sd.
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.lab.state.pods["front/client"].netns,
+            "bash",
+            "-c",
+            "for i in $(seq 1000); do curl -s --max-time 5 http://10.96.0.20/; done",
+        ])
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    let v2 = body.matches("back/api-v2").count();
+    let v1 = body.matches("hello from back/api:").count();
+    assert_eq!(v1 + v2, 1000, "every request answered");
+    assert!(
+        (62..=138).contains(&v2),
+        "split 90/10 expected, got {v1}/{v2}"
+    );
+    // L7 deny, named in the answer and the log.
+    let denied = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.lab.state.pods["front/client"].netns,
+            "curl",
+            "-s",
+            "-w",
+            "%{http_code}",
+            "http://10.96.0.20/admin/users",
+        ])
+        .output()
+        .unwrap();
+    let denied = String::from_utf8_lossy(&denied.stdout);
+    assert!(
+        denied.contains("RBAC: access denied by back/no-admin") && denied.ends_with("403"),
+        "{denied}"
+    );
+    t.wait_log("pod:back/waypoint", "policy=back/no-admin");
+    // Request metrics with reporter="waypoint".
+    let metrics = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.lab.state.pods["back/waypoint"].netns,
+            "curl",
+            "-s",
+            "http://127.0.0.1:15020/metrics",
+        ])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("istio_requests_total{reporter=\"waypoint\",response_code=\"403\""),
+        "{metrics}"
+    );
+    // The waypoint down: requests fail, they never go around it.
+    t.lab.stop("pod:back/waypoint", true).unwrap();
+    let cap = t.capture("waypoint-down");
+    assert!(
+        t.curl("front/client", "http://10.96.0.20/bypass-marker-6")
+            .is_err()
+    );
+    let (seen, _) = finish(cap, "bypass-marker-6");
+    assert!(!seen);
+    t.wait_log("ztunnel-1", "dst.hbone_addr=10.244.");
+    let api_log = t.log("pod:back/api");
+    assert!(
+        !api_log.contains("bypass-marker-6"),
+        "the app never saw the request"
+    );
+}

@@ -55,6 +55,53 @@ kind: Namespace
 metadata: {name: back, labels: {istio.io/dataplane-mode: ambient}}
 "#;
 
+const WAYPOINT: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: api-v2, namespace: back, labels: {app: api, version: v2}}
+spec:
+  nodeName: node-2
+  serviceAccountName: api
+  containers: [{name: api, ports: [{name: http, containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api-v1, namespace: back}
+spec: {selector: {app: api, version: v1}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api-v2, namespace: back}
+spec: {selector: {app: api, version: v2}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: back}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: back, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-split, namespace: back}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules:
+  - backendRefs: [{name: api-v1, port: 80, weight: 90}, {name: api-v2, port: 80, weight: 10}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: back}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"#;
+
 fn step(n: u32, title: &str) {
     println!("\n\x1b[1m== {n}. {title}\x1b[0m");
 }
@@ -169,7 +216,7 @@ pub fn run(lab: &mut Lab, keep: bool) -> Result<i32, String> {
             "\nThe lab stays up: mesh-lab status | mesh-lab exec front/client -- curl -s http://10.96.0.20/ | mesh-lab down"
         );
     } else {
-        step(6, "tear down (use --keep to explore)");
+        step(7, "tear down (use --keep to explore)");
         lab.down()?;
         println!("lab removed");
     }
@@ -284,8 +331,54 @@ fn scenario(lab: &mut Lab) -> Result<(), String> {
     if seen || hbone == 0 || hbone != total {
         return Err("the request did not go over HBONE".into());
     }
-    println!(
-        "\n  L7 (a waypoint with a 90/10 HTTPRoute split and an L7 deny) is not part of this build yet."
+
+    step(
+        6,
+        "a waypoint for namespace back: an HTTPRoute sending 90% to api-v1 and 10% to api-v2, and an L7 policy denying /admin",
     );
+    for line in lab.apply(WAYPOINT, "waypoint.yaml")? {
+        println!("  {line}");
+    }
+    wait("the waypoint to route", Duration::from_secs(20), || {
+        curl(lab, "probe").is_ok() && log(lab, "pod:back/waypoint").contains("backend=back/api-")
+    })?;
+    let (mut v1, mut v2) = (0, 0);
+    for _ in 0..100 {
+        let a = curl(lab, "split")?;
+        if a.contains("back/api-v2") {
+            v2 += 1;
+        } else if a.contains("back/api:") {
+            v1 += 1;
+        }
+    }
+    println!("  100 requests through the waypoint: {v1} answered by api (v1), {v2} by api-v2");
+    let p = lab.state.pods.get("front/client").ok_or("no client pod")?;
+    let denied = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &p.netns,
+            "curl",
+            "-s",
+            "-w",
+            " (HTTP %{http_code})",
+            "--max-time",
+            "5",
+            "http://10.96.0.20/admin/users",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    println!(
+        "  client> curl http://10.96.0.20/admin/users\n  {}",
+        denied.trim()
+    );
+    if let Some(line) = log(lab, "pod:back/waypoint")
+        .lines()
+        .rev()
+        .find(|l| l.contains("denied by authorization policy"))
+    {
+        println!("  waypoint log:\n    {}", line.trim());
+    }
     Ok(())
 }

@@ -530,6 +530,11 @@ impl Lab {
                 .to_string();
             match kind.as_str() {
                 "Pod" => pods.push(doc),
+                "Gateway" if doc["spec"]["gatewayClassName"] == "istio-waypoint" => {
+                    self.write_manifest(&kind, &ns, &name, &doc)?;
+                    done.push(format!("gateway {ns}/{name} configured"));
+                    pods.extend(self.provision_waypoint(&ns, &name)?);
+                }
                 _ => {
                     if kind == "Service" && doc["spec"]["clusterIP"].is_null() {
                         doc["spec"]["clusterIP"] =
@@ -552,6 +557,59 @@ impl Lab {
         self.save()?;
         self.program_services()?;
         Ok(done)
+    }
+
+    /// A waypoint for Gateway `ns/name`: a bootstrap token, its Service (port 15008) and
+    /// its pod, which runs the waypoint and is never captured itself. Returns the pod's
+    /// manifest when it does not exist yet.
+    fn provision_waypoint(&mut self, ns: &str, name: &str) -> Result<Option<Value>, String> {
+        let key = format!("{ns}/{name}");
+        if self.state.pods.contains_key(&key) {
+            return Ok(None);
+        }
+        let token_path = self.dir.join(format!("waypoints/{ns}-{name}.token"));
+        std::fs::create_dir_all(token_path.parent().expect("has a parent"))
+            .map_err(|e| e.to_string())?;
+        let token = format!("lab-wp-{}", random_hex(16));
+        std::fs::write(&token_path, &token).map_err(|e| e.to_string())?;
+        let tokens_file = self.dir.join("tokens.yaml");
+        let mut tokens = std::fs::read_to_string(&tokens_file).map_err(|e| e.to_string())?;
+        tokens.push_str(&format!("- {{token: {token}, waypoint: {ns}/{name}}}\n"));
+        std::fs::write(&tokens_file, tokens).map_err(|e| e.to_string())?;
+        let vip = format!("10.96.0.{}", self.state.next_vip);
+        self.state.next_vip = self.state.next_vip.wrapping_add(1).max(10);
+        let svc = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns, "labels": {"istio.io/use-waypoint": "none"}},
+            "spec": {"selector": {"gateway.networking.k8s.io/gateway-name": name}, "clusterIP": vip,
+                     "ports": [{"name": "mesh", "port": 15008, "targetPort": 15008}]}
+        });
+        self.write_manifest("Service", ns, name, &svc)?;
+        let args: Vec<String> = vec![
+            self.bin("waypoint"),
+            "--name".into(),
+            name.into(),
+            "--namespace".into(),
+            ns.into(),
+            "--xds-address".into(),
+            format!("https://{}:15012", Self::node_ip(1)),
+            "--root-cert".into(),
+            self.dir
+                .join("control/root-cert.pem")
+                .to_string_lossy()
+                .into(),
+            "--control-hostname".into(),
+            CONTROL_NAME.into(),
+            "--token-file".into(),
+            token_path.to_string_lossy().into(),
+        ];
+        Ok(Some(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": {
+                "gateway.networking.k8s.io/gateway-name": name,
+                "istio.io/dataplane-mode": "none"}},
+            "spec": {"serviceAccountName": name, "containers": [{"name": "waypoint", "command": args}]}
+        })))
     }
 
     fn manifest_path(&self, kind: &str, ns: &str, name: &str) -> PathBuf {
