@@ -472,3 +472,104 @@ fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
         "the app never saw the request"
     );
 }
+
+#[test]
+fn down_cleans_up_after_a_crash_even_without_state() {
+    let root = tempfile::tempdir().unwrap();
+    let bins = binary("ztunnel").parent().unwrap().to_path_buf();
+    let name = unique("k");
+    {
+        let mut lab = Lab::open_with_binaries(&name, root.path(), &bins).unwrap();
+        lab.up(1).unwrap();
+        lab.apply(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: default}\nspec: {containers: [{name: c}]}\n",
+            "crash.yaml",
+        )
+        .unwrap();
+        // The CLI "crashes": nothing is torn down, and its state file is lost too.
+        std::fs::remove_file(lab.dir.join("state.json")).unwrap();
+    }
+    let marker = format!("MESH_LAB_DIR={}", root.path().join(&name).display());
+    let ours = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("environ"))
+                    .map(|env| env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()))
+                    .unwrap_or(false)
+            })
+            .count()
+    };
+    let namespaces = || {
+        mesh_e2e::net::run(&["ip", "netns", "list"])
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}-")))
+            .count()
+    };
+    assert!(
+        ours() >= 4 && namespaces() >= 3,
+        "the crashed lab is still there"
+    );
+    let mut again = Lab::open_with_binaries(&name, root.path(), &bins).unwrap();
+    again.down().unwrap();
+    assert_eq!(ours(), 0, "every process of the lab is gone");
+    assert_eq!(namespaces(), 0, "every namespace of the lab is gone");
+    assert!(!root.path().join(&name).exists());
+}
+
+#[test]
+fn real_clients_through_the_mesh_iperf3_and_h2load() {
+    require_tool("iperf3");
+    require_tool("h2load");
+    let mut t = TestLab::up();
+    t.apply(APP);
+    t.apply(&ambient(true));
+    wait_until("mTLS", || {
+        t.curl("front/client", "http://10.96.0.20/").is_ok()
+            && t.log("ztunnel-2")
+                .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
+    });
+    // h2load: HTTP/2 (h2c) through two ztunnels.
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.lab.state.pods["front/client"].netns,
+            "h2load",
+            "-n",
+            "200",
+            "-c",
+            "4",
+            "http://10.96.0.20/",
+        ])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("200 succeeded"), "{report}");
+    // iperf3: a server in the api pod, the client in the client pod, one second.
+    t.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: iperf, namespace: back, labels: {app: iperf}}\nspec:\n  nodeName: node-2\n  containers: [{name: iperf, command: [iperf3, -s, -p, \"5201\"]}]\n");
+    let server_ip = t.lab.state.pods["back/iperf"].ip.clone();
+    wait_until("iperf3 through the mesh", || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.lab.state.pods["front/client"].netns,
+                "iperf3",
+                "-c",
+                &server_ip,
+                "-t",
+                "1",
+                "-J",
+            ])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 1e6
+    });
+    t.wait_log("ztunnel-2", "dst.workload=iperf");
+}
