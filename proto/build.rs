@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "protos/envoy/discovery.proto",
         "protos/mesh/cni.proto",
         "protos/mesh/waypoint.proto",
+        "protos/mesh/echo.proto",
     ];
     println!("cargo:rerun-if-changed=protos");
     let fds = protox::compile(files, ["protos"])?;

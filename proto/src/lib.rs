@@ -51,6 +51,11 @@ pub mod generated {
                 include!(concat!(env!("OUT_DIR"), "/mesh.waypoint.v1.rs"));
             }
         }
+        pub mod echo {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/mesh.echo.v1.rs"));
+            }
+        }
     }
     pub mod google {
         pub mod rpc {
@@ -67,6 +72,7 @@ pub use generated::istio::v1::auth as ca;
 pub use generated::istio::workload;
 pub use generated::istio::workload::zds;
 pub use generated::mesh::cni::v1 as cni;
+pub use generated::mesh::echo::v1 as echo;
 pub use generated::mesh::waypoint::v1 as waypoint;
 
 pub use prost;

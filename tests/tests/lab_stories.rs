@@ -573,3 +573,86 @@ fn real_clients_through_the_mesh_iperf3_and_h2load() {
     });
     t.wait_log("ztunnel-2", "dst.workload=iperf");
 }
+
+/// A tonic client whose connection is made from inside the pod's namespace (so the pod's
+/// redirection applies, exactly as for the app itself).
+async fn grpc_echo(
+    netns: &str,
+    to: SocketAddr,
+    msg: &str,
+) -> Result<mesh_proto::echo::EchoReply, String> {
+    let ns = ztunnel::inpod::netns::Netns::open(netns).map_err(|e| e.to_string())?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let ns = ns.clone();
+            async move {
+                let s = ns.run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))??;
+                s.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::TcpStream::from_std(s)?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| e.to_string())?;
+    mesh_proto::echo::echo_client::EchoClient::new(channel)
+        .echo(mesh_proto::echo::EchoRequest {
+            message: msg.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_through_the_mesh_and_through_a_waypoint() {
+    let mut t = tokio::task::block_in_place(TestLab::up);
+    let app = APP
+        .replace("labels: {app: api}}", "labels: {app: api, version: v1}}")
+        .replace("{name: tcp-echo, containerPort: 9000}]", "{name: tcp-echo, containerPort: 9000}, {name: grpc, containerPort: 9090}]")
+        .replace("{name: tcp-legacy, port: 9000, targetPort: 9000}]", "{name: tcp-legacy, port: 9000, targetPort: 9000}, {name: grpc, port: 9090, targetPort: 9090}]");
+    tokio::task::block_in_place(|| {
+        t.apply(&app);
+        t.apply(&ambient(true));
+        wait_until("mTLS", || {
+            t.curl("front/client", "http://10.96.0.20/").is_ok()
+        });
+    });
+    let client = t.netns("front/client");
+    let vip: SocketAddr = "10.96.0.20:9090".parse().unwrap();
+    let reply = grpc_echo(&client, vip, "over-ztunnels").await.unwrap();
+    assert_eq!(
+        (reply.message.as_str(), reply.served_by.as_str()),
+        ("over-ztunnels", "back/api")
+    );
+    tokio::task::block_in_place(|| {
+        t.apply(WAYPOINT);
+        wait_until("the waypoint in the path", || {
+            t.log("pod:back/waypoint")
+                .contains("waypoint serving HBONE")
+        });
+    });
+    let mut through_waypoint = false;
+    for _ in 0..50 {
+        if let Ok(r) = grpc_echo(&client, vip, "via-waypoint").await
+            && t.log("pod:back/waypoint")
+                .contains("dst.service=api.back.svc.cluster.local")
+        {
+            assert_eq!(r.message, "via-waypoint");
+            through_waypoint = t
+                .log("pod:back/waypoint")
+                .contains("path=/mesh.echo.v1.Echo/Echo status=200");
+            if through_waypoint {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        through_waypoint,
+        "gRPC went through the waypoint:\n{}",
+        t.log("pod:back/waypoint")
+    );
+    tokio::task::block_in_place(move || drop(t));
+}

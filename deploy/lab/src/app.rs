@@ -14,6 +14,35 @@ pub struct AppConfig {
     pub name: String,
     pub http_port: Option<u16>,
     pub tcp_echo_port: Option<u16>,
+    pub grpc_port: Option<u16>,
+}
+
+/// The gRPC echo service (`mesh.echo.v1.Echo`).
+struct Echo {
+    name: String,
+}
+
+#[tonic::async_trait]
+impl mesh_proto::echo::echo_server::Echo for Echo {
+    async fn echo(
+        &self,
+        req: tonic::Request<mesh_proto::echo::EchoRequest>,
+    ) -> Result<tonic::Response<mesh_proto::echo::EchoReply>, tonic::Status> {
+        Ok(tonic::Response::new(mesh_proto::echo::EchoReply {
+            message: req.into_inner().message,
+            served_by: self.name.clone(),
+        }))
+    }
+}
+
+async fn serve_grpc(name: String, port: u16) -> std::io::Result<()> {
+    tonic::transport::Server::builder()
+        .add_service(mesh_proto::echo::echo_server::EchoServer::new(Echo {
+            name,
+        }))
+        .serve(SocketAddr::from(([0, 0, 0, 0], port)))
+        .await
+        .map_err(std::io::Error::other)
 }
 
 async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -89,6 +118,9 @@ pub async fn run(cfg: AppConfig) -> std::io::Result<()> {
     }
     if let Some(p) = cfg.tcp_echo_port {
         tasks.push(tokio::spawn(serve_echo(p)));
+    }
+    if let Some(p) = cfg.grpc_port {
+        tasks.push(tokio::spawn(serve_grpc(cfg.name.clone(), p)));
     }
     if tasks.is_empty() {
         // A client pod: stay alive, do nothing.

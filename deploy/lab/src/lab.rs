@@ -748,8 +748,11 @@ impl Lab {
             ];
             for p in container["ports"].as_array().into_iter().flatten() {
                 let port = p["containerPort"].as_u64().unwrap_or(0).to_string();
-                let flag = if p["name"].as_str().is_some_and(|n| n.starts_with("tcp")) {
+                let name = p["name"].as_str().unwrap_or_default();
+                let flag = if name.starts_with("tcp") {
                     "--tcp-echo"
+                } else if name.starts_with("grpc") {
+                    "--grpc"
                 } else {
                     "--http"
                 };

@@ -69,6 +69,9 @@ enum Cmd {
         http: Option<u16>,
         #[arg(long)]
         tcp_echo: Option<u16>,
+        /// gRPC echo (mesh.echo.v1.Echo).
+        #[arg(long)]
+        grpc: Option<u16>,
     },
 }
 
@@ -77,6 +80,7 @@ fn run(cli: Cli) -> Result<i32, String> {
         name,
         http,
         tcp_echo,
+        grpc,
     } = cli.cmd
     {
         let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
@@ -84,6 +88,7 @@ fn run(cli: Cli) -> Result<i32, String> {
             name,
             http_port: http,
             tcp_echo_port: tcp_echo,
+            grpc_port: grpc,
         }))
         .map_err(|e| e.to_string())?;
         return Ok(0);
