@@ -331,6 +331,37 @@ fn policy_strict_and_component_failures() {
     );
     let (seen, _) = finish(cap, "must-not-leak-5");
     assert!(!seen, "nothing in the clear with ztunnel down");
+
+    // ztunnel restarts (the control plane is still down: it waits for it, the pods keep
+    // their rules and are not restarted) and traffic recovers once it is back.
+    let client_pid = t
+        .lab
+        .state
+        .procs
+        .iter()
+        .find(|p| p.role == "pod:front/client")
+        .unwrap()
+        .pid;
+    t.lab.start_ztunnel(1).unwrap();
+    assert!(
+        t.curl("front/client", "http://10.96.0.20/").is_err(),
+        "no config yet: still refused, never plaintext"
+    );
+    t.lab.start_control().unwrap();
+    wait_until("traffic to recover", || {
+        t.curl("front/client", "http://10.96.0.20/recovered")
+            .is_ok()
+    });
+    assert_eq!(
+        t.lab
+            .state
+            .procs
+            .iter()
+            .find(|p| p.role == "pod:front/client")
+            .unwrap()
+            .pid,
+        client_pid
+    );
     let _ = binary("mesh-control");
 }
 

@@ -31,6 +31,9 @@ pub struct ProcEntry {
     pub role: String,
     pub pid: u32,
     pub log: PathBuf,
+    /// Where this process's output starts in its (appended) log.
+    #[serde(default)]
+    pub log_offset: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -193,6 +196,7 @@ impl Lab {
         std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
         let log = logs.join(format!("{}.log", role.replace(['/', ':'], "_")));
         // Appended: a restarted component's log keeps what came before.
+        let log_offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -213,6 +217,7 @@ impl Lab {
             role: role.to_string(),
             pid,
             log: log.clone(),
+            log_offset,
         });
         self.save()?;
         Ok(pid)
@@ -227,7 +232,8 @@ impl Lab {
             .ok_or_else(|| format!("{role} is not running"))?;
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let all = std::fs::read(&p.log).unwrap_or_default();
+            let log = String::from_utf8_lossy(all.get(p.log_offset as usize..).unwrap_or_default());
             if log.contains(needle) {
                 return Ok(());
             }
@@ -363,9 +369,7 @@ impl Lab {
             "--ip-san".into(),
             Self::node_ip(1),
         ];
-        let node1 = self.node_ns(1);
-        self.spawn("control", &node1, &control_args)?;
-        self.wait_log("control", "serving xDS and CA", Duration::from_secs(15))?;
+        self.spawn_control(control_args)?;
         for i in 1..=nodes {
             self.start_node_components(i)?;
         }
@@ -382,6 +386,22 @@ impl Lab {
             )?;
         }
         Ok(())
+    }
+
+    fn spawn_control(&mut self, args: Vec<String>) -> Result<(), String> {
+        let node1 = self.node_ns(1);
+        std::fs::write(self.dir.join("control.args"), args.join("\n"))
+            .map_err(|e| e.to_string())?;
+        self.state.procs.retain(|p| p.role != "control");
+        self.spawn("control", &node1, &args)?;
+        self.wait_log("control", "serving xDS and CA", Duration::from_secs(15))
+    }
+
+    /// Starts the control plane again (after `stop control`), with the same settings.
+    pub fn start_control(&mut self) -> Result<(), String> {
+        let args =
+            std::fs::read_to_string(self.dir.join("control.args")).map_err(|e| e.to_string())?;
+        self.spawn_control(args.lines().map(str::to_string).collect())
     }
 
     fn control_args(&self, i: usize) -> Vec<String> {

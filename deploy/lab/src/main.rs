@@ -140,9 +140,10 @@ fn run(cli: Cli) -> Result<i32, String> {
             match component.split_once('-') {
                 Some(("ztunnel", n)) => lab.start_ztunnel(n.parse().map_err(|_| "ztunnel-N")?)?,
                 Some(("agent", n)) => lab.start_agent(n.parse().map_err(|_| "agent-N")?)?,
+                _ if component == "control" => lab.start_control()?,
                 _ => {
                     return Err(format!(
-                        "cannot start {component}: give ztunnel-N or agent-N"
+                        "cannot start {component}: give control, ztunnel-N or agent-N"
                     ));
                 }
             }
