@@ -139,6 +139,7 @@ fn main() {
             certs: certs.clone(),
             client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
             metrics,
+            budget: Default::default(),
         });
         let listener = match tokio::net::TcpListener::bind(a.listen).await {
             Ok(l) => l,

@@ -42,6 +42,43 @@ pub struct Waypoint {
     pub certs: Arc<CertManager>,
     pub client: hbone::Client,
     pub metrics: Arc<Metrics>,
+    pub budget: Arc<RetryBudget>,
+}
+
+/// Bodies larger than this are not buffered for retries or mirroring (413).
+const MAX_BUFFERED_BODY: usize = 4 << 20;
+
+/// Retries may add at most 20% (and at least 3 concurrent) on top of the requests in
+/// flight, so a failing backend is not hammered by its own retries.
+#[derive(Default, Debug)]
+pub struct RetryBudget {
+    in_flight: std::sync::atomic::AtomicUsize,
+    retrying: std::sync::atomic::AtomicUsize,
+}
+
+impl RetryBudget {
+    pub fn request_started(&self) {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn request_done(&self) {
+        self.in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn try_retry(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let allowed = (self.in_flight.load(Relaxed) / 5).max(3);
+        if self.retrying.fetch_add(1, Relaxed) < allowed {
+            true
+        } else {
+            self.retrying.fetch_sub(1, Relaxed);
+            false
+        }
+    }
+    fn retry_done(&self) {
+        self.retrying
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 fn local(status: StatusCode, body: String) -> Response<Body> {
@@ -133,6 +170,7 @@ impl Waypoint {
         {
             req.headers_mut().insert("traceparent", v);
         }
+        self.budget.request_started();
         let mut labels = RequestLabels::new(
             &conn.source,
             conn.source_workload.as_deref(),
@@ -142,6 +180,7 @@ impl Waypoint {
         let (resp, backend) = self
             .route_and_forward(&conn, req, &method, &path, &host, &mut labels)
             .await;
+        self.budget.request_done();
         labels.response_code = resp.status().as_u16();
         self.metrics.record(&labels, start.elapsed());
         tracing::info!(target: "access", method = %method, path = %path, status = resp.status().as_u16(),
@@ -213,7 +252,11 @@ impl Waypoint {
             match route::select(&attached, &info) {
                 Some((r, rule)) => {
                     let total = route::total_weight(rule);
-                    if total == 0 {
+                    let redirects = rule.filters.iter().any(|f| f.request_redirect.is_some());
+                    if total == 0 && redirects {
+                        // Answered by the redirect below; no backend is needed.
+                        (svc.clone(), conn.target.port, Some(rule.clone()))
+                    } else if total == 0 {
                         return (
                             local(
                                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -221,25 +264,26 @@ impl Waypoint {
                             ),
                             "-".into(),
                         );
-                    }
-                    let b = route::pick_backend(rule, rand::random_range(0..total))
-                        .expect("weight > 0");
-                    let ns = b.namespace.clone().unwrap_or_else(|| r.namespace.clone());
-                    let found = cfg
-                        .discovery
-                        .services()
-                        .find(|s| s.namespace == ns && s.name == b.name)
-                        .cloned();
-                    match found {
-                        Some(s) => (s, b.port.unwrap_or(conn.target.port), Some(rule.clone())),
-                        None => {
-                            return (
-                                local(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    format!("backend {ns}/{} is not a known service\n", b.name),
-                                ),
-                                "-".into(),
-                            );
+                    } else {
+                        let b = route::pick_backend(rule, rand::random_range(0..total))
+                            .expect("weight > 0");
+                        let ns = b.namespace.clone().unwrap_or_else(|| r.namespace.clone());
+                        let found = cfg
+                            .discovery
+                            .services()
+                            .find(|s| s.namespace == ns && s.name == b.name)
+                            .cloned();
+                        match found {
+                            Some(s) => (s, b.port.unwrap_or(conn.target.port), Some(rule.clone())),
+                            None => {
+                                return (
+                                    local(
+                                        StatusCode::SERVICE_UNAVAILABLE,
+                                        format!("backend {ns}/{} is not a known service\n", b.name),
+                                    ),
+                                    "-".into(),
+                                );
+                            }
                         }
                     }
                 }
@@ -250,45 +294,91 @@ impl Waypoint {
             "{}/{}:{backend_port}",
             backend_svc.namespace, backend_svc.name
         );
-        for f in rule.iter().flat_map(|r| &r.filters) {
+        let filters: Vec<route::Filter> = rule.iter().flat_map(|r| r.filters.clone()).collect();
+        let matched_prefix = rule.as_ref().and_then(|r| {
+            route::matched_prefix(
+                r,
+                &RequestInfo {
+                    method,
+                    path,
+                    query: req.uri().query(),
+                    headers: req.headers(),
+                },
+            )
+        });
+        // Redirects are answered here.
+        if let Some(r) = filters.iter().find_map(|f| f.request_redirect.as_ref()) {
+            let (code, location) = route::redirect(
+                r,
+                "http",
+                host,
+                path,
+                req.uri().query(),
+                matched_prefix.as_deref(),
+            );
+            let resp = Response::builder()
+                .status(code)
+                .header(http::header::LOCATION, location)
+                .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+                .expect("valid redirect");
+            return (resp, "redirect".into());
+        }
+        for f in &filters {
             if let Some(m) = &f.request_header_modifier {
                 m.apply(req.headers_mut());
             }
+            if let Some(rw) = &f.url_rewrite {
+                if let Some(h) = rw.hostname.as_deref().and_then(|h| h.parse().ok()) {
+                    req.headers_mut().insert(http::header::HOST, h);
+                }
+                if let Some(pm) = &rw.path {
+                    let new_path = route::modify_path(pm, path, matched_prefix.as_deref());
+                    let pq = match req.uri().query() {
+                        Some(q) => format!("{new_path}?{q}"),
+                        None => new_path,
+                    };
+                    if let Ok(uri) = pq.parse() {
+                        *req.uri_mut() = uri;
+                    }
+                }
+            }
         }
-        // 3. An endpoint of the backend, and HBONE to its ztunnel.
-        let picked = {
-            let cfg = self.config.read().expect("config lock");
-            cfg.discovery
-                .pick_endpoint(&backend_svc, backend_port, None)
-        };
-        let Some((ep, target_port)) = picked else {
-            return (
-                local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("no healthy endpoint for {backend}\n"),
-                ),
-                backend,
-            );
-        };
-        labels.set_destination(&ep);
-        let timeout = rule
+        let retry = rule.as_ref().and_then(|r| r.retry.clone());
+        let mirror = filters.iter().find_map(|f| f.request_mirror.clone());
+        let timeouts = rule
             .as_ref()
-            .and_then(|r| r.timeouts.as_ref())
-            .and_then(|t| t.request.as_deref())
+            .and_then(|r| r.timeouts.clone())
+            .unwrap_or_default();
+        let overall = timeouts
+            .request
+            .as_deref()
             .and_then(route::parse_gateway_duration);
-        let forward = self.forward(req, &ep, target_port, conn.target.protocol);
-        let result = match timeout {
-            Some(t) => tokio::time::timeout(t, forward).await.unwrap_or_else(|_| {
+        let per_try = timeouts
+            .backend_request
+            .as_deref()
+            .and_then(route::parse_gateway_duration);
+        let attempt = self.attempts(
+            conn,
+            req,
+            &backend_svc,
+            backend_port,
+            retry,
+            mirror,
+            per_try,
+            labels,
+        );
+        let result = match overall {
+            Some(t) => tokio::time::timeout(t, attempt).await.unwrap_or_else(|_| {
                 Err((
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream request timeout".into(),
                 ))
             }),
-            None => forward.await,
+            None => attempt.await,
         };
         match result {
             Ok(mut resp) => {
-                for f in rule.iter().flat_map(|r| &r.filters) {
+                for f in &filters {
                     if let Some(m) = &f.response_header_modifier {
                         m.apply(resp.headers_mut());
                     }
@@ -299,9 +389,160 @@ impl Waypoint {
         }
     }
 
+    /// Sends the request, mirrors it, and retries per the rule (with a fresh endpoint each
+    /// time, jittered backoff and a retry budget). Bodies are buffered only when a retry or
+    /// mirror needs them again.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempts(
+        &self,
+        conn: &Conn,
+        req: Request<Incoming>,
+        svc: &Service,
+        port: u16,
+        retry: Option<route::Retry>,
+        mirror: Option<route::Mirror>,
+        per_try: Option<std::time::Duration>,
+        labels: &mut RequestLabels,
+    ) -> Result<Response<Body>, (StatusCode, String)> {
+        let pick = |s: &Service, p: u16| {
+            let cfg = self.config.read().expect("config lock");
+            cfg.discovery.pick_endpoint(s, p, None)
+        };
+        if retry.is_none() && mirror.is_none() {
+            let Some((ep, target_port)) = pick(svc, port) else {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "no healthy endpoint for {}/{}:{port}",
+                        svc.namespace, svc.name
+                    ),
+                ));
+            };
+            labels.set_destination(&ep);
+            let req = req.map(|b| {
+                b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    .boxed()
+            });
+            let fut = self.forward(req, &ep, target_port, conn.target.protocol);
+            return match per_try {
+                Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
+                    Err((
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream request timeout".into(),
+                    ))
+                }),
+                None => fut.await,
+            };
+        }
+        let (parts, body) = req.into_parts();
+        let body = http_body_util::Limited::new(body, MAX_BUFFERED_BODY)
+            .collect()
+            .await
+            .map_err(|e| {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body not buffered for retry/mirror: {e}"),
+                )
+            })?
+            .to_bytes();
+        let copy = |uri: &http::Uri| {
+            let mut r = Request::builder()
+                .method(parts.method.clone())
+                .uri(uri.clone())
+                .version(parts.version);
+            if let Some(h) = r.headers_mut() {
+                *h = parts.headers.clone();
+            }
+            r.body(Full::new(body.clone()).map_err(|e| match e {}).boxed())
+                .expect("valid request")
+        };
+        if let Some(m) = mirror {
+            let ns = m
+                .backend_ref
+                .namespace
+                .clone()
+                .unwrap_or_else(|| svc.namespace.clone());
+            let target = {
+                let cfg = self.config.read().expect("config lock");
+                cfg.discovery
+                    .services()
+                    .find(|s| s.namespace == ns && s.name == m.backend_ref.name)
+                    .cloned()
+            };
+            if let Some(ms) = target
+                && let Some((ep, tp)) = pick(&ms, m.backend_ref.port.unwrap_or(port))
+            {
+                let req = copy(&parts.uri);
+                let this = self.clone_for_mirror();
+                let protocol = conn.target.protocol;
+                tokio::spawn(async move {
+                    let _ = this.forward(req, &ep, tp, protocol).await;
+                });
+            }
+        }
+        let retries = retry.as_ref().map_or(0, |r| r.attempts.unwrap_or(2));
+        let codes: Vec<u16> = retry.as_ref().map(|r| r.codes.clone()).unwrap_or_default();
+        let backoff = retry
+            .as_ref()
+            .and_then(|r| r.backoff.as_deref())
+            .and_then(route::parse_gateway_duration)
+            .unwrap_or(std::time::Duration::from_millis(25));
+        let mut tried = 0;
+        loop {
+            let Some((ep, target_port)) = pick(svc, port) else {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "no healthy endpoint for {}/{}:{port}",
+                        svc.namespace, svc.name
+                    ),
+                ));
+            };
+            labels.set_destination(&ep);
+            let fut = self.forward(copy(&parts.uri), &ep, target_port, conn.target.protocol);
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
+                    Err((
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream request timeout".into(),
+                    ))
+                }),
+                None => fut.await,
+            };
+            let retriable = match &result {
+                Ok(r) => codes.contains(&r.status().as_u16()),
+                Err((code, _)) => matches!(
+                    *code,
+                    StatusCode::SERVICE_UNAVAILABLE
+                        | StatusCode::BAD_GATEWAY
+                        | StatusCode::GATEWAY_TIMEOUT
+                ),
+            };
+            if !retriable || tried >= retries || !self.budget.try_retry() {
+                return result;
+            }
+            tried += 1;
+            tracing::debug!(attempt = tried, "retrying");
+            let jitter = rand::random::<f64>() * 0.5 + 0.75;
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            self.budget.retry_done();
+        }
+    }
+
+    fn clone_for_mirror(&self) -> Arc<Waypoint> {
+        Arc::new(Waypoint {
+            identity: self.identity.clone(),
+            config: self.config.clone(),
+            certs: self.certs.clone(),
+            client: self.client.clone(),
+            metrics: self.metrics.clone(),
+            budget: self.budget.clone(),
+        })
+    }
+
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         ep: &Workload,
         port: u16,
         protocol: AppProtocol,

@@ -39,6 +39,20 @@ pub struct Rule {
     pub filters: Vec<Filter>,
     #[serde(default)]
     pub timeouts: Option<Timeouts>,
+    /// GEP-1731 (experimental channel): retry on these codes or connection errors.
+    #[serde(default)]
+    pub retry: Option<Retry>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Retry {
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub backoff: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -46,6 +60,8 @@ pub struct Rule {
 pub struct Timeouts {
     #[serde(default)]
     pub request: Option<String>,
+    #[serde(default)]
+    pub backend_request: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -104,6 +120,107 @@ pub struct Filter {
     pub request_header_modifier: Option<HeaderModifier>,
     #[serde(default)]
     pub response_header_modifier: Option<HeaderModifier>,
+    #[serde(default)]
+    pub request_redirect: Option<Redirect>,
+    #[serde(default, rename = "urlRewrite")]
+    pub url_rewrite: Option<Rewrite>,
+    #[serde(default)]
+    pub request_mirror: Option<Mirror>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PathModifier {
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default)]
+    pub replace_full_path: Option<String>,
+    #[serde(default)]
+    pub replace_prefix_match: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Redirect {
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub path: Option<PathModifier>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub status_code: Option<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Rewrite {
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Mirror {
+    pub backend_ref: BackendRef,
+}
+
+/// The path after a path modifier; `matched_prefix` is the rule's PathPrefix match value.
+pub fn modify_path(m: &PathModifier, path: &str, matched_prefix: Option<&str>) -> String {
+    match m.type_.as_str() {
+        "ReplaceFullPath" => m.replace_full_path.clone().unwrap_or_else(|| "/".into()),
+        "ReplacePrefixMatch" => {
+            let prefix = matched_prefix.unwrap_or("/").trim_end_matches('/');
+            let rest = path.strip_prefix(prefix).unwrap_or(path);
+            let new = m
+                .replace_prefix_match
+                .as_deref()
+                .unwrap_or("/")
+                .trim_end_matches('/');
+            let joined = format!("{new}{rest}");
+            if joined.is_empty() {
+                "/".into()
+            } else if joined.starts_with('/') {
+                joined
+            } else {
+                format!("/{joined}")
+            }
+        }
+        _ => path.to_string(),
+    }
+}
+
+/// The status and `Location` of a redirect for a request to `host` and `path`.
+pub fn redirect(
+    r: &Redirect,
+    scheme: &str,
+    host: &str,
+    path: &str,
+    query: Option<&str>,
+    matched_prefix: Option<&str>,
+) -> (u16, String) {
+    let scheme = r.scheme.as_deref().unwrap_or(scheme);
+    let host = r
+        .hostname
+        .as_deref()
+        .unwrap_or_else(|| host.split(':').next().unwrap_or(host));
+    let port = match (r.port, scheme) {
+        (Some(80), "http") | (Some(443), "https") | (None, _) => String::new(),
+        (Some(p), _) => format!(":{p}"),
+    };
+    let path = r
+        .path
+        .as_ref()
+        .map_or(path.to_string(), |m| modify_path(m, path, matched_prefix));
+    let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+    (
+        r.status_code.unwrap_or(302),
+        format!("{scheme}://{host}{port}{path}{query}"),
+    )
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -169,9 +286,15 @@ impl Route {
                     )?;
                 }
             }
-            if let Some(t) = r.timeouts.as_ref().and_then(|t| t.request.as_deref()) {
+            let durations = r
+                .timeouts
+                .iter()
+                .flat_map(|t| [t.request.as_deref(), t.backend_request.as_deref()])
+                .chain(r.retry.iter().map(|x| x.backoff.as_deref()))
+                .flatten();
+            for t in durations {
                 parse_gateway_duration(t).ok_or_else(|| {
-                    format!("HTTPRoute {namespace}/{name} rule {i}: bad timeout {t:?}")
+                    format!("HTTPRoute {namespace}/{name} rule {i}: bad duration {t:?}")
                 })?;
             }
         }
@@ -335,6 +458,19 @@ pub fn select<'a>(routes: &'a [Route], req: &RequestInfo<'_>) -> Option<(&'a Rou
     best.map(|(_, route, rule)| (route, rule))
 }
 
+/// The PathPrefix value of the rule's match that matches the request, if any (for
+/// ReplacePrefixMatch).
+pub fn matched_prefix(rule: &Rule, req: &RequestInfo<'_>) -> Option<String> {
+    rule.matches
+        .iter()
+        .filter(|m| route_match_matches(m, req))
+        .find_map(|m| {
+            let p = m.path.as_ref()?;
+            (p.type_.as_deref().unwrap_or("PathPrefix") == "PathPrefix")
+                .then(|| p.value.clone().unwrap_or_else(|| "/".into()))
+        })
+}
+
 /// Picks a backend by weight; `roll` is uniform in [0, total weight).
 pub fn pick_backend(rule: &Rule, roll: u32) -> Option<&BackendRef> {
     let mut roll = roll;
@@ -450,6 +586,47 @@ mod tests {
         );
         assert!(Route::parse("s", "bad", r#"{"rules":[{"timeouts":{"request":"ten"}}]}"#).is_err());
         assert!(Route::parse("s", "bad", "not json").is_err());
+    }
+
+    #[test]
+    fn redirects_and_rewrites() {
+        let r = Redirect {
+            scheme: Some("https".into()),
+            port: Some(443),
+            status_code: Some(301),
+            ..Default::default()
+        };
+        assert_eq!(
+            redirect(&r, "http", "api:80", "/a", Some("x=1"), None),
+            (301, "https://api/a?x=1".into())
+        );
+        let r = Redirect {
+            hostname: Some("new".into()),
+            port: Some(8080),
+            path: Some(PathModifier {
+                type_: "ReplacePrefixMatch".into(),
+                replace_prefix_match: Some("/v2".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            redirect(&r, "http", "api", "/v1/items", None, Some("/v1")),
+            (302, "http://new:8080/v2/items".into())
+        );
+        let full = PathModifier {
+            type_: "ReplaceFullPath".into(),
+            replace_full_path: Some("/fixed".into()),
+            ..Default::default()
+        };
+        assert_eq!(modify_path(&full, "/anything", None), "/fixed");
+        let prefix = PathModifier {
+            type_: "ReplacePrefixMatch".into(),
+            replace_prefix_match: Some("/".into()),
+            ..Default::default()
+        };
+        assert_eq!(modify_path(&prefix, "/api/users", Some("/api")), "/users");
+        assert_eq!(modify_path(&prefix, "/api", Some("/api")), "/");
     }
 
     #[test]

@@ -1,0 +1,470 @@
+//! The waypoint in process, with real hyper backends behind real HBONE "ztunnels" (each
+//! on its own loopback address, port 15008) and a client that reaches the waypoint over
+//! HBONE exactly as a ztunnel does.
+
+use bytes::Bytes;
+use hbone::{Authority, ConnectHandler, InboundConnect, Refusal, Responder};
+use http_body_util::{BodyExt, Full};
+use mesh_discovery::State;
+use mesh_identity::ca::CertificateAuthority;
+use mesh_identity::{SpiffeId, WorkloadCertificate, generate_csr};
+use mesh_proto::workload as pb;
+use mesh_xds::certs::{CertManager, CertSource};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use waypoint::authz::Policy;
+use waypoint::proxy::{Config, Handler, Target, Waypoint};
+use waypoint::route::Route;
+
+const DAY: Duration = Duration::from_secs(86400);
+
+fn ip(t: u8, n: u8) -> IpAddr {
+    IpAddr::from([127, 12, t, n])
+}
+
+fn cert(ca: &CertificateAuthority, ns: &str, sa: &str) -> WorkloadCertificate {
+    let id = SpiffeId::new("cluster.local", ns, sa).unwrap();
+    let csr = generate_csr(&id).unwrap();
+    let chain = ca.sign_csr(&csr.csr_pem, &id, DAY).unwrap();
+    WorkloadCertificate::from_ca_response(&id, &csr.key, &chain).unwrap()
+}
+
+/// A backend app on `addr` that says who it is; `/fail-twice` fails twice per key then
+/// succeeds, `/slow` waits 2 s, `/status/NNN` answers NNN, `/echo-headers` echoes headers.
+async fn backend(addr: SocketAddr, name: &'static str, hits: Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let fails = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            let (hits, fails) = (hits.clone(), fails.clone());
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (hits, fails) = (hits.clone(), fails.clone());
+                        async move {
+                            hits.fetch_add(1, Ordering::SeqCst);
+                            let path = req.uri().path().to_string();
+                            let mut status = 200;
+                            let mut body = format!("{name} {path}");
+                            if path == "/fail-twice" && fails.fetch_add(1, Ordering::SeqCst) < 2 {
+                                status = 503;
+                            }
+                            if path == "/slow" {
+                                tokio::time::sleep(Duration::from_secs(2)).await;
+                            }
+                            if let Some(c) = path.strip_prefix("/status/") {
+                                status = c.parse().unwrap_or(500);
+                            }
+                            if path == "/echo-headers" {
+                                body = format!("{:?}", req.headers());
+                            }
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+            });
+        }
+    });
+}
+
+/// A ztunnel stand-in in front of a backend: HBONE on `ip:15008`, connects the CONNECT's
+/// authority.
+struct Forward;
+
+impl ConnectHandler for Forward {
+    async fn handle(&self, req: InboundConnect, respond: Responder) {
+        let Authority::Addr(a) = req.request.authority else {
+            return respond.refuse(&Refusal::BadRequest("host".into()));
+        };
+        let Ok(app) = tokio::net::TcpStream::connect(a).await else {
+            return respond.refuse(&Refusal::Unavailable("app down".into()));
+        };
+        if let Ok(t) = respond.accept(Default::default()) {
+            let _ = t.copy_with_tcp(&app).await;
+        }
+    }
+}
+
+async fn hbone_server<H: ConnectHandler>(
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    h: Arc<H>,
+) {
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            let (tls, h) = (tls.clone(), h.clone());
+            tokio::spawn(async move {
+                let _ = hbone::serve_connection(
+                    tcp,
+                    tls,
+                    h,
+                    &hbone::H2Settings::server(),
+                    CancellationToken::new(),
+                )
+                .await;
+            });
+        }
+    });
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+fn service(name: &str, vip: IpAddr, protocol: pb::AppProtocol) -> pb::Address {
+    pb::Address {
+        r#type: Some(pb::address::Type::Service(pb::Service {
+            name: name.into(),
+            namespace: "shop".into(),
+            hostname: format!("{name}.shop.svc.cluster.local"),
+            addresses: vec![pb::NetworkAddress {
+                network: String::new(),
+                address: ip_bytes(vip),
+                length: None,
+            }],
+            ports: vec![pb::Port {
+                service_port: 80,
+                target_port: 8080,
+                app_protocol: protocol as i32,
+            }],
+            ..Default::default()
+        })),
+    }
+}
+
+fn endpoint(name: &str, ip: IpAddr, services: &[&str]) -> pb::Address {
+    pb::Address {
+        r#type: Some(pb::address::Type::Workload(pb::Workload {
+            uid: format!("c//Pod/shop/{name}"),
+            name: name.into(),
+            namespace: "shop".into(),
+            addresses: vec![ip_bytes(ip)],
+            tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+            service_account: "backend".into(),
+            services: services
+                .iter()
+                .map(|s| {
+                    (
+                        format!("shop/{s}.shop.svc.cluster.local"),
+                        pb::PortList {
+                            ports: vec![pb::Port {
+                                service_port: 80,
+                                target_port: 8080,
+                                app_protocol: 0,
+                            }],
+                        },
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        })),
+    }
+}
+
+struct Setup {
+    client: hbone::Client,
+    client_cert: WorkloadCertificate,
+    waypoint_id: SpiffeId,
+    waypoint_addr: SocketAddr,
+    config: Arc<RwLock<Config>>,
+    hits: Vec<Arc<AtomicUsize>>,
+}
+
+/// Services: `api` (VIP t.100, endpoints v1 and v2), `api-v1`, `api-v2`, `mirror` (t.103),
+/// and `tcp` (t.104, a TCP port).
+async fn setup(t: u8) -> Setup {
+    let ca = CertificateAuthority::new_root("cluster.local", 30 * DAY).unwrap();
+    let backend_cert = cert(&ca, "shop", "backend");
+    let backend_tls = Arc::new(mesh_identity::server_config(&backend_cert).unwrap());
+    let mut hits = Vec::new();
+    for (n, name) in [(1u8, "v1"), (2, "v2"), (3, "mirror"), (4, "tcp")] {
+        let h = Arc::new(AtomicUsize::new(0));
+        backend(SocketAddr::new(ip(t, n), 8080), name, h.clone()).await;
+        hbone_server(
+            SocketAddr::new(ip(t, n), 15008),
+            backend_tls.clone(),
+            Arc::new(Forward),
+        )
+        .await;
+        hits.push(h);
+    }
+    let mut state = State::default();
+    for a in [
+        service("api", ip(t, 100), pb::AppProtocol::Http11),
+        service("api-v1", ip(t, 101), pb::AppProtocol::Http11),
+        service("api-v2", ip(t, 102), pb::AppProtocol::Http11),
+        service("mirror", ip(t, 103), pb::AppProtocol::Http11),
+        service("tcp", ip(t, 104), pb::AppProtocol::Tcp),
+        endpoint("v1", ip(t, 1), &["api", "api-v1"]),
+        endpoint("v2", ip(t, 2), &["api", "api-v2"]),
+        endpoint("mirror", ip(t, 3), &["mirror"]),
+        endpoint("tcp", ip(t, 4), &["tcp"]),
+    ] {
+        state.apply_address(&a).unwrap();
+    }
+    let config = Arc::new(RwLock::new(Config {
+        discovery: state,
+        ..Default::default()
+    }));
+    let waypoint_id = SpiffeId::new("cluster.local", "shop", "waypoint").unwrap();
+    let certs = CertManager::new(CertSource::Local(Box::new(
+        CertificateAuthority::load(
+            "cluster.local",
+            &ca.cert_pem(),
+            &ca.key_pem(),
+            None,
+            &ca.roots_pem(),
+        )
+        .unwrap(),
+    )));
+    let wp = Arc::new(Waypoint {
+        identity: waypoint_id.clone(),
+        config: config.clone(),
+        certs: certs.clone(),
+        client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
+        metrics: Arc::new(waypoint::metrics::Metrics::new()),
+        budget: Default::default(),
+    });
+    let waypoint_addr = SocketAddr::new(ip(t, 200), 15008);
+    let creds = certs.get(&waypoint_id).await.unwrap();
+    hbone_server(
+        waypoint_addr,
+        creds.server_config.clone(),
+        Arc::new(Handler(wp)),
+    )
+    .await;
+    Setup {
+        client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
+        client_cert: cert(&ca, "front", "web"),
+        waypoint_id,
+        waypoint_addr,
+        config,
+        hits,
+    }
+}
+
+impl Setup {
+    fn route(&self, json: &str) {
+        let r = Route::parse("shop", "r", json).unwrap();
+        self.config
+            .write()
+            .unwrap()
+            .routes
+            .insert("shop/r".into(), r);
+    }
+
+    fn policy(&self, name: &str, json: &str) {
+        let p = Policy::parse("shop", name, json).unwrap();
+        self.config
+            .write()
+            .unwrap()
+            .policies
+            .insert(format!("shop/{name}"), (p, vec![Target::Gateway]));
+    }
+
+    async fn tunnel(&self, vip: IpAddr) -> hbone::Tunnel {
+        let key = hbone::PoolKey::new(
+            self.client_cert.identity().clone(),
+            vec![self.waypoint_id.clone()],
+            self.waypoint_addr,
+            None,
+        );
+        self.client
+            .connect(
+                &key,
+                &self.client_cert,
+                &hbone::ConnectRequest::new(SocketAddr::new(vip, 80)),
+            )
+            .await
+            .unwrap()
+            .tunnel
+    }
+
+    /// One HTTP/1.1 request through the waypoint: (status, body, headers).
+    async fn get(&self, vip: IpAddr, path: &str) -> (u16, String, http::HeaderMap) {
+        let io = hyper_util::rt::TokioIo::new(self.tunnel(vip).await);
+        let (mut s, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(c);
+        let req = http::Request::get(path)
+            .header("host", "api.shop.svc.cluster.local")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes())
+            .into_owned();
+        (status, body, headers)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_route_goes_to_the_service_and_matches_pick_backends() {
+    let s = setup(1).await;
+    let (code, body, _) = s.get(ip(1, 101), "/x").await;
+    assert_eq!((code, body.as_str()), (200, "v1 /x"));
+    s.route(r#"{"parentRefs":[{"kind":"Service","name":"api","port":80}],"rules":[
+        {"matches":[{"path":{"type":"Exact","value":"/exact"}}],"backendRefs":[{"name":"api-v2","port":80}]},
+        {"matches":[{"path":{"type":"PathPrefix","value":"/p"}}],"backendRefs":[{"name":"api-v1","port":80}]},
+        {"matches":[{"path":{"type":"RegularExpression","value":"/re/[0-9]+"}}],"backendRefs":[{"name":"api-v2","port":80}]},
+        {"matches":[{"headers":[{"name":"host","value":"api.shop.svc.cluster.local"}],"path":{"type":"PathPrefix","value":"/h"}}],"backendRefs":[{"name":"api-v2","port":80}]},
+        {"matches":[{"queryParams":[{"name":"v","value":"2"}]}],"backendRefs":[{"name":"api-v2","port":80}]},
+        {"matches":[{"method":"GET","path":{"type":"PathPrefix","value":"/m"}}],"backendRefs":[{"name":"api-v2","port":80}]}
+    ]}"#);
+    for (path, want) in [
+        ("/exact", "v2"),
+        ("/p/x", "v1"),
+        ("/re/12", "v2"),
+        ("/h", "v2"),
+        ("/q?v=2", "v2"),
+        ("/m", "v2"),
+    ] {
+        let (code, body, _) = s.get(ip(1, 100), path).await;
+        assert_eq!(code, 200, "{path}");
+        assert!(body.starts_with(want), "{path} → {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_split_over_a_thousand_requests() {
+    let s = setup(2).await;
+    s.route(r#"{"parentRefs":[{"kind":"Service","name":"api"}],"rules":[{"backendRefs":[{"name":"api-v1","port":80,"weight":90},{"name":"api-v2","port":80,"weight":10}]}]}"#);
+    let mut v2 = 0;
+    for _ in 0..1000 {
+        let (_, body, _) = s.get(ip(2, 100), "/").await;
+        if body.starts_with("v2") {
+            v2 += 1;
+        }
+    }
+    // Expect 100; binomial sd ≈ 9.5: accept ±4 sd.
+    assert!((62..=138).contains(&v2), "v2 got {v2}/1000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_timeouts_redirects_rewrites_headers_and_mirroring() {
+    let s = setup(3).await;
+    s.route(r#"{"parentRefs":[{"kind":"Service","name":"api"}],"rules":[
+        {"matches":[{"path":{"type":"Exact","value":"/fail-twice"}}],"backendRefs":[{"name":"api-v1","port":80}],
+         "retry":{"codes":[503],"attempts":3,"backoff":"10ms"}},
+        {"matches":[{"path":{"type":"Exact","value":"/slow"}}],"backendRefs":[{"name":"api-v1","port":80}],"timeouts":{"request":"200ms"}},
+        {"matches":[{"path":{"type":"PathPrefix","value":"/old"}}],"filters":[{"type":"RequestRedirect","requestRedirect":{"path":{"type":"ReplacePrefixMatch","replacePrefixMatch":"/new"},"statusCode":301}}]},
+        {"matches":[{"path":{"type":"PathPrefix","value":"/api"}}],"backendRefs":[{"name":"api-v1","port":80}],
+         "filters":[{"type":"URLRewrite","urlRewrite":{"path":{"type":"ReplacePrefixMatch","replacePrefixMatch":"/"}}}]},
+        {"matches":[{"path":{"type":"Exact","value":"/echo-headers"}}],"backendRefs":[{"name":"api-v1","port":80}],
+         "filters":[{"type":"RequestHeaderModifier","requestHeaderModifier":{"set":[{"name":"x-added","value":"yes"}]}},
+                    {"type":"ResponseHeaderModifier","responseHeaderModifier":{"add":[{"name":"x-from","value":"waypoint"}]}}]},
+        {"matches":[{"path":{"type":"Exact","value":"/mirrored"}}],"backendRefs":[{"name":"api-v1","port":80}],
+         "filters":[{"type":"RequestMirror","requestMirror":{"backendRef":{"name":"mirror","port":80}}}]}
+    ]}"#);
+    let (code, body, _) = s.get(ip(3, 100), "/fail-twice").await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "v1 /fail-twice"),
+        "two failures retried"
+    );
+    let start = std::time::Instant::now();
+    let (code, _, _) = s.get(ip(3, 100), "/slow").await;
+    assert_eq!(code, 504);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "request timeout applied"
+    );
+    let (code, _, h) = s.get(ip(3, 100), "/old/x?q=1").await;
+    assert_eq!(code, 301);
+    assert_eq!(h["location"], "http://api.shop.svc.cluster.local/new/x?q=1");
+    let (_, body, _) = s.get(ip(3, 100), "/api/users").await;
+    assert_eq!(body, "v1 /users", "prefix rewritten");
+    let (_, body, h) = s.get(ip(3, 100), "/echo-headers").await;
+    assert!(body.contains("\"x-added\": \"yes\""), "{body}");
+    assert_eq!(h["x-from"], "waypoint");
+    let before = s.hits[2].load(Ordering::SeqCst);
+    let (_, body, _) = s.get(ip(3, 100), "/mirrored").await;
+    assert_eq!(body, "v1 /mirrored");
+    for _ in 0..50 {
+        if s.hits[2].load(Ordering::SeqCst) > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        s.hits[2].load(Ordering::SeqCst),
+        before + 1,
+        "the mirror got a copy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_policy_http2_tcp_and_malformed_http() {
+    let s = setup(4).await;
+    s.policy(
+        "no-admin",
+        r#"{"action":"DENY","rules":[{"to":[{"operation":{"paths":["/admin*"]}}]}]}"#,
+    );
+    s.policy("front-get", r#"{"rules":[{"from":[{"source":{"namespaces":["front"]}}],"to":[{"operation":{"methods":["GET"]}}]}]}"#);
+    let (code, body, _) = s.get(ip(4, 100), "/admin/x").await;
+    assert_eq!(
+        (code, body.as_str()),
+        (403, "RBAC: access denied by shop/no-admin\n")
+    );
+    let (code, _, _) = s.get(ip(4, 100), "/ok").await;
+    assert_eq!(code, 200);
+    // HTTP/2 from the client side.
+    let io = hyper_util::rt::TokioIo::new(s.tunnel(ip(4, 100)).await);
+    let (mut h2, c) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(c);
+    let resp = h2
+        .send_request(
+            http::Request::get("http://api.shop.svc.cluster.local/h2")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(b" /h2"), "{body:?}");
+    // TCP port: bytes pass through to the backend untouched.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut t = s.tunnel(ip(4, 104)).await;
+    t.write_all(b"GET /raw HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    t.read_to_end(&mut out).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&out).ends_with("tcp /raw"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    // Malformed HTTP gets 400 and its connection closes; others are unaffected.
+    let mut bad = s.tunnel(ip(4, 100)).await;
+    bad.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = bad.read_to_end(&mut out).await;
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let (code, _, _) = s.get(ip(4, 100), "/still-fine").await;
+    assert_eq!(code, 200);
+}
