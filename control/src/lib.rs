@@ -10,6 +10,7 @@ pub mod generation;
 pub mod grpc;
 pub mod index;
 pub mod k8s;
+pub mod kube_source;
 pub mod manifest;
 pub mod server;
 pub mod source;

@@ -1,22 +1,37 @@
 use clap::Parser;
-use mesh_control::server::{self, ServerConfig};
+use mesh_control::server::{self, ConfigSource, ServerConfig};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-/// The mesh's control plane: reads Kubernetes manifests from a directory (watched for
-/// changes), serves workloads and policies over delta xDS, and signs workload
-/// certificates (node-authorized) on the same TLS port.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SourceKind {
+    Directory,
+    Kubernetes,
+}
+
+/// The mesh's control plane: reads Kubernetes objects (from the API server, or from a
+/// directory of manifests watched for changes), serves workloads and policies over delta
+/// xDS, and signs workload certificates (node-authorized) on the same TLS port.
 #[derive(Parser, Debug)]
 #[command(
     name = "mesh-control",
     version,
-    after_help = "Directory mode (the default):\n  mesh-control --config-dir ./manifests --state-dir /var/lib/mesh-control --tokens tokens.yaml\n\nClients trust <state-dir>/root-cert.pem and authenticate with a bearer token listed in the tokens file."
+    after_help = "Directory mode (the default):\n  mesh-control --config-dir ./manifests --state-dir /var/lib/mesh-control --tokens tokens.yaml\nKubernetes mode:\n  mesh-control --source kubernetes --state-dir /var/lib/mesh-control --tokens tokens.yaml\n\nClients trust <state-dir>/root-cert.pem and authenticate with a bearer token listed in the tokens file."
 )]
 struct Args {
     /// Directory of YAML manifests (Namespace, Pod, Service, ServiceAccount, Node,
     /// AuthorizationPolicy, PeerAuthentication, Gateway, HTTPRoute).
+    /// Required with `--source directory`.
     #[arg(long, env = "CONFIG_DIR")]
-    config_dir: PathBuf,
+    config_dir: Option<PathBuf>,
+    /// Where configuration comes from: a directory of manifests, or the Kubernetes API
+    /// (in-cluster service account, else KUBECONFIG).
+    #[arg(long, value_enum, default_value = "directory")]
+    source: SourceKind,
+    /// With `--source kubernetes`: this kubeconfig instead of the in-cluster service
+    /// account or `$KUBECONFIG`.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// Where the CA root is kept (created on first start) and root-cert.pem is written.
     #[arg(long, env = "STATE_DIR")]
     state_dir: PathBuf,
@@ -64,8 +79,26 @@ fn main() {
         eprintln!("mesh-control: --trust-domain: {e}");
         std::process::exit(2);
     }
+    if a.kubeconfig.is_some() && matches!(a.source, SourceKind::Directory) {
+        eprintln!("mesh-control: --kubeconfig is only used with --source kubernetes");
+        std::process::exit(2);
+    }
+    let source = match (a.source, a.config_dir) {
+        (SourceKind::Directory, Some(dir)) => ConfigSource::Directory(dir),
+        (SourceKind::Directory, None) => {
+            eprintln!("mesh-control: --config-dir is required with --source directory");
+            std::process::exit(2);
+        }
+        (SourceKind::Kubernetes, Some(_)) => {
+            eprintln!("mesh-control: --config-dir is only used with --source directory");
+            std::process::exit(2);
+        }
+        (SourceKind::Kubernetes, None) => ConfigSource::Kubernetes {
+            kubeconfig: a.kubeconfig,
+        },
+    };
     let cfg = ServerConfig {
-        config_dir: a.config_dir,
+        source,
         state_dir: a.state_dir,
         tokens: a.tokens,
         listen: a.listen,

@@ -95,84 +95,92 @@ impl Objects {
             if doc.is_null() {
                 continue; // empty document (e.g. a trailing ---)
             }
-            let err = |path: &str, message: String| ManifestError {
-                file: file.to_path_buf(),
-                document: Some(i),
-                path: Some(path.to_string()),
-                message,
-            };
-            let kind = doc
-                .get("kind")
-                .and_then(|k| k.as_str())
-                .ok_or_else(|| err("kind", "missing or not a string".into()))?
-                .to_string();
-            let api_version = doc
-                .get("apiVersion")
-                .and_then(|k| k.as_str())
-                .ok_or_else(|| err("apiVersion", "missing or not a string".into()))?
-                .to_string();
-            if kind == "List" {
-                return Err(err(
-                    "kind",
-                    "List is not supported: write one document per object".into(),
-                ));
-            }
-            let name = doc
-                .pointer("/metadata/name")
-                .and_then(|n| n.as_str())
-                .filter(|n| !n.is_empty())
-                .ok_or_else(|| err("metadata.name", "missing".into()))?
-                .to_string();
-            let ns = doc
-                .pointer("/metadata/namespace")
-                .and_then(|n| n.as_str())
-                .unwrap_or("default")
-                .to_string();
-            let key = (ns, name.clone());
-            let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
-            match (group, kind.as_str()) {
-                ("", "Namespace") => {
-                    staged.namespaces.insert(name, typed(file, i, doc)?);
-                }
-                ("", "Node") => {
-                    staged.nodes.insert(name, typed(file, i, doc)?);
-                }
-                ("", "Pod") => {
-                    staged.pods.insert(key, typed(file, i, doc)?);
-                }
-                ("", "Service") => {
-                    staged.services.insert(key, typed(file, i, doc)?);
-                }
-                ("", "ServiceAccount") => {
-                    staged.service_accounts.insert(key, typed(file, i, doc)?);
-                }
-                ("security.istio.io", "AuthorizationPolicy") => {
-                    staged
-                        .authorization_policies
-                        .insert(key, typed(file, i, doc)?);
-                }
-                ("security.istio.io", "PeerAuthentication") => {
-                    staged
-                        .peer_authentications
-                        .insert(key, typed(file, i, doc)?);
-                }
-                ("gateway.networking.k8s.io", "Gateway") => {
-                    staged.gateways.insert(key, typed(file, i, doc)?);
-                }
-                ("gateway.networking.k8s.io", "HTTPRoute") => {
-                    staged.http_routes.insert(key, typed(file, i, doc)?);
-                }
-                _ => {
-                    return Err(err(
-                        "kind",
-                        format!("{api_version} {kind} is not a kind the control plane reads"),
-                    ));
-                }
-            }
+            staged.add_document(file, i, doc)?;
             count += 1;
         }
         *self = staged;
         Ok(count)
+    }
+
+    /// Adds one object (a document of `file`, or an object from the Kubernetes API).
+    pub fn add_document(
+        &mut self,
+        file: &Path,
+        i: usize,
+        doc: serde_json::Value,
+    ) -> Result<(), ManifestError> {
+        let err = |path: &str, message: String| ManifestError {
+            file: file.to_path_buf(),
+            document: Some(i),
+            path: Some(path.to_string()),
+            message,
+        };
+        let kind = doc
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .ok_or_else(|| err("kind", "missing or not a string".into()))?
+            .to_string();
+        let api_version = doc
+            .get("apiVersion")
+            .and_then(|k| k.as_str())
+            .ok_or_else(|| err("apiVersion", "missing or not a string".into()))?
+            .to_string();
+        if kind == "List" {
+            return Err(err(
+                "kind",
+                "List is not supported: write one document per object".into(),
+            ));
+        }
+        let name = doc
+            .pointer("/metadata/name")
+            .and_then(|n| n.as_str())
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| err("metadata.name", "missing".into()))?
+            .to_string();
+        let ns = doc
+            .pointer("/metadata/namespace")
+            .and_then(|n| n.as_str())
+            .unwrap_or("default")
+            .to_string();
+        let key = (ns, name.clone());
+        let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+        match (group, kind.as_str()) {
+            ("", "Namespace") => {
+                self.namespaces.insert(name, typed(file, i, doc)?);
+            }
+            ("", "Node") => {
+                self.nodes.insert(name, typed(file, i, doc)?);
+            }
+            ("", "Pod") => {
+                self.pods.insert(key, typed(file, i, doc)?);
+            }
+            ("", "Service") => {
+                self.services.insert(key, typed(file, i, doc)?);
+            }
+            ("", "ServiceAccount") => {
+                self.service_accounts.insert(key, typed(file, i, doc)?);
+            }
+            ("security.istio.io", "AuthorizationPolicy") => {
+                self.authorization_policies
+                    .insert(key, typed(file, i, doc)?);
+            }
+            ("security.istio.io", "PeerAuthentication") => {
+                self.peer_authentications.insert(key, typed(file, i, doc)?);
+            }
+            ("gateway.networking.k8s.io", "Gateway") => {
+                self.gateways.insert(key, typed(file, i, doc)?);
+            }
+            ("gateway.networking.k8s.io", "HTTPRoute") => {
+                self.http_routes.insert(key, typed(file, i, doc)?);
+            }
+            _ => {
+                return Err(err(
+                    "kind",
+                    format!("{api_version} {kind} is not a kind the control plane reads"),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

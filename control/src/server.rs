@@ -5,6 +5,7 @@ use crate::auth::Tokens;
 use crate::generation::Generation;
 use crate::grpc::{Ads, Ca, Shared};
 use crate::index::IndexConfig;
+use crate::manifest::Objects;
 use crate::source::{self, DirSource};
 use mesh_identity::ca::CertificateAuthority;
 use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
@@ -19,7 +20,7 @@ use tokio::sync::watch;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ServerConfig {
-    pub config_dir: PathBuf,
+    pub source: ConfigSource,
     pub state_dir: PathBuf,
     pub tokens: PathBuf,
     pub listen: SocketAddr,
@@ -30,6 +31,68 @@ pub struct ServerConfig {
     pub cluster_id: String,
     pub root_namespace: String,
     pub excluded_namespaces: Vec<String>,
+}
+
+/// Where the mesh's configuration (namespaces, pods, services, policies, routes) comes from.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigSource {
+    /// A directory of YAML manifests, re-read when it changes.
+    Directory(PathBuf),
+    /// The Kubernetes API server: this kubeconfig file, else the in-cluster service
+    /// account, else `$KUBECONFIG` / `~/.kube/config`.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+/// Starts the chosen source and returns its first complete snapshot plus a channel of
+/// later ones. Nothing is served before the first snapshot: serving an empty set would
+/// tell every ztunnel to forget its workloads.
+async fn start_source(
+    source: &ConfigSource,
+) -> Result<(Objects, watch::Receiver<Option<Objects>>), String> {
+    let (tx, mut rx) = watch::channel(None::<Objects>);
+    match source {
+        ConfigSource::Directory(dir) => {
+            let mut src = DirSource::new(dir);
+            src.scan()?;
+            tx.send_replace(Some(src.objects()));
+            tokio::spawn(source::watch(src, Duration::from_millis(250), move |o| {
+                tx.send_replace(Some(o));
+            }));
+        }
+        ConfigSource::Kubernetes { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            tracing::info!("listing and watching the Kubernetes API");
+            tokio::spawn(crate::kube_source::run(client, move |o| {
+                tx.send_replace(Some(o));
+            }));
+        }
+    }
+    loop {
+        let first = rx.borrow_and_update().clone();
+        if let Some(first) = first {
+            return Ok((first, rx));
+        }
+        rx.changed()
+            .await
+            .map_err(|_| "the config source stopped before its first snapshot".to_string())?;
+    }
+}
+
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            format!("no Kubernetes credentials (not in a pod, and no usable KUBECONFIG or ~/.kube/config): {e}")
+        })?,
+    };
+    kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
 
 /// Loads the CA from `state_dir`, or creates and persists a new root there. Also writes
@@ -130,32 +193,32 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
     };
 
     // Config source → generations.
-    let mut src = DirSource::new(&cfg.config_dir);
-    src.scan()?;
-    let first = Generation::build(1, src.objects(), &index_cfg);
+    let (objects, mut updates) = start_source(&cfg.source).await?;
+    let first = Generation::build(1, objects, &index_cfg);
     for w in &first.resources.warnings {
         tracing::warn!("{w}");
     }
     let (gen_tx, gen_rx) = watch::channel(Arc::new(first));
-    let version = AtomicU64::new(1);
-    tokio::spawn(source::watch(
-        src,
-        Duration::from_millis(250),
-        move |objects| {
-            let v = version.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            let g = Generation::build(v, objects, &index_cfg);
+    tokio::spawn(async move {
+        let mut version = 1;
+        while updates.changed().await.is_ok() {
+            let Some(objects) = updates.borrow_and_update().clone() else {
+                continue;
+            };
+            version += 1;
+            let g = Generation::build(version, objects, &index_cfg);
             for w in &g.resources.warnings {
                 tracing::warn!("{w}");
             }
             tracing::info!(
-                version = v,
+                version,
                 addresses = g.addresses.len(),
                 policies = g.authorizations.len(),
                 "configuration updated"
             );
             gen_tx.send_replace(Arc::new(g));
-        },
-    ));
+        }
+    });
 
     let shared = Shared {
         generation: gen_rx,

@@ -52,7 +52,7 @@ async fn start() -> Plane {
     )
     .unwrap();
     let running = server::start(ServerConfig {
-        config_dir: cfg_dir,
+        source: mesh_control::server::ConfigSource::Directory(cfg_dir),
         state_dir: dir.path().join("state"),
         tokens: dir.path().join("tokens.yaml"),
         listen: "127.0.0.1:0".parse().unwrap(),
