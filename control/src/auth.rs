@@ -51,6 +51,21 @@ pub enum AuthError {
     Missing,
     #[error("the bearer token is not known to this control plane")]
     Unknown,
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// The bearer token of a gRPC request.
+pub fn bearer(metadata: &tonic::metadata::MetadataMap) -> Result<&str, AuthError> {
+    let header = metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .ok_or(AuthError::Missing)?;
+    Ok(header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or(AuthError::Missing)?
+        .trim())
 }
 
 impl Tokens {
@@ -90,16 +105,11 @@ impl Tokens {
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Principal, AuthError> {
-        let header = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .ok_or(AuthError::Missing)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or(AuthError::Missing)?
-            .trim();
-        self.by_token.get(token).cloned().ok_or(AuthError::Unknown)
+        self.lookup(bearer(metadata)?).ok_or(AuthError::Unknown)
+    }
+
+    pub fn lookup(&self, token: &str) -> Option<Principal> {
+        self.by_token.get(token).cloned()
     }
 }
 

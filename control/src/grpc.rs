@@ -3,8 +3,9 @@
 //! own pods run as).
 
 use crate::ads::{RequestKind, Session};
-use crate::auth::{Principal, Tokens};
+use crate::auth::{AuthError, Principal, Tokens, bearer};
 use crate::generation::Generation;
+use crate::token_review::TokenReviewer;
 use mesh_identity::SpiffeId;
 use mesh_identity::ca::{CertificateAuthority, csr_identity};
 use mesh_proto::ca::istio_certificate_service_server::IstioCertificateService;
@@ -41,15 +42,33 @@ pub struct ClientInfo {
 pub struct Shared {
     pub generation: watch::Receiver<Arc<Generation>>,
     pub tokens: Arc<RwLock<Tokens>>,
+    /// Kubernetes mode: service-account tokens are checked with the API server.
+    pub reviewer: Option<Arc<TokenReviewer>>,
     pub ca: Arc<RwLock<CertificateAuthority>>,
     pub clients: Arc<Mutex<HashMap<u64, ClientInfo>>>,
     pub next_client: Arc<AtomicU64>,
 }
 
 impl Shared {
-    fn authenticate<T>(&self, req: &Request<T>, what: &str) -> Result<Principal, Status> {
-        let tokens = self.tokens.read().expect("tokens lock");
-        tokens.authenticate(req.metadata()).map_err(|e| {
+    /// A bootstrap token from the tokens file, else (Kubernetes mode) a service-account
+    /// token the API server vouches for.
+    async fn authenticate<T>(&self, req: &Request<T>, what: &str) -> Result<Principal, Status> {
+        let result = async {
+            let token = bearer(req.metadata())?;
+            if let Some(p) = self.tokens.read().expect("tokens lock").lookup(token) {
+                return Ok(p);
+            }
+            let Some(reviewer) = &self.reviewer else {
+                return Err(AuthError::Unknown);
+            };
+            let objects = self.generation.borrow().objects.clone();
+            reviewer
+                .authenticate(token, &objects)
+                .await
+                .map_err(AuthError::Rejected)
+        }
+        .await;
+        result.map_err(|e| {
             let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::warn!(%peer, error = %e, "{what}: refused unauthenticated caller");
             Status::unauthenticated(e.to_string())
@@ -74,7 +93,7 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let principal = self.0.authenticate(&req, "xDS")?;
+        let principal = self.0.authenticate(&req, "xDS").await?;
         let shared = self.0.clone();
         let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
         let mut inbound = req.into_inner();
@@ -204,7 +223,7 @@ impl IstioCertificateService for Ca {
         &self,
         req: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let principal = self.0.authenticate(&req, "CA")?;
+        let principal = self.0.authenticate(&req, "CA").await?;
         let body = req.into_inner();
         let impersonated = body.metadata.as_ref().and_then(|m| {
             match m

@@ -14,3 +14,4 @@ pub mod kube_source;
 pub mod manifest;
 pub mod server;
 pub mod source;
+pub mod token_review;

@@ -36,8 +36,18 @@ struct Args {
     #[arg(long, env = "STATE_DIR")]
     state_dir: PathBuf,
     /// Bootstrap tokens: `tokens: [{token: ..., node: NAME} | {token: ..., waypoint: NS/NAME}]`.
+    /// Required in directory mode; optional with Kubernetes, where ztunnels, node agents
+    /// and waypoints present service-account tokens checked by TokenReview.
     #[arg(long, env = "TOKENS_FILE")]
-    tokens: PathBuf,
+    tokens: Option<PathBuf>,
+    /// Kubernetes mode: the audience callers' service-account tokens must carry
+    /// (repeatable; ztunnel requests `istio-ca`).
+    #[arg(long = "token-audience", default_values_t = ["istio-ca".to_string()])]
+    token_audiences: Vec<String>,
+    /// Kubernetes mode: service accounts (`namespace/name`) of the per-node programs
+    /// (ztunnel, node agent); a token of theirs authenticates as the node it is bound to.
+    #[arg(long = "node-proxy-account", default_values_t = ["mesh-system/ztunnel".to_string(), "mesh-system/mesh-cni".to_string()])]
+    node_proxy_accounts: Vec<String>,
     /// xDS + CA (gRPC over TLS).
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
@@ -101,6 +111,8 @@ fn main() {
         source,
         state_dir: a.state_dir,
         tokens: a.tokens,
+        token_audiences: a.token_audiences,
+        node_proxy_accounts: a.node_proxy_accounts,
         listen: a.listen,
         debug_listen: a.debug_listen,
         dns_names: a.dns_names,

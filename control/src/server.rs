@@ -7,6 +7,7 @@ use crate::grpc::{Ads, Ca, Shared};
 use crate::index::IndexConfig;
 use crate::manifest::Objects;
 use crate::source::{self, DirSource};
+use crate::token_review::TokenReviewer;
 use mesh_identity::ca::CertificateAuthority;
 use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
@@ -22,7 +23,13 @@ use tokio::sync::watch;
 pub struct ServerConfig {
     pub source: ConfigSource,
     pub state_dir: PathBuf,
-    pub tokens: PathBuf,
+    /// Bootstrap tokens file; required in directory mode, optional with Kubernetes
+    /// (whose callers present service-account tokens).
+    pub tokens: Option<PathBuf>,
+    /// Kubernetes mode: the audience service-account tokens must carry.
+    pub token_audiences: Vec<String>,
+    /// Kubernetes mode: `namespace/name` of the ztunnel and node agent service accounts.
+    pub node_proxy_accounts: Vec<String>,
     pub listen: SocketAddr,
     pub debug_listen: SocketAddr,
     pub dns_names: Vec<String>,
@@ -49,6 +56,7 @@ pub enum ConfigSource {
 /// tell every ztunnel to forget its workloads.
 async fn start_source(
     source: &ConfigSource,
+    kube: Option<kube::Client>,
 ) -> Result<(Objects, watch::Receiver<Option<Objects>>), String> {
     let (tx, mut rx) = watch::channel(None::<Objects>);
     match source {
@@ -60,8 +68,8 @@ async fn start_source(
                 tx.send_replace(Some(o));
             }));
         }
-        ConfigSource::Kubernetes { kubeconfig } => {
-            let client = kube_client(kubeconfig.as_deref()).await?;
+        ConfigSource::Kubernetes { .. } => {
+            let client = kube.ok_or("no Kubernetes client")?;
             tracing::info!("listing and watching the Kubernetes API");
             tokio::spawn(crate::kube_source::run(client, move |o| {
                 tx.send_replace(Some(o));
@@ -174,8 +182,28 @@ pub struct Running {
 }
 
 pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
-    let tokens = Arc::new(RwLock::new(Tokens::load(&cfg.tokens)?));
-    tokio::spawn(watch_tokens(cfg.tokens.clone(), tokens.clone()));
+    let kube = match &cfg.source {
+        ConfigSource::Kubernetes { kubeconfig } => Some(kube_client(kubeconfig.as_deref()).await?),
+        ConfigSource::Directory(_) => None,
+    };
+    let tokens = match (&cfg.tokens, &kube) {
+        (Some(path), _) => {
+            let tokens = Arc::new(RwLock::new(Tokens::load(path)?));
+            tokio::spawn(watch_tokens(path.clone(), tokens.clone()));
+            tokens
+        }
+        (None, Some(_)) => Arc::new(RwLock::new(Tokens::default())),
+        (None, None) => {
+            return Err("a tokens file is required in directory mode (--tokens)".into());
+        }
+    };
+    let reviewer = kube.clone().map(|client| {
+        Arc::new(TokenReviewer::new(
+            client,
+            cfg.token_audiences.clone(),
+            cfg.node_proxy_accounts.clone(),
+        ))
+    });
     let ca = load_or_create_ca(&cfg.state_dir, &cfg.trust_domain)?;
     let (chain, key) = ca
         .issue_server_cert(
@@ -193,7 +221,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
     };
 
     // Config source → generations.
-    let (objects, mut updates) = start_source(&cfg.source).await?;
+    let (objects, mut updates) = start_source(&cfg.source, kube).await?;
     let first = Generation::build(1, objects, &index_cfg);
     for w in &first.resources.warnings {
         tracing::warn!("{w}");
@@ -223,6 +251,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
     let shared = Shared {
         generation: gen_rx,
         tokens,
+        reviewer,
         ca: Arc::new(RwLock::new(ca)),
         clients: Arc::new(Mutex::new(Default::default())),
         next_client: Arc::new(AtomicU64::new(1)),

@@ -1,15 +1,16 @@
 //! mesh-control end to end, in process: manifests on disk → delta ADS over TLS to a real
 //! tonic client; the CA over the same port.
 
+mod common;
+
+use common::ca_request;
 use mesh_control::server::{self, ServerConfig};
 use mesh_identity::{SpiffeId, WorkloadCertificate, generate_csr};
-use mesh_proto::ca::IstioCertificateRequest;
 use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use mesh_proto::prost::Message;
 use mesh_proto::{cni, rpc, type_url, workload as pb};
-use prost_types::{Struct, Value, value::Kind};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -54,7 +55,9 @@ async fn start() -> Plane {
     let running = server::start(ServerConfig {
         source: mesh_control::server::ConfigSource::Directory(cfg_dir),
         state_dir: dir.path().join("state"),
-        tokens: dir.path().join("tokens.yaml"),
+        tokens: Some(dir.path().join("tokens.yaml")),
+        token_audiences: vec!["istio-ca".into()],
+        node_proxy_accounts: vec!["mesh-system/ztunnel".into()],
         listen: "127.0.0.1:0".parse().unwrap(),
         debug_listen: "127.0.0.1:0".parse().unwrap(),
         dns_names: vec!["mesh-control.test".into()],
@@ -289,31 +292,6 @@ async fn node_agents_get_their_own_nodes_pods() {
     );
     let r = s1.next().await;
     assert!(!decode(&r).enrolled);
-}
-
-fn ca_request(
-    csr: &str,
-    id: &SpiffeId,
-    token: Option<&str>,
-) -> tonic::Request<IstioCertificateRequest> {
-    let mut req = tonic::Request::new(IstioCertificateRequest {
-        csr: csr.into(),
-        validity_duration: 3600,
-        metadata: Some(Struct {
-            fields: [(
-                "ImpersonatedIdentity".to_string(),
-                Value {
-                    kind: Some(Kind::StringValue(id.to_string())),
-                },
-            )]
-            .into(),
-        }),
-    });
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    req
 }
 
 #[tokio::test]

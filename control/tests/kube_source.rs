@@ -3,16 +3,22 @@
 //! initial lists, incremental events, a 410 Gone forcing a re-list, a CRD that is not
 //! installed, and a malformed object that must not wipe the rest.
 
+mod common;
+
 use bytes::Bytes;
+use common::ca_request;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Frame;
 use mesh_control::manifest::Objects;
+use mesh_identity::{SpiffeId, generate_csr};
+use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 /// One open watch response: events are written to it as body frames.
 type WatchSender = mpsc::UnboundedSender<Result<Frame<Bytes>, Infallible>>;
@@ -24,6 +30,10 @@ struct FakeState {
     watchers: BTreeMap<String, Vec<WatchSender>>,
     /// Plurals whose CRD is "not installed" (404).
     missing: Vec<String>,
+    /// TokenReview: token → the `status` the API server answers with.
+    reviews: BTreeMap<String, Value>,
+    /// Audiences asked for in TokenReviews.
+    audiences_seen: Vec<Value>,
 }
 
 #[derive(Clone, Default)]
@@ -73,6 +83,21 @@ impl Fake {
 
     async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
         let plural = plural_of(req.uri().path());
+        if req.method() == hyper::Method::POST && plural == "tokenreviews" {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let mut review: Value = serde_json::from_slice(&body).unwrap();
+            let mut st = self.0.lock().unwrap();
+            st.audiences_seen.push(review["spec"]["audiences"].clone());
+            let token = review["spec"]["token"].as_str().unwrap_or_default();
+            review["status"] = st.reviews.get(token).cloned().unwrap_or_else(
+                || json!({"authenticated": false, "error": "invalid bearer token"}),
+            );
+            return hyper::Response::builder()
+                .status(201)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(review.to_string())).boxed())
+                .unwrap();
+        }
         let watch = req
             .uri()
             .query()
@@ -255,7 +280,9 @@ async fn control_plane_serves_what_the_api_server_holds() {
             kubeconfig: Some(kubeconfig),
         },
         state_dir: dir.path().join("state"),
-        tokens: dir.path().join("tokens.yaml"),
+        tokens: Some(dir.path().join("tokens.yaml")),
+        token_audiences: vec!["istio-ca".into()],
+        node_proxy_accounts: vec!["mesh-system/ztunnel".into()],
         listen: "127.0.0.1:0".parse().unwrap(),
         debug_listen: "127.0.0.1:0".parse().unwrap(),
         dns_names: vec!["mesh-control.test".into()],
@@ -282,6 +309,55 @@ async fn control_plane_serves_what_the_api_server_holds() {
     .await
     .expect("the new pod reaches the served configuration")
     .unwrap();
+
+    // CA: ztunnel's service-account token, vouched for by TokenReview and bound to
+    // node-1, may obtain identities of node-1's pods only.
+    fake.0.lock().unwrap().reviews.insert(
+        "ztunnel-node-1-token".into(),
+        json!({"authenticated": true, "user": {
+            "username": "system:serviceaccount:mesh-system:ztunnel",
+            "extra": {"authentication.kubernetes.io/node-name": ["node-1"]}}}),
+    );
+    let root = std::fs::read_to_string(dir.path().join("state/root-cert.pem")).unwrap();
+    let channel = Endpoint::from_shared(format!("https://{}", running.grpc_addr))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(root))
+                .domain_name("mesh-control.test"),
+        )
+        .unwrap()
+        .connect_lazy();
+    let mut ca = IstioCertificateServiceClient::new(channel);
+    let web = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+    let csr = generate_csr(&web).unwrap();
+    let issued = ca
+        .create_certificate(ca_request(&csr.csr_pem, &web, Some("ztunnel-node-1-token")))
+        .await
+        .expect("a reviewed ztunnel token on the pod's node gets the certificate");
+    assert!(!issued.into_inner().cert_chain.is_empty());
+    assert_eq!(
+        fake.0.lock().unwrap().audiences_seen.last(),
+        Some(&json!(["istio-ca"]))
+    );
+
+    let other = SpiffeId::new("cluster.local", "shop", "admin").unwrap();
+    let err = ca
+        .create_certificate(ca_request(
+            &csr.csr_pem,
+            &other,
+            Some("ztunnel-node-1-token"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    let err = ca
+        .create_certificate(ca_request(&csr.csr_pem, &web, Some("forged-token")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("invalid bearer token"), "{err:?}");
 }
 
 #[tokio::test]
@@ -293,7 +369,9 @@ async fn unreachable_kubeconfig_is_a_clear_error() {
             kubeconfig: Some(dir.path().join("missing-kubeconfig")),
         },
         state_dir: dir.path().join("state"),
-        tokens: dir.path().join("tokens.yaml"),
+        tokens: Some(dir.path().join("tokens.yaml")),
+        token_audiences: vec!["istio-ca".into()],
+        node_proxy_accounts: vec!["mesh-system/ztunnel".into()],
         listen: "127.0.0.1:0".parse().unwrap(),
         debug_listen: "127.0.0.1:0".parse().unwrap(),
         dns_names: vec![],
