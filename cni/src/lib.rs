@@ -3,5 +3,6 @@
 
 pub mod agent;
 pub mod events;
+pub mod install;
 pub mod plugin;
 pub mod rules;

@@ -86,6 +86,91 @@ impl plugin::Agent for FallbackAgent {
     }
 }
 
+/// Installs the chained plugin on this node and keeps it installed: copies the binary
+/// into the CNI bin directory and appends our entry to the primary CNI's conflist,
+/// re-applying it whenever the primary CNI rewrites the file. Stopping leaves both in
+/// place (an upgrade must not open a window without redirection); `--uninstall` removes
+/// them.
+#[derive(Parser, Debug, serde::Serialize)]
+#[command(name = "mesh-cni install", version)]
+struct InstallArgs {
+    /// The host's CNI config directory.
+    #[arg(long, env = "CNI_NET_DIR", default_value = "/etc/cni/net.d")]
+    cni_net_dir: PathBuf,
+    /// The host's CNI plugin directory.
+    #[arg(long, env = "CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The node agent's socket, written into our conflist entry.
+    #[arg(long, default_value = plugin::DEFAULT_AGENT_SOCKET)]
+    agent_socket: String,
+    /// How often the conflist is checked (milliseconds).
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// Install once and exit.
+    #[arg(long)]
+    once: bool,
+    /// Remove our conflist entries and the binary, then exit.
+    #[arg(long, conflicts_with = "once")]
+    uninstall: bool,
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log_level: String,
+}
+
+fn run_install(args: Vec<String>) -> i32 {
+    use mesh_cni::install;
+    let a = InstallArgs::parse_from(args);
+    init_logging(&a.log_level);
+    tracing::info!(config = %serde_json::to_string(&a).unwrap_or_default(), "starting the installer");
+    if a.uninstall {
+        let problems = install::uninstall(&a.cni_net_dir, &a.cni_bin_dir);
+        for p in &problems {
+            tracing::error!("{p}");
+        }
+        return if problems.is_empty() { 0 } else { 1 };
+    }
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("cannot find this program's binary: {e}");
+            return 1;
+        }
+    };
+    match install::install_binary(&exe, &a.cni_bin_dir) {
+        Ok(true) => tracing::info!(dir = %a.cni_bin_dir.display(), "plugin binary installed"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(dir = %a.cni_bin_dir.display(), "cannot install the plugin binary: {e}");
+            return 1;
+        }
+    }
+    let mut last_problem = None;
+    loop {
+        match install::reconcile(&a.cni_net_dir, &a.agent_socket) {
+            Ok(changed) => {
+                if let Some(file) = changed {
+                    tracing::info!(file = %file.display(), "chained mesh-cni into the primary CNI config");
+                }
+                last_problem = None;
+                if a.once {
+                    return 0;
+                }
+            }
+            Err(e) => {
+                if a.once {
+                    tracing::error!("{e}");
+                    return 1;
+                }
+                // Reported once per distinct problem, not every interval.
+                if last_problem.as_ref() != Some(&e) {
+                    tracing::warn!("{e}");
+                    last_problem = Some(e);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(a.interval_ms.max(50)));
+    }
+}
+
 fn run_plugin() -> i32 {
     let vars: HashMap<String, String> = std::env::vars().collect();
     let mut stdin = Vec::new();
@@ -116,14 +201,18 @@ fn run_plugin() -> i32 {
     }
 }
 
-fn run_agent(args: Vec<String>) -> i32 {
-    let a = AgentArgs::parse_from(args);
+fn init_logging(level: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&a.log_level).unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into()),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
+}
+
+fn run_agent(args: Vec<String>) -> i32 {
+    let a = AgentArgs::parse_from(args);
+    init_logging(&a.log_level);
     tracing::info!(config = %serde_json::to_string(&a).unwrap_or_default(), "starting the node agent");
     let root_pem = match std::fs::read_to_string(&a.root_cert) {
         Ok(r) => r,
@@ -234,16 +323,21 @@ async fn readiness(addr: SocketAddr, agent: std::sync::Arc<Agent>) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let code = if args.get(1).map(String::as_str) == Some("agent") {
-        let mut rest = vec!["mesh-cni agent".to_string()];
+    let sub = args.get(1).cloned().unwrap_or_default();
+    let code = if sub == "agent" || sub == "install" {
+        let mut rest = vec![format!("mesh-cni {sub}")];
         rest.extend(args.into_iter().skip(2));
-        run_agent(rest)
+        if sub == "agent" {
+            run_agent(rest)
+        } else {
+            run_install(rest)
+        }
     } else if std::env::var_os("CNI_COMMAND").is_some() {
         run_plugin()
     } else {
         eprintln!(
             "mesh-cni: a chained CNI plugin (run by the container runtime with CNI_COMMAND set)\n\
-             or the node agent: `mesh-cni agent --help`"
+             the node agent: `mesh-cni agent --help`, or its installer: `mesh-cni install --help`"
         );
         2
     };

@@ -652,7 +652,17 @@ async fn grpc_through_the_mesh_and_through_a_waypoint() {
     });
     let client = t.netns("front/client");
     let vip: SocketAddr = "10.96.0.20:9090".parse().unwrap();
-    let reply = grpc_echo(&client, vip, "over-ztunnels").await.unwrap();
+    // Port 80 answering does not mean the gRPC port's listener and its service port
+    // have reached every component yet: wait for the first successful call.
+    let mut last = Err(String::new());
+    for _ in 0..50 {
+        last = grpc_echo(&client, vip, "over-ztunnels").await;
+        if last.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reply = last.expect("gRPC over the ztunnels");
     assert_eq!(
         (reply.message.as_str(), reply.served_by.as_str()),
         ("over-ztunnels", "back/api")
