@@ -1,9 +1,9 @@
 # The two entry points of the README: `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: test demo deps fmt-check clippy unit bench bench-ztunnel
+.PHONY: test demo deps fmt-check clippy unit chart bench bench-ztunnel
 
-test: deps fmt-check clippy unit
+test: deps fmt-check clippy unit chart
 
 deps:
 	@scripts/install-deps.sh
@@ -19,6 +19,10 @@ unit:
 	$(CARGO) build --workspace --bins
 	scripts/cargo-test.sh
 	scripts/check-leftovers.sh
+
+# The Helm chart renders and every object validates against the Kubernetes schemas.
+chart:
+	scripts/check-chart.sh
 
 bench:
 	$(CARGO) bench -p hbone --bench hbone

@@ -12,6 +12,8 @@ packages=(
   curl
   tcpdump                     # captures proving only TLS crosses the fabric
   make
+  unzip                       # helm ships as a static binary inside an npm package's zip
+  python3-venv                # kubernetes-validate, the offline schema check of the chart
 )
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -35,6 +35,10 @@ struct Args {
     /// Where the CA root is kept (created on first start) and root-cert.pem is written.
     #[arg(long, env = "STATE_DIR")]
     state_dir: PathBuf,
+    /// Use the CA in this read-only directory (ca-cert.pem, ca-key.pem, optional
+    /// root-cert.pem; PKCS#8, SEC1 or PKCS#1 keys) instead of the one in --state-dir.
+    #[arg(long, env = "CA_DIR")]
+    ca_dir: Option<PathBuf>,
     /// Bootstrap tokens: `tokens: [{token: ..., node: NAME} | {token: ..., waypoint: NS/NAME}]`.
     /// Required in directory mode; optional with Kubernetes, where ztunnels, node agents
     /// and waypoints present service-account tokens checked by TokenReview.
@@ -110,6 +114,7 @@ fn main() {
     let cfg = ServerConfig {
         source,
         state_dir: a.state_dir,
+        ca_dir: a.ca_dir,
         tokens: a.tokens,
         token_audiences: a.token_audiences,
         node_proxy_accounts: a.node_proxy_accounts,

@@ -23,6 +23,8 @@ use tokio::sync::watch;
 pub struct ServerConfig {
     pub source: ConfigSource,
     pub state_dir: PathBuf,
+    /// A read-only CA (e.g. a mounted Secret) instead of the one kept in `state_dir`.
+    pub ca_dir: Option<PathBuf>,
     /// Bootstrap tokens file; required in directory mode, optional with Kubernetes
     /// (whose callers present service-account tokens).
     pub tokens: Option<PathBuf>,
@@ -103,22 +105,32 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, String> 
     kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
 
-/// Loads the CA from `state_dir`, or creates and persists a new root there. Also writes
-/// `root-cert.pem` (the bundle clients trust).
+/// Loads the CA from `ca_dir` when given (read-only, e.g. a mounted Secret: it must hold
+/// `ca-cert.pem` and `ca-key.pem`, optionally the `root-cert.pem` bundle), else from
+/// `state_dir`, creating and persisting a new root there on first start. Always writes
+/// `<state_dir>/root-cert.pem` (the bundle clients trust).
 pub fn load_or_create_ca(
     state_dir: &Path,
+    ca_dir: Option<&Path>,
     trust_domain: &str,
 ) -> Result<CertificateAuthority, String> {
     std::fs::create_dir_all(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
-    let cert = state_dir.join("ca-cert.pem");
-    let key = state_dir.join("ca-key.pem");
+    let dir = ca_dir.unwrap_or(state_dir);
+    let cert = dir.join("ca-cert.pem");
+    let key = dir.join("ca-key.pem");
+    if ca_dir.is_some() && !cert.exists() {
+        return Err(format!(
+            "no CA in {}: expected ca-cert.pem and ca-key.pem (and optionally root-cert.pem)",
+            dir.display()
+        ));
+    }
     let ca = if cert.exists() {
         let c = std::fs::read_to_string(&cert).map_err(|e| format!("{}: {e}", cert.display()))?;
         let k = std::fs::read_to_string(&key).map_err(|e| format!("{}: {e}", key.display()))?;
-        let bundle_path = state_dir.join("root-cert.pem");
+        let bundle_path = dir.join("root-cert.pem");
         let bundle = std::fs::read_to_string(&bundle_path).unwrap_or_else(|_| c.clone());
         CertificateAuthority::load(trust_domain, &c, &k, None, &bundle)
-            .map_err(|e| format!("CA in {}: {e}", state_dir.display()))?
+            .map_err(|e| format!("CA in {}: {e}", dir.display()))?
     } else {
         let ca =
             CertificateAuthority::new_root(trust_domain, Duration::from_secs(10 * 365 * 86400))
@@ -204,7 +216,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
             cfg.node_proxy_accounts.clone(),
         ))
     });
-    let ca = load_or_create_ca(&cfg.state_dir, &cfg.trust_domain)?;
+    let ca = load_or_create_ca(&cfg.state_dir, cfg.ca_dir.as_deref(), &cfg.trust_domain)?;
     let (chain, key) = ca
         .issue_server_cert(
             &cfg.dns_names,

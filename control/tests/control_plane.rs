@@ -55,6 +55,7 @@ async fn start() -> Plane {
     let running = server::start(ServerConfig {
         source: mesh_control::server::ConfigSource::Directory(cfg_dir),
         state_dir: dir.path().join("state"),
+        ca_dir: None,
         tokens: Some(dir.path().join("tokens.yaml")),
         token_audiences: vec!["istio-ca".into()],
         node_proxy_accounts: vec!["mesh-system/ztunnel".into()],
@@ -341,7 +342,7 @@ async fn restart_keeps_the_root_and_rotation_serves_both_roots() {
     let state = plane.dir.path().join("state");
     let root_before = std::fs::read_to_string(state.join("root-cert.pem")).unwrap();
     // Same state dir again: the same root.
-    let again = mesh_control::server::load_or_create_ca(&state, "cluster.local").unwrap();
+    let again = mesh_control::server::load_or_create_ca(&state, None, "cluster.local").unwrap();
     assert_eq!(again.roots_pem(), root_before);
     // Rotation: a new root signs, the old one stays trusted in the bundle.
     let old = std::fs::read_to_string(state.join("ca-cert.pem")).unwrap();
@@ -357,7 +358,7 @@ async fn restart_keeps_the_root_and_rotation_serves_both_roots() {
         format!("{}{}", new.cert_pem(), old),
     )
     .unwrap();
-    let rotated = mesh_control::server::load_or_create_ca(&state, "cluster.local").unwrap();
+    let rotated = mesh_control::server::load_or_create_ca(&state, None, "cluster.local").unwrap();
     assert_eq!(rotated.roots().len(), 2);
     let id = SpiffeId::new("cluster.local", "shop", "web").unwrap();
     let csr = generate_csr(&id).unwrap();
@@ -366,4 +367,69 @@ async fn restart_keeps_the_root_and_rotation_serves_both_roots() {
         .unwrap();
     let cert = WorkloadCertificate::from_ca_response(&id, &csr.key, &chain).unwrap();
     assert_eq!(cert.roots().len(), 2, "clients receive both roots");
+}
+
+/// The root the Helm chart generates (genCAWithKey: ECDSA P-256 in SEC1 PEM, with server
+/// and client EKUs on the root), used read-only from a mounted Secret.
+#[test]
+fn a_root_generated_by_the_helm_chart_signs_from_a_read_only_ca_dir() {
+    let ca_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/helm-ca");
+    let state = tempfile::tempdir().unwrap();
+    let ca = mesh_control::server::load_or_create_ca(state.path(), Some(&ca_dir), "cluster.local")
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(state.path().join("root-cert.pem")).unwrap(),
+        ca.roots_pem()
+    );
+    assert!(
+        !state.path().join("ca-key.pem").exists(),
+        "the key is never copied"
+    );
+    let id = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+    let csr = generate_csr(&id).unwrap();
+    let chain = ca
+        .sign_csr(&csr.csr_pem, &id, Duration::from_secs(600))
+        .unwrap();
+    let cert = WorkloadCertificate::from_ca_response(&id, &csr.key, &chain).unwrap();
+    assert_eq!(cert.roots().len(), 1);
+    // Workloads holding such certificates complete mTLS with each other (the root's
+    // EKUs do not get in the way of path validation).
+    mtls_handshake(&cert, &id);
+
+    let empty = tempfile::tempdir().unwrap();
+    let err =
+        mesh_control::server::load_or_create_ca(state.path(), Some(empty.path()), "cluster.local")
+            .err()
+            .expect("an empty CA dir is an error, not a new root");
+    assert!(err.contains("expected ca-cert.pem"), "{err}");
+}
+
+/// A full TLS 1.3 mutual handshake in memory between two holders of `cert`.
+fn mtls_handshake(cert: &WorkloadCertificate, id: &SpiffeId) {
+    use std::sync::Arc;
+    let client_cfg = mesh_identity::client_config(cert, vec![id.clone()]).unwrap();
+    let server_cfg = mesh_identity::server_config(cert).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("0.0.0.0").unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(client_cfg), name).unwrap();
+    let mut server = rustls::ServerConnection::new(Arc::new(server_cfg)).unwrap();
+    for _ in 0..10 {
+        let mut buf = Vec::new();
+        client.write_tls(&mut buf).unwrap();
+        server.read_tls(&mut &buf[..]).unwrap();
+        server
+            .process_new_packets()
+            .expect("server accepts the client");
+        buf.clear();
+        server.write_tls(&mut buf).unwrap();
+        client.read_tls(&mut &buf[..]).unwrap();
+        client
+            .process_new_packets()
+            .expect("client accepts the server");
+        if !client.is_handshaking() && !server.is_handshaking() {
+            let peer = mesh_identity::peer_identity(server.peer_certificates());
+            assert_eq!(peer.as_ref(), Some(id));
+            return;
+        }
+    }
+    panic!("handshake did not complete");
 }

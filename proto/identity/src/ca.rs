@@ -167,8 +167,10 @@ impl CertificateAuthority {
         chain_pem: Option<&str>,
         root_bundle_pem: &str,
     ) -> Result<Self, CaError> {
-        let key = KeyPair::from_pem(key_pem)
+        let pkcs8 = crate::pkcs8::private_key_to_pkcs8(key_pem)
             .map_err(|e| CaError::BadCaMaterial(format!("CA key: {e}")))?;
+        let key =
+            KeyPair::try_from(pkcs8).map_err(|e| CaError::BadCaMaterial(format!("CA key: {e}")))?;
         let cert = certs_from_pem("CA certificate", cert_pem)?
             .into_iter()
             .next()

@@ -4,6 +4,7 @@
 
 pub mod ca;
 pub mod cert;
+pub mod pkcs8;
 pub mod spiffe;
 pub mod tls;
 
