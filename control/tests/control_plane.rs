@@ -397,10 +397,11 @@ fn a_root_generated_by_the_helm_chart_signs_from_a_read_only_ca_dir() {
     mtls_handshake(&cert, &id);
 
     let empty = tempfile::tempdir().unwrap();
-    let err =
+    let Err(err) =
         mesh_control::server::load_or_create_ca(state.path(), Some(empty.path()), "cluster.local")
-            .err()
-            .expect("an empty CA dir is an error, not a new root");
+    else {
+        panic!("an empty CA dir must be an error, not a new root");
+    };
     assert!(err.contains("expected ca-cert.pem"), "{err}");
 }
 
