@@ -1,7 +1,7 @@
 # The two entry points of the README: `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: test demo deps fmt-check clippy unit chart bench bench-ztunnel
+.PHONY: test demo deps fmt-check clippy unit chart images bench bench-ztunnel
 
 test: deps fmt-check clippy unit chart
 
@@ -35,3 +35,9 @@ bench-ztunnel: deps
 demo: deps
 	$(CARGO) build --workspace --bins
 	@scripts/demo.sh $(ARGS)
+
+# The container image the Helm chart runs (every binary in one image).
+IMAGE ?= ghcr.io/ambient-mesh/ambient-mesh
+TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+images:
+	docker build -t $(IMAGE):$(TAG) .
