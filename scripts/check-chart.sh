@@ -43,6 +43,8 @@ for values in default full; do
   "$validate" --strict --quiet -k "$kube_version" "$out/$values.yaml"
 done
 
+"$cache/venv/bin/python" scripts/chart-properties.py "$out/default.yaml" "$out/full.yaml"
+
 # The validator must reject what is wrong, or the check above proves nothing.
 sed 's/^      priorityClassName:/      priorityClassNme:/' "$out/default.yaml" >"$out/broken.yaml"
 if "$validate" --strict --quiet -k "$kube_version" "$out/broken.yaml" >/dev/null 2>&1; then

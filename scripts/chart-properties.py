@@ -1,0 +1,78 @@
+"""Checks what the schemas cannot: the properties the chart promises (see README)."""
+import sys
+import yaml
+
+def objects(path):
+    with open(path) as f:
+        return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(f) if d}
+
+def check(path, full):
+    o = objects(path)
+    problems = []
+    def expect(cond, what):
+        if not cond:
+            problems.append(what)
+
+    zt = o[("DaemonSet", "ztunnel")]
+    spec = zt["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    expect(not spec.get("hostNetwork"), "ztunnel must not be hostNetwork")
+    caps = c["securityContext"]["capabilities"]
+    expect(caps["drop"] == ["ALL"] and sorted(caps["add"]) == ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"],
+           f"ztunnel capabilities: {caps}")
+    expect(not c["securityContext"].get("privileged"), "ztunnel must not be privileged")
+    expect(zt["spec"]["updateStrategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0},
+           "ztunnel rollout must surge")
+    expect(c["readinessProbe"]["httpGet"]["port"] == 15021, "ztunnel readiness on 15021")
+    ann = zt["spec"]["template"]["metadata"]["annotations"]
+    expect(ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") == "15020",
+           "ztunnel scrape annotations")
+    expect(spec["priorityClassName"] == "system-node-critical", "ztunnel priority")
+    vols = {v["name"]: v for v in spec["volumes"]}
+    token = vols["mesh-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    expect(token["audience"] == "istio-ca", "projected token audience istio-ca")
+    expect(vols["zds"]["hostPath"]["path"] == "/var/run/ztunnel", "ZDS socket hostPath")
+
+    # The CA key reaches only the control plane.
+    for name in ("ztunnel", "mesh-cni"):
+        for v in o[("DaemonSet", name)]["spec"]["template"]["spec"]["volumes"]:
+            if "secret" in v:
+                items = [i["key"] for i in v["secret"].get("items", [])]
+                expect(items == ["root-cert.pem"], f"{name} mounts only the root bundle, got {items}")
+
+    cni = o[("DaemonSet", "mesh-cni")]["spec"]["template"]["spec"]
+    install = next(c for c in cni["containers"] if c["name"] == "install")
+    expect(install["command"][-1] == "install", "cni installer container")
+    proc = next(v for v in cni["volumes"] if v["name"] == "host-proc")
+    agent = next(c for c in cni["containers"] if c["name"] == "agent")
+    proc_mount = next(m for m in agent["volumeMounts"] if m["name"] == "host-proc")
+    expect(proc["hostPath"]["path"] == "/proc" and proc_mount.get("readOnly"), "host /proc read-only")
+
+    role = o[("ClusterRole", "mesh-control-mesh-system")]
+    verbs = {v for r in role["rules"] for v in r["verbs"]}
+    expect(verbs <= {"get", "list", "watch", "create"}, f"control RBAC verbs: {verbs}")
+    creates = [r for r in role["rules"] if "create" in r["verbs"]]
+    expect(creates == [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}],
+           "control creates only TokenReviews")
+    expect(("PodDisruptionBudget", "mesh-control") in o, "control PDB")
+
+    args = " ".join(o[("Deployment", "mesh-control")]["spec"]["template"]["spec"]["containers"][0]["args"])
+    if full:
+        expect(("Secret", "mesh-ca") not in o, "existingSecret: no generated CA")
+        expect("--trust-domain=example.org" in args and "--exclude-namespace=legacy" in args, f"control args: {args}")
+        expect("--dns-capture" in agent["args"], "DNS capture flag")
+        expect(spec["containers"][0]["image"] == "registry.example.com/platform/mesh:1.2.3", "image")
+    else:
+        ca = o[("Secret", "mesh-ca")]
+        expect(set(ca["data"]) == {"ca-cert.pem", "ca-key.pem", "root-cert.pem"}, "generated CA keys")
+        expect(ca["metadata"]["annotations"].get("helm.sh/resource-policy") == "keep", "CA Secret is kept")
+        expect("--dns-capture" not in agent["args"], "DNS capture off by default")
+    return problems
+
+if __name__ == "__main__":
+    failed = False
+    for path, full in ((sys.argv[1], False), (sys.argv[2], True)):
+        for p in check(path, full):
+            print(f"chart-properties: {path}: {p}", file=sys.stderr)
+            failed = True
+    sys.exit(1 if failed else 0)
