@@ -43,6 +43,11 @@ def check(path, full):
     cni = o[("DaemonSet", "mesh-cni")]["spec"]["template"]["spec"]
     install = next(c for c in cni["containers"] if c["name"] == "install")
     expect(install["command"][-1] == "install", "cni installer container")
+    expect("--daemonset=mesh-system/mesh-cni" in install["args"], "installer knows its DaemonSet")
+    role = o[("Role", "mesh-cni")]
+    expect(role["rules"] == [{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                              "resourceNames": ["mesh-cni"], "verbs": ["get"]}],
+           "the installer may only read its own DaemonSet")
     proc = next(v for v in cni["volumes"] if v["name"] == "host-proc")
     agent = next(c for c in cni["containers"] if c["name"] == "agent")
     proc_mount = next(m for m in agent["volumeMounts"] if m["name"] == "host-proc")

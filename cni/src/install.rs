@@ -221,6 +221,78 @@ pub fn uninstall(net_dir: &Path, bin_dir: &Path) -> Vec<String> {
     problems
 }
 
+/// What a stopping installer does with the entry and binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnStop {
+    /// An upgrade or a restart: pods created meanwhile must still be enrolled.
+    Keep(String),
+    /// The mesh is being removed: leaving the entry would make every new pod on the node
+    /// fail to start once the agent is gone.
+    Uninstall(String),
+}
+
+/// The state of the installer's own DaemonSet as the API server reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DaemonSetState {
+    Present,
+    BeingDeleted,
+    Gone,
+}
+
+/// Decides from the DaemonSet's state (or why it could not be read). When in doubt the
+/// entry stays: a leftover entry is visible and fixable, a missing one silently lets
+/// pods start outside the mesh.
+pub fn on_stop(daemonset: &str, state: Result<DaemonSetState, String>) -> OnStop {
+    match state {
+        Ok(DaemonSetState::Present) => OnStop::Keep(format!(
+            "DaemonSet {daemonset} still exists (upgrade or restart)"
+        )),
+        Ok(DaemonSetState::BeingDeleted) => {
+            OnStop::Uninstall(format!("DaemonSet {daemonset} is being deleted"))
+        }
+        Ok(DaemonSetState::Gone) => OnStop::Uninstall(format!("DaemonSet {daemonset} is gone")),
+        Err(e) => OnStop::Keep(format!(
+            "cannot tell whether DaemonSet {daemonset} still exists ({e}); if the mesh is being \
+             removed, run `mesh-cni install --uninstall` on this node"
+        )),
+    }
+}
+
+/// Asks the API server about `namespace/name` (the installer's own DaemonSet).
+pub async fn daemonset_state(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<DaemonSetState, String> {
+    let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
+        kube::Api::namespaced(client, namespace);
+    match api.get_opt(name).await {
+        Ok(None) => Ok(DaemonSetState::Gone),
+        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_some() => {
+            Ok(DaemonSetState::BeingDeleted)
+        }
+        Ok(Some(_)) => Ok(DaemonSetState::Present),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A client from `kubeconfig`, else the in-cluster service account / `$KUBECONFIG`.
+pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| format!("no Kubernetes credentials: {e}"))?,
+    };
+    kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,6 +452,27 @@ mod tests {
             assert!(e.to_string().contains(why), "{text}: {e}");
             assert!(e.to_string().contains("10-x.conflist"), "{e}");
             assert!(unchain(f, text).is_err());
+        }
+    }
+
+    #[test]
+    fn stopping_keeps_the_entry_unless_the_daemonset_is_going_away() {
+        let ds = "mesh-system/mesh-cni";
+        assert!(matches!(
+            on_stop(ds, Ok(DaemonSetState::Present)),
+            OnStop::Keep(_)
+        ));
+        assert!(matches!(
+            on_stop(ds, Ok(DaemonSetState::BeingDeleted)),
+            OnStop::Uninstall(_)
+        ));
+        assert!(matches!(
+            on_stop(ds, Ok(DaemonSetState::Gone)),
+            OnStop::Uninstall(_)
+        ));
+        match on_stop(ds, Err("connection refused".into())) {
+            OnStop::Keep(why) => assert!(why.contains("--uninstall"), "{why}"),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -112,6 +112,14 @@ struct InstallArgs {
     /// Remove our conflist entries and the binary, then exit.
     #[arg(long, conflicts_with = "once")]
     uninstall: bool,
+    /// This installer's DaemonSet (`namespace/name`). On SIGTERM the installer asks the
+    /// API server about it: gone or being deleted means the mesh is being removed, so
+    /// the entry and binary are removed; otherwise (an upgrade) they stay.
+    #[arg(long, env = "MESH_CNI_DAEMONSET")]
+    daemonset: Option<String>,
+    /// With --daemonset: this kubeconfig instead of the in-cluster service account.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
 }
@@ -143,6 +151,39 @@ fn run_install(args: Vec<String>) -> i32 {
             return 1;
         }
     }
+    if a.once {
+        return match install::reconcile(&a.cni_net_dir, &a.agent_socket) {
+            Ok(changed) => {
+                if let Some(file) = changed {
+                    tracing::info!(file = %file.display(), "chained mesh-cni into the primary CNI config");
+                }
+                0
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                1
+            }
+        };
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(keep_installed(a))
+}
+
+/// Re-applies the entry every interval until SIGTERM/SIGINT, then decides whether this is
+/// an upgrade (keep) or the mesh going away (uninstall).
+async fn keep_installed(a: InstallArgs) -> i32 {
+    use mesh_cni::install::{self, OnStop};
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return 1;
+    };
     let mut last_problem = None;
     loop {
         match install::reconcile(&a.cni_net_dir, &a.agent_socket) {
@@ -151,23 +192,52 @@ fn run_install(args: Vec<String>) -> i32 {
                     tracing::info!(file = %file.display(), "chained mesh-cni into the primary CNI config");
                 }
                 last_problem = None;
-                if a.once {
-                    return 0;
-                }
             }
+            // Reported once per distinct problem, not every interval.
             Err(e) => {
-                if a.once {
-                    tracing::error!("{e}");
-                    return 1;
-                }
-                // Reported once per distinct problem, not every interval.
                 if last_problem.as_ref() != Some(&e) {
                     tracing::warn!("{e}");
                     last_problem = Some(e);
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(a.interval_ms.max(50)));
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(a.interval_ms.max(50))) => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let Some(ds) = &a.daemonset else {
+        tracing::info!(
+            "stopping; the entry and binary stay (no --daemonset to tell an uninstall from an upgrade)"
+        );
+        return 0;
+    };
+    let state = match ds.split_once('/') {
+        None => Err(format!("--daemonset {ds} is not namespace/name")),
+        Some((ns, name)) => match install::kube_client(a.kubeconfig.as_deref()).await {
+            Ok(client) => tokio::time::timeout(
+                Duration::from_secs(10),
+                install::daemonset_state(client, ns, name),
+            )
+            .await
+            .unwrap_or_else(|_| Err("the API server did not answer within 10 s".into())),
+            Err(e) => Err(e),
+        },
+    };
+    match install::on_stop(ds, state) {
+        OnStop::Keep(why) => {
+            tracing::info!("stopping; the entry and binary stay: {why}");
+            0
+        }
+        OnStop::Uninstall(why) => {
+            tracing::info!("stopping and uninstalling: {why}");
+            let problems = install::uninstall(&a.cni_net_dir, &a.cni_bin_dir);
+            for p in &problems {
+                tracing::error!("{p}");
+            }
+            i32::from(!problems.is_empty())
+        }
     }
 }
 

@@ -108,3 +108,149 @@ fn installs_repairs_refuses_garbage_and_uninstalls() {
         .collect();
     assert_eq!(names, [std::ffi::OsString::from("10-kubenet.conflist")]);
 }
+
+/// A fake API server answering `GET .../daemonsets/mesh-cni` with whatever `reply` holds
+/// (an HTTP status and body), one connection at a time.
+async fn fake_api(reply: std::sync::Arc<std::sync::Mutex<(u16, String)>>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&got);
+                let (code, body) = if head
+                    .starts_with("GET /apis/apps/v1/namespaces/mesh-system/daemonsets/mesh-cni")
+                {
+                    reply.lock().unwrap().clone()
+                } else {
+                    (400, "{}".to_string())
+                };
+                let resp = format!(
+                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn daemonset(deleting: bool) -> String {
+    let mut meta = serde_json::json!({"name": "mesh-cni", "namespace": "mesh-system"});
+    if deleting {
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z".into();
+    }
+    serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": meta,
+        "spec": {"selector": {"matchLabels": {"app": "mesh-cni"}},
+                 "template": {"metadata": {"labels": {"app": "mesh-cni"}}, "spec": {"containers": []}}}})
+    .to_string()
+}
+
+/// SIGTERM (by PID) to an installer that keeps the entry; returns its exit status.
+fn terminate(mut child: Child) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the installer did not stop on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_keeps_the_entry_on_upgrade_and_removes_it_when_the_daemonset_goes() {
+    let reply = std::sync::Arc::new(std::sync::Mutex::new((200, daemonset(false))));
+    let url = fake_api(reply.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (net, bin) = (dir.path().join("net.d"), dir.path().join("bin"));
+    std::fs::create_dir_all(&net).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    let conflist = net.join("10-kubenet.conflist");
+    std::fs::write(&conflist, BRIDGE).unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let write_kubeconfig = |server: &str| {
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{server}'}}}}]\n\
+                 users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: u}}}}]\ncurrent-context: c\n"
+            ),
+        )
+        .unwrap()
+    };
+    // Each start begins from the primary CNI's own file, so seeing the entry appear
+    // proves the installer reached its loop (signal handlers are in place by then).
+    let start = || {
+        std::fs::write(&conflist, BRIDGE).unwrap();
+        let child = Command::new(BIN)
+            .arg("install")
+            .arg("--cni-net-dir")
+            .arg(&net)
+            .arg("--cni-bin-dir")
+            .arg(&bin)
+            .args(["--interval-ms", "50", "--daemonset", "mesh-system/mesh-cni"])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until("the entry to be chained", || {
+            plugin_types(&conflist).last().map(String::as_str) == Some("mesh-cni")
+                && bin.join("mesh-cni").exists()
+        });
+        child
+    };
+    let chained = || plugin_types(&conflist).contains(&"mesh-cni".to_string());
+
+    // An upgrade: the DaemonSet is still there.
+    write_kubeconfig(&url);
+    let status = tokio::task::block_in_place(|| terminate(start()));
+    assert!(status.success());
+    assert!(
+        chained() && bin.join("mesh-cni").exists(),
+        "an upgrade keeps everything"
+    );
+
+    // The API server cannot be reached: in doubt, keep.
+    write_kubeconfig("http://127.0.0.1:9");
+    let status = tokio::task::block_in_place(|| terminate(start()));
+    assert!(status.success(), "{status}");
+    assert!(chained(), "an unreachable API server keeps the entry");
+
+    // helm uninstall: the DaemonSet is being deleted, then gone.
+    write_kubeconfig(&url);
+    for (code, body) in [(200, daemonset(true)), (404, r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#.to_string())] {
+        *reply.lock().unwrap() = (code, body);
+        let status = tokio::task::block_in_place(|| terminate(start()));
+        assert!(status.success(), "{status}");
+        assert!(!chained(), "uninstall removes the entry (reply {code})");
+        assert!(!bin.join("mesh-cni").exists(), "and the binary");
+        let restored: Value = serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+        assert_eq!(restored, serde_json::from_str::<Value>(BRIDGE).unwrap());
+    }
+}
