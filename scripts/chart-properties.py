@@ -55,10 +55,13 @@ def check(path, full):
 
     role = o[("ClusterRole", "mesh-control-mesh-system")]
     verbs = {v for r in role["rules"] for v in r["verbs"]}
-    expect(verbs <= {"get", "list", "watch", "create"}, f"control RBAC verbs: {verbs}")
-    creates = [r for r in role["rules"] if "create" in r["verbs"]]
-    expect(creates == [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}],
-           "control creates only TokenReviews")
+    expect(verbs <= {"get", "list", "watch", "create", "patch", "update"}, f"control RBAC verbs: {verbs}")
+    writes = sorted(res for r in role["rules"] if set(r["verbs"]) & {"create", "patch", "update"}
+                    for res in r["resources"])
+    expect(writes == ["configmaps", "deployments", "gateways/status", "serviceaccounts", "services",
+                      "tokenreviews"],
+           f"control writes only TokenReviews and waypoint objects, got {writes}")
+    expect(not any(r["resources"] == ["secrets"] for r in role["rules"]), "control never reads Secrets")
     expect(("PodDisruptionBudget", "mesh-control") in o, "control PDB")
 
     args = " ".join(o[("Deployment", "mesh-control")]["spec"]["template"]["spec"]["containers"][0]["args"])

@@ -15,3 +15,4 @@ pub mod manifest;
 pub mod server;
 pub mod source;
 pub mod token_review;
+pub mod waypoint_deploy;

@@ -74,6 +74,13 @@ struct Args {
     /// Namespaces whose pods are never enrolled (repeatable).
     #[arg(long = "exclude-namespace", default_values_t = ["kube-system".to_string()])]
     excluded_namespaces: Vec<String>,
+    /// Kubernetes mode: the image of the waypoints deployed for istio-waypoint Gateways
+    /// (with /usr/local/bin/waypoint). Unset: Gateways are not deployed by mesh-control.
+    #[arg(long, env = "WAYPOINT_IMAGE")]
+    waypoint_image: Option<String>,
+    /// The xDS address waypoints dial; default https://<first --dns-name>:<--listen port>.
+    #[arg(long)]
+    waypoint_xds_address: Option<String>,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
 }
@@ -111,7 +118,27 @@ fn main() {
             kubeconfig: a.kubeconfig,
         },
     };
+    let waypoints =
+        a.waypoint_image.clone().map(
+            |image| mesh_control::waypoint_deploy::WaypointDeployConfig {
+                image,
+                xds_address: a.waypoint_xds_address.clone().unwrap_or_else(|| {
+                    format!(
+                        "https://{}:{}",
+                        a.dns_names
+                            .first()
+                            .map(String::as_str)
+                            .unwrap_or("mesh-control"),
+                        a.listen.port()
+                    )
+                }),
+                trust_domain: a.trust_domain.clone(),
+                cluster_id: a.cluster_id.clone(),
+                log_level: a.log_level.clone(),
+            },
+        );
     let cfg = ServerConfig {
+        waypoints,
         source,
         state_dir: a.state_dir,
         ca_dir: a.ca_dir,

@@ -35,6 +35,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub debug_listen: SocketAddr,
     pub dns_names: Vec<String>,
+    /// Kubernetes mode: deploy a waypoint for every istio-waypoint Gateway (None: off).
+    pub waypoints: Option<crate::waypoint_deploy::WaypointDeployConfig>,
     pub ip_sans: Vec<IpAddr>,
     pub trust_domain: String,
     pub cluster_id: String,
@@ -233,7 +235,21 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
     };
 
     // Config source → generations.
-    let (objects, mut updates) = start_source(&cfg.source, kube).await?;
+    let (objects, mut updates) = start_source(&cfg.source, kube.clone()).await?;
+    let ca = Arc::new(RwLock::new(ca));
+    match (&kube, &cfg.waypoints) {
+        (Some(client), Some(wp)) => {
+            let ca = ca.clone();
+            tokio::spawn(crate::waypoint_deploy::run(
+                client.clone(),
+                wp.clone(),
+                updates.clone(),
+                move || ca.read().expect("ca lock").roots_pem(),
+            ));
+        }
+        (None, Some(_)) => tracing::warn!("waypoint deployment needs --source kubernetes; ignored"),
+        _ => {}
+    }
     let first = Generation::build(1, objects, &index_cfg);
     for w in &first.resources.warnings {
         tracing::warn!("{w}");
@@ -264,7 +280,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
         generation: gen_rx,
         tokens,
         reviewer,
-        ca: Arc::new(RwLock::new(ca)),
+        ca,
         clients: Arc::new(Mutex::new(Default::default())),
         next_client: Arc::new(AtomicU64::new(1)),
     };

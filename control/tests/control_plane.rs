@@ -61,6 +61,7 @@ async fn start() -> Plane {
         node_proxy_accounts: vec!["mesh-system/ztunnel".into()],
         listen: "127.0.0.1:0".parse().unwrap(),
         debug_listen: "127.0.0.1:0".parse().unwrap(),
+        waypoints: None,
         dns_names: vec!["mesh-control.test".into()],
         ip_sans: vec![],
         trust_domain: "cluster.local".into(),

@@ -34,6 +34,8 @@ struct FakeState {
     reviews: BTreeMap<String, Value>,
     /// Audiences asked for in TokenReviews.
     audiences_seen: Vec<Value>,
+    /// Server-side applies received: (path, body).
+    patches: Vec<(String, Value)>,
 }
 
 #[derive(Clone, Default)]
@@ -83,6 +85,23 @@ impl Fake {
 
     async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
         let plural = plural_of(req.uri().path());
+        if req.method() == hyper::Method::PATCH {
+            let path = req.uri().path().to_string();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let mut obj: Value = serde_json::from_slice(&body).unwrap();
+            self.0
+                .lock()
+                .unwrap()
+                .patches
+                .push((path.clone(), obj.clone()));
+            if obj["kind"] == "Service" {
+                obj["spec"]["clusterIP"] = json!("10.96.0.77");
+            }
+            return hyper::Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(obj.to_string())).boxed())
+                .unwrap();
+        }
         if req.method() == hyper::Method::POST && plural == "tokenreviews" {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let mut review: Value = serde_json::from_slice(&body).unwrap();
@@ -286,6 +305,7 @@ async fn control_plane_serves_what_the_api_server_holds() {
         node_proxy_accounts: vec!["mesh-system/ztunnel".into()],
         listen: "127.0.0.1:0".parse().unwrap(),
         debug_listen: "127.0.0.1:0".parse().unwrap(),
+        waypoints: None,
         dns_names: vec!["mesh-control.test".into()],
         ip_sans: vec![],
         trust_domain: "cluster.local".into(),
@@ -376,6 +396,7 @@ async fn unreachable_kubeconfig_is_a_clear_error() {
         node_proxy_accounts: vec!["mesh-system/ztunnel".into()],
         listen: "127.0.0.1:0".parse().unwrap(),
         debug_listen: "127.0.0.1:0".parse().unwrap(),
+        waypoints: None,
         dns_names: vec![],
         ip_sans: vec![],
         trust_domain: "cluster.local".into(),
@@ -389,4 +410,107 @@ async fn unreachable_kubeconfig_is_a_clear_error() {
         Err(e) => e,
     };
     assert!(err.contains("missing-kubeconfig"), "{err}");
+}
+
+/// Kubernetes mode with waypoint deployment: an istio-waypoint Gateway is applied as a
+/// ServiceAccount, root ConfigMap, Deployment and Service, and the Service's address is
+/// published in the Gateway's status.
+#[tokio::test]
+async fn waypoint_gateways_are_deployed_and_their_address_published() {
+    let fake = Fake::default();
+    fake.set("namespaces", vec![ns("shop", json!({}))]);
+    fake.set(
+        "gateways",
+        vec![
+            json!({"metadata": {"name": "waypoint", "namespace": "shop", "uid": "gw-1"},
+                   "spec": {"gatewayClassName": "istio-waypoint",
+                            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+            json!({"metadata": {"name": "ingress", "namespace": "shop", "uid": "gw-2"},
+                   "spec": {"gatewayClassName": "istio",
+                            "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}}),
+        ],
+    );
+    let url = fake.serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: '{url}'}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
+             current-context: c\n"
+        ),
+    )
+    .unwrap();
+    let _running = mesh_control::server::start(mesh_control::server::ServerConfig {
+        source: mesh_control::server::ConfigSource::Kubernetes {
+            kubeconfig: Some(kubeconfig),
+        },
+        state_dir: dir.path().join("state"),
+        ca_dir: None,
+        tokens: None,
+        token_audiences: vec!["istio-ca".into()],
+        node_proxy_accounts: vec![],
+        listen: "127.0.0.1:0".parse().unwrap(),
+        debug_listen: "127.0.0.1:0".parse().unwrap(),
+        waypoints: Some(mesh_control::waypoint_deploy::WaypointDeployConfig {
+            image: "registry.example.com/mesh:1".into(),
+            xds_address: "https://mesh-control.mesh-system.svc:15012".into(),
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            log_level: "info".into(),
+        }),
+        dns_names: vec!["mesh-control.test".into()],
+        ip_sans: vec![],
+        trust_domain: "cluster.local".into(),
+        cluster_id: "Kubernetes".into(),
+        root_namespace: "istio-system".into(),
+        excluded_namespaces: vec![],
+    })
+    .await
+    .unwrap();
+
+    let status_path = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/waypoint/status";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let patches = loop {
+        let patches = fake.0.lock().unwrap().patches.clone();
+        if patches.iter().any(|(p, _)| p == status_path) {
+            break patches;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no status patch; patches so far: {patches:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let paths: Vec<&str> = patches.iter().map(|(p, _)| p.as_str()).collect();
+    for expected in [
+        "/api/v1/namespaces/shop/serviceaccounts/waypoint",
+        "/api/v1/namespaces/shop/configmaps/waypoint-mesh-ca-root",
+        "/apis/apps/v1/namespaces/shop/deployments/waypoint",
+        "/api/v1/namespaces/shop/services/waypoint",
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "{expected} not applied: {paths:?}"
+        );
+    }
+    assert!(
+        !paths.iter().any(|p| p.contains("ingress")),
+        "a Gateway of another class is left alone: {paths:?}"
+    );
+    let body = |path: &str| &patches.iter().find(|(p, _)| p == path).unwrap().1;
+    let status = body(status_path);
+    assert_eq!(status["status"]["addresses"][0]["value"], "10.96.0.77");
+    let root = std::fs::read_to_string(dir.path().join("state/root-cert.pem")).unwrap();
+    assert_eq!(
+        body("/api/v1/namespaces/shop/configmaps/waypoint-mesh-ca-root")["data"]["root-cert.pem"],
+        root.as_str()
+    );
+    let deployment = body("/apis/apps/v1/namespaces/shop/deployments/waypoint");
+    assert_eq!(deployment["metadata"]["ownerReferences"][0]["uid"], "gw-1");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["serviceAccountName"],
+        "waypoint"
+    );
 }

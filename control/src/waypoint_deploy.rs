@@ -1,0 +1,327 @@
+//! Kubernetes mode: every Gateway of class `istio-waypoint` becomes a running waypoint: a
+//! ServiceAccount named like the Gateway (the identity TokenReview maps back to it), a
+//! ConfigMap with the mesh root (the waypoint must trust the control plane), a Deployment
+//! of the `waypoint` binary and a Service on 15008; the Service's address is written to
+//! the Gateway's `status.addresses`, which is how ztunnels find the waypoint. Everything
+//! is owned by the Gateway, so deleting it deletes them (Kubernetes garbage collection).
+//!
+//! Objects are built by pure functions and written with server-side apply (field manager
+//! `mesh-control`), so re-applying is idempotent and other managers' fields survive.
+
+use crate::index::waypoint::WAYPOINT_CLASS;
+use crate::k8s::Gateway;
+use crate::manifest::Objects;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use tokio::sync::watch;
+
+pub const FIELD_MANAGER: &str = "mesh-control";
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+pub const ROOT_CONFIGMAP: &str = "mesh-ca-root";
+
+/// What every waypoint Deployment is given.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WaypointDeployConfig {
+    pub image: String,
+    /// `https://mesh-control.<ns>.svc:15012`
+    pub xds_address: String,
+    pub trust_domain: String,
+    pub cluster_id: String,
+    pub log_level: String,
+}
+
+fn owner(gw: &Gateway) -> Value {
+    json!([{
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "name": gw.metadata.name,
+        "uid": gw.metadata.uid.clone().unwrap_or_default(),
+        "controller": true,
+        "blockOwnerDeletion": true,
+    }])
+}
+
+fn meta(gw: &Gateway, name: &str) -> Value {
+    json!({
+        "name": name,
+        "namespace": gw.metadata.ns(),
+        "labels": {
+            GATEWAY_NAME_LABEL: gw.metadata.name,
+            "gateway.istio.io/managed": "istio.io-mesh-controller",
+            "istio.io/dataplane-mode": "none",
+        },
+        "ownerReferences": owner(gw),
+    })
+}
+
+/// The objects a waypoint Gateway needs, in apply order, with their API resources.
+pub fn desired_objects(
+    gw: &Gateway,
+    cfg: &WaypointDeployConfig,
+    root_pem: &str,
+) -> Vec<(ApiResource, Value)> {
+    let name = gw.metadata.name.as_str();
+    let selector = json!({ GATEWAY_NAME_LABEL: name });
+    let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(gw, name)});
+    let root = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": meta(gw, &format!("{name}-{ROOT_CONFIGMAP}")),
+        "data": {"root-cert.pem": root_pem}});
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(gw, name),
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {
+                    "labels": {GATEWAY_NAME_LABEL: name, "istio.io/dataplane-mode": "none"},
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "15020"},
+                },
+                "spec": {
+                    "serviceAccountName": name,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": "waypoint",
+                        "image": cfg.image,
+                        "command": ["/usr/local/bin/waypoint"],
+                        "args": [
+                            format!("--name={name}"),
+                            format!("--namespace={}", gw.metadata.ns()),
+                            format!("--xds-address={}", cfg.xds_address),
+                            "--root-cert=/var/run/secrets/mesh/root-cert.pem",
+                            "--token-file=/var/run/secrets/tokens/mesh-token",
+                            format!("--trust-domain={}", cfg.trust_domain),
+                            format!("--cluster-id={}", cfg.cluster_id),
+                        ],
+                        "env": [{"name": "RUST_LOG", "value": cfg.log_level}],
+                        "ports": [{"name": "hbone", "containerPort": 15008},
+                                  {"name": "metrics", "containerPort": 15020}],
+                        "readinessProbe": {"tcpSocket": {"port": 15008}, "periodSeconds": 5},
+                        "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                                            "capabilities": {"drop": ["ALL"]}},
+                        "volumeMounts": [
+                            {"name": "mesh-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true},
+                            {"name": "mesh-root", "mountPath": "/var/run/secrets/mesh", "readOnly": true},
+                        ],
+                    }],
+                    "volumes": [
+                        {"name": "mesh-token", "projected": {"sources": [{"serviceAccountToken":
+                            {"path": "mesh-token", "audience": "istio-ca", "expirationSeconds": 43200}}]}},
+                        {"name": "mesh-root", "configMap": {"name": format!("{name}-{ROOT_CONFIGMAP}")}},
+                    ],
+                },
+            },
+        },
+    });
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(gw, name),
+        "spec": {
+            "selector": selector,
+            "ports": [{"name": "mesh", "port": 15008, "targetPort": 15008, "appProtocol": "all"}],
+        },
+    });
+    vec![
+        (resource("", "v1", "ServiceAccount", "serviceaccounts"), sa),
+        (resource("", "v1", "ConfigMap", "configmaps"), root),
+        (
+            resource("apps", "v1", "Deployment", "deployments"),
+            deployment,
+        ),
+        (resource("", "v1", "Service", "services"), service),
+    ]
+}
+
+/// The Gateway status that publishes the waypoint's address.
+pub fn status_patch(gw: &Gateway, cluster_ip: &str) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": gw.metadata.name, "namespace": gw.metadata.ns()},
+        "status": {"addresses": [{"type": "IPAddress", "value": cluster_ip}]},
+    })
+}
+
+fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: if group.is_empty() {
+            version.into()
+        } else {
+            format!("{group}/{version}")
+        },
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+fn is_waypoint(gw: &Gateway) -> bool {
+    gw.spec.gateway_class_name == WAYPOINT_CLASS && gw.metadata.deletion_timestamp.is_none()
+}
+
+/// Applies one Gateway's objects and publishes its address.
+async fn reconcile_one(
+    client: &kube::Client,
+    gw: &Gateway,
+    cfg: &WaypointDeployConfig,
+    root_pem: &str,
+) -> Result<(), String> {
+    let ns = gw.metadata.ns();
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let mut cluster_ip = None;
+    for (ar, obj) in desired_objects(gw, cfg, root_pem) {
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let applied = api
+            .patch(&name, &params, &Patch::Apply(&obj))
+            .await
+            .map_err(|e| format!("{} {ns}/{name}: {e}", ar.kind))?;
+        if ar.kind == "Service" {
+            cluster_ip = applied.data["spec"]["clusterIP"]
+                .as_str()
+                .filter(|ip| !ip.is_empty() && *ip != "None")
+                .map(str::to_string);
+        }
+    }
+    let Some(ip) = cluster_ip else {
+        return Err(format!(
+            "Service {ns}/{} has no cluster IP yet",
+            gw.metadata.name
+        ));
+    };
+    let published = gw
+        .status
+        .as_ref()
+        .is_some_and(|s| s.addresses.iter().any(|a| a.value == ip));
+    if !published {
+        let gws: Api<DynamicObject> = Api::namespaced_with(
+            client.clone(),
+            ns,
+            &resource("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
+        );
+        gws.patch_status(
+            &gw.metadata.name,
+            &params,
+            &Patch::Apply(status_patch(gw, &ip)),
+        )
+        .await
+        .map_err(|e| format!("Gateway {ns}/{} status: {e}", gw.metadata.name))?;
+        tracing::info!(gateway = %format!("{ns}/{}", gw.metadata.name), address = %ip, "waypoint address published");
+    }
+    Ok(())
+}
+
+/// Follows the object snapshots and keeps every waypoint Gateway deployed. A Gateway is
+/// re-applied when its spec or the root changes, or after a failure.
+pub async fn run(
+    client: kube::Client,
+    cfg: WaypointDeployConfig,
+    mut objects: watch::Receiver<Option<Objects>>,
+    root_pem: impl Fn() -> String + Send + 'static,
+) {
+    // Gateway → the fingerprint of what was last applied successfully.
+    let mut applied: HashMap<(String, String), String> = HashMap::new();
+    let mut retry = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            changed = objects.changed() => if changed.is_err() { return },
+            _ = retry.tick() => {}
+        }
+        let Some(snapshot) = objects.borrow_and_update().clone() else {
+            continue;
+        };
+        let root = root_pem();
+        for gw in snapshot.gateways.values().filter(|g| is_waypoint(g)) {
+            let key = (gw.metadata.ns().to_string(), gw.metadata.name.clone());
+            let fingerprint = format!(
+                "{}|{}|{:?}|{root}",
+                gw.metadata.uid.clone().unwrap_or_default(),
+                serde_json::to_string(&gw.spec).unwrap_or_default(),
+                gw.status
+            );
+            if applied.get(&key) == Some(&fingerprint) {
+                continue;
+            }
+            match reconcile_one(&client, gw, &cfg, &root).await {
+                Ok(()) => {
+                    applied.insert(key, fingerprint);
+                }
+                Err(e) => tracing::warn!(error = %e, "waypoint not deployed yet; retrying"),
+            }
+        }
+        applied.retain(|k, _| snapshot.gateways.contains_key(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway() -> Gateway {
+        serde_json::from_value(json!({
+            "metadata": {"name": "waypoint", "namespace": "shop", "uid": "gw-uid"},
+            "spec": {"gatewayClassName": "istio-waypoint",
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+        }))
+        .unwrap()
+    }
+
+    fn cfg() -> WaypointDeployConfig {
+        WaypointDeployConfig {
+            image: "registry.example.com/mesh:1".into(),
+            xds_address: "https://mesh-control.mesh-system.svc:15012".into(),
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            log_level: "info".into(),
+        }
+    }
+
+    #[test]
+    fn a_waypoint_gateway_becomes_four_owned_objects() {
+        let objs = desired_objects(&gateway(), &cfg(), "ROOT");
+        let kinds: Vec<_> = objs.iter().map(|(ar, _)| ar.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["ServiceAccount", "ConfigMap", "Deployment", "Service"]
+        );
+        for (_, o) in &objs {
+            assert_eq!(o["metadata"]["namespace"], "shop");
+            assert_eq!(o["metadata"]["ownerReferences"][0]["uid"], "gw-uid");
+            assert_eq!(o["metadata"]["labels"][GATEWAY_NAME_LABEL], "waypoint");
+        }
+        let d = &objs[2].1["spec"]["template"]["spec"];
+        // The identity TokenReview maps back to this waypoint.
+        assert_eq!(d["serviceAccountName"], "waypoint");
+        let args: Vec<_> = d["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(args.contains(&"--name=waypoint") && args.contains(&"--namespace=shop"));
+        assert_eq!(objs[1].1["data"]["root-cert.pem"], "ROOT");
+        assert_eq!(objs[3].1["spec"]["ports"][0]["port"], 15008);
+        assert_eq!(
+            status_patch(&gateway(), "10.96.0.50")["status"]["addresses"][0]["value"],
+            "10.96.0.50"
+        );
+    }
+
+    #[test]
+    fn only_live_waypoint_gateways_are_deployed() {
+        let mut gw = gateway();
+        assert!(is_waypoint(&gw));
+        gw.metadata.deletion_timestamp = Some("2026-01-01T00:00:00Z".into());
+        assert!(!is_waypoint(&gw));
+        let mut ingress = gateway();
+        ingress.spec.gateway_class_name = "istio".into();
+        assert!(!is_waypoint(&ingress));
+    }
+}
