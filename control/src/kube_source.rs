@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 /// (group, version, kind, plural) of everything the control plane reads.
-pub const KINDS: [(&str, &str, &str, &str); 9] = [
+pub const KINDS: [(&str, &str, &str, &str); 10] = [
     ("", "v1", "Namespace", "namespaces"),
     ("", "v1", "Node", "nodes"),
     ("", "v1", "Pod", "pods"),
@@ -35,6 +35,7 @@ pub const KINDS: [(&str, &str, &str, &str); 9] = [
     ),
     ("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
     ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+    ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
 ];
 
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {

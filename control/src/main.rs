@@ -20,7 +20,7 @@ enum SourceKind {
 )]
 struct Args {
     /// Directory of YAML manifests (Namespace, Pod, Service, ServiceAccount, Node,
-    /// AuthorizationPolicy, PeerAuthentication, Gateway, HTTPRoute).
+    /// AuthorizationPolicy, PeerAuthentication, Gateway, HTTPRoute, GRPCRoute).
     /// Required with `--source directory`.
     #[arg(long, env = "CONFIG_DIR")]
     config_dir: Option<PathBuf>,

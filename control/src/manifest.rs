@@ -20,6 +20,8 @@ pub struct Objects {
     pub peer_authentications: BTreeMap<(String, String), PeerAuthentication>,
     pub gateways: BTreeMap<(String, String), Gateway>,
     pub http_routes: BTreeMap<(String, String), HttpRoute>,
+    /// GRPCRoutes, kept as their equivalent HTTPRoute specs (see `index::grpc_route`).
+    pub grpc_routes: BTreeMap<(String, String), HttpRoute>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +79,7 @@ impl Objects {
             .extend(other.peer_authentications.clone());
         self.gateways.extend(other.gateways.clone());
         self.http_routes.extend(other.http_routes.clone());
+        self.grpc_routes.extend(other.grpc_routes.clone());
     }
 
     /// Parses one file's text and adds its objects. On any error nothing from this file
@@ -172,6 +175,12 @@ impl Objects {
             }
             ("gateway.networking.k8s.io", "HTTPRoute") => {
                 self.http_routes.insert(key, typed(file, i, doc)?);
+            }
+            ("gateway.networking.k8s.io", "GRPCRoute") => {
+                let mut route: HttpRoute = typed(file, i, doc)?;
+                route.spec = crate::index::grpc_route::to_http_route_spec(&route.spec)
+                    .map_err(|e| err("spec", e))?;
+                self.grpc_routes.insert(key, route);
             }
             _ => {
                 return Err(err(

@@ -558,6 +558,37 @@ mod tests {
         assert_eq!(backend("/x", Method::GET, None, &h), "api-v1");
     }
 
+    /// What mesh-control sends for a GRPCRoute (its translation to HTTPRoute matches):
+    /// gRPC calls are POSTs to /<service>/<method>.
+    const GRPC_ROUTE: &str = r#"{
+      "parentRefs": [{"group": "", "kind": "Service", "name": "api"}],
+      "rules": [
+        {"matches": [{"path": {"type": "Exact", "value": "/shop.v1.Cart/Add"}}], "backendRefs": [{"name": "cart-add", "port": 9090}]},
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/shop.v1.Cart"}}], "backendRefs": [{"name": "cart", "port": 9090}]},
+        {"matches": [{"path": {"type": "RegularExpression", "value": "/[^/]+/Check"}}], "backendRefs": [{"name": "health", "port": 9090}]},
+        {"backendRefs": [{"name": "api", "port": 9090}]}
+      ]
+    }"#;
+
+    #[test]
+    fn grpc_route_translations_route_calls() {
+        let r = vec![route(GRPC_ROUTE)];
+        let h = HeaderMap::new();
+        let to = |path: &str| {
+            let (_, rule) = select(&r, &req(&Method::POST, path, None, &h)).unwrap();
+            rule.backend_refs[0].name.clone()
+        };
+        assert_eq!(to("/shop.v1.Cart/Add"), "cart-add");
+        assert_eq!(to("/shop.v1.Cart/Remove"), "cart");
+        assert_eq!(
+            to("/shop.v1.CartAdmin/Add"),
+            "api",
+            "service match is exact"
+        );
+        assert_eq!(to("/grpc.health.v1.Health/Check"), "health");
+        assert_eq!(to("/shop.v1.Orders/List"), "api");
+    }
+
     #[test]
     fn weighted_split() {
         let r = route(ROUTES);

@@ -4,6 +4,7 @@
 
 pub mod authz;
 pub mod enrollment;
+pub mod grpc_route;
 pub mod service;
 pub mod waypoint;
 pub mod waypoint_config;

@@ -38,10 +38,12 @@ pub fn served_services(
         .collect()
 }
 
+/// HTTPRoutes and (translated) GRPCRoutes attached to the served Services.
 pub fn routes(objs: &Objects, served: &[(String, String)]) -> Vec<(String, HttpRoute)> {
-    objs.http_routes
-        .values()
-        .filter(|r| {
+    let http = objs.http_routes.values().map(|r| ("", r));
+    let grpc = objs.grpc_routes.values().map(|r| ("GRPCRoute/", r));
+    http.chain(grpc)
+        .filter(|(_, r)| {
             let rns = r.metadata.ns();
             r.spec["parentRefs"]
                 .as_array()
@@ -59,10 +61,10 @@ pub fn routes(objs: &Objects, served: &[(String, String)]) -> Vec<(String, HttpR
                             .any(|(sns, sname)| sns == pns && sname == pname)
                 })
         })
-        .map(|r| {
+        .map(|(kind, r)| {
             let ns = r.metadata.ns().to_string();
             (
-                format!("{ns}/{}", r.metadata.name),
+                format!("{kind}{ns}/{}", r.metadata.name),
                 HttpRoute {
                     namespace: ns,
                     name: r.metadata.name.clone(),
@@ -152,6 +154,13 @@ metadata: {name: unrelated, namespace: shop}
 spec:
   parentRefs: [{kind: Service, name: other}]
 ---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: cart, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api}]
+  rules: [{matches: [{method: {service: shop.v1.Cart, method: Add}}], backendRefs: [{name: cart, port: 9090}]}]
+---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: no-admin, namespace: shop}
@@ -160,6 +169,16 @@ spec:
   action: DENY
   rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
 "#;
+
+    #[test]
+    fn a_malformed_grpc_route_is_reported_where_it_is() {
+        let bad = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: shop}\nspec:\n  rules: [{matches: [{method: {type: Prefix, service: a}}]}]\n";
+        let e = Objects::default()
+            .add_file(Path::new("routes.yaml"), bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routes.yaml") && e.contains("Prefix"), "{e}");
+    }
 
     #[test]
     fn a_waypoint_gets_its_services_routes_and_policies() {
@@ -175,9 +194,15 @@ spec:
         let r = routes(&o, &served);
         assert_eq!(
             r.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
-            vec!["shop/split"]
+            vec!["shop/split", "GRPCRoute/shop/cart"]
         );
         assert!(r[0].1.spec_json.contains("api-v2"));
+        // The GRPCRoute reaches the waypoint as the equivalent HTTPRoute spec.
+        let grpc: serde_json::Value = serde_json::from_str(&r[1].1.spec_json).unwrap();
+        assert_eq!(
+            grpc["rules"][0]["matches"][0]["path"],
+            serde_json::json!({"type": "Exact", "value": "/shop.v1.Cart/Add"})
+        );
         let p = policies(&o, "shop", "waypoint", &served);
         assert_eq!(p.len(), 1);
         assert!(p[0].1.spec_json.contains("/admin*"));
