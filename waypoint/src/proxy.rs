@@ -306,6 +306,22 @@ impl Waypoint {
                 },
             )
         });
+        // Faults first (as Envoy's fault filter runs before the router): delay, then abort.
+        if let Some(fault) = filters.iter().find_map(|f| f.fault.as_ref()) {
+            if let Some(d) = &fault.delay
+                && route::fault_applies(d.percentage.as_ref(), rand::random::<f64>() * 100.0)
+                && let Some(t) = route::parse_gateway_duration(&d.fixed_delay)
+            {
+                tokio::time::sleep(t).await;
+            }
+            if let Some(a) = &fault.abort
+                && route::fault_applies(a.percentage.as_ref(), rand::random::<f64>() * 100.0)
+            {
+                let code = StatusCode::from_u16(a.http_status)
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                return (local(code, "fault filter abort\n".into()), "fault".into());
+            }
+        }
         // Redirects are answered here.
         if let Some(r) = filters.iter().find_map(|f| f.request_redirect.as_ref()) {
             let (code, location) = route::redirect(

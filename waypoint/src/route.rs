@@ -126,6 +126,75 @@ pub struct Filter {
     pub url_rewrite: Option<Rewrite>,
     #[serde(default)]
     pub request_mirror: Option<Mirror>,
+    /// Fault injection: an `ExtensionRef` filter to an `HTTPFault` resource, whose spec
+    /// mesh-control inlines here.
+    #[serde(default)]
+    pub fault: Option<Fault>,
+}
+
+/// Istio's HTTPFaultInjection shape: delay and/or abort, each for a percentage of requests.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Fault {
+    #[serde(default)]
+    pub delay: Option<FaultDelay>,
+    #[serde(default)]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    /// Gateway API duration, e.g. `2s`, `150ms`.
+    pub fixed_delay: String,
+    #[serde(default)]
+    pub percentage: Option<Percentage>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    pub http_status: u16,
+    #[serde(default)]
+    pub percentage: Option<Percentage>,
+}
+
+/// `{value: 0..100}`; absent means every request.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+pub struct Percentage {
+    pub value: f64,
+}
+
+pub fn validate_fault(f: &Fault) -> Result<(), String> {
+    if f.delay.is_none() && f.abort.is_none() {
+        return Err("needs a delay or an abort".into());
+    }
+    let pct = |p: Option<&Percentage>| match p {
+        Some(p) if !(0.0..=100.0).contains(&p.value) => {
+            Err(format!("percentage {} is not within 0..100", p.value))
+        }
+        _ => Ok(()),
+    };
+    if let Some(d) = &f.delay {
+        parse_gateway_duration(&d.fixed_delay)
+            .ok_or_else(|| format!("bad fixedDelay {:?}", d.fixed_delay))?;
+        pct(d.percentage.as_ref())?;
+    }
+    if let Some(a) = &f.abort {
+        if !(200..=599).contains(&a.http_status) {
+            return Err(format!(
+                "httpStatus {} is not within 200..599",
+                a.http_status
+            ));
+        }
+        pct(a.percentage.as_ref())?;
+    }
+    Ok(())
+}
+
+/// Whether a fault applies to a request, given a uniform roll in [0, 100).
+pub fn fault_applies(p: Option<&Percentage>, roll: f64) -> bool {
+    p.map_or(true, |p| roll < p.value)
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -296,6 +365,10 @@ impl Route {
                 parse_gateway_duration(t).ok_or_else(|| {
                     format!("HTTPRoute {namespace}/{name} rule {i}: bad duration {t:?}")
                 })?;
+            }
+            for f in r.filters.iter().filter_map(|f| f.fault.as_ref()) {
+                validate_fault(f)
+                    .map_err(|e| format!("HTTPRoute {namespace}/{name} rule {i}: fault: {e}"))?;
             }
         }
         Ok(Route {
@@ -569,6 +642,35 @@ mod tests {
         {"backendRefs": [{"name": "api", "port": 9090}]}
       ]
     }"#;
+
+    #[test]
+    fn faults_validate_and_apply_by_percentage() {
+        let ok = |json: &str| {
+            Route::parse(
+                "shop",
+                "r",
+                &format!(
+                    r#"{{"rules":[{{"filters":[{{"type":"ExtensionRef","fault":{json}}}]}}]}}"#
+                ),
+            )
+        };
+        assert!(ok(r#"{"delay":{"fixedDelay":"1s","percentage":{"value":50}}}"#).is_ok());
+        assert!(ok(r#"{"abort":{"httpStatus":503}}"#).is_ok());
+        for bad in [
+            r#"{}"#,
+            r#"{"abort":{"httpStatus":42}}"#,
+            r#"{"delay":{"fixedDelay":"soon"}}"#,
+            r#"{"abort":{"httpStatus":503,"percentage":{"value":150}}}"#,
+        ] {
+            let e = ok(bad).unwrap_err();
+            assert!(e.contains("fault"), "{bad}: {e}");
+        }
+        let half = Percentage { value: 50.0 };
+        assert!(fault_applies(Some(&half), 49.9));
+        assert!(!fault_applies(Some(&half), 50.0));
+        assert!(fault_applies(None, 99.9), "no percentage: every request");
+        assert!(!fault_applies(Some(&Percentage { value: 0.0 }), 0.0));
+    }
 
     #[test]
     fn grpc_route_translations_route_calls() {

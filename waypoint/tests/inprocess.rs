@@ -412,6 +412,39 @@ async fn retries_timeouts_redirects_rewrites_headers_and_mirroring() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_and_abort_faults() {
+    let s = setup(5).await;
+    s.route(r#"{"parentRefs":[{"kind":"Service","name":"api"}],"rules":[
+        {"matches":[{"path":{"type":"Exact","value":"/delayed"}}],"backendRefs":[{"name":"api-v1","port":80}],
+         "filters":[{"type":"ExtensionRef","fault":{"delay":{"fixedDelay":"300ms"}}}]},
+        {"matches":[{"path":{"type":"Exact","value":"/aborted"}}],"backendRefs":[{"name":"api-v1","port":80}],
+         "filters":[{"type":"ExtensionRef","fault":{"abort":{"httpStatus":503}}}]},
+        {"matches":[{"path":{"type":"Exact","value":"/flaky"}}],"backendRefs":[{"name":"api-v1","port":80}],
+         "filters":[{"type":"ExtensionRef","fault":{"abort":{"httpStatus":500,"percentage":{"value":25}}}}]}
+    ]}"#);
+    let before = s.hits[0].load(Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    let (code, body, _) = s.get(ip(5, 100), "/delayed").await;
+    assert_eq!((code, body.as_str()), (200, "v1 /delayed"));
+    assert!(start.elapsed() >= Duration::from_millis(300), "delayed");
+    let (code, body, _) = s.get(ip(5, 100), "/aborted").await;
+    assert_eq!((code, body.as_str()), (503, "fault filter abort\n"));
+    assert_eq!(
+        s.hits[0].load(Ordering::SeqCst),
+        before + 1,
+        "an aborted request never reaches the backend"
+    );
+    let mut aborted = 0;
+    for _ in 0..400 {
+        let (code, _, _) = s.get(ip(5, 100), "/flaky").await;
+        assert!(code == 200 || code == 500, "{code}");
+        aborted += usize::from(code == 500);
+    }
+    // Expect 100; binomial sd ≈ 8.7: accept ±4 sd.
+    assert!((65..=135).contains(&aborted), "aborted {aborted}/400");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l7_policy_http2_tcp_and_malformed_http() {
     let s = setup(4).await;
     s.policy(
