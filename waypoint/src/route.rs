@@ -194,7 +194,7 @@ pub fn validate_fault(f: &Fault) -> Result<(), String> {
 
 /// Whether a fault applies to a request, given a uniform roll in [0, 100).
 pub fn fault_applies(p: Option<&Percentage>, roll: f64) -> bool {
-    p.map_or(true, |p| roll < p.value)
+    p.is_none_or(|p| roll < p.value)
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
