@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 /// (group, version, kind, plural) of everything the control plane reads.
-pub const KINDS: [(&str, &str, &str, &str); 10] = [
+pub const KINDS: [(&str, &str, &str, &str); 11] = [
     ("", "v1", "Namespace", "namespaces"),
     ("", "v1", "Node", "nodes"),
     ("", "v1", "Pod", "pods"),
@@ -36,6 +36,12 @@ pub const KINDS: [(&str, &str, &str, &str); 10] = [
     ("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
     ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
     ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
+    (
+        crate::k8s::MESH_GROUP,
+        "v1alpha1",
+        "HTTPFault",
+        "httpfaults",
+    ),
 ];
 
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {

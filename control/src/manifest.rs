@@ -22,6 +22,7 @@ pub struct Objects {
     pub http_routes: BTreeMap<(String, String), HttpRoute>,
     /// GRPCRoutes, kept as their equivalent HTTPRoute specs (see `index::grpc_route`).
     pub grpc_routes: BTreeMap<(String, String), HttpRoute>,
+    pub http_faults: BTreeMap<(String, String), crate::k8s::HttpFault>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +81,7 @@ impl Objects {
         self.gateways.extend(other.gateways.clone());
         self.http_routes.extend(other.http_routes.clone());
         self.grpc_routes.extend(other.grpc_routes.clone());
+        self.http_faults.extend(other.http_faults.clone());
     }
 
     /// Parses one file's text and adds its objects. On any error nothing from this file
@@ -175,6 +177,11 @@ impl Objects {
             }
             ("gateway.networking.k8s.io", "HTTPRoute") => {
                 self.http_routes.insert(key, typed(file, i, doc)?);
+            }
+            (crate::k8s::MESH_GROUP, "HTTPFault") => {
+                let fault: crate::k8s::HttpFault = typed(file, i, doc)?;
+                fault.spec.validate().map_err(|(path, e)| err(&path, e))?;
+                self.http_faults.insert(key, fault);
             }
             ("gateway.networking.k8s.io", "GRPCRoute") => {
                 let mut route: HttpRoute = typed(file, i, doc)?;

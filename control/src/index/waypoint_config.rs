@@ -66,13 +66,40 @@ pub fn routes(objs: &Objects, served: &[(String, String)]) -> Vec<(String, HttpR
             (
                 format!("{kind}{ns}/{}", r.metadata.name),
                 HttpRoute {
-                    namespace: ns,
                     name: r.metadata.name.clone(),
-                    spec_json: r.spec.to_string(),
+                    spec_json: resolve_extension_refs(objs, &ns, &r.spec).to_string(),
+                    namespace: ns,
                 },
             )
         })
         .collect()
+}
+
+/// Inlines the spec of each `ExtensionRef` filter to an HTTPFault (same namespace) as the
+/// filter's `fault`. A reference that cannot be resolved must not be skipped (Gateway
+/// API): the filter becomes an abort with 500, so affected requests fail visibly.
+fn resolve_extension_refs(objs: &Objects, ns: &str, spec: &serde_json::Value) -> serde_json::Value {
+    let mut spec = spec.clone();
+    let filters = spec["rules"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+        .flat_map(|rule| rule["filters"].as_array_mut().into_iter().flatten());
+    for f in filters {
+        if f["type"] != "ExtensionRef" {
+            continue;
+        }
+        let r = &f["extensionRef"];
+        let found = (r["group"] == crate::k8s::MESH_GROUP && r["kind"] == "HTTPFault")
+            .then(|| r["name"].as_str())
+            .flatten()
+            .and_then(|name| objs.http_faults.get(&(ns.to_string(), name.to_string())));
+        f["fault"] = match found {
+            Some(fault) => serde_json::to_value(&fault.spec).unwrap_or_default(),
+            None => serde_json::json!({"abort": {"httpStatus": 500}}),
+        };
+    }
+    spec
 }
 
 pub fn policies(
@@ -161,6 +188,22 @@ spec:
   parentRefs: [{group: "", kind: Service, name: api}]
   rules: [{matches: [{method: {service: shop.v1.Cart, method: Add}}], backendRefs: [{name: cart, port: 9090}]}]
 ---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: chaos, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /slow}}]
+    filters: [{type: ExtensionRef, extensionRef: {group: ambient-mesh.dev, kind: HTTPFault, name: slow}}]
+  - matches: [{path: {type: PathPrefix, value: /missing}}]
+    filters: [{type: ExtensionRef, extensionRef: {group: ambient-mesh.dev, kind: HTTPFault, name: nope}}]
+---
+apiVersion: ambient-mesh.dev/v1alpha1
+kind: HTTPFault
+metadata: {name: slow, namespace: shop}
+spec: {delay: {fixedDelay: 2s, percentage: {value: 50}}, abort: {httpStatus: 503, percentage: {value: 10}}}
+---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: no-admin, namespace: shop}
@@ -169,6 +212,35 @@ spec:
   action: DENY
   rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
 "#;
+
+    #[test]
+    fn a_bad_fault_is_reported_with_its_field() {
+        for (spec, field) in [
+            ("{}", "spec"),
+            ("{delay: {fixedDelay: soon}}", "spec.delay.fixedDelay"),
+            ("{abort: {httpStatus: 42}}", "spec.abort.httpStatus"),
+            (
+                "{abort: {httpStatus: 503, percentage: {value: 101}}}",
+                "spec.abort.percentage.value",
+            ),
+            (
+                "{abort: {httpStatus: 503, precentage: {value: 1}}}",
+                "precentage",
+            ),
+        ] {
+            let doc = format!(
+                "apiVersion: ambient-mesh.dev/v1alpha1\nkind: HTTPFault\nmetadata: {{name: f, namespace: shop}}\nspec: {spec}\n"
+            );
+            let e = Objects::default()
+                .add_file(Path::new("faults.yaml"), &doc)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("faults.yaml") && e.contains(field),
+                "{spec}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn a_malformed_grpc_route_is_reported_where_it_is() {
@@ -194,8 +266,21 @@ spec:
         let r = routes(&o, &served);
         assert_eq!(
             r.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
-            vec!["shop/split", "GRPCRoute/shop/cart"]
+            vec!["shop/chaos", "shop/split", "GRPCRoute/shop/cart"]
         );
+        // ExtensionRef filters reach the waypoint with the fault inlined; a dangling one
+        // fails its requests with 500 instead of being skipped.
+        let chaos: serde_json::Value = serde_json::from_str(&r[0].1.spec_json).unwrap();
+        assert_eq!(
+            chaos["rules"][0]["filters"][0]["fault"],
+            serde_json::json!({"delay": {"fixedDelay": "2s", "percentage": {"value": 50.0}},
+                               "abort": {"httpStatus": 503, "percentage": {"value": 10.0}}})
+        );
+        assert_eq!(
+            chaos["rules"][1]["filters"][0]["fault"],
+            serde_json::json!({"abort": {"httpStatus": 500}})
+        );
+        let r = &r[1..];
         assert!(r[0].1.spec_json.contains("api-v2"));
         // The GRPCRoute reaches the waypoint as the equivalent HTTPRoute spec.
         let grpc: serde_json::Value = serde_json::from_str(&r[1].1.spec_json).unwrap();
