@@ -80,11 +80,19 @@ pub fn routes(objs: &Objects, served: &[(String, String)]) -> Vec<(String, HttpR
 /// API): the filter becomes an abort with 500, so affected requests fail visibly.
 fn resolve_extension_refs(objs: &Objects, ns: &str, spec: &serde_json::Value) -> serde_json::Value {
     let mut spec = spec.clone();
-    let filters = spec["rules"]
-        .as_array_mut()
+    // `get_mut`, not indexing: `value["key"]` on a mutable object inserts a null, which
+    // the waypoint would then reject.
+    let filters = spec
+        .get_mut("rules")
+        .and_then(|r| r.as_array_mut())
         .into_iter()
         .flatten()
-        .flat_map(|rule| rule["filters"].as_array_mut().into_iter().flatten());
+        .flat_map(|rule| {
+            rule.get_mut("filters")
+                .and_then(|f| f.as_array_mut())
+                .into_iter()
+                .flatten()
+        });
     for f in filters {
         if f["type"] != "ExtensionRef" {
             continue;
@@ -280,6 +288,10 @@ spec:
             chaos["rules"][1]["filters"][0]["fault"],
             serde_json::json!({"abort": {"httpStatus": 500}})
         );
+        // Nothing else is touched: no null `filters` or `rules` appear.
+        assert!(chaos["rules"][0].get("backendRefs").is_none());
+        let split: serde_json::Value = serde_json::from_str(&r[1].1.spec_json).unwrap();
+        assert!(split["rules"][0].get("filters").is_none(), "{split}");
         let r = &r[1..];
         assert!(r[0].1.spec_json.contains("api-v2"));
         // The GRPCRoute reaches the waypoint as the equivalent HTTPRoute spec.
