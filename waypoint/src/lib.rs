@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod balancer;
 pub mod metrics;
 pub mod proxy;
 pub mod route;

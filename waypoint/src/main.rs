@@ -35,6 +35,15 @@ struct Args {
     listen: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
+    /// Consecutive 5xx or connection failures that eject an endpoint (outlier detection).
+    #[arg(long, default_value_t = 5)]
+    outlier_consecutive_errors: u32,
+    /// First ejection time in seconds; the n-th lasts n times this (up to 10×).
+    #[arg(long, default_value_t = 30)]
+    outlier_base_ejection_secs: u64,
+    /// Requests in flight per destination service before new ones get 503.
+    #[arg(long, default_value_t = 4096)]
+    max_requests_per_service: usize,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
 }
@@ -140,6 +149,14 @@ fn main() {
             client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
             metrics,
             budget: Default::default(),
+            balancer: Arc::new(waypoint::balancer::Balancer::new(
+                waypoint::balancer::BalancerConfig {
+                    consecutive_errors: a.outlier_consecutive_errors.max(1),
+                    base_ejection: std::time::Duration::from_secs(a.outlier_base_ejection_secs),
+                    max_requests_per_service: a.max_requests_per_service.max(1),
+                    ..Default::default()
+                },
+            )),
         });
         let listener = match tokio::net::TcpListener::bind(a.listen).await {
             Ok(l) => l,

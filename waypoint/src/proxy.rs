@@ -43,6 +43,7 @@ pub struct Waypoint {
     pub client: hbone::Client,
     pub metrics: Arc<Metrics>,
     pub budget: Arc<RetryBudget>,
+    pub balancer: Arc<crate::balancer::Balancer>,
 }
 
 /// Bodies larger than this are not buffered for retries or mirroring (413).
@@ -405,6 +406,72 @@ impl Waypoint {
         }
     }
 
+    /// One try: an endpoint chosen by the balancer (two choices, outliers ejected, the
+    /// service's in-flight limit), the request forwarded within `per_try`, and the
+    /// outcome reported back for outlier detection.
+    async fn balanced(
+        &self,
+        req: Request<Body>,
+        svc: &Service,
+        port: u16,
+        protocol: AppProtocol,
+        per_try: Option<std::time::Duration>,
+        labels: &mut RequestLabels,
+    ) -> Result<Response<Body>, (StatusCode, String)> {
+        use crate::balancer::Choice;
+        let candidates = {
+            let cfg = self.config.read().expect("config lock");
+            cfg.discovery.endpoint_candidates(svc, port, None)
+        };
+        let uids: Vec<&str> = candidates.iter().map(|(w, _)| w.uid.as_str()).collect();
+        let rolls = (
+            rand::random::<u32>() as usize,
+            rand::random::<u32>() as usize,
+        );
+        let (ep, target_port) = match self.balancer.choose(&uids, rolls, Instant::now()) {
+            Choice::Endpoint(i) => candidates[i].clone(),
+            Choice::NoEndpoint => {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "no healthy endpoint for {}/{}:{port}",
+                        svc.namespace, svc.name
+                    ),
+                ));
+            }
+            Choice::Overflow => {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "upstream overflow: {}/{} has too many requests in flight",
+                        svc.namespace, svc.name
+                    ),
+                ));
+            }
+        };
+        labels.set_destination(&ep);
+        let in_flight = self.balancer.begin(&ep.uid);
+        let fut = self.forward(req, &ep, target_port, protocol);
+        let result = match per_try {
+            Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
+                Err((
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout".into(),
+                ))
+            }),
+            None => fut.await,
+        };
+        drop(in_flight);
+        let ok = match &result {
+            Ok(r) => !r.status().is_server_error(),
+            Err((code, _)) => !code.is_server_error(),
+        };
+        if self.balancer.report(&ep.uid, ok, &uids, Instant::now()) {
+            tracing::warn!(endpoint = %ep.uid, service = %format!("{}/{}", svc.namespace, svc.name), "endpoint ejected after consecutive failures");
+        }
+        result
+    }
+
     /// Sends the request, mirrors it, and retries per the rule (with a fresh endpoint each
     /// time, jittered backoff and a retry budget). Bodies are buffered only when a retry or
     /// mirror needs them again.
@@ -425,30 +492,13 @@ impl Waypoint {
             cfg.discovery.pick_endpoint(s, p, None)
         };
         if retry.is_none() && mirror.is_none() {
-            let Some((ep, target_port)) = pick(svc, port) else {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "no healthy endpoint for {}/{}:{port}",
-                        svc.namespace, svc.name
-                    ),
-                ));
-            };
-            labels.set_destination(&ep);
             let req = req.map(|b| {
                 b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
                     .boxed()
             });
-            let fut = self.forward(req, &ep, target_port, conn.target.protocol);
-            return match per_try {
-                Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
-                    Err((
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream request timeout".into(),
-                    ))
-                }),
-                None => fut.await,
-            };
+            return self
+                .balanced(req, svc, port, conn.target.protocol, per_try, labels)
+                .await;
         }
         let (parts, body) = req.into_parts();
         let body = http_body_util::Limited::new(body, MAX_BUFFERED_BODY)
@@ -505,26 +555,16 @@ impl Waypoint {
             .unwrap_or(std::time::Duration::from_millis(25));
         let mut tried = 0;
         loop {
-            let Some((ep, target_port)) = pick(svc, port) else {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "no healthy endpoint for {}/{}:{port}",
-                        svc.namespace, svc.name
-                    ),
-                ));
-            };
-            labels.set_destination(&ep);
-            let fut = self.forward(copy(&parts.uri), &ep, target_port, conn.target.protocol);
-            let result = match per_try {
-                Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
-                    Err((
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream request timeout".into(),
-                    ))
-                }),
-                None => fut.await,
-            };
+            let result = self
+                .balanced(
+                    copy(&parts.uri),
+                    svc,
+                    port,
+                    conn.target.protocol,
+                    per_try,
+                    labels,
+                )
+                .await;
             let retriable = match &result {
                 Ok(r) => codes.contains(&r.status().as_u16()),
                 Err((code, _)) => matches!(
@@ -553,6 +593,7 @@ impl Waypoint {
             client: self.client.clone(),
             metrics: self.metrics.clone(),
             budget: self.budget.clone(),
+            balancer: self.balancer.clone(),
         })
     }
 

@@ -53,6 +53,9 @@ async fn backend(addr: SocketAddr, name: &'static str, hits: Arc<AtomicUsize>) {
                             if path == "/fail-twice" && fails.fetch_add(1, Ordering::SeqCst) < 2 {
                                 status = 503;
                             }
+                            if path == "/fail-on-v2" && name == "v2" {
+                                status = 503;
+                            }
                             if path == "/slow" {
                                 tokio::time::sleep(Duration::from_secs(2)).await;
                             }
@@ -242,6 +245,12 @@ async fn setup(t: u8) -> Setup {
         client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
         metrics: Arc::new(waypoint::metrics::Metrics::new()),
         budget: Default::default(),
+        balancer: Arc::new(waypoint::balancer::Balancer::new(
+            waypoint::balancer::BalancerConfig {
+                consecutive_errors: 3,
+                ..Default::default()
+            },
+        )),
     });
     let waypoint_addr = SocketAddr::new(ip(t, 200), 15008);
     let creds = certs.get(&waypoint_id).await.unwrap();
@@ -409,6 +418,30 @@ async fn retries_timeouts_redirects_rewrites_headers_and_mirroring() {
         before + 1,
         "the mirror got a copy"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_ejected() {
+    let s = setup(6).await;
+    // Service api has two endpoints; v2 answers 503 on this path. Once v2 has failed three
+    // times in a row it is ejected and every request goes to v1.
+    let mut failures = 0;
+    for _ in 0..30 {
+        let (code, _, _) = s.get(ip(6, 100), "/fail-on-v2").await;
+        failures += usize::from(code == 503);
+    }
+    assert!(
+        (3..=10).contains(&failures),
+        "v2 failed {failures} times before ejection"
+    );
+    for _ in 0..50 {
+        let (code, body, _) = s.get(ip(6, 100), "/fail-on-v2").await;
+        assert_eq!(
+            (code, body.as_str()),
+            (200, "v1 /fail-on-v2"),
+            "v2 is ejected"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -267,7 +267,20 @@ impl State {
         service_port: u16,
         source: Option<&Workload>,
     ) -> Option<(Arc<Workload>, u16)> {
-        let uids = self.endpoints.get(&svc.key())?;
+        weighted_choice(self.endpoint_candidates(svc, service_port, source))
+    }
+
+    /// The endpoints `pick_endpoint` chooses among (healthy, with a target port, best
+    /// locality tier), for callers that balance by their own measure.
+    pub fn endpoint_candidates(
+        &self,
+        svc: &Service,
+        service_port: u16,
+        source: Option<&Workload>,
+    ) -> Vec<(Arc<Workload>, u16)> {
+        let Some(uids) = self.endpoints.get(&svc.key()) else {
+            return Vec::new();
+        };
         let candidates: Vec<(Arc<Workload>, u16)> = uids
             .iter()
             .filter_map(|uid| self.workloads.get(uid))
@@ -275,8 +288,7 @@ impl State {
             .filter(|w| !w.addresses.is_empty())
             .filter_map(|w| Some((w.clone(), Self::target_port(svc, w, service_port)?)))
             .collect();
-        let ranked = rank_by_locality(&svc.load_balancing, source, candidates);
-        weighted_choice(ranked)
+        rank_by_locality(&svc.load_balancing, source, candidates)
     }
 
     /// Any healthy endpoint of `svc`, whatever its ports (for waypoints, whose Service
