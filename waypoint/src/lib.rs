@@ -5,6 +5,7 @@
 
 pub mod authz;
 pub mod balancer;
+pub mod counted;
 pub mod metrics;
 pub mod proxy;
 pub mod route;

@@ -66,6 +66,12 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RequestLabels, Histogram>,
+    request_bytes: Family<RequestLabels, Histogram>,
+    response_bytes: Family<RequestLabels, Histogram>,
+}
+
+fn size_histogram() -> Histogram {
+    Histogram::new([1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9])
 }
 
 impl Metrics {
@@ -88,10 +94,22 @@ impl Metrics {
             "Request duration",
             duration.clone(),
         );
+        let request_bytes =
+            Family::<RequestLabels, Histogram>::new_with_constructor(size_histogram);
+        let response_bytes =
+            Family::<RequestLabels, Histogram>::new_with_constructor(size_histogram);
+        istio.register("request_bytes", "Request body sizes", request_bytes.clone());
+        istio.register(
+            "response_bytes",
+            "Response body sizes",
+            response_bytes.clone(),
+        );
         Metrics {
             registry,
             requests,
             duration,
+            request_bytes,
+            response_bytes,
         }
     }
 
@@ -100,6 +118,16 @@ impl Metrics {
         self.duration
             .get_or_create(labels)
             .observe(elapsed.as_secs_f64() * 1000.0);
+    }
+
+    /// Body sizes, recorded when the response has been sent (or abandoned).
+    pub fn record_sizes(&self, labels: &RequestLabels, request: u64, response: u64) {
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(request as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(response as f64);
     }
 
     pub fn encode(&self) -> String {

@@ -21,6 +21,49 @@ use std::time::Instant;
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Reads a whole body of at most `limit` bytes (written out rather than with
+/// `http_body_util::Limited`, whose error conversion on a boxed error defeats the
+/// compiler's lifetime inference in this async code).
+async fn buffer_body(mut body: Body, limit: usize) -> Result<Bytes, String> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Some(data) = frame.data_ref() {
+            if out.len() + data.len() > limit {
+                return Err(format!("body larger than {limit} bytes"));
+            }
+            out.extend_from_slice(data);
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// The response body, counted; both sizes are recorded when it has been sent.
+fn counted_response(
+    resp: Response<Body>,
+    metrics: Arc<Metrics>,
+    labels: RequestLabels,
+    request_bytes: Arc<std::sync::atomic::AtomicU64>,
+) -> Response<Body> {
+    let done: Box<dyn FnOnce(u64) + Send + Sync> = Box::new(move |response| {
+        let request = request_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        metrics.record_sizes(&labels, request, response);
+    });
+    resp.map(|b| {
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        crate::counted::Counted::new(b, count, Some(done)).boxed()
+    })
+}
+
+/// The incoming request body, boxed and counted (a plain fn: a closure here trips
+/// higher-ranked lifetime inference in the connection future).
+fn counted_request(b: Incoming, count: Arc<std::sync::atomic::AtomicU64>) -> Body {
+    fn boxed(e: hyper::Error) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        Box::new(e)
+    }
+    crate::counted::Counted::new(b.map_err(boxed).boxed(), count, None).boxed()
+}
+
 /// Everything the waypoint knows, from xDS.
 #[derive(Default)]
 pub struct Config {
@@ -151,8 +194,10 @@ impl Waypoint {
         }
     }
 
-    async fn request(&self, conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
+    async fn request(&self, conn: Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
+        let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut req = req.map(|b| counted_request(b, request_bytes.clone()));
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let host = req
@@ -184,6 +229,7 @@ impl Waypoint {
         self.budget.request_done();
         labels.response_code = resp.status().as_u16();
         self.metrics.record(&labels, start.elapsed());
+        let resp = counted_response(resp, self.metrics.clone(), labels.clone(), request_bytes);
         tracing::info!(target: "access", method = %method, path = %path, status = resp.status().as_u16(),
             src.identity = %conn.source, src.addr = %conn.source_addr, dst.service = %conn.target.service.hostname,
             backend = %backend, duration = %format!("{}ms", start.elapsed().as_millis()), "request");
@@ -193,7 +239,7 @@ impl Waypoint {
     async fn route_and_forward(
         &self,
         conn: &Conn,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         method: &http::Method,
         path: &str,
         host: &str,
@@ -479,7 +525,7 @@ impl Waypoint {
     async fn attempts(
         &self,
         conn: &Conn,
-        req: Request<Incoming>,
+        req: Request<Body>,
         svc: &Service,
         port: u16,
         retry: Option<route::Retry>,
@@ -492,25 +538,17 @@ impl Waypoint {
             cfg.discovery.pick_endpoint(s, p, None)
         };
         if retry.is_none() && mirror.is_none() {
-            let req = req.map(|b| {
-                b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-                    .boxed()
-            });
             return self
                 .balanced(req, svc, port, conn.target.protocol, per_try, labels)
                 .await;
         }
         let (parts, body) = req.into_parts();
-        let body = http_body_util::Limited::new(body, MAX_BUFFERED_BODY)
-            .collect()
-            .await
-            .map_err(|e| {
-                (
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request body not buffered for retry/mirror: {e}"),
-                )
-            })?
-            .to_bytes();
+        let body = buffer_body(body, MAX_BUFFERED_BODY).await.map_err(|e| {
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body not buffered for retry/mirror: {e}"),
+            )
+        })?;
         let copy = |uri: &http::Uri| {
             let mut r = Request::builder()
                 .method(parts.method.clone())

@@ -189,6 +189,7 @@ struct Setup {
     waypoint_addr: SocketAddr,
     config: Arc<RwLock<Config>>,
     hits: Vec<Arc<AtomicUsize>>,
+    metrics: Arc<waypoint::metrics::Metrics>,
 }
 
 /// Services: `api` (VIP t.100, endpoints v1 and v2), `api-v1`, `api-v2`, `mirror` (t.103),
@@ -238,12 +239,13 @@ async fn setup(t: u8) -> Setup {
         )
         .unwrap(),
     )));
+    let metrics = Arc::new(waypoint::metrics::Metrics::new());
     let wp = Arc::new(Waypoint {
         identity: waypoint_id.clone(),
         config: config.clone(),
         certs: certs.clone(),
         client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
-        metrics: Arc::new(waypoint::metrics::Metrics::new()),
+        metrics: metrics.clone(),
         budget: Default::default(),
         balancer: Arc::new(waypoint::balancer::Balancer::new(
             waypoint::balancer::BalancerConfig {
@@ -267,6 +269,7 @@ async fn setup(t: u8) -> Setup {
         waypoint_addr,
         config,
         hits,
+        metrics,
     }
 }
 
@@ -418,6 +421,30 @@ async fn retries_timeouts_redirects_rewrites_headers_and_mirroring() {
         before + 1,
         "the mirror got a copy"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_response_sizes_are_recorded() {
+    let s = setup(7).await;
+    let (code, body, _) = s.get(ip(7, 101), "/sized").await;
+    assert_eq!((code, body.as_str()), (200, "v1 /sized"));
+    let sums = |name: &str| -> Vec<String> {
+        s.metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with(&format!("istio_{name}_sum{{")))
+            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+            .collect()
+    };
+    // Recorded when the response body has gone out, just after the client read it.
+    for _ in 0..50 {
+        if !sums("response_bytes").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sums("response_bytes"), ["9.0"], "len(\"v1 /sized\")");
+    assert_eq!(sums("request_bytes"), ["0.0"], "a GET has no body");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
