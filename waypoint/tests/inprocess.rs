@@ -445,6 +445,28 @@ async fn request_and_response_sizes_are_recorded() {
     }
     assert_eq!(sums("response_bytes"), ["9.0"], "len(\"v1 /sized\")");
     assert_eq!(sums("request_bytes"), ["0.0"], "a GET has no body");
+
+    // A POST with a 1000-byte body (to api-v2: a new label set, so a new series).
+    let io = hyper_util::rt::TokioIo::new(s.tunnel(ip(7, 102)).await);
+    let (mut sender, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(c);
+    let req = http::Request::post("/upload")
+        .header("host", "api-v2.shop.svc.cluster.local")
+        .body(Full::new(Bytes::from(vec![b'x'; 1000])))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"v2 /upload");
+    for _ in 0..50 {
+        if sums("request_bytes").len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut got = sums("request_bytes");
+    got.sort();
+    assert_eq!(got, ["0.0", "1000.0"], "the POST body counted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
