@@ -44,7 +44,8 @@ pub const KINDS: [(&str, &str, &str, &str); 11] = [
     ),
 ];
 
-fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+/// The dynamic API resource for a kind (also used to write waypoint objects).
+pub(crate) fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource {
         group: group.into(),
         version: version.into(),

@@ -10,6 +10,7 @@
 
 use crate::index::waypoint::WAYPOINT_CLASS;
 use crate::k8s::Gateway;
+use crate::kube_source::resource;
 use crate::manifest::Objects;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
@@ -143,20 +144,6 @@ pub fn status_patch(gw: &Gateway, cluster_ip: &str) -> Value {
         "metadata": {"name": gw.metadata.name, "namespace": gw.metadata.ns()},
         "status": {"addresses": [{"type": "IPAddress", "value": cluster_ip}]},
     })
-}
-
-fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
-    ApiResource {
-        group: group.into(),
-        version: version.into(),
-        api_version: if group.is_empty() {
-            version.into()
-        } else {
-            format!("{group}/{version}")
-        },
-        kind: kind.into(),
-        plural: plural.into(),
-    }
 }
 
 fn is_waypoint(gw: &Gateway) -> bool {

@@ -182,6 +182,47 @@ fn pod(ns: &str, name: &str, ip: &str) -> Value {
            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
 }
 
+/// A kubeconfig in `dir` pointing at the fake API server.
+fn write_kubeconfig(dir: &std::path::Path, url: &str) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: '{url}'}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
+             current-context: c\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// mesh-control in Kubernetes mode on loopback, state in `dir`, no tokens file.
+fn kube_mode(
+    dir: &std::path::Path,
+    kubeconfig: std::path::PathBuf,
+) -> mesh_control::server::ServerConfig {
+    mesh_control::server::ServerConfig {
+        source: mesh_control::server::ConfigSource::Kubernetes {
+            kubeconfig: Some(kubeconfig),
+        },
+        state_dir: dir.join("state"),
+        ca_dir: None,
+        tokens: None,
+        token_audiences: vec!["istio-ca".into()],
+        node_proxy_accounts: vec!["mesh-system/ztunnel".into()],
+        listen: "127.0.0.1:0".parse().unwrap(),
+        debug_listen: "127.0.0.1:0".parse().unwrap(),
+        waypoints: None,
+        dns_names: vec!["mesh-control.test".into()],
+        ip_sans: vec![],
+        trust_domain: "cluster.local".into(),
+        cluster_id: "Kubernetes".into(),
+        root_namespace: "istio-system".into(),
+        excluded_namespaces: vec![],
+    }
+}
+
 async fn next(
     rx: &mut mpsc::UnboundedReceiver<Objects>,
     what: &str,
@@ -283,38 +324,10 @@ async fn control_plane_serves_what_the_api_server_holds() {
     fake.set("pods", vec![pod("shop", "web-1", "10.10.1.5")]);
     let url = fake.serve().await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: '{url}'}}}}]\n\
-             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
-             current-context: c\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(dir.path().join("tokens.yaml"), "tokens: []\n").unwrap();
-    let running = mesh_control::server::start(mesh_control::server::ServerConfig {
-        source: mesh_control::server::ConfigSource::Kubernetes {
-            kubeconfig: Some(kubeconfig),
-        },
-        state_dir: dir.path().join("state"),
-        ca_dir: None,
-        tokens: Some(dir.path().join("tokens.yaml")),
-        token_audiences: vec!["istio-ca".into()],
-        node_proxy_accounts: vec!["mesh-system/ztunnel".into()],
-        listen: "127.0.0.1:0".parse().unwrap(),
-        debug_listen: "127.0.0.1:0".parse().unwrap(),
-        waypoints: None,
-        dns_names: vec!["mesh-control.test".into()],
-        ip_sans: vec![],
-        trust_domain: "cluster.local".into(),
-        cluster_id: "Kubernetes".into(),
-        root_namespace: "istio-system".into(),
-        excluded_namespaces: vec![],
-    })
-    .await
-    .unwrap();
+    let kubeconfig = write_kubeconfig(dir.path(), &url);
+    let running = mesh_control::server::start(kube_mode(dir.path(), kubeconfig))
+        .await
+        .unwrap();
     let mut generation = running.shared.generation.clone();
     let has = |g: &mesh_control::generation::Generation, key: &str| {
         g.resources.addresses.contains_key(key)
@@ -384,26 +397,10 @@ async fn control_plane_serves_what_the_api_server_holds() {
 #[tokio::test]
 async fn unreachable_kubeconfig_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("tokens.yaml"), "tokens: []\n").unwrap();
-    let err = match mesh_control::server::start(mesh_control::server::ServerConfig {
-        source: mesh_control::server::ConfigSource::Kubernetes {
-            kubeconfig: Some(dir.path().join("missing-kubeconfig")),
-        },
-        state_dir: dir.path().join("state"),
-        ca_dir: None,
-        tokens: Some(dir.path().join("tokens.yaml")),
-        token_audiences: vec!["istio-ca".into()],
-        node_proxy_accounts: vec!["mesh-system/ztunnel".into()],
-        listen: "127.0.0.1:0".parse().unwrap(),
-        debug_listen: "127.0.0.1:0".parse().unwrap(),
-        waypoints: None,
-        dns_names: vec![],
-        ip_sans: vec![],
-        trust_domain: "cluster.local".into(),
-        cluster_id: "Kubernetes".into(),
-        root_namespace: "istio-system".into(),
-        excluded_namespaces: vec![],
-    })
+    let err = match mesh_control::server::start(kube_mode(
+        dir.path(),
+        dir.path().join("missing-kubeconfig"),
+    ))
     .await
     {
         Ok(_) => panic!("started without a kubeconfig"),
@@ -432,27 +429,8 @@ async fn waypoint_gateways_are_deployed_and_their_address_published() {
     );
     let url = fake.serve().await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: '{url}'}}}}]\n\
-             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
-             current-context: c\n"
-        ),
-    )
-    .unwrap();
+    let kubeconfig = write_kubeconfig(dir.path(), &url);
     let _running = mesh_control::server::start(mesh_control::server::ServerConfig {
-        source: mesh_control::server::ConfigSource::Kubernetes {
-            kubeconfig: Some(kubeconfig),
-        },
-        state_dir: dir.path().join("state"),
-        ca_dir: None,
-        tokens: None,
-        token_audiences: vec!["istio-ca".into()],
-        node_proxy_accounts: vec![],
-        listen: "127.0.0.1:0".parse().unwrap(),
-        debug_listen: "127.0.0.1:0".parse().unwrap(),
         waypoints: Some(mesh_control::waypoint_deploy::WaypointDeployConfig {
             image: "registry.example.com/mesh:1".into(),
             xds_address: "https://mesh-control.mesh-system.svc:15012".into(),
@@ -460,12 +438,7 @@ async fn waypoint_gateways_are_deployed_and_their_address_published() {
             cluster_id: "Kubernetes".into(),
             log_level: "info".into(),
         }),
-        dns_names: vec!["mesh-control.test".into()],
-        ip_sans: vec![],
-        trust_domain: "cluster.local".into(),
-        cluster_id: "Kubernetes".into(),
-        root_namespace: "istio-system".into(),
-        excluded_namespaces: vec![],
+        ..kube_mode(dir.path(), kubeconfig)
     })
     .await
     .unwrap();

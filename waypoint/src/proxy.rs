@@ -21,6 +21,22 @@ use std::time::Instant;
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Awaits `fut`, answering 504 if it takes longer than `limit`.
+async fn within<T>(
+    limit: Option<std::time::Duration>,
+    fut: impl std::future::Future<Output = Result<T, (StatusCode, String)>>,
+) -> Result<T, (StatusCode, String)> {
+    match limit {
+        Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
+            Err((
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout".into(),
+            ))
+        }),
+        None => fut.await,
+    }
+}
+
 /// Reads a whole body of at most `limit` bytes (written out rather than with
 /// `http_body_util::Limited`, whose error conversion on a boxed error defeats the
 /// compiler's lifetime inference in this async code).
@@ -430,15 +446,7 @@ impl Waypoint {
             per_try,
             labels,
         );
-        let result = match overall {
-            Some(t) => tokio::time::timeout(t, attempt).await.unwrap_or_else(|_| {
-                Err((
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream request timeout".into(),
-                ))
-            }),
-            None => attempt.await,
-        };
+        let result = within(overall, attempt).await;
         match result {
             Ok(mut resp) => {
                 for f in &filters {
@@ -498,15 +506,7 @@ impl Waypoint {
         labels.set_destination(&ep);
         let in_flight = self.balancer.begin(&ep.uid);
         let fut = self.forward(req, &ep, target_port, protocol);
-        let result = match per_try {
-            Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
-                Err((
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream request timeout".into(),
-                ))
-            }),
-            None => fut.await,
-        };
+        let result = within(per_try, fut).await;
         drop(in_flight);
         let ok = match &result {
             Ok(r) => !r.status().is_server_error(),
@@ -533,10 +533,6 @@ impl Waypoint {
         per_try: Option<std::time::Duration>,
         labels: &mut RequestLabels,
     ) -> Result<Response<Body>, (StatusCode, String)> {
-        let pick = |s: &Service, p: u16| {
-            let cfg = self.config.read().expect("config lock");
-            cfg.discovery.pick_endpoint(s, p, None)
-        };
         if retry.is_none() && mirror.is_none() {
             return self
                 .balanced(req, svc, port, conn.target.protocol, per_try, labels)
@@ -566,16 +562,19 @@ impl Waypoint {
                 .namespace
                 .clone()
                 .unwrap_or_else(|| svc.namespace.clone());
+            // The copy goes to any endpoint of the mirror service; its outcome is ignored,
+            // so it takes no part in balancing or outlier detection.
             let target = {
                 let cfg = self.config.read().expect("config lock");
                 cfg.discovery
                     .services()
                     .find(|s| s.namespace == ns && s.name == m.backend_ref.name)
-                    .cloned()
+                    .and_then(|ms| {
+                        cfg.discovery
+                            .pick_endpoint(ms, m.backend_ref.port.unwrap_or(port), None)
+                    })
             };
-            if let Some(ms) = target
-                && let Some((ep, tp)) = pick(&ms, m.backend_ref.port.unwrap_or(port))
-            {
+            if let Some((ep, tp)) = target {
                 let req = copy(&parts.uri);
                 let this = self.clone_for_mirror();
                 let protocol = conn.target.protocol;
