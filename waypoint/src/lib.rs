@@ -9,4 +9,5 @@ pub mod counted;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
+pub mod upstream_pool;
 pub mod xds;

@@ -44,6 +44,12 @@ struct Args {
     /// Requests in flight per destination service before new ones get 503.
     #[arg(long, default_value_t = 4096)]
     max_requests_per_service: usize,
+    /// Idle HTTP/1.1 connections kept open per endpoint for reuse.
+    #[arg(long, default_value_t = 32)]
+    max_idle_per_endpoint: usize,
+    /// Idle upstream connections are closed after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    upstream_idle_timeout_secs: u64,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
 }
@@ -142,6 +148,12 @@ fn main() {
         ));
         let metrics = Arc::new(waypoint::metrics::Metrics::new());
         tokio::spawn(serve_metrics(a.metrics_addr, metrics.clone()));
+        let pool = Arc::new(waypoint::upstream_pool::UpstreamPool::new(
+            waypoint::upstream_pool::PoolLimits {
+                max_idle_per_endpoint: a.max_idle_per_endpoint,
+                idle_timeout: std::time::Duration::from_secs(a.upstream_idle_timeout_secs.max(1)),
+            },
+        ));
         let wp = Arc::new(Waypoint {
             identity: identity.clone(),
             config,
@@ -157,7 +169,9 @@ fn main() {
                     ..Default::default()
                 },
             )),
+            pool: pool.clone(),
         });
+        tokio::spawn(pool.run_sweeper());
         let listener = match tokio::net::TcpListener::bind(a.listen).await {
             Ok(l) => l,
             Err(e) => {

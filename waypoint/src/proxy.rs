@@ -5,6 +5,7 @@
 use crate::authz::{self, Decision, Policy};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::route::{self, RequestInfo, Route};
+use crate::upstream_pool::{EndpointKey, UpstreamPool};
 use bytes::Bytes;
 use hbone::{Authority, ConnectHandler, InboundConnect, Refusal, Responder};
 use http::{Request, Response, StatusCode};
@@ -20,6 +21,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+fn boxed_response(r: Response<Incoming>) -> Response<Body> {
+    r.map(|b| {
+        b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            .boxed()
+    })
+}
 
 /// Awaits `fut`, answering 504 if it takes longer than `limit`.
 async fn within<T>(
@@ -103,6 +111,7 @@ pub struct Waypoint {
     pub metrics: Arc<Metrics>,
     pub budget: Arc<RetryBudget>,
     pub balancer: Arc<crate::balancer::Balancer>,
+    pub pool: Arc<UpstreamPool>,
 }
 
 /// Bodies larger than this are not buffered for retries or mirroring (413).
@@ -631,6 +640,7 @@ impl Waypoint {
             metrics: self.metrics.clone(),
             budget: self.budget.clone(),
             balancer: self.balancer.clone(),
+            pool: self.pool.clone(),
         })
     }
 
@@ -647,14 +657,38 @@ impl Waypoint {
                 format!("upstream connect error: {e}"),
             )
         };
-        let tunnel = self.tunnel_to(ep, port).await.map_err(unavailable)?;
-        let io = hyper_util::rt::TokioIo::new(tunnel);
+        let key = EndpointKey {
+            workload_uid: ep.uid.clone(),
+            addr: SocketAddr::new(
+                *ep.addresses
+                    .first()
+                    .ok_or_else(|| unavailable("endpoint has no address".into()))?,
+                port,
+            ),
+        };
         let resp = if matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc) {
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                    .await
-                    .map_err(|e| unavailable(e.to_string()))?;
-            tokio::spawn(conn);
+            let mut sender = match self.pool.h2(&key, Instant::now()) {
+                Some(s) => s,
+                None => {
+                    let dial = self.pool.h2_dial_lock(&key);
+                    let _dialing = dial.lock().await;
+                    if let Some(s) = self.pool.h2(&key, Instant::now()) {
+                        s
+                    } else {
+                        let tunnel = self.tunnel_to(ep, port).await.map_err(unavailable)?;
+                        let (sender, conn) = hyper::client::conn::http2::handshake(
+                            hyper_util::rt::TokioExecutor::new(),
+                            hyper_util::rt::TokioIo::new(tunnel),
+                        )
+                        .await
+                        .map_err(|e| unavailable(e.to_string()))?;
+                        tokio::spawn(conn);
+                        self.pool
+                            .set_h2(key.clone(), sender.clone(), Instant::now());
+                        sender
+                    }
+                }
+            };
             sender.send_request(req).await
         } else {
             // HTTP/1.1 upstream: origin-form URI, Host kept.
@@ -667,19 +701,54 @@ impl Waypoint {
                 *req.uri_mut() = pq.as_str().parse().expect("path is a valid URI");
             }
             *req.version_mut() = http::Version::HTTP_11;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| unavailable(e.to_string()))?;
+            // An idle connection may have been closed by the endpoint meanwhile: the
+            // request comes back unsent and goes on the next one (or a new one).
+            while let Some(mut sender) = self.pool.take_h1(&key, Instant::now()) {
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        self.recycle_h1(key, sender);
+                        return Ok(boxed_response(resp));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => req = unsent,
+                        None => {
+                            return Err((
+                                StatusCode::BAD_GATEWAY,
+                                format!("upstream error: {}", e.into_error()),
+                            ));
+                        }
+                    },
+                }
+            }
+            let tunnel = self.tunnel_to(ep, port).await.map_err(unavailable)?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tunnel))
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
             tokio::spawn(conn);
-            sender.send_request(req).await
+            let resp = sender.send_request(req).await;
+            if resp.is_ok() {
+                self.recycle_h1(key, sender);
+            }
+            resp
         };
-        resp.map(|r| {
-            r.map(|b| {
-                b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-                    .boxed()
-            })
-        })
-        .map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream error: {e}")))
+        resp.map(boxed_response)
+            .map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream error: {e}")))
+    }
+
+    /// Back to the pool once the response body has been read to the end (or never, when
+    /// the connection closes first).
+    fn recycle_h1(
+        &self,
+        key: EndpointKey,
+        mut sender: hyper::client::conn::http1::SendRequest<Body>,
+    ) {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                pool.put_h1(key, sender, Instant::now());
+            }
+        });
     }
 
     /// Non-HTTP ports: TCP through to an endpoint.

@@ -33,13 +33,20 @@ fn cert(ca: &CertificateAuthority, ns: &str, sa: &str) -> WorkloadCertificate {
 }
 
 /// A backend app on `addr` that says who it is; `/fail-twice` fails twice per key then
-/// succeeds, `/slow` waits 2 s, `/status/NNN` answers NNN, `/echo-headers` echoes headers.
-async fn backend(addr: SocketAddr, name: &'static str, hits: Arc<AtomicUsize>) {
+/// succeeds, `/slow` waits 2 s, `/status/NNN` answers NNN, `/echo-headers` echoes headers,
+/// `/close` closes the connection after answering. `conns` counts accepted connections.
+async fn backend(
+    addr: SocketAddr,
+    name: &'static str,
+    hits: Arc<AtomicUsize>,
+    conns: Arc<AtomicUsize>,
+) {
     let l = tokio::net::TcpListener::bind(addr).await.unwrap();
     let fails = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
         loop {
             let (tcp, _) = l.accept().await.unwrap();
+            conns.fetch_add(1, Ordering::SeqCst);
             let (hits, fails) = (hits.clone(), fails.clone());
             tokio::spawn(async move {
                 let svc =
@@ -65,9 +72,15 @@ async fn backend(addr: SocketAddr, name: &'static str, hits: Arc<AtomicUsize>) {
                             if path == "/echo-headers" {
                                 body = format!("{:?}", req.headers());
                             }
+                            let close = if path == "/close" {
+                                "close"
+                            } else {
+                                "keep-alive"
+                            };
                             Ok::<_, std::convert::Infallible>(
                                 http::Response::builder()
                                     .status(status)
+                                    .header("connection", close)
                                     .body(Full::new(Bytes::from(body)))
                                     .unwrap(),
                             )
@@ -189,6 +202,7 @@ struct Setup {
     waypoint_addr: SocketAddr,
     config: Arc<RwLock<Config>>,
     hits: Vec<Arc<AtomicUsize>>,
+    conns: Vec<Arc<AtomicUsize>>,
     metrics: Arc<waypoint::metrics::Metrics>,
 }
 
@@ -198,10 +212,12 @@ async fn setup(t: u8) -> Setup {
     let ca = CertificateAuthority::new_root("cluster.local", 30 * DAY).unwrap();
     let backend_cert = cert(&ca, "shop", "backend");
     let backend_tls = Arc::new(mesh_identity::server_config(&backend_cert).unwrap());
-    let mut hits = Vec::new();
+    let (mut hits, mut conns) = (Vec::new(), Vec::new());
     for (n, name) in [(1u8, "v1"), (2, "v2"), (3, "mirror"), (4, "tcp")] {
         let h = Arc::new(AtomicUsize::new(0));
-        backend(SocketAddr::new(ip(t, n), 8080), name, h.clone()).await;
+        let c = Arc::new(AtomicUsize::new(0));
+        backend(SocketAddr::new(ip(t, n), 8080), name, h.clone(), c.clone()).await;
+        conns.push(c);
         hbone_server(
             SocketAddr::new(ip(t, n), 15008),
             backend_tls.clone(),
@@ -217,7 +233,8 @@ async fn setup(t: u8) -> Setup {
         service("api-v2", ip(t, 102), pb::AppProtocol::Http11),
         service("mirror", ip(t, 103), pb::AppProtocol::Http11),
         service("tcp", ip(t, 104), pb::AppProtocol::Tcp),
-        endpoint("v1", ip(t, 1), &["api", "api-v1"]),
+        service("api-h2", ip(t, 105), pb::AppProtocol::Http2),
+        endpoint("v1", ip(t, 1), &["api", "api-v1", "api-h2"]),
         endpoint("v2", ip(t, 2), &["api", "api-v2"]),
         endpoint("mirror", ip(t, 3), &["mirror"]),
         endpoint("tcp", ip(t, 4), &["tcp"]),
@@ -253,6 +270,7 @@ async fn setup(t: u8) -> Setup {
                 ..Default::default()
             },
         )),
+        pool: Default::default(),
     });
     let waypoint_addr = SocketAddr::new(ip(t, 200), 15008);
     let creds = certs.get(&waypoint_id).await.unwrap();
@@ -269,6 +287,7 @@ async fn setup(t: u8) -> Setup {
         waypoint_addr,
         config,
         hits,
+        conns,
         metrics,
     }
 }
@@ -353,6 +372,52 @@ async fn no_route_goes_to_the_service_and_matches_pick_backends() {
         assert_eq!(code, 200, "{path}");
         assert!(body.starts_with(want), "{path} → {body}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_http_connections_are_reused() {
+    let s = setup(8).await;
+    let v1_conns = || s.conns[0].load(Ordering::SeqCst);
+    // HTTP/1.1 upstream: sequential requests share one connection.
+    for i in 0..50 {
+        let (code, body, _) = s.get(ip(8, 101), &format!("/n{i}")).await;
+        assert_eq!((code, body), (200, format!("v1 /n{i}")));
+    }
+    assert_eq!(s.hits[0].load(Ordering::SeqCst), 50);
+    assert_eq!(
+        v1_conns(),
+        1,
+        "50 sequential requests should share one connection"
+    );
+    // An endpoint that closes its connection: the next request gets a fresh one.
+    let (code, _, _) = s.get(ip(8, 101), "/close").await;
+    assert_eq!(code, 200);
+    for _ in 0..5 {
+        let (code, _, _) = s.get(ip(8, 101), "/after-close").await;
+        assert_eq!(code, 200);
+    }
+    assert_eq!(v1_conns(), 2);
+    // Concurrent requests open more connections, which then stay for reuse.
+    let all = futures_util::future::join_all((0..8).map(|_| s.get(ip(8, 101), "/slowish"))).await;
+    assert!(all.iter().all(|(c, _, _)| *c == 200));
+    let after_burst = v1_conns();
+    for _ in 0..20 {
+        s.get(ip(8, 101), "/again").await;
+    }
+    assert_eq!(
+        v1_conns(),
+        after_burst,
+        "idle connections are reused after a burst"
+    );
+    // HTTP/2 upstream (a service port with appProtocol http2): one shared connection.
+    let before = v1_conns();
+    let all = futures_util::future::join_all((0..20).map(|_| s.get(ip(8, 105), "/h2"))).await;
+    assert!(all.iter().all(|(c, b, _)| *c == 200 && b == "v1 /h2"));
+    assert_eq!(
+        v1_conns(),
+        before + 1,
+        "HTTP/2 requests share one connection"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
