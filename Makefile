@@ -1,7 +1,7 @@
 # The two entry points of the README: `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: test demo deps fmt-check clippy unit chart images bench bench-ztunnel
+.PHONY: test demo deps fmt-check clippy unit chart images bench bench-ztunnel bench-lab
 
 test: deps fmt-check clippy unit chart
 
@@ -31,6 +31,12 @@ bench:
 bench-ztunnel: deps
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p mesh-e2e --bench ztunnel_paths
+
+# The mesh on a 2-node lab against the direct path, and the waypoint against HAProxy, in
+# one run (release binaries): make bench-lab ARGS="--runs 3"
+bench-lab: deps
+	$(CARGO) build --release --workspace --bins
+	target/release/mesh-lab --name bench bench $(ARGS)
 
 demo: deps
 	$(CARGO) build --workspace --bins

@@ -9,6 +9,7 @@ packages=(
   iproute2                    # ip netns, veth, rules, routes
   iperf3                      # throughput in the lab and benchmarks
   nghttp2-client              # h2load
+  haproxy                     # the L7 proxy the waypoint is measured against (mesh-lab bench)
   curl
   tcpdump                     # captures proving only TLS crosses the fabric
   make

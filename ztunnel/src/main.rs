@@ -30,6 +30,7 @@ fn main() {
         handle.reload(f).map_err(|e| e.to_string())
     });
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
+    raise_open_files_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.worker_threads)
         .thread_name("ztunnel-worker")
@@ -39,5 +40,19 @@ fn main() {
     if let Err(e) = rt.block_on(ztunnel::app::run(cfg, log_reload)) {
         tracing::error!("ztunnel failed: {e}");
         std::process::exit(1);
+    }
+}
+
+/// Every proxied connection holds one or two descriptors, so the default soft limit
+/// (often 1024) would cap a node at a few hundred connections: raise it to the hard limit.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => tracing::warn!(soft, hard, "cannot raise the open files limit: {e}"),
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "open files limit"),
+        Err(e) => tracing::warn!("cannot read the open files limit: {e}"),
     }
 }

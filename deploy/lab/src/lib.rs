@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod bench;
+pub mod bench_report;
 pub mod cni_runtime;
 pub mod demo;
 pub mod lab;

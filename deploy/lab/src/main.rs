@@ -61,6 +61,49 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Measure direct vs mesh vs mesh + waypoint (and HAProxy) on a fresh 2-node lab:
+    /// throughput, req/s, latency at a fixed rate, connections/s, CPU, memory, scale.
+    Bench {
+        /// Repeat the whole set; medians and min–max are reported.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Idle tunnelled connections to hold for the memory-per-connection figures.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        scale: Vec<usize>,
+        /// Seconds to wait after the load before reading "RSS after".
+        #[arg(long, default_value_t = 10)]
+        settle: u64,
+        /// Short measurements to check the bench itself works (figures not meaningful).
+        #[arg(long)]
+        quick: bool,
+        /// Where to write every figure as JSON.
+        #[arg(long, default_value = "mesh-lab-bench.json")]
+        out: PathBuf,
+        /// Leave the lab up at the end.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Holds N connections open (run inside a pod by the bench).
+    #[command(hide = true)]
+    BenchHold {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    /// New connections per second against an HTTP server (run inside a pod by the bench).
+    #[command(hide = true)]
+    BenchConnect {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// The sample app (run inside pods by the lab).
     App {
         #[arg(long, default_value = "app")]
@@ -91,6 +134,14 @@ fn run(cli: Cli) -> Result<i32, String> {
             grpc_port: grpc,
         }))
         .map_err(|e| e.to_string())?;
+        return Ok(0);
+    }
+    if let Cmd::BenchHold { to, count } = cli.cmd {
+        mesh_lab::bench::hold_connections(to, count)?;
+        return Ok(0);
+    }
+    if let Cmd::BenchConnect { to, path, seconds } = &cli.cmd {
+        mesh_lab::bench::connect_loop(*to, path, *seconds)?;
         return Ok(0);
     }
     let mut lab = Lab::open(&cli.name, &cli.state_root)?;
@@ -160,12 +211,42 @@ fn run(cli: Cli) -> Result<i32, String> {
             return Ok(status.code().unwrap_or(1));
         }
         Cmd::Demo { keep } => return mesh_lab::demo::run(&mut lab, keep),
-        Cmd::App { .. } => unreachable!("handled above"),
+        Cmd::Bench {
+            runs,
+            seconds,
+            scale,
+            settle,
+            quick,
+            out,
+            keep,
+        } => {
+            let opts = if quick {
+                mesh_lab::bench::BenchOptions {
+                    keep,
+                    ..mesh_lab::bench::BenchOptions::quick(out)
+                }
+            } else {
+                mesh_lab::bench::BenchOptions {
+                    runs: runs.max(1),
+                    seconds: seconds.max(1),
+                    scale,
+                    settle: std::time::Duration::from_secs(settle),
+                    out,
+                    keep,
+                }
+            };
+            return mesh_lab::bench::run(&mut lab, &opts);
+        }
+        Cmd::App { .. } | Cmd::BenchHold { .. } | Cmd::BenchConnect { .. } => {
+            unreachable!("handled above")
+        }
     }
     Ok(0)
 }
 
 fn main() {
+    // Lab processes inherit the CLI's limits; the bench holds thousands of connections.
+    mesh_lab::bench::raise_open_files_limit();
     match run(Cli::parse()) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
