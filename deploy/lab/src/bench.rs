@@ -501,11 +501,15 @@ impl<'a> Bench<'a> {
         report::parse_iperf(&out)
     }
 
-    /// Ztunnel memory with N idle connections held open through the mesh (each has carried
-    /// one byte each way, so both ztunnels hold it).
+    /// Memory of freshly started ztunnels with N idle connections held open through the
+    /// mesh (each has carried one byte each way, so both ztunnels hold it).
     fn measure_scale(&mut self, f: &mut Figures) -> Result<(), String> {
-        let (z1, z2) = (self.pid("ztunnel-1")?, self.pid("ztunnel-2")?);
         for n in self.opts.scale.clone() {
+            // Fresh ztunnels: memory freed after earlier load stays with the allocator and
+            // would be reused by these connections, hiding what they cost.
+            self.restart_ztunnels()?;
+            std::thread::sleep(Duration::from_secs(1));
+            let (z1, z2) = (self.pid("ztunnel-1")?, self.pid("ztunnel-2")?);
             let base = (rss_mib(z1, "VmRSS")?, rss_mib(z2, "VmRSS")?);
             let netns = self.lab.state.pods[CLIENT].netns.clone();
             let mut child = Command::new("ip")
@@ -556,7 +560,49 @@ impl<'a> Bench<'a> {
             );
             std::thread::sleep(Duration::from_secs(1));
         }
-        Ok(())
+        self.restart_ztunnels()
+    }
+
+    /// Restarts both ztunnels (pods stay enrolled) and waits for mesh traffic again.
+    fn restart_ztunnels(&mut self) -> Result<(), String> {
+        for i in 1..=2 {
+            let role = format!("ztunnel-{i}");
+            let old = self.pid(&role)?;
+            self.lab.stop(&role, true)?;
+            // A process closing ten thousand sockets takes a while to exit; its ports
+            // must be free before the new one binds them.
+            wait(&format!("{role} to exit"), Duration::from_secs(60), || {
+                std::fs::read_to_string(format!("/proc/{old}/stat"))
+                    .map(|s| {
+                        s.rsplit_once(')')
+                            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                    })
+                    .unwrap_or(true)
+            })?;
+            // Its listening ports can stay busy a moment longer: start again until the
+            // new one stays up.
+            let mut tries = 0;
+            loop {
+                self.lab.start_ztunnel(i)?;
+                std::thread::sleep(Duration::from_millis(1500));
+                let pid = self.pid(&role)?;
+                let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                    s.rsplit_once(')')
+                        .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+                });
+                tries += 1;
+                if alive {
+                    break;
+                }
+                if tries == 10 {
+                    return Err(format!(
+                        "{role} does not stay up after a restart (see its log)"
+                    ));
+                }
+                self.lab.stop(&role, true)?;
+            }
+        }
+        self.set_path(Path3::Mesh)
     }
 
     fn pid(&self, role: &str) -> Result<u32, String> {

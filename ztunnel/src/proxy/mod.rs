@@ -362,7 +362,8 @@ impl PodProxy {
         rec: ConnRecorder,
         guard: ConnGuard,
     ) {
-        let creds = match self.ctx.certs.get(&src.identity).await {
+        // Boxed: fetching a certificate (a CA call on a miss) must not size the task either.
+        let creds = match Box::pin(self.ctx.certs.get(&src.identity)).await {
             Ok(c) => c,
             Err(e) => {
                 return rec.finish(Outcome::Failed {
@@ -384,7 +385,9 @@ impl PodProxy {
                     .unwrap_or(hop.ip()),
             ),
         );
-        let est = match self.client.connect(&key, &creds.cert, &req).await {
+        // Boxed for the same reason as the inbound connect: a new HBONE connection (TLS and
+        // HTTP/2 handshakes) is a large future that must not size every idle tunnel's task.
+        let est = match Box::pin(self.client.connect(&key, &creds.cert, &req)).await {
             Ok(e) => e,
             Err(e) => {
                 let flags = match &e {
@@ -609,7 +612,9 @@ impl ConnectHandler for InboundHandler {
             dst_ip: target.ip(),
             dst_port: target.port(),
         };
-        let (app, dst) = match pod.connect_app(&mut report, &info).await {
+        // Boxed: the connect future is large and finishes early, while the copy below may
+        // idle for hours; unboxed, its size would stay reserved in every tunnel's task.
+        let (app, dst) = match Box::pin(pod.connect_app(&mut report, &info)).await {
             Ok(x) => x,
             Err((refusal, policy)) => {
                 let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report);
