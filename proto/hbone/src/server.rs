@@ -139,7 +139,18 @@ pub async fn serve_connection<H: ConnectHandler>(
                         };
                         let responder = Responder { respond: Some(respond), recv: Some(recv) };
                         let handler = handler.clone();
-                        tokio::spawn(async move { handler.handle(inbound, responder).await });
+                        // Boxed on the way in: captured inline, the arguments would take
+                        // room in the task for as long as the tunnel lives, next to the
+                        // handler's own copy.
+                        let args = Box::new((inbound, responder));
+                        let fut = async move {
+                            let (inbound, responder) = {
+                                let b = args;
+                                *b
+                            };
+                            handler.handle(inbound, responder).await
+                        };
+                        tokio::spawn(fut);
                     }
                 }
             }

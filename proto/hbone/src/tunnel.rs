@@ -10,8 +10,11 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Read size on the TCP side. Buffers are only allocated once the socket is readable,
-/// so idle tunnels hold no buffer at all.
+/// Read sizes on the TCP side: a read that fills its buffer doubles the next one, up to
+/// the maximum, so bulk transfers read large while request/response traffic does not
+/// allocate (and touch) large buffers for a few hundred bytes. Buffers are only
+/// allocated once the socket is readable, so idle tunnels hold none.
+const READ_CHUNK_MIN: usize = 16 * 1024;
 const READ_CHUNK: usize = 128 * 1024;
 
 /// Called once when the stream is finished (returns its slot to the pool).
@@ -98,9 +101,10 @@ impl Tunnel {
         } = &mut self;
         let pending = std::mem::take(pending);
         let upload = async {
+            let mut chunk = READ_CHUNK_MIN;
             loop {
                 tcp.readable().await?;
-                let mut buf = BytesMut::with_capacity(READ_CHUNK);
+                let mut buf = BytesMut::with_capacity(chunk);
                 match tcp.try_read_buf(&mut buf) {
                     Ok(0) => {
                         finish_send(send, write_closed)?;
@@ -108,6 +112,9 @@ impl Tunnel {
                     }
                     Ok(n) => {
                         sent += n as u64;
+                        if n == chunk {
+                            chunk = (chunk * 2).min(READ_CHUNK);
+                        }
                         send_all(send, buf.freeze()).await?;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

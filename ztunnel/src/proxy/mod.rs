@@ -406,8 +406,12 @@ impl PodProxy {
                 });
             }
         };
+        // Whatever the copy does not need is dropped first, so an idle tunnel's task does
+        // not keep it (locals alive across an await are stored in the task).
+        let tunnel = est.tunnel;
+        drop((est.headers, req, key, creds));
         let result = tokio::select! {
-            r = est.tunnel.copy_with_tcp(&downstream) => r,
+            r = tunnel.copy_with_tcp(&downstream) => r,
             _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
         };
         match result {
@@ -632,6 +636,8 @@ impl ConnectHandler for InboundHandler {
             });
         };
         let tracked = pod.ctx.tracker.track(&dst.uid, info);
+        // As on the way out: keep nothing across the copy that it does not need.
+        drop((req, dst));
         let r = tokio::select! {
             r = tunnel.copy_with_tcp(&app) => r.map(|s| (s.received, s.sent)),
             _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
