@@ -4,6 +4,7 @@
 //! measured in the same run for comparison. Real load tools only: iperf3 and h2load.
 
 use crate::bench_report::{self as report, Figures};
+use crate::demo::wait;
 use crate::lab::Lab;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -636,36 +637,15 @@ impl<'a> Bench<'a> {
     }
 
     fn ztunnel2_inbound(&self) -> f64 {
-        let text = in_netns(
-            &self.lab.node_ns(2),
-            &[
-                "curl",
-                "-s",
-                "--max-time",
-                "3",
-                "http://127.0.0.1:15020/metrics",
-            ],
-        )
-        .unwrap_or_default();
-        metric_sum(&text, "istio_tcp_connections_opened_total")
+        scrape(&self.lab.node_ns(2), "istio_tcp_connections_opened_total")
     }
 
     fn waypoint_requests(&self) -> f64 {
-        let Some(p) = self.lab.state.pods.get("bench/waypoint") else {
-            return 0.0;
-        };
-        let text = in_netns(
-            &p.netns,
-            &[
-                "curl",
-                "-s",
-                "--max-time",
-                "3",
-                "http://127.0.0.1:15020/metrics",
-            ],
-        )
-        .unwrap_or_default();
-        metric_sum(&text, "istio_requests_total")
+        self.lab
+            .state
+            .pods
+            .get("bench/waypoint")
+            .map_or(0.0, |p| scrape(&p.netns, "istio_requests_total"))
     }
 }
 
@@ -715,6 +695,23 @@ fn in_netns(netns: &str, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The sum of a metric over all its label sets, from `:15020/metrics` in `netns`
+/// (0 when it cannot be read).
+fn scrape(netns: &str, name: &str) -> f64 {
+    let text = in_netns(
+        netns,
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            "http://127.0.0.1:15020/metrics",
+        ],
+    )
+    .unwrap_or_default();
+    metric_sum(&text, name)
+}
+
 fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
@@ -732,17 +729,6 @@ fn rss_mib(pid: u32, key: &str) -> Result<f64, String> {
 fn reset_peak(pid: u32) -> Result<(), String> {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
         .map_err(|e| format!("/proc/{pid}/clear_refs: {e}"))
-}
-
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<(), String> {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    Err(format!("timed out after {timeout:?} waiting for {what}"))
 }
 
 fn machine() -> String {

@@ -186,7 +186,12 @@ impl Capture {
     }
 }
 
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<(), String> {
+/// Polls `f` until it holds, or fails after `timeout` naming what was awaited.
+pub(crate) fn wait(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> bool,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if f() {
@@ -194,7 +199,7 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    Err(format!("timed out waiting for {what}"))
+    Err(format!("timed out after {timeout:?} waiting for {what}"))
 }
 
 fn log(lab: &Lab, role: &str) -> String {
