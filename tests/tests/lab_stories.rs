@@ -180,14 +180,7 @@ fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
     );
 
     // Label the namespaces: the same running pods are enrolled, no restart.
-    let api_pid = t
-        .lab
-        .state
-        .procs
-        .iter()
-        .find(|p| p.role == "pod:back/api")
-        .unwrap()
-        .pid;
+    let api_pid = t.lab.process("pod:back/api").unwrap().pid;
     t.apply(&ambient(true));
     t.wait_log("agent-1", "pod enrolled");
     t.wait_log("agent-2", "pod enrolled");
@@ -226,13 +219,7 @@ fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
         "the legacy TCP payload never crosses in the clear"
     );
     assert_eq!(
-        t.lab
-            .state
-            .procs
-            .iter()
-            .find(|p| p.role == "pod:back/api")
-            .unwrap()
-            .pid,
+        t.lab.process("pod:back/api").unwrap().pid,
         api_pid,
         "the pod was not restarted"
     );
@@ -334,14 +321,7 @@ fn policy_strict_and_component_failures() {
 
     // ztunnel restarts (the control plane is still down: it waits for it, the pods keep
     // their rules and are not restarted) and traffic recovers once it is back.
-    let client_pid = t
-        .lab
-        .state
-        .procs
-        .iter()
-        .find(|p| p.role == "pod:front/client")
-        .unwrap()
-        .pid;
+    let client_pid = t.lab.process("pod:front/client").unwrap().pid;
     t.lab.start_ztunnel(1).unwrap();
     assert!(
         t.curl("front/client", "http://10.96.0.20/").is_err(),
@@ -352,17 +332,7 @@ fn policy_strict_and_component_failures() {
         t.curl("front/client", "http://10.96.0.20/recovered")
             .is_ok()
     });
-    assert_eq!(
-        t.lab
-            .state
-            .procs
-            .iter()
-            .find(|p| p.role == "pod:front/client")
-            .unwrap()
-            .pid,
-        client_pid
-    );
-    let _ = binary("mesh-control");
+    assert_eq!(t.lab.process("pod:front/client").unwrap().pid, client_pid);
 }
 
 const WAYPOINT: &str = r#"

@@ -253,21 +253,10 @@ fn ports(v: &[LocalPort]) -> Result<Vec<pb::Port>, String> {
 }
 
 fn cidr(s: &str) -> Result<sec::Address, String> {
-    let (ip, len) = match s.split_once('/') {
-        Some((ip, len)) => (ip, Some(len)),
-        None => (s, None),
-    };
-    let ip: IpAddr = ip
-        .parse()
-        .map_err(|_| format!("{s:?} is not an IP or CIDR"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let length = match len {
-        Some(l) => l.parse().map_err(|_| format!("{s:?}: bad prefix length"))?,
-        None => max,
-    };
+    let net = mesh_authz::IpNet::parse(s)?;
     Ok(sec::Address {
-        address: ip_bytes(&ip),
-        length,
+        address: ip_bytes(&net.addr),
+        length: u32::from(net.prefix),
     })
 }
 

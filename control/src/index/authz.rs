@@ -8,7 +8,6 @@ use crate::k8s::{AuthorizationPolicy, AuthzCondition, AuthzOperation, AuthzSourc
 use crate::manifest::Objects;
 use mesh_proto::security as pb;
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
 
 pub const STATIC_STRICT: &str = "istio_converted_static_strict";
 
@@ -48,24 +47,10 @@ fn strings(v: &[String]) -> Vec<pb::StringMatch> {
 fn cidrs(v: &[String]) -> Result<Vec<pb::Address>, String> {
     v.iter()
         .map(|s| {
-            let (ip, len) = s
-                .split_once('/')
-                .map_or((s.as_str(), None), |(a, l)| (a, Some(l)));
-            let ip: IpAddr = ip
-                .parse()
-                .map_err(|_| format!("{s:?} is not an IP or CIDR"))?;
-            let max = if ip.is_ipv4() { 32 } else { 128 };
-            let length = match len {
-                Some(l) => l
-                    .parse()
-                    .ok()
-                    .filter(|l| *l <= max)
-                    .ok_or_else(|| format!("{s:?}: bad prefix length"))?,
-                None => max,
-            };
+            let net = mesh_authz::IpNet::parse(s)?;
             Ok(pb::Address {
-                address: super::service::ip_bytes(ip),
-                length,
+                address: super::service::ip_bytes(net.addr),
+                length: u32::from(net.prefix),
             })
         })
         .collect()

@@ -608,11 +608,7 @@ impl<'a> Bench<'a> {
 
     fn pid(&self, role: &str) -> Result<u32, String> {
         self.lab
-            .state
-            .procs
-            .iter()
-            .rev()
-            .find(|p| p.role == role)
+            .process(role)
             .map(|p| p.pid)
             .ok_or_else(|| format!("no {role} process in the lab"))
     }

@@ -133,6 +133,28 @@ struct Capture {
     file: std::path::PathBuf,
 }
 
+/// One request from the client to `marker` while the fabric is captured into `pcap`,
+/// both shown; returns (TCP packets, of which on 15008, marker seen in plaintext).
+fn request_on_the_fabric(
+    lab: &Lab,
+    pcap: &str,
+    marker: &str,
+    seen_word: &str,
+) -> Result<(usize, usize, bool), String> {
+    let cap = capture(lab, &lab.dir.join(pcap))?;
+    let answer = curl(lab, marker)?;
+    println!(
+        "  client> curl http://10.96.0.20/{marker}\n  {}",
+        answer.trim()
+    );
+    let (total, hbone, seen) = cap.finish(marker);
+    println!(
+        "  capture of pod traffic on the fabric: {total} TCP packets, {hbone} on port 15008, request visible in plaintext: {}",
+        if seen { seen_word } else { "no" }
+    );
+    Ok((total, hbone, seen))
+}
+
 fn capture(lab: &Lab, file: &Path) -> Result<Capture, String> {
     let child = Command::new("ip")
         .args([
@@ -253,17 +275,7 @@ fn scenario(lab: &mut Lab) -> Result<(), String> {
         3,
         "before the mesh: the same request, and what crosses the fabric",
     );
-    let cap = capture(lab, &lab.dir.join("plain.pcap"))?;
-    let answer = curl(lab, "before-the-mesh")?;
-    println!(
-        "  client> curl http://10.96.0.20/before-the-mesh\n  {}",
-        answer.trim()
-    );
-    let (total, hbone, seen) = cap.finish("before-the-mesh");
-    println!(
-        "  capture of pod traffic on the fabric: {total} TCP packets, {hbone} on port 15008, request visible in plaintext: {}",
-        if seen { "YES" } else { "no" }
-    );
+    request_on_the_fabric(lab, "plain.pcap", "before-the-mesh", "YES")?;
 
     step(
         4,
@@ -286,17 +298,8 @@ fn scenario(lab: &mut Lab) -> Result<(), String> {
     wait("mTLS traffic", Duration::from_secs(20), || {
         curl(lab, "probe").is_ok() && log(lab, "ztunnel-2").contains("src.identity=spiffe://")
     })?;
-    let cap = capture(lab, &lab.dir.join("mesh.pcap"))?;
-    let answer = curl(lab, "in-the-mesh")?;
-    println!(
-        "  client> curl http://10.96.0.20/in-the-mesh\n  {}",
-        answer.trim()
-    );
-    let (total, hbone, seen) = cap.finish("in-the-mesh");
-    println!(
-        "  capture of pod traffic on the fabric: {total} TCP packets, {hbone} on port 15008, request visible in plaintext: {}",
-        if seen { "YES (unexpected!)" } else { "no" }
-    );
+    let (total, hbone, seen) =
+        request_on_the_fabric(lab, "mesh.pcap", "in-the-mesh", "YES (unexpected!)")?;
     let access = log(lab, "ztunnel-2");
     if let Some(line) = access
         .lines()

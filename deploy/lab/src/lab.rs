@@ -223,12 +223,14 @@ impl Lab {
         Ok(pid)
     }
 
+    /// The process recorded for `role` (ztunnel-1, control, pod:NS/NAME, ...).
+    pub fn process(&self, role: &str) -> Option<&ProcEntry> {
+        self.state.procs.iter().find(|p| p.role == role)
+    }
+
     pub fn wait_log(&self, role: &str, needle: &str, timeout: Duration) -> Result<(), String> {
         let p = self
-            .state
-            .procs
-            .iter()
-            .find(|p| p.role == role)
+            .process(role)
             .ok_or_else(|| format!("{role} is not running"))?;
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -404,7 +406,8 @@ impl Lab {
         self.spawn_control(args.lines().map(str::to_string).collect())
     }
 
-    fn control_args(&self, i: usize) -> Vec<String> {
+    /// How a component reaches the control plane, authenticating with `token`.
+    fn control_args(&self, token: &Path) -> Vec<String> {
         vec![
             "--xds-address".into(),
             format!("https://{}:15012", Self::node_ip(1)),
@@ -416,11 +419,12 @@ impl Lab {
             "--control-hostname".into(),
             CONTROL_NAME.into(),
             "--token-file".into(),
-            self.dir
-                .join(format!("node{i}/token"))
-                .to_string_lossy()
-                .into(),
+            token.to_string_lossy().into(),
         ]
+    }
+
+    fn node_token(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node{i}/token"))
     }
 
     /// Starts node `i`'s agent and ztunnel.
@@ -453,7 +457,7 @@ impl Lab {
             "--netns-name-prefix".into(),
             format!("{}-pod-", self.name),
         ];
-        agent.extend(self.control_args(i));
+        agent.extend(self.control_args(&self.node_token(i)));
         self.state.procs.retain(|p| p.role != format!("agent-{i}"));
         self.spawn(&format!("agent-{i}"), &ns, &agent)?;
         Ok(())
@@ -479,7 +483,7 @@ impl Lab {
             "--log-level".into(),
             "info,access=info".into(),
         ];
-        zt.extend(self.control_args(i));
+        zt.extend(self.control_args(&self.node_token(i)));
         self.state
             .procs
             .retain(|p| p.role != format!("ztunnel-{i}"));
@@ -489,7 +493,7 @@ impl Lab {
 
     /// Ends the process recorded for `role` (by its PID, after checking it is ours).
     pub fn stop(&mut self, role: &str, kill: bool) -> Result<(), String> {
-        let Some(p) = self.state.procs.iter().find(|p| p.role == role).cloned() else {
+        let Some(p) = self.process(role).cloned() else {
             return Err(format!("no process {role} in lab {}", self.name));
         };
         if self.owns(p.pid) {
@@ -611,18 +615,8 @@ impl Lab {
             name.into(),
             "--namespace".into(),
             ns.into(),
-            "--xds-address".into(),
-            format!("https://{}:15012", Self::node_ip(1)),
-            "--root-cert".into(),
-            self.dir
-                .join("control/root-cert.pem")
-                .to_string_lossy()
-                .into(),
-            "--control-hostname".into(),
-            CONTROL_NAME.into(),
-            "--token-file".into(),
-            token_path.to_string_lossy().into(),
         ];
+        let args = [args, self.control_args(&token_path)].concat();
         Ok(Some(json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": ns, "labels": {
@@ -927,10 +921,7 @@ impl Lab {
     }
 
     pub fn log_path(&self, component: &str) -> Result<PathBuf, String> {
-        self.state
-            .procs
-            .iter()
-            .find(|p| p.role == component)
+        self.process(component)
             .map(|p| p.log.clone())
             .ok_or_else(|| {
                 format!(

@@ -90,6 +90,25 @@ pub struct IpNet {
 }
 
 impl IpNet {
+    /// An address (`10.0.0.1`, a host) or a CIDR block (`10.0.0.0/8`), as policies write
+    /// them; the prefix length must fit the address family.
+    pub fn parse(s: &str) -> Result<IpNet, String> {
+        let (ip, len) = s.split_once('/').map_or((s, None), |(a, l)| (a, Some(l)));
+        let addr: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match len {
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+            None => max,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -374,6 +393,21 @@ fn match_matches(m: &Match, conn: &ConnectionInfo) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn ip_nets_parse_with_bounded_prefixes() {
+        let n = IpNet::parse("10.244.0.0/16").unwrap();
+        assert!(n.contains("10.244.9.9".parse().unwrap()));
+        assert!(!n.contains("10.245.0.1".parse().unwrap()));
+        assert_eq!(IpNet::parse("10.0.0.1").unwrap().prefix, 32);
+        assert_eq!(IpNet::parse("fd00::/8").unwrap().prefix, 8);
+        assert_eq!(IpNet::parse("::1").unwrap().prefix, 128);
+        assert!(IpNet::parse("10.0.0.0/33").is_err());
+        assert!(IpNet::parse("fd00::/129").is_err());
+        assert!(IpNet::parse("10.0.0/8").is_err());
+        assert!(IpNet::parse("10.0.0.0/x").is_err());
+    }
+
     use super::*;
 
     fn conn(id: Option<&str>, port: u16) -> ConnectionInfo {
