@@ -1,6 +1,8 @@
 //! `mesh-lab bench --quick` end to end: the whole bench (direct, mesh, waypoint, HAProxy,
 //! idle connections) on its own lab, every figure present and plausible. The figures of
-//! a quick run on debug binaries mean nothing; targets are reported, never asserted.
+//! a quick run on debug binaries mean nothing; targets are reported, never asserted, and
+//! nothing here depends on how fast the machine is (a debug path that falls behind the
+//! fixed rate is a figure, not a failure).
 
 use mesh_e2e::net::unique;
 use mesh_e2e::{binary, require_tool};
@@ -48,6 +50,9 @@ fn the_bench_measures_every_path_and_reports_every_target() {
             "lat_h1_p50_ms",
             "lat_h1_p99_ms",
             "lat_h2_p99_ms",
+            // How much of the fixed rate was reached: a figure, whatever the machine.
+            "lat_h1_rate_share",
+            "lat_h2_rate_share",
         ] {
             let x = get(&format!("{path}.{fig}"));
             assert!(x > 0.0 && x.is_finite(), "{path}.{fig} = {x}");

@@ -38,6 +38,8 @@ impl BenchOptions {
     }
 }
 
+/// Requests per second of the fixed-rate latency runs (10 connections at 100 req/s).
+const FIXED_RATE: f64 = 1000.0;
 const SERVER_VIP: &str = "10.96.0.50";
 const IPERF_VIP: &str = "10.96.0.51";
 const CLIENT: &str = "bench/client";
@@ -395,7 +397,7 @@ impl<'a> Bench<'a> {
         let secs = self.opts.seconds.to_string();
         let pids: Vec<u32> = procs.iter().map(|(_, p)| *p).collect();
         let cpu0 = self.cpu_seconds(&pids)?;
-        let h = self.h2load(&["--h1", "-c", "10", "-t", "1", "-D", &secs, url], None)?;
+        let h = self.h2load(&["--h1", "-c", "10", "-t", "1", "-D", &secs, url])?;
         let cpu1 = self.cpu_seconds(&pids)?;
         f.insert(format!("{p}.rps_h1"), h.req_per_sec);
         record_cpu(
@@ -407,14 +409,16 @@ impl<'a> Bench<'a> {
             "1000_req",
             h.succeeded as f64 / 1000.0,
         );
-        let [p50, p90, p99] = self.fixed_rate(&["--h1"], url)?;
-        f.insert(format!("{p}.lat_h1_p50_ms"), p50);
-        f.insert(format!("{p}.lat_h1_p90_ms"), p90);
-        f.insert(format!("{p}.lat_h1_p99_ms"), p99);
-        let h = self.h2load(&["-c", "10", "-m", "10", "-t", "1", "-D", &secs, url], None)?;
+        let h1 = self.fixed_rate(&["--h1"], url)?;
+        f.insert(format!("{p}.lat_h1_p50_ms"), h1.percentiles[0]);
+        f.insert(format!("{p}.lat_h1_p90_ms"), h1.percentiles[1]);
+        f.insert(format!("{p}.lat_h1_p99_ms"), h1.percentiles[2]);
+        f.insert(format!("{p}.lat_h1_rate_share"), h1.rate_share);
+        let h = self.h2load(&["-c", "10", "-m", "10", "-t", "1", "-D", &secs, url])?;
         f.insert(format!("{p}.rps_h2"), h.req_per_sec);
-        let [_, _, p99] = self.fixed_rate(&[], url)?;
-        f.insert(format!("{p}.lat_h2_p99_ms"), p99);
+        let h2 = self.fixed_rate(&[], url)?;
+        f.insert(format!("{p}.lat_h2_p99_ms"), h2.percentiles[2]);
+        f.insert(format!("{p}.lat_h2_rate_share"), h2.rate_share);
         f.insert(format!("{p}.conn_per_s"), self.connection_rate(url)?);
         Ok(())
     }
@@ -455,8 +459,10 @@ impl<'a> Bench<'a> {
     }
 
     /// p50/p90/p99 at 1000 req/s in total (10 connections at 100 req/s each), from
-    /// h2load's per-request log.
-    fn fixed_rate(&self, proto: &[&str], url: &str) -> Result<[f64; 3], String> {
+    /// h2load's per-request log, and the share of that rate actually reached. A slow or
+    /// busy machine (or a debug build) may fall behind the rate: that is a figure the
+    /// report shows, never an error, so the bench never depends on the machine's speed.
+    fn fixed_rate(&self, proto: &[&str], url: &str) -> Result<report::FixedRate, String> {
         let log = self.lab.dir.join("h2load-latency.log");
         let _ = std::fs::remove_file(&log);
         let secs = self.opts.seconds.to_string();
@@ -465,14 +471,17 @@ impl<'a> Bench<'a> {
         args.extend([
             "-c", "10", "-t", "1", "--rps", "100", "-D", &secs, &log_arg, url,
         ]);
-        self.h2load(&args, Some(1000.0 * self.opts.seconds as f64))?;
+        let h = self.h2load(&args)?;
         let text = std::fs::read_to_string(&log).map_err(|e| format!("h2load log: {e}"))?;
-        report::latency_percentiles(&text)
+        Ok(report::FixedRate {
+            percentiles: report::latency_percentiles(&text)?,
+            rate_share: report::rate_share(h.succeeded, FIXED_RATE, self.opts.seconds),
+        })
     }
 
-    /// Runs h2load in the client pod; fails on any failed request. With `expect`, also
-    /// when far fewer requests were made than the rate asked for (the generator fell behind).
-    fn h2load(&self, args: &[&str], expect: Option<f64>) -> Result<report::H2load, String> {
+    /// Runs h2load in the client pod; fails on any failed request (a correctness fault,
+    /// unlike a low rate).
+    fn h2load(&self, args: &[&str]) -> Result<report::H2load, String> {
         // A stuck load generator must not stall the bench.
         let limit = (self.opts.seconds + 30).to_string();
         let mut full = vec!["timeout", "-s", "KILL", &limit, "h2load"];
@@ -481,15 +490,6 @@ impl<'a> Bench<'a> {
         let h = report::parse_h2load(&out)?;
         if h.failed > 0 || h.errored > 0 || h.succeeded == 0 {
             return Err(format!("h2load {}: requests failed\n{out}", args.join(" ")));
-        }
-        if let Some(n) = expect
-            && (h.succeeded as f64) < 0.9 * n
-        {
-            return Err(format!(
-                "h2load {}: only {} of {n} requests at the fixed rate\n{out}",
-                args.join(" "),
-                h.succeeded
-            ));
         }
         Ok(h)
     }
