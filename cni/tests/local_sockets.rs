@@ -18,7 +18,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CHILD_ENV: &str = "MESH_CNI_SOCKET_TEST_CHILD";
 const NOBODY: u32 = 65534;
@@ -173,16 +173,8 @@ async fn start_with(plugin_peer: PeerPolicy, zds_peer: PeerPolicy) -> TestAgent 
     .unwrap();
     // The control plane's (empty) view: ZDS snapshots can be answered.
     agent.apply_view(vec![]).await;
-    tokio::spawn(agent.clone().serve_plugin());
-    let sock = dir.join("agent.sock");
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "agent socket never appeared"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let listener = agent.bind_plugin_socket().unwrap();
+    tokio::spawn(agent.clone().serve_plugin_on(listener));
     TestAgent {
         agent,
         dir,
@@ -362,18 +354,23 @@ async fn idle_clients_do_not_block_others_and_are_closed() {
     let idle_zds: Vec<OwnedFd> = (0..3)
         .map(|_| seqpacket_connect(&t.zds()).unwrap())
         .collect();
-    // Others are served at once.
+    // Others are served while the idle ones are still connected (still open, not yet
+    // closed by the read timeout).
     let (p, z) = (t.plugin(), t.zds());
-    let started = Instant::now();
     blocking(move || {
         stream_request(&p, CHECK).unwrap();
         zds_handshake(&z).unwrap();
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "served in {:?}",
-        started.elapsed()
-    );
+    for s in &idle {
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(
+            (&*s).read(&mut b).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::WouldBlock),
+            "an idle client was already closed: the others waited for it"
+        );
+        s.set_nonblocking(false).unwrap();
+    }
     // The idle ones are closed after the read timeout (5 s), not kept forever.
     let closed = blocking(move || {
         let mut n = 0;

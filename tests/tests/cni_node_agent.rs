@@ -451,13 +451,18 @@ async fn a_pod_carrying_its_neighbours_ip_never_gets_its_identity() {
     let _a = node.run_pod_process(&a_ns, "u-attacker");
     let _b = node.run_pod_process(&b_ns, "u-victim");
     node.write(&namespaces(&["shop"], &pods(Some((&a_ip, &b_ip)))));
-    std::thread::sleep(Duration::from_millis(500));
 
     // The attacker (NET_ADMIN in its own pod) puts its neighbour's address on its
-    // loopback; then the agent restarts and must find both pods' namespaces again.
+    // loopback; then the agent restarts and must find both pods' namespaces again (once
+    // the control plane has told it their IPs).
     a_ns.exec(&["ip", "addr", "add", &format!("{b_ip}/32"), "dev", "lo"]);
     node.agent.as_mut().unwrap().kill();
     node.start_agent();
+    let agent_log = || node.agent.as_ref().unwrap().output();
+    wait_until("both pods looked up", || {
+        let log = agent_log();
+        log.contains("REFUSED") && log.contains("by its cgroup and IP pod=\"shop/victim\"")
+    });
     let given = snapshot(&node).await;
     let (a_inode, b_inode) = (a_ns.handle().inode(), b_ns.handle().inode());
     assert!(
@@ -487,6 +492,11 @@ async fn a_pod_carrying_its_neighbours_ip_never_gets_its_identity() {
     a_ns.exec(&["ip", "addr", "del", &format!("{b_ip}/32"), "dev", "lo"]);
     node.agent.as_mut().unwrap().kill();
     node.start_agent();
+    wait_until("both pods found", || {
+        let log = node.agent.as_ref().unwrap().output();
+        log.contains("by its cgroup and IP pod=\"shop/victim\"")
+            && log.contains("by its cgroup and IP pod=\"shop/attacker\"")
+    });
     let given = snapshot(&node).await;
     assert!(
         given.contains(&("u-attacker".to_string(), a_inode)),

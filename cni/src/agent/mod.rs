@@ -555,11 +555,17 @@ impl Agent {
     /// checked with SO_PEERCRED, one task per connection (at most
     /// MAX_PLUGIN_CONNECTIONS), the request line bounded in size and time.
     pub async fn serve_plugin(self: Arc<Self>) -> Result<(), String> {
-        let listener = local::bind_stream(&self.cfg.agent_socket, self.cfg.plugin_peer.uid)?;
+        let listener = self.bind_plugin_socket()?;
         self.serve_plugin_on(listener).await
     }
 
-    async fn serve_plugin_on(
+    /// The plugin socket, private to the expected peer (inside a tokio runtime).
+    pub fn bind_plugin_socket(&self) -> Result<tokio::net::UnixListener, String> {
+        local::bind_stream(&self.cfg.agent_socket, self.cfg.plugin_peer.uid)
+    }
+
+    /// Serves plugin requests on `listener` (from `bind_plugin_socket`).
+    pub async fn serve_plugin_on(
         self: Arc<Self>,
         listener: tokio::net::UnixListener,
     ) -> Result<(), String> {
