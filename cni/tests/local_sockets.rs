@@ -382,7 +382,7 @@ async fn idle_clients_do_not_block_others_and_are_closed() {
             }
         }
         for fd in &idle_zds {
-            if recv(fd).is_err() {
+            if recv(fd) == Err("closed".to_string()) {
                 n += 1;
             }
         }

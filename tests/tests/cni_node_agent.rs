@@ -461,7 +461,8 @@ async fn a_pod_carrying_its_neighbours_ip_never_gets_its_identity() {
     let agent_log = || node.agent.as_ref().unwrap().output();
     wait_until("both pods looked up", || {
         let log = agent_log();
-        log.contains("REFUSED") && log.contains("by its cgroup and IP pod=\"shop/victim\"")
+        (log.contains("REFUSED") || log.contains("by its cgroup and IP pod=\"shop/attacker\""))
+            && log.contains("by its cgroup and IP pod=\"shop/victim\"")
     });
     let given = snapshot(&node).await;
     let (a_inode, b_inode) = (a_ns.handle().inode(), b_ns.handle().inode());

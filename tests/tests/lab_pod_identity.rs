@@ -3,70 +3,12 @@
 //! that takes its neighbour's IP never gets its neighbour's identity. `down` removes the
 //! lab's cgroups, even after a crash that lost the lab's state.
 
+use mesh_e2e::binary;
 use mesh_e2e::cluster::{capture_in, contains, wait_until};
 use mesh_e2e::net::unique;
-use mesh_e2e::{binary, require_tool};
+use mesh_e2e::testlab::TestLab;
 use mesh_lab::lab::Lab;
 use std::time::Duration;
-
-struct TestLab {
-    lab: Lab,
-    _root: tempfile::TempDir,
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = self.lab.down();
-    }
-}
-
-impl TestLab {
-    fn up() -> TestLab {
-        require_tool("curl");
-        require_tool("tcpdump");
-        let root = tempfile::tempdir().unwrap();
-        let bins = binary("ztunnel").parent().unwrap().to_path_buf();
-        let mut lab = Lab::open_with_binaries(&unique("l"), root.path(), &bins).unwrap();
-        lab.up(2).unwrap();
-        TestLab { lab, _root: root }
-    }
-
-    fn apply(&mut self, yaml: &str) {
-        self.lab.apply(yaml, "test.yaml").unwrap();
-    }
-
-    fn log(&self, role: &str) -> String {
-        std::fs::read_to_string(self.lab.log_path(role).unwrap()).unwrap_or_default()
-    }
-
-    fn wait_log(&self, role: &str, needle: &str) {
-        wait_until(&format!("{needle:?} in {role}'s log"), || {
-            self.log(role).contains(needle)
-        });
-    }
-
-    /// curl from inside a pod; `Err` when the request fails.
-    fn curl(&self, pod: &str, url: &str) -> Result<String, String> {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.lab.state.pods[pod].netns,
-                "curl",
-                "-s",
-                "--max-time",
-                "5",
-                url,
-            ])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!("curl exit {:?}", out.status.code()))
-        }
-    }
-}
 
 const APP: &str = r#"
 apiVersion: v1
@@ -111,7 +53,7 @@ spec: {nodeName: node-1, serviceAccountName: mallory, containers: [{name: mallor
 /// namespace that matches two pods.
 #[test]
 fn a_pod_that_takes_its_neighbours_ip_never_gets_its_identity() {
-    let mut t = TestLab::up();
+    let mut t = TestLab::up(2);
     t.apply(APP);
     wait_until("mTLS for both pods of node-1", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
@@ -224,6 +166,16 @@ fn down_removes_the_labs_cgroups_even_after_a_crash_without_state() {
     let root = tempfile::tempdir().unwrap();
     let bins = binary("ztunnel").parent().unwrap().to_path_buf();
     let name = unique("g");
+    // Whatever happens below, the lab goes (a failed assertion must not leave it up).
+    struct Down<'a>(&'a str, &'a std::path::Path, &'a std::path::Path);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            if let Ok(mut lab) = Lab::open_with_binaries(self.0, self.1, self.2) {
+                let _ = lab.down();
+            }
+        }
+    }
+    let _down = Down(&name, root.path(), &bins);
     let cgroups;
     {
         let mut lab = Lab::open_with_binaries(&name, root.path(), &bins).unwrap();
