@@ -2,6 +2,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod cache;
 pub mod events;
 pub mod install;
 pub mod plugin;

@@ -2,8 +2,9 @@
 //! as the node agent with `mesh-cni agent`.
 
 use clap::Parser;
+use mesh_cni::agent::local::{PeerPolicy, parse_uid};
 use mesh_cni::agent::{Agent, AgentConfig, ViewHandler};
-use mesh_cni::events::{AgentReply, AgentRequest, SocketAgent};
+use mesh_cni::events::{FallbackAgent, SocketAgent};
 use mesh_cni::plugin;
 use std::collections::HashMap;
 use std::io::Read;
@@ -40,50 +41,30 @@ struct AgentArgs {
     /// SNAT kubelet probes to enrolled pods to 169.254.7.127 (node side).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     host_probe_snat: bool,
-    /// Where named network namespaces live (repeatable).
-    #[arg(long = "netns-dir", default_values_t = ["/var/run/netns".to_string()])]
-    netns_dirs: Vec<String>,
-    /// procfs to search for running pods' namespaces ("" to disable).
+    /// procfs to scan for running pods' processes ("" to disable: pods are then known
+    /// only from the plugin's ADD).
     #[arg(long, default_value = "/proc")]
     proc_dir: String,
-    /// Only named namespaces with this prefix are searched.
+    /// Only processes whose cgroup path (as /proc/PID/cgroup shows it) is under this root
+    /// are taken as pods' ("" or "/": anywhere). Pods are recognised by the kubelet's pod
+    /// cgroups (systemd or cgroupfs driver) below it.
     #[arg(long, default_value = "")]
-    netns_name_prefix: String,
+    cgroup_root: String,
+    /// The uid a plugin connecting to --agent-socket must have (SO_PEERCRED).
+    #[arg(long, default_value = "0", value_parser = parse_uid)]
+    plugin_peer_uid: u32,
+    /// The uid ztunnel connecting to --zds-socket must have (SO_PEERCRED).
+    #[arg(long, default_value = "0", value_parser = parse_uid)]
+    zds_peer_uid: u32,
+    /// When set, the process connecting to --zds-socket must be running this executable
+    /// (the same file); it must be in a PID namespace the agent can see.
+    #[arg(long)]
+    zds_peer_exe: Option<PathBuf>,
     /// Readiness: GET /readyz answers 200 once the control plane's view arrived.
     #[arg(long, default_value = "127.0.0.1:8000")]
     readiness_addr: SocketAddr,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
-}
-
-/// When the agent is unreachable, ADD may still proceed for a pod the agent last knew
-/// as not enrolled; anything else fails closed.
-struct FallbackAgent(SocketAgent);
-
-impl plugin::Agent for FallbackAgent {
-    fn call(&self, socket: &str, req: &AgentRequest) -> Result<AgentReply, String> {
-        match self.0.call(socket, req) {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                if let AgentRequest::Add {
-                    namespace, name, ..
-                } = req
-                {
-                    let cache = std::path::Path::new(socket)
-                        .parent()
-                        .map(|d| d.join("node-pods.json"));
-                    let known: HashMap<String, bool> = cache
-                        .and_then(|p| std::fs::read(p).ok())
-                        .and_then(|b| serde_json::from_slice(&b).ok())
-                        .unwrap_or_default();
-                    if known.get(&format!("{namespace}/{name}")) == Some(&false) {
-                        return Ok(AgentReply::Ok { enrolled: false });
-                    }
-                }
-                Err(e)
-            }
-        }
-    }
 }
 
 /// Installs the chained plugin on this node and keeps it installed: copies the binary
@@ -254,9 +235,12 @@ fn run_plugin() -> i32 {
         plugin::run(
             &env,
             &stdin,
-            &FallbackAgent(SocketAgent {
-                timeout: Duration::from_secs(15),
-            }),
+            &FallbackAgent {
+                agent: SocketAgent {
+                    timeout: Duration::from_secs(15),
+                },
+                cache: None,
+            },
         )
     });
     match result {
@@ -297,11 +281,18 @@ fn run_agent(args: Vec<String>) -> i32 {
         agent_socket: a.agent_socket.clone(),
         dns_capture: a.dns_capture,
         host_probe_snat: a.host_probe_snat,
-        netns_dirs: a.netns_dirs.iter().map(PathBuf::from).collect(),
         proc_dir: Some(a.proc_dir.clone())
             .filter(|p| !p.is_empty())
             .map(PathBuf::from),
-        netns_name_prefix: a.netns_name_prefix.clone(),
+        cgroup_root: a.cgroup_root.clone(),
+        plugin_peer: PeerPolicy {
+            uid: a.plugin_peer_uid,
+            exe: None,
+        },
+        zds_peer: PeerPolicy {
+            uid: a.zds_peer_uid,
+            exe: a.zds_peer_exe.clone(),
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -333,7 +324,10 @@ fn run_agent(args: Vec<String>) -> i32 {
             cp,
             node,
             vec![mesh_proto::type_url::NODE_POD],
-            ViewHandler { tx },
+            ViewHandler {
+                tx,
+                connected: agent.xds_connected(),
+            },
         ));
         let a2 = agent.clone();
         tokio::spawn(async move {
@@ -362,6 +356,8 @@ fn run_agent(args: Vec<String>) -> i32 {
     })
 }
 
+/// `GET /readyz` (200 once the control plane's view arrived) and `GET /metrics`. One
+/// task per connection, each bounded in time.
 async fn readiness(addr: SocketAddr, agent: std::sync::Arc<Agent>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(l) = tokio::net::TcpListener::bind(addr).await else {
@@ -372,22 +368,35 @@ async fn readiness(addr: SocketAddr, agent: std::sync::Arc<Agent>) {
         let Ok((mut s, _)) = l.accept().await else {
             continue;
         };
-        let mut buf = [0u8; 512];
-        let _ = s.read(&mut buf).await;
-        let (code, body) = if agent.ready() {
-            ("200 OK", "ready\n")
-        } else {
-            ("503 Service Unavailable", "waiting for the control plane\n")
-        };
-        let _ = s
-            .write_all(
-                format!(
-                    "HTTP/1.1 {code}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let n = match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let (code, body) = if buf[..n].starts_with(b"GET /metrics ") {
+                ("200 OK", agent.metrics().render())
+            } else if agent.ready() {
+                ("200 OK", "ready\n".to_string())
+            } else {
+                (
+                    "503 Service Unavailable",
+                    "waiting for the control plane\n".to_string(),
                 )
-                .as_bytes(),
+            };
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                s.write_all(
+                    format!(
+                        "HTTP/1.1 {code}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                ),
             )
             .await;
+        });
     }
 }
 

@@ -252,35 +252,42 @@ pub fn run(env: &Env, stdin: &[u8], agent: &dyn Agent) -> Result<String, CniErro
                 )
             })?;
             let ips = prev_ips(prev)?;
-            if let Some((namespace, name, uid)) = pod {
-                let req = AgentRequest::Add {
-                    namespace: namespace.clone(),
-                    name: name.clone(),
-                    uid,
-                    container_id: env.container_id.clone(),
-                    netns: env.netns.clone(),
-                    ips,
-                };
-                match agent.call(&conf.agent_socket, &req) {
-                    Ok(AgentReply::Ok { .. }) => {}
-                    Ok(AgentReply::Error { message }) => {
-                        return Err(CniError::new(
-                            MESH_SETUP_FAILED,
-                            format!(
-                                "pod {namespace}/{name} must be in the mesh but its redirection could not be set up"
-                            ),
-                            message,
-                        ));
-                    }
-                    Err(e) => {
-                        return Err(CniError::new(
-                            TRY_AGAIN_LATER,
-                            format!(
-                                "node agent unreachable: cannot tell whether pod {namespace}/{name} must be in the mesh, so it is not started unprotected"
-                            ),
-                            format!("{}: {e}", conf.agent_socket),
-                        ));
-                    }
+            // Without the pod's identity nobody can tell whether it must be in the mesh:
+            // it is not started (fail closed), whatever the agent would say.
+            let Some((namespace, name, uid)) = pod else {
+                return Err(CniError::new(
+                    INVALID_ENV,
+                    "CNI_ARGS lacks K8S_POD_NAMESPACE or K8S_POD_NAME: cannot tell whether this sandbox must be in the mesh, so it is not started",
+                    "mesh-cni serves Kubernetes pods; the runtime passes their identity in CNI_ARGS",
+                ));
+            };
+            let req = AgentRequest::Add {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                uid,
+                container_id: env.container_id.clone(),
+                netns: env.netns.clone(),
+                ips,
+            };
+            match agent.call(&conf.agent_socket, &req) {
+                Ok(AgentReply::Ok { .. }) => {}
+                Ok(AgentReply::Error { message }) => {
+                    return Err(CniError::new(
+                        MESH_SETUP_FAILED,
+                        format!(
+                            "pod {namespace}/{name} must be in the mesh but its redirection could not be set up"
+                        ),
+                        message,
+                    ));
+                }
+                Err(e) => {
+                    return Err(CniError::new(
+                        TRY_AGAIN_LATER,
+                        format!(
+                            "node agent unreachable: cannot tell whether pod {namespace}/{name} must be in the mesh, so it is not started unprotected"
+                        ),
+                        format!("{}: {e}", conf.agent_socket),
+                    ));
                 }
             }
             // Chained plugins pass the previous result on unchanged.
@@ -416,6 +423,21 @@ mod tests {
         let e = run(&env("ADD"), CONF.as_bytes(), &a).unwrap_err();
         assert_eq!(e.code, MESH_SETUP_FAILED);
         assert_eq!(e.details, "nft failed");
+    }
+
+    #[test]
+    fn add_without_the_pods_identity_fails_closed() {
+        let mut e = env("ADD");
+        e.args.remove("K8S_POD_NAME");
+        let a = agent(Ok(AgentReply::Ok { enrolled: false }));
+        let err = run(&e, CONF.as_bytes(), &a).unwrap_err();
+        assert_eq!(err.code, INVALID_ENV);
+        assert!(err.msg.contains("not started"), "{}", err.msg);
+        assert!(a.seen.borrow().is_empty());
+        // DEL and CHECK of such a sandbox have nothing to protect: they succeed.
+        let mut d = env("DEL");
+        d.args.clear();
+        assert!(run(&d, CONF.as_bytes(), &a).is_ok());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod net;
 pub mod proc;
+pub mod testlab;
 
 use std::path::PathBuf;
 

@@ -6,6 +6,7 @@ use mesh_e2e::cluster::wait_until;
 use mesh_e2e::net::{Netns, unique};
 use mesh_e2e::proc::Proc;
 use mesh_e2e::{binary, require_tool};
+use mesh_lab::cgroup::{PodCgroups, mount_point};
 use mesh_lab::cni_runtime::{Runtime, Sandbox, node_conflist, result_ipv4};
 use mesh_proto::zds;
 use std::io::Write;
@@ -24,6 +25,8 @@ struct Node {
     _control: Proc,
     runtime: Runtime,
     node: Netns,
+    /// Pods' processes run in kubelet-style cgroups below a root private to this test.
+    cgroups: PodCgroups,
 }
 
 fn namespaces(ambient: &[&str], pods: &str) -> String {
@@ -105,6 +108,7 @@ impl Node {
             cache_dir: dir.join("cni-cache"),
             run_in_netns: Some(node.name.clone()),
         };
+        let cgroups = PodCgroups::at(mount_point().unwrap(), &unique("cg"));
         let mut n = Node {
             dir,
             manifests: manifests_dir,
@@ -112,6 +116,7 @@ impl Node {
             _control: control,
             runtime,
             node,
+            cgroups,
         };
         n.start_agent();
         n
@@ -137,10 +142,8 @@ impl Node {
                 self.dir.join("zds.sock").to_str().unwrap(),
                 "--agent-socket",
                 self.dir.join("agent.sock").to_str().unwrap(),
-                "--proc-dir",
-                "",
-                "--netns-name-prefix",
-                &mesh_e2e::net::unique_prefix(),
+                "--cgroup-root",
+                self.cgroups.root(),
             ],
             &self.dir.join("agent.log"),
         );
@@ -150,6 +153,35 @@ impl Node {
             p.output()
         );
         self.agent = Some(p);
+    }
+
+    /// Starts the pod's process (a `sleep`) as a runtime does: in the pod's cgroup
+    /// (kubelet naming, by UID) and its network namespace.
+    fn run_pod_process(&self, pod_ns: &Netns, uid: &str) -> Proc {
+        let cg = self.cgroups.create(uid, "app").unwrap();
+        let args = PodCgroups::wrap(
+            &cg,
+            &["ip", "netns", "exec", &pod_ns.name, "sleep", "600"].map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = Proc::spawn(None, &args, &self.dir.join(format!("pod-{uid}.log")));
+        let want = pod_ns.handle().inode();
+        wait_until("the pod's process in its namespace", || {
+            std::fs::metadata(format!("/proc/{}/ns/net", p.pid()))
+                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == want)
+        });
+        p
+    }
+
+    /// The agent's metrics (served on its readiness address in the node's namespace).
+    fn metrics(&self) -> String {
+        self.node.exec(&[
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:8000/metrics",
+        ])
     }
 
     fn write(&self, text: &str) {
@@ -171,6 +203,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.agent = None;
+        self.cgroups.remove_all();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -338,8 +371,11 @@ async fn labelling_a_namespace_enrols_running_pods_and_agent_restart_reconciles(
     node.write(&namespaces(&["plain"], &pod("plain", "legacy", "u-legacy")));
     wait_until("live enrolment", || captured(&pod_ns));
 
-    // Restart the agent: it forgets the plugin's ADD, finds the namespace by the pod's IP
-    // (written back by the runtime), keeps the rules, and hands the pod to ztunnel again.
+    // Restart the agent: it forgets the plugin's ADD, finds the namespace the way the
+    // kubelet knows it (the pod's process by the pod UID in its cgroup, confirmed by the
+    // pod's IP, written back by the runtime), keeps the rules, and hands the pod to
+    // ztunnel again.
+    let _app = node.run_pod_process(&pod_ns, "u-legacy");
     let result: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
             node.dir
@@ -363,13 +399,116 @@ async fn labelling_a_namespace_enrols_running_pods_and_agent_restart_reconciles(
         .unwrap()
         .unwrap();
     assert!(
-        matches!(ev, ZdsEvent::Add { ref uid, .. } if uid == "u-legacy"),
+        matches!(ev, ZdsEvent::Add { ref uid, ref netns, .. } if uid == "u-legacy" && netns.inode() == pod_ns.handle().inode()),
         "{ev:?}"
     );
     zt.ack(None).await.unwrap();
     assert!(captured(&pod_ns));
     node.runtime.del(&sb).unwrap();
     let _ = zds::Version::V1;
+}
+
+/// Every pod a connecting ztunnel is given in the snapshot: (uid, netns inode).
+async fn snapshot(node: &Node) -> Vec<(String, u64)> {
+    let zt = zds_client(node).await;
+    let mut pods = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(15), zt.recv())
+            .await
+            .expect("the snapshot in time")
+            .unwrap();
+        zt.ack(None).await.unwrap();
+        match ev {
+            ZdsEvent::Add { uid, netns, .. } => pods.push((uid, netns.inode())),
+            ZdsEvent::SnapshotSent => return pods,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_carrying_its_neighbours_ip_never_gets_its_identity() {
+    let pods = |ips: Option<(&str, &str)>| {
+        let status = |ip: Option<&str>| {
+            ip.map(|ip| format!("status: {{podIP: {ip}}}\n"))
+                .unwrap_or_default()
+        };
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: attacker, namespace: shop, uid: u-attacker}}\nspec: {{nodeName: node-1, serviceAccountName: attacker}}\n{}---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: victim, namespace: shop, uid: u-victim}}\nspec: {{nodeName: node-1, serviceAccountName: victim}}\n{}---\n",
+            status(ips.map(|i| i.0)),
+            status(ips.map(|i| i.1))
+        )
+    };
+    let mut node = Node::new(213, &namespaces(&["shop"], &pods(None)));
+    let a_ns = Netns::new("ca");
+    let b_ns = Netns::new("cb");
+    let a_sb = node.sandbox(&a_ns, "shop", "attacker", "u-attacker");
+    let b_sb = node.sandbox(&b_ns, "shop", "victim", "u-victim");
+    let a_ip = result_ipv4(&node.runtime.add(&a_sb).expect("ADD attacker")).unwrap();
+    let b_ip = result_ipv4(&node.runtime.add(&b_sb).expect("ADD victim")).unwrap();
+    assert!(captured(&a_ns) && captured(&b_ns));
+    let _a = node.run_pod_process(&a_ns, "u-attacker");
+    let _b = node.run_pod_process(&b_ns, "u-victim");
+    node.write(&namespaces(&["shop"], &pods(Some((&a_ip, &b_ip)))));
+
+    // The attacker (NET_ADMIN in its own pod) puts its neighbour's address on its
+    // loopback; then the agent restarts and must find both pods' namespaces again (once
+    // the control plane has told it their IPs).
+    a_ns.exec(&["ip", "addr", "add", &format!("{b_ip}/32"), "dev", "lo"]);
+    node.agent.as_mut().unwrap().kill();
+    node.start_agent();
+    let agent_log = || node.agent.as_ref().unwrap().output();
+    wait_until("both pods looked up", || {
+        let log = agent_log();
+        (log.contains("REFUSED") || log.contains("by its cgroup and IP pod=\"shop/attacker\""))
+            && log.contains("by its cgroup and IP pod=\"shop/victim\"")
+    });
+    let given = snapshot(&node).await;
+    let (a_inode, b_inode) = (a_ns.handle().inode(), b_ns.handle().inode());
+    assert!(
+        given.contains(&("u-victim".to_string(), b_inode)),
+        "the victim keeps its own namespace: {given:?}"
+    );
+    assert!(
+        !given
+            .iter()
+            .any(|(uid, inode)| *inode == a_inode || uid == "u-attacker"),
+        "the attacker's namespace matches two pods: refused, never handed over: {given:?}"
+    );
+    let log = node.agent.as_ref().unwrap().output();
+    assert!(
+        log.contains("REFUSED to bind a network namespace") && log.contains("shop/attacker"),
+        "refused loudly: {log}"
+    );
+    let metrics = node.metrics();
+    assert!(
+        metrics.contains("mesh_cni_netns_refused_total{reason=\"foreign_ip\"} 1"),
+        "{metrics}"
+    );
+    // Its rules stay: its traffic is refused, never sent around the mesh.
+    assert!(captured(&a_ns));
+
+    // Once it drops the stolen address it is itself again.
+    a_ns.exec(&["ip", "addr", "del", &format!("{b_ip}/32"), "dev", "lo"]);
+    node.agent.as_mut().unwrap().kill();
+    node.start_agent();
+    wait_until("both pods found", || {
+        let log = node.agent.as_ref().unwrap().output();
+        log.contains("by its cgroup and IP pod=\"shop/victim\"")
+            && log.contains("by its cgroup and IP pod=\"shop/attacker\"")
+    });
+    let given = snapshot(&node).await;
+    assert!(
+        given.contains(&("u-attacker".to_string(), a_inode)),
+        "{given:?}"
+    );
+    assert!(
+        given.contains(&("u-victim".to_string(), b_inode)),
+        "{given:?}"
+    );
+    node.runtime.del(&a_sb).unwrap();
+    node.runtime.del(&b_sb).unwrap();
 }
 
 #[test]

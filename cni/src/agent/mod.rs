@@ -1,29 +1,40 @@
 //! The node agent: learns from the control plane which pods on its node are enrolled,
 //! programs their redirection inside their network namespaces, and hands the namespaces
 //! to ztunnel over ZDS. Running pods are enrolled live (no restart): their namespace is
-//! remembered from the plugin's ADD, or found by the pod's IP among the node's
-//! namespaces. Unenrolling removes the rules and tells ztunnel.
+//! remembered from the plugin's ADD, or found the way the kubelet knows it: the pod's
+//! processes by the pod UID in their cgroup, then their namespace, confirmed by the pod's
+//! IP (never by the IP alone; see `cgroup`). Unenrolling removes the rules and tells
+//! ztunnel.
 
+pub mod cgroup;
+pub mod local;
+pub mod metrics;
 pub mod netns;
 pub mod redirect;
 pub mod zds;
 
 use crate::events::{AgentReply, AgentRequest};
 use crate::rules::PodRuleOptions;
+use cgroup::{Lookup, Refusal};
+use local::{LineError, PeerPolicy};
 use mesh_proto::cni::NodePod;
 use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::prost::Message;
 use netns::Netns;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::Mutex;
 
 /// How long ADD waits for the control plane to report a pod it has not seen yet.
 const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(5);
-const RESYNC: Duration = Duration::from_secs(3);
+const RESYNC: Duration = crate::cache::REFRESH;
+/// Plugin connections served at once; more are closed (the plugin fails closed, the
+/// runtime retries).
+const MAX_PLUGIN_CONNECTIONS: usize = 64;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct AgentConfig {
@@ -34,13 +45,16 @@ pub struct AgentConfig {
     pub dns_capture: bool,
     /// SNAT node-local probes to enrolled pods to 169.254.7.127.
     pub host_probe_snat: bool,
-    /// Directories of named network namespaces to search (e.g. /var/run/netns).
-    pub netns_dirs: Vec<PathBuf>,
-    /// procfs to search for pod namespaces (e.g. /proc or /host/proc).
+    /// procfs to scan for running pods' processes (e.g. /proc or /host/proc); `None`:
+    /// running pods are known only from the plugin's ADD.
     pub proc_dir: Option<PathBuf>,
-    /// Only named namespaces starting with this prefix are considered (labs and tests
-    /// sharing a machine reuse pod IPs).
-    pub netns_name_prefix: String,
+    /// Only processes whose cgroup path is under this root are pods' ("" or "/": any).
+    /// The kubelet's own `--cgroup-root`, or a lab's private subtree.
+    pub cgroup_root: String,
+    /// Who may connect to the plugin socket (the container runtime runs the plugin).
+    pub plugin_peer: PeerPolicy,
+    /// Who may connect to the ZDS socket (ztunnel).
+    pub zds_peer: PeerPolicy,
 }
 
 #[derive(Default)]
@@ -53,6 +67,9 @@ struct PodRecord {
     acked: bool,
     /// IPs from the plugin's ADD (the control plane may learn them later).
     plugin_ips: Vec<String>,
+    /// The last refusal reported for this pod's namespace (reported once, not on every
+    /// resync).
+    refused: Option<Refusal>,
 }
 
 impl PodRecord {
@@ -71,9 +88,21 @@ pub struct Agent {
     cfg: AgentConfig,
     pods: Mutex<BTreeMap<String, PodRecord>>,
     zds: zds::ZdsServer,
-    view_synced: std::sync::atomic::AtomicBool,
-    /// The plugin's fallback when we are down: which pods are not enrolled.
+    /// The first view from the control plane has been applied.
+    view_synced: tokio::sync::watch::Sender<bool>,
+    /// The xDS stream to the control plane is up (our view is current).
+    xds_connected: Arc<AtomicBool>,
+    /// The plugin's fallback when we cannot be reached: which pods are not enrolled,
+    /// believed only while fresh (see `crate::cache`).
     cache_file: PathBuf,
+    metrics: Arc<metrics::Metrics>,
+}
+
+/// One scan of the node's processes, shared by the pods reconciled together.
+#[derive(Default)]
+struct Discovery {
+    index: cgroup::PodNetnsIndex,
+    addresses: HashMap<u64, Result<Vec<String>, String>>,
 }
 
 fn key(ns: &str, name: &str) -> String {
@@ -81,32 +110,48 @@ fn key(ns: &str, name: &str) -> String {
 }
 
 impl Agent {
+    /// Starts the agent's ZDS server (inside a tokio runtime).
     pub fn start(cfg: AgentConfig) -> Result<Arc<Agent>, String> {
+        if cfg.zds_socket.parent() == cfg.agent_socket.parent()
+            && cfg.zds_peer.uid != cfg.plugin_peer.uid
+        {
+            return Err(format!(
+                "the ZDS and plugin sockets share {} but expect different peer uids ({} and {}): each directory is private to its peer, so put them in different directories",
+                cfg.agent_socket
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                cfg.zds_peer.uid,
+                cfg.plugin_peer.uid
+            ));
+        }
         let snapshot_source: Arc<std::sync::Mutex<Option<std::sync::Weak<Agent>>>> = Arc::default();
         let src = snapshot_source.clone();
+        let metrics = Arc::new(metrics::Metrics::default());
         let zds = zds::ZdsServer::start(
             &cfg.zds_socket,
+            cfg.zds_peer.clone(),
+            metrics.clone(),
             Arc::new(move || {
-                // A ztunnel may connect before the agent is fully built; never answer
-                // with an empty snapshot (ztunnel would drain every pod), wait instead.
-                loop {
-                    let agent = src
-                        .lock()
-                        .expect("snapshot lock")
-                        .as_ref()
-                        .and_then(|w| w.upgrade());
-                    if let Some(a) = agent {
-                        return a.snapshot();
+                let src = src.clone();
+                Box::pin(async move {
+                    // A ztunnel may connect before the agent is fully built; never answer
+                    // with an empty snapshot (ztunnel would drain every pod), wait instead.
+                    loop {
+                        let agent = src
+                            .lock()
+                            .expect("snapshot lock")
+                            .as_ref()
+                            .and_then(|w| w.upgrade());
+                        if let Some(a) = agent {
+                            return a.snapshot().await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                })
             }),
         )?;
-        let cache_file = cfg
-            .agent_socket
-            .parent()
-            .map(|d| d.join("node-pods.json"))
-            .unwrap_or_else(|| PathBuf::from("node-pods.json"));
+        let cache_file = crate::cache::path_for(&cfg.agent_socket);
         if cfg.host_probe_snat {
             run_here(&["nft", "-f", "-"], Some(&redirect::host_probe_table()))?;
         }
@@ -114,21 +159,34 @@ impl Agent {
             cfg,
             pods: Mutex::default(),
             zds,
-            view_synced: Default::default(),
+            view_synced: tokio::sync::watch::Sender::new(false),
+            xds_connected: Arc::default(),
             cache_file,
+            metrics,
         });
         *snapshot_source.lock().expect("snapshot lock") = Some(Arc::downgrade(&agent));
         Ok(agent)
     }
 
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Set by the xDS client (`ViewHandler`) when its stream goes up or down.
+    pub fn xds_connected(&self) -> Arc<AtomicBool> {
+        self.xds_connected.clone()
+    }
+
     /// Pods a connecting ztunnel must get: every programmed pod with its netns. Waits
     /// until the first view from the control plane has been applied: an early, partial
     /// snapshot would make ztunnel drain the proxies of pods it does not list.
-    fn snapshot(&self) -> Vec<zds::PodEntry> {
-        while !self.ready() {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let pods = self.pods.blocking_lock();
+    async fn snapshot(&self) -> Vec<zds::PodEntry> {
+        let _ = self
+            .view_synced
+            .subscribe()
+            .wait_for(|synced| *synced)
+            .await;
+        let pods = self.pods.lock().await;
         pods.values()
             .filter(|r| r.programmed.is_some())
             .filter_map(|r| {
@@ -145,7 +203,7 @@ impl Agent {
     }
 
     pub fn ready(&self) -> bool {
-        self.view_synced.load(std::sync::atomic::Ordering::Relaxed)
+        *self.view_synced.borrow()
     }
 
     /// Applies a view update from the control plane, then reconciles the pods it touched.
@@ -158,39 +216,72 @@ impl Agent {
             touched.push(name);
         }
         tokio::task::block_in_place(|| {
+            let mut scan = None;
             for name in touched {
-                self.reconcile(&mut pods, &name);
+                self.reconcile(&mut pods, &name, &mut scan);
             }
         });
         // Only now is the snapshot for ztunnel complete.
-        self.view_synced
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.view_synced.send_replace(true);
         pods.retain(|_, r| r.view.is_some() || r.netns.is_some() || r.programmed.is_some());
         self.write_cache(&pods);
         drop(pods);
         self.sync_probe_set().await;
     }
 
+    /// Refreshes the plugin's fallback cache, only while our view is current (the xDS
+    /// stream is up): cut off from the control plane, we let it go stale.
     fn write_cache(&self, pods: &BTreeMap<String, PodRecord>) {
-        let cache: BTreeMap<&String, bool> = pods
-            .iter()
-            .filter_map(|(k, r)| Some((k, r.view.as_ref()?.enrolled)))
-            .collect();
-        let tmp = self.cache_file.with_extension("json.tmp");
-        if std::fs::write(&tmp, serde_json::to_vec(&cache).unwrap_or_default()).is_ok() {
-            let _ = std::fs::rename(&tmp, &self.cache_file);
+        if !self.xds_connected.load(Ordering::Relaxed) || !self.ready() {
+            return;
+        }
+        let cache = crate::cache::NodeCache {
+            version: crate::cache::VERSION,
+            written_at_ms: crate::cache::now_ms(),
+            pods: pods
+                .iter()
+                .filter_map(|(k, r)| {
+                    let v = r.view.as_ref()?;
+                    Some((
+                        k.clone(),
+                        crate::cache::CachedPod {
+                            uid: v.uid.clone(),
+                            enrolled: v.enrolled,
+                        },
+                    ))
+                })
+                .collect(),
+        };
+        if let Err(e) = crate::cache::write(&self.cache_file, &cache) {
+            tracing::warn!(error = %e, "cannot write the plugin's cache of this node's pods");
         }
     }
 
     /// Brings one pod's actual state to its desired state.
-    fn reconcile(&self, pods: &mut BTreeMap<String, PodRecord>, name: &str) {
-        let Some(rec) = pods.get_mut(name) else {
+    fn reconcile(
+        &self,
+        pods: &mut BTreeMap<String, PodRecord>,
+        name: &str,
+        scan: &mut Option<Discovery>,
+    ) {
+        let Some(rec) = pods.get(name) else {
             return;
         };
         let want = rec.view.as_ref().is_some_and(|v| v.enrolled);
         if want && rec.netns.is_none() {
-            rec.netns = self.discover(&rec.ips());
+            let found = self.discover(pods, name, scan);
+            let rec = pods.get_mut(name).expect("present");
+            match found {
+                Ok(ns) => {
+                    rec.refused = None;
+                    rec.netns = ns;
+                }
+                Err(r) => rec.refused = Some(r),
+            }
         }
+        let Some(rec) = pods.get_mut(name) else {
+            return;
+        };
         let inode = rec.netns.as_ref().map(|n| n.inode);
         match (want, rec.programmed, inode) {
             (true, None, Some(_)) => self.enroll(name, rec),
@@ -258,56 +349,85 @@ impl Agent {
         tracing::info!(pod = name, "pod removed from the mesh");
     }
 
-    /// Finds the network namespace holding one of `ips` among the node's namespaces.
-    fn discover(&self, ips: &[String]) -> Option<Netns> {
-        if ips.is_empty() {
-            return None;
-        }
-        let mut seen = std::collections::HashSet::new();
-        let mut candidates: Vec<String> = Vec::new();
-        for dir in &self.cfg.netns_dirs {
-            if let Ok(rd) = std::fs::read_dir(dir) {
-                candidates.extend(
-                    rd.flatten()
-                        .filter(|e| {
-                            e.file_name()
-                                .to_string_lossy()
-                                .starts_with(&self.cfg.netns_name_prefix)
-                        })
-                        .map(|e| e.path().to_string_lossy().into_owned()),
-                );
-            }
-        }
-        if let Some(proc_dir) = &self.cfg.proc_dir
-            && let Ok(rd) = std::fs::read_dir(proc_dir)
-        {
-            candidates.extend(
-                rd.flatten()
-                    .filter(|e| {
-                        e.file_name()
-                            .to_string_lossy()
-                            .bytes()
-                            .all(|b| b.is_ascii_digit())
-                    })
-                    .map(|e| e.path().join("ns/net").to_string_lossy().into_owned()),
-            );
-        }
+    /// Finds a running pod's network namespace the way the kubelet knows it: the
+    /// processes in the pod's cgroup (its UID), their namespace, then the pod's IP on it.
+    /// `Err` when a namespace was refused (reported loudly here, once per refusal).
+    fn discover(
+        &self,
+        pods: &BTreeMap<String, PodRecord>,
+        name: &str,
+        scan: &mut Option<Discovery>,
+    ) -> Result<Option<Netns>, Refusal> {
+        let rec = &pods[name];
+        let Some(proc_dir) = &self.cfg.proc_dir else {
+            return Ok(None);
+        };
+        let Some(uid) = rec
+            .view
+            .as_ref()
+            .map(|v| v.uid.clone())
+            .filter(|u| !u.is_empty())
+        else {
+            tracing::debug!(pod = name, "no pod UID yet: its processes cannot be found");
+            return Ok(None);
+        };
         let own = Netns::open("/proc/self/ns/net")
             .map(|n| n.inode)
             .unwrap_or(0);
-        for path in candidates {
-            let Ok(ns) = Netns::open(&path) else { continue };
-            if ns.inode == own || !seen.insert(ns.inode) {
-                continue;
+        let scan = scan.get_or_insert_with(|| Discovery {
+            index: cgroup::scan(proc_dir, &self.cfg.cgroup_root, own),
+            addresses: HashMap::new(),
+        });
+        let owners: HashMap<String, String> = pods
+            .iter()
+            .filter(|(k, _)| k.as_str() != name)
+            .flat_map(|(k, r)| r.ips().into_iter().map(move |ip| (ip, k.clone())))
+            .collect();
+        let own_ips = rec.ips();
+        let cache = &mut scan.addresses;
+        let lookup = cgroup::decide(
+            &uid,
+            &own_ips,
+            &scan.index,
+            &|ip| owners.get(ip).cloned(),
+            &mut |inode, path| {
+                cache
+                    .entry(inode)
+                    .or_insert_with(|| {
+                        let ns = Netns::open(&path.to_string_lossy())?;
+                        if ns.inode != inode {
+                            return Err("the process is gone".to_string());
+                        }
+                        ns.addresses()
+                    })
+                    .clone()
+            },
+        );
+        match lookup {
+            Lookup::Found(inode, path) => match Netns::open(&path.to_string_lossy()) {
+                Ok(ns) if ns.inode == inode => {
+                    tracing::info!(pod = name, netns = %ns.path, inode, "found a running pod's network namespace by its cgroup and IP");
+                    Ok(Some(ns))
+                }
+                _ => Ok(None),
+            },
+            Lookup::NotFound(why) => {
+                tracing::debug!(pod = name, "network namespace not found: {why}");
+                Ok(None)
             }
-            if let Ok(addrs) = ns.addresses()
-                && addrs.iter().any(|a| ips.contains(a))
-            {
-                tracing::info!(netns = %path, "found a running pod's network namespace by its IP");
-                return Some(ns);
+            Lookup::Refused(r, why) => {
+                if rec.refused != Some(r) {
+                    self.metrics.inc_netns_refused(r);
+                    tracing::error!(
+                        pod = name,
+                        pod_uid = %uid,
+                        reason = r.label(),
+                        "REFUSED to bind a network namespace to this pod: {why}; the pod is not handed to ztunnel (its traffic stays refused) until this is resolved"
+                    );
+                }
+                Err(r)
             }
         }
-        None
     }
 
     /// Handles one plugin request.
@@ -331,15 +451,21 @@ impl Agent {
                         let mut pods = self.pods.lock().await;
                         let rec = pods.entry(k.clone()).or_default();
                         rec.plugin_ips = ips.clone();
+                        // The runtime's own word for the sandbox's namespace.
                         match ns.try_clone() {
-                            Ok(n) => rec.netns = Some(n),
+                            Ok(n) => {
+                                rec.netns = Some(n);
+                                rec.refused = None;
+                            }
                             Err(message) => return AgentReply::Error { message },
                         }
                         if let Some(v) = &rec.view {
                             if !v.enrolled {
                                 return AgentReply::Ok { enrolled: false };
                             }
-                            tokio::task::block_in_place(|| self.reconcile(&mut pods, &k));
+                            tokio::task::block_in_place(|| {
+                                self.reconcile(&mut pods, &k, &mut None)
+                            });
                             let programmed = pods.get(&k).and_then(|r| r.programmed);
                             drop(pods);
                             self.sync_probe_set().await;
@@ -414,46 +540,111 @@ impl Agent {
             let mut pods = self.pods.lock().await;
             let names: Vec<String> = pods.keys().cloned().collect();
             tokio::task::block_in_place(|| {
+                let mut scan = None;
                 for n in names {
-                    self.reconcile(&mut pods, &n);
+                    self.reconcile(&mut pods, &n, &mut scan);
                 }
             });
+            self.write_cache(&pods);
             drop(pods);
             self.sync_probe_set().await;
         }
     }
 
-    /// Serves plugin requests on the agent socket.
+    /// Serves plugin requests on the agent socket: 0600 in a 0700 directory, each peer
+    /// checked with SO_PEERCRED, one task per connection (at most
+    /// MAX_PLUGIN_CONNECTIONS), the request line bounded in size and time.
     pub async fn serve_plugin(self: Arc<Self>) -> Result<(), String> {
-        let path = &self.cfg.agent_socket;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-        let _ = std::fs::remove_file(path);
-        let listener = tokio::net::UnixListener::bind(path)
-            .map_err(|e| format!("bind {}: {e}", path.display()))?;
+        let listener = self.bind_plugin_socket()?;
+        self.serve_plugin_on(listener).await
+    }
+
+    /// The plugin socket, private to the expected peer (inside a tokio runtime).
+    pub fn bind_plugin_socket(&self) -> Result<tokio::net::UnixListener, String> {
+        local::bind_stream(&self.cfg.agent_socket, self.cfg.plugin_peer.uid)
+    }
+
+    /// Serves plugin requests on `listener` (from `bind_plugin_socket`).
+    pub async fn serve_plugin_on(
+        self: Arc<Self>,
+        listener: tokio::net::UnixListener,
+    ) -> Result<(), String> {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PLUGIN_CONNECTIONS));
+        let mut busy_since: Option<Instant> = None;
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "plugin socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let peer = stream
+                .peer_cred()
+                .map_err(|e| format!("SO_PEERCRED: {e}"))
+                .map(|c| local::Peer {
+                    pid: c.pid().unwrap_or(0),
+                    uid: c.uid(),
+                    gid: c.gid(),
+                });
+            if let Err(e) = peer.and_then(|p| self.cfg.plugin_peer.check(&p)) {
+                self.metrics.inc_peer_refused("agent");
+                tracing::warn!(error = %e, "plugin connection refused");
+                continue;
+            }
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                self.metrics.inc_request_refused("agent", "busy");
+                // Said once per busy spell, not once per connection.
+                if busy_since.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    busy_since = Some(Instant::now());
+                    tracing::warn!(
+                        limit = MAX_PLUGIN_CONNECTIONS,
+                        "plugin connections at their limit: closing new ones (ADD fails closed and the runtime retries)"
+                    );
+                }
                 continue;
             };
             let agent = self.clone();
             tokio::spawn(async move {
-                let (r, mut w) = stream.into_split();
-                let mut line = String::new();
-                if BufReader::new(r).read_line(&mut line).await.is_err() {
-                    return;
-                }
-                let reply = match serde_json::from_str::<AgentRequest>(&line) {
-                    Ok(req) => agent.handle(req).await,
-                    Err(e) => AgentReply::Error {
-                        message: format!("malformed request: {e}"),
-                    },
-                };
-                let mut out = serde_json::to_string(&reply).unwrap_or_default();
-                out.push('\n');
-                let _ = w.write_all(out.as_bytes()).await;
+                let _permit = permit;
+                agent.serve_one(stream).await
             });
         }
+    }
+
+    async fn serve_one(self: &Arc<Self>, stream: tokio::net::UnixStream) {
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::with_capacity(8192, r);
+        let read = tokio::time::timeout(
+            local::READ_TIMEOUT,
+            local::read_line_bounded(&mut r, local::MAX_LINE),
+        )
+        .await;
+        let reply = match read {
+            Err(_) => {
+                self.metrics.inc_request_refused("agent", "timeout");
+                tracing::debug!("plugin connection sent no request in time; closed");
+                return;
+            }
+            Ok(Err(LineError::TooLong)) => {
+                self.metrics.inc_request_refused("agent", "too_long");
+                tracing::warn!(limit = local::MAX_LINE, "plugin request too long; refused");
+                AgentReply::Error {
+                    message: format!("request longer than {} bytes", local::MAX_LINE),
+                }
+            }
+            Ok(Err(LineError::Closed | LineError::Io(_))) => return,
+            Ok(Ok(line)) => match serde_json::from_slice::<AgentRequest>(&line) {
+                Ok(req) => self.handle(req).await,
+                Err(e) => AgentReply::Error {
+                    message: format!("malformed request: {e}"),
+                },
+            },
+        };
+        let mut out = serde_json::to_string(&reply).unwrap_or_default();
+        out.push('\n');
+        let _ = tokio::time::timeout(local::READ_TIMEOUT, w.write_all(out.as_bytes())).await;
     }
 
     /// Rebuilds the node's probe SNAT set from the programmed pods.
@@ -501,9 +692,15 @@ fn run_here(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
 /// Feeds the control plane's NodePod view to the agent.
 pub struct ViewHandler {
     pub tx: tokio::sync::mpsc::UnboundedSender<Vec<(String, Option<NodePod>)>>,
+    /// The agent's `xds_connected`.
+    pub connected: Arc<AtomicBool>,
 }
 
 impl mesh_xds::Handler for ViewHandler {
+    fn connection(&mut self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+    }
+
     fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
         let mut updates = Vec::new();
         let mut errors = Vec::new();

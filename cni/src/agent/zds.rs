@@ -3,23 +3,38 @@
 //! Per connection: hello, snapshot (Add with fd, or Keep), SnapshotSent, then incremental
 //! messages, each acked within 5 s. New Adds go only to the newest ztunnel (upgrades run
 //! two side by side); Dels go to all.
+//!
+//! The socket is 0600 in a 0700 directory and each peer is checked with SO_PEERCRED
+//! before a byte is read. Everything runs on tokio: one task per connection, every wait
+//! bounded, every message at most 1024 bytes (longer is a protocol error, never a bigger
+//! buffer).
 
+use super::local::{self, Peer, PeerPolicy};
+use super::metrics::Metrics;
 use mesh_proto::prost::Message;
 use mesh_proto::zds;
 use nix::sys::socket::{
     self, AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
-use nix::sys::time::TimeVal;
 use std::fs::File;
-use std::io::IoSlice;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::future::Future;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
 
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-const LIVENESS_PERIOD: Duration = Duration::from_secs(2);
+/// A connected peer must say hello within this.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Receive buffer size; the reference uses 1024 bytes on both sides.
+const MAX_MESSAGE: usize = 1024;
+/// Connections being served at once (ztunnels are one or two per node).
+const MAX_CONNECTIONS: usize = 8;
 
 /// A pod as handed to ztunnel.
 pub struct PodEntry {
@@ -31,68 +46,30 @@ pub struct PodEntry {
     pub netns: Option<File>,
 }
 
-struct Conn {
-    id: u64,
-    fd: OwnedFd,
-    /// Serializes request/ack exchanges and liveness reads.
-    turn: Mutex<()>,
-    alive: AtomicBool,
+/// One request for a connection's task, answered on `done`.
+struct Job {
+    req: zds::WorkloadRequest,
+    fd: Option<File>,
+    done: std::sync::mpsc::SyncSender<Result<(), String>>,
 }
 
-impl Conn {
-    fn send(&self, msg: &[u8], fds: &[i32]) -> Result<(), String> {
-        let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
-            vec![]
-        } else {
-            vec![ControlMessage::ScmRights(fds)]
-        };
-        socket::sendmsg::<()>(
-            self.fd.as_raw_fd(),
-            &[IoSlice::new(msg)],
-            &cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        )
-        .map(|_| ())
-        .map_err(|e| format!("send: {e}"))
-    }
+#[derive(Clone)]
+struct Handle {
+    id: u64,
+    tx: mpsc::UnboundedSender<Job>,
+    alive: Arc<AtomicBool>,
+}
 
-    fn recv(&self) -> Result<Vec<u8>, String> {
-        let mut buf = [0u8; 1024];
-        let n = socket::recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(
-            |e| match e {
-                nix::errno::Errno::EAGAIN => "timed out waiting for ztunnel".to_string(),
-                e => format!("recv: {e}"),
-            },
-        )?;
-        if n == 0 {
-            return Err("ztunnel closed the connection".into());
-        }
-        Ok(buf[..n].to_vec())
-    }
-
-    /// Sends one request and waits for its ack; `Err` on I/O failure or a refusal.
-    fn request(&self, req: &zds::WorkloadRequest, fd: Option<&File>) -> Result<(), String> {
-        let _turn = self.turn.lock().expect("conn lock");
-        let fds: Vec<i32> = fd.map(|f| f.as_raw_fd()).into_iter().collect();
-        let result = self.send(&req.encode_to_vec(), &fds).and_then(|_| {
-            let reply = self.recv()?;
-            let resp = zds::WorkloadResponse::decode(reply.as_slice())
-                .map_err(|e| format!("malformed ack: {e}"))?;
-            match resp.payload {
-                Some(zds::workload_response::Payload::Ack(a)) if a.error.is_empty() => Ok(()),
-                Some(zds::workload_response::Payload::Ack(a)) => {
-                    Err(format!("ztunnel refused: {}", a.error))
-                }
-                None => Err("empty response from ztunnel".into()),
-            }
-        });
-        if let Err(e) = &result
-            && !e.starts_with("ztunnel refused")
-        {
-            self.alive.store(false, Ordering::Relaxed);
-        }
-        result
+impl Handle {
+    /// Blocking: sends one request through the connection's task and waits for the ack.
+    /// Called from blocking code (the agent's reconcile runs in `block_in_place`).
+    fn call(&self, req: zds::WorkloadRequest, fd: Option<File>) -> Result<(), String> {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        self.tx
+            .send(Job { req, fd, done })
+            .map_err(|_| "ztunnel disconnected".to_string())?;
+        wait.recv_timeout(ACK_TIMEOUT + Duration::from_secs(1))
+            .map_err(|_| "timed out waiting for ztunnel".to_string())?
     }
 }
 
@@ -109,80 +86,130 @@ fn add_request(p: &PodEntry) -> zds::WorkloadRequest {
     }
 }
 
-type Snapshot = Arc<dyn Fn() -> Vec<PodEntry> + Send + Sync>;
+/// Lists the pods a newly connected ztunnel must receive (waits until that list is
+/// complete).
+pub type Snapshot =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Vec<PodEntry>> + Send>> + Send + Sync>;
 
 #[derive(Clone)]
 pub struct ZdsServer {
-    conns: Arc<Mutex<Vec<Arc<Conn>>>>,
+    conns: Arc<Mutex<Vec<Handle>>>,
+}
+
+/// The peer's credentials on a connected unix socket.
+pub fn peer_of(fd: &OwnedFd) -> Result<Peer, String> {
+    let c = socket::getsockopt(fd, socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("SO_PEERCRED: {e}"))?;
+    Ok(Peer {
+        pid: c.pid(),
+        uid: c.uid(),
+        gid: c.gid(),
+    })
 }
 
 impl ZdsServer {
-    /// Listens on `path` (replacing a stale socket). `snapshot` lists the pods a newly
-    /// connected ztunnel must receive.
-    pub fn start(path: &Path, snapshot: Snapshot) -> Result<ZdsServer, String> {
+    /// Listens on `path` (replacing a stale socket; must run inside a tokio runtime).
+    /// Only peers passing `policy` are served.
+    pub fn start(
+        path: &Path,
+        policy: PeerPolicy,
+        metrics: Arc<Metrics>,
+        snapshot: Snapshot,
+    ) -> Result<ZdsServer, String> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            local::private_dir(dir, policy.uid)?;
         }
-        let _ = std::fs::remove_file(path);
+        local::remove_stale(path)?;
         let fd = socket::socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             None,
         )
         .map_err(|e| format!("socket: {e}"))?;
         let addr = UnixAddr::new(path).map_err(|e| format!("{}: {e}", path.display()))?;
         socket::bind(fd.as_raw_fd(), &addr).map_err(|e| format!("bind {}: {e}", path.display()))?;
+        local::private_socket(path, policy.uid)?;
         socket::listen(&fd, Backlog::new(16).expect("valid backlog"))
             .map_err(|e| format!("listen: {e}"))?;
+        let listener = register(fd).map_err(|e| format!("ZDS socket: {e}"))?;
         let server = ZdsServer {
             conns: Arc::default(),
         };
         let s = server.clone();
-        let next = Arc::new(AtomicU64::new(1));
-        std::thread::Builder::new()
-            .name("zds-accept".into())
-            .spawn(move || {
-                loop {
-                    match socket::accept(fd.as_raw_fd()) {
-                        Ok(raw) => {
-                            // SAFETY: accept(2) just created `raw`; nothing else owns it, so
-                            // taking ownership closes it exactly once.
-                            #[allow(unsafe_code)]
-                            let owned =
-                                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-                            let id = next.fetch_add(1, Ordering::Relaxed);
-                            let (s, snapshot) = (s.clone(), snapshot.clone());
-                            std::thread::spawn(move || s.serve(id, owned, snapshot));
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "ZDS accept failed");
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        tokio::spawn(async move {
+            let next = AtomicU64::new(1);
+            loop {
+                let accepted = match listener.readable().await {
+                    Ok(mut guard) => match guard.try_io(|fd| {
+                        socket::accept4(
+                            fd.as_raw_fd(),
+                            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                        )
+                        .map_err(io::Error::from)
+                    }) {
+                        Ok(r) => r,
+                        Err(_would_block) => continue,
+                    },
+                    Err(e) => Err(e),
+                };
+                let raw = match accepted {
+                    Ok(raw) => raw,
+                    Err(e) => {
+                        tracing::error!(error = %e, "ZDS accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
                     }
+                };
+                // SAFETY: accept4(2) just created `raw`; nothing else owns it, so taking
+                // ownership closes it exactly once.
+                #[allow(unsafe_code)]
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                let id = next.fetch_add(1, Ordering::Relaxed);
+                let peer = peer_of(&owned);
+                if let Err(e) = peer.and_then(|p| policy.check(&p)) {
+                    metrics.inc_peer_refused("zds");
+                    tracing::warn!(conn = id, error = %e, "ZDS connection refused: not the expected ztunnel");
+                    continue;
                 }
-            })
-            .map_err(|e| e.to_string())?;
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    metrics.inc_request_refused("zds", "busy");
+                    tracing::warn!(
+                        conn = id,
+                        limit = MAX_CONNECTIONS,
+                        "ZDS connection refused: too many connections at once"
+                    );
+                    continue;
+                };
+                let (s, snapshot) = (s.clone(), snapshot.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    s.serve(id, owned, snapshot).await
+                });
+            }
+        });
         Ok(server)
     }
 
-    fn serve(&self, id: u64, fd: OwnedFd, snapshot: Snapshot) {
-        let timeout = TimeVal::new(ACK_TIMEOUT.as_secs() as i64, 0);
-        let _ = socket::setsockopt(&fd, socket::sockopt::ReceiveTimeout, &timeout);
-        let _ = socket::setsockopt(&fd, socket::sockopt::SendTimeout, &timeout);
-        let conn = Arc::new(Conn {
-            id,
-            fd,
-            turn: Mutex::new(()),
-            alive: AtomicBool::new(true),
-        });
-        let handshake = (|| -> Result<usize, String> {
-            let hello = zds::ZdsHello::decode(conn.recv()?.as_slice())
+    async fn serve(&self, id: u64, fd: OwnedFd, snapshot: Snapshot) {
+        let conn = match register(fd) {
+            Ok(fd) => Conn { fd },
+            Err(e) => {
+                tracing::warn!(conn = id, error = %e, "ZDS connection cannot be served");
+                return;
+            }
+        };
+        let handshake = async {
+            let hello = tokio::time::timeout(HELLO_TIMEOUT, conn.recv())
+                .await
+                .map_err(|_| "no hello within 5 s".to_string())??;
+            let hello = zds::ZdsHello::decode(hello.as_slice())
                 .map_err(|e| format!("malformed hello: {e}"))?;
             if hello.version != zds::Version::V1 as i32 {
                 return Err(format!("unsupported ZDS version {}", hello.version));
             }
-            let pods = snapshot();
+            let pods = snapshot().await;
             for p in &pods {
                 let req = match &p.netns {
                     Some(_) => add_request(p),
@@ -192,7 +219,7 @@ impl ZdsServer {
                         })),
                     },
                 };
-                if let Err(e) = conn.request(&req, p.netns.as_ref()) {
+                if let Err(e) = conn.request(&req, p.netns.as_ref()).await {
                     if !e.starts_with("ztunnel refused") {
                         return Err(e);
                     }
@@ -206,44 +233,69 @@ impl ZdsServer {
                     )),
                 },
                 None,
-            )?;
-            Ok(pods.len())
-        })();
-        match handshake {
+            )
+            .await?;
+            Ok::<_, String>(pods.len())
+        };
+        match handshake.await {
             Ok(n) => tracing::info!(conn = id, pods = n, "ztunnel connected; snapshot sent"),
             Err(e) => {
                 tracing::warn!(conn = id, error = %e, "ztunnel connection failed during the snapshot");
                 return;
             }
         }
-        self.conns.lock().expect("conns lock").push(conn.clone());
-        // Liveness: a short non-blocking peek; EOF means ztunnel is gone.
-        while conn.alive.load(Ordering::Relaxed) {
-            std::thread::sleep(LIVENESS_PERIOD);
-            let _turn = conn.turn.lock().expect("conn lock");
-            let mut b = [0u8; 1];
-            match socket::recv(
-                conn.fd.as_raw_fd(),
-                &mut b,
-                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-            ) {
-                Ok(0) => conn.alive.store(false, Ordering::Relaxed),
-                Ok(_) => {
-                    tracing::warn!(conn = id, "unexpected data from ztunnel; closing");
-                    conn.alive.store(false, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let alive = Arc::new(AtomicBool::new(true));
+        self.conns.lock().expect("conns lock").push(Handle {
+            id,
+            tx,
+            alive: alive.clone(),
+        });
+        loop {
+            tokio::select! {
+                job = rx.recv() => {
+                    let Some(job) = job else { break };
+                    let r = conn.request(&job.req, job.fd.as_ref()).await;
+                    let fatal = matches!(&r, Err(e) if !e.starts_with("ztunnel refused"));
+                    let _ = job.done.send(r);
+                    if fatal {
+                        break;
+                    }
                 }
-                Err(nix::errno::Errno::EAGAIN) => {}
-                Err(_) => conn.alive.store(false, Ordering::Relaxed),
+                // Between requests ztunnel sends nothing: readable means it closed (or
+                // broke the protocol).
+                ready = conn.fd.readable() => {
+                    let Ok(mut guard) = ready else { break };
+                    let mut b = [0u8; 1];
+                    match socket::recv(
+                        conn.fd.as_raw_fd(),
+                        &mut b,
+                        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+                    ) {
+                        Ok(0) => break,
+                        Ok(_) => {
+                            tracing::warn!(conn = id, "unexpected data from ztunnel; closing");
+                            break;
+                        }
+                        Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                        Err(_) => break,
+                    }
+                }
             }
         }
-        tracing::info!(conn = id, "ztunnel disconnected");
+        alive.store(false, Ordering::Relaxed);
         self.conns
             .lock()
             .expect("conns lock")
             .retain(|c| c.id != id);
+        rx.close();
+        while let Ok(job) = rx.try_recv() {
+            let _ = job.done.send(Err("ztunnel disconnected".into()));
+        }
+        tracing::info!(conn = id, "ztunnel disconnected");
     }
 
-    fn live(&self) -> Vec<Arc<Conn>> {
+    fn live(&self) -> Vec<Handle> {
         self.conns
             .lock()
             .expect("conns lock")
@@ -257,13 +309,17 @@ impl ZdsServer {
         self.live().len()
     }
 
-    /// Sends an Add to the newest ztunnel and waits for its ack.
+    /// Blocking: sends an Add to the newest ztunnel and waits for its ack.
     pub fn add(&self, pod: &PodEntry) -> Result<(), String> {
         let newest = self.live().pop().ok_or("no ztunnel is connected")?;
-        newest.request(&add_request(pod), pod.netns.as_ref())
+        let fd = match &pod.netns {
+            Some(f) => Some(f.try_clone().map_err(|e| e.to_string())?),
+            None => None,
+        };
+        newest.call(add_request(pod), fd)
     }
 
-    /// Sends a Del to every connected ztunnel.
+    /// Blocking: sends a Del to every connected ztunnel.
     pub fn del(&self, uid: &str) {
         let req = zds::WorkloadRequest {
             payload: Some(zds::workload_request::Payload::Del(zds::DelWorkload {
@@ -271,9 +327,100 @@ impl ZdsServer {
             })),
         };
         for c in self.live() {
-            if let Err(e) = c.request(&req, None) {
+            if let Err(e) = c.call(req.clone(), None) {
                 tracing::warn!(conn = c.id, uid, error = %e, "Del not acknowledged");
             }
+        }
+    }
+}
+
+/// Registers an owned socket with the runtime.
+fn register(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>, String> {
+    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd: it stays open and refers to the
+    // same socket until the AsyncFd is dropped, which is all registration requires.
+    #[allow(unsafe_code)]
+    unsafe { AsyncFd::register(fd) }.map_err(|e| e.to_string())
+}
+
+struct Conn {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Conn {
+    async fn send(&self, msg: &[u8], fd: Option<&File>) -> Result<(), String> {
+        let fds: Vec<i32> = fd.map(|f| f.as_raw_fd()).into_iter().collect();
+        loop {
+            let mut guard = self.fd.writable().await.map_err(|e| format!("send: {e}"))?;
+            let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+                vec![]
+            } else {
+                vec![ControlMessage::ScmRights(&fds)]
+            };
+            match guard.try_io(|s| {
+                socket::sendmsg::<()>(
+                    s.as_raw_fd(),
+                    &[IoSlice::new(msg)],
+                    &cmsgs,
+                    MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+                    None,
+                )
+                .map_err(io::Error::from)
+            }) {
+                Ok(r) => return r.map(|_| ()).map_err(|e| format!("send: {e}")),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// One message (at most MAX_MESSAGE bytes, no fds accepted).
+    async fn recv(&self) -> Result<Vec<u8>, String> {
+        let mut buf = [0u8; MAX_MESSAGE];
+        loop {
+            let mut guard = self.fd.readable().await.map_err(|e| format!("recv: {e}"))?;
+            match guard.try_io(|s| {
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                // No control buffer: fds a peer might send are closed by the kernel
+                // (MSG_CTRUNC), never installed here.
+                let m = socket::recvmsg::<()>(
+                    s.as_raw_fd(),
+                    &mut iov,
+                    None,
+                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+                )
+                .map_err(io::Error::from)?;
+                Ok((m.bytes, m.flags))
+            }) {
+                Ok(Ok((0, _))) => return Err("ztunnel closed the connection".into()),
+                Ok(Ok((_, flags))) if flags.contains(MsgFlags::MSG_TRUNC) => {
+                    return Err(format!(
+                        "message from ztunnel longer than {MAX_MESSAGE} bytes"
+                    ));
+                }
+                Ok(Ok((_, flags))) if flags.contains(MsgFlags::MSG_CTRUNC) => {
+                    return Err("ztunnel sent file descriptors; it never should".into());
+                }
+                Ok(Ok((n, _))) => return Ok(buf[..n].to_vec()),
+                Ok(Err(e)) => return Err(format!("recv: {e}")),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Sends one request and waits (bounded) for its ack; `Err` on I/O failure, timeout
+    /// or a refusal (`ztunnel refused: ...`).
+    async fn request(&self, req: &zds::WorkloadRequest, fd: Option<&File>) -> Result<(), String> {
+        self.send(&req.encode_to_vec(), fd).await?;
+        let reply = tokio::time::timeout(ACK_TIMEOUT, self.recv())
+            .await
+            .map_err(|_| "timed out waiting for ztunnel".to_string())??;
+        let resp = zds::WorkloadResponse::decode(reply.as_slice())
+            .map_err(|e| format!("malformed ack: {e}"))?;
+        match resp.payload {
+            Some(zds::workload_response::Payload::Ack(a)) if a.error.is_empty() => Ok(()),
+            Some(zds::workload_response::Payload::Ack(a)) => {
+                Err(format!("ztunnel refused: {}", a.error))
+            }
+            None => Err("empty response from ztunnel".into()),
         }
     }
 }

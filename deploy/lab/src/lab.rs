@@ -6,6 +6,7 @@
 //! Everything the lab makes is named `<lab>-...` and recorded in its state directory, so
 //! `down` removes it all, even after a crash or `kill -9` of the CLI.
 
+use crate::cgroup::PodCgroups;
 use crate::cni_runtime::{Runtime, Sandbox, loopback_conf, node_conflist, result_ipv4};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -189,8 +190,24 @@ impl Lab {
         self.state.nodes > 0 && netns_exists(&self.fabric_ns())
     }
 
+    /// This lab's pod cgroups (kubelet-style, below a root unique to this lab).
+    pub fn cgroups(&self) -> Result<PodCgroups, String> {
+        PodCgroups::for_lab(&self.name, &self.dir)
+    }
+
     /// Starts a daemon inside a namespace, detached from the CLI, output to logs/<role>.log.
     fn spawn(&mut self, role: &str, ns: &str, args: &[String]) -> Result<u32, String> {
+        self.spawn_in(role, ns, args, None)
+    }
+
+    /// `spawn`, the process placed in cgroup `cgroup` (a pod's) before it starts.
+    fn spawn_in(
+        &mut self,
+        role: &str,
+        ns: &str,
+        args: &[String],
+        cgroup: Option<&Path>,
+    ) -> Result<u32, String> {
         use std::os::unix::process::CommandExt;
         let logs = self.dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
@@ -202,9 +219,16 @@ impl Lab {
             .append(true)
             .open(&log)
             .map_err(|e| e.to_string())?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
+        let mut full: Vec<String> = ["ip", "netns", "exec", ns]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        full.extend(args.iter().cloned());
+        if let Some(cg) = cgroup {
+            full = PodCgroups::wrap(cg, &full);
+        }
+        let child = Command::new(&full[0])
+            .args(&full[1..])
             .env("MESH_LAB_DIR", &self.dir)
             .stdin(Stdio::null())
             .stdout(file.try_clone().map_err(|e| e.to_string())?)
@@ -452,10 +476,12 @@ impl Lab {
                 .join(format!("node{i}/agent.sock"))
                 .to_string_lossy()
                 .into(),
-            "--proc-dir".into(),
-            String::new(),
-            "--netns-name-prefix".into(),
-            format!("{}-pod-", self.name),
+            // Running pods are found by their kubelet-style cgroups, in this lab's subtree.
+            "--cgroup-root".into(),
+            self.cgroups()?.root().to_string(),
+            // Only the lab's ztunnel may take pods' namespaces.
+            "--zds-peer-exe".into(),
+            self.bin("ztunnel"),
         ];
         agent.extend(self.control_args(&self.node_token(i)));
         self.state.procs.retain(|p| p.role != format!("agent-{i}"));
@@ -688,6 +714,12 @@ impl Lab {
             .unwrap_or_else(|| random_hex(8));
         doc["metadata"]["uid"] = json!(uid);
         doc["spec"]["nodeName"] = json!(format!("node-{node}"));
+        // The pod's processes run in a cgroup named like the kubelet's (pod UID).
+        let container_name = doc["spec"]["containers"][0]["name"]
+            .as_str()
+            .unwrap_or("app")
+            .to_string();
+        let cgroup = self.cgroups()?.create(&uid, &container_name)?;
         // The control plane learns of the pod before its sandbox exists, as in Kubernetes.
         self.write_manifest("Pod", &ns, &name, &doc)?;
         let netns = self.pod_ns(&ns, &name);
@@ -713,6 +745,9 @@ impl Lab {
                 let _ = rt.del(&sb("eth0"));
                 let _ = run(&["ip", "netns", "del", &netns]);
                 let _ = std::fs::remove_file(self.manifest_path("Pod", &ns, &name));
+                if let Ok(cg) = self.cgroups() {
+                    cg.remove_pod(&uid);
+                }
                 return Err(format!("pod {key} was not started: {e}"));
             }
         };
@@ -777,7 +812,7 @@ impl Lab {
         if cmd[0] == "mesh-lab" {
             cmd[0] = self.bin("mesh-lab");
         }
-        self.spawn(&format!("pod:{key}"), &netns, &cmd)?;
+        self.spawn_in(&format!("pod:{key}"), &netns, &cmd, Some(&cgroup))?;
         Ok(format!("pod {key} created on node-{node} with IP {ip}"))
     }
 
@@ -805,6 +840,9 @@ impl Lab {
         let rt = self.runtime(p.node);
         let _ = rt.del(&Self::sandbox(&p));
         let _ = run(&["ip", "netns", "del", &p.netns]);
+        if let Ok(cg) = self.cgroups() {
+            cg.remove_pod(&p.uid);
+        }
         let _ = std::fs::remove_file(self.manifest_path("Pod", &p.namespace, &p.name));
         self.state.pods.remove(key);
         self.save()?;
@@ -1005,7 +1043,11 @@ impl Lab {
                 let _ = run(&["kill", "-KILL", &pid.to_string()]);
             }
         }
-        // Pods: CNI DEL as the runtime would (releases host-local leases), then namespaces.
+        // Pod cgroups (what is left in them is ours), then
+        // pods: CNI DEL as the runtime would (releases host-local leases), then namespaces.
+        if let Ok(cg) = self.cgroups() {
+            cg.remove_all();
+        }
         for p in self.state.pods.values() {
             let rt = self.runtime(p.node);
             let _ = rt.del(&Self::sandbox(p));

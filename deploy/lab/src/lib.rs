@@ -6,6 +6,7 @@
 pub mod app;
 pub mod bench;
 pub mod bench_report;
+pub mod cgroup;
 pub mod cni_runtime;
 pub mod demo;
 pub mod lab;

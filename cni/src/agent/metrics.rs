@@ -1,0 +1,141 @@
+//! The agent's counters, served as Prometheus text on the readiness address
+//! (`GET /metrics`). Every label value is one of ours, never peer data.
+
+use super::cgroup::Refusal;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+type Key = (&'static str, Vec<(&'static str, &'static str)>);
+
+const HELP: [(&str, &str); 3] = [
+    (
+        "mesh_cni_netns_refused_total",
+        "Pod network namespaces not bound to a pod because they match more than one pod (or the pod has several).",
+    ),
+    (
+        "mesh_cni_local_peer_refused_total",
+        "Connections to a local control socket refused by the SO_PEERCRED check.",
+    ),
+    (
+        "mesh_cni_local_request_refused_total",
+        "Local control socket requests refused: too long, too slow, or too many at once.",
+    ),
+];
+
+pub struct Metrics {
+    counters: Mutex<BTreeMap<Key, u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            counters: Mutex::default(),
+        };
+        // Present at 0 from the start, so an alert can tell "none" from "not exported".
+        for r in Refusal::ALL {
+            m.add(
+                "mesh_cni_netns_refused_total",
+                vec![("reason", r.label())],
+                0,
+            );
+        }
+        for s in ["agent", "zds"] {
+            m.add("mesh_cni_local_peer_refused_total", vec![("socket", s)], 0);
+        }
+        for reason in ["too_long", "timeout", "busy"] {
+            m.add(
+                "mesh_cni_local_request_refused_total",
+                vec![("socket", "agent"), ("reason", reason)],
+                0,
+            );
+        }
+        m
+    }
+}
+
+impl Metrics {
+    fn add(&self, name: &'static str, labels: Vec<(&'static str, &'static str)>, n: u64) {
+        *self
+            .counters
+            .lock()
+            .expect("metrics lock")
+            .entry((name, labels))
+            .or_default() += n;
+    }
+
+    pub fn inc_netns_refused(&self, r: Refusal) {
+        self.add(
+            "mesh_cni_netns_refused_total",
+            vec![("reason", r.label())],
+            1,
+        );
+    }
+
+    pub fn inc_peer_refused(&self, socket: &'static str) {
+        self.add(
+            "mesh_cni_local_peer_refused_total",
+            vec![("socket", socket)],
+            1,
+        );
+    }
+
+    pub fn inc_request_refused(&self, socket: &'static str, reason: &'static str) {
+        self.add(
+            "mesh_cni_local_request_refused_total",
+            vec![("socket", socket), ("reason", reason)],
+            1,
+        );
+    }
+
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.counters
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .find(|((n, l), _)| *n == name && l.as_slice() == labels)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let counters = self.counters.lock().expect("metrics lock");
+        let mut out = String::new();
+        for (name, help) in HELP {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            for ((n, labels), v) in counters.iter() {
+                if *n != name {
+                    continue;
+                }
+                let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+                out.push_str(&format!("{name}{{{}}} {v}\n", l.join(",")));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_fixed_labels() {
+        let m = Metrics::default();
+        m.inc_netns_refused(Refusal::ForeignIp);
+        m.inc_peer_refused("agent");
+        m.inc_peer_refused("agent");
+        let text = m.render();
+        assert!(
+            text.contains("mesh_cni_netns_refused_total{reason=\"foreign_ip\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("mesh_cni_netns_refused_total{reason=\"shared_netns\"} 0\n"));
+        assert!(text.contains("mesh_cni_local_peer_refused_total{socket=\"agent\"} 2\n"));
+        assert!(text.contains("# TYPE mesh_cni_local_request_refused_total counter\n"));
+        assert_eq!(
+            m.get("mesh_cni_local_peer_refused_total", &[("socket", "agent")]),
+            2
+        );
+    }
+}
