@@ -2,8 +2,8 @@
 //! and the decision the enforcing component would make, evaluated with the same code and
 //! on the same resources it enforces:
 //!
-//! - to a pod: ztunnel's decision at L4, on the Authorizations ztunnel receives;
-//! - to a Service bound to a waypoint: that waypoint's decision at L7, on the L7Policies
+//! - `to=<ns>/<pod>`: ztunnel's decision at L4, on the Authorizations ztunnel receives;
+//! - `service=<ns>/<name>`, bound to a waypoint: its decision at L7, on the L7Policies
 //!   it receives (method, path and host from the query; defaults GET, `/`, the Service's
 //!   hostname).
 
@@ -28,9 +28,16 @@ pub fn check(
     let from = q
         .get("from")
         .ok_or("give from=<spiffe id> (or from=plaintext)")?;
-    let to = q
-        .get("to")
-        .ok_or("give to=<namespace>/<pod> or <namespace>/<service>")?;
+    let (to, service) = match (q.get("to"), q.get("service")) {
+        (Some(to), None) => (to, false),
+        (None, Some(svc)) => (svc, true),
+        _ => {
+            return Err(
+                "give to=<namespace>/<pod> (ztunnel's decision) or service=<namespace>/<service> (its waypoint's decision)"
+                    .into(),
+            );
+        }
+    };
     let port: u16 = q
         .get("port")
         .ok_or("give port=<port>")?
@@ -46,9 +53,7 @@ pub fn check(
         .map(|s| s.parse().map_err(|_| format!("fromIp {s:?} is not an IP")))
         .transpose()?
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let (ns, name) = to
-        .split_once('/')
-        .ok_or("to must be <namespace>/<pod> or <namespace>/<service>")?;
+    let (ns, name) = to.split_once('/').ok_or("give <namespace>/<name>")?;
     let conn = ConnectionInfo {
         src_identity,
         src_ip,
@@ -64,17 +69,21 @@ pub fn check(
                 "{id} is outside trust domain {trust_domain}: its TLS handshake would be refused"
             )
         });
-    let workload = g
-        .resources
-        .addresses
-        .values()
-        .find_map(|a| match &a.r#type {
-            Some(pb::address::Type::Workload(w)) if w.namespace == ns && w.name == name => Some(w),
-            _ => None,
-        });
-    let (mut out, policies, decision) = match workload {
-        Some(w) => at_ztunnel(g, w, conn),
-        None => at_waypoint(g, ns, name, conn, q)?,
+    let (mut out, policies, decision) = if service {
+        at_waypoint(g, ns, name, conn, q)?
+    } else {
+        let w = g
+            .resources
+            .addresses
+            .values()
+            .find_map(|a| match &a.r#type {
+                Some(pb::address::Type::Workload(w)) if w.namespace == ns && w.name == name => {
+                    Some(w)
+                }
+                _ => None,
+            })
+            .ok_or_else(|| format!("no workload {ns}/{name}"))?;
+        at_ztunnel(g, w, conn)
     };
     let Value::Object(o) = &mut out else {
         unreachable!("built as an object")
@@ -151,7 +160,7 @@ fn at_waypoint(
         .objects
         .services
         .get(&(ns.to_string(), name.to_string()))
-        .ok_or_else(|| format!("no pod or Service {ns}/{name}"))?;
+        .ok_or_else(|| format!("no Service {ns}/{name}"))?;
     let hostname = cfg.service_hostname(ns, name);
     let gw = resolve(&g.objects, cfg, ns, &svc.metadata.labels, TrafficKind::Service)
         .and_then(|gw| match gw.destination {
@@ -164,7 +173,7 @@ fn at_waypoint(
         })
         .ok_or_else(|| {
             format!(
-                "Service {ns}/{name} uses no waypoint: its traffic is authorized by the ztunnel of each endpoint; check a pod (to=<namespace>/<pod>)"
+                "Service {ns}/{name} uses no waypoint: its traffic is authorized by the ztunnel of each endpoint; check a pod instead (to=<namespace>/<pod>)"
             )
         })?;
     let served = wc::served_services(&g.objects, cfg, &gw.0, &gw.1);

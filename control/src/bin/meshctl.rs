@@ -72,10 +72,12 @@ enum AuthzCmd {
         /// Source SPIFFE id, or `plaintext`.
         #[arg(long)]
         from: String,
-        /// Destination: namespace/pod (ztunnel's decision), or namespace/service for a
-        /// Service bound to a waypoint (the waypoint's decision).
+        /// Destination pod, namespace/pod: ztunnel's decision.
+        #[arg(long, required_unless_present = "service", conflicts_with = "service")]
+        to: Option<String>,
+        /// Destination Service bound to a waypoint, namespace/name: the waypoint's decision.
         #[arg(long)]
-        to: String,
+        service: Option<String>,
         #[arg(long)]
         port: u16,
         /// Source IP, for policies that match on it.
@@ -236,6 +238,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 AuthzCmd::Check {
                     from,
                     to,
+                    service,
                     port,
                     from_ip,
                     method,
@@ -243,12 +246,10 @@ fn run(cli: Cli) -> Result<(), String> {
                     host,
                 },
         } => {
-            let mut path = format!(
-                "/debug/authz?from={}&to={}&port={port}",
-                encode(&from),
-                encode(&to)
-            );
+            let mut path = format!("/debug/authz?from={}&port={port}", encode(&from));
             for (k, v) in [
+                ("to", to),
+                ("service", service),
                 ("fromIp", from_ip),
                 ("method", method),
                 ("path", req_path),
