@@ -232,6 +232,45 @@ pub struct PeerAuthentication {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: PeerAuthenticationSpec,
+    /// Set when the spec could not be read: the policy is then taken as STRICT for its
+    /// whole scope (it may have asked for STRICT), and the problem reported.
+    #[serde(skip)]
+    pub unreadable: Option<(String, String)>,
+}
+
+impl PeerAuthentication {
+    /// Reads the object; a spec that cannot be read makes it STRICT (fail closed), with
+    /// the selector kept when that part is readable.
+    pub fn read(metadata: ObjectMeta, spec: Option<&serde_json::Value>) -> Self {
+        let spec = spec.cloned().unwrap_or(serde_json::Value::Null);
+        match serde_path_to_error::deserialize::<_, Option<PeerAuthenticationSpec>>(&spec) {
+            Ok(spec) => PeerAuthentication {
+                metadata,
+                spec: spec.unwrap_or_default(),
+                unreadable: None,
+            },
+            Err(e) => {
+                let field = format!("spec.{}", e.path()).replace("spec..", "spec");
+                let selector = spec
+                    .get("selector")
+                    .and_then(|s| serde_json::from_value::<LabelSelector>(s.clone()).ok());
+                PeerAuthentication {
+                    metadata,
+                    spec: PeerAuthenticationSpec {
+                        selector,
+                        mtls: Some(MtlsSetting {
+                            mode: Some("STRICT".into()),
+                        }),
+                        port_level_mtls: Default::default(),
+                    },
+                    unreadable: Some((
+                        field,
+                        format!("{}; taken as STRICT for its whole scope", e.into_inner()),
+                    )),
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -179,7 +179,12 @@ impl Objects {
                 self.authorization_policies.insert(key, policy);
             }
             ("security.istio.io", "PeerAuthentication") => {
-                self.peer_authentications.insert(key, typed(file, i, doc)?);
+                // Like an AuthorizationPolicy, never refused for its spec: left out, a
+                // STRICT one would let plaintext in.
+                let metadata: ObjectMeta =
+                    typed(file, i, doc.get("metadata").cloned().unwrap_or_default())?;
+                self.peer_authentications
+                    .insert(key, PeerAuthentication::read(metadata, doc.get("spec")));
             }
             ("gateway.networking.k8s.io", "Gateway") => {
                 self.gateways.insert(key, typed(file, i, doc)?);

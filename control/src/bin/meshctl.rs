@@ -260,9 +260,6 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
             }
             let v = get(&cli.control, &path)?;
-            if let Some(by) = v["enforcedBy"].as_str() {
-                println!("enforced by {by}");
-            }
             let decision = v["decision"].as_str().unwrap_or("?");
             match decision {
                 "DENY" => println!(
@@ -271,6 +268,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     v["reason"].as_str().unwrap_or_default()
                 ),
                 _ => println!("ALLOW"),
+            }
+            if let Some(by) = v["enforcedBy"].as_str() {
+                println!("  enforced by {by}");
             }
             for p in v["policies"].as_array().into_iter().flatten() {
                 println!(

@@ -122,9 +122,11 @@ impl StrictModes {
         };
         let mut pas: Vec<_> = objs.peer_authentications.values().collect();
         // RFC 3339 timestamps sort as text; objects without one (manifests) come last.
+        // One that could not be read (taken as STRICT) wins its level: fail closed.
         pas.sort_by_key(|pa| {
             let m = &pa.metadata;
             (
+                pa.unreadable.is_none(),
                 m.creation_timestamp.is_none(),
                 m.creation_timestamp.clone(),
                 m.ns().to_string(),
@@ -501,5 +503,36 @@ spec: {selector: {matchLabels: {app: api}}, mtls: {mode: STRICT}}
         assert_eq!(s.policies_for(&pod("api", "lax")), strict);
         // UNSET inherits the mesh's.
         assert_eq!(s.policies_for(&pod("web", "inherit")), strict);
+    }
+
+    /// A PeerAuthentication whose spec cannot be read is taken as STRICT (before, it was
+    /// refused and the namespace stayed PERMISSIVE: plaintext got in).
+    #[test]
+    fn an_unreadable_peer_authentication_is_strict() {
+        let mut o = Objects::default();
+        o.add_file(
+            Path::new("pa"),
+            r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: old, namespace: shop, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec: {mtls: {mode: PERMISSIVE}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: typo, namespace: shop}
+spec: {mtls: {mdoe: STRICT}}
+"#,
+        )
+        .unwrap();
+        let typo = &o.peer_authentications[&("shop".into(), "typo".into())];
+        assert_eq!(typo.unreadable.as_ref().unwrap().0, "spec.mtls.mdoe");
+        let s = StrictModes::from_objects(&o, &IndexConfig::default());
+        let mut pod = Pod::default();
+        pod.metadata.namespace = Some("shop".into());
+        assert_eq!(
+            s.policies_for(&pod),
+            vec!["istio-system/istio_converted_static_strict"]
+        );
     }
 }

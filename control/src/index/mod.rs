@@ -158,6 +158,22 @@ pub fn compute(objs: &Objects, cfg: &IndexConfig) -> Resources {
             .extend(findings.iter().map(ToString::to_string));
         out.policy_findings.extend(findings);
     }
+    for pa in objs.peer_authentications.values() {
+        if let Some((field, message)) = &pa.unreadable {
+            let f = PolicyFinding {
+                object: format!(
+                    "PeerAuthentication {}/{}",
+                    pa.metadata.ns(),
+                    pa.metadata.name
+                ),
+                severity: "error",
+                field: field.clone(),
+                message: message.clone(),
+            };
+            out.warnings.push(f.to_string());
+            out.policy_findings.push(f);
+        }
+    }
     for a in strict.policies() {
         out.authorizations
             .insert(format!("{}/{}", a.namespace, a.name), a);
