@@ -535,4 +535,35 @@ spec: {mtls: {mdoe: STRICT}}
             vec!["istio-system/istio_converted_static_strict"]
         );
     }
+
+    /// Each problem reaches the user with its object and field (the control log prints
+    /// `warnings`, `meshctl status` the findings), and the policy is still published.
+    #[test]
+    fn findings_name_the_object_and_field_and_the_policy_is_still_published() {
+        let mut o = Objects::default();
+        o.add_file(
+            Path::new("p"),
+            &format!(
+                "{HEAD}spec:\n  selector: {{matchLabels: {{app: api}}}}\n  rules:\n  - from: [{{source: {{ipBlocks: [\"10.0.0.0/40\"]}}}}]\n    to: [{{operation: {{methods: [GET]}}}}]\n"
+            ),
+        )
+        .unwrap();
+        let r = crate::index::compute(&o, &IndexConfig::default());
+        let f = &r.policy_findings[0];
+        assert_eq!(
+            (f.object.as_str(), f.severity, f.field.as_str()),
+            (
+                "AuthorizationPolicy shop/p",
+                "error",
+                "spec.rules[0].from[0].source.ipBlocks[0]"
+            )
+        );
+        assert!(r.warnings.contains(&f.to_string()));
+        assert!(
+            r.policy_findings.iter().any(|f| f.severity == "note"),
+            "the L4 note on methods"
+        );
+        let a = &r.authorizations["shop/p"];
+        assert!(a.rules.is_empty(), "published, allowing nothing: {a:?}");
+    }
 }
