@@ -56,19 +56,42 @@ pub enum Decision {
     Deny { policy: String, reason: String },
 }
 
+/// An HTTP request through the waypoint.
 pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, r: &Request<'_>) -> Decision {
-    let conn = mesh_authz::ConnectionInfo {
-        src_identity: r.source.cloned(),
-        src_ip: r.source_ip,
-        // The waypoint does not evaluate destination.ip (unknown: fail closed).
-        dst_ip: IpAddr::from([0, 0, 0, 0]),
-        dst_port: r.port,
-    };
     let http = mesh_authz::HttpRequest {
         method: r.method,
         path: r.path,
         host: r.host,
         headers: r.headers,
+    };
+    decide(policies, r.source, r.source_ip, r.port, Some(&http))
+}
+
+/// A TCP connection through the waypoint (a port that is not HTTP): the same policies,
+/// their HTTP attributes unknown, so an ALLOW rule that needs them allows nothing and a
+/// DENY rule denies when the rest of it matches.
+pub fn evaluate_tcp<'a>(
+    policies: impl IntoIterator<Item = &'a Policy>,
+    source: Option<&SpiffeId>,
+    source_ip: IpAddr,
+    port: u16,
+) -> Decision {
+    decide(policies, source, source_ip, port, None)
+}
+
+fn decide<'a>(
+    policies: impl IntoIterator<Item = &'a Policy>,
+    source: Option<&SpiffeId>,
+    source_ip: IpAddr,
+    port: u16,
+    http: Option<&mesh_authz::HttpRequest<'_>>,
+) -> Decision {
+    let conn = mesh_authz::ConnectionInfo {
+        src_identity: source.cloned(),
+        src_ip: source_ip,
+        // The waypoint does not evaluate destination.ip (unknown: fail closed).
+        dst_ip: IpAddr::from([0, 0, 0, 0]),
+        dst_port: port,
     };
     let mut allows: Vec<String> = Vec::new();
     let policies: Vec<&mesh_authz::Policy> = policies
@@ -80,7 +103,7 @@ pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, r: &Request<
             &p.policy
         })
         .collect();
-    match mesh_authz::evaluate_request(policies, &conn, Some(&http)) {
+    match mesh_authz::evaluate_request(policies, &conn, http) {
         mesh_authz::Decision::Allow => Decision::Allow,
         mesh_authz::Decision::Deny { policy, reason } => Decision::Deny {
             policy: policy.unwrap_or_else(|| {
@@ -207,5 +230,30 @@ mod tests {
             evaluate([&p], &req(None, "GET", "/", &h)),
             Decision::Deny { .. }
         ));
+    }
+
+    #[test]
+    fn tcp_through_the_waypoint_gets_the_same_policies_without_http_facts() {
+        let web: SpiffeId = "spiffe://cluster.local/ns/front/sa/web".parse().unwrap();
+        let ip: IpAddr = "10.244.1.2".parse().unwrap();
+        let tcp = |p: &Policy| evaluate_tcp([p], Some(&web), ip, 9000) == Decision::Allow;
+        let deny_paths = policy(
+            "shop",
+            "d",
+            serde_json::json!({"action":"DENY","rules":[{"from":[{"source":{"namespaces":["front"]}}],"to":[{"operation":{"paths":["/admin*"]}}]}]}),
+        );
+        assert!(!tcp(&deny_paths), "a DENY on paths denies TCP from front");
+        let allow_get = policy(
+            "shop",
+            "a",
+            serde_json::json!({"rules":[{"to":[{"operation":{"methods":["GET"]}}]}]}),
+        );
+        assert!(!tcp(&allow_get), "an ALLOW on methods allows no TCP");
+        let allow_front = policy(
+            "shop",
+            "f",
+            serde_json::json!({"rules":[{"from":[{"source":{"namespaces":["front"]}}]}]}),
+        );
+        assert!(tcp(&allow_front));
     }
 }
