@@ -56,8 +56,8 @@ fn net_to(n: &IpNet) -> pb::Address {
     }
 }
 
-/// Converts each item; one that cannot be read becomes an unevaluable part of `m`.
-fn each<T, U>(
+/// Converts each item; one that cannot be read becomes an unevaluable part of the match.
+pub(crate) fn each<T, U>(
     what: &str,
     items: &[T],
     f: impl Fn(&T) -> Result<U, String>,

@@ -40,6 +40,7 @@ struct Reader {
 }
 
 impl Reader {
+    /// Like `istio::each`, also remembering what this side could not read.
     fn all<T, U>(
         &mut self,
         at: &str,
@@ -47,18 +48,10 @@ impl Reader {
         f: impl Fn(&T) -> Result<U, String>,
         m: &mut Vec<String>,
     ) -> Vec<U> {
-        items
-            .iter()
-            .filter_map(|x| match f(x) {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    let e = format!("{at}: {e}");
-                    self.errors.push(e.clone());
-                    m.push(e);
-                    None
-                }
-            })
-            .collect()
+        let before = m.len();
+        let out = crate::istio::each(at, items, f, m);
+        self.errors.extend(m[before..].iter().cloned());
+        out
     }
 
     fn source(&mut self, at: &str, s: &pb::AuthzSource) -> Match {
