@@ -1,8 +1,19 @@
-//! `meshctl authz check`: which policies apply to a connection, which matched, and the
-//! decision ztunnel would make, evaluated with the same code ztunnel enforces with.
+//! `meshctl authz check`: which policies apply to a connection or request, which matched,
+//! and the decision the enforcing component would make, evaluated with the same code and
+//! on the same resources it enforces:
+//!
+//! - `to=<ns>/<pod>`: ztunnel's decision at L4, on the Authorizations ztunnel receives;
+//! - `service=<ns>/<name>`, bound to a waypoint: its decision at L7, on the L7Policies
+//!   it receives (method, path and host from the query; defaults GET, `/`, the Service's
+//!   hostname).
 
 use crate::generation::Generation;
-use mesh_authz::{ConnectionInfo, Decision, Policy, evaluate, policy_matches};
+use crate::index::waypoint::{TrafficKind, resolve};
+use crate::index::waypoint_config as wc;
+use mesh_authz::{
+    ConnectionInfo, Decision, HttpRequest, Policy, PolicyScope, evaluate_request,
+    policy_matches_request,
+};
 use mesh_identity::SpiffeId;
 use mesh_proto::{security as pb_sec, workload as pb};
 use serde_json::{Value, json};
@@ -17,7 +28,16 @@ pub fn check(
     let from = q
         .get("from")
         .ok_or("give from=<spiffe id> (or from=plaintext)")?;
-    let to = q.get("to").ok_or("give to=<namespace>/<pod>")?;
+    let (to, service) = match (q.get("to"), q.get("service")) {
+        (Some(to), None) => (to, false),
+        (None, Some(svc)) => (svc, true),
+        _ => {
+            return Err(
+                "give to=<namespace>/<pod> (ztunnel's decision) or service=<namespace>/<service> (its waypoint's decision)"
+                    .into(),
+            );
+        }
+    };
     let port: u16 = q
         .get("port")
         .ok_or("give port=<port>")?
@@ -33,54 +53,13 @@ pub fn check(
         .map(|s| s.parse().map_err(|_| format!("fromIp {s:?} is not an IP")))
         .transpose()?
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let (ns, name) = to.split_once('/').ok_or("to must be <namespace>/<pod>")?;
-    let workload = g
-        .resources
-        .addresses
-        .values()
-        .find_map(|a| match &a.r#type {
-            Some(pb::address::Type::Workload(w)) if w.namespace == ns && w.name == name => Some(w),
-            _ => None,
-        })
-        .ok_or_else(|| format!("no workload {to}"))?;
-    let dst_ip = workload
-        .addresses
-        .first()
-        .and_then(|b| match b.len() {
-            4 => Some(IpAddr::from(<[u8; 4]>::try_from(b.as_slice()).ok()?)),
-            16 => Some(IpAddr::from(<[u8; 16]>::try_from(b.as_slice()).ok()?)),
-            _ => None,
-        })
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let applicable: Vec<&pb_sec::Authorization> = g
-        .resources
-        .authorizations
-        .iter()
-        .filter(|(key, a)| match pb_sec::Scope::try_from(a.scope) {
-            Ok(pb_sec::Scope::Global) => true,
-            Ok(pb_sec::Scope::Namespace) => a.namespace == ns,
-            _ => workload.authorization_policies.contains(key),
-        })
-        .map(|(_, a)| a)
-        .collect();
-    let policies: Vec<Policy> = applicable
-        .iter()
-        .map(|a| Policy::from_proto(a).map_err(|e| e.to_string()))
-        .collect::<Result<_, _>>()?;
+    let (ns, name) = to.split_once('/').ok_or("give <namespace>/<name>")?;
     let conn = ConnectionInfo {
         src_identity,
         src_ip,
-        dst_ip,
+        dst_ip: IpAddr::from([0, 0, 0, 0]),
         dst_port: port,
     };
-    let decision = evaluate(policies.iter(), &conn);
-    let per_policy: Vec<Value> = policies
-        .iter()
-        .map(|p| {
-            json!({"policy": p.key(), "action": format!("{:?}", p.action), "dryRun": p.dry_run,
-                   "matched": policy_matches(p, &conn)})
-        })
-        .collect();
     let td_note = conn
         .src_identity
         .as_ref()
@@ -90,10 +69,141 @@ pub fn check(
                 "{id} is outside trust domain {trust_domain}: its TLS handshake would be refused"
             )
         });
-    Ok(match decision {
-        Decision::Allow => json!({"decision": "ALLOW", "policies": per_policy, "note": td_note}),
-        Decision::Deny { policy, reason } => {
-            json!({"decision": "DENY", "policy": policy, "reason": reason, "policies": per_policy, "note": td_note})
+    let (mut out, policies, decision) = if service {
+        at_waypoint(g, ns, name, conn, q)?
+    } else {
+        let w = g
+            .resources
+            .addresses
+            .values()
+            .find_map(|a| match &a.r#type {
+                Some(pb::address::Type::Workload(w)) if w.namespace == ns && w.name == name => {
+                    Some(w)
+                }
+                _ => None,
+            })
+            .ok_or_else(|| format!("no workload {ns}/{name}"))?;
+        at_ztunnel(g, w, conn)
+    };
+    let Value::Object(o) = &mut out else {
+        unreachable!("built as an object")
+    };
+    o.insert("policies".into(), Value::Array(policies));
+    o.insert("note".into(), json!(td_note));
+    match decision {
+        Decision::Allow => {
+            o.insert("decision".into(), json!("ALLOW"));
         }
-    })
+        Decision::Deny { policy, reason } => {
+            o.insert("decision".into(), json!("DENY"));
+            o.insert("policy".into(), json!(policy));
+            o.insert("reason".into(), json!(reason));
+        }
+    }
+    Ok(out)
+}
+
+fn per_policy(
+    policies: &[Policy],
+    conn: &ConnectionInfo,
+    http: Option<&HttpRequest<'_>>,
+) -> Vec<Value> {
+    policies
+        .iter()
+        .map(|p| {
+            json!({"policy": p.key(), "action": format!("{:?}", p.action), "dryRun": p.dry_run,
+                   "matched": policy_matches_request(p, conn, http), "problems": p.problems})
+        })
+        .collect()
+}
+
+/// ztunnel's view: the Authorizations it receives that apply to `w`.
+fn at_ztunnel(
+    g: &Generation,
+    w: &pb::Workload,
+    mut conn: ConnectionInfo,
+) -> (Value, Vec<Value>, Decision) {
+    conn.dst_ip = w
+        .addresses
+        .first()
+        .and_then(|b| mesh_authz::ip_from_bytes(b).ok())
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let policies: Vec<Policy> = g
+        .resources
+        .authorizations
+        .iter()
+        .filter(|(key, a)| match pb_sec::Scope::try_from(a.scope) {
+            Ok(pb_sec::Scope::Global) => true,
+            Ok(pb_sec::Scope::Namespace) => a.namespace == w.namespace,
+            _ => w.authorization_policies.contains(key),
+        })
+        .map(|(_, a)| Policy::from_proto(a).0)
+        .collect();
+    let decision = evaluate_request(policies.iter(), &conn, None);
+    (
+        json!({"enforcedBy": format!("ztunnel on {}", w.node)}),
+        per_policy(&policies, &conn, None),
+        decision,
+    )
+}
+
+/// The waypoint's view: the L7Policies it receives that apply to Service `ns/name`.
+fn at_waypoint(
+    g: &Generation,
+    ns: &str,
+    name: &str,
+    conn: ConnectionInfo,
+    q: &BTreeMap<String, String>,
+) -> Result<(Value, Vec<Value>, Decision), String> {
+    let cfg = &g.index_config;
+    let svc = g
+        .objects
+        .services
+        .get(&(ns.to_string(), name.to_string()))
+        .ok_or_else(|| format!("no Service {ns}/{name}"))?;
+    let hostname = cfg.service_hostname(ns, name);
+    let gw = resolve(&g.objects, cfg, ns, &svc.metadata.labels, TrafficKind::Service)
+        .and_then(|gw| match gw.destination {
+            Some(pb::gateway_address::Destination::Hostname(h)) => {
+                let suffix = format!(".{}.svc.{}", h.namespace, cfg.domain_suffix);
+                let name = h.hostname.strip_suffix(&suffix)?.to_string();
+                Some((h.namespace, name))
+            }
+            _ => None,
+        })
+        .ok_or_else(|| {
+            format!(
+                "Service {ns}/{name} uses no waypoint: its traffic is authorized by the ztunnel of each endpoint; check a pod instead (to=<namespace>/<pod>)"
+            )
+        })?;
+    let served = wc::served_services(&g.objects, cfg, &gw.0, &gw.1);
+    let policies: Vec<Policy> = wc::policies(&g.objects, &gw.0, &gw.1, &served)
+        .into_iter()
+        .filter_map(|(_, p)| p.policy)
+        .filter(|p| {
+            use mesh_proto::waypoint::TargetKind;
+            p.targets
+                .iter()
+                .any(|t| match TargetKind::try_from(t.kind) {
+                    Ok(TargetKind::Gateway) => true,
+                    Ok(TargetKind::Service) => p.namespace == ns && t.name == name,
+                    _ => false,
+                })
+        })
+        .map(|p| mesh_authz::typed::policy(&p, PolicyScope::Namespace).0)
+        .collect();
+    let headers = http::HeaderMap::new();
+    let http = HttpRequest {
+        method: q.get("method").map_or("GET", String::as_str),
+        path: q.get("path").map_or("/", String::as_str),
+        host: q.get("host").map_or(hostname.as_str(), String::as_str),
+        headers: &headers,
+    };
+    let decision = evaluate_request(policies.iter(), &conn, Some(&http));
+    Ok((
+        json!({"enforcedBy": format!("waypoint {}/{}", gw.0, gw.1),
+               "request": {"method": http.method, "path": http.path, "host": http.host}}),
+        per_policy(&policies, &conn, Some(&http)),
+        decision,
+    ))
 }

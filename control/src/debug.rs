@@ -84,7 +84,11 @@ pub fn status(shared: &Shared) -> Value {
         "enrolled": enrolled,
         "addresses": g.addresses.len(),
         "authorizations": g.authorizations.len(),
-        "warnings": g.resources.warnings,
+        // Policy findings are also logged as warnings; shown once, with their fields.
+        "warnings": g.resources.warnings.iter()
+            .filter(|w| !g.resources.policy_findings.iter().any(|f| f.to_string() == **w))
+            .collect::<Vec<_>>(),
+        "policyFindings": g.resources.policy_findings,
     })
 }
 

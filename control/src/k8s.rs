@@ -25,6 +25,8 @@ pub struct ObjectMeta {
     pub owner_references: Vec<OwnerReference>,
     #[serde(default)]
     pub resource_version: Option<String>,
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
 }
 
 impl ObjectMeta {
@@ -193,123 +195,35 @@ impl LabelSelector {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PolicyTargetReference {
-    #[serde(default)]
-    pub group: String,
-    pub kind: String,
-    pub name: String,
-    #[serde(default)]
-    pub namespace: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
+/// An AuthorizationPolicy as read: its spec validated into the typed policy every
+/// component enforces (`mesh_authz::k8s`), with what could not be understood recorded
+/// where it sits (enforced fail closed) and reported with its field.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct AuthorizationPolicy {
     pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: AuthorizationPolicySpec,
+    pub policy: mesh_proto::waypoint::AuthorizationPolicy,
+    pub findings: Vec<mesh_authz::k8s::Finding>,
+    /// The spec names targetRefs (enforceable here or not): then it is a waypoint's
+    /// policy, never ztunnel's.
+    pub targeted: bool,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AuthorizationPolicySpec {
-    #[serde(default)]
-    pub selector: Option<LabelSelector>,
-    #[serde(default)]
-    pub target_ref: Option<PolicyTargetReference>,
-    #[serde(default)]
-    pub target_refs: Vec<PolicyTargetReference>,
-    #[serde(default)]
-    pub action: Option<String>,
-    #[serde(default)]
-    pub provider: Option<serde_json::Value>,
-    #[serde(default)]
-    pub rules: Option<Vec<AuthzRule>>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AuthzRule {
-    #[serde(default)]
-    pub from: Vec<AuthzFrom>,
-    #[serde(default)]
-    pub to: Vec<AuthzTo>,
-    #[serde(default)]
-    pub when: Vec<AuthzCondition>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AuthzFrom {
-    pub source: AuthzSource,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AuthzSource {
-    #[serde(default)]
-    pub principals: Vec<String>,
-    #[serde(default)]
-    pub not_principals: Vec<String>,
-    #[serde(default)]
-    pub request_principals: Vec<String>,
-    #[serde(default)]
-    pub not_request_principals: Vec<String>,
-    #[serde(default)]
-    pub namespaces: Vec<String>,
-    #[serde(default)]
-    pub not_namespaces: Vec<String>,
-    #[serde(default)]
-    pub service_accounts: Vec<String>,
-    #[serde(default)]
-    pub not_service_accounts: Vec<String>,
-    #[serde(default)]
-    pub ip_blocks: Vec<String>,
-    #[serde(default)]
-    pub not_ip_blocks: Vec<String>,
-    #[serde(default)]
-    pub remote_ip_blocks: Vec<String>,
-    #[serde(default)]
-    pub not_remote_ip_blocks: Vec<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AuthzTo {
-    pub operation: AuthzOperation,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AuthzOperation {
-    #[serde(default)]
-    pub hosts: Vec<String>,
-    #[serde(default)]
-    pub not_hosts: Vec<String>,
-    #[serde(default)]
-    pub ports: Vec<String>,
-    #[serde(default)]
-    pub not_ports: Vec<String>,
-    #[serde(default)]
-    pub methods: Vec<String>,
-    #[serde(default)]
-    pub not_methods: Vec<String>,
-    #[serde(default)]
-    pub paths: Vec<String>,
-    #[serde(default)]
-    pub not_paths: Vec<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AuthzCondition {
-    pub key: String,
-    #[serde(default)]
-    pub values: Vec<String>,
-    #[serde(default)]
-    pub not_values: Vec<String>,
+impl AuthorizationPolicy {
+    /// Reads the object; never fails once its metadata is readable.
+    pub fn read(metadata: ObjectMeta, spec: Option<&serde_json::Value>) -> Self {
+        let (policy, findings) =
+            mesh_authz::k8s::read(metadata.ns(), &metadata.name, &metadata.annotations, spec);
+        let present = |k: &str| {
+            spec.and_then(|s| s.get(k))
+                .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        };
+        AuthorizationPolicy {
+            metadata,
+            policy,
+            findings,
+            targeted: present("targetRef") || present("targetRefs"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -318,6 +232,45 @@ pub struct PeerAuthentication {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: PeerAuthenticationSpec,
+    /// Set when the spec could not be read: the policy is then taken as STRICT for its
+    /// whole scope (it may have asked for STRICT), and the problem reported.
+    #[serde(skip)]
+    pub unreadable: Option<(String, String)>,
+}
+
+impl PeerAuthentication {
+    /// Reads the object; a spec that cannot be read makes it STRICT (fail closed), with
+    /// the selector kept when that part is readable.
+    pub fn read(metadata: ObjectMeta, spec: Option<&serde_json::Value>) -> Self {
+        let spec = spec.cloned().unwrap_or(serde_json::Value::Null);
+        match serde_path_to_error::deserialize::<_, Option<PeerAuthenticationSpec>>(&spec) {
+            Ok(spec) => PeerAuthentication {
+                metadata,
+                spec: spec.unwrap_or_default(),
+                unreadable: None,
+            },
+            Err(e) => {
+                let field = format!("spec.{}", e.path()).replace("spec..", "spec");
+                let selector = spec
+                    .get("selector")
+                    .and_then(|s| serde_json::from_value::<LabelSelector>(s.clone()).ok());
+                PeerAuthentication {
+                    metadata,
+                    spec: PeerAuthenticationSpec {
+                        selector,
+                        mtls: Some(MtlsSetting {
+                            mode: Some("STRICT".into()),
+                        }),
+                        port_level_mtls: Default::default(),
+                    },
+                    unreadable: Some((
+                        field,
+                        format!("{}; taken as STRICT for its whole scope", e.into_inner()),
+                    )),
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -166,11 +166,25 @@ impl Objects {
                 self.service_accounts.insert(key, typed(file, i, doc)?);
             }
             ("security.istio.io", "AuthorizationPolicy") => {
-                self.authorization_policies
-                    .insert(key, typed(file, i, doc)?);
+                // Never refused for its spec: a policy left out would widen access. What
+                // cannot be understood is enforced fail closed and reported (index).
+                let metadata: ObjectMeta =
+                    typed(file, i, doc.get("metadata").cloned().unwrap_or_default()).map_err(
+                        |mut e| {
+                            e.path = Some(format!("metadata.{}", e.path.unwrap_or_default()));
+                            e
+                        },
+                    )?;
+                let policy = AuthorizationPolicy::read(metadata, doc.get("spec"));
+                self.authorization_policies.insert(key, policy);
             }
             ("security.istio.io", "PeerAuthentication") => {
-                self.peer_authentications.insert(key, typed(file, i, doc)?);
+                // Like an AuthorizationPolicy, never refused for its spec: left out, a
+                // STRICT one would let plaintext in.
+                let metadata: ObjectMeta =
+                    typed(file, i, doc.get("metadata").cloned().unwrap_or_default())?;
+                self.peer_authentications
+                    .insert(key, PeerAuthentication::read(metadata, doc.get("spec")));
             }
             ("gateway.networking.k8s.io", "Gateway") => {
                 self.gateways.insert(key, typed(file, i, doc)?);
@@ -317,13 +331,19 @@ spec:
             )
             .unwrap_err();
         assert_eq!(e.path.as_deref(), Some("metadata.name"));
-        let e = o
-            .add_file(
-                Path::new("p.yaml"),
-                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  rules: [{form: []}]\n",
-            )
-            .unwrap_err();
-        assert_eq!(e.path.as_deref(), Some("spec.rules[0].form"), "{e}");
-        assert!(e.message.contains("form"), "a typo is named: {e}");
+        // A policy is never refused for its spec (left out, an ALLOW would widen
+        // access): the typo is named with its field, and enforced fail closed.
+        o.add_file(
+            Path::new("p.yaml"),
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  rules: [{form: []}]\n",
+        )
+        .unwrap();
+        let p = &o.authorization_policies[&("default".into(), "p".into())];
+        assert_eq!(
+            p.findings[0].field, "spec.rules[0].form",
+            "{:?}",
+            p.findings
+        );
+        assert!(p.findings[0].message.contains("unknown field"));
     }
 }

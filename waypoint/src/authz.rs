@@ -1,156 +1,41 @@
 //! L7 AuthorizationPolicy at the waypoint (policies whose targetRefs name the waypoint's
-//! Gateway or a Service it serves): methods, paths, hosts, ports, headers, principals,
-//! namespaces, source IPs. Any matching DENY denies; with ALLOW policies present one must
-//! match. Pure: no I/O.
+//! Gateway or a Service it serves), evaluated by mesh-authz, the evaluator ztunnel and
+//! `meshctl authz check` use: what the waypoint cannot evaluate (JWT attributes, what
+//! mesh-control could not read) allows nothing in an ALLOW and matches in a DENY.
 
-use mesh_authz::IpNet;
 use mesh_identity::SpiffeId;
-use serde::Deserialize;
 use std::net::IpAddr;
 
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct Spec {
-    #[serde(default)]
-    pub action: Option<String>,
-    #[serde(default)]
-    pub rules: Option<Vec<Rule>>,
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct Rule {
-    #[serde(default)]
-    pub from: Vec<From>,
-    #[serde(default)]
-    pub to: Vec<To>,
-    #[serde(default)]
-    pub when: Vec<Condition>,
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct From {
-    pub source: Source,
-}
-
-/// Every field of Istio's `Source`: one the waypoint ignored would make an ALLOW rule
-/// broader than written.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Source {
-    #[serde(default)]
-    pub principals: Vec<String>,
-    #[serde(default)]
-    pub not_principals: Vec<String>,
-    /// JWT principals: the waypoint authenticates no JWTs, so a rule that names them
-    /// never matches in ALLOW and always matches in DENY (fail closed both ways).
-    #[serde(default)]
-    pub request_principals: Vec<String>,
-    #[serde(default)]
-    pub not_request_principals: Vec<String>,
-    #[serde(default)]
-    pub namespaces: Vec<String>,
-    #[serde(default)]
-    pub not_namespaces: Vec<String>,
-    /// `sa` (the policy's namespace) or `ns/sa`; normalized to `ns/sa` by `Policy::parse`.
-    #[serde(default)]
-    pub service_accounts: Vec<String>,
-    #[serde(default)]
-    pub not_service_accounts: Vec<String>,
-    #[serde(default, deserialize_with = "ip_nets")]
-    pub ip_blocks: Vec<IpNet>,
-    #[serde(default, deserialize_with = "ip_nets")]
-    pub not_ip_blocks: Vec<IpNet>,
-    /// The original client address; the waypoint trusts no X-Forwarded-For, so that is
-    /// the source address, as for `ipBlocks`.
-    #[serde(default, deserialize_with = "ip_nets")]
-    pub remote_ip_blocks: Vec<IpNet>,
-    #[serde(default, deserialize_with = "ip_nets")]
-    pub not_remote_ip_blocks: Vec<IpNet>,
-}
-
-fn ip_nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
-    Vec::<String>::deserialize(d)?
-        .iter()
-        .map(|s| IpNet::parse(s).map_err(serde::de::Error::custom))
-        .collect()
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct To {
-    pub operation: Operation,
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Operation {
-    #[serde(default)]
-    pub methods: Vec<String>,
-    #[serde(default)]
-    pub not_methods: Vec<String>,
-    #[serde(default)]
-    pub paths: Vec<String>,
-    #[serde(default)]
-    pub not_paths: Vec<String>,
-    #[serde(default)]
-    pub hosts: Vec<String>,
-    #[serde(default)]
-    pub not_hosts: Vec<String>,
-    #[serde(default)]
-    pub ports: Vec<String>,
-    #[serde(default)]
-    pub not_ports: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Condition {
-    pub key: String,
-    #[serde(default)]
-    pub values: Vec<String>,
-    #[serde(default)]
-    pub not_values: Vec<String>,
-}
-
+/// A policy as the waypoint enforces it.
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub key: String,
-    pub deny: bool,
-    pub rules: Vec<Rule>,
+    pub policy: mesh_authz::Policy,
 }
 
 impl Policy {
-    pub fn parse(namespace: &str, name: &str, json: &str) -> Result<Policy, String> {
-        let key = format!("{namespace}/{name}");
-        let spec: Spec = serde_json::from_str(json).map_err(|e| format!("{key}: {e}"))?;
-        let deny = match spec.action.as_deref().unwrap_or("ALLOW") {
-            "ALLOW" => false,
-            "DENY" => true,
-            other => {
-                return Err(format!(
-                    "{key}: action {other} is not supported by the waypoint"
-                ));
+    /// From the typed message mesh-control sends; never refused: what this side cannot
+    /// read is enforced fail closed and returned, for the NACK.
+    pub fn from_proto(p: &mesh_proto::waypoint::L7Policy) -> (Policy, Vec<String>) {
+        let key = format!("{}/{}", p.namespace, p.name);
+        let (policy, errors) = match &p.policy {
+            Some(typed) => mesh_authz::typed::policy(typed, mesh_authz::PolicyScope::Namespace),
+            None => {
+                let e = "no policy in the message (an older control plane?)".to_string();
+                (
+                    mesh_authz::Policy::fail_closed(
+                        &p.namespace,
+                        &p.name,
+                        mesh_authz::PolicyScope::Namespace,
+                        mesh_authz::Action::Deny,
+                        false,
+                        e.clone(),
+                    ),
+                    vec![e],
+                )
             }
         };
-        let mut rules = spec.rules.unwrap_or_default();
-        for source in rules
-            .iter_mut()
-            .flat_map(|r| &mut r.from)
-            .map(|f| &mut f.source)
-        {
-            for sa in source
-                .service_accounts
-                .iter_mut()
-                .chain(&mut source.not_service_accounts)
-            {
-                if !sa.contains('/') {
-                    *sa = format!("{namespace}/{sa}");
-                }
-            }
-        }
-        Ok(Policy { key, deny, rules })
+        (Policy { key, policy }, errors)
     }
 }
 
@@ -171,151 +56,69 @@ pub enum Decision {
     Deny { policy: String, reason: String },
 }
 
-/// `*` any, `x*` prefix, `*x` suffix, else exact.
-fn glob(pattern: &str, value: &str) -> bool {
-    if pattern == "*" {
-        true
-    } else if let Some(p) = pattern.strip_suffix('*') {
-        value.starts_with(p)
-    } else if let Some(s) = pattern.strip_prefix('*') {
-        value.ends_with(s)
-    } else {
-        pattern == value
-    }
-}
-
-fn any_or_empty<T>(list: &[T], f: impl Fn(&T) -> bool) -> bool {
-    list.is_empty() || list.iter().any(f)
-}
-
-fn none<T>(list: &[T], f: impl Fn(&T) -> bool) -> bool {
-    !list.iter().any(f)
-}
-
-/// What is derived from the request once, not per rule.
-struct Derived {
-    principal: Option<String>,
-}
-
-/// `deny` says which way an attribute the waypoint cannot check falls: it matches in a
-/// DENY policy and does not in an ALLOW one.
-fn source_matches(s: &Source, r: &Request<'_>, d: &Derived, deny: bool) -> bool {
-    let ns = r.source.map(SpiffeId::namespace);
-    let p = |pat: &String| {
-        d.principal
-            .as_deref()
-            .is_some_and(|v| glob(pat.trim_start_matches("spiffe://"), v))
-    };
-    let n = |pat: &String| ns.is_some_and(|v| glob(pat, v));
-    let sa = |pat: &String| {
-        r.source
-            .is_some_and(|id| pat.split_once('/') == Some((id.namespace(), id.service_account())))
-    };
-    let ip = |net: &IpNet| net.contains(r.source_ip);
-    let jwt = (s.request_principals.is_empty() && s.not_request_principals.is_empty()) || deny;
-    any_or_empty(&s.principals, p)
-        && none(&s.not_principals, p)
-        && any_or_empty(&s.namespaces, n)
-        && none(&s.not_namespaces, n)
-        && any_or_empty(&s.service_accounts, sa)
-        && none(&s.not_service_accounts, sa)
-        && any_or_empty(&s.ip_blocks, ip)
-        && none(&s.not_ip_blocks, ip)
-        && any_or_empty(&s.remote_ip_blocks, ip)
-        && none(&s.not_remote_ip_blocks, ip)
-        && jwt
-}
-
-fn operation_matches(o: &Operation, r: &Request<'_>) -> bool {
-    let m = |pat: &String| glob(pat, r.method);
-    let p = |pat: &String| glob(pat, r.path);
-    let h = |pat: &String| glob(&pat.to_ascii_lowercase(), &r.host.to_ascii_lowercase());
-    let port = |pat: &String| pat.parse::<u16>().is_ok_and(|x| x == r.port);
-    any_or_empty(&o.methods, m)
-        && none(&o.not_methods, m)
-        && any_or_empty(&o.paths, p)
-        && none(&o.not_paths, p)
-        && any_or_empty(&o.hosts, h)
-        && none(&o.not_hosts, h)
-        && any_or_empty(&o.ports, port)
-        && none(&o.not_ports, port)
-}
-
-fn condition_matches(c: &Condition, r: &Request<'_>, d: &Derived, deny: bool) -> bool {
-    let value: Option<String> = if let Some(h) = c
-        .key
-        .strip_prefix("request.headers[")
-        .and_then(|k| k.strip_suffix(']'))
-    {
-        r.headers
-            .get(h)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    } else {
-        match c.key.as_str() {
-            "source.namespace" => r.source.map(|s| s.namespace().to_string()),
-            "source.principal" => d.principal.clone(),
-            "source.ip" | "remote.ip" => Some(r.source_ip.to_string()),
-            "destination.port" => Some(r.port.to_string()),
-            // A key the waypoint cannot evaluate (JWT claims, ...).
-            _ => return deny,
-        }
-    };
-    let hit = |pat: &String| {
-        value.as_deref().is_some_and(|v| {
-            if matches!(c.key.as_str(), "source.ip" | "remote.ip") {
-                IpNet::parse(pat).is_ok_and(|n| n.contains(r.source_ip))
-            } else {
-                glob(pat, v)
-            }
-        })
-    };
-    any_or_empty(&c.values, hit) && none(&c.not_values, hit)
-}
-
-fn rule_matches(rule: &Rule, r: &Request<'_>, d: &Derived, deny: bool) -> bool {
-    (rule.from.is_empty()
-        || rule
-            .from
-            .iter()
-            .any(|f| source_matches(&f.source, r, d, deny)))
-        && (rule.to.is_empty() || rule.to.iter().any(|t| operation_matches(&t.operation, r)))
-        && rule.when.iter().all(|c| condition_matches(c, r, d, deny))
-}
-
+/// An HTTP request through the waypoint.
 pub fn evaluate<'a>(policies: impl IntoIterator<Item = &'a Policy>, r: &Request<'_>) -> Decision {
-    let d = Derived {
-        principal: r.source.map(SpiffeId::principal),
+    let http = mesh_authz::HttpRequest {
+        method: r.method,
+        path: r.path,
+        host: r.host,
+        headers: r.headers,
     };
-    let mut allows = Vec::new();
-    let mut allowed = false;
-    for p in policies {
-        let matched = p.rules.iter().any(|rule| rule_matches(rule, r, &d, p.deny));
-        if p.deny && matched {
-            return Decision::Deny {
-                policy: p.key.clone(),
-                reason: format!("matched DENY policy {}", p.key),
-            };
-        }
-        if !p.deny {
-            allows.push(p.key.clone());
-            allowed |= matched;
-        }
-    }
-    if allows.is_empty() || allowed {
-        Decision::Allow
-    } else {
-        allows.sort();
-        Decision::Deny {
-            policy: allows.join(","),
-            reason: format!("no ALLOW policy matched (checked {})", allows.join(", ")),
-        }
+    decide(policies, r.source, r.source_ip, r.port, Some(&http))
+}
+
+/// A TCP connection through the waypoint (a port that is not HTTP): the same policies,
+/// their HTTP attributes unknown, so an ALLOW rule that needs them allows nothing and a
+/// DENY rule denies when the rest of it matches.
+pub fn evaluate_tcp<'a>(
+    policies: impl IntoIterator<Item = &'a Policy>,
+    source: Option<&SpiffeId>,
+    source_ip: IpAddr,
+    port: u16,
+) -> Decision {
+    decide(policies, source, source_ip, port, None)
+}
+
+fn decide<'a>(
+    policies: impl IntoIterator<Item = &'a Policy>,
+    source: Option<&SpiffeId>,
+    source_ip: IpAddr,
+    port: u16,
+    http: Option<&mesh_authz::HttpRequest<'_>>,
+) -> Decision {
+    let conn = mesh_authz::ConnectionInfo {
+        src_identity: source.cloned(),
+        src_ip: source_ip,
+        // The waypoint does not evaluate destination.ip (unknown: fail closed).
+        dst_ip: IpAddr::from([0, 0, 0, 0]),
+        dst_port: port,
+    };
+    let mut allows: Vec<String> = Vec::new();
+    let policies: Vec<&mesh_authz::Policy> = policies
+        .into_iter()
+        .map(|p| {
+            if p.policy.action == mesh_authz::Action::Allow && !p.policy.dry_run {
+                allows.push(p.key.clone());
+            }
+            &p.policy
+        })
+        .collect();
+    match mesh_authz::evaluate_request(policies, &conn, http) {
+        mesh_authz::Decision::Allow => Decision::Allow,
+        mesh_authz::Decision::Deny { policy, reason } => Decision::Deny {
+            policy: policy.unwrap_or_else(|| {
+                allows.sort();
+                allows.join(",")
+            }),
+            reason,
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_proto::waypoint as pb;
 
     fn req<'a>(
         src: Option<&'a SpiffeId>,
@@ -334,18 +137,33 @@ mod tests {
         }
     }
 
+    /// As mesh-control reads and sends it.
+    fn policy(ns: &str, name: &str, spec: serde_json::Value) -> Policy {
+        let (typed, _) = mesh_authz::k8s::read(ns, name, &Default::default(), Some(&spec));
+        let (p, errors) = Policy::from_proto(&pb::L7Policy {
+            namespace: ns.into(),
+            name: name.into(),
+            policy: Some(typed),
+        });
+        assert!(errors.is_empty(), "{errors:?}");
+        p
+    }
+
     #[test]
     fn deny_by_path_and_allow_by_principal() {
         let h = http::HeaderMap::new();
         let web: SpiffeId = "spiffe://cluster.local/ns/front/sa/web".parse().unwrap();
         let other: SpiffeId = "spiffe://cluster.local/ns/evil/sa/x".parse().unwrap();
-        let deny = Policy::parse(
+        let deny = policy(
             "shop",
             "no-admin",
-            r#"{"action":"DENY","rules":[{"to":[{"operation":{"paths":["/admin*"]}}]}]}"#,
-        )
-        .unwrap();
-        let allow = Policy::parse("shop", "front-only", r#"{"rules":[{"from":[{"source":{"namespaces":["front"]}}],"to":[{"operation":{"methods":["GET","POST"]}}]}]}"#).unwrap();
+            serde_json::json!({"action":"DENY","rules":[{"to":[{"operation":{"paths":["/admin*"]}}]}]}),
+        );
+        let allow = policy(
+            "shop",
+            "front-only",
+            serde_json::json!({"rules":[{"from":[{"source":{"namespaces":["front"]}}],"to":[{"operation":{"methods":["GET","POST"]}}]}]}),
+        );
         let ps = [deny, allow];
         assert_eq!(
             evaluate(&ps, &req(Some(&web), "GET", "/", &h)),
@@ -356,7 +174,7 @@ mod tests {
         );
         assert!(matches!(
             evaluate(&ps, &req(Some(&other), "GET", "/", &h)),
-            Decision::Deny { .. }
+            Decision::Deny { policy, .. } if policy == "shop/front-only"
         ));
         assert!(matches!(
             evaluate(&ps, &req(Some(&web), "DELETE", "/", &h)),
@@ -371,100 +189,71 @@ mod tests {
         );
     }
 
+    /// The issue's case: an ALLOW with an invalid ipBlocks CIDR. Before, mesh-control
+    /// passed it on as JSON, the waypoint refused it and had no ALLOW: everyone allowed.
     #[test]
-    fn headers_ips_and_empty_policies() {
-        let mut h = http::HeaderMap::new();
-        h.insert("x-user", "alice".parse().unwrap());
-        let p = Policy::parse("s", "hdr", r#"{"rules":[{"when":[{"key":"request.headers[x-user]","values":["alice"]}],"from":[{"source":{"ipBlocks":["10.244.0.0/16"]}}]}]}"#).unwrap();
-        assert_eq!(evaluate([&p], &req(None, "GET", "/", &h)), Decision::Allow);
-        let empty = http::HeaderMap::new();
+    fn an_allow_it_cannot_evaluate_allows_nothing() {
+        let h = http::HeaderMap::new();
+        let web: SpiffeId = "spiffe://cluster.local/ns/front/sa/web".parse().unwrap();
+        let bad = policy(
+            "shop",
+            "bad",
+            serde_json::json!({"rules":[{"from":[{"source":{"ipBlocks":["10.0.0.0/40"]}}]}]}),
+        );
         assert!(matches!(
-            evaluate([&p], &req(None, "GET", "/", &empty)),
+            evaluate([&bad], &req(Some(&web), "GET", "/", &h)),
             Decision::Deny { .. }
         ));
-        let nothing = Policy::parse("s", "nothing", "{}").unwrap();
-        assert!(
-            matches!(
-                evaluate([&nothing], &req(None, "GET", "/", &empty)),
-                Decision::Deny { .. }
-            ),
-            "ALLOW with no rules denies"
+        // Dry run: evaluated, not enforced.
+        let mut dry = policy(
+            "shop",
+            "dry",
+            serde_json::json!({"action":"DENY","rules":[{}]}),
         );
-        assert!(Policy::parse("s", "c", r#"{"action":"CUSTOM"}"#).is_err());
+        dry.policy.dry_run = true;
         assert_eq!(
-            evaluate([], &req(None, "GET", "/", &empty)),
+            evaluate([&dry], &req(Some(&web), "GET", "/", &h)),
             Decision::Allow
         );
     }
 
     #[test]
-    fn every_source_field_counts_and_unverifiable_ones_fail_closed() {
+    fn a_message_without_a_policy_denies_and_is_refused() {
+        let (p, errors) = Policy::from_proto(&pb::L7Policy {
+            namespace: "shop".into(),
+            name: "old".into(),
+            policy: None,
+        });
+        assert_eq!(errors.len(), 1);
         let h = http::HeaderMap::new();
+        assert!(matches!(
+            evaluate([&p], &req(None, "GET", "/", &h)),
+            Decision::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn tcp_through_the_waypoint_gets_the_same_policies_without_http_facts() {
         let web: SpiffeId = "spiffe://cluster.local/ns/front/sa/web".parse().unwrap();
-        let other: SpiffeId = "spiffe://cluster.local/ns/front/sa/other".parse().unwrap();
-        let allows = |p: &Policy, id: &SpiffeId| {
-            evaluate([p], &req(Some(id), "GET", "/", &h)) == Decision::Allow
-        };
-        // serviceAccounts: bare names are in the policy's namespace.
-        let sa = Policy::parse(
-            "front",
-            "sa",
-            r#"{"rules":[{"from":[{"source":{"serviceAccounts":["web"]}}]}]}"#,
-        )
-        .unwrap();
-        assert!(allows(&sa, &web) && !allows(&sa, &other));
-        let sa = Policy::parse(
+        let ip: IpAddr = "10.244.1.2".parse().unwrap();
+        let tcp = |p: &Policy| evaluate_tcp([p], Some(&web), ip, 9000) == Decision::Allow;
+        let deny_paths = policy(
             "shop",
-            "sa",
-            r#"{"rules":[{"from":[{"source":{"notServiceAccounts":["front/web"]}}]}]}"#,
-        )
-        .unwrap();
-        assert!(!allows(&sa, &web) && allows(&sa, &other));
-        // remoteIpBlocks: the source address (10.244.1.2 in `req`).
-        let ip = Policy::parse(
-            "s",
-            "ip",
-            r#"{"rules":[{"from":[{"source":{"remoteIpBlocks":["10.9.0.0/16"]}}]}]}"#,
-        )
-        .unwrap();
-        assert!(!allows(&ip, &web));
-        let ip = Policy::parse(
-            "s",
-            "ip",
-            r#"{"rules":[{"from":[{"source":{"remoteIpBlocks":["10.244.1.0/24"]}}]}]}"#,
-        )
-        .unwrap();
-        assert!(allows(&ip, &web));
-        // JWT principals cannot be checked here: ALLOW never matches, DENY always does.
-        let jwt = r#"{"rules":[{"from":[{"source":{"requestPrincipals":["issuer/alice"]}}]}]}"#;
-        assert!(!allows(&Policy::parse("s", "jwt", jwt).unwrap(), &web));
-        let deny = Policy::parse(
-            "s",
-            "jwt",
-            &jwt.replace("{\"rules\"", "{\"action\":\"DENY\",\"rules\""),
-        )
-        .unwrap();
-        assert!(deny.deny && !allows(&deny, &web));
-        // Same for a condition key the waypoint cannot evaluate.
-        let claims = r#"{"action":"DENY","rules":[{"when":[{"key":"request.auth.claims[group]","values":["x"]}]}]}"#;
-        assert!(!allows(&Policy::parse("s", "c", claims).unwrap(), &web));
-        let claims =
-            r#"{"rules":[{"when":[{"key":"request.auth.claims[group]","values":["x"]}]}]}"#;
-        assert!(!allows(&Policy::parse("s", "c", claims).unwrap(), &web));
-        // A field the waypoint does not know, or a bad block, is an error, not ignored.
-        assert!(
-            Policy::parse(
-                "s",
-                "u",
-                r#"{"rules":[{"from":[{"source":{"principalz":["x"]}}]}]}"#
-            )
-            .is_err()
+            "d",
+            serde_json::json!({"action":"DENY","rules":[{"from":[{"source":{"namespaces":["front"]}}],"to":[{"operation":{"paths":["/admin*"]}}]}]}),
         );
-        let bad = Policy::parse(
-            "s",
-            "b",
-            r#"{"rules":[{"from":[{"source":{"ipBlocks":["10.0.0.0/40"]}}]}]}"#,
+        assert!(!tcp(&deny_paths), "a DENY on paths denies TCP from front");
+        let allow_get = policy(
+            "shop",
+            "a",
+            serde_json::json!({"rules":[{"to":[{"operation":{"methods":["GET"]}}]}]}),
         );
-        assert!(bad.unwrap_err().contains("prefix length"));
+        assert!(!tcp(&allow_get), "an ALLOW on methods allows no TCP");
+        let allow_front = policy(
+            "shop",
+            "f",
+            serde_json::json!({"rules":[{"from":[{"source":{"namespaces":["front"]}}]}]}),
+        );
+        assert!(tcp(&allow_front));
     }
 }

@@ -15,23 +15,27 @@ pub struct Apply {
     pub synced: Arc<AtomicBool>,
 }
 
-fn targets(spec_json: &str) -> Vec<Target> {
-    let v: serde_json::Value = serde_json::from_str(spec_json).unwrap_or_default();
-    let mut refs: Vec<&serde_json::Value> =
-        v["targetRefs"].as_array().into_iter().flatten().collect();
-    if v["targetRef"].is_object() {
-        refs.push(&v["targetRef"]);
-    }
-    refs.into_iter()
-        .filter_map(|t| match t["kind"].as_str()? {
-            "Gateway" => Some(Target::Gateway),
-            "Service" => Some(Target::Service {
-                namespace: String::new(),
-                name: t["name"].as_str()?.to_string(),
+/// Where a policy applies: its Gateway and Service targets (a Service in the policy's
+/// namespace). A policy whose targets this side cannot read applies to every request
+/// through the waypoint, so that refusing it never widens access.
+fn targets(p: &waypoint::L7Policy) -> (Vec<Target>, Option<String>) {
+    use waypoint::TargetKind;
+    let mut out = Vec::new();
+    let mut unreadable = None;
+    for t in p.policy.iter().flat_map(|p| &p.targets) {
+        match TargetKind::try_from(t.kind) {
+            Ok(TargetKind::Gateway) => out.push(Target::Gateway),
+            Ok(TargetKind::Service) => out.push(Target::Service {
+                namespace: p.namespace.clone(),
+                name: t.name.clone(),
             }),
-            _ => None,
-        })
-        .collect()
+            _ => unreadable = Some(format!("target kind {} is unknown", t.kind)),
+        }
+    }
+    if unreadable.is_some() || out.is_empty() {
+        out = vec![Target::Gateway];
+    }
+    (out, unreadable)
 }
 
 impl mesh_xds::Handler for Apply {
@@ -53,23 +57,34 @@ impl mesh_xds::Handler for Apply {
                     .map(|route| {
                         cfg.routes.insert(r.name.clone(), route);
                     }),
-                type_url::L7_POLICY => waypoint::L7Policy::decode(any.value.as_slice())
-                    .map_err(|e| e.to_string())
-                    .and_then(|p| {
-                        let policy = Policy::parse(&p.namespace, &p.name, &p.spec_json)?;
-                        let t = targets(&p.spec_json)
-                            .into_iter()
-                            .map(|t| match t {
-                                Target::Service { name, .. } => Target::Service {
-                                    namespace: p.namespace.clone(),
-                                    name,
-                                },
-                                g => g,
-                            })
-                            .collect();
-                        cfg.policies.insert(r.name.clone(), (policy, t));
+                type_url::L7_POLICY => {
+                    // Never refused outright: what cannot be read is enforced fail closed
+                    // (and NACKed), since a policy left out could widen access.
+                    let (policy, targets, errors) =
+                        match waypoint::L7Policy::decode(any.value.as_slice()) {
+                            Ok(p) => {
+                                let (policy, mut errors) = Policy::from_proto(&p);
+                                let (targets, bad) = targets(&p);
+                                errors.extend(bad);
+                                (policy, targets, errors)
+                            }
+                            Err(e) => {
+                                let (ns, name) = r.name.split_once('/').unwrap_or(("", &r.name));
+                                let (policy, _) = Policy::from_proto(&waypoint::L7Policy {
+                                    namespace: ns.into(),
+                                    name: name.into(),
+                                    policy: None,
+                                });
+                                (policy, vec![Target::Gateway], vec![e.to_string()])
+                            }
+                        };
+                    cfg.policies.insert(r.name.clone(), (policy, targets));
+                    if errors.is_empty() {
                         Ok(())
-                    }),
+                    } else {
+                        Err(format!("{} (enforced fail closed)", errors.join("; ")))
+                    }
+                }
                 other => Err(format!("unexpected type {other}")),
             };
             if let Err(e) = result {
@@ -99,12 +114,89 @@ impl mesh_xds::Handler for Apply {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use mesh_proto::discovery::Resource;
+    use mesh_xds::Handler;
+
+    fn apply_policy(value: Vec<u8>) -> (Vec<(String, String)>, Config) {
+        let config = Arc::new(RwLock::new(Config::default()));
+        let mut a = Apply {
+            config: config.clone(),
+            synced: Arc::new(AtomicBool::new(false)),
+        };
+        let errors = a.apply(&DeltaDiscoveryResponse {
+            type_url: type_url::L7_POLICY.into(),
+            resources: vec![Resource {
+                name: "shop/p".into(),
+                resource: Some(mesh_proto::prost_types::Any {
+                    type_url: type_url::L7_POLICY.into(),
+                    value,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let cfg = std::mem::take(&mut *config.write().unwrap());
+        (errors, cfg)
+    }
+
+    fn denies_everything(cfg: &Config) -> bool {
+        let h = http::HeaderMap::new();
+        let (p, t) = &cfg.policies["shop/p"];
+        t == &vec![Target::Gateway]
+            && matches!(
+                crate::authz::evaluate(
+                    [p],
+                    &crate::authz::Request {
+                        source: None,
+                        source_ip: [10, 0, 0, 1].into(),
+                        method: "GET",
+                        path: "/",
+                        host: "h",
+                        port: 80,
+                        headers: &h,
+                    }
+                ),
+                crate::authz::Decision::Deny { .. }
+            )
+    }
+
+    /// A policy the waypoint cannot read is NACKed and enforced fail closed, on every
+    /// request through the waypoint; before, it was NACKed and absent.
     #[test]
-    fn policy_targets() {
-        let t = super::targets(
-            r#"{"targetRefs":[{"kind":"Gateway","name":"wp"},{"kind":"Service","name":"api"}]}"#,
+    fn a_refused_policy_never_widens_access() {
+        let (errors, cfg) = apply_policy(vec![0x0a, 0x09, b'x']);
+        assert_eq!(errors.len(), 1);
+        assert!(denies_everything(&cfg));
+        // A message from a control plane that still sends JSON.
+        let old = waypoint::L7Policy {
+            namespace: "shop".into(),
+            name: "p".into(),
+            policy: None,
+        };
+        let (errors, cfg) = apply_policy(old.encode_to_vec());
+        assert_eq!(errors.len(), 1);
+        assert!(denies_everything(&cfg));
+        // An ALLOW targeting a kind this side does not know: on every request.
+        let (mut typed, _) = mesh_authz::k8s::read(
+            "shop",
+            "p",
+            &Default::default(),
+            Some(
+                &serde_json::json!({"rules": [{"from": [{"source": {"namespaces": ["front"]}}]}]}),
+            ),
         );
-        assert_eq!(t.len(), 2);
-        assert!(super::targets("{}").is_empty());
+        typed.targets.push(waypoint::PolicyTarget {
+            kind: 9,
+            name: "x".into(),
+        });
+        let msg = waypoint::L7Policy {
+            namespace: "shop".into(),
+            name: "p".into(),
+            policy: Some(typed),
+        };
+        let (errors, cfg) = apply_policy(msg.encode_to_vec());
+        assert_eq!(errors.len(), 1);
+        assert!(denies_everything(&cfg), "no source identity: not allowed");
     }
 }

@@ -303,7 +303,15 @@ impl Setup {
     }
 
     fn policy(&self, name: &str, json: &str) {
-        let p = Policy::parse("shop", name, json).unwrap();
+        // As mesh-control reads and sends it.
+        let spec: serde_json::Value = serde_json::from_str(json).unwrap();
+        let (typed, _) = mesh_authz::k8s::read("shop", name, &Default::default(), Some(&spec));
+        let (p, errors) = Policy::from_proto(&mesh_proto::waypoint::L7Policy {
+            namespace: "shop".into(),
+            name: name.into(),
+            policy: Some(typed),
+        });
+        assert!(errors.is_empty(), "{errors:?}");
         self.config
             .write()
             .unwrap()

@@ -75,9 +75,27 @@ pub fn apply_response(state: &mut State, resp: &DeltaDiscoveryResponse) -> Vec<(
             type_url::ADDRESS => workload::Address::decode(any.value.as_slice())
                 .map_err(|e| format!("cannot decode Address: {e}"))
                 .and_then(|a| state.apply_address(&a).map_err(|e| e.to_string())),
-            type_url::AUTHORIZATION => security::Authorization::decode(any.value.as_slice())
-                .map_err(|e| format!("cannot decode Authorization: {e}"))
-                .and_then(|a| state.apply_authorization(&a).map_err(|e| e.to_string())),
+            type_url::AUTHORIZATION => {
+                match security::Authorization::decode(any.value.as_slice()) {
+                    Ok(a) => state.apply_authorization(&a).map_err(|e| e.to_string()),
+                    Err(e) => {
+                        // Nothing of it can be read but its name: it denies everything in its
+                        // namespace until a readable version arrives (a NACK never widens access).
+                        let (ns, name) = res.name.split_once('/').unwrap_or(("", &res.name));
+                        state.insert_policy(mesh_authz::Policy::fail_closed(
+                            ns,
+                            name,
+                            mesh_authz::PolicyScope::Namespace,
+                            mesh_authz::Action::Deny,
+                            false,
+                            format!("cannot decode Authorization: {e}"),
+                        ));
+                        Err(format!(
+                            "cannot decode Authorization: {e} (denying everything in namespace {ns:?} until it can be read)"
+                        ))
+                    }
+                }
+            }
             other => Err(format!("unexpected type {other}")),
         };
         if let Err(e) = applied {
@@ -216,5 +234,43 @@ mod tests {
         };
         assert!(apply_response(&mut st, &resp).is_empty());
         assert!(st.workload("good").is_none());
+    }
+
+    /// An Authorization that cannot even be decoded is NACKed and denies everything in
+    /// its namespace meanwhile; before, it was simply absent (an ALLOW: everyone allowed).
+    #[test]
+    fn an_undecodable_authorization_is_nacked_and_fails_closed() {
+        let mut st = State::default();
+        let resp = DeltaDiscoveryResponse {
+            type_url: type_url::AUTHORIZATION.into(),
+            nonce: "1".into(),
+            resources: vec![Resource {
+                name: "ns/allow-front".into(),
+                version: "v1".into(),
+                resource: Some(prost_types::Any {
+                    type_url: type_url::AUTHORIZATION.into(),
+                    value: vec![0x0a, 0x05, b'x'],
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let errors = apply_response(&mut st, &resp);
+        assert_eq!(errors.len(), 1, "NACKed");
+        let w = mesh_discovery::Workload::from_proto(&workload::Workload {
+            uid: "u".into(),
+            name: "p".into(),
+            namespace: "ns".into(),
+            addresses: vec![vec![10, 0, 0, 1]],
+            ..Default::default()
+        })
+        .unwrap();
+        let conn = mesh_authz::ConnectionInfo {
+            src_identity: None,
+            src_ip: [10, 0, 0, 2].into(),
+            dst_ip: [10, 0, 0, 1].into(),
+            dst_port: 80,
+        };
+        assert!(!st.authorize(&w, &conn).is_allowed());
     }
 }

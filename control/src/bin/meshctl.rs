@@ -72,14 +72,26 @@ enum AuthzCmd {
         /// Source SPIFFE id, or `plaintext`.
         #[arg(long)]
         from: String,
-        /// Destination workload: namespace/pod.
+        /// Destination pod, namespace/pod: ztunnel's decision.
+        #[arg(long, required_unless_present = "service", conflicts_with = "service")]
+        to: Option<String>,
+        /// Destination Service bound to a waypoint, namespace/name: the waypoint's decision.
         #[arg(long)]
-        to: String,
+        service: Option<String>,
         #[arg(long)]
         port: u16,
         /// Source IP, for policies that match on it.
         #[arg(long)]
         from_ip: Option<String>,
+        /// To a Service with a waypoint: the request's method (default GET).
+        #[arg(long)]
+        method: Option<String>,
+        /// To a Service with a waypoint: the request's path (default /).
+        #[arg(long)]
+        path: Option<String>,
+        /// To a Service with a waypoint: the request's host (default the Service's name).
+        #[arg(long)]
+        host: Option<String>,
     },
 }
 
@@ -179,6 +191,18 @@ fn print_status(v: &serde_json::Value) {
             println!("  {:<40} on {node}", p.as_str().unwrap_or_default());
         }
     }
+    if let Some(f) = v["policyFindings"].as_array().filter(|f| !f.is_empty()) {
+        println!("\nPOLICY FINDINGS (errors and unsupported fields are enforced fail closed)");
+        for x in f {
+            println!(
+                "  {:<11} {}: {}: {}",
+                x["severity"].as_str().unwrap_or_default(),
+                x["object"].as_str().unwrap_or_default(),
+                x["field"].as_str().unwrap_or_default(),
+                x["message"].as_str().unwrap_or_default()
+            );
+        }
+    }
     if let Some(w) = v["warnings"].as_array().filter(|w| !w.is_empty()) {
         println!("\nWARNINGS");
         for x in w {
@@ -214,17 +238,26 @@ fn run(cli: Cli) -> Result<(), String> {
                 AuthzCmd::Check {
                     from,
                     to,
+                    service,
                     port,
                     from_ip,
+                    method,
+                    path: req_path,
+                    host,
                 },
         } => {
-            let mut path = format!(
-                "/debug/authz?from={}&to={}&port={port}",
-                encode(&from),
-                encode(&to)
-            );
-            if let Some(ip) = from_ip {
-                path.push_str(&format!("&fromIp={}", encode(&ip)));
+            let mut path = format!("/debug/authz?from={}&port={port}", encode(&from));
+            for (k, v) in [
+                ("to", to),
+                ("service", service),
+                ("fromIp", from_ip),
+                ("method", method),
+                ("path", req_path),
+                ("host", host),
+            ] {
+                if let Some(v) = v {
+                    path.push_str(&format!("&{k}={}", encode(&v)));
+                }
             }
             let v = get(&cli.control, &path)?;
             let decision = v["decision"].as_str().unwrap_or("?");
@@ -235,6 +268,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     v["reason"].as_str().unwrap_or_default()
                 ),
                 _ => println!("ALLOW"),
+            }
+            if let Some(by) = v["enforcedBy"].as_str() {
+                println!("  enforced by {by}");
             }
             for p in v["policies"].as_array().into_iter().flatten() {
                 println!(
@@ -252,6 +288,12 @@ fn run(cli: Cli) -> Result<(), String> {
                         ""
                     }
                 );
+                for problem in p["problems"].as_array().into_iter().flatten() {
+                    println!(
+                        "         fail closed: {}",
+                        problem.as_str().unwrap_or_default()
+                    );
+                }
             }
             if let Some(n) = v["note"].as_str() {
                 println!("note: {n}");

@@ -1,21 +1,19 @@
-//! AuthorizationPolicy and PeerAuthentication → istio.security.Authorization for ztunnel,
-//! with Istio's L4/L7 split: an ALLOW rule that needs L7 attributes is dropped (more
-//! restrictive); a DENY rule keeps its L4 parts (also more restrictive) and is dropped
-//! when nothing L4 remains. Policies with targetRefs are for waypoints, not ztunnel.
+//! AuthorizationPolicy and PeerAuthentication → istio.security.Authorization for ztunnel.
+//!
+//! An AuthorizationPolicy is read and validated once (`mesh_authz::k8s`, when the object
+//! is read); here it is lowered to Istio's L4 form with mesh-authz's rules: what ztunnel
+//! cannot evaluate (HTTP attributes, JWT attributes, what could not be read) allows
+//! nothing in an ALLOW rule and matches in a DENY rule. Policies with targetRefs are for
+//! waypoints, not ztunnel.
 
 use super::IndexConfig;
-use crate::k8s::{AuthorizationPolicy, AuthzCondition, AuthzOperation, AuthzSource, Labels, Pod};
+use crate::k8s::{AuthorizationPolicy, Labels, Pod};
 use crate::manifest::Objects;
+use mesh_authz::PolicyScope;
 use mesh_proto::security as pb;
 use std::collections::{BTreeMap, HashMap};
 
 pub const STATIC_STRICT: &str = "istio_converted_static_strict";
-
-pub enum Converted {
-    ForZtunnel(pb::Authorization, Vec<String>),
-    /// Not a ztunnel policy (waypoint-targeted, or an action ztunnel does not enforce).
-    NotForZtunnel(Option<String>),
-}
 
 /// `*` → presence, `*x` → suffix, `x*` → prefix, otherwise exact.
 pub fn string_match(s: &str) -> pb::StringMatch {
@@ -34,239 +32,48 @@ pub fn string_match(s: &str) -> pb::StringMatch {
     }
 }
 
-fn principals(v: &[String]) -> Vec<pb::StringMatch> {
-    v.iter()
-        .map(|p| string_match(p.strip_prefix("spiffe://").unwrap_or(p)))
-        .collect()
+/// Whether ztunnel enforces the policy: it names no targetRefs, or (an invalid policy,
+/// enforced fail closed in both places) a selector as well.
+pub fn for_ztunnel(p: &AuthorizationPolicy) -> bool {
+    !p.targeted || !p.policy.selector.is_empty()
 }
 
-fn strings(v: &[String]) -> Vec<pb::StringMatch> {
-    v.iter().map(|s| string_match(s)).collect()
-}
-
-fn cidrs(v: &[String]) -> Result<Vec<pb::Address>, String> {
-    v.iter()
-        .map(|s| {
-            let net = mesh_authz::IpNet::parse(s)?;
-            Ok(pb::Address {
-                address: super::service::ip_bytes(net.addr),
-                length: u32::from(net.prefix),
-            })
-        })
-        .collect()
-}
-
-fn ports(v: &[String]) -> Result<Vec<u32>, String> {
-    v.iter()
-        .map(|p| {
-            p.parse::<u16>()
-                .map(u32::from)
-                .map_err(|_| format!("port {p:?} is not a number"))
-        })
-        .collect()
-}
-
-fn service_accounts(v: &[String], ns: &str) -> Vec<pb::ServiceAccountMatch> {
-    v.iter()
-        .map(|s| {
-            let (n, sa) = s.split_once('/').unwrap_or((ns, s));
-            pb::ServiceAccountMatch {
-                namespace: n.to_string(),
-                service_account: sa.to_string(),
-            }
-        })
-        .collect()
-}
-
-fn source_has_l7(s: &AuthzSource) -> bool {
-    !(s.request_principals.is_empty()
-        && s.not_request_principals.is_empty()
-        && s.remote_ip_blocks.is_empty()
-        && s.not_remote_ip_blocks.is_empty())
-}
-
-fn operation_has_l7(o: &AuthzOperation) -> bool {
-    !(o.hosts.is_empty()
-        && o.not_hosts.is_empty()
-        && o.methods.is_empty()
-        && o.not_methods.is_empty()
-        && o.paths.is_empty()
-        && o.not_paths.is_empty())
-}
-
-const L4_CONDITIONS: [&str; 5] = [
-    "source.ip",
-    "source.namespace",
-    "source.principal",
-    "destination.ip",
-    "destination.port",
-];
-
-fn source_match(s: &AuthzSource, ns: &str) -> Result<pb::Match, String> {
-    Ok(pb::Match {
-        namespaces: strings(&s.namespaces),
-        not_namespaces: strings(&s.not_namespaces),
-        principals: principals(&s.principals),
-        not_principals: principals(&s.not_principals),
-        source_ips: cidrs(&s.ip_blocks)?,
-        not_source_ips: cidrs(&s.not_ip_blocks)?,
-        service_accounts: service_accounts(&s.service_accounts, ns),
-        not_service_accounts: service_accounts(&s.not_service_accounts, ns),
-        ..Default::default()
-    })
-}
-
-fn condition_match(c: &AuthzCondition) -> Result<pb::Match, String> {
-    let mut m = pb::Match::default();
-    match c.key.as_str() {
-        "source.ip" => {
-            m.source_ips = cidrs(&c.values)?;
-            m.not_source_ips = cidrs(&c.not_values)?;
-        }
-        "source.namespace" => {
-            m.namespaces = strings(&c.values);
-            m.not_namespaces = strings(&c.not_values);
-        }
-        "source.principal" => {
-            m.principals = principals(&c.values);
-            m.not_principals = principals(&c.not_values);
-        }
-        "destination.ip" => {
-            m.destination_ips = cidrs(&c.values)?;
-            m.not_destination_ips = cidrs(&c.not_values)?;
-        }
-        "destination.port" => {
-            m.destination_ports = ports(&c.values)?;
-            m.not_destination_ports = ports(&c.not_values)?;
-        }
-        other => return Err(format!("condition {other} needs L7")),
-    }
-    Ok(m)
-}
-
-pub fn convert(p: &AuthorizationPolicy, cfg: &IndexConfig) -> Converted {
-    let ns = p.metadata.ns();
-    let key = format!("{ns}/{}", p.metadata.name);
-    if p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty() {
-        return Converted::NotForZtunnel(None);
-    }
-    let action = match p.spec.action.as_deref().unwrap_or("ALLOW") {
-        "ALLOW" => pb::Action::Allow,
-        "DENY" => pb::Action::Deny,
-        other @ ("AUDIT" | "CUSTOM") => {
-            return Converted::NotForZtunnel(Some(format!(
-                "{key}: action {other} is not enforced by ztunnel (use a waypoint)"
-            )));
-        }
-        other => {
-            return Converted::NotForZtunnel(Some(format!("{key}: unknown action {other:?}")));
-        }
-    };
-    let has_selector = p
-        .spec
-        .selector
-        .as_ref()
-        .is_some_and(|s| !s.match_labels.is_empty());
-    let scope = if has_selector {
-        pb::Scope::WorkloadSelector
-    } else if ns == cfg.root_namespace {
-        pb::Scope::Global
+/// Its scope at ztunnel: a selector picks workloads (in its namespace, or in every
+/// namespace from the root namespace, as in Istio); without one it applies to its
+/// namespace, or to the whole mesh from the root namespace.
+pub fn scope(p: &AuthorizationPolicy, cfg: &IndexConfig) -> PolicyScope {
+    if !p.policy.selector.is_empty() {
+        PolicyScope::WorkloadSelector
+    } else if p.metadata.ns() == cfg.root_namespace {
+        PolicyScope::Global
     } else {
-        pb::Scope::Namespace
-    };
-    let mut warnings = Vec::new();
-    let mut rules = Vec::new();
-    for (i, rule) in p.spec.rules.iter().flatten().enumerate() {
-        let l7 = rule.from.iter().any(|f| source_has_l7(&f.source))
-            || rule.to.iter().any(|t| operation_has_l7(&t.operation))
-            || rule
-                .when
-                .iter()
-                .any(|w| !L4_CONDITIONS.contains(&w.key.as_str()));
-        if l7 && action == pb::Action::Allow {
-            warnings.push(format!(
-                "{key}: rule {i} uses HTTP attributes; ztunnel drops it (only a waypoint can allow it)"
-            ));
-            continue;
-        }
-        let built = (|| -> Result<Vec<pb::Clause>, String> {
-            let mut clauses = Vec::new();
-            if !rule.from.is_empty() {
-                let matches = rule
-                    .from
-                    .iter()
-                    .map(|f| source_match(&f.source, ns))
-                    .collect::<Result<Vec<_>, _>>()?;
-                clauses.push(pb::Clause { matches });
-            }
-            if !rule.to.is_empty() {
-                let mut matches = Vec::new();
-                for t in &rule.to {
-                    let m = pb::Match {
-                        destination_ports: ports(&t.operation.ports)?,
-                        not_destination_ports: ports(&t.operation.not_ports)?,
-                        ..Default::default()
-                    };
-                    // A DENY operation reduced to nothing by dropping L7 parts no longer
-                    // narrows the rule.
-                    if m != pb::Match::default() || !operation_has_l7(&t.operation) {
-                        matches.push(m);
-                    }
-                }
-                if !matches.is_empty() {
-                    clauses.push(pb::Clause { matches });
-                }
-            }
-            for w in &rule.when {
-                if L4_CONDITIONS.contains(&w.key.as_str()) {
-                    clauses.push(pb::Clause {
-                        matches: vec![condition_match(w)?],
-                    });
-                }
-            }
-            Ok(clauses)
-        })();
-        match built {
-            Ok(clauses) => {
-                let was_empty = rule.from.is_empty() && rule.to.is_empty() && rule.when.is_empty();
-                if clauses.is_empty() && !was_empty {
-                    warnings.push(format!(
-                        "{key}: rule {i} has no L4 part left; ztunnel cannot enforce it"
-                    ));
-                    continue;
-                }
-                if l7 {
-                    warnings.push(format!(
-                        "{key}: rule {i}: HTTP attributes dropped, L4 parts enforced by ztunnel"
-                    ));
-                }
-                rules.push(pb::Rule { clauses });
-            }
-            Err(e) => {
-                warnings.push(format!("{key}: rule {i} is invalid and ignored: {e}"));
-                if action == pb::Action::Deny {
-                    // Fail closed: an unreadable DENY rule denies from everyone.
-                    rules.push(pb::Rule { clauses: vec![] });
-                }
-            }
-        }
+        PolicyScope::Namespace
     }
-    Converted::ForZtunnel(
-        pb::Authorization {
-            name: p.metadata.name.clone(),
-            namespace: ns.to_string(),
-            scope: scope as i32,
-            action: action as i32,
-            rules,
-            dry_run: p
-                .metadata
-                .annotations
-                .get("istio.io/dry-run")
-                .is_some_and(|v| v == "true"),
-            extensions: vec![],
-        },
-        warnings,
-    )
+}
+
+/// Whether a selector policy applies to `pod` (its namespace's, or the root namespace's).
+pub fn selects(p: &AuthorizationPolicy, pod: &Pod, cfg: &IndexConfig) -> bool {
+    let ns = p.metadata.ns();
+    for_ztunnel(p)
+        && (ns == pod.metadata.ns() || ns == cfg.root_namespace)
+        && !p.policy.selector.is_empty()
+        && p.policy
+            .selector
+            .iter()
+            .all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
+}
+
+/// The policy ztunnel enforces and notes on what it cannot evaluate; `None` when
+/// ztunnel has nothing to enforce (a waypoint's policy, AUDIT).
+pub fn convert(
+    p: &AuthorizationPolicy,
+    cfg: &IndexConfig,
+) -> Option<(pb::Authorization, Vec<String>)> {
+    if !for_ztunnel(p) {
+        return None;
+    }
+    let (model, _) = mesh_authz::typed::policy(&p.policy, scope(p, cfg));
+    model.to_proto()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -292,12 +99,18 @@ struct WorkloadPa {
     ports: BTreeMap<u16, Mode>,
 }
 
-/// PeerAuthentication resolved mesh → namespace → workload.
+/// PeerAuthentication resolved as Istio does: the workload's (a selector, outside the
+/// root namespace) over its namespace's (no selector) over the mesh's (no selector, in
+/// the root namespace); an UNSET mode inherits from the next level. Among policies of
+/// one level the oldest wins (then the first by name); a selector policy in the root
+/// namespace is ignored, as in Istio.
 #[derive(Clone, Debug, Default)]
 pub struct StrictModes {
     root_namespace: String,
-    mesh: Option<Mode>,
-    namespaces: HashMap<String, Mode>,
+    /// The mesh-wide policy's mode (`Some(None)`: there is one, UNSET).
+    mesh: Option<Option<Mode>>,
+    namespaces: HashMap<String, Option<Mode>>,
+    /// Oldest first.
     workloads: Vec<WorkloadPa>,
 }
 
@@ -307,7 +120,20 @@ impl StrictModes {
             root_namespace: cfg.root_namespace.clone(),
             ..Default::default()
         };
-        for pa in objs.peer_authentications.values() {
+        let mut pas: Vec<_> = objs.peer_authentications.values().collect();
+        // RFC 3339 timestamps sort as text; objects without one (manifests) come last.
+        // One that could not be read (taken as STRICT) wins its level: fail closed.
+        pas.sort_by_key(|pa| {
+            let m = &pa.metadata;
+            (
+                pa.unreadable.is_none(),
+                m.creation_timestamp.is_none(),
+                m.creation_timestamp.clone(),
+                m.ns().to_string(),
+                m.name.clone(),
+            )
+        });
+        for pa in pas {
             let ns = pa.metadata.ns();
             let m = mode(pa.spec.mtls.as_ref().and_then(|m| m.mode.as_deref()));
             let selector = pa
@@ -317,14 +143,12 @@ impl StrictModes {
                 .map(|s| s.match_labels.clone())
                 .unwrap_or_default();
             if selector.is_empty() {
-                if let Some(m) = m {
-                    if ns == cfg.root_namespace {
-                        s.mesh = Some(m);
-                    } else {
-                        s.namespaces.insert(ns.to_string(), m);
-                    }
+                if ns == cfg.root_namespace {
+                    s.mesh.get_or_insert(m);
+                } else {
+                    s.namespaces.entry(ns.to_string()).or_insert(m);
                 }
-            } else {
+            } else if ns != cfg.root_namespace {
                 s.workloads.push(WorkloadPa {
                     name: pa.metadata.name.clone(),
                     namespace: ns.to_string(),
@@ -355,7 +179,8 @@ impl StrictModes {
         self.namespaces
             .get(ns)
             .copied()
-            .or(self.mesh)
+            .flatten()
+            .or(self.mesh.flatten())
             .unwrap_or(Mode::Permissive)
     }
 
@@ -448,10 +273,8 @@ mod tests {
     }
 
     fn ztunnel(yaml: &str) -> (pb::Authorization, Vec<String>) {
-        match convert(&policy(yaml), &IndexConfig::default()) {
-            Converted::ForZtunnel(a, w) => (a, w),
-            Converted::NotForZtunnel(w) => panic!("not for ztunnel: {w:?}"),
-        }
+        let p = policy(yaml);
+        convert(&p, &IndexConfig::default()).expect("for ztunnel")
     }
 
     const HEAD: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n";
@@ -491,18 +314,29 @@ mod tests {
         assert_eq!(a.scope, pb::Scope::Namespace as i32);
     }
 
+    /// Before, a DENY rule left with no L4 part was dropped: a DENY on paths enforced by
+    /// ztunnel denied nothing. Now it denies everything it applies to, as Istio says.
     #[test]
-    fn deny_keeps_l4_parts_and_drops_l7_only_rules() {
+    fn deny_keeps_l4_parts_and_an_l7_only_rule_denies_everything() {
         let (a, w) = ztunnel(&format!(
             "{HEAD}spec:\n  action: DENY\n  rules:\n  - from: [{{source: {{namespaces: [evil]}}}}]\n    to: [{{operation: {{methods: [POST]}}}}]\n  - to: [{{operation: {{paths: [/admin]}}}}]\n"
         ));
-        assert_eq!(a.rules.len(), 1);
+        assert_eq!(a.rules.len(), 2);
         assert_eq!(
             a.rules[0].clauses.len(),
             1,
             "L7 operation dropped, the from clause stays"
         );
+        assert!(a.rules[1].clauses.is_empty(), "matches everything");
         assert_eq!(w.len(), 2, "{w:?}");
+    }
+
+    #[test]
+    fn an_unknown_action_denies_everything_in_scope() {
+        let (a, _) = ztunnel(&format!("{HEAD}spec:\n  action: ALOW\n  rules: [{{}}]\n"));
+        assert_eq!(a.action, pb::Action::Deny as i32);
+        assert_eq!(a.rules.len(), 1);
+        assert!(a.rules[0].clauses.is_empty());
     }
 
     #[test]
@@ -518,26 +352,43 @@ mod tests {
     }
 
     #[test]
-    fn waypoint_and_unsupported_policies_are_not_for_ztunnel() {
-        let p = policy(&format!(
-            "{HEAD}spec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: wp}}]\n"
-        ));
-        assert!(matches!(
-            convert(&p, &IndexConfig::default()),
-            Converted::NotForZtunnel(None)
-        ));
-        let p = policy(&format!("{HEAD}spec:\n  action: CUSTOM\n"));
-        assert!(matches!(
-            convert(&p, &IndexConfig::default()),
-            Converted::NotForZtunnel(Some(_))
-        ));
+    fn waypoint_and_audit_policies_are_not_for_ztunnel() {
+        for spec in [
+            "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]",
+            // A reference this mesh cannot enforce at is still not ztunnel's.
+            "targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: se}]\n  rules: [{}]",
+            "action: AUDIT\n  rules: [{}]",
+        ] {
+            let p = policy(&format!("{HEAD}spec:\n  {spec}\n"));
+            assert!(convert(&p, &IndexConfig::default()).is_none(), "{spec}");
+        }
     }
 
     #[test]
-    fn root_namespace_is_global() {
+    fn root_namespace_is_global_and_its_selectors_reach_every_namespace() {
         let yaml = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: g, namespace: istio-system}\nspec: {rules: [{}]}\n";
         let (a, _) = ztunnel(yaml);
         assert_eq!(a.scope, pb::Scope::Global as i32);
+        let cfg = IndexConfig::default();
+        let sel = policy(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: g, namespace: istio-system}\nspec: {selector: {matchLabels: {app: api}}, action: DENY, rules: [{}]}\n",
+        );
+        let local = policy(&format!(
+            "{HEAD}spec: {{selector: {{matchLabels: {{app: api}}}}}}\n"
+        ));
+        let pod = |ns: &str, app: &str| {
+            let mut p = Pod::default();
+            p.metadata.namespace = Some(ns.into());
+            p.metadata.labels.insert("app".into(), app.into());
+            p
+        };
+        assert!(selects(&sel, &pod("back", "api"), &cfg));
+        assert!(!selects(&sel, &pod("back", "web"), &cfg));
+        assert!(selects(&local, &pod("shop", "api"), &cfg));
+        assert!(
+            !selects(&local, &pod("back", "api"), &cfg),
+            "other namespaces: only from the root"
+        );
     }
 
     #[test]
@@ -593,5 +444,126 @@ spec:
             port.rules[0].clauses[0].matches[0].not_destination_ports,
             vec![9000]
         );
+    }
+
+    /// Istio's precedence: workload > namespace > mesh; UNSET inherits; the oldest of a
+    /// level wins; a selector policy in the root namespace is ignored.
+    #[test]
+    fn peer_authentication_precedence() {
+        let mut o = Objects::default();
+        o.add_file(
+            Path::new("pa"),
+            r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: mesh, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: root-selector, namespace: istio-system}
+spec: {selector: {matchLabels: {app: api}}, mtls: {mode: PERMISSIVE}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: old, namespace: lax, creationTimestamp: "2024-01-01T00:00:00Z"}
+spec: {mtls: {mode: PERMISSIVE}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: a-new, namespace: lax, creationTimestamp: "2025-01-01T00:00:00Z"}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: unset, namespace: inherit}
+spec: {mtls: {mode: UNSET}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict-api, namespace: lax}
+spec: {selector: {matchLabels: {app: api}}, mtls: {mode: STRICT}}
+"#,
+        )
+        .unwrap();
+        let s = StrictModes::from_objects(&o, &IndexConfig::default());
+        let pod = |app: &str, ns: &str| {
+            let mut p = Pod::default();
+            p.metadata.namespace = Some(ns.into());
+            p.metadata.labels.insert("app".into(), app.into());
+            p
+        };
+        let strict = vec!["istio-system/istio_converted_static_strict".to_string()];
+        // Mesh STRICT; the root namespace's selector policy does not make api permissive.
+        assert_eq!(s.policies_for(&pod("api", "back")), strict);
+        assert_eq!(s.policies_for(&pod("api", "istio-system")), strict);
+        // Namespace over mesh: the oldest of the two in `lax` (PERMISSIVE) wins.
+        assert!(s.policies_for(&pod("web", "lax")).is_empty());
+        // Workload over namespace.
+        assert_eq!(s.policies_for(&pod("api", "lax")), strict);
+        // UNSET inherits the mesh's.
+        assert_eq!(s.policies_for(&pod("web", "inherit")), strict);
+    }
+
+    /// A PeerAuthentication whose spec cannot be read is taken as STRICT (before, it was
+    /// refused and the namespace stayed PERMISSIVE: plaintext got in).
+    #[test]
+    fn an_unreadable_peer_authentication_is_strict() {
+        let mut o = Objects::default();
+        o.add_file(
+            Path::new("pa"),
+            r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: old, namespace: shop, creationTimestamp: "2020-01-01T00:00:00Z"}
+spec: {mtls: {mode: PERMISSIVE}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: typo, namespace: shop}
+spec: {mtls: {mdoe: STRICT}}
+"#,
+        )
+        .unwrap();
+        let typo = &o.peer_authentications[&("shop".into(), "typo".into())];
+        assert_eq!(typo.unreadable.as_ref().unwrap().0, "spec.mtls.mdoe");
+        let s = StrictModes::from_objects(&o, &IndexConfig::default());
+        let mut pod = Pod::default();
+        pod.metadata.namespace = Some("shop".into());
+        assert_eq!(
+            s.policies_for(&pod),
+            vec!["istio-system/istio_converted_static_strict"]
+        );
+    }
+
+    /// Each problem reaches the user with its object and field (the control log prints
+    /// `warnings`, `meshctl status` the findings), and the policy is still published.
+    #[test]
+    fn findings_name_the_object_and_field_and_the_policy_is_still_published() {
+        let mut o = Objects::default();
+        o.add_file(
+            Path::new("p"),
+            &format!(
+                "{HEAD}spec:\n  selector: {{matchLabels: {{app: api}}}}\n  rules:\n  - from: [{{source: {{ipBlocks: [\"10.0.0.0/40\"]}}}}]\n    to: [{{operation: {{methods: [GET]}}}}]\n"
+            ),
+        )
+        .unwrap();
+        let r = crate::index::compute(&o, &IndexConfig::default());
+        let f = &r.policy_findings[0];
+        assert_eq!(
+            (f.object.as_str(), f.severity, f.field.as_str()),
+            (
+                "AuthorizationPolicy shop/p",
+                "error",
+                "spec.rules[0].from[0].source.ipBlocks[0]"
+            )
+        );
+        assert!(r.warnings.contains(&f.to_string()));
+        assert!(
+            r.policy_findings.iter().any(|f| f.severity == "note"),
+            "the L4 note on methods"
+        );
+        let a = &r.authorizations["shop/p"];
+        assert!(a.rules.is_empty(), "published, allowing nothing: {a:?}");
     }
 }

@@ -53,8 +53,62 @@ pub struct Resources {
     pub authorizations: BTreeMap<String, pb_sec::Authorization>,
     /// Pods by node, enrolled or not: what each node agent must (not) capture.
     pub node_pods: BTreeMap<String, Vec<enrollment::NodePod>>,
-    /// Things the user should know (e.g. a policy rule dropped at L4).
+    /// Things the user should know (e.g. a policy rule dropped at L4); logged.
     pub warnings: Vec<String>,
+    /// What could not be understood in each policy, or is enforced other than written,
+    /// with its object and field (`meshctl status`).
+    pub policy_findings: Vec<PolicyFinding>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyFinding {
+    /// `AuthorizationPolicy <namespace>/<name>`.
+    pub object: String,
+    /// `error` (enforced fail closed), `unsupported` (valid for Istio, not evaluated
+    /// here: fail closed) or `note`.
+    pub severity: &'static str,
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for PolicyFinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}: {}",
+            self.severity, self.object, self.field, self.message
+        )
+    }
+}
+
+fn policy_findings(p: &crate::k8s::AuthorizationPolicy, notes: &[String]) -> Vec<PolicyFinding> {
+    use mesh_authz::k8s::Severity;
+    let object = format!(
+        "AuthorizationPolicy {}/{}",
+        p.metadata.ns(),
+        p.metadata.name
+    );
+    let mut out: Vec<PolicyFinding> = p
+        .findings
+        .iter()
+        .map(|f| PolicyFinding {
+            object: object.clone(),
+            severity: match f.severity {
+                Severity::Error => "error",
+                Severity::Unsupported => "unsupported",
+                Severity::Note => "note",
+            },
+            field: f.field.clone(),
+            message: f.message.clone(),
+        })
+        .collect();
+    out.extend(notes.iter().map(|n| PolicyFinding {
+        object: object.clone(),
+        severity: "note",
+        field: "spec.rules".into(),
+        message: format!("at ztunnel (L4): {n}"),
+    }));
+    out
 }
 
 pub fn compute(objs: &Objects, cfg: &IndexConfig) -> Resources {
@@ -91,17 +145,33 @@ pub fn compute(objs: &Objects, cfg: &IndexConfig) -> Resources {
         }
     }
     for policy in objs.authorization_policies.values() {
-        match authz::convert(policy, cfg) {
-            authz::Converted::ForZtunnel(a, warnings) => {
-                out.warnings.extend(warnings);
+        let notes = match authz::convert(policy, cfg) {
+            Some((a, notes)) => {
                 out.authorizations
                     .insert(format!("{}/{}", a.namespace, a.name), a);
+                notes
             }
-            authz::Converted::NotForZtunnel(why) => {
-                if let Some(w) = why {
-                    out.warnings.push(w);
-                }
-            }
+            None => vec![],
+        };
+        let findings = policy_findings(policy, &notes);
+        out.warnings
+            .extend(findings.iter().map(ToString::to_string));
+        out.policy_findings.extend(findings);
+    }
+    for pa in objs.peer_authentications.values() {
+        if let Some((field, message)) = &pa.unreadable {
+            let f = PolicyFinding {
+                object: format!(
+                    "PeerAuthentication {}/{}",
+                    pa.metadata.ns(),
+                    pa.metadata.name
+                ),
+                severity: "error",
+                field: field.clone(),
+                message: message.clone(),
+            };
+            out.warnings.push(f.to_string());
+            out.policy_findings.push(f);
         }
     }
     for a in strict.policies() {

@@ -110,23 +110,26 @@ fn resolve_extension_refs(objs: &Objects, ns: &str, spec: &serde_json::Value) ->
     spec
 }
 
+/// AuthorizationPolicies whose targetRefs name waypoint `wp_ns/wp_name`'s Gateway or a
+/// Service it serves, typed as mesh-control read them (problems included: the waypoint
+/// enforces them fail closed).
 pub fn policies(
     objs: &Objects,
     wp_ns: &str,
     wp_name: &str,
     served: &[(String, String)],
 ) -> Vec<(String, L7Policy)> {
+    use mesh_proto::waypoint::TargetKind;
     objs.authorization_policies
         .values()
         .filter(|p| {
             let pns = p.metadata.ns();
-            p.spec
-                .target_ref
+            p.policy
+                .targets
                 .iter()
-                .chain(&p.spec.target_refs)
-                .any(|t| match t.kind.as_str() {
-                    "Gateway" => pns == wp_ns && t.name == wp_name,
-                    "Service" => served
+                .any(|t| match TargetKind::try_from(t.kind) {
+                    Ok(TargetKind::Gateway) => pns == wp_ns && t.name == wp_name,
+                    Ok(TargetKind::Service) => served
                         .iter()
                         .any(|(sns, sname)| sns == pns && *sname == t.name),
                     _ => false,
@@ -139,7 +142,7 @@ pub fn policies(
                 L7Policy {
                     namespace: ns,
                     name: p.metadata.name.clone(),
-                    spec_json: serde_json::to_string(&p.spec).unwrap_or_default(),
+                    policy: Some(p.policy.clone()),
                 },
             )
         })
@@ -302,7 +305,13 @@ spec:
         );
         let p = policies(&o, "shop", "waypoint", &served);
         assert_eq!(p.len(), 1);
-        assert!(p[0].1.spec_json.contains("/admin*"));
+        let typed = p[0].1.policy.as_ref().unwrap();
+        assert_eq!(
+            typed.rules[0].to[0].paths[0].kind,
+            Some(mesh_proto::waypoint::authz_string_match::Kind::Prefix(
+                "/admin".into()
+            ))
+        );
         assert!(policies(&o, "shop", "another", &[]).is_empty());
     }
 }

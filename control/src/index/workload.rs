@@ -123,16 +123,8 @@ pub fn workload(
     let mut authorization_policies: Vec<String> = objs
         .authorization_policies
         .values()
-        .filter(|p| {
-            p.metadata.ns() == ns && p.spec.target_ref.is_none() && p.spec.target_refs.is_empty()
-        })
-        .filter(|p| {
-            p.spec
-                .selector
-                .as_ref()
-                .is_some_and(|s| !s.match_labels.is_empty() && s.matches(&pod.metadata.labels))
-        })
-        .map(|p| format!("{}/{}", ns, p.metadata.name))
+        .filter(|p| super::authz::selects(p, pod, cfg))
+        .map(|p| format!("{}/{}", p.metadata.ns(), p.metadata.name))
         .collect();
     authorization_policies.extend(strict.policies_for(pod));
     authorization_policies.sort();

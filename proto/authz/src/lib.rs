@@ -1,38 +1,31 @@
-//! The semantics of `istio.security.Authorization`: validated policies and their L4
-//! evaluation, shared by ztunnel (enforcement) and the control plane (`meshctl authz
-//! check`), so both always agree.
+//! Istio's AuthorizationPolicy, once for the whole mesh:
+//!
+//! - [`k8s`]: the Kubernetes object read and validated into the typed
+//!   `mesh.waypoint.v1.AuthorizationPolicy` (mesh-control, when it reads the object);
+//! - [`typed`]: that message into a [`Policy`] (the waypoint, `meshctl authz check`);
+//! - [`istio`]: a [`Policy`] to and from Istio's `istio.security.Authorization`, the L4
+//!   form ztunnel receives (mesh-control lowers, ztunnel reads back);
+//! - this module: the [`Policy`] model and the one evaluator all of them use.
+//!
+//! Fail closed, with Istio's rules: an attribute the enforcing component cannot evaluate
+//! (an HTTP attribute at L4, a JWT claim anywhere, a value mesh-control could not read)
+//! counts as not matching in an ALLOW policy and as matching in a DENY policy. So an ALLOW
+//! rule that cannot be evaluated allows nothing, and a DENY rule denies whenever the parts
+//! that can be evaluated match. An unknown action denies everything in the policy's scope.
 //!
 //! Any matching DENY denies; with no ALLOW policy everything is allowed; otherwise some
-//! ALLOW must match. Dry-run policies are evaluated and logged, never enforced.
+//! ALLOW must match. Dry-run policies are evaluated and logged, never enforced; AUDIT
+//! policies never change a decision.
 #![forbid(unsafe_code)]
 
+pub mod istio;
+pub mod k8s;
+pub mod typed;
+
 use mesh_identity::SpiffeId;
-use mesh_proto::security as pb_sec;
 use std::net::IpAddr;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{what}: {reason}")]
-pub struct PolicyError {
-    pub what: String,
-    pub reason: String,
-}
-
-fn ip_from_bytes(what: &str, b: &[u8]) -> Result<IpAddr, PolicyError> {
-    match b.len() {
-        4 => Ok(IpAddr::from(
-            <[u8; 4]>::try_from(b).expect("length checked"),
-        )),
-        16 => Ok(IpAddr::from(
-            <[u8; 16]>::try_from(b).expect("length checked"),
-        )),
-        len => Err(PolicyError {
-            what: what.to_string(),
-            reason: format!("address of {len} bytes is neither IPv4 (4) nor IPv6 (16)"),
-        }),
-    }
-}
-
-/// Validated L4 policy (see `crate::rbac` for evaluation).
+/// Evaluable policy (L4 and L7).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub name: String,
@@ -42,11 +35,40 @@ pub struct Policy {
     pub dry_run: bool,
     /// OR of rules; a rule is an AND of clauses; a clause an OR of matches.
     pub rules: Vec<Vec<Vec<Match>>>,
+    /// Why the policy is not enforced exactly as written (what could not be read, what
+    /// is enforced in its place); empty when it is.
+    pub problems: Vec<String>,
 }
 
 impl Policy {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The policy a component puts in place of one it cannot read at all: it allows
+    /// nothing (ALLOW) or denies everything in its scope (any other action), so that
+    /// refusing it never widens access.
+    pub fn fail_closed(
+        namespace: &str,
+        name: &str,
+        scope: PolicyScope,
+        action: Action,
+        dry_run: bool,
+        problem: String,
+    ) -> Policy {
+        let (action, rules) = match action {
+            Action::Allow => (Action::Allow, vec![]),
+            Action::Deny | Action::Audit => (Action::Deny, vec![vec![]]),
+        };
+        Policy {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            scope,
+            action,
+            dry_run,
+            rules,
+            problems: vec![problem],
+        }
     }
 }
 
@@ -60,7 +82,11 @@ pub enum PolicyScope {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     Allow,
+    /// Also CUSTOM (no external authorizer here: it denies what its rules match) and an
+    /// unknown action (with a rule that matches everything).
     Deny,
+    /// Never changes a decision.
+    Audit,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +105,18 @@ impl StringMatch {
             (StringMatch::Prefix(p), Some(v)) => v.starts_with(p.as_str()),
             (StringMatch::Suffix(s), Some(v)) => v.ends_with(s.as_str()),
             (StringMatch::Presence, Some(v)) => !v.is_empty(),
+        }
+    }
+
+    /// Case-insensitive (hosts).
+    fn matches_ignore_case(&self, value: &str) -> bool {
+        let v = value.to_ascii_lowercase();
+        let lower = |s: &String| s.to_ascii_lowercase();
+        match self {
+            StringMatch::Exact(e) => v == lower(e),
+            StringMatch::Prefix(p) => v.starts_with(&lower(p)),
+            StringMatch::Suffix(s) => v.ends_with(&lower(s)),
+            StringMatch::Presence => !v.is_empty(),
         }
     }
 }
@@ -109,6 +147,19 @@ impl IpNet {
         Ok(IpNet { addr, prefix })
     }
 
+    /// From the wire: 4 or 16 address bytes and a prefix length that fits them.
+    pub fn from_bytes(address: &[u8], prefix: u32) -> Result<IpNet, String> {
+        let addr = ip_from_bytes(address)?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(format!("prefix /{prefix} is too long for {addr}"));
+        }
+        Ok(IpNet {
+            addr,
+            prefix: prefix as u8,
+        })
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -126,8 +177,40 @@ impl IpNet {
     }
 }
 
+pub fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, String> {
+    match b.len() {
+        4 => Ok(IpAddr::from(
+            <[u8; 4]>::try_from(b).expect("length checked"),
+        )),
+        16 => Ok(IpAddr::from(
+            <[u8; 16]>::try_from(b).expect("length checked"),
+        )),
+        len => Err(format!(
+            "address of {len} bytes is neither IPv4 (4) nor IPv6 (16)"
+        )),
+    }
+}
+
+pub fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+/// `request.headers[name]`: the values are matched against the header's values joined
+/// with `,` (as Envoy does), so repeating a header cannot slip past a match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderMatch {
+    /// Lower case.
+    pub name: String,
+    pub values: Vec<StringMatch>,
+    pub not_values: Vec<StringMatch>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Match {
+    // L4: what istio.security.Match carries.
     pub namespaces: Vec<StringMatch>,
     pub not_namespaces: Vec<StringMatch>,
     pub principals: Vec<StringMatch>,
@@ -141,134 +224,75 @@ pub struct Match {
     /// (namespace, service account)
     pub service_accounts: Vec<(String, String)>,
     pub not_service_accounts: Vec<(String, String)>,
+    // HTTP attributes: only a waypoint sees them.
+    pub hosts: Vec<StringMatch>,
+    pub not_hosts: Vec<StringMatch>,
+    pub methods: Vec<StringMatch>,
+    pub not_methods: Vec<StringMatch>,
+    pub paths: Vec<StringMatch>,
+    pub not_paths: Vec<StringMatch>,
+    pub headers: Vec<HeaderMatch>,
+    /// remoteIpBlocks / remote.ip: the original client, which the waypoint takes to be
+    /// the source address (it trusts no X-Forwarded-For).
+    pub remote_ips: Vec<IpNet>,
+    pub not_remote_ips: Vec<IpNet>,
+    /// Parts no component can evaluate (JWT attributes, values mesh-control could not
+    /// read), named for reports.
+    pub unevaluable: Vec<String>,
 }
 
 impl Match {
-    /// A match with nothing in it is skipped (never matches).
+    /// A match with nothing in it is skipped (never matches), as in Istio's ztunnel.
     pub fn is_empty(&self) -> bool {
         *self == Match::default()
     }
-}
 
-impl Policy {
-    pub fn from_proto(a: &pb_sec::Authorization) -> Result<Self, PolicyError> {
-        let what = format!("authorization {}/{}", a.namespace, a.name);
-        let scope = match pb_sec::Scope::try_from(a.scope) {
-            Ok(pb_sec::Scope::Global) => PolicyScope::Global,
-            Ok(pb_sec::Scope::Namespace) => PolicyScope::Namespace,
-            Ok(pb_sec::Scope::WorkloadSelector) => PolicyScope::WorkloadSelector,
-            Err(_) => {
-                return Err(PolicyError {
-                    what,
-                    reason: format!("unknown scope {}", a.scope),
-                });
-            }
-        };
-        let action = match pb_sec::Action::try_from(a.action) {
-            Ok(pb_sec::Action::Allow) => Action::Allow,
-            Ok(pb_sec::Action::Deny) => Action::Deny,
-            Err(_) => {
-                return Err(PolicyError {
-                    what,
-                    reason: format!("unknown action {}", a.action),
-                });
-            }
-        };
-        let strings = |v: &[pb_sec::StringMatch]| -> Result<Vec<StringMatch>, PolicyError> {
-            v.iter()
-                .map(|m| match &m.match_type {
-                    Some(pb_sec::string_match::MatchType::Exact(s)) => {
-                        Ok(StringMatch::Exact(s.clone()))
-                    }
-                    Some(pb_sec::string_match::MatchType::Prefix(s)) => {
-                        Ok(StringMatch::Prefix(s.clone()))
-                    }
-                    Some(pb_sec::string_match::MatchType::Suffix(s)) => {
-                        Ok(StringMatch::Suffix(s.clone()))
-                    }
-                    Some(pb_sec::string_match::MatchType::Presence(())) => {
-                        Ok(StringMatch::Presence)
-                    }
-                    None => Err(PolicyError {
-                        what: what.clone(),
-                        reason: "string match without a value".into(),
-                    }),
-                })
-                .collect()
-        };
-        let nets = |v: &[pb_sec::Address]| -> Result<Vec<IpNet>, PolicyError> {
-            v.iter()
-                .map(|a| {
-                    let addr = ip_from_bytes(&what, &a.address)?;
-                    let max = if addr.is_ipv4() { 32 } else { 128 };
-                    let prefix = if a.length == 0 && !a.address.is_empty() {
-                        // Istio sends the full length for single addresses; 0 means
-                        // "everything" only when written explicitly as 0.0.0.0/0.
-                        if addr.is_unspecified() { 0 } else { max }
-                    } else {
-                        a.length
-                    };
-                    if prefix > max {
-                        return Err(PolicyError {
-                            what: what.clone(),
-                            reason: format!("prefix /{prefix} is too long for {addr}"),
-                        });
-                    }
-                    Ok(IpNet {
-                        addr,
-                        prefix: prefix as u8,
-                    })
-                })
-                .collect()
-        };
-        let ports = |v: &[u32]| -> Result<Vec<u16>, PolicyError> {
-            v.iter()
-                .map(|p| {
-                    u16::try_from(*p).map_err(|_| PolicyError {
-                        what: what.clone(),
-                        reason: format!("port {p} is out of range"),
-                    })
-                })
-                .collect()
-        };
-        let sas = |v: &[pb_sec::ServiceAccountMatch]| {
-            v.iter()
-                .map(|s| (s.namespace.clone(), s.service_account.clone()))
-                .collect()
-        };
-        let mut rules = Vec::with_capacity(a.rules.len());
-        for rule in &a.rules {
-            let mut clauses = Vec::with_capacity(rule.clauses.len());
-            for clause in &rule.clauses {
-                let mut matches = Vec::with_capacity(clause.matches.len());
-                for m in &clause.matches {
-                    matches.push(Match {
-                        namespaces: strings(&m.namespaces)?,
-                        not_namespaces: strings(&m.not_namespaces)?,
-                        principals: strings(&m.principals)?,
-                        not_principals: strings(&m.not_principals)?,
-                        source_ips: nets(&m.source_ips)?,
-                        not_source_ips: nets(&m.not_source_ips)?,
-                        destination_ips: nets(&m.destination_ips)?,
-                        not_destination_ips: nets(&m.not_destination_ips)?,
-                        destination_ports: ports(&m.destination_ports)?,
-                        not_destination_ports: ports(&m.not_destination_ports)?,
-                        service_accounts: sas(&m.service_accounts),
-                        not_service_accounts: sas(&m.not_service_accounts),
-                    });
-                }
-                clauses.push(matches);
-            }
-            rules.push(clauses);
+    /// The fields ztunnel cannot evaluate, by their AuthorizationPolicy names.
+    pub fn http_fields(&self) -> Vec<String> {
+        let mut out: Vec<String> = [
+            ("hosts", self.hosts.is_empty()),
+            ("notHosts", self.not_hosts.is_empty()),
+            ("methods", self.methods.is_empty()),
+            ("notMethods", self.not_methods.is_empty()),
+            ("paths", self.paths.is_empty()),
+            ("notPaths", self.not_paths.is_empty()),
+            ("remoteIpBlocks", self.remote_ips.is_empty()),
+            ("notRemoteIpBlocks", self.not_remote_ips.is_empty()),
+        ]
+        .into_iter()
+        .filter(|(_, empty)| !empty)
+        .map(|(n, _)| n.to_string())
+        .collect();
+        out.extend(
+            self.headers
+                .iter()
+                .map(|h| format!("request.headers[{}]", h.name)),
+        );
+        out
+    }
+
+    /// The part ztunnel can evaluate.
+    pub fn l4_part(&self) -> Match {
+        Match {
+            namespaces: self.namespaces.clone(),
+            not_namespaces: self.not_namespaces.clone(),
+            principals: self.principals.clone(),
+            not_principals: self.not_principals.clone(),
+            source_ips: self.source_ips.clone(),
+            not_source_ips: self.not_source_ips.clone(),
+            destination_ips: self.destination_ips.clone(),
+            not_destination_ips: self.not_destination_ips.clone(),
+            destination_ports: self.destination_ports.clone(),
+            not_destination_ports: self.not_destination_ports.clone(),
+            service_accounts: self.service_accounts.clone(),
+            not_service_accounts: self.not_service_accounts.clone(),
+            ..Default::default()
         }
-        Ok(Policy {
-            name: a.name.clone(),
-            namespace: a.namespace.clone(),
-            scope,
-            action,
-            dry_run: a.dry_run,
-            rules,
-        })
+    }
+
+    /// Whether some part needs more than L4 facts (or can never be evaluated).
+    pub fn needs_more_than_l4(&self) -> bool {
+        !self.unevaluable.is_empty() || !self.http_fields().is_empty()
     }
 }
 
@@ -278,9 +302,20 @@ pub struct ConnectionInfo {
     /// Verified peer identity (mTLS); `None` for plaintext.
     pub src_identity: Option<SpiffeId>,
     pub src_ip: IpAddr,
+    /// Unspecified (`0.0.0.0`) when the enforcing component does not know it: then
+    /// `destination.ip` cannot be evaluated.
     pub dst_ip: IpAddr,
     /// The application's port (never 15008).
     pub dst_port: u16,
+}
+
+/// The HTTP facts, at a waypoint.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub host: &'a str,
+    pub headers: &'a http::HeaderMap,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -299,15 +334,29 @@ impl Decision {
     }
 }
 
+/// An L4 decision (ztunnel).
 pub fn evaluate<'a>(
     policies: impl IntoIterator<Item = &'a Policy>,
     conn: &ConnectionInfo,
+) -> Decision {
+    evaluate_request(policies, conn, None)
+}
+
+/// A decision on what the enforcing component knows: L4 only (`http` is `None`), or an
+/// HTTP request (a waypoint).
+pub fn evaluate_request<'a>(
+    policies: impl IntoIterator<Item = &'a Policy>,
+    conn: &ConnectionInfo,
+    http: Option<&HttpRequest<'_>>,
 ) -> Decision {
     let mut allow_names = Vec::new();
     let mut allow_matched = false;
     let mut deny: Option<&Policy> = None;
     for p in policies {
-        let matched = policy_matches(p, conn);
+        if p.action == Action::Audit {
+            continue;
+        }
+        let matched = policy_matches_request(p, conn, http);
         if p.dry_run {
             if matched {
                 tracing::info!(target: "authz", policy = %p.key(), action = ?p.action,
@@ -317,17 +366,22 @@ pub fn evaluate<'a>(
         }
         match p.action {
             Action::Deny if matched => deny = deny.or(Some(p)),
-            Action::Deny => {}
             Action::Allow => {
                 allow_names.push(p.key());
                 allow_matched |= matched;
             }
+            _ => {}
         }
     }
     if let Some(p) = deny {
+        let why = p
+            .problems
+            .first()
+            .map(|w| format!(" (fail closed: {w})"))
+            .unwrap_or_default();
         return Decision::Deny {
             policy: Some(p.key()),
-            reason: format!("matched DENY policy {}", p.key()),
+            reason: format!("matched DENY policy {}{why}", p.key()),
         };
     }
     if allow_names.is_empty() || allow_matched {
@@ -347,231 +401,132 @@ pub fn evaluate<'a>(
     }
 }
 
-/// A policy with no rules never matches; a rule with no clauses matches everything.
+/// At L4. A policy with no rules never matches; a rule with no clauses matches everything.
 pub fn policy_matches(p: &Policy, conn: &ConnectionInfo) -> bool {
+    policy_matches_request(p, conn, None)
+}
+
+pub fn policy_matches_request(
+    p: &Policy,
+    conn: &ConnectionInfo,
+    http: Option<&HttpRequest<'_>>,
+) -> bool {
+    let facts = Facts::new(conn, http);
     p.rules.iter().any(|clauses| {
         clauses
             .iter()
-            .all(|matches| matches.iter().any(|m| match_matches(m, conn)))
+            .all(|matches| matches.is_empty() || matches.iter().any(|m| facts.matches(m, p.action)))
     })
 }
 
-fn any_or_empty<T>(list: &[T], f: impl Fn(&T) -> bool) -> bool {
-    list.is_empty() || list.iter().any(f)
+/// What one field of a match says about a request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tri {
+    Yes,
+    No,
+    /// The enforcing component does not know the attribute.
+    Unknown,
 }
 
-fn none_match<T>(list: &[T], f: impl Fn(&T) -> bool) -> bool {
-    !list.iter().any(f)
-}
-
-fn match_matches(m: &Match, conn: &ConnectionInfo) -> bool {
-    // An empty match is skipped: it matches nothing.
-    if m.is_empty() {
-        return false;
+fn field<T>(pos: &[T], neg: &[T], known: bool, f: impl Fn(&T) -> bool) -> Tri {
+    if pos.is_empty() && neg.is_empty() {
+        Tri::Yes
+    } else if !known {
+        Tri::Unknown
+    } else if (pos.is_empty() || pos.iter().any(&f)) && !neg.iter().any(&f) {
+        Tri::Yes
+    } else {
+        Tri::No
     }
-    let principal = conn.src_identity.as_ref().map(SpiffeId::principal);
-    let principal = principal.as_deref();
-    let namespace = conn.src_identity.as_ref().map(SpiffeId::namespace);
-    let sa_matches = |(ns, sa): &(String, String)| {
-        conn.src_identity
-            .as_ref()
-            .is_some_and(|id| id.namespace() == ns && id.service_account() == sa)
-    };
-    any_or_empty(&m.namespaces, |s| s.matches(namespace))
-        && none_match(&m.not_namespaces, |s| s.matches(namespace))
-        && any_or_empty(&m.principals, |s| s.matches(principal))
-        && none_match(&m.not_principals, |s| s.matches(principal))
-        && any_or_empty(&m.source_ips, |n| n.contains(conn.src_ip))
-        && none_match(&m.not_source_ips, |n| n.contains(conn.src_ip))
-        && any_or_empty(&m.destination_ips, |n| n.contains(conn.dst_ip))
-        && none_match(&m.not_destination_ips, |n| n.contains(conn.dst_ip))
-        && any_or_empty(&m.destination_ports, |p| *p == conn.dst_port)
-        && none_match(&m.not_destination_ports, |p| *p == conn.dst_port)
-        && any_or_empty(&m.service_accounts, sa_matches)
-        && none_match(&m.not_service_accounts, sa_matches)
+}
+
+struct Facts<'a> {
+    conn: &'a ConnectionInfo,
+    http: Option<&'a HttpRequest<'a>>,
+    principal: Option<String>,
+}
+
+impl<'a> Facts<'a> {
+    fn new(conn: &'a ConnectionInfo, http: Option<&'a HttpRequest<'a>>) -> Self {
+        Facts {
+            conn,
+            http,
+            principal: conn.src_identity.as_ref().map(SpiffeId::principal),
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        let h = self.http?;
+        let values: Vec<&str> = h
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+            .collect();
+        (!values.is_empty()).then(|| values.join(","))
+    }
+
+    /// Unknown parts count as not matching in ALLOW, as matching in DENY.
+    fn matches(&self, m: &Match, action: Action) -> bool {
+        if m.is_empty() {
+            return false;
+        }
+        let c = self.conn;
+        let principal = self.principal.as_deref();
+        let namespace = c.src_identity.as_ref().map(SpiffeId::namespace);
+        let sa = |(ns, sa): &(String, String)| {
+            c.src_identity
+                .as_ref()
+                .is_some_and(|id| id.namespace() == ns && id.service_account() == sa)
+        };
+        let http = self.http.is_some();
+        let h = self.http;
+        let mut fields = vec![
+            field(&m.namespaces, &m.not_namespaces, true, |s| {
+                s.matches(namespace)
+            }),
+            field(&m.principals, &m.not_principals, true, |s| {
+                s.matches(principal)
+            }),
+            field(&m.service_accounts, &m.not_service_accounts, true, sa),
+            field(&m.source_ips, &m.not_source_ips, true, |n| {
+                n.contains(c.src_ip)
+            }),
+            field(
+                &m.destination_ips,
+                &m.not_destination_ips,
+                !c.dst_ip.is_unspecified(),
+                |n| n.contains(c.dst_ip),
+            ),
+            field(&m.destination_ports, &m.not_destination_ports, true, |p| {
+                *p == c.dst_port
+            }),
+            field(&m.remote_ips, &m.not_remote_ips, http, |n| {
+                n.contains(c.src_ip)
+            }),
+            field(&m.hosts, &m.not_hosts, http, |s| {
+                h.is_some_and(|h| s.matches_ignore_case(h.host))
+            }),
+            field(&m.methods, &m.not_methods, http, |s| {
+                s.matches(h.map(|h| h.method))
+            }),
+            field(&m.paths, &m.not_paths, http, |s| {
+                s.matches(h.map(|h| h.path))
+            }),
+        ];
+        for hm in &m.headers {
+            let v = self.header(&hm.name);
+            fields.push(field(&hm.values, &hm.not_values, http, |s| {
+                s.matches(v.as_deref())
+            }));
+        }
+        if fields.contains(&Tri::No) {
+            return false;
+        }
+        let unknown = fields.contains(&Tri::Unknown) || !m.unevaluable.is_empty();
+        !unknown || action == Action::Deny
+    }
 }
 
 #[cfg(test)]
-mod tests {
-
-    #[test]
-    fn ip_nets_parse_with_bounded_prefixes() {
-        let n = IpNet::parse("10.244.0.0/16").unwrap();
-        assert!(n.contains("10.244.9.9".parse().unwrap()));
-        assert!(!n.contains("10.245.0.1".parse().unwrap()));
-        assert_eq!(IpNet::parse("10.0.0.1").unwrap().prefix, 32);
-        assert_eq!(IpNet::parse("fd00::/8").unwrap().prefix, 8);
-        assert_eq!(IpNet::parse("::1").unwrap().prefix, 128);
-        assert!(IpNet::parse("10.0.0.0/33").is_err());
-        assert!(IpNet::parse("fd00::/129").is_err());
-        assert!(IpNet::parse("10.0.0/8").is_err());
-        assert!(IpNet::parse("10.0.0.0/x").is_err());
-    }
-
-    use super::*;
-
-    fn conn(id: Option<&str>, port: u16) -> ConnectionInfo {
-        ConnectionInfo {
-            src_identity: id.map(|s| s.parse().unwrap()),
-            src_ip: "10.0.0.1".parse().unwrap(),
-            dst_ip: "10.0.1.1".parse().unwrap(),
-            dst_port: port,
-        }
-    }
-
-    fn policy(name: &str, action: Action, rules: Vec<Vec<Vec<Match>>>) -> Policy {
-        Policy {
-            name: name.into(),
-            namespace: "ns".into(),
-            scope: PolicyScope::Namespace,
-            action,
-            dry_run: false,
-            rules,
-        }
-    }
-
-    const A: &str = "spiffe://cluster.local/ns/front/sa/web";
-
-    #[test]
-    fn no_policies_allow() {
-        assert_eq!(evaluate([], &conn(None, 80)), Decision::Allow);
-    }
-
-    #[test]
-    fn empty_allow_denies_everything_empty_deny_does_nothing() {
-        let allow_none = policy("allow-nothing", Action::Allow, vec![]);
-        let d = evaluate([&allow_none], &conn(Some(A), 80));
-        assert_eq!(
-            d,
-            Decision::Deny {
-                policy: Some("ns/allow-nothing".into()),
-                reason: "no ALLOW policy matched (checked ns/allow-nothing)".into()
-            }
-        );
-        let deny_none = policy("deny-nothing", Action::Deny, vec![]);
-        assert_eq!(evaluate([&deny_none], &conn(Some(A), 80)), Decision::Allow);
-    }
-
-    #[test]
-    fn rule_without_clauses_matches_everything() {
-        let allow_all = policy("allow-all", Action::Allow, vec![vec![]]);
-        assert!(evaluate([&allow_all], &conn(None, 1)).is_allowed());
-    }
-
-    #[test]
-    fn deny_wins_over_allow_and_names_the_policy() {
-        let allow_all = policy("allow-all", Action::Allow, vec![vec![]]);
-        let deny_port = policy(
-            "deny-9090",
-            Action::Deny,
-            vec![vec![vec![Match {
-                destination_ports: vec![9090],
-                ..Default::default()
-            }]]],
-        );
-        assert!(evaluate([&allow_all, &deny_port], &conn(Some(A), 80)).is_allowed());
-        assert_eq!(
-            evaluate([&allow_all, &deny_port], &conn(Some(A), 9090)),
-            Decision::Deny {
-                policy: Some("ns/deny-9090".into()),
-                reason: "matched DENY policy ns/deny-9090".into()
-            }
-        );
-    }
-
-    #[test]
-    fn principals_namespaces_service_accounts() {
-        let allow = |m: Match| policy("p", Action::Allow, vec![vec![vec![m]]]);
-        let by_principal = allow(Match {
-            principals: vec![StringMatch::Exact("cluster.local/ns/front/sa/web".into())],
-            ..Default::default()
-        });
-        assert!(evaluate([&by_principal], &conn(Some(A), 80)).is_allowed());
-        assert!(
-            !evaluate([&by_principal], &conn(None, 80)).is_allowed(),
-            "no identity never matches a principal"
-        );
-        let by_ns = allow(Match {
-            namespaces: vec![StringMatch::Prefix("fro".into())],
-            ..Default::default()
-        });
-        assert!(evaluate([&by_ns], &conn(Some(A), 80)).is_allowed());
-        assert!(
-            !evaluate(
-                [&by_ns],
-                &conn(Some("spiffe://cluster.local/ns/back/sa/web"), 80)
-            )
-            .is_allowed()
-        );
-        let by_sa = allow(Match {
-            service_accounts: vec![("front".into(), "web".into())],
-            ..Default::default()
-        });
-        assert!(evaluate([&by_sa], &conn(Some(A), 80)).is_allowed());
-        assert!(
-            !evaluate(
-                [&by_sa],
-                &conn(Some("spiffe://cluster.local/ns/front/sa/db"), 80)
-            )
-            .is_allowed()
-        );
-    }
-
-    #[test]
-    fn strict_conversion_denies_plaintext_only() {
-        let strict = policy(
-            "istio_converted_static_strict",
-            Action::Deny,
-            vec![vec![vec![Match {
-                not_principals: vec![StringMatch::Presence],
-                ..Default::default()
-            }]]],
-        );
-        assert!(!evaluate([&strict], &conn(None, 80)).is_allowed());
-        assert!(evaluate([&strict], &conn(Some(A), 80)).is_allowed());
-    }
-
-    #[test]
-    fn clauses_and_matches_combine() {
-        // (port 80 OR port 81) AND from 10.0.0.0/24
-        let p = policy(
-            "p",
-            Action::Allow,
-            vec![vec![
-                vec![
-                    Match {
-                        destination_ports: vec![80],
-                        ..Default::default()
-                    },
-                    Match {
-                        destination_ports: vec![81],
-                        ..Default::default()
-                    },
-                ],
-                vec![Match {
-                    source_ips: vec![IpNet {
-                        addr: "10.0.0.0".parse().unwrap(),
-                        prefix: 24,
-                    }],
-                    ..Default::default()
-                }],
-            ]],
-        );
-        assert!(evaluate([&p], &conn(None, 80)).is_allowed());
-        assert!(evaluate([&p], &conn(None, 81)).is_allowed());
-        assert!(!evaluate([&p], &conn(None, 82)).is_allowed());
-        let mut other_src = conn(None, 80);
-        other_src.src_ip = "10.0.5.1".parse().unwrap();
-        assert!(!evaluate([&p], &other_src).is_allowed());
-        // An empty match in a clause never matches.
-        let empty = policy("e", Action::Allow, vec![vec![vec![Match::default()]]]);
-        assert!(!evaluate([&empty], &conn(None, 80)).is_allowed());
-    }
-
-    #[test]
-    fn dry_run_is_not_enforced() {
-        let mut deny_all = policy("deny-all", Action::Deny, vec![vec![]]);
-        deny_all.dry_run = true;
-        assert!(evaluate([&deny_all], &conn(None, 80)).is_allowed());
-    }
-}
+mod tests;

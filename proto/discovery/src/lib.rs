@@ -121,13 +121,21 @@ impl State {
         true
     }
 
+    /// Applies one Authorization. One that cannot be read in full is still applied, fail
+    /// closed (its unreadable parts allow nothing in an ALLOW and match in a DENY; an
+    /// unknown action denies everything in its scope), and the error is returned so the
+    /// caller NACKs it: refusing a policy never widens access.
     pub fn apply_authorization(&mut self, a: &pb_sec::Authorization) -> Result<(), ResourceError> {
-        let p = Policy::from_proto(a).map_err(|e| ResourceError::Invalid {
-            what: e.what,
-            reason: e.reason,
-        })?;
+        let (p, problems) = Policy::from_proto(a);
         self.insert_policy(p);
-        Ok(())
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ResourceError::Invalid {
+                what: format!("authorization {}/{}", a.namespace, a.name),
+                reason: format!("{} (enforced fail closed)", problems.join("; ")),
+            })
+        }
     }
 
     pub fn insert_policy(&mut self, p: Policy) {
@@ -179,11 +187,9 @@ impl State {
             }
         }
         for (name, p) in policies {
+            // Applied fail closed even when invalid: the previous version could allow more.
             if let Err(e) = next.apply_authorization(p) {
                 errors.push(format!("{name}: {e}"));
-                if let Some(old) = self.policies.get(name) {
-                    next.insert_policy((**old).clone());
-                }
             }
         }
         *self = next;
@@ -457,6 +463,51 @@ mod tests {
     }
 
     const KEY: &str = "ns/s.ns.svc.cluster.local";
+
+    /// A policy ztunnel refuses (NACKs) is still in force, fail closed: before, an ALLOW
+    /// it could not read was simply absent, and everyone was allowed.
+    #[test]
+    fn a_refused_authorization_never_widens_access() {
+        let w = wl("w", [10, 0, 0, 1], "n", None);
+        let conn = mesh_authz::ConnectionInfo {
+            src_identity: Some("spiffe://cluster.local/ns/front/sa/web".parse().unwrap()),
+            src_ip: IpAddr::from([10, 0, 0, 2]),
+            dst_ip: IpAddr::from([10, 0, 0, 1]),
+            dst_port: 80,
+        };
+        let bad_address = pb_sec::Match {
+            source_ips: vec![pb_sec::Address {
+                address: vec![10, 0],
+                length: 8,
+            }],
+            ..Default::default()
+        };
+        for action in [pb_sec::Action::Allow, pb_sec::Action::Deny] {
+            let mut st = State::default();
+            st.insert_workload(w.clone());
+            assert!(st.authorize(&w, &conn).is_allowed());
+            let a = pb_sec::Authorization {
+                name: "p".into(),
+                namespace: "ns".into(),
+                scope: pb_sec::Scope::Namespace as i32,
+                action: action as i32,
+                rules: vec![pb_sec::Rule {
+                    clauses: vec![pb_sec::Clause {
+                        matches: vec![bad_address.clone()],
+                    }],
+                }],
+                ..Default::default()
+            };
+            assert!(st.apply_authorization(&a).is_err(), "NACKed");
+            assert!(!st.authorize(&w, &conn).is_allowed(), "{action:?}");
+            // The same through a snapshot (a local file).
+            let mut st2 = State::default();
+            st2.insert_workload(w.clone());
+            assert_eq!(st2.apply_snapshot(&[], &[("ns/p".into(), a)]).len(), 1);
+            st2.insert_workload(w.clone());
+            assert!(!st2.authorize(&w, &conn).is_allowed(), "{action:?}");
+        }
+    }
 
     #[test]
     fn vip_and_pod_ip_lookups_and_removal() {
