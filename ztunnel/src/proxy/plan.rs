@@ -1,6 +1,6 @@
 //! Where an outbound connection goes, decided from the xDS state alone (no I/O).
 
-use crate::state::{Destination, GatewayAddress, State, Workload};
+use crate::state::{Destination, GatewayAddress, Service, State, Workload};
 use mesh_identity::SpiffeId;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ pub enum OutboundPlan {
     Passthrough {
         dst: SocketAddr,
         dst_workload: Option<Arc<Workload>>,
-        service: Option<String>,
+        service: Option<Arc<Service>>,
     },
     /// HBONE to `hop` (a ztunnel or waypoint on 15008), asking for `authority`.
     Hbone {
@@ -19,8 +19,8 @@ pub enum OutboundPlan {
         authority: SocketAddr,
         expected: Vec<SpiffeId>,
         dst_workload: Option<Arc<Workload>>,
-        /// Service hostname, sent as `forwarded: ...;host=`.
-        service: Option<String>,
+        /// The service; its hostname is sent as `forwarded: ...;host=`.
+        service: Option<Arc<Service>>,
         via_waypoint: bool,
     },
     /// Refuse the connection (never fall back to plaintext).
@@ -102,7 +102,7 @@ pub fn plan_outbound(
                             authority: orig,
                             expected: wp.ids,
                             dst_workload: None,
-                            service: Some(svc.hostname.clone()),
+                            service: Some(svc.clone()),
                             via_waypoint: true,
                         };
                     }
@@ -134,14 +134,14 @@ pub fn plan_outbound(
                     authority: SocketAddr::new(ip, target_port),
                     expected,
                     dst_workload: Some(ep),
-                    service: Some(svc.hostname.clone()),
+                    service: Some(svc.clone()),
                     via_waypoint: false,
                 }
             } else {
                 OutboundPlan::Passthrough {
                     dst: SocketAddr::new(ip, target_port),
                     dst_workload: Some(ep),
-                    service: Some(svc.hostname.clone()),
+                    service: Some(svc.clone()),
                 }
             }
         }
@@ -296,7 +296,7 @@ mod tests {
             } => {
                 assert_eq!(hop, addr("10.0.1.5:15008"));
                 assert_eq!(authority, addr("10.0.1.5:8080"));
-                assert_eq!(service.as_deref(), Some("s.ns.svc.cluster.local"));
+                assert_eq!(service.unwrap().hostname, "s.ns.svc.cluster.local");
             }
             other => panic!("{other:?}"),
         }
