@@ -10,13 +10,13 @@ use crate::identity::CertManager;
 use crate::inpod::netns::Netns;
 use crate::metrics::{ConnRecorder, ConnReport, Direction, Metrics, Outcome};
 use crate::rbac::{ConnectionInfo, Decision};
-use crate::state::{Service, State, Workload};
+use crate::state::{State, Workload};
 use crate::updates::StateChanged;
 use accept::{ConnLimit, spawn_accept_loop};
 use hbone::{Authority, ConnectHandler, InboundConnect, Refusal, Responder};
 use mesh_identity::SpiffeId;
 use mesh_proto::ports;
-use plan::{OutboundPlan, plan_outbound};
+use plan::{InboundPlan, OutboundPlan, plan_inbound, plan_outbound};
 use socket::{NetnsDialer, canonical, connect_in, listen_in, original_dst};
 use std::collections::HashMap;
 use std::io;
@@ -562,31 +562,19 @@ impl ConnectHandler for InboundHandler {
         let guard = pod.drain.guard();
         let local = canonical(req.local_addr);
         let peer = canonical(req.peer_addr);
-        // What the peer says (the authority, `forwarded: host=`) is only looked up among
-        // the destination's own services: it never becomes a name we keep or report.
-        let (src, dst_service, target) = {
+        let InboundPlan {
+            src,
+            dst_service,
+            target,
+        } = {
             let st = pod.ctx.state.read().expect("state lock");
             let src = st.workload_by_ip(&pod.ctx.network, peer.ip()).cloned();
-            let dst = st.workload_by_ip(&pod.ctx.network, local.ip());
-            let own_service = |host: &str| -> Option<Arc<Service>> {
-                st.service_of_workload(dst?, host).cloned()
+            let authority = match &req.request.authority {
+                Authority::Addr(a) => Authority::Addr(canonical(*a)),
+                other => other.clone(),
             };
-            let forwarded = req.request.forwarded.host.as_deref().and_then(own_service);
-            match &req.request.authority {
-                Authority::Addr(a) => (src, forwarded, Ok(canonical(*a))),
-                Authority::Host { host, port } => {
-                    // A service hostname: map the service port to this workload's port.
-                    let svc = own_service(host);
-                    let mapped = svc
-                        .as_ref()
-                        .zip(dst)
-                        .and_then(|(svc, w)| State::target_port(svc, w, *port));
-                    match mapped {
-                        Some(p) => (src, forwarded.or(svc), Ok(SocketAddr::new(local.ip(), p))),
-                        None => (src, forwarded, Err(port)),
-                    }
-                }
-            }
+            let forwarded = req.request.forwarded.host.as_deref();
+            plan_inbound(&st, &pod.ctx.network, local, &authority, forwarded, src)
         };
         let mut report = ConnReport {
             direction: Direction::Inbound,
