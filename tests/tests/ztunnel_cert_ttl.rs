@@ -6,32 +6,6 @@
 use mesh_e2e::cluster::*;
 use std::time::Duration;
 
-fn manifests() -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Namespace
-metadata: {{name: front, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: back, labels: {{istio.io/dataplane-mode: ambient}}}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: client, namespace: front, uid: uid-a, labels: {{app: client}}}}
-spec: {{nodeName: node-1, serviceAccountName: web}}
-status: {{podIP: {POD_A}, conditions: [{{type: Ready, status: "True"}}]}}
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: server, namespace: back, uid: uid-b, labels: {{app: server}}}}
-spec: {{nodeName: node-2, serviceAccountName: api}}
-status: {{podIP: {POD_B}, conditions: [{{type: Ready, status: "True"}}]}}
-"#
-    )
-}
-
 const WEB: &str = "spiffe://cluster.local/ns/front/sa/web";
 const API: &str = "spiffe://cluster.local/ns/back/sa/api";
 
@@ -45,7 +19,10 @@ fn issued(c: &Cluster, id: &str) -> usize {
 
 #[test]
 fn a_40s_certificate_is_not_requested_in_a_loop() {
-    let c = Cluster::with_ztunnel_args(Control::Plane(manifests()), &["--cert-ttl", "40s"]);
+    let c = Cluster::with_ztunnel_args(
+        Control::Plane(mesh_e2e::node::two_pod_manifests("")),
+        &["--cert-ttl", "40s"],
+    );
     c.wait_log(0, &format!("certificate issued identity={WEB}"));
     c.wait_log(1, &format!("certificate issued identity={API}"));
     let _server = echo_server(&c.pod_b, "0.0.0.0:8080", "server-b");

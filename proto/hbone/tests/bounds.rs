@@ -8,8 +8,7 @@ use hbone::client::{Client, ClientSettings, ConnectError, Dialer, TcpDialer};
 use hbone::protocol::{ConnectRequest, Refusal};
 use hbone::server::{ConnectHandler, InboundConnect, Responder, ServeError, serve_stream};
 use hbone::{H2Settings, PoolKey};
-use mesh_identity::ca::CertificateAuthority;
-use mesh_identity::{SpiffeId, WorkloadCertificate, generate_csr};
+use mesh_identity::WorkloadCertificate;
 use rustls_pki_types::ServerName;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -19,26 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-const DAY: Duration = Duration::from_secs(86400);
+mod common;
+use common::Mesh;
+
 const HANDSHAKE: Duration = Duration::from_secs(5);
-
-struct Mesh {
-    ca: CertificateAuthority,
-}
-
-impl Mesh {
-    fn new() -> Self {
-        Mesh {
-            ca: CertificateAuthority::new_root("cluster.local", 30 * DAY).unwrap(),
-        }
-    }
-    fn cert(&self, sa: &str) -> WorkloadCertificate {
-        let id = SpiffeId::new("cluster.local", "test", sa).unwrap();
-        let csr = generate_csr(&id).unwrap();
-        let chain = self.ca.sign_csr(&csr.csr_pem, &id, DAY).unwrap();
-        WorkloadCertificate::from_ca_response(&id, &csr.key, &chain).unwrap()
-    }
-}
 
 /// Refuses every CONNECT with 503 except port 7, which it never answers.
 struct Handler {
