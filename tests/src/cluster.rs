@@ -39,6 +39,8 @@ pub struct Cluster {
     pub pod_a: Netns,
     pub pod_b: Netns,
     plane: bool,
+    /// Extra arguments for every ztunnel.
+    ztunnel_args: Vec<String>,
 }
 
 /// The redirection the node agent programs, applied by the agent's own code.
@@ -72,6 +74,11 @@ policies:
 
 impl Cluster {
     pub fn new(control: Control) -> Self {
+        Self::with_ztunnel_args(control, &[])
+    }
+
+    /// As [`Cluster::new`], each ztunnel started with `extra` arguments too.
+    pub fn with_ztunnel_args(control: Control, extra: &[&str]) -> Self {
         require_tool("nft");
         let node1 = Netns::new("n1");
         let node2 = Netns::new("n2");
@@ -125,6 +132,7 @@ impl Cluster {
             node2,
             pod_a,
             pod_b,
+            ztunnel_args: extra.iter().map(|a| a.to_string()).collect(),
         };
         if plane {
             c.start_control();
@@ -231,6 +239,7 @@ impl Cluster {
                 self.dir.join("ca").to_str().unwrap().into(),
             ]);
         }
+        args.extend(self.ztunnel_args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let p = Proc::spawn(Some(&node.name), &args, &log);
         assert!(

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod net;
+pub mod node;
 pub mod proc;
 pub mod testlab;
 

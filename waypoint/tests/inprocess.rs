@@ -246,16 +246,19 @@ async fn setup(t: u8) -> Setup {
         ..Default::default()
     }));
     let waypoint_id = SpiffeId::new("cluster.local", "shop", "waypoint").unwrap();
-    let certs = CertManager::new(CertSource::Local(Box::new(
-        CertificateAuthority::load(
-            "cluster.local",
-            &ca.cert_pem(),
-            &ca.key_pem(),
-            None,
-            &ca.roots_pem(),
-        )
-        .unwrap(),
-    )));
+    let certs = CertManager::new(CertSource::Local {
+        ca: Box::new(
+            CertificateAuthority::load(
+                "cluster.local",
+                &ca.cert_pem(),
+                &ca.key_pem(),
+                None,
+                &ca.roots_pem(),
+            )
+            .unwrap(),
+        ),
+        ttl: std::time::Duration::from_secs(24 * 3600),
+    });
     let metrics = Arc::new(waypoint::metrics::Metrics::new());
     let wp = Arc::new(Waypoint {
         identity: waypoint_id.clone(),

@@ -10,6 +10,7 @@ use crate::local::LocalConfig;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnTracker, NodeContext};
 use crate::state::State;
+use crate::updates::StateChanged;
 use crate::xds::{self, ControlPlane, NodeIdentity, XdsProgress};
 use mesh_identity::ca::CertificateAuthority;
 use std::path::Path;
@@ -61,6 +62,7 @@ async fn watch_local_config(
     cluster_id: String,
     state: Arc<RwLock<State>>,
     tracker: Arc<ConnTracker>,
+    changed: StateChanged,
     loaded: Arc<AtomicBool>,
 ) {
     let mut last: Option<SystemTime> = None;
@@ -75,6 +77,8 @@ async fn watch_local_config(
                         tracing::warn!(file = %path.display(), error = %e, "invalid resource kept at its previous version");
                     }
                     let closed = tracker.recheck(&st);
+                    drop(st);
+                    changed.notify();
                     tracing::info!(file = %path.display(), addresses = addresses.len(),
                         policies = policies.len(), closed, "local configuration applied");
                     loaded.store(true, Ordering::Relaxed);
@@ -88,11 +92,32 @@ async fn watch_local_config(
     }
 }
 
+/// What readiness still waits for (empty: ready): the configuration (local file or xDS),
+/// the pod snapshot, and no identity whose latest certificate request failed.
+fn not_ready(
+    is_local: bool,
+    config_ready: bool,
+    snapshot: bool,
+    certs_failing: usize,
+) -> Vec<&'static str> {
+    let mut p = Vec::new();
+    if !config_ready {
+        p.push(if is_local { "local config" } else { "xds" });
+    }
+    if !snapshot {
+        p.push("pod snapshot");
+    }
+    if certs_failing > 0 {
+        p.push("certificates (renewal failing, see /config_dump)");
+    }
+    p
+}
+
 /// Runs ztunnel until SIGTERM/SIGINT (or /quitquitquit), then drains.
 pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
     Netns::init_home().map_err(|e| format!("cannot open our network namespace: {e}"))?;
     let state = Arc::new(RwLock::new(State::default()));
-    let metrics = Metrics::new();
+    let state_changed = StateChanged::new();
     let tracker = Arc::new(ConnTracker::default());
     let root_pem = match &cfg.root_cert {
         Some(p) => Some(
@@ -111,9 +136,10 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
         &cfg.local_ca,
         cfg.ca_address.as_ref().or(cfg.xds_address.as_ref()),
     ) {
-        (Some(dir), _) => {
-            CertSource::Local(Box::new(load_or_create_local_ca(dir, &cfg.trust_domain)?))
-        }
+        (Some(dir), _) => CertSource::Local {
+            ca: Box::new(load_or_create_local_ca(dir, &cfg.trust_domain)?),
+            ttl: cfg.cert_ttl,
+        },
         (None, Some(addr)) => {
             let cp = control(addr);
             CertSource::Ca {
@@ -126,6 +152,7 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
         (None, None) => return Err("no certificate source".into()),
     };
     let certs = CertManager::new(cert_source);
+    let metrics = Metrics::new(Some(certs.clone()));
     let ctx = Arc::new(NodeContext {
         state: state.clone(),
         certs: certs.clone(),
@@ -134,13 +161,11 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
         trust_domain: cfg.trust_domain.clone(),
         cluster_id: cfg.cluster_id.clone(),
         tracker: tracker.clone(),
+        state_changed: state_changed.clone(),
+        max_connections_per_listener: cfg.max_connections_per_listener,
     });
     let drain = Drain::new();
-    let manager = Arc::new(Mutex::new(WorkloadManager::new(
-        ctx.clone(),
-        drain.clone(),
-        cfg.drain_deadline,
-    )));
+    let manager = WorkloadManager::new(ctx.clone(), drain.clone(), cfg.drain_deadline);
     let snapshot = manager
         .lock()
         .expect("manager lock")
@@ -156,6 +181,7 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
             cfg.cluster_id.clone(),
             state.clone(),
             tracker.clone(),
+            state_changed.clone(),
             local_loaded.clone(),
         ));
     } else if let Some(addr) = &cfg.xds_address {
@@ -170,6 +196,7 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
             node,
             state.clone(),
             tracker.clone(),
+            state_changed.clone(),
             progress.clone(),
             metrics.clone(),
         ));
@@ -186,24 +213,24 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let pending = {
-        let (local, progress, snapshot, is_local) = (
+        let (local, progress, snapshot, is_local, certs) = (
             local_loaded.clone(),
             progress.clone(),
             snapshot.clone(),
             cfg.local_config.is_some(),
+            certs.clone(),
         );
         Arc::new(move || {
-            let mut p = Vec::new();
-            if is_local && !local.load(Ordering::Relaxed) {
-                p.push("local config");
-            }
-            if !is_local && !progress.synced() {
-                p.push("xds");
-            }
-            if !snapshot.load(Ordering::Relaxed) {
-                p.push("pod snapshot");
-            }
-            p
+            not_ready(
+                is_local,
+                if is_local {
+                    local.load(Ordering::Relaxed)
+                } else {
+                    progress.synced()
+                },
+                snapshot.load(Ordering::Relaxed),
+                certs.failing().len(),
+            )
         })
     };
     let admin_state = Arc::new(AdminState {
@@ -237,4 +264,22 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
     drain.run(cfg.drain_deadline).await;
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::not_ready;
+
+    #[test]
+    fn readiness_names_what_is_missing_including_failing_certificates() {
+        assert!(not_ready(false, true, true, 0).is_empty());
+        assert_eq!(not_ready(true, false, true, 0), vec!["local config"]);
+        assert_eq!(
+            not_ready(false, false, false, 0),
+            vec!["xds", "pod snapshot"]
+        );
+        let p = not_ready(false, true, true, 2);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("certificates"), "{p:?}");
+    }
 }

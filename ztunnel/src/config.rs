@@ -87,7 +87,15 @@ pub struct Config {
     /// Worker threads for the data plane (default: 2).
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
+    /// Most connections each pod listener (outbound, inbound, HBONE) has open at once;
+    /// past it, new connections are closed at once and the listener logs it.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_LISTENER", default_value_t = DEFAULT_MAX_CONNECTIONS_PER_LISTENER)]
+    pub max_connections_per_listener: usize,
 }
+
+pub const DEFAULT_MAX_CONNECTIONS_PER_LISTENER: usize = 16_384;
+/// Above this a cap protects nothing (each connection holds at least one descriptor).
+pub const MAX_CONNECTIONS_PER_LISTENER: usize = 1 << 20;
 
 mod secs {
     pub fn serialize<S: serde::Serializer>(
@@ -153,6 +161,12 @@ impl Config {
         if self.worker_threads == 0 {
             return Err("--worker-threads must be at least 1".into());
         }
+        if !(1..=MAX_CONNECTIONS_PER_LISTENER).contains(&self.max_connections_per_listener) {
+            return Err(format!(
+                "--max-connections-per-listener must be between 1 and {MAX_CONNECTIONS_PER_LISTENER}, not {}",
+                self.max_connections_per_listener
+            ));
+        }
         Ok(())
     }
 }
@@ -215,5 +229,36 @@ mod tests {
             "Bad/TD",
         ]);
         assert!(bad_td.validate().is_err());
+    }
+
+    #[test]
+    fn connection_cap_is_validated() {
+        let base = ["--node-name", "n", "--local-config", "x", "--local-ca", "c"];
+        let with = |v: &str| {
+            let mut args = base.to_vec();
+            args.extend(["--max-connections-per-listener", v]);
+            parse(&args)
+        };
+        assert_eq!(
+            parse(&base).max_connections_per_listener,
+            DEFAULT_MAX_CONNECTIONS_PER_LISTENER
+        );
+        with("100").validate().unwrap();
+        assert!(
+            with("0")
+                .validate()
+                .unwrap_err()
+                .contains("--max-connections-per-listener")
+        );
+        assert!(with("2000000").validate().is_err());
+        assert!(
+            Config::try_parse_from(
+                ["ztunnel"]
+                    .into_iter()
+                    .chain(base)
+                    .chain(["--max-connections-per-listener", "-1"])
+            )
+            .is_err()
+        );
     }
 }

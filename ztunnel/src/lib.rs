@@ -10,6 +10,7 @@ pub mod local;
 pub mod metrics;
 pub mod proxy;
 pub mod rbac;
+pub mod updates;
 pub mod xds;
 
 /// Workload/service/policy state (shared with the waypoint).

@@ -1,11 +1,19 @@
 //! Prometheus metrics with Istio's names and labels, and the per-connection access log.
+//!
+//! Every label value comes from our own configuration (workloads and services from xDS or
+//! the local file, identities from certificates our CA issued, fixed strings), never from
+//! what a peer sends: the number of series is bounded by the configuration, whatever the
+//! traffic.
 
-use crate::state::Workload;
+use crate::identity::CertManager;
+use crate::state::{Service, Workload};
 use mesh_identity::SpiffeId;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +68,57 @@ pub struct ReporterLabel {
     reporter: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    listener: &'static str,
+}
+
+impl ListenerLabel {
+    pub fn new(listener: &'static str) -> Self {
+        ListenerLabel { listener }
+    }
+}
+
+/// Certificate requests and the identities failing them, read from the manager on scrape.
+struct CertCollector(Arc<CertManager>);
+
+impl std::fmt::Debug for CertCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertCollector")
+    }
+}
+
+impl Collector for CertCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.stats();
+        let mut requests = encoder.encode_descriptor(
+            "certificate_requests",
+            "Certificate requests to the CA, by outcome",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, n) in [("issued", s.issued), ("failed", s.failed)] {
+            ConstCounter::new(n).encode(requests.encode_family(&[("outcome", outcome)])?)?;
+        }
+        for (name, help, v) in [
+            (
+                "certificate_identities",
+                "Identities this node holds certificates for",
+                s.identities,
+            ),
+            (
+                "certificate_identities_failing",
+                "Identities whose latest certificate request failed (backing off)",
+                s.failing,
+            ),
+        ] {
+            let g = ConstGauge::new(v as i64);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
     opened: Family<TcpLabels, Counter>,
@@ -72,10 +131,13 @@ pub struct Metrics {
     pub proxies_started: Counter,
     pub proxies_stopped: Counter,
     pub xds_connection_terminations: Counter,
+    /// Connections closed at once because their listener was at its cap.
+    pub connections_refused: Family<ListenerLabel, Counter>,
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Self> {
+    /// The registry, with certificate metrics from `certs` if given.
+    pub fn new(certs: Option<Arc<CertManager>>) -> Arc<Self> {
         let mut root = Registry::default();
         let istio = root.sub_registry_with_prefix("istio");
         let m = Metrics {
@@ -89,6 +151,7 @@ impl Metrics {
             proxies_started: Counter::default(),
             proxies_stopped: Counter::default(),
             xds_connection_terminations: Counter::default(),
+            connections_refused: Family::default(),
             registry: Registry::default(),
         };
         istio.register(
@@ -126,6 +189,15 @@ impl Metrics {
             "xDS connections ended",
             m.xds_connection_terminations.clone(),
         );
+        let zt = root.sub_registry_with_prefix("ztunnel");
+        zt.register(
+            "listener_connections_refused",
+            "Connections closed because their listener was at --max-connections-per-listener",
+            m.connections_refused.clone(),
+        );
+        if let Some(certs) = certs {
+            zt.register_collector(Box::new(CertCollector(certs)));
+        }
         let wm = root.sub_registry_with_prefix("workload_manager");
         wm.register(
             "active_proxy_count",
@@ -165,7 +237,8 @@ pub struct ConnReport {
     pub src_identity: Option<SpiffeId>,
     pub dst_addr: SocketAddr,
     pub dst_hbone_addr: Option<SocketAddr>,
-    pub dst_service: Option<String>,
+    /// Always one of our services (never a name a peer sent).
+    pub dst_service: Option<Arc<Service>>,
     pub dst: Option<Arc<Workload>>,
     pub dst_identity: Option<SpiffeId>,
     pub mtls: bool,
@@ -184,16 +257,7 @@ impl ConnReport {
     fn labels(&self, flags: &'static str) -> TcpLabels {
         let w =
             |w: &Option<Arc<Workload>>, f: fn(&Workload) -> &str| or_unknown(w.as_deref().map(f));
-        let (svc_name, svc_ns) = match self.dst_service.as_deref() {
-            Some(h) => {
-                let mut parts = h.split('.');
-                (
-                    parts.next().map(str::to_string),
-                    parts.next().map(str::to_string),
-                )
-            }
-            None => (None, None),
-        };
+        let svc = self.dst_service.as_deref();
         TcpLabels {
             reporter: self.direction.reporter(),
             source_workload: w(&self.src, |w| w.telemetry_name()),
@@ -204,9 +268,9 @@ impl ConnReport {
                 self.src_identity.as_ref().map(|i| i.to_string()).as_deref(),
             ),
             source_cluster: w(&self.src, |w| &w.cluster_id),
-            destination_service: or_unknown(self.dst_service.as_deref()),
-            destination_service_namespace: or_unknown(svc_ns.as_deref()),
-            destination_service_name: or_unknown(svc_name.as_deref()),
+            destination_service: or_unknown(svc.map(|s| s.hostname.as_str())),
+            destination_service_namespace: or_unknown(svc.map(|s| s.namespace.as_str())),
+            destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
             destination_workload: w(&self.dst, |w| w.telemetry_name()),
             destination_canonical_service: w(&self.dst, |w| &w.canonical_name),
             destination_canonical_revision: w(&self.dst, |w| &w.canonical_revision),
@@ -302,7 +366,11 @@ impl ConnRecorder {
             .map(|i| i.to_string())
             .unwrap_or_default();
         let hbone = r.dst_hbone_addr.map(|a| a.to_string()).unwrap_or_default();
-        let svc = r.dst_service.clone().unwrap_or_default();
+        let svc = r
+            .dst_service
+            .as_ref()
+            .map(|s| s.hostname.clone())
+            .unwrap_or_default();
         let dir = r.direction.as_str();
         let (flags, sent, received) = match outcome {
             Outcome::Complete { sent, received } => {
@@ -362,5 +430,74 @@ impl Drop for ConnRecorder {
             self.metrics.closed.get_or_create(&labels).inc();
             self.metrics.failed.get_or_create(&labels).inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::CertSource;
+    use mesh_identity::ca::CertificateAuthority;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn certificate_requests_and_failing_identities_are_exported() {
+        let ca = CertificateAuthority::new_root("cluster.local", Duration::from_secs(3600));
+        let certs = CertManager::new(CertSource::Local {
+            ca: Box::new(ca.unwrap()),
+            ttl: Duration::from_secs(600),
+        });
+        let metrics = Metrics::new(Some(certs.clone()));
+        let ok = SpiffeId::new("cluster.local", "ns", "a").unwrap();
+        let foreign = SpiffeId::new("elsewhere", "ns", "b").unwrap();
+        certs.get(&ok).await.unwrap();
+        certs.get(&foreign).await.unwrap_err();
+        let text = metrics.encode();
+        for line in [
+            "ztunnel_certificate_requests_total{outcome=\"issued\"} 1",
+            "ztunnel_certificate_requests_total{outcome=\"failed\"} 1",
+            "ztunnel_certificate_identities 2",
+            "ztunnel_certificate_identities_failing 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn service_labels_come_from_the_service_not_a_hostname_split() {
+        // A ServiceEntry-style hostname: name and namespace are the service's own.
+        let svc = Service {
+            name: "payments".into(),
+            namespace: "shop".into(),
+            hostname: "pay.example.com".into(),
+            vips: vec![],
+            ports: vec![],
+            subject_alt_names: vec![],
+            waypoint: None,
+            load_balancing: Default::default(),
+        };
+        let report = ConnReport {
+            direction: Direction::Inbound,
+            src_addr: "10.0.0.1:1".parse().unwrap(),
+            src: None,
+            src_identity: None,
+            dst_addr: "10.0.0.2:80".parse().unwrap(),
+            dst_hbone_addr: None,
+            dst_service: Some(Arc::new(svc)),
+            dst: None,
+            dst_identity: None,
+            mtls: true,
+            trace_id: String::new(),
+            started: Instant::now(),
+        };
+        let l = report.labels("-");
+        assert_eq!(
+            (
+                l.destination_service.as_str(),
+                l.destination_service_name.as_str(),
+                l.destination_service_namespace.as_str()
+            ),
+            ("pay.example.com", "payments", "shop")
+        );
     }
 }

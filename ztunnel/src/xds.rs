@@ -4,6 +4,7 @@
 
 use crate::proxy::ConnTracker;
 use crate::state::State;
+use crate::updates::StateChanged;
 use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::prost::Message;
 use mesh_proto::{envoy_core, security, type_url, workload};
@@ -119,6 +120,7 @@ pub fn apply_response(state: &mut State, resp: &DeltaDiscoveryResponse) -> Vec<(
 struct Apply {
     state: Arc<RwLock<State>>,
     tracker: Arc<ConnTracker>,
+    changed: StateChanged,
     progress: Arc<XdsProgress>,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -128,6 +130,8 @@ impl mesh_xds::Handler for Apply {
         let mut st = self.state.write().expect("state lock");
         let errors = apply_response(&mut st, resp);
         let closed = self.tracker.recheck(&st);
+        drop(st);
+        self.changed.notify();
         if closed > 0 {
             tracing::info!(closed, "policy update closed open connections");
         }
@@ -156,12 +160,14 @@ pub async fn run(
     node: NodeIdentity,
     state: Arc<RwLock<State>>,
     tracker: Arc<ConnTracker>,
+    changed: StateChanged,
     progress: Arc<XdsProgress>,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
     let handler = Apply {
         state,
         tracker,
+        changed,
         progress,
         metrics,
     };

@@ -24,8 +24,12 @@ pub enum Destination {
 pub struct State {
     workloads: HashMap<String, Arc<Workload>>,
     workload_by_ip: HashMap<(String, IpAddr), String>,
+    /// (namespace, name) → uids (several only across clusters).
+    workloads_by_pod: HashMap<(String, String), BTreeSet<String>>,
     services: HashMap<String, Arc<Service>>,
     service_by_vip: HashMap<(String, IpAddr), String>,
+    /// hostname → service keys (several only when namespaces share a hostname).
+    services_by_hostname: HashMap<String, BTreeSet<String>>,
     /// service key → uids of workloads that back it.
     endpoints: HashMap<String, BTreeSet<String>>,
     policies: HashMap<String, Arc<Policy>>,
@@ -70,6 +74,10 @@ impl State {
                 .or_default()
                 .insert(w.uid.clone());
         }
+        self.workloads_by_pod
+            .entry((w.namespace.clone(), w.name.clone()))
+            .or_default()
+            .insert(w.uid.clone());
         self.workloads.insert(w.uid.clone(), Arc::new(w));
     }
 
@@ -79,6 +87,10 @@ impl State {
         for (net, ip) in &s.vips {
             self.service_by_vip.insert((net.clone(), *ip), key.clone());
         }
+        self.services_by_hostname
+            .entry(s.hostname.clone())
+            .or_default()
+            .insert(key.clone());
         self.services.insert(key, Arc::new(s));
     }
 
@@ -105,6 +117,13 @@ impl State {
                 }
             }
         }
+        let pod = (old.namespace.clone(), old.name.clone());
+        if let Some(set) = self.workloads_by_pod.get_mut(&pod) {
+            set.remove(uid);
+            if set.is_empty() {
+                self.workloads_by_pod.remove(&pod);
+            }
+        }
         true
     }
 
@@ -116,6 +135,12 @@ impl State {
             let k = (net.clone(), *ip);
             if self.service_by_vip.get(&k).map(String::as_str) == Some(key) {
                 self.service_by_vip.remove(&k);
+            }
+        }
+        if let Some(set) = self.services_by_hostname.get_mut(&old.hostname) {
+            set.remove(key);
+            if set.is_empty() {
+                self.services_by_hostname.remove(&old.hostname);
             }
         }
         true
@@ -220,19 +245,36 @@ impl State {
             .and_then(|uid| self.workloads.get(uid))
     }
 
-    /// Finds a workload by the name/namespace/service account the node agent reported.
+    /// Finds a workload by the name/namespace the node agent reported (indexed).
     pub fn workload_by_pod(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.workloads
-            .values()
-            .find(|w| w.namespace == namespace && w.name == name)
+        self.workloads_by_pod
+            .get(&(namespace.to_string(), name.to_string()))?
+            .iter()
+            .find_map(|uid| self.workloads.get(uid))
     }
 
     pub fn service(&self, namespace: &str, hostname: &str) -> Option<&Arc<Service>> {
         self.services.get(&format!("{namespace}/{hostname}"))
     }
 
+    /// A service by hostname alone (indexed); when namespaces share a hostname, the first
+    /// by key.
     pub fn service_by_hostname(&self, hostname: &str) -> Option<&Arc<Service>> {
-        self.services.values().find(|s| s.hostname == hostname)
+        self.services_by_hostname
+            .get(hostname)?
+            .iter()
+            .find_map(|k| self.services.get(k))
+    }
+
+    /// The service named `hostname` among those `w` is an endpoint of, if any. What a peer
+    /// claims (a `forwarded: host=`, a CONNECT authority) is only ever resolved this way,
+    /// so it can name nothing but one of the destination's own services.
+    pub fn service_of_workload(&self, w: &Workload, hostname: &str) -> Option<&Arc<Service>> {
+        w.services
+            .keys()
+            .filter(|key| key.split_once('/').is_some_and(|(_, h)| h == hostname))
+            .min()
+            .and_then(|key| self.services.get(key))
     }
 
     /// What `ip` is: a service VIP takes precedence over a workload address.
@@ -635,6 +677,89 @@ mod tests {
             (1700..=1900).contains(&heavy_count),
             "heavy picked {heavy_count}/2000"
         );
+    }
+
+    #[test]
+    fn pod_and_hostname_indexes_follow_inserts_replacements_and_removals() {
+        let mut st = State::default();
+        let mut a = wl("uid-a", [10, 0, 0, 1], "n1", Some((KEY, 80, 8080)));
+        a.name = "pod-a".into();
+        st.insert_workload(a.clone());
+        assert_eq!(st.workload_by_pod("ns", "pod-a").unwrap().uid, "uid-a");
+        assert!(st.workload_by_pod("other", "pod-a").is_none());
+        // Renamed in place (same uid): the old name no longer finds it.
+        a.name = "pod-a2".into();
+        st.insert_workload(a.clone());
+        assert!(st.workload_by_pod("ns", "pod-a").is_none());
+        assert_eq!(st.workload_by_pod("ns", "pod-a2").unwrap().uid, "uid-a");
+        // The same pod name from another cluster: either finds one, removal keeps the other.
+        let mut a_other = a.clone();
+        a_other.uid = "uid-a-other".into();
+        st.insert_workload(a_other);
+        assert!(st.remove_address("uid-a"));
+        assert_eq!(
+            st.workload_by_pod("ns", "pod-a2").unwrap().uid,
+            "uid-a-other"
+        );
+        assert!(st.remove_address("uid-a-other"));
+        assert!(st.workload_by_pod("ns", "pod-a2").is_none());
+
+        let s = svc(LoadBalancing::default(), 8080);
+        st.insert_service(s.clone());
+        assert_eq!(
+            st.service_by_hostname("s.ns.svc.cluster.local")
+                .unwrap()
+                .key(),
+            KEY
+        );
+        // The same hostname in another namespace: the first by key, then the survivor.
+        let mut elsewhere = s.clone();
+        elsewhere.namespace = "zz".into();
+        st.insert_service(elsewhere.clone());
+        assert_eq!(
+            st.service_by_hostname("s.ns.svc.cluster.local")
+                .unwrap()
+                .key(),
+            KEY
+        );
+        assert!(st.remove_address(KEY));
+        assert_eq!(
+            st.service_by_hostname("s.ns.svc.cluster.local")
+                .unwrap()
+                .key(),
+            elsewhere.key()
+        );
+        assert!(st.remove_address(&elsewhere.key()));
+        assert!(st.service_by_hostname("s.ns.svc.cluster.local").is_none());
+    }
+
+    #[test]
+    fn a_hostname_resolves_only_to_the_workloads_own_services() {
+        let mut st = State::default();
+        st.insert_service(svc(LoadBalancing::default(), 8080));
+        let mut other = svc(LoadBalancing::default(), 8080);
+        other.name = "other".into();
+        other.hostname = "other.ns.svc.cluster.local".into();
+        other.vips = vec![];
+        st.insert_service(other);
+        let member = wl("a", [10, 0, 0, 1], "n1", Some((KEY, 80, 8080)));
+        st.insert_workload(member.clone());
+        assert_eq!(
+            st.service_of_workload(&member, "s.ns.svc.cluster.local")
+                .unwrap()
+                .key(),
+            KEY
+        );
+        // A real service the workload does not back, and a made-up name: neither.
+        assert!(
+            st.service_of_workload(&member, "other.ns.svc.cluster.local")
+                .is_none()
+        );
+        assert!(
+            st.service_of_workload(&member, "x".repeat(2048).as_str())
+                .is_none()
+        );
+        assert!(st.service_of_workload(&member, "").is_none());
     }
 
     #[test]

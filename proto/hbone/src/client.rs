@@ -52,8 +52,12 @@ impl Dialer for TcpDialer {
 
 #[derive(Clone, Debug)]
 pub struct ClientSettings {
+    /// HTTP/2 settings; `h2.handshake_timeout` bounds TLS + HTTP/2 set-up after the dial.
     pub h2: H2Settings,
+    /// Longest wait for the TCP connection.
     pub connect_timeout: Duration,
+    /// Longest wait for the answer to a CONNECT (including a free stream slot).
+    pub response_timeout: Duration,
     /// Connections with no stream for this long are closed.
     pub idle_timeout: Duration,
 }
@@ -63,6 +67,7 @@ impl Default for ClientSettings {
         ClientSettings {
             h2: H2Settings::client(),
             connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(300),
         }
     }
@@ -72,6 +77,12 @@ impl Default for ClientSettings {
 pub enum ConnectError {
     #[error("connecting to {0} timed out (is a NetworkPolicy blocking port 15008?)")]
     ConnectTimeout(SocketAddr),
+    #[error("TLS/HTTP/2 set-up with {0} timed out")]
+    HandshakeTimeout(SocketAddr),
+    #[error("no answer to the CONNECT from {0} in time")]
+    ResponseTimeout(SocketAddr),
+    #[error("timed out waiting for another attempt to connect to {0}")]
+    PoolTimeout(SocketAddr),
     #[error("could not connect to {dst}: {source}")]
     Dial { dst: SocketAddr, source: io::Error },
     #[error("server identity refused: {0}")]
@@ -155,6 +166,10 @@ impl<D: Dialer> Client<D> {
             });
         }
         let key = Arc::new(key.clone());
+        let s = &self.inner.settings;
+        // Getting a connection (waiting for another caller's attempt included) never takes
+        // longer than making one would.
+        let deadline = tokio::time::Instant::now() + s.connect_timeout + s.h2.handshake_timeout;
         // A pooled connection may turn out to be going away; then try the next one.
         for _ in 0..4 {
             let checkout = self.inner.book.lock().expect("pool lock").checkout(&key);
@@ -162,11 +177,13 @@ impl<D: Dialer> Client<D> {
                 Some(c) => c,
                 None => {
                     let gate = self.connect_gate(&key);
-                    let _turn = gate.lock().await;
+                    let _turn = tokio::time::timeout_at(deadline, gate.lock())
+                        .await
+                        .map_err(|_| ConnectError::PoolTimeout(key.dst))?;
                     let again = self.inner.book.lock().expect("pool lock").checkout(&key);
                     match again {
                         Some(c) => c,
-                        None => self.new_connection(&key, cert).await?,
+                        None => self.new_connection(&key, cert, deadline).await?,
                     }
                 }
             };
@@ -195,27 +212,32 @@ impl<D: Dialer> Client<D> {
         &self,
         key: &Arc<PoolKey>,
         cert: &WorkloadCertificate,
+        deadline: tokio::time::Instant,
     ) -> Result<(ConnId, SendRequest<Bytes>), ConnectError> {
         let s = &self.inner.settings;
-        let tcp = tokio::time::timeout(
-            s.connect_timeout,
-            self.inner.dialer.dial(key.dst, key.src_ip),
-        )
-        .await
-        .map_err(|_| ConnectError::ConnectTimeout(key.dst))?
-        .map_err(|source| ConnectError::Dial {
-            dst: key.dst,
-            source,
-        })?;
+        let dial_by = deadline.min(tokio::time::Instant::now() + s.connect_timeout);
+        let tcp = tokio::time::timeout_at(dial_by, self.inner.dialer.dial(key.dst, key.src_ip))
+            .await
+            .map_err(|_| ConnectError::ConnectTimeout(key.dst))?
+            .map_err(|source| ConnectError::Dial {
+                dst: key.dst,
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
+        // TLS, the HTTP/2 handshake and the server's SETTINGS: one bound for all three.
+        let ready_by = deadline.min(tokio::time::Instant::now() + s.h2.handshake_timeout);
+        let timed_out = || ConnectError::HandshakeTimeout(key.dst);
         let tls_config = mesh_identity::client_config(cert, key.dst_ids.clone())?;
         let connector = TlsConnector::from(Arc::new(tls_config));
         let name = ServerName::IpAddress(key.dst.ip().into());
-        let tls = connector
-            .connect(name, tcp)
+        let tls = tokio::time::timeout_at(ready_by, connector.connect(name, tcp))
             .await
+            .map_err(|_| timed_out())?
             .map_err(|e| tls_error(key.dst, e))?;
-        let (sender, mut conn) = s.h2.client_builder().handshake(tls).await?;
+        let (sender, mut conn) =
+            tokio::time::timeout_at(ready_by, s.h2.client_builder().handshake(tls))
+                .await
+                .map_err(|_| timed_out())??;
         let mut ping_pong = conn.ping_pong().expect("ping_pong is available once");
 
         // Drive the connection; when it ends for any reason it leaves the pool.
@@ -226,17 +248,23 @@ impl<D: Dialer> Client<D> {
         let id_slot = Arc::new(std::sync::OnceLock::<ConnId>::new());
         let id_for_task = id_slot.clone();
         tokio::spawn(async move {
+            // `false`: set-up failed (the sender was dropped), so the connection is dropped.
             let keepalive = async move {
                 match ready_rx.await {
-                    Ok(pp) => keepalive_failed(pp, interval, timeout).await,
-                    Err(_) => std::future::pending().await,
+                    Ok(pp) => {
+                        keepalive_failed(pp, interval, timeout).await;
+                        true
+                    }
+                    Err(_) => false,
                 }
             };
             tokio::select! {
                 r = conn => if let Err(e) = r {
                     tracing::debug!(dst = %key_for_task.dst, error = %e, "HBONE connection ended");
                 },
-                _ = keepalive => tracing::debug!(dst = %key_for_task.dst, "HBONE keepalive timed out"),
+                timed_out = keepalive => if timed_out {
+                    tracing::debug!(dst = %key_for_task.dst, "HBONE keepalive timed out")
+                },
             }
             if let (Some(inner), Some(id)) = (weak.upgrade(), id_for_task.get()) {
                 inner
@@ -247,10 +275,10 @@ impl<D: Dialer> Client<D> {
             }
         });
         // One PING round trip: the server's SETTINGS precede its answer, so afterwards
-        // its stream limit is known.
-        tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque()))
+        // its stream limit is known. (Dropping `ready_tx` on failure ends the task.)
+        tokio::time::timeout_at(ready_by, ping_pong.ping(h2::Ping::opaque()))
             .await
-            .map_err(|_| ConnectError::H2(h2::Error::from(h2::Reason::SETTINGS_TIMEOUT)))??;
+            .map_err(|_| timed_out())??;
         let _ = ready_tx.send(ping_pong);
         let limit = sender
             .current_max_send_streams()
@@ -285,15 +313,21 @@ impl<D: Dialer> Client<D> {
             }
         };
         let mut guard = ReleaseOnDrop(Some(Box::new(release)));
-        let mut sender = sender
-            .ready()
+        // A free stream slot and the server's answer: both within the response timeout.
+        let answer_by = tokio::time::Instant::now() + self.inner.settings.response_timeout;
+        let timed_out = || StreamError::Failed(ConnectError::ResponseTimeout(key.dst));
+        let mut sender = tokio::time::timeout_at(answer_by, sender.ready())
             .await
+            .map_err(|_| timed_out())?
             .map_err(|_| StreamError::ConnectionGone)?;
         let http = req.to_http().map_err(|e| StreamError::Failed(e.into()))?;
         let (response, send) = sender
             .send_request(http, false)
             .map_err(classify_stream_error)?;
-        let response = response.await.map_err(classify_stream_error)?;
+        let response = tokio::time::timeout_at(answer_by, response)
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(classify_stream_error)?;
         if let Some(refused) = classify_status(response.status()) {
             return Err(StreamError::Failed(ConnectError::Refused(refused)));
         }

@@ -16,6 +16,8 @@ pub mod tunnel;
 pub use client::{Client, ClientSettings, ConnectError, Dialer, Established, TcpDialer};
 pub use pool::PoolKey;
 pub use protocol::{Authority, ConnectRequest, Forwarded, Refusal, Refused, TraceParent};
-pub use server::{ConnectHandler, InboundConnect, Responder, ServeError, serve_connection};
+pub use server::{
+    ConnectHandler, InboundConnect, Responder, ServeError, serve_connection, serve_stream,
+};
 pub use settings::H2Settings;
 pub use tunnel::{CopyStats, Tunnel};

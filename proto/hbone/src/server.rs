@@ -13,12 +13,11 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One CONNECT request, with everything known about who sent it.
 #[derive(Debug, Clone)]
@@ -81,6 +80,10 @@ pub enum ServeError {
     Tls(io::Error),
     #[error("TLS handshake timed out")]
     TlsTimeout,
+    #[error("the client did not send the HTTP/2 preface in time")]
+    PrefaceTimeout,
+    #[error("the client did not send its HTTP/2 SETTINGS in time")]
+    SettingsTimeout,
     #[error("the client certificate carries no SPIFFE identity")]
     NoPeerIdentity,
     #[error("HTTP/2: {0}")]
@@ -103,20 +106,57 @@ pub async fn serve_connection<H: ConnectHandler>(
     let local_addr = tcp.local_addr()?;
     let peer_addr = tcp.peer_addr()?;
     let _ = tcp.set_nodelay(true);
-    let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(tcp))
+    serve_stream(tcp, local_addr, peer_addr, tls, handler, settings, drain).await
+}
+
+/// How the connection's PING sequence ended: the first PING doubles as the check that the
+/// client's SETTINGS arrived (they precede its answer).
+enum PingEnd {
+    SettingsTimeout,
+    KeepaliveTimeout,
+}
+
+/// As [`serve_connection`], over any byte stream (`local_addr`/`peer_addr` as the TCP
+/// connection had them). Everything before the first CONNECT is bounded by
+/// `settings.handshake_timeout`: the TLS handshake, the HTTP/2 preface and the client's
+/// SETTINGS, so a peer that connects and stays silent is closed.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_stream<IO, H>(
+    io: IO,
+    local_addr: SocketAddr,
+    peer_addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<H>,
+    settings: &H2Settings,
+    drain: CancellationToken,
+) -> Result<(), ServeError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: ConnectHandler,
+{
+    let deadline = Instant::now() + settings.handshake_timeout;
+    let tls = tokio::time::timeout_at(deadline, TlsAcceptor::from(tls).accept(io))
         .await
         .map_err(|_| ServeError::TlsTimeout)?
         .map_err(ServeError::Tls)?;
     let peer_identity = mesh_identity::peer_identity(tls.get_ref().1.peer_certificates())
         .ok_or(ServeError::NoPeerIdentity)?;
-    let mut conn = settings.server_builder().handshake(tls).await?;
-    let ping_pong = conn.ping_pong().expect("ping_pong is available once");
-    let keepalive = keepalive_failed(
-        ping_pong,
-        settings.keepalive_interval,
-        settings.keepalive_timeout,
-    );
-    tokio::pin!(keepalive);
+    let mut conn = tokio::time::timeout_at(deadline, settings.server_builder().handshake(tls))
+        .await
+        .map_err(|_| ServeError::PrefaceTimeout)??;
+    let mut ping_pong = conn.ping_pong().expect("ping_pong is available once");
+    let (interval, timeout) = (settings.keepalive_interval, settings.keepalive_timeout);
+    let pings = async move {
+        if !matches!(
+            tokio::time::timeout_at(deadline, ping_pong.ping(h2::Ping::opaque())).await,
+            Ok(Ok(_))
+        ) {
+            return PingEnd::SettingsTimeout;
+        }
+        keepalive_failed(ping_pong, interval, timeout).await;
+        PingEnd::KeepaliveTimeout
+    };
+    tokio::pin!(pings);
     let mut draining = false;
     loop {
         tokio::select! {
@@ -158,7 +198,10 @@ pub async fn serve_connection<H: ConnectHandler>(
                 draining = true;
                 conn.graceful_shutdown();
             }
-            _ = &mut keepalive => return Err(ServeError::KeepaliveTimeout),
+            end = &mut pings => return Err(match end {
+                PingEnd::SettingsTimeout => ServeError::SettingsTimeout,
+                PingEnd::KeepaliveTimeout => ServeError::KeepaliveTimeout,
+            }),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! HTTP/2 settings for HBONE, as in the reference: 4 MiB stream and 16 MiB connection
-//! windows, 1 MiB frames, PING every 10 s with a 20 s timeout.
+//! windows, 1 MiB frames, PING every 10 s with a 20 s timeout, 10 s to set a connection up.
 
 use std::time::Duration;
 
@@ -17,6 +17,9 @@ pub struct H2Settings {
     pub max_send_buffer: usize,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// Longest a new connection may take from TCP to HTTP/2 ready: the TLS handshake, the
+    /// preface and the peer's SETTINGS (server and client alike).
+    pub handshake_timeout: Duration,
 }
 
 impl H2Settings {
@@ -30,6 +33,7 @@ impl H2Settings {
             max_send_buffer: 400 * 1024,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 

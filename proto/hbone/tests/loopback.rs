@@ -4,8 +4,7 @@ use hbone::client::{Client, ClientSettings, ConnectError, TcpDialer};
 use hbone::protocol::{ConnectRequest, Refusal, Refused};
 use hbone::server::{ConnectHandler, InboundConnect, Responder, serve_connection};
 use hbone::{H2Settings, PoolKey};
-use mesh_identity::ca::CertificateAuthority;
-use mesh_identity::{SpiffeId, WorkloadCertificate, generate_csr};
+use mesh_identity::{SpiffeId, WorkloadCertificate};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,25 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-const DAY: Duration = Duration::from_secs(86400);
-
-struct Mesh {
-    ca: CertificateAuthority,
-}
-
-impl Mesh {
-    fn new() -> Self {
-        Mesh {
-            ca: CertificateAuthority::new_root("cluster.local", 30 * DAY).unwrap(),
-        }
-    }
-    fn cert(&self, sa: &str) -> WorkloadCertificate {
-        let id = SpiffeId::new("cluster.local", "test", sa).unwrap();
-        let csr = generate_csr(&id).unwrap();
-        let chain = self.ca.sign_csr(&csr.csr_pem, &id, DAY).unwrap();
-        WorkloadCertificate::from_ca_response(&id, &csr.key, &chain).unwrap()
-    }
-}
+mod common;
+use common::Mesh;
 
 /// Connects each CONNECT to its authority over TCP (as ztunnel's inbound does), refusing
 /// a few magic ports so clients can see each refusal.

@@ -1,6 +1,7 @@
 //! Workload keys, CSRs and the certificate chains a CA returns.
 
 use crate::spiffe::SpiffeId;
+use crate::tls::IdentityError;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -19,20 +20,38 @@ pub enum CertError {
     BadPem { what: &'static str, detail: String },
     #[error("certificate is not valid X.509 DER: {0}")]
     BadDer(String),
-    #[error("issued certificate carries {got:?}, but {want} was requested")]
+    #[error("issued certificate carries {got:?}, but {want} (and nothing else) was requested")]
     WrongIdentity { want: SpiffeId, got: Vec<String> },
 }
 
 /// Parsed facts about one certificate that the mesh cares about.
 #[derive(Clone, Debug)]
 pub struct CertInfo {
-    /// URI SANs that are valid SPIFFE ids.
-    pub identities: Vec<SpiffeId>,
-    /// All URI SANs, as written.
+    /// All URI SANs, as written (who the certificate is: [`CertInfo::identity`]).
     pub uris: Vec<String>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     pub serial_hex: String,
+}
+
+impl CertInfo {
+    /// The certificate's identity: it must carry exactly one URI SAN, and that URI must be
+    /// a SPIFFE id of the mesh's form. Zero URIs, several URIs (even if one of them is a
+    /// good SPIFFE id) or a lone non-SPIFFE URI are each refused with their own error.
+    pub fn identity(&self) -> Result<SpiffeId, IdentityError> {
+        match self.uris.as_slice() {
+            [] => Err(IdentityError::NoIdentity),
+            [one] => one
+                .parse()
+                .map_err(|e: crate::SpiffeIdError| IdentityError::NotSpiffe {
+                    uri: one.clone(),
+                    reason: e.to_string(),
+                }),
+            _ => Err(IdentityError::MultipleIdentities {
+                uris: self.uris.clone(),
+            }),
+        }
+    }
 }
 
 /// Reads identity and validity from a DER certificate.
@@ -46,7 +65,6 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
             }
         }
     }
-    let identities = uris.iter().filter_map(|u| u.parse().ok()).collect();
     let to_time = |t: x509_parser::time::ASN1Time| {
         let secs = t.timestamp();
         if secs >= 0 {
@@ -56,7 +74,6 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, CertError> {
         }
     };
     Ok(CertInfo {
-        identities,
         uris,
         not_before: to_time(cert.validity().not_before),
         not_after: to_time(cert.validity().not_after),
@@ -165,7 +182,8 @@ impl WorkloadCertificate {
     ) -> Result<Self, CertError> {
         let leaf = chain.first().ok_or(CertError::EmptyChain)?;
         let info = inspect(leaf)?;
-        if !info.identities.contains(requested) {
+        // Exactly the requested identity, alone: what we present is what was asked for.
+        if info.identity().as_ref() != Ok(requested) {
             return Err(CertError::WrongIdentity {
                 want: requested.clone(),
                 got: info.uris.clone(),

@@ -22,8 +22,15 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// (expiry, unknown issuer, bad signature).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
-    #[error("peer certificate carries no SPIFFE identity")]
+    /// No URI SAN at all.
+    #[error("peer certificate carries no SPIFFE identity (no URI SAN)")]
     NoIdentity,
+    /// More than one URI SAN: which one the peer "is" would be ambiguous, so none is used.
+    #[error("peer certificate carries {} URI SANs ({uris:?}); exactly one SPIFFE identity is required", uris.len())]
+    MultipleIdentities { uris: Vec<String> },
+    /// One URI SAN, but not a mesh SPIFFE identity (`spiffe://<td>/ns/<ns>/sa/<sa>`).
+    #[error("peer certificate's URI SAN {uri:?} is not a SPIFFE identity: {reason}")]
+    NotSpiffe { uri: String, reason: String },
     #[error("peer identity {got:?} is none of the expected {expected:?}")]
     UnexpectedIdentity {
         got: Vec<String>,
@@ -133,16 +140,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.algs.all,
         )?;
-        let info = inspect(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        if info.identities.is_empty() {
-            return Err(IdentityError::NoIdentity.into_rustls());
-        }
-        if info.identities.iter().any(|id| self.expected.contains(id)) {
+        let id = certificate_identity(end_entity)?;
+        if self.expected.contains(&id) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(IdentityError::UnexpectedIdentity {
-                got: info.uris,
+                got: vec![id.to_string()],
                 expected: self.expected.iter().map(ToString::to_string).collect(),
             }
             .into_rustls())
@@ -208,20 +211,12 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let info = inspect(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        let Some(first) = info.identities.first() else {
-            return Err(IdentityError::NoIdentity.into_rustls());
-        };
-        if info
-            .identities
-            .iter()
-            .any(|id| id.trust_domain() == self.trust_domain)
-        {
+        let id = certificate_identity(end_entity)?;
+        if id.trust_domain() == self.trust_domain {
             Ok(ClientCertVerified::assertion())
         } else {
             Err(IdentityError::WrongTrustDomain {
-                got: first.trust_domain().to_string(),
+                got: id.trust_domain().to_string(),
                 want: self.trust_domain.clone(),
             }
             .into_rustls())
@@ -285,8 +280,16 @@ pub fn server_config(cert: &WorkloadCertificate) -> Result<ServerConfig, TlsConf
     Ok(config)
 }
 
-/// The verified SPIFFE identity of a peer after the handshake, if it presented one.
+/// The one identity a leaf certificate carries, by the rule both verifiers apply.
+fn certificate_identity(end_entity: &CertificateDer<'_>) -> Result<SpiffeId, rustls::Error> {
+    let info = inspect(end_entity)
+        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    info.identity().map_err(IdentityError::into_rustls)
+}
+
+/// The verified SPIFFE identity of a peer after the handshake: the leaf's only URI SAN,
+/// by the same rule the verifiers applied (`None` if there is no such single identity).
 pub fn peer_identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     let leaf = peer_certs?.first()?;
-    inspect(leaf).ok()?.identities.into_iter().next()
+    inspect(leaf).ok()?.identity().ok()
 }

@@ -312,3 +312,236 @@ fn response_with_wrong_identity_is_refused() {
     let chain = ca.sign_csr(&csr.csr_pem, &issued, DAY).unwrap();
     assert!(WorkloadCertificate::from_ca_response(&wanted, &csr.key, &chain).is_err());
 }
+
+// ---- exactly one SPIFFE URI SAN (certificates made directly with rcgen) ----
+
+mod san_rule {
+    use super::*;
+    use mesh_identity::tls::{SpiffeServerVerifier, TrustDomainClientVerifier};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa,
+        Issuer, KeyPair, SanType,
+    };
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::server::danger::ClientCertVerifier;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+
+    /// A root made by rcgen itself (not our CA library), so a leaf can carry any SANs.
+    pub struct RawCa {
+        issuer: Issuer<'static, KeyPair>,
+        pub root: CertificateDer<'static>,
+    }
+
+    impl RawCa {
+        pub fn new() -> Self {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name = DistinguishedName::new();
+            let root = params.self_signed(&key).unwrap().der().clone();
+            RawCa {
+                issuer: Issuer::new(params, key),
+                root,
+            }
+        }
+
+        /// A leaf with exactly these SANs: `spiffe:`/`https:` strings become URI SANs,
+        /// `dns:x` a DNS SAN.
+        pub fn leaf(&self, sans: &[&str]) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name = DistinguishedName::new();
+            params.is_ca = IsCa::ExplicitNoCa;
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            params.subject_alt_names = sans
+                .iter()
+                .map(|s| match s.strip_prefix("dns:") {
+                    Some(d) => SanType::DnsName(d.to_string().try_into().unwrap()),
+                    None => SanType::URI(s.to_string().try_into().unwrap()),
+                })
+                .collect();
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+            (cert.der().clone(), key)
+        }
+    }
+
+    const A: &str = "spiffe://cluster.local/ns/a/sa/a";
+    const B: &str = "spiffe://cluster.local/ns/b/sa/b";
+
+    fn server_side(ca: &RawCa, leaf: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let v = TrustDomainClientVerifier::new(std::slice::from_ref(&ca.root), "cluster.local")
+            .unwrap();
+        v.verify_client_cert(leaf, &[], UnixTime::now()).map(|_| ())
+    }
+
+    fn client_side(ca: &RawCa, leaf: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let expected = vec![A.parse().unwrap(), B.parse().unwrap()];
+        let v = SpiffeServerVerifier::new(std::slice::from_ref(&ca.root), expected).unwrap();
+        let name = ServerName::try_from("10.0.0.1").unwrap();
+        v.verify_server_cert(leaf, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    fn identity_error(r: Result<(), rustls::Error>) -> IdentityError {
+        let err = r.expect_err("must be refused");
+        IdentityError::from_rustls(&err)
+            .unwrap_or_else(|| panic!("not a typed identity error: {err:?}"))
+            .clone()
+    }
+
+    #[test]
+    fn exactly_one_spiffe_uri_is_accepted_by_both_verifiers() {
+        let ca = RawCa::new();
+        let (leaf, _) = ca.leaf(&[A]);
+        server_side(&ca, &leaf).unwrap();
+        client_side(&ca, &leaf).unwrap();
+        // DNS SANs beside the one URI do not count.
+        let (leaf, _) = ca.leaf(&[A, "dns:a.example"]);
+        server_side(&ca, &leaf).unwrap();
+        client_side(&ca, &leaf).unwrap();
+        let info = mesh_identity::cert::inspect(&leaf).unwrap();
+        assert_eq!(info.identity().unwrap().to_string(), A);
+    }
+
+    #[test]
+    fn zero_uris_are_refused_as_no_identity() {
+        let ca = RawCa::new();
+        for sans in [&[][..], &["dns:a.example"][..]] {
+            let (leaf, _) = ca.leaf(sans);
+            assert_eq!(
+                identity_error(server_side(&ca, &leaf)),
+                IdentityError::NoIdentity
+            );
+            assert_eq!(
+                identity_error(client_side(&ca, &leaf)),
+                IdentityError::NoIdentity
+            );
+        }
+    }
+
+    #[test]
+    fn two_uris_are_refused_even_when_both_are_expected() {
+        let ca = RawCa::new();
+        // Both identities are in the client's expected list, and both are in our trust
+        // domain: still refused, since which one the peer is would be a guess.
+        for sans in [&[A, B][..], &[A, "https://a.example/"][..], &[A, A][..]] {
+            let (leaf, _) = ca.leaf(sans);
+            for err in [
+                identity_error(server_side(&ca, &leaf)),
+                identity_error(client_side(&ca, &leaf)),
+            ] {
+                assert!(
+                    matches!(&err, IdentityError::MultipleIdentities { uris } if uris.len() == 2),
+                    "{sans:?}: {err:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_lone_non_spiffe_uri_is_refused_as_not_spiffe() {
+        let ca = RawCa::new();
+        for uri in [
+            "https://cluster.local/ns/a/sa/a",
+            "spiffe://cluster.local/a/b",
+            "spiffe://cluster.local/ns/a/sa/a/extra",
+        ] {
+            let (leaf, _) = ca.leaf(&[uri]);
+            for err in [
+                identity_error(server_side(&ca, &leaf)),
+                identity_error(client_side(&ca, &leaf)),
+            ] {
+                assert!(
+                    matches!(&err, IdentityError::NotSpiffe { uri: u, .. } if u == uri),
+                    "{uri}: {err:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn peer_identity_and_workload_certificates_follow_the_same_rule() {
+        let ca = RawCa::new();
+        let (two, key) = ca.leaf(&[A, B]);
+        assert_eq!(
+            mesh_identity::peer_identity(Some(std::slice::from_ref(&two))),
+            None
+        );
+        let (one, _) = ca.leaf(&[A]);
+        assert_eq!(
+            mesh_identity::peer_identity(Some(std::slice::from_ref(&one))),
+            Some(A.parse().unwrap())
+        );
+        // A CA answer carrying the requested identity and another one is not used.
+        let PrivateKeyDer::Pkcs8(pkcs8) = key else {
+            unreachable!()
+        };
+        let err = WorkloadCertificate::from_parts(
+            &A.parse().unwrap(),
+            vec![two],
+            pkcs8,
+            vec![ca.root.clone()],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, mesh_identity::CertError::WrongIdentity { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn server_refuses_a_two_uri_client_in_a_real_handshake() {
+        let ca = RawCa::new();
+        let (server_leaf, server_key) = ca.leaf(&[B]);
+        let PrivateKeyDer::Pkcs8(server_key) = server_key else {
+            unreachable!()
+        };
+        let server = WorkloadCertificate::from_parts(
+            &B.parse().unwrap(),
+            vec![server_leaf],
+            server_key,
+            vec![ca.root.clone()],
+        )
+        .unwrap();
+        let (client_leaf, client_key) = ca.leaf(&[A, B]);
+        let verifier =
+            SpiffeServerVerifier::new(std::slice::from_ref(&ca.root), vec![B.parse().unwrap()])
+                .unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(mesh_identity::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(vec![client_leaf], client_key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(server_config(&server).unwrap()));
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut tls = acceptor.accept(s).await.map_err(tls_error)?;
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).await.map_err(tls_error)
+        });
+        let client = async {
+            let mut tls = TlsConnector::from(Arc::new(config))
+                .connect(ServerName::try_from("0.0.0.0").unwrap(), c)
+                .await?;
+            tls.write_all(b"x").await?;
+            let mut b = [0u8; 1];
+            tls.read(&mut b).await
+        };
+        let _ = client.await;
+        let err = server.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                IdentityError::from_rustls(&err),
+                Some(IdentityError::MultipleIdentities { .. })
+            ),
+            "{err:?}"
+        );
+    }
+}

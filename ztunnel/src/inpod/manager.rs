@@ -7,7 +7,7 @@ use crate::drain::Drain;
 use crate::proxy::{NodeContext, PodInfo, PodProxy};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
@@ -33,18 +33,31 @@ pub struct WorkloadManager {
     seen_in_snapshot: HashSet<String>,
     /// Set once a snapshot has been received (readiness).
     pub snapshot_received: Arc<std::sync::atomic::AtomicBool>,
+    /// Ourselves, for work that finishes after a pod's drain.
+    this: Weak<Mutex<WorkloadManager>>,
 }
 
 impl WorkloadManager {
-    pub fn new(ctx: Arc<NodeContext>, drain: Drain, deadline: Duration) -> Self {
-        WorkloadManager {
-            ctx,
-            drain,
-            deadline,
-            proxies: HashMap::new(),
-            seen_in_snapshot: HashSet::new(),
-            snapshot_received: Arc::default(),
-        }
+    /// The manager, shared (its drains report back to it when they end).
+    pub fn new(ctx: Arc<NodeContext>, drain: Drain, deadline: Duration) -> Arc<Mutex<Self>> {
+        Arc::new_cyclic(|this| {
+            Mutex::new(WorkloadManager {
+                ctx,
+                drain,
+                deadline,
+                proxies: HashMap::new(),
+                seen_in_snapshot: HashSet::new(),
+                snapshot_received: Arc::default(),
+                this: this.clone(),
+            })
+        })
+    }
+
+    /// Forgets the certificates of identities no local pod runs as any more (their
+    /// renewals stop).
+    fn retain_certificates(&self) {
+        let in_use: Vec<_> = self.proxies.values().filter_map(|p| p.identity()).collect();
+        self.ctx.certs.retain(|id| in_use.contains(id));
     }
 
     pub fn pods(&self) -> Vec<PodState> {
@@ -74,10 +87,17 @@ impl WorkloadManager {
                 .set(self.proxies.len() as i64);
             let deadline = self.deadline;
             tracing::info!(uid, pod = %format!("{}/{}", p.info.namespace, p.info.name), "draining pod proxy");
-            tokio::spawn(async move { p.drain.run(deadline).await });
-            // Identities no local pod runs as any more are forgotten.
-            let in_use: Vec<_> = self.proxies.values().filter_map(|p| p.identity()).collect();
-            self.ctx.certs.retain(|id| in_use.contains(id));
+            // Identities no local pod runs as any more are forgotten now, and again once
+            // the drain is over (a connection finishing meanwhile may have asked for one).
+            self.retain_certificates();
+            let this = self.this.clone();
+            tokio::spawn(async move {
+                p.drain.run(deadline).await;
+                drop(p);
+                if let Some(mgr) = this.upgrade() {
+                    mgr.lock().expect("manager lock").retain_certificates();
+                }
+            });
         }
     }
 

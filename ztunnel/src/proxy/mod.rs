@@ -1,6 +1,7 @@
 //! The per-pod proxy: listeners inside the pod's network namespace (15001 outbound,
 //! 15006 inbound plaintext, 15008 inbound HBONE) and the flows behind them.
 
+pub mod accept;
 pub mod plan;
 pub mod socket;
 
@@ -10,10 +11,12 @@ use crate::inpod::netns::Netns;
 use crate::metrics::{ConnRecorder, ConnReport, Direction, Metrics, Outcome};
 use crate::rbac::{ConnectionInfo, Decision};
 use crate::state::{State, Workload};
+use crate::updates::StateChanged;
+use accept::{ConnLimit, spawn_accept_loop};
 use hbone::{Authority, ConnectHandler, InboundConnect, Refusal, Responder};
 use mesh_identity::SpiffeId;
 use mesh_proto::ports;
-use plan::{OutboundPlan, plan_outbound};
+use plan::{InboundPlan, OutboundPlan, plan_inbound, plan_outbound};
 use socket::{NetnsDialer, canonical, connect_in, listen_in, original_dst};
 use std::collections::HashMap;
 use std::io;
@@ -36,6 +39,10 @@ pub struct NodeContext {
     pub trust_domain: String,
     pub cluster_id: String,
     pub tracker: Arc<ConnTracker>,
+    /// Wakes whoever waits for the state to change.
+    pub state_changed: StateChanged,
+    /// Cap on open connections per listener (each pod has three).
+    pub max_connections_per_listener: usize,
 }
 
 /// The pod as the node agent described it.
@@ -158,13 +165,13 @@ impl PodProxy {
             drain: parent.child(),
             ctx,
         });
-        spawn_accept(proxy.clone(), outbound, |p, s| async move {
+        spawn_accept(proxy.clone(), outbound, "outbound", |p, s| async move {
             p.outbound(s).await
         });
-        spawn_accept(proxy.clone(), plaintext, |p, s| async move {
+        spawn_accept(proxy.clone(), plaintext, "inbound", |p, s| async move {
             p.inbound_plaintext(s).await
         });
-        spawn_accept(proxy.clone(), hbone_listener, |p, s| async move {
+        spawn_accept(proxy.clone(), hbone_listener, "hbone", |p, s| async move {
             p.inbound_hbone(s).await
         });
         Ok(proxy)
@@ -211,17 +218,15 @@ impl PodProxy {
             .cloned()
     }
 
+    /// The pod's own workload, waiting (woken by state updates) until it appears.
     async fn wait_for_workload(&self) -> Option<Arc<Workload>> {
-        let deadline = Instant::now() + UNKNOWN_SOURCE_WAIT;
-        loop {
-            if let Some(w) = self.workload() {
-                return Some(w);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (ns, name) = (&self.info.namespace, &self.info.name);
+        self.ctx
+            .state_changed
+            .wait_for(&self.ctx.state, UNKNOWN_SOURCE_WAIT, |st| {
+                st.workload_by_pod(ns, name).cloned()
+            })
+            .await
     }
 
     // ---- outbound (15001) ----
@@ -300,12 +305,13 @@ impl PodProxy {
                 report.dst_hbone_addr = Some(hop);
                 report.dst_identity = expected.first().cloned();
                 report.dst = dst_workload;
-                report.dst_service = service.clone();
+                let host = service.as_ref().map(|s| s.hostname.clone());
+                report.dst_service = service;
                 report.mtls = true;
                 let mut req = hbone::ConnectRequest::new(authority);
                 req.forwarded = hbone::Forwarded {
                     for_addr: Some(peer),
-                    host: service,
+                    host,
                 };
                 req.baggage = Some(baggage(&src, &self.ctx.cluster_id));
                 report.trace_id = req.traceparent.trace_id_hex();
@@ -394,7 +400,9 @@ impl PodProxy {
                     hbone::ConnectError::Identity(_) | hbone::ConnectError::Tls { .. } => {
                         "TLS_FAILURE"
                     }
-                    hbone::ConnectError::H2(_) => "H2_HANDSHAKE_FAILURE",
+                    hbone::ConnectError::H2(_) | hbone::ConnectError::HandshakeTimeout(_) => {
+                        "H2_HANDSHAKE_FAILURE"
+                    }
                     hbone::ConnectError::Refused(hbone::Refused::Unauthorized) => "DENY",
                     _ => "CONNECT",
                 };
@@ -526,7 +534,9 @@ impl PodProxy {
         let creds = match self.ctx.certs.get(&identity).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(identity = %identity, error = %e, "cannot serve HBONE without a certificate");
+                // Per connection, so debug: the manager logs the failure itself, and it
+                // shows in metrics and readiness.
+                tracing::debug!(identity = %identity, error = %e, "cannot serve HBONE without a certificate");
                 return;
             }
         };
@@ -552,45 +562,44 @@ impl ConnectHandler for InboundHandler {
         let guard = pod.drain.guard();
         let local = canonical(req.local_addr);
         let peer = canonical(req.peer_addr);
+        let InboundPlan {
+            src,
+            dst_service,
+            target,
+        } = {
+            let st = pod.ctx.state.read().expect("state lock");
+            let src = st.workload_by_ip(&pod.ctx.network, peer.ip()).cloned();
+            let authority = match &req.request.authority {
+                Authority::Addr(a) => Authority::Addr(canonical(*a)),
+                other => other.clone(),
+            };
+            let forwarded = req.request.forwarded.host.as_deref();
+            plan_inbound(&st, &pod.ctx.network, local, &authority, forwarded, src)
+        };
         let mut report = ConnReport {
             direction: Direction::Inbound,
             src_addr: peer,
-            src: pod
-                .ctx
-                .state
-                .read()
-                .expect("state lock")
-                .workload_by_ip(&pod.ctx.network, peer.ip())
-                .cloned(),
+            src,
             src_identity: Some(req.peer_identity.clone()),
             dst_addr: local,
             dst_hbone_addr: Some(local),
-            dst_service: req.request.forwarded.host.clone(),
+            dst_service,
             dst: None,
             dst_identity: None,
             mtls: true,
             trace_id: req.request.traceparent.trace_id_hex(),
             started: Instant::now(),
         };
-        let target = match &req.request.authority {
-            Authority::Addr(a) => canonical(*a),
-            Authority::Host { host, port } => {
-                // A service hostname: map the service port to this workload's target port.
-                let st = pod.ctx.state.read().expect("state lock");
-                let mapped = st.service_by_hostname(host).and_then(|svc| {
-                    let w = st.workload_by_ip(&pod.ctx.network, local.ip())?;
-                    State::target_port(svc, w, *port)
-                });
-                match mapped {
-                    Some(p) => SocketAddr::new(local.ip(), p),
-                    None => {
-                        drop(st);
-                        let refusal = Refusal::Unavailable(format!("cannot resolve {host}:{port}"));
-                        let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report);
-                        finish_refusal(rec, &refusal, None);
-                        return respond.refuse(&refusal);
-                    }
-                }
+        let target = match target {
+            Ok(t) => t,
+            Err(port) => {
+                let refusal = Refusal::Unavailable(format!(
+                    "the authority's host is no service of {} with port {port}",
+                    local.ip()
+                ));
+                let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report);
+                finish_refusal(rec, &refusal, None);
+                return respond.refuse(&refusal);
             }
         };
         report.dst_addr = target;
@@ -699,27 +708,20 @@ fn baggage(w: &Workload, cluster: &str) -> String {
     parts.join(",")
 }
 
-fn spawn_accept<F, Fut>(proxy: Arc<PodProxy>, listener: TcpListener, handle: F)
+fn spawn_accept<F, Fut>(proxy: Arc<PodProxy>, listener: TcpListener, which: &'static str, handle: F)
 where
     F: Fn(Arc<PodProxy>, TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let name = format!("{}/{} {which}", proxy.info.namespace, proxy.info.name);
+    let counter = proxy
+        .ctx
+        .metrics
+        .connections_refused
+        .get_or_create(&crate::metrics::ListenerLabel::new(which))
+        .clone();
+    let limit = ConnLimit::counting(name, proxy.ctx.max_connections_per_listener, counter);
     let stop = proxy.drain.stop_accepting();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((s, _)) => {
-                        let _ = s.set_nodelay(true);
-                        tokio::spawn(handle(proxy.clone(), s));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                _ = stop.cancelled() => return,
-            }
-        }
-    });
+    let p = proxy.clone();
+    spawn_accept_loop(listener, limit, stop, move |s| handle(p.clone(), s));
 }

@@ -1,9 +1,60 @@
-//! Where an outbound connection goes, decided from the xDS state alone (no I/O).
+//! Where an outbound connection goes, and what an inbound CONNECT names, decided from the
+//! xDS state alone (no I/O).
 
-use crate::state::{Destination, GatewayAddress, State, Workload};
+use crate::state::{Destination, GatewayAddress, Service, State, Workload};
+use hbone::Authority;
 use mesh_identity::SpiffeId;
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+/// What an inbound CONNECT arriving at `local` names, in our own terms.
+#[derive(Debug, Clone)]
+pub struct InboundPlan {
+    /// The source workload, by the connection's source address.
+    pub src: Option<Arc<Workload>>,
+    /// The destination service: one of the destination workload's own services, named by
+    /// `forwarded: host=` or by a hostname authority; never a name we do not know.
+    pub dst_service: Option<Arc<Service>>,
+    /// Where to connect in the pod, or the port of a hostname authority that names no
+    /// service of the destination with that port.
+    pub target: Result<SocketAddr, u16>,
+}
+
+/// What the peer says (the authority, `forwarded: host=`) is only looked up among the
+/// destination's own services, so it never becomes a name we keep or report.
+pub fn plan_inbound(
+    st: &State,
+    network: &str,
+    local: SocketAddr,
+    authority: &Authority,
+    forwarded_host: Option<&str>,
+    src: Option<Arc<Workload>>,
+) -> InboundPlan {
+    let dst = st.workload_by_ip(network, local.ip());
+    let own_service =
+        |host: &str| -> Option<Arc<Service>> { st.service_of_workload(dst?, host).cloned() };
+    let forwarded = forwarded_host.and_then(own_service);
+    let (dst_service, target) = match authority {
+        Authority::Addr(a) => (forwarded, Ok(*a)),
+        Authority::Host { host, port } => {
+            // A service hostname: map the service port to this workload's port.
+            let svc = own_service(host);
+            let mapped = svc
+                .as_ref()
+                .zip(dst)
+                .and_then(|(svc, w)| State::target_port(svc, w, *port));
+            match mapped {
+                Some(p) => (forwarded.or(svc), Ok(SocketAddr::new(local.ip(), p))),
+                None => (forwarded, Err(*port)),
+            }
+        }
+    };
+    InboundPlan {
+        src,
+        dst_service,
+        target,
+    }
+}
 
 #[derive(Debug, Clone)]
 pub enum OutboundPlan {
@@ -11,7 +62,7 @@ pub enum OutboundPlan {
     Passthrough {
         dst: SocketAddr,
         dst_workload: Option<Arc<Workload>>,
-        service: Option<String>,
+        service: Option<Arc<Service>>,
     },
     /// HBONE to `hop` (a ztunnel or waypoint on 15008), asking for `authority`.
     Hbone {
@@ -19,8 +70,8 @@ pub enum OutboundPlan {
         authority: SocketAddr,
         expected: Vec<SpiffeId>,
         dst_workload: Option<Arc<Workload>>,
-        /// Service hostname, sent as `forwarded: ...;host=`.
-        service: Option<String>,
+        /// The service; its hostname is sent as `forwarded: ...;host=`.
+        service: Option<Arc<Service>>,
         via_waypoint: bool,
     },
     /// Refuse the connection (never fall back to plaintext).
@@ -102,7 +153,7 @@ pub fn plan_outbound(
                             authority: orig,
                             expected: wp.ids,
                             dst_workload: None,
-                            service: Some(svc.hostname.clone()),
+                            service: Some(svc.clone()),
                             via_waypoint: true,
                         };
                     }
@@ -134,14 +185,14 @@ pub fn plan_outbound(
                     authority: SocketAddr::new(ip, target_port),
                     expected,
                     dst_workload: Some(ep),
-                    service: Some(svc.hostname.clone()),
+                    service: Some(svc.clone()),
                     via_waypoint: false,
                 }
             } else {
                 OutboundPlan::Passthrough {
                     dst: SocketAddr::new(ip, target_port),
                     dst_workload: Some(ep),
-                    service: Some(svc.hostname.clone()),
+                    service: Some(svc.clone()),
                 }
             }
         }
@@ -296,7 +347,7 @@ mod tests {
             } => {
                 assert_eq!(hop, addr("10.0.1.5:15008"));
                 assert_eq!(authority, addr("10.0.1.5:8080"));
-                assert_eq!(service.as_deref(), Some("s.ns.svc.cluster.local"));
+                assert_eq!(service.unwrap().hostname, "s.ns.svc.cluster.local");
             }
             other => panic!("{other:?}"),
         }
@@ -341,6 +392,91 @@ mod tests {
                 assert_eq!(hop, addr("10.0.1.5:15008"));
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    fn other_service() -> Service {
+        Service {
+            name: "other".into(),
+            hostname: "other.ns.svc.cluster.local".into(),
+            vips: vec![(String::new(), IpAddr::from([10, 96, 0, 11]))],
+            ..service(None)
+        }
+    }
+
+    #[test]
+    fn inbound_service_is_only_ever_one_of_the_destinations_own() {
+        let mut st = State::default();
+        st.insert_service(service(None));
+        st.insert_service(other_service());
+        st.insert_workload(with_svc(wl("b", [10, 0, 1, 5], true, "b"), KEY, 8080));
+        let local = addr("10.0.1.5:15008");
+        let to_app = Authority::Addr(addr("10.0.1.5:8080"));
+        let service_of = |host: Option<&str>| {
+            plan_inbound(&st, "", local, &to_app, host, None)
+                .dst_service
+                .map(|s| s.hostname.clone())
+        };
+        assert_eq!(
+            service_of(Some("s.ns.svc.cluster.local")).as_deref(),
+            Some("s.ns.svc.cluster.local")
+        );
+        // A real service the destination does not back, a made-up 2 KB name, a prefix of
+        // the real one, and its key form: none of them.
+        let long = "x".repeat(2048);
+        for claimed in [
+            "other.ns.svc.cluster.local",
+            long.as_str(),
+            "s.ns.svc",
+            KEY,
+            "",
+        ] {
+            assert_eq!(service_of(Some(claimed)), None, "{claimed:?}");
+        }
+        assert_eq!(service_of(None), None);
+        // Arriving at an address that is no workload of ours: nothing resolves.
+        let stray = plan_inbound(
+            &st,
+            "",
+            addr("10.0.9.9:15008"),
+            &Authority::Addr(addr("10.0.9.9:8080")),
+            Some("s.ns.svc.cluster.local"),
+            None,
+        );
+        assert!(stray.dst_service.is_none());
+    }
+
+    #[test]
+    fn inbound_hostname_authority_maps_only_the_destinations_own_services() {
+        let mut st = State::default();
+        st.insert_service(service(None));
+        st.insert_service(other_service());
+        st.insert_workload(with_svc(wl("b", [10, 0, 1, 5], true, "b"), KEY, 8080));
+        let local = addr("10.0.1.5:15008");
+        let host = |h: &str, port: u16| Authority::Host {
+            host: h.into(),
+            port,
+        };
+        let own = plan_inbound(
+            &st,
+            "",
+            local,
+            &host("s.ns.svc.cluster.local", 80),
+            None,
+            None,
+        );
+        assert_eq!(own.target, Ok(addr("10.0.1.5:8080")));
+        assert_eq!(own.dst_service.unwrap().name, "s");
+        // The service port must exist; another service (even one whose ports would map)
+        // and unknown names are refused, never mapped through someone else's ports.
+        for (h, port) in [
+            ("s.ns.svc.cluster.local", 81),
+            ("other.ns.svc.cluster.local", 80),
+            ("nope.ns.svc.cluster.local", 80),
+        ] {
+            let p = plan_inbound(&st, "", local, &host(h, port), None, None);
+            assert_eq!(p.target, Err(port), "{h}:{port}");
+            assert!(p.dst_service.is_none(), "{h}:{port}");
         }
     }
 

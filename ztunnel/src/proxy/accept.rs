@@ -1,0 +1,212 @@
+//! The accept loop of one listener, with a cap on the connections it has open at once.
+//! At the cap, a new connection is accepted and closed at once (the client sees the close
+//! instead of waiting in the backlog), and the listener says so in the log once each time
+//! it reaches the cap, not once per refused connection.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// One listener's cap and what happened at it.
+#[derive(Debug)]
+pub struct ConnLimit {
+    /// Which listener, for the log (`front/client outbound`).
+    name: String,
+    limit: usize,
+    slots: Arc<Semaphore>,
+    at_limit: AtomicBool,
+    refused: AtomicU64,
+    /// Also counts refusals here (a metric), if set.
+    counter: Option<prometheus_client::metrics::counter::Counter>,
+}
+
+impl ConnLimit {
+    pub fn new(name: impl Into<String>, limit: usize) -> Arc<Self> {
+        Arc::new(ConnLimit {
+            name: name.into(),
+            limit,
+            slots: Arc::new(Semaphore::new(limit)),
+            at_limit: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
+            counter: None,
+        })
+    }
+
+    /// As [`ConnLimit::new`], counting refusals in `counter` too.
+    pub fn counting(
+        name: impl Into<String>,
+        limit: usize,
+        counter: prometheus_client::metrics::counter::Counter,
+    ) -> Arc<Self> {
+        let mut l = Arc::try_unwrap(Self::new(name, limit)).expect("fresh");
+        l.counter = Some(counter);
+        Arc::new(l)
+    }
+
+    /// Connections refused at the cap so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.limit - self.slots.available_permits()
+    }
+
+    /// A slot for a new connection, or `None` (logged on the first refusal of a run).
+    fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                if self.at_limit.swap(false, Ordering::Relaxed) {
+                    tracing::info!(listener = %self.name, limit = self.limit,
+                        "listener below its connection limit again; accepting");
+                }
+                Some(permit)
+            }
+            Err(_) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                if let Some(c) = &self.counter {
+                    c.inc();
+                }
+                if !self.at_limit.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(listener = %self.name, limit = self.limit,
+                        "listener at its connection limit (--max-connections-per-listener): closing new connections until some end");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Accepts on `listener` until `stop`, running `handle` for each admitted connection (the
+/// slot is held until `handle` returns).
+pub fn spawn_accept_loop<F, Fut>(
+    listener: TcpListener,
+    limit: Arc<ConnLimit>,
+    stop: CancellationToken,
+    handle: F,
+) where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((s, _)) => {
+                        let Some(permit) = limit.admit() else {
+                            drop(s);
+                            continue;
+                        };
+                        let _ = s.set_nodelay(true);
+                        let fut = handle(s);
+                        tokio::spawn(async move {
+                            fut.await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(listener = %limit.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Holds each connection open until the client closes it, answering one byte first.
+    async fn hold(mut s: TcpStream) {
+        let _ = s.write_all(b"+").await;
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b).await;
+    }
+
+    /// What the server does with a fresh connection: `Some(b'+')` if served, `None` if
+    /// it was closed without a word.
+    async fn greeting(s: &mut TcpStream) -> Option<u8> {
+        let mut b = [0u8; 1];
+        match s.read(&mut b).await {
+            Ok(1) => Some(b[0]),
+            _ => None,
+        }
+    }
+
+    /// Collects what is logged on this thread.
+    #[derive(Clone, Default)]
+    struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Log {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_and_others_keep_being_served() {
+        let log = Log::default();
+        let writer = log.clone();
+        let _logging = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limit = ConnLimit::new("test", 2);
+        spawn_accept_loop(listener, limit.clone(), CancellationToken::new(), hold);
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(greeting(&mut first).await, Some(b'+'));
+        assert_eq!(greeting(&mut second).await, Some(b'+'));
+        for _ in 0..3 {
+            let mut over = TcpStream::connect(addr).await.unwrap();
+            assert_eq!(greeting(&mut over).await, None, "closed at the cap");
+        }
+        assert_eq!((limit.open(), limit.refused()), (2, 3));
+        // Said once, clearly, not once per refused connection.
+        let said = log.text();
+        assert_eq!(
+            said.matches("listener at its connection limit").count(),
+            1,
+            "{said}"
+        );
+        assert!(said.contains("listener=test limit=2"), "{said}");
+        // The two admitted connections are unaffected.
+        first.write_all(b"x").await.unwrap();
+        drop(first);
+        // A slot frees up once a connection ends: new connections are served again.
+        let mut again = loop {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            if greeting(&mut s).await.is_some() {
+                break s;
+            }
+            tokio::task::yield_now().await;
+        };
+        again.write_all(b"x").await.unwrap();
+        assert!(log.text().contains("below its connection limit again"));
+        second.write_all(b"x").await.unwrap();
+        assert_eq!(greeting(&mut second).await, None, "ended by the server");
+    }
+}
