@@ -1,18 +1,20 @@
 //! Applies the control plane's updates: addresses (services and endpoints), routes and
-//! L7 policies. An invalid route or policy is NACKed and the previous version kept.
+//! L7 policies. An invalid route or policy is NACKed and the previous version kept. The
+//! first response of each type marks it synced (the waypoint serves nothing before all
+//! three have synced).
 
 use crate::authz::Policy;
 use crate::proxy::{Config, Target};
 use crate::route::Route;
+use crate::server::Lifecycle;
 use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::prost::Message;
 use mesh_proto::{type_url, waypoint, workload};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub struct Apply {
     pub config: Arc<RwLock<Config>>,
-    pub synced: Arc<AtomicBool>,
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 fn targets(spec_json: &str) -> Vec<Target> {
@@ -90,15 +92,61 @@ impl mesh_xds::Handler for Apply {
                 _ => {}
             }
         }
-        if resp.type_url == type_url::ADDRESS {
-            self.synced.store(true, Ordering::Relaxed);
-        }
+        drop(cfg);
+        self.lifecycle.mark_synced(&resp.type_url);
         errors
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use mesh_xds::Handler;
+
+    fn response(
+        type_url: &str,
+        resources: Vec<mesh_proto::discovery::Resource>,
+    ) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: type_url.into(),
+            resources,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn synced_once_addresses_routes_and_policies_have_each_been_received() {
+        let lifecycle = Lifecycle::new();
+        let mut a = Apply {
+            config: Default::default(),
+            lifecycle: lifecycle.clone(),
+        };
+        a.apply(&response(type_url::ADDRESS, vec![]));
+        a.apply(&response(type_url::HTTP_ROUTE, vec![]));
+        assert!(!lifecycle.synced(), "policies missing");
+        assert!(lifecycle.not_ready().contains(&"policies not synced"));
+        // A response with a rejected policy is still the control plane's answer.
+        let bad = waypoint::L7Policy {
+            namespace: "back".into(),
+            name: "bad".into(),
+            spec_json: r#"{"action":"CUSTOM"}"#.into(),
+        };
+        let errors = a.apply(&response(
+            type_url::L7_POLICY,
+            vec![mesh_proto::discovery::Resource {
+                name: "back/bad".into(),
+                resource: Some(mesh_proto::prost_types::Any {
+                    type_url: type_url::L7_POLICY.into(),
+                    value: bad.encode_to_vec(),
+                }),
+                ..Default::default()
+            }],
+        ));
+        assert_eq!(errors.len(), 1);
+        assert!(lifecycle.synced());
+        assert_eq!(lifecycle.not_ready(), ["no certificate"]);
+    }
+
     #[test]
     fn policy_targets() {
         let t = super::targets(
