@@ -656,6 +656,34 @@ async fn host_variants_and_absolute_form_targets_cannot_bypass_a_host_policy() {
         )
         .await;
     assert_eq!(code, 400);
+    // HTTP/2: `:authority` is the request's authority; a `host` header beside it that
+    // says otherwise changes nothing.
+    for (authority, host, want) in [
+        (API, "admin.back.svc.cluster.local", 200),
+        ("admin.back.svc.cluster.local", API, 403),
+        ("admin.back.svc.cluster.local.", API, 403),
+    ] {
+        let io = hyper_util::rt::TokioIo::new(m.connect(&m.front, vip).await.unwrap());
+        let (mut h2, c) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(c);
+        let resp = h2
+            .send_request(
+                http::Request::get(format!("http://{authority}/h2"))
+                    .header("host", host)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status().as_u16(),
+            want,
+            ":authority {authority}, host {host}"
+        );
+    }
     let seen = m.api_seen.lock().unwrap().clone();
     assert!(
         seen.iter().all(|(_, h)| h == API),
