@@ -98,8 +98,12 @@ pub fn desired_objects(
                         ],
                         "env": [{"name": "RUST_LOG", "value": cfg.log_level}],
                         "ports": [{"name": "hbone", "containerPort": 15008},
-                                  {"name": "metrics", "containerPort": 15020}],
-                        "readinessProbe": {"tcpSocket": {"port": 15008}, "periodSeconds": 5},
+                                  {"name": "metrics", "containerPort": 15020},
+                                  {"name": "status", "containerPort": 15021}],
+                        // Ready once addresses, routes and policies have synced and it
+                        // holds a certificate; not ready while draining.
+                        "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021},
+                                           "periodSeconds": 5},
                         "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                                             "capabilities": {"drop": ["ALL"]}},
                         "volumeMounts": [
@@ -293,6 +297,11 @@ mod tests {
             .map(|a| a.as_str().unwrap())
             .collect();
         assert!(args.contains(&"--name=waypoint") && args.contains(&"--namespace=shop"));
+        let probe = &d["containers"][0]["readinessProbe"]["httpGet"];
+        assert_eq!(
+            (probe["path"].as_str(), probe["port"].as_u64()),
+            (Some("/healthz/ready"), Some(15021))
+        );
         assert_eq!(objs[1].1["data"]["root-cert.pem"], "ROOT");
         assert_eq!(objs[3].1["spec"]["ports"][0]["port"], 15008);
         assert_eq!(

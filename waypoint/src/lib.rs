@@ -5,9 +5,13 @@
 
 pub mod authz;
 pub mod balancer;
+pub mod binding;
 pub mod counted;
+pub mod l4;
 pub mod metrics;
+pub mod normalize;
 pub mod proxy;
 pub mod route;
+pub mod server;
 pub mod upstream_pool;
 pub mod xds;

@@ -2,11 +2,12 @@ use clap::Parser;
 use mesh_xds::certs::{CertManager, CertSource};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use waypoint::proxy::{Config, Handler, Waypoint};
+use waypoint::normalize::PathNormalization;
+use waypoint::proxy::{Config, Waypoint};
+use waypoint::server::{Lifecycle, ServeConfig, Stopped};
 
 /// The L7 waypoint of a namespace: HTTP routing (Gateway API HTTPRoute) and L7
 /// authorization for the services bound to it, between ztunnels, over HBONE.
@@ -33,8 +34,22 @@ struct Args {
     token_file: PathBuf,
     #[arg(long, default_value = "0.0.0.0:15008")]
     listen: SocketAddr,
+    /// Metrics (`/metrics`) and readiness (`/healthz/ready`).
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`), on Istio's port.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// How request paths are normalised before routing and policy (Istio's mesh config
+    /// `pathNormalization`): NONE, BASE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES.
+    #[arg(long, env = "PATH_NORMALIZATION", default_value = "BASE", value_parser = parse_normalization)]
+    #[serde(serialize_with = "display")]
+    path_normalization: PathNormalization,
+    /// On SIGTERM, how long in-flight requests may take to finish before the waypoint
+    /// exits anyway (a Gateway API duration: 5s, 500ms, 1m).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[serde(serialize_with = "display_duration")]
+    drain_deadline: Duration,
     /// Consecutive 5xx or connection failures that eject an endpoint (outlier detection).
     #[arg(long, default_value_t = 5)]
     outlier_consecutive_errors: u32,
@@ -54,25 +69,31 @@ struct Args {
     log_level: String,
 }
 
-async fn serve_metrics(addr: SocketAddr, metrics: Arc<waypoint::metrics::Metrics>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(l) = tokio::net::TcpListener::bind(addr).await else {
-        tracing::warn!(%addr, "cannot serve metrics");
-        return;
-    };
-    loop {
-        let Ok((mut s, _)) = l.accept().await else {
-            continue;
-        };
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf).await;
-            let body = m.encode();
-            let _ = s
-                .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).as_bytes())
-                .await;
-        });
+fn parse_normalization(s: &str) -> Result<PathNormalization, String> {
+    s.parse()
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    waypoint::route::parse_gateway_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 5s, 500ms, 1m)"))
+}
+
+fn display<S: serde::Serializer>(v: &PathNormalization, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn display_duration<S: serde::Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{v:?}"))
+}
+
+async fn serve_admin(
+    addr: SocketAddr,
+    metrics: Arc<waypoint::metrics::Metrics>,
+    lifecycle: Arc<Lifecycle>,
+) {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => waypoint::server::serve_admin(l, metrics, lifecycle).await,
+        Err(e) => tracing::warn!(%addr, error = %e, "cannot serve metrics and readiness"),
     }
 }
 
@@ -126,7 +147,7 @@ fn main() {
             ttl: Duration::from_secs(24 * 3600),
         });
         let config = Arc::new(RwLock::new(Config::default()));
-        let synced = Arc::new(AtomicBool::new(false));
+        let lifecycle = Lifecycle::new();
         let node = mesh_proto::envoy_core::Node {
             id: format!("waypoint~{}~{}.{}", a.name, a.name, a.namespace),
             user_agent_name: "waypoint".into(),
@@ -143,11 +164,22 @@ fn main() {
             types,
             waypoint::xds::Apply {
                 config: config.clone(),
-                synced,
+                lifecycle: lifecycle.clone(),
             },
         ));
         let metrics = Arc::new(waypoint::metrics::Metrics::new());
-        tokio::spawn(serve_metrics(a.metrics_addr, metrics.clone()));
+        tokio::spawn(serve_admin(
+            a.metrics_addr,
+            metrics.clone(),
+            lifecycle.clone(),
+        ));
+        if a.readiness_addr != a.metrics_addr {
+            tokio::spawn(serve_admin(
+                a.readiness_addr,
+                metrics.clone(),
+                lifecycle.clone(),
+            ));
+        }
         let pool = Arc::new(waypoint::upstream_pool::UpstreamPool::new(
             waypoint::upstream_pool::PoolLimits {
                 max_idle_per_endpoint: a.max_idle_per_endpoint,
@@ -157,7 +189,7 @@ fn main() {
         let wp = Arc::new(Waypoint {
             identity: identity.clone(),
             config,
-            certs: certs.clone(),
+            certs,
             client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
             metrics,
             budget: Default::default(),
@@ -170,55 +202,34 @@ fn main() {
                 },
             )),
             pool: pool.clone(),
+            normalization: a.path_normalization,
+            shutdown: CancellationToken::new(),
         });
         tokio::spawn(pool.run_sweeper());
-        let listener = match tokio::net::TcpListener::bind(a.listen).await {
-            Ok(l) => l,
+        tracing::info!("waiting for addresses, routes and policies from the control plane");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signals");
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("waypoint stopping");
+        };
+        let cfg = ServeConfig {
+            listen: a.listen,
+            cert_wait: waypoint::proxy::CERT_WAIT,
+            drain_deadline: a.drain_deadline,
+        };
+        match waypoint::server::serve(wp, lifecycle, cfg, shutdown).await {
+            Ok(Stopped::DeadlineExceeded { open }) => {
+                tracing::warn!(open, "waypoint stopped with connections still open")
+            }
+            Ok(Stopped::Drained | Stopped::BeforeSync) => tracing::info!("waypoint stopped"),
             Err(e) => {
                 tracing::error!("cannot listen on {}: {e}", a.listen);
                 std::process::exit(1);
             }
-        };
-        tracing::info!(listen = %a.listen, "waypoint serving HBONE");
-        let drain = CancellationToken::new();
-        let handler = Arc::new(Handler(wp));
-        let accept = async {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let creds = match certs.get(&identity).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "no certificate yet; refusing the connection");
-                        continue;
-                    }
-                };
-                let (handler, drain) = (handler.clone(), drain.clone());
-                tokio::spawn(async move {
-                    let settings = hbone::H2Settings::server();
-                    if let Err(e) = hbone::serve_connection(
-                        tcp,
-                        creds.server_config.clone(),
-                        handler,
-                        &settings,
-                        drain,
-                    )
-                    .await
-                    {
-                        tracing::debug!(error = %e, "HBONE connection ended");
-                    }
-                });
-            }
-        };
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signals");
-        tokio::select! {
-            _ = accept => {}
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
         }
-        drain.cancel();
-        tracing::info!("waypoint stopping");
     });
 }

@@ -1,4 +1,4 @@
-//! Request metrics with Istio's names and `reporter="waypoint"`.
+//! Request and TCP connection metrics with Istio's names and `reporter="waypoint"`.
 
 use mesh_discovery::{Service, Workload};
 use mesh_identity::SpiffeId;
@@ -30,7 +30,7 @@ impl RequestLabels {
     pub fn new(
         source: &SpiffeId,
         source_wl: Option<&Workload>,
-        svc: &Service,
+        svc: Option<&Service>,
         protocol: AppProtocol,
     ) -> Self {
         RequestLabels {
@@ -46,9 +46,9 @@ impl RequestLabels {
                 .unwrap_or_else(|| "unknown".into()),
             source_workload_namespace: source.namespace().to_string(),
             source_principal: source.to_string(),
-            destination_service: svc.hostname.clone(),
-            destination_service_name: svc.name.clone(),
-            destination_service_namespace: svc.namespace.clone(),
+            destination_service: or_unknown(svc.map(|s| s.hostname.as_str())),
+            destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
+            destination_service_namespace: or_unknown(svc.map(|s| s.namespace.as_str())),
             destination_workload: "unknown".into(),
             destination_workload_namespace: "unknown".into(),
             destination_principal: "unknown".into(),
@@ -62,8 +62,119 @@ impl RequestLabels {
     }
 }
 
+fn or_unknown(s: Option<&str>) -> String {
+    match s {
+        Some(v) if !v.is_empty() => v.to_string(),
+        _ => "unknown".to_string(),
+    }
+}
+
+/// Istio's TCP labels (as ztunnel reports them), `reporter="waypoint"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_canonical_service: String,
+    source_canonical_revision: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_cluster: String,
+    destination_service: String,
+    destination_service_namespace: String,
+    destination_service_name: String,
+    destination_workload: String,
+    destination_canonical_service: String,
+    destination_canonical_revision: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_cluster: String,
+    request_protocol: &'static str,
+    response_flags: &'static str,
+    connection_security_policy: &'static str,
+}
+
+impl TcpLabels {
+    pub fn new(source: &SpiffeId, source_wl: Option<&Workload>, svc: Option<&Service>) -> Self {
+        let w = |f: fn(&Workload) -> &str| or_unknown(source_wl.map(f));
+        TcpLabels {
+            reporter: "waypoint",
+            source_workload: w(|w| w.telemetry_name()),
+            source_canonical_service: w(|w| &w.canonical_name),
+            source_canonical_revision: w(|w| &w.canonical_revision),
+            source_workload_namespace: source.namespace().to_string(),
+            source_principal: source.to_string(),
+            source_cluster: w(|w| &w.cluster_id),
+            destination_service: or_unknown(svc.map(|s| s.hostname.as_str())),
+            destination_service_namespace: or_unknown(svc.map(|s| s.namespace.as_str())),
+            destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
+            destination_workload: "unknown".into(),
+            destination_canonical_service: "unknown".into(),
+            destination_canonical_revision: "unknown".into(),
+            destination_workload_namespace: "unknown".into(),
+            destination_principal: "unknown".into(),
+            destination_cluster: "unknown".into(),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
+        }
+    }
+
+    pub fn set_destination(&mut self, w: &Workload) {
+        self.destination_workload = or_unknown(Some(w.telemetry_name()));
+        self.destination_canonical_service = or_unknown(Some(&w.canonical_name));
+        self.destination_canonical_revision = or_unknown(Some(&w.canonical_revision));
+        self.destination_workload_namespace = or_unknown(Some(&w.namespace));
+        self.destination_principal = w.identity.to_string();
+        self.destination_cluster = or_unknown(Some(&w.cluster_id));
+    }
+}
+
+/// One TCP connection through the waypoint: counted as opened when created, as closed
+/// (with Envoy's response flags, `-` when it went well) when finished or dropped.
+pub struct TcpConnection {
+    metrics: std::sync::Arc<Metrics>,
+    pub labels: TcpLabels,
+    finished: bool,
+}
+
+impl TcpConnection {
+    pub fn open(metrics: std::sync::Arc<Metrics>, labels: TcpLabels) -> Self {
+        metrics.tcp_opened.get_or_create(&labels).inc();
+        TcpConnection {
+            metrics,
+            labels,
+            finished: false,
+        }
+    }
+
+    /// `sent`: bytes to the client; `received`: bytes from it (Istio's convention).
+    pub fn finish(mut self, flags: &'static str, sent: u64, received: u64) {
+        self.finished = true;
+        let mut l = self.labels.clone();
+        l.response_flags = flags;
+        let m = &self.metrics;
+        m.tcp_closed.get_or_create(&l).inc();
+        m.tcp_sent.get_or_create(&l).inc_by(sent);
+        m.tcp_received.get_or_create(&l).inc_by(received);
+    }
+}
+
+impl Drop for TcpConnection {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut l = self.labels.clone();
+            l.response_flags = "DC";
+            self.metrics.tcp_closed.get_or_create(&l).inc();
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RequestLabels, Histogram>,
     request_bytes: Family<RequestLabels, Histogram>,
@@ -104,8 +215,36 @@ impl Metrics {
             "Response body sizes",
             response_bytes.clone(),
         );
+        let tcp_opened = Family::<TcpLabels, Counter>::default();
+        let tcp_closed = Family::<TcpLabels, Counter>::default();
+        let tcp_sent = Family::<TcpLabels, Counter>::default();
+        let tcp_received = Family::<TcpLabels, Counter>::default();
+        istio.register(
+            "tcp_connections_opened",
+            "TCP connections opened through the waypoint",
+            tcp_opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "TCP connections through the waypoint closed",
+            tcp_closed.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "Bytes sent to clients on TCP connections",
+            tcp_sent.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "Bytes received from clients on TCP connections",
+            tcp_received.clone(),
+        );
         Metrics {
             registry,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
             requests,
             duration,
             request_bytes,

@@ -1,9 +1,12 @@
 //! The waypoint's data path: HBONE in (the CONNECT authority names the original
-//! destination: a Service VIP:port or a pod IP:port), HTTP routing and L7 policy for HTTP
-//! ports, plain TCP for the others, and HBONE out to the chosen endpoint's ztunnel.
+//! destination: a Service VIP:port or a pod IP:port, which must be bound to this
+//! waypoint), request normalisation, HTTP routing and L7 policy for HTTP ports, L4 policy
+//! and plain TCP for the others, and HBONE out to the chosen endpoint's ztunnel.
 
 use crate::authz::{self, Decision, Policy};
-use crate::metrics::{Metrics, RequestLabels};
+use crate::binding::{self, Bound, Dest, Me};
+use crate::metrics::{Metrics, RequestLabels, TcpConnection, TcpLabels};
+use crate::normalize::{self, PathNormalization};
 use crate::route::{self, RequestInfo, Route};
 use crate::upstream_pool::{EndpointKey, UpstreamPool};
 use bytes::Bytes;
@@ -11,14 +14,19 @@ use hbone::{Authority, ConnectHandler, InboundConnect, Refusal, Responder};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use mesh_discovery::{Destination, Service, State, Workload};
+use mesh_discovery::{Service, State, Workload};
 use mesh_identity::SpiffeId;
 use mesh_proto::workload::AppProtocol;
 use mesh_xds::certs::CertManager;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How long the data path waits for the waypoint's certificate (a slow CA delays, never
+/// blocks, a connection).
+pub const CERT_WAIT: Duration = Duration::from_secs(5);
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -103,6 +111,31 @@ pub enum Target {
     Service { namespace: String, name: String },
 }
 
+impl Target {
+    /// Whether a policy with this target applies to traffic for `dest`: Gateway policies
+    /// to everything the waypoint serves, Service policies to traffic addressed to that
+    /// Service.
+    pub fn applies_to(&self, dest: &Dest) -> bool {
+        match (self, dest) {
+            (Target::Gateway, _) => true,
+            (Target::Service { namespace, name }, Dest::Service(s)) => {
+                *namespace == s.namespace && *name == s.name
+            }
+            (Target::Service { .. }, Dest::Workload(_)) => false,
+        }
+    }
+}
+
+impl Config {
+    /// The policies that apply to traffic for `dest`.
+    pub fn policies_for<'a>(&'a self, dest: &'a Dest) -> impl Iterator<Item = &'a Policy> + 'a {
+        self.policies
+            .values()
+            .filter(move |(_, targets)| targets.iter().any(|t| t.applies_to(dest)))
+            .map(|(p, _)| p)
+    }
+}
+
 pub struct Waypoint {
     pub identity: SpiffeId,
     pub config: Arc<RwLock<Config>>,
@@ -112,6 +145,11 @@ pub struct Waypoint {
     pub budget: Arc<RetryBudget>,
     pub balancer: Arc<crate::balancer::Balancer>,
     pub pool: Arc<UpstreamPool>,
+    /// How request paths are normalised before routing and policy.
+    pub normalization: PathNormalization,
+    /// Cancelled when the waypoint drains: HTTP connections finish their request in
+    /// flight and close.
+    pub shutdown: CancellationToken,
 }
 
 /// Bodies larger than this are not buffered for retries or mirroring (413).
@@ -165,29 +203,37 @@ fn is_http(p: AppProtocol) -> bool {
     )
 }
 
-/// The request's view of where it is going.
-#[derive(Clone)]
-struct Target2 {
-    service: Arc<Service>,
-    port: u16,
-    protocol: AppProtocol,
-}
-
 struct Conn {
     source: SpiffeId,
     source_addr: SocketAddr,
     source_workload: Option<Arc<Workload>>,
-    target: Target2,
+    target: Bound,
+}
+
+impl Conn {
+    fn service(&self) -> Option<&Arc<Service>> {
+        match &self.target.dest {
+            Dest::Service(s) => Some(s),
+            Dest::Workload(_) => None,
+        }
+    }
+
+    /// Who the connection is for, in logs.
+    fn destination(&self) -> String {
+        match &self.target.dest {
+            Dest::Service(s) => s.hostname.clone(),
+            Dest::Workload(w) => format!("{}/{}", w.namespace, w.name),
+        }
+    }
 }
 
 impl Waypoint {
     /// Opens an HBONE tunnel to `endpoint` on `port` (through its ztunnel on 15008).
     async fn tunnel_to(&self, ep: &Workload, port: u16) -> Result<hbone::Tunnel, String> {
         let ip = *ep.addresses.first().ok_or("endpoint has no address")?;
-        let creds = self
-            .certs
-            .get(&self.identity)
+        let creds = tokio::time::timeout(CERT_WAIT, self.certs.get(&self.identity))
             .await
+            .map_err(|_| format!("no certificate within {CERT_WAIT:?}"))?
             .map_err(|e| e.to_string())?;
         let key = hbone::PoolKey::new(
             self.identity.clone(),
@@ -205,18 +251,77 @@ impl Waypoint {
     }
 
     async fn serve_http(self: Arc<Self>, conn: Arc<Conn>, tunnel: hbone::Tunnel) {
+        let shutdown = self.shutdown.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (wp, conn) = (self.clone(), conn.clone());
             async move { Ok::<_, std::convert::Infallible>(wp.request(conn, req).await) }
         });
         let io = hyper_util::rt::TokioIo::new(tunnel);
-        if let Err(e) =
-            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(io, svc)
-                .await
-        {
+        let builder =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        let served = builder.serve_connection(io, svc);
+        tokio::pin!(served);
+        // Draining: the request in flight completes, then the connection closes.
+        let r = tokio::select! {
+            r = served.as_mut() => r,
+            _ = shutdown.cancelled() => {
+                served.as_mut().graceful_shutdown();
+                served.await
+            }
+        };
+        if let Err(e) = r {
             tracing::debug!(error = %e, "HTTP connection through the waypoint ended");
         }
+    }
+
+    /// Normalises the request in place (path, authority, `Host`) before anything looks
+    /// at it; returns the host policies match on, or why the request cannot be served.
+    fn normalize(&self, conn: &Conn, req: &mut Request<Body>) -> Result<normalize::Host, String> {
+        normalize::check_method(req.method())?;
+        if req.method() == http::Method::CONNECT {
+            // A tunnel inside the tunnel would carry bytes no route or policy sees.
+            return Err("CONNECT is not served on an HTTP port".into());
+        }
+        let host = match normalize::request_authority(req.uri(), req.headers())? {
+            Some(a) => normalize::normalize_host(a)?,
+            None => normalize::normalize_host(&match &conn.target.dest {
+                Dest::Service(s) => s.hostname.clone(),
+                Dest::Workload(w) => w
+                    .addresses
+                    .first()
+                    .map(|ip| SocketAddr::new(*ip, conn.target.port).to_string())
+                    .unwrap_or_default(),
+            })?,
+        };
+        let path = normalize::normalize_path(req.uri().path(), self.normalization)?;
+        let authority = req.uri().authority().map(|a| a.as_str());
+        // The same form as received (origin-form, or with an authority), with the
+        // normalised path and authority; rebuilt only when one of them changed.
+        if matches!(path, std::borrow::Cow::Owned(_)) || authority.is_some_and(|a| a != host.header)
+        {
+            let pq = match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.into_owned(),
+            };
+            let target = if authority.is_some() {
+                let scheme = req.uri().scheme_str().unwrap_or("http");
+                format!("{scheme}://{}{pq}", host.header)
+            } else {
+                pq
+            };
+            *req.uri_mut() = target
+                .parse()
+                .map_err(|e| format!("the normalised request target is invalid: {e}"))?;
+        }
+        // The backend gets the Host policy saw.
+        if req.headers().get(http::header::HOST).map(|h| h.as_bytes())
+            != Some(host.header.as_bytes())
+        {
+            let value = http::HeaderValue::from_str(&host.header)
+                .map_err(|_| format!("{:?} is not a valid Host", host.header))?;
+            req.headers_mut().insert(http::header::HOST, value);
+        }
+        Ok(host)
     }
 
     async fn request(&self, conn: Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
@@ -224,40 +329,49 @@ impl Waypoint {
         let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut req = req.map(|b| counted_request(b, request_bytes.clone()));
         let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let host = req
-            .uri()
-            .host()
-            .map(str::to_string)
-            .or_else(|| {
-                req.headers()
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| conn.target.service.hostname.clone());
-        if !req.headers().contains_key("traceparent")
-            && let Ok(v) = hbone::TraceParent::random().to_string().parse()
-        {
-            req.headers_mut().insert("traceparent", v);
-        }
-        self.budget.request_started();
+        let received_path = req.uri().path().to_string();
         let mut labels = RequestLabels::new(
             &conn.source,
             conn.source_workload.as_deref(),
-            &conn.target.service,
+            conn.service().map(|s| s.as_ref()),
             conn.target.protocol,
         );
-        let (resp, backend) = self
-            .route_and_forward(&conn, req, &method, &path, &host, &mut labels)
-            .await;
-        self.budget.request_done();
+        let (resp, backend, path) = match self.normalize(&conn, &mut req) {
+            Err(reason) => {
+                tracing::warn!(target: "access", method = %method, path = %received_path, src.identity = %conn.source,
+                    src.addr = %conn.source_addr, dst = %conn.destination(), reason = %reason,
+                    "request refused: it cannot be normalised");
+                let resp = local(StatusCode::BAD_REQUEST, format!("bad request: {reason}\n"));
+                (resp, "-".to_string(), received_path.clone())
+            }
+            Ok(host) => {
+                if !req.headers().contains_key("traceparent")
+                    && let Ok(v) = hbone::TraceParent::random().to_string().parse()
+                {
+                    req.headers_mut().insert("traceparent", v);
+                }
+                let path = req.uri().path().to_string();
+                self.budget.request_started();
+                let (resp, backend) = self
+                    .route_and_forward(&conn, req, &method, &path, &host.name, &mut labels)
+                    .await;
+                self.budget.request_done();
+                (resp, backend, path)
+            }
+        };
         labels.response_code = resp.status().as_u16();
         self.metrics.record(&labels, start.elapsed());
         let resp = counted_response(resp, self.metrics.clone(), labels.clone(), request_bytes);
-        tracing::info!(target: "access", method = %method, path = %path, status = resp.status().as_u16(),
-            src.identity = %conn.source, src.addr = %conn.source_addr, dst.service = %conn.target.service.hostname,
-            backend = %backend, duration = %format!("{}ms", start.elapsed().as_millis()), "request");
+        if path == received_path {
+            tracing::info!(target: "access", method = %method, path = %path, status = resp.status().as_u16(),
+                src.identity = %conn.source, src.addr = %conn.source_addr, dst.service = %conn.destination(),
+                backend = %backend, duration = %format!("{}ms", start.elapsed().as_millis()), "request");
+        } else {
+            tracing::info!(target: "access", method = %method, path = %path, received_path = %received_path,
+                status = resp.status().as_u16(), src.identity = %conn.source, src.addr = %conn.source_addr,
+                dst.service = %conn.destination(), backend = %backend,
+                duration = %format!("{}ms", start.elapsed().as_millis()), "request");
+        }
         resp
     }
 
@@ -270,20 +384,13 @@ impl Waypoint {
         host: &str,
         labels: &mut RequestLabels,
     ) -> (Response<Body>, String) {
-        let svc = &conn.target.service;
-        // 1. L7 policy.
+        // 1. L7 policy, on the normalised request (a header sent twice is seen as one
+        // value, joined with commas).
         let decision = {
             let cfg = self.config.read().expect("config lock");
-            let applicable = cfg.policies.values().filter(|(_, targets)| {
-                targets.iter().any(|t| match t {
-                    Target::Gateway => true,
-                    Target::Service { namespace, name } => {
-                        *namespace == svc.namespace && *name == svc.name
-                    }
-                })
-            });
+            let merged = normalize::merged_for_policy(req.headers());
             authz::evaluate(
-                applicable.map(|(p, _)| p),
+                cfg.policies_for(&conn.target.dest),
                 &authz::Request {
                     source: Some(&conn.source),
                     source_ip: conn.source_addr.ip(),
@@ -291,7 +398,7 @@ impl Waypoint {
                     path,
                     host,
                     port: conn.target.port,
-                    headers: req.headers(),
+                    headers: merged.as_ref().unwrap_or(req.headers()),
                 },
             )
         };
@@ -306,6 +413,21 @@ impl Waypoint {
                 "-".into(),
             );
         }
+        let svc = match &conn.target.dest {
+            Dest::Service(s) => s,
+            Dest::Workload(w) => {
+                // Addressed to a pod: no routes (they attach to Services), straight to it.
+                let backend = format!("{}/{}:{}", w.namespace, w.name, conn.target.port);
+                labels.set_destination(w);
+                return match self
+                    .forward(req, w, conn.target.port, conn.target.protocol)
+                    .await
+                {
+                    Ok(resp) => (resp, backend),
+                    Err((code, msg)) => (local(code, format!("{msg}\n")), backend),
+                };
+            }
+        };
         // 2. Route: the first matching rule by precedence; no route → the service itself.
         let (backend_svc, backend_port, rule) = {
             let cfg = self.config.read().expect("config lock");
@@ -641,6 +763,8 @@ impl Waypoint {
             budget: self.budget.clone(),
             balancer: self.balancer.clone(),
             pool: self.pool.clone(),
+            normalization: self.normalization,
+            shutdown: self.shutdown.clone(),
         })
     }
 
@@ -751,19 +875,88 @@ impl Waypoint {
         });
     }
 
-    /// Non-HTTP ports: TCP through to an endpoint.
-    async fn serve_tcp(&self, conn: &Conn, tunnel: hbone::Tunnel) {
-        let picked = {
+    /// Non-HTTP ports: L4 policy (the policies for this destination, in their L4
+    /// view), then TCP through to an endpoint; every connection is logged and counted.
+    /// The CONNECT is answered only once the upstream tunnel is up, so a refusal reaches
+    /// the client as a refusal.
+    async fn serve_tcp(&self, conn: Arc<Conn>, respond: Responder) {
+        let start = Instant::now();
+        let mut rec = TcpConnection::open(
+            self.metrics.clone(),
+            TcpLabels::new(
+                &conn.source,
+                conn.source_workload.as_deref(),
+                conn.service().map(|s| s.as_ref()),
+            ),
+        );
+        let (decision, picked) = {
             let cfg = self.config.read().expect("config lock");
-            cfg.discovery
-                .pick_endpoint(&conn.target.service, conn.target.port, None)
+            let decision = crate::l4::decide(
+                cfg.policies_for(&conn.target.dest),
+                &crate::l4::Connection {
+                    source: Some(&conn.source),
+                    source_ip: conn.source_addr.ip(),
+                    port: conn.target.port,
+                },
+            );
+            let picked = match &conn.target.dest {
+                Dest::Service(s) => cfg.discovery.pick_endpoint(s, conn.target.port, None),
+                Dest::Workload(w) => Some((w.clone(), conn.target.port)),
+            };
+            (decision, picked)
         };
-        let Some((ep, port)) = picked else { return };
-        let Ok(upstream) = self.tunnel_to(&ep, port).await else {
+        let refuse = |rec: TcpConnection, flags, refusal: Refusal, respond: Responder| {
+            tracing::warn!(target: "access", protocol = "tcp", src.identity = %conn.source, src.addr = %conn.source_addr,
+                dst.service = %conn.destination(), dst.port = conn.target.port, reason = %refusal.reason(),
+                "connection refused");
+            respond.refuse(&refusal);
+            rec.finish(flags, 0, 0);
+        };
+        if let Decision::Deny { policy, reason } = decision {
+            tracing::warn!(target: "access", protocol = "tcp", src.identity = %conn.source, src.addr = %conn.source_addr,
+                dst.service = %conn.destination(), dst.port = conn.target.port, policy = %policy, reason = %reason,
+                "connection denied by authorization policy");
+            respond.refuse(&Refusal::Unauthorized(format!(
+                "RBAC: access denied by {policy}"
+            )));
+            rec.finish("DENY", 0, 0);
+            return;
+        }
+        let Some((ep, port)) = picked else {
+            return refuse(
+                rec,
+                "UH",
+                Refusal::Unavailable(format!("no healthy endpoint for {}", conn.destination())),
+                respond,
+            );
+        };
+        rec.labels.set_destination(&ep);
+        let upstream = match self.tunnel_to(&ep, port).await {
+            Ok(t) => t,
+            Err(e) => {
+                return refuse(
+                    rec,
+                    "UF",
+                    Refusal::Unavailable(format!("upstream connect error: {e}")),
+                    respond,
+                );
+            }
+        };
+        let Ok(tunnel) = respond.accept(Default::default()) else {
+            rec.finish("DC", 0, 0);
             return;
         };
-        let (mut a, mut b) = (tunnel, upstream);
-        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+        let mut client = crate::counted::CountingIo::new(tunnel);
+        let mut upstream = upstream;
+        let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        let received = client.read.load(std::sync::atomic::Ordering::Relaxed);
+        let sent = client.written.load(std::sync::atomic::Ordering::Relaxed);
+        let error = result.err().map(|e| e.to_string()).unwrap_or_default();
+        tracing::info!(target: "access", protocol = "tcp", src.identity = %conn.source, src.addr = %conn.source_addr,
+            dst.service = %conn.destination(), dst.port = conn.target.port,
+            dst.workload = %format!("{}/{}", ep.namespace, ep.name), bytes_sent = sent, bytes_recv = received,
+            duration = %format!("{}ms", start.elapsed().as_millis()), error = %error, "connection complete");
+        rec.finish("-", sent, received);
     }
 }
 
@@ -773,34 +966,32 @@ impl ConnectHandler for Handler {
     async fn handle(&self, req: InboundConnect, respond: Responder) {
         let wp = self.0.clone();
         let Authority::Addr(dst) = req.request.authority else {
+            tracing::warn!(target: "access", authority = ?req.request.authority, src.identity = %req.peer_identity,
+                src.addr = %req.peer_addr, "CONNECT refused: the waypoint expects an ip:port authority");
             return respond.refuse(&Refusal::BadRequest(
                 "the waypoint expects an ip:port authority".into(),
             ));
         };
+        let me = Me::from_identity(&wp.identity);
         let (target, source_workload) = {
             let cfg = wp.config.read().expect("config lock");
             let source = cfg
                 .discovery
                 .workload_by_ip("", req.peer_addr.ip())
                 .cloned();
-            let target = match cfg.discovery.destination("", dst.ip()) {
-                Some(Destination::Service(svc)) => svc
-                    .ports
-                    .iter()
-                    .find(|p| p.service_port == dst.port())
-                    .map(|p| Target2 {
-                        service: svc.clone(),
-                        port: dst.port(),
-                        protocol: p.app_protocol,
-                    }),
-                _ => None,
-            };
-            (target, source)
+            (binding::resolve(&cfg.discovery, &me, dst), source)
         };
-        let Some(target) = target else {
-            return respond.refuse(&Refusal::Unavailable(format!(
-                "{dst} is not a service port this waypoint knows"
-            )));
+        let target = match target {
+            Ok(t) => t,
+            Err(why) => {
+                tracing::warn!(target: "access", waypoint = %format!("{}/{}", me.namespace, me.name),
+                    src.identity = %req.peer_identity, src.addr = %req.peer_addr, dst.addr = %dst, reason = %why,
+                    "CONNECT refused: the target is not bound to this waypoint");
+                return respond.refuse(&Refusal::Forbidden(format!(
+                    "{dst} is not served by waypoint {}/{}: {why}",
+                    me.namespace, me.name
+                )));
+            }
         };
         let conn = Arc::new(Conn {
             source: req.peer_identity.clone(),
@@ -808,13 +999,13 @@ impl ConnectHandler for Handler {
             source_workload,
             target,
         });
-        let Ok(tunnel) = respond.accept(Default::default()) else {
-            return;
-        };
         if is_http(conn.target.protocol) {
+            let Ok(tunnel) = respond.accept(Default::default()) else {
+                return;
+            };
             wp.serve_http(conn, tunnel).await;
         } else {
-            wp.serve_tcp(&conn, tunnel).await;
+            wp.serve_tcp(conn, respond).await;
         }
     }
 }

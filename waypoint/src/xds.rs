@@ -1,18 +1,20 @@
 //! Applies the control plane's updates: addresses (services and endpoints), routes and
-//! L7 policies. An invalid route or policy is NACKed and the previous version kept.
+//! L7 policies. An invalid route is NACKed and the previous version kept; a policy that
+//! cannot be read is NACKed and enforced fail closed. The first response of each type
+//! marks it synced (the waypoint serves nothing before all three have synced).
 
 use crate::authz::Policy;
 use crate::proxy::{Config, Target};
 use crate::route::Route;
+use crate::server::Lifecycle;
 use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::prost::Message;
 use mesh_proto::{type_url, waypoint, workload};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub struct Apply {
     pub config: Arc<RwLock<Config>>,
-    pub synced: Arc<AtomicBool>,
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 /// Where a policy applies: its Gateway and Service targets (a Service in the policy's
@@ -105,9 +107,8 @@ impl mesh_xds::Handler for Apply {
                 _ => {}
             }
         }
-        if resp.type_url == type_url::ADDRESS {
-            self.synced.store(true, Ordering::Relaxed);
-        }
+        drop(cfg);
+        self.lifecycle.mark_synced(&resp.type_url);
         errors
     }
 }
@@ -122,7 +123,7 @@ mod tests {
         let config = Arc::new(RwLock::new(Config::default()));
         let mut a = Apply {
             config: config.clone(),
-            synced: Arc::new(AtomicBool::new(false)),
+            lifecycle: Lifecycle::new(),
         };
         let errors = a.apply(&DeltaDiscoveryResponse {
             type_url: type_url::L7_POLICY.into(),
@@ -198,5 +199,38 @@ mod tests {
         let (errors, cfg) = apply_policy(msg.encode_to_vec());
         assert_eq!(errors.len(), 1);
         assert!(denies_everything(&cfg), "no source identity: not allowed");
+    }
+
+    #[test]
+    fn synced_once_addresses_routes_and_policies_have_each_been_received() {
+        let lifecycle = Lifecycle::new();
+        let mut a = Apply {
+            config: Default::default(),
+            lifecycle: lifecycle.clone(),
+        };
+        let response = |type_url: &str, resources| DeltaDiscoveryResponse {
+            type_url: type_url.into(),
+            resources,
+            ..Default::default()
+        };
+        a.apply(&response(type_url::ADDRESS, vec![]));
+        a.apply(&response(type_url::HTTP_ROUTE, vec![]));
+        assert!(!lifecycle.synced(), "policies missing");
+        assert!(lifecycle.not_ready().contains(&"policies not synced"));
+        // A response with a refused policy is still the control plane's answer.
+        let errors = a.apply(&response(
+            type_url::L7_POLICY,
+            vec![Resource {
+                name: "back/bad".into(),
+                resource: Some(mesh_proto::prost_types::Any {
+                    type_url: type_url::L7_POLICY.into(),
+                    value: vec![0x0a, 0x09, b'x'],
+                }),
+                ..Default::default()
+            }],
+        ));
+        assert_eq!(errors.len(), 1);
+        assert!(lifecycle.synced());
+        assert_eq!(lifecycle.not_ready(), ["no certificate"]);
     }
 }

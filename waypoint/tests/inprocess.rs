@@ -8,6 +8,7 @@ use http_body_util::{BodyExt, Full};
 use mesh_discovery::State;
 use mesh_identity::ca::CertificateAuthority;
 use mesh_identity::{SpiffeId, WorkloadCertificate, generate_csr};
+use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::workload as pb;
 use mesh_xds::certs::{CertManager, CertSource};
 use std::net::{IpAddr, SocketAddr};
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use waypoint::authz::Policy;
 use waypoint::proxy::{Config, Handler, Target, Waypoint};
 use waypoint::route::Route;
+use waypoint::server::{Lifecycle, ServeConfig, Stopped};
 
 const DAY: Duration = Duration::from_secs(86400);
 
@@ -161,6 +163,16 @@ fn service(name: &str, vip: IpAddr, protocol: pb::AppProtocol) -> pb::Address {
                 target_port: 8080,
                 app_protocol: protocol as i32,
             }],
+            // Bound to the waypoint under test (it serves nothing else).
+            waypoint: Some(pb::GatewayAddress {
+                destination: Some(pb::gateway_address::Destination::Hostname(
+                    pb::NamespacedHostname {
+                        namespace: "shop".into(),
+                        hostname: "waypoint.shop.svc.cluster.local".into(),
+                    },
+                )),
+                hbone_mtls_port: 15008,
+            }),
             ..Default::default()
         })),
     }
@@ -204,6 +216,7 @@ struct Setup {
     hits: Vec<Arc<AtomicUsize>>,
     conns: Vec<Arc<AtomicUsize>>,
     metrics: Arc<waypoint::metrics::Metrics>,
+    certs: Arc<CertManager>,
 }
 
 /// Services: `api` (VIP t.100, endpoints v1 and v2), `api-v1`, `api-v2`, `mirror` (t.103),
@@ -260,21 +273,7 @@ async fn setup(t: u8) -> Setup {
         ttl: std::time::Duration::from_secs(24 * 3600),
     });
     let metrics = Arc::new(waypoint::metrics::Metrics::new());
-    let wp = Arc::new(Waypoint {
-        identity: waypoint_id.clone(),
-        config: config.clone(),
-        certs: certs.clone(),
-        client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
-        metrics: metrics.clone(),
-        budget: Default::default(),
-        balancer: Arc::new(waypoint::balancer::Balancer::new(
-            waypoint::balancer::BalancerConfig {
-                consecutive_errors: 3,
-                ..Default::default()
-            },
-        )),
-        pool: Default::default(),
-    });
+    let wp = new_waypoint(&waypoint_id, &config, certs.clone(), &metrics);
     let waypoint_addr = SocketAddr::new(ip(t, 200), 15008);
     let creds = certs.get(&waypoint_id).await.unwrap();
     hbone_server(
@@ -292,7 +291,33 @@ async fn setup(t: u8) -> Setup {
         hits,
         conns,
         metrics,
+        certs,
     }
+}
+
+fn new_waypoint(
+    id: &SpiffeId,
+    config: &Arc<RwLock<Config>>,
+    certs: Arc<CertManager>,
+    metrics: &Arc<waypoint::metrics::Metrics>,
+) -> Arc<Waypoint> {
+    Arc::new(Waypoint {
+        identity: id.clone(),
+        config: config.clone(),
+        certs,
+        client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
+        metrics: metrics.clone(),
+        budget: Default::default(),
+        balancer: Arc::new(waypoint::balancer::Balancer::new(
+            waypoint::balancer::BalancerConfig {
+                consecutive_errors: 3,
+                ..Default::default()
+            },
+        )),
+        pool: Default::default(),
+        normalization: Default::default(),
+        shutdown: CancellationToken::new(),
+    })
 }
 
 impl Setup {
@@ -323,10 +348,14 @@ impl Setup {
     }
 
     async fn tunnel(&self, vip: IpAddr) -> hbone::Tunnel {
+        self.tunnel_via(self.waypoint_addr, vip).await
+    }
+
+    async fn tunnel_via(&self, waypoint: SocketAddr, vip: IpAddr) -> hbone::Tunnel {
         let key = hbone::PoolKey::new(
             self.client_cert.identity().clone(),
             vec![self.waypoint_id.clone()],
-            self.waypoint_addr,
+            waypoint,
             None,
         );
         self.client
@@ -342,7 +371,16 @@ impl Setup {
 
     /// One HTTP/1.1 request through the waypoint: (status, body, headers).
     async fn get(&self, vip: IpAddr, path: &str) -> (u16, String, http::HeaderMap) {
-        let io = hyper_util::rt::TokioIo::new(self.tunnel(vip).await);
+        self.get_via(self.waypoint_addr, vip, path).await
+    }
+
+    async fn get_via(
+        &self,
+        waypoint: SocketAddr,
+        vip: IpAddr,
+        path: &str,
+    ) -> (u16, String, http::HeaderMap) {
+        let io = hyper_util::rt::TokioIo::new(self.tunnel_via(waypoint, vip).await);
         let (mut s, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
         tokio::spawn(c);
         let req = http::Request::get(path)
@@ -605,6 +643,17 @@ async fn delay_and_abort_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l7_policy_http2_tcp_and_malformed_http() {
     let s = setup(4).await;
+    // TCP port: bytes pass through to the backend untouched.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut t = s.tunnel(ip(4, 104)).await;
+    t.write_all(b"GET /raw HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    t.read_to_end(&mut out).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&out).ends_with("tcp /raw"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
     s.policy(
         "no-admin",
         r#"{"action":"DENY","rules":[{"to":[{"operation":{"paths":["/admin*"]}}]}]}"#,
@@ -635,16 +684,28 @@ async fn l7_policy_http2_tcp_and_malformed_http() {
     assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(body.ends_with(b" /h2"), "{body:?}");
-    // TCP port: bytes pass through to the backend untouched.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut t = s.tunnel(ip(4, 104)).await;
-    t.write_all(b"GET /raw HTTP/1.0\r\n\r\n").await.unwrap();
-    let mut out = Vec::new();
-    t.read_to_end(&mut out).await.unwrap();
+    // The same policies at L4 on the TCP port: the DENY on paths denies every
+    // connection, the ALLOW on methods allows none (fail closed both ways).
+    let key = hbone::PoolKey::new(
+        s.client_cert.identity().clone(),
+        vec![s.waypoint_id.clone()],
+        s.waypoint_addr,
+        None,
+    );
+    let refused = s
+        .client
+        .connect(
+            &key,
+            &s.client_cert,
+            &hbone::ConnectRequest::new(SocketAddr::new(ip(4, 104), 80)),
+        )
+        .await;
     assert!(
-        String::from_utf8_lossy(&out).ends_with("tcp /raw"),
-        "{}",
-        String::from_utf8_lossy(&out)
+        matches!(
+            refused,
+            Err(hbone::ConnectError::Refused(hbone::Refused::Unauthorized))
+        ),
+        "{refused:?}"
     );
     // Malformed HTTP gets 400 and its connection closes; others are unaffected.
     let mut bad = s.tunnel(ip(4, 100)).await;
@@ -658,4 +719,382 @@ async fn l7_policy_http2_tcp_and_malformed_http() {
     );
     let (code, _, _) = s.get(ip(4, 100), "/still-fine").await;
     assert_eq!(code, 200);
+}
+
+// ---- lifecycle: readiness, accepting, certificates, drain ----
+
+/// `GET path` on the admin endpoint: (status, body).
+async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
+}
+
+async fn admin(addr: SocketAddr, wp: &Waypoint, lifecycle: &Arc<Lifecycle>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let at = l.local_addr().unwrap();
+    tokio::spawn(waypoint::server::serve_admin(
+        l,
+        wp.metrics.clone(),
+        lifecycle.clone(),
+    ));
+    at
+}
+
+fn first_response(
+    type_url: &str,
+    resources: Vec<mesh_proto::discovery::Resource>,
+) -> DeltaDiscoveryResponse {
+    DeltaDiscoveryResponse {
+        type_url: type_url.into(),
+        resources,
+        nonce: "1".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_and_not_listening_until_addresses_routes_and_policies_synced() {
+    use mesh_xds::Handler as _;
+    let s = setup(9).await;
+    // A fresh waypoint, fed only by xDS.
+    let config = Arc::new(RwLock::new(Config::default()));
+    let wp = new_waypoint(&s.waypoint_id, &config, s.certs.clone(), &s.metrics);
+    let lifecycle = Lifecycle::new();
+    let admin_at = admin(SocketAddr::new(ip(9, 201), 0), &wp, &lifecycle).await;
+    let listen = SocketAddr::new(ip(9, 201), 15008);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(waypoint::server::serve(
+        wp.clone(),
+        lifecycle.clone(),
+        ServeConfig {
+            listen,
+            cert_wait: Duration::from_secs(2),
+            drain_deadline: Duration::from_secs(2),
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut apply = waypoint::xds::Apply {
+        config: config.clone(),
+        lifecycle: lifecycle.clone(),
+    };
+    let not_listening = || async { tokio::net::TcpStream::connect(listen).await.is_err() };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (code, body) = admin_get(admin_at, "/healthz/ready").await;
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("addresses not synced") && body.contains("policies not synced"),
+        "{body}"
+    );
+    assert!(
+        not_listening().await,
+        "nothing is accepted before the first sync"
+    );
+    // Addresses alone are not enough: no policies yet must not mean "allow everything".
+    let resources = [
+        service("api-v1", ip(9, 101), pb::AppProtocol::Http11),
+        endpoint("v1", ip(9, 1), &["api-v1"]),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, a)| mesh_proto::discovery::Resource {
+        name: format!("r{i}"),
+        resource: Some(prost_types::Any {
+            type_url: mesh_proto::type_url::ADDRESS.into(),
+            value: mesh_proto::prost::Message::encode_to_vec(&a),
+        }),
+        ..Default::default()
+    })
+    .collect();
+    assert!(
+        apply
+            .apply(&first_response(mesh_proto::type_url::ADDRESS, resources))
+            .is_empty()
+    );
+    apply.apply(&first_response(mesh_proto::type_url::HTTP_ROUTE, vec![]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (code, body) = admin_get(admin_at, "/healthz/ready").await;
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("policies not synced") && !body.contains("routes"),
+        "{body}"
+    );
+    assert!(not_listening().await);
+    // Policies (none, but known to be none): ready, and serving.
+    apply.apply(&first_response(mesh_proto::type_url::L7_POLICY, vec![]));
+    wait_for(|| lifecycle.ready()).await;
+    let (code, body) = admin_get(admin_at, "/healthz/ready").await;
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
+    let mut connected = false;
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(listen).await.is_ok() {
+            connected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(connected, "listening once synced");
+    let (code, body, _) = s.get_via(listen, ip(9, 101), "/after-sync").await;
+    assert_eq!((code, body.as_str()), (200, "v1 /after-sync"));
+    // Metrics stay on the same admin endpoint.
+    let (code, metrics) = admin_get(admin_at, "/metrics").await;
+    assert!(
+        code == 200 && metrics.contains("istio_requests_total"),
+        "{metrics}"
+    );
+    stop.send(()).unwrap();
+    assert_eq!(served.await.unwrap().unwrap(), Stopped::Drained);
+}
+
+async fn wait_for(mut f: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("condition not met within 2 s");
+}
+
+fn synced() -> Arc<Lifecycle> {
+    let l = Lifecycle::new();
+    for t in [
+        mesh_proto::type_url::ADDRESS,
+        mesh_proto::type_url::HTTP_ROUTE,
+        mesh_proto::type_url::L7_POLICY,
+    ] {
+        l.mark_synced(t);
+    }
+    l
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_ca_never_blocks_the_accept_loop() {
+    use tokio::io::AsyncReadExt;
+    let s = setup(10).await;
+    // A "CA" that accepts connections and never answers.
+    let ca = tokio::net::TcpListener::bind(SocketAddr::new(ip(10, 250), 0))
+        .await
+        .unwrap();
+    let ca_at = ca.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = ca.accept().await {
+            held.push(c);
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{ca_at}"))
+        .unwrap()
+        .connect_lazy();
+    let slow = CertManager::new(CertSource::Ca {
+        channel,
+        token_file: None,
+        cluster_id: "Kubernetes".into(),
+        ttl: DAY,
+    });
+    let wp = new_waypoint(&s.waypoint_id, &s.config, slow, &s.metrics);
+    let lifecycle = synced();
+    let admin_at = admin(SocketAddr::new(ip(10, 201), 0), &wp, &lifecycle).await;
+    let listen = SocketAddr::new(ip(10, 201), 15008);
+    tokio::spawn(waypoint::server::serve(
+        wp,
+        lifecycle.clone(),
+        ServeConfig {
+            listen,
+            cert_wait: Duration::from_millis(300),
+            drain_deadline: Duration::from_secs(1),
+        },
+        std::future::pending(),
+    ));
+    let mut first = None;
+    for _ in 0..50 {
+        if let Ok(c) = tokio::net::TcpStream::connect(listen).await {
+            first = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Several connections at once: each is answered (closed, as there is no certificate
+    // to serve them with) within the bound, none waits behind another.
+    let start = std::time::Instant::now();
+    let mut conns = vec![first.expect("listening")];
+    for _ in 0..4 {
+        conns.push(tokio::net::TcpStream::connect(listen).await.unwrap());
+    }
+    for mut c in conns {
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(2), c.read(&mut buf)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "the connection was closed within the bound"
+        );
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    let (code, body) = admin_get(admin_at, "/healthz/ready").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("no certificate"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_within_the_deadline() {
+    let s = setup(11).await;
+    let wp = new_waypoint(&s.waypoint_id, &s.config, s.certs.clone(), &s.metrics);
+    let lifecycle = synced();
+    let admin_at = admin(SocketAddr::new(ip(11, 201), 0), &wp, &lifecycle).await;
+    let listen = SocketAddr::new(ip(11, 201), 15008);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = {
+        let serving = waypoint::server::serve(
+            wp,
+            lifecycle.clone(),
+            ServeConfig {
+                listen,
+                cert_wait: Duration::from_secs(2),
+                drain_deadline: Duration::from_secs(5),
+            },
+            async {
+                let _ = stopped.await;
+            },
+        );
+        // When serving ended, not when the test looks.
+        tokio::spawn(async move { (serving.await.unwrap(), std::time::Instant::now()) })
+    };
+    wait_for(|| lifecycle.ready()).await;
+    let (code, _, _) = s.get_via(listen, ip(11, 101), "/warm").await;
+    assert_eq!(code, 200);
+    // An idle keep-alive connection must not hold the drain up: it is closed at once.
+    let idle = {
+        let io = hyper_util::rt::TokioIo::new(s.tunnel_via(listen, ip(11, 101)).await);
+        let (mut sender, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(c);
+        let resp = sender
+            .send_request(
+                http::Request::get("/idle")
+                    .header("host", "api-v1.shop.svc.cluster.local")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap();
+        sender
+    };
+    // A request that takes 2 s is in flight when the waypoint is told to stop.
+    let start = std::time::Instant::now();
+    let slow = {
+        let io = hyper_util::rt::TokioIo::new(s.tunnel_via(listen, ip(11, 101)).await);
+        let (mut sender, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(c);
+        tokio::spawn(async move {
+            let resp = sender
+                .send_request(
+                    http::Request::get("/slow")
+                        .header("host", "api-v1.shop.svc.cluster.local")
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (code, body) = admin_get(admin_at, "/healthz/ready").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("draining"), "{body}");
+    assert!(
+        tokio::net::TcpStream::connect(listen).await.is_err(),
+        "no new connections while draining"
+    );
+    let (code, body) = slow.await.unwrap();
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "v1 /slow"),
+        "the request in flight completed"
+    );
+    // Drained (not stopped by the deadline): the idle connection was closed for it; and
+    // not before the request in flight was done (the app takes 2 s to answer it).
+    let (stopped, stopped_at) = served.await.unwrap();
+    assert_eq!(stopped, Stopped::Drained);
+    assert!(
+        stopped_at - start >= Duration::from_millis(1900),
+        "serving ended {:?} after the request was sent",
+        stopped_at - start
+    );
+    drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_deadline_bounds_the_exit() {
+    let s = setup(12).await;
+    let wp = new_waypoint(&s.waypoint_id, &s.config, s.certs.clone(), &s.metrics);
+    let lifecycle = synced();
+    let listen = SocketAddr::new(ip(12, 201), 15008);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(waypoint::server::serve(
+        wp,
+        lifecycle.clone(),
+        ServeConfig {
+            listen,
+            cert_wait: Duration::from_secs(2),
+            drain_deadline: Duration::from_millis(500),
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    wait_for(|| lifecycle.ready()).await;
+    // A TCP tunnel that stays open (nothing to tell it to close).
+    let mut tcp = None;
+    for _ in 0..50 {
+        let key = hbone::PoolKey::new(
+            s.client_cert.identity().clone(),
+            vec![s.waypoint_id.clone()],
+            listen,
+            None,
+        );
+        if let Ok(e) = s
+            .client
+            .connect(
+                &key,
+                &s.client_cert,
+                &hbone::ConnectRequest::new(SocketAddr::new(ip(12, 104), 80)),
+            )
+            .await
+        {
+            tcp = Some(e.tunnel);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _tcp = tcp.expect("a TCP tunnel");
+    let start = std::time::Instant::now();
+    stop.send(()).unwrap();
+    let r = served.await.unwrap().unwrap();
+    assert!(
+        matches!(r, Stopped::DeadlineExceeded { open } if open >= 1),
+        "{r:?}"
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
 }

@@ -48,6 +48,18 @@ async fn serve_grpc(name: String, port: u16) -> std::io::Result<()> {
 async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let version = format!("{:?}", req.version());
+    // The authority the request reached the app with (tests check what a proxy sent).
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
     // `/status/NNN` answers with that status (for retries and fault tests).
     let status = path
         .strip_prefix("/status/")
@@ -68,6 +80,7 @@ async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Respo
         .status(status)
         .header("content-type", "text/plain")
         .header("x-served-by", &name)
+        .header("x-seen-host", host)
         .body(Full::new(Bytes::from(body)))
         .expect("valid response")
 }

@@ -119,6 +119,29 @@ impl StringMatch {
             StringMatch::Presence => !v.is_empty(),
         }
     }
+
+    /// A `hosts` pattern against a request host already normalised by the proxy (lower
+    /// case, no port, no trailing dot): the pattern matches the bare host or the host with
+    /// the request's port (`api.shop:8080`), ignoring case and a trailing dot in the
+    /// pattern, so no way of writing the Host header changes which policy applies.
+    fn matches_host(&self, host: &str, port: u16) -> bool {
+        let pattern = |p: &String| {
+            let p = p.to_ascii_lowercase();
+            match p.rsplit_once(':') {
+                Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+                    format!("{}:{port}", h.trim_end_matches('.'))
+                }
+                _ => p.trim_end_matches('.').to_string(),
+            }
+        };
+        let normal = match self {
+            StringMatch::Exact(e) => StringMatch::Exact(pattern(e)),
+            StringMatch::Suffix(s) => StringMatch::Suffix(pattern(s)),
+            other => other.clone(),
+        };
+        let host = host.trim_end_matches('.');
+        normal.matches_ignore_case(host) || normal.matches_ignore_case(&format!("{host}:{port}"))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -505,7 +528,7 @@ impl<'a> Facts<'a> {
                 n.contains(c.src_ip)
             }),
             field(&m.hosts, &m.not_hosts, http, |s| {
-                h.is_some_and(|h| s.matches_ignore_case(h.host))
+                h.is_some_and(|h| s.matches_host(h.host, c.dst_port))
             }),
             field(&m.methods, &m.not_methods, http, |s| {
                 s.matches(h.map(|h| h.method))

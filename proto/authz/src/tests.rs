@@ -474,3 +474,33 @@ fn lowering_for_ztunnel_keeps_every_l4_decision() {
         }
     }
 }
+
+/// The proxy hands the evaluator a normalised host (lower case, no port, no trailing
+/// dot); however a policy writes its `hosts`, the same host meets the same decision.
+#[test]
+fn host_patterns_match_the_normalised_host_however_they_are_written() {
+    let h = http::HeaderMap::new();
+    let denied = |pattern: &str, port: u16| {
+        let p = model(
+            json!({"action": "DENY", "rules": [{"to": [{"operation": {"hosts": [pattern]}}]}]}),
+        );
+        !evaluate_request([&p], &conn(Some(A), port), Some(&http("GET", "/", &h))).is_allowed()
+    };
+    for pattern in [
+        "api.shop.svc.cluster.local",
+        "API.Shop.svc.cluster.local",
+        "api.shop.svc.cluster.local.",
+        "api.shop.svc.cluster.local:80",
+        "api.shop.svc.cluster.local.:80",
+        "*.cluster.local",
+        "*.cluster.local:80",
+        "api.shop.*",
+    ] {
+        assert!(denied(pattern, 80), "{pattern} must deny on port 80");
+    }
+    assert!(
+        !denied("api.shop.svc.cluster.local:8080", 80),
+        "another port"
+    );
+    assert!(!denied("web.shop.svc.cluster.local", 80), "another host");
+}

@@ -253,6 +253,9 @@ pub enum Refusal {
     BadRequest(String),
     /// Denied by authorization policy.
     Unauthorized(String),
+    /// A target this server does not serve for anyone (e.g. a waypoint asked to relay to
+    /// a destination not bound to it).
+    Forbidden(String),
     /// Unknown target, loop to a proxy port, or the app could not be reached.
     Unavailable(String),
 }
@@ -262,12 +265,16 @@ impl Refusal {
         match self {
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
             Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
     pub fn reason(&self) -> &str {
         match self {
-            Refusal::BadRequest(r) | Refusal::Unauthorized(r) | Refusal::Unavailable(r) => r,
+            Refusal::BadRequest(r)
+            | Refusal::Unauthorized(r)
+            | Refusal::Forbidden(r)
+            | Refusal::Unavailable(r) => r,
         }
     }
 }

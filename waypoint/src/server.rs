@@ -1,0 +1,298 @@
+//! The waypoint's lifecycle around its data path:
+//!
+//! - **readiness**: `/healthz/ready` answers 200 only once addresses, routes and policies
+//!   have each been received from the control plane at least once and the waypoint holds
+//!   a certificate; 503 naming what is missing otherwise, and while draining;
+//! - **accepting**: the HBONE listener is not even bound before that first sync, so
+//!   nothing is served on a partial configuration (no policy yet must not mean "allow");
+//! - **certificates** are fetched off the accept path: each connection waits for one at
+//!   most `cert_wait` in its own task, so a slow CA never stalls the accept loop;
+//! - **drain** (SIGTERM): the listener closes, HBONE connections get a GOAWAY, HTTP
+//!   connections finish the request in flight and close, and the waypoint exits once all
+//!   are done or the drain deadline has passed.
+
+use crate::metrics::Metrics;
+use crate::proxy::{Handler, Waypoint};
+use mesh_proto::type_url;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+/// What the waypoint is waiting for, and whether it is draining.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    addresses: AtomicBool,
+    routes: AtomicBool,
+    policies: AtomicBool,
+    certificate: AtomicBool,
+    draining: AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl Lifecycle {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Lifecycle::default())
+    }
+
+    /// A response of `type_url` has been applied (whether or not all of it was valid).
+    pub fn mark_synced(&self, type_url: &str) {
+        let flag = match type_url {
+            type_url::ADDRESS => &self.addresses,
+            type_url::HTTP_ROUTE => &self.routes,
+            type_url::L7_POLICY => &self.policies,
+            _ => return,
+        };
+        if !flag.swap(true, Ordering::SeqCst) {
+            tracing::info!(type_url, "first configuration received");
+            self.changed.notify_waiters();
+        }
+    }
+
+    pub fn set_certificate(&self) {
+        self.certificate.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Addresses, routes and policies have each been received once.
+    pub fn synced(&self) -> bool {
+        self.addresses.load(Ordering::SeqCst)
+            && self.routes.load(Ordering::SeqCst)
+            && self.policies.load(Ordering::SeqCst)
+    }
+
+    /// What keeps the waypoint from being ready (empty: ready).
+    pub fn not_ready(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        for (flag, what) in [
+            (&self.addresses, "addresses not synced"),
+            (&self.routes, "routes not synced"),
+            (&self.policies, "policies not synced"),
+            (&self.certificate, "no certificate"),
+        ] {
+            if !flag.load(Ordering::SeqCst) {
+                missing.push(what);
+            }
+        }
+        if self.draining.load(Ordering::SeqCst) {
+            missing.push("draining");
+        }
+        missing
+    }
+
+    pub fn ready(&self) -> bool {
+        self.not_ready().is_empty()
+    }
+
+    /// Returns once addresses, routes and policies have all synced.
+    pub async fn wait_synced(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.synced() {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// The admin endpoint: `/healthz/ready` (readiness) and, on any other path, the metrics.
+pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, lifecycle: Arc<Lifecycle>) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let (m, l) = (metrics.clone(), lifecycle.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(0);
+            let line = String::from_utf8_lossy(&buf[..n]);
+            let path = line.split_whitespace().nth(1).unwrap_or("/");
+            let (status, ctype, body) = if path == "/healthz/ready" {
+                let missing = l.not_ready();
+                if missing.is_empty() {
+                    ("200 OK", "text/plain", "ready\n".to_string())
+                } else {
+                    (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        format!("not ready: {}\n", missing.join(", ")),
+                    )
+                }
+            } else {
+                ("200 OK", "text/plain; version=0.0.4", m.encode())
+            };
+            let _ = s
+                .write_all(
+                    format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        });
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    /// How long a new connection waits for the waypoint's certificate.
+    pub cert_wait: Duration,
+    /// How long a drain may take before the waypoint exits anyway.
+    pub drain_deadline: Duration,
+}
+
+/// How serving ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Shut down before the first sync: nothing was ever served.
+    BeforeSync,
+    /// Every connection finished within the drain deadline.
+    Drained,
+    /// The deadline passed with connections still open.
+    DeadlineExceeded { open: usize },
+}
+
+/// Serves HBONE once the configuration has synced, until `shutdown` completes; then
+/// drains within `drain_deadline`. A certificate is fetched in the background from the
+/// start (readiness), and again, bounded, by any connection that finds none.
+pub async fn serve(
+    wp: Arc<Waypoint>,
+    lifecycle: Arc<Lifecycle>,
+    cfg: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<Stopped> {
+    tokio::pin!(shutdown);
+    let prefetch = tokio::spawn(fetch_certificate(
+        wp.clone(),
+        lifecycle.clone(),
+        cfg.cert_wait,
+    ));
+    tokio::select! {
+        _ = lifecycle.wait_synced() => {}
+        _ = &mut shutdown => {
+            prefetch.abort();
+            lifecycle.set_draining();
+            return Ok(Stopped::BeforeSync);
+        }
+    }
+    let listener = TcpListener::bind(cfg.listen).await?;
+    tracing::info!(listen = %cfg.listen, "waypoint serving HBONE");
+    let handler = Arc::new(Handler(wp.clone()));
+    let tracker = TaskTracker::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                tracker.spawn(connection(wp.clone(), handler.clone(), tcp, peer, cfg.cert_wait));
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    // Drain: refuse new connections, GOAWAY and graceful close on the open ones.
+    lifecycle.set_draining();
+    drop(listener);
+    prefetch.abort();
+    wp.shutdown.cancel();
+    tracker.close();
+    tracing::info!(open = tracker.len(), deadline = ?cfg.drain_deadline, "draining");
+    match tokio::time::timeout(cfg.drain_deadline, tracker.wait()).await {
+        Ok(()) => {
+            tracing::info!("drained");
+            Ok(Stopped::Drained)
+        }
+        Err(_) => {
+            let open = tracker.len();
+            tracing::warn!(
+                open,
+                "drain deadline passed; closing the remaining connections"
+            );
+            Ok(Stopped::DeadlineExceeded { open })
+        }
+    }
+}
+
+/// One HBONE connection: a certificate (waited for at most `cert_wait`), then HBONE.
+async fn connection(
+    wp: Arc<Waypoint>,
+    handler: Arc<Handler>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    cert_wait: Duration,
+) {
+    let creds = match tokio::time::timeout(cert_wait, wp.certs.get(&wp.identity)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "no certificate; refusing the connection");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, wait = ?cert_wait, "no certificate in time (CA slow); refusing the connection");
+            return;
+        }
+    };
+    let settings = hbone::H2Settings::server();
+    if let Err(e) = hbone::serve_connection(
+        tcp,
+        creds.server_config.clone(),
+        handler,
+        &settings,
+        wp.shutdown.clone(),
+    )
+    .await
+    {
+        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+    }
+}
+
+/// Fetches the first certificate, for readiness, in the background and without a
+/// deadline of its own (a slow CA answers eventually; cancelling it would only start
+/// over); the certificate manager renews it from then on.
+async fn fetch_certificate(wp: Arc<Waypoint>, lifecycle: Arc<Lifecycle>, wait: Duration) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let fetch = wp.certs.get(&wp.identity);
+        tokio::pin!(fetch);
+        let r = tokio::select! {
+            r = &mut fetch => r,
+            _ = tokio::time::sleep(wait) => {
+                tracing::warn!(waited = ?wait, "the CA has not answered yet; still waiting");
+                fetch.await
+            }
+        };
+        match r {
+            Ok(_) => {
+                lifecycle.set_certificate();
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "no certificate yet"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
