@@ -14,6 +14,7 @@ use mesh_authz::{
     ConnectionInfo, Decision, HttpRequest, Policy, PolicyScope, evaluate_request,
     policy_matches_request,
 };
+use mesh_authz::normalize::{self, PathNormalization};
 use mesh_identity::SpiffeId;
 use mesh_proto::{security as pb_sec, workload as pb};
 use serde_json::{Value, json};
@@ -192,11 +193,41 @@ fn at_waypoint(
         })
         .map(|p| mesh_authz::typed::policy(&p, PolicyScope::Namespace).0)
         .collect();
+    // The request as the waypoint sees it: normalised first (its default
+    // pathNormalization unless `normalization` says otherwise), refused with 400 when it
+    // cannot be, exactly as the waypoint does before routing and policy.
+    let method = q.get("method").map_or("GET", String::as_str);
+    let (raw_path, raw_host) = (
+        q.get("path").map_or("/", String::as_str),
+        q.get("host").map_or(hostname.as_str(), String::as_str),
+    );
+    let mode: PathNormalization = q
+        .get("normalization")
+        .map_or(Ok(PathNormalization::default()), |m| m.parse())?;
+    let normalised = http::Method::from_bytes(method.as_bytes())
+        .map_err(|_| format!("{method:?} is not an HTTP method"))
+        .and_then(|m| normalize::check_method(&m))
+        .and_then(|()| normalize::normalize_path(raw_path, mode))
+        .and_then(|p| Ok((p.into_owned(), normalize::normalize_host(raw_host)?.name)));
+    let (path, host) = match normalised {
+        Ok(ph) => ph,
+        Err(e) => {
+            let request = json!({"method": method, "path": raw_path, "host": raw_host});
+            return Ok((
+                json!({"enforcedBy": format!("waypoint {}/{}", gw.0, gw.1), "request": request}),
+                vec![],
+                Decision::Deny {
+                    policy: None,
+                    reason: format!("refused with 400 before routing and policy: {e}"),
+                },
+            ));
+        }
+    };
     let headers = http::HeaderMap::new();
     let http = HttpRequest {
-        method: q.get("method").map_or("GET", String::as_str),
-        path: q.get("path").map_or("/", String::as_str),
-        host: q.get("host").map_or(hostname.as_str(), String::as_str),
+        method,
+        path: &path,
+        host: &host,
         headers: &headers,
     };
     let decision = evaluate_request(policies.iter(), &conn, Some(&http));

@@ -9,7 +9,8 @@ pub mod binding;
 pub mod counted;
 pub mod l4;
 pub mod metrics;
-pub mod normalize;
+/// The request normalisation policies are evaluated on (shared with `meshctl authz check`).
+pub use mesh_authz::normalize;
 pub mod proxy;
 pub mod route;
 pub mod server;

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod istio;
+pub mod normalize;
 pub mod k8s;
 pub mod typed;
 
