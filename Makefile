@@ -31,10 +31,11 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	scripts/fuzz.sh $(FUZZ_SECONDS)
 
-# CI: every target briefly (replays the corpus, then explores a little).
+# CI: every target briefly (replays the corpus, then explores a little), unoptimised to
+# keep the build short.
 FUZZ_SMOKE_SECONDS ?= 10
 fuzz-smoke:
-	scripts/fuzz.sh $(FUZZ_SMOKE_SECONDS)
+	FUZZ_PROFILE=dev scripts/fuzz.sh $(FUZZ_SMOKE_SECONDS)
 
 bench:
 	$(CARGO) bench -p hbone --bench hbone

@@ -520,6 +520,17 @@ fn ztunnel_review(node: &str) -> Value {
         "extra": {"authentication.kubernetes.io/node-name": [node]}}})
 }
 
+/// mesh-control in Kubernetes mode against `fake`, serving; its state in the directory.
+async fn kube_plane(fake: &Fake) -> (tempfile::TempDir, mesh_control::server::Running) {
+    let url = fake.serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = write_kubeconfig(dir.path(), &url);
+    let running = mesh_control::server::start(kube_mode(dir.path(), kubeconfig))
+        .await
+        .unwrap();
+    (dir, running)
+}
+
 /// A CA client of `running` (root from `dir`).
 fn ca_client(
     dir: &std::path::Path,
@@ -563,12 +574,7 @@ async fn unauthenticated_callers_get_one_generic_error() {
             json!({"authenticated": true, "user": {"username": "system:serviceaccount:shop:web"}}),
         );
     }
-    let url = fake.serve().await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = write_kubeconfig(dir.path(), &url);
-    let running = mesh_control::server::start(kube_mode(dir.path(), kubeconfig))
-        .await
-        .unwrap();
+    let (dir, running) = kube_plane(&fake).await;
     let mut ca = ca_client(dir.path(), &running);
     let web = SpiffeId::new("cluster.local", "shop", "web").unwrap();
     let csr = generate_csr(&web).unwrap();
@@ -631,12 +637,7 @@ async fn failed_reviews_are_cached_and_rate_limited_per_peer() {
         .unwrap()
         .reviews
         .insert("ztunnel-node-1-token".into(), ztunnel_review("node-1"));
-    let url = fake.serve().await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = write_kubeconfig(dir.path(), &url);
-    let running = mesh_control::server::start(kube_mode(dir.path(), kubeconfig))
-        .await
-        .unwrap();
+    let (dir, running) = kube_plane(&fake).await;
     let mut ca = ca_client(dir.path(), &running);
     let web = SpiffeId::new("cluster.local", "shop", "web").unwrap();
     let csr = generate_csr(&web).unwrap();
