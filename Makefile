@@ -1,15 +1,16 @@
 # The two entry points of the README: `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: test demo deps fmt-check clippy unit chart images bench bench-ztunnel bench-lab
+.PHONY: test demo deps fmt-check clippy unit chart fuzz fuzz-smoke images bench bench-ztunnel bench-lab
 
-test: deps fmt-check clippy unit chart
+test: deps fmt-check clippy unit chart fuzz-smoke
 
 deps:
 	@scripts/install-deps.sh
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -23,6 +24,18 @@ unit:
 # The Helm chart renders and every object validates against the Kubernetes schemas.
 chart:
 	scripts/check-chart.sh
+
+# Coverage-guided fuzzing (cargo-fuzz + libFuzzer, stable toolchain) of every parser that
+# reads untrusted bytes: each target for FUZZ_SECONDS, from the corpus in fuzz/corpus/.
+FUZZ_SECONDS ?= 60
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+# CI: every target briefly (replays the corpus, then explores a little), unoptimised to
+# keep the build short.
+FUZZ_SMOKE_SECONDS ?= 10
+fuzz-smoke:
+	FUZZ_PROFILE=dev scripts/fuzz.sh $(FUZZ_SMOKE_SECONDS)
 
 bench:
 	$(CARGO) bench -p hbone --bench hbone

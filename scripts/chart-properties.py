@@ -64,7 +64,11 @@ def check(path, full):
     expect(not any(r["resources"] == ["secrets"] for r in role["rules"]), "control never reads Secrets")
     expect(("PodDisruptionBudget", "mesh-control") in o, "control PDB")
 
-    args = " ".join(o[("Deployment", "mesh-control")]["spec"]["template"]["spec"]["containers"][0]["args"])
+    control = o[("Deployment", "mesh-control")]["spec"]["template"]["spec"]["containers"][0]
+    args = " ".join(control["args"])
+    # Readiness is mesh-control's own verdict (policies readable, serving), not an open port.
+    expect("--readiness-listen=[::]:15021" in args, f"control readiness listener: {args}")
+    expect(control["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 15021}, "control /ready probe")
     if full:
         expect(("Secret", "mesh-ca") not in o, "existingSecret: no generated CA")
         expect("--trust-domain=example.org" in args and "--exclude-namespace=legacy" in args, f"control args: {args}")

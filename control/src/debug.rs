@@ -1,7 +1,10 @@
 //! The local debug API meshctl reads: `/debug/status`, `/debug/config_dump?node=N`,
-//! `/debug/authz?from=SPIFFE&to=NS/POD&port=P`. Bound to localhost by default.
+//! `/debug/authz?from=SPIFFE&to=NS/POD&port=P`, `/ready`. Bound to localhost by default,
+//! and up before xDS is served, so it can say why mesh-control is not ready. The
+//! readiness listener (for the kubelet) serves `/ready` and `/healthz` only.
 
 use crate::grpc::Shared;
+use crate::readiness::Readiness;
 use crate::server::ServerConfig;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -10,6 +13,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
 
 fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
@@ -39,6 +43,38 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What the debug endpoints read: `shared` is set once xDS is served.
+#[derive(Clone)]
+pub struct DebugState {
+    pub shared: Arc<OnceLock<Shared>>,
+    pub readiness: Readiness,
+    pub cfg: ServerConfig,
+}
+
+fn readiness(r: &Readiness) -> (StatusCode, Value) {
+    let problems = r.problems();
+    let code = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        json!({"ready": problems.is_empty(), "problems": problems}),
+    )
+}
+
+/// `/debug/status`: readiness first, then (once serving) the configuration and clients.
+pub fn status_of(state: &DebugState) -> Value {
+    let (_, mut v) = readiness(&state.readiness);
+    if let Some(shared) = state.shared.get()
+        && let (Value::Object(out), Value::Object(more)) = (&mut v, status(shared))
+    {
+        out.extend(more);
+    }
+    v
 }
 
 pub fn status(shared: &Shared) -> Value {
@@ -114,35 +150,58 @@ fn respond(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
 }
 
 async fn handle(
-    shared: Shared,
-    cfg: ServerConfig,
+    state: DebugState,
+    readiness_only: bool,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let q = query(&req);
-    match req.uri().path() {
-        "/debug/status" => respond(StatusCode::OK, status(&shared)),
-        "/debug/config_dump" => match q.get("node") {
-            Some(n) => respond(StatusCode::OK, config_dump(&shared, n)),
-            None => respond(StatusCode::BAD_REQUEST, json!({"error": "give ?node=NAME"})),
-        },
-        "/debug/authz" => {
-            let g = shared.generation.borrow().clone();
-            match crate::authz_check::check(&g, &cfg.trust_domain, &q) {
-                Ok(v) => respond(StatusCode::OK, v),
-                Err(e) => respond(StatusCode::BAD_REQUEST, json!({"error": e})),
-            }
-        }
-        _ => respond(
+    let path = req.uri().path();
+    if path == "/ready" {
+        let (code, v) = readiness(&state.readiness);
+        return respond(code, v);
+    }
+    if path == "/healthz" {
+        return respond(StatusCode::OK, json!({"alive": true}));
+    }
+    if readiness_only {
+        return respond(
             StatusCode::NOT_FOUND,
-            json!({"error": "unknown path", "paths": ["/debug/status", "/debug/config_dump?node=", "/debug/authz?from=&to=&port="]}),
-        ),
+            json!({"error": "unknown path", "paths": ["/ready", "/healthz"]}),
+        );
+    }
+    if path == "/debug/status" {
+        return respond(StatusCode::OK, status_of(&state));
+    }
+    if !["/debug/config_dump", "/debug/authz"].contains(&path) {
+        return respond(
+            StatusCode::NOT_FOUND,
+            json!({"error": "unknown path", "paths": ["/debug/status", "/debug/config_dump?node=", "/debug/authz?from=&to=&port=", "/ready"]}),
+        );
+    }
+    let Some(shared) = state.shared.get() else {
+        return respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": format!("not serving yet: {}", state.readiness.problems().join("; "))}),
+        );
+    };
+    if path == "/debug/config_dump" {
+        return match q.get("node") {
+            Some(n) => respond(StatusCode::OK, config_dump(shared, n)),
+            None => respond(StatusCode::BAD_REQUEST, json!({"error": "give ?node=NAME"})),
+        };
+    }
+    let g = shared.generation.borrow().clone();
+    match crate::authz_check::check(&g, &state.cfg.trust_domain, &q) {
+        Ok(v) => respond(StatusCode::OK, v),
+        Err(e) => respond(StatusCode::BAD_REQUEST, json!({"error": e})),
     }
 }
 
+/// Serves the debug API (or, with `readiness_only`, `/ready` and `/healthz` alone) on `addr`.
 pub async fn serve(
     addr: SocketAddr,
-    shared: Shared,
-    cfg: ServerConfig,
+    state: DebugState,
+    readiness_only: bool,
 ) -> Result<SocketAddr, String> {
     let listener = TcpListener::bind(addr)
         .await
@@ -153,11 +212,13 @@ pub async fn serve(
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
-            let (shared, cfg) = (shared.clone(), cfg.clone());
+            let state = state.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    let (shared, cfg) = (shared.clone(), cfg.clone());
-                    async move { Ok::<_, std::convert::Infallible>(handle(shared, cfg, req).await) }
+                    let state = state.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(handle(state, readiness_only, req).await)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)

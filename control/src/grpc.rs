@@ -5,7 +5,7 @@
 use crate::ads::{RequestKind, Session};
 use crate::auth::{AuthError, Principal, Tokens, bearer};
 use crate::generation::Generation;
-use crate::token_review::TokenReviewer;
+use crate::token_review::{ReviewError, TokenReviewer};
 use mesh_identity::SpiffeId;
 use mesh_identity::ca::{CertificateAuthority, csr_identity};
 use mesh_proto::ca::istio_certificate_service_server::IstioCertificateService;
@@ -49,29 +49,42 @@ pub struct Shared {
     pub next_client: Arc<AtomicU64>,
 }
 
+/// What an unauthenticated caller is told, whatever the reason (a missing or unknown
+/// token, the API server's verdict, an account that is not a node proxy's nor a
+/// waypoint's): the reason goes to the log, never to the caller.
+pub const UNAUTHENTICATED: &str = "authentication failed";
+/// What a peer that caused too many failed TokenReviews is told.
+pub const RATE_LIMITED: &str = "too many failed authentication attempts; retry later";
+
 impl Shared {
     /// A bootstrap token from the tokens file, else (Kubernetes mode) a service-account
     /// token the API server vouches for.
     async fn authenticate<T>(&self, req: &Request<T>, what: &str) -> Result<Principal, Status> {
+        let peer = req.remote_addr();
         let result = async {
-            let token = bearer(req.metadata())?;
+            let token = bearer(req.metadata()).map_err(|e| ReviewError::Refused(e.to_string()))?;
             if let Some(p) = self.tokens.read().expect("tokens lock").lookup(token) {
                 return Ok(p);
             }
             let Some(reviewer) = &self.reviewer else {
-                return Err(AuthError::Unknown);
+                return Err(ReviewError::Refused(AuthError::Unknown.to_string()));
             };
             let objects = self.generation.borrow().objects.clone();
             reviewer
-                .authenticate(token, &objects)
+                .authenticate(token, peer.map(|a| a.ip()), &objects)
                 .await
-                .map_err(AuthError::Rejected)
         }
         .await;
-        result.map_err(|e| {
-            let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-            tracing::warn!(%peer, error = %e, "{what}: refused unauthenticated caller");
-            Status::unauthenticated(e.to_string())
+        let peer = peer.map(|a| a.to_string()).unwrap_or_default();
+        result.map_err(|e| match e {
+            ReviewError::Refused(reason) => {
+                tracing::warn!(%peer, %reason, "{what}: refused unauthenticated caller");
+                Status::unauthenticated(UNAUTHENTICATED)
+            }
+            ReviewError::RateLimited => {
+                tracing::warn!(%peer, "{what}: refused caller over its failed-authentication budget (no TokenReview)");
+                Status::resource_exhausted(RATE_LIMITED)
+            }
         })
     }
 }

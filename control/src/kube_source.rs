@@ -1,9 +1,14 @@
 //! The Kubernetes source: one watcher per kind (list, then watch; kube's watcher re-lists
 //! after a 410 Gone or a broken watch), every object fed through the same parser as the
 //! directory source. A malformed object is reported and skipped; it never wipes the rest.
-//! Kinds whose CRD is not installed count as empty.
+//! Optional kinds whose CRD is not installed (Gateway API, HTTPFault) count as empty; the
+//! security kinds never do: when the API server does not serve `security.istio.io/v1`
+//! AuthorizationPolicy or PeerAuthentication (CRD missing, or only an older version
+//! installed), nothing is published and mesh-control stays not ready, because "cannot
+//! read policies" is not "no policies".
 
 use crate::manifest::Objects;
+use crate::readiness::{Readiness, SourceState};
 use futures_util::StreamExt;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
@@ -43,6 +48,12 @@ pub const KINDS: [(&str, &str, &str, &str); 11] = [
         "httpfaults",
     ),
 ];
+
+/// Kinds that must be read before anything is served: without them every workload would
+/// be served without its policies (fail open).
+pub fn required(group: &str) -> bool {
+    group == "security.istio.io"
+}
 
 /// The dynamic API resource for a kind (also used to write waypoint objects).
 pub(crate) fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
@@ -99,14 +110,19 @@ fn to_value(o: &DynamicObject, ar: &ApiResource) -> serde_json::Value {
 }
 
 /// Watches every kind and calls `publish` with the full set of objects after changes
-/// (debounced), once every kind has been listed.
-pub async fn run(client: kube::Client, publish: impl Fn(Objects) + Send + Sync + 'static) {
+/// (debounced), once every kind has been listed. Each kind's state goes to `readiness`.
+pub async fn run(
+    client: kube::Client,
+    readiness: Readiness,
+    publish: impl Fn(Objects) + Send + Sync + 'static,
+) {
     let store = Arc::new(Mutex::new(Store::default()));
     let changed = Arc::new(Notify::new());
     for (group, version, kind, plural) in KINDS {
         let ar = resource(group, version, kind, plural);
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-        let (store, changed) = (store.clone(), changed.clone());
+        let (store, changed, readiness) = (store.clone(), changed.clone(), readiness.clone());
+        readiness.set(kind, SourceState::Pending);
         tokio::spawn(async move {
             let mut buffer: BTreeMap<Key, serde_json::Value> = BTreeMap::new();
             let mut stream = watcher::watcher(api, watcher::Config::default())
@@ -122,6 +138,7 @@ pub async fn run(client: kube::Client, publish: impl Fn(Objects) + Send + Sync +
                     Ok(Event::InitDone) => {
                         st.objects.insert(kind, std::mem::take(&mut buffer));
                         st.synced.insert(kind, true);
+                        readiness.set(kind, SourceState::Synced);
                         changed.notify_one();
                     }
                     Ok(Event::Apply(o)) => {
@@ -136,14 +153,35 @@ pub async fn run(client: kube::Client, publish: impl Fn(Objects) + Send + Sync +
                         changed.notify_one();
                     }
                     Err(e) => {
+                        let list_failed = matches!(&e, watcher::Error::InitialListFailed(_));
                         let missing = matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404);
-                        if missing && !st.synced.get(kind).copied().unwrap_or(false) {
-                            tracing::warn!(
-                                kind,
-                                "the API server does not serve {kind} (CRD not installed?); treating it as empty"
+                        let synced = st.synced.get(kind).copied().unwrap_or(false);
+                        if missing && required(group) {
+                            // Kept: what was listed before (never wiped); not ready until
+                            // the list works again.
+                            let why = format!(
+                                "the API server does not serve {} {kind} (404): install the Istio CRDs at version {version}",
+                                ar.api_version
                             );
-                            st.synced.insert(kind, true);
-                            changed.notify_one();
+                            tracing::error!(kind, "{why}; not ready");
+                            readiness.set(kind, SourceState::Unavailable(why));
+                        } else if missing {
+                            // The watcher keeps retrying: report the first time only.
+                            if !synced {
+                                tracing::warn!(
+                                    kind,
+                                    "the API server does not serve {kind} (CRD not installed?); treating it as empty"
+                                );
+                                st.synced.insert(kind, true);
+                                changed.notify_one();
+                            }
+                            readiness.set(kind, SourceState::Synced);
+                        } else if list_failed {
+                            tracing::warn!(kind, error = %e, "list failed; retrying");
+                            readiness.set(
+                                kind,
+                                SourceState::Unavailable(format!("cannot list {kind}: {e}")),
+                            );
                         } else {
                             tracing::warn!(kind, error = %e, "watch failed; retrying");
                         }

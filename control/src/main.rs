@@ -58,6 +58,10 @@ struct Args {
     /// Debug API for meshctl (JSON over HTTP).
     #[arg(long, default_value = "127.0.0.1:15014")]
     debug_listen: SocketAddr,
+    /// `/ready` (503 with the reasons while not ready) and `/healthz` for the kubelet;
+    /// off unless given (the debug API serves `/ready` too).
+    #[arg(long)]
+    readiness_listen: Option<SocketAddr>,
     /// DNS names on the serving certificate (repeatable).
     #[arg(long = "dns-name", default_values_t = ["mesh-control.mesh-system.svc".to_string(), "mesh-control.mesh-system.svc.cluster.local".to_string()])]
     dns_names: Vec<String>,
@@ -147,6 +151,7 @@ fn main() {
         node_proxy_accounts: a.node_proxy_accounts,
         listen: a.listen,
         debug_listen: a.debug_listen,
+        readiness_listen: a.readiness_listen,
         dns_names: a.dns_names,
         ip_sans: a.ip_sans,
         trust_domain: a.trust_domain,

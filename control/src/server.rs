@@ -6,6 +6,7 @@ use crate::generation::Generation;
 use crate::grpc::{Ads, Ca, Shared};
 use crate::index::IndexConfig;
 use crate::manifest::Objects;
+use crate::readiness::{Readiness, SourceState};
 use crate::source::{self, DirSource};
 use crate::token_review::TokenReviewer;
 use mesh_identity::ca::CertificateAuthority;
@@ -14,7 +15,7 @@ use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscov
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -34,6 +35,8 @@ pub struct ServerConfig {
     pub node_proxy_accounts: Vec<String>,
     pub listen: SocketAddr,
     pub debug_listen: SocketAddr,
+    /// `/ready` and `/healthz` only, for the kubelet (the debug API stays on localhost).
+    pub readiness_listen: Option<SocketAddr>,
     pub dns_names: Vec<String>,
     /// Kubernetes mode: deploy a waypoint for every istio-waypoint Gateway (None: off).
     pub waypoints: Option<crate::waypoint_deploy::WaypointDeployConfig>,
@@ -55,19 +58,20 @@ pub enum ConfigSource {
     Kubernetes { kubeconfig: Option<PathBuf> },
 }
 
-/// Starts the chosen source and returns its first complete snapshot plus a channel of
-/// later ones. Nothing is served before the first snapshot: serving an empty set would
-/// tell every ztunnel to forget its workloads.
-async fn start_source(
+/// Starts the chosen source: its snapshots arrive on the returned channel (None until the
+/// first complete one), and the state of each thing it reads goes to `readiness`.
+fn spawn_source(
     source: &ConfigSource,
     kube: Option<kube::Client>,
-) -> Result<(Objects, watch::Receiver<Option<Objects>>), String> {
-    let (tx, mut rx) = watch::channel(None::<Objects>);
+    readiness: &Readiness,
+) -> Result<watch::Receiver<Option<Objects>>, String> {
+    let (tx, rx) = watch::channel(None::<Objects>);
     match source {
         ConfigSource::Directory(dir) => {
             let mut src = DirSource::new(dir);
             src.scan()?;
             tx.send_replace(Some(src.objects()));
+            readiness.set("directory", SourceState::Synced);
             tokio::spawn(source::watch(src, Duration::from_millis(250), move |o| {
                 tx.send_replace(Some(o));
             }));
@@ -75,15 +79,25 @@ async fn start_source(
         ConfigSource::Kubernetes { .. } => {
             let client = kube.ok_or("no Kubernetes client")?;
             tracing::info!("listing and watching the Kubernetes API");
-            tokio::spawn(crate::kube_source::run(client, move |o| {
-                tx.send_replace(Some(o));
-            }));
+            tokio::spawn(crate::kube_source::run(
+                client,
+                readiness.clone(),
+                move |o| {
+                    tx.send_replace(Some(o));
+                },
+            ));
         }
     }
+    Ok(rx)
+}
+
+/// The source's first complete snapshot. Nothing is served before it: serving an empty
+/// set would tell every ztunnel to forget its workloads (and its policies).
+async fn first_snapshot(rx: &mut watch::Receiver<Option<Objects>>) -> Result<Objects, String> {
     loop {
         let first = rx.borrow_and_update().clone();
         if let Some(first) = first {
-            return Ok((first, rx));
+            return Ok(first);
         }
         rx.changed()
             .await
@@ -138,26 +152,14 @@ pub fn load_or_create_ca(
             CertificateAuthority::new_root(trust_domain, Duration::from_secs(10 * 365 * 86400))
                 .map_err(|e| e.to_string())?;
         std::fs::write(&cert, ca.cert_pem()).map_err(|e| format!("{}: {e}", cert.display()))?;
-        write_private(&key, &ca.key_pem())?;
+        mesh_identity::write_private(&key, ca.key_pem().as_bytes())
+            .map_err(|e| format!("{}: {e}", key.display()))?;
         tracing::info!(dir = %state_dir.display(), "created a new mesh root CA");
         ca
     };
     let bundle = state_dir.join("root-cert.pem");
     std::fs::write(&bundle, ca.roots_pem()).map_err(|e| format!("{}: {e}", bundle.display()))?;
     Ok(ca)
-}
-
-fn write_private(path: &Path, data: &str) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(data.as_bytes()))
-        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Re-reads the tokens file when it changes (nodes and waypoints come and go); a bad
@@ -192,10 +194,35 @@ async fn watch_tokens(path: PathBuf, tokens: Arc<RwLock<Tokens>>) {
 pub struct Running {
     pub grpc_addr: SocketAddr,
     pub debug_addr: SocketAddr,
+    pub readiness_addr: Option<SocketAddr>,
+    pub readiness: Readiness,
     pub shared: Shared,
 }
 
+/// A control plane whose debug and readiness endpoints are up (and say why it is not
+/// ready) and whose source is being read; xDS and the CA are served by [`Starting::serve`].
+pub struct Starting {
+    pub debug_addr: SocketAddr,
+    pub readiness_addr: Option<SocketAddr>,
+    pub readiness: Readiness,
+    cfg: ServerConfig,
+    kube: Option<kube::Client>,
+    tokens: Arc<RwLock<Tokens>>,
+    reviewer: Option<Arc<TokenReviewer>>,
+    ca: CertificateAuthority,
+    serving_cert: (String, String),
+    updates: watch::Receiver<Option<Objects>>,
+    shared: Arc<OnceLock<Shared>>,
+}
+
+/// Binds, waits for the first complete configuration, then serves.
 pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
+    bind(cfg).await?.serve().await
+}
+
+/// Loads credentials and the CA, starts the source and binds the debug and readiness
+/// endpoints.
+pub async fn bind(cfg: ServerConfig) -> Result<Starting, String> {
     let kube = match &cfg.source {
         ConfigSource::Kubernetes { kubeconfig } => Some(kube_client(kubeconfig.as_deref()).await?),
         ConfigSource::Directory(_) => None,
@@ -219,94 +246,145 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
         ))
     });
     let ca = load_or_create_ca(&cfg.state_dir, cfg.ca_dir.as_deref(), &cfg.trust_domain)?;
-    let (chain, key) = ca
+    let serving_cert = ca
         .issue_server_cert(
             &cfg.dns_names,
             &cfg.ip_sans,
             Duration::from_secs(365 * 86400),
         )
         .map_err(|e| format!("serving certificate: {e}"))?;
-    let index_cfg = IndexConfig {
-        cluster_id: cfg.cluster_id.clone(),
-        trust_domain: cfg.trust_domain.clone(),
-        root_namespace: cfg.root_namespace.clone(),
-        excluded_namespaces: cfg.excluded_namespaces.clone(),
-        ..Default::default()
+    let readiness = Readiness::default();
+    let shared = Arc::new(OnceLock::new());
+    let debug = crate::debug::DebugState {
+        shared: shared.clone(),
+        readiness: readiness.clone(),
+        cfg: cfg.clone(),
     };
-
-    // Config source → generations.
-    let (objects, mut updates) = start_source(&cfg.source, kube.clone()).await?;
-    let ca = Arc::new(RwLock::new(ca));
-    match (&kube, &cfg.waypoints) {
-        (Some(client), Some(wp)) => {
-            let ca = ca.clone();
-            tokio::spawn(crate::waypoint_deploy::run(
-                client.clone(),
-                wp.clone(),
-                updates.clone(),
-                move || ca.read().expect("ca lock").roots_pem(),
-            ));
-        }
-        (None, Some(_)) => tracing::warn!("waypoint deployment needs --source kubernetes; ignored"),
-        _ => {}
-    }
-    let first = Generation::build(1, objects, &index_cfg);
-    for w in &first.resources.warnings {
-        tracing::warn!("{w}");
-    }
-    let (gen_tx, gen_rx) = watch::channel(Arc::new(first));
-    tokio::spawn(async move {
-        let mut version = 1;
-        while updates.changed().await.is_ok() {
-            let Some(objects) = updates.borrow_and_update().clone() else {
-                continue;
-            };
-            version += 1;
-            let g = Generation::build(version, objects, &index_cfg);
-            for w in &g.resources.warnings {
-                tracing::warn!("{w}");
-            }
-            tracing::info!(
-                version,
-                addresses = g.addresses.len(),
-                policies = g.authorizations.len(),
-                "configuration updated"
-            );
-            gen_tx.send_replace(Arc::new(g));
-        }
-    });
-
-    let shared = Shared {
-        generation: gen_rx,
+    let debug_addr = crate::debug::serve(cfg.debug_listen, debug.clone(), false).await?;
+    let readiness_addr = match cfg.readiness_listen {
+        Some(addr) => Some(crate::debug::serve(addr, debug, true).await?),
+        None => None,
+    };
+    let updates = spawn_source(&cfg.source, kube.clone(), &readiness)?;
+    Ok(Starting {
+        debug_addr,
+        readiness_addr,
+        readiness,
+        cfg,
+        kube,
         tokens,
         reviewer,
         ca,
-        clients: Arc::new(Mutex::new(Default::default())),
-        next_client: Arc::new(AtomicU64::new(1)),
-    };
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-    let grpc_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let identity = tonic::transport::Identity::from_pem(chain, key);
-    let server = tonic::transport::Server::builder()
-        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-        .map_err(|e| format!("TLS: {e}"))?
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(AggregatedDiscoveryServiceServer::new(Ads(shared.clone())))
-        .add_service(IstioCertificateServiceServer::new(Ca(shared.clone())));
-    tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        if let Err(e) = server.serve_with_incoming(incoming).await {
-            tracing::error!(error = %e, "gRPC server stopped");
-        }
-    });
-    let debug_addr = crate::debug::serve(cfg.debug_listen, shared.clone(), cfg.clone()).await?;
-    tracing::info!(%grpc_addr, %debug_addr, "mesh-control serving xDS and CA");
-    Ok(Running {
-        grpc_addr,
-        debug_addr,
+        serving_cert,
+        updates,
         shared,
     })
+}
+
+impl Starting {
+    /// Waits for the source's first complete snapshot (forever if a required kind cannot
+    /// be read), then serves xDS and the CA.
+    pub async fn serve(self) -> Result<Running, String> {
+        let Starting {
+            debug_addr,
+            readiness_addr,
+            readiness,
+            cfg,
+            kube,
+            tokens,
+            reviewer,
+            ca,
+            serving_cert: (chain, key),
+            mut updates,
+            shared: shared_cell,
+        } = self;
+        let index_cfg = IndexConfig {
+            cluster_id: cfg.cluster_id.clone(),
+            trust_domain: cfg.trust_domain.clone(),
+            root_namespace: cfg.root_namespace.clone(),
+            excluded_namespaces: cfg.excluded_namespaces.clone(),
+            ..Default::default()
+        };
+
+        // Config source → generations.
+        let objects = first_snapshot(&mut updates).await?;
+        let ca = Arc::new(RwLock::new(ca));
+        match (&kube, &cfg.waypoints) {
+            (Some(client), Some(wp)) => {
+                let ca = ca.clone();
+                tokio::spawn(crate::waypoint_deploy::run(
+                    client.clone(),
+                    wp.clone(),
+                    updates.clone(),
+                    move || ca.read().expect("ca lock").roots_pem(),
+                ));
+            }
+            (None, Some(_)) => {
+                tracing::warn!("waypoint deployment needs --source kubernetes; ignored")
+            }
+            _ => {}
+        }
+        let first = Generation::build(1, objects, &index_cfg);
+        for w in &first.resources.warnings {
+            tracing::warn!("{w}");
+        }
+        let (gen_tx, gen_rx) = watch::channel(Arc::new(first));
+        tokio::spawn(async move {
+            let mut version = 1;
+            while updates.changed().await.is_ok() {
+                let Some(objects) = updates.borrow_and_update().clone() else {
+                    continue;
+                };
+                version += 1;
+                let g = Generation::build(version, objects, &index_cfg);
+                for w in &g.resources.warnings {
+                    tracing::warn!("{w}");
+                }
+                tracing::info!(
+                    version,
+                    addresses = g.addresses.len(),
+                    policies = g.authorizations.len(),
+                    "configuration updated"
+                );
+                gen_tx.send_replace(Arc::new(g));
+            }
+        });
+
+        let shared = Shared {
+            generation: gen_rx,
+            tokens,
+            reviewer,
+            ca,
+            clients: Arc::new(Mutex::new(Default::default())),
+            next_client: Arc::new(AtomicU64::new(1)),
+        };
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+        let grpc_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let identity = tonic::transport::Identity::from_pem(chain, key);
+        let server = tonic::transport::Server::builder()
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| format!("TLS: {e}"))?
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(AggregatedDiscoveryServiceServer::new(Ads(shared.clone())))
+            .add_service(IstioCertificateServiceServer::new(Ca(shared.clone())));
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            if let Err(e) = server.serve_with_incoming(incoming).await {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        });
+        let _ = shared_cell.set(shared.clone());
+        readiness.set_serving();
+        tracing::info!(%grpc_addr, %debug_addr, "mesh-control serving xDS and CA");
+        Ok(Running {
+            grpc_addr,
+            debug_addr,
+            readiness_addr,
+            readiness,
+            shared,
+        })
+    }
 }

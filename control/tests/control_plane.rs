@@ -61,6 +61,7 @@ async fn start() -> Plane {
         node_proxy_accounts: vec!["mesh-system/ztunnel".into()],
         listen: "127.0.0.1:0".parse().unwrap(),
         debug_listen: "127.0.0.1:0".parse().unwrap(),
+        readiness_listen: None,
         waypoints: None,
         dns_names: vec!["mesh-control.test".into()],
         ip_sans: vec![],
@@ -265,6 +266,24 @@ async fn unauthenticated_clients_are_refused() {
         Ok(mut s) => s.rx.message().await.unwrap_err(),
     };
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    // One fixed message whatever the reason: nothing about tokens or accounts.
+    assert_eq!(status.message(), mesh_control::grpc::UNAUTHENTICATED);
+
+    let web = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+    let csr = generate_csr(&web).unwrap();
+    let mut ca = IstioCertificateServiceClient::new(plane.channel());
+    for token in [None, Some("not-a-known-token-000")] {
+        let err = ca
+            .create_certificate(ca_request(&csr.csr_pem, &web, token))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token:?}");
+        assert_eq!(
+            err.message(),
+            mesh_control::grpc::UNAUTHENTICATED,
+            "{token:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -368,6 +387,25 @@ async fn restart_keeps_the_root_and_rotation_serves_both_roots() {
         .unwrap();
     let cert = WorkloadCertificate::from_ca_response(&id, &csr.key, &chain).unwrap();
     assert_eq!(cert.roots().len(), 2, "clients receive both roots");
+}
+
+/// The CA key is owner-only even when a file by that name was already there (a leftover
+/// 0644 file keeps its mode through `open(O_CREAT, 0600)`).
+#[test]
+fn the_ca_key_is_0600_even_over_an_existing_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let state = tempfile::tempdir().unwrap();
+    let key = state.path().join("ca-key.pem");
+    std::fs::write(&key, "stale").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    mesh_control::server::load_or_create_ca(state.path(), None, "cluster.local").unwrap();
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "ca-key.pem is {mode:o}");
+    assert!(
+        std::fs::read_to_string(&key)
+            .unwrap()
+            .contains("PRIVATE KEY")
+    );
 }
 
 /// The root the Helm chart generates (genCAWithKey: ECDSA P-256 in SEC1 PEM, with server

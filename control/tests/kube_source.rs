@@ -12,6 +12,8 @@ use hyper::body::Frame;
 use mesh_control::manifest::Objects;
 use mesh_identity::{SpiffeId, generate_csr};
 use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use mesh_proto::discovery::DeltaDiscoveryRequest;
+use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -34,6 +36,10 @@ struct FakeState {
     reviews: BTreeMap<String, Value>,
     /// Audiences asked for in TokenReviews.
     audiences_seen: Vec<Value>,
+    /// Tokens reviewed, in order.
+    reviewed: Vec<String>,
+    /// TokenReview: token → the only audience it was issued for (else any).
+    token_audience: BTreeMap<String, String>,
     /// Server-side applies received: (path, body).
     patches: Vec<(String, Value)>,
 }
@@ -107,10 +113,22 @@ impl Fake {
             let mut review: Value = serde_json::from_slice(&body).unwrap();
             let mut st = self.0.lock().unwrap();
             st.audiences_seen.push(review["spec"]["audiences"].clone());
-            let token = review["spec"]["token"].as_str().unwrap_or_default();
-            review["status"] = st.reviews.get(token).cloned().unwrap_or_else(
-                || json!({"authenticated": false, "error": "invalid bearer token"}),
-            );
+            let token = review["spec"]["token"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            st.reviewed.push(token.clone());
+            let asked = review["spec"]["audiences"].clone();
+            review["status"] = match st.token_audience.get(&token) {
+                // As the API server words it.
+                Some(aud) if !asked.as_array().is_some_and(|a| a.contains(&json!(aud))) => json!({
+                    "authenticated": false,
+                    "error": format!("[invalid bearer token, token audiences [\"{aud}\"] is invalid for the target audiences {asked}]")
+                }),
+                _ => st.reviews.get(&token).cloned().unwrap_or_else(
+                    || json!({"authenticated": false, "error": "invalid bearer token"}),
+                ),
+            };
             return hyper::Response::builder()
                 .status(201)
                 .header("content-type", "application/json")
@@ -213,6 +231,7 @@ fn kube_mode(
         node_proxy_accounts: vec!["mesh-system/ztunnel".into()],
         listen: "127.0.0.1:0".parse().unwrap(),
         debug_listen: "127.0.0.1:0".parse().unwrap(),
+        readiness_listen: None,
         waypoints: None,
         dns_names: vec!["mesh-control.test".into()],
         ip_sans: vec![],
@@ -248,20 +267,26 @@ async fn lists_watches_relists_after_410_and_skips_bad_objects() {
         vec![ns("shop", json!({"istio.io/dataplane-mode": "ambient"}))],
     );
     fake.set("pods", vec![pod("shop", "web-1", "10.10.1.5")]);
-    fake.0
-        .lock()
-        .unwrap()
-        .missing
-        .push("peerauthentications".into());
+    fake.0.lock().unwrap().missing.push("httpfaults".into());
     let url = fake.serve().await;
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    tokio::spawn(mesh_control::kube_source::run(client, move |o| {
-        let _ = tx.send(o);
-    }));
+    let readiness = mesh_control::readiness::Readiness::default();
+    tokio::spawn(mesh_control::kube_source::run(
+        client,
+        readiness.clone(),
+        move |o| {
+            let _ = tx.send(o);
+        },
+    ));
 
-    // Initial lists (the missing CRD counts as empty).
+    // Initial lists (an optional kind whose CRD is missing counts as empty).
     let o = next(&mut rx, "the initial state", |o| o.pods.len() == 1).await;
+    assert!(
+        readiness.problems().iter().all(|p| p.starts_with("xDS")),
+        "every kind is read: {:?}",
+        readiness.problems()
+    );
     assert!(o.namespaces.contains_key("shop"));
     // The same objects feed the index: the pod is an enrolled workload.
     let r = mesh_control::index::compute(&o, &Default::default());
@@ -391,7 +416,7 @@ async fn control_plane_serves_what_the_api_server_holds() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    assert!(err.message().contains("invalid bearer token"), "{err:?}");
+    assert_eq!(err.message(), mesh_control::grpc::UNAUTHENTICATED);
 }
 
 #[tokio::test]
@@ -486,4 +511,343 @@ async fn waypoint_gateways_are_deployed_and_their_address_published() {
         deployment["spec"]["template"]["spec"]["serviceAccountName"],
         "waypoint"
     );
+}
+
+/// A ztunnel's reviewed token, bound to `node`.
+fn ztunnel_review(node: &str) -> Value {
+    json!({"authenticated": true, "user": {
+        "username": "system:serviceaccount:mesh-system:ztunnel",
+        "extra": {"authentication.kubernetes.io/node-name": [node]}}})
+}
+
+/// mesh-control in Kubernetes mode against `fake`, serving; its state in the directory.
+async fn kube_plane(fake: &Fake) -> (tempfile::TempDir, mesh_control::server::Running) {
+    let url = fake.serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = write_kubeconfig(dir.path(), &url);
+    let running = mesh_control::server::start(kube_mode(dir.path(), kubeconfig))
+        .await
+        .unwrap();
+    (dir, running)
+}
+
+/// A CA client of `running` (root from `dir`).
+fn ca_client(
+    dir: &std::path::Path,
+    running: &mesh_control::server::Running,
+) -> IstioCertificateServiceClient<tonic::transport::Channel> {
+    IstioCertificateServiceClient::new(channel(dir, running))
+}
+
+fn channel(
+    dir: &std::path::Path,
+    running: &mesh_control::server::Running,
+) -> tonic::transport::Channel {
+    let root = std::fs::read_to_string(dir.join("state/root-cert.pem")).unwrap();
+    Endpoint::from_shared(format!("https://{}", running.grpc_addr))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(root))
+                .domain_name("mesh-control.test"),
+        )
+        .unwrap()
+        .connect_lazy()
+}
+
+/// Unauthenticated callers of the CA and of xDS learn nothing: not the API server's
+/// words, not which accounts are accepted. Every reason gets the same status and message.
+#[tokio::test]
+async fn unauthenticated_callers_get_one_generic_error() {
+    let fake = Fake::default();
+    fake.set("pods", vec![pod("shop", "web-1", "10.10.1.5")]);
+    {
+        let mut st = fake.0.lock().unwrap();
+        // A ztunnel token, but issued for another audience.
+        st.reviews
+            .insert("other-audience-token".into(), ztunnel_review("node-1"));
+        st.token_audience
+            .insert("other-audience-token".into(), "vault".into());
+        // A genuine token of an account that is neither a node proxy's nor a waypoint's.
+        st.reviews.insert(
+            "web-token".into(),
+            json!({"authenticated": true, "user": {"username": "system:serviceaccount:shop:web"}}),
+        );
+    }
+    let (dir, running) = kube_plane(&fake).await;
+    let mut ca = ca_client(dir.path(), &running);
+    let web = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+    let csr = generate_csr(&web).unwrap();
+    let tokens = [
+        None,
+        Some("forged-token"),
+        Some("other-audience-token"),
+        Some("web-token"),
+    ];
+    for token in tokens {
+        let err = ca
+            .create_certificate(ca_request(&csr.csr_pem, &web, token))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token:?}");
+        assert_eq!(
+            err.message(),
+            mesh_control::grpc::UNAUTHENTICATED,
+            "{token:?}"
+        );
+    }
+    // xDS: the same answer.
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel(dir.path(), &running));
+    for token in tokens {
+        let mut req = tonic::Request::new(tokio_stream::iter(vec![DeltaDiscoveryRequest {
+            type_url: mesh_proto::type_url::ADDRESS.into(),
+            ..Default::default()
+        }]));
+        if let Some(t) = token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        let status = match ads.delta_aggregated_resources(req).await {
+            Err(s) => s,
+            Ok(r) => r.into_inner().message().await.unwrap_err(),
+        };
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{token:?}");
+        assert_eq!(
+            status.message(),
+            mesh_control::grpc::UNAUTHENTICATED,
+            "{token:?}"
+        );
+    }
+    // They were refused by the API server's verdict (and the mapping), not skipped.
+    let reviewed = fake.0.lock().unwrap().reviewed.clone();
+    for t in ["forged-token", "other-audience-token", "web-token"] {
+        assert!(reviewed.iter().any(|r| r == t), "{t} not reviewed");
+    }
+}
+
+/// A refused token is not reviewed again for a while, and one address flooding the CA
+/// with new bad tokens reaches the API server only a few times.
+#[tokio::test]
+async fn failed_reviews_are_cached_and_rate_limited_per_peer() {
+    use mesh_control::token_review::PEER_BURST;
+    let fake = Fake::default();
+    fake.set("pods", vec![pod("shop", "web-1", "10.10.1.5")]);
+    fake.0
+        .lock()
+        .unwrap()
+        .reviews
+        .insert("ztunnel-node-1-token".into(), ztunnel_review("node-1"));
+    let (dir, running) = kube_plane(&fake).await;
+    let mut ca = ca_client(dir.path(), &running);
+    let web = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+    let csr = generate_csr(&web).unwrap();
+    let good = ca_request(&csr.csr_pem, &web, Some("ztunnel-node-1-token"));
+    ca.create_certificate(good).await.expect("a valid token");
+    let count = |prefix: &str| {
+        fake.0
+            .lock()
+            .unwrap()
+            .reviewed
+            .iter()
+            .filter(|t| t.starts_with(prefix))
+            .count()
+    };
+
+    // The same refused token, again and again: one review.
+    for _ in 0..5 {
+        let err = ca
+            .create_certificate(ca_request(&csr.csr_pem, &web, Some("forged-token")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
+    assert_eq!(count("forged-token"), 1, "refusals are cached");
+
+    // A flood of distinct bad tokens from one address.
+    let began = std::time::Instant::now();
+    let mut limited = 0;
+    const FLOOD: usize = 40;
+    for i in 0..FLOOD {
+        let token = format!("flood-{i}");
+        let err = ca
+            .create_certificate(ca_request(&csr.csr_pem, &web, Some(&token)))
+            .await
+            .unwrap_err();
+        match err.code() {
+            tonic::Code::Unauthenticated => {
+                assert_eq!(err.message(), mesh_control::grpc::UNAUTHENTICATED)
+            }
+            tonic::Code::ResourceExhausted => {
+                assert_eq!(err.message(), mesh_control::grpc::RATE_LIMITED);
+                limited += 1;
+            }
+            c => panic!("{token}: {c:?} {err:?}"),
+        }
+    }
+    // The burst (one already spent on forged-token) plus what refilled meanwhile.
+    let budget = PEER_BURST as usize + began.elapsed().as_secs() as usize + 1;
+    let reviewed = count("flood-");
+    assert!(
+        reviewed <= budget,
+        "{reviewed} of {FLOOD} bad tokens reached the API server (budget {budget})"
+    );
+    assert_eq!(limited, FLOOD - reviewed);
+
+    // A caller whose valid token is cached is not locked out by its address's budget.
+    let good = ca_request(&csr.csr_pem, &web, Some("ztunnel-node-1-token"));
+    ca.create_certificate(good)
+        .await
+        .expect("a cached valid token");
+}
+
+/// `GET path` on `addr`: (status code, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    (code, body.to_string())
+}
+
+/// `meshctl --control ADDR status`: (success, stdout).
+async fn meshctl_status(debug: std::net::SocketAddr) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+            .args(["--control", &debug.to_string(), "status"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// Polls `/ready` until it answers `want` with a body containing `needle`.
+async fn wait_ready(addr: std::net::SocketAddr, want: u16, needle: &str, what: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = http_get(addr, "/ready").await;
+        if code == want && body.contains(needle) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: /ready answers {code}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The API server does not serve security.istio.io/v1 AuthorizationPolicy (404: the CRD
+/// is missing, or only an older version is installed). That is "cannot read policies",
+/// never "no policies": mesh-control is not ready and serves nothing until it can read
+/// them, and if they become unreadable later it turns not ready and keeps the policies
+/// it has.
+#[tokio::test]
+async fn a_missing_policy_crd_version_makes_mesh_control_not_ready() {
+    let fake = Fake::default();
+    fake.set(
+        "namespaces",
+        vec![ns("shop", json!({"istio.io/dataplane-mode": "ambient"}))],
+    );
+    fake.set("pods", vec![pod("shop", "web-1", "10.10.1.5")]);
+    fake.set(
+        "authorizationpolicies",
+        vec![json!({"metadata": {"name": "deny-evil", "namespace": "shop"},
+                    "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["evil"]}}]}]}})],
+    );
+    fake.0
+        .lock()
+        .unwrap()
+        .missing
+        .push("authorizationpolicies".into());
+    let url = fake.serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = write_kubeconfig(dir.path(), &url);
+    let starting = mesh_control::server::bind(mesh_control::server::ServerConfig {
+        readiness_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..kube_mode(dir.path(), kubeconfig)
+    })
+    .await
+    .unwrap();
+    let (ready_addr, debug_addr) = (starting.readiness_addr.unwrap(), starting.debug_addr);
+    let serve = tokio::spawn(starting.serve());
+
+    let body = wait_ready(ready_addr, 503, "404", "while the CRD is missing").await;
+    assert!(
+        body.contains("AuthorizationPolicy: the API server does not serve security.istio.io/v1 AuthorizationPolicy (404)"),
+        "{body}"
+    );
+    let (ok, out) = meshctl_status(debug_addr).await;
+    assert!(!ok, "meshctl status succeeds while not ready: {out}");
+    assert!(
+        out.contains("NOT READY") && out.contains("AuthorizationPolicy"),
+        "{out}"
+    );
+    // Every other kind is listed: only the policies hold the configuration back (the
+    // source publishes within 100 ms of its last list).
+    let others = wait_ready(ready_addr, 503, "404", "every other kind listed").await;
+    let v: Value = serde_json::from_str(&others).unwrap();
+    let listed = |v: &Value| v["problems"].as_array().unwrap().len() == 2;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut v = v;
+    while !listed(&v) {
+        assert!(tokio::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        v = serde_json::from_str(&http_get(ready_addr, "/ready").await.1).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !serve.is_finished(),
+        "xDS is served although the policies cannot be read"
+    );
+
+    // The CRD version appears: ready, with the policy.
+    fake.0.lock().unwrap().missing.clear();
+    let running = tokio::time::timeout(Duration::from_secs(30), serve)
+        .await
+        .expect("served once the policies can be read")
+        .unwrap()
+        .unwrap();
+    let has_policy = |running: &mesh_control::server::Running| {
+        let g = running.shared.generation.borrow().clone();
+        g.objects
+            .authorization_policies
+            .contains_key(&("shop".to_string(), "deny-evil".to_string()))
+            && g.resources
+                .authorizations
+                .keys()
+                .any(|k| k.contains("deny-evil"))
+    };
+    assert!(has_policy(&running));
+    wait_ready(ready_addr, 200, "", "once the CRD is served").await;
+    let (ok, out) = meshctl_status(debug_addr).await;
+    assert!(ok && out.contains("READY"), "{out}");
+
+    // Unreadable again later: not ready, and the policy stays in force.
+    fake.0
+        .lock()
+        .unwrap()
+        .missing
+        .push("authorizationpolicies".into());
+    fake.expire("authorizationpolicies");
+    wait_ready(ready_addr, 503, "404", "after the CRD went away").await;
+    assert!(has_policy(&running), "the policy stays in force");
 }

@@ -38,22 +38,9 @@ pub fn load_or_create_local_ca(
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     std::fs::write(&cert_path, ca.cert_pem())
         .map_err(|e| format!("{}: {e}", cert_path.display()))?;
-    write_private(&key_path, &ca.key_pem())?;
+    mesh_identity::write_private(&key_path, ca.key_pem().as_bytes())
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
     Ok(ca)
-}
-
-fn write_private(path: &Path, data: &str) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    f.write_all(data.as_bytes())
-        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Watches the local config file and applies it whenever it changes.

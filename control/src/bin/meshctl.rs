@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Nodes, connected ztunnels/agents/waypoints, enrolled workloads.
+    /// Readiness (and why not), nodes, connected ztunnels/agents/waypoints, enrolled
+    /// workloads. Exits 1 when mesh-control is not ready.
     Status,
     /// What the control plane sent to a node's clients.
     Config {
@@ -143,7 +144,25 @@ fn waypoint_yaml(namespace: &str, name: &str, for_: &str) -> String {
     )
 }
 
-fn print_status(v: &serde_json::Value) {
+/// Prints the status; an error when mesh-control is not ready (after printing why).
+fn print_status(v: &serde_json::Value) -> Result<(), String> {
+    let problems: Vec<&str> = v["problems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str())
+        .collect();
+    if v["ready"].as_bool() == Some(true) {
+        println!("mesh-control: READY");
+    } else {
+        println!("mesh-control: NOT READY");
+        for p in &problems {
+            println!("  {p}");
+        }
+    }
+    if v.get("version").is_none() {
+        return Err("mesh-control is not ready (not serving yet)".into());
+    }
     println!("configuration version {}", v["version"]);
     println!("\nNODES");
     for n in v["nodes"].as_array().into_iter().flatten() {
@@ -209,11 +228,16 @@ fn print_status(v: &serde_json::Value) {
             println!("  {}", x.as_str().unwrap_or_default());
         }
     }
+    if v["ready"].as_bool() == Some(true) {
+        Ok(())
+    } else {
+        Err("mesh-control is not ready".into())
+    }
 }
 
 fn run(cli: Cli) -> Result<(), String> {
     match cli.cmd {
-        Cmd::Status => print_status(&get(&cli.control, "/debug/status")?),
+        Cmd::Status => print_status(&get(&cli.control, "/debug/status")?)?,
         Cmd::Config {
             cmd: ConfigCmd::Dump { node },
         } => {

@@ -1,5 +1,5 @@
-//! `cargo fuzz run manifest` (nightly): the manifest parser and the index must never
-//! panic on any file content.
+//! A manifest file (multi-document YAML) as mesh-control reads it, then indexed. Never
+//! panics.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
