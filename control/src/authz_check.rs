@@ -10,11 +10,11 @@
 use crate::generation::Generation;
 use crate::index::waypoint::{TrafficKind, resolve};
 use crate::index::waypoint_config as wc;
+use mesh_authz::normalize::{self, PathNormalization};
 use mesh_authz::{
     ConnectionInfo, Decision, HttpRequest, Policy, PolicyScope, evaluate_request,
     policy_matches_request,
 };
-use mesh_authz::normalize::{self, PathNormalization};
 use mesh_identity::SpiffeId;
 use mesh_proto::{security as pb_sec, workload as pb};
 use serde_json::{Value, json};

@@ -71,6 +71,8 @@ impl TestLab {
                 &self.lab.state.pods["front/client"].netns,
                 "curl",
                 "-s",
+                // The path exactly as written: the waypoint normalises it, not curl.
+                "--path-as-is",
                 "-o",
                 "/dev/null",
                 "-w",
@@ -321,6 +323,25 @@ fn at_the_waypoint_unreadable_policies_never_widen_access() {
             "{what}"
         );
         assert_eq!(t.check("back/api", "80", Some("/")), "ALLOW", "{what}");
+        // The same resource written otherwise: the waypoint normalises before policy,
+        // and meshctl normalises as it does, so both still deny (or refuse with 400).
+        for path in [
+            "/%61dmin/users",
+            "/x/../admin/users",
+            "/./admin/users",
+            "/%zz/admin",
+        ] {
+            let status = t.status(&format!("http://10.96.0.20{path}"));
+            assert!(
+                status == "403" || status == "400",
+                "{what}: {path} got {status}"
+            );
+            assert_eq!(
+                t.check("back/api", "80", Some(path)),
+                "DENY",
+                "{what}: {path}"
+            );
+        }
         t.hold_policy("adversarial", &waypoint_policy("  rules: [{}]\n"));
         t.eventually("allowed again", || t.status(admin) == "200");
     }

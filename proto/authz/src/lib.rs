@@ -19,8 +19,8 @@
 #![forbid(unsafe_code)]
 
 pub mod istio;
-pub mod normalize;
 pub mod k8s;
+pub mod normalize;
 pub mod typed;
 
 use mesh_identity::SpiffeId;
