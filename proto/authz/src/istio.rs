@@ -56,14 +56,17 @@ fn net_to(n: &IpNet) -> pb::Address {
     }
 }
 
-/// Converts each item; one that cannot be read becomes an unevaluable part of the match.
+/// Converts each item; one that cannot be read becomes an unevaluable part of the match,
+/// and so does the whole list: the items that were read cannot decide the field alone
+/// (`ipBlocks: [10.1.0.0/16, 10.2.0.0/33]` must not become a DENY of 10.1 only).
 pub(crate) fn each<T, U>(
     what: &str,
     items: &[T],
     f: impl Fn(&T) -> Result<U, String>,
     unevaluable: &mut Vec<String>,
 ) -> Vec<U> {
-    items
+    let before = unevaluable.len();
+    let read: Vec<U> = items
         .iter()
         .filter_map(|x| match f(x) {
             Ok(v) => Some(v),
@@ -72,7 +75,12 @@ pub(crate) fn each<T, U>(
                 None
             }
         })
-        .collect()
+        .collect();
+    if unevaluable.len() > before {
+        Vec::new()
+    } else {
+        read
+    }
 }
 
 fn match_from(m: &pb::Match) -> Match {

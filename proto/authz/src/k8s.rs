@@ -104,7 +104,27 @@ impl Reader {
     }
 
     /// A list of strings, each converted by `f` (an error is a problem at its index).
+    /// A list with an item that cannot be read is dropped whole: the items that could be
+    /// read must not decide the field alone (in a DENY, `paths: ["/admin*", <unreadable>]`
+    /// would otherwise stop denying whatever the unreadable item names).
     fn strings<T>(
+        &mut self,
+        o: &Map<String, Value>,
+        key: &str,
+        at: &str,
+        problems: &mut Vec<pb::Problem>,
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Vec<T> {
+        let before = problems.len();
+        let out = self.each_string(o, key, at, problems, f);
+        if problems.len() > before {
+            Vec::new()
+        } else {
+            out
+        }
+    }
+
+    fn each_string<T>(
         &mut self,
         o: &Map<String, Value>,
         key: &str,
@@ -354,37 +374,31 @@ fn target(
 ) -> Option<pb::PolicyTarget> {
     let o = r.object(t, at, &["group", "kind", "name", "namespace"], problems)?;
     let s = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or_default();
+    // A reference this mesh cannot follow is a problem of the whole policy (enforced
+    // fail closed, in its namespace when nothing else is left to target): ignoring it
+    // would leave a DENY enforced nowhere.
     if !s("namespace").is_empty() && s("namespace") != namespace {
-        // Not where this policy can apply: reported, and it applies to nothing there.
-        r.findings.push(Finding {
-            severity: Severity::Error,
-            field: format!("{at}.namespace"),
-            message:
-                "a policy can only target objects in its own namespace; this reference is ignored"
-                    .into(),
-        });
+        r.error(
+            problems,
+            &format!("{at}.namespace"),
+            "a policy can only target objects in its own namespace".into(),
+        );
         return None;
     }
     let kind = match (s("group"), s("kind")) {
         ("gateway.networking.k8s.io", "Gateway") => pb::TargetKind::Gateway,
         ("" | "core", "Service") => pb::TargetKind::Service,
         (g, k) => {
-            r.findings.push(Finding {
-                severity: Severity::Error,
-                field: at.to_string(),
-                message: format!(
-                    "{k:?} in group {g:?} cannot be targeted in this mesh (Gateway, Service); this reference is ignored"
-                ),
-            });
+            r.error(
+                problems,
+                at,
+                format!("{k:?} in group {g:?} cannot be targeted in this mesh (Gateway, Service)"),
+            );
             return None;
         }
     };
     if s("name").is_empty() {
-        r.findings.push(Finding {
-            severity: Severity::Error,
-            field: format!("{at}.name"),
-            message: "missing; this reference is ignored".into(),
-        });
+        r.error(problems, &format!("{at}.name"), "missing".into());
         return None;
     }
     Some(pb::PolicyTarget {

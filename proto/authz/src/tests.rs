@@ -504,3 +504,85 @@ fn host_patterns_match_the_normalised_host_however_they_are_written() {
     );
     assert!(!denied("web.shop.svc.cluster.local", 80), "another host");
 }
+
+/// A list with one item that cannot be read is unevaluable whole: the items that could be
+/// read must not decide alone, or a DENY stops denying what the unreadable item names.
+/// Checked on the model (waypoint, meshctl) and on what ztunnel receives.
+#[test]
+fn a_list_with_an_unreadable_item_never_narrows_a_deny() {
+    let h = http::HeaderMap::new();
+    let from = |ip: &str| ConnectionInfo {
+        src_ip: ip.parse().unwrap(),
+        ..conn(Some(A), 80)
+    };
+    let deny_ips = model(
+        json!({"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.1.0.0/16", "10.2.0.0/33"]}}]}]}),
+    );
+    let lowered = Policy::from_proto(&deny_ips.to_proto().expect("sent to ztunnel").0).0;
+    for p in [&deny_ips, &lowered] {
+        for ip in ["10.1.0.5", "10.2.0.5"] {
+            assert!(
+                !evaluate([p], &from(ip)).is_allowed(),
+                "{ip} must be denied"
+            );
+        }
+    }
+    // Paths: one item is no string at all.
+    let deny_paths = model(
+        json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin*", 42]}}]}]}),
+    );
+    for path in ["/admin", "/api/v1/secret"] {
+        let r = http("GET", path, &h);
+        assert!(
+            !evaluate_request([&deny_paths], &conn(Some(A), 80), Some(&r)).is_allowed(),
+            "{path} must be denied"
+        );
+    }
+    // In an ALLOW, the readable items allow nothing either.
+    let allow =
+        model(json!({"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/8", "bad"]}}]}]}));
+    assert!(!evaluate([&allow], &from("10.0.0.1")).is_allowed());
+}
+
+/// A reference this mesh cannot follow (another namespace, a kind it does not serve) is
+/// a problem of the whole policy: enforced fail closed, never ignored.
+#[test]
+fn a_target_that_cannot_be_followed_fails_the_policy_closed() {
+    for target in [
+        json!({"group": "networking.istio.io", "kind": "ServiceEntry", "name": "x"}),
+        json!({"group": "gateway.networking.k8s.io", "kind": "GatewayClass", "name": "istio-waypoint"}),
+        json!({"group": "", "kind": "Service", "name": "api", "namespace": "elsewhere"}),
+        json!({"group": "", "kind": "Service"}),
+    ] {
+        let (p, findings) = read(
+            json!({"action": "DENY", "targetRefs": [target], "rules": [{"from": [{"source": {"namespaces": ["attacker"]}}]}]}),
+        );
+        assert!(!p.problems.is_empty(), "{target}: a problem of the policy");
+        assert!(!findings.is_empty(), "{target}: reported");
+        let (m, _) = typed::policy(&p, PolicyScope::Namespace);
+        assert!(
+            !evaluate([&m], &conn(Some(A), 80)).is_allowed(),
+            "{target}: the DENY denies in its scope"
+        );
+    }
+}
+
+/// A header value that is not text (obs-text bytes) is still matched on what it says:
+/// `admin\xff` starts with `admin`, so a DENY on `admin*` applies.
+#[test]
+fn header_values_that_are_not_text_still_meet_their_policy() {
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        "x-role",
+        http::HeaderValue::from_bytes(b"admin\xff").unwrap(),
+    );
+    let deny = model(
+        json!({"action": "DENY", "rules": [{"when": [{"key": "request.headers[x-role]", "values": ["admin*"]}]}]}),
+    );
+    let r = http("GET", "/", &h);
+    assert!(!evaluate_request([&deny], &conn(Some(A), 80), Some(&r)).is_allowed());
+    let allow = model(
+        json!({"rules": [{"when": [{"key": "request.headers[x-role]", "notValues": ["admin*"]}]}]}),
+    );
+    assert!(!evaluate_request([&allow], &conn(Some(A), 80), Some(&r)).is_allowed());
+}
