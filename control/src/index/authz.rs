@@ -32,10 +32,11 @@ pub fn string_match(s: &str) -> pb::StringMatch {
     }
 }
 
-/// Whether ztunnel enforces the policy: it names no targetRefs, or (an invalid policy,
-/// enforced fail closed in both places) a selector as well.
+/// Whether ztunnel enforces the policy: it names no targetRefs; or (an invalid policy,
+/// enforced fail closed) a selector as well, or only targets this mesh cannot follow, so
+/// that no waypoint would enforce it.
 pub fn for_ztunnel(p: &AuthorizationPolicy) -> bool {
-    !p.targeted || !p.policy.selector.is_empty()
+    !p.targeted || !p.policy.selector.is_empty() || p.policy.targets.is_empty()
 }
 
 /// Its scope at ztunnel: a selector picks workloads (in its namespace, or in every
@@ -355,12 +356,37 @@ mod tests {
     fn waypoint_and_audit_policies_are_not_for_ztunnel() {
         for spec in [
             "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: wp}]",
-            // A reference this mesh cannot enforce at is still not ztunnel's.
-            "targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: se}]\n  rules: [{}]",
             "action: AUDIT\n  rules: [{}]",
         ] {
             let p = policy(&format!("{HEAD}spec:\n  {spec}\n"));
             assert!(convert(&p, &IndexConfig::default()).is_none(), "{spec}");
+        }
+    }
+
+    /// A policy whose only targets this mesh cannot follow would be enforced nowhere: it
+    /// goes to ztunnel for its namespace, fail closed (before, a DENY on a ServiceEntry
+    /// or a GatewayClass vanished).
+    #[test]
+    fn a_policy_with_only_targets_it_cannot_follow_is_enforced_fail_closed() {
+        for target in [
+            "{kind: ServiceEntry, group: networking.istio.io, name: se}",
+            "{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}",
+        ] {
+            let (a, w) = ztunnel(&format!(
+                "{HEAD}spec:\n  targetRefs: [{target}]\n  action: DENY\n  rules: [{{from: [{{source: {{namespaces: [evil]}}}}]}}]\n"
+            ));
+            assert!(!w.is_empty(), "{target}: reported");
+            assert_eq!(a.action, pb::Action::Deny as i32, "{target}");
+            assert_eq!(a.scope, pb::Scope::Namespace as i32, "{target}");
+            assert!(
+                a.rules.iter().any(|r| r.clauses.is_empty()),
+                "{target}: denies everything in its namespace"
+            );
+            let (a, _) = ztunnel(&format!(
+                "{HEAD}spec:\n  targetRefs: [{target}]\n  rules: [{{}}]\n"
+            ));
+            assert_eq!(a.action, pb::Action::Allow as i32);
+            assert!(a.rules.is_empty(), "{target}: an ALLOW that allows nothing");
         }
     }
 
