@@ -479,13 +479,16 @@ impl<'a> Facts<'a> {
         }
     }
 
+    /// The header's values joined with `,`. Bytes that are not text (HTTP allows
+    /// obs-text) are kept as far as they are UTF-8, each invalid byte standing in as
+    /// U+FFFD, so `admin\xff` still starts with `admin`: a value is never replaced whole.
     fn header(&self, name: &str) -> Option<String> {
         let h = self.http?;
-        let values: Vec<&str> = h
+        let values: Vec<std::borrow::Cow<'_, str>> = h
             .headers
             .get_all(name)
             .iter()
-            .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
             .collect();
         (!values.is_empty()).then(|| values.join(","))
     }
