@@ -65,8 +65,25 @@ impl mesh_xds::Handler for Apply {
                     let (policy, targets, errors) =
                         match waypoint::L7Policy::decode(any.value.as_slice()) {
                             Ok(p) => {
-                                let (policy, mut errors) = Policy::from_proto(&p);
+                                let (mut policy, mut errors) = Policy::from_proto(&p);
                                 let (targets, bad) = targets(&p);
+                                if let Some(bad) = &bad
+                                    && policy.policy.action == mesh_authz::Action::Allow
+                                {
+                                    // Now on every request through the waypoint: an ALLOW
+                                    // there must allow nothing, or it would widen access
+                                    // to Services it never named. (A DENY there denies
+                                    // more, which is fail closed as it is.)
+                                    let m = &policy.policy;
+                                    policy.policy = mesh_authz::Policy::fail_closed(
+                                        &m.namespace,
+                                        &m.name,
+                                        m.scope,
+                                        m.action,
+                                        m.dry_run,
+                                        bad.clone(),
+                                    );
+                                }
                                 errors.extend(bad);
                                 (policy, targets, errors)
                             }
@@ -199,6 +216,26 @@ mod tests {
         let (errors, cfg) = apply_policy(msg.encode_to_vec());
         assert_eq!(errors.len(), 1);
         assert!(denies_everything(&cfg), "no source identity: not allowed");
+        // Nor with the identity it names: on every Service now, it must allow nothing.
+        let evil: mesh_identity::SpiffeId =
+            "spiffe://cluster.local/ns/front/sa/evil".parse().unwrap();
+        let h = http::HeaderMap::new();
+        let (p, _) = &cfg.policies["shop/p"];
+        assert!(matches!(
+            crate::authz::evaluate(
+                [p],
+                &crate::authz::Request {
+                    source: Some(&evil),
+                    source_ip: [10, 0, 0, 1].into(),
+                    method: "GET",
+                    path: "/",
+                    host: "h",
+                    port: 80,
+                    headers: &h,
+                }
+            ),
+            crate::authz::Decision::Deny { .. }
+        ));
     }
 
     #[test]
