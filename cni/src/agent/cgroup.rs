@@ -10,7 +10,9 @@
 //!   (guaranteed pods: `/kubepods/pod<uid>/<container id>`).
 //!
 //! Paths may sit below other cgroups (a `--cgroup-root`, a node container, `/..` segments
-//! when read from inside a cgroup namespace); the innermost pod cgroup wins.
+//! when read from inside a cgroup namespace); the outermost pod cgroup wins, since a pod
+//! may create cgroups below its own and name them as it likes (a node that is itself a
+//! pod of another cluster sets `--cgroup-root` to its own cgroup).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
@@ -26,10 +28,11 @@ fn valid_uid(uid: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// The pod UID a cgroup path belongs to, if it is inside a kubelet pod cgroup.
+/// The pod UID a cgroup path belongs to, if it is inside a kubelet pod cgroup. The
+/// outermost pod cgroup decides: what lies below it the pod itself may create (a
+/// privileged or delegated pod can name a sub-cgroup after another pod's UID).
 pub fn pod_uid_of_path(path: &str) -> Option<String> {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let mut found = None;
     for (i, seg) in segs.iter().enumerate() {
         // cgroupfs: kubepods[/qos]/pod<uid>
         if *seg == "kubepods" {
@@ -40,7 +43,7 @@ pub fn pod_uid_of_path(path: &str) -> Option<String> {
             if let Some(uid) = segs.get(j).and_then(|s| s.strip_prefix("pod"))
                 && valid_uid(uid)
             {
-                found = Some(uid.to_string());
+                return Some(uid.to_string());
             }
         }
         // systemd: kubepods.slice[/kubepods-<qos>.slice]/kubepods[-<qos>]-pod<uid>.slice
@@ -66,11 +69,11 @@ pub fn pod_uid_of_path(path: &str) -> Option<String> {
             if parents_ok && valid_uid(uid) {
                 // systemd unit names cannot hold '-' inside a component: the kubelet
                 // writes the UID's dashes as underscores.
-                found = Some(uid.replace('_', "-"));
+                return Some(uid.replace('_', "-"));
             }
         }
     }
-    found
+    None
 }
 
 /// Whether `path` is `root` or below it (whole segments); an empty root or `/` is all.
@@ -309,10 +312,15 @@ mod tests {
                 "/../../kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podq_r.slice/cri-containerd-1.scope",
                 Some("q-r"),
             ),
-            // Nested: the innermost pod wins.
+            // Nested: the outermost pod wins; a pod cannot pass for another by naming
+            // a cgroup of its own after it.
             (
                 "/kubepods/besteffort/podouter/c/kubepods/besteffort/podinner/c",
-                Some("inner"),
+                Some("outer"),
+            ),
+            (
+                "/kubepods.slice/kubepods-podouter.slice/x/kubepods.slice/kubepods-podvictim.slice/c",
+                Some("outer"),
             ),
             // Not a pod.
             ("/", None),
