@@ -3,6 +3,7 @@
 # bounded time, starting from the corpus kept in the repository (fuzz/corpus/TARGET).
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]      default: $FUZZ_SECONDS (60) each, every target
+#   FUZZ_SEED=1 FUZZ_RUNS=500 scripts/fuzz.sh 30  the same inputs on every machine (CI)
 #   make fuzz FUZZ_SECONDS=600                  a longer run
 #   FUZZ_PROFILE=dev scripts/fuzz.sh 10         unoptimised: builds in about half the time,
 #                                               runs slower (the brief CI run, make fuzz-smoke)
@@ -39,6 +40,11 @@ start=$(date +%s)
 cargo fuzz build --fuzz-dir fuzz --sanitizer none "${profile[@]}"
 echo "fuzz: built ${#targets[@]} targets in $(($(date +%s) - start)) s"
 
+# FUZZ_SEED and FUZZ_RUNS (make fuzz-smoke): the same inputs on every machine.
+extra=()
+[[ -n ${FUZZ_SEED:-} ]] && extra+=("-seed=$FUZZ_SEED")
+[[ -n ${FUZZ_RUNS:-} ]] && extra+=("-runs=$FUZZ_RUNS")
+
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 for t in "${targets[@]}"; do
@@ -46,7 +52,7 @@ for t in "${targets[@]}"; do
   echo "fuzz: $t for ${seconds} s"
   # -rss_limit_mb: a parser that balloons on a small input is a finding too.
   if ! cargo fuzz run --fuzz-dir fuzz --sanitizer none "${profile[@]}" "$t" "$scratch/$t" "fuzz/corpus/$t" -- \
-    -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=16384 -print_final_stats=1 \
+    -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=16384 -print_final_stats=1 "${extra[@]}" \
     >"$scratch/$t.log" 2>&1; then
     tail -40 "$scratch/$t.log" >&2
     echo "fuzz: $t FAILED (the input is under fuzz/artifacts/$t/)" >&2
