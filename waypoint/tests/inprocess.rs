@@ -217,6 +217,7 @@ struct Setup {
     conns: Vec<Arc<AtomicUsize>>,
     metrics: Arc<waypoint::metrics::Metrics>,
     certs: Arc<CertManager>,
+    pool: Arc<waypoint::upstream_pool::UpstreamPool>,
 }
 
 /// Services: `api` (VIP t.100, endpoints v1 and v2), `api-v1`, `api-v2`, `mirror` (t.103),
@@ -274,6 +275,7 @@ async fn setup(t: u8) -> Setup {
     });
     let metrics = Arc::new(waypoint::metrics::Metrics::new());
     let wp = new_waypoint(&waypoint_id, &config, certs.clone(), &metrics);
+    let pool = wp.pool.clone();
     let waypoint_addr = SocketAddr::new(ip(t, 200), 15008);
     let creds = certs.get(&waypoint_id).await.unwrap();
     hbone_server(
@@ -292,6 +294,7 @@ async fn setup(t: u8) -> Setup {
         conns,
         metrics,
         certs,
+        pool,
     }
 }
 
@@ -423,14 +426,32 @@ async fn no_route_goes_to_the_service_and_matches_pick_backends() {
     }
 }
 
+/// Waits (10 s at most) until the pool holds `n` idle HTTP/1.1 connections.
+async fn wait_idle(pool: &waypoint::upstream_pool::UpstreamPool, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while pool.held().0 < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} idle connections never came back to the pool: {:?}",
+            pool.held()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_http_connections_are_reused() {
     let s = setup(8).await;
     let v1_conns = || s.conns[0].load(Ordering::SeqCst);
+    // A connection goes back to the pool once hyper has seen the end of the response,
+    // which may be just after the client has: each next request waits for that, so the
+    // counts below never depend on how fast the machine is.
+    let idle = |n: usize| wait_idle(&s.pool, n);
     // HTTP/1.1 upstream: sequential requests share one connection.
     for i in 0..50 {
         let (code, body, _) = s.get(ip(8, 101), &format!("/n{i}")).await;
         assert_eq!((code, body), (200, format!("v1 /n{i}")));
+        idle(1).await;
     }
     assert_eq!(s.hits[0].load(Ordering::SeqCst), 50);
     assert_eq!(
@@ -444,14 +465,17 @@ async fn upstream_http_connections_are_reused() {
     for _ in 0..5 {
         let (code, _, _) = s.get(ip(8, 101), "/after-close").await;
         assert_eq!(code, 200);
+        idle(1).await;
     }
     assert_eq!(v1_conns(), 2);
     // Concurrent requests open more connections, which then stay for reuse.
     let all = futures_util::future::join_all((0..8).map(|_| s.get(ip(8, 101), "/slowish"))).await;
     assert!(all.iter().all(|(c, _, _)| *c == 200));
     let after_burst = v1_conns();
+    idle(after_burst - 1).await;
     for _ in 0..20 {
         s.get(ip(8, 101), "/again").await;
+        idle(1).await;
     }
     assert_eq!(
         v1_conns(),
