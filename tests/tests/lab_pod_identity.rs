@@ -4,7 +4,7 @@
 //! lab's cgroups, even after a crash that lost the lab's state.
 
 use mesh_e2e::binary;
-use mesh_e2e::cluster::{capture_in, contains, wait_until};
+use mesh_e2e::cluster::{contains, wait_until};
 use mesh_e2e::net::unique;
 use mesh_e2e::testlab::TestLab;
 use mesh_lab::lab::Lab;
@@ -129,13 +129,7 @@ fn a_pod_that_takes_its_neighbours_ip_never_gets_its_identity() {
     wait_until("mallory refused", || {
         t.curl("front/mallory", "http://10.96.0.20/").is_err()
     });
-    let cap = capture_in(
-        &t.lab.fabric_ns(),
-        "br0",
-        &t.lab.dir,
-        "mallory",
-        "tcp and net 10.244.0.0/16",
-    );
+    let cap = t.capture("mallory");
     assert!(
         t.curl("front/mallory", "http://10.96.0.20/mallory-marker-8")
             .is_err()

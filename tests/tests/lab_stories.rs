@@ -1,113 +1,13 @@
 //! The user stories on a real lab cluster (nodes and pods as network namespaces, the
 //! reference CNI plugins, every mesh component running as a process).
 
-use mesh_e2e::cluster::{Capture, capture_in, contains, wait_until};
+use mesh_e2e::cluster::{Capture, contains, wait_until};
 use mesh_e2e::net::unique;
+use mesh_e2e::testlab::TestLab;
 use mesh_e2e::{binary, require_tool};
 use mesh_lab::lab::Lab;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
-
-struct TestLab {
-    lab: Lab,
-    _root: tempfile::TempDir,
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = self.lab.down();
-    }
-}
-
-impl TestLab {
-    fn up() -> TestLab {
-        require_tool("curl");
-        require_tool("tcpdump");
-        let root = tempfile::tempdir().unwrap();
-        let bins = binary("ztunnel").parent().unwrap().to_path_buf();
-        let mut lab = Lab::open_with_binaries(&unique("l"), root.path(), &bins).unwrap();
-        lab.up(2).unwrap();
-        TestLab { lab, _root: root }
-    }
-
-    fn apply(&mut self, yaml: &str) {
-        self.lab.apply(yaml, "test.yaml").unwrap();
-    }
-
-    fn log(&self, role: &str) -> String {
-        std::fs::read_to_string(self.lab.log_path(role).unwrap()).unwrap_or_default()
-    }
-
-    /// Every component's log, for failure messages.
-    fn all_logs(&self) -> String {
-        let mut out = String::new();
-        for p in &self.lab.state.procs {
-            out.push_str(&format!(
-                "\n----- {} -----\n{}",
-                p.role,
-                std::fs::read_to_string(&p.log).unwrap_or_default()
-            ));
-        }
-        out
-    }
-
-    fn wait_log(&self, role: &str, needle: &str) {
-        wait_until(&format!("{needle:?} in {role}'s log"), || {
-            self.log(role).contains(needle)
-        });
-    }
-
-    fn netns(&self, pod: &str) -> String {
-        format!("/var/run/netns/{}", self.lab.state.pods[pod].netns)
-    }
-
-    /// curl from inside a pod; `Err` when the request fails.
-    fn curl(&self, pod: &str, url: &str) -> Result<String, String> {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.lab.state.pods[pod].netns,
-                "curl",
-                "-s",
-                "--max-time",
-                "5",
-                url,
-            ])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!("curl exit {:?}", out.status.code()))
-        }
-    }
-
-    /// Raw TCP from inside a pod: send, half-close, read everything.
-    fn tcp(&self, pod: &str, to: &str, msg: &str) -> std::io::Result<String> {
-        let to: SocketAddr = to.parse().unwrap();
-        let ns = ztunnel::inpod::netns::Netns::open(&self.netns(pod))?;
-        let mut s = ns.run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))??;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(msg.as_bytes())?;
-        s.shutdown(std::net::Shutdown::Write)?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    }
-
-    /// Pod traffic only: the control plane's own TLS also crosses the fabric.
-    fn capture(&self, name: &str) -> Capture {
-        capture_in(
-            &self.lab.fabric_ns(),
-            "br0",
-            &self.lab.dir,
-            name,
-            "tcp and net 10.244.0.0/16",
-        )
-    }
-}
 
 /// (payload seen, every packet on 15008)
 fn finish(cap: Capture, marker: &str) -> (bool, bool) {
@@ -160,7 +60,7 @@ fn ambient(on: bool) -> String {
 
 #[test]
 fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
-    let mut t = TestLab::up();
+    let mut t = TestLab::up(2);
     t.apply(APP);
     wait_until("the app", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
@@ -240,7 +140,7 @@ fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
 
 #[test]
 fn policy_strict_and_component_failures() {
-    let mut t = TestLab::up();
+    let mut t = TestLab::up(2);
     t.apply(APP);
     t.apply(&ambient(true));
     // A pod outside the mesh, on node 2.
@@ -384,7 +284,7 @@ spec:
 
 #[test]
 fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
-    let mut t = TestLab::up();
+    let mut t = TestLab::up(2);
     t.apply(&APP.replace("labels: {app: api}}", "labels: {app: api, version: v1}}"));
     t.apply(&ambient(true));
     wait_until("mTLS", || {
@@ -401,11 +301,9 @@ fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
         assert!(a.contains("back/api-v2"), "/v2 goes to api-v2: {a}");
     }
     // The 90/10 split over 1000 requests: expect 100 on v2; binomial sd ≈ 9.5, allow ±4 sd.
-    let out = std::process::Command::new("ip")
+    let out = t
+        .in_pod("front/client")
         .args([
-            "netns",
-            "exec",
-            &t.lab.state.pods["front/client"].netns,
             "bash",
             "-c",
             "for i in $(seq 1000); do curl -s --max-time 5 http://10.96.0.20/; done",
@@ -421,11 +319,9 @@ fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
         "split 90/10 expected, got {v1}/{v2}"
     );
     // L7 deny, named in the answer and the log.
-    let denied = std::process::Command::new("ip")
+    let denied = t
+        .in_pod("front/client")
         .args([
-            "netns",
-            "exec",
-            &t.lab.state.pods["front/client"].netns,
             "curl",
             "-s",
             "-w",
@@ -441,18 +337,7 @@ fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
     );
     t.wait_log("pod:back/waypoint", "policy=back/no-admin");
     // Request metrics with reporter="waypoint".
-    let metrics = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &t.lab.state.pods["back/waypoint"].netns,
-            "curl",
-            "-s",
-            "http://127.0.0.1:15020/metrics",
-        ])
-        .output()
-        .unwrap();
-    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let metrics = t.waypoint_metrics("back/waypoint");
     assert!(
         metrics.contains("istio_requests_total{reporter=\"waypoint\",response_code=\"403\""),
         "{metrics}"
@@ -523,7 +408,7 @@ fn down_cleans_up_after_a_crash_even_without_state() {
 fn real_clients_through_the_mesh_iperf3_and_h2load() {
     require_tool("iperf3");
     require_tool("h2load");
-    let mut t = TestLab::up();
+    let mut t = TestLab::up(2);
     t.apply(APP);
     t.apply(&ambient(true));
     wait_until("mTLS", || {
@@ -532,18 +417,9 @@ fn real_clients_through_the_mesh_iperf3_and_h2load() {
                 .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
     });
     // h2load: HTTP/2 (h2c) through two ztunnels.
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &t.lab.state.pods["front/client"].netns,
-            "h2load",
-            "-n",
-            "200",
-            "-c",
-            "4",
-            "http://10.96.0.20/",
-        ])
+    let out = t
+        .in_pod("front/client")
+        .args(["h2load", "-n", "200", "-c", "4", "http://10.96.0.20/"])
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
@@ -552,18 +428,9 @@ fn real_clients_through_the_mesh_iperf3_and_h2load() {
     t.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: iperf, namespace: back, labels: {app: iperf}}\nspec:\n  nodeName: node-2\n  containers: [{name: iperf, command: [iperf3, -s, -p, \"5201\"]}]\n");
     let server_ip = t.lab.state.pods["back/iperf"].ip.clone();
     wait_until("iperf3 through the mesh", || {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &t.lab.state.pods["front/client"].netns,
-                "iperf3",
-                "-c",
-                &server_ip,
-                "-t",
-                "1",
-                "-J",
-            ])
+        let out = t
+            .in_pod("front/client")
+            .args(["iperf3", "-c", &server_ip, "-t", "1", "-J"])
             .output()
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -608,7 +475,7 @@ async fn grpc_echo(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_through_the_mesh_and_through_a_waypoint() {
-    let mut t = tokio::task::block_in_place(TestLab::up);
+    let mut t = tokio::task::block_in_place(|| TestLab::up(2));
     let app = APP
         .replace("labels: {app: api}}", "labels: {app: api, version: v1}}")
         .replace("{name: tcp-echo, containerPort: 9000}]", "{name: tcp-echo, containerPort: 9000}, {name: grpc, containerPort: 9090}]")
