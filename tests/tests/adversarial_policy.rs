@@ -6,6 +6,9 @@
 //! Policies are written straight into the control plane's manifest directory, as an API
 //! server that accepted them would hold them (mesh-lab's `apply` validates first).
 
+use mesh_e2e::manifests::{
+    BACK_AMBIENT, BACK_USES_WAYPOINT, FRONT_AMBIENT, FRONT_CLIENT, WAYPOINT_GATEWAY, back_api, join,
+};
 use mesh_e2e::testlab::TestLab;
 
 const CLIENT: &str = "spiffe://cluster.local/ns/front/sa/web";
@@ -35,40 +38,16 @@ fn check(t: &TestLab, to: &str, port: &str, path: Option<&str>) -> String {
         .to_string()
 }
 
-const APP: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: front, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: istio-system}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: back, labels: {app: api}}
-spec:
-  nodeName: node-2
-  serviceAccountName: api
-  containers: [{name: api, ports: [{name: http, containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: back}
-spec:
-  selector: {app: api}
-  clusterIP: 10.96.0.20
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: front, labels: {app: client}}
-spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: client}]}
-"#;
+/// Namespaces `front` and `back` in the mesh, back/api on 10.96.0.20, front/client.
+fn app() -> String {
+    join(&[
+        FRONT_AMBIENT,
+        BACK_AMBIENT,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n",
+        &back_api(),
+        FRONT_CLIENT,
+    ])
+}
 
 fn policy(ns: &str, spec: &str) -> String {
     format!(
@@ -86,7 +65,7 @@ const ALLOW_ALL: &str = "  selector: {matchLabels: {app: api}}\n  rules: [{}]\n"
 #[test]
 fn at_ztunnel_unreadable_or_l7_only_policies_never_widen_access() {
     let mut t = up();
-    t.apply(APP);
+    t.apply(&app());
     let url = "http://10.96.0.20/";
     t.eventually("mTLS to back/api", || status(&t, url) == "200");
     let cases = [
@@ -155,16 +134,10 @@ fn at_ztunnel_unreadable_or_l7_only_policies_never_widen_access() {
     );
 }
 
-const WAYPOINT: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: back}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
-"#;
+/// The waypoint for `back`.
+fn waypoint() -> String {
+    join(&[WAYPOINT_GATEWAY, BACK_USES_WAYPOINT])
+}
 
 fn waypoint_policy(spec: &str) -> String {
     policy(
@@ -182,8 +155,8 @@ fn waypoint_policy(spec: &str) -> String {
 #[test]
 fn at_the_waypoint_unreadable_policies_never_widen_access() {
     let mut t = up();
-    t.apply(APP);
-    t.apply(WAYPOINT);
+    t.apply(&app());
+    t.apply(&waypoint());
     let root = "http://10.96.0.20/";
     let admin = "http://10.96.0.20/admin/users";
     t.hold_manifest("adversarial", &waypoint_policy("  rules: [{}]\n"));

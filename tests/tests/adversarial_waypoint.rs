@@ -17,6 +17,9 @@ use hbone::{Authority, ConnectHandler, InboundConnect, Refusal, Responder};
 use http_body_util::Full;
 use mesh_discovery::State;
 use mesh_e2e::cluster::wait_until;
+use mesh_e2e::manifests::{
+    BACK_AMBIENT, BACK_USES_WAYPOINT, FRONT_AMBIENT, WAYPOINT_GATEWAY, back_api, http_app, join,
+};
 use mesh_e2e::testlab::TestLab;
 use mesh_identity::ca::CertificateAuthority;
 use mesh_identity::{SpiffeId, WorkloadCertificate, generate_csr};
@@ -908,20 +911,17 @@ impl hbone::Dialer for NetnsDialer {
     }
 }
 
-const LAB_APP: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: front, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
+/// Namespaces `front`, `attacker` and `back` in the mesh; back/api serving HTTP and
+/// TCP echo on 10.96.0.20; front/client and attacker/evil on node-1.
+fn lab_app() -> String {
+    join(&[
+        FRONT_AMBIENT,
+        "apiVersion: v1
 kind: Namespace
 metadata: {name: attacker, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
+",
+        BACK_AMBIENT,
+        r#"apiVersion: v1
 kind: Pod
 metadata: {name: api, namespace: back, labels: {app: api}}
 spec:
@@ -946,21 +946,17 @@ apiVersion: v1
 kind: Pod
 metadata: {name: evil, namespace: attacker}
 spec: {nodeName: node-1, serviceAccountName: evil, containers: [{name: evil}]}
-"#;
+"#,
+    ])
+}
 
 /// The waypoint for `back`, with three DENY policies on its Gateway: `/admin*` and host
 /// `admin.back...` on port 80, and everything from namespace `attacker`.
-const LAB_WAYPOINT: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: back}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
----
-apiVersion: security.istio.io/v1
+fn lab_waypoint() -> String {
+    join(&[
+        WAYPOINT_GATEWAY,
+        BACK_USES_WAYPOINT,
+        r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: no-admin, namespace: back}
 spec:
@@ -983,18 +979,20 @@ spec:
   targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
   action: DENY
   rules: [{from: [{source: {namespaces: [attacker]}}]}]
-"#;
+"#,
+    ])
+}
 
 #[test]
 fn lab_attacker_pods_cannot_get_past_the_waypoint() {
     let mut t = lab_up();
-    t.apply(LAB_APP);
+    t.apply(&lab_app());
     wait_until("mTLS", || {
         t.curl_response("front/client", &["http://10.96.0.20/"]).0 == 200
             && t.tcp("front/client", "10.96.0.20:9000", "x")
                 .is_ok_and(|s| s == "x")
     });
-    t.apply(LAB_WAYPOINT);
+    t.apply(&lab_waypoint());
     wait_until("the waypoint in the path", || {
         t.curl_response("front/client", &["http://10.96.0.20/admin"])
             .0
@@ -1101,66 +1099,31 @@ fn lab_attacker_pods_cannot_get_past_the_waypoint() {
     );
 }
 
-const LAB_RELAY: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
----
-apiVersion: v1
+/// back/api behind the waypoint for `back`; other/secret (in the mesh, no waypoint) on
+/// 10.96.0.30; outside/attacker, outside the mesh, on node-1.
+fn lab_relay() -> String {
+    join(&[
+        BACK_USES_WAYPOINT,
+        "apiVersion: v1
 kind: Namespace
 metadata: {name: other, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: outside}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: back, labels: {app: api}}
-spec:
-  nodeName: node-2
-  serviceAccountName: api
-  containers: [{name: api, ports: [{name: http, containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: back}
-spec:
-  selector: {app: api}
-  clusterIP: 10.96.0.20
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: secret, namespace: other, labels: {app: secret}}
-spec:
-  nodeName: node-2
-  serviceAccountName: secret
-  containers: [{name: secret, ports: [{name: http, containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: secret, namespace: other}
-spec:
-  selector: {app: secret}
-  clusterIP: 10.96.0.30
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
+",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: outside}\n",
+        &back_api(),
+        &http_app("other", "secret", "10.96.0.30"),
+        "apiVersion: v1
 kind: Pod
 metadata: {name: attacker, namespace: outside}
 spec: {nodeName: node-1, containers: [{name: attacker}]}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: back}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
-"#;
+",
+        WAYPOINT_GATEWAY,
+    ])
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_a_mesh_certificate_does_not_make_the_waypoint_a_relay() {
     let mut t = lab_up();
-    t.apply(LAB_RELAY);
+    t.apply(&lab_relay());
     // The attacker holds a valid mesh certificate (here: signed by the lab's CA, as
     // one stolen from any workload would be) and speaks HBONE to the waypoint's pod
     // directly, from a pod outside the mesh.

@@ -2,6 +2,7 @@
 //! reference CNI plugins, every mesh component running as a process).
 
 use mesh_e2e::cluster::{Capture, contains, wait_until};
+use mesh_e2e::manifests::{BACK_USES_WAYPOINT, FRONT_CLIENT, WAYPOINT_GATEWAY, join};
 use mesh_e2e::net::unique;
 use mesh_e2e::testlab::TestLab;
 use mesh_e2e::{binary, require_tool};
@@ -16,8 +17,11 @@ fn finish(cap: Capture, marker: &str) -> (bool, bool) {
     (contains(&bytes, marker), all_hbone)
 }
 
-const APP: &str = r#"
-apiVersion: v1
+/// Namespaces `front` and `back` (not in the mesh), back/api serving HTTP and TCP echo on
+/// 10.96.0.20, front/client.
+fn app() -> String {
+    join(&[
+        r#"apiVersion: v1
 kind: Namespace
 metadata: {name: front}
 ---
@@ -40,12 +44,10 @@ spec:
   selector: {app: api}
   clusterIP: 10.96.0.20
   ports: [{name: http, port: 80, targetPort: http}, {name: tcp-legacy, port: 9000, targetPort: 9000}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: front, labels: {app: client}}
-spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: client}]}
-"#;
+"#,
+        FRONT_CLIENT,
+    ])
+}
 
 fn ambient(on: bool) -> String {
     let l = if on {
@@ -61,7 +63,7 @@ fn ambient(on: bool) -> String {
 #[test]
 fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
     let mut t = TestLab::up(2);
-    t.apply(APP);
+    t.apply(&app());
     wait_until("the app", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
     });
@@ -141,7 +143,7 @@ fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
 #[test]
 fn policy_strict_and_component_failures() {
     let mut t = TestLab::up(2);
-    t.apply(APP);
+    t.apply(&app());
     t.apply(&ambient(true));
     // A pod outside the mesh, on node 2.
     t.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: outside}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: legacy-client, namespace: outside}\nspec: {nodeName: node-2, containers: [{name: c}]}\n");
@@ -235,8 +237,11 @@ fn policy_strict_and_component_failures() {
     assert_eq!(t.lab.process("pod:front/client").unwrap().pid, client_pid);
 }
 
-const WAYPOINT: &str = r#"
-apiVersion: v1
+/// back/api-v2 beside back/api (v1), a Service for each version, the waypoint for `back`,
+/// an HTTPRoute (/v2 to v2, the rest split 90/10) and a DENY of /admin* at the waypoint.
+fn waypoint() -> String {
+    join(&[
+        r#"apiVersion: v1
 kind: Pod
 metadata: {name: api-v2, namespace: back, labels: {app: api, version: v2}}
 spec:
@@ -253,17 +258,10 @@ apiVersion: v1
 kind: Service
 metadata: {name: api-v2, namespace: back}
 spec: {selector: {app: api, version: v2}, ports: [{name: http, port: 80, targetPort: http}]}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: back}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
----
-apiVersion: gateway.networking.k8s.io/v1
+"#,
+        WAYPOINT_GATEWAY,
+        BACK_USES_WAYPOINT,
+        r#"apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: api-split, namespace: back}
 spec:
@@ -280,17 +278,19 @@ spec:
   targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
   action: DENY
   rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
-"#;
+"#,
+    ])
+}
 
 #[test]
 fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
     let mut t = TestLab::up(2);
-    t.apply(&APP.replace("labels: {app: api}}", "labels: {app: api, version: v1}}"));
+    t.apply(&app().replace("labels: {app: api}}", "labels: {app: api, version: v1}}"));
     t.apply(&ambient(true));
     wait_until("mTLS", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
     });
-    t.apply(WAYPOINT);
+    t.apply(&waypoint());
     wait_until("the waypoint in the path", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
             && t.log("pod:back/waypoint").contains("backend=back/api-")
@@ -409,7 +409,7 @@ fn real_clients_through_the_mesh_iperf3_and_h2load() {
     require_tool("iperf3");
     require_tool("h2load");
     let mut t = TestLab::up(2);
-    t.apply(APP);
+    t.apply(&app());
     t.apply(&ambient(true));
     wait_until("mTLS", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
@@ -476,7 +476,7 @@ async fn grpc_echo(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_through_the_mesh_and_through_a_waypoint() {
     let mut t = tokio::task::block_in_place(|| TestLab::up(2));
-    let app = APP
+    let app = app()
         .replace("labels: {app: api}}", "labels: {app: api, version: v1}}")
         .replace("{name: tcp-echo, containerPort: 9000}]", "{name: tcp-echo, containerPort: 9000}, {name: grpc, containerPort: 9090}]")
         .replace("{name: tcp-legacy, port: 9000, targetPort: 9000}]", "{name: tcp-legacy, port: 9000, targetPort: 9000}, {name: grpc, port: 9090, targetPort: 9090}]");
@@ -505,7 +505,7 @@ async fn grpc_through_the_mesh_and_through_a_waypoint() {
         ("over-ztunnels", "back/api")
     );
     tokio::task::block_in_place(|| {
-        t.apply(WAYPOINT);
+        t.apply(&waypoint());
         wait_until("the waypoint in the path", || {
             t.log("pod:back/waypoint")
                 .contains("waypoint serving HBONE")
