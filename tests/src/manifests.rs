@@ -34,6 +34,17 @@ metadata: {name: client, namespace: front, labels: {app: client}}
 spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: client}]}
 ";
 
+/// Pod `back/api` on node-2 (service account `api`, labelled `app: api`) serving HTTP
+/// on 8080 and TCP echo on 9000; its Service is the test's own.
+pub const BACK_API_POD_WITH_TCP_ECHO: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: back, labels: {app: api}}
+spec:
+  nodeName: node-2
+  serviceAccountName: api
+  containers: [{name: api, ports: [{name: http, containerPort: 8080}, {name: tcp-echo, containerPort: 9000}]}]
+";
+
 /// Pod `ns/name` on node-2 (service account `name`, labelled `app: name`) serving HTTP
 /// on 8080, and its Service `ns/name` on `cluster_ip`, port 80.
 pub fn http_app(ns: &str, name: &str, cluster_ip: &str) -> String {

@@ -18,7 +18,8 @@ use http_body_util::Full;
 use mesh_discovery::State;
 use mesh_e2e::cluster::wait_until;
 use mesh_e2e::manifests::{
-    BACK_AMBIENT, BACK_USES_WAYPOINT, FRONT_AMBIENT, WAYPOINT_GATEWAY, back_api, http_app, join,
+    BACK_AMBIENT, BACK_API_POD_WITH_TCP_ECHO, BACK_USES_WAYPOINT, FRONT_AMBIENT, WAYPOINT_GATEWAY,
+    back_api, http_app, join,
 };
 use mesh_e2e::testlab::TestLab;
 use mesh_identity::ca::CertificateAuthority;
@@ -921,15 +922,8 @@ kind: Namespace
 metadata: {name: attacker, labels: {istio.io/dataplane-mode: ambient}}
 ",
         BACK_AMBIENT,
+        BACK_API_POD_WITH_TCP_ECHO,
         r#"apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: back, labels: {app: api}}
-spec:
-  nodeName: node-2
-  serviceAccountName: api
-  containers: [{name: api, ports: [{name: http, containerPort: 8080}, {name: tcp-echo, containerPort: 9000}]}]
----
-apiVersion: v1
 kind: Service
 metadata: {name: api, namespace: back}
 spec:

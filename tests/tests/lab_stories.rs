@@ -2,7 +2,9 @@
 //! reference CNI plugins, every mesh component running as a process).
 
 use mesh_e2e::cluster::{Capture, contains, wait_until};
-use mesh_e2e::manifests::{BACK_USES_WAYPOINT, FRONT_CLIENT, WAYPOINT_GATEWAY, join};
+use mesh_e2e::manifests::{
+    BACK_API_POD_WITH_TCP_ECHO, BACK_USES_WAYPOINT, FRONT_CLIENT, WAYPOINT_GATEWAY, join,
+};
 use mesh_e2e::net::unique;
 use mesh_e2e::testlab::TestLab;
 use mesh_e2e::{binary, require_tool};
@@ -28,16 +30,9 @@ metadata: {name: front}
 apiVersion: v1
 kind: Namespace
 metadata: {name: back}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: back, labels: {app: api}}
-spec:
-  nodeName: node-2
-  serviceAccountName: api
-  containers: [{name: api, ports: [{name: http, containerPort: 8080}, {name: tcp-echo, containerPort: 9000}]}]
----
-apiVersion: v1
+"#,
+        BACK_API_POD_WITH_TCP_ECHO,
+        r#"apiVersion: v1
 kind: Service
 metadata: {name: api, namespace: back}
 spec:
