@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod manifests;
 pub mod net;
 pub mod node;
 pub mod proc;

@@ -1,10 +1,13 @@
 //! A lab cluster for a test: up in a private state directory under a unique name, torn
-//! down (processes, namespaces, cgroups) when dropped, also when the test panics.
+//! down (processes, namespaces, cgroups) when dropped, also when the test panics; and
+//! the ways a test talks to it (from inside a pod, to a component's log, to meshctl).
 
-use crate::cluster::wait_until;
+use crate::cluster::{Capture, capture_in, wait_until};
 use crate::net::unique;
 use crate::{binary, require_tool};
 use mesh_lab::lab::Lab;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 pub struct TestLab {
     pub lab: Lab,
@@ -18,13 +21,19 @@ impl Drop for TestLab {
 }
 
 impl TestLab {
-    /// A lab of `nodes` nodes, with the workspace's binaries.
+    /// A lab of `nodes` nodes, with the workspace's binaries; curl and tcpdump required.
     pub fn up(nodes: usize) -> TestLab {
-        require_tool("curl");
-        require_tool("tcpdump");
+        TestLab::up_named("l", nodes, &["curl", "tcpdump"])
+    }
+
+    /// A lab of `nodes` nodes named after `tag` (made unique), requiring `tools` first.
+    pub fn up_named(tag: &str, nodes: usize, tools: &[&str]) -> TestLab {
+        for tool in tools {
+            require_tool(tool);
+        }
         let root = tempfile::tempdir().unwrap();
         let bins = binary("ztunnel").parent().unwrap().to_path_buf();
-        let mut lab = Lab::open_with_binaries(&unique("l"), root.path(), &bins).unwrap();
+        let mut lab = Lab::open_with_binaries(&unique(tag), root.path(), &bins).unwrap();
         lab.up(nodes).unwrap();
         TestLab { lab, _root: root }
     }
@@ -33,9 +42,32 @@ impl TestLab {
         self.lab.apply(yaml, "test.yaml").unwrap();
     }
 
+    /// A manifest the cluster holds under `file` (replaced when held again), written
+    /// straight into the control plane's manifest directory, unvalidated: as an API
+    /// server that accepted it would hold it (`apply` validates first).
+    pub fn hold_manifest(&self, file: &str, yaml: &str) {
+        let dir = self.lab.dir.join("manifests");
+        let tmp = dir.join(format!("{file}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, dir.join(format!("{file}.yaml"))).unwrap();
+    }
+
     /// A component's whole log (every run of it).
     pub fn log(&self, role: &str) -> String {
         std::fs::read_to_string(self.lab.log_path(role).unwrap()).unwrap_or_default()
+    }
+
+    /// Every component's log, for failure messages.
+    pub fn all_logs(&self) -> String {
+        let mut out = String::new();
+        for p in &self.lab.state.procs {
+            out.push_str(&format!(
+                "\n----- {} -----\n{}",
+                p.role,
+                std::fs::read_to_string(&p.log).unwrap_or_default()
+            ));
+        }
+        out
     }
 
     pub fn wait_log(&self, role: &str, needle: &str) {
@@ -44,19 +76,37 @@ impl TestLab {
         });
     }
 
+    /// Polls `f` every 200 ms for up to 30 s (the configuration travels control → data
+    /// plane); on timeout, panics with every component's log.
+    pub fn eventually(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("timed out waiting for {what}{}", self.all_logs());
+    }
+
+    /// A pod's network namespace, as a path.
+    pub fn netns(&self, pod: &str) -> String {
+        format!("/var/run/netns/{}", self.lab.state.pods[pod].netns)
+    }
+
+    /// A command to run inside a pod's network namespace: `ip netns exec <its netns>`,
+    /// to which the caller adds the program and its arguments.
+    pub fn in_pod(&self, pod: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.lab.state.pods[pod].netns]);
+        cmd
+    }
+
     /// curl from inside a pod; `Err` when the request fails.
     pub fn curl(&self, pod: &str, url: &str) -> Result<String, String> {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.lab.state.pods[pod].netns,
-                "curl",
-                "-s",
-                "--max-time",
-                "5",
-                url,
-            ])
+        let out = self
+            .in_pod(pod)
+            .args(["curl", "-s", "--max-time", "5", url])
             .output()
             .unwrap();
         if out.status.success() {
@@ -64,5 +114,98 @@ impl TestLab {
         } else {
             Err(format!("curl exit {:?}", out.status.code()))
         }
+    }
+
+    /// curl from inside a pod with `args`, the path exactly as written (the waypoint
+    /// normalises it, not curl); (status, headers and body), status 0 for no answer.
+    pub fn curl_response(&self, pod: &str, args: &[&str]) -> (u16, String) {
+        let out = self
+            .in_pod(pod)
+            .args(["curl", "-s", "-i", "--max-time", "5", "--path-as-is"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, text)
+    }
+
+    /// The HTTP status a request from inside a pod gets ("000": no answer at all), the
+    /// path exactly as written (the waypoint normalises it, not curl).
+    pub fn status(&self, pod: &str, url: &str) -> String {
+        let out = self
+            .in_pod(pod)
+            .args([
+                "curl",
+                "-s",
+                "--path-as-is",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+                url,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Raw TCP from inside a pod: send, half-close, read everything.
+    pub fn tcp(&self, pod: &str, to: &str, msg: &str) -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let to: std::net::SocketAddr = to.parse().unwrap();
+        let ns = ztunnel::inpod::netns::Netns::open(&self.netns(pod))?;
+        let mut s =
+            ns.run(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)))??;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(msg.as_bytes())?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    /// A waypoint pod's metrics (its port 15020), read from inside the pod.
+    pub fn waypoint_metrics(&self, pod: &str) -> String {
+        let out = self
+            .in_pod(pod)
+            .args(["curl", "-s", "http://127.0.0.1:15020/metrics"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `meshctl` against the control plane's debug API (on node 1); stdout then stderr.
+    pub fn meshctl(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.lab.node_ns(1)])
+            .arg(binary("meshctl"))
+            .args(["--control", "127.0.0.1:15014"])
+            .args(args)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// A capture of pod traffic only on the fabric's bridge (the control plane's own TLS
+    /// also crosses the fabric), written as `<name>.pcap` in the lab's directory.
+    pub fn capture(&self, name: &str) -> Capture {
+        capture_in(
+            &self.lab.fabric_ns(),
+            "br0",
+            &self.lab.dir,
+            name,
+            "tcp and net 10.244.0.0/16",
+        )
     }
 }

@@ -6,164 +6,48 @@
 //! Policies are written straight into the control plane's manifest directory, as an API
 //! server that accepted them would hold them (mesh-lab's `apply` validates first).
 
-use mesh_e2e::net::unique;
-use mesh_e2e::{binary, require_tool};
-use mesh_lab::lab::Lab;
-use std::time::{Duration, Instant};
-
-struct TestLab {
-    lab: Lab,
-    _root: tempfile::TempDir,
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = self.lab.down();
-    }
-}
+use mesh_e2e::manifests::{
+    BACK_AMBIENT, BACK_USES_WAYPOINT, FRONT_AMBIENT, FRONT_CLIENT, WAYPOINT_GATEWAY, back_api, join,
+};
+use mesh_e2e::testlab::TestLab;
 
 const CLIENT: &str = "spiffe://cluster.local/ns/front/sa/web";
 
-impl TestLab {
-    fn up() -> TestLab {
-        require_tool("curl");
-        let root = tempfile::tempdir().unwrap();
-        let bins = binary("ztunnel").parent().unwrap().to_path_buf();
-        let mut lab = Lab::open_with_binaries(&unique("ap"), root.path(), &bins).unwrap();
-        lab.up(2).unwrap();
-        TestLab { lab, _root: root }
-    }
-
-    fn apply(&mut self, yaml: &str) {
-        self.lab.apply(yaml, "test.yaml").unwrap();
-    }
-
-    /// The policy file the cluster holds (one per test case name), unvalidated.
-    fn hold_policy(&self, file: &str, yaml: &str) {
-        let dir = self.lab.dir.join("manifests");
-        let tmp = dir.join(format!("{file}.tmp"));
-        std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, dir.join(format!("{file}.yaml"))).unwrap();
-    }
-
-    fn log(&self, role: &str) -> String {
-        std::fs::read_to_string(self.lab.log_path(role).unwrap()).unwrap_or_default()
-    }
-
-    fn all_logs(&self) -> String {
-        let mut out = String::new();
-        for p in &self.lab.state.procs {
-            out.push_str(&format!(
-                "\n----- {} -----\n{}",
-                p.role,
-                std::fs::read_to_string(&p.log).unwrap_or_default()
-            ));
-        }
-        out
-    }
-
-    /// The HTTP status a request from front/client gets ("000": no answer at all).
-    fn status(&self, url: &str) -> String {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.lab.state.pods["front/client"].netns,
-                "curl",
-                "-s",
-                // The path exactly as written: the waypoint normalises it, not curl.
-                "--path-as-is",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "5",
-                url,
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `meshctl` against the control plane's debug API (on node 1).
-    fn meshctl(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.lab.node_ns(1)])
-            .arg(binary("meshctl"))
-            .args(["--control", "127.0.0.1:15014"])
-            .args(args)
-            .output()
-            .unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    }
-
-    /// meshctl's verdict, "ALLOW" or "DENY", for a pod (`--to`) or, with a path, for a
-    /// Service through its waypoint (`--service`).
-    fn check(&self, to: &str, port: &str, path: Option<&str>) -> String {
-        let flag = if path.is_some() { "--service" } else { "--to" };
-        let mut args = vec!["authz", "check", "--from", CLIENT, flag, to, "--port", port];
-        if let Some(p) = path {
-            args.extend(["--path", p]);
-        }
-        let out = self.meshctl(&args);
-        out.split_whitespace()
-            .find(|w| *w == "ALLOW" || *w == "DENY")
-            .unwrap_or_else(|| panic!("no verdict from meshctl: {out}"))
-            .to_string()
-    }
-
-    /// Polls until `f` holds (the configuration travels control → data plane).
-    fn eventually(&self, what: &str, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if f() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("timed out waiting for {what}{}", self.all_logs());
-    }
+/// A lab of two nodes for these tests.
+fn up() -> TestLab {
+    TestLab::up_named("ap", 2, &["curl"])
 }
 
-const APP: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: front, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: istio-system}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: back, labels: {app: api}}
-spec:
-  nodeName: node-2
-  serviceAccountName: api
-  containers: [{name: api, ports: [{name: http, containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: back}
-spec:
-  selector: {app: api}
-  clusterIP: 10.96.0.20
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: front, labels: {app: client}}
-spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: client}]}
-"#;
+/// The HTTP status a request from front/client gets ("000": no answer at all).
+fn status(t: &TestLab, url: &str) -> String {
+    t.status("front/client", url)
+}
+
+/// meshctl's verdict, "ALLOW" or "DENY", for a pod (`--to`) or, with a path, for a
+/// Service through its waypoint (`--service`).
+fn check(t: &TestLab, to: &str, port: &str, path: Option<&str>) -> String {
+    let flag = if path.is_some() { "--service" } else { "--to" };
+    let mut args = vec!["authz", "check", "--from", CLIENT, flag, to, "--port", port];
+    if let Some(p) = path {
+        args.extend(["--path", p]);
+    }
+    let out = t.meshctl(&args);
+    out.split_whitespace()
+        .find(|w| *w == "ALLOW" || *w == "DENY")
+        .unwrap_or_else(|| panic!("no verdict from meshctl: {out}"))
+        .to_string()
+}
+
+/// Namespaces `front` and `back` in the mesh, back/api on 10.96.0.20, front/client.
+fn app() -> String {
+    join(&[
+        FRONT_AMBIENT,
+        BACK_AMBIENT,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n",
+        &back_api(),
+        FRONT_CLIENT,
+    ])
+}
 
 fn policy(ns: &str, spec: &str) -> String {
     format!(
@@ -180,10 +64,10 @@ const ALLOW_ALL: &str = "  selector: {matchLabels: {app: api}}\n  rules: [{}]\n"
 /// only). meshctl must say DENY each time, and ALLOW in between.
 #[test]
 fn at_ztunnel_unreadable_or_l7_only_policies_never_widen_access() {
-    let mut t = TestLab::up();
-    t.apply(APP);
+    let mut t = up();
+    t.apply(&app());
     let url = "http://10.96.0.20/";
-    t.eventually("mTLS to back/api", || t.status(url) == "200");
+    t.eventually("mTLS to back/api", || status(&t, url) == "200");
     let cases = [
         (
             "an ALLOW with an unknown source field",
@@ -208,29 +92,29 @@ fn at_ztunnel_unreadable_or_l7_only_policies_never_widen_access() {
     ];
     for (what, ns, spec) in cases {
         // Back to allowed (the same policy file, replaced).
-        t.hold_policy("adversarial-istio-system", "");
-        t.hold_policy("adversarial", &policy("back", ALLOW_ALL));
+        t.hold_manifest("adversarial-istio-system", "");
+        t.hold_manifest("adversarial", &policy("back", ALLOW_ALL));
         t.eventually(&format!("allowed before {what}"), || {
-            t.status(url) == "200" && t.check("back/api", "8080", None) == "ALLOW"
+            status(&t, url) == "200" && check(&t, "back/api", "8080", None) == "ALLOW"
         });
         let file = if ns == "back" {
             "adversarial"
         } else {
             "adversarial-istio-system"
         };
-        t.hold_policy(file, &policy(ns, spec));
+        t.hold_manifest(file, &policy(ns, spec));
         t.eventually(&format!("{what} to deny the client"), || {
-            t.status(url) == "000"
+            status(&t, url) == "000"
         });
         assert_eq!(
-            t.check("back/api", "8080", None),
+            check(&t, "back/api", "8080", None),
             "DENY",
             "meshctl agrees with ztunnel on {what}"
         );
-        assert_eq!(t.status(url), "000", "{what}: still denied");
+        assert_eq!(status(&t, url), "000", "{what}: still denied");
     }
     // The unknown field and the unknown action are reported with their object and field.
-    t.hold_policy(
+    t.hold_manifest(
         "adversarial",
         &policy(
             "back",
@@ -250,16 +134,10 @@ fn at_ztunnel_unreadable_or_l7_only_policies_never_widen_access() {
     );
 }
 
-const WAYPOINT: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: back}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
-"#;
+/// The waypoint for `back`.
+fn waypoint() -> String {
+    join(&[WAYPOINT_GATEWAY, BACK_USES_WAYPOINT])
+}
 
 fn waypoint_policy(spec: &str) -> String {
     policy(
@@ -276,30 +154,30 @@ fn waypoint_policy(spec: &str) -> String {
 /// through. meshctl answers as the waypoint does.
 #[test]
 fn at_the_waypoint_unreadable_policies_never_widen_access() {
-    let mut t = TestLab::up();
-    t.apply(APP);
-    t.apply(WAYPOINT);
+    let mut t = up();
+    t.apply(&app());
+    t.apply(&waypoint());
     let root = "http://10.96.0.20/";
     let admin = "http://10.96.0.20/admin/users";
-    t.hold_policy("adversarial", &waypoint_policy("  rules: [{}]\n"));
+    t.hold_manifest("adversarial", &waypoint_policy("  rules: [{}]\n"));
     t.eventually("the waypoint in the path", || {
-        t.status(root) == "200" && t.log("pod:back/waypoint").contains("backend=back/api")
+        status(&t, root) == "200" && t.log("pod:back/waypoint").contains("backend=back/api")
     });
 
     // ALLOW with an invalid CIDR: nothing is allowed.
-    t.hold_policy(
+    t.hold_manifest(
         "adversarial",
         &waypoint_policy("  rules: [{from: [{source: {ipBlocks: [\"10.0.0.0/40\"]}}]}]\n"),
     );
     t.eventually("the unreadable ALLOW to allow nothing", || {
-        t.status(root) == "403"
+        status(&t, root) == "403"
     });
-    assert_eq!(t.check("back/api", "80", Some("/")), "DENY");
+    assert_eq!(check(&t, "back/api", "80", Some("/")), "DENY");
 
     // Back to allowed.
-    t.hold_policy("adversarial", &waypoint_policy("  rules: [{}]\n"));
-    t.eventually("allowed again", || t.status(admin) == "200");
-    assert_eq!(t.check("back/api", "80", Some("/admin/users")), "ALLOW");
+    t.hold_manifest("adversarial", &waypoint_policy("  rules: [{}]\n"));
+    t.eventually("allowed again", || status(&t, admin) == "200");
+    assert_eq!(check(&t, "back/api", "80", Some("/admin/users")), "ALLOW");
 
     // DENY /admin* from an unreadable source, and from an unknown source field: /admin
     // is denied to everyone, the rest still served.
@@ -307,22 +185,22 @@ fn at_the_waypoint_unreadable_policies_never_widen_access() {
         ("an invalid CIDR", "{ipBlocks: [\"10.0.0.0/40\"]}"),
         ("an unknown field", "{namespaces: [front], notAField: [x]}"),
     ] {
-        t.hold_policy(
+        t.hold_manifest(
             "adversarial",
             &waypoint_policy(&format!(
                 "  action: DENY\n  rules: [{{from: [{{source: {from}}}], to: [{{operation: {{paths: [\"/admin*\"]}}}}]}}]\n"
             )),
         );
         t.eventually(&format!("the DENY with {what} to deny /admin"), || {
-            t.status(admin) == "403"
+            status(&t, admin) == "403"
         });
-        assert_eq!(t.status(root), "200", "{what}: the rest is served");
+        assert_eq!(status(&t, root), "200", "{what}: the rest is served");
         assert_eq!(
-            t.check("back/api", "80", Some("/admin/users")),
+            check(&t, "back/api", "80", Some("/admin/users")),
             "DENY",
             "{what}"
         );
-        assert_eq!(t.check("back/api", "80", Some("/")), "ALLOW", "{what}");
+        assert_eq!(check(&t, "back/api", "80", Some("/")), "ALLOW", "{what}");
         // The same resource written otherwise: the waypoint normalises before policy,
         // and meshctl normalises as it does, so both still deny (or refuse with 400).
         for path in [
@@ -331,18 +209,18 @@ fn at_the_waypoint_unreadable_policies_never_widen_access() {
             "/./admin/users",
             "/%zz/admin",
         ] {
-            let status = t.status(&format!("http://10.96.0.20{path}"));
+            let status = status(&t, &format!("http://10.96.0.20{path}"));
             assert!(
                 status == "403" || status == "400",
                 "{what}: {path} got {status}"
             );
             assert_eq!(
-                t.check("back/api", "80", Some(path)),
+                check(&t, "back/api", "80", Some(path)),
                 "DENY",
                 "{what}: {path}"
             );
         }
-        t.hold_policy("adversarial", &waypoint_policy("  rules: [{}]\n"));
-        t.eventually("allowed again", || t.status(admin) == "200");
+        t.hold_manifest("adversarial", &waypoint_policy("  rules: [{}]\n"));
+        t.eventually("allowed again", || status(&t, admin) == "200");
     }
 }

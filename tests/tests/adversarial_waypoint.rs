@@ -16,6 +16,12 @@ use bytes::Bytes;
 use hbone::{Authority, ConnectHandler, InboundConnect, Refusal, Responder};
 use http_body_util::Full;
 use mesh_discovery::State;
+use mesh_e2e::cluster::wait_until;
+use mesh_e2e::manifests::{
+    BACK_AMBIENT, BACK_API_POD_WITH_TCP_ECHO, BACK_USES_WAYPOINT, FRONT_AMBIENT, WAYPOINT_GATEWAY,
+    back_api, http_app, join,
+};
+use mesh_e2e::testlab::TestLab;
 use mesh_identity::ca::CertificateAuthority;
 use mesh_identity::{SpiffeId, WorkloadCertificate, generate_csr};
 use mesh_proto::workload as pb;
@@ -879,137 +885,45 @@ async fn relays_to_services_and_pods_not_bound_to_the_waypoint_are_refused() {
 
 // ---- on the lab ----
 
-mod lab {
-    use super::*;
-    use mesh_e2e::cluster::wait_until;
-    use mesh_e2e::net::unique;
-    use mesh_e2e::{binary, require_tool};
-    use mesh_lab::lab::Lab;
+/// A lab of two nodes for these tests.
+fn lab_up() -> TestLab {
+    TestLab::up_named("adv", 2, &["curl"])
+}
 
-    pub struct TestLab {
-        pub lab: Lab,
-        _root: tempfile::TempDir,
-    }
+/// Dials from inside a pod's network namespace (an attacker pod outside the mesh,
+/// whose traffic no ztunnel captures).
+struct NetnsDialer(String);
 
-    impl Drop for TestLab {
-        fn drop(&mut self) {
-            let _ = self.lab.down();
-        }
-    }
-
-    impl TestLab {
-        pub fn up() -> TestLab {
-            require_tool("curl");
-            let root = tempfile::tempdir().unwrap();
-            let bins = binary("ztunnel").parent().unwrap().to_path_buf();
-            let mut lab = Lab::open_with_binaries(&unique("adv"), root.path(), &bins).unwrap();
-            lab.up(2).unwrap();
-            TestLab { lab, _root: root }
-        }
-
-        pub fn apply(&mut self, yaml: &str) {
-            self.lab.apply(yaml, "test.yaml").unwrap();
-        }
-
-        pub fn log(&self, role: &str) -> String {
-            std::fs::read_to_string(self.lab.log_path(role).unwrap()).unwrap_or_default()
-        }
-
-        pub fn netns(&self, pod: &str) -> String {
-            format!("/var/run/netns/{}", self.lab.state.pods[pod].netns)
-        }
-
-        /// curl from inside a pod with `args`; (status, headers and body).
-        pub fn curl(&self, pod: &str, args: &[&str]) -> (u16, String) {
-            let out = std::process::Command::new("ip")
-                .args(["netns", "exec", &self.lab.state.pods[pod].netns])
-                .args(["curl", "-s", "-i", "--max-time", "5", "--path-as-is"])
-                .args(args)
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            let status = text
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            (status, text)
-        }
-
-        /// Raw TCP from inside a pod: send, half-close, read everything.
-        pub fn tcp(&self, pod: &str, to: &str, msg: &str) -> std::io::Result<String> {
-            use std::io::{Read, Write};
-            let to: SocketAddr = to.parse().unwrap();
-            let ns = ztunnel::inpod::netns::Netns::open(&self.netns(pod))?;
-            let mut s =
-                ns.run(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)))??;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(msg.as_bytes())?;
-            s.shutdown(std::net::Shutdown::Write)?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        }
-
-        pub fn waypoint_metrics(&self, pod: &str) -> String {
-            let out = std::process::Command::new("ip")
-                .args(["netns", "exec", &self.lab.state.pods[pod].netns])
-                .args(["curl", "-s", "http://127.0.0.1:15020/metrics"])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        }
-    }
-
-    /// Dials from inside a pod's network namespace (an attacker pod outside the mesh,
-    /// whose traffic no ztunnel captures).
-    pub struct NetnsDialer(pub String);
-
-    impl hbone::Dialer for NetnsDialer {
-        async fn dial(
-            &self,
-            dst: SocketAddr,
-            _src: Option<IpAddr>,
-        ) -> std::io::Result<tokio::net::TcpStream> {
-            let path = self.0.clone();
-            let s = tokio::task::spawn_blocking(move || {
-                let ns = ztunnel::inpod::netns::Netns::open(&path)?;
-                ns.run(|| std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5)))?
-            })
-            .await
-            .map_err(std::io::Error::other)??;
-            s.set_nonblocking(true)?;
-            tokio::net::TcpStream::from_std(s)
-        }
-    }
-
-    pub fn wait(what: &str, f: impl FnMut() -> bool) {
-        wait_until(what, f)
+impl hbone::Dialer for NetnsDialer {
+    async fn dial(
+        &self,
+        dst: SocketAddr,
+        _src: Option<IpAddr>,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        let path = self.0.clone();
+        let s = tokio::task::spawn_blocking(move || {
+            let ns = ztunnel::inpod::netns::Netns::open(&path)?;
+            ns.run(|| std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5)))?
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        s.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(s)
     }
 }
 
-const LAB_APP: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: front, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
+/// Namespaces `front`, `attacker` and `back` in the mesh; back/api serving HTTP and
+/// TCP echo on 10.96.0.20; front/client and attacker/evil on node-1.
+fn lab_app() -> String {
+    join(&[
+        FRONT_AMBIENT,
+        "apiVersion: v1
 kind: Namespace
 metadata: {name: attacker, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: back, labels: {app: api}}
-spec:
-  nodeName: node-2
-  serviceAccountName: api
-  containers: [{name: api, ports: [{name: http, containerPort: 8080}, {name: tcp-echo, containerPort: 9000}]}]
----
-apiVersion: v1
+",
+        BACK_AMBIENT,
+        BACK_API_POD_WITH_TCP_ECHO,
+        r#"apiVersion: v1
 kind: Service
 metadata: {name: api, namespace: back}
 spec:
@@ -1026,21 +940,17 @@ apiVersion: v1
 kind: Pod
 metadata: {name: evil, namespace: attacker}
 spec: {nodeName: node-1, serviceAccountName: evil, containers: [{name: evil}]}
-"#;
+"#,
+    ])
+}
 
 /// The waypoint for `back`, with three DENY policies on its Gateway: `/admin*` and host
 /// `admin.back...` on port 80, and everything from namespace `attacker`.
-const LAB_WAYPOINT: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: back}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
----
-apiVersion: security.istio.io/v1
+fn lab_waypoint() -> String {
+    join(&[
+        WAYPOINT_GATEWAY,
+        BACK_USES_WAYPOINT,
+        r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: no-admin, namespace: back}
 spec:
@@ -1063,20 +973,24 @@ spec:
   targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
   action: DENY
   rules: [{from: [{source: {namespaces: [attacker]}}]}]
-"#;
+"#,
+    ])
+}
 
 #[test]
 fn lab_attacker_pods_cannot_get_past_the_waypoint() {
-    let mut t = lab::TestLab::up();
-    t.apply(LAB_APP);
-    lab::wait("mTLS", || {
-        t.curl("front/client", &["http://10.96.0.20/"]).0 == 200
+    let mut t = lab_up();
+    t.apply(&lab_app());
+    wait_until("mTLS", || {
+        t.curl_response("front/client", &["http://10.96.0.20/"]).0 == 200
             && t.tcp("front/client", "10.96.0.20:9000", "x")
                 .is_ok_and(|s| s == "x")
     });
-    t.apply(LAB_WAYPOINT);
-    lab::wait("the waypoint in the path", || {
-        t.curl("front/client", &["http://10.96.0.20/admin"]).0 == 403
+    t.apply(&lab_waypoint());
+    wait_until("the waypoint in the path", || {
+        t.curl_response("front/client", &["http://10.96.0.20/admin"])
+            .0
+            == 403
     });
     let url = |p: &str| format!("http://10.96.0.20{p}");
     // A denied path, written differently.
@@ -1090,12 +1004,12 @@ fn lab_attacker_pods_cannot_get_past_the_waypoint() {
         "/x/%2E%2E/admin",
         "/admin%2fusers",
     ] {
-        let (code, out) = t.curl("front/client", &[&url(path)]);
+        let (code, out) = t.curl_response("front/client", &[&url(path)]);
         assert!(code == 403 || code == 400, "{path}: {out}");
     }
-    let (code, out) = t.curl("front/client", &[&url("/adm%zzin")]);
+    let (code, out) = t.curl_response("front/client", &[&url("/adm%zzin")]);
     assert_eq!(code, 400, "{out}");
-    let (code, out) = t.curl("front/client", &[&url("/x/../public")]);
+    let (code, out) = t.curl_response("front/client", &[&url("/x/../public")]);
     assert!(
         code == 200 && out.contains(" /public from "),
         "the app sees the normalised path: {out}"
@@ -1106,10 +1020,11 @@ fn lab_attacker_pods_cannot_get_past_the_waypoint() {
         "admin.back.svc.cluster.local:80",
         "ADMIN.back.svc.cluster.local",
     ] {
-        let (code, out) = t.curl("front/client", &["-H", &format!("Host: {host}"), &url("/")]);
+        let (code, out) =
+            t.curl_response("front/client", &["-H", &format!("Host: {host}"), &url("/")]);
         assert_eq!(code, 403, "Host {host}: {out}");
     }
-    let (code, out) = t.curl(
+    let (code, out) = t.curl_response(
         "front/client",
         &[
             "--request-target",
@@ -1120,7 +1035,7 @@ fn lab_attacker_pods_cannot_get_past_the_waypoint() {
         ],
     );
     assert_eq!(code, 403, "{out}");
-    let (code, out) = t.curl(
+    let (code, out) = t.curl_response(
         "front/client",
         &[
             "--request-target",
@@ -1138,7 +1053,7 @@ fn lab_attacker_pods_cannot_get_past_the_waypoint() {
         "the app got the authority the policy saw: {out}"
     );
     // TCP and HTTP from the attacker's namespace, against the same Gateway DENY.
-    let (code, out) = t.curl("attacker/evil", &[&url("/")]);
+    let (code, out) = t.curl_response("attacker/evil", &[&url("/")]);
     assert!(
         code == 403 && out.contains("RBAC: access denied by back/no-attacker"),
         "{out}"
@@ -1156,7 +1071,7 @@ fn lab_attacker_pods_cannot_get_past_the_waypoint() {
         "front-marker",
         "TCP from front is allowed"
     );
-    lab::wait("the TCP denial in the waypoint's log", || {
+    wait_until("the TCP denial in the waypoint's log", || {
         let log = t.log("pod:back/waypoint");
         log.contains("connection denied by authorization policy")
             && log.contains("policy=back/no-attacker")
@@ -1178,66 +1093,31 @@ fn lab_attacker_pods_cannot_get_past_the_waypoint() {
     );
 }
 
-const LAB_RELAY: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
----
-apiVersion: v1
+/// back/api behind the waypoint for `back`; other/secret (in the mesh, no waypoint) on
+/// 10.96.0.30; outside/attacker, outside the mesh, on node-1.
+fn lab_relay() -> String {
+    join(&[
+        BACK_USES_WAYPOINT,
+        "apiVersion: v1
 kind: Namespace
 metadata: {name: other, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: outside}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: back, labels: {app: api}}
-spec:
-  nodeName: node-2
-  serviceAccountName: api
-  containers: [{name: api, ports: [{name: http, containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: back}
-spec:
-  selector: {app: api}
-  clusterIP: 10.96.0.20
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: secret, namespace: other, labels: {app: secret}}
-spec:
-  nodeName: node-2
-  serviceAccountName: secret
-  containers: [{name: secret, ports: [{name: http, containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: secret, namespace: other}
-spec:
-  selector: {app: secret}
-  clusterIP: 10.96.0.30
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
+",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: outside}\n",
+        &back_api(),
+        &http_app("other", "secret", "10.96.0.30"),
+        "apiVersion: v1
 kind: Pod
 metadata: {name: attacker, namespace: outside}
 spec: {nodeName: node-1, containers: [{name: attacker}]}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: back}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
-"#;
+",
+        WAYPOINT_GATEWAY,
+    ])
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_a_mesh_certificate_does_not_make_the_waypoint_a_relay() {
-    let mut t = lab::TestLab::up();
-    t.apply(LAB_RELAY);
+    let mut t = lab_up();
+    t.apply(&lab_relay());
     // The attacker holds a valid mesh certificate (here: signed by the lab's CA, as
     // one stolen from any workload would be) and speaks HBONE to the waypoint's pod
     // directly, from a pod outside the mesh.
@@ -1253,7 +1133,7 @@ async fn lab_a_mesh_certificate_does_not_make_the_waypoint_a_relay() {
     .unwrap();
     let evil = cert(&ca, "attacker", "evil");
     let client = hbone::Client::new(
-        lab::NetnsDialer(t.netns("outside/attacker")),
+        NetnsDialer(t.netns("outside/attacker")),
         hbone::ClientSettings::default(),
     );
     let waypoint_ip: IpAddr = t.lab.state.pods["back/waypoint"].ip.parse().unwrap();
@@ -1316,7 +1196,7 @@ async fn lab_a_mesh_certificate_does_not_make_the_waypoint_a_relay() {
             "{what} ({authority}) was relayed: {r:?}"
         );
     }
-    lab::wait("the refusals in the waypoint's log", || {
+    wait_until("the refusals in the waypoint's log", || {
         t.log("pod:back/waypoint")
             .matches("CONNECT refused: the target is not bound to this waypoint")
             .count()

@@ -4,47 +4,28 @@
 //! lab's cgroups, even after a crash that lost the lab's state.
 
 use mesh_e2e::binary;
-use mesh_e2e::cluster::{capture_in, contains, wait_until};
+use mesh_e2e::cluster::{contains, wait_until};
+use mesh_e2e::manifests::{BACK_AMBIENT, FRONT_AMBIENT, FRONT_CLIENT, back_api, join};
 use mesh_e2e::net::unique;
 use mesh_e2e::testlab::TestLab;
 use mesh_lab::lab::Lab;
 use std::time::Duration;
 
-const APP: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: front, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: back, labels: {app: api}}
-spec:
-  nodeName: node-2
-  serviceAccountName: api
-  containers: [{name: api, ports: [{name: http, containerPort: 8080}]}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: back}
-spec:
-  selector: {app: api}
-  clusterIP: 10.96.0.20
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: front, labels: {app: client}}
-spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: client}]}
----
-apiVersion: v1
+/// Namespaces `front` and `back` in the mesh, back/api on 10.96.0.20, and on node-1
+/// front/client and front/mallory.
+fn app() -> String {
+    join(&[
+        FRONT_AMBIENT,
+        BACK_AMBIENT,
+        &back_api(),
+        FRONT_CLIENT,
+        "apiVersion: v1
 kind: Pod
 metadata: {name: mallory, namespace: front}
 spec: {nodeName: node-1, serviceAccountName: mallory, containers: [{name: mallory}]}
-"#;
+",
+    ])
+}
 
 /// Story: a pod with NET_ADMIN takes its neighbour's IP; after a node agent restart it
 /// must not be handed its neighbour's identity. The agent finds each running pod's
@@ -54,7 +35,7 @@ spec: {nodeName: node-1, serviceAccountName: mallory, containers: [{name: mallor
 #[test]
 fn a_pod_that_takes_its_neighbours_ip_never_gets_its_identity() {
     let mut t = TestLab::up(2);
-    t.apply(APP);
+    t.apply(&app());
     wait_until("mTLS for both pods of node-1", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
             && t.curl("front/mallory", "http://10.96.0.20/").is_ok()
@@ -129,13 +110,7 @@ fn a_pod_that_takes_its_neighbours_ip_never_gets_its_identity() {
     wait_until("mallory refused", || {
         t.curl("front/mallory", "http://10.96.0.20/").is_err()
     });
-    let cap = capture_in(
-        &t.lab.fabric_ns(),
-        "br0",
-        &t.lab.dir,
-        "mallory",
-        "tcp and net 10.244.0.0/16",
-    );
+    let cap = t.capture("mallory");
     assert!(
         t.curl("front/mallory", "http://10.96.0.20/mallory-marker-8")
             .is_err()

@@ -1,113 +1,16 @@
 //! The user stories on a real lab cluster (nodes and pods as network namespaces, the
 //! reference CNI plugins, every mesh component running as a process).
 
-use mesh_e2e::cluster::{Capture, capture_in, contains, wait_until};
+use mesh_e2e::cluster::{Capture, contains, wait_until};
+use mesh_e2e::manifests::{
+    BACK_API_POD_WITH_TCP_ECHO, BACK_USES_WAYPOINT, FRONT_CLIENT, WAYPOINT_GATEWAY, join,
+};
 use mesh_e2e::net::unique;
+use mesh_e2e::testlab::TestLab;
 use mesh_e2e::{binary, require_tool};
 use mesh_lab::lab::Lab;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
-
-struct TestLab {
-    lab: Lab,
-    _root: tempfile::TempDir,
-}
-
-impl Drop for TestLab {
-    fn drop(&mut self) {
-        let _ = self.lab.down();
-    }
-}
-
-impl TestLab {
-    fn up() -> TestLab {
-        require_tool("curl");
-        require_tool("tcpdump");
-        let root = tempfile::tempdir().unwrap();
-        let bins = binary("ztunnel").parent().unwrap().to_path_buf();
-        let mut lab = Lab::open_with_binaries(&unique("l"), root.path(), &bins).unwrap();
-        lab.up(2).unwrap();
-        TestLab { lab, _root: root }
-    }
-
-    fn apply(&mut self, yaml: &str) {
-        self.lab.apply(yaml, "test.yaml").unwrap();
-    }
-
-    fn log(&self, role: &str) -> String {
-        std::fs::read_to_string(self.lab.log_path(role).unwrap()).unwrap_or_default()
-    }
-
-    /// Every component's log, for failure messages.
-    fn all_logs(&self) -> String {
-        let mut out = String::new();
-        for p in &self.lab.state.procs {
-            out.push_str(&format!(
-                "\n----- {} -----\n{}",
-                p.role,
-                std::fs::read_to_string(&p.log).unwrap_or_default()
-            ));
-        }
-        out
-    }
-
-    fn wait_log(&self, role: &str, needle: &str) {
-        wait_until(&format!("{needle:?} in {role}'s log"), || {
-            self.log(role).contains(needle)
-        });
-    }
-
-    fn netns(&self, pod: &str) -> String {
-        format!("/var/run/netns/{}", self.lab.state.pods[pod].netns)
-    }
-
-    /// curl from inside a pod; `Err` when the request fails.
-    fn curl(&self, pod: &str, url: &str) -> Result<String, String> {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.lab.state.pods[pod].netns,
-                "curl",
-                "-s",
-                "--max-time",
-                "5",
-                url,
-            ])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!("curl exit {:?}", out.status.code()))
-        }
-    }
-
-    /// Raw TCP from inside a pod: send, half-close, read everything.
-    fn tcp(&self, pod: &str, to: &str, msg: &str) -> std::io::Result<String> {
-        let to: SocketAddr = to.parse().unwrap();
-        let ns = ztunnel::inpod::netns::Netns::open(&self.netns(pod))?;
-        let mut s = ns.run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))??;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(msg.as_bytes())?;
-        s.shutdown(std::net::Shutdown::Write)?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    }
-
-    /// Pod traffic only: the control plane's own TLS also crosses the fabric.
-    fn capture(&self, name: &str) -> Capture {
-        capture_in(
-            &self.lab.fabric_ns(),
-            "br0",
-            &self.lab.dir,
-            name,
-            "tcp and net 10.244.0.0/16",
-        )
-    }
-}
 
 /// (payload seen, every packet on 15008)
 fn finish(cap: Capture, marker: &str) -> (bool, bool) {
@@ -116,36 +19,30 @@ fn finish(cap: Capture, marker: &str) -> (bool, bool) {
     (contains(&bytes, marker), all_hbone)
 }
 
-const APP: &str = r#"
-apiVersion: v1
+/// Namespaces `front` and `back` (not in the mesh), back/api serving HTTP and TCP echo on
+/// 10.96.0.20, front/client.
+fn app() -> String {
+    join(&[
+        r#"apiVersion: v1
 kind: Namespace
 metadata: {name: front}
 ---
 apiVersion: v1
 kind: Namespace
 metadata: {name: back}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: back, labels: {app: api}}
-spec:
-  nodeName: node-2
-  serviceAccountName: api
-  containers: [{name: api, ports: [{name: http, containerPort: 8080}, {name: tcp-echo, containerPort: 9000}]}]
----
-apiVersion: v1
+"#,
+        BACK_API_POD_WITH_TCP_ECHO,
+        r#"apiVersion: v1
 kind: Service
 metadata: {name: api, namespace: back}
 spec:
   selector: {app: api}
   clusterIP: 10.96.0.20
   ports: [{name: http, port: 80, targetPort: http}, {name: tcp-legacy, port: 9000, targetPort: 9000}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: front, labels: {app: client}}
-spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: client}]}
-"#;
+"#,
+        FRONT_CLIENT,
+    ])
+}
 
 fn ambient(on: bool) -> String {
     let l = if on {
@@ -160,8 +57,8 @@ fn ambient(on: bool) -> String {
 
 #[test]
 fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
-    let mut t = TestLab::up();
-    t.apply(APP);
+    let mut t = TestLab::up(2);
+    t.apply(&app());
     wait_until("the app", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
     });
@@ -240,8 +137,8 @@ fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
 
 #[test]
 fn policy_strict_and_component_failures() {
-    let mut t = TestLab::up();
-    t.apply(APP);
+    let mut t = TestLab::up(2);
+    t.apply(&app());
     t.apply(&ambient(true));
     // A pod outside the mesh, on node 2.
     t.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: outside}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: legacy-client, namespace: outside}\nspec: {nodeName: node-2, containers: [{name: c}]}\n");
@@ -335,8 +232,11 @@ fn policy_strict_and_component_failures() {
     assert_eq!(t.lab.process("pod:front/client").unwrap().pid, client_pid);
 }
 
-const WAYPOINT: &str = r#"
-apiVersion: v1
+/// back/api-v2 beside back/api (v1), a Service for each version, the waypoint for `back`,
+/// an HTTPRoute (/v2 to v2, the rest split 90/10) and a DENY of /admin* at the waypoint.
+fn waypoint() -> String {
+    join(&[
+        r#"apiVersion: v1
 kind: Pod
 metadata: {name: api-v2, namespace: back, labels: {app: api, version: v2}}
 spec:
@@ -353,17 +253,10 @@ apiVersion: v1
 kind: Service
 metadata: {name: api-v2, namespace: back}
 spec: {selector: {app: api, version: v2}, ports: [{name: http, port: 80, targetPort: http}]}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: waypoint, namespace: back}
-spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: back, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}
----
-apiVersion: gateway.networking.k8s.io/v1
+"#,
+        WAYPOINT_GATEWAY,
+        BACK_USES_WAYPOINT,
+        r#"apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: api-split, namespace: back}
 spec:
@@ -380,17 +273,19 @@ spec:
   targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
   action: DENY
   rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
-"#;
+"#,
+    ])
+}
 
 #[test]
 fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
-    let mut t = TestLab::up();
-    t.apply(&APP.replace("labels: {app: api}}", "labels: {app: api, version: v1}}"));
+    let mut t = TestLab::up(2);
+    t.apply(&app().replace("labels: {app: api}}", "labels: {app: api, version: v1}}"));
     t.apply(&ambient(true));
     wait_until("mTLS", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
     });
-    t.apply(WAYPOINT);
+    t.apply(&waypoint());
     wait_until("the waypoint in the path", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
             && t.log("pod:back/waypoint").contains("backend=back/api-")
@@ -401,11 +296,9 @@ fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
         assert!(a.contains("back/api-v2"), "/v2 goes to api-v2: {a}");
     }
     // The 90/10 split over 1000 requests: expect 100 on v2; binomial sd ≈ 9.5, allow ±4 sd.
-    let out = std::process::Command::new("ip")
+    let out = t
+        .in_pod("front/client")
         .args([
-            "netns",
-            "exec",
-            &t.lab.state.pods["front/client"].netns,
             "bash",
             "-c",
             "for i in $(seq 1000); do curl -s --max-time 5 http://10.96.0.20/; done",
@@ -421,11 +314,9 @@ fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
         "split 90/10 expected, got {v1}/{v2}"
     );
     // L7 deny, named in the answer and the log.
-    let denied = std::process::Command::new("ip")
+    let denied = t
+        .in_pod("front/client")
         .args([
-            "netns",
-            "exec",
-            &t.lab.state.pods["front/client"].netns,
             "curl",
             "-s",
             "-w",
@@ -441,18 +332,7 @@ fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
     );
     t.wait_log("pod:back/waypoint", "policy=back/no-admin");
     // Request metrics with reporter="waypoint".
-    let metrics = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &t.lab.state.pods["back/waypoint"].netns,
-            "curl",
-            "-s",
-            "http://127.0.0.1:15020/metrics",
-        ])
-        .output()
-        .unwrap();
-    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let metrics = t.waypoint_metrics("back/waypoint");
     assert!(
         metrics.contains("istio_requests_total{reporter=\"waypoint\",response_code=\"403\""),
         "{metrics}"
@@ -523,8 +403,8 @@ fn down_cleans_up_after_a_crash_even_without_state() {
 fn real_clients_through_the_mesh_iperf3_and_h2load() {
     require_tool("iperf3");
     require_tool("h2load");
-    let mut t = TestLab::up();
-    t.apply(APP);
+    let mut t = TestLab::up(2);
+    t.apply(&app());
     t.apply(&ambient(true));
     wait_until("mTLS", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
@@ -532,18 +412,9 @@ fn real_clients_through_the_mesh_iperf3_and_h2load() {
                 .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
     });
     // h2load: HTTP/2 (h2c) through two ztunnels.
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &t.lab.state.pods["front/client"].netns,
-            "h2load",
-            "-n",
-            "200",
-            "-c",
-            "4",
-            "http://10.96.0.20/",
-        ])
+    let out = t
+        .in_pod("front/client")
+        .args(["h2load", "-n", "200", "-c", "4", "http://10.96.0.20/"])
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
@@ -552,18 +423,9 @@ fn real_clients_through_the_mesh_iperf3_and_h2load() {
     t.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: iperf, namespace: back, labels: {app: iperf}}\nspec:\n  nodeName: node-2\n  containers: [{name: iperf, command: [iperf3, -s, -p, \"5201\"]}]\n");
     let server_ip = t.lab.state.pods["back/iperf"].ip.clone();
     wait_until("iperf3 through the mesh", || {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &t.lab.state.pods["front/client"].netns,
-                "iperf3",
-                "-c",
-                &server_ip,
-                "-t",
-                "1",
-                "-J",
-            ])
+        let out = t
+            .in_pod("front/client")
+            .args(["iperf3", "-c", &server_ip, "-t", "1", "-J"])
             .output()
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -608,8 +470,8 @@ async fn grpc_echo(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_through_the_mesh_and_through_a_waypoint() {
-    let mut t = tokio::task::block_in_place(TestLab::up);
-    let app = APP
+    let mut t = tokio::task::block_in_place(|| TestLab::up(2));
+    let app = app()
         .replace("labels: {app: api}}", "labels: {app: api, version: v1}}")
         .replace("{name: tcp-echo, containerPort: 9000}]", "{name: tcp-echo, containerPort: 9000}, {name: grpc, containerPort: 9090}]")
         .replace("{name: tcp-legacy, port: 9000, targetPort: 9000}]", "{name: tcp-legacy, port: 9000, targetPort: 9000}, {name: grpc, port: 9090, targetPort: 9090}]");
@@ -638,7 +500,7 @@ async fn grpc_through_the_mesh_and_through_a_waypoint() {
         ("over-ztunnels", "back/api")
     );
     tokio::task::block_in_place(|| {
-        t.apply(WAYPOINT);
+        t.apply(&waypoint());
         wait_until("the waypoint in the path", || {
             t.log("pod:back/waypoint")
                 .contains("waypoint serving HBONE")
