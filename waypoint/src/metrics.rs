@@ -1,5 +1,6 @@
 //! Request and TCP connection metrics with Istio's names and `reporter="waypoint"`.
 
+use mesh_discovery::telemetry::{TcpLabels, or_unknown};
 use mesh_discovery::{Service, Workload};
 use mesh_identity::SpiffeId;
 use mesh_proto::workload::AppProtocol;
@@ -62,71 +63,44 @@ impl RequestLabels {
     }
 }
 
-fn or_unknown(s: Option<&str>) -> String {
-    match s {
-        Some(v) if !v.is_empty() => v.to_string(),
-        _ => "unknown".to_string(),
+/// Istio's TCP labels (`mesh_discovery::telemetry`), `reporter="waypoint"`.
+pub fn tcp_labels(
+    source: &SpiffeId,
+    source_wl: Option<&Workload>,
+    svc: Option<&Service>,
+) -> TcpLabels {
+    let w = |f: fn(&Workload) -> &str| or_unknown(source_wl.map(f));
+    TcpLabels {
+        reporter: "waypoint",
+        source_workload: w(|w| w.telemetry_name()),
+        source_canonical_service: w(|w| &w.canonical_name),
+        source_canonical_revision: w(|w| &w.canonical_revision),
+        source_workload_namespace: source.namespace().to_string(),
+        source_principal: source.to_string(),
+        source_cluster: w(|w| &w.cluster_id),
+        destination_service: or_unknown(svc.map(|s| s.hostname.as_str())),
+        destination_service_namespace: or_unknown(svc.map(|s| s.namespace.as_str())),
+        destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
+        destination_workload: "unknown".into(),
+        destination_canonical_service: "unknown".into(),
+        destination_canonical_revision: "unknown".into(),
+        destination_workload_namespace: "unknown".into(),
+        destination_principal: "unknown".into(),
+        destination_cluster: "unknown".into(),
+        request_protocol: "tcp",
+        response_flags: "-",
+        connection_security_policy: "mutual_tls",
     }
 }
 
-/// Istio's TCP labels (as ztunnel reports them), `reporter="waypoint"`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    reporter: &'static str,
-    source_workload: String,
-    source_canonical_service: String,
-    source_canonical_revision: String,
-    source_workload_namespace: String,
-    source_principal: String,
-    source_cluster: String,
-    destination_service: String,
-    destination_service_namespace: String,
-    destination_service_name: String,
-    destination_workload: String,
-    destination_canonical_service: String,
-    destination_canonical_revision: String,
-    destination_workload_namespace: String,
-    destination_principal: String,
-    destination_cluster: String,
-    request_protocol: &'static str,
-    response_flags: &'static str,
-    connection_security_policy: &'static str,
-}
-
-impl TcpLabels {
-    pub fn new(source: &SpiffeId, source_wl: Option<&Workload>, svc: Option<&Service>) -> Self {
-        let w = |f: fn(&Workload) -> &str| or_unknown(source_wl.map(f));
-        TcpLabels {
-            reporter: "waypoint",
-            source_workload: w(|w| w.telemetry_name()),
-            source_canonical_service: w(|w| &w.canonical_name),
-            source_canonical_revision: w(|w| &w.canonical_revision),
-            source_workload_namespace: source.namespace().to_string(),
-            source_principal: source.to_string(),
-            source_cluster: w(|w| &w.cluster_id),
-            destination_service: or_unknown(svc.map(|s| s.hostname.as_str())),
-            destination_service_namespace: or_unknown(svc.map(|s| s.namespace.as_str())),
-            destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
-            destination_workload: "unknown".into(),
-            destination_canonical_service: "unknown".into(),
-            destination_canonical_revision: "unknown".into(),
-            destination_workload_namespace: "unknown".into(),
-            destination_principal: "unknown".into(),
-            destination_cluster: "unknown".into(),
-            request_protocol: "tcp",
-            response_flags: "-",
-            connection_security_policy: "mutual_tls",
-        }
-    }
-
-    pub fn set_destination(&mut self, w: &Workload) {
-        self.destination_workload = or_unknown(Some(w.telemetry_name()));
-        self.destination_canonical_service = or_unknown(Some(&w.canonical_name));
-        self.destination_canonical_revision = or_unknown(Some(&w.canonical_revision));
-        self.destination_workload_namespace = or_unknown(Some(&w.namespace));
-        self.destination_principal = w.identity.to_string();
-        self.destination_cluster = or_unknown(Some(&w.cluster_id));
-    }
+/// The endpoint a TCP connection went to.
+pub fn set_tcp_destination(l: &mut TcpLabels, w: &Workload) {
+    l.destination_workload = or_unknown(Some(w.telemetry_name()));
+    l.destination_canonical_service = or_unknown(Some(&w.canonical_name));
+    l.destination_canonical_revision = or_unknown(Some(&w.canonical_revision));
+    l.destination_workload_namespace = or_unknown(Some(&w.namespace));
+    l.destination_principal = w.identity.to_string();
+    l.destination_cluster = or_unknown(Some(&w.cluster_id));
 }
 
 /// One TCP connection through the waypoint: counted as opened when created, as closed

@@ -5,7 +5,7 @@
 
 use crate::authz::{self, Decision, Policy};
 use crate::binding::{self, Bound, Dest, Me};
-use crate::metrics::{Metrics, RequestLabels, TcpConnection, TcpLabels};
+use crate::metrics::{Metrics, RequestLabels, TcpConnection, set_tcp_destination, tcp_labels};
 use crate::normalize::{self, PathNormalization};
 use crate::route::{self, RequestInfo, Route};
 use crate::upstream_pool::{EndpointKey, UpstreamPool};
@@ -883,7 +883,7 @@ impl Waypoint {
         let start = Instant::now();
         let mut rec = TcpConnection::open(
             self.metrics.clone(),
-            TcpLabels::new(
+            tcp_labels(
                 &conn.source,
                 conn.source_workload.as_deref(),
                 conn.service().map(|s| s.as_ref()),
@@ -930,7 +930,7 @@ impl Waypoint {
                 respond,
             );
         };
-        rec.labels.set_destination(&ep);
+        set_tcp_destination(&mut rec.labels, &ep);
         let upstream = match self.tunnel_to(&ep, port).await {
             Ok(t) => t,
             Err(e) => {

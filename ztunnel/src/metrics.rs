@@ -40,28 +40,8 @@ impl Direction {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    reporter: &'static str,
-    source_workload: String,
-    source_canonical_service: String,
-    source_canonical_revision: String,
-    source_workload_namespace: String,
-    source_principal: String,
-    source_cluster: String,
-    destination_service: String,
-    destination_service_namespace: String,
-    destination_service_name: String,
-    destination_workload: String,
-    destination_canonical_service: String,
-    destination_canonical_revision: String,
-    destination_workload_namespace: String,
-    destination_principal: String,
-    destination_cluster: String,
-    request_protocol: &'static str,
-    response_flags: &'static str,
-    connection_security_policy: &'static str,
-}
+pub use mesh_discovery::telemetry::TcpLabels;
+use mesh_discovery::telemetry::or_unknown;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReporterLabel {
@@ -244,13 +224,6 @@ pub struct ConnReport {
     pub mtls: bool,
     pub trace_id: String,
     pub started: Instant,
-}
-
-fn or_unknown(s: Option<&str>) -> String {
-    match s {
-        Some(v) if !v.is_empty() => v.to_string(),
-        _ => "unknown".to_string(),
-    }
 }
 
 impl ConnReport {

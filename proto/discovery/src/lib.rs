@@ -2,6 +2,7 @@
 //! indexed for the data path (by IP, by VIP, by service) and updated from xDS or a file.
 #![forbid(unsafe_code)]
 
+pub mod telemetry;
 pub mod types;
 
 pub use mesh_authz::{Action, IpNet, Match, Policy, PolicyScope, StringMatch};
