@@ -74,7 +74,7 @@ fn parse_normalization(s: &str) -> Result<PathNormalization, String> {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    waypoint::route::parse_gateway_duration(s)
+    waypoint::route::parse_duration(s)
         .ok_or_else(|| format!("{s:?} is not a duration (e.g. 5s, 500ms, 1m)"))
 }
 

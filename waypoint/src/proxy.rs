@@ -431,41 +431,36 @@ impl Waypoint {
         // 2. Route: the first matching rule by precedence; no route → the service itself.
         let (backend_svc, backend_port, rule) = {
             let cfg = self.config.read().expect("config lock");
-            let attached: Vec<Route> = cfg
-                .routes
-                .values()
-                .filter(|r| r.attaches_to(&svc.namespace, &svc.name, conn.target.port))
-                .cloned()
-                .collect();
             let info = RequestInfo {
                 method,
                 path,
                 query: req.uri().query(),
                 headers: req.headers(),
             };
-            match route::select(&attached, &info) {
-                Some((r, rule)) => {
-                    let total = route::total_weight(rule);
-                    let redirects = rule.filters.iter().any(|f| f.request_redirect.is_some());
-                    if total == 0 && redirects {
-                        // Answered by the redirect below; no backend is needed.
-                        (svc.clone(), conn.target.port, Some(rule.clone()))
-                    } else if total == 0 {
+            let attached = cfg
+                .routes
+                .values()
+                .filter(|r| r.attaches_to(&svc.namespace, &svc.name, conn.target.port));
+            match route::select(attached, &info) {
+                Some((r, rule)) => match route::decide(r, rule, |total| {
+                    rand::random_range(0..total)
+                }) {
+                    route::Decision::Fail(why) => {
+                        tracing::warn!(route = %format!("{}/{}", r.namespace, r.name), %why,
+                            "request failed: its route rule cannot be applied as written");
                         return (
-                            local(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                format!("route {}/{} has no backend\n", r.namespace, r.name),
-                            ),
+                            local(StatusCode::INTERNAL_SERVER_ERROR, format!("{why}\n")),
                             "-".into(),
                         );
-                    } else {
-                        let b = route::pick_backend(rule, rand::random_range(0..total))
-                            .expect("weight > 0");
-                        let ns = b.namespace.clone().unwrap_or_else(|| r.namespace.clone());
+                    }
+                    route::Decision::Redirect => {
+                        (svc.clone(), conn.target.port, Some(rule.clone()))
+                    }
+                    route::Decision::Backend(b) => {
                         let found = cfg
                             .discovery
                             .services()
-                            .find(|s| s.namespace == ns && s.name == b.name)
+                            .find(|s| s.namespace == b.namespace && s.name == b.name)
                             .cloned();
                         match found {
                             Some(s) => (s, b.port.unwrap_or(conn.target.port), Some(rule.clone())),
@@ -473,14 +468,17 @@ impl Waypoint {
                                 return (
                                     local(
                                         StatusCode::SERVICE_UNAVAILABLE,
-                                        format!("backend {ns}/{} is not a known service\n", b.name),
+                                        format!(
+                                            "backend {}/{} is not a known service\n",
+                                            b.namespace, b.name
+                                        ),
                                     ),
                                     "-".into(),
                                 );
                             }
                         }
                     }
-                }
+                },
                 None => (svc.clone(), conn.target.port, None),
             }
         };
@@ -488,36 +486,33 @@ impl Waypoint {
             "{}/{}:{backend_port}",
             backend_svc.namespace, backend_svc.name
         );
-        let filters: Vec<route::Filter> = rule.iter().flat_map(|r| r.filters.clone()).collect();
-        let matched_prefix = rule.as_ref().and_then(|r| {
-            route::matched_prefix(
-                r,
-                &RequestInfo {
-                    method,
-                    path,
-                    query: req.uri().query(),
-                    headers: req.headers(),
-                },
-            )
+        let filters: &[route::Filter] = rule.as_ref().map_or(&[], |r| &r.filters);
+        let matched_prefix: Option<String> = rule.as_ref().and_then(|r| {
+            r.matched_prefix(&RequestInfo {
+                method,
+                path,
+                query: req.uri().query(),
+                headers: req.headers(),
+            })
+            .map(str::to_string)
         });
         // Faults first (as Envoy's fault filter runs before the router): delay, then abort.
-        if let Some(fault) = filters.iter().find_map(|f| f.fault.as_ref()) {
-            if let Some(d) = &fault.delay
-                && route::fault_applies(d.percentage.as_ref(), rand::random::<f64>() * 100.0)
-                && let Some(t) = route::parse_gateway_duration(&d.fixed_delay)
+        if let Some(fault) = rule.as_ref().and_then(|r| r.fault()) {
+            if let Some((delay, pct)) = fault.delay
+                && route::fault_applies(pct, rand::random::<f64>() * 100.0)
             {
-                tokio::time::sleep(t).await;
+                tokio::time::sleep(delay).await;
             }
-            if let Some(a) = &fault.abort
-                && route::fault_applies(a.percentage.as_ref(), rand::random::<f64>() * 100.0)
+            if let Some((status, pct)) = fault.abort
+                && route::fault_applies(pct, rand::random::<f64>() * 100.0)
             {
-                let code = StatusCode::from_u16(a.http_status)
-                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let code =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 return (local(code, "fault filter abort\n".into()), "fault".into());
             }
         }
         // Redirects are answered here.
-        if let Some(r) = filters.iter().find_map(|f| f.request_redirect.as_ref()) {
+        if let Some(r) = rule.as_ref().and_then(|r| r.redirect()) {
             let (code, location) = route::redirect(
                 r,
                 "http",
@@ -533,40 +528,31 @@ impl Waypoint {
                 .expect("valid redirect");
             return (resp, "redirect".into());
         }
-        for f in &filters {
-            if let Some(m) = &f.request_header_modifier {
-                m.apply(req.headers_mut());
-            }
-            if let Some(rw) = &f.url_rewrite {
-                if let Some(h) = rw.hostname.as_deref().and_then(|h| h.parse().ok()) {
-                    req.headers_mut().insert(http::header::HOST, h);
-                }
-                if let Some(pm) = &rw.path {
-                    let new_path = route::modify_path(pm, path, matched_prefix.as_deref());
-                    let pq = match req.uri().query() {
-                        Some(q) => format!("{new_path}?{q}"),
-                        None => new_path,
-                    };
-                    if let Ok(uri) = pq.parse() {
-                        *req.uri_mut() = uri;
+        for f in filters {
+            match f {
+                route::Filter::RequestHeaders(m) => m.apply(req.headers_mut()),
+                route::Filter::Rewrite(rw) => {
+                    if let Some(h) = &rw.hostname {
+                        req.headers_mut().insert(http::header::HOST, h.clone());
+                    }
+                    if let Some(pm) = &rw.path {
+                        let new_path = route::modify_path(pm, path, matched_prefix.as_deref());
+                        let pq = match req.uri().query() {
+                            Some(q) => format!("{new_path}?{q}"),
+                            None => new_path,
+                        };
+                        if let Ok(uri) = pq.parse() {
+                            *req.uri_mut() = uri;
+                        }
                     }
                 }
+                _ => {}
             }
         }
         let retry = rule.as_ref().and_then(|r| r.retry.clone());
-        let mirror = filters.iter().find_map(|f| f.request_mirror.clone());
-        let timeouts = rule
-            .as_ref()
-            .and_then(|r| r.timeouts.clone())
-            .unwrap_or_default();
-        let overall = timeouts
-            .request
-            .as_deref()
-            .and_then(route::parse_gateway_duration);
-        let per_try = timeouts
-            .backend_request
-            .as_deref()
-            .and_then(route::parse_gateway_duration);
+        let mirror = rule.as_ref().and_then(|r| r.mirror().cloned());
+        let overall = rule.as_ref().and_then(|r| r.request_timeout);
+        let per_try = rule.as_ref().and_then(|r| r.backend_request_timeout);
         let attempt = self.attempts(
             conn,
             req,
@@ -580,8 +566,8 @@ impl Waypoint {
         let result = within(overall, attempt).await;
         match result {
             Ok(mut resp) => {
-                for f in &filters {
-                    if let Some(m) = &f.response_header_modifier {
+                for f in filters {
+                    if let route::Filter::ResponseHeaders(m) = f {
                         m.apply(resp.headers_mut());
                     }
                 }
@@ -660,7 +646,7 @@ impl Waypoint {
         svc: &Service,
         port: u16,
         retry: Option<route::Retry>,
-        mirror: Option<route::Mirror>,
+        mirror: Option<route::Backend>,
         per_try: Option<std::time::Duration>,
         labels: &mut RequestLabels,
     ) -> Result<Response<Body>, (StatusCode, String)> {
@@ -688,21 +674,16 @@ impl Waypoint {
                 .expect("valid request")
         };
         if let Some(m) = mirror {
-            let ns = m
-                .backend_ref
-                .namespace
-                .clone()
-                .unwrap_or_else(|| svc.namespace.clone());
             // The copy goes to any endpoint of the mirror service; its outcome is ignored,
             // so it takes no part in balancing or outlier detection.
             let target = {
                 let cfg = self.config.read().expect("config lock");
                 cfg.discovery
                     .services()
-                    .find(|s| s.namespace == ns && s.name == m.backend_ref.name)
+                    .find(|s| s.namespace == m.namespace && s.name == m.name)
                     .and_then(|ms| {
                         cfg.discovery
-                            .pick_endpoint(ms, m.backend_ref.port.unwrap_or(port), None)
+                            .pick_endpoint(ms, m.port.unwrap_or(port), None)
                     })
             };
             if let Some((ep, tp)) = target {
@@ -714,13 +695,11 @@ impl Waypoint {
                 });
             }
         }
-        let retries = retry.as_ref().map_or(0, |r| r.attempts.unwrap_or(2));
+        let retries = retry.as_ref().map_or(0, |r| r.attempts);
         let codes: Vec<u16> = retry.as_ref().map(|r| r.codes.clone()).unwrap_or_default();
         let backoff = retry
             .as_ref()
-            .and_then(|r| r.backoff.as_deref())
-            .and_then(route::parse_gateway_duration)
-            .unwrap_or(std::time::Duration::from_millis(25));
+            .map_or(std::time::Duration::from_millis(25), |r| r.backoff);
         let mut tried = 0;
         loop {
             let result = self

@@ -1,11 +1,12 @@
 //! Applies the control plane's updates: addresses (services and endpoints), routes and
-//! L7 policies. An invalid route is NACKed and the previous version kept; a policy that
-//! cannot be read is NACKed and enforced fail closed. The first response of each type
+//! L7 policies. Routes are compiled here, once per version; what this side cannot read of
+//! one is NACKed and fails closed where it sits (its rule answers 500, its match matches
+//! nothing). A policy that cannot be read is NACKed and enforced fail closed. The first response of each type
 //! marks it synced (the waypoint serves nothing before all three have synced).
 
 use crate::authz::Policy;
 use crate::proxy::{Config, Target};
-use crate::route::Route;
+use crate::route;
 use crate::server::Lifecycle;
 use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::prost::Message;
@@ -53,12 +54,19 @@ impl mesh_xds::Handler for Apply {
                 type_url::ADDRESS => workload::Address::decode(any.value.as_slice())
                     .map_err(|e| e.to_string())
                     .and_then(|a| cfg.discovery.apply_address(&a).map_err(|e| e.to_string())),
-                type_url::HTTP_ROUTE => waypoint::HttpRoute::decode(any.value.as_slice())
-                    .map_err(|e| e.to_string())
-                    .and_then(|h| Route::parse(&h.namespace, &h.name, &h.spec_json))
-                    .map(|route| {
+                type_url::HTTP_ROUTE => match waypoint::HttpRoute::decode(any.value.as_slice()) {
+                    Ok(h) => {
+                        let (route, unreadable) = route::compile(&h);
                         cfg.routes.insert(r.name.clone(), route);
-                    }),
+                        if unreadable.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(format!("{} (failing closed)", unreadable.join("; ")))
+                        }
+                    }
+                    // Nothing of it can be read: the previous version (if any) is kept.
+                    Err(e) => Err(e.to_string()),
+                },
                 type_url::L7_POLICY => {
                     // Never refused outright: what cannot be read is enforced fail closed
                     // (and NACKed), since a policy left out could widen access.
@@ -235,6 +243,67 @@ mod tests {
                 }
             ),
             crate::authz::Decision::Deny { .. }
+        ));
+    }
+
+    fn apply_route(route: &waypoint::HttpRoute) -> (Vec<(String, String)>, Config) {
+        let config = Arc::new(RwLock::new(Config::default()));
+        let mut a = Apply {
+            config: config.clone(),
+            lifecycle: Lifecycle::new(),
+        };
+        let errors = a.apply(&DeltaDiscoveryResponse {
+            type_url: type_url::HTTP_ROUTE.into(),
+            resources: vec![Resource {
+                name: "shop/r".into(),
+                resource: Some(mesh_proto::prost_types::Any {
+                    type_url: type_url::HTTP_ROUTE.into(),
+                    value: route.encode_to_vec(),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let cfg = std::mem::take(&mut *config.write().unwrap());
+        (errors, cfg)
+    }
+
+    /// A route is compiled once, when it arrives. What mesh-control reported is applied
+    /// fail closed without a NACK; what this side cannot read (a filter kind from a newer
+    /// control plane) is NACKed and fails closed too: the route is installed, its rule
+    /// answers 500 rather than routing without the filter.
+    #[test]
+    fn routes_are_compiled_on_arrival_and_fail_closed() {
+        let spec = serde_json::json!({
+            "parentRefs": [{"kind": "Service", "name": "api"}],
+            "rules": [{"filters": [{"type": "CORS", "cors": {}}], "backendRefs": [{"name": "a"}]}],
+        });
+        let none = |_: &str| None;
+        let (typed, findings) = mesh_route::k8s::read_route(
+            mesh_route::k8s::Kind::Http,
+            "shop",
+            "r",
+            Some(&spec),
+            &none,
+        );
+        assert_eq!(findings.len(), 1);
+        let (errors, cfg) = apply_route(&typed);
+        assert!(errors.is_empty(), "{errors:?}");
+        let r = &cfg.routes["shop/r"];
+        assert!(r.attaches_to("shop", "api", 80));
+        assert!(matches!(
+            route::decide(r, &r.rules[0], |_| 0),
+            route::Decision::Fail(_)
+        ));
+        let mut newer = typed.clone();
+        newer.rules[0].problems.clear();
+        newer.rules[0].filters = vec![waypoint::RouteFilter { kind: None }];
+        let (errors, cfg) = apply_route(&newer);
+        assert_eq!(errors.len(), 1, "NACKed");
+        let r = &cfg.routes["shop/r"];
+        assert!(matches!(
+            route::decide(r, &r.rules[0], |_| 0),
+            route::Decision::Fail(_)
         ));
     }
 

@@ -18,7 +18,6 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use waypoint::authz::Policy;
 use waypoint::proxy::{Config, Handler, Target, Waypoint};
-use waypoint::route::Route;
 use waypoint::server::{Lifecycle, ServeConfig, Stopped};
 
 const DAY: Duration = Duration::from_secs(86400);
@@ -325,7 +324,23 @@ fn new_waypoint(
 
 impl Setup {
     fn route(&self, json: &str) {
-        let r = Route::parse("shop", "r", json).unwrap();
+        self.route_with_faults(json, serde_json::json!({}));
+    }
+
+    /// As mesh-control reads it (with the HTTPFaults of `faults`, by name) and the
+    /// waypoint compiles it.
+    fn route_with_faults(&self, json: &str, faults: serde_json::Value) {
+        let spec: serde_json::Value = serde_json::from_str(json).unwrap();
+        let lookup = |name: &str| faults.get(name);
+        let (typed, _) = mesh_route::k8s::read_route(
+            mesh_route::k8s::Kind::Http,
+            "shop",
+            "r",
+            Some(&spec),
+            &lookup,
+        );
+        let (r, errors) = waypoint::route::compile(&typed);
+        assert!(errors.is_empty(), "{errors:?}");
         self.config
             .write()
             .unwrap()
@@ -634,14 +649,28 @@ async fn a_failing_endpoint_is_ejected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_and_abort_faults() {
     let s = setup(5).await;
-    s.route(r#"{"parentRefs":[{"kind":"Service","name":"api"}],"rules":[
-        {"matches":[{"path":{"type":"Exact","value":"/delayed"}}],"backendRefs":[{"name":"api-v1","port":80}],
-         "filters":[{"type":"ExtensionRef","fault":{"delay":{"fixedDelay":"300ms"}}}]},
-        {"matches":[{"path":{"type":"Exact","value":"/aborted"}}],"backendRefs":[{"name":"api-v1","port":80}],
-         "filters":[{"type":"ExtensionRef","fault":{"abort":{"httpStatus":503}}}]},
-        {"matches":[{"path":{"type":"Exact","value":"/flaky"}}],"backendRefs":[{"name":"api-v1","port":80}],
-         "filters":[{"type":"ExtensionRef","fault":{"abort":{"httpStatus":500,"percentage":{"value":25}}}}]}
-    ]}"#);
+    let ext = |name: &str| {
+        format!(
+            r#"[{{"type":"ExtensionRef","extensionRef":{{"group":"ambient-mesh.dev","kind":"HTTPFault","name":"{name}"}}}}]"#
+        )
+    };
+    s.route_with_faults(
+        &format!(
+            r#"{{"parentRefs":[{{"kind":"Service","name":"api"}}],"rules":[
+        {{"matches":[{{"path":{{"type":"Exact","value":"/delayed"}}}}],"backendRefs":[{{"name":"api-v1","port":80}}],"filters":{}}},
+        {{"matches":[{{"path":{{"type":"Exact","value":"/aborted"}}}}],"backendRefs":[{{"name":"api-v1","port":80}}],"filters":{}}},
+        {{"matches":[{{"path":{{"type":"Exact","value":"/flaky"}}}}],"backendRefs":[{{"name":"api-v1","port":80}}],"filters":{}}}
+    ]}}"#,
+            ext("delay"),
+            ext("abort"),
+            ext("flaky")
+        ),
+        serde_json::json!({
+            "delay": {"delay": {"fixedDelay": "300ms"}},
+            "abort": {"abort": {"httpStatus": 503}},
+            "flaky": {"abort": {"httpStatus": 500, "percentage": {"value": 25}}},
+        }),
+    );
     let before = s.hits[0].load(Ordering::SeqCst);
     let start = std::time::Instant::now();
     let (code, body, _) = s.get(ip(5, 100), "/delayed").await;
@@ -662,6 +691,55 @@ async fn delay_and_abort_faults() {
     }
     // Expect 100; binomial sd ≈ 8.7: accept ±4 sd.
     assert!((65..=135).contains(&aborted), "aborted {aborted}/400");
+}
+
+/// Gateway API: a rule with a filter that cannot be applied (one this mesh does not
+/// implement, an ExtensionRef to an HTTPFault that does not exist or is invalid) answers
+/// 500 for the requests it matches; before, the filter was skipped and the request routed
+/// as if it were absent. A backend that cannot be used fails its share the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_whose_filters_cannot_be_applied_answer_500() {
+    let s = setup(13).await;
+    let fault = |name: &str| {
+        format!(
+            r#"[{{"type":"ExtensionRef","extensionRef":{{"group":"ambient-mesh.dev","kind":"HTTPFault","name":"{name}"}}}}]"#
+        )
+    };
+    s.route_with_faults(
+        &format!(
+            r#"{{"parentRefs":[{{"kind":"Service","name":"api"}}],"rules":[
+        {{"matches":[{{"path":{{"value":"/cors"}}}}],"backendRefs":[{{"name":"api-v2","port":80}}],
+          "filters":[{{"type":"CORS","cors":{{"allowOrigins":["*"]}}}}]}},
+        {{"matches":[{{"path":{{"value":"/missing"}}}}],"backendRefs":[{{"name":"api-v2","port":80}}],"filters":{}}},
+        {{"matches":[{{"path":{{"value":"/invalid"}}}}],"backendRefs":[{{"name":"api-v2","port":80}}],"filters":{}}},
+        {{"matches":[{{"path":{{"value":"/import"}}}}],"backendRefs":[{{"kind":"ServiceImport","name":"api-v2","port":80}}]}},
+        {{"matches":[{{"path":{{"type":"RegularExpression","value":"/re/("}}}}],"backendRefs":[{{"name":"api-v2","port":80}}]}},
+        {{"matches":[{{"path":{{"value":"/ok"}}}}],"backendRefs":[{{"name":"api-v2","port":80}}]}},
+        {{"backendRefs":[{{"name":"api-v1","port":80}}]}}
+    ]}}"#,
+            fault("nope"),
+            fault("broken")
+        ),
+        serde_json::json!({"broken": {"abort": {"httpStatus": 42}}}),
+    );
+    let hits = || s.hits[1].load(Ordering::SeqCst);
+    let before = hits();
+    for (path, why) in [
+        ("/cors/x", "spec.rules[0].filters[0].type"),
+        ("/missing", "HTTPFault shop/nope does not exist"),
+        ("/invalid", "HTTPFault shop/broken is invalid"),
+        ("/import", "backend shop/api-v2 cannot be used"),
+    ] {
+        let (code, body, _) = s.get(ip(13, 100), path).await;
+        assert_eq!(code, 500, "{path}: {body}");
+        assert!(body.contains(why), "{path}: {body}");
+    }
+    assert_eq!(hits(), before, "none of them reached api-v2");
+    // An invalid regex matches nothing: the request goes where it would without it.
+    let (code, body, _) = s.get(ip(13, 100), "/re/(").await;
+    assert_eq!((code, body.as_str()), (200, "v1 /re/("));
+    let (code, body, _) = s.get(ip(13, 100), "/ok").await;
+    assert_eq!((code, body.as_str()), (200, "v2 /ok"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
