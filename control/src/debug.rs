@@ -120,11 +120,15 @@ pub fn status(shared: &Shared) -> Value {
         "enrolled": enrolled,
         "addresses": g.addresses.len(),
         "authorizations": g.authorizations.len(),
-        // Policy findings are also logged as warnings; shown once, with their fields.
+        // Policy and route findings are also logged as warnings; shown once, with their
+        // fields.
         "warnings": g.resources.warnings.iter()
-            .filter(|w| !g.resources.policy_findings.iter().any(|f| f.to_string() == **w))
+            .filter(|w| !g.resources.policy_findings.iter()
+                .chain(&g.resources.route_findings)
+                .any(|f| f.to_string() == **w))
             .collect::<Vec<_>>(),
         "policyFindings": g.resources.policy_findings,
+        "routeFindings": g.resources.route_findings,
     })
 }
 

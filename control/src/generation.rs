@@ -120,7 +120,7 @@ impl Generation {
                     let served =
                         wc::served_services(&self.objects, &self.index_config, namespace, name);
                     let view = if type_url == type_url::HTTP_ROUTE {
-                        wc::routes(&self.objects, &served)
+                        wc::routes(&self.resources, &served)
                             .into_iter()
                             .map(|(k, r)| {
                                 (

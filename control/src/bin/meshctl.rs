@@ -145,6 +145,17 @@ fn waypoint_yaml(namespace: &str, name: &str, for_: &str) -> String {
 }
 
 /// Prints the status; an error when mesh-control is not ready (after printing why).
+/// One finding of `/debug/status`: severity, object, field, message.
+fn finding_line(x: &serde_json::Value) -> String {
+    format!(
+        "{:<11} {}: {}: {}",
+        x["severity"].as_str().unwrap_or_default(),
+        x["object"].as_str().unwrap_or_default(),
+        x["field"].as_str().unwrap_or_default(),
+        x["message"].as_str().unwrap_or_default()
+    )
+}
+
 fn print_status(v: &serde_json::Value) -> Result<(), String> {
     let problems: Vec<&str> = v["problems"]
         .as_array()
@@ -210,16 +221,22 @@ fn print_status(v: &serde_json::Value) -> Result<(), String> {
             println!("  {:<40} on {node}", p.as_str().unwrap_or_default());
         }
     }
-    if let Some(f) = v["policyFindings"].as_array().filter(|f| !f.is_empty()) {
-        println!("\nPOLICY FINDINGS (errors and unsupported fields are enforced fail closed)");
-        for x in f {
-            println!(
-                "  {:<11} {}: {}: {}",
-                x["severity"].as_str().unwrap_or_default(),
-                x["object"].as_str().unwrap_or_default(),
-                x["field"].as_str().unwrap_or_default(),
-                x["message"].as_str().unwrap_or_default()
-            );
+    let sections = [
+        (
+            "policyFindings",
+            "POLICY FINDINGS (errors and unsupported fields are enforced fail closed)",
+        ),
+        (
+            "routeFindings",
+            "ROUTE FINDINGS (a rule that cannot be applied answers 500; a match that cannot be evaluated matches nothing)",
+        ),
+    ];
+    for (key, title) in sections {
+        if let Some(f) = v[key].as_array().filter(|f| !f.is_empty()) {
+            println!("\n{title}");
+            for x in f {
+                println!("  {}", finding_line(x));
+            }
         }
     }
     if let Some(w) = v["warnings"].as_array().filter(|w| !w.is_empty()) {

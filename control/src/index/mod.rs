@@ -4,7 +4,7 @@
 
 pub mod authz;
 pub mod enrollment;
-pub mod grpc_route;
+pub mod routes;
 pub mod service;
 pub mod waypoint;
 pub mod waypoint_config;
@@ -58,11 +58,17 @@ pub struct Resources {
     /// What could not be understood in each policy, or is enforced other than written,
     /// with its object and field (`meshctl status`).
     pub policy_findings: Vec<PolicyFinding>,
+    /// HTTPRoutes and GRPCRoutes as read and validated, by xDS name (`ns/name`,
+    /// `GRPCRoute/ns/name`): what the waypoints they attach to receive.
+    pub routes: BTreeMap<String, mesh_proto::waypoint::HttpRoute>,
+    /// What could not be understood in each route or HTTPFault (its rule answers 500, its
+    /// match matches nothing), with its object and field (`meshctl status`).
+    pub route_findings: Vec<PolicyFinding>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PolicyFinding {
-    /// `AuthorizationPolicy <namespace>/<name>`.
+    /// `AuthorizationPolicy <namespace>/<name>`, `HTTPRoute <namespace>/<name>`, ...
     pub object: String,
     /// `error` (enforced fail closed), `unsupported` (valid for Istio, not evaluated
     /// here: fail closed) or `note`.
@@ -174,6 +180,11 @@ pub fn compute(objs: &Objects, cfg: &IndexConfig) -> Resources {
             out.policy_findings.push(f);
         }
     }
+    let (routes, route_findings) = routes::read_all(objs);
+    out.routes = routes;
+    out.warnings
+        .extend(route_findings.iter().map(ToString::to_string));
+    out.route_findings = route_findings;
     for a in strict.policies() {
         out.authorizations
             .insert(format!("{}/{}", a.namespace, a.name), a);

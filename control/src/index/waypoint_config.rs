@@ -2,8 +2,8 @@
 //! parentRefs of kind Service), and the AuthorizationPolicies that target its Gateway or
 //! those Services.
 
-use super::IndexConfig;
 use super::waypoint::{TrafficKind, resolve};
+use super::{IndexConfig, Resources};
 use crate::manifest::Objects;
 use mesh_proto::waypoint::{HttpRoute, L7Policy};
 use mesh_proto::workload as pb;
@@ -38,76 +38,21 @@ pub fn served_services(
         .collect()
 }
 
-/// HTTPRoutes and (translated) GRPCRoutes attached to the served Services.
-pub fn routes(objs: &Objects, served: &[(String, String)]) -> Vec<(String, HttpRoute)> {
-    let http = objs.http_routes.values().map(|r| ("", r));
-    let grpc = objs.grpc_routes.values().map(|r| ("GRPCRoute/", r));
-    http.chain(grpc)
+/// HTTPRoutes and GRPCRoutes (as read, problems included: the waypoint fails closed on
+/// them) attached to the served Services.
+pub fn routes(resources: &Resources, served: &[(String, String)]) -> Vec<(String, HttpRoute)> {
+    resources
+        .routes
+        .iter()
         .filter(|(_, r)| {
-            let rns = r.metadata.ns();
-            r.spec["parentRefs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|p| {
-                    let kind = p["kind"].as_str().unwrap_or("Gateway");
-                    let group = p["group"].as_str().unwrap_or("");
-                    let pns = p["namespace"].as_str().unwrap_or(rns);
-                    let pname = p["name"].as_str().unwrap_or_default();
-                    kind == "Service"
-                        && (group.is_empty() || group == "core")
-                        && served
-                            .iter()
-                            .any(|(sns, sname)| sns == pns && sname == pname)
-                })
+            r.parents.iter().any(|p| {
+                served
+                    .iter()
+                    .any(|(sns, sname)| *sns == p.namespace && *sname == p.name)
+            })
         })
-        .map(|(kind, r)| {
-            let ns = r.metadata.ns().to_string();
-            (
-                format!("{kind}{ns}/{}", r.metadata.name),
-                HttpRoute {
-                    name: r.metadata.name.clone(),
-                    spec_json: resolve_extension_refs(objs, &ns, &r.spec).to_string(),
-                    namespace: ns,
-                },
-            )
-        })
+        .map(|(k, r)| (k.clone(), r.clone()))
         .collect()
-}
-
-/// Inlines the spec of each `ExtensionRef` filter to an HTTPFault (same namespace) as the
-/// filter's `fault`. A reference that cannot be resolved must not be skipped (Gateway
-/// API): the filter becomes an abort with 500, so affected requests fail visibly.
-fn resolve_extension_refs(objs: &Objects, ns: &str, spec: &serde_json::Value) -> serde_json::Value {
-    let mut spec = spec.clone();
-    // `get_mut`, not indexing: `value["key"]` on a mutable object inserts a null, which
-    // the waypoint would then reject.
-    let filters = spec
-        .get_mut("rules")
-        .and_then(|r| r.as_array_mut())
-        .into_iter()
-        .flatten()
-        .flat_map(|rule| {
-            rule.get_mut("filters")
-                .and_then(|f| f.as_array_mut())
-                .into_iter()
-                .flatten()
-        });
-    for f in filters {
-        if f["type"] != "ExtensionRef" {
-            continue;
-        }
-        let r = &f["extensionRef"];
-        let found = (r["group"] == crate::k8s::MESH_GROUP && r["kind"] == "HTTPFault")
-            .then(|| r["name"].as_str())
-            .flatten()
-            .and_then(|name| objs.http_faults.get(&(ns.to_string(), name.to_string())));
-        f["fault"] = match found {
-            Some(fault) => serde_json::to_value(&fault.spec).unwrap_or_default(),
-            None => serde_json::json!({"abort": {"httpStatus": 500}}),
-        };
-    }
-    spec
 }
 
 /// AuthorizationPolicies whose targetRefs name waypoint `wp_ns/wp_name`'s Gateway or a
@@ -224,8 +169,11 @@ spec:
   rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
 "#;
 
+    /// A fault that cannot be read no longer refuses its file (which would drop every
+    /// object in it): it is reported with its object and field, and a rule naming it
+    /// answers 500.
     #[test]
-    fn a_bad_fault_is_reported_with_its_field() {
+    fn a_bad_fault_is_reported_with_its_object_and_field() {
         for (spec, field) in [
             ("{}", "spec"),
             ("{delay: {fixedDelay: soon}}", "spec.delay.fixedDelay"),
@@ -236,35 +184,28 @@ spec:
             ),
             (
                 "{abort: {httpStatus: 503, precentage: {value: 1}}}",
-                "precentage",
+                "spec.abort.precentage",
             ),
         ] {
             let doc = format!(
                 "apiVersion: ambient-mesh.dev/v1alpha1\nkind: HTTPFault\nmetadata: {{name: f, namespace: shop}}\nspec: {spec}\n"
             );
-            let e = Objects::default()
-                .add_file(Path::new("faults.yaml"), &doc)
-                .unwrap_err()
-                .to_string();
-            assert!(
-                e.contains("faults.yaml") && e.contains(field),
-                "{spec}: {e}"
+            let mut o = Objects::default();
+            o.add_file(Path::new("faults.yaml"), &doc).unwrap();
+            let r = super::super::compute(&o, &IndexConfig::default());
+            let f = &r.route_findings[0];
+            assert_eq!(
+                (f.object.as_str(), f.field.as_str()),
+                ("HTTPFault shop/f", field),
+                "{spec}: {f:?}"
             );
+            assert!(r.warnings.contains(&f.to_string()), "logged");
         }
     }
 
     #[test]
-    fn a_malformed_grpc_route_is_reported_where_it_is() {
-        let bad = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: shop}\nspec:\n  rules: [{matches: [{method: {type: Prefix, service: a}}]}]\n";
-        let e = Objects::default()
-            .add_file(Path::new("routes.yaml"), bad)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("routes.yaml") && e.contains("Prefix"), "{e}");
-    }
-
-    #[test]
     fn a_waypoint_gets_its_services_routes_and_policies() {
+        use mesh_proto::waypoint as pb;
         let mut o = Objects::default();
         o.add_file(Path::new("t"), OBJS).unwrap();
         let cfg = IndexConfig::default();
@@ -274,34 +215,59 @@ spec:
             !served.contains(&("shop".into(), "other".into())),
             "opted out"
         );
-        let r = routes(&o, &served);
+        let resources = super::super::compute(&o, &cfg);
+        let r = routes(&resources, &served);
         assert_eq!(
             r.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
-            vec!["shop/chaos", "shop/split", "GRPCRoute/shop/cart"]
+            vec!["GRPCRoute/shop/cart", "shop/chaos", "shop/split"]
         );
-        // ExtensionRef filters reach the waypoint with the fault inlined; a dangling one
-        // fails its requests with 500 instead of being skipped.
-        let chaos: serde_json::Value = serde_json::from_str(&r[0].1.spec_json).unwrap();
+        // ExtensionRef filters reach the waypoint with the fault resolved; a dangling one
+        // makes its rule answer 500 instead of being skipped, and is reported.
+        let chaos = &r[1].1;
         assert_eq!(
-            chaos["rules"][0]["filters"][0]["fault"],
-            serde_json::json!({"delay": {"fixedDelay": "2s", "percentage": {"value": 50.0}},
-                               "abort": {"httpStatus": 503, "percentage": {"value": 10.0}}})
+            chaos.rules[0].filters[0].kind,
+            Some(pb::route_filter::Kind::Fault(pb::HttpFault {
+                delay: Some(pb::FaultDelay {
+                    fixed_delay_ms: 2000,
+                    percentage: Some(50.0)
+                }),
+                abort: Some(pb::FaultAbort {
+                    http_status: 503,
+                    percentage: Some(10.0)
+                }),
+            }))
         );
+        assert!(chaos.rules[1].filters.is_empty());
         assert_eq!(
-            chaos["rules"][1]["filters"][0]["fault"],
-            serde_json::json!({"abort": {"httpStatus": 500}})
+            chaos.rules[1].problems[0].field,
+            "spec.rules[1].filters[0].extensionRef.name"
         );
-        // Nothing else is touched: no null `filters` or `rules` appear.
-        assert!(chaos["rules"][0].get("backendRefs").is_none());
-        let split: serde_json::Value = serde_json::from_str(&r[1].1.spec_json).unwrap();
-        assert!(split["rules"][0].get("filters").is_none(), "{split}");
-        let r = &r[1..];
-        assert!(r[0].1.spec_json.contains("api-v2"));
-        // The GRPCRoute reaches the waypoint as the equivalent HTTPRoute spec.
-        let grpc: serde_json::Value = serde_json::from_str(&r[1].1.spec_json).unwrap();
+        assert!(
+            resources
+                .route_findings
+                .iter()
+                .any(|f| f.object == "HTTPRoute shop/chaos"
+                    && f.field == "spec.rules[1].filters[0].extensionRef.name")
+        );
+        let split = &r[2].1;
         assert_eq!(
-            grpc["rules"][0]["matches"][0]["path"],
-            serde_json::json!({"type": "Exact", "value": "/shop.v1.Cart/Add"})
+            split.rules[0]
+                .backends
+                .iter()
+                .map(|b| (b.name.as_str(), b.weight))
+                .collect::<Vec<_>>(),
+            [("api-v1", 90), ("api-v2", 10)]
+        );
+        // The GRPCRoute reaches the waypoint typed, its method match as written.
+        let grpc = &r[0].1;
+        assert_eq!(grpc.kind, pb::RouteKind::Grpc as i32);
+        assert_eq!(
+            grpc.rules[0].matches[0].grpc_method,
+            Some(pb::GrpcMethodMatch {
+                r#type: pb::GrpcMatchType::Exact as i32,
+                service: "shop.v1.Cart".into(),
+                method: "Add".into()
+            })
         );
         let p = policies(&o, "shop", "waypoint", &served);
         assert_eq!(p.len(), 1);
