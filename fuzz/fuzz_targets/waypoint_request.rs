@@ -1,12 +1,22 @@
-//! The waypoint's request handling up to the upstream: an HTTP/1.1 request head (parsed
-//! with httparse, hyper's parser) routed through HTTPRoutes (`select`, prefix, rewrite,
-//! redirect, header modifiers) as `proxy.rs` does. Input: `ROUTE_SPEC_JSON \0 HEAD`, or a
-//! bare HEAD against built-in routes. Never panics, and what the proxy turns into a
-//! response or a URI is valid.
+//! The waypoint's request handling up to the upstream: an HTTPRoute spec read as
+//! mesh-control reads it (`mesh_route::k8s`) and compiled as the waypoint compiles it, and
+//! an HTTP/1.1 request head (parsed with httparse, hyper's parser) routed through it
+//! (`select`, `decide`, prefix, rewrite, redirect, header modifiers) as `proxy.rs` does.
+//! Input: `ROUTE_SPEC_JSON \0 HEAD`, or a bare HEAD against built-in routes. Never
+//! panics, and what the proxy turns into a response or a URI is valid.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use waypoint::route::{self, RequestInfo, Route};
+
+/// Read and compiled as mesh-control and the waypoint do; None: not JSON.
+fn compiled(json: &str) -> Option<Route> {
+    let spec: serde_json::Value = serde_json::from_str(json).ok()?;
+    let none = |_: &str| None;
+    let (typed, _) =
+        mesh_route::k8s::read_route(mesh_route::k8s::Kind::Http, "ns", "r", Some(&spec), &none);
+    Some(route::compile(&typed).0)
+}
 
 const ROUTES: &str = r#"{"rules": [
  {"matches": [{"path": {"type": "PathPrefix", "value": "/api/"}, "method": "GET",
@@ -27,13 +37,13 @@ fuzz_target!(|data: &[u8]| {
             let Ok(json) = std::str::from_utf8(&data[..i]) else {
                 return;
             };
-            let Ok(r) = Route::parse("ns", "fuzz", json) else {
+            let Some(r) = compiled(json) else {
                 return;
             };
             (vec![r], &data[i + 1..])
         }
         None => (
-            vec![Route::parse("ns", "r", ROUTES).expect("built-in routes")],
+            vec![compiled(ROUTES).expect("built-in routes")],
             data,
         ),
     };
@@ -67,34 +77,37 @@ fuzz_target!(|data: &[u8]| {
         query: uri.query(),
         headers: &headers,
     };
-    let Some((_, rule)) = route::select(&routes, &info) else {
+    let Some((r, rule)) = route::select(&routes, &info) else {
         return;
     };
-    let total = route::total_weight(rule);
+    let total = rule.total_weight();
     if total > 0 {
-        assert!(route::pick_backend(rule, total - 1).is_some());
+        assert!(rule.pick_backend(total - 1).is_some());
     }
-    let prefix = route::matched_prefix(rule, &info);
+    let _ = route::decide(r, rule, |t| t - 1);
+    let prefix = rule.matched_prefix(&info);
     let host = headers
         .get("host")
         .and_then(|h| h.to_str().ok())
         .unwrap_or("svc.ns.svc.cluster.local");
     for f in &rule.filters {
-        if let Some(r) = &f.request_redirect {
-            let (code, location) =
-                route::redirect(r, "http", host, path, uri.query(), prefix.as_deref());
-            // proxy.rs builds the response with these and expects it to be valid.
-            http::Response::builder()
-                .status(code)
-                .header(http::header::LOCATION, location)
-                .body(())
-                .expect("a valid redirect response");
-        }
-        if let Some(m) = &f.request_header_modifier {
-            m.apply(&mut headers.clone());
-        }
-        if let Some(pm) = f.url_rewrite.as_ref().and_then(|rw| rw.path.as_ref()) {
-            let _ = route::modify_path(pm, path, prefix.as_deref());
+        match f {
+            route::Filter::Redirect(r) => {
+                let (code, location) = route::redirect(r, "http", host, path, uri.query(), prefix);
+                // proxy.rs builds the response with these and expects it to be valid.
+                http::Response::builder()
+                    .status(code)
+                    .header(http::header::LOCATION, location)
+                    .body(())
+                    .expect("a valid redirect response");
+            }
+            route::Filter::RequestHeaders(m) => m.apply(&mut headers.clone()),
+            route::Filter::Rewrite(rw) => {
+                if let Some(pm) = &rw.path {
+                    let _ = route::modify_path(pm, path, prefix);
+                }
+            }
+            _ => {}
         }
     }
 });
