@@ -1203,3 +1203,86 @@ async fn lab_a_mesh_certificate_does_not_make_the_waypoint_a_relay() {
             >= 3
     });
 }
+
+/// An HTTPRoute for back/api whose rules the mesh cannot apply as written: a filter it
+/// does not implement (CORS), and an ExtensionRef to an HTTPFault that does not exist (yet).
+const LAB_UNAPPLIABLE_ROUTE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: guarded, namespace: back}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /cors}}]
+    filters: [{type: CORS, cors: {allowOrigins: ["https://shop.example"]}}]
+    backendRefs: [{name: api, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /chaos}}]
+    filters: [{type: ExtensionRef, extensionRef: {group: ambient-mesh.dev, kind: HTTPFault, name: teapot}}]
+    backendRefs: [{name: api, port: 80}]
+  - backendRefs: [{name: api, port: 80}]
+"#;
+
+/// Gateway API on the lab (client pod → ztunnel → waypoint → ztunnel → app): a rule whose
+/// filter cannot be applied answers 500 and its requests never reach the app; before, the
+/// waypoint skipped the filter and routed them as if it were absent. mesh-control reports
+/// each with its object and field in `meshctl status` and its log; once the HTTPFault
+/// exists, the rule applies it.
+#[test]
+fn lab_a_route_filter_that_cannot_be_applied_answers_500() {
+    let mut t = lab_up();
+    t.apply(&lab_app());
+    wait_until("mTLS", || {
+        t.curl_response("front/client", &["http://10.96.0.20/"]).0 == 200
+    });
+    t.apply(&join(&[
+        WAYPOINT_GATEWAY,
+        BACK_USES_WAYPOINT,
+        LAB_UNAPPLIABLE_ROUTE,
+    ]));
+    t.eventually("the route at the waypoint", || {
+        t.curl_response("front/client", &["http://10.96.0.20/cors/warmup"])
+            .0
+            == 500
+    });
+    for (path, why) in [
+        ("/cors/marker-cors", "spec.rules[0].filters[0].type"),
+        (
+            "/chaos/marker-chaos",
+            "HTTPFault back/teapot does not exist",
+        ),
+    ] {
+        let (code, out) = t.curl_response("front/client", &[&format!("http://10.96.0.20{path}")]);
+        assert!(code == 500 && out.contains(why), "{path}: {out}");
+    }
+    let (code, out) = t.curl_response("front/client", &["http://10.96.0.20/fine"]);
+    assert_eq!(code, 200, "the route's other rules apply: {out}");
+    let app = t.log("pod:back/api");
+    assert!(
+        !app.contains("marker-cors") && !app.contains("marker-chaos"),
+        "the app never saw them: {app}"
+    );
+    for finding in [
+        "HTTPRoute back/guarded: spec.rules[0].filters[0].type",
+        "HTTPRoute back/guarded: spec.rules[1].filters[0].extensionRef.name",
+    ] {
+        assert!(
+            t.meshctl(&["status"]).contains(finding),
+            "{finding} in meshctl status"
+        );
+        assert!(
+            t.log("control").contains(finding),
+            "{finding} in the control log"
+        );
+    }
+    t.apply(
+        "apiVersion: ambient-mesh.dev/v1alpha1
+kind: HTTPFault
+metadata: {name: teapot, namespace: back}
+spec: {abort: {httpStatus: 418}}
+",
+    );
+    t.eventually("the fault applied", || {
+        t.curl_response("front/client", &["http://10.96.0.20/chaos/x"])
+            .0
+            == 418
+    });
+}

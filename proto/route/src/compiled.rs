@@ -6,7 +6,6 @@
 //! read (a newer filter kind, say), fail closed where they sit: the rule answers 500, the
 //! match matches nothing, the backend answers 500 for its share.
 
-use crate::k8s::problems;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use mesh_proto::waypoint as pb;
 use std::sync::Arc;
@@ -477,11 +476,6 @@ impl Route {
         self.parents
             .iter()
             .any(|p| p.namespace == ns && p.name == name && p.port.is_none_or(|p| p == port))
-    }
-
-    /// Whether mesh-control reported anything in it (for logs).
-    pub fn has_problems(r: &pb::HttpRoute) -> bool {
-        !problems(r).is_empty()
     }
 }
 
