@@ -231,8 +231,8 @@ fn log(lab: &Lab, role: &str) -> String {
         .unwrap_or_default()
 }
 
-pub fn run(lab: &mut Lab, keep: bool) -> Result<i32, String> {
-    let result = scenario(lab);
+pub fn run(lab: &mut Lab, keep: bool, observe: bool) -> Result<i32, String> {
+    let result = scenario(lab, observe);
     if let Err(e) = &result {
         eprintln!(
             "\ndemo failed: {e}\n(logs: mesh-lab logs control|ztunnel-1|ztunnel-2|agent-1|agent-2)"
@@ -250,12 +250,19 @@ pub fn run(lab: &mut Lab, keep: bool) -> Result<i32, String> {
     result.map(|_| 0)
 }
 
-fn scenario(lab: &mut Lab) -> Result<(), String> {
+fn scenario(lab: &mut Lab, observe: bool) -> Result<(), String> {
     step(
         1,
         "a cluster of 2 nodes: network namespaces on a fabric, real CNI plugins, mesh-control, and per node a ztunnel and a node agent",
     );
     lab.up(2)?;
+    if observe {
+        lab.start_prometheus()?;
+        println!(
+            "  Prometheus scrapes them all, in node-1's namespace on {}",
+            crate::prometheus::LISTEN
+        );
+    }
     print!("{}", lab.status());
 
     step(

@@ -10,3 +10,4 @@ pub mod cgroup;
 pub mod cni_runtime;
 pub mod demo;
 pub mod lab;
+pub mod prometheus;

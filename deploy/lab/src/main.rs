@@ -22,6 +22,10 @@ enum Cmd {
     Up {
         #[arg(long, default_value_t = 2)]
         nodes: usize,
+        /// Also run Prometheus (Debian's package) in node 1's namespace on 127.0.0.1:9090,
+        /// scraping every ztunnel, waypoint, node agent and mesh-control.
+        #[arg(long)]
+        observe: bool,
     },
     /// Remove everything the lab made (also after a crash).
     Down,
@@ -60,6 +64,9 @@ enum Cmd {
         /// Leave the lab up at the end.
         #[arg(long)]
         keep: bool,
+        /// Run Prometheus too and end with the golden metrics it collected.
+        #[arg(long)]
+        observe: bool,
     },
     /// Measure direct vs mesh vs mesh + waypoint (and HAProxy) on a fresh 2-node lab:
     /// throughput, req/s, latency at a fixed rate, connections/s, CPU, memory, scale.
@@ -146,9 +153,12 @@ fn run(cli: Cli) -> Result<i32, String> {
     }
     let mut lab = Lab::open(&cli.name, &cli.state_root)?;
     match cli.cmd {
-        Cmd::Up { nodes } => {
+        Cmd::Up { nodes, observe } => {
             let was_up = lab.is_up();
             lab.up(nodes)?;
+            if observe {
+                lab.start_prometheus()?;
+            }
             println!(
                 "{}",
                 if was_up {
@@ -192,9 +202,10 @@ fn run(cli: Cli) -> Result<i32, String> {
                 Some(("ztunnel", n)) => lab.start_ztunnel(n.parse().map_err(|_| "ztunnel-N")?)?,
                 Some(("agent", n)) => lab.start_agent(n.parse().map_err(|_| "agent-N")?)?,
                 _ if component == "control" => lab.start_control()?,
+                _ if component == "prometheus" => lab.start_prometheus()?,
                 _ => {
                     return Err(format!(
-                        "cannot start {component}: give control, ztunnel-N or agent-N"
+                        "cannot start {component}: give control, prometheus, ztunnel-N or agent-N"
                     ));
                 }
             }
@@ -210,7 +221,7 @@ fn run(cli: Cli) -> Result<i32, String> {
                 .map_err(|e| e.to_string())?;
             return Ok(status.code().unwrap_or(1));
         }
-        Cmd::Demo { keep } => return mesh_lab::demo::run(&mut lab, keep),
+        Cmd::Demo { keep, observe } => return mesh_lab::demo::run(&mut lab, keep, observe),
         Cmd::Bench {
             runs,
             seconds,

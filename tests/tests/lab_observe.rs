@@ -1,0 +1,161 @@
+//! Observability in the lab: Prometheus (Debian's package) started by the lab scrapes
+//! every ztunnel, node agent, waypoint and mesh-control through file-based discovery the
+//! lab keeps current, and the mesh's Istio-named metrics arrive with the traffic sent.
+
+use mesh_e2e::manifests::*;
+use mesh_e2e::testlab::TestLab;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// back/api's Service: HTTP on port 80, TCP echo on 9000.
+const API_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: back}
+spec:
+  selector: {app: api}
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: http}, {name: tcp-legacy, port: 9000, targetPort: 9000}]
+";
+
+/// front/client → Service back/api (10.96.0.20) through the waypoint of `back`.
+fn app_behind_waypoint(t: &mut TestLab) {
+    t.apply(&join(&[
+        FRONT_AMBIENT,
+        FRONT_CLIENT,
+        BACK_API_POD_WITH_TCP_ECHO,
+        API_SERVICE,
+        WAYPOINT_GATEWAY,
+        BACK_USES_WAYPOINT,
+    ]));
+    t.eventually("requests through the waypoint", || {
+        t.curl("front/client", "http://10.96.0.20/warmup").is_ok()
+            && t.log("pod:back/waypoint").contains("backend=back/api")
+    });
+}
+
+/// Active targets per job, and whether each is healthy.
+fn targets(t: &TestLab) -> BTreeMap<String, Vec<(String, String)>> {
+    let v = t.prometheus("targets", &[("state", "active")]);
+    let mut out: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for tg in v["data"]["activeTargets"].as_array().into_iter().flatten() {
+        let job = tg["labels"]["job"].as_str().unwrap_or_default().to_string();
+        let addr = tg["labels"]["instance"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let health = tg["health"].as_str().unwrap_or_default().to_string();
+        out.entry(job).or_default().push((addr, health));
+    }
+    out
+}
+
+fn sum_by_job(t: &TestLab, metric: &str) -> BTreeMap<String, f64> {
+    t.promql(&format!("sum by (job) ({metric})"))
+        .into_iter()
+        .map(|(m, v)| (m["job"].as_str().unwrap_or_default().to_string(), v))
+        .collect()
+}
+
+#[test]
+fn prometheus_scrapes_every_component_and_follows_the_lab() {
+    let mut t = TestLab::up_named("obs", 2, &["curl", "prometheus"]);
+    t.lab.start_prometheus().unwrap();
+    app_behind_waypoint(&mut t);
+    for _ in 0..10 {
+        t.curl("front/client", "http://10.96.0.20/ok").unwrap();
+    }
+    for i in 0..10 {
+        let m = format!("echo-{i}");
+        assert_eq!(t.tcp("front/client", "10.96.0.20:9000", &m).unwrap(), m);
+    }
+
+    // Every component is a target, and every target is up.
+    let want: BTreeMap<&str, usize> = [
+        ("ztunnel", 2),
+        ("mesh-cni", 2),
+        ("mesh-control", 1),
+        ("waypoint", 1),
+    ]
+    .into();
+    t.eventually("every target scraped and up", || {
+        let got = targets(&t);
+        want.iter().all(|(job, n)| {
+            got.get(*job)
+                .is_some_and(|v| v.len() == *n && v.iter().all(|(_, h)| h == "up"))
+        })
+    });
+    let up: Vec<(Value, f64)> = t.promql("up");
+    assert_eq!(up.len(), 6, "{up:?}");
+    assert!(up.iter().all(|(_, v)| *v == 1.0), "{up:?}");
+
+    // The mesh's metrics, from each kind of target.
+    t.eventually(
+        "request and TCP metrics from the waypoint and ztunnels",
+        || {
+            let requests = sum_by_job(&t, "istio_requests_total");
+            let tcp = sum_by_job(&t, "istio_tcp_connections_opened_total");
+            requests.get("waypoint").is_some_and(|n| *n >= 10.0)
+                && tcp.get("ztunnel").is_some_and(|n| *n >= 10.0)
+                && tcp.get("waypoint").is_some_and(|n| *n >= 10.0)
+        },
+    );
+    // Each ztunnel reports its side: node-1's as source, node-2's as destination.
+    let by_node: BTreeMap<String, f64> = t
+        .promql("sum by (node, reporter) (istio_tcp_connections_opened_total{job=\"ztunnel\"})")
+        .into_iter()
+        .map(|(m, v)| {
+            (
+                format!(
+                    "{}/{}",
+                    m["node"].as_str().unwrap_or_default(),
+                    m["reporter"].as_str().unwrap_or_default()
+                ),
+                v,
+            )
+        })
+        .collect();
+    assert!(
+        by_node.contains_key("node-1/source") && by_node.contains_key("node-2/destination"),
+        "{by_node:?}"
+    );
+    assert!(!t.promql("pilot_xds").is_empty(), "mesh-control's metrics");
+    assert_eq!(
+        t.promql("count by (job) (mesh_cni_netns_refused_total)")
+            .len(),
+        1,
+        "the node agents' metrics"
+    );
+
+    // Components come and go: the target list follows.
+    // Killed: a terminated ztunnel drains for seconds, holding its ports.
+    t.lab.stop("ztunnel-2", true).unwrap();
+    t.eventually("ztunnel-2 to leave the targets", || {
+        targets(&t).get("ztunnel").is_some_and(|v| v.len() == 1)
+    });
+    t.lab.start_ztunnel(2).unwrap();
+    t.eventually("ztunnel-2 to come back, up", || {
+        targets(&t)
+            .get("ztunnel")
+            .is_some_and(|v| v.len() == 2 && v.iter().all(|(_, h)| h == "up"))
+    });
+    t.lab.delete_pod("back/waypoint").unwrap();
+    t.eventually("the deleted waypoint to leave the targets", || {
+        !targets(&t).contains_key("waypoint")
+    });
+
+    // `down` stops Prometheus (by PID) and removes its data with the lab.
+    let pid = t.lab.process("prometheus").unwrap().pid;
+    let data = t.lab.dir.join("prometheus/data");
+    assert!(data.is_dir());
+    t.lab.down().unwrap();
+    // Gone, or a zombie of this test process (the lab does not reap what it spawns).
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        state.is_empty()
+            || state
+                .rsplit_once(") ")
+                .is_some_and(|(_, r)| r.starts_with('Z')),
+        "Prometheus still runs after down: {state}"
+    );
+    assert!(!data.exists());
+}
