@@ -159,3 +159,137 @@ fn prometheus_scrapes_every_component_and_follows_the_lab() {
     );
     assert!(!data.exists());
 }
+
+/// The waypoint's request count for back/api, as Prometheus last scraped it.
+fn api_requests(t: &TestLab) -> f64 {
+    t.promql("sum(istio_requests_total{reporter=\"waypoint\",destination_service_name=\"api\"})")
+        .first()
+        .map(|(_, v)| *v)
+        .unwrap_or(0.0)
+}
+
+/// The row of `table` whose first cells are `cells`, split into its cells.
+fn row<'a>(table: &'a str, cells: &[&str]) -> Vec<&'a str> {
+    table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|c| c.starts_with(cells))
+        .unwrap_or_else(|| panic!("no row {cells:?} in:\n{table}"))
+}
+
+#[test]
+fn meshctl_stat_and_top_report_the_traffic_sent() {
+    let mut t = TestLab::up_named("stat", 2, &["curl", "prometheus"]);
+    t.lab.start_prometheus().unwrap();
+    app_behind_waypoint(&mut t);
+    // Both outcomes' series exist before the measured window starts, so Prometheus
+    // samples them at the same instants and extrapolates both alike (their counts are
+    // well above zero: it never shortens either's extrapolation towards zero): the
+    // ratio of their rates is exactly the traffic's.
+    t.in_pod("front/client")
+        .args([
+            "bash",
+            "-c",
+            "for i in $(seq 20); do curl -s -o /dev/null --max-time 5 http://10.96.0.20/ok; \
+             curl -s -o /dev/null --max-time 5 http://10.96.0.20/status/503; done",
+        ])
+        .status()
+        .unwrap();
+    assert_eq!(
+        t.tcp("front/client", "10.96.0.20:9000", "warm").unwrap(),
+        "warm"
+    );
+    t.eventually("the 200, 503 and TCP bytes series in Prometheus", || {
+        t.promql("istio_requests_total{reporter=\"waypoint\",response_code=~\"200|503\"} >= 20")
+            .len()
+            == 2
+            && !t
+                .promql("istio_tcp_received_bytes_total{reporter=\"destination\",destination_workload=\"api\"}")
+                .is_empty()
+    });
+    // Two scrapes later, so the window below starts after both series do.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let before = api_requests(&t);
+    let t0 = std::time::Instant::now();
+    // 30 successes and 10 failures.
+    let out = t
+        .in_pod("front/client")
+        .args([
+            "bash",
+            "-c",
+            "for i in $(seq 30); do curl -s -o /dev/null -w '%{http_code} ' --max-time 5 http://10.96.0.20/ok; done; \
+             for i in $(seq 10); do curl -s -o /dev/null -w '%{http_code} ' --max-time 5 http://10.96.0.20/status/503; done",
+        ])
+        .output()
+        .unwrap();
+    let codes = String::from_utf8_lossy(&out.stdout);
+    // And TCP connections, each its own mTLS connection to api's ztunnel.
+    for i in 0..5 {
+        let m = format!("echo-{i}");
+        assert_eq!(t.tcp("front/client", "10.96.0.20:9000", &m).unwrap(), m);
+    }
+    assert_eq!(codes.matches("200").count(), 30, "{codes}");
+    assert_eq!(codes.matches("503").count(), 10, "{codes}");
+    t.eventually("Prometheus to have scraped all 40 requests", || {
+        api_requests(&t) == before + 40.0
+    });
+    // The window reaches back to the last scrape before the traffic (2 s interval), and
+    // is long against that interval: Prometheus extrapolates a rate to the window's
+    // edges, by up to an interval at each end.
+    let window = 20;
+    std::thread::sleep(std::time::Duration::from_secs(window - 3).saturating_sub(t0.elapsed()));
+    let w = format!("{window}s");
+
+    let stat = t.meshctl(&[
+        "stat",
+        "workload",
+        "-n",
+        "back",
+        "--window",
+        &w,
+        "--show-queries",
+    ]);
+    assert!(
+        stat.contains("# sum by (destination_workload_namespace, destination_workload) (rate(istio_requests_total{reporter=\"waypoint\",destination_workload_namespace=\"back\"}"),
+        "the queries are shown:\n{stat}"
+    );
+    let api = row(&stat, &["back", "api"]);
+    // Prometheus extrapolates each series' rate to the window's edges on its own (less
+    // so for a series whose count is close to zero), so ratios of rates are close, not
+    // exact: allow 5 points.
+    let pct = |cell: &str| -> f64 { cell.trim_end_matches('%').parse().unwrap() };
+    let success = pct(api[2]);
+    assert!(
+        (70.0..=80.0).contains(&success),
+        "30 of 40 requests succeeded (75%), {success}% shown:\n{stat}"
+    );
+    // Requests/s × window ≈ 40, give or take the extrapolation (at most 2 s of 20 at
+    // each end): allow 25%.
+    let rps: f64 = api[3].trim_end_matches("/s").parse().unwrap();
+    let seen = rps * window as f64;
+    assert!(
+        (30.0..=50.0).contains(&seen),
+        "{seen} requests, 40 sent:\n{stat}"
+    );
+    for p in &api[4..7] {
+        assert!(p.ends_with("ms"), "latency quantiles shown:\n{stat}");
+    }
+    // The waypoint → api connections are mTLS (ztunnel on node-2 reports them).
+    assert_ne!(api[7], "0.00/s", "TCP connections opened:\n{stat}");
+    assert!(api[8].ends_with("B/s"), "TCP bytes:\n{stat}");
+    assert_eq!(api[9], "100.00%", "mTLS share:\n{stat}");
+
+    let by_service = t.meshctl(&["stat", "services", "--window", &w]);
+    let success = pct(row(&by_service, &["back", "api"])[2]);
+    assert!((70.0..=80.0).contains(&success), "{by_service}");
+
+    let top = t.meshctl(&["top", "--once", "--window", &w]);
+    let path = row(&top, &["front/client", "back/api", "http"]);
+    let errors = pct(path[4]);
+    assert!((20.0..=30.0).contains(&errors), "10 of 40 failed:\n{top}");
+    let first = top.lines().nth(1).unwrap_or_default();
+    assert!(
+        first.starts_with("front/client") && first.contains("back/api"),
+        "the client → api path is the busiest:\n{top}"
+    );
+}

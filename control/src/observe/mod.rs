@@ -1,0 +1,6 @@
+//! Golden metrics from Prometheus for `meshctl stat`, `top` and `dashboard`: the PromQL
+//! (`promql`), answers turned into rows (`table`), and a minimal HTTP client (`client`).
+
+pub mod client;
+pub mod promql;
+pub mod table;
