@@ -395,5 +395,35 @@ fn scenario(lab: &mut Lab, observe: bool) -> Result<(), String> {
     {
         println!("  waypoint log:\n    {}", line.trim());
     }
+    if observe {
+        golden_metrics(lab)?;
+    }
+    Ok(())
+}
+
+/// The traffic above as Prometheus saw it, through `meshctl stat` and `top`.
+fn golden_metrics(lab: &Lab) -> Result<(), String> {
+    println!("\n  golden metrics from Prometheus (mesh-lab meshctl stat / top):");
+    // Two scrapes, so the last requests are in.
+    std::thread::sleep(Duration::from_secs(2 * 2 + 1));
+    let meshctl = lab.bin_dir.join("meshctl");
+    for args in [
+        &["stat", "services", "-n", "back", "--window", "1m"][..],
+        &["top", "--once", "--window", "1m", "--limit", "5"][..],
+    ] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.node_ns(1)])
+            .arg(&meshctl)
+            .args(args)
+            .output()
+            .map_err(|e| format!("meshctl: {e}"))?;
+        println!("  $ meshctl {}", args.join(" "));
+        for l in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .chain(String::from_utf8_lossy(&out.stderr).lines())
+        {
+            println!("    {l}");
+        }
+    }
     Ok(())
 }
