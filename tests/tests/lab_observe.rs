@@ -293,3 +293,171 @@ fn meshctl_stat_and_top_report_the_traffic_sent() {
         "the client → api path is the busiest:\n{top}"
     );
 }
+
+/// `meshctl dashboard` running in node 1's namespace; killed (by its PID) when dropped.
+struct DashboardProcess(std::process::Child);
+
+impl Drop for DashboardProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Headless Chromium in node 1's namespace (where the dashboard listens), a fresh
+/// profile each run, nothing fetched but the page: `args` then the URL.
+fn chromium(t: &TestLab, profile: &std::path::Path, args: &[&str], url: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.lab.node_ns(1), "chromium"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            // Scripts' fetches and timers run before the DOM is dumped.
+            "--virtual-time-budget=10000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_dashboard_draws_the_service_graph_in_chromium() {
+    let mut t = TestLab::up_named("dash", 2, &["curl", "prometheus", "chromium"]);
+    t.lab.start_prometheus().unwrap();
+    app_behind_waypoint(&mut t);
+    // A first request of each kind makes the series; Prometheus's rates count what
+    // comes after a series' first sample.
+    let send = |t: &TestLab, ok: usize, failed: usize, tcp: usize| {
+        for _ in 0..ok {
+            t.curl("front/client", "http://10.96.0.20/ok").unwrap();
+        }
+        for _ in 0..failed {
+            assert_eq!(
+                t.status("front/client", "http://10.96.0.20/status/503"),
+                "503"
+            );
+        }
+        for i in 0..tcp {
+            let m = format!("echo-{i}");
+            assert_eq!(t.tcp("front/client", "10.96.0.20:9000", &m).unwrap(), m);
+        }
+    };
+    send(&t, 1, 1, 1);
+    t.eventually("the first traffic in Prometheus", || {
+        !t.promql("istio_requests_total{reporter=\"waypoint\",response_code=\"503\"}")
+            .is_empty()
+            && !t
+                .promql("istio_tcp_connections_opened_total{reporter=\"destination\",destination_workload=\"api\"}")
+                .is_empty()
+    });
+    send(&t, 20, 5, 3);
+    let dashboard = DashboardProcess(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &t.lab.node_ns(1)])
+            .arg(mesh_e2e::binary("meshctl"))
+            .args(["dashboard", "--listen", "127.0.0.1:15080", "--window", "5m"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let graph = |t: &TestLab| -> Value {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &t.lab.node_ns(1)])
+            .args([
+                "curl",
+                "-s",
+                "--max-time",
+                "10",
+                "http://127.0.0.1:15080/api/graph",
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    // Rates need two scrapes of the traffic in the window.
+    t.eventually("the dashboard's graph with the client → api edge", || {
+        graph(&t)["edges"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|e| e["from"] == "workload:front/client" && e["rate"].as_f64() > Some(0.0))
+        })
+    });
+
+    let profile = tempfile::tempdir().unwrap();
+    let dom = chromium(
+        &t,
+        profile.path(),
+        &["--dump-dom"],
+        "http://127.0.0.1:15080/#service:back/api",
+    );
+    for node in [
+        "data-id=\"workload:front/client\" data-kind=\"workload\" data-namespace=\"front\"",
+        "data-id=\"service:back/api\" data-kind=\"service\" data-namespace=\"back\"",
+        "data-id=\"waypoint:back/waypoint\" data-kind=\"waypoint\" data-namespace=\"back\"",
+        "data-id=\"workload:back/api\" data-kind=\"workload\"",
+        "data-namespace=\"front\"><i",
+    ] {
+        assert!(dom.contains(node), "{node} in the page:\n{dom}");
+    }
+    for edge in [
+        // HTTP through the waypoint: mTLS by construction (HBONE).
+        "data-from=\"workload:front/client\" data-to=\"service:back/api\" data-protocol=\"http\" data-security=\"mtls\"",
+        "data-from=\"service:back/api\" data-to=\"waypoint:back/waypoint\" data-protocol=\"via\"",
+        // The waypoint's connections to api, reported by api's ztunnel as mTLS.
+        "data-from=\"waypoint:back/waypoint\" data-to=\"workload:back/api\" data-protocol=\"tcp\"",
+    ] {
+        assert!(dom.contains(edge), "{edge} in the page:\n{dom}");
+    }
+    // The edge's label: 5 of 25 requests failed.
+    let label = dom
+        .split("data-from=\"workload:front/client\" data-to=\"service:back/api\"")
+        .nth(1)
+        .and_then(|s| s.split("</text>").next())
+        .unwrap_or_default();
+    let err: f64 = label
+        .split(" · ")
+        .find(|p| p.ends_with("% err"))
+        .and_then(|p| p.trim_end_matches("% err").parse().ok())
+        .unwrap_or_else(|| panic!("error rate on the edge: {label}"));
+    // Rates are extrapolated per series to the window's edges: allow 5 points.
+    assert!((15.0..=25.0).contains(&err), "20% errors expected: {label}");
+    // The node selected by the URL: its golden metrics and mesh-control's view.
+    assert!(
+        dom.contains("<h2 id=\"detail-title\">service:back/api</h2>"),
+        "{dom}"
+    );
+    assert!(dom.contains("<tr data-metric=\"success rate\">"), "{dom}");
+    assert!(dom.contains("configurationVersion"), "{dom}");
+
+    let png = mesh_e2e::binary("meshctl")
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("dashboard.png");
+    let _ = std::fs::remove_file(&png);
+    chromium(
+        &t,
+        profile.path(),
+        &[
+            &format!("--screenshot={}", png.display()),
+            "--window-size=1400,800",
+        ],
+        "http://127.0.0.1:15080/#workload:back/api",
+    );
+    let bytes = std::fs::read(&png).unwrap_or_default();
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "a PNG at {}",
+        png.display()
+    );
+    drop(dashboard);
+}

@@ -81,6 +81,15 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         interval: u64,
     },
+    /// A live service graph in the browser: workloads, services and waypoints, edges with
+    /// rate, errors, p99 and mTLS; click a node for its metrics and configuration.
+    Dashboard {
+        /// Where to serve the page (loopback only).
+        #[arg(long, default_value = "127.0.0.1:15080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "1m")]
+        window: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -338,6 +347,29 @@ fn top(cli: &Cli, window: &str, limit: usize, once: bool, interval: u64) -> Resu
     }
 }
 
+fn dashboard(cli: &Cli, listen: SocketAddr, window: &str) -> Result<(), String> {
+    // The page shows the mesh's traffic and configuration: never beyond this machine.
+    if !listen.ip().is_loopback() {
+        return Err(format!(
+            "--listen {listen}: the dashboard serves on loopback only (use ssh -L to reach it from elsewhere)"
+        ));
+    }
+    let d = observe::dashboard::Dashboard {
+        prometheus: observe::client::Endpoint::parse(&cli.prometheus)?,
+        control: cli.control.clone(),
+        window: observe::promql::Window::parse(window)?,
+    };
+    let l = std::net::TcpListener::bind(listen)
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    println!(
+        "dashboard on http://{}/ (Ctrl-C to stop)",
+        l.local_addr().map_err(|e| e.to_string())?
+    );
+    std::io::stdout().flush().ok();
+    d.serve(l);
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match &cli.cmd {
         Cmd::Stat {
@@ -351,10 +383,13 @@ fn run(cli: Cli) -> Result<(), String> {
             once,
             interval,
         } => return top(&cli, window, *limit, *once, *interval),
+        Cmd::Dashboard { listen, window } => return dashboard(&cli, *listen, window),
         _ => {}
     }
     match cli.cmd {
-        Cmd::Stat { .. } | Cmd::Top { .. } => unreachable!("handled above"),
+        Cmd::Stat { .. } | Cmd::Top { .. } | Cmd::Dashboard { .. } => {
+            unreachable!("handled above")
+        }
         Cmd::Status => print_status(&get(&cli.control, "/debug/status")?)?,
         Cmd::Config {
             cmd: ConfigCmd::Dump { node },

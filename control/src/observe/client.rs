@@ -56,14 +56,19 @@ pub fn encode(s: &str) -> String {
 
 /// Runs one instant query; the parsed JSON answer (also for 4xx: it says why).
 pub fn query(ep: &Endpoint, promql: &str) -> Result<Value, String> {
-    let unreachable = |e: String| {
-        format!(
-            "cannot reach Prometheus at {}: {e} (set --prometheus to its URL)",
-            ep.host_port
-        )
-    };
-    let addr = ep
-        .host_port
+    get_json(
+        &ep.host_port,
+        &ep.query_path(promql),
+        "Prometheus",
+        "--prometheus",
+    )
+}
+
+/// `GET path` from `host_port` (`what` names the server, `flag` the option giving it).
+pub fn get_json(host_port: &str, path: &str, what: &str, flag: &str) -> Result<Value, String> {
+    let unreachable =
+        |e: String| format!("cannot reach {what} at {host_port}: {e} (set {flag} to its address)");
+    let addr = host_port
         .to_socket_addrs()
         .map_err(|e| unreachable(e.to_string()))?
         .next()
@@ -73,9 +78,7 @@ pub fn query(ep: &Endpoint, promql: &str) -> Result<Value, String> {
     s.set_read_timeout(Some(Duration::from_secs(15))).ok();
     write!(
         s,
-        "GET {} HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\n\r\n",
-        ep.query_path(promql),
-        ep.host_port
+        "GET {path} HTTP/1.0\r\nHost: {host_port}\r\nAccept: application/json\r\n\r\n"
     )
     .map_err(|e| unreachable(e.to_string()))?;
     let mut resp = Vec::new();
@@ -84,10 +87,10 @@ pub fn query(ep: &Endpoint, promql: &str) -> Result<Value, String> {
     let resp = String::from_utf8_lossy(&resp);
     let (head, body) = resp
         .split_once("\r\n\r\n")
-        .ok_or("malformed answer from Prometheus")?;
+        .ok_or_else(|| format!("malformed answer from {what}"))?;
     serde_json::from_str(body).map_err(|e| {
         format!(
-            "Prometheus answered {} with no JSON ({e}): is --prometheus the Prometheus server?",
+            "{what} answered {} with no JSON ({e}): is {flag} the right address?",
             head.lines().next().unwrap_or_default()
         )
     })

@@ -64,7 +64,7 @@ fn finite(v: f64) -> Option<f64> {
 }
 
 /// The golden metrics of one workload or service.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct StatRow {
     pub namespace: String,
     pub name: String,
