@@ -360,6 +360,16 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
                 .is_empty()
     });
     send(&t, 20, 5, 3);
+    t.eventually("all of it scraped", || {
+        let count = |code: &str| {
+            t.promql(&format!(
+                "sum(istio_requests_total{{reporter=\"waypoint\",response_code=\"{code}\"}})"
+            ))
+            .first()
+            .map(|(_, v)| *v)
+        };
+        count("503") == Some(6.0) && count("200").is_some_and(|n| n >= 21.0)
+    });
     let dashboard = DashboardProcess(
         std::process::Command::new("ip")
             .args(["netns", "exec", &t.lab.node_ns(1)])
