@@ -242,6 +242,11 @@ pub fn run(lab: &mut Lab, keep: bool, observe: bool) -> Result<i32, String> {
         println!(
             "\nThe lab stays up: mesh-lab status | mesh-lab exec front/client -- curl -s http://10.96.0.20/ | mesh-lab down"
         );
+        if observe {
+            println!(
+                "Metrics: mesh-lab meshctl stat | mesh-lab meshctl top | mesh-lab dashboard (then open http://127.0.0.1:15080/)"
+            );
+        }
     } else {
         step(7, "tear down (use --keep to explore)");
         lab.down()?;
