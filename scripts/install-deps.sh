@@ -11,6 +11,8 @@ packages=(
   nghttp2-client              # h2load
   haproxy                     # the L7 proxy the waypoint is measured against (mesh-lab bench)
   curl
+  prometheus                  # the lab's metrics store (mesh-lab up --observe), queried by meshctl stat/top
+  chromium                    # headless browser driving the dashboard test
   tcpdump                     # captures proving only TLS crosses the fabric
   make
   unzip                       # helm ships as a static binary inside an npm package's zip

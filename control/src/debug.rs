@@ -1,7 +1,7 @@
 //! The local debug API meshctl reads: `/debug/status`, `/debug/config_dump?node=N`,
-//! `/debug/authz?from=SPIFFE&to=NS/POD&port=P`, `/ready`. Bound to localhost by default,
+//! `/debug/authz?from=SPIFFE&to=NS/POD&port=P`, `/ready`, and `/metrics` (Prometheus). Bound to localhost by default,
 //! and up before xDS is served, so it can say why mesh-control is not ready. The
-//! readiness listener (for the kubelet) serves `/ready` and `/healthz` only.
+//! readiness listener (for the kubelet) serves `/ready`, `/healthz` and `/metrics` only.
 
 use crate::grpc::Shared;
 use crate::readiness::Readiness;
@@ -143,6 +143,75 @@ pub fn config_dump(shared: &Shared, node: &str) -> Value {
     json!({"node": node, "clients": clients})
 }
 
+/// What `/metrics` shows: readiness, and once serving, the xDS clients and what they
+/// rejected (Istio's istiod names where one exists, so its dashboards read them).
+#[derive(Debug, Default, PartialEq)]
+pub struct ControlMetrics {
+    pub ready: bool,
+    pub xds_clients: usize,
+    pub xds_rejects: u64,
+    pub addresses: usize,
+    pub authorizations: usize,
+}
+
+pub fn control_metrics(state: &DebugState) -> ControlMetrics {
+    let mut m = ControlMetrics {
+        ready: state.readiness.problems().is_empty(),
+        ..Default::default()
+    };
+    if let Some(shared) = state.shared.get() {
+        let c = shared.clients.lock().expect("clients lock");
+        m.xds_clients = c.len();
+        m.xds_rejects = c.values().map(|c| c.nacks).sum();
+        drop(c);
+        let g = shared.generation.borrow().clone();
+        m.addresses = g.addresses.len();
+        m.authorizations = g.authorizations.len();
+    }
+    m
+}
+
+/// The Prometheus text format of `m`.
+pub fn render_metrics(m: &ControlMetrics) -> String {
+    let mut s = String::new();
+    let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+        s.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        ));
+    };
+    one(
+        "mesh_control_ready",
+        "gauge",
+        "1 when mesh-control serves configuration",
+        m.ready as u64,
+    );
+    one(
+        "pilot_xds",
+        "gauge",
+        "Clients (ztunnels, node agents, waypoints) connected over xDS",
+        m.xds_clients as u64,
+    );
+    one(
+        "pilot_total_xds_rejects",
+        "counter",
+        "xDS responses rejected (NACKed) by the connected clients",
+        m.xds_rejects,
+    );
+    one(
+        "mesh_control_addresses",
+        "gauge",
+        "Workloads and services in the address table sent to ztunnels",
+        m.addresses as u64,
+    );
+    one(
+        "mesh_control_authorizations",
+        "gauge",
+        "Authorization policies sent to ztunnels",
+        m.authorizations as u64,
+    );
+    s
+}
+
 fn respond(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
@@ -167,10 +236,19 @@ async fn handle(
     if path == "/healthz" {
         return respond(StatusCode::OK, json!({"alive": true}));
     }
+    // Also on the readiness listener: the one a cluster's Prometheus can reach.
+    if path == "/metrics" {
+        return Response::builder()
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(render_metrics(&control_metrics(
+                &state,
+            )))))
+            .expect("valid response");
+    }
     if readiness_only {
         return respond(
             StatusCode::NOT_FOUND,
-            json!({"error": "unknown path", "paths": ["/ready", "/healthz"]}),
+            json!({"error": "unknown path", "paths": ["/ready", "/healthz", "/metrics"]}),
         );
     }
     if path == "/debug/status" {
@@ -179,7 +257,7 @@ async fn handle(
     if !["/debug/config_dump", "/debug/authz"].contains(&path) {
         return respond(
             StatusCode::NOT_FOUND,
-            json!({"error": "unknown path", "paths": ["/debug/status", "/debug/config_dump?node=", "/debug/authz?from=&to=&port=", "/ready"]}),
+            json!({"error": "unknown path", "paths": ["/debug/status", "/debug/config_dump?node=", "/debug/authz?from=&to=&port=", "/ready", "/metrics"]}),
         );
     }
     let Some(shared) = state.shared.get() else {
@@ -235,6 +313,24 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn renders_prometheus_text() {
+        let text = super::render_metrics(&super::ControlMetrics {
+            ready: true,
+            xds_clients: 5,
+            xds_rejects: 2,
+            addresses: 7,
+            authorizations: 1,
+        });
+        assert!(
+            text.contains("# TYPE pilot_xds gauge\npilot_xds 5\n"),
+            "{text}"
+        );
+        assert!(text.contains("\npilot_total_xds_rejects 2\n"), "{text}");
+        assert!(text.contains("\nmesh_control_ready 1\n"), "{text}");
+        assert!(text.contains("\nmesh_control_addresses 7\n"), "{text}");
+    }
+
     #[test]
     fn decodes_queries() {
         assert_eq!(

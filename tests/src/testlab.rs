@@ -197,6 +197,47 @@ impl TestLab {
         )
     }
 
+    /// The lab's Prometheus API (`/api/v1/...`), asked from node 1 where it listens;
+    /// `params` are URL-encoded by curl. The parsed JSON answer.
+    pub fn prometheus(&self, api: &str, params: &[(&str, &str)]) -> serde_json::Value {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.lab.node_ns(1)]).args([
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "-G",
+        ]);
+        for (k, v) in params {
+            cmd.args(["--data-urlencode", &format!("{k}={v}")]);
+        }
+        let out = cmd
+            .arg(format!(
+                "http://{}/api/v1/{api}",
+                mesh_lab::prometheus::LISTEN
+            ))
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// An instant PromQL query: each series' labels and value.
+    pub fn promql(&self, query: &str) -> Vec<(serde_json::Value, f64)> {
+        let v = self.prometheus("query", &[("query", query)]);
+        v["data"]["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let value = r["value"][1]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(f64::NAN);
+                (r["metric"].clone(), value)
+            })
+            .collect()
+    }
+
     /// A capture of pod traffic only on the fabric's bridge (the control plane's own TLS
     /// also crosses the fabric), written as `<name>.pcap` in the lab's directory.
     pub fn capture(&self, name: &str) -> Capture {

@@ -50,6 +50,10 @@ struct Args {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     #[serde(serialize_with = "display_duration")]
     drain_deadline: Duration,
+    /// OTLP/gRPC collector for traces (a server span per request, a client span per
+    /// upstream attempt), e.g. http://otel-collector:4317; no tracing when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Consecutive 5xx or connection failures that eject an endpoint (outlier detection).
     #[arg(long, default_value_t = 5)]
     outlier_consecutive_errors: u32,
@@ -204,6 +208,12 @@ fn main() {
             pool: pool.clone(),
             normalization: a.path_normalization,
             shutdown: CancellationToken::new(),
+            tracer: match &a.otlp_endpoint {
+                Some(e) => {
+                    waypoint::trace::Tracer::otlp(e.clone(), format!("{}.{}", a.name, a.namespace))
+                }
+                None => waypoint::trace::Tracer::disabled(),
+            },
         });
         tokio::spawn(pool.run_sweeper());
         tracing::info!("waiting for addresses, routes and policies from the control plane");

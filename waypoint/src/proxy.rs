@@ -150,6 +150,8 @@ pub struct Waypoint {
     /// Cancelled when the waypoint drains: HTTP connections finish their request in
     /// flight and close.
     pub shutdown: CancellationToken,
+    /// Server and client spans, when an OTLP collector is configured.
+    pub tracer: Arc<crate::trace::Tracer>,
 }
 
 /// Bodies larger than this are not buffered for retries or mirroring (413).
@@ -345,7 +347,19 @@ impl Waypoint {
                 (resp, "-".to_string(), received_path.clone())
             }
             Ok(host) => {
-                if !req.headers().contains_key("traceparent")
+                // Traced: the upstream's parent is this request's server span.
+                let server_span = self.tracer.enabled().then(|| {
+                    crate::trace::ServerSpan::begin(
+                        req.headers()
+                            .get("traceparent")
+                            .and_then(|v| v.to_str().ok()),
+                    )
+                });
+                if let Some(span) = &server_span
+                    && let Ok(v) = span.header().parse()
+                {
+                    req.headers_mut().insert("traceparent", v);
+                } else if !req.headers().contains_key("traceparent")
                     && let Ok(v) = hbone::TraceParent::random().to_string().parse()
                 {
                     req.headers_mut().insert("traceparent", v);
@@ -356,6 +370,14 @@ impl Waypoint {
                     .route_and_forward(&conn, req, &method, &path, &host.name, &mut labels)
                     .await;
                 self.budget.request_done();
+                if let Some(span) = server_span {
+                    self.tracer.record(span.finish(
+                        &conn.destination(),
+                        method.as_str(),
+                        &path,
+                        resp.status().as_u16(),
+                    ));
+                }
                 (resp, backend, path)
             }
         };
@@ -582,7 +604,7 @@ impl Waypoint {
     /// outcome reported back for outlier detection.
     async fn balanced(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         svc: &Service,
         port: u16,
         protocol: AppProtocol,
@@ -622,9 +644,21 @@ impl Waypoint {
         };
         labels.set_destination(&ep);
         let in_flight = self.balancer.begin(&ep.uid);
+        let client_span = self
+            .tracer
+            .enabled()
+            .then(|| crate::trace::ClientSpan::begin(req.headers_mut()))
+            .flatten();
         let fut = self.forward(req, &ep, target_port, protocol);
         let result = within(per_try, fut).await;
         drop(in_flight);
+        if let Some(span) = client_span {
+            let endpoint = format!("{}/{}", ep.namespace, ep.name);
+            self.tracer.record(match &result {
+                Ok(r) => span.finish(&endpoint, r.status().as_u16(), None),
+                Err((_, e)) => span.finish(&endpoint, 0, Some(e)),
+            });
+        }
         let ok = match &result {
             Ok(r) => !r.status().is_server_error(),
             Err((code, _)) => !code.is_server_error(),
@@ -744,6 +778,7 @@ impl Waypoint {
             pool: self.pool.clone(),
             normalization: self.normalization,
             shutdown: self.shutdown.clone(),
+            tracer: self.tracer.clone(),
         })
     }
 

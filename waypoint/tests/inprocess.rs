@@ -222,6 +222,10 @@ struct Setup {
 /// Services: `api` (VIP t.100, endpoints v1 and v2), `api-v1`, `api-v2`, `mirror` (t.103),
 /// and `tcp` (t.104, a TCP port).
 async fn setup(t: u8) -> Setup {
+    setup_traced(t, waypoint::trace::Tracer::disabled()).await
+}
+
+async fn setup_traced(t: u8, tracer: Arc<waypoint::trace::Tracer>) -> Setup {
     let ca = CertificateAuthority::new_root("cluster.local", 30 * DAY).unwrap();
     let backend_cert = cert(&ca, "shop", "backend");
     let backend_tls = Arc::new(mesh_identity::server_config(&backend_cert).unwrap());
@@ -273,7 +277,7 @@ async fn setup(t: u8) -> Setup {
         ttl: std::time::Duration::from_secs(24 * 3600),
     });
     let metrics = Arc::new(waypoint::metrics::Metrics::new());
-    let wp = new_waypoint(&waypoint_id, &config, certs.clone(), &metrics);
+    let wp = new_waypoint(&waypoint_id, &config, certs.clone(), &metrics, tracer);
     let pool = wp.pool.clone();
     let waypoint_addr = SocketAddr::new(ip(t, 200), 15008);
     let creds = certs.get(&waypoint_id).await.unwrap();
@@ -302,6 +306,7 @@ fn new_waypoint(
     config: &Arc<RwLock<Config>>,
     certs: Arc<CertManager>,
     metrics: &Arc<waypoint::metrics::Metrics>,
+    tracer: Arc<waypoint::trace::Tracer>,
 ) -> Arc<Waypoint> {
     Arc::new(Waypoint {
         identity: id.clone(),
@@ -319,6 +324,7 @@ fn new_waypoint(
         pool: Default::default(),
         normalization: Default::default(),
         shutdown: CancellationToken::new(),
+        tracer,
     })
 }
 
@@ -868,7 +874,13 @@ async fn not_ready_and_not_listening_until_addresses_routes_and_policies_synced(
     let s = setup(9).await;
     // A fresh waypoint, fed only by xDS.
     let config = Arc::new(RwLock::new(Config::default()));
-    let wp = new_waypoint(&s.waypoint_id, &config, s.certs.clone(), &s.metrics);
+    let wp = new_waypoint(
+        &s.waypoint_id,
+        &config,
+        s.certs.clone(),
+        &s.metrics,
+        waypoint::trace::Tracer::disabled(),
+    );
     let lifecycle = Lifecycle::new();
     let admin_at = admin(SocketAddr::new(ip(9, 201), 0), &wp, &lifecycle).await;
     let listen = SocketAddr::new(ip(9, 201), 15008);
@@ -1006,7 +1018,13 @@ async fn a_slow_ca_never_blocks_the_accept_loop() {
         cluster_id: "Kubernetes".into(),
         ttl: DAY,
     });
-    let wp = new_waypoint(&s.waypoint_id, &s.config, slow, &s.metrics);
+    let wp = new_waypoint(
+        &s.waypoint_id,
+        &s.config,
+        slow,
+        &s.metrics,
+        waypoint::trace::Tracer::disabled(),
+    );
     let lifecycle = synced();
     let admin_at = admin(SocketAddr::new(ip(10, 201), 0), &wp, &lifecycle).await;
     let listen = SocketAddr::new(ip(10, 201), 15008);
@@ -1058,7 +1076,13 @@ async fn a_slow_ca_never_blocks_the_accept_loop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_within_the_deadline() {
     let s = setup(11).await;
-    let wp = new_waypoint(&s.waypoint_id, &s.config, s.certs.clone(), &s.metrics);
+    let wp = new_waypoint(
+        &s.waypoint_id,
+        &s.config,
+        s.certs.clone(),
+        &s.metrics,
+        waypoint::trace::Tracer::disabled(),
+    );
     let lifecycle = synced();
     let admin_at = admin(SocketAddr::new(ip(11, 201), 0), &wp, &lifecycle).await;
     let listen = SocketAddr::new(ip(11, 201), 15008);
@@ -1151,7 +1175,13 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_deadline_bounds_the_exit() {
     let s = setup(12).await;
-    let wp = new_waypoint(&s.waypoint_id, &s.config, s.certs.clone(), &s.metrics);
+    let wp = new_waypoint(
+        &s.waypoint_id,
+        &s.config,
+        s.certs.clone(),
+        &s.metrics,
+        waypoint::trace::Tracer::disabled(),
+    );
     let lifecycle = synced();
     let listen = SocketAddr::new(ip(12, 201), 15008);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1204,4 +1234,129 @@ async fn the_drain_deadline_bounds_the_exit() {
         took >= Duration::from_millis(450) && took < Duration::from_secs(2),
         "{took:?}"
     );
+}
+
+/// An OTLP/gRPC trace receiver: the collector's service as the OpenTelemetry project
+/// generates it from its protos, keeping every span it is sent.
+#[derive(Default, Clone)]
+struct Receiver(Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Receiver
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        for rs in req.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                .cloned();
+            assert!(service.is_some(), "spans name their service");
+            for ss in rs.scope_spans {
+                self.0.lock().unwrap().extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_go_to_an_otlp_collector_with_a_client_span_per_attempt() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind((ip(9, 250), 4317))
+        .await
+        .unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let s = setup_traced(
+        9,
+        waypoint::trace::Tracer::otlp(endpoint, "waypoint.shop".into()),
+    )
+    .await;
+    s.route(r#"{"parentRefs":[{"kind":"Service","name":"api"}],"rules":[
+        {"matches":[{"path":{"type":"Exact","value":"/fail-twice"}}],"backendRefs":[{"name":"api-v1","port":80}],
+         "retry":{"codes":[503],"attempts":3,"backoff":"10ms"}}
+    ]}"#);
+    // The caller's trace context, as a traced client (or ztunnel's propagation) sends it.
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let caller_span = "b7ad6b7169203331";
+    let io = hyper_util::rt::TokioIo::new(s.tunnel(ip(9, 100)).await);
+    let (mut c, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let resp = c
+        .send_request(
+            http::Request::get("/fail-twice")
+                .header("host", "api.shop.svc.cluster.local")
+                .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "two failures retried");
+
+    // One server span and three client spans (503, 503, 200) arrive at the collector.
+    // Polled for up to 30 s: the exporter connects on its first batch.
+    for _ in 0..300 {
+        if receiver.0.lock().unwrap().len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spans = receiver.0.lock().unwrap().clone();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert!(
+        spans.iter().all(|s| hex(&s.trace_id) == trace_id),
+        "one trace"
+    );
+    let server: Vec<_> = spans.iter().filter(|s| s.kind == 2).collect();
+    assert_eq!(server.len(), 1, "{spans:?}");
+    assert_eq!(
+        hex(&server[0].parent_span_id),
+        caller_span,
+        "continues the caller's span"
+    );
+    assert_eq!(server[0].name, "api.shop.svc.cluster.local/fail-twice");
+    let clients: Vec<_> = spans.iter().filter(|s| s.kind == 3).collect();
+    assert_eq!(clients.len(), 3, "a client span per attempt: {spans:?}");
+    let status = |s: &opentelemetry_proto::tonic::trace::v1::Span| {
+        s.attributes
+            .iter()
+            .find(|a| a.key == "http.response.status_code")
+            .and_then(|a| a.value.as_ref()?.value.clone())
+    };
+    let mut codes: Vec<String> = clients.iter().map(|s| format!("{:?}", status(s))).collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        [
+            "Some(IntValue(200))",
+            "Some(IntValue(503))",
+            "Some(IntValue(503))"
+        ]
+    );
+    for c in &clients {
+        assert_eq!(
+            c.parent_span_id, server[0].span_id,
+            "attempts are the server span's children"
+        );
+        assert!(c.start_time_unix_nano >= server[0].start_time_unix_nano);
+        assert!(c.end_time_unix_nano <= server[0].end_time_unix_nano);
+    }
 }

@@ -2,6 +2,8 @@
 //! generates manifests.
 
 use clap::{Parser, Subcommand};
+use mesh_control::observe;
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -17,6 +19,18 @@ struct Cli {
         default_value = "127.0.0.1:15014"
     )]
     control: String,
+    /// Prometheus's URL, for stat, top and dashboard (the lab's: run them with
+    /// `mesh-lab meshctl`, in node 1's namespace).
+    #[arg(
+        long,
+        global = true,
+        env = "MESH_PROMETHEUS",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    prometheus: String,
+    /// Print the PromQL each figure comes from (to reuse in your own dashboards).
+    #[arg(long, global = true)]
+    show_queries: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -40,6 +54,41 @@ enum Cmd {
     Authz {
         #[command(subcommand)]
         cmd: AuthzCmd,
+    },
+    /// Golden metrics per workload or service, from Prometheus: success rate, requests/s,
+    /// latency p50/p95/p99 (through waypoints), TCP connections/s and bytes/s, mTLS share.
+    Stat {
+        #[arg(value_parser = ["workload", "workloads", "service", "services"], default_value = "workload")]
+        kind: String,
+        /// Only destinations in this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// The range rates are taken over (PromQL duration: 30s, 1m, 1h).
+        #[arg(long, default_value = "1m")]
+        window: String,
+    },
+    /// The busiest source → destination paths now, refreshed until interrupted.
+    Top {
+        #[arg(long, default_value = "1m")]
+        window: String,
+        /// How many paths to show.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        /// Print once and exit.
+        #[arg(long)]
+        once: bool,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+    },
+    /// A live service graph in the browser: workloads, services and waypoints, edges with
+    /// rate, errors, p99 and mTLS; click a node for its metrics and configuration.
+    Dashboard {
+        /// Where to serve the page (loopback only).
+        #[arg(long, default_value = "127.0.0.1:15080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "1m")]
+        window: String,
     },
 }
 
@@ -252,8 +301,112 @@ fn print_status(v: &serde_json::Value) -> Result<(), String> {
     }
 }
 
+/// Runs `queries` against Prometheus; with `show`, prints each before its answer is used.
+fn run_queries<K: Ord + Copy>(
+    prometheus: &str,
+    queries: Vec<(K, String)>,
+    show: bool,
+) -> Result<BTreeMap<K, Vec<observe::table::Sample>>, String> {
+    let ep = observe::client::Endpoint::parse(prometheus)?;
+    let mut out = BTreeMap::new();
+    for (k, q) in queries {
+        if show {
+            println!("# {q}");
+        }
+        let v = observe::client::query(&ep, &q)?;
+        out.insert(k, observe::table::parse_vector(&v)?);
+    }
+    if show {
+        println!();
+    }
+    Ok(out)
+}
+
+fn stat(cli: &Cli, kind: &str, namespace: Option<&str>, window: &str) -> Result<(), String> {
+    use observe::promql::{Figure, Scope, Window, stat_query};
+    let scope = if kind.starts_with("service") {
+        Scope::Service
+    } else {
+        Scope::Workload
+    };
+    let window = Window::parse(window)?;
+    let queries = Figure::ALL
+        .iter()
+        .map(|f| (*f, stat_query(*f, scope, &window, namespace)))
+        .collect();
+    let results = run_queries(&cli.prometheus, queries, cli.show_queries)?;
+    let rows = observe::table::stat_rows(scope, &results);
+    print!("{}", observe::table::render_stat(scope, &rows));
+    Ok(())
+}
+
+fn top(cli: &Cli, window: &str, limit: usize, once: bool, interval: u64) -> Result<(), String> {
+    use observe::promql::{PathFigure, Window, path_query};
+    let window = Window::parse(window)?;
+    let mut show = cli.show_queries;
+    loop {
+        let queries = PathFigure::ALL
+            .iter()
+            .map(|f| (*f, path_query(*f, &window)))
+            .collect();
+        let results = run_queries(&cli.prometheus, queries, show)?;
+        // The queries are shown once; then only the table refreshes.
+        show = false;
+        let table = observe::table::render_paths(&observe::table::path_rows(&results, limit));
+        if once {
+            print!("{table}");
+            return Ok(());
+        }
+        // Clear the screen, then the table and when it was taken.
+        print!("\x1b[2J\x1b[H{table}\n(window {window}, every {interval}s; Ctrl-C to stop)\n");
+        std::io::stdout().flush().ok();
+        std::thread::sleep(Duration::from_secs(interval.max(1)));
+    }
+}
+
+fn dashboard(cli: &Cli, listen: SocketAddr, window: &str) -> Result<(), String> {
+    // The page shows the mesh's traffic and configuration: never beyond this machine.
+    if !listen.ip().is_loopback() {
+        return Err(format!(
+            "--listen {listen}: the dashboard serves on loopback only (use ssh -L to reach it from elsewhere)"
+        ));
+    }
+    let d = observe::dashboard::Dashboard {
+        prometheus: observe::client::Endpoint::parse(&cli.prometheus)?,
+        control: cli.control.clone(),
+        window: observe::promql::Window::parse(window)?,
+    };
+    let l = std::net::TcpListener::bind(listen)
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    println!(
+        "dashboard on http://{}/ (Ctrl-C to stop)",
+        l.local_addr().map_err(|e| e.to_string())?
+    );
+    std::io::stdout().flush().ok();
+    d.serve(l);
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), String> {
+    match &cli.cmd {
+        Cmd::Stat {
+            kind,
+            namespace,
+            window,
+        } => return stat(&cli, kind, namespace.as_deref(), window),
+        Cmd::Top {
+            window,
+            limit,
+            once,
+            interval,
+        } => return top(&cli, window, *limit, *once, *interval),
+        Cmd::Dashboard { listen, window } => return dashboard(&cli, *listen, window),
+        _ => {}
+    }
     match cli.cmd {
+        Cmd::Stat { .. } | Cmd::Top { .. } | Cmd::Dashboard { .. } => {
+            unreachable!("handled above")
+        }
         Cmd::Status => print_status(&get(&cli.control, "/debug/status")?)?,
         Cmd::Config {
             cmd: ConfigCmd::Dump { node },

@@ -231,8 +231,8 @@ fn log(lab: &Lab, role: &str) -> String {
         .unwrap_or_default()
 }
 
-pub fn run(lab: &mut Lab, keep: bool) -> Result<i32, String> {
-    let result = scenario(lab);
+pub fn run(lab: &mut Lab, keep: bool, observe: bool) -> Result<i32, String> {
+    let result = scenario(lab, observe);
     if let Err(e) = &result {
         eprintln!(
             "\ndemo failed: {e}\n(logs: mesh-lab logs control|ztunnel-1|ztunnel-2|agent-1|agent-2)"
@@ -242,6 +242,11 @@ pub fn run(lab: &mut Lab, keep: bool) -> Result<i32, String> {
         println!(
             "\nThe lab stays up: mesh-lab status | mesh-lab exec front/client -- curl -s http://10.96.0.20/ | mesh-lab down"
         );
+        if observe {
+            println!(
+                "Metrics: mesh-lab meshctl stat | mesh-lab meshctl top | mesh-lab dashboard (then open http://127.0.0.1:15080/)"
+            );
+        }
     } else {
         step(7, "tear down (use --keep to explore)");
         lab.down()?;
@@ -250,12 +255,19 @@ pub fn run(lab: &mut Lab, keep: bool) -> Result<i32, String> {
     result.map(|_| 0)
 }
 
-fn scenario(lab: &mut Lab) -> Result<(), String> {
+fn scenario(lab: &mut Lab, observe: bool) -> Result<(), String> {
     step(
         1,
         "a cluster of 2 nodes: network namespaces on a fabric, real CNI plugins, mesh-control, and per node a ztunnel and a node agent",
     );
     lab.up(2)?;
+    if observe {
+        lab.start_prometheus()?;
+        println!(
+            "  Prometheus scrapes them all, in node-1's namespace on {}",
+            crate::prometheus::LISTEN
+        );
+    }
     print!("{}", lab.status());
 
     step(
@@ -387,6 +399,36 @@ fn scenario(lab: &mut Lab) -> Result<(), String> {
         .find(|l| l.contains("denied by authorization policy"))
     {
         println!("  waypoint log:\n    {}", line.trim());
+    }
+    if observe {
+        golden_metrics(lab)?;
+    }
+    Ok(())
+}
+
+/// The traffic above as Prometheus saw it, through `meshctl stat` and `top`.
+fn golden_metrics(lab: &Lab) -> Result<(), String> {
+    println!("\n  golden metrics from Prometheus (mesh-lab meshctl stat / top):");
+    // Two scrapes, so the last requests are in.
+    std::thread::sleep(Duration::from_secs(2 * 2 + 1));
+    let meshctl = lab.bin_dir.join("meshctl");
+    for args in [
+        &["stat", "services", "-n", "back", "--window", "1m"][..],
+        &["top", "--once", "--window", "1m", "--limit", "5"][..],
+    ] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.node_ns(1)])
+            .arg(&meshctl)
+            .args(args)
+            .output()
+            .map_err(|e| format!("meshctl: {e}"))?;
+        println!("  $ meshctl {}", args.join(" "));
+        for l in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .chain(String::from_utf8_lossy(&out.stderr).lines())
+        {
+            println!("    {l}");
+        }
     }
     Ok(())
 }

@@ -25,6 +25,9 @@ pub struct State {
     pub procs: Vec<ProcEntry>,
     pub pods: BTreeMap<String, PodEntry>,
     pub next_vip: u8,
+    /// Prometheus runs and its target files are kept current (`up --observe`).
+    #[serde(default)]
+    pub observe: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +49,9 @@ pub struct PodEntry {
     pub container_id: String,
     pub ip: String,
     pub uid: String,
+    /// A waypoint's pod (scraped by the lab's Prometheus).
+    #[serde(default)]
+    pub waypoint: bool,
 }
 
 pub struct Lab {
@@ -161,7 +167,51 @@ impl Lab {
             serde_json::to_vec_pretty(&self.state).map_err(|e| e.to_string())?,
         )
         .map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, self.dir.join("state.json")).map_err(|e| e.to_string())
+        std::fs::rename(&tmp, self.dir.join("state.json")).map_err(|e| e.to_string())?;
+        // Every change of components or pods passes here: Prometheus's targets follow.
+        if self.state.observe {
+            crate::prometheus::write_targets(&self.prometheus_dir(), &self.state)?;
+        }
+        Ok(())
+    }
+
+    fn prometheus_dir(&self) -> PathBuf {
+        self.dir.join("prometheus")
+    }
+
+    /// Runs the lab's Prometheus (idempotent): its configuration and target files in the
+    /// state directory, the process in node 1's namespace on loopback
+    /// (`prometheus::LISTEN`). Waits until it serves.
+    pub fn start_prometheus(&mut self) -> Result<(), String> {
+        if !self.is_up() {
+            return Err(format!("lab {} is not up", self.name));
+        }
+        if self
+            .process("prometheus")
+            .is_some_and(|p| Path::new(&format!("/proc/{}", p.pid)).exists() && !is_zombie(p.pid))
+        {
+            return Ok(());
+        }
+        let dir = self.prometheus_dir();
+        std::fs::create_dir_all(dir.join("data")).map_err(|e| e.to_string())?;
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            crate::prometheus::config(&dir.join("targets")),
+        )
+        .map_err(|e| e.to_string())?;
+        self.state.observe = true;
+        self.save()?;
+        let mut args = crate::prometheus::command(&dir);
+        args[0] = which("prometheus").ok_or(
+            "prometheus is not installed: run scripts/install-deps.sh (Debian package prometheus)",
+        )?;
+        self.state.procs.retain(|p| p.role != "prometheus");
+        self.spawn("prometheus", &self.node_ns(1), &args)?;
+        self.wait_log(
+            "prometheus",
+            "Server is ready to receive web requests",
+            Duration::from_secs(30),
+        )
     }
 
     pub fn fabric_ns(&self) -> String {
@@ -482,6 +532,9 @@ impl Lab {
             // Only the lab's ztunnel may take pods' namespaces.
             "--zds-peer-exe".into(),
             self.bin("ztunnel"),
+            // Metrics (and readiness) on the node's address too, for the lab's Prometheus.
+            "--readiness-addr".into(),
+            "0.0.0.0:8000".into(),
         ];
         agent.extend(self.control_args(&self.node_token(i)));
         self.state.procs.retain(|p| p.role != format!("agent-{i}"));
@@ -765,6 +818,9 @@ impl Lab {
                 container_id,
                 ip: ip.clone(),
                 uid,
+                waypoint: doc["metadata"]["labels"]
+                    .get("gateway.networking.k8s.io/gateway-name")
+                    .is_some(),
             },
         );
         self.save()?;
@@ -1067,6 +1123,16 @@ impl Lab {
         self.state = State::default();
         Ok(())
     }
+}
+
+/// `name`'s full path on PATH.
+fn which(name: &str) -> Option<String> {
+    std::env::var_os("PATH")?
+        .to_string_lossy()
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .map(|p| p.to_string_lossy().into_owned())
 }
 
 fn is_zombie(pid: u32) -> bool {

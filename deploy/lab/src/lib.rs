@@ -9,4 +9,6 @@ pub mod bench_report;
 pub mod cgroup;
 pub mod cni_runtime;
 pub mod demo;
+pub mod forward;
 pub mod lab;
+pub mod prometheus;

@@ -22,6 +22,10 @@ enum Cmd {
     Up {
         #[arg(long, default_value_t = 2)]
         nodes: usize,
+        /// Also run Prometheus (Debian's package) in node 1's namespace on 127.0.0.1:9090,
+        /// scraping every ztunnel, waypoint, node agent and mesh-control.
+        #[arg(long)]
+        observe: bool,
     },
     /// Remove everything the lab made (also after a crash).
     Down,
@@ -55,11 +59,23 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The service graph in your browser: runs `meshctl dashboard` in node 1's namespace
+    /// (beside Prometheus, from `up --observe`) and forwards 127.0.0.1:PORT here to it.
+    Dashboard {
+        #[arg(long, default_value_t = 15080)]
+        port: u16,
+        /// The range rates are taken over.
+        #[arg(long, default_value = "1m")]
+        window: String,
+    },
     /// The guided demo: plaintext, then the same traffic over the mesh.
     Demo {
         /// Leave the lab up at the end.
         #[arg(long)]
         keep: bool,
+        /// Run Prometheus too and end with the golden metrics it collected.
+        #[arg(long)]
+        observe: bool,
     },
     /// Measure direct vs mesh vs mesh + waypoint (and HAProxy) on a fresh 2-node lab:
     /// throughput, req/s, latency at a fixed rate, connections/s, CPU, memory, scale.
@@ -146,9 +162,12 @@ fn run(cli: Cli) -> Result<i32, String> {
     }
     let mut lab = Lab::open(&cli.name, &cli.state_root)?;
     match cli.cmd {
-        Cmd::Up { nodes } => {
+        Cmd::Up { nodes, observe } => {
             let was_up = lab.is_up();
             lab.up(nodes)?;
+            if observe {
+                lab.start_prometheus()?;
+            }
             println!(
                 "{}",
                 if was_up {
@@ -192,9 +211,10 @@ fn run(cli: Cli) -> Result<i32, String> {
                 Some(("ztunnel", n)) => lab.start_ztunnel(n.parse().map_err(|_| "ztunnel-N")?)?,
                 Some(("agent", n)) => lab.start_agent(n.parse().map_err(|_| "agent-N")?)?,
                 _ if component == "control" => lab.start_control()?,
+                _ if component == "prometheus" => lab.start_prometheus()?,
                 _ => {
                     return Err(format!(
-                        "cannot start {component}: give control, ztunnel-N or agent-N"
+                        "cannot start {component}: give control, prometheus, ztunnel-N or agent-N"
                     ));
                 }
             }
@@ -210,7 +230,37 @@ fn run(cli: Cli) -> Result<i32, String> {
                 .map_err(|e| e.to_string())?;
             return Ok(status.code().unwrap_or(1));
         }
-        Cmd::Demo { keep } => return mesh_lab::demo::run(&mut lab, keep),
+        Cmd::Dashboard { port, window } => {
+            if lab.process("prometheus").is_none() {
+                return Err("the lab has no Prometheus: run `mesh-lab up --observe` first".into());
+            }
+            let inner: std::net::SocketAddr = ([127, 0, 0, 1], 15080).into();
+            let mut child = std::process::Command::new("ip")
+                .args(["netns", "exec", &lab.node_ns(1)])
+                .arg(lab.bin_dir.join("meshctl"))
+                .args([
+                    "dashboard",
+                    "--listen",
+                    &inner.to_string(),
+                    "--window",
+                    &window,
+                ])
+                // Marked as the lab's: `down` ends it even if this command is killed.
+                .env("MESH_LAB_DIR", &lab.dir)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start meshctl: {e}"))?;
+            let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+                .map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))?;
+            println!("dashboard on http://127.0.0.1:{port}/ (Ctrl-C to stop)");
+            use std::io::Write;
+            std::io::stdout().flush().ok();
+            let netns = std::path::Path::new("/var/run/netns").join(lab.node_ns(1));
+            std::thread::spawn(move || mesh_lab::forward::serve(listener, netns, inner));
+            let status = child.wait().map_err(|e| e.to_string())?;
+            return Ok(status.code().unwrap_or(1));
+        }
+        Cmd::Demo { keep, observe } => return mesh_lab::demo::run(&mut lab, keep, observe),
         Cmd::Bench {
             runs,
             seconds,

@@ -1,0 +1,293 @@
+//! `meshctl dashboard`: a small web page (inline JS and SVG, nothing fetched from
+//! elsewhere) drawing the service graph, refreshed from Prometheus; a node's details
+//! add its golden metrics and what mesh-control's debug API says about it. Served on
+//! loopback, one thread per connection.
+
+use super::client::{Endpoint, get_json, query};
+use super::graph::{Graph, GraphFigure, build, graph_query, parse_id};
+use super::promql::{Figure, Scope, Window, stat_query};
+use super::table::{Sample, parse_vector, stat_rows};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+const PAGE: &str = include_str!("dashboard.html");
+
+#[derive(Clone)]
+pub struct Dashboard {
+    pub prometheus: Endpoint,
+    /// mesh-control's debug API, `host:port`.
+    pub control: String,
+    pub window: Window,
+}
+
+/// What a request asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    Page,
+    Graph,
+    Node(String),
+    NotFound,
+}
+
+/// The route of a request target (`/path?query`).
+pub fn route(target: &str) -> Route {
+    let (path, q) = target.split_once('?').unwrap_or((target, ""));
+    match path {
+        "/" | "/index.html" => Route::Page,
+        "/api/graph" => Route::Graph,
+        "/api/node" => q
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("id="))
+            .map(|v| Route::Node(percent_decode(v)))
+            .unwrap_or(Route::NotFound),
+        _ => Route::NotFound,
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The page with `graph` inlined, so it draws without waiting for a request.
+pub fn page(graph: &Graph) -> String {
+    // Inside <script>: "</" must not end the element.
+    let json = serde_json::to_string(graph)
+        .unwrap_or_else(|_| "{}".into())
+        .replace("</", "<\\/");
+    PAGE.replace("__INITIAL_GRAPH__", &json)
+}
+
+/// What mesh-control's `/debug/status` says about a node of the graph: where its pods
+/// are enrolled, a waypoint's xDS connection, policy findings in its namespace.
+pub fn node_config(status: &Value, kind: &str, ns: &str, name: &str) -> Value {
+    let mut enrolled = Vec::new();
+    for (node, pods) in status["enrolled"].as_object().into_iter().flatten() {
+        for p in pods
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            let Some((pns, pname)) = p.split_once('/') else {
+                continue;
+            };
+            // A workload's pods are named after it (deployment pods carry a suffix).
+            if pns == ns && (pname == name || pname.starts_with(&format!("{name}-"))) {
+                enrolled.push(json!({"pod": p, "node": node}));
+            }
+        }
+    }
+    let principal = format!("waypoint/{ns}/{name}");
+    let xds: Vec<Value> = status["clients"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| kind == "waypoint" && c["principal"] == principal.as_str())
+        .cloned()
+        .collect();
+    let findings: Vec<Value> = status["policyFindings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| {
+            f["object"]
+                .as_str()
+                .is_some_and(|o| o.contains(&format!("{ns}/")))
+        })
+        .cloned()
+        .collect();
+    let mut v = json!({
+        "configurationVersion": status["version"],
+        "ready": status["ready"],
+        "policyFindingsInNamespace": findings,
+    });
+    if kind != "service" {
+        v["enrolledPods"] = json!(enrolled);
+    }
+    if kind == "waypoint" {
+        v["xdsConnections"] = json!(xds);
+    }
+    v
+}
+
+impl Dashboard {
+    fn run_all<K: Ord + Copy>(
+        &self,
+        qs: Vec<(K, String)>,
+    ) -> Result<BTreeMap<K, Vec<Sample>>, String> {
+        let mut out = BTreeMap::new();
+        for (k, q) in qs {
+            out.insert(k, parse_vector(&query(&self.prometheus, &q)?)?);
+        }
+        Ok(out)
+    }
+
+    pub fn graph(&self) -> Result<Graph, String> {
+        let qs = GraphFigure::ALL
+            .iter()
+            .map(|f| (*f, graph_query(*f, &self.window)))
+            .collect();
+        Ok(build(&self.run_all(qs)?))
+    }
+
+    pub fn node(&self, id: &str) -> Result<Value, String> {
+        let (kind, ns, name) = parse_id(id).ok_or_else(|| format!("no such node id {id:?}"))?;
+        let scope = if kind == "service" {
+            Scope::Service
+        } else {
+            Scope::Workload
+        };
+        let qs = Figure::ALL
+            .iter()
+            .map(|f| (*f, stat_query(*f, scope, &self.window, Some(ns))))
+            .collect();
+        let rows = stat_rows(scope, &self.run_all(qs)?);
+        let metrics = rows.into_iter().find(|r| r.name == name);
+        let status = get_json(&self.control, "/debug/status", "mesh-control", "--control")?;
+        Ok(json!({
+            "id": id,
+            "window": self.window.to_string(),
+            "metrics": metrics,
+            "config": node_config(&status, kind, ns, name),
+        }))
+    }
+
+    fn respond(&self, target: &str) -> (u16, &'static str, String) {
+        let json_of = |r: Result<Value, String>| match r {
+            Ok(v) => (200, "application/json", v.to_string()),
+            Err(e) => (502, "application/json", json!({"error": e}).to_string()),
+        };
+        match route(target) {
+            Route::Page => match self.graph() {
+                Ok(g) => (200, "text/html; charset=utf-8", page(&g)),
+                Err(e) => (502, "text/plain; charset=utf-8", format!("{e}\n")),
+            },
+            Route::Graph => json_of(
+                self.graph()
+                    .and_then(|g| serde_json::to_value(g).map_err(|e| e.to_string())),
+            ),
+            Route::Node(id) => json_of(self.node(&id)),
+            Route::NotFound => (
+                404,
+                "application/json",
+                json!({"error": "unknown path", "paths": ["/", "/api/graph", "/api/node?id="]})
+                    .to_string(),
+            ),
+        }
+    }
+
+    fn handle(&self, s: TcpStream) {
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let mut r = BufReader::new(&s);
+        let mut line = String::new();
+        if r.read_line(&mut line).is_err() {
+            return;
+        }
+        // The headers are not needed; read them off.
+        let mut h = String::new();
+        while r.read_line(&mut h).is_ok_and(|n| n > 2) {
+            h.clear();
+        }
+        let target = line.split_whitespace().nth(1).unwrap_or("/");
+        let (code, ctype, body) = if line.starts_with("GET ") {
+            self.respond(target)
+        } else {
+            (405, "text/plain", "GET only\n".into())
+        };
+        let mut s = &s;
+        let _ = write!(
+            s,
+            "HTTP/1.1 {code} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n{body}",
+            if code == 200 { "OK" } else { "Error" },
+            body.len()
+        );
+    }
+
+    /// Serves until the process ends.
+    pub fn serve(self, listener: TcpListener) {
+        for s in listener.incoming().flatten() {
+            let d = self.clone();
+            std::thread::spawn(move || d.handle(s));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("/"), Route::Page);
+        assert_eq!(route("/api/graph?x=1"), Route::Graph);
+        assert_eq!(
+            route("/api/node?id=service%3Aback%2Fapi"),
+            Route::Node("service:back/api".into())
+        );
+        assert_eq!(route("/api/node"), Route::NotFound);
+        assert_eq!(route("/etc/passwd"), Route::NotFound);
+    }
+
+    #[test]
+    fn the_page_inlines_the_graph_safely_and_fetches_nothing_elsewhere() {
+        let g = Graph {
+            namespaces: vec!["</script><b>".into()],
+            ..Default::default()
+        };
+        let p = page(&g);
+        assert!(!p.contains("__INITIAL_GRAPH__"));
+        assert!(
+            p.contains("<\\/script><b>"),
+            "inline JSON cannot close the script"
+        );
+        assert_eq!(p.matches("</script>").count(), 2);
+        assert!(
+            !p.contains("src=") && !p.contains("href="),
+            "nothing loaded from elsewhere"
+        );
+        assert!(!p.contains("https://"));
+    }
+
+    #[test]
+    fn node_config_picks_what_concerns_the_node() {
+        let status = json!({
+            "ready": true, "version": 7,
+            "enrolled": {"node-1": ["front/client"], "node-2": ["back/api", "back/api-7f9c", "back/apiary"]},
+            "clients": [{"principal": "waypoint/back/waypoint", "types": ["x"]}, {"principal": "node/node-1"}],
+            "policyFindings": [{"object": "AuthorizationPolicy back/p", "message": "m"}, {"object": "AuthorizationPolicy other/q"}]
+        });
+        let c = node_config(&status, "workload", "back", "api");
+        assert_eq!(
+            c["enrolledPods"],
+            json!([{"pod": "back/api", "node": "node-2"}, {"pod": "back/api-7f9c", "node": "node-2"}])
+        );
+        assert_eq!(c["policyFindingsInNamespace"].as_array().unwrap().len(), 1);
+        assert_eq!(c["configurationVersion"], 7);
+        assert!(c.get("xdsConnections").is_none());
+        let w = node_config(&status, "waypoint", "back", "waypoint");
+        assert_eq!(
+            w["xdsConnections"][0]["principal"],
+            "waypoint/back/waypoint"
+        );
+        let s = node_config(&status, "service", "back", "api");
+        assert!(s.get("enrolledPods").is_none());
+    }
+}
