@@ -447,6 +447,12 @@ impl Lab {
         ]
     }
 
+    /// Node `i`'s `resolv.conf` as its ztunnel reads it at start (the DNS proxy's
+    /// upstream resolvers).
+    pub fn node_resolv_conf(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node{i}/resolv.conf"))
+    }
+
     fn node_token(&self, i: usize) -> PathBuf {
         self.dir.join(format!("node{i}/token"))
     }
@@ -508,6 +514,10 @@ impl Lab {
             format!("ztunnel-{i}"),
             "--log-level".into(),
             "info,access=info".into(),
+            // The lab has no cluster DNS: the node's resolvers are whatever a test writes
+            // here (none otherwise; nothing the lab runs leaves the lab).
+            "--dns-resolv-conf".into(),
+            self.node_resolv_conf(i).to_string_lossy().into(),
         ];
         zt.extend(self.control_args(&self.node_token(i)));
         self.state
