@@ -133,8 +133,7 @@ fn ztunnel_metrics(t: &TestLab) -> String {
 }
 
 #[test]
-fn captured_pod_resolves_services_from_the_mesh_and_the_rest_upstream_and_fails_without_ztunnel()
-{
+fn captured_pod_resolves_services_from_the_mesh_and_the_rest_upstream_and_fails_without_ztunnel() {
     let dnsmasq = which("dnsmasq");
     let mut t = TestLab::up_named("dns", 1, &["curl", "dig"]);
     let dns_pod = upstream(&dnsmasq, &t.lab.dir);
@@ -201,13 +200,22 @@ fn captured_pod_resolves_services_from_the_mesh_and_the_rest_upstream_and_fails_
         short(&t, "front/client", &up, &["+tcp", "www.outside.example"]),
         ["203.0.113.7"]
     );
-    let (_, nx) = dig(&t, "front/client", &[&format!("@{up}"), "missing.outside.example"]);
+    let (_, nx) = dig(
+        &t,
+        "front/client",
+        &[&format!("@{up}"), "missing.outside.example"],
+    );
     assert!(nx.contains("status: NXDOMAIN"), "{nx}");
     // A reply too large for a 512-byte client: TC over UDP, then whole over TCP.
     let (_, tc) = dig(
         &t,
         "front/client",
-        &[&format!("@{up}"), "+noedns", "+ignore", "big.outside.example"],
+        &[
+            &format!("@{up}"),
+            "+noedns",
+            "+ignore",
+            "big.outside.example",
+        ],
     );
     assert!(tc.contains(" tc"), "truncated over UDP: {tc}");
     assert_eq!(
@@ -230,7 +238,11 @@ fn captured_pod_resolves_services_from_the_mesh_and_the_rest_upstream_and_fails_
     // ztunnel down: the captured pod's DNS fails, it is never answered from elsewhere
     // (the upstream it names is up: the uncaptured pod still gets its answer).
     t.lab.stop("ztunnel-1", true).unwrap();
-    let (ok, out) = dig(&t, "front/client", &[&format!("@{up}"), "www.outside.example"]);
+    let (ok, out) = dig(
+        &t,
+        "front/client",
+        &[&format!("@{up}"), "www.outside.example"],
+    );
     assert!(
         !ok && !out.contains("203.0.113.7"),
         "no answer without ztunnel: {out}"
@@ -246,11 +258,17 @@ fn captured_pod_resolves_services_from_the_mesh_and_the_rest_upstream_and_fails_
         short(&t, "front/client", &up, &["api.back"]) == ["10.96.0.20"]
     });
     t.lab.stop("pod:upstream/dns", true).unwrap();
-    let (_, fail) = dig(&t, "front/client", &[&format!("@{up}"), "www.outside.example"]);
+    let (_, fail) = dig(
+        &t,
+        "front/client",
+        &[&format!("@{up}"), "www.outside.example"],
+    );
     assert!(fail.contains("status: SERVFAIL"), "{fail}");
     let m = ztunnel_metrics(&t);
     assert!(
-        m.contains("istio_dns_upstream_failures_total{request_query_type=\"a\",request_protocol=\"udp\""),
+        m.contains(
+            "istio_dns_upstream_failures_total{request_query_type=\"a\",request_protocol=\"udp\""
+        ),
         "{m}"
     );
 }

@@ -20,7 +20,7 @@ use mesh_proto::ports;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,7 +48,7 @@ pub struct DnsSettings {
 }
 
 impl DnsSettings {
-    pub fn new(cluster_domain: &str, resolv_conf: &PathBuf) -> DnsSettings {
+    pub fn new(cluster_domain: &str, resolv_conf: &Path) -> DnsSettings {
         DnsSettings {
             cluster_domain: cluster_domain.to_string(),
             upstreams: Upstreams::load(resolv_conf),
