@@ -498,7 +498,41 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tcp_connections_are_capped_and_idle_ones_closed() {
+    async fn listens_on_both_loopbacks_when_the_namespace_has_ipv6() {
+        // The capture rules redirect IPv6 port 53 to [::1]:15053.
+        let has_v6_loopback = std::fs::read_to_string("/proc/net/if_inet6")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("00000000000000000000000000000001"));
+        assert!(has_v6_loopback, "the test needs ::1 in its namespace");
+        let settings = Arc::new(DnsSettings {
+            cluster_domain: "cluster.local".into(),
+            upstreams: Upstreams::default(),
+            max_in_flight: 8,
+            request_timeout: Duration::from_secs(1),
+            upstream_try: Duration::from_secs(1),
+        });
+        let netns = Netns::open("/proc/self/ns/net").unwrap();
+        let bound = bind_on(&netns, 0).unwrap();
+        let v6 = *bound
+            .udp_addrs()
+            .iter()
+            .find(|a| a.is_ipv6())
+            .expect("a UDP socket on ::1");
+        assert!(bound.tcp_addrs().iter().any(|a| a.is_ipv6()));
+        let drain = Drain::new();
+        PodDns::serve(ctx(), settings, netns, "ns1", "client", bound, &drain);
+        let client = UdpSocket::bind("[::1]:0").await.unwrap();
+        client.connect(v6).await.unwrap();
+        client.send(&query(9, "echo.ns1.")).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = client.recv(&mut buf).await.unwrap();
+        assert_eq!(Message::from_vec(&buf[..n]).unwrap().answers.len(), 1);
+        drain.stop_accepting().cancel();
+    }
+
+    #[tokio::test]
+    async fn tcp_queries_are_framed_and_half_sent_ones_closed() {
         let settings = Arc::new(DnsSettings {
             cluster_domain: "cluster.local".into(),
             upstreams: Upstreams::default(),
