@@ -22,6 +22,9 @@ enum Cmd {
     Up {
         #[arg(long, default_value_t = 2)]
         nodes: usize,
+        /// Give every pod an IPv6 address beside its IPv4 one (fd00:10:244:<node>::/64).
+        #[arg(long)]
+        dual_stack: bool,
     },
     /// Remove everything the lab made (also after a crash).
     Down,
@@ -146,9 +149,9 @@ fn run(cli: Cli) -> Result<i32, String> {
     }
     let mut lab = Lab::open(&cli.name, &cli.state_root)?;
     match cli.cmd {
-        Cmd::Up { nodes } => {
+        Cmd::Up { nodes, dual_stack } => {
             let was_up = lab.is_up();
-            lab.up(nodes)?;
+            lab.up_with(nodes, dual_stack)?;
             println!(
                 "{}",
                 if was_up {
