@@ -186,6 +186,8 @@ impl PodDns {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::debug!(pod = %self.name, error = %e, "DNS receive failed");
+                        // Never a busy loop on an error that repeats.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
