@@ -17,6 +17,8 @@ packages=(
   make
   unzip                       # helm ships as a static binary inside an npm package's zip
   python3-venv                # kubernetes-validate, the offline schema check of the chart
+  dnsutils                    # dig: a real DNS client for the DNS proxy's lab test
+  dnsmasq-base                # the upstream resolver that test runs inside the lab
 )
 
 if ! command -v cargo >/dev/null 2>&1; then

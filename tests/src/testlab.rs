@@ -28,13 +28,18 @@ impl TestLab {
 
     /// A lab of `nodes` nodes named after `tag` (made unique), requiring `tools` first.
     pub fn up_named(tag: &str, nodes: usize, tools: &[&str]) -> TestLab {
+        TestLab::up_family(tag, nodes, tools, false)
+    }
+
+    /// [`TestLab::up_named`], its pods `dual_stack` (an IPv4 and an IPv6 address each).
+    pub fn up_family(tag: &str, nodes: usize, tools: &[&str], dual_stack: bool) -> TestLab {
         for tool in tools {
             require_tool(tool);
         }
         let root = tempfile::tempdir().unwrap();
         let bins = binary("ztunnel").parent().unwrap().to_path_buf();
         let mut lab = Lab::open_with_binaries(&unique(tag), root.path(), &bins).unwrap();
-        lab.up(nodes).unwrap();
+        lab.up_with(nodes, dual_stack).unwrap();
         TestLab { lab, _root: root }
     }
 

@@ -220,6 +220,23 @@ fn captured(ns: &Netns) -> bool {
         && ns
             .exec(&["ip", "rule", "show"])
             .contains("fwmark 0x111/0xfff lookup 100")
+        && (!has_v6(ns) || captured_v6(ns))
+}
+
+/// A pod with a global IPv6 address (dual stack).
+fn has_v6(ns: &Netns) -> bool {
+    !ns.exec(&["ip", "-6", "-o", "addr", "show", "scope", "global"])
+        .trim()
+        .is_empty()
+}
+
+/// The IPv6 policy route for ztunnel's spoofed connections.
+fn captured_v6(ns: &Netns) -> bool {
+    ns.exec(&["ip", "-6", "rule", "show"])
+        .contains("fwmark 0x111/0xfff lookup 100")
+        && ns
+            .exec(&["ip", "-6", "route", "show", "table", "100"])
+            .contains("local default dev lo")
 }
 
 fn clean(ns: &Netns) -> bool {
@@ -230,9 +247,17 @@ fn clean(ns: &Netns) -> bool {
         ])
         .output()
         .unwrap();
+    let routes6 = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "ip", "-6", "route", "show", "table", "100",
+        ])
+        .output()
+        .unwrap();
     tables(ns).iter().all(|t| !t.contains("ambient"))
         && !ns.exec(&["ip", "rule", "show"]).contains("0x111")
+        && !ns.exec(&["ip", "-6", "rule", "show"]).contains("0x111")
         && (!routes.status.success() || routes.stdout.is_empty())
+        && (!routes6.status.success() || routes6.stdout.is_empty())
 }
 
 async fn zds_client(node: &Node) -> ZdsConnection {
@@ -366,10 +391,23 @@ async fn labelling_a_namespace_enrols_running_pods_and_agent_restart_reconciles(
         .add(&sb)
         .expect("ADD of a pod outside the mesh");
     assert!(clean(&pod_ns), "not enrolled: no rules");
+    // The pod is dual stack: its IPv6 replies need the policy route too.
+    pod_ns.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:211::5/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    assert!(has_v6(&pod_ns));
 
     // Label the namespace: the running pod is enrolled without a restart.
     node.write(&namespaces(&["plain"], &pod("plain", "legacy", "u-legacy")));
     wait_until("live enrolment", || captured(&pod_ns));
+    assert!(captured_v6(&pod_ns), "IPv6 policy routing in place");
 
     // Restart the agent: it forgets the plugin's ADD, finds the namespace the way the
     // kubelet knows it (the pod's process by the pod UID in its cgroup, confirmed by the
@@ -405,6 +443,7 @@ async fn labelling_a_namespace_enrols_running_pods_and_agent_restart_reconciles(
     zt.ack(None).await.unwrap();
     assert!(captured(&pod_ns));
     node.runtime.del(&sb).unwrap();
+    assert!(clean(&pod_ns), "DEL removes both families' routing");
     let _ = zds::Version::V1;
 }
 

@@ -150,6 +150,12 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
         tracker: tracker.clone(),
         state_changed: state_changed.clone(),
         max_connections_per_listener: cfg.max_connections_per_listener,
+        dns: cfg.dns_proxy.then(|| {
+            Arc::new(crate::dns::server::DnsSettings::new(
+                &cfg.cluster_domain,
+                &cfg.dns_resolv_conf,
+            ))
+        }),
     });
     let drain = Drain::new();
     let manager = WorkloadManager::new(ctx.clone(), drain.clone(), cfg.drain_deadline);

@@ -91,6 +91,17 @@ pub struct Config {
     /// past it, new connections are closed at once and the listener logs it.
     #[arg(long, env = "MAX_CONNECTIONS_PER_LISTENER", default_value_t = DEFAULT_MAX_CONNECTIONS_PER_LISTENER)]
     pub max_connections_per_listener: usize,
+
+    /// DNS proxy on 15053 in every pod (answers the mesh's service names, forwards the
+    /// rest); the node agent's DNS capture sends pods' port-53 traffic there.
+    #[arg(long, env = "DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns_proxy: bool,
+    /// Where the DNS proxy finds its upstream resolvers (`nameserver` lines).
+    #[arg(long, env = "DNS_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    pub dns_resolv_conf: PathBuf,
+    /// The cluster's DNS domain (`<svc>.<ns>.svc.<domain>`).
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS_PER_LISTENER: usize = 16_384;
@@ -156,6 +167,17 @@ impl Config {
             return Err(format!(
                 "--log-format must be text or json, not {:?}",
                 self.log_format
+            ));
+        }
+        if self.cluster_domain.trim_matches('.').is_empty()
+            || !self
+                .cluster_domain
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return Err(format!(
+                "--cluster-domain must be a DNS domain like cluster.local, not {:?}",
+                self.cluster_domain
             ));
         }
         if self.worker_threads == 0 {

@@ -113,6 +113,8 @@ pub struct Metrics {
     pub xds_connection_terminations: Counter,
     /// Connections closed at once because their listener was at its cap.
     pub connections_refused: Family<ListenerLabel, Counter>,
+    /// The DNS proxy's (`istio_dns_*`).
+    pub dns: crate::dns::metrics::DnsMetrics,
 }
 
 impl Metrics {
@@ -132,6 +134,7 @@ impl Metrics {
             proxies_stopped: Counter::default(),
             xds_connection_terminations: Counter::default(),
             connections_refused: Family::default(),
+            dns: crate::dns::metrics::DnsMetrics::register(istio),
             registry: Registry::default(),
         };
         istio.register(

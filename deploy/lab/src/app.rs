@@ -74,7 +74,8 @@ async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Respo
         .unwrap_or(0);
     let body = format!(
         "hello from {name}: {version} {path} from {} ({body_len} bytes received)\n",
-        peer.ip()
+        // IPv4 clients of the dual-stack listener as plain IPv4.
+        peer.ip().to_canonical()
     );
     Response::builder()
         .status(status)
@@ -85,8 +86,17 @@ async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Respo
         .expect("valid response")
 }
 
+/// Listens on both families (`[::]`, IPv4 mapped), or IPv4 alone where the pod has no
+/// IPv6.
+async fn listen(port: u16) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(("::", port)).await {
+        Ok(l) => Ok(l),
+        Err(_) => TcpListener::bind(("0.0.0.0", port)).await,
+    }
+}
+
 async fn serve_http(name: String, port: u16) -> std::io::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    let listener = listen(port).await?;
     loop {
         let (tcp, peer) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
@@ -105,7 +115,7 @@ async fn serve_http(name: String, port: u16) -> std::io::Result<()> {
 }
 
 async fn serve_echo(port: u16) -> std::io::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    let listener = listen(port).await?;
     loop {
         let (mut tcp, _) = listener.accept().await?;
         tokio::spawn(async move {

@@ -221,6 +221,28 @@ pub fn result_ipv4(result: &Value) -> Option<String> {
     })
 }
 
+/// The pod's IPv6 address from an ADD result, if it has one (dual stack).
+pub fn result_ipv6(result: &Value) -> Option<String> {
+    result["ips"].as_array()?.iter().find_map(|ip| {
+        let a = ip["address"].as_str()?;
+        let addr = a.split('/').next()?;
+        addr.contains(':').then(|| addr.to_string())
+    })
+}
+
+/// `conflist` (from [`node_conflist`]) with a second, IPv6 range and default route: the
+/// pod gets an address of each family.
+pub fn with_ipv6_range(mut conflist: Value, subnet: &str, gateway: &str) -> Value {
+    let ipam = &mut conflist["plugins"][0]["ipam"];
+    if let Some(ranges) = ipam["ranges"].as_array_mut() {
+        ranges.push(json!([{"subnet": subnet, "gateway": gateway}]));
+    }
+    if let Some(routes) = ipam["routes"].as_array_mut() {
+        routes.push(json!({"dst": "::/0"}));
+    }
+    conflist
+}
+
 /// A conflist for a node: the reference bridge + host-local plugins, then mesh-cni.
 pub fn node_conflist(
     name: &str,

@@ -7,7 +7,9 @@
 //! `down` removes it all, even after a crash or `kill -9` of the CLI.
 
 use crate::cgroup::PodCgroups;
-use crate::cni_runtime::{Runtime, Sandbox, loopback_conf, node_conflist, result_ipv4};
+use crate::cni_runtime::{
+    Runtime, Sandbox, loopback_conf, node_conflist, result_ipv4, result_ipv6, with_ipv6_range,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -17,6 +19,9 @@ use std::time::{Duration, Instant};
 
 pub const DEFAULT_ROOT: &str = "/var/run/mesh-lab";
 const FABRIC_NET: &str = "10.100.0";
+/// IPv6 prefixes of dual-stack labs (unique local addresses: nothing leaves the lab).
+const FABRIC_NET6: &str = "fd00:100";
+const POD_NET6: &str = "fd00:10:244";
 const CONTROL_NAME: &str = "mesh-control.lab";
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -28,6 +33,9 @@ pub struct State {
     /// Prometheus runs and its target files are kept current (`up --observe`).
     #[serde(default)]
     pub observe: bool,
+    /// Pods get an IPv6 address beside their IPv4 one.
+    #[serde(default)]
+    pub dual_stack: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,6 +56,9 @@ pub struct PodEntry {
     pub netns: String,
     pub container_id: String,
     pub ip: String,
+    /// The pod's IPv6 address (dual-stack labs).
+    #[serde(default)]
+    pub ip6: Option<String>,
     pub uid: String,
     /// A waypoint's pod (scraped by the lab's Prometheus).
     #[serde(default)]
@@ -229,6 +240,13 @@ impl Lab {
     fn pod_cidr(i: usize) -> String {
         format!("10.244.{i}.0/24")
     }
+    /// Node `i`'s IPv6 address on the fabric (dual-stack labs).
+    pub fn node_ip6(i: usize) -> String {
+        format!("{FABRIC_NET6}::{}", 10 + i)
+    }
+    fn pod_cidr6(i: usize) -> String {
+        format!("{POD_NET6}:{i}::/64")
+    }
     fn manifests(&self) -> PathBuf {
         self.dir.join("manifests")
     }
@@ -325,16 +343,24 @@ impl Lab {
     }
 
     fn runtime(&self, node: usize) -> Runtime {
+        let mut conflist = node_conflist(
+            &format!("{}-net", self.name),
+            "cni0",
+            &Self::pod_cidr(node),
+            &format!("10.244.{node}.1"),
+            &self.dir.join(format!("node{node}/ipam")),
+            &self.dir.join(format!("node{node}/agent.sock")),
+        );
+        if self.state.dual_stack {
+            conflist = with_ipv6_range(
+                conflist,
+                &Self::pod_cidr6(node),
+                &format!("{POD_NET6}:{node}::1"),
+            );
+        }
         Runtime {
             bin_dirs: vec![self.cni_bin_dir.clone(), self.bin_dir.clone()],
-            conflist: node_conflist(
-                &format!("{}-net", self.name),
-                "cni0",
-                &Self::pod_cidr(node),
-                &format!("10.244.{node}.1"),
-                &self.dir.join(format!("node{node}/ipam")),
-                &self.dir.join(format!("node{node}/agent.sock")),
-            ),
+            conflist,
             cache_dir: self.dir.join(format!("node{node}/cni-cache")),
             run_in_netns: Some(self.node_ns(node)),
         }
@@ -343,6 +369,12 @@ impl Lab {
     /// Builds the cluster: fabric, nodes, control plane, and per node an agent and a
     /// ztunnel. Idempotent: an existing lab is left as it is.
     pub fn up(&mut self, nodes: usize) -> Result<(), String> {
+        self.up_with(nodes, false)
+    }
+
+    /// [`Lab::up`], with `dual_stack` pods (an IPv4 and an IPv6 address each) and nodes
+    /// routing both families.
+    pub fn up_with(&mut self, nodes: usize, dual_stack: bool) -> Result<(), String> {
         if self.is_up() {
             return Ok(());
         }
@@ -354,6 +386,7 @@ impl Lab {
         self.state = State {
             nodes,
             next_vip: 10,
+            dual_stack,
             ..Default::default()
         };
         std::fs::create_dir_all(self.manifests()).map_err(|e| e.to_string())?;
@@ -397,6 +430,22 @@ impl Lab {
                     "eth0",
                 ],
             )?;
+            if dual_stack {
+                // No duplicate address detection: addresses are usable at once.
+                no_dad(&ns)?;
+                ns_exec(
+                    &ns,
+                    &[
+                        "ip",
+                        "addr",
+                        "add",
+                        &format!("{}/64", Self::node_ip6(i)),
+                        "dev",
+                        "eth0",
+                    ],
+                )?;
+                ns_exec(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+            }
             ns_exec(&ns, &["ip", "link", "set", "eth0", "up"])?;
             ns_exec(&ns, &["ip", "link", "set", "lo", "up"])?;
             ns_exec(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
@@ -413,6 +462,20 @@ impl Lab {
                             &Self::node_ip(j),
                         ],
                     )?;
+                    if dual_stack {
+                        ns_exec(
+                            &ns,
+                            &[
+                                "ip",
+                                "-6",
+                                "route",
+                                "add",
+                                &Self::pod_cidr6(j),
+                                "via",
+                                &Self::node_ip6(j),
+                            ],
+                        )?;
+                    }
                 }
             }
             let token = format!("lab-{}-{}", self.name, random_hex(16));
@@ -497,6 +560,12 @@ impl Lab {
         ]
     }
 
+    /// Node `i`'s `resolv.conf` as its ztunnel reads it at start (the DNS proxy's
+    /// upstream resolvers).
+    pub fn node_resolv_conf(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("node{i}/resolv.conf"))
+    }
+
     fn node_token(&self, i: usize) -> PathBuf {
         self.dir.join(format!("node{i}/token"))
     }
@@ -561,6 +630,10 @@ impl Lab {
             format!("ztunnel-{i}"),
             "--log-level".into(),
             "info,access=info".into(),
+            // The lab has no cluster DNS: the node's resolvers are whatever a test writes
+            // here (none otherwise; nothing the lab runs leaves the lab).
+            "--dns-resolv-conf".into(),
+            self.node_resolv_conf(i).to_string_lossy().into(),
         ];
         zt.extend(self.control_args(&self.node_token(i)));
         self.state
@@ -742,7 +815,7 @@ impl Lab {
             // Labels and annotations may change on a running pod; the rest is fixed.
             doc["metadata"]["uid"] = json!(existing.uid);
             doc["spec"]["nodeName"] = json!(format!("node-{}", existing.node));
-            doc["status"] = ready_status(&existing.ip);
+            doc["status"] = ready_status(&existing.ip, existing.ip6.as_deref());
             self.write_manifest("Pod", &ns, &name, &doc)?;
             return Ok(format!("pod {key} configured"));
         }
@@ -777,6 +850,9 @@ impl Lab {
         self.write_manifest("Pod", &ns, &name, &doc)?;
         let netns = self.pod_ns(&ns, &name);
         run(&["ip", "netns", "add", &netns])?;
+        if self.state.dual_stack {
+            no_dad(&netns)?;
+        }
         let container_id = format!("{}-{}", self.name, random_hex(6));
         let sb = |ifname: &str| Sandbox {
             container_id: container_id.clone(),
@@ -806,7 +882,11 @@ impl Lab {
         };
         let ip = result_ipv4(&result)
             .ok_or_else(|| format!("pod {key}: no IPv4 address from the CNI chain"))?;
-        doc["status"] = ready_status(&ip);
+        let ip6 = result_ipv6(&result);
+        if self.state.dual_stack && ip6.is_none() {
+            return Err(format!("pod {key}: no IPv6 address from the CNI chain"));
+        }
+        doc["status"] = ready_status(&ip, ip6.as_deref());
         self.write_manifest("Pod", &ns, &name, &doc)?;
         self.state.pods.insert(
             key.clone(),
@@ -817,6 +897,7 @@ impl Lab {
                 netns: netns.clone(),
                 container_id,
                 ip: ip.clone(),
+                ip6,
                 uid,
                 waypoint: doc["metadata"]["labels"]
                     .get("gateway.networking.k8s.io/gateway-name")
@@ -1144,6 +1225,24 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-fn ready_status(ip: &str) -> Value {
-    json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "conditions": [{"type": "Ready", "status": "True"}]})
+fn ready_status(ip: &str, ip6: Option<&str>) -> Value {
+    let mut ips = vec![json!({"ip": ip})];
+    ips.extend(ip6.map(|v6| json!({"ip": v6})));
+    json!({"phase": "Running", "podIP": ip, "podIPs": ips, "conditions": [{"type": "Ready", "status": "True"}]})
+}
+
+/// Turns off duplicate address detection in namespace `ns` (new interfaces included), so
+/// IPv6 addresses work as soon as they are added.
+fn no_dad(ns: &str) -> Result<(), String> {
+    for key in ["all", "default"] {
+        ns_exec(
+            ns,
+            &[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{key}.accept_dad=0"),
+            ],
+        )?;
+    }
+    Ok(())
 }

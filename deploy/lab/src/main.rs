@@ -26,6 +26,9 @@ enum Cmd {
         /// scraping every ztunnel, waypoint, node agent and mesh-control.
         #[arg(long)]
         observe: bool,
+        /// Give every pod an IPv6 address beside its IPv4 one (fd00:10:244:<node>::/64).
+        #[arg(long)]
+        dual_stack: bool,
     },
     /// Remove everything the lab made (also after a crash).
     Down,
@@ -162,9 +165,13 @@ fn run(cli: Cli) -> Result<i32, String> {
     }
     let mut lab = Lab::open(&cli.name, &cli.state_root)?;
     match cli.cmd {
-        Cmd::Up { nodes, observe } => {
+        Cmd::Up {
+            nodes,
+            observe,
+            dual_stack,
+        } => {
             let was_up = lab.is_up();
-            lab.up(nodes)?;
+            lab.up_with(nodes, dual_stack)?;
             if observe {
                 lab.start_prometheus()?;
             }

@@ -156,6 +156,7 @@ mod tests {
             netns: "x".into(),
             container_id: "c".into(),
             ip: ip.into(),
+            ip6: None,
             uid: "u".into(),
             waypoint,
         }

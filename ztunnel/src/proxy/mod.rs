@@ -1,5 +1,6 @@
 //! The per-pod proxy: listeners inside the pod's network namespace (15001 outbound,
-//! 15006 inbound plaintext, 15008 inbound HBONE) and the flows behind them.
+//! 15006 inbound plaintext, 15008 inbound HBONE, 15053 DNS: see `crate::dns`) and the
+//! flows behind them.
 
 pub mod accept;
 pub mod plan;
@@ -43,6 +44,8 @@ pub struct NodeContext {
     pub state_changed: StateChanged,
     /// Cap on open connections per listener (each pod has three).
     pub max_connections_per_listener: usize,
+    /// The DNS proxy on 15053 in each pod (`None`: off).
+    pub dns: Option<Arc<crate::dns::server::DnsSettings>>,
 }
 
 /// The pod as the node agent described it.
@@ -153,6 +156,10 @@ impl PodProxy {
         let outbound = listen_in(&netns, ports::OUTBOUND)?;
         let plaintext = listen_in(&netns, ports::INBOUND_PLAINTEXT)?;
         let hbone_listener = listen_in(&netns, ports::HBONE)?;
+        let dns = match &ctx.dns {
+            Some(settings) => Some((settings.clone(), crate::dns::server::bind(&netns)?)),
+            None => None,
+        };
         let proxy = Arc::new(PodProxy {
             client: hbone::Client::new(
                 NetnsDialer {
@@ -174,6 +181,17 @@ impl PodProxy {
         spawn_accept(proxy.clone(), hbone_listener, "hbone", |p, s| async move {
             p.inbound_hbone(s).await
         });
+        if let Some((settings, bound)) = dns {
+            crate::dns::server::PodDns::serve(
+                proxy.ctx.clone(),
+                settings,
+                proxy.netns.clone(),
+                &proxy.info.namespace,
+                &proxy.info.name,
+                bound,
+                &proxy.drain,
+            );
+        }
         Ok(proxy)
     }
 

@@ -1,0 +1,274 @@
+//! The DNS proxy on a real lab cluster: a pod whose DNS is captured (the per-pod
+//! annotation) resolves Service names to their VIPs with `dig`, gets other names from an
+//! upstream resolver (dnsmasq, run by the test in a lab pod), and gets no answer at all
+//! while ztunnel is down. Nothing leaves the lab: the upstream is a lab pod.
+
+use mesh_e2e::require_tool;
+use mesh_e2e::testlab::TestLab;
+use std::process::Command;
+
+/// The full path of `tool` (pods run their command without a shell).
+fn which(tool: &str) -> String {
+    require_tool(tool);
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Pod `upstream/dns` (namespace outside the mesh) running dnsmasq: authoritative for
+/// `outside.example` (`www` → 203.0.113.7, `big` → 40 addresses, anything else
+/// NXDOMAIN), nothing else.
+fn upstream(dnsmasq: &str, dir: &std::path::Path) -> String {
+    let hosts = dir.join("big.hosts");
+    let lines: String = (1..=40)
+        .map(|i| format!("198.51.100.{i} big.outside.example\n"))
+        .collect();
+    std::fs::write(&hosts, lines).unwrap();
+    let args = [
+        dnsmasq.to_string(),
+        "--keep-in-foreground".into(),
+        "--log-facility=-".into(),
+        "--log-queries".into(),
+        "--no-resolv".into(),
+        "--no-hosts".into(),
+        "--no-poll".into(),
+        "--user=root".into(),
+        format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
+        "--local=/outside.example/".into(),
+        "--address=/www.outside.example/203.0.113.7".into(),
+        format!("--addn-hosts={}", hosts.display()),
+    ];
+    let command = args
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "apiVersion: v1
+kind: Namespace
+metadata: {{name: upstream}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: dns, namespace: upstream}}
+spec: {{nodeName: node-1, containers: [{{name: dns, command: [{command}]}}]}}
+"
+    )
+}
+
+/// Enrolled namespaces `front` (pod `client`, DNS captured by its annotation; pod `plain`,
+/// not captured; Service `local` on 10.96.0.30) and `back` (Service `api` on 10.96.0.20).
+const MESH: &str = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: front, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: back, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: front, labels: {app: client}, annotations: {ambient.istio.io/dns-capture: "true"}}
+spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: client, ports: [{name: http, containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain, namespace: front, labels: {app: plain}}
+spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: plain}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: front}
+spec:
+  selector: {app: client}
+  clusterIP: 10.96.0.30
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: back, labels: {app: api}}
+spec: {nodeName: node-1, serviceAccountName: api, containers: [{name: api, ports: [{name: http, containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: back}
+spec:
+  selector: {app: api}
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: http}]
+"#;
+
+/// `dig` from inside `pod`, one try; (exit success, stdout).
+fn dig(t: &TestLab, pod: &str, args: &[&str]) -> (bool, String) {
+    let out = t
+        .in_pod(pod)
+        .args(["dig", "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The addresses (and CNAME targets) `dig +short` prints.
+fn short(t: &TestLab, pod: &str, server: &str, args: &[&str]) -> Vec<String> {
+    let at = format!("@{server}");
+    let mut all = vec!["+short", at.as_str()];
+    all.extend_from_slice(args);
+    let (_, out) = dig(t, pod, &all);
+    out.lines().map(str::to_string).collect()
+}
+
+fn ztunnel_metrics(t: &TestLab) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &t.lab.node_ns(1)])
+        .args(["curl", "-s", "http://127.0.0.1:15020/metrics"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn captured_pod_resolves_services_from_the_mesh_and_the_rest_upstream_and_fails_without_ztunnel() {
+    let dnsmasq = which("dnsmasq");
+    let mut t = TestLab::up_named("dns", 1, &["curl", "dig"]);
+    let dns_pod = upstream(&dnsmasq, &t.lab.dir);
+    t.apply(&dns_pod);
+    t.apply(MESH);
+    let up = t.lab.state.pods["upstream/dns"].ip.clone();
+    // The node's resolver is the lab's dnsmasq; ztunnel reads it when it starts.
+    std::fs::write(t.lab.node_resolv_conf(1), format!("nameserver {up}\n")).unwrap();
+    t.lab.stop("ztunnel-1", true).unwrap();
+    t.lab.start_ztunnel(1).unwrap();
+
+    // Positive control, outside the capture: the upstream answers its own names and
+    // knows nothing of the mesh's.
+    t.eventually("dnsmasq answering", || {
+        short(&t, "front/plain", &up, &["www.outside.example"]) == ["203.0.113.7"]
+    });
+    assert!(
+        !short(&t, "front/plain", &up, &["api.back.svc.cluster.local"])
+            .contains(&"10.96.0.20".to_string()),
+        "the upstream cannot answer a mesh Service name"
+    );
+
+    // The captured pod: whatever server it asks, port 53 reaches ztunnel in the pod.
+    t.eventually("the Service's VIP through the DNS proxy", || {
+        short(&t, "front/client", &up, &["api.back.svc.cluster.local"]) == ["10.96.0.20"]
+    });
+    for name in ["api.back", "api.back.svc", "api.back.svc.cluster.local."] {
+        assert_eq!(
+            short(&t, "front/client", &up, &[name]),
+            ["10.96.0.20"],
+            "{name}"
+        );
+    }
+    // The short form is the asking pod's namespace.
+    assert_eq!(short(&t, "front/client", &up, &["local"]), ["10.96.0.30"]);
+    assert_eq!(
+        short(&t, "front/client", &up, &["+tcp", "api.back"]),
+        ["10.96.0.20"],
+        "over TCP too"
+    );
+    // A name with the pod's search domain appended: CNAME to the short name, then A.
+    assert_eq!(
+        short(
+            &t,
+            "front/client",
+            &up,
+            &["api.back.front.svc.cluster.local"]
+        ),
+        ["api.back.", "10.96.0.20"]
+    );
+    // Known name, no IPv6 VIP: NOERROR without records (NODATA), not NXDOMAIN.
+    let (_, aaaa) = dig(&t, "front/client", &[&format!("@{up}"), "AAAA", "api.back"]);
+    assert!(
+        aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0") && aaaa.contains(" aa"),
+        "{aaaa}"
+    );
+
+    // Everything else goes upstream, NXDOMAIN included, over UDP and TCP.
+    assert_eq!(
+        short(&t, "front/client", &up, &["www.outside.example"]),
+        ["203.0.113.7"]
+    );
+    assert_eq!(
+        short(&t, "front/client", &up, &["+tcp", "www.outside.example"]),
+        ["203.0.113.7"]
+    );
+    let (_, nx) = dig(
+        &t,
+        "front/client",
+        &[&format!("@{up}"), "missing.outside.example"],
+    );
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    // A reply too large for a 512-byte client: TC over UDP, then whole over TCP.
+    let (_, tc) = dig(
+        &t,
+        "front/client",
+        &[
+            &format!("@{up}"),
+            "+noedns",
+            "+ignore",
+            "big.outside.example",
+        ],
+    );
+    assert!(tc.contains(" tc"), "truncated over UDP: {tc}");
+    assert_eq!(
+        short(&t, "front/client", &up, &["+noedns", "big.outside.example"]).len(),
+        40,
+        "dig retried over TCP and got every record"
+    );
+
+    // Istio's metric names, with the protocol and query type.
+    let m = ztunnel_metrics(&t);
+    for needle in [
+        "istio_dns_requests_total{request_query_type=\"a\",request_protocol=\"udp\"",
+        "istio_dns_requests_total{request_query_type=\"a\",request_protocol=\"tcp\"",
+        "istio_dns_upstream_requests_total{request_query_type=\"a\"",
+        "istio_dns_upstream_request_duration_seconds_bucket",
+    ] {
+        assert!(m.contains(needle), "{needle} in\n{m}");
+    }
+
+    // ztunnel down: the captured pod's DNS fails, it is never answered from elsewhere
+    // (the upstream it names is up: the uncaptured pod still gets its answer).
+    t.lab.stop("ztunnel-1", true).unwrap();
+    let (ok, out) = dig(
+        &t,
+        "front/client",
+        &[&format!("@{up}"), "www.outside.example"],
+    );
+    assert!(
+        !ok && !out.contains("203.0.113.7"),
+        "no answer without ztunnel: {out}"
+    );
+    assert_eq!(
+        short(&t, "front/plain", &up, &["www.outside.example"]),
+        ["203.0.113.7"]
+    );
+
+    // ztunnel back, the upstream gone: SERVFAIL, counted as an upstream failure.
+    t.lab.start_ztunnel(1).unwrap();
+    t.eventually("the DNS proxy back", || {
+        short(&t, "front/client", &up, &["api.back"]) == ["10.96.0.20"]
+    });
+    t.lab.stop("pod:upstream/dns", true).unwrap();
+    let (_, fail) = dig(
+        &t,
+        "front/client",
+        &[&format!("@{up}"), "www.outside.example"],
+    );
+    assert!(fail.contains("status: SERVFAIL"), "{fail}");
+    let m = ztunnel_metrics(&t);
+    assert!(
+        m.contains(
+            "istio_dns_upstream_failures_total{request_query_type=\"a\",request_protocol=\"udp\""
+        ),
+        "{m}"
+    );
+}

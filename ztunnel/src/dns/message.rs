@@ -1,0 +1,424 @@
+//! The wire side of one exchange, on bytes and without sockets: reading a pod's query,
+//! and writing our answer, an error, or the upstream's reply back within the size the
+//! client can take (EDNS payload size over UDP; TC set, records dropped, past it).
+
+use super::resolve::Family;
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use std::net::IpAddr;
+
+/// Largest UDP reply we send, whatever the client advertises (as common resolvers).
+pub const MAX_UDP_PAYLOAD: u16 = 4096;
+/// The payload size we advertise in our own OPT record (the DNS flag day's value).
+pub const OUR_UDP_PAYLOAD: u16 = 1232;
+
+/// How the query reached us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// A query we will answer or forward.
+#[derive(Debug)]
+pub struct Request {
+    msg: Message,
+    /// The query as the pod sent it (forwarded unchanged: its ID, flags and EDNS).
+    raw: Vec<u8>,
+    transport: Transport,
+}
+
+/// Why a message is not a query we serve; `Some` bytes are the reply to send anyway.
+#[derive(Debug)]
+pub struct Rejected(pub Option<Vec<u8>>);
+
+impl Request {
+    /// Reads a pod's message. Responses and garbage without a readable header are dropped
+    /// (never answered: no reflection); malformed queries get FORMERR, other opcodes
+    /// NOTIMP, EDNS versions other than 0 BADVERS.
+    pub fn parse(bytes: &[u8], transport: Transport) -> Result<Request, Rejected> {
+        let msg = match Message::from_vec(bytes) {
+            Ok(m) => m,
+            Err(_) => return Err(Rejected(format_error(bytes))),
+        };
+        if msg.metadata.message_type != MessageType::Query {
+            return Err(Rejected(None));
+        }
+        let req = Request {
+            msg,
+            raw: bytes.to_vec(),
+            transport,
+        };
+        if req.msg.metadata.op_code != OpCode::Query {
+            return Err(Rejected(req.error(ResponseCode::NotImp).ok()));
+        }
+        if req.msg.queries.len() != 1 {
+            return Err(Rejected(req.error(ResponseCode::FormErr).ok()));
+        }
+        if req.msg.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            return Err(Rejected(req.error(ResponseCode::BADVERS).ok()));
+        }
+        Ok(req)
+    }
+
+    fn query(&self) -> &Query {
+        &self.msg.queries[0]
+    }
+
+    /// The query's bytes, as received.
+    pub fn wire(&self) -> &[u8] {
+        &self.raw
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    pub fn name(&self) -> String {
+        self.query().name().to_ascii()
+    }
+
+    pub fn record_type(&self) -> RecordType {
+        self.query().query_type()
+    }
+
+    /// `A` or `AAAA`, the types we may answer ourselves.
+    pub fn family(&self) -> Option<Family> {
+        match self.record_type() {
+            RecordType::A => Some(Family::V4),
+            RecordType::AAAA => Some(Family::V6),
+            _ => None,
+        }
+    }
+
+    /// The query type as a metric label: known types by name, the rest as `other` (a
+    /// pod's bytes never become new label values beyond these).
+    pub fn type_label(&self) -> &'static str {
+        match self.record_type() {
+            RecordType::A => "a",
+            RecordType::AAAA => "aaaa",
+            RecordType::CNAME => "cname",
+            RecordType::MX => "mx",
+            RecordType::NS => "ns",
+            RecordType::PTR => "ptr",
+            RecordType::SOA => "soa",
+            RecordType::SRV => "srv",
+            RecordType::TXT => "txt",
+            RecordType::HTTPS => "https",
+            RecordType::SVCB => "svcb",
+            RecordType::ANY => "any",
+            _ => "other",
+        }
+    }
+
+    /// Largest reply the client takes: its EDNS payload size over UDP (512 without EDNS,
+    /// at most [`MAX_UDP_PAYLOAD`]), the TCP frame limit otherwise.
+    pub fn max_reply(&self) -> usize {
+        match self.transport {
+            Transport::Tcp => u16::MAX as usize,
+            Transport::Udp => self.msg.max_payload().min(MAX_UDP_PAYLOAD) as usize,
+        }
+    }
+
+    fn reply(&self) -> Message {
+        let mut m = Message::response(self.msg.metadata.id, OpCode::Query);
+        m.metadata = Metadata::response_from_request(&self.msg.metadata);
+        m.metadata.recursion_available = true;
+        m.add_query(self.query().clone());
+        if self.msg.edns.is_some() {
+            let mut edns = Edns::new();
+            edns.set_max_payload(OUR_UDP_PAYLOAD);
+            m.set_edns(edns);
+        }
+        m
+    }
+
+    /// An error reply (no records).
+    pub fn error(&self, code: ResponseCode) -> Result<Vec<u8>, String> {
+        let mut m = self.reply();
+        m.metadata.response_code = code;
+        if code.high() != 0 && m.edns.is_none() {
+            // Extended codes travel in the OPT record.
+            m.set_edns(Edns::new());
+        }
+        if let Some(e) = m.edns.as_mut() {
+            e.set_rcode_high(code.high());
+        }
+        encode(&m, self.max_reply())
+    }
+
+    /// Our authoritative answer: `addrs` (none: NODATA) for the question's name, or after
+    /// `question CNAME cname` for `cname`.
+    pub fn answer(&self, cname: Option<&str>, addrs: &[IpAddr]) -> Result<Vec<u8>, String> {
+        let mut m = self.reply();
+        m.metadata.authoritative = true;
+        let requested = self.query().name().clone();
+        let owner = match cname {
+            Some(c) => {
+                let target = Name::from_ascii(format!("{c}."))
+                    .map_err(|e| format!("CNAME target {c:?}: {e}"))?;
+                m.add_answer(Record::from_rdata(
+                    requested,
+                    super::resolve::TTL_SECONDS,
+                    RData::CNAME(CNAME(target.clone())),
+                ));
+                target
+            }
+            None => requested,
+        };
+        for ip in addrs {
+            let rdata = match ip {
+                IpAddr::V4(v4) => RData::A(A(*v4)),
+                IpAddr::V6(v6) => RData::AAAA(AAAA(*v6)),
+            };
+            m.add_answer(Record::from_rdata(
+                owner.clone(),
+                super::resolve::TTL_SECONDS,
+                rdata,
+            ));
+        }
+        encode(&m, self.max_reply())
+    }
+
+    /// The upstream's reply to this query, checked to be one (same ID, a response, the
+    /// same question) and cut to what the client takes. `Err` when it is no reply to us.
+    pub fn relay(&self, upstream: &[u8]) -> Result<Vec<u8>, String> {
+        let m =
+            Message::from_vec(upstream).map_err(|e| format!("unreadable upstream reply: {e}"))?;
+        if m.metadata.message_type != MessageType::Response
+            || m.metadata.id != self.msg.metadata.id
+            || m.queries.len() != 1
+            || m.queries[0].query_type() != self.query().query_type()
+            || m.queries[0].name().to_lowercase() != self.query().name().to_lowercase()
+        {
+            return Err("the upstream's reply does not match the query".into());
+        }
+        if upstream.len() <= self.max_reply() {
+            return Ok(upstream.to_vec());
+        }
+        encode(&m, self.max_reply())
+    }
+}
+
+/// `m` encoded; when longer than `max`, the truncated form (TC set, header, question and
+/// OPT only), so the client asks again over TCP.
+fn encode(m: &Message, max: usize) -> Result<Vec<u8>, String> {
+    let bytes = m
+        .to_vec()
+        .map_err(|e| format!("cannot encode reply: {e}"))?;
+    if bytes.len() <= max {
+        return Ok(bytes);
+    }
+    let mut t = m.truncate();
+    t.metadata.message_type = MessageType::Response;
+    t.to_vec().map_err(|e| format!("cannot encode reply: {e}"))
+}
+
+/// FORMERR for a query we cannot read, if at least its header says it is a query.
+fn format_error(bytes: &[u8]) -> Option<Vec<u8>> {
+    if bytes.len() < 12 || bytes[2] & 0x80 != 0 {
+        return None;
+    }
+    let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+    Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
+        .to_vec()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &str, t: RecordType, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 4242;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    fn read(bytes: &[u8]) -> Message {
+        Message::from_vec(bytes).unwrap()
+    }
+
+    fn v4s(n: u8) -> Vec<IpAddr> {
+        (0..n).map(|i| IpAddr::from([10, 96, 0, i])).collect()
+    }
+
+    #[test]
+    fn answer_carries_the_question_and_records_authoritatively() {
+        let req = Request::parse(&query("echo.ns1.", RecordType::A, None), Transport::Udp).unwrap();
+        let r = read(&req.answer(None, &v4s(2)).unwrap());
+        assert_eq!(r.metadata.id, 4242);
+        assert_eq!(r.metadata.message_type, MessageType::Response);
+        assert!(r.metadata.authoritative && r.metadata.recursion_desired);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(r.queries[0].name().to_ascii(), "echo.ns1.");
+        assert_eq!(r.answers.len(), 2);
+        assert_eq!(r.answers[0].ttl, 30);
+        assert_eq!(r.answers[0].name.to_ascii(), "echo.ns1.");
+        assert!(r.edns.is_none(), "no OPT record unless the client sent one");
+    }
+
+    #[test]
+    fn cname_then_records_of_its_target() {
+        let req = Request::parse(
+            &query("echo.ns1.ns1.svc.cluster.local.", RecordType::A, Some(1232)),
+            Transport::Udp,
+        )
+        .unwrap();
+        let r = read(&req.answer(Some("echo.ns1"), &v4s(1)).unwrap());
+        assert_eq!(r.answers.len(), 2);
+        assert_eq!(r.answers[0].record_type(), RecordType::CNAME);
+        assert_eq!(r.answers[1].name.to_ascii(), "echo.ns1.");
+        assert_eq!(r.edns.as_ref().unwrap().max_payload(), OUR_UDP_PAYLOAD);
+    }
+
+    #[test]
+    fn nodata_is_noerror_without_records() {
+        let req =
+            Request::parse(&query("v4only.", RecordType::AAAA, None), Transport::Udp).unwrap();
+        let r = read(&req.answer(None, &[]).unwrap());
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.metadata.authoritative);
+        assert!(r.answers.is_empty());
+    }
+
+    #[test]
+    fn too_large_for_udp_is_truncated_and_whole_over_tcp_or_with_edns() {
+        let bytes = query("big.", RecordType::A, None);
+        let udp = Request::parse(&bytes, Transport::Udp).unwrap();
+        assert_eq!(udp.max_reply(), 512);
+        let r = udp.answer(None, &v4s(40)).unwrap(); // 40 × 16 bytes > 512
+        assert!(r.len() <= 512);
+        let r = read(&r);
+        assert!(r.metadata.truncation, "TC set");
+        assert!(r.answers.is_empty());
+        let tcp = Request::parse(&bytes, Transport::Tcp).unwrap();
+        let r = read(&tcp.answer(None, &v4s(40)).unwrap());
+        assert!(!r.metadata.truncation);
+        assert_eq!(r.answers.len(), 40);
+        let edns =
+            Request::parse(&query("big.", RecordType::A, Some(4096)), Transport::Udp).unwrap();
+        assert_eq!(
+            read(&edns.answer(None, &v4s(40)).unwrap()).answers.len(),
+            40
+        );
+        let huge =
+            Request::parse(&query("big.", RecordType::A, Some(65000)), Transport::Udp).unwrap();
+        assert_eq!(huge.max_reply(), MAX_UDP_PAYLOAD as usize);
+    }
+
+    #[test]
+    fn relay_checks_the_reply_and_truncates_for_the_client() {
+        let req = Request::parse(
+            &query("www.example.net.", RecordType::A, None),
+            Transport::Udp,
+        )
+        .unwrap();
+        let mut up = read(&query("www.example.net.", RecordType::A, None));
+        up.metadata.message_type = MessageType::Response;
+        up.metadata.response_code = ResponseCode::NXDomain;
+        let nx = req.relay(&up.to_vec().unwrap()).unwrap();
+        assert_eq!(read(&nx).metadata.response_code, ResponseCode::NXDomain);
+        // Many records: cut for a 512-byte client.
+        up.metadata.response_code = ResponseCode::NoError;
+        for ip in v4s(40) {
+            let IpAddr::V4(v4) = ip else { unreachable!() };
+            up.add_answer(Record::from_rdata(
+                Name::from_ascii("www.example.net.").unwrap(),
+                60,
+                RData::A(A(v4)),
+            ));
+        }
+        let cut = read(&req.relay(&up.to_vec().unwrap()).unwrap());
+        assert!(cut.metadata.truncation && cut.answers.is_empty());
+        // Not a reply to this query.
+        let mut other = up.clone();
+        other.metadata.id = 1;
+        assert!(req.relay(&other.to_vec().unwrap()).is_err());
+        let mut other = up.clone();
+        other.queries[0] = Query::query(Name::from_ascii("evil.example.").unwrap(), RecordType::A);
+        assert!(req.relay(&other.to_vec().unwrap()).is_err());
+        assert!(req.relay(b"garbage").is_err());
+    }
+
+    #[test]
+    fn what_is_not_a_query_we_serve() {
+        // Garbage with a query header: FORMERR with its ID.
+        let mut junk = query("x.", RecordType::A, None);
+        junk.truncate(14);
+        let Rejected(Some(r)) = Request::parse(&junk, Transport::Udp).unwrap_err() else {
+            panic!("FORMERR expected")
+        };
+        assert_eq!(read(&r).metadata.response_code, ResponseCode::FormErr);
+        assert_eq!(read(&r).metadata.id, 4242);
+        // Too short to have an ID, or a response: silently dropped (no reflection).
+        assert!(
+            Request::parse(b"\x01", Transport::Udp)
+                .unwrap_err()
+                .0
+                .is_none()
+        );
+        let mut resp = read(&query("x.", RecordType::A, None));
+        resp.metadata.message_type = MessageType::Response;
+        assert!(
+            Request::parse(&resp.to_vec().unwrap(), Transport::Udp)
+                .unwrap_err()
+                .0
+                .is_none()
+        );
+        // Another opcode: NOTIMP.
+        let mut notify = read(&query("x.", RecordType::SOA, None));
+        notify.metadata.op_code = OpCode::Notify;
+        let Rejected(Some(r)) =
+            Request::parse(&notify.to_vec().unwrap(), Transport::Udp).unwrap_err()
+        else {
+            panic!("NOTIMP expected")
+        };
+        assert_eq!(read(&r).metadata.response_code, ResponseCode::NotImp);
+        // EDNS version 1: BADVERS, in the OPT record.
+        let mut v1 = read(&query("x.", RecordType::A, Some(1232)));
+        v1.edns.as_mut().unwrap().set_version(1);
+        let Rejected(Some(r)) = Request::parse(&v1.to_vec().unwrap(), Transport::Udp).unwrap_err()
+        else {
+            panic!("BADVERS expected")
+        };
+        let r = read(&r);
+        // 16 (BADVERS; the decoder cannot tell it from BADSIG, which shares the value).
+        assert_eq!(u16::from(r.metadata.response_code), 16);
+        assert!(r.edns.is_some());
+        // Two questions: FORMERR.
+        let mut two = read(&query("x.", RecordType::A, None));
+        two.add_query(Query::query(Name::from_ascii("y.").unwrap(), RecordType::A));
+        let Rejected(Some(r)) = Request::parse(&two.to_vec().unwrap(), Transport::Udp).unwrap_err()
+        else {
+            panic!("FORMERR expected")
+        };
+        assert_eq!(read(&r).metadata.response_code, ResponseCode::FormErr);
+    }
+
+    #[test]
+    fn metric_labels_are_a_closed_set() {
+        let req = Request::parse(&query("x.", RecordType::CAA, None), Transport::Tcp).unwrap();
+        assert_eq!(req.type_label(), "other");
+        assert_eq!(req.transport().as_str(), "tcp");
+        let req = Request::parse(&query("x.", RecordType::AAAA, None), Transport::Udp).unwrap();
+        assert_eq!((req.type_label(), req.family()), ("aaaa", Some(Family::V6)));
+    }
+}
