@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod config_dump;
 pub mod drain;
 pub mod inpod;
 pub mod local;
