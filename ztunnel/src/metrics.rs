@@ -40,6 +40,8 @@ impl Direction {
     }
 }
 
+mod access_log;
+pub use access_log::{AccessLog, Completion, denial_error};
 pub use mesh_discovery::telemetry::TcpLabels;
 use mesh_discovery::telemetry::or_unknown;
 
@@ -215,7 +217,9 @@ pub struct ConnReport {
     pub src_addr: SocketAddr,
     pub src: Option<Arc<Workload>>,
     pub src_identity: Option<SpiffeId>,
+    /// Where the connection went: the HBONE address (`ip:15008`) when tunnelled.
     pub dst_addr: SocketAddr,
+    /// The target inside the tunnel (the CONNECT authority), when tunnelled.
     pub dst_hbone_addr: Option<SocketAddr>,
     /// Always one of our services (never a name a peer sent).
     pub dst_service: Option<Arc<Service>>,
@@ -258,17 +262,34 @@ impl ConnReport {
         }
     }
 
-    fn log_fields(&self) -> (String, String, String, String) {
-        let name =
-            |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.name.clone()).unwrap_or_default();
-        let ns =
-            |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.namespace.clone()).unwrap_or_default();
-        (
-            name(&self.src),
-            ns(&self.src),
-            name(&self.dst),
-            ns(&self.dst),
-        )
+    /// The access log's view of this connection, as Istio's ztunnel fills it: the pod's
+    /// name (else its canonical service) and namespace; identities only under mTLS.
+    fn access_log(&self) -> AccessLog {
+        let name = |w: &Option<Arc<Workload>>| {
+            w.as_ref().map(|w| {
+                if w.name.is_empty() {
+                    w.canonical_name.clone()
+                } else {
+                    w.name.clone()
+                }
+            })
+        };
+        let ns = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.namespace.clone());
+        let id = |i: &Option<SpiffeId>| i.as_ref().filter(|_| self.mtls).map(|i| i.to_string());
+        AccessLog {
+            src_addr: self.src_addr,
+            src_workload: name(&self.src),
+            src_namespace: ns(&self.src),
+            src_identity: id(&self.src_identity),
+            dst_addr: self.dst_addr,
+            dst_hbone_addr: self.dst_hbone_addr,
+            dst_service: self.dst_service.as_ref().map(|s| s.hostname.clone()),
+            dst_workload: name(&self.dst),
+            dst_namespace: ns(&self.dst),
+            dst_identity: id(&self.dst_identity),
+            direction: self.direction.as_str(),
+            trace_id: self.trace_id.clone(),
+        }
     }
 }
 
@@ -308,10 +329,7 @@ impl ConnRecorder {
                 reporter: report.direction.reporter(),
             })
             .inc();
-        let (sw, sns, dw, dns) = report.log_fields();
-        tracing::debug!(target: "access", direction = report.direction.as_str(), id = %report.trace_id,
-            src.addr = %report.src_addr, src.workload = %sw, src.namespace = %sns,
-            dst.addr = %report.dst_addr, dst.workload = %dw, dst.namespace = %dns, "connection opened");
+        report.access_log().opened();
         ConnRecorder {
             metrics,
             report,
@@ -327,57 +345,24 @@ impl ConnRecorder {
         self.finished = true;
         let r = &self.report;
         let duration_ms = r.started.elapsed().as_millis();
-        let (sw, sns, dw, dns) = r.log_fields();
-        let src_id = r
-            .src_identity
-            .as_ref()
-            .map(|i| i.to_string())
-            .unwrap_or_default();
-        let dst_id = r
-            .dst_identity
-            .as_ref()
-            .map(|i| i.to_string())
-            .unwrap_or_default();
-        let hbone = r.dst_hbone_addr.map(|a| a.to_string()).unwrap_or_default();
-        let svc = r
-            .dst_service
-            .as_ref()
-            .map(|s| s.hostname.clone())
-            .unwrap_or_default();
-        let dir = r.direction.as_str();
-        let (flags, sent, received) = match outcome {
-            Outcome::Complete { sent, received } => {
-                tracing::info!(target: "access", direction = dir, id = %r.trace_id,
-                    src.addr = %r.src_addr, src.workload = %sw, src.namespace = %sns, src.identity = %src_id,
-                    dst.addr = %r.dst_addr, dst.hbone_addr = %hbone, dst.service = %svc,
-                    dst.workload = %dw, dst.namespace = %dns, dst.identity = %dst_id,
-                    bytes_sent = sent, bytes_recv = received, duration = %format!("{duration_ms}ms"),
-                    "connection complete");
-                ("-", sent, received)
-            }
+        let (flags, sent, received, error) = match outcome {
+            Outcome::Complete { sent, received } => ("-", sent, received, None),
             Outcome::Denied { policy, reason } => {
-                tracing::warn!(target: "access", direction = dir, id = %r.trace_id,
-                    src.addr = %r.src_addr, src.workload = %sw, src.namespace = %sns, src.identity = %src_id,
-                    dst.addr = %r.dst_addr, dst.workload = %dw, dst.namespace = %dns,
-                    policy = %policy.unwrap_or("-"), reason = %reason,
-                    "connection denied by authorization policy");
-                ("DENY", 0, 0)
+                ("DENY", 0, 0, Some(denial_error(policy, reason)))
             }
             Outcome::Failed {
                 flags,
                 error,
                 sent,
                 received,
-            } => {
-                tracing::error!(target: "access", direction = dir, id = %r.trace_id,
-                    src.addr = %r.src_addr, src.workload = %sw, src.namespace = %sns, src.identity = %src_id,
-                    dst.addr = %r.dst_addr, dst.hbone_addr = %hbone, dst.service = %svc,
-                    dst.workload = %dw, dst.namespace = %dns, dst.identity = %dst_id,
-                    bytes_sent = sent, bytes_recv = received, duration = %format!("{duration_ms}ms"),
-                    error = %error, "connection complete");
-                (flags, sent, received)
-            }
+            } => (flags, sent, received, Some(error.to_string())),
         };
+        r.access_log().complete(&Completion {
+            bytes_sent: sent,
+            bytes_recv: received,
+            duration_ms,
+            error,
+        });
         let labels = r.labels(flags);
         let m = &self.metrics;
         m.closed.get_or_create(&labels).inc();
@@ -472,5 +457,61 @@ mod tests {
             ),
             ("pay.example.com", "payments", "shop")
         );
+    }
+
+    fn pod(name: &str, ns: &str, canonical: &str) -> Arc<Workload> {
+        Arc::new(Workload {
+            uid: format!("{ns}/{name}"),
+            name: name.into(),
+            namespace: ns.into(),
+            addresses: vec![],
+            network: String::new(),
+            hbone: true,
+            identity: SpiffeId::new("cluster.local", ns, "sa").unwrap(),
+            waypoint: None,
+            node: String::new(),
+            canonical_name: canonical.into(),
+            canonical_revision: "v1".into(),
+            workload_name: String::new(),
+            services: Default::default(),
+            authorization_policies: vec![],
+            healthy: true,
+            cluster_id: "Kubernetes".into(),
+            locality: Default::default(),
+            host_network: false,
+            capacity: 1,
+        })
+    }
+
+    #[test]
+    fn access_log_takes_names_and_identities_as_istio_does() {
+        let mut report = ConnReport {
+            direction: Direction::Outbound,
+            src_addr: "10.0.0.1:1".parse().unwrap(),
+            src: Some(pod("web-1", "front", "web")),
+            src_identity: Some(SpiffeId::new("cluster.local", "front", "web").unwrap()),
+            dst_addr: "10.0.0.2:15008".parse().unwrap(),
+            dst_hbone_addr: Some("10.0.0.2:8080".parse().unwrap()),
+            dst_service: None,
+            // A workload known by its canonical name only.
+            dst: Some(pod("", "back", "api")),
+            dst_identity: Some(SpiffeId::new("cluster.local", "back", "api").unwrap()),
+            mtls: true,
+            trace_id: String::new(),
+            started: Instant::now(),
+        };
+        let l = report.access_log();
+        assert_eq!(l.src_workload.as_deref(), Some("web-1"));
+        assert_eq!(l.dst_workload.as_deref(), Some("api"));
+        assert_eq!(l.dst_namespace.as_deref(), Some("back"));
+        assert_eq!(
+            l.src_identity.as_deref(),
+            Some("spiffe://cluster.local/ns/front/sa/web")
+        );
+        assert_eq!(l.direction, "outbound");
+        // Without mTLS nobody proved an identity: none is logged.
+        report.mtls = false;
+        let l = report.access_log();
+        assert_eq!((l.src_identity, l.dst_identity), (None, None));
     }
 }
