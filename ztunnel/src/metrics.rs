@@ -232,33 +232,16 @@ pub struct ConnReport {
 
 impl ConnReport {
     fn labels(&self, flags: &'static str) -> TcpLabels {
-        let w =
-            |w: &Option<Arc<Workload>>, f: fn(&Workload) -> &str| or_unknown(w.as_deref().map(f));
-        let svc = self.dst_service.as_deref();
+        let id = |i: &Option<SpiffeId>| or_unknown(i.as_ref().map(|i| i.to_string()).as_deref());
         TcpLabels {
-            reporter: self.direction.reporter(),
-            source_workload: w(&self.src, |w| w.telemetry_name()),
-            source_canonical_service: w(&self.src, |w| &w.canonical_name),
-            source_canonical_revision: w(&self.src, |w| &w.canonical_revision),
-            source_workload_namespace: w(&self.src, |w| &w.namespace),
-            source_principal: or_unknown(
-                self.src_identity.as_ref().map(|i| i.to_string()).as_deref(),
-            ),
-            source_cluster: w(&self.src, |w| &w.cluster_id),
-            destination_service: or_unknown(svc.map(|s| s.hostname.as_str())),
-            destination_service_namespace: or_unknown(svc.map(|s| s.namespace.as_str())),
-            destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
-            destination_workload: w(&self.dst, |w| w.telemetry_name()),
-            destination_canonical_service: w(&self.dst, |w| &w.canonical_name),
-            destination_canonical_revision: w(&self.dst, |w| &w.canonical_revision),
-            destination_workload_namespace: w(&self.dst, |w| &w.namespace),
-            destination_principal: or_unknown(
-                self.dst_identity.as_ref().map(|i| i.to_string()).as_deref(),
-            ),
-            destination_cluster: w(&self.dst, |w| &w.cluster_id),
-            request_protocol: "tcp",
+            source_principal: id(&self.src_identity),
+            destination_principal: id(&self.dst_identity),
             response_flags: flags,
             connection_security_policy: if self.mtls { "mutual_tls" } else { "unknown" },
+            ..TcpLabels::new(self.direction.reporter())
+                .with_source(self.src.as_deref())
+                .with_destination(self.dst.as_deref())
+                .with_destination_service(self.dst_service.as_deref())
         }
     }
 
