@@ -33,6 +33,35 @@ fn xds_configured_mesh_keeps_working_when_the_control_plane_dies() {
             .contains("dst.service=\"api.back.svc.cluster.local\"")
     });
 
+    // Istio's build and xDS metrics: the build, and the messages received by type.
+    let metrics = |c: &Cluster| {
+        ns_run(
+            &c.node1.name,
+            &["curl", "-sf", "http://127.0.0.1:15020/metrics"],
+        )
+    };
+    let m = metrics(&c);
+    assert!(
+        m.contains(&format!(
+            "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{m}"
+    );
+    for url in [
+        "type.googleapis.com/istio.workload.Address",
+        "type.googleapis.com/istio.security.Authorization",
+    ] {
+        assert!(
+            m.contains(&format!("istio_xds_message_total{{url=\"{url}\"}} ")),
+            "{url}: {m}"
+        );
+    }
+    assert!(
+        !m.contains("istio_xds_connection_terminations_total{"),
+        "{m}"
+    );
+
     // An open connection, then the control plane goes away.
     let to: SocketAddr = format!("{POD_B}:8080").parse().unwrap();
     let mut open = c
@@ -58,6 +87,15 @@ fn xds_configured_mesh_keeps_working_when_the_control_plane_dies() {
         c.ztunnel_log(0)
             .contains("keeping the last known configuration")
     );
+    // The stream broke, and reconnecting finds nobody: each counted with Istio's reason.
+    wait_until("xDS terminations by reason", || {
+        let m = metrics(&c);
+        m.contains("istio_xds_connection_terminations_total{reason=\"Error\"} ")
+            || m.contains("istio_xds_connection_terminations_total{reason=\"Complete\"} ")
+    });
+    wait_until("a refused reconnection counted", || {
+        metrics(&c).contains("istio_xds_connection_terminations_total{reason=\"ConnectionError\"} ")
+    });
 }
 
 #[test]

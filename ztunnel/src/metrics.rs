@@ -51,6 +51,23 @@ pub struct ReporterLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// The xDS type of a message; only types we subscribed to reach the counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UrlLabel {
+    url: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabel {
     listener: &'static str,
 }
@@ -112,7 +129,8 @@ pub struct Metrics {
     pub active_proxies: Gauge,
     pub proxies_started: Counter,
     pub proxies_stopped: Counter,
-    pub xds_connection_terminations: Counter,
+    xds_connection_terminations: Family<ReasonLabel, Counter>,
+    xds_messages: Family<UrlLabel, Counter>,
     /// Connections closed at once because their listener was at its cap.
     pub connections_refused: Family<ListenerLabel, Counter>,
 }
@@ -132,7 +150,8 @@ impl Metrics {
             active_proxies: Gauge::default(),
             proxies_started: Counter::default(),
             proxies_stopped: Counter::default(),
-            xds_connection_terminations: Counter::default(),
+            xds_connection_terminations: Family::default(),
+            xds_messages: Family::default(),
             connections_refused: Family::default(),
             registry: Registry::default(),
         };
@@ -168,9 +187,22 @@ impl Metrics {
         );
         istio.register(
             "xds_connection_terminations",
-            "xDS connections ended",
+            "xDS connections ended, by reason",
             m.xds_connection_terminations.clone(),
         );
+        istio.register(
+            "xds_message",
+            "xDS messages received, by type",
+            m.xds_messages.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel",
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        istio.register("build", "This ztunnel's build", build);
         let zt = root.sub_registry_with_prefix("ztunnel");
         zt.register(
             "listener_connections_refused",
@@ -200,6 +232,23 @@ impl Metrics {
             registry: root,
             ..m
         })
+    }
+
+    /// An xDS stream ended (reason as Istio names it: `ConnectionError`, `Error`,
+    /// `Complete`).
+    pub fn xds_terminated(&self, reason: &'static str) {
+        self.xds_connection_terminations
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// An xDS message of type `url` was received.
+    pub fn xds_message(&self, url: &str) {
+        self.xds_messages
+            .get_or_create(&UrlLabel {
+                url: url.to_string(),
+            })
+            .inc();
     }
 
     pub fn encode(&self) -> String {
@@ -496,5 +545,25 @@ mod tests {
         report.mtls = false;
         let l = report.access_log();
         assert_eq!((l.src_identity, l.dst_identity), (None, None));
+    }
+
+    #[test]
+    fn build_and_xds_metrics_have_istios_names_and_labels() {
+        let m = Metrics::new(None);
+        m.xds_terminated("ConnectionError");
+        m.xds_message("type.googleapis.com/istio.workload.Address");
+        m.xds_message("type.googleapis.com/istio.workload.Address");
+        let text = m.encode();
+        for line in [
+            "# TYPE istio_build gauge".to_string(),
+            format!(
+                "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "istio_xds_connection_terminations_total{reason=\"ConnectionError\"} 1".into(),
+            "istio_xds_message_total{url=\"type.googleapis.com/istio.workload.Address\"} 2".into(),
+        ] {
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
     }
 }
