@@ -18,7 +18,7 @@ pub fn config_dump(st: &State, certs: &[CertStatus], pods: &[PodState], config: 
     let mut workloads: Vec<&Workload> = st.workloads().map(|w| w.as_ref()).collect();
     workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
     let mut services: Vec<&Service> = st.services().map(|s| s.as_ref()).collect();
-    services.sort_by(|a, b| a.key().cmp(&b.key()));
+    services.sort_by_key(|s| s.key());
     let mut policies: Vec<&Policy> = st.policies().map(|p| p.as_ref()).collect();
     policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let workload_state: Map<String, Value> = pods
