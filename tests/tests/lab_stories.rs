@@ -84,7 +84,7 @@ fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
     wait_until("mTLS", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
             && t.log("ztunnel-2")
-                .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
+                .contains("src.identity=\"spiffe://cluster.local/ns/front/sa/web\"")
     });
     let cap = t.capture("after");
     let answer = t
@@ -410,7 +410,7 @@ fn real_clients_through_the_mesh_iperf3_and_h2load() {
     wait_until("mTLS", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
             && t.log("ztunnel-2")
-                .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
+                .contains("src.identity=\"spiffe://cluster.local/ns/front/sa/web\"")
     });
     // h2load: HTTP/2 (h2c) through two ztunnels.
     let out = t
