@@ -61,6 +61,30 @@ fn xds_configured_mesh_keeps_working_when_the_control_plane_dies() {
         !m.contains("istio_xds_connection_terminations_total{"),
         "{m}"
     );
+    // /config_dump in the shape `istioctl ztunnel-config` reads.
+    let dump: serde_json::Value = serde_json::from_str(&ns_run(
+        &c.node1.name,
+        &["curl", "-sf", "http://127.0.0.1:15000/config_dump"],
+    ))
+    .unwrap();
+    let web = dump["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["workloadIps"] == serde_json::json!([POD_A]))
+        .unwrap_or_else(|| panic!("no workload with workloadIps [{POD_A}]: {dump}"));
+    assert_eq!(
+        (&web["serviceAccount"], &web["protocol"]),
+        (&serde_json::json!("web"), &serde_json::json!("HBONE"))
+    );
+    let cert = &dump["certificates"][0];
+    assert_eq!(cert["identity"], "spiffe://cluster.local/ns/front/sa/web");
+    assert_eq!(cert["state"], "Available");
+    for key in ["pem", "serialNumber", "validFrom", "expirationTime"] {
+        assert!(cert["certChain"][0][key].is_string(), "{key}: {cert}");
+        assert!(cert["rootCerts"][0][key].is_string(), "{key}: {cert}");
+    }
+    assert_eq!(dump["workloadState"]["uid-a"]["info"]["name"], "client");
 
     // An open connection, then the control plane goes away.
     let to: SocketAddr = format!("{POD_B}:8080").parse().unwrap();
