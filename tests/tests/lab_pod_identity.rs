@@ -40,9 +40,9 @@ fn a_pod_that_takes_its_neighbours_ip_never_gets_its_identity() {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
             && t.curl("front/mallory", "http://10.96.0.20/").is_ok()
             && t.log("ztunnel-2")
-                .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
+                .contains("src.identity=\"spiffe://cluster.local/ns/front/sa/web\"")
             && t.log("ztunnel-2")
-                .contains("src.identity=spiffe://cluster.local/ns/front/sa/mallory")
+                .contains("src.identity=\"spiffe://cluster.local/ns/front/sa/mallory\"")
     });
     // The pods' processes run in kubelet-style cgroups named by pod UID, unique to the lab.
     let client = t.lab.state.pods["front/client"].clone();

@@ -84,7 +84,7 @@ fn labelling_a_namespace_enrols_running_pods_and_unlabelling_reverts() {
     wait_until("mTLS", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
             && t.log("ztunnel-2")
-                .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
+                .contains("src.identity=\"spiffe://cluster.local/ns/front/sa/web\"")
     });
     let cap = t.capture("after");
     let answer = t
@@ -155,7 +155,7 @@ fn policy_strict_and_component_failures() {
             || t.tcp("front/client", "10.96.0.20:9000", "x")
                 .is_ok_and(|s| s.is_empty())
     });
-    t.wait_log("ztunnel-2", "policy=back/no-echo");
+    t.wait_log("ztunnel-2", "explicitly denied by: back/no-echo");
     if let Err(e) = t.curl("front/client", "http://10.96.0.20/") {
         panic!(
             "other ports must be unaffected: {e}\nztunnel-1:\n{}\nztunnel-2:\n{}",
@@ -346,7 +346,8 @@ fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
     );
     let (seen, _) = finish(cap, "bypass-marker-6");
     assert!(!seen);
-    t.wait_log("ztunnel-1", "dst.hbone_addr=10.244.");
+    // The attempt went to the waypoint pod's HBONE address (`dst.addr`, as Istio logs it).
+    t.wait_log("ztunnel-1", "dst.addr=10.244.");
     let api_log = t.log("pod:back/api");
     assert!(
         !api_log.contains("bypass-marker-6"),
@@ -409,7 +410,7 @@ fn real_clients_through_the_mesh_iperf3_and_h2load() {
     wait_until("mTLS", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
             && t.log("ztunnel-2")
-                .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
+                .contains("src.identity=\"spiffe://cluster.local/ns/front/sa/web\"")
     });
     // h2load: HTTP/2 (h2c) through two ztunnels.
     let out = t
@@ -434,7 +435,7 @@ fn real_clients_through_the_mesh_iperf3_and_h2load() {
             .unwrap_or(0.0)
             > 1e6
     });
-    t.wait_log("ztunnel-2", "dst.workload=iperf");
+    t.wait_log("ztunnel-2", "dst.workload=\"iperf");
 }
 
 /// A tonic client whose connection is made from inside the pod's namespace (so the pod's

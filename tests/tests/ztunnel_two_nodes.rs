@@ -39,8 +39,13 @@ fn pod_to_pod_over_hbone_shows_only_tls_on_the_wire() {
         assert!(l.contains(".15008"), "non-HBONE packet between nodes: {l}");
     }
     // Both ends logged the mTLS identities.
-    c.wait_log(1, "src.identity=spiffe://cluster.local/ns/front/sa/web");
-    c.wait_log(0, "dst.identity=spiffe://cluster.local/ns/back/sa/api");
+    c.wait_log(1, "src.identity=\"spiffe://cluster.local/ns/front/sa/web\"");
+    c.wait_log(0, "dst.identity=\"spiffe://cluster.local/ns/back/sa/api\"");
+    // As Istio logs it, on both ends: `dst.addr` the HBONE address, `dst.hbone_addr` the
+    // target inside the tunnel.
+    let addrs = format!("dst.addr={POD_B}:15008 dst.hbone_addr={POD_B}:8080 ");
+    c.wait_log(0, &addrs);
+    c.wait_log(1, &addrs);
 }
 
 #[test]
@@ -81,8 +86,10 @@ fn l4_deny_is_refused_and_logged_with_the_policy_name() {
     );
     let err = talk(&c.pod_a, &format!("{POD_B}:8081"), "hi");
     assert!(err.is_err(), "port 8081 must be refused, got {err:?}");
-    c.wait_log(1, "connection denied by authorization policy");
-    c.wait_log(1, "policy=back/deny-8081");
+    c.wait_log(
+        1,
+        "error=\"connection closed due to policy rejection: explicitly denied by: back/deny-8081\"",
+    );
 }
 
 #[test]

@@ -26,12 +26,65 @@ fn xds_configured_mesh_keeps_working_when_the_control_plane_dies() {
     );
     wait_until("the client identity in ztunnel 2's access log", || {
         c.ztunnel_log(1)
-            .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
+            .contains("src.identity=\"spiffe://cluster.local/ns/front/sa/web\"")
     });
     wait_until("the service in ztunnel 1's access log", || {
         c.ztunnel_log(0)
-            .contains("dst.service=api.back.svc.cluster.local")
+            .contains("dst.service=\"api.back.svc.cluster.local\"")
     });
+
+    // Istio's build and xDS metrics: the build, and the messages received by type.
+    let metrics = |c: &Cluster| {
+        ns_run(
+            &c.node1.name,
+            &["curl", "-sf", "http://127.0.0.1:15020/metrics"],
+        )
+    };
+    let m = metrics(&c);
+    assert!(
+        m.contains(&format!(
+            "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{m}"
+    );
+    for url in [
+        "type.googleapis.com/istio.workload.Address",
+        "type.googleapis.com/istio.security.Authorization",
+    ] {
+        assert!(
+            m.contains(&format!("istio_xds_message_total{{url=\"{url}\"}} ")),
+            "{url}: {m}"
+        );
+    }
+    assert!(
+        !m.contains("istio_xds_connection_terminations_total{"),
+        "{m}"
+    );
+    // /config_dump in the shape `istioctl ztunnel-config` reads.
+    let dump: serde_json::Value = serde_json::from_str(&ns_run(
+        &c.node1.name,
+        &["curl", "-sf", "http://127.0.0.1:15000/config_dump"],
+    ))
+    .unwrap();
+    let web = dump["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["workloadIps"] == serde_json::json!([POD_A]))
+        .unwrap_or_else(|| panic!("no workload with workloadIps [{POD_A}]: {dump}"));
+    assert_eq!(
+        (&web["serviceAccount"], &web["protocol"]),
+        (&serde_json::json!("web"), &serde_json::json!("HBONE"))
+    );
+    let cert = &dump["certificates"][0];
+    assert_eq!(cert["identity"], "spiffe://cluster.local/ns/front/sa/web");
+    assert_eq!(cert["state"], "Available");
+    for key in ["pem", "serialNumber", "validFrom", "expirationTime"] {
+        assert!(cert["certChain"][0][key].is_string(), "{key}: {cert}");
+        assert!(cert["rootCerts"][0][key].is_string(), "{key}: {cert}");
+    }
+    assert_eq!(dump["workloadState"]["uid-a"]["info"]["name"], "client");
 
     // An open connection, then the control plane goes away.
     let to: SocketAddr = format!("{POD_B}:8080").parse().unwrap();
@@ -58,6 +111,15 @@ fn xds_configured_mesh_keeps_working_when_the_control_plane_dies() {
         c.ztunnel_log(0)
             .contains("keeping the last known configuration")
     );
+    // The stream broke, and reconnecting finds nobody: each counted with Istio's reason.
+    wait_until("xDS terminations by reason", || {
+        let m = metrics(&c);
+        m.contains("istio_xds_connection_terminations_total{reason=\"Error\"} ")
+            || m.contains("istio_xds_connection_terminations_total{reason=\"Complete\"} ")
+    });
+    wait_until("a refused reconnection counted", || {
+        metrics(&c).contains("istio_xds_connection_terminations_total{reason=\"ConnectionError\"} ")
+    });
 }
 
 #[test]
@@ -79,7 +141,8 @@ spec:
     });
     assert!(talk(&c.pod_a, &format!("{POD_B}:8081"), "x").is_err());
     wait_until("denial logged", || {
-        c.ztunnel_log(1).contains("policy=back/no-front")
+        c.ztunnel_log(1)
+            .contains("explicitly denied by: back/no-front")
     });
     // meshctl explains it, from the control plane's view.
     let meshctl = mesh_e2e::binary("meshctl");

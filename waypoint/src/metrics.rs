@@ -69,38 +69,20 @@ pub fn tcp_labels(
     source_wl: Option<&Workload>,
     svc: Option<&Service>,
 ) -> TcpLabels {
-    let w = |f: fn(&Workload) -> &str| or_unknown(source_wl.map(f));
     TcpLabels {
-        reporter: "waypoint",
-        source_workload: w(|w| w.telemetry_name()),
-        source_canonical_service: w(|w| &w.canonical_name),
-        source_canonical_revision: w(|w| &w.canonical_revision),
         source_workload_namespace: source.namespace().to_string(),
         source_principal: source.to_string(),
-        source_cluster: w(|w| &w.cluster_id),
-        destination_service: or_unknown(svc.map(|s| s.hostname.as_str())),
-        destination_service_namespace: or_unknown(svc.map(|s| s.namespace.as_str())),
-        destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
-        destination_workload: "unknown".into(),
-        destination_canonical_service: "unknown".into(),
-        destination_canonical_revision: "unknown".into(),
-        destination_workload_namespace: "unknown".into(),
-        destination_principal: "unknown".into(),
-        destination_cluster: "unknown".into(),
-        request_protocol: "tcp",
-        response_flags: "-",
         connection_security_policy: "mutual_tls",
+        ..TcpLabels::new("waypoint")
+            .with_source(source_wl)
+            .with_destination_service(svc)
     }
 }
 
 /// The endpoint a TCP connection went to.
 pub fn set_tcp_destination(l: &mut TcpLabels, w: &Workload) {
-    l.destination_workload = or_unknown(Some(w.telemetry_name()));
-    l.destination_canonical_service = or_unknown(Some(&w.canonical_name));
-    l.destination_canonical_revision = or_unknown(Some(&w.canonical_revision));
-    l.destination_workload_namespace = or_unknown(Some(&w.namespace));
+    l.set_destination(w);
     l.destination_principal = w.identity.to_string();
-    l.destination_cluster = or_unknown(Some(&w.cluster_id));
 }
 
 /// One TCP connection through the waypoint: counted as opened when created, as closed

@@ -4,12 +4,12 @@
 use crate::identity::CertManager;
 use crate::inpod::manager::WorkloadManager;
 use crate::metrics::Metrics;
-use crate::state::{GatewayAddress, State};
+use crate::state::State;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::net::TcpListener;
@@ -29,69 +29,12 @@ pub struct AdminState {
     pub pending: Arc<dyn Fn() -> Vec<&'static str> + Send + Sync>,
 }
 
-fn gateway_json(g: &Option<GatewayAddress>) -> Value {
-    match g {
-        None => Value::Null,
-        Some(GatewayAddress::Ip { ip, port }) => json!({"address": ip.to_string(), "port": port}),
-        Some(GatewayAddress::Hostname {
-            namespace,
-            hostname,
-            port,
-        }) => {
-            json!({"service": format!("{namespace}/{hostname}"), "port": port})
-        }
-    }
-}
-
+/// The dump `istioctl ztunnel-config` reads (see [`crate::config_dump`]).
 pub fn config_dump(a: &AdminState) -> Value {
+    let pods = a.manager.lock().expect("manager lock").pods();
+    let certs = a.certs.status();
     let st = a.state.read().expect("state lock");
-    let mut workloads: Vec<Value> = st
-        .workloads()
-        .map(|w| {
-            json!({
-                "uid": w.uid, "name": w.name, "namespace": w.namespace,
-                "addresses": w.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                "node": w.node, "protocol": if w.hbone { "HBONE" } else { "NONE" },
-                "identity": w.identity.to_string(), "healthy": w.healthy,
-                "waypoint": gateway_json(&w.waypoint),
-                "services": w.services.keys().collect::<Vec<_>>(),
-                "authorizationPolicies": w.authorization_policies,
-            })
-        })
-        .collect();
-    workloads.sort_by_key(|v| v["uid"].as_str().unwrap_or_default().to_string());
-    let mut services: Vec<Value> = st
-        .services()
-        .map(|s| {
-            json!({
-                "name": s.name, "namespace": s.namespace, "hostname": s.hostname,
-                "vips": s.vips.iter().map(|(n, ip)| format!("{n}/{ip}")).collect::<Vec<_>>(),
-                "ports": s.ports.iter().map(|p| json!({"servicePort": p.service_port, "targetPort": p.target_port})).collect::<Vec<_>>(),
-                "waypoint": gateway_json(&s.waypoint),
-            })
-        })
-        .collect();
-    services.sort_by_key(|v| v["hostname"].as_str().unwrap_or_default().to_string());
-    let mut policies: Vec<Value> = st
-        .policies()
-        .map(|p| {
-            json!({
-                "name": p.name, "namespace": p.namespace, "scope": format!("{:?}", p.scope),
-                "action": format!("{:?}", p.action), "dryRun": p.dry_run, "rules": p.rules.len(),
-            })
-        })
-        .collect();
-    policies.sort_by_key(|v| format!("{}/{}", v["namespace"], v["name"]));
-    drop(st);
-    json!({
-        "workloads": workloads,
-        "services": services,
-        "policies": policies,
-        "certificates": a.certs.status(),
-        "workloadState": a.manager.lock().expect("manager lock").pods(),
-        "config": a.config,
-        "version": env!("CARGO_PKG_VERSION"),
-    })
+    crate::config_dump::config_dump(&st, &certs, &pods, &a.config)
 }
 
 fn respond(

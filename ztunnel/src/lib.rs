@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod config_dump;
 pub mod dns;
 pub mod drain;
 pub mod inpod;

@@ -40,12 +40,31 @@ impl Direction {
     }
 }
 
+mod access_log;
+pub use access_log::{AccessLog, Completion, denial_error};
 pub use mesh_discovery::telemetry::TcpLabels;
 use mesh_discovery::telemetry::or_unknown;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReporterLabel {
     reporter: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// The xDS type of a message; only types we subscribed to reach the counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UrlLabel {
+    url: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -110,7 +129,8 @@ pub struct Metrics {
     pub active_proxies: Gauge,
     pub proxies_started: Counter,
     pub proxies_stopped: Counter,
-    pub xds_connection_terminations: Counter,
+    xds_connection_terminations: Family<ReasonLabel, Counter>,
+    xds_messages: Family<UrlLabel, Counter>,
     /// Connections closed at once because their listener was at its cap.
     pub connections_refused: Family<ListenerLabel, Counter>,
     /// The DNS proxy's (`istio_dns_*`).
@@ -132,7 +152,8 @@ impl Metrics {
             active_proxies: Gauge::default(),
             proxies_started: Counter::default(),
             proxies_stopped: Counter::default(),
-            xds_connection_terminations: Counter::default(),
+            xds_connection_terminations: Family::default(),
+            xds_messages: Family::default(),
             connections_refused: Family::default(),
             dns: crate::dns::metrics::DnsMetrics::register(istio),
             registry: Registry::default(),
@@ -169,9 +190,22 @@ impl Metrics {
         );
         istio.register(
             "xds_connection_terminations",
-            "xDS connections ended",
+            "xDS connections ended, by reason",
             m.xds_connection_terminations.clone(),
         );
+        istio.register(
+            "xds_message",
+            "xDS messages received, by type",
+            m.xds_messages.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "ztunnel",
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        istio.register("build", "This ztunnel's build", build);
         let zt = root.sub_registry_with_prefix("ztunnel");
         zt.register(
             "listener_connections_refused",
@@ -203,6 +237,23 @@ impl Metrics {
         })
     }
 
+    /// An xDS stream ended (reason as Istio names it: `ConnectionError`, `Error`,
+    /// `Complete`).
+    pub fn xds_terminated(&self, reason: &'static str) {
+        self.xds_connection_terminations
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// An xDS message of type `url` was received.
+    pub fn xds_message(&self, url: &str) {
+        self.xds_messages
+            .get_or_create(&UrlLabel {
+                url: url.to_string(),
+            })
+            .inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
@@ -218,7 +269,9 @@ pub struct ConnReport {
     pub src_addr: SocketAddr,
     pub src: Option<Arc<Workload>>,
     pub src_identity: Option<SpiffeId>,
+    /// Where the connection went: the HBONE address (`ip:15008`) when tunnelled.
     pub dst_addr: SocketAddr,
+    /// The target inside the tunnel (the CONNECT authority), when tunnelled.
     pub dst_hbone_addr: Option<SocketAddr>,
     /// Always one of our services (never a name a peer sent).
     pub dst_service: Option<Arc<Service>>,
@@ -231,47 +284,47 @@ pub struct ConnReport {
 
 impl ConnReport {
     fn labels(&self, flags: &'static str) -> TcpLabels {
-        let w =
-            |w: &Option<Arc<Workload>>, f: fn(&Workload) -> &str| or_unknown(w.as_deref().map(f));
-        let svc = self.dst_service.as_deref();
+        let id = |i: &Option<SpiffeId>| or_unknown(i.as_ref().map(|i| i.to_string()).as_deref());
         TcpLabels {
-            reporter: self.direction.reporter(),
-            source_workload: w(&self.src, |w| w.telemetry_name()),
-            source_canonical_service: w(&self.src, |w| &w.canonical_name),
-            source_canonical_revision: w(&self.src, |w| &w.canonical_revision),
-            source_workload_namespace: w(&self.src, |w| &w.namespace),
-            source_principal: or_unknown(
-                self.src_identity.as_ref().map(|i| i.to_string()).as_deref(),
-            ),
-            source_cluster: w(&self.src, |w| &w.cluster_id),
-            destination_service: or_unknown(svc.map(|s| s.hostname.as_str())),
-            destination_service_namespace: or_unknown(svc.map(|s| s.namespace.as_str())),
-            destination_service_name: or_unknown(svc.map(|s| s.name.as_str())),
-            destination_workload: w(&self.dst, |w| w.telemetry_name()),
-            destination_canonical_service: w(&self.dst, |w| &w.canonical_name),
-            destination_canonical_revision: w(&self.dst, |w| &w.canonical_revision),
-            destination_workload_namespace: w(&self.dst, |w| &w.namespace),
-            destination_principal: or_unknown(
-                self.dst_identity.as_ref().map(|i| i.to_string()).as_deref(),
-            ),
-            destination_cluster: w(&self.dst, |w| &w.cluster_id),
-            request_protocol: "tcp",
+            source_principal: id(&self.src_identity),
+            destination_principal: id(&self.dst_identity),
             response_flags: flags,
             connection_security_policy: if self.mtls { "mutual_tls" } else { "unknown" },
+            ..TcpLabels::new(self.direction.reporter())
+                .with_source(self.src.as_deref())
+                .with_destination(self.dst.as_deref())
+                .with_destination_service(self.dst_service.as_deref())
         }
     }
 
-    fn log_fields(&self) -> (String, String, String, String) {
-        let name =
-            |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.name.clone()).unwrap_or_default();
-        let ns =
-            |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.namespace.clone()).unwrap_or_default();
-        (
-            name(&self.src),
-            ns(&self.src),
-            name(&self.dst),
-            ns(&self.dst),
-        )
+    /// The access log's view of this connection, as Istio's ztunnel fills it: the pod's
+    /// name (else its canonical service) and namespace; identities only under mTLS.
+    fn access_log(&self) -> AccessLog {
+        let name = |w: &Option<Arc<Workload>>| {
+            w.as_ref().map(|w| {
+                if w.name.is_empty() {
+                    w.canonical_name.clone()
+                } else {
+                    w.name.clone()
+                }
+            })
+        };
+        let ns = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.namespace.clone());
+        let id = |i: &Option<SpiffeId>| i.as_ref().filter(|_| self.mtls).map(|i| i.to_string());
+        AccessLog {
+            src_addr: self.src_addr,
+            src_workload: name(&self.src),
+            src_namespace: ns(&self.src),
+            src_identity: id(&self.src_identity),
+            dst_addr: self.dst_addr,
+            dst_hbone_addr: self.dst_hbone_addr,
+            dst_service: self.dst_service.as_ref().map(|s| s.hostname.clone()),
+            dst_workload: name(&self.dst),
+            dst_namespace: ns(&self.dst),
+            dst_identity: id(&self.dst_identity),
+            direction: self.direction.as_str(),
+            trace_id: self.trace_id.clone(),
+        }
     }
 }
 
@@ -311,10 +364,7 @@ impl ConnRecorder {
                 reporter: report.direction.reporter(),
             })
             .inc();
-        let (sw, sns, dw, dns) = report.log_fields();
-        tracing::debug!(target: "access", direction = report.direction.as_str(), id = %report.trace_id,
-            src.addr = %report.src_addr, src.workload = %sw, src.namespace = %sns,
-            dst.addr = %report.dst_addr, dst.workload = %dw, dst.namespace = %dns, "connection opened");
+        report.access_log().opened();
         ConnRecorder {
             metrics,
             report,
@@ -330,57 +380,24 @@ impl ConnRecorder {
         self.finished = true;
         let r = &self.report;
         let duration_ms = r.started.elapsed().as_millis();
-        let (sw, sns, dw, dns) = r.log_fields();
-        let src_id = r
-            .src_identity
-            .as_ref()
-            .map(|i| i.to_string())
-            .unwrap_or_default();
-        let dst_id = r
-            .dst_identity
-            .as_ref()
-            .map(|i| i.to_string())
-            .unwrap_or_default();
-        let hbone = r.dst_hbone_addr.map(|a| a.to_string()).unwrap_or_default();
-        let svc = r
-            .dst_service
-            .as_ref()
-            .map(|s| s.hostname.clone())
-            .unwrap_or_default();
-        let dir = r.direction.as_str();
-        let (flags, sent, received) = match outcome {
-            Outcome::Complete { sent, received } => {
-                tracing::info!(target: "access", direction = dir, id = %r.trace_id,
-                    src.addr = %r.src_addr, src.workload = %sw, src.namespace = %sns, src.identity = %src_id,
-                    dst.addr = %r.dst_addr, dst.hbone_addr = %hbone, dst.service = %svc,
-                    dst.workload = %dw, dst.namespace = %dns, dst.identity = %dst_id,
-                    bytes_sent = sent, bytes_recv = received, duration = %format!("{duration_ms}ms"),
-                    "connection complete");
-                ("-", sent, received)
-            }
+        let (flags, sent, received, error) = match outcome {
+            Outcome::Complete { sent, received } => ("-", sent, received, None),
             Outcome::Denied { policy, reason } => {
-                tracing::warn!(target: "access", direction = dir, id = %r.trace_id,
-                    src.addr = %r.src_addr, src.workload = %sw, src.namespace = %sns, src.identity = %src_id,
-                    dst.addr = %r.dst_addr, dst.workload = %dw, dst.namespace = %dns,
-                    policy = %policy.unwrap_or("-"), reason = %reason,
-                    "connection denied by authorization policy");
-                ("DENY", 0, 0)
+                ("DENY", 0, 0, Some(denial_error(policy, reason)))
             }
             Outcome::Failed {
                 flags,
                 error,
                 sent,
                 received,
-            } => {
-                tracing::error!(target: "access", direction = dir, id = %r.trace_id,
-                    src.addr = %r.src_addr, src.workload = %sw, src.namespace = %sns, src.identity = %src_id,
-                    dst.addr = %r.dst_addr, dst.hbone_addr = %hbone, dst.service = %svc,
-                    dst.workload = %dw, dst.namespace = %dns, dst.identity = %dst_id,
-                    bytes_sent = sent, bytes_recv = received, duration = %format!("{duration_ms}ms"),
-                    error = %error, "connection complete");
-                (flags, sent, received)
-            }
+            } => (flags, sent, received, Some(error.to_string())),
         };
+        r.access_log().complete(&Completion {
+            bytes_sent: sent,
+            bytes_recv: received,
+            duration_ms,
+            error,
+        });
         let labels = r.labels(flags);
         let m = &self.metrics;
         m.closed.get_or_create(&labels).inc();
@@ -475,5 +492,81 @@ mod tests {
             ),
             ("pay.example.com", "payments", "shop")
         );
+    }
+
+    fn pod(name: &str, ns: &str, canonical: &str) -> Arc<Workload> {
+        Arc::new(Workload {
+            uid: format!("{ns}/{name}"),
+            name: name.into(),
+            namespace: ns.into(),
+            addresses: vec![],
+            network: String::new(),
+            hbone: true,
+            identity: SpiffeId::new("cluster.local", ns, "sa").unwrap(),
+            waypoint: None,
+            node: String::new(),
+            canonical_name: canonical.into(),
+            canonical_revision: "v1".into(),
+            workload_name: String::new(),
+            services: Default::default(),
+            authorization_policies: vec![],
+            healthy: true,
+            cluster_id: "Kubernetes".into(),
+            locality: Default::default(),
+            host_network: false,
+            capacity: 1,
+        })
+    }
+
+    #[test]
+    fn access_log_takes_names_and_identities_as_istio_does() {
+        let mut report = ConnReport {
+            direction: Direction::Outbound,
+            src_addr: "10.0.0.1:1".parse().unwrap(),
+            src: Some(pod("web-1", "front", "web")),
+            src_identity: Some(SpiffeId::new("cluster.local", "front", "web").unwrap()),
+            dst_addr: "10.0.0.2:15008".parse().unwrap(),
+            dst_hbone_addr: Some("10.0.0.2:8080".parse().unwrap()),
+            dst_service: None,
+            // A workload known by its canonical name only.
+            dst: Some(pod("", "back", "api")),
+            dst_identity: Some(SpiffeId::new("cluster.local", "back", "api").unwrap()),
+            mtls: true,
+            trace_id: String::new(),
+            started: Instant::now(),
+        };
+        let l = report.access_log();
+        assert_eq!(l.src_workload.as_deref(), Some("web-1"));
+        assert_eq!(l.dst_workload.as_deref(), Some("api"));
+        assert_eq!(l.dst_namespace.as_deref(), Some("back"));
+        assert_eq!(
+            l.src_identity.as_deref(),
+            Some("spiffe://cluster.local/ns/front/sa/web")
+        );
+        assert_eq!(l.direction, "outbound");
+        // Without mTLS nobody proved an identity: none is logged.
+        report.mtls = false;
+        let l = report.access_log();
+        assert_eq!((l.src_identity, l.dst_identity), (None, None));
+    }
+
+    #[test]
+    fn build_and_xds_metrics_have_istios_names_and_labels() {
+        let m = Metrics::new(None);
+        m.xds_terminated("ConnectionError");
+        m.xds_message("type.googleapis.com/istio.workload.Address");
+        m.xds_message("type.googleapis.com/istio.workload.Address");
+        let text = m.encode();
+        for line in [
+            "# TYPE istio_build gauge".to_string(),
+            format!(
+                "istio_build{{component=\"ztunnel\",tag=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "istio_xds_connection_terminations_total{reason=\"ConnectionError\"} 1".into(),
+            "istio_xds_message_total{url=\"type.googleapis.com/istio.workload.Address\"} 2".into(),
+        ] {
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
     }
 }

@@ -127,6 +127,8 @@ struct Apply {
 
 impl mesh_xds::Handler for Apply {
     fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
+        // Only subscribed types get here (the client refuses others): bounded labels.
+        self.metrics.xds_message(&resp.type_url);
         let mut st = self.state.write().expect("state lock");
         let errors = apply_response(&mut st, resp);
         let closed = self.tracker.recheck(&st);
@@ -148,9 +150,10 @@ impl mesh_xds::Handler for Apply {
 
     fn connection(&mut self, up: bool) {
         self.progress.connected.store(up, Ordering::Relaxed);
-        if !up {
-            self.metrics.xds_connection_terminations.inc();
-        }
+    }
+
+    fn ended(&mut self, why: mesh_xds::Termination) {
+        self.metrics.xds_terminated(why.as_str());
     }
 }
 

@@ -308,7 +308,7 @@ fn scenario(lab: &mut Lab, observe: bool) -> Result<(), String> {
         "after: the same request, now carried over HBONE (mTLS + HTTP/2 CONNECT to port 15008)",
     );
     wait("mTLS traffic", Duration::from_secs(20), || {
-        curl(lab, "probe").is_ok() && log(lab, "ztunnel-2").contains("src.identity=spiffe://")
+        curl(lab, "probe").is_ok() && log(lab, "ztunnel-2").contains("src.identity=\"spiffe://")
     })?;
     let (total, hbone, seen) =
         request_on_the_fabric(lab, "mesh.pcap", "in-the-mesh", "YES (unexpected!)")?;
@@ -316,7 +316,7 @@ fn scenario(lab: &mut Lab, observe: bool) -> Result<(), String> {
     if let Some(line) = access
         .lines()
         .rev()
-        .find(|l| l.contains("connection complete") && l.contains("src.identity=spiffe://"))
+        .find(|l| l.contains("connection complete") && l.contains("src.identity=\"spiffe://"))
     {
         println!("  ztunnel on node-2 (inbound):\n    {}", line.trim());
     }
@@ -324,7 +324,7 @@ fn scenario(lab: &mut Lab, observe: bool) -> Result<(), String> {
     if let Some(line) = access
         .lines()
         .rev()
-        .find(|l| l.contains("connection complete") && l.contains("dst.identity=spiffe://"))
+        .find(|l| l.contains("connection complete") && l.contains("dst.identity=\"spiffe://"))
     {
         println!("  ztunnel on node-1 (outbound):\n    {}", line.trim());
     }

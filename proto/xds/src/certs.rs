@@ -285,6 +285,9 @@ pub struct CertStatus {
     pub refresh_at: Option<String>,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
+    /// The certificate held now (its chain and roots), if any.
+    #[serde(skip)]
+    pub current: Option<Arc<Credentials>>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -576,6 +579,7 @@ impl CertManager {
                     .map(|d| rfc3339(wall + d.saturating_duration_since(now))),
                 last_error: s.last_error.as_ref().map(ToString::to_string),
                 consecutive_failures: s.failures,
+                current: s.current.clone(),
             })
             .collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));

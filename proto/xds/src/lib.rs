@@ -72,6 +72,38 @@ pub trait Handler: Send + 'static {
     fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<(String, String)>;
     /// The stream connected (`true`) or dropped (`false`).
     fn connection(&mut self, _up: bool) {}
+    /// Why the stream (or the attempt at one) ended.
+    fn ended(&mut self, _why: Termination) {}
+}
+
+/// Why an xDS stream ended, in the words of Istio's
+/// `istio_xds_connection_terminations{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Termination {
+    /// No stream was established (unreachable, refused, not authorized).
+    ConnectionError,
+    /// The stream failed once established.
+    Error,
+    /// The control plane ended the stream cleanly.
+    Complete,
+}
+
+impl Termination {
+    pub fn of(connected: bool, result: &Result<(), String>) -> Self {
+        match (connected, result) {
+            (false, _) => Termination::ConnectionError,
+            (true, Err(_)) => Termination::Error,
+            (true, Ok(())) => Termination::Complete,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Termination::ConnectionError => "ConnectionError",
+            Termination::Error => "Error",
+            Termination::Complete => "Complete",
+        }
+    }
 }
 
 fn request(type_url: &str) -> DeltaDiscoveryRequest {
@@ -99,6 +131,7 @@ pub async fn run(
         types.iter().map(|t| (*t, HashMap::new())).collect();
     let mut backoff = MIN_BACKOFF;
     loop {
+        let mut connected = false;
         let r = session(
             &cp,
             &node,
@@ -107,9 +140,11 @@ pub async fn run(
             &mut handler,
             &mut held,
             &mut backoff,
+            &mut connected,
         )
         .await;
         handler.connection(false);
+        handler.ended(Termination::of(connected, &r));
         match r {
             Ok(()) => tracing::warn!("xDS stream closed by the control plane"),
             Err(e) => {
@@ -122,6 +157,8 @@ pub async fn run(
     }
 }
 
+// The loop's state it updates (held versions, backoff, whether it connected) is passed in.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     cp: &ControlPlane,
     node: &envoy_core::Node,
@@ -130,6 +167,7 @@ async fn session(
     handler: &mut impl Handler,
     held: &mut HashMap<&'static str, HashMap<String, String>>,
     backoff: &mut Duration,
+    connected: &mut bool,
 ) -> Result<(), String> {
     let (tx, rx) = tokio::sync::mpsc::channel::<DeltaDiscoveryRequest>(16);
     for (i, t) in types.iter().enumerate() {
@@ -150,6 +188,7 @@ async fn session(
         .await
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
+    *connected = true;
     handler.connection(true);
     tracing::info!(address = %cp.address, "xDS connected");
     while let Some(resp) = stream
@@ -201,4 +240,21 @@ async fn session(
         tx.send(reply).await.map_err(|_| "request channel closed")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Termination;
+
+    #[test]
+    fn terminations_are_named_as_istio_names_them() {
+        let err = Err("Unavailable: connection reset".to_string());
+        assert_eq!(
+            Termination::of(false, &err).as_str(),
+            "ConnectionError",
+            "no stream was ever established"
+        );
+        assert_eq!(Termination::of(true, &err).as_str(), "Error");
+        assert_eq!(Termination::of(true, &Ok(())).as_str(), "Complete");
+    }
 }

@@ -319,8 +319,9 @@ impl PodProxy {
                 service,
                 via_waypoint: _,
             } => {
-                report.dst_addr = authority;
-                report.dst_hbone_addr = Some(hop);
+                // As Istio logs it: the address dialled, and the target inside.
+                report.dst_addr = hop;
+                report.dst_hbone_addr = Some(authority);
                 report.dst_identity = expected.first().cloned();
                 report.dst = dst_workload;
                 let host = service.as_ref().map(|s| s.hostname.clone());
@@ -600,7 +601,7 @@ impl ConnectHandler for InboundHandler {
             src,
             src_identity: Some(req.peer_identity.clone()),
             dst_addr: local,
-            dst_hbone_addr: Some(local),
+            dst_hbone_addr: None,
             dst_service,
             dst: None,
             dst_identity: None,
@@ -620,7 +621,7 @@ impl ConnectHandler for InboundHandler {
                 return respond.refuse(&refusal);
             }
         };
-        report.dst_addr = target;
+        report.dst_hbone_addr = Some(target);
         if target.ip() != local.ip() {
             let refusal = Refusal::BadRequest(format!(
                 "authority {target} does not match the connection's destination {}",
