@@ -178,6 +178,61 @@ pub struct ServicePort {
     pub app_protocol: Option<String>,
 }
 
+// ---- discovery.k8s.io/v1 ----
+
+/// An EndpointSlice: the endpoints of a Service, the only source of them for a Service
+/// without a selector (`default/kubernetes`, endpoints managed by hand or by an operator).
+/// `endpoints` and `ports` are null, not empty, in a real API server's JSON when empty.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub address_type: String,
+    #[serde(default)]
+    pub endpoints: Option<Vec<Endpoint>>,
+    #[serde(default)]
+    pub ports: Option<Vec<EndpointPort>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub conditions: EndpointConditions,
+    #[serde(default)]
+    pub target_ref: Option<ObjectReference>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct EndpointConditions {
+    /// Unset means ready (the API's definition).
+    #[serde(default)]
+    pub ready: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct ObjectReference {
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct EndpointPort {
+    /// The Service port's name ("" for a Service's single unnamed port).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The port on the endpoint (the Service's target port, resolved).
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
 // ---- security.istio.io/v1 ----
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -20,12 +20,13 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 /// (group, version, kind, plural) of everything the control plane reads.
-pub const KINDS: [(&str, &str, &str, &str); 11] = [
+pub const KINDS: [(&str, &str, &str, &str); 12] = [
     ("", "v1", "Namespace", "namespaces"),
     ("", "v1", "Node", "nodes"),
     ("", "v1", "Pod", "pods"),
     ("", "v1", "Service", "services"),
     ("", "v1", "ServiceAccount", "serviceaccounts"),
+    ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
     (
         "security.istio.io",
         "v1",

@@ -200,6 +200,38 @@ fn pod(ns: &str, name: &str, ip: &str) -> Value {
            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
 }
 
+/// `default/kubernetes` as a real API server lists it (kubeadm, 1.28-1.33): no selector,
+/// its endpoints only in the EndpointSlice the API server keeps, with managedFields.
+fn kubernetes_service() -> Value {
+    json!({"metadata": {"name": "kubernetes", "namespace": "default", "uid": "3f1c1a0e",
+                        "resourceVersion": "200", "creationTimestamp": "2026-11-01T10:00:00Z",
+                        "labels": {"component": "apiserver", "provider": "kubernetes"},
+                        "managedFields": [{"manager": "kube-apiserver", "operation": "Update",
+                                           "apiVersion": "v1", "time": "2026-11-01T10:00:00Z",
+                                           "fieldsType": "FieldsV1",
+                                           "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:component": {}, "f:provider": {}}},
+                                                        "f:spec": {"f:clusterIP": {}, "f:ports": {}}}}]},
+           "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
+                    "internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"],
+                    "ipFamilyPolicy": "SingleStack", "sessionAffinity": "None", "type": "ClusterIP",
+                    "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]},
+           "status": {"loadBalancer": {}}})
+}
+
+fn kubernetes_endpoint_slice(api_server_ip: &str) -> Value {
+    json!({"metadata": {"name": "kubernetes", "namespace": "default", "uid": "8a2d9c11",
+                        "resourceVersion": "201", "generation": 1,
+                        "creationTimestamp": "2026-11-01T10:00:00Z",
+                        "labels": {"kubernetes.io/service-name": "kubernetes"},
+                        "managedFields": [{"manager": "kube-apiserver", "operation": "Update",
+                                           "apiVersion": "discovery.k8s.io/v1",
+                                           "time": "2026-11-01T10:00:00Z", "fieldsType": "FieldsV1",
+                                           "fieldsV1": {"f:addressType": {}, "f:endpoints": {}, "f:ports": {}}}]},
+           "addressType": "IPv4",
+           "endpoints": [{"addresses": [api_server_ip], "conditions": {"ready": true}}],
+           "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]})
+}
+
 /// A kubeconfig in `dir` pointing at the fake API server.
 fn write_kubeconfig(dir: &std::path::Path, url: &str) -> std::path::PathBuf {
     let path = dir.join("kubeconfig");
@@ -850,4 +882,79 @@ async fn a_missing_policy_crd_version_makes_mesh_control_not_ready() {
     fake.expire("authorizationpolicies");
     wait_ready(ready_addr, 503, "404", "after the CRD went away").await;
     assert!(has_policy(&running), "the policy stays in force");
+}
+
+/// The Kubernetes API (`kubernetes.default.svc`, a Service without a selector) is
+/// reachable from enrolled pods: its endpoint comes from its EndpointSlice and is served
+/// as a plaintext (non-HBONE) endpoint, which the data plane's state resolves the VIP to,
+/// on the slice's port. A changed slice moves it.
+#[tokio::test]
+async fn services_without_a_selector_get_their_endpoints_from_endpoint_slices() {
+    let fake = Fake::default();
+    fake.set(
+        "namespaces",
+        vec![
+            ns("default", json!({})),
+            ns("shop", json!({"istio.io/dataplane-mode": "ambient"})),
+        ],
+    );
+    fake.set("pods", vec![pod("shop", "web-1", "10.10.1.5")]);
+    fake.set("services", vec![kubernetes_service()]);
+    fake.set(
+        "endpointslices",
+        vec![kubernetes_endpoint_slice("172.18.0.2")],
+    );
+    let (_dir, running) = kube_plane(&fake).await;
+
+    // What ztunnel would do with the served addresses, by the same state it keeps.
+    let plan = |g: &mesh_control::generation::Generation| {
+        let mut st = mesh_discovery::State::default();
+        for a in g.resources.addresses.values() {
+            st.apply_address(a).unwrap();
+        }
+        let src = st.workload("Kubernetes//Pod/shop/web-1").cloned();
+        assert!(src.as_ref().is_some_and(|w| w.hbone), "web-1 is enrolled");
+        let Some(mesh_discovery::Destination::Service(svc)) =
+            st.destination("", "10.96.0.1".parse().unwrap())
+        else {
+            panic!("the API server's VIP is not a known service");
+        };
+        st.pick_endpoint(&svc, 443, src.as_deref())
+            .map(|(w, port)| (w.addresses.clone(), port, w.hbone))
+    };
+    let served = running.shared.generation.borrow().clone();
+    assert_eq!(
+        plan(&served),
+        Some((vec!["172.18.0.2".parse().unwrap()], 6443, false)),
+        "kubernetes.default.svc:443 goes in plaintext to the API server on 6443"
+    );
+    assert!(
+        served.resources.addresses.contains_key(
+            "Kubernetes/discovery.k8s.io/EndpointSlice/default/kubernetes/172.18.0.2"
+        ),
+        "Istio's uid for an EndpointSlice endpoint"
+    );
+
+    fake.push(
+        "endpointslices",
+        "MODIFIED",
+        kubernetes_endpoint_slice("172.18.0.9"),
+    );
+    let mut generation = running.shared.generation.clone();
+    let moved = tokio::time::timeout(
+        Duration::from_secs(15),
+        generation.wait_for(|g| {
+            g.resources.addresses.contains_key(
+                "Kubernetes/discovery.k8s.io/EndpointSlice/default/kubernetes/172.18.0.9",
+            )
+        }),
+    )
+    .await
+    .expect("the changed slice is served")
+    .unwrap()
+    .clone();
+    assert_eq!(
+        plan(&moved),
+        Some((vec!["172.18.0.9".parse().unwrap()], 6443, false))
+    );
 }
