@@ -27,6 +27,10 @@ pub struct ObjectMeta {
     pub resource_version: Option<String>,
     #[serde(default)]
     pub creation_timestamp: Option<String>,
+    /// Bumped by the API server on every spec change; status conditions name the one
+    /// they describe (`observedGeneration`).
+    #[serde(default)]
+    pub generation: Option<i64>,
 }
 
 impl ObjectMeta {
@@ -383,6 +387,25 @@ pub struct GatewayListener {
 pub struct GatewayStatus {
     #[serde(default)]
     pub addresses: Vec<GatewayStatusAddress>,
+    #[serde(default)]
+    pub conditions: Vec<StatusCondition>,
+}
+
+/// A `metav1.Condition` as written in a status (Gateway API and most CRDs).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub last_transition_time: Option<String>,
+    #[serde(default)]
+    pub observed_generation: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -140,14 +140,93 @@ pub fn desired_objects(
     ]
 }
 
-/// The Gateway status that publishes the waypoint's address.
-pub fn status_patch(gw: &Gateway, cluster_ip: &str) -> Value {
+/// A `metav1.Condition` for the Gateway's current generation. Its transition time is
+/// kept while its status stays the same (the API's rule), else it is `now`.
+fn condition(gw: &Gateway, type_: &str, ok: bool, reason: &str, message: &str, now: &str) -> Value {
+    let status = if ok { "True" } else { "False" };
+    let since = gw
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .find(|c| c.type_ == type_ && c.status == status)
+        .and_then(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.to_string());
+    json!({
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": gw.metadata.generation.unwrap_or(0),
+    })
+}
+
+/// The Gateway status: `Accepted` (the class is ours and the Gateway is deployed) and
+/// `Programmed` (its Service has an address, published in `status.addresses`, which is
+/// how ztunnels find the waypoint), each for the Gateway's current generation.
+/// `now` is an RFC 3339 time in seconds.
+pub fn status_patch(gw: &Gateway, cluster_ip: Option<&str>, now: &str) -> Value {
+    let accepted = condition(gw, "Accepted", true, "Accepted", "Resource accepted", now);
+    let (programmed, addresses) = match cluster_ip {
+        Some(ip) => (
+            condition(
+                gw,
+                "Programmed",
+                true,
+                "Programmed",
+                &format!(
+                    "Resource programmed, assigned to service {}:15008",
+                    gw.metadata.name
+                ),
+                now,
+            ),
+            json!([{"type": "IPAddress", "value": ip}]),
+        ),
+        None => (
+            condition(
+                gw,
+                "Programmed",
+                false,
+                "AddressNotAssigned",
+                &format!(
+                    "Service {}/{} has no cluster IP yet",
+                    gw.metadata.ns(),
+                    gw.metadata.name
+                ),
+                now,
+            ),
+            json!([]),
+        ),
+    };
     json!({
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "Gateway",
         "metadata": {"name": gw.metadata.name, "namespace": gw.metadata.ns()},
-        "status": {"addresses": [{"type": "IPAddress", "value": cluster_ip}]},
+        "status": {"addresses": addresses, "conditions": [accepted, programmed]},
     })
+}
+
+/// Whether the Gateway's status already says what `status_patch` would (address and
+/// both conditions True for its current generation).
+pub fn status_is_current(gw: &Gateway, cluster_ip: &str) -> bool {
+    let Some(st) = &gw.status else { return false };
+    let current = |t: &str| {
+        st.conditions.iter().any(|c| {
+            c.type_ == t && c.status == "True" && c.observed_generation == gw.metadata.generation
+        })
+    };
+    st.addresses.iter().any(|a| a.value == cluster_ip)
+        && current("Accepted")
+        && current("Programmed")
+}
+
+/// Now, as a Kubernetes timestamp (RFC 3339, whole seconds, UTC).
+fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    now.replace_nanosecond(0)
+        .unwrap_or(now)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 fn is_waypoint(gw: &Gateway) -> bool {
@@ -181,32 +260,34 @@ async fn reconcile_one(
                 .map(str::to_string);
         }
     }
-    let Some(ip) = cluster_ip else {
-        return Err(format!(
+    if cluster_ip
+        .as_deref()
+        .is_some_and(|ip| status_is_current(gw, ip))
+    {
+        return Ok(());
+    }
+    let gws: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        ns,
+        &resource("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
+    );
+    gws.patch_status(
+        &gw.metadata.name,
+        &params,
+        &Patch::Apply(status_patch(gw, cluster_ip.as_deref(), &now_rfc3339())),
+    )
+    .await
+    .map_err(|e| format!("Gateway {ns}/{} status: {e}", gw.metadata.name))?;
+    match cluster_ip {
+        Some(ip) => {
+            tracing::info!(gateway = %format!("{ns}/{}", gw.metadata.name), address = %ip, "waypoint programmed");
+            Ok(())
+        }
+        None => Err(format!(
             "Service {ns}/{} has no cluster IP yet",
             gw.metadata.name
-        ));
-    };
-    let published = gw
-        .status
-        .as_ref()
-        .is_some_and(|s| s.addresses.iter().any(|a| a.value == ip));
-    if !published {
-        let gws: Api<DynamicObject> = Api::namespaced_with(
-            client.clone(),
-            ns,
-            &resource("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
-        );
-        gws.patch_status(
-            &gw.metadata.name,
-            &params,
-            &Patch::Apply(status_patch(gw, &ip)),
-        )
-        .await
-        .map_err(|e| format!("Gateway {ns}/{} status: {e}", gw.metadata.name))?;
-        tracing::info!(gateway = %format!("{ns}/{}", gw.metadata.name), address = %ip, "waypoint address published");
+        )),
     }
-    Ok(())
 }
 
 /// Follows the object snapshots and keeps every waypoint Gateway deployed. A Gateway is
@@ -304,9 +385,54 @@ mod tests {
         );
         assert_eq!(objs[1].1["data"]["root-cert.pem"], "ROOT");
         assert_eq!(objs[3].1["spec"]["ports"][0]["port"], 15008);
+    }
+
+    #[test]
+    fn status_has_the_gateway_api_conditions_for_the_current_generation() {
+        let mut gw = gateway();
+        gw.metadata.generation = Some(4);
+        let now = "2026-11-29T10:00:00Z";
+        let st = &status_patch(&gw, Some("10.96.0.50"), now)["status"];
         assert_eq!(
-            status_patch(&gateway(), "10.96.0.50")["status"]["addresses"][0]["value"],
-            "10.96.0.50"
+            st["addresses"],
+            json!([{"type": "IPAddress", "value": "10.96.0.50"}])
+        );
+        let conds = st["conditions"].as_array().unwrap();
+        let types: Vec<_> = conds.iter().map(|c| c["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["Accepted", "Programmed"]);
+        for c in conds {
+            assert_eq!(c["status"], "True");
+            assert_eq!(c["reason"], c["type"]);
+            assert_eq!(c["observedGeneration"], 4);
+            assert_eq!(c["lastTransitionTime"], now);
+        }
+        // Not yet addressed: Programmed is False, with a reason Gateway API defines.
+        let st = &status_patch(&gw, None, now)["status"];
+        assert_eq!(st["conditions"][1]["status"], "False");
+        assert_eq!(st["conditions"][1]["reason"], "AddressNotAssigned");
+        assert_eq!(st["conditions"][0]["status"], "True");
+
+        // Written: current. A new generation is not, and keeps the transition time of a
+        // condition whose status did not change.
+        let mut written: Gateway = gw.clone();
+        written.status =
+            serde_json::from_value(status_patch(&gw, Some("10.96.0.50"), now)["status"].clone())
+                .unwrap();
+        assert!(status_is_current(&written, "10.96.0.50"));
+        assert!(!status_is_current(&written, "10.96.0.51"));
+        written.metadata.generation = Some(5);
+        assert!(!status_is_current(&written, "10.96.0.50"));
+        let later = status_patch(&written, Some("10.96.0.50"), "2026-11-29T11:00:00Z");
+        assert_eq!(later["status"]["conditions"][0]["lastTransitionTime"], now);
+        assert_eq!(later["status"]["conditions"][0]["observedGeneration"], 5);
+        let failed = status_patch(&written, None, "2026-11-29T11:00:00Z");
+        assert_eq!(
+            failed["status"]["conditions"][1]["lastTransitionTime"],
+            "2026-11-29T11:00:00Z"
+        );
+        assert!(
+            !status_is_current(&gateway(), "10.96.0.50"),
+            "no status at all"
         );
     }
 

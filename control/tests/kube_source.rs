@@ -42,6 +42,8 @@ struct FakeState {
     token_audience: BTreeMap<String, String>,
     /// Server-side applies received: (path, body).
     patches: Vec<(String, Value)>,
+    /// Their query strings and content types: (path, query, content type).
+    patch_params: Vec<(String, String, String)>,
 }
 
 #[derive(Clone, Default)]
@@ -93,6 +95,18 @@ impl Fake {
         let plural = plural_of(req.uri().path());
         if req.method() == hyper::Method::PATCH {
             let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or_default().to_string();
+            let content_type = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            self.0
+                .lock()
+                .unwrap()
+                .patch_params
+                .push((path.clone(), query, content_type));
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let mut obj: Value = serde_json::from_slice(&body).unwrap();
             self.0
@@ -476,7 +490,7 @@ async fn waypoint_gateways_are_deployed_and_their_address_published() {
     fake.set(
         "gateways",
         vec![
-            json!({"metadata": {"name": "waypoint", "namespace": "shop", "uid": "gw-1"},
+            json!({"metadata": {"name": "waypoint", "namespace": "shop", "uid": "gw-1", "generation": 3},
                    "spec": {"gatewayClassName": "istio-waypoint",
                             "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
             json!({"metadata": {"name": "ingress", "namespace": "shop", "uid": "gw-2"},
@@ -532,6 +546,35 @@ async fn waypoint_gateways_are_deployed_and_their_address_published() {
     let body = |path: &str| &patches.iter().find(|(p, _)| p == path).unwrap().1;
     let status = body(status_path);
     assert_eq!(status["status"]["addresses"][0]["value"], "10.96.0.77");
+    // `kubectl wait --for=condition=Programmed` and Gateway API tooling read these.
+    let conditions = status["status"]["conditions"].as_array().unwrap();
+    for c in conditions {
+        assert_gateway_api_condition(c);
+    }
+    for t in ["Accepted", "Programmed"] {
+        let c = conditions.iter().find(|c| c["type"] == t);
+        let c = c.unwrap_or_else(|| panic!("no {t} condition: {status}"));
+        assert_eq!(
+            (&c["status"], &c["reason"], &c["observedGeneration"]),
+            (&json!("True"), &json!(t), &json!(3)),
+            "{c}"
+        );
+    }
+    // Server-side apply of the status subresource by our field manager.
+    let (_, query, content_type) = fake
+        .0
+        .lock()
+        .unwrap()
+        .patch_params
+        .iter()
+        .find(|(p, _, _)| p == status_path)
+        .cloned()
+        .unwrap();
+    assert_eq!(content_type, "application/apply-patch+yaml");
+    assert!(
+        query.contains("fieldManager=mesh-control") && query.contains("force=true"),
+        "{query}"
+    );
     let root = std::fs::read_to_string(dir.path().join("state/root-cert.pem")).unwrap();
     assert_eq!(
         body("/api/v1/namespaces/shop/configmaps/waypoint-mesh-ca-root")["data"]["root-cert.pem"],
@@ -542,6 +585,47 @@ async fn waypoint_gateways_are_deployed_and_their_address_published() {
     assert_eq!(
         deployment["spec"]["template"]["spec"]["serviceAccountName"],
         "waypoint"
+    );
+}
+
+/// A condition as the Gateway API CRDs validate it (`metav1.Condition`): every required
+/// field, the status enum, the reason's pattern, an RFC 3339 time and a generation.
+fn assert_gateway_api_condition(c: &Value) {
+    let keys: std::collections::BTreeSet<&str> =
+        c.as_object().unwrap().keys().map(String::as_str).collect();
+    for required in ["type", "status", "reason", "message", "lastTransitionTime"] {
+        assert!(keys.contains(required), "{required} missing: {c}");
+    }
+    assert!(
+        keys.iter().all(|k| [
+            "type",
+            "status",
+            "reason",
+            "message",
+            "lastTransitionTime",
+            "observedGeneration"
+        ]
+        .contains(k)),
+        "unknown field: {c}"
+    );
+    assert!(["True", "False", "Unknown"].contains(&c["status"].as_str().unwrap()));
+    let reason = c["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(|ch: char| ch.is_ascii_alphabetic())
+            && reason
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "_,:".contains(ch))
+            && !reason.ends_with([',', ':'])
+            && reason.len() <= 1024,
+        "reason {reason:?}"
+    );
+    assert!(c["message"].as_str().unwrap().len() <= 32768);
+    let t = c["lastTransitionTime"].as_str().unwrap();
+    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("lastTransitionTime {t:?}: {e}"));
+    assert!(
+        c["observedGeneration"].as_i64().is_some_and(|g| g >= 0),
+        "{c}"
     );
 }
 
