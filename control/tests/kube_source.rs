@@ -44,6 +44,10 @@ struct FakeState {
     patches: Vec<(String, Value)>,
     /// Their query strings and content types: (path, query, content type).
     patch_params: Vec<(String, String, String)>,
+    /// TokenReview: token → (how many more reviews get 429, its Retry-After seconds).
+    throttle: BTreeMap<String, (u32, Option<u64>)>,
+    /// TokenReview: how long each review takes to answer.
+    review_hold: Duration,
 }
 
 #[derive(Clone, Default)]
@@ -125,24 +129,49 @@ impl Fake {
         if req.method() == hyper::Method::POST && plural == "tokenreviews" {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let mut review: Value = serde_json::from_slice(&body).unwrap();
-            let mut st = self.0.lock().unwrap();
-            st.audiences_seen.push(review["spec"]["audiences"].clone());
-            let token = review["spec"]["token"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            st.reviewed.push(token.clone());
-            let asked = review["spec"]["audiences"].clone();
-            review["status"] = match st.token_audience.get(&token) {
-                // As the API server words it.
-                Some(aud) if !asked.as_array().is_some_and(|a| a.contains(&json!(aud))) => json!({
-                    "authenticated": false,
-                    "error": format!("[invalid bearer token, token audiences [\"{aud}\"] is invalid for the target audiences {asked}]")
-                }),
-                _ => st.reviews.get(&token).cloned().unwrap_or_else(
-                    || json!({"authenticated": false, "error": "invalid bearer token"}),
-                ),
+            let (review, hold) = {
+                let mut st = self.0.lock().unwrap();
+                st.audiences_seen.push(review["spec"]["audiences"].clone());
+                let token = review["spec"]["token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                st.reviewed.push(token.clone());
+                if let Some((left, retry_after)) = st.throttle.get_mut(&token)
+                    && *left > 0
+                {
+                    // As API priority and fairness words it: the header and the details.
+                    *left -= 1;
+                    let mut res = hyper::Response::builder()
+                        .status(429)
+                        .header("content-type", "application/json");
+                    if let Some(secs) = retry_after {
+                        res = res.header("retry-after", secs.to_string());
+                    }
+                    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                        "status": "Failure", "message": "Too many requests, please try again later.",
+                        "reason": "TooManyRequests", "details": {"retryAfterSeconds": retry_after.unwrap_or(1)},
+                        "code": 429});
+                    return res
+                        .body(Full::new(Bytes::from(body.to_string())).boxed())
+                        .unwrap();
+                }
+                let asked = review["spec"]["audiences"].clone();
+                review["status"] = match st.token_audience.get(&token) {
+                    // As the API server words it.
+                    Some(aud) if !asked.as_array().is_some_and(|a| a.contains(&json!(aud))) => {
+                        json!({
+                            "authenticated": false,
+                            "error": format!("[invalid bearer token, token audiences [\"{aud}\"] is invalid for the target audiences {asked}]")
+                        })
+                    }
+                    _ => st.reviews.get(&token).cloned().unwrap_or_else(
+                        || json!({"authenticated": false, "error": "invalid bearer token"}),
+                    ),
+                };
+                (review, st.review_hold)
             };
+            tokio::time::sleep(hold).await;
             return hyper::Response::builder()
                 .status(201)
                 .header("content-type", "application/json")
@@ -1041,4 +1070,139 @@ async fn services_without_a_selector_get_their_endpoints_from_endpoint_slices() 
         plan(&moved),
         Some((vec!["172.18.0.9".parse().unwrap()], 6443, false))
     );
+}
+
+/// A TokenReviewer against `fake`, its client built as mesh-control builds it.
+fn reviewer(url: &str) -> mesh_control::token_review::TokenReviewer {
+    let client =
+        mesh_control::token_review::review_client(kube::Config::new(url.parse().unwrap())).unwrap();
+    mesh_control::token_review::TokenReviewer::new(
+        client,
+        vec!["istio-ca".into()],
+        vec!["mesh-system/ztunnel".into()],
+    )
+}
+
+/// Many callers presenting the same token at once (a node's reconnect storm) cause one
+/// TokenReview, and all get its verdict.
+#[tokio::test]
+async fn concurrent_identical_tokens_share_one_review() {
+    let fake = Fake::default();
+    {
+        let mut st = fake.0.lock().unwrap();
+        st.reviews
+            .insert("ztunnel-node-1-token".into(), ztunnel_review("node-1"));
+        // Long enough for every caller to start while the first review is out.
+        st.review_hold = Duration::from_millis(500);
+    }
+    let url = fake.serve().await;
+    let reviewer = reviewer(&url);
+    let objects = Objects::default();
+    // From as many addresses (pods of one node behind SNAT look alike, but not always).
+    let peer = |i: u8| Some(std::net::IpAddr::from([10, 0, 0, i]));
+    let verdicts = futures_util::future::join_all(
+        (0..16).map(|i| reviewer.authenticate("ztunnel-node-1-token", peer(i), &objects)),
+    )
+    .await;
+    for v in verdicts {
+        assert_eq!(v, Ok(mesh_control::auth::Principal::Node("node-1".into())));
+    }
+    assert_eq!(fake.0.lock().unwrap().reviewed.len(), 1, "one review");
+    // Refusals are shared the same way.
+    let verdicts = futures_util::future::join_all(
+        (0..16).map(|i| reviewer.authenticate("forged-token", peer(i), &objects)),
+    )
+    .await;
+    assert!(
+        verdicts
+            .iter()
+            .all(|v| matches!(v, Err(mesh_control::token_review::ReviewError::Refused(_))))
+    );
+    assert_eq!(fake.0.lock().unwrap().reviewed.len(), 2);
+}
+
+/// A 429 from the API server is retried after its Retry-After; throttled past the
+/// retry budget, the caller is told to retry later (gRPC UNAVAILABLE), never
+/// "unauthenticated", and the token is not remembered as refused.
+#[tokio::test]
+async fn throttled_token_reviews_are_retried_and_never_refused() {
+    use mesh_control::token_review::{ReviewError, THROTTLE_RETRIES};
+    let fake = Fake::default();
+    fake.set("pods", vec![pod("shop", "web-1", "10.10.1.5")]);
+    fake.0
+        .lock()
+        .unwrap()
+        .reviews
+        .insert("ztunnel-node-1-token".into(), ztunnel_review("node-1"));
+    let url = fake.serve().await;
+    let reviewer = reviewer(&url);
+    let objects = Objects::default();
+    let count = || fake.0.lock().unwrap().reviewed.len();
+
+    // Twice throttled with Retry-After: 1, then answered.
+    fake.0
+        .lock()
+        .unwrap()
+        .throttle
+        .insert("ztunnel-node-1-token".into(), (2, Some(1)));
+    let began = std::time::Instant::now();
+    assert_eq!(
+        reviewer
+            .authenticate("ztunnel-node-1-token", None, &objects)
+            .await,
+        Ok(mesh_control::auth::Principal::Node("node-1".into()))
+    );
+    assert!(
+        began.elapsed() >= Duration::from_secs(2),
+        "Retry-After honoured: {:?}",
+        began.elapsed()
+    );
+    assert_eq!(count(), 3);
+
+    // Throttled for good: a bounded number of attempts, then "retry later".
+    fake.0
+        .lock()
+        .unwrap()
+        .throttle
+        .insert("other-token".into(), (u32::MAX, Some(1)));
+    fake.0
+        .lock()
+        .unwrap()
+        .reviews
+        .insert("other-token".into(), ztunnel_review("node-2"));
+    let before = count();
+    let v = reviewer.authenticate("other-token", None, &objects).await;
+    assert!(matches!(v, Err(ReviewError::Unavailable(_))), "{v:?}");
+    assert_eq!(count() - before, THROTTLE_RETRIES as usize + 1);
+    // Not remembered as refused: once the API server answers, the token is good.
+    fake.0.lock().unwrap().throttle.clear();
+    assert_eq!(
+        reviewer.authenticate("other-token", None, &objects).await,
+        Ok(mesh_control::auth::Principal::Node("node-2".into()))
+    );
+
+    // Through the CA, as ztunnel sees it.
+    fake.0
+        .lock()
+        .unwrap()
+        .throttle
+        .insert("ztunnel-node-1-token".into(), (u32::MAX, None));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = write_kubeconfig(dir.path(), &url);
+    let running = mesh_control::server::start(kube_mode(dir.path(), kubeconfig))
+        .await
+        .unwrap();
+    let mut ca = ca_client(dir.path(), &running);
+    let web = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+    let csr = generate_csr(&web).unwrap();
+    let err = ca
+        .create_certificate(ca_request(&csr.csr_pem, &web, Some("ztunnel-node-1-token")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), mesh_control::grpc::REVIEW_UNAVAILABLE);
+    fake.0.lock().unwrap().throttle.clear();
+    ca.create_certificate(ca_request(&csr.csr_pem, &web, Some("ztunnel-node-1-token")))
+        .await
+        .expect("the same token, once the API server answers");
 }
