@@ -12,6 +12,7 @@ pub mod index;
 pub mod k8s;
 pub mod kube_source;
 pub mod manifest;
+pub mod rbac;
 pub mod readiness;
 pub mod server;
 pub mod source;

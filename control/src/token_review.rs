@@ -103,6 +103,9 @@ enum Call {
 
 type Shared = Arc<OnceCell<Result<Principal, ReviewError>>>;
 
+/// (group, plural) of the reviews created.
+pub const TOKEN_REVIEWS: (&str, &str) = ("authentication.k8s.io", "tokenreviews");
+
 pub struct TokenReviewer {
     client: kube::Client,
     audiences: Vec<String>,
@@ -258,7 +261,8 @@ impl TokenReviewer {
             Ok(b) => b,
             Err(e) => return Call::Failed(format!("TokenReview: {e}")),
         };
-        let req = match kube::core::Request::new("/apis/authentication.k8s.io/v1/tokenreviews")
+        let (group, plural) = TOKEN_REVIEWS;
+        let req = match kube::core::Request::new(format!("/apis/{group}/v1/{plural}"))
             .create(&PostParams::default(), body)
         {
             Ok(r) => r,

@@ -21,6 +21,19 @@ pub const FIELD_MANAGER: &str = "mesh-control";
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 pub const ROOT_CONFIGMAP: &str = "mesh-ca-root";
 
+/// (group, version, kind, plural) of what a waypoint is made of, in apply order; each is
+/// written by server-side apply (`create` when missing, else `patch`), owned by its
+/// Gateway with `blockOwnerDeletion` (see `crate::rbac`).
+pub const OWNED: [(&str, &str, &str, &str); 4] = [
+    ("", "v1", "ServiceAccount", "serviceaccounts"),
+    ("", "v1", "ConfigMap", "configmaps"),
+    ("apps", "v1", "Deployment", "deployments"),
+    ("", "v1", "Service", "services"),
+];
+/// The Gateway whose status is written (`patch` on `gateways/status`).
+pub const GATEWAY: (&str, &str, &str, &str) =
+    ("gateway.networking.k8s.io", "v1", "Gateway", "gateways");
+
 /// What every waypoint Deployment is given.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct WaypointDeployConfig {
@@ -129,14 +142,12 @@ pub fn desired_objects(
             "ports": [{"name": "mesh", "port": 15008, "targetPort": 15008, "appProtocol": "all"}],
         },
     });
+    let [sa_kind, cm_kind, deploy_kind, svc_kind] = OWNED.map(|(g, v, k, p)| resource(g, v, k, p));
     vec![
-        (resource("", "v1", "ServiceAccount", "serviceaccounts"), sa),
-        (resource("", "v1", "ConfigMap", "configmaps"), root),
-        (
-            resource("apps", "v1", "Deployment", "deployments"),
-            deployment,
-        ),
-        (resource("", "v1", "Service", "services"), service),
+        (sa_kind, sa),
+        (cm_kind, root),
+        (deploy_kind, deployment),
+        (svc_kind, service),
     ]
 }
 
@@ -269,7 +280,7 @@ async fn reconcile_one(
     let gws: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
         ns,
-        &resource("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
+        &resource(GATEWAY.0, GATEWAY.1, GATEWAY.2, GATEWAY.3),
     );
     gws.patch_status(
         &gw.metadata.name,
