@@ -59,7 +59,7 @@ def check(path, full):
     role = o[("ClusterRole", "mesh-control-mesh-system")]
     verbs = {v for r in role["rules"] for v in r["verbs"]}
     expect(verbs <= {"get", "list", "watch", "create", "patch", "update"}, f"control RBAC verbs: {verbs}")
-    writes = sorted(res for r in role["rules"] if set(r["verbs"]) & {"create", "patch", "update"}
+    writes = sorted(res for r in role["rules"] if set(r["verbs"]) & {"create", "patch", "update", "delete"}
                     for res in r["resources"])
     expect(writes == ["configmaps", "deployments", "gateways/finalizers", "gateways/status",
                       "serviceaccounts", "services", "tokenreviews"],

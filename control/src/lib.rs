@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod index;
 pub mod k8s;
 pub mod kube_source;
+pub mod leader;
 pub mod manifest;
 pub mod rbac;
 pub mod readiness;

@@ -4,7 +4,7 @@
 //! chart and compares): a call added here without the rule fails on a real cluster, a
 //! rule without a call is a right nobody needs.
 
-use crate::{kube_source, token_review, waypoint_deploy};
+use crate::{kube_source, leader, token_review, waypoint_deploy};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// (API group, resource or `resource/subresource`) → verbs.
@@ -19,7 +19,7 @@ pub fn rules() -> Rules {
             .extend(verbs.iter().map(|v| v.to_string()));
     };
     // Watched: kube's watcher lists, then watches (never a plain get).
-    for (group, _, _, plural) in kube_source::KINDS {
+    for (group, _, _, plural) in kube_source::KINDS.iter().chain(&waypoint_deploy::WATCHED) {
         add(group, plural, &["list", "watch"]);
     }
     let (group, plural) = token_review::TOKEN_REVIEWS;
@@ -35,6 +35,16 @@ pub fn rules() -> Rules {
     // OwnerReferencesPermissionEnforcement is on, as on OpenShift).
     add(group, &format!("{plural}/finalizers"), &["update"]);
     out
+}
+
+/// Every rule the code needs in its own namespace (a Role): the Lease of the leader
+/// election, read, created once, then renewed.
+pub fn namespace_rules() -> Rules {
+    let (group, plural) = leader::LEASES;
+    Rules::from([(
+        (group.to_string(), plural.to_string()),
+        ["get", "create", "update"].map(String::from).into(),
+    )])
 }
 
 /// The rules of a rendered ClusterRole (its `rules` array), in the same shape. A rule

@@ -34,6 +34,12 @@ pub const OWNED: [(&str, &str, &str, &str); 4] = [
 pub const GATEWAY: (&str, &str, &str, &str) =
     ("gateway.networking.k8s.io", "v1", "Gateway", "gateways");
 
+/// The owned kinds watched so that one deleted (or changed by hand) is put back: a
+/// Deployment or Service gone means a waypoint down.
+pub const WATCHED: [(&str, &str, &str, &str); 2] = [OWNED[2], OWNED[3]];
+/// The label every owned object carries (`meta`), selecting them in watches.
+pub const MANAGED_LABEL: (&str, &str) = ("gateway.istio.io/managed", "istio.io-mesh-controller");
+
 /// What every waypoint Deployment is given.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct WaypointDeployConfig {
@@ -43,6 +49,9 @@ pub struct WaypointDeployConfig {
     pub trust_domain: String,
     pub cluster_id: String,
     pub log_level: String,
+    /// Leader election among replicas: only the Lease's holder deploys. None: this is
+    /// the only replica.
+    pub lease: Option<crate::leader::LeaseConfig>,
 }
 
 fn owner(gw: &Gateway) -> Value {
@@ -62,7 +71,7 @@ fn meta(gw: &Gateway, name: &str) -> Value {
         "namespace": gw.metadata.ns(),
         "labels": {
             GATEWAY_NAME_LABEL: gw.metadata.name,
-            "gateway.istio.io/managed": "istio.io-mesh-controller",
+            MANAGED_LABEL.0: MANAGED_LABEL.1,
             "istio.io/dataplane-mode": "none",
         },
         "ownerReferences": owner(gw),
@@ -301,23 +310,90 @@ async fn reconcile_one(
     }
 }
 
-/// Follows the object snapshots and keeps every waypoint Gateway deployed. A Gateway is
-/// re-applied when its spec or the root changes, or after a failure.
+/// The Gateway an owned object belongs to, from its labels.
+pub fn owner_gateway(meta: &kube::api::ObjectMeta) -> Option<(String, String)> {
+    let labels = meta.labels.as_ref()?;
+    (labels.get(MANAGED_LABEL.0).map(String::as_str) == Some(MANAGED_LABEL.1)).then_some(())?;
+    Some((
+        meta.namespace.clone()?,
+        labels.get(GATEWAY_NAME_LABEL)?.clone(),
+    ))
+}
+
+/// Watches one owned kind; a deleted object sends its Gateway for repair.
+async fn watch_owned(
+    client: kube::Client,
+    ar: ApiResource,
+    repair: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+) {
+    use futures_util::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    use kube::runtime::watcher::{self, Event};
+    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    let config =
+        watcher::Config::default().labels(&format!("{}={}", MANAGED_LABEL.0, MANAGED_LABEL.1));
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Delete(o)) => {
+                if let Some(gw) = owner_gateway(&o.metadata) {
+                    tracing::warn!(kind = %ar.kind, gateway = %format!("{}/{}", gw.0, gw.1), "a waypoint's object was deleted; putting it back");
+                    if repair.send(gw).is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(kind = %ar.kind, error = %e, "watching waypoint objects; retrying")
+            }
+        }
+    }
+}
+
+/// Follows the object snapshots and keeps every waypoint Gateway deployed, while this
+/// replica holds the Lease. A Gateway is re-applied when its spec, status or the root
+/// changes, when one of its Deployment or Service is deleted, after a failure, and on
+/// becoming leader.
 pub async fn run(
     client: kube::Client,
     cfg: WaypointDeployConfig,
     mut objects: watch::Receiver<Option<Objects>>,
     root_pem: impl Fn() -> String + Send + 'static,
 ) {
+    let (leader_tx, mut leader) = watch::channel(cfg.lease.is_none());
+    let _sole = match cfg.lease.clone() {
+        Some(lease) => {
+            tokio::spawn(crate::leader::run(client.clone(), lease, leader_tx));
+            None
+        }
+        None => Some(leader_tx), // kept: the only replica leads for good
+    };
+    let (repair_tx, mut repair) = tokio::sync::mpsc::unbounded_channel();
+    for (g, v, k, p) in WATCHED {
+        tokio::spawn(watch_owned(
+            client.clone(),
+            resource(g, v, k, p),
+            repair_tx.clone(),
+        ));
+    }
     // Gateway → the fingerprint of what was last applied successfully.
     let mut applied: HashMap<(String, String), String> = HashMap::new();
     let mut retry = tokio::time::interval(std::time::Duration::from_secs(10));
     loop {
         tokio::select! {
             changed = objects.changed() => if changed.is_err() { return },
+            changed = leader.changed() => {
+                if changed.is_err() { return }
+                applied.clear(); // a new leader checks everything
+            }
+            Some(gw) = repair.recv() => { applied.remove(&gw); }
             _ = retry.tick() => {}
         }
-        let Some(snapshot) = objects.borrow_and_update().clone() else {
+        if !*leader.borrow() {
+            continue;
+        }
+        let Some(snapshot) = objects.borrow().clone() else {
             continue;
         };
         let root = root_pem();
@@ -363,6 +439,7 @@ mod tests {
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
             log_level: "info".into(),
+            lease: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The chart grants mesh-control exactly the API calls its code makes: the ClusterRole
 //! rendered by Helm (scripts/helm.sh finds or fetches helm) against `rbac::rules()`.
 
-use mesh_control::rbac::{Rules, from_cluster_role, rules};
+use mesh_control::rbac::{Rules, from_cluster_role, namespace_rules, rules};
 use std::path::Path;
 use std::process::Command;
 
@@ -56,50 +56,62 @@ fn describe(r: &Rules) -> String {
         .join("\n")
 }
 
+/// (needed, not granted; granted, not needed).
+fn compare(needed: &Rules, granted: &Rules) -> (Rules, Rules) {
+    let diff = |a: &Rules, b: &Rules| -> Rules {
+        a.iter()
+            .filter_map(|(k, v)| {
+                let only: std::collections::BTreeSet<String> = v
+                    .difference(b.get(k).unwrap_or(&Default::default()))
+                    .cloned()
+                    .collect();
+                (!only.is_empty()).then(|| (k.clone(), only))
+            })
+            .collect()
+    };
+    (diff(needed, granted), diff(granted, needed))
+}
+
+fn find<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("{kind} {name} not rendered"))
+}
+
 #[test]
 fn the_chart_grants_mesh_control_exactly_the_calls_it_makes() {
     let docs = render();
-    let role = docs
-        .iter()
-        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "mesh-control-mesh-system")
-        .expect("mesh-control's ClusterRole");
-    let granted = from_cluster_role(&role["rules"]).unwrap();
-    let needed = rules();
-    let missing: Rules = needed
-        .iter()
-        .filter_map(|(k, v)| {
-            let lacking: std::collections::BTreeSet<String> = v
-                .difference(granted.get(k).unwrap_or(&Default::default()))
-                .cloned()
-                .collect();
-            (!lacking.is_empty()).then(|| (k.clone(), lacking))
-        })
-        .collect();
-    let extra: Rules = granted
-        .iter()
-        .filter_map(|(k, v)| {
-            let unused: std::collections::BTreeSet<String> = v
-                .difference(needed.get(k).unwrap_or(&Default::default()))
-                .cloned()
-                .collect();
-            (!unused.is_empty()).then(|| (k.clone(), unused))
-        })
-        .collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "the chart's ClusterRole and the code disagree\nneeded by the code, not granted:\n{}\ngranted, never used:\n{}",
-        describe(&missing),
-        describe(&extra)
+    for (kind, name, needed) in [
+        ("ClusterRole", "mesh-control-mesh-system", rules()),
+        ("Role", "mesh-control", namespace_rules()),
+    ] {
+        let role = find(&docs, kind, name);
+        let granted = from_cluster_role(&role["rules"]).unwrap();
+        let (missing, extra) = compare(&needed, &granted);
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "the chart's {kind} {name} and the code disagree\nneeded by the code, not granted:\n{}\ngranted, never used:\n{}",
+            describe(&missing),
+            describe(&extra)
+        );
+    }
+    assert_eq!(
+        find(&docs, "Role", "mesh-control")["metadata"]["namespace"],
+        "mesh-system"
     );
-    // Bound to mesh-control's account, and nothing else bound to it.
-    let binding = docs
-        .iter()
-        .find(|d| {
-            d["kind"] == "ClusterRoleBinding" && d["roleRef"]["name"] == "mesh-control-mesh-system"
-        })
-        .expect("the binding");
-    assert_eq!(binding["subjects"][0]["name"], "mesh-control");
-    let others = docs
+    // Each bound to mesh-control's account, and nothing else bound to it.
+    for (kind, role) in [
+        ("ClusterRoleBinding", "mesh-control-mesh-system"),
+        ("RoleBinding", "mesh-control"),
+    ] {
+        let b = find(&docs, kind, role);
+        assert_eq!(b["roleRef"]["name"], role);
+        assert_eq!(
+            b["subjects"],
+            serde_json::json!([{"kind": "ServiceAccount", "name": "mesh-control", "namespace": "mesh-system"}])
+        );
+    }
+    let bindings = docs
         .iter()
         .filter(|d| {
             d["kind"].as_str().is_some_and(|k| k.ends_with("Binding"))
@@ -108,5 +120,5 @@ fn the_chart_grants_mesh_control_exactly_the_calls_it_makes() {
                     .is_some_and(|s| s.iter().any(|s| s["name"] == "mesh-control"))
         })
         .count();
-    assert_eq!(others, 1, "mesh-control has one binding");
+    assert_eq!(bindings, 2, "mesh-control has exactly these two bindings");
 }

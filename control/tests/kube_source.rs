@@ -537,6 +537,7 @@ async fn waypoint_gateways_are_deployed_and_their_address_published() {
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
             log_level: "info".into(),
+            lease: None,
         }),
         ..kube_mode(dir.path(), kubeconfig)
     })
