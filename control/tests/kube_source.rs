@@ -48,6 +48,12 @@ struct FakeState {
     throttle: BTreeMap<String, (u32, Option<u64>)>,
     /// TokenReview: how long each review takes to answer.
     review_hold: Duration,
+    /// Requests received: (listener tag, method, path).
+    requests: Vec<(String, String, String)>,
+    /// Server-side applies received, by listener tag: (tag, path).
+    patch_from: Vec<(String, String)>,
+    /// Listener tags whose requests fail (a replica cut off from the API server).
+    dead: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -55,8 +61,37 @@ struct Fake(Arc<Mutex<FakeState>>);
 
 type Body = BoxBody<Bytes, Infallible>;
 
-fn plural_of(path: &str) -> String {
-    path.rsplit('/').next().unwrap_or_default().to_string()
+/// (plural, name, subresource) of an API path: `/api/v1/namespaces/shop/pods/web/status`
+/// or `/apis/apps/v1/deployments`.
+fn parse_path(path: &str) -> (String, Option<String>, Option<String>) {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let mut rest: &[&str] = match segs.first() {
+        Some(&"api") => segs.get(2..).unwrap_or_default(),
+        _ => segs.get(3..).unwrap_or_default(),
+    };
+    if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        rest = &rest[2..];
+    }
+    let at = |i: usize| rest.get(i).map(|s| s.to_string());
+    (at(0).unwrap_or_default(), at(1), at(2))
+}
+
+fn status_response(code: u16, reason: &str, message: &str) -> hyper::Response<Body> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                      "message": message, "reason": reason, "code": code});
+    hyper::Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap()
+}
+
+fn json_response(code: u16, body: &Value) -> hyper::Response<Body> {
+    hyper::Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap()
 }
 
 impl Fake {
@@ -95,8 +130,33 @@ impl Fake {
         }
     }
 
-    async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
-        let plural = plural_of(req.uri().path());
+    /// The stored object `plural/name`.
+    fn get(&self, plural: &str, name: &str) -> Option<Value> {
+        let st = self.0.lock().unwrap();
+        st.objects
+            .get(plural)?
+            .iter()
+            .find(|o| o["metadata"]["name"] == name)
+            .cloned()
+    }
+
+    async fn handle(
+        &self,
+        tag: &str,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<Body> {
+        let (plural, name, sub) = parse_path(req.uri().path());
+        {
+            let mut st = self.0.lock().unwrap();
+            st.requests.push((
+                tag.to_string(),
+                req.method().to_string(),
+                req.uri().path().to_string(),
+            ));
+            if st.dead.iter().any(|d| d == tag) {
+                return status_response(500, "InternalError", "etcdserver: request timed out");
+            }
+        }
         if req.method() == hyper::Method::PATCH {
             let path = req.uri().path().to_string();
             let query = req.uri().query().unwrap_or_default().to_string();
@@ -106,25 +166,97 @@ impl Fake {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            self.0
-                .lock()
-                .unwrap()
-                .patch_params
-                .push((path.clone(), query, content_type));
+            self.0.lock().unwrap().patch_params.push((
+                path.clone(),
+                query.clone(),
+                content_type.clone(),
+            ));
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let mut obj: Value = serde_json::from_slice(&body).unwrap();
-            self.0
-                .lock()
-                .unwrap()
-                .patches
-                .push((path.clone(), obj.clone()));
+            // As the API server: an apply needs a field manager.
+            if content_type == "application/apply-patch+yaml"
+                && !query.split('&').any(|kv| kv.starts_with("fieldManager="))
+            {
+                return status_response(
+                    422,
+                    "Invalid",
+                    "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                );
+            }
+            {
+                let mut st = self.0.lock().unwrap();
+                st.patches.push((path.clone(), obj.clone()));
+                st.patch_from.push((tag.to_string(), path.clone()));
+            }
             if obj["kind"] == "Service" {
                 obj["spec"]["clusterIP"] = json!("10.96.0.77");
             }
-            return hyper::Response::builder()
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(obj.to_string())).boxed())
-                .unwrap();
+            // Persisted, and watchers told.
+            let name = name.unwrap_or_default();
+            let stored = match sub.as_deref() {
+                Some("status") => self.get(&plural, &name).map(|mut o| {
+                    o["status"] = obj["status"].clone();
+                    o
+                }),
+                _ => Some(obj.clone()),
+            };
+            if let Some(stored) = stored {
+                let event = if self.get(&plural, &name).is_some() {
+                    "MODIFIED"
+                } else {
+                    "ADDED"
+                };
+                self.push(&plural, event, stored);
+            }
+            return json_response(200, &obj);
+        }
+        // Single objects (the Lease): get, create, update with optimistic concurrency.
+        if plural == "leases" {
+            let method = req.method().to_string();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let stored = name.as_deref().and_then(|n| self.get(&plural, n));
+            let sent: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            return match (method.as_str(), stored) {
+                ("GET", Some(o)) => json_response(200, &o),
+                ("GET", None) => {
+                    status_response(404, "NotFound", "leases.coordination.k8s.io not found")
+                }
+                ("POST", _)
+                    if self
+                        .get(
+                            &plural,
+                            sent["metadata"]["name"].as_str().unwrap_or_default(),
+                        )
+                        .is_some() =>
+                {
+                    status_response(
+                        409,
+                        "AlreadyExists",
+                        "leases.coordination.k8s.io already exists",
+                    )
+                }
+                ("POST", _) => {
+                    self.push(&plural, "ADDED", sent);
+                    json_response(
+                        201,
+                        &self
+                            .get(&plural, name.as_deref().unwrap_or_default())
+                            .unwrap_or_default(),
+                    )
+                }
+                ("PUT", Some(o))
+                    if o["metadata"]["resourceVersion"] == sent["metadata"]["resourceVersion"] =>
+                {
+                    self.push(&plural, "MODIFIED", sent);
+                    json_response(200, &self.get(&plural, name.as_deref().unwrap()).unwrap())
+                }
+                ("PUT", _) => status_response(
+                    409,
+                    "Conflict",
+                    "Operation cannot be fulfilled on leases.coordination.k8s.io: the object has been modified; please apply your changes to the latest version and try again",
+                ),
+                _ => status_response(405, "MethodNotAllowed", "not supported by this test server"),
+            };
         }
         if req.method() == hyper::Method::POST && plural == "tokenreviews" {
             let body = req.into_body().collect().await.unwrap().to_bytes();
@@ -211,17 +343,23 @@ impl Fake {
     }
 
     async fn serve(&self) -> String {
+        self.serve_as("").await
+    }
+
+    /// Another address of the same server; requests through it are tagged `tag`.
+    async fn serve_as(&self, tag: &str) -> String {
+        let tag = tag.to_string();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let fake = self.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = l.accept().await.unwrap();
-                let fake = fake.clone();
+                let (fake, tag) = (fake.clone(), tag.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        let fake = fake.clone();
-                        async move { Ok::<_, Infallible>(fake.handle(req).await) }
+                        let (fake, tag) = (fake.clone(), tag.clone());
+                        async move { Ok::<_, Infallible>(fake.handle(&tag, req).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
@@ -1206,4 +1344,134 @@ async fn throttled_token_reviews_are_retried_and_never_refused() {
     ca.create_certificate(ca_request(&csr.csr_pem, &web, Some("ztunnel-node-1-token")))
         .await
         .expect("the same token, once the API server answers");
+}
+
+/// mesh-control with waypoint deployment, one of several replicas (`identity` in the
+/// Lease), against the API server at `url`.
+async fn replica(url: &str, identity: &str) -> (tempfile::TempDir, mesh_control::server::Running) {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = write_kubeconfig(dir.path(), url);
+    let running = mesh_control::server::start(mesh_control::server::ServerConfig {
+        waypoints: Some(mesh_control::waypoint_deploy::WaypointDeployConfig {
+            image: "registry.example.com/mesh:1".into(),
+            xds_address: "https://mesh-control.mesh-system.svc:15012".into(),
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            log_level: "info".into(),
+            lease: Some(mesh_control::leader::LeaseConfig {
+                namespace: "mesh-system".into(),
+                name: "mesh-control-waypoints".into(),
+                identity: identity.into(),
+                duration: Duration::from_secs(2),
+                renew_every: Duration::from_millis(200),
+            }),
+        }),
+        ..kube_mode(dir.path(), kubeconfig)
+    })
+    .await
+    .unwrap();
+    (dir, running)
+}
+
+/// Waits (up to 30 s) until `f` holds of the fake's state.
+async fn until(fake: &Fake, what: &str, f: impl Fn(&FakeState) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !f(&fake.0.lock().unwrap()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two replicas: only the Lease's holder deploys waypoints; when it is cut off from the
+/// API server the other takes over, and a deleted waypoint Deployment is put back.
+#[tokio::test]
+async fn one_replica_deploys_waypoints_and_repairs_what_is_deleted() {
+    const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/shop/deployments/waypoint";
+    const STATUS: &str =
+        "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/waypoint/status";
+    let gateway = |generation: u64| {
+        json!({"metadata": {"name": "waypoint", "namespace": "shop", "uid": "gw-1", "generation": generation},
+               "spec": {"gatewayClassName": "istio-waypoint",
+                        "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
+    };
+    let fake = Fake::default();
+    fake.set("namespaces", vec![ns("shop", json!({}))]);
+    fake.set("gateways", vec![gateway(1)]);
+    let (url_a, url_b) = (fake.serve_as("a").await, fake.serve_as("b").await);
+    let applied_by = |st: &FakeState, who: &str, path: &str| {
+        st.patch_from
+            .iter()
+            .filter(|(t, p)| t == who && p == path)
+            .count()
+    };
+    let holder = |st: &FakeState| {
+        st.objects
+            .get("leases")
+            .and_then(|l| l.first())
+            .map(|l| l["spec"].clone())
+    };
+
+    let _a = replica(&url_a, "replica-a").await;
+    until(&fake, "replica a to deploy the waypoint", |st| {
+        applied_by(st, "a", DEPLOYMENT) > 0
+    })
+    .await;
+    assert_eq!(
+        holder(&fake.0.lock().unwrap()).unwrap()["holderIdentity"],
+        "replica-a"
+    );
+    let _b = replica(&url_b, "replica-b").await;
+    until(&fake, "replica b to read the Lease", |st| {
+        st.requests.iter().any(|(t, m, p)| {
+            t == "b" && m == "GET" && p.ends_with("/leases/mesh-control-waypoints")
+        })
+    })
+    .await;
+
+    // A change both replicas see: only the leader acts on it.
+    fake.push("gateways", "MODIFIED", gateway(2));
+    until(&fake, "replica a to program generation 2", |st| {
+        st.patches
+            .iter()
+            .any(|(p, b)| p == STATUS && b["status"]["conditions"][0]["observedGeneration"] == 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !fake
+            .0
+            .lock()
+            .unwrap()
+            .patch_from
+            .iter()
+            .any(|(t, _)| t == "b"),
+        "a follower wrote: {:?}",
+        fake.0.lock().unwrap().patch_from
+    );
+
+    // Replica a is cut off: b takes the Lease over once it has gone unrenewed for its
+    // duration, and deploys.
+    fake.0.lock().unwrap().dead.push("a".into());
+    until(&fake, "replica b to take over and deploy", |st| {
+        applied_by(st, "b", DEPLOYMENT) > 0
+    })
+    .await;
+    let lease = holder(&fake.0.lock().unwrap()).unwrap();
+    assert_eq!(lease["holderIdentity"], "replica-b");
+    assert_eq!(lease["leaseTransitions"], 1);
+    assert_eq!(lease["leaseDurationSeconds"], 2);
+
+    // The waypoint's Deployment is deleted: it is put back.
+    let before = applied_by(&fake.0.lock().unwrap(), "b", DEPLOYMENT);
+    let deployment = fake
+        .get("deployments", "waypoint")
+        .expect("the applied Deployment is stored");
+    fake.push("deployments", "DELETED", deployment);
+    until(&fake, "the deleted Deployment to be put back", |st| {
+        applied_by(st, "b", DEPLOYMENT) > before
+    })
+    .await;
 }
