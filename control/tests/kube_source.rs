@@ -30,7 +30,8 @@ struct FakeState {
     rv: u64,
     objects: BTreeMap<String, Vec<Value>>,
     watchers: BTreeMap<String, Vec<WatchSender>>,
-    /// Plurals whose CRD is "not installed" (404).
+    /// Plurals whose CRD is "not installed" (404): `plural` at every version, or
+    /// `version/plural` at that version only.
     missing: Vec<String>,
     /// TokenReview: token → the `status` the API server answers with.
     reviews: BTreeMap<String, Value>,
@@ -74,6 +75,13 @@ fn parse_path(path: &str) -> (String, Option<String>, Option<String>) {
     }
     let at = |i: usize| rest.get(i).map(|s| s.to_string());
     (at(0).unwrap_or_default(), at(1), at(2))
+}
+
+/// The API version in a path (`v1` of `/api/v1/...`, `v1beta1` of `/apis/g/v1beta1/...`).
+fn version_of(path: &str) -> String {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let i = if segs.first() == Some(&"api") { 1 } else { 2 };
+    segs.get(i).copied().unwrap_or_default().to_string()
 }
 
 fn status_response(code: u16, reason: &str, message: &str) -> hyper::Response<Body> {
@@ -316,8 +324,9 @@ impl Fake {
             .unwrap_or_default()
             .split('&')
             .any(|kv| kv == "watch=true" || kv == "watch=1");
+        let version = version_of(req.uri().path());
         let mut st = self.0.lock().unwrap();
-        if st.missing.contains(&plural) {
+        if st.missing.contains(&plural) || st.missing.contains(&format!("{version}/{plural}")) {
             let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"});
             return hyper::Response::builder()
                 .status(404)
@@ -1076,7 +1085,7 @@ async fn a_missing_policy_crd_version_makes_mesh_control_not_ready() {
 
     let body = wait_ready(ready_addr, 503, "404", "while the CRD is missing").await;
     assert!(
-        body.contains("AuthorizationPolicy: the API server does not serve security.istio.io/v1 AuthorizationPolicy (404)"),
+        body.contains("AuthorizationPolicy: the API server does not serve AuthorizationPolicy at security.istio.io/v1 or security.istio.io/v1beta1 (404)"),
         "{body}"
     );
     let (ok, out) = meshctl_status(debug_addr).await;
@@ -1474,4 +1483,44 @@ async fn one_replica_deploys_waypoints_and_repairs_what_is_deleted() {
         applied_by(st, "b", DEPLOYMENT) > before
     })
     .await;
+}
+
+/// Older Istio CRDs serve security.istio.io at v1beta1 only: the policies are read there
+/// (same schema) and enforced, never "no policies".
+#[tokio::test]
+async fn policies_are_read_at_v1beta1_when_v1_is_not_served() {
+    let fake = Fake::default();
+    fake.set(
+        "namespaces",
+        vec![ns("shop", json!({"istio.io/dataplane-mode": "ambient"}))],
+    );
+    fake.set("pods", vec![pod("shop", "web-1", "10.10.1.5")]);
+    fake.set(
+        "authorizationpolicies",
+        vec![json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+                    "metadata": {"name": "deny-evil", "namespace": "shop"},
+                    "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["evil"]}}]}]}})],
+    );
+    {
+        let mut st = fake.0.lock().unwrap();
+        st.missing.push("v1/authorizationpolicies".into());
+        st.missing.push("v1/peerauthentications".into());
+    }
+    let (_dir, running) = tokio::time::timeout(Duration::from_secs(30), kube_plane(&fake))
+        .await
+        .expect("served: the policies are readable at v1beta1");
+    let g = running.shared.generation.borrow().clone();
+    assert!(
+        g.resources.authorizations.contains_key("shop/deny-evil"),
+        "the v1beta1 policy is enforced: {:?}",
+        g.resources.authorizations.keys().collect::<Vec<_>>()
+    );
+    let st = fake.0.lock().unwrap();
+    let listed = |path: &str| st.requests.iter().any(|(_, m, p)| m == "GET" && p == path);
+    assert!(listed(
+        "/apis/security.istio.io/v1beta1/authorizationpolicies"
+    ));
+    assert!(listed(
+        "/apis/security.istio.io/v1beta1/peerauthentications"
+    ));
 }
