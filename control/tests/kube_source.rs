@@ -55,6 +55,8 @@ struct FakeState {
     patch_from: Vec<(String, String)>,
     /// Listener tags whose requests fail (a replica cut off from the API server).
     dead: Vec<String>,
+    /// Requests refused by RBAC (403): (verb, group, resource, namespace).
+    denied: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -82,6 +84,54 @@ fn version_of(path: &str) -> String {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let i = if segs.first() == Some(&"api") { 1 } else { 2 };
     segs.get(i).copied().unwrap_or_default().to_string()
+}
+
+/// mesh-control's own namespace in these tests (where its Role grants the Lease).
+const CONTROL_NAMESPACE: &str = "mesh-system";
+
+/// A request in RBAC terms: (verb, API group, resource[/subresource], namespace).
+fn rbac_request(method: &str, path: &str, query: &str) -> (String, String, String, Option<String>) {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, mut rest): (&str, &[&str]) = match segs.first() {
+        Some(&"api") => ("", segs.get(2..).unwrap_or_default()),
+        _ => (
+            segs.get(1).copied().unwrap_or_default(),
+            segs.get(3..).unwrap_or_default(),
+        ),
+    };
+    let mut namespace = None;
+    if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        namespace = Some(rest[1].to_string());
+        rest = &rest[2..];
+    }
+    let resource = match rest.get(2) {
+        Some(sub) => format!("{}/{sub}", rest[0]),
+        None => rest.first().copied().unwrap_or_default().to_string(),
+    };
+    let watch = query
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1");
+    let verb = match (method, rest.len() > 1) {
+        ("GET", true) => "get",
+        ("GET", false) if watch => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        _ => "unknown",
+    };
+    (verb.into(), group.into(), resource, namespace)
+}
+
+/// Whether mesh-control's RBAC (the rules its code declares, `rbac::rules`, which
+/// chart_rbac.rs proves are the chart's) allows the request.
+fn authorized(verb: &str, group: &str, resource: &str, namespace: Option<&str>) -> bool {
+    let key = (group.to_string(), resource.to_string());
+    let allows =
+        |rules: &mesh_control::rbac::Rules| rules.get(&key).is_some_and(|v| v.contains(verb));
+    allows(&mesh_control::rbac::rules())
+        || (namespace == Some(CONTROL_NAMESPACE) && allows(&mesh_control::rbac::namespace_rules()))
 }
 
 fn status_response(code: u16, reason: &str, message: &str) -> hyper::Response<Body> {
@@ -138,6 +188,15 @@ impl Fake {
         }
     }
 
+    /// Every request was within mesh-control's RBAC.
+    fn assert_authorized(&self) {
+        let denied = self.0.lock().unwrap().denied.clone();
+        assert!(
+            denied.is_empty(),
+            "requests outside mesh-control's RBAC: {denied:?}"
+        );
+    }
+
     /// The stored object `plural/name`.
     fn get(&self, plural: &str, name: &str) -> Option<Value> {
         let st = self.0.lock().unwrap();
@@ -163,6 +222,19 @@ impl Fake {
             ));
             if st.dead.iter().any(|d| d == tag) {
                 return status_response(500, "InternalError", "etcdserver: request timed out");
+            }
+            let (verb, group, resource, namespace) = rbac_request(
+                req.method().as_str(),
+                req.uri().path(),
+                req.uri().query().unwrap_or_default(),
+            );
+            if !authorized(&verb, &group, &resource, namespace.as_deref()) {
+                let what = format!("{verb} {group}/{resource} in {namespace:?}");
+                st.denied.push(what.clone());
+                let message = format!(
+                    "{resource} is forbidden: User \"system:serviceaccount:{CONTROL_NAMESPACE}:mesh-control\" cannot {verb} resource \"{resource}\" in API group \"{group}\""
+                );
+                return status_response(403, "Forbidden", &message);
             }
         }
         if req.method() == hyper::Method::PATCH {
@@ -557,6 +629,7 @@ async fn lists_watches_relists_after_410_and_skips_bad_objects() {
             .contains_key(&("shop".to_string(), "bad".to_string()))
     );
     assert_eq!(o.pods.len(), 2, "a bad object never wipes the rest");
+    fake.assert_authorized();
 }
 
 /// The whole control plane in Kubernetes mode: it waits for the first complete sync
@@ -639,6 +712,7 @@ async fn control_plane_serves_what_the_api_server_holds() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert_eq!(err.message(), mesh_control::grpc::UNAUTHENTICATED);
+    fake.assert_authorized();
 }
 
 #[tokio::test]
@@ -763,6 +837,7 @@ async fn waypoint_gateways_are_deployed_and_their_address_published() {
         deployment["spec"]["template"]["spec"]["serviceAccountName"],
         "waypoint"
     );
+    fake.assert_authorized();
 }
 
 /// A condition as the Gateway API CRDs validate it (`metav1.Condition`): every required
@@ -1218,6 +1293,7 @@ async fn services_without_a_selector_get_their_endpoints_from_endpoint_slices() 
         plan(&moved),
         Some((vec!["172.18.0.9".parse().unwrap()], 6443, false))
     );
+    fake.assert_authorized();
 }
 
 /// A TokenReviewer against `fake`, its client built as mesh-control builds it.
@@ -1353,6 +1429,7 @@ async fn throttled_token_reviews_are_retried_and_never_refused() {
     ca.create_certificate(ca_request(&csr.csr_pem, &web, Some("ztunnel-node-1-token")))
         .await
         .expect("the same token, once the API server answers");
+    fake.assert_authorized();
 }
 
 /// mesh-control with waypoint deployment, one of several replicas (`identity` in the
@@ -1483,6 +1560,7 @@ async fn one_replica_deploys_waypoints_and_repairs_what_is_deleted() {
         applied_by(st, "b", DEPLOYMENT) > before
     })
     .await;
+    fake.assert_authorized();
 }
 
 /// Older Istio CRDs serve security.istio.io at v1beta1 only: the policies are read there
@@ -1523,4 +1601,6 @@ async fn policies_are_read_at_v1beta1_when_v1_is_not_served() {
     assert!(listed(
         "/apis/security.istio.io/v1beta1/peerauthentications"
     ));
+    drop(st);
+    fake.assert_authorized();
 }
