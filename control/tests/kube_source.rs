@@ -29,7 +29,15 @@ type WatchSender = mpsc::UnboundedSender<Result<Frame<Bytes>, Infallible>>;
 struct FakeState {
     rv: u64,
     objects: BTreeMap<String, Vec<Value>>,
-    watchers: BTreeMap<String, Vec<WatchSender>>,
+    /// Open watches by plural, and whether each asked for BOOKMARK events.
+    watchers: BTreeMap<String, Vec<(WatchSender, bool)>>,
+    /// Every event, as the API server keeps them for watches that resume: (resource
+    /// version, plural, line).
+    log: Vec<(u64, String, String)>,
+    /// Events up to this version are compacted away: resuming before it is 410 Gone.
+    compacted: u64,
+    /// List requests received: (plural, limit, continue) as asked.
+    lists: Vec<(String, Option<usize>, Option<String>)>,
     /// Plurals whose CRD is "not installed" (404): `plural` at every version, or
     /// `version/plural` at that version only.
     missing: Vec<String>,
@@ -170,8 +178,43 @@ impl Fake {
             list.push(obj.clone());
         }
         let line = format!("{}\n", json!({"type": event, "object": obj}));
-        for w in st.watchers.entry(plural.into()).or_default() {
+        let rv = st.rv;
+        st.log.push((rv, plural.to_string(), line.clone()));
+        for (w, _) in st.watchers.entry(plural.into()).or_default() {
             let _ = w.send(Ok(Frame::data(Bytes::from(line.clone()))));
+        }
+    }
+
+    /// Every open watch of `plural` ends (as at its `timeoutSeconds`): the client
+    /// resumes from the last version it saw.
+    fn close_watches(&self, plural: &str) {
+        self.0.lock().unwrap().watchers.remove(plural);
+    }
+
+    /// Events so far are compacted away without telling anyone: a watch resuming from
+    /// before now gets 410 Gone.
+    fn compact_silently(&self) {
+        let mut st = self.0.lock().unwrap();
+        st.compacted = st.rv;
+        st.log.clear();
+    }
+
+    /// Events so far are compacted away (etcd compaction): a watch resuming from before
+    /// now gets 410 Gone. Watches that asked for bookmarks are first told the current
+    /// version (a BOOKMARK), which lets them resume without a re-list.
+    fn compact(&self, plural: &str, api_version: &str, kind: &str) {
+        let mut st = self.0.lock().unwrap();
+        st.compacted = st.rv;
+        st.log.clear();
+        let line = format!(
+            "{}\n",
+            json!({"type": "BOOKMARK", "object": {"apiVersion": api_version, "kind": kind,
+                   "metadata": {"resourceVersion": st.rv.to_string()}}})
+        );
+        for (w, bookmarks) in st.watchers.entry(plural.into()).or_default() {
+            if *bookmarks {
+                let _ = w.send(Ok(Frame::data(Bytes::from(line.clone()))));
+            }
         }
     }
 
@@ -183,7 +226,7 @@ impl Fake {
             json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                    "message": "too old resource version", "reason": "Expired", "code": 410}})
         );
-        for w in st.watchers.remove(plural).unwrap_or_default() {
+        for (w, _) in st.watchers.remove(plural).unwrap_or_default() {
             let _ = w.send(Ok(Frame::data(Bytes::from(line.clone()))));
         }
     }
@@ -390,10 +433,8 @@ impl Fake {
                 .body(Full::new(Bytes::from(review.to_string())).boxed())
                 .unwrap();
         }
-        let watch = req
-            .uri()
-            .query()
-            .unwrap_or_default()
+        let query = req.uri().query().unwrap_or_default().to_string();
+        let watch = query
             .split('&')
             .any(|kv| kv == "watch=true" || kv == "watch=1");
         let version = version_of(req.uri().path());
@@ -406,17 +447,62 @@ impl Fake {
                 .body(Full::new(Bytes::from(body.to_string())).boxed())
                 .unwrap();
         }
+        let param = |k: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                .map(str::to_string)
+        };
         if watch {
             let (tx, rx) = mpsc::unbounded_channel();
-            st.watchers.entry(plural).or_default().push(tx);
+            let from: Option<u64> = param("resourceVersion").and_then(|v| v.parse().ok());
+            match from {
+                // Too old: the API server's answer is an ERROR event, then the end.
+                Some(v) if v < st.compacted => {
+                    let line = format!(
+                        "{}\n",
+                        json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                               "message": format!("too old resource version: {v} ({})", st.compacted), "reason": "Expired", "code": 410}})
+                    );
+                    let _ = tx.send(Ok(Frame::data(Bytes::from(line))));
+                    drop(tx);
+                }
+                // Resumed: what happened since that version first, then live events.
+                _ => {
+                    for (rv, p, line) in &st.log {
+                        if *p == plural && from.is_some_and(|v| *rv > v) {
+                            let _ = tx.send(Ok(Frame::data(Bytes::from(line.clone()))));
+                        }
+                    }
+                    let bookmarks = param("allowWatchBookmarks").as_deref() == Some("true");
+                    st.watchers.entry(plural).or_default().push((tx, bookmarks));
+                }
+            }
             let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
             return hyper::Response::builder()
                 .header("content-type", "application/json")
                 .body(BodyExt::boxed(StreamBody::new(stream)))
                 .unwrap();
         }
-        let items = st.objects.get(&plural).cloned().unwrap_or_default();
-        let body = json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
+        // Lists page by `limit`, resumed by the opaque `continue` token.
+        let all = st.objects.get(&plural).cloned().unwrap_or_default();
+        let limit: Option<usize> = param("limit").and_then(|v| v.parse().ok());
+        let cont = param("continue");
+        st.lists.push((plural.clone(), limit, cont.clone()));
+        let offset: usize = cont
+            .as_deref()
+            .and_then(|c| c.strip_prefix("page-"))
+            .and_then(|o| o.parse().ok())
+            .unwrap_or(0);
+        let end = limit.map_or(all.len(), |l| (offset + l).min(all.len()));
+        let items = all.get(offset..end).unwrap_or_default().to_vec();
+        let mut metadata = json!({"resourceVersion": st.rv.to_string()});
+        if end < all.len() {
+            metadata["continue"] = json!(format!("page-{end}"));
+            metadata["remainingItemCount"] = json!(all.len() - end);
+        }
+        let body =
+            json!({"kind": "List", "apiVersion": "v1", "metadata": metadata, "items": items});
         hyper::Response::builder()
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.to_string())).boxed())
@@ -1602,5 +1688,101 @@ async fn policies_are_read_at_v1beta1_when_v1_is_not_served() {
         "/apis/security.istio.io/v1beta1/peerauthentications"
     ));
     drop(st);
+    fake.assert_authorized();
+}
+
+/// The watch protocol as a real API server speaks it, which the source relies on: lists
+/// in pages (`limit`/`continue`), a watch that ends (its `timeoutSeconds`) resumed from
+/// the last version seen with the gap replayed (nothing lost, no re-list), BOOKMARKs
+/// keeping a quiet watch's version fresh across a compaction, and 410 Gone with a
+/// re-list when the version is too old anyway.
+#[tokio::test]
+async fn lists_page_and_watches_resume_replay_bookmark_and_relist() {
+    let fake = Fake::default();
+    fake.set(
+        "namespaces",
+        vec![ns("shop", json!({"istio.io/dataplane-mode": "ambient"}))],
+    );
+    const PODS: usize = 1205;
+    fake.set(
+        "pods",
+        (0..PODS)
+            .map(|i| {
+                pod(
+                    "shop",
+                    &format!("p-{i:04}"),
+                    &format!("10.10.{}.{}", i / 250, i % 250 + 1),
+                )
+            })
+            .collect(),
+    );
+    let url = fake.serve().await;
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(mesh_control::kube_source::run(
+        client,
+        mesh_control::readiness::Readiness::default(),
+        move |o| {
+            let _ = tx.send(o);
+        },
+    ));
+    next(&mut rx, "every page of pods", |o| o.pods.len() == PODS).await;
+    let pod_lists = || {
+        fake.0
+            .lock()
+            .unwrap()
+            .lists
+            .iter()
+            .filter(|(p, _, _)| p == "pods")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let lists = pod_lists();
+    assert!(
+        lists.len() >= 3 && lists.iter().all(|(_, l, _)| l.is_some()),
+        "paged: {lists:?}"
+    );
+    assert_eq!(
+        lists.iter().filter(|(_, _, c)| c.is_some()).count(),
+        lists.len() - 1
+    );
+    let has =
+        |o: &Objects, name: &str| o.pods.contains_key(&("shop".to_string(), name.to_string()));
+
+    // The watch ends; a pod added before the client resumes is replayed to it.
+    fake.close_watches("pods");
+    fake.push("pods", "ADDED", pod("shop", "in-the-gap", "10.20.0.1"));
+    next(&mut rx, "the pod added in the gap", |o| {
+        has(o, "in-the-gap")
+    })
+    .await;
+    assert_eq!(pod_lists().len(), lists.len(), "resumed, not re-listed");
+
+    // Compaction after a bookmark: the quiet watch resumes from the bookmark's version.
+    fake.push("services", "ADDED", json!({"metadata": {"name": "busy", "namespace": "shop"},
+                                          "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80}]}}));
+    fake.compact("pods", "v1", "Pod");
+    fake.close_watches("pods");
+    fake.push("pods", "ADDED", pod("shop", "after-bookmark", "10.20.0.2"));
+    next(&mut rx, "the pod added after the compaction", |o| {
+        has(o, "after-bookmark")
+    })
+    .await;
+    assert_eq!(
+        pod_lists().len(),
+        lists.len(),
+        "a bookmark spares the re-list"
+    );
+
+    // Compacted past the watch's version with no bookmark: 410 Gone, then a re-list
+    // that has what changed meanwhile.
+    fake.push("services", "ADDED", json!({"metadata": {"name": "busier", "namespace": "shop"},
+                                          "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}}));
+    fake.compact_silently();
+    fake.close_watches("pods");
+    fake.set("pods", vec![pod("shop", "after-410", "10.20.0.3")]);
+    let o = next(&mut rx, "the re-list after 410", |o| has(o, "after-410")).await;
+    assert_eq!(o.pods.len(), 1, "the re-list replaces what was held");
+    assert!(pod_lists().len() > lists.len());
     fake.assert_authorized();
 }
