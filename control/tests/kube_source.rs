@@ -1786,3 +1786,69 @@ async fn lists_page_and_watches_resume_replay_bookmark_and_relist() {
     assert!(pod_lists().len() > lists.len());
     fake.assert_authorized();
 }
+
+/// TokenReview answers as API servers of different ages give them for ztunnel's
+/// projected token: 1.28 binds the pod only (its node comes from the pod), 1.32 binds the
+/// node too. Both vouch for that node's pods, and only those.
+#[tokio::test]
+async fn token_reviews_of_1_28_and_1_32_api_servers_bind_the_node() {
+    let fake = Fake::default();
+    let mut ztunnel = pod("mesh-system", "ztunnel-x7k2p", "10.10.1.2");
+    ztunnel["spec"]["serviceAccountName"] = json!("ztunnel");
+    fake.set(
+        "pods",
+        vec![
+            pod("shop", "web-1", "10.10.1.5"),
+            ztunnel,
+            json!({"metadata": {"name": "db-1", "namespace": "shop", "uid": "uid-db-1"},
+                   "spec": {"nodeName": "node-2", "serviceAccountName": "db"},
+                   "status": {"podIP": "10.10.2.5", "conditions": [{"type": "Ready", "status": "True"}]}}),
+        ],
+    );
+    let user = |extra: Value| {
+        json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+            "username": "system:serviceaccount:mesh-system:ztunnel",
+            "uid": "5b0f1c9e-7a51-4c59-9a1e-0c1d2e3f4a5b",
+            "groups": ["system:serviceaccounts", "system:serviceaccounts:mesh-system", "system:authenticated"],
+            "extra": extra}})
+    };
+    {
+        let mut st = fake.0.lock().unwrap();
+        st.reviews.insert(
+            "token-1.28".into(),
+            user(
+                json!({"authentication.kubernetes.io/pod-name": ["ztunnel-x7k2p"],
+                        "authentication.kubernetes.io/pod-uid": ["uid-ztunnel-x7k2p"]}),
+            ),
+        );
+        st.reviews.insert(
+            "token-1.32".into(),
+            user(json!({"authentication.kubernetes.io/credential-id": ["JTI=4f8c2a51-0d3e-4b6f-9e21-7c5d8a9b0e12"],
+                        "authentication.kubernetes.io/node-name": ["node-1"],
+                        "authentication.kubernetes.io/node-uid": ["0e6a3c2d-1f4b-4a8e-b9c7-d5e4f3a2b1c0"],
+                        "authentication.kubernetes.io/pod-name": ["ztunnel-x7k2p"],
+                        "authentication.kubernetes.io/pod-uid": ["uid-ztunnel-x7k2p"]})),
+        );
+    }
+    let (dir, running) = kube_plane(&fake).await;
+    let mut ca = ca_client(dir.path(), &running);
+    let web = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+    let db = SpiffeId::new("cluster.local", "shop", "db").unwrap();
+    for token in ["token-1.28", "token-1.32"] {
+        let csr = generate_csr(&web).unwrap();
+        ca.create_certificate(ca_request(&csr.csr_pem, &web, Some(token)))
+            .await
+            .unwrap_or_else(|e| panic!("{token}: a pod on the token's node: {e:?}"));
+        let csr = generate_csr(&db).unwrap();
+        let err = ca
+            .create_certificate(ca_request(&csr.csr_pem, &db, Some(token)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::PermissionDenied,
+            "{token}: another node's pod"
+        );
+    }
+    fake.assert_authorized();
+}
