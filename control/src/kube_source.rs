@@ -112,8 +112,16 @@ fn key(o: &DynamicObject) -> Key {
     )
 }
 
+/// What is kept of an object: its JSON without what is never read and weighs most on a
+/// real cluster (`managedFields`, kubectl's last-applied copy of the whole object).
 fn to_value(o: &DynamicObject, ar: &ApiResource) -> serde_json::Value {
     let mut v = serde_json::to_value(o).unwrap_or_default();
+    if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("managedFields");
+        if let Some(a) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    }
     // Items of a list carry no apiVersion/kind; the parser needs them.
     v["apiVersion"] = serde_json::Value::String(ar.api_version.clone());
     v["kind"] = serde_json::Value::String(ar.kind.clone());
@@ -284,6 +292,28 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn managed_fields_and_last_applied_copies_are_not_kept() {
+        let o: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop",
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "keep": "me"},
+                         "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {}}]},
+            "spec": {"nodeName": "node-1"},
+        }))
+        .unwrap();
+        let v = to_value(&o, &resource("", "v1", "Pod", "pods"));
+        assert!(v["metadata"].get("managedFields").is_none(), "{v}");
+        assert_eq!(
+            v["metadata"]["annotations"],
+            serde_json::json!({"keep": "me"})
+        );
+        assert_eq!(
+            (v["apiVersion"].as_str(), v["kind"].as_str()),
+            (Some("v1"), Some("Pod"))
+        );
+        assert_eq!(v["spec"]["nodeName"], "node-1");
+    }
 
     #[test]
     fn only_the_security_kinds_fall_back_to_v1beta1() {
