@@ -1320,7 +1320,16 @@ async fn services_without_a_selector_get_their_endpoints_from_endpoint_slices() 
             ns("shop", json!({"istio.io/dataplane-mode": "ambient"})),
         ],
     );
-    fake.set("pods", vec![pod("shop", "web-1", "10.10.1.5")]);
+    // Pods as a real cluster lists them: dual-stack `podIPs`, and a hostNetwork pod
+    // (kube-proxy) whose address is its node's.
+    let mut web = pod("shop", "web-1", "10.10.1.5");
+    web["status"]["podIPs"] = json!([{"ip": "10.10.1.5"}, {"ip": "fd00:10:10:1::5"}]);
+    let proxy = json!({"metadata": {"name": "kube-proxy-7xk2q", "namespace": "kube-system", "uid": "uid-kp",
+                                    "ownerReferences": [{"kind": "DaemonSet", "name": "kube-proxy"}]},
+                       "spec": {"nodeName": "node-1", "hostNetwork": true, "serviceAccountName": "kube-proxy"},
+                       "status": {"podIP": "172.18.0.3", "podIPs": [{"ip": "172.18.0.3"}],
+                                  "conditions": [{"type": "Ready", "status": "True"}]}});
+    fake.set("pods", vec![web, proxy]);
     fake.set("services", vec![kubernetes_service()]);
     fake.set(
         "endpointslices",
@@ -1345,6 +1354,22 @@ async fn services_without_a_selector_get_their_endpoints_from_endpoint_slices() 
             .map(|(w, port)| (w.addresses.clone(), port, w.hbone))
     };
     let served = running.shared.generation.borrow().clone();
+    {
+        let mut st = mesh_discovery::State::default();
+        for a in served.resources.addresses.values() {
+            st.apply_address(a).unwrap();
+        }
+        let web = st.workload("Kubernetes//Pod/shop/web-1").unwrap();
+        assert_eq!(web.addresses.len(), 2, "both families: {:?}", web.addresses);
+        // A node's address is not a pod's: never looked up as the hostNetwork pod.
+        assert!(
+            st.workload("Kubernetes//Pod/kube-system/kube-proxy-7xk2q")
+                .is_some()
+        );
+        assert!(st.destination("", "172.18.0.3".parse().unwrap()).is_none());
+        let node_pods = &served.resources.node_pods["node-1"];
+        assert_eq!(node_pods.len(), 1, "hostNetwork pods are never captured");
+    }
     assert_eq!(
         plan(&served),
         Some((vec!["172.18.0.2".parse().unwrap()], 6443, false)),
