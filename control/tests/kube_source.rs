@@ -478,7 +478,14 @@ impl Fake {
                     st.watchers.entry(plural).or_default().push((tx, bookmarks));
                 }
             }
-            let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+            // Ended at the client's timeoutSeconds, as the API server ends it.
+            let timeout = param("timeoutSeconds")
+                .and_then(|t| t.parse().ok())
+                .map_or(Duration::MAX, Duration::from_secs);
+            let stream = futures_util::StreamExt::take_until(
+                tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+                tokio::time::sleep(timeout.min(Duration::from_secs(86400))),
+            );
             return hyper::Response::builder()
                 .header("content-type", "application/json")
                 .body(BodyExt::boxed(StreamBody::new(stream)))
