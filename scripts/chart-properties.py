@@ -6,6 +6,9 @@ def objects(path):
     with open(path) as f:
         return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(f) if d}
 
+def spec_of(o, kind, name):
+    return o[(kind, name)]["spec"]["template"]["spec"]
+
 def check(path, full):
     o = objects(path)
     problems = []
@@ -56,10 +59,10 @@ def check(path, full):
     role = o[("ClusterRole", "mesh-control-mesh-system")]
     verbs = {v for r in role["rules"] for v in r["verbs"]}
     expect(verbs <= {"get", "list", "watch", "create", "patch", "update"}, f"control RBAC verbs: {verbs}")
-    writes = sorted(res for r in role["rules"] if set(r["verbs"]) & {"create", "patch", "update"}
+    writes = sorted(res for r in role["rules"] if set(r["verbs"]) & {"create", "patch", "update", "delete"}
                     for res in r["resources"])
-    expect(writes == ["configmaps", "deployments", "gateways/status", "serviceaccounts", "services",
-                      "tokenreviews"],
+    expect(writes == ["configmaps", "deployments", "gateways/finalizers", "gateways/status",
+                      "serviceaccounts", "services", "tokenreviews"],
            f"control writes only TokenReviews and waypoint objects, got {writes}")
     expect(not any(r["resources"] == ["secrets"] for r in role["rules"]), "control never reads Secrets")
     expect(("PodDisruptionBudget", "mesh-control") in o, "control PDB")
@@ -74,10 +77,20 @@ def check(path, full):
         expect("--trust-domain=example.org" in args and "--exclude-namespace=legacy" in args, f"control args: {args}")
         expect("--dns-capture" in agent["args"], "DNS capture flag")
         expect(spec["containers"][0]["image"] == "registry.example.com/platform/mesh:1.2.3", "image")
+        ns = o.get(("Namespace", "mesh-system"))
+        expect(ns is not None, "namespace.create renders the release Namespace")
+        if ns:
+            labels = ns["metadata"]["labels"]
+            expect(all(labels.get(f"pod-security.kubernetes.io/{m}") == "privileged"
+                       for m in ("enforce", "audit", "warn")), f"Pod Security labels: {labels}")
+            expect(ns["metadata"]["annotations"].get("helm.sh/resource-policy") == "keep",
+                   "the Namespace (with the CA Secret) is kept on uninstall")
     else:
-        ca = o[("Secret", "mesh-ca")]
-        expect(set(ca["data"]) == {"ca-cert.pem", "ca-key.pem", "root-cert.pem"}, "generated CA keys")
-        expect(ca["metadata"]["annotations"].get("helm.sh/resource-policy") == "keep", "CA Secret is kept")
+        # Rendered offline, the CA is never generated: the Secret is named (existingSecret).
+        expect(("Secret", "mesh-ca") not in o, "no CA generated when rendered offline")
+        vol = next(v for v in spec_of(o, "Deployment", "mesh-control")["volumes"] if v["name"] == "ca")
+        expect(vol["secret"]["secretName"] == "mesh-ca", "control mounts the named CA Secret")
+        expect(not any(k == "Namespace" for k, _ in o), "no Namespace unless namespace.create")
         expect("--dns-capture" not in agent["args"], "DNS capture off by default")
     return problems
 

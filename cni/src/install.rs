@@ -237,11 +237,17 @@ pub enum DaemonSetState {
     Present,
     BeingDeleted,
     Gone,
+    /// The API server no longer lets the installer read its own DaemonSet (401: its
+    /// ServiceAccount is gone, so is its token; 403: its Role or RoleBinding is gone).
+    /// `helm uninstall` deletes those with the DaemonSet, often before the installer's
+    /// SIGTERM check runs, so this is the mesh going away, not a doubt.
+    AccessLost(u16),
 }
 
-/// Decides from the DaemonSet's state (or why it could not be read). When in doubt the
-/// entry stays: a leftover entry is visible and fixable, a missing one silently lets
-/// pods start outside the mesh.
+/// Decides from the DaemonSet's state (or why it could not be read). When in doubt (the
+/// API server unreachable, throttling, failing) the entry stays: a leftover entry is
+/// visible and fixable, a missing one silently lets pods start outside the mesh. Losing
+/// access to its own objects is no doubt: that is how an uninstall looks from inside.
 pub fn on_stop(daemonset: &str, state: Result<DaemonSetState, String>) -> OnStop {
     match state {
         Ok(DaemonSetState::Present) => OnStop::Keep(format!(
@@ -251,6 +257,10 @@ pub fn on_stop(daemonset: &str, state: Result<DaemonSetState, String>) -> OnStop
             OnStop::Uninstall(format!("DaemonSet {daemonset} is being deleted"))
         }
         Ok(DaemonSetState::Gone) => OnStop::Uninstall(format!("DaemonSet {daemonset} is gone")),
+        Ok(DaemonSetState::AccessLost(code)) => OnStop::Uninstall(format!(
+            "the API server no longer lets this installer read DaemonSet {daemonset} ({code}): \
+             its ServiceAccount or Role was removed with the mesh"
+        )),
         Err(e) => OnStop::Keep(format!(
             "cannot tell whether DaemonSet {daemonset} still exists ({e}); if the mesh is being \
              removed, run `mesh-cni install --uninstall` on this node"
@@ -272,6 +282,9 @@ pub async fn daemonset_state(
             Ok(DaemonSetState::BeingDeleted)
         }
         Ok(Some(_)) => Ok(DaemonSetState::Present),
+        Err(kube::Error::Api(s)) if s.code == 401 || s.code == 403 => {
+            Ok(DaemonSetState::AccessLost(s.code))
+        }
         Err(e) => Err(e.to_string()),
     }
 }
@@ -470,6 +483,12 @@ mod tests {
             on_stop(ds, Ok(DaemonSetState::Gone)),
             OnStop::Uninstall(_)
         ));
+        for code in [401, 403] {
+            match on_stop(ds, Ok(DaemonSetState::AccessLost(code))) {
+                OnStop::Uninstall(why) => assert!(why.contains(&code.to_string()), "{why}"),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
         match on_stop(ds, Err("connection refused".into())) {
             OnStop::Keep(why) => assert!(why.contains("--uninstall"), "{why}"),
             other => panic!("{other:?}"),

@@ -157,6 +157,13 @@ fn daemonset(deleting: bool) -> String {
     .to_string()
 }
 
+/// An API server's error answer (`metav1.Status`).
+fn status_body(code: u16, reason: &str, message: &str) -> String {
+    serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                       "message": message, "reason": reason, "code": code})
+    .to_string()
+}
+
 /// SIGTERM (by PID) to an installer that keeps the entry; returns its exit status.
 fn terminate(mut child: Child) -> std::process::ExitStatus {
     let pid = child.id().to_string();
@@ -242,15 +249,36 @@ async fn sigterm_keeps_the_entry_on_upgrade_and_removes_it_when_the_daemonset_go
     assert!(status.success(), "{status}");
     assert!(chained(), "an unreachable API server keeps the entry");
 
-    // helm uninstall: the DaemonSet is being deleted, then gone.
+    // The API server fails (a 500, as an overloaded etcd makes it): in doubt, keep.
     write_kubeconfig(&url);
-    for (code, body) in [(200, daemonset(true)), (404, r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#.to_string())] {
+    *reply.lock().unwrap() = (
+        500,
+        status_body(500, "InternalError", "etcdserver: request timed out"),
+    );
+    let status = tokio::task::block_in_place(|| terminate(start()));
+    assert!(status.success(), "{status}");
+    assert!(chained(), "a failing API server keeps the entry");
+
+    // helm uninstall: the DaemonSet is being deleted, then gone; or the installer's own
+    // ServiceAccount (401) or Role (403) went first, as garbage collection often does.
+    let forbidden = "daemonsets.apps \"mesh-cni\" is forbidden: User \"system:serviceaccount:mesh-system:mesh-cni\" \
+                     cannot get resource \"daemonsets\" in API group \"apps\" in the namespace \"mesh-system\"";
+    for (code, body) in [
+        (200, daemonset(true)),
+        (
+            404,
+            status_body(404, "NotFound", "daemonsets.apps \"mesh-cni\" not found"),
+        ),
+        (401, status_body(401, "Unauthorized", "Unauthorized")),
+        (403, status_body(403, "Forbidden", forbidden)),
+    ] {
         *reply.lock().unwrap() = (code, body);
         let status = tokio::task::block_in_place(|| terminate(start()));
         assert!(status.success(), "{status}");
         assert!(!chained(), "uninstall removes the entry (reply {code})");
         assert!(!bin.join("mesh-cni").exists(), "and the binary");
-        let restored: Value = serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+        let restored: Value =
+            serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
         assert_eq!(restored, serde_json::from_str::<Value>(BRIDGE).unwrap());
     }
 }

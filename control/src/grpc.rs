@@ -55,6 +55,9 @@ pub struct Shared {
 pub const UNAUTHENTICATED: &str = "authentication failed";
 /// What a peer that caused too many failed TokenReviews is told.
 pub const RATE_LIMITED: &str = "too many failed authentication attempts; retry later";
+/// What a caller is told when the API server gave no verdict on its token (throttled,
+/// unreachable): not a refusal.
+pub const REVIEW_UNAVAILABLE: &str = "credentials cannot be checked now; retry later";
 
 impl Shared {
     /// A bootstrap token from the tokens file, else (Kubernetes mode) a service-account
@@ -84,6 +87,10 @@ impl Shared {
             ReviewError::RateLimited => {
                 tracing::warn!(%peer, "{what}: refused caller over its failed-authentication budget (no TokenReview)");
                 Status::resource_exhausted(RATE_LIMITED)
+            }
+            ReviewError::Unavailable(reason) => {
+                tracing::warn!(%peer, %reason, "{what}: the API server gave no verdict on the caller's token");
+                Status::unavailable(REVIEW_UNAVAILABLE)
             }
         })
     }

@@ -27,6 +27,10 @@ pub struct ObjectMeta {
     pub resource_version: Option<String>,
     #[serde(default)]
     pub creation_timestamp: Option<String>,
+    /// Bumped by the API server on every spec change; status conditions name the one
+    /// they describe (`observedGeneration`).
+    #[serde(default)]
+    pub generation: Option<i64>,
 }
 
 impl ObjectMeta {
@@ -176,6 +180,61 @@ pub struct ServicePort {
     pub protocol: Option<String>,
     #[serde(default)]
     pub app_protocol: Option<String>,
+}
+
+// ---- discovery.k8s.io/v1 ----
+
+/// An EndpointSlice: the endpoints of a Service, the only source of them for a Service
+/// without a selector (`default/kubernetes`, endpoints managed by hand or by an operator).
+/// `endpoints` and `ports` are null, not empty, in a real API server's JSON when empty.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub address_type: String,
+    #[serde(default)]
+    pub endpoints: Option<Vec<Endpoint>>,
+    #[serde(default)]
+    pub ports: Option<Vec<EndpointPort>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub conditions: EndpointConditions,
+    #[serde(default)]
+    pub target_ref: Option<ObjectReference>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct EndpointConditions {
+    /// Unset means ready (the API's definition).
+    #[serde(default)]
+    pub ready: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct ObjectReference {
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct EndpointPort {
+    /// The Service port's name ("" for a Service's single unnamed port).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The port on the endpoint (the Service's target port, resolved).
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub protocol: Option<String>,
 }
 
 // ---- security.istio.io/v1 ----
@@ -328,6 +387,25 @@ pub struct GatewayListener {
 pub struct GatewayStatus {
     #[serde(default)]
     pub addresses: Vec<GatewayStatusAddress>,
+    #[serde(default)]
+    pub conditions: Vec<StatusCondition>,
+}
+
+/// A `metav1.Condition` as written in a status (Gateway API and most CRDs).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub last_transition_time: Option<String>,
+    #[serde(default)]
+    pub observed_generation: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

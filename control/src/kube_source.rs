@@ -2,15 +2,15 @@
 //! after a 410 Gone or a broken watch), every object fed through the same parser as the
 //! directory source. A malformed object is reported and skipped; it never wipes the rest.
 //! Optional kinds whose CRD is not installed (Gateway API, HTTPFault) count as empty; the
-//! security kinds never do: when the API server does not serve `security.istio.io/v1`
-//! AuthorizationPolicy or PeerAuthentication (CRD missing, or only an older version
-//! installed), nothing is published and mesh-control stays not ready, because "cannot
+//! security kinds never do: they are read at `security.istio.io/v1`, else at `v1beta1`
+//! (older Istio CRDs, same schema), and when the API server serves neither (CRD
+//! missing), nothing is published and mesh-control stays not ready, because "cannot
 //! read policies" is not "no policies".
 
 use crate::manifest::Objects;
 use crate::readiness::{Readiness, SourceState};
 use futures_util::StreamExt;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use std::collections::BTreeMap;
@@ -20,12 +20,13 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 /// (group, version, kind, plural) of everything the control plane reads.
-pub const KINDS: [(&str, &str, &str, &str); 11] = [
+pub const KINDS: [(&str, &str, &str, &str); 12] = [
     ("", "v1", "Namespace", "namespaces"),
     ("", "v1", "Node", "nodes"),
     ("", "v1", "Pod", "pods"),
     ("", "v1", "Service", "services"),
     ("", "v1", "ServiceAccount", "serviceaccounts"),
+    ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
     (
         "security.istio.io",
         "v1",
@@ -53,6 +54,16 @@ pub const KINDS: [(&str, &str, &str, &str); 11] = [
 /// be served without its policies (fail open).
 pub fn required(group: &str) -> bool {
     group == "security.istio.io"
+}
+
+/// The versions tried for a kind, in order: the security kinds fall back to v1beta1,
+/// which older Istio CRDs serve with the same schema.
+pub fn versions(group: &str, version: &'static str) -> Vec<&'static str> {
+    if required(group) && version == "v1" {
+        vec!["v1", "v1beta1"]
+    } else {
+        vec![version]
+    }
 }
 
 /// The dynamic API resource for a kind (also used to write waypoint objects).
@@ -101,12 +112,138 @@ fn key(o: &DynamicObject) -> Key {
     )
 }
 
+/// What is kept of an object: its JSON without what is never read and weighs most on a
+/// real cluster (`managedFields`, kubectl's last-applied copy of the whole object).
 fn to_value(o: &DynamicObject, ar: &ApiResource) -> serde_json::Value {
     let mut v = serde_json::to_value(o).unwrap_or_default();
+    if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("managedFields");
+        if let Some(a) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    }
     // Items of a list carry no apiVersion/kind; the parser needs them.
     v["apiVersion"] = serde_json::Value::String(ar.api_version.clone());
     v["kind"] = serde_json::Value::String(ar.kind.clone());
     v
+}
+
+/// The resource to watch `kind` at: the first version the API server serves, or (for
+/// a kind that is not required) its only version whatever the answer. None, with the
+/// kind not ready, when a required kind is served at no version.
+async fn served(
+    client: &kube::Client,
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    readiness: &Readiness,
+) -> Option<ApiResource> {
+    let tried = versions(group, version);
+    if tried.len() == 1 && !required(group) {
+        return Some(resource(group, version, kind, plural));
+    }
+    for v in &tried {
+        let ar = resource(group, v, kind, plural);
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        match api.list(&ListParams::default().limit(1)).await {
+            Err(kube::Error::Api(s)) if s.code == 404 => continue,
+            // Served (or failing otherwise: the watcher reports and retries).
+            _ => {
+                if *v != version {
+                    tracing::warn!(
+                        kind,
+                        "reading {kind} at {} (the API server does not serve {group}/{version}); upgrade the Istio CRDs",
+                        ar.api_version
+                    );
+                }
+                return Some(ar);
+            }
+        }
+    }
+    let why = format!(
+        "the API server does not serve {kind} at {} (404): install the Istio CRDs",
+        tried
+            .iter()
+            .map(|v| format!("{group}/{v}"))
+            .collect::<Vec<_>>()
+            .join(" or ")
+    );
+    tracing::error!(kind, "{why}; not ready");
+    readiness.set(kind, SourceState::Unavailable(why));
+    None
+}
+
+/// Lists and watches one kind into the store until its version is no longer served.
+async fn watch_kind(
+    api: Api<DynamicObject>,
+    ar: &ApiResource,
+    group: &'static str,
+    kind: &'static str,
+    store: &Mutex<Store>,
+    changed: &Notify,
+    readiness: &Readiness,
+) {
+    let mut buffer: BTreeMap<Key, serde_json::Value> = BTreeMap::new();
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(ev) = stream.next().await {
+        let mut st = store.lock().expect("store lock");
+        match ev {
+            Ok(Event::Init) => buffer.clear(),
+            Ok(Event::InitApply(o)) => {
+                buffer.insert(key(&o), to_value(&o, ar));
+            }
+            Ok(Event::InitDone) => {
+                st.objects.insert(kind, std::mem::take(&mut buffer));
+                st.synced.insert(kind, true);
+                readiness.set(kind, SourceState::Synced);
+                changed.notify_one();
+            }
+            Ok(Event::Apply(o)) => {
+                st.objects
+                    .entry(kind)
+                    .or_default()
+                    .insert(key(&o), to_value(&o, ar));
+                changed.notify_one();
+            }
+            Ok(Event::Delete(o)) => {
+                st.objects.entry(kind).or_default().remove(&key(&o));
+                changed.notify_one();
+            }
+            Err(e) => {
+                let list_failed = matches!(&e, watcher::Error::InitialListFailed(_));
+                let missing = matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404);
+                let synced = st.synced.get(kind).copied().unwrap_or(false);
+                if missing && required(group) {
+                    // Kept: what was listed before (never wiped); the served
+                    // version is looked for again.
+                    tracing::error!(kind, api_version = %ar.api_version, "the API server no longer serves {kind} at this version");
+                    return;
+                } else if missing {
+                    // The watcher keeps retrying: report the first time only.
+                    if !synced {
+                        tracing::warn!(
+                            kind,
+                            "the API server does not serve {kind} (CRD not installed?); treating it as empty"
+                        );
+                        st.synced.insert(kind, true);
+                        changed.notify_one();
+                    }
+                    readiness.set(kind, SourceState::Synced);
+                } else if list_failed {
+                    tracing::warn!(kind, error = %e, "list failed; retrying");
+                    readiness.set(
+                        kind,
+                        SourceState::Unavailable(format!("cannot list {kind}: {e}")),
+                    );
+                } else {
+                    tracing::warn!(kind, error = %e, "watch failed; retrying");
+                }
+            }
+        }
+    }
 }
 
 /// Watches every kind and calls `publish` with the full set of objects after changes
@@ -119,74 +256,21 @@ pub async fn run(
     let store = Arc::new(Mutex::new(Store::default()));
     let changed = Arc::new(Notify::new());
     for (group, version, kind, plural) in KINDS {
-        let ar = resource(group, version, kind, plural);
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
         let (store, changed, readiness) = (store.clone(), changed.clone(), readiness.clone());
         readiness.set(kind, SourceState::Pending);
+        let client = client.clone();
         tokio::spawn(async move {
-            let mut buffer: BTreeMap<Key, serde_json::Value> = BTreeMap::new();
-            let mut stream = watcher::watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
-            while let Some(ev) = stream.next().await {
-                let mut st = store.lock().expect("store lock");
-                match ev {
-                    Ok(Event::Init) => buffer.clear(),
-                    Ok(Event::InitApply(o)) => {
-                        buffer.insert(key(&o), to_value(&o, &ar));
-                    }
-                    Ok(Event::InitDone) => {
-                        st.objects.insert(kind, std::mem::take(&mut buffer));
-                        st.synced.insert(kind, true);
-                        readiness.set(kind, SourceState::Synced);
-                        changed.notify_one();
-                    }
-                    Ok(Event::Apply(o)) => {
-                        st.objects
-                            .entry(kind)
-                            .or_default()
-                            .insert(key(&o), to_value(&o, &ar));
-                        changed.notify_one();
-                    }
-                    Ok(Event::Delete(o)) => {
-                        st.objects.entry(kind).or_default().remove(&key(&o));
-                        changed.notify_one();
-                    }
-                    Err(e) => {
-                        let list_failed = matches!(&e, watcher::Error::InitialListFailed(_));
-                        let missing = matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404);
-                        let synced = st.synced.get(kind).copied().unwrap_or(false);
-                        if missing && required(group) {
-                            // Kept: what was listed before (never wiped); not ready until
-                            // the list works again.
-                            let why = format!(
-                                "the API server does not serve {} {kind} (404): install the Istio CRDs at version {version}",
-                                ar.api_version
-                            );
-                            tracing::error!(kind, "{why}; not ready");
-                            readiness.set(kind, SourceState::Unavailable(why));
-                        } else if missing {
-                            // The watcher keeps retrying: report the first time only.
-                            if !synced {
-                                tracing::warn!(
-                                    kind,
-                                    "the API server does not serve {kind} (CRD not installed?); treating it as empty"
-                                );
-                                st.synced.insert(kind, true);
-                                changed.notify_one();
-                            }
-                            readiness.set(kind, SourceState::Synced);
-                        } else if list_failed {
-                            tracing::warn!(kind, error = %e, "list failed; retrying");
-                            readiness.set(
-                                kind,
-                                SourceState::Unavailable(format!("cannot list {kind}: {e}")),
-                            );
-                        } else {
-                            tracing::warn!(kind, error = %e, "watch failed; retrying");
-                        }
-                    }
-                }
+            loop {
+                let Some(ar) = served(&client, group, version, kind, plural, &readiness).await
+                else {
+                    // Required and served at no version: not ready; look again.
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                };
+                let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+                watch_kind(api, &ar, group, kind, &store, &changed, &readiness).await;
+                // The version went away (a 404 on re-list): find the one served now.
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
     }
@@ -202,5 +286,39 @@ pub async fn run(
             st.build()
         };
         publish(objects);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn managed_fields_and_last_applied_copies_are_not_kept() {
+        let o: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop",
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "keep": "me"},
+                         "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {}}]},
+            "spec": {"nodeName": "node-1"},
+        }))
+        .unwrap();
+        let v = to_value(&o, &resource("", "v1", "Pod", "pods"));
+        assert!(v["metadata"].get("managedFields").is_none(), "{v}");
+        assert_eq!(
+            v["metadata"]["annotations"],
+            serde_json::json!({"keep": "me"})
+        );
+        assert_eq!(
+            (v["apiVersion"].as_str(), v["kind"].as_str()),
+            (Some("v1"), Some("Pod"))
+        );
+        assert_eq!(v["spec"]["nodeName"], "node-1");
+    }
+
+    #[test]
+    fn only_the_security_kinds_fall_back_to_v1beta1() {
+        assert_eq!(versions("security.istio.io", "v1"), ["v1", "v1beta1"]);
+        assert_eq!(versions("gateway.networking.k8s.io", "v1"), ["v1"]);
+        assert_eq!(versions("", "v1"), ["v1"]);
     }
 }

@@ -85,6 +85,13 @@ struct Args {
     /// The xDS address waypoints dial; default https://<first --dns-name>:<--listen port>.
     #[arg(long)]
     waypoint_xds_address: Option<String>,
+    /// Namespace of the Lease that elects the one replica deploying waypoints
+    /// (mesh-control's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "mesh-system")]
+    lease_namespace: String,
+    /// This replica in the Lease; default its pod name (POD_NAME, else HOSTNAME).
+    #[arg(long, env = "POD_NAME")]
+    leader_identity: Option<String>,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
 }
@@ -139,6 +146,17 @@ fn main() {
                 trust_domain: a.trust_domain.clone(),
                 cluster_id: a.cluster_id.clone(),
                 log_level: a.log_level.clone(),
+                lease: Some(mesh_control::leader::LeaseConfig {
+                    namespace: a.lease_namespace.clone(),
+                    name: "mesh-control-waypoints".into(),
+                    identity: a
+                        .leader_identity
+                        .clone()
+                        .or_else(|| std::env::var("HOSTNAME").ok())
+                        .unwrap_or_else(|| format!("mesh-control-{}", std::process::id())),
+                    duration: std::time::Duration::from_secs(15),
+                    renew_every: std::time::Duration::from_secs(2),
+                }),
             },
         );
     let cfg = ServerConfig {

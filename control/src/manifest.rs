@@ -15,6 +15,7 @@ pub struct Objects {
     pub nodes: BTreeMap<String, Node>,
     pub pods: BTreeMap<(String, String), Pod>,
     pub services: BTreeMap<(String, String), Service>,
+    pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
     pub service_accounts: BTreeMap<(String, String), ServiceAccount>,
     pub authorization_policies: BTreeMap<(String, String), AuthorizationPolicy>,
     pub peer_authentications: BTreeMap<(String, String), PeerAuthentication>,
@@ -73,6 +74,7 @@ impl Objects {
         self.nodes.extend(other.nodes.clone());
         self.pods.extend(other.pods.clone());
         self.services.extend(other.services.clone());
+        self.endpoint_slices.extend(other.endpoint_slices.clone());
         self.service_accounts.extend(other.service_accounts.clone());
         self.authorization_policies
             .extend(other.authorization_policies.clone());
@@ -161,6 +163,9 @@ impl Objects {
             }
             ("", "Service") => {
                 self.services.insert(key, typed(file, i, doc)?);
+            }
+            ("discovery.k8s.io", "EndpointSlice") => {
+                self.endpoint_slices.insert(key, typed(file, i, doc)?);
             }
             ("", "ServiceAccount") => {
                 self.service_accounts.insert(key, typed(file, i, doc)?);

@@ -105,7 +105,7 @@ async fn first_snapshot(rx: &mut watch::Receiver<Option<Objects>>) -> Result<Obj
     }
 }
 
-async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, String> {
+async fn kube_config(kubeconfig: Option<&Path>) -> Result<kube::Config, String> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -118,7 +118,7 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, String> 
             format!("no Kubernetes credentials (not in a pod, and no usable KUBECONFIG or ~/.kube/config): {e}")
         })?,
     };
-    kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+    Ok(config)
 }
 
 /// Loads the CA from `ca_dir` when given (read-only, e.g. a mounted Secret: it must hold
@@ -223,10 +223,15 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
 /// Loads credentials and the CA, starts the source and binds the debug and readiness
 /// endpoints.
 pub async fn bind(cfg: ServerConfig) -> Result<Starting, String> {
-    let kube = match &cfg.source {
-        ConfigSource::Kubernetes { kubeconfig } => Some(kube_client(kubeconfig.as_deref()).await?),
+    let kube_config = match &cfg.source {
+        ConfigSource::Kubernetes { kubeconfig } => Some(kube_config(kubeconfig.as_deref()).await?),
         ConfigSource::Directory(_) => None,
     };
+    let kube = kube_config
+        .clone()
+        .map(kube::Client::try_from)
+        .transpose()
+        .map_err(|e| format!("Kubernetes client: {e}"))?;
     let tokens = match (&cfg.tokens, &kube) {
         (Some(path), _) => {
             let tokens = Arc::new(RwLock::new(Tokens::load(path)?));
@@ -238,13 +243,17 @@ pub async fn bind(cfg: ServerConfig) -> Result<Starting, String> {
             return Err("a tokens file is required in directory mode (--tokens)".into());
         }
     };
-    let reviewer = kube.clone().map(|client| {
-        Arc::new(TokenReviewer::new(
-            client,
-            cfg.token_audiences.clone(),
-            cfg.node_proxy_accounts.clone(),
-        ))
-    });
+    let reviewer = kube_config
+        .map(crate::token_review::review_client)
+        .transpose()
+        .map_err(|e| format!("Kubernetes client: {e}"))?
+        .map(|client| {
+            Arc::new(TokenReviewer::new(
+                client,
+                cfg.token_audiences.clone(),
+                cfg.node_proxy_accounts.clone(),
+            ))
+        });
     let ca = load_or_create_ca(&cfg.state_dir, cfg.ca_dir.as_deref(), &cfg.trust_domain)?;
     let serving_cert = ca
         .issue_server_cert(

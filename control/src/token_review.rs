@@ -7,22 +7,28 @@
 //! - the service account of a waypoint Gateway (same namespace and name) → that waypoint.
 //!
 //! Positive reviews are cached briefly so a reconnect storm does not become a
-//! TokenReview storm. Refusals are cached too (shorter, keyed by a keyed hash of the
+//! TokenReview storm, and concurrent callers with the same token share one review. Refusals are cached too (shorter, keyed by a keyed hash of the
 //! token), and each peer address may cause only a few failed reviews (a token bucket):
 //! past that, its unknown tokens are refused without asking the API server. Both maps
 //! are bounded. Callers get no detail of why (see `grpc`); the detail is logged.
+//!
+//! An API server that throttles (429) is asked again after its `Retry-After`, a bounded
+//! number of times within a bounded wait; past that, or when the API server cannot be
+//! asked at all, the caller is told to retry later (never "unauthenticated": the token
+//! may well be valid), and nothing is cached.
 
 use crate::auth::Principal;
 use crate::index::waypoint::WAYPOINT_CLASS;
 use crate::manifest::Objects;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
-use kube::api::{Api, PostParams};
+use kube::api::PostParams;
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::OnceCell;
 
 const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
@@ -37,15 +43,68 @@ pub const PEER_BURST: u32 = 8;
 pub const PEER_REFILL: Duration = Duration::from_secs(1);
 /// Peers tracked; past this, new peers share one bucket.
 const PEERS_MAX: usize = 4096;
+/// A review throttled by the API server (429) is asked again at most this many times...
+pub const THROTTLE_RETRIES: u32 = 3;
+/// ...waiting its `Retry-After`, capped at this...
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(5);
+/// ...(this when it names none), and never more than this in all.
+pub const RETRY_AFTER_DEFAULT: Duration = Duration::from_secs(1);
+pub const THROTTLE_WAIT_MAX: Duration = Duration::from_secs(10);
+/// Reviews in flight tracked for sharing; past this, abandoned ones are dropped.
+const INFLIGHT_MAX: usize = 4096;
 
 /// Why a token was not accepted.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReviewError {
     /// Refused (the detail is for the log only).
     Refused(String),
     /// The peer caused too many failed reviews; the API server was not asked.
     RateLimited,
+    /// The API server gave no verdict (throttled past the retry budget, unreachable, or
+    /// refusing mesh-control itself): the caller should retry; nothing is cached.
+    Unavailable(String),
 }
+
+/// A client for TokenReviews: kube's own retry layer is off (it retries 429s up to 15
+/// times over minutes) because a caller is waiting; `TokenReviewer` retries within
+/// its own bounds.
+pub fn review_client(mut config: kube::Config) -> Result<kube::Client, kube::Error> {
+    config.default_retry = false;
+    kube::Client::try_from(config)
+}
+
+/// The wait before asking a throttled API server again, or None when the retries or the
+/// total wait would be spent. `retry_after` is the 429's `Retry-After`.
+pub fn throttle_delay(
+    retries_done: u32,
+    retry_after: Option<Duration>,
+    waited: Duration,
+) -> Option<Duration> {
+    if retries_done >= THROTTLE_RETRIES {
+        return None;
+    }
+    let d = retry_after
+        .unwrap_or(RETRY_AFTER_DEFAULT)
+        .min(RETRY_AFTER_MAX);
+    (waited + d <= THROTTLE_WAIT_MAX).then_some(d)
+}
+
+/// `Retry-After` in seconds (what the API server sends; an HTTP date is not used by it).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// One TokenReview call's outcome, before any retry.
+enum Call {
+    Reviewed(TokenReviewStatus),
+    Throttled(Option<Duration>),
+    Failed(String),
+}
+
+type Shared = Arc<OnceCell<Result<Principal, ReviewError>>>;
+
+/// (group, plural) of the reviews created.
+pub const TOKEN_REVIEWS: (&str, &str) = ("authentication.k8s.io", "tokenreviews");
 
 pub struct TokenReviewer {
     client: kube::Client,
@@ -57,6 +116,8 @@ pub struct TokenReviewer {
     refused: Mutex<HashMap<u64, Instant>>,
     hasher: RandomState,
     limiter: Mutex<PeerLimiter>,
+    /// Reviews in flight by token: a caller with the same token waits for the same one.
+    inflight: Mutex<HashMap<String, Shared>>,
 }
 
 impl TokenReviewer {
@@ -73,6 +134,7 @@ impl TokenReviewer {
             refused: Mutex::new(HashMap::new()),
             hasher: RandomState::new(),
             limiter: Mutex::new(PeerLimiter::new(PEER_BURST, PEER_REFILL, PEERS_MAX)),
+            inflight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -97,6 +159,33 @@ impl TokenReviewer {
                 "refused again (recently refused token)".into(),
             ));
         }
+        // One review per token at a time: who comes while it runs shares its verdict.
+        let cell = {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            if inflight.len() >= INFLIGHT_MAX && !inflight.contains_key(token) {
+                // Abandoned (every waiter gone before a verdict).
+                inflight.retain(|_, c| Arc::strong_count(c) > 1);
+            }
+            inflight.entry(token.to_string()).or_default().clone()
+        };
+        let result = cell
+            .get_or_init(|| self.review_once(token, peer, objects))
+            .await
+            .clone();
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        if inflight.get(token).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            inflight.remove(token);
+        }
+        result
+    }
+
+    /// A review charged to `peer`'s budget, its verdict cached.
+    async fn review_once(
+        &self,
+        token: &str,
+        peer: Option<IpAddr>,
+        objects: &Objects,
+    ) -> Result<Principal, ReviewError> {
         if !self
             .limiter
             .lock()
@@ -119,17 +208,48 @@ impl TokenReviewer {
                 );
                 Ok(p)
             }
-            Err(e) => {
+            Err(ReviewError::Refused(e)) => {
+                let hash = self.hasher.hash_one(token);
                 let mut refused = self.refused.lock().expect("refused lock");
                 insert_bounded(&mut refused, hash, Instant::now(), REFUSED_MAX, |at| {
                     at.elapsed() < REFUSED_TTL
                 });
                 Err(ReviewError::Refused(e))
             }
+            Err(e) => Err(e),
         }
     }
 
-    async fn review(&self, token: &str, objects: &Objects) -> Result<Principal, String> {
+    /// Asks the API server, again after a 429 within the retry budget.
+    async fn review(&self, token: &str, objects: &Objects) -> Result<Principal, ReviewError> {
+        let mut waited = Duration::ZERO;
+        for retries in 0.. {
+            match self.call(token).await {
+                Call::Reviewed(status) => {
+                    return principal_from_review(&status, objects, &self.node_proxy_accounts)
+                        .map_err(ReviewError::Refused);
+                }
+                Call::Failed(e) => return Err(ReviewError::Unavailable(e)),
+                Call::Throttled(after) => match throttle_delay(retries, after, waited) {
+                    Some(d) => {
+                        tracing::debug!(wait = ?d, "TokenReview throttled by the API server (429); retrying");
+                        tokio::time::sleep(d).await;
+                        waited += d;
+                    }
+                    None => {
+                        return Err(ReviewError::Unavailable(format!(
+                            "TokenReview throttled by the API server (429) {} times in {waited:?}; the caller is told to retry",
+                            retries + 1
+                        )));
+                    }
+                },
+            }
+        }
+        unreachable!("the retry loop returns")
+    }
+
+    /// One TokenReview, its `Retry-After` read when throttled.
+    async fn call(&self, token: &str) -> Call {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_string()),
@@ -137,13 +257,48 @@ impl TokenReviewer {
             },
             ..Default::default()
         };
-        let api: Api<TokenReview> = Api::all(self.client.clone());
-        let reviewed = api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| format!("TokenReview failed (is the API server reachable, and may mesh-control create tokenreviews?): {e}"))?;
-        let status = reviewed.status.unwrap_or_default();
-        principal_from_review(&status, objects, &self.node_proxy_accounts)
+        let body = match serde_json::to_vec(&review) {
+            Ok(b) => b,
+            Err(e) => return Call::Failed(format!("TokenReview: {e}")),
+        };
+        let (group, plural) = TOKEN_REVIEWS;
+        let req = match kube::core::Request::new(format!("/apis/{group}/v1/{plural}"))
+            .create(&PostParams::default(), body)
+        {
+            Ok(r) => r,
+            Err(e) => return Call::Failed(format!("TokenReview: {e}")),
+        };
+        let res = match self.client.send(req.map(kube::client::Body::from)).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Call::Failed(format!(
+                    "TokenReview failed (is the API server reachable?): {e}"
+                ));
+            }
+        };
+        let code = res.status();
+        if code == http::StatusCode::TOO_MANY_REQUESTS {
+            return Call::Throttled(
+                res.headers()
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after),
+            );
+        }
+        let body = match res.into_body().collect_bytes().await {
+            Ok(b) => b,
+            Err(e) => return Call::Failed(format!("TokenReview: reading the answer: {e}")),
+        };
+        if !code.is_success() {
+            return Call::Failed(format!(
+                "TokenReview answered {code} (may mesh-control create tokenreviews?): {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        match serde_json::from_slice::<TokenReview>(&body) {
+            Ok(r) => Call::Reviewed(r.status.unwrap_or_default()),
+            Err(e) => Call::Failed(format!("TokenReview: unreadable answer: {e}")),
+        }
     }
 }
 
@@ -315,6 +470,26 @@ pub fn principal_from_review(
 mod tests {
     use super::*;
     use k8s_openapi::api::authentication::v1::UserInfo;
+
+    #[test]
+    fn throttled_reviews_wait_retry_after_within_bounds() {
+        let s = Duration::from_secs;
+        assert_eq!(throttle_delay(0, Some(s(2)), s(0)), Some(s(2)));
+        assert_eq!(throttle_delay(0, None, s(0)), Some(RETRY_AFTER_DEFAULT));
+        assert_eq!(
+            throttle_delay(0, Some(s(600)), s(0)),
+            Some(RETRY_AFTER_MAX),
+            "a huge Retry-After is capped"
+        );
+        assert_eq!(throttle_delay(THROTTLE_RETRIES, Some(s(1)), s(0)), None);
+        assert_eq!(
+            throttle_delay(1, Some(s(4)), s(7)),
+            None,
+            "the total wait stays within {THROTTLE_WAIT_MAX:?}"
+        );
+        assert_eq!(parse_retry_after(" 3"), Some(s(3)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+    }
 
     #[test]
     fn each_peer_has_a_bounded_budget_that_refills() {

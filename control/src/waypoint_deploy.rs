@@ -21,6 +21,25 @@ pub const FIELD_MANAGER: &str = "mesh-control";
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 pub const ROOT_CONFIGMAP: &str = "mesh-ca-root";
 
+/// (group, version, kind, plural) of what a waypoint is made of, in apply order; each is
+/// written by server-side apply (`create` when missing, else `patch`), owned by its
+/// Gateway with `blockOwnerDeletion` (see `crate::rbac`).
+pub const OWNED: [(&str, &str, &str, &str); 4] = [
+    ("", "v1", "ServiceAccount", "serviceaccounts"),
+    ("", "v1", "ConfigMap", "configmaps"),
+    ("apps", "v1", "Deployment", "deployments"),
+    ("", "v1", "Service", "services"),
+];
+/// The Gateway whose status is written (`patch` on `gateways/status`).
+pub const GATEWAY: (&str, &str, &str, &str) =
+    ("gateway.networking.k8s.io", "v1", "Gateway", "gateways");
+
+/// The owned kinds watched so that one deleted (or changed by hand) is put back: a
+/// Deployment or Service gone means a waypoint down.
+pub const WATCHED: [(&str, &str, &str, &str); 2] = [OWNED[2], OWNED[3]];
+/// The label every owned object carries (`meta`), selecting them in watches.
+pub const MANAGED_LABEL: (&str, &str) = ("gateway.istio.io/managed", "istio.io-mesh-controller");
+
 /// What every waypoint Deployment is given.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct WaypointDeployConfig {
@@ -30,6 +49,9 @@ pub struct WaypointDeployConfig {
     pub trust_domain: String,
     pub cluster_id: String,
     pub log_level: String,
+    /// Leader election among replicas: only the Lease's holder deploys. None: this is
+    /// the only replica.
+    pub lease: Option<crate::leader::LeaseConfig>,
 }
 
 fn owner(gw: &Gateway) -> Value {
@@ -49,7 +71,7 @@ fn meta(gw: &Gateway, name: &str) -> Value {
         "namespace": gw.metadata.ns(),
         "labels": {
             GATEWAY_NAME_LABEL: gw.metadata.name,
-            "gateway.istio.io/managed": "istio.io-mesh-controller",
+            MANAGED_LABEL.0: MANAGED_LABEL.1,
             "istio.io/dataplane-mode": "none",
         },
         "ownerReferences": owner(gw),
@@ -129,25 +151,102 @@ pub fn desired_objects(
             "ports": [{"name": "mesh", "port": 15008, "targetPort": 15008, "appProtocol": "all"}],
         },
     });
+    let [sa_kind, cm_kind, deploy_kind, svc_kind] = OWNED.map(|(g, v, k, p)| resource(g, v, k, p));
     vec![
-        (resource("", "v1", "ServiceAccount", "serviceaccounts"), sa),
-        (resource("", "v1", "ConfigMap", "configmaps"), root),
-        (
-            resource("apps", "v1", "Deployment", "deployments"),
-            deployment,
-        ),
-        (resource("", "v1", "Service", "services"), service),
+        (sa_kind, sa),
+        (cm_kind, root),
+        (deploy_kind, deployment),
+        (svc_kind, service),
     ]
 }
 
-/// The Gateway status that publishes the waypoint's address.
-pub fn status_patch(gw: &Gateway, cluster_ip: &str) -> Value {
+/// A `metav1.Condition` for the Gateway's current generation. Its transition time is
+/// kept while its status stays the same (the API's rule), else it is `now`.
+fn condition(gw: &Gateway, type_: &str, ok: bool, reason: &str, message: &str, now: &str) -> Value {
+    let status = if ok { "True" } else { "False" };
+    let since = gw
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .find(|c| c.type_ == type_ && c.status == status)
+        .and_then(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.to_string());
+    json!({
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since,
+        "observedGeneration": gw.metadata.generation.unwrap_or(0),
+    })
+}
+
+/// The Gateway status: `Accepted` (the class is ours and the Gateway is deployed) and
+/// `Programmed` (its Service has an address, published in `status.addresses`, which is
+/// how ztunnels find the waypoint), each for the Gateway's current generation.
+/// `now` is an RFC 3339 time in seconds.
+pub fn status_patch(gw: &Gateway, cluster_ip: Option<&str>, now: &str) -> Value {
+    let accepted = condition(gw, "Accepted", true, "Accepted", "Resource accepted", now);
+    let (programmed, addresses) = match cluster_ip {
+        Some(ip) => (
+            condition(
+                gw,
+                "Programmed",
+                true,
+                "Programmed",
+                &format!(
+                    "Resource programmed, assigned to service {}:15008",
+                    gw.metadata.name
+                ),
+                now,
+            ),
+            json!([{"type": "IPAddress", "value": ip}]),
+        ),
+        None => (
+            condition(
+                gw,
+                "Programmed",
+                false,
+                "AddressNotAssigned",
+                &format!(
+                    "Service {}/{} has no cluster IP yet",
+                    gw.metadata.ns(),
+                    gw.metadata.name
+                ),
+                now,
+            ),
+            json!([]),
+        ),
+    };
     json!({
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "Gateway",
         "metadata": {"name": gw.metadata.name, "namespace": gw.metadata.ns()},
-        "status": {"addresses": [{"type": "IPAddress", "value": cluster_ip}]},
+        "status": {"addresses": addresses, "conditions": [accepted, programmed]},
     })
+}
+
+/// Whether the Gateway's status already says what `status_patch` would (address and
+/// both conditions True for its current generation).
+pub fn status_is_current(gw: &Gateway, cluster_ip: &str) -> bool {
+    let Some(st) = &gw.status else { return false };
+    let current = |t: &str| {
+        st.conditions.iter().any(|c| {
+            c.type_ == t && c.status == "True" && c.observed_generation == gw.metadata.generation
+        })
+    };
+    st.addresses.iter().any(|a| a.value == cluster_ip)
+        && current("Accepted")
+        && current("Programmed")
+}
+
+/// Now, as a Kubernetes timestamp (RFC 3339, whole seconds, UTC).
+fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    now.replace_nanosecond(0)
+        .unwrap_or(now)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 fn is_waypoint(gw: &Gateway) -> bool {
@@ -181,51 +280,120 @@ async fn reconcile_one(
                 .map(str::to_string);
         }
     }
-    let Some(ip) = cluster_ip else {
-        return Err(format!(
+    if cluster_ip
+        .as_deref()
+        .is_some_and(|ip| status_is_current(gw, ip))
+    {
+        return Ok(());
+    }
+    let gws: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        ns,
+        &resource(GATEWAY.0, GATEWAY.1, GATEWAY.2, GATEWAY.3),
+    );
+    gws.patch_status(
+        &gw.metadata.name,
+        &params,
+        &Patch::Apply(status_patch(gw, cluster_ip.as_deref(), &now_rfc3339())),
+    )
+    .await
+    .map_err(|e| format!("Gateway {ns}/{} status: {e}", gw.metadata.name))?;
+    match cluster_ip {
+        Some(ip) => {
+            tracing::info!(gateway = %format!("{ns}/{}", gw.metadata.name), address = %ip, "waypoint programmed");
+            Ok(())
+        }
+        None => Err(format!(
             "Service {ns}/{} has no cluster IP yet",
             gw.metadata.name
-        ));
-    };
-    let published = gw
-        .status
-        .as_ref()
-        .is_some_and(|s| s.addresses.iter().any(|a| a.value == ip));
-    if !published {
-        let gws: Api<DynamicObject> = Api::namespaced_with(
-            client.clone(),
-            ns,
-            &resource("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
-        );
-        gws.patch_status(
-            &gw.metadata.name,
-            &params,
-            &Patch::Apply(status_patch(gw, &ip)),
-        )
-        .await
-        .map_err(|e| format!("Gateway {ns}/{} status: {e}", gw.metadata.name))?;
-        tracing::info!(gateway = %format!("{ns}/{}", gw.metadata.name), address = %ip, "waypoint address published");
+        )),
     }
-    Ok(())
 }
 
-/// Follows the object snapshots and keeps every waypoint Gateway deployed. A Gateway is
-/// re-applied when its spec or the root changes, or after a failure.
+/// The Gateway an owned object belongs to, from its labels.
+pub fn owner_gateway(meta: &kube::api::ObjectMeta) -> Option<(String, String)> {
+    let labels = meta.labels.as_ref()?;
+    (labels.get(MANAGED_LABEL.0).map(String::as_str) == Some(MANAGED_LABEL.1)).then_some(())?;
+    Some((
+        meta.namespace.clone()?,
+        labels.get(GATEWAY_NAME_LABEL)?.clone(),
+    ))
+}
+
+/// Watches one owned kind; a deleted object sends its Gateway for repair.
+async fn watch_owned(
+    client: kube::Client,
+    ar: ApiResource,
+    repair: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+) {
+    use futures_util::StreamExt;
+    use kube::runtime::WatchStreamExt;
+    use kube::runtime::watcher::{self, Event};
+    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    let config =
+        watcher::Config::default().labels(&format!("{}={}", MANAGED_LABEL.0, MANAGED_LABEL.1));
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Delete(o)) => {
+                if let Some(gw) = owner_gateway(&o.metadata) {
+                    tracing::warn!(kind = %ar.kind, gateway = %format!("{}/{}", gw.0, gw.1), "a waypoint's object was deleted; putting it back");
+                    if repair.send(gw).is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(kind = %ar.kind, error = %e, "watching waypoint objects; retrying")
+            }
+        }
+    }
+}
+
+/// Follows the object snapshots and keeps every waypoint Gateway deployed, while this
+/// replica holds the Lease. A Gateway is re-applied when its spec, status or the root
+/// changes, when one of its Deployment or Service is deleted, after a failure, and on
+/// becoming leader.
 pub async fn run(
     client: kube::Client,
     cfg: WaypointDeployConfig,
     mut objects: watch::Receiver<Option<Objects>>,
     root_pem: impl Fn() -> String + Send + 'static,
 ) {
+    let (leader_tx, mut leader) = watch::channel(cfg.lease.is_none());
+    let _sole = match cfg.lease.clone() {
+        Some(lease) => {
+            tokio::spawn(crate::leader::run(client.clone(), lease, leader_tx));
+            None
+        }
+        None => Some(leader_tx), // kept: the only replica leads for good
+    };
+    let (repair_tx, mut repair) = tokio::sync::mpsc::unbounded_channel();
+    for (g, v, k, p) in WATCHED {
+        tokio::spawn(watch_owned(
+            client.clone(),
+            resource(g, v, k, p),
+            repair_tx.clone(),
+        ));
+    }
     // Gateway → the fingerprint of what was last applied successfully.
     let mut applied: HashMap<(String, String), String> = HashMap::new();
     let mut retry = tokio::time::interval(std::time::Duration::from_secs(10));
     loop {
         tokio::select! {
             changed = objects.changed() => if changed.is_err() { return },
+            changed = leader.changed() => {
+                if changed.is_err() { return }
+                applied.clear(); // a new leader checks everything
+            }
+            Some(gw) = repair.recv() => { applied.remove(&gw); }
             _ = retry.tick() => {}
         }
-        let Some(snapshot) = objects.borrow_and_update().clone() else {
+        if !*leader.borrow() {
+            continue;
+        }
+        let Some(snapshot) = objects.borrow().clone() else {
             continue;
         };
         let root = root_pem();
@@ -271,6 +439,7 @@ mod tests {
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
             log_level: "info".into(),
+            lease: None,
         }
     }
 
@@ -304,9 +473,54 @@ mod tests {
         );
         assert_eq!(objs[1].1["data"]["root-cert.pem"], "ROOT");
         assert_eq!(objs[3].1["spec"]["ports"][0]["port"], 15008);
+    }
+
+    #[test]
+    fn status_has_the_gateway_api_conditions_for_the_current_generation() {
+        let mut gw = gateway();
+        gw.metadata.generation = Some(4);
+        let now = "2026-11-29T10:00:00Z";
+        let st = &status_patch(&gw, Some("10.96.0.50"), now)["status"];
         assert_eq!(
-            status_patch(&gateway(), "10.96.0.50")["status"]["addresses"][0]["value"],
-            "10.96.0.50"
+            st["addresses"],
+            json!([{"type": "IPAddress", "value": "10.96.0.50"}])
+        );
+        let conds = st["conditions"].as_array().unwrap();
+        let types: Vec<_> = conds.iter().map(|c| c["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["Accepted", "Programmed"]);
+        for c in conds {
+            assert_eq!(c["status"], "True");
+            assert_eq!(c["reason"], c["type"]);
+            assert_eq!(c["observedGeneration"], 4);
+            assert_eq!(c["lastTransitionTime"], now);
+        }
+        // Not yet addressed: Programmed is False, with a reason Gateway API defines.
+        let st = &status_patch(&gw, None, now)["status"];
+        assert_eq!(st["conditions"][1]["status"], "False");
+        assert_eq!(st["conditions"][1]["reason"], "AddressNotAssigned");
+        assert_eq!(st["conditions"][0]["status"], "True");
+
+        // Written: current. A new generation is not, and keeps the transition time of a
+        // condition whose status did not change.
+        let mut written: Gateway = gw.clone();
+        written.status =
+            serde_json::from_value(status_patch(&gw, Some("10.96.0.50"), now)["status"].clone())
+                .unwrap();
+        assert!(status_is_current(&written, "10.96.0.50"));
+        assert!(!status_is_current(&written, "10.96.0.51"));
+        written.metadata.generation = Some(5);
+        assert!(!status_is_current(&written, "10.96.0.50"));
+        let later = status_patch(&written, Some("10.96.0.50"), "2026-11-29T11:00:00Z");
+        assert_eq!(later["status"]["conditions"][0]["lastTransitionTime"], now);
+        assert_eq!(later["status"]["conditions"][0]["observedGeneration"], 5);
+        let failed = status_patch(&written, None, "2026-11-29T11:00:00Z");
+        assert_eq!(
+            failed["status"]["conditions"][1]["lastTransitionTime"],
+            "2026-11-29T11:00:00Z"
+        );
+        assert!(
+            !status_is_current(&gateway(), "10.96.0.50"),
+            "no status at all"
         );
     }
 

@@ -29,8 +29,17 @@ type WatchSender = mpsc::UnboundedSender<Result<Frame<Bytes>, Infallible>>;
 struct FakeState {
     rv: u64,
     objects: BTreeMap<String, Vec<Value>>,
-    watchers: BTreeMap<String, Vec<WatchSender>>,
-    /// Plurals whose CRD is "not installed" (404).
+    /// Open watches by plural, and whether each asked for BOOKMARK events.
+    watchers: BTreeMap<String, Vec<(WatchSender, bool)>>,
+    /// Every event, as the API server keeps them for watches that resume: (resource
+    /// version, plural, line).
+    log: Vec<(u64, String, String)>,
+    /// Events up to this version are compacted away: resuming before it is 410 Gone.
+    compacted: u64,
+    /// List requests received: (plural, limit, continue) as asked.
+    lists: Vec<(String, Option<usize>, Option<String>)>,
+    /// Plurals whose CRD is "not installed" (404): `plural` at every version, or
+    /// `version/plural` at that version only.
     missing: Vec<String>,
     /// TokenReview: token → the `status` the API server answers with.
     reviews: BTreeMap<String, Value>,
@@ -42,6 +51,20 @@ struct FakeState {
     token_audience: BTreeMap<String, String>,
     /// Server-side applies received: (path, body).
     patches: Vec<(String, Value)>,
+    /// Their query strings and content types: (path, query, content type).
+    patch_params: Vec<(String, String, String)>,
+    /// TokenReview: token → (how many more reviews get 429, its Retry-After seconds).
+    throttle: BTreeMap<String, (u32, Option<u64>)>,
+    /// TokenReview: how long each review takes to answer.
+    review_hold: Duration,
+    /// Requests received: (listener tag, method, path).
+    requests: Vec<(String, String, String)>,
+    /// Server-side applies received, by listener tag: (tag, path).
+    patch_from: Vec<(String, String)>,
+    /// Listener tags whose requests fail (a replica cut off from the API server).
+    dead: Vec<String>,
+    /// Requests refused by RBAC (403): (verb, group, resource, namespace).
+    denied: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -49,8 +72,92 @@ struct Fake(Arc<Mutex<FakeState>>);
 
 type Body = BoxBody<Bytes, Infallible>;
 
-fn plural_of(path: &str) -> String {
-    path.rsplit('/').next().unwrap_or_default().to_string()
+/// (plural, name, subresource) of an API path: `/api/v1/namespaces/shop/pods/web/status`
+/// or `/apis/apps/v1/deployments`.
+fn parse_path(path: &str) -> (String, Option<String>, Option<String>) {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let mut rest: &[&str] = match segs.first() {
+        Some(&"api") => segs.get(2..).unwrap_or_default(),
+        _ => segs.get(3..).unwrap_or_default(),
+    };
+    if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        rest = &rest[2..];
+    }
+    let at = |i: usize| rest.get(i).map(|s| s.to_string());
+    (at(0).unwrap_or_default(), at(1), at(2))
+}
+
+/// The API version in a path (`v1` of `/api/v1/...`, `v1beta1` of `/apis/g/v1beta1/...`).
+fn version_of(path: &str) -> String {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let i = if segs.first() == Some(&"api") { 1 } else { 2 };
+    segs.get(i).copied().unwrap_or_default().to_string()
+}
+
+/// mesh-control's own namespace in these tests (where its Role grants the Lease).
+const CONTROL_NAMESPACE: &str = "mesh-system";
+
+/// A request in RBAC terms: (verb, API group, resource[/subresource], namespace).
+fn rbac_request(method: &str, path: &str, query: &str) -> (String, String, String, Option<String>) {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, mut rest): (&str, &[&str]) = match segs.first() {
+        Some(&"api") => ("", segs.get(2..).unwrap_or_default()),
+        _ => (
+            segs.get(1).copied().unwrap_or_default(),
+            segs.get(3..).unwrap_or_default(),
+        ),
+    };
+    let mut namespace = None;
+    if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        namespace = Some(rest[1].to_string());
+        rest = &rest[2..];
+    }
+    let resource = match rest.get(2) {
+        Some(sub) => format!("{}/{sub}", rest[0]),
+        None => rest.first().copied().unwrap_or_default().to_string(),
+    };
+    let watch = query
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1");
+    let verb = match (method, rest.len() > 1) {
+        ("GET", true) => "get",
+        ("GET", false) if watch => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        _ => "unknown",
+    };
+    (verb.into(), group.into(), resource, namespace)
+}
+
+/// Whether mesh-control's RBAC (the rules its code declares, `rbac::rules`, which
+/// chart_rbac.rs proves are the chart's) allows the request.
+fn authorized(verb: &str, group: &str, resource: &str, namespace: Option<&str>) -> bool {
+    let key = (group.to_string(), resource.to_string());
+    let allows =
+        |rules: &mesh_control::rbac::Rules| rules.get(&key).is_some_and(|v| v.contains(verb));
+    allows(&mesh_control::rbac::rules())
+        || (namespace == Some(CONTROL_NAMESPACE) && allows(&mesh_control::rbac::namespace_rules()))
+}
+
+fn status_response(code: u16, reason: &str, message: &str) -> hyper::Response<Body> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                      "message": message, "reason": reason, "code": code});
+    hyper::Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap()
+}
+
+fn json_response(code: u16, body: &Value) -> hyper::Response<Body> {
+    hyper::Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())).boxed())
+        .unwrap()
 }
 
 impl Fake {
@@ -71,8 +178,43 @@ impl Fake {
             list.push(obj.clone());
         }
         let line = format!("{}\n", json!({"type": event, "object": obj}));
-        for w in st.watchers.entry(plural.into()).or_default() {
+        let rv = st.rv;
+        st.log.push((rv, plural.to_string(), line.clone()));
+        for (w, _) in st.watchers.entry(plural.into()).or_default() {
             let _ = w.send(Ok(Frame::data(Bytes::from(line.clone()))));
+        }
+    }
+
+    /// Every open watch of `plural` ends (as at its `timeoutSeconds`): the client
+    /// resumes from the last version it saw.
+    fn close_watches(&self, plural: &str) {
+        self.0.lock().unwrap().watchers.remove(plural);
+    }
+
+    /// Events so far are compacted away without telling anyone: a watch resuming from
+    /// before now gets 410 Gone.
+    fn compact_silently(&self) {
+        let mut st = self.0.lock().unwrap();
+        st.compacted = st.rv;
+        st.log.clear();
+    }
+
+    /// Events so far are compacted away (etcd compaction): a watch resuming from before
+    /// now gets 410 Gone. Watches that asked for bookmarks are first told the current
+    /// version (a BOOKMARK), which lets them resume without a re-list.
+    fn compact(&self, plural: &str, api_version: &str, kind: &str) {
+        let mut st = self.0.lock().unwrap();
+        st.compacted = st.rv;
+        st.log.clear();
+        let line = format!(
+            "{}\n",
+            json!({"type": "BOOKMARK", "object": {"apiVersion": api_version, "kind": kind,
+                   "metadata": {"resourceVersion": st.rv.to_string()}}})
+        );
+        for (w, bookmarks) in st.watchers.entry(plural.into()).or_default() {
+            if *bookmarks {
+                let _ = w.send(Ok(Frame::data(Bytes::from(line.clone()))));
+            }
         }
     }
 
@@ -84,65 +226,220 @@ impl Fake {
             json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                    "message": "too old resource version", "reason": "Expired", "code": 410}})
         );
-        for w in st.watchers.remove(plural).unwrap_or_default() {
+        for (w, _) in st.watchers.remove(plural).unwrap_or_default() {
             let _ = w.send(Ok(Frame::data(Bytes::from(line.clone()))));
         }
     }
 
-    async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
-        let plural = plural_of(req.uri().path());
+    /// Every request was within mesh-control's RBAC.
+    fn assert_authorized(&self) {
+        let denied = self.0.lock().unwrap().denied.clone();
+        assert!(
+            denied.is_empty(),
+            "requests outside mesh-control's RBAC: {denied:?}"
+        );
+    }
+
+    /// The stored object `plural/name`.
+    fn get(&self, plural: &str, name: &str) -> Option<Value> {
+        let st = self.0.lock().unwrap();
+        st.objects
+            .get(plural)?
+            .iter()
+            .find(|o| o["metadata"]["name"] == name)
+            .cloned()
+    }
+
+    async fn handle(
+        &self,
+        tag: &str,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<Body> {
+        let (plural, name, sub) = parse_path(req.uri().path());
+        {
+            let mut st = self.0.lock().unwrap();
+            st.requests.push((
+                tag.to_string(),
+                req.method().to_string(),
+                req.uri().path().to_string(),
+            ));
+            if st.dead.iter().any(|d| d == tag) {
+                return status_response(500, "InternalError", "etcdserver: request timed out");
+            }
+            let (verb, group, resource, namespace) = rbac_request(
+                req.method().as_str(),
+                req.uri().path(),
+                req.uri().query().unwrap_or_default(),
+            );
+            if !authorized(&verb, &group, &resource, namespace.as_deref()) {
+                let what = format!("{verb} {group}/{resource} in {namespace:?}");
+                st.denied.push(what.clone());
+                let message = format!(
+                    "{resource} is forbidden: User \"system:serviceaccount:{CONTROL_NAMESPACE}:mesh-control\" cannot {verb} resource \"{resource}\" in API group \"{group}\""
+                );
+                return status_response(403, "Forbidden", &message);
+            }
+        }
         if req.method() == hyper::Method::PATCH {
             let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or_default().to_string();
+            let content_type = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            self.0.lock().unwrap().patch_params.push((
+                path.clone(),
+                query.clone(),
+                content_type.clone(),
+            ));
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let mut obj: Value = serde_json::from_slice(&body).unwrap();
-            self.0
-                .lock()
-                .unwrap()
-                .patches
-                .push((path.clone(), obj.clone()));
+            // As the API server: an apply needs a field manager.
+            if content_type == "application/apply-patch+yaml"
+                && !query.split('&').any(|kv| kv.starts_with("fieldManager="))
+            {
+                return status_response(
+                    422,
+                    "Invalid",
+                    "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                );
+            }
+            {
+                let mut st = self.0.lock().unwrap();
+                st.patches.push((path.clone(), obj.clone()));
+                st.patch_from.push((tag.to_string(), path.clone()));
+            }
             if obj["kind"] == "Service" {
                 obj["spec"]["clusterIP"] = json!("10.96.0.77");
             }
-            return hyper::Response::builder()
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(obj.to_string())).boxed())
-                .unwrap();
+            // Persisted, and watchers told.
+            let name = name.unwrap_or_default();
+            let stored = match sub.as_deref() {
+                Some("status") => self.get(&plural, &name).map(|mut o| {
+                    o["status"] = obj["status"].clone();
+                    o
+                }),
+                _ => Some(obj.clone()),
+            };
+            if let Some(stored) = stored {
+                let event = if self.get(&plural, &name).is_some() {
+                    "MODIFIED"
+                } else {
+                    "ADDED"
+                };
+                self.push(&plural, event, stored);
+            }
+            return json_response(200, &obj);
+        }
+        // Single objects (the Lease): get, create, update with optimistic concurrency.
+        if plural == "leases" {
+            let method = req.method().to_string();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let stored = name.as_deref().and_then(|n| self.get(&plural, n));
+            let sent: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            return match (method.as_str(), stored) {
+                ("GET", Some(o)) => json_response(200, &o),
+                ("GET", None) => {
+                    status_response(404, "NotFound", "leases.coordination.k8s.io not found")
+                }
+                ("POST", _)
+                    if self
+                        .get(
+                            &plural,
+                            sent["metadata"]["name"].as_str().unwrap_or_default(),
+                        )
+                        .is_some() =>
+                {
+                    status_response(
+                        409,
+                        "AlreadyExists",
+                        "leases.coordination.k8s.io already exists",
+                    )
+                }
+                ("POST", _) => {
+                    self.push(&plural, "ADDED", sent);
+                    json_response(
+                        201,
+                        &self
+                            .get(&plural, name.as_deref().unwrap_or_default())
+                            .unwrap_or_default(),
+                    )
+                }
+                ("PUT", Some(o))
+                    if o["metadata"]["resourceVersion"] == sent["metadata"]["resourceVersion"] =>
+                {
+                    self.push(&plural, "MODIFIED", sent);
+                    json_response(200, &self.get(&plural, name.as_deref().unwrap()).unwrap())
+                }
+                ("PUT", _) => status_response(
+                    409,
+                    "Conflict",
+                    "Operation cannot be fulfilled on leases.coordination.k8s.io: the object has been modified; please apply your changes to the latest version and try again",
+                ),
+                _ => status_response(405, "MethodNotAllowed", "not supported by this test server"),
+            };
         }
         if req.method() == hyper::Method::POST && plural == "tokenreviews" {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let mut review: Value = serde_json::from_slice(&body).unwrap();
-            let mut st = self.0.lock().unwrap();
-            st.audiences_seen.push(review["spec"]["audiences"].clone());
-            let token = review["spec"]["token"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            st.reviewed.push(token.clone());
-            let asked = review["spec"]["audiences"].clone();
-            review["status"] = match st.token_audience.get(&token) {
-                // As the API server words it.
-                Some(aud) if !asked.as_array().is_some_and(|a| a.contains(&json!(aud))) => json!({
-                    "authenticated": false,
-                    "error": format!("[invalid bearer token, token audiences [\"{aud}\"] is invalid for the target audiences {asked}]")
-                }),
-                _ => st.reviews.get(&token).cloned().unwrap_or_else(
-                    || json!({"authenticated": false, "error": "invalid bearer token"}),
-                ),
+            let (review, hold) = {
+                let mut st = self.0.lock().unwrap();
+                st.audiences_seen.push(review["spec"]["audiences"].clone());
+                let token = review["spec"]["token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                st.reviewed.push(token.clone());
+                if let Some((left, retry_after)) = st.throttle.get_mut(&token)
+                    && *left > 0
+                {
+                    // As API priority and fairness words it: the header and the details.
+                    *left -= 1;
+                    let mut res = hyper::Response::builder()
+                        .status(429)
+                        .header("content-type", "application/json");
+                    if let Some(secs) = retry_after {
+                        res = res.header("retry-after", secs.to_string());
+                    }
+                    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                        "status": "Failure", "message": "Too many requests, please try again later.",
+                        "reason": "TooManyRequests", "details": {"retryAfterSeconds": retry_after.unwrap_or(1)},
+                        "code": 429});
+                    return res
+                        .body(Full::new(Bytes::from(body.to_string())).boxed())
+                        .unwrap();
+                }
+                let asked = review["spec"]["audiences"].clone();
+                review["status"] = match st.token_audience.get(&token) {
+                    // As the API server words it.
+                    Some(aud) if !asked.as_array().is_some_and(|a| a.contains(&json!(aud))) => {
+                        json!({
+                            "authenticated": false,
+                            "error": format!("[invalid bearer token, token audiences [\"{aud}\"] is invalid for the target audiences {asked}]")
+                        })
+                    }
+                    _ => st.reviews.get(&token).cloned().unwrap_or_else(
+                        || json!({"authenticated": false, "error": "invalid bearer token"}),
+                    ),
+                };
+                (review, st.review_hold)
             };
+            tokio::time::sleep(hold).await;
             return hyper::Response::builder()
                 .status(201)
                 .header("content-type", "application/json")
                 .body(Full::new(Bytes::from(review.to_string())).boxed())
                 .unwrap();
         }
-        let watch = req
-            .uri()
-            .query()
-            .unwrap_or_default()
+        let query = req.uri().query().unwrap_or_default().to_string();
+        let watch = query
             .split('&')
             .any(|kv| kv == "watch=true" || kv == "watch=1");
+        let version = version_of(req.uri().path());
         let mut st = self.0.lock().unwrap();
-        if st.missing.contains(&plural) {
+        if st.missing.contains(&plural) || st.missing.contains(&format!("{version}/{plural}")) {
             let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"});
             return hyper::Response::builder()
                 .status(404)
@@ -150,17 +447,69 @@ impl Fake {
                 .body(Full::new(Bytes::from(body.to_string())).boxed())
                 .unwrap();
         }
+        let param = |k: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                .map(str::to_string)
+        };
         if watch {
             let (tx, rx) = mpsc::unbounded_channel();
-            st.watchers.entry(plural).or_default().push(tx);
-            let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+            let from: Option<u64> = param("resourceVersion").and_then(|v| v.parse().ok());
+            match from {
+                // Too old: the API server's answer is an ERROR event, then the end.
+                Some(v) if v < st.compacted => {
+                    let line = format!(
+                        "{}\n",
+                        json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                               "message": format!("too old resource version: {v} ({})", st.compacted), "reason": "Expired", "code": 410}})
+                    );
+                    let _ = tx.send(Ok(Frame::data(Bytes::from(line))));
+                    drop(tx);
+                }
+                // Resumed: what happened since that version first, then live events.
+                _ => {
+                    for (rv, p, line) in &st.log {
+                        if *p == plural && from.is_some_and(|v| *rv > v) {
+                            let _ = tx.send(Ok(Frame::data(Bytes::from(line.clone()))));
+                        }
+                    }
+                    let bookmarks = param("allowWatchBookmarks").as_deref() == Some("true");
+                    st.watchers.entry(plural).or_default().push((tx, bookmarks));
+                }
+            }
+            // Ended at the client's timeoutSeconds, as the API server ends it.
+            let timeout = param("timeoutSeconds")
+                .and_then(|t| t.parse().ok())
+                .map_or(Duration::MAX, Duration::from_secs);
+            let stream = futures_util::StreamExt::take_until(
+                tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+                tokio::time::sleep(timeout.min(Duration::from_secs(86400))),
+            );
             return hyper::Response::builder()
                 .header("content-type", "application/json")
                 .body(BodyExt::boxed(StreamBody::new(stream)))
                 .unwrap();
         }
-        let items = st.objects.get(&plural).cloned().unwrap_or_default();
-        let body = json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
+        // Lists page by `limit`, resumed by the opaque `continue` token.
+        let all = st.objects.get(&plural).cloned().unwrap_or_default();
+        let limit: Option<usize> = param("limit").and_then(|v| v.parse().ok());
+        let cont = param("continue");
+        st.lists.push((plural.clone(), limit, cont.clone()));
+        let offset: usize = cont
+            .as_deref()
+            .and_then(|c| c.strip_prefix("page-"))
+            .and_then(|o| o.parse().ok())
+            .unwrap_or(0);
+        let end = limit.map_or(all.len(), |l| (offset + l).min(all.len()));
+        let items = all.get(offset..end).unwrap_or_default().to_vec();
+        let mut metadata = json!({"resourceVersion": st.rv.to_string()});
+        if end < all.len() {
+            metadata["continue"] = json!(format!("page-{end}"));
+            metadata["remainingItemCount"] = json!(all.len() - end);
+        }
+        let body =
+            json!({"kind": "List", "apiVersion": "v1", "metadata": metadata, "items": items});
         hyper::Response::builder()
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.to_string())).boxed())
@@ -168,17 +517,23 @@ impl Fake {
     }
 
     async fn serve(&self) -> String {
+        self.serve_as("").await
+    }
+
+    /// Another address of the same server; requests through it are tagged `tag`.
+    async fn serve_as(&self, tag: &str) -> String {
+        let tag = tag.to_string();
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let fake = self.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = l.accept().await.unwrap();
-                let fake = fake.clone();
+                let (fake, tag) = (fake.clone(), tag.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        let fake = fake.clone();
-                        async move { Ok::<_, Infallible>(fake.handle(req).await) }
+                        let (fake, tag) = (fake.clone(), tag.clone());
+                        async move { Ok::<_, Infallible>(fake.handle(&tag, req).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
@@ -198,6 +553,38 @@ fn pod(ns: &str, name: &str, ip: &str) -> Value {
     json!({"metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}")},
            "spec": {"nodeName": "node-1", "serviceAccountName": "web"},
            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
+}
+
+/// `default/kubernetes` as a real API server lists it (kubeadm, 1.28-1.33): no selector,
+/// its endpoints only in the EndpointSlice the API server keeps, with managedFields.
+fn kubernetes_service() -> Value {
+    json!({"metadata": {"name": "kubernetes", "namespace": "default", "uid": "3f1c1a0e",
+                        "resourceVersion": "200", "creationTimestamp": "2026-11-01T10:00:00Z",
+                        "labels": {"component": "apiserver", "provider": "kubernetes"},
+                        "managedFields": [{"manager": "kube-apiserver", "operation": "Update",
+                                           "apiVersion": "v1", "time": "2026-11-01T10:00:00Z",
+                                           "fieldsType": "FieldsV1",
+                                           "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:component": {}, "f:provider": {}}},
+                                                        "f:spec": {"f:clusterIP": {}, "f:ports": {}}}}]},
+           "spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
+                    "internalTrafficPolicy": "Cluster", "ipFamilies": ["IPv4"],
+                    "ipFamilyPolicy": "SingleStack", "sessionAffinity": "None", "type": "ClusterIP",
+                    "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]},
+           "status": {"loadBalancer": {}}})
+}
+
+fn kubernetes_endpoint_slice(api_server_ip: &str) -> Value {
+    json!({"metadata": {"name": "kubernetes", "namespace": "default", "uid": "8a2d9c11",
+                        "resourceVersion": "201", "generation": 1,
+                        "creationTimestamp": "2026-11-01T10:00:00Z",
+                        "labels": {"kubernetes.io/service-name": "kubernetes"},
+                        "managedFields": [{"manager": "kube-apiserver", "operation": "Update",
+                                           "apiVersion": "discovery.k8s.io/v1",
+                                           "time": "2026-11-01T10:00:00Z", "fieldsType": "FieldsV1",
+                                           "fieldsV1": {"f:addressType": {}, "f:endpoints": {}, "f:ports": {}}}]},
+           "addressType": "IPv4",
+           "endpoints": [{"addresses": [api_server_ip], "conditions": {"ready": true}}],
+           "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]})
 }
 
 /// A kubeconfig in `dir` pointing at the fake API server.
@@ -335,6 +722,7 @@ async fn lists_watches_relists_after_410_and_skips_bad_objects() {
             .contains_key(&("shop".to_string(), "bad".to_string()))
     );
     assert_eq!(o.pods.len(), 2, "a bad object never wipes the rest");
+    fake.assert_authorized();
 }
 
 /// The whole control plane in Kubernetes mode: it waits for the first complete sync
@@ -417,6 +805,7 @@ async fn control_plane_serves_what_the_api_server_holds() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert_eq!(err.message(), mesh_control::grpc::UNAUTHENTICATED);
+    fake.assert_authorized();
 }
 
 #[tokio::test]
@@ -444,7 +833,7 @@ async fn waypoint_gateways_are_deployed_and_their_address_published() {
     fake.set(
         "gateways",
         vec![
-            json!({"metadata": {"name": "waypoint", "namespace": "shop", "uid": "gw-1"},
+            json!({"metadata": {"name": "waypoint", "namespace": "shop", "uid": "gw-1", "generation": 3},
                    "spec": {"gatewayClassName": "istio-waypoint",
                             "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
             json!({"metadata": {"name": "ingress", "namespace": "shop", "uid": "gw-2"},
@@ -462,6 +851,7 @@ async fn waypoint_gateways_are_deployed_and_their_address_published() {
             trust_domain: "cluster.local".into(),
             cluster_id: "Kubernetes".into(),
             log_level: "info".into(),
+            lease: None,
         }),
         ..kube_mode(dir.path(), kubeconfig)
     })
@@ -500,6 +890,35 @@ async fn waypoint_gateways_are_deployed_and_their_address_published() {
     let body = |path: &str| &patches.iter().find(|(p, _)| p == path).unwrap().1;
     let status = body(status_path);
     assert_eq!(status["status"]["addresses"][0]["value"], "10.96.0.77");
+    // `kubectl wait --for=condition=Programmed` and Gateway API tooling read these.
+    let conditions = status["status"]["conditions"].as_array().unwrap();
+    for c in conditions {
+        assert_gateway_api_condition(c);
+    }
+    for t in ["Accepted", "Programmed"] {
+        let c = conditions.iter().find(|c| c["type"] == t);
+        let c = c.unwrap_or_else(|| panic!("no {t} condition: {status}"));
+        assert_eq!(
+            (&c["status"], &c["reason"], &c["observedGeneration"]),
+            (&json!("True"), &json!(t), &json!(3)),
+            "{c}"
+        );
+    }
+    // Server-side apply of the status subresource by our field manager.
+    let (_, query, content_type) = fake
+        .0
+        .lock()
+        .unwrap()
+        .patch_params
+        .iter()
+        .find(|(p, _, _)| p == status_path)
+        .cloned()
+        .unwrap();
+    assert_eq!(content_type, "application/apply-patch+yaml");
+    assert!(
+        query.contains("fieldManager=mesh-control") && query.contains("force=true"),
+        "{query}"
+    );
     let root = std::fs::read_to_string(dir.path().join("state/root-cert.pem")).unwrap();
     assert_eq!(
         body("/api/v1/namespaces/shop/configmaps/waypoint-mesh-ca-root")["data"]["root-cert.pem"],
@@ -510,6 +929,48 @@ async fn waypoint_gateways_are_deployed_and_their_address_published() {
     assert_eq!(
         deployment["spec"]["template"]["spec"]["serviceAccountName"],
         "waypoint"
+    );
+    fake.assert_authorized();
+}
+
+/// A condition as the Gateway API CRDs validate it (`metav1.Condition`): every required
+/// field, the status enum, the reason's pattern, an RFC 3339 time and a generation.
+fn assert_gateway_api_condition(c: &Value) {
+    let keys: std::collections::BTreeSet<&str> =
+        c.as_object().unwrap().keys().map(String::as_str).collect();
+    for required in ["type", "status", "reason", "message", "lastTransitionTime"] {
+        assert!(keys.contains(required), "{required} missing: {c}");
+    }
+    assert!(
+        keys.iter().all(|k| [
+            "type",
+            "status",
+            "reason",
+            "message",
+            "lastTransitionTime",
+            "observedGeneration"
+        ]
+        .contains(k)),
+        "unknown field: {c}"
+    );
+    assert!(["True", "False", "Unknown"].contains(&c["status"].as_str().unwrap()));
+    let reason = c["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(|ch: char| ch.is_ascii_alphabetic())
+            && reason
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "_,:".contains(ch))
+            && !reason.ends_with([',', ':'])
+            && reason.len() <= 1024,
+        "reason {reason:?}"
+    );
+    assert!(c["message"].as_str().unwrap().len() <= 32768);
+    let t = c["lastTransitionTime"].as_str().unwrap();
+    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("lastTransitionTime {t:?}: {e}"));
+    assert!(
+        c["observedGeneration"].as_i64().is_some_and(|g| g >= 0),
+        "{c}"
     );
 }
 
@@ -792,7 +1253,7 @@ async fn a_missing_policy_crd_version_makes_mesh_control_not_ready() {
 
     let body = wait_ready(ready_addr, 503, "404", "while the CRD is missing").await;
     assert!(
-        body.contains("AuthorizationPolicy: the API server does not serve security.istio.io/v1 AuthorizationPolicy (404)"),
+        body.contains("AuthorizationPolicy: the API server does not serve AuthorizationPolicy at security.istio.io/v1 or security.istio.io/v1beta1 (404)"),
         "{body}"
     );
     let (ok, out) = meshctl_status(debug_addr).await;
@@ -850,4 +1311,576 @@ async fn a_missing_policy_crd_version_makes_mesh_control_not_ready() {
     fake.expire("authorizationpolicies");
     wait_ready(ready_addr, 503, "404", "after the CRD went away").await;
     assert!(has_policy(&running), "the policy stays in force");
+}
+
+/// The Kubernetes API (`kubernetes.default.svc`, a Service without a selector) is
+/// reachable from enrolled pods: its endpoint comes from its EndpointSlice and is served
+/// as a plaintext (non-HBONE) endpoint, which the data plane's state resolves the VIP to,
+/// on the slice's port. A changed slice moves it.
+#[tokio::test]
+async fn services_without_a_selector_get_their_endpoints_from_endpoint_slices() {
+    let fake = Fake::default();
+    fake.set(
+        "namespaces",
+        vec![
+            ns("default", json!({})),
+            ns("shop", json!({"istio.io/dataplane-mode": "ambient"})),
+        ],
+    );
+    // Pods as a real cluster lists them: dual-stack `podIPs`, and a hostNetwork pod
+    // (kube-proxy) whose address is its node's.
+    let mut web = pod("shop", "web-1", "10.10.1.5");
+    web["status"]["podIPs"] = json!([{"ip": "10.10.1.5"}, {"ip": "fd00:10:10:1::5"}]);
+    let proxy = json!({"metadata": {"name": "kube-proxy-7xk2q", "namespace": "kube-system", "uid": "uid-kp",
+                                    "ownerReferences": [{"kind": "DaemonSet", "name": "kube-proxy"}]},
+                       "spec": {"nodeName": "node-1", "hostNetwork": true, "serviceAccountName": "kube-proxy"},
+                       "status": {"podIP": "172.18.0.3", "podIPs": [{"ip": "172.18.0.3"}],
+                                  "conditions": [{"type": "Ready", "status": "True"}]}});
+    fake.set("pods", vec![web, proxy]);
+    fake.set("services", vec![kubernetes_service()]);
+    fake.set(
+        "endpointslices",
+        vec![kubernetes_endpoint_slice("172.18.0.2")],
+    );
+    let (_dir, running) = kube_plane(&fake).await;
+
+    // What ztunnel would do with the served addresses, by the same state it keeps.
+    let plan = |g: &mesh_control::generation::Generation| {
+        let mut st = mesh_discovery::State::default();
+        for a in g.resources.addresses.values() {
+            st.apply_address(a).unwrap();
+        }
+        let src = st.workload("Kubernetes//Pod/shop/web-1").cloned();
+        assert!(src.as_ref().is_some_and(|w| w.hbone), "web-1 is enrolled");
+        let Some(mesh_discovery::Destination::Service(svc)) =
+            st.destination("", "10.96.0.1".parse().unwrap())
+        else {
+            panic!("the API server's VIP is not a known service");
+        };
+        st.pick_endpoint(&svc, 443, src.as_deref())
+            .map(|(w, port)| (w.addresses.clone(), port, w.hbone))
+    };
+    let served = running.shared.generation.borrow().clone();
+    {
+        let mut st = mesh_discovery::State::default();
+        for a in served.resources.addresses.values() {
+            st.apply_address(a).unwrap();
+        }
+        let web = st.workload("Kubernetes//Pod/shop/web-1").unwrap();
+        assert_eq!(web.addresses.len(), 2, "both families: {:?}", web.addresses);
+        // A node's address is not a pod's: never looked up as the hostNetwork pod.
+        assert!(
+            st.workload("Kubernetes//Pod/kube-system/kube-proxy-7xk2q")
+                .is_some()
+        );
+        assert!(st.destination("", "172.18.0.3".parse().unwrap()).is_none());
+        let node_pods = &served.resources.node_pods["node-1"];
+        assert_eq!(node_pods.len(), 1, "hostNetwork pods are never captured");
+    }
+    assert_eq!(
+        plan(&served),
+        Some((vec!["172.18.0.2".parse().unwrap()], 6443, false)),
+        "kubernetes.default.svc:443 goes in plaintext to the API server on 6443"
+    );
+    assert!(
+        served.resources.addresses.contains_key(
+            "Kubernetes/discovery.k8s.io/EndpointSlice/default/kubernetes/172.18.0.2"
+        ),
+        "Istio's uid for an EndpointSlice endpoint"
+    );
+
+    fake.push(
+        "endpointslices",
+        "MODIFIED",
+        kubernetes_endpoint_slice("172.18.0.9"),
+    );
+    let mut generation = running.shared.generation.clone();
+    let moved = tokio::time::timeout(
+        Duration::from_secs(15),
+        generation.wait_for(|g| {
+            g.resources.addresses.contains_key(
+                "Kubernetes/discovery.k8s.io/EndpointSlice/default/kubernetes/172.18.0.9",
+            )
+        }),
+    )
+    .await
+    .expect("the changed slice is served")
+    .unwrap()
+    .clone();
+    assert_eq!(
+        plan(&moved),
+        Some((vec!["172.18.0.9".parse().unwrap()], 6443, false))
+    );
+    fake.assert_authorized();
+}
+
+/// A TokenReviewer against `fake`, its client built as mesh-control builds it.
+fn reviewer(url: &str) -> mesh_control::token_review::TokenReviewer {
+    let client =
+        mesh_control::token_review::review_client(kube::Config::new(url.parse().unwrap())).unwrap();
+    mesh_control::token_review::TokenReviewer::new(
+        client,
+        vec!["istio-ca".into()],
+        vec!["mesh-system/ztunnel".into()],
+    )
+}
+
+/// Many callers presenting the same token at once (a node's reconnect storm) cause one
+/// TokenReview, and all get its verdict.
+#[tokio::test]
+async fn concurrent_identical_tokens_share_one_review() {
+    let fake = Fake::default();
+    {
+        let mut st = fake.0.lock().unwrap();
+        st.reviews
+            .insert("ztunnel-node-1-token".into(), ztunnel_review("node-1"));
+        // Long enough for every caller to start while the first review is out.
+        st.review_hold = Duration::from_millis(500);
+    }
+    let url = fake.serve().await;
+    let reviewer = reviewer(&url);
+    let objects = Objects::default();
+    // From as many addresses (pods of one node behind SNAT look alike, but not always).
+    let peer = |i: u8| Some(std::net::IpAddr::from([10, 0, 0, i]));
+    let verdicts = futures_util::future::join_all(
+        (0..16).map(|i| reviewer.authenticate("ztunnel-node-1-token", peer(i), &objects)),
+    )
+    .await;
+    for v in verdicts {
+        assert_eq!(v, Ok(mesh_control::auth::Principal::Node("node-1".into())));
+    }
+    assert_eq!(fake.0.lock().unwrap().reviewed.len(), 1, "one review");
+    // Refusals are shared the same way.
+    let verdicts = futures_util::future::join_all(
+        (0..16).map(|i| reviewer.authenticate("forged-token", peer(i), &objects)),
+    )
+    .await;
+    assert!(
+        verdicts
+            .iter()
+            .all(|v| matches!(v, Err(mesh_control::token_review::ReviewError::Refused(_))))
+    );
+    assert_eq!(fake.0.lock().unwrap().reviewed.len(), 2);
+}
+
+/// A 429 from the API server is retried after its Retry-After; throttled past the
+/// retry budget, the caller is told to retry later (gRPC UNAVAILABLE), never
+/// "unauthenticated", and the token is not remembered as refused.
+#[tokio::test]
+async fn throttled_token_reviews_are_retried_and_never_refused() {
+    use mesh_control::token_review::{ReviewError, THROTTLE_RETRIES};
+    let fake = Fake::default();
+    fake.set("pods", vec![pod("shop", "web-1", "10.10.1.5")]);
+    fake.0
+        .lock()
+        .unwrap()
+        .reviews
+        .insert("ztunnel-node-1-token".into(), ztunnel_review("node-1"));
+    let url = fake.serve().await;
+    let reviewer = reviewer(&url);
+    let objects = Objects::default();
+    let count = || fake.0.lock().unwrap().reviewed.len();
+
+    // Twice throttled with Retry-After: 1, then answered.
+    fake.0
+        .lock()
+        .unwrap()
+        .throttle
+        .insert("ztunnel-node-1-token".into(), (2, Some(1)));
+    let began = std::time::Instant::now();
+    assert_eq!(
+        reviewer
+            .authenticate("ztunnel-node-1-token", None, &objects)
+            .await,
+        Ok(mesh_control::auth::Principal::Node("node-1".into()))
+    );
+    assert!(
+        began.elapsed() >= Duration::from_secs(2),
+        "Retry-After honoured: {:?}",
+        began.elapsed()
+    );
+    assert_eq!(count(), 3);
+
+    // Throttled for good: a bounded number of attempts, then "retry later".
+    fake.0
+        .lock()
+        .unwrap()
+        .throttle
+        .insert("other-token".into(), (u32::MAX, Some(1)));
+    fake.0
+        .lock()
+        .unwrap()
+        .reviews
+        .insert("other-token".into(), ztunnel_review("node-2"));
+    let before = count();
+    let v = reviewer.authenticate("other-token", None, &objects).await;
+    assert!(matches!(v, Err(ReviewError::Unavailable(_))), "{v:?}");
+    assert_eq!(count() - before, THROTTLE_RETRIES as usize + 1);
+    // Not remembered as refused: once the API server answers, the token is good.
+    fake.0.lock().unwrap().throttle.clear();
+    assert_eq!(
+        reviewer.authenticate("other-token", None, &objects).await,
+        Ok(mesh_control::auth::Principal::Node("node-2".into()))
+    );
+
+    // Through the CA, as ztunnel sees it.
+    fake.0
+        .lock()
+        .unwrap()
+        .throttle
+        .insert("ztunnel-node-1-token".into(), (u32::MAX, None));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = write_kubeconfig(dir.path(), &url);
+    let running = mesh_control::server::start(kube_mode(dir.path(), kubeconfig))
+        .await
+        .unwrap();
+    let mut ca = ca_client(dir.path(), &running);
+    let web = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+    let csr = generate_csr(&web).unwrap();
+    let err = ca
+        .create_certificate(ca_request(&csr.csr_pem, &web, Some("ztunnel-node-1-token")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert_eq!(err.message(), mesh_control::grpc::REVIEW_UNAVAILABLE);
+    fake.0.lock().unwrap().throttle.clear();
+    ca.create_certificate(ca_request(&csr.csr_pem, &web, Some("ztunnel-node-1-token")))
+        .await
+        .expect("the same token, once the API server answers");
+    fake.assert_authorized();
+}
+
+/// mesh-control with waypoint deployment, one of several replicas (`identity` in the
+/// Lease), against the API server at `url`.
+async fn replica(url: &str, identity: &str) -> (tempfile::TempDir, mesh_control::server::Running) {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = write_kubeconfig(dir.path(), url);
+    let running = mesh_control::server::start(mesh_control::server::ServerConfig {
+        waypoints: Some(mesh_control::waypoint_deploy::WaypointDeployConfig {
+            image: "registry.example.com/mesh:1".into(),
+            xds_address: "https://mesh-control.mesh-system.svc:15012".into(),
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            log_level: "info".into(),
+            lease: Some(mesh_control::leader::LeaseConfig {
+                namespace: "mesh-system".into(),
+                name: "mesh-control-waypoints".into(),
+                identity: identity.into(),
+                duration: Duration::from_secs(2),
+                renew_every: Duration::from_millis(200),
+            }),
+        }),
+        ..kube_mode(dir.path(), kubeconfig)
+    })
+    .await
+    .unwrap();
+    (dir, running)
+}
+
+/// Waits (up to 30 s) until `f` holds of the fake's state.
+async fn until(fake: &Fake, what: &str, f: impl Fn(&FakeState) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !f(&fake.0.lock().unwrap()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two replicas: only the Lease's holder deploys waypoints; when it is cut off from the
+/// API server the other takes over, and a deleted waypoint Deployment is put back.
+#[tokio::test]
+async fn one_replica_deploys_waypoints_and_repairs_what_is_deleted() {
+    const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/shop/deployments/waypoint";
+    const STATUS: &str =
+        "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/waypoint/status";
+    let gateway = |generation: u64| {
+        json!({"metadata": {"name": "waypoint", "namespace": "shop", "uid": "gw-1", "generation": generation},
+               "spec": {"gatewayClassName": "istio-waypoint",
+                        "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
+    };
+    let fake = Fake::default();
+    fake.set("namespaces", vec![ns("shop", json!({}))]);
+    fake.set("gateways", vec![gateway(1)]);
+    let (url_a, url_b) = (fake.serve_as("a").await, fake.serve_as("b").await);
+    let applied_by = |st: &FakeState, who: &str, path: &str| {
+        st.patch_from
+            .iter()
+            .filter(|(t, p)| t == who && p == path)
+            .count()
+    };
+    let holder = |st: &FakeState| {
+        st.objects
+            .get("leases")
+            .and_then(|l| l.first())
+            .map(|l| l["spec"].clone())
+    };
+
+    let _a = replica(&url_a, "replica-a").await;
+    until(&fake, "replica a to deploy the waypoint", |st| {
+        applied_by(st, "a", DEPLOYMENT) > 0
+    })
+    .await;
+    assert_eq!(
+        holder(&fake.0.lock().unwrap()).unwrap()["holderIdentity"],
+        "replica-a"
+    );
+    let _b = replica(&url_b, "replica-b").await;
+    until(&fake, "replica b to read the Lease", |st| {
+        st.requests.iter().any(|(t, m, p)| {
+            t == "b" && m == "GET" && p.ends_with("/leases/mesh-control-waypoints")
+        })
+    })
+    .await;
+
+    // A change both replicas see: only the leader acts on it.
+    fake.push("gateways", "MODIFIED", gateway(2));
+    until(&fake, "replica a to program generation 2", |st| {
+        st.patches
+            .iter()
+            .any(|(p, b)| p == STATUS && b["status"]["conditions"][0]["observedGeneration"] == 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !fake
+            .0
+            .lock()
+            .unwrap()
+            .patch_from
+            .iter()
+            .any(|(t, _)| t == "b"),
+        "a follower wrote: {:?}",
+        fake.0.lock().unwrap().patch_from
+    );
+
+    // Replica a is cut off: b takes the Lease over once it has gone unrenewed for its
+    // duration, and deploys.
+    fake.0.lock().unwrap().dead.push("a".into());
+    until(&fake, "replica b to take over and deploy", |st| {
+        applied_by(st, "b", DEPLOYMENT) > 0
+    })
+    .await;
+    let lease = holder(&fake.0.lock().unwrap()).unwrap();
+    assert_eq!(lease["holderIdentity"], "replica-b");
+    assert_eq!(lease["leaseTransitions"], 1);
+    assert_eq!(lease["leaseDurationSeconds"], 2);
+
+    // The waypoint's Deployment is deleted: it is put back.
+    let before = applied_by(&fake.0.lock().unwrap(), "b", DEPLOYMENT);
+    let deployment = fake
+        .get("deployments", "waypoint")
+        .expect("the applied Deployment is stored");
+    fake.push("deployments", "DELETED", deployment);
+    until(&fake, "the deleted Deployment to be put back", |st| {
+        applied_by(st, "b", DEPLOYMENT) > before
+    })
+    .await;
+    fake.assert_authorized();
+}
+
+/// Older Istio CRDs serve security.istio.io at v1beta1 only: the policies are read there
+/// (same schema) and enforced, never "no policies".
+#[tokio::test]
+async fn policies_are_read_at_v1beta1_when_v1_is_not_served() {
+    let fake = Fake::default();
+    fake.set(
+        "namespaces",
+        vec![ns("shop", json!({"istio.io/dataplane-mode": "ambient"}))],
+    );
+    fake.set("pods", vec![pod("shop", "web-1", "10.10.1.5")]);
+    fake.set(
+        "authorizationpolicies",
+        vec![json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+                    "metadata": {"name": "deny-evil", "namespace": "shop"},
+                    "spec": {"action": "DENY", "rules": [{"from": [{"source": {"namespaces": ["evil"]}}]}]}})],
+    );
+    {
+        let mut st = fake.0.lock().unwrap();
+        st.missing.push("v1/authorizationpolicies".into());
+        st.missing.push("v1/peerauthentications".into());
+    }
+    let (_dir, running) = tokio::time::timeout(Duration::from_secs(30), kube_plane(&fake))
+        .await
+        .expect("served: the policies are readable at v1beta1");
+    let g = running.shared.generation.borrow().clone();
+    assert!(
+        g.resources.authorizations.contains_key("shop/deny-evil"),
+        "the v1beta1 policy is enforced: {:?}",
+        g.resources.authorizations.keys().collect::<Vec<_>>()
+    );
+    let st = fake.0.lock().unwrap();
+    let listed = |path: &str| st.requests.iter().any(|(_, m, p)| m == "GET" && p == path);
+    assert!(listed(
+        "/apis/security.istio.io/v1beta1/authorizationpolicies"
+    ));
+    assert!(listed(
+        "/apis/security.istio.io/v1beta1/peerauthentications"
+    ));
+    drop(st);
+    fake.assert_authorized();
+}
+
+/// The watch protocol as a real API server speaks it, which the source relies on: lists
+/// in pages (`limit`/`continue`), a watch that ends (its `timeoutSeconds`) resumed from
+/// the last version seen with the gap replayed (nothing lost, no re-list), BOOKMARKs
+/// keeping a quiet watch's version fresh across a compaction, and 410 Gone with a
+/// re-list when the version is too old anyway.
+#[tokio::test]
+async fn lists_page_and_watches_resume_replay_bookmark_and_relist() {
+    let fake = Fake::default();
+    fake.set(
+        "namespaces",
+        vec![ns("shop", json!({"istio.io/dataplane-mode": "ambient"}))],
+    );
+    const PODS: usize = 1205;
+    fake.set(
+        "pods",
+        (0..PODS)
+            .map(|i| {
+                pod(
+                    "shop",
+                    &format!("p-{i:04}"),
+                    &format!("10.10.{}.{}", i / 250, i % 250 + 1),
+                )
+            })
+            .collect(),
+    );
+    let url = fake.serve().await;
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(mesh_control::kube_source::run(
+        client,
+        mesh_control::readiness::Readiness::default(),
+        move |o| {
+            let _ = tx.send(o);
+        },
+    ));
+    next(&mut rx, "every page of pods", |o| o.pods.len() == PODS).await;
+    let pod_lists = || {
+        fake.0
+            .lock()
+            .unwrap()
+            .lists
+            .iter()
+            .filter(|(p, _, _)| p == "pods")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let lists = pod_lists();
+    assert!(
+        lists.len() >= 3 && lists.iter().all(|(_, l, _)| l.is_some()),
+        "paged: {lists:?}"
+    );
+    assert_eq!(
+        lists.iter().filter(|(_, _, c)| c.is_some()).count(),
+        lists.len() - 1
+    );
+    let has =
+        |o: &Objects, name: &str| o.pods.contains_key(&("shop".to_string(), name.to_string()));
+
+    // The watch ends; a pod added before the client resumes is replayed to it.
+    fake.close_watches("pods");
+    fake.push("pods", "ADDED", pod("shop", "in-the-gap", "10.20.0.1"));
+    next(&mut rx, "the pod added in the gap", |o| {
+        has(o, "in-the-gap")
+    })
+    .await;
+    assert_eq!(pod_lists().len(), lists.len(), "resumed, not re-listed");
+
+    // Compaction after a bookmark: the quiet watch resumes from the bookmark's version.
+    fake.push("services", "ADDED", json!({"metadata": {"name": "busy", "namespace": "shop"},
+                                          "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80}]}}));
+    fake.compact("pods", "v1", "Pod");
+    fake.close_watches("pods");
+    fake.push("pods", "ADDED", pod("shop", "after-bookmark", "10.20.0.2"));
+    next(&mut rx, "the pod added after the compaction", |o| {
+        has(o, "after-bookmark")
+    })
+    .await;
+    assert_eq!(
+        pod_lists().len(),
+        lists.len(),
+        "a bookmark spares the re-list"
+    );
+
+    // Compacted past the watch's version with no bookmark: 410 Gone, then a re-list
+    // that has what changed meanwhile.
+    fake.push("services", "ADDED", json!({"metadata": {"name": "busier", "namespace": "shop"},
+                                          "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}}));
+    fake.compact_silently();
+    fake.close_watches("pods");
+    fake.set("pods", vec![pod("shop", "after-410", "10.20.0.3")]);
+    let o = next(&mut rx, "the re-list after 410", |o| has(o, "after-410")).await;
+    assert_eq!(o.pods.len(), 1, "the re-list replaces what was held");
+    assert!(pod_lists().len() > lists.len());
+    fake.assert_authorized();
+}
+
+/// TokenReview answers as API servers of different ages give them for ztunnel's
+/// projected token: 1.28 binds the pod only (its node comes from the pod), 1.32 binds the
+/// node too. Both vouch for that node's pods, and only those.
+#[tokio::test]
+async fn token_reviews_of_1_28_and_1_32_api_servers_bind_the_node() {
+    let fake = Fake::default();
+    let mut ztunnel = pod("mesh-system", "ztunnel-x7k2p", "10.10.1.2");
+    ztunnel["spec"]["serviceAccountName"] = json!("ztunnel");
+    fake.set(
+        "pods",
+        vec![
+            pod("shop", "web-1", "10.10.1.5"),
+            ztunnel,
+            json!({"metadata": {"name": "db-1", "namespace": "shop", "uid": "uid-db-1"},
+                   "spec": {"nodeName": "node-2", "serviceAccountName": "db"},
+                   "status": {"podIP": "10.10.2.5", "conditions": [{"type": "Ready", "status": "True"}]}}),
+        ],
+    );
+    let user = |extra: Value| {
+        json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+            "username": "system:serviceaccount:mesh-system:ztunnel",
+            "uid": "5b0f1c9e-7a51-4c59-9a1e-0c1d2e3f4a5b",
+            "groups": ["system:serviceaccounts", "system:serviceaccounts:mesh-system", "system:authenticated"],
+            "extra": extra}})
+    };
+    {
+        let mut st = fake.0.lock().unwrap();
+        st.reviews.insert(
+            "token-1.28".into(),
+            user(
+                json!({"authentication.kubernetes.io/pod-name": ["ztunnel-x7k2p"],
+                        "authentication.kubernetes.io/pod-uid": ["uid-ztunnel-x7k2p"]}),
+            ),
+        );
+        st.reviews.insert(
+            "token-1.32".into(),
+            user(json!({"authentication.kubernetes.io/credential-id": ["JTI=4f8c2a51-0d3e-4b6f-9e21-7c5d8a9b0e12"],
+                        "authentication.kubernetes.io/node-name": ["node-1"],
+                        "authentication.kubernetes.io/node-uid": ["0e6a3c2d-1f4b-4a8e-b9c7-d5e4f3a2b1c0"],
+                        "authentication.kubernetes.io/pod-name": ["ztunnel-x7k2p"],
+                        "authentication.kubernetes.io/pod-uid": ["uid-ztunnel-x7k2p"]})),
+        );
+    }
+    let (dir, running) = kube_plane(&fake).await;
+    let mut ca = ca_client(dir.path(), &running);
+    let web = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+    let db = SpiffeId::new("cluster.local", "shop", "db").unwrap();
+    for token in ["token-1.28", "token-1.32"] {
+        let csr = generate_csr(&web).unwrap();
+        ca.create_certificate(ca_request(&csr.csr_pem, &web, Some(token)))
+            .await
+            .unwrap_or_else(|e| panic!("{token}: a pod on the token's node: {e:?}"));
+        let csr = generate_csr(&db).unwrap();
+        let err = ca
+            .create_certificate(ca_request(&csr.csr_pem, &db, Some(token)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::PermissionDenied,
+            "{token}: another node's pod"
+        );
+    }
+    fake.assert_authorized();
 }

@@ -3,6 +3,7 @@
 //! every rule is unit-tested.
 
 pub mod authz;
+pub mod endpoint_slice;
 pub mod enrollment;
 pub mod routes;
 pub mod service;
@@ -127,6 +128,16 @@ pub fn compute(objs: &Objects, cfg: &IndexConfig) -> Resources {
                 name,
                 pb::Address {
                     r#type: Some(pb::address::Type::Service(s)),
+                },
+            );
+        }
+    }
+    for es in objs.endpoint_slices.values() {
+        for w in endpoint_slice::workloads(objs, cfg, es) {
+            out.addresses.insert(
+                w.uid.clone(),
+                pb::Address {
+                    r#type: Some(pb::address::Type::Workload(w)),
                 },
             );
         }
