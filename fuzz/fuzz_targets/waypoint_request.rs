@@ -42,10 +42,7 @@ fuzz_target!(|data: &[u8]| {
             };
             (vec![r], &data[i + 1..])
         }
-        None => (
-            vec![compiled(ROUTES).expect("built-in routes")],
-            data,
-        ),
+        None => (vec![compiled(ROUTES).expect("built-in routes")], data),
     };
     let mut raw = [httparse::EMPTY_HEADER; 32];
     let mut parsed = httparse::Request::new(&mut raw);
