@@ -25,13 +25,17 @@ fn rule_args() -> Vec<&'static str> {
 
 pub fn apply(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
     ns.run(&["nft", "-f", "-"], Some(&rules::pod_ruleset(opts)))?;
-    // Replace rather than add, so re-applying is harmless.
-    let mut del = vec!["ip", "rule", "del"];
-    del.extend(rule_args());
-    let _ = ns.run(&del, None);
-    let mut add = vec!["ip", "rule", "add"];
-    add.extend(rule_args());
-    ns.run(&add, None)?;
+    // Added only when missing, never deleted and re-added: in between, the app's replies
+    // on ztunnel's spoofed connections would be routed out of the pod (and reset), as
+    // when a restarted agent re-programs a running pod.
+    if !ns
+        .run(&["ip", "rule", "show"], None)?
+        .contains("fwmark 0x111/0xfff lookup 100")
+    {
+        let mut add = vec!["ip", "rule", "add"];
+        add.extend(rule_args());
+        ns.run(&add, None)?;
+    }
     ns.run(
         &[
             "ip",
