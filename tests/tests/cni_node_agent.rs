@@ -261,6 +261,13 @@ async fn enrolled_pod_lifecycle_through_the_runtime() {
         tables(&pod_ns)
     );
     node.runtime.check(&sb).expect("CHECK");
+    // CHECK reads the rules back as the agent does: the guard deleted, CHECK fails.
+    pod_ns.exec(&["nft", "delete", "table", "inet", "ambient-guard"]);
+    let e = node.runtime.check(&sb).unwrap_err();
+    assert!(
+        format!("{} {}", e.msg, e.details).contains("table inet ambient-guard is missing"),
+        "{e:?}"
+    );
 
     // Traffic: a connection from the pod lands on 15001 with its original destination.
     let listener = pod_ns

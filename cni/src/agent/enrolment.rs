@@ -71,10 +71,7 @@ pub fn planned(script: &str) -> Vec<Chain> {
             }
         } else if in_chain && let Some(c) = out.last_mut() {
             if let Some(rest) = line.strip_prefix("type ") {
-                let words: Vec<&str> = rest
-                    .split([' ', ';'])
-                    .filter(|w| !w.is_empty())
-                    .collect();
+                let words: Vec<&str> = rest.split([' ', ';']).filter(|w| !w.is_empty()).collect();
                 let after = |k: &str| {
                     words
                         .iter()

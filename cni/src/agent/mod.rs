@@ -596,18 +596,20 @@ impl Agent {
                 netns,
             } => {
                 let k = key(&namespace, &name);
-                let enrolled = self
+                let opts = self
                     .pods
                     .lock()
                     .await
                     .get(&k)
                     .and_then(|r| r.view.as_ref())
-                    .is_some_and(|v| v.enrolled);
-                if !enrolled {
+                    .filter(|v| v.enrolled)
+                    .map(|v| self.rule_options(v));
+                let Some(opts) = opts else {
                     return AgentReply::Ok { enrolled: false };
-                }
+                };
+                // The same read-back as the agent's own: CHECK fails on any difference.
                 match Netns::open(&netns)
-                    .and_then(|n| tokio::task::block_in_place(|| redirect::verify(&n)))
+                    .and_then(|n| tokio::task::block_in_place(|| read_back(&n, &opts)))
                 {
                     Ok(()) => AgentReply::Ok { enrolled: true },
                     Err(message) => AgentReply::Error { message },
