@@ -60,7 +60,8 @@ struct AgentArgs {
     /// (the same file); it must be in a PID namespace the agent can see.
     #[arg(long)]
     zds_peer_exe: Option<PathBuf>,
-    /// Readiness: GET /readyz answers 200 once the control plane's view arrived.
+    /// Readiness: GET /readyz answers 200 once the control plane's view arrived; also
+    /// GET /metrics and GET /enrolment (`meshctl enrolment` reads it).
     #[arg(long, default_value = "127.0.0.1:8000")]
     readiness_addr: SocketAddr,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
@@ -356,7 +357,8 @@ fn run_agent(args: Vec<String>) -> i32 {
     })
 }
 
-/// `GET /readyz` (200 once the control plane's view arrived) and `GET /metrics`. One
+/// `GET /readyz` (200 once the control plane's view arrived), `GET /metrics` and
+/// `GET /enrolment` (each enrolled pod's enrolment state, JSON). One
 /// task per connection, each bounded in time.
 async fn readiness(addr: SocketAddr, agent: std::sync::Arc<Agent>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -377,6 +379,9 @@ async fn readiness(addr: SocketAddr, agent: std::sync::Arc<Agent>) {
             };
             let (code, body) = if buf[..n].starts_with(b"GET /metrics ") {
                 ("200 OK", agent.metrics().render())
+            } else if buf[..n].starts_with(b"GET /enrolment ") {
+                let report = agent.enrolment().await;
+                ("200 OK", serde_json::to_string(&report).unwrap_or_default())
             } else if agent.ready() {
                 ("200 OK", "ready\n".to_string())
             } else {

@@ -243,6 +243,41 @@ impl TestLab {
             .collect()
     }
 
+    /// `meshctl` run on node `node` (its node agent answers on 127.0.0.1:8000 there):
+    /// (exit success, stdout then stderr).
+    pub fn meshctl_on(&self, node: usize, args: &[&str]) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.lab.node_ns(node)])
+            .arg(binary("meshctl"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// A node agent's metrics (its readiness address, inside the node's namespace).
+    pub fn agent_metrics(&self, node: usize) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.lab.node_ns(node)])
+            .args([
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:8000/metrics",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// A capture of pod traffic only on the fabric's bridge (the control plane's own TLS
     /// also crosses the fabric), written as `<name>.pcap` in the lab's directory.
     pub fn capture(&self, name: &str) -> Capture {

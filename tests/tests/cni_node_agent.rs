@@ -286,6 +286,13 @@ async fn enrolled_pod_lifecycle_through_the_runtime() {
         tables(&pod_ns)
     );
     node.runtime.check(&sb).expect("CHECK");
+    // CHECK reads the rules back as the agent does: the guard deleted, CHECK fails.
+    pod_ns.exec(&["nft", "delete", "table", "inet", "ambient-guard"]);
+    let e = node.runtime.check(&sb).unwrap_err();
+    assert!(
+        format!("{} {}", e.msg, e.details).contains("table inet ambient-guard is missing"),
+        "{e:?}"
+    );
 
     // Traffic: a connection from the pod lands on 15001 with its original destination.
     let listener = pod_ns
@@ -629,4 +636,48 @@ fn add_fails_closed_when_the_agent_is_unreachable() {
     assert_eq!(err.code, Some(11), "{err}");
     assert!(err.msg.contains("not started unprotected"), "{err}");
     let _ = runtime.del(&sb);
+}
+
+/// The agent's read-back on a real namespace: what `program` leaves there is what was
+/// planned; a table deleted or a rule added from outside is a named difference.
+#[test]
+fn rules_read_back_from_a_namespace_match_the_plan_until_changed() {
+    require_tool("nft");
+    let pod_ns = Netns::new("rb");
+    let ns = mesh_cni::agent::netns::Netns::open(&pod_ns.path()).unwrap();
+    let opts = mesh_cni::rules::PodRuleOptions::default();
+    // Nothing programmed yet: nothing confirmed.
+    assert!(mesh_cni::agent::read_back(&ns, &opts).is_err());
+    mesh_cni::agent::program(&ns, &opts).unwrap();
+    mesh_cni::agent::read_back(&ns, &opts).unwrap();
+    // Another plan (DNS capture) does not match these rules.
+    let dns = mesh_cni::rules::PodRuleOptions {
+        dns_capture: true,
+        ..Default::default()
+    };
+    assert!(mesh_cni::agent::read_back(&ns, &dns).is_err());
+    // A rule inserted ahead of the redirects (a bypass) is a difference.
+    pod_ns.exec(&[
+        "nft",
+        "insert",
+        "rule",
+        "inet",
+        "ambient-nat",
+        "output",
+        "accept",
+    ]);
+    let e = mesh_cni::agent::read_back(&ns, &opts).unwrap_err();
+    assert!(e.contains("chain output in table inet ambient-nat"), "{e}");
+    // Re-programming restores the plan; deleting a table is named.
+    mesh_cni::agent::program(&ns, &opts).unwrap();
+    mesh_cni::agent::read_back(&ns, &opts).unwrap();
+    pod_ns.exec(&["nft", "delete", "table", "inet", "ambient-nat"]);
+    assert_eq!(
+        mesh_cni::agent::read_back(&ns, &opts).unwrap_err(),
+        "table inet ambient-nat is missing"
+    );
+    // The pod's own tables are not ours to compare.
+    mesh_cni::agent::program(&ns, &opts).unwrap();
+    pod_ns.exec(&["nft", "add", "table", "inet", "app-own"]);
+    mesh_cni::agent::read_back(&ns, &opts).unwrap();
 }

@@ -22,15 +22,24 @@ const HELP: [(&str, &str); 3] = [
     ),
 ];
 
+const ENROLMENT: &str = "mesh_cni_pod_enrolment";
+const ENROLMENT_HELP: &str = "Enrolled pods on this node by enrolment state: confirmed (rules read back as planned and ztunnel acked), pending, failed.";
+
 pub struct Metrics {
     counters: Mutex<BTreeMap<Key, u64>>,
+    /// `mesh_cni_pod_enrolment` by state.
+    enrolment: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let m = Metrics {
             counters: Mutex::default(),
+            enrolment: Mutex::default(),
         };
+        for s in ["pending", "confirmed", "failed"] {
+            m.set_enrolment(s, 0);
+        }
         // Present at 0 from the start, so an alert can tell "none" from "not exported".
         for r in Refusal::ALL {
             m.add(
@@ -87,6 +96,13 @@ impl Metrics {
         );
     }
 
+    pub fn set_enrolment(&self, state: &'static str, pods: u64) {
+        self.enrolment
+            .lock()
+            .expect("metrics lock")
+            .insert(state, pods);
+    }
+
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
         self.counters
             .lock()
@@ -111,6 +127,12 @@ impl Metrics {
                 out.push_str(&format!("{name}{{{}}} {v}\n", l.join(",")));
             }
         }
+        out.push_str(&format!(
+            "# HELP {ENROLMENT} {ENROLMENT_HELP}\n# TYPE {ENROLMENT} gauge\n"
+        ));
+        for (state, n) in self.enrolment.lock().expect("metrics lock").iter() {
+            out.push_str(&format!("{ENROLMENT}{{state=\"{state}\"}} {n}\n"));
+        }
         out
     }
 }
@@ -133,6 +155,12 @@ mod tests {
         assert!(text.contains("mesh_cni_netns_refused_total{reason=\"shared_netns\"} 0\n"));
         assert!(text.contains("mesh_cni_local_peer_refused_total{socket=\"agent\"} 2\n"));
         assert!(text.contains("# TYPE mesh_cni_local_request_refused_total counter\n"));
+        assert!(text.contains("mesh_cni_pod_enrolment{state=\"failed\"} 0\n"));
+        m.set_enrolment("failed", 2);
+        assert!(
+            m.render()
+                .contains("# TYPE mesh_cni_pod_enrolment gauge\nmesh_cni_pod_enrolment{state=\"confirmed\"} 0\nmesh_cni_pod_enrolment{state=\"failed\"} 2\n")
+        );
         assert_eq!(
             m.get("mesh_cni_local_peer_refused_total", &[("socket", "agent")]),
             2

@@ -7,6 +7,8 @@
 //! ztunnel.
 
 pub mod cgroup;
+pub mod enrolment;
+pub mod guard;
 pub mod local;
 pub mod metrics;
 pub mod netns;
@@ -70,9 +72,33 @@ struct PodRecord {
     /// The last refusal reported for this pod's namespace (reported once, not on every
     /// resync).
     refused: Option<Refusal>,
+    /// The last attempt to program the rules failed.
+    apply_error: Option<String>,
+    /// The last read-back of the programmed rules against the plan.
+    read_back: Option<Result<(), String>>,
 }
 
 impl PodRecord {
+    fn enrolled(&self) -> bool {
+        self.view.as_ref().is_some_and(|v| v.enrolled)
+    }
+
+    /// Rules are programmed for the namespace the pod has now.
+    fn programmed_here(&self) -> bool {
+        self.programmed.is_some() && self.programmed == self.netns.as_ref().map(|n| n.inode)
+    }
+
+    fn enrolment(&self) -> (enrolment::State, Option<String>) {
+        enrolment::state(&enrolment::Facts {
+            netns_known: self.netns.is_some(),
+            refused: self.refused.map(|r| r.label().to_string()),
+            apply_error: self.apply_error.clone(),
+            programmed: self.programmed_here(),
+            read_back: self.read_back.clone(),
+            acked: self.acked,
+        })
+    }
+
     fn ips(&self) -> Vec<String> {
         let mut ips = self.plugin_ips.clone();
         for ip in self.view.iter().flat_map(|v| &v.ips) {
@@ -224,6 +250,7 @@ impl Agent {
         // Only now is the snapshot for ztunnel complete.
         self.view_synced.send_replace(true);
         pods.retain(|_, r| r.view.is_some() || r.netns.is_some() || r.programmed.is_some());
+        self.record_enrolment(&pods);
         self.write_cache(&pods);
         drop(pods);
         self.sync_probe_set().await;
@@ -304,21 +331,59 @@ impl Agent {
             }
             _ => {}
         }
+        // Read the rules back from the namespace on every pass: they are confirmed only
+        // while what is there is what was planned.
+        if want && rec.programmed_here() {
+            let (Some(v), Some(ns)) = (&rec.view, &rec.netns) else {
+                return;
+            };
+            let now = read_back(ns, &self.rule_options(v));
+            if let Err(e) = &now
+                && rec.read_back.as_ref().is_none_or(|r| r.is_ok())
+            {
+                tracing::error!(pod = name, netns = %ns.path, "the pod's redirection differs from the plan: {e}; the pod is flagged failed and its guard refuses new connections that would leave it in plaintext");
+            }
+            rec.read_back = Some(now);
+        }
+    }
+
+    fn rule_options(&self, v: &NodePod) -> PodRuleOptions {
+        PodRuleOptions {
+            dns_capture: v.dns_capture.unwrap_or(self.cfg.dns_capture),
+            bypass_inbound: v.bypass_inbound_capture,
+            reroute_interfaces: vec![],
+        }
+    }
+
+    /// Each enrolled pod's enrolment state, for the agent's `/enrolment` endpoint.
+    pub async fn enrolment(&self) -> EnrolmentReport {
+        let pods = self.pods.lock().await;
+        EnrolmentReport {
+            node: self.cfg.node_name.clone(),
+            pods: enrolment_of(&pods),
+        }
+    }
+
+    fn record_enrolment(&self, pods: &BTreeMap<String, PodRecord>) {
+        let list = enrolment_of(pods);
+        let count = |s: enrolment::State| list.iter().filter(|p| p.state == s).count() as u64;
+        for s in enrolment::State::ALL {
+            self.metrics.set_enrolment(s.label(), count(s));
+        }
     }
 
     fn enroll(&self, name: &str, rec: &mut PodRecord) {
         let (Some(v), Some(ns)) = (&rec.view, &rec.netns) else {
             return;
         };
-        let opts = PodRuleOptions {
-            dns_capture: v.dns_capture.unwrap_or(self.cfg.dns_capture),
-            bypass_inbound: v.bypass_inbound_capture,
-            reroute_interfaces: vec![],
-        };
-        if let Err(e) = redirect::apply(ns, &opts) {
+        let opts = self.rule_options(v);
+        if let Err(e) = program(ns, &opts) {
             tracing::error!(pod = name, error = %e, "cannot program the pod's redirection");
+            rec.apply_error = Some(e);
             return;
         }
+        rec.apply_error = None;
+        rec.read_back = None;
         rec.programmed = Some(ns.inode);
         match self.zds.add(&entry(v, Some(ns))) {
             Ok(()) => {
@@ -338,6 +403,12 @@ impl Agent {
         {
             tracing::warn!(pod = name, error = %e, "cannot remove the pod's redirection");
         }
+        // The guard last, once nothing redirects any more.
+        if let Some(ns) = &rec.netns
+            && let Err(e) = ns.run(&["nft", "-f", "-"], Some(&guard::removal()))
+        {
+            tracing::warn!(pod = name, error = %e, "cannot remove the pod's guard");
+        }
         let uid = rec
             .view
             .as_ref()
@@ -346,6 +417,8 @@ impl Agent {
         self.zds.del(&uid);
         rec.programmed = None;
         rec.acked = false;
+        rec.read_back = None;
+        rec.apply_error = None;
         tracing::info!(pod = name, "pod removed from the mesh");
     }
 
@@ -466,17 +539,27 @@ impl Agent {
                             tokio::task::block_in_place(|| {
                                 self.reconcile(&mut pods, &k, &mut None)
                             });
-                            let programmed = pods.get(&k).and_then(|r| r.programmed);
+                            let rec = pods.get(&k);
+                            let programmed = rec.and_then(|r| r.programmed);
+                            // The pod starts only once its rules were read back as planned.
+                            let read_back = rec.and_then(|r| r.read_back.clone());
+                            self.record_enrolment(&pods);
                             drop(pods);
                             self.sync_probe_set().await;
-                            return if programmed == Some(ns.inode) {
-                                AgentReply::Ok { enrolled: true }
-                            } else {
-                                AgentReply::Error {
+                            return match read_back {
+                                Some(Ok(())) if programmed == Some(ns.inode) => {
+                                    AgentReply::Ok { enrolled: true }
+                                }
+                                Some(Err(e)) => AgentReply::Error {
+                                    message: format!(
+                                        "the redirection of {k} could not be confirmed: {e}"
+                                    ),
+                                },
+                                _ => AgentReply::Error {
                                     message: format!(
                                         "could not program the redirection of {k}; see the node agent's log"
                                     ),
-                                }
+                                },
                             };
                         }
                     }
@@ -502,6 +585,7 @@ impl Agent {
                     }
                     rec.netns = None;
                 }
+                self.record_enrolment(&pods);
                 drop(pods);
                 self.sync_probe_set().await;
                 AgentReply::Ok { enrolled: false }
@@ -512,18 +596,20 @@ impl Agent {
                 netns,
             } => {
                 let k = key(&namespace, &name);
-                let enrolled = self
+                let opts = self
                     .pods
                     .lock()
                     .await
                     .get(&k)
                     .and_then(|r| r.view.as_ref())
-                    .is_some_and(|v| v.enrolled);
-                if !enrolled {
+                    .filter(|v| v.enrolled)
+                    .map(|v| self.rule_options(v));
+                let Some(opts) = opts else {
                     return AgentReply::Ok { enrolled: false };
-                }
+                };
+                // The same read-back as the agent's own: CHECK fails on any difference.
                 match Netns::open(&netns)
-                    .and_then(|n| tokio::task::block_in_place(|| redirect::verify(&n)))
+                    .and_then(|n| tokio::task::block_in_place(|| read_back(&n, &opts)))
                 {
                     Ok(()) => AgentReply::Ok { enrolled: true },
                     Err(message) => AgentReply::Error { message },
@@ -545,6 +631,7 @@ impl Agent {
                     self.reconcile(&mut pods, &n, &mut scan);
                 }
             });
+            self.record_enrolment(&pods);
             self.write_cache(&pods);
             drop(pods);
             self.sync_probe_set().await;
@@ -664,6 +751,65 @@ impl Agent {
             tracing::warn!(error = %e, "cannot update the probe SNAT set");
         }
     }
+}
+
+/// The agent's `/enrolment` answer.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EnrolmentReport {
+    pub node: String,
+    pub pods: Vec<PodEnrolment>,
+}
+
+/// One enrolled pod's enrolment, as the agent's `/enrolment` endpoint reports it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PodEnrolment {
+    /// namespace/name
+    pub pod: String,
+    pub uid: String,
+    pub state: enrolment::State,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+fn enrolment_of(pods: &BTreeMap<String, PodRecord>) -> Vec<PodEnrolment> {
+    pods.iter()
+        .filter(|(_, r)| r.enrolled())
+        .map(|(k, r)| {
+            let (state, reason) = r.enrolment();
+            PodEnrolment {
+                pod: k.clone(),
+                uid: r.view.as_ref().map(|v| v.uid.clone()).unwrap_or_default(),
+                state,
+                reason,
+            }
+        })
+        .collect()
+}
+
+/// Programs a pod's namespace: the guard first (from then on the pod cannot open a
+/// connection that leaves it in plaintext, whatever happens to the capture rules), then
+/// the redirection.
+pub fn program(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
+    ns.run(&["nft", "-f", "-"], Some(&guard::table()))?;
+    redirect::apply(ns, opts)
+}
+
+/// Reads the pod's rules back (`nft -j list ruleset` and `ip rule`, in its namespace)
+/// and compares them with the plan for `opts`.
+pub fn read_back(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
+    let plan = enrolment::planned(&format!(
+        "{}{}",
+        guard::table(),
+        crate::rules::pod_ruleset(opts)
+    ));
+    let mut tables = crate::rules::TABLES.to_vec();
+    tables.push(guard::TABLE);
+    let found = enrolment::read_back(&ns.run(&["nft", "-j", "list", "ruleset"], None)?, &tables)?;
+    enrolment::compare(&plan, &found)?;
+    if !enrolment::policy_route_present(&ns.run(&["ip", "rule", "show"], None)?) {
+        return Err("the fwmark 0x111 policy rule (lookup 100) is missing".into());
+    }
+    Ok(())
 }
 
 fn uid_of(v: &NodePod) -> String {

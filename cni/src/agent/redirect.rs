@@ -87,9 +87,13 @@ pub fn has_global_v6(out: &str) -> bool {
 pub fn apply(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
     ns.run(&["nft", "-f", "-"], Some(&rules::pod_ruleset(opts)))?;
     for family in families(ns) {
-        // Replace rather than add, so re-applying is harmless.
-        let _ = ns.run(&rule_command(family, "del"), None);
-        ns.run(&rule_command(family, "add"), None)?;
+        // Added only when missing, never deleted and re-added: in between, the app's
+        // replies on ztunnel's spoofed connections would be routed out of the pod (and
+        // reset), as when a restarted agent re-programs a running pod.
+        let rules = ns.run(&["ip", family.flag(), "rule", "show"], None)?;
+        if !rules.contains("fwmark 0x111/0xfff lookup 100") {
+            ns.run(&rule_command(family, "add"), None)?;
+        }
         ns.run(&local_route_command(family), None)?;
     }
     Ok(())

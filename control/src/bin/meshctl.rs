@@ -1,6 +1,9 @@
 //! meshctl: the user CLI. Reads the control plane's debug API (local by default) and
 //! generates manifests.
 
+#[path = "meshctl/enrolment.rs"]
+mod enrolment;
+
 use clap::{Parser, Subcommand};
 use mesh_control::observe;
 use std::collections::BTreeMap;
@@ -89,6 +92,14 @@ enum Cmd {
         listen: SocketAddr,
         #[arg(long, default_value = "1m")]
         window: String,
+    },
+    /// Whether each enrolled pod's capture is confirmed (its rules read back from its
+    /// network namespace as planned, and ztunnel acked it), from each node agent.
+    /// Pending and failed pods are flagged with the reason; exits 1 if there are any.
+    Enrolment {
+        /// A node agent's --readiness-addr (repeat for each node).
+        #[arg(long = "agent", default_value = "127.0.0.1:8000")]
+        agents: Vec<String>,
     },
 }
 
@@ -416,6 +427,24 @@ fn run(cli: Cli) -> Result<(), String> {
                 &format!("/debug/config_dump?node={}", encode(&node)),
             )?;
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        Cmd::Enrolment { agents } => {
+            let mut problems = Vec::new();
+            for a in &agents {
+                match enrolment::fetch(a) {
+                    Ok(v) => {
+                        let (text, ok) = enrolment::render(&v);
+                        print!("{text}");
+                        if !ok {
+                            problems.push(format!("pods not confirmed on the agent at {a}"));
+                        }
+                    }
+                    Err(e) => problems.push(e),
+                }
+            }
+            if !problems.is_empty() {
+                return Err(problems.join("\n"));
+            }
         }
         Cmd::Waypoint {
             cmd:

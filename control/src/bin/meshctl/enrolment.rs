@@ -1,0 +1,101 @@
+//! `meshctl enrolment`: each pod's capture, as the node agents see it. meshctl reads
+//! each node agent's local endpoint (`GET /enrolment` on its --readiness-addr), as
+//! `istioctl ztunnel-config` reads each ztunnel: only the agent can read a pod's rules
+//! back from its network namespace, and the control plane stays a one-way publisher.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+/// One agent's `/enrolment` answer (JSON).
+pub fn fetch(agent: &str) -> Result<serde_json::Value, String> {
+    let unreachable = |e: String| {
+        format!(
+            "cannot reach the node agent at {agent}: {e}\n(is mesh-cni agent running on that node? give its --readiness-addr with --agent)"
+        )
+    };
+    let addr: SocketAddr = agent
+        .to_socket_addrs()
+        .map_err(|e| unreachable(e.to_string()))?
+        .next()
+        .ok_or_else(|| unreachable("no address".into()))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|e| unreachable(e.to_string()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "GET /enrolment HTTP/1.0\r\nHost: {agent}\r\n\r\n")
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or("malformed response from the node agent")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!(
+            "the node agent at {agent} answered `{}`: is it an older agent without /enrolment?",
+            head.lines().next().unwrap_or_default()
+        ));
+    }
+    serde_json::from_str(body).map_err(|e| format!("malformed JSON from the node agent: {e}"))
+}
+
+/// The report for one agent's answer, and whether every pod is confirmed.
+pub fn render(v: &serde_json::Value) -> (String, bool) {
+    let mut out = format!("NODE {}\n", v["node"].as_str().unwrap_or("(unnamed node)"));
+    let pods = v["pods"].as_array().cloned().unwrap_or_default();
+    if pods.is_empty() {
+        out.push_str("  (no enrolled pods)\n");
+    }
+    let mut all_confirmed = true;
+    for p in &pods {
+        let state = p["state"].as_str().unwrap_or("unknown");
+        let pod = p["pod"].as_str().unwrap_or_default();
+        if state == "confirmed" {
+            out.push_str(&format!("  {pod:<40} confirmed\n"));
+        } else {
+            all_confirmed = false;
+            out.push_str(&format!(
+                "  {pod:<40} {}: {}\n",
+                state.to_uppercase(),
+                p["reason"].as_str().unwrap_or("(no reason given)")
+            ));
+        }
+    }
+    (out, all_confirmed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_every_pod_not_confirmed_with_its_reason() {
+        let v = serde_json::json!({"node": "node-1", "pods": [
+            {"pod": "front/client", "uid": "u1", "state": "confirmed"},
+            {"pod": "back/api", "uid": "u2", "state": "failed",
+             "reason": "the redirection read back from the pod differs from the plan: table inet ambient-nat is missing"},
+            {"pod": "back/db", "uid": "u3", "state": "pending", "reason": "ztunnel has not acknowledged the pod"},
+        ]});
+        let (text, ok) = render(&v);
+        assert!(!ok);
+        assert!(text.starts_with("NODE node-1\n"), "{text}");
+        let line = |pod: &str| text.lines().find(|l| l.contains(pod)).unwrap().to_string();
+        assert!(line("front/client").ends_with("confirmed"));
+        assert!(line("back/api").contains("FAILED: the redirection read back"));
+        assert!(line("back/db").contains("PENDING: ztunnel has not acknowledged"));
+        let (text, ok) = render(&serde_json::json!({"node": "n", "pods": [
+            {"pod": "a/b", "state": "confirmed"}]}));
+        assert!(ok, "{text}");
+        assert!(
+            render(&serde_json::json!({"node": "n", "pods": []}))
+                .0
+                .contains("no enrolled pods")
+        );
+    }
+
+    #[test]
+    fn an_unreachable_agent_is_explained() {
+        let e = fetch("127.0.0.1:1").unwrap_err();
+        assert!(e.contains("cannot reach the node agent"), "{e}");
+    }
+}

@@ -1,0 +1,125 @@
+//! Enrolment you can check, on a real lab cluster: every pod of an enrolled namespace is
+//! confirmed (its rules read back from its network namespace as planned, ztunnel's ack);
+//! a pod whose rules are changed from outside is flagged failed, with the reason, in
+//! `meshctl enrolment` and the agent's metric, and never sends plaintext off the node.
+
+use mesh_e2e::cluster::{contains, wait_until};
+use mesh_e2e::manifests::{
+    BACK_AMBIENT, BACK_API_POD_WITH_TCP_ECHO, FRONT_AMBIENT, FRONT_CLIENT, join,
+};
+use mesh_e2e::testlab::TestLab;
+
+const SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: back}
+spec:
+  selector: {app: api}
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: http}]
+";
+
+/// A second enrolled pod on node-1, left alone.
+const FRONT_OTHER: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: front, labels: {app: other}}
+spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: other}]}
+";
+
+fn confirmed_line(report: &str, pod: &str) -> bool {
+    report
+        .lines()
+        .any(|l| l.contains(pod) && l.trim_end().ends_with("confirmed"))
+}
+
+#[test]
+fn every_pod_confirmed_then_a_broken_pod_is_flagged_and_fails_closed() {
+    let mut t = TestLab::up_named("enr", 2, &["curl", "tcpdump", "nft"]);
+    t.apply(&join(&[
+        FRONT_AMBIENT,
+        BACK_AMBIENT,
+        BACK_API_POD_WITH_TCP_ECHO,
+        SERVICE,
+        FRONT_CLIENT,
+        FRONT_OTHER,
+    ]));
+
+    // Every pod of the enrolled namespaces: confirmed, on each node, and meshctl says so
+    // (exit 0); the metric agrees.
+    t.eventually("every pod confirmed on node-1", || {
+        let (ok, out) = t.meshctl_on(1, &["enrolment"]);
+        ok && confirmed_line(&out, "front/client") && confirmed_line(&out, "front/other")
+    });
+    t.eventually("every pod confirmed on node-2", || {
+        let (ok, out) = t.meshctl_on(2, &["enrolment"]);
+        ok && confirmed_line(&out, "back/api")
+    });
+    assert!(
+        t.agent_metrics(1)
+            .contains("mesh_cni_pod_enrolment{state=\"confirmed\"} 2\n"),
+        "{}",
+        t.agent_metrics(1)
+    );
+    wait_until("mTLS through the mesh", || {
+        t.curl("front/client", "http://10.96.0.20/").is_ok()
+    });
+
+    // Break front/client's capture from outside: its NAT table deleted in its netns.
+    let ns = t.lab.state.pods["front/client"].netns.clone();
+    let del = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            "ambient-nat",
+        ])
+        .status()
+        .unwrap();
+    assert!(del.success());
+
+    // At once, before the agent has looked: nothing in plaintext leaves the pod.
+    let cap = t.capture("broken");
+    let sent = t.curl("front/client", "http://10.96.0.20/leak-marker-1");
+    let (bytes, _) = cap.finish();
+    assert!(
+        !contains(&bytes, "leak-marker-1"),
+        "a pod whose capture is broken sent plaintext off the node (curl: {sent:?})"
+    );
+    assert!(sent.is_err(), "the guard refuses the connection: {sent:?}");
+
+    // The agent's periodic read-back notices: flagged failed, with the reason, the
+    // others still confirmed; meshctl exits 1; the metric counts it.
+    t.eventually("front/client flagged failed", || {
+        let (ok, out) = t.meshctl_on(1, &["enrolment"]);
+        !ok && out.lines().any(|l| {
+            l.contains("front/client")
+                && l.contains("FAILED")
+                && l.contains("table inet ambient-nat is missing")
+        }) && confirmed_line(&out, "front/other")
+    });
+    let m = t.agent_metrics(1);
+    assert!(
+        m.contains("mesh_cni_pod_enrolment{state=\"failed\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("mesh_cni_pod_enrolment{state=\"confirmed\"} 1\n"),
+        "{m}"
+    );
+    t.wait_log("agent-1", "the pod's redirection differs from the plan");
+
+    // Still failed closed while flagged.
+    let cap = t.capture("flagged");
+    let sent = t.curl("front/client", "http://10.96.0.20/leak-marker-2");
+    let (bytes, _) = cap.finish();
+    assert!(sent.is_err() && !contains(&bytes, "leak-marker-2"));
+    // The untouched pod on the same node still goes through the mesh.
+    assert!(
+        t.curl("front/other", "http://10.96.0.20/").is_ok(),
+        "{}",
+        t.all_logs()
+    );
+}
