@@ -207,6 +207,7 @@ impl Metrics {
             .set(1);
         istio.register("build", "This ztunnel's build", build);
         let zt = root.sub_registry_with_prefix("ztunnel");
+        m.dns.register_own(zt);
         zt.register(
             "listener_connections_refused",
             "Connections closed because their listener was at --max-connections-per-listener",

@@ -33,7 +33,7 @@ impl Transport {
 #[derive(Debug)]
 pub struct Request {
     msg: Message,
-    /// The query as the pod sent it (forwarded unchanged: its ID, flags and EDNS).
+    /// The query as the pod sent it (forwarded with its flags and EDNS, under our own ID).
     raw: Vec<u8>,
     transport: Transport,
 }
@@ -75,9 +75,28 @@ impl Request {
         &self.msg.queries[0]
     }
 
-    /// The query's bytes, as received.
-    pub fn wire(&self) -> &[u8] {
-        &self.raw
+    /// The query to send upstream: the pod's bytes under `id`, a fresh random ID of ours
+    /// (the pod's own may be predictable, and it is the only secret an off-path spoofer
+    /// has to guess besides the port; RFC 5452 §9.2).
+    pub fn upstream_query(&self, id: u16) -> Vec<u8> {
+        let mut q = self.raw.clone();
+        q[..2].copy_from_slice(&id.to_be_bytes());
+        q
+    }
+
+    /// Whether `bytes` is the reply to [`Request::upstream_query`]`(id)`: a response with
+    /// that ID and the same question (the name compared without case, RFC 4343).
+    pub fn is_reply(&self, id: u16, bytes: &[u8]) -> bool {
+        if response_id(bytes) != Some(id) {
+            return false;
+        }
+        let Ok(m) = Message::from_vec(bytes) else {
+            return false;
+        };
+        m.queries.len() == 1
+            && m.queries[0].query_type() == self.query().query_type()
+            && m.queries[0].query_class() == self.query().query_class()
+            && m.queries[0].name().to_lowercase() == self.query().name().to_lowercase()
     }
 
     pub fn transport(&self) -> Transport {
@@ -190,24 +209,29 @@ impl Request {
         encode(&m, self.max_reply())
     }
 
-    /// The upstream's reply to this query, checked to be one (same ID, a response, the
-    /// same question) and cut to what the client takes. `Err` when it is no reply to us.
-    pub fn relay(&self, upstream: &[u8]) -> Result<Vec<u8>, String> {
-        let m =
-            Message::from_vec(upstream).map_err(|e| format!("unreadable upstream reply: {e}"))?;
-        if m.metadata.message_type != MessageType::Response
-            || m.metadata.id != self.msg.metadata.id
-            || m.queries.len() != 1
-            || m.queries[0].query_type() != self.query().query_type()
-            || m.queries[0].name().to_lowercase() != self.query().name().to_lowercase()
-        {
+    /// The upstream's reply to [`Request::upstream_query`]`(id)`, checked to be one
+    /// ([`Request::is_reply`]), under the pod's ID again and cut to what the client takes.
+    /// `Err` when it is no reply to us.
+    pub fn relay(&self, id: u16, upstream: &[u8]) -> Result<Vec<u8>, String> {
+        if !self.is_reply(id, upstream) {
             return Err("the upstream's reply does not match the query".into());
         }
+        let pod_id = self.msg.metadata.id;
         if upstream.len() <= self.max_reply() {
-            return Ok(upstream.to_vec());
+            let mut reply = upstream.to_vec();
+            reply[..2].copy_from_slice(&pod_id.to_be_bytes());
+            return Ok(reply);
         }
+        let mut m =
+            Message::from_vec(upstream).map_err(|e| format!("unreadable upstream reply: {e}"))?;
+        m.metadata.id = pod_id;
         encode(&m, self.max_reply())
     }
+}
+
+/// The ID of a response (QR set) from its header, even if the rest is cut short.
+pub fn response_id(bytes: &[u8]) -> Option<u16> {
+    (bytes.len() >= 12 && bytes[2] & 0x80 != 0).then(|| u16::from_be_bytes([bytes[0], bytes[1]]))
 }
 
 /// `m` encoded; when longer than `max`, the truncated form (TC set, header, question and
@@ -325,18 +349,38 @@ mod tests {
     }
 
     #[test]
-    fn relay_checks_the_reply_and_truncates_for_the_client() {
+    fn upstream_query_is_the_pods_under_our_id() {
+        let pod = query("www.example.net.", RecordType::A, Some(1232));
+        let req = Request::parse(&pod, Transport::Udp).unwrap();
+        let up = req.upstream_query(0xbeef);
+        assert_eq!(read(&up).metadata.id, 0xbeef);
+        assert_eq!(
+            up[2..],
+            pod[2..],
+            "flags, question and EDNS as the pod sent them"
+        );
+    }
+
+    #[test]
+    fn relay_checks_the_reply_restores_the_pods_id_and_truncates_for_the_client() {
         let req = Request::parse(
             &query("www.example.net.", RecordType::A, None),
             Transport::Udp,
         )
         .unwrap();
-        let mut up = read(&query("www.example.net.", RecordType::A, None));
+        let ours = 0x5eed;
+        let mut up = read(&req.upstream_query(ours));
         up.metadata.message_type = MessageType::Response;
         up.metadata.response_code = ResponseCode::NXDomain;
-        let nx = req.relay(&up.to_vec().unwrap()).unwrap();
-        assert_eq!(read(&nx).metadata.response_code, ResponseCode::NXDomain);
-        // Many records: cut for a 512-byte client.
+        let nx = read(&req.relay(ours, &up.to_vec().unwrap()).unwrap());
+        assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(nx.metadata.id, 4242, "the pod's ID, not ours");
+        // The name's case may differ (0x20 encoding by resolvers).
+        let mut upper = up.clone();
+        upper.queries[0] =
+            Query::query(Name::from_ascii("WWW.Example.NET.").unwrap(), RecordType::A);
+        assert!(req.relay(ours, &upper.to_vec().unwrap()).is_ok());
+        // Many records: cut for a 512-byte client, still under the pod's ID.
         up.metadata.response_code = ResponseCode::NoError;
         for ip in v4s(40) {
             let IpAddr::V4(v4) = ip else { unreachable!() };
@@ -346,16 +390,39 @@ mod tests {
                 RData::A(A(v4)),
             ));
         }
-        let cut = read(&req.relay(&up.to_vec().unwrap()).unwrap());
+        let cut = read(&req.relay(ours, &up.to_vec().unwrap()).unwrap());
         assert!(cut.metadata.truncation && cut.answers.is_empty());
-        // Not a reply to this query.
-        let mut other = up.clone();
-        other.metadata.id = 1;
-        assert!(req.relay(&other.to_vec().unwrap()).is_err());
+        assert_eq!(cut.metadata.id, 4242);
+        // Not a reply to this query: the pod's own ID, another ID, another question or
+        // type, a query, garbage.
+        assert!(req.is_reply(ours, &up.to_vec().unwrap()));
+        for other_id in [4242, 1] {
+            let mut other = up.clone();
+            other.metadata.id = other_id;
+            assert!(req.relay(ours, &other.to_vec().unwrap()).is_err());
+        }
         let mut other = up.clone();
         other.queries[0] = Query::query(Name::from_ascii("evil.example.").unwrap(), RecordType::A);
-        assert!(req.relay(&other.to_vec().unwrap()).is_err());
-        assert!(req.relay(b"garbage").is_err());
+        assert!(req.relay(ours, &other.to_vec().unwrap()).is_err());
+        let mut other = up.clone();
+        other.queries[0] = Query::query(
+            Name::from_ascii("www.example.net.").unwrap(),
+            RecordType::AAAA,
+        );
+        assert!(req.relay(ours, &other.to_vec().unwrap()).is_err());
+        assert!(req.relay(ours, &req.upstream_query(ours)).is_err());
+        assert!(req.relay(ours, b"garbage").is_err());
+    }
+
+    #[test]
+    fn response_id_reads_a_header_cut_short() {
+        let mut r = read(&query("x.", RecordType::A, None));
+        r.metadata.id = 7;
+        assert_eq!(response_id(&r.to_vec().unwrap()), None, "a query");
+        r.metadata.message_type = MessageType::Response;
+        let bytes = r.to_vec().unwrap();
+        assert_eq!(response_id(&bytes[..12]), Some(7));
+        assert_eq!(response_id(&bytes[..11]), None);
     }
 
     #[test]

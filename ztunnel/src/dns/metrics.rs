@@ -1,6 +1,8 @@
 //! The DNS proxy's metrics, named and labelled as Istio's ztunnel: requests, upstream
 //! requests and failures, upstream duration. Label values come from a closed set of query
-//! types and from xDS (the asking pod's canonical service and revision).
+//! types and from xDS (the asking pod's canonical service and revision). One of ours beside
+//! them: datagrams from the upstream that were not the awaited reply (spoofing attempts,
+//! late replies).
 
 use crate::state::Workload;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -40,6 +42,8 @@ pub struct DnsMetrics {
     pub upstream_requests: Family<DnsLabels, Counter>,
     pub upstream_failures: Family<DnsLabels, Counter>,
     pub upstream_duration: DurationFamily,
+    /// Not in Istio: registered under `ztunnel_` by [`DnsMetrics::register_own`].
+    pub upstream_strays: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -55,6 +59,7 @@ impl DnsMetrics {
             upstream_requests: Family::default(),
             upstream_failures: Family::default(),
             upstream_duration: Family::new_with_constructor(duration_histogram),
+            upstream_strays: Counter::default(),
         };
         istio.register(
             "dns_requests",
@@ -78,5 +83,14 @@ impl DnsMetrics {
             m.upstream_duration.clone(),
         );
         m
+    }
+
+    /// Registers ours in `ztunnel` (the `ztunnel_` prefix).
+    pub fn register_own(&self, ztunnel: &mut Registry) {
+        ztunnel.register(
+            "dns_upstream_ignored_datagrams",
+            "Datagrams from the upstream resolvers that were not the awaited reply (another ID or question), ignored",
+            self.upstream_strays.clone(),
+        );
     }
 }

@@ -290,20 +290,22 @@ impl PodDns {
             Decision::Forward => {
                 metrics.upstream_requests.get_or_create(&labels).inc();
                 let started = Instant::now();
+                let id: u16 = rand::random();
                 let result = tokio::time::timeout_at(
                     deadline,
                     forward(
                         &self.netns,
                         &self.settings.upstreams,
-                        req.wire(),
-                        req.transport() == Transport::Tcp,
+                        req,
+                        id,
                         self.settings.upstream_try,
+                        &metrics.upstream_strays,
                     ),
                 )
                 .await
                 .map_err(|_| "no upstream answered before the query's deadline".to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()))
-                .and_then(|reply| req.relay(&reply));
+                .and_then(|reply| req.relay(id, &reply));
                 metrics
                     .upstream_duration
                     .get_or_create(&labels)
@@ -496,6 +498,103 @@ mod tests {
         ] {
             assert!(text.contains(&line), "{line} in\n{text}");
         }
+        drain.stop_accepting().cancel();
+    }
+
+    /// An upstream that answers `www.example.net.` with 203.0.113.7, each time after three
+    /// datagrams that are not the reply: one from another address with the right ID, then
+    /// from its own address one with another ID and one with another question. Returns
+    /// its address and the IDs it was asked under.
+    async fn upstream_behind_spoofers() -> (SocketAddr, Arc<std::sync::Mutex<Vec<u16>>>) {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let spoofer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = s.local_addr().unwrap();
+        let ids = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = ids.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, peer)) = s.recv_from(&mut buf).await {
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let id = q.metadata.id;
+                seen.lock().unwrap().push(id);
+                let answer = |id: u16, name: &str, ip: [u8; 4]| {
+                    let mut r = q.clone();
+                    r.metadata.id = id;
+                    r.metadata.message_type = hickory_proto::op::MessageType::Response;
+                    let name = Name::from_ascii(name).unwrap();
+                    r.queries[0] = Query::query(name.clone(), RecordType::A);
+                    r.add_answer(hickory_proto::rr::Record::from_rdata(
+                        name,
+                        60,
+                        RData::A(hickory_proto::rr::rdata::A(ip.into())),
+                    ));
+                    r.to_vec().unwrap()
+                };
+                let evil = [192, 0, 2, 66];
+                let www = "www.example.net.";
+                spoofer.send_to(&answer(id, www, evil), peer).await.unwrap();
+                let wrong_id = answer(id.wrapping_add(1), www, evil);
+                s.send_to(&wrong_id, peer).await.unwrap();
+                let wrong_question = answer(id, "evil.example.", evil);
+                s.send_to(&wrong_question, peer).await.unwrap();
+                s.send_to(&answer(id, www, [203, 0, 113, 7]), peer)
+                    .await
+                    .unwrap();
+            }
+        });
+        (addr, ids)
+    }
+
+    #[tokio::test]
+    async fn forwarded_queries_go_out_under_our_id_and_outlast_spoofed_datagrams() {
+        let (upstream, upstream_ids) = upstream_behind_spoofers().await;
+        let settings = Arc::new(DnsSettings {
+            cluster_domain: "cluster.local".into(),
+            upstreams: Upstreams {
+                servers: vec![upstream],
+            },
+            max_in_flight: 8,
+            request_timeout: Duration::from_secs(5),
+            upstream_try: Duration::from_secs(5),
+        });
+        let netns = Netns::open("/proc/self/ns/net").unwrap();
+        let bound = bind_on(&netns, 0).unwrap();
+        let server = bound.udp_addrs()[0];
+        let drain = Drain::new();
+        let ctx = ctx();
+        PodDns::serve(ctx.clone(), settings, netns, "ns1", "client", bound, &drain);
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(server).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        const QUERIES: usize = 20;
+        for _ in 0..QUERIES {
+            // The same ID every time, as a client with a poor ID source would send.
+            client.send(&query(4242, "www.example.net.")).await.unwrap();
+            let n = client.recv(&mut buf).await.unwrap();
+            let r = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(r.metadata.id, 4242, "the reply under the pod's ID");
+            assert_eq!(r.queries[0].name().to_ascii(), "www.example.net.");
+            assert_eq!(r.answers.len(), 1);
+            assert!(
+                matches!(r.answers[0].data, RData::A(a) if a.0 == Ipv4Addr::new(203, 0, 113, 7)),
+                "the upstream's answer, not a spoofer's: {r:?}"
+            );
+        }
+        let ids = upstream_ids.lock().unwrap().clone();
+        assert_eq!(ids.len(), QUERIES, "each query asked once");
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert!(
+            distinct.len() > QUERIES / 2 && ids.iter().any(|&i| i != 4242),
+            "fresh IDs upstream, not the pod's: {ids:?}"
+        );
+        // Two strays per query reached the socket (the kernel dropped the spoofer's).
+        let text = ctx.metrics.encode();
+        let line = format!(
+            "ztunnel_dns_upstream_ignored_datagrams_total {}",
+            2 * QUERIES
+        );
+        assert!(text.contains(&line), "{line} in\n{text}");
         drain.stop_accepting().cancel();
     }
 
