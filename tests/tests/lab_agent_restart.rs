@@ -90,7 +90,7 @@ async fn a_node_agent_restart_leaves_streams_and_h2_connections_untouched() {
         wait_until("mTLS", || {
             t.curl("front/client", "http://10.96.0.20/").is_ok()
                 && t.log("ztunnel-2")
-                    .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
+                    .contains("src.identity=\"spiffe://cluster.local/ns/front/sa/web\"")
         });
         t
     });

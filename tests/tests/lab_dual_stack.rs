@@ -30,7 +30,7 @@ fn enrolled_pods_talk_over_ipv6_through_hbone_with_the_callers_address() {
     wait_until("the IPv6 call through the mesh", || {
         t.curl("front/client", &url("")).is_ok()
             && t.log("ztunnel-2")
-                .contains("src.identity=spiffe://cluster.local/ns/front/sa/web")
+                .contains("src.identity=\"spiffe://cluster.local/ns/front/sa/web\"")
     });
 
     let cap = capture_in(
