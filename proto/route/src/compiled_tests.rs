@@ -251,6 +251,19 @@ fn attachment() {
     assert!(!r.attaches_to("other", "api", 80));
     let any_port = route(r#"{"parentRefs": [{"kind": "Service", "name": "api"}]}"#);
     assert!(any_port.attaches_to("shop", "api", 8080));
+    // A parent in another namespace (from a control plane that did not drop it) attaches
+    // nowhere.
+    let foreign = pb::HttpRoute {
+        namespace: "evil".into(),
+        name: "r".into(),
+        parents: vec![pb::RouteParent {
+            namespace: "bank".into(),
+            name: "payments".into(),
+            port: 0,
+        }],
+        ..Default::default()
+    };
+    assert!(!compile(&foreign).0.attaches_to("bank", "payments", 80));
 }
 
 #[test]
