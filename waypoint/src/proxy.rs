@@ -373,6 +373,7 @@ impl Waypoint {
                 if let Some(span) = server_span {
                     self.tracer.record(span.finish(
                         &conn.destination(),
+                        conn.target.port,
                         method.as_str(),
                         &path,
                         resp.status().as_u16(),

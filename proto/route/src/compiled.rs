@@ -565,9 +565,11 @@ impl Match {
         {
             return false;
         }
-        if !self.headers.iter().all(|h| {
-            value_matches(&h.value, merged_header(r.headers, &h.name).as_deref())
-        }) {
+        if !self
+            .headers
+            .iter()
+            .all(|h| value_matches(&h.value, merged_header(r.headers, &h.name).as_deref()))
+        {
             return false;
         }
         let query: Vec<(&str, &str)> = r

@@ -379,13 +379,22 @@ fn a_request_no_rule_matches_is_not_sent_to_the_service() {
     ]}"#,
     )];
     let h = HeaderMap::new();
-    let routed = |method: Method, path: &str| match route_request(&routes, &req(&method, path, None, &h)) {
-        Routing::Unrouted => "unrouted".to_string(),
-        Routing::NoMatch => "404".to_string(),
-        Routing::Rule(_, rule) => rule.backends[0].name.clone(),
-    };
-    assert_eq!(routed(Method::GET, "/admin/x"), "404", "an unevaluable match keeps its requests out");
-    assert_eq!(routed(Method::POST, "/read/x"), "404", "a GET-only rule keeps POST out");
+    let routed =
+        |method: Method, path: &str| match route_request(&routes, &req(&method, path, None, &h)) {
+            Routing::Unrouted => "unrouted".to_string(),
+            Routing::NoMatch => "404".to_string(),
+            Routing::Rule(_, rule) => rule.backends[0].name.clone(),
+        };
+    assert_eq!(
+        routed(Method::GET, "/admin/x"),
+        "404",
+        "an unevaluable match keeps its requests out"
+    );
+    assert_eq!(
+        routed(Method::POST, "/read/x"),
+        "404",
+        "a GET-only rule keeps POST out"
+    );
     assert_eq!(routed(Method::GET, "/read/x"), "reader");
     let none: Vec<Route> = Vec::new();
     assert!(matches!(

@@ -368,7 +368,11 @@ fn other_namespaces_are_out_of_reach() {
     assert!(r.parents.is_empty(), "{:?}", r.parents);
     assert_eq!(f[0].field, "spec.parentRefs[0].namespace");
     assert_eq!(f[0].severity, Severity::Unsupported);
-    assert!(f[0].message.contains("consumer routes (GAMMA)"), "{}", f[0].message);
+    assert!(
+        f[0].message.contains("consumer routes (GAMMA)"),
+        "{}",
+        f[0].message
+    );
     let backends = &r.rules[0].backends;
     assert!(backends[0].problems.is_empty(), "same namespace: usable");
     assert_eq!(
@@ -376,7 +380,9 @@ fn other_namespaces_are_out_of_reach() {
         "spec.rules[0].backendRefs[1].namespace"
     );
     assert!(
-        backends[1].problems[0].message.contains("needs a ReferenceGrant, not supported"),
+        backends[1].problems[0]
+            .message
+            .contains("needs a ReferenceGrant, not supported"),
         "{:?}",
         backends[1].problems
     );
