@@ -373,6 +373,7 @@ impl Waypoint {
                 if let Some(span) = server_span {
                     self.tracer.record(span.finish(
                         &conn.destination(),
+                        conn.target.port,
                         method.as_str(),
                         &path,
                         resp.status().as_u16(),
@@ -450,7 +451,8 @@ impl Waypoint {
                 };
             }
         };
-        // 2. Route: the first matching rule by precedence; no route → the service itself.
+        // 2. Route: the first matching rule by precedence; no route attached → the service
+        // itself; routes attached but no rule matches → 404 (Istio's answer).
         let (backend_svc, backend_port, rule) = {
             let cfg = self.config.read().expect("config lock");
             let info = RequestInfo {
@@ -463,8 +465,20 @@ impl Waypoint {
                 .routes
                 .values()
                 .filter(|r| r.attaches_to(&svc.namespace, &svc.name, conn.target.port));
-            match route::select(attached, &info) {
-                Some((r, rule)) => match route::decide(r, rule, |total| {
+            match route::route_request(attached, &info) {
+                route::Routing::NoMatch => {
+                    return (
+                        local(
+                            StatusCode::NOT_FOUND,
+                            format!(
+                                "no route rule of {}/{}:{} matches the request\n",
+                                svc.namespace, svc.name, conn.target.port
+                            ),
+                        ),
+                        "-".into(),
+                    );
+                }
+                route::Routing::Rule(r, rule) => match route::decide(r, rule, |total| {
                     rand::random_range(0..total)
                 }) {
                     route::Decision::Fail(why) => {
@@ -501,7 +515,7 @@ impl Waypoint {
                         }
                     }
                 },
-                None => (svc.clone(), conn.target.port, None),
+                route::Routing::Unrouted => (svc.clone(), conn.target.port, None),
             }
         };
         let backend = format!(

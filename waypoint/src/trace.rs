@@ -19,6 +19,14 @@ use tokio::sync::mpsc;
 pub const QUEUE: usize = 4096;
 /// Spans per export call.
 const BATCH: usize = 512;
+/// An export request stays under this encoded size (gRPC servers refuse messages over
+/// 4 MiB by default).
+pub const MAX_EXPORT_BYTES: usize = 4 << 20;
+/// `url.path` keeps at most this many bytes: the path is the peer's, spans are held in a
+/// queue.
+pub const MAX_PATH_ATTRIBUTE: usize = 256;
+/// W3C trace flags: sampled.
+pub const SAMPLED: u8 = 0x01;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -66,8 +74,9 @@ pub fn traceparent(trace_id: u128, span_id: u64, flags: u8) -> String {
     .to_string()
 }
 
-/// A request's server span, open: it continues the caller's trace when the request
-/// carries a valid `traceparent`, else starts a new trace.
+/// A request's server span, open: it continues the caller's trace (and its sampling
+/// decision) when the request carries a valid `traceparent`, else starts a new, sampled
+/// trace.
 #[derive(Debug, Clone)]
 pub struct ServerSpan {
     pub trace_id: u128,
@@ -81,7 +90,7 @@ impl ServerSpan {
     pub fn begin(incoming: Option<&str>) -> ServerSpan {
         let (trace_id, parent_id, flags) = match incoming.and_then(TraceParent::parse) {
             Some(tp) => (tp.trace_id, Some(tp.parent_id), tp.flags),
-            None => (TraceParent::random().trace_id, None, 0),
+            None => (TraceParent::random().trace_id, None, SAMPLED),
         };
         ServerSpan {
             trace_id,
@@ -98,20 +107,24 @@ impl ServerSpan {
         traceparent(self.trace_id, self.span_id, self.flags)
     }
 
-    /// Istio names a waypoint's server span after the destination and path.
-    pub fn finish(self, service: &str, method: &str, path: &str, status: u16) -> Span {
+    /// Named as Istio names a waypoint's server span, `<service>:<port>/*`: bounded, unlike
+    /// the path, which goes (truncated) into `url.path`.
+    pub fn finish(self, service: &str, port: u16, method: &str, path: &str, status: u16) -> Span {
         Span {
             trace_id: self.trace_id,
             span_id: self.span_id,
             parent_id: self.parent_id,
             flags: self.flags,
             kind: Kind::Server,
-            name: format!("{service}{path}"),
+            name: format!("{service}:{port}/*"),
             start: self.start,
             end: SystemTime::now(),
             attributes: vec![
                 ("http.request.method", Attr::Str(method.into())),
-                ("url.path", Attr::Str(path.into())),
+                (
+                    "url.path",
+                    Attr::Str(truncate(path, MAX_PATH_ATTRIBUTE).into()),
+                ),
                 ("http.response.status_code", Attr::Int(status.into())),
                 ("upstream_cluster", Attr::Str(service.into())),
             ],
@@ -175,6 +188,15 @@ impl ClientSpan {
     }
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn nanos(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -191,49 +213,84 @@ fn kv(key: &str, v: any_value::Value) -> KeyValue {
 
 /// The OTLP export request carrying `spans` of the waypoint named `service`.
 pub fn to_otlp(spans: Vec<Span>, service: &str) -> ExportTraceServiceRequest {
+    envelope(spans.into_iter().map(pb_span).collect(), service)
+}
+
+/// `spans` as OTLP export requests, each under `max_bytes` encoded; a span that alone
+/// would not fit is dropped (counted in the second value).
+pub fn to_otlp_batches(
+    spans: Vec<Span>,
+    service: &str,
+    max_bytes: usize,
+) -> (Vec<ExportTraceServiceRequest>, usize) {
+    use mesh_proto::prost::Message;
+    // What the envelope (resource, scope) adds, and each span's field tag and length.
+    let overhead = envelope(Vec::new(), service).encoded_len() + 16;
+    let budget = max_bytes.saturating_sub(overhead);
+    let (mut out, mut batch, mut size, mut dropped) = (Vec::new(), Vec::new(), 0, 0);
+    for s in spans.into_iter().map(pb_span) {
+        let len = s.encoded_len() + 8;
+        if len > budget {
+            dropped += 1;
+            continue;
+        }
+        if size + len > budget {
+            out.push(envelope(std::mem::take(&mut batch), service));
+            size = 0;
+        }
+        size += len;
+        batch.push(s);
+    }
+    if !batch.is_empty() {
+        out.push(envelope(batch, service));
+    }
+    (out, dropped)
+}
+
+fn pb_span(s: Span) -> PbSpan {
     use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
     use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
-    let spans = spans
-        .into_iter()
-        .map(|s| PbSpan {
-            trace_id: s.trace_id.to_be_bytes().to_vec(),
-            span_id: s.span_id.to_be_bytes().to_vec(),
-            parent_span_id: s
-                .parent_id
-                .map(|p| p.to_be_bytes().to_vec())
-                .unwrap_or_default(),
-            flags: s.flags.into(),
-            name: s.name,
-            kind: match s.kind {
-                Kind::Server => SpanKind::Server,
-                Kind::Client => SpanKind::Client,
+    PbSpan {
+        trace_id: s.trace_id.to_be_bytes().to_vec(),
+        span_id: s.span_id.to_be_bytes().to_vec(),
+        parent_span_id: s
+            .parent_id
+            .map(|p| p.to_be_bytes().to_vec())
+            .unwrap_or_default(),
+        flags: s.flags.into(),
+        name: s.name,
+        kind: match s.kind {
+            Kind::Server => SpanKind::Server,
+            Kind::Client => SpanKind::Client,
+        } as i32,
+        start_time_unix_nano: nanos(s.start),
+        end_time_unix_nano: nanos(s.end),
+        attributes: s
+            .attributes
+            .into_iter()
+            .map(|(k, v)| {
+                kv(
+                    k,
+                    match v {
+                        Attr::Str(s) => any_value::Value::StringValue(s),
+                        Attr::Int(i) => any_value::Value::IntValue(i),
+                    },
+                )
+            })
+            .collect(),
+        status: Some(Status {
+            code: if s.error {
+                StatusCode::Error
+            } else {
+                StatusCode::Unset
             } as i32,
-            start_time_unix_nano: nanos(s.start),
-            end_time_unix_nano: nanos(s.end),
-            attributes: s
-                .attributes
-                .into_iter()
-                .map(|(k, v)| {
-                    kv(
-                        k,
-                        match v {
-                            Attr::Str(s) => any_value::Value::StringValue(s),
-                            Attr::Int(i) => any_value::Value::IntValue(i),
-                        },
-                    )
-                })
-                .collect(),
-            status: Some(Status {
-                code: if s.error {
-                    StatusCode::Error
-                } else {
-                    StatusCode::Unset
-                } as i32,
-                ..Default::default()
-            }),
             ..Default::default()
-        })
-        .collect();
+        }),
+        ..Default::default()
+    }
+}
+
+fn envelope(spans: Vec<PbSpan>, service: &str) -> ExportTraceServiceRequest {
     ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(Resource {
@@ -296,7 +353,12 @@ impl Tracer {
     }
 
     /// Queues `span`, or drops it when the queue is full (the collector is slow or down).
+    /// A span of a trace the caller did not sample is not exported (its context was
+    /// still propagated).
     pub fn record(&self, span: Span) {
+        if span.flags & SAMPLED == 0 {
+            return;
+        }
         if let Some(tx) = &self.tx
             && tx.try_send(span).is_err()
         {
@@ -323,6 +385,10 @@ async fn export(mut rx: mpsc::Receiver<Span>, endpoint: String, service: String)
             }
         }
         let n = batch.len();
+        let (requests, too_large) = to_otlp_batches(batch, &service, MAX_EXPORT_BYTES);
+        if too_large > 0 {
+            tracing::warn!(dropped = too_large, "spans too large to export dropped");
+        }
         if client.is_none() {
             match tokio::time::timeout(
                 Duration::from_secs(5),
@@ -342,11 +408,13 @@ async fn export(mut rx: mpsc::Receiver<Span>, endpoint: String, service: String)
         let Some(c) = client.as_mut() else {
             continue;
         };
-        let sent =
-            tokio::time::timeout(Duration::from_secs(10), c.export(to_otlp(batch, &service))).await;
-        if !matches!(sent, Ok(Ok(_))) {
-            tracing::warn!(%endpoint, dropped = n, "OTLP export failed; reconnecting");
-            client = None;
+        for request in requests {
+            let sent = tokio::time::timeout(Duration::from_secs(10), c.export(request)).await;
+            if !matches!(sent, Ok(Ok(_))) {
+                tracing::warn!(%endpoint, dropped = n, "OTLP export failed; reconnecting");
+                client = None;
+                break;
+            }
         }
     }
 }
@@ -405,7 +473,7 @@ mod tests {
         let s = ServerSpan::begin(Some(
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         ))
-        .finish("api.shop.svc.cluster.local", "GET", "/x", 503);
+        .finish("api.shop.svc.cluster.local", 80, "GET", "/x", 503);
         let req = to_otlp(vec![s.clone()], "waypoint.shop");
         let rs = &req.resource_spans[0];
         assert_eq!(
@@ -419,15 +487,78 @@ mod tests {
         );
         assert_eq!(p.parent_span_id, 0xb7ad6b7169203331u64.to_be_bytes());
         assert_eq!(p.kind, 2, "SPAN_KIND_SERVER");
-        assert_eq!(p.name, "api.shop.svc.cluster.local/x");
+        assert_eq!(p.name, "api.shop.svc.cluster.local:80/*");
         assert_eq!(p.status.as_ref().unwrap().code, 2, "STATUS_CODE_ERROR");
         assert!(p.end_time_unix_nano >= p.start_time_unix_nano);
+    }
+
+    /// A request without `traceparent` starts a sampled trace, exported; a caller's
+    /// unsampled context is propagated as it came, and nothing of it is exported.
+    #[test]
+    fn new_traces_are_sampled_and_unsampled_callers_are_not_exported() {
+        let (tracer, mut rx) = Tracer::with_queue(8);
+        let fresh = ServerSpan::begin(None);
+        assert_eq!(fresh.flags, SAMPLED);
+        assert!(fresh.header().ends_with("-01"), "{}", fresh.header());
+        tracer.record(fresh.finish("s", 80, "GET", "/", 200));
+        assert!(rx.try_recv().is_ok(), "exported");
+        let unsampled = ServerSpan::begin(Some(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+        ));
+        assert!(unsampled.header().ends_with("-00"), "propagated unsampled");
+        let mut h = http::HeaderMap::new();
+        h.insert("traceparent", unsampled.header().parse().unwrap());
+        let client = ClientSpan::begin(&mut h).unwrap();
+        assert!(h["traceparent"].to_str().unwrap().ends_with("-00"));
+        tracer.record(client.finish("shop/v1", 200, None));
+        tracer.record(unsampled.finish("s", 80, "GET", "/", 200));
+        assert!(rx.try_recv().is_err(), "not exported");
+        assert_eq!(tracer.dropped(), 0);
+    }
+
+    /// A peer's 64 KiB path neither names the span nor fills the attribute; exports stay
+    /// under the size a collector takes.
+    #[test]
+    fn spans_are_bounded_by_name_path_and_export_size() {
+        let long = format!("/{}", "é".repeat(32 << 10));
+        let s =
+            ServerSpan::begin(None).finish("api.shop.svc.cluster.local", 8080, "GET", &long, 200);
+        assert_eq!(s.name, "api.shop.svc.cluster.local:8080/*");
+        let path = s
+            .attributes
+            .iter()
+            .find_map(|(k, v)| match (k, v) {
+                (&"url.path", Attr::Str(p)) => Some(p.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(
+            path.len() <= MAX_PATH_ATTRIBUTE && long.starts_with(&path),
+            "{}",
+            path.len()
+        );
+        use mesh_proto::prost::Message;
+        let spans = vec![s; 100];
+        let (requests, dropped) = to_otlp_batches(spans.clone(), "waypoint.shop", 8 << 10);
+        assert_eq!(dropped, 0);
+        assert!(requests.len() > 1, "split");
+        let mut n = 0;
+        for r in &requests {
+            assert!(r.encoded_len() <= 8 << 10, "{}", r.encoded_len());
+            n += r.resource_spans[0].scope_spans[0].spans.len();
+        }
+        assert_eq!(n, 100, "every span in one request");
+        let (requests, dropped) = to_otlp_batches(spans, "waypoint.shop", 200);
+        assert!(
+            requests.is_empty() && dropped == 100,
+            "a span that cannot fit is dropped"
+        );
     }
 
     #[test]
     fn a_full_queue_drops_instead_of_waiting() {
         let (tracer, mut rx) = Tracer::with_queue(1);
-        let span = ServerSpan::begin(None).finish("s", "GET", "/", 200);
+        let span = ServerSpan::begin(None).finish("s", 80, "GET", "/", 200);
         for _ in 0..3 {
             tracer.record(span.clone());
         }

@@ -41,6 +41,29 @@ fn targets(p: &waypoint::L7Policy) -> (Vec<Target>, Option<String>) {
     (out, unreadable)
 }
 
+/// Why a route cannot be installed at all: without a known kind or a parent it would
+/// attach nowhere in silence (an older control plane sent the spec as JSON in a field now
+/// reserved, which reads as an empty route).
+fn refused_route(h: &waypoint::HttpRoute) -> Option<String> {
+    let object = format!("route {}/{}", h.namespace, h.name);
+    match waypoint::RouteKind::try_from(h.kind) {
+        Ok(waypoint::RouteKind::Http | waypoint::RouteKind::Grpc) => {}
+        _ => {
+            return Some(format!(
+                "{object} has no route kind this waypoint knows ({}); is mesh-control \
+                 older or newer than the waypoint?",
+                h.kind
+            ));
+        }
+    }
+    h.parents.is_empty().then(|| {
+        format!(
+            "{object} has no parent Service, so it would attach nowhere; is mesh-control \
+             older than the waypoint?"
+        )
+    })
+}
+
 impl mesh_xds::Handler for Apply {
     fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
         let mut cfg = self.config.write().expect("config lock");
@@ -54,7 +77,10 @@ impl mesh_xds::Handler for Apply {
                 type_url::ADDRESS => workload::Address::decode(any.value.as_slice())
                     .map_err(|e| e.to_string())
                     .and_then(|a| cfg.discovery.apply_address(&a).map_err(|e| e.to_string())),
-                type_url::HTTP_ROUTE => match waypoint::HttpRoute::decode(any.value.as_slice()) {
+                type_url::HTTP_ROUTE => match waypoint::HttpRoute::decode(any.value.as_slice())
+                    .map_err(|e| e.to_string())
+                    .and_then(|h| refused_route(&h).map_or(Ok(h), Err))
+                {
                     Ok(h) => {
                         let (route, unreadable) = route::compile(&h);
                         cfg.routes.insert(r.name.clone(), route);
@@ -64,8 +90,9 @@ impl mesh_xds::Handler for Apply {
                             Err(format!("{} (failing closed)", unreadable.join("; ")))
                         }
                     }
-                    // Nothing of it can be read: the previous version (if any) is kept.
-                    Err(e) => Err(e.to_string()),
+                    // Nothing of it can be read, or it attaches nowhere: the previous
+                    // version (if any) is kept.
+                    Err(e) => Err(e),
                 },
                 type_url::L7_POLICY => {
                     // Never refused outright: what cannot be read is enforced fail closed
@@ -305,6 +332,43 @@ mod tests {
             route::decide(r, &r.rules[0], |_| 0),
             route::Decision::Fail(_)
         ));
+    }
+
+    /// A route without a kind or a parent (an older control plane's, whose spec sat in a
+    /// field now reserved) is NACKed with why, not installed to attach nowhere.
+    #[test]
+    fn routes_without_a_kind_or_a_parent_are_refused() {
+        let parent = waypoint::RouteParent {
+            namespace: "shop".into(),
+            name: "api".into(),
+            port: 0,
+        };
+        let old = waypoint::HttpRoute {
+            namespace: "shop".into(),
+            name: "r".into(),
+            ..Default::default()
+        };
+        let (errors, cfg) = apply_route(&old);
+        assert_eq!(errors.len(), 1, "NACKed");
+        assert!(errors[0].1.contains("no route kind"), "{errors:?}");
+        assert!(cfg.routes.is_empty());
+        let no_parent = waypoint::HttpRoute {
+            kind: waypoint::RouteKind::Http as i32,
+            ..old.clone()
+        };
+        let (errors, cfg) = apply_route(&no_parent);
+        assert!(
+            errors.len() == 1 && errors[0].1.contains("no parent Service"),
+            "{errors:?}"
+        );
+        assert!(cfg.routes.is_empty());
+        let good = waypoint::HttpRoute {
+            parents: vec![parent],
+            ..no_parent
+        };
+        let (errors, cfg) = apply_route(&good);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(cfg.routes["shop/r"].attaches_to("shop", "api", 80));
     }
 
     #[test]

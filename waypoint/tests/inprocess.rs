@@ -447,6 +447,33 @@ async fn no_route_goes_to_the_service_and_matches_pick_backends() {
     }
 }
 
+/// Once a route attaches to the Service port, a request none of its rules matches gets
+/// 404 and is counted; it never reaches the Service (which would bypass the route's
+/// matches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_no_rule_matches_gets_404() {
+    let s = setup(14).await;
+    s.route(r#"{"parentRefs":[{"kind":"Service","name":"api","port":80}],"rules":[
+        {"matches":[{"path":{"type":"RegularExpression","value":"/admin/\\p{L}+"}}],"backendRefs":[{"name":"api-v2","port":80}]},
+        {"matches":[{"path":{"type":"PathPrefix","value":"/open"}}],"backendRefs":[{"name":"api-v1","port":80}]}
+    ]}"#);
+    let (code, body, _) = s.get(ip(14, 100), "/open/x").await;
+    assert_eq!((code, body.as_str()), (200, "v1 /open/x"));
+    let (code, body, _) = s.get(ip(14, 100), "/admin/x").await;
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body.contains("no route rule of shop/api:80 matches"),
+        "{body}"
+    );
+    assert!(
+        s.metrics
+            .encode()
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"404\"")),
+        "counted"
+    );
+}
+
 /// Waits (10 s at most) until the pool holds `n` idle HTTP/1.1 connections.
 async fn wait_idle(pool: &waypoint::upstream_pool::UpstreamPool, n: usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -1332,7 +1359,7 @@ async fn traces_go_to_an_otlp_collector_with_a_client_span_per_attempt() {
         caller_span,
         "continues the caller's span"
     );
-    assert_eq!(server[0].name, "api.shop.svc.cluster.local/fail-twice");
+    assert_eq!(server[0].name, "api.shop.svc.cluster.local:80/*");
     let clients: Vec<_> = spans.iter().filter(|s| s.kind == 3).collect();
     assert_eq!(clients.len(), 3, "a client span per attempt: {spans:?}");
     let status = |s: &opentelemetry_proto::tonic::trace::v1::Span| {

@@ -39,16 +39,17 @@ pub fn served_services(
 }
 
 /// HTTPRoutes and GRPCRoutes (as read, problems included: the waypoint fails closed on
-/// them) attached to the served Services.
+/// them) attached to the served Services of their own namespace (a route never takes over
+/// another namespace's Service; the reader drops such parents, checked again here).
 pub fn routes(resources: &Resources, served: &[(String, String)]) -> Vec<(String, HttpRoute)> {
     resources
         .routes
         .iter()
         .filter(|(_, r)| {
             r.parents.iter().any(|p| {
-                served
-                    .iter()
-                    .any(|(sns, sname)| *sns == p.namespace && *sname == p.name)
+                served.iter().any(|(sns, sname)| {
+                    *sns == p.namespace && *sns == r.namespace && *sname == p.name
+                })
             })
         })
         .map(|(k, r)| (k.clone(), r.clone()))
@@ -269,6 +270,23 @@ spec:
                 method: "Add".into()
             })
         );
+        // A route of another namespace naming shop/api as its parent is not sent.
+        let mut foreign = resources.clone();
+        foreign.routes.insert(
+            "evil/r".into(),
+            pb::HttpRoute {
+                namespace: "evil".into(),
+                name: "r".into(),
+                kind: pb::RouteKind::Http as i32,
+                parents: vec![pb::RouteParent {
+                    namespace: "shop".into(),
+                    name: "api".into(),
+                    port: 0,
+                }],
+                ..Default::default()
+            },
+        );
+        assert_eq!(routes(&foreign, &served).len(), 3);
         let p = policies(&o, "shop", "waypoint", &served);
         assert_eq!(p.len(), 1);
         let typed = p[0].1.policy.as_ref().unwrap();

@@ -471,11 +471,14 @@ pub fn compile(r: &pb::HttpRoute) -> (Route, Vec<String>) {
 }
 
 impl Route {
-    /// Does this route attach to Service `ns/name` on `port`?
+    /// Does this route attach to Service `ns/name` on `port`? Only a Service of the
+    /// route's own namespace (mesh-control drops other parents; checked again here).
     pub fn attaches_to(&self, ns: &str, name: &str, port: u16) -> bool {
-        self.parents
-            .iter()
-            .any(|p| p.namespace == ns && p.name == name && p.port.is_none_or(|p| p == port))
+        self.namespace == ns
+            && self
+                .parents
+                .iter()
+                .any(|p| p.namespace == ns && p.name == name && p.port.is_none_or(|p| p == port))
     }
 }
 
@@ -524,6 +527,21 @@ fn value_matches(m: &Value, value: Option<&str>) -> bool {
     }
 }
 
+/// A header's values joined with commas, as Envoy (and authorization,
+/// `normalize::merged_for_policy`) sees a header sent more than once: a route cannot
+/// match on a copy that policy did not see.
+fn merged_header<'h>(headers: &'h HeaderMap, name: &str) -> Option<std::borrow::Cow<'h, str>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?.to_str().ok()?;
+    let mut out = std::borrow::Cow::Borrowed(first);
+    for v in values {
+        let out = out.to_mut();
+        out.push(',');
+        out.push_str(v.to_str().ok()?);
+    }
+    Some(out)
+}
+
 /// The parts of a request routing looks at.
 pub struct RequestInfo<'a> {
     pub method: &'a Method,
@@ -547,12 +565,11 @@ impl Match {
         {
             return false;
         }
-        if !self.headers.iter().all(|h| {
-            value_matches(
-                &h.value,
-                r.headers.get(h.name.as_str()).and_then(|v| v.to_str().ok()),
-            )
-        }) {
+        if !self
+            .headers
+            .iter()
+            .all(|h| value_matches(&h.value, merged_header(r.headers, &h.name).as_deref()))
+        {
             return false;
         }
         let query: Vec<(&str, &str)> = r
@@ -567,6 +584,33 @@ impl Match {
                 query.iter().find(|(k, _)| *k == q.name).map(|(_, v)| *v),
             )
         })
+    }
+}
+
+/// What routing makes of a request to a Service port.
+#[derive(Debug)]
+pub enum Routing<'a> {
+    /// No route attaches to the Service port: the request goes to the Service itself.
+    Unrouted,
+    /// Routes attach but none of their rules matches: 404, as Istio answers (the routes
+    /// replace the Service's default route; they never fall back to it).
+    NoMatch,
+    /// This rule of this route handles the request.
+    Rule(&'a Route, &'a Arc<Rule>),
+}
+
+/// Routes a request among the routes attached to its Service port (`attached`).
+pub fn route_request<'a>(
+    attached: impl IntoIterator<Item = &'a Route>,
+    req: &RequestInfo<'_>,
+) -> Routing<'a> {
+    let attached: Vec<&Route> = attached.into_iter().collect();
+    if attached.is_empty() {
+        return Routing::Unrouted;
+    }
+    match select(attached, req) {
+        Some((route, rule)) => Routing::Rule(route, rule),
+        None => Routing::NoMatch,
     }
 }
 

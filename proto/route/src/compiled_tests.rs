@@ -251,6 +251,19 @@ fn attachment() {
     assert!(!r.attaches_to("other", "api", 80));
     let any_port = route(r#"{"parentRefs": [{"kind": "Service", "name": "api"}]}"#);
     assert!(any_port.attaches_to("shop", "api", 8080));
+    // A parent in another namespace (from a control plane that did not drop it) attaches
+    // nowhere.
+    let foreign = pb::HttpRoute {
+        namespace: "evil".into(),
+        name: "r".into(),
+        parents: vec![pb::RouteParent {
+            namespace: "bank".into(),
+            name: "payments".into(),
+            port: 0,
+        }],
+        ..Default::default()
+    };
+    assert!(!compile(&foreign).0.attaches_to("bank", "payments", 80));
 }
 
 #[test]
@@ -352,4 +365,59 @@ fn header_filters_faults_timeouts_and_retries_compile() {
             abort: Some((503, Some(10.0)))
         })
     );
+}
+
+/// Once a route attaches to a Service port, a request none of its rules matches gets 404
+/// (Istio's answer): never the Service's default route, which would let through what a
+/// match that cannot be evaluated, or a method match, was meant to keep out.
+#[test]
+fn a_request_no_rule_matches_is_not_sent_to_the_service() {
+    let routes = vec![route(
+        r#"{"parentRefs": [{"kind": "Service", "name": "api"}], "rules": [
+        {"matches": [{"path": {"type": "RegularExpression", "value": "/admin/\\p{L}+"}}], "backendRefs": [{"name": "admin"}]},
+        {"matches": [{"method": "GET", "path": {"type": "PathPrefix", "value": "/read"}}], "backendRefs": [{"name": "reader"}]}
+    ]}"#,
+    )];
+    let h = HeaderMap::new();
+    let routed =
+        |method: Method, path: &str| match route_request(&routes, &req(&method, path, None, &h)) {
+            Routing::Unrouted => "unrouted".to_string(),
+            Routing::NoMatch => "404".to_string(),
+            Routing::Rule(_, rule) => rule.backends[0].name.clone(),
+        };
+    assert_eq!(
+        routed(Method::GET, "/admin/x"),
+        "404",
+        "an unevaluable match keeps its requests out"
+    );
+    assert_eq!(
+        routed(Method::POST, "/read/x"),
+        "404",
+        "a GET-only rule keeps POST out"
+    );
+    assert_eq!(routed(Method::GET, "/read/x"), "reader");
+    let none: Vec<Route> = Vec::new();
+    assert!(matches!(
+        route_request(&none, &req(&Method::GET, "/admin/x", None, &h)),
+        Routing::Unrouted
+    ));
+}
+
+/// A header sent twice is matched as authorization sees it: both values joined with a
+/// comma (Envoy's view), never just the first copy.
+#[test]
+fn repeated_headers_are_matched_joined() {
+    let routes = vec![route(
+        r#"{"parentRefs": [{"kind": "Service", "name": "api"}], "rules": [
+        {"matches": [{"headers": [{"name": "x-role", "value": "user"}]}], "backendRefs": [{"name": "user"}]},
+        {"matches": [{"headers": [{"name": "x-role", "value": "user,admin"}]}], "backendRefs": [{"name": "joined"}]}
+    ]}"#,
+    )];
+    let mut h = HeaderMap::new();
+    h.append("x-role", "user".parse().unwrap());
+    h.append("x-role", "admin".parse().unwrap());
+    assert_eq!(backend_in(&routes, "/", Method::GET, None, &h), "joined");
+    let mut one = HeaderMap::new();
+    one.insert("x-role", "user".parse().unwrap());
+    assert_eq!(backend_in(&routes, "/", Method::GET, None, &one), "user");
 }

@@ -126,6 +126,21 @@ fn parent(r: &mut Reader, at: &str, v: &Value, namespace: &str) -> Option<pb::Ro
         r.finding(Severity::Error, &format!("{at}.name"), "missing".into());
         return None;
     }
+    if ns != namespace {
+        // Istio honours a Service parent in another namespace only as a consumer route
+        // (it applies to that namespace's own clients); here it would apply to all of the
+        // Service's traffic, so another namespace could take it over.
+        r.finding(
+            Severity::Unsupported,
+            &format!("{at}.namespace"),
+            format!(
+                "a route attaches only to Services in its own namespace ({namespace}); \
+                 consumer routes (GAMMA) to Service {ns}/{name} are not supported, so this \
+                 parentRef is ignored"
+            ),
+        );
+        return None;
+    }
     if o.get("sectionName").is_some_and(|s| !s.is_null()) {
         r.finding(
             Severity::Note,
@@ -291,6 +306,19 @@ pub(super) fn read_backend(
             .string(o, "namespace", at, &mut p)
             .unwrap_or(namespace)
             .to_string();
+        if out.namespace != namespace {
+            // Gateway API: only a ReferenceGrant in the backend's namespace allows it.
+            r.problem(
+                &mut p,
+                Severity::Unsupported,
+                &format!("{at}.namespace"),
+                format!(
+                    "cross-namespace backendRef to {}/{} needs a ReferenceGrant, not \
+                     supported; requests sent to this backend get 500",
+                    out.namespace, out.name
+                ),
+            );
+        }
         out.port = r.int(o, "port", at, 1..=65535, &mut p).unwrap_or(0) as u32;
         if weighted {
             out.weight = r.int(o, "weight", at, 0..=1_000_000, &mut p).unwrap_or(1) as u32;

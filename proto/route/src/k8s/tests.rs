@@ -28,7 +28,7 @@ fn a_valid_route_reads_whole_without_findings() {
                 {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x-a", "value": "1"}], "remove": ["x-b"]}},
                 {"type": "URLRewrite", "urlRewrite": {"hostname": "b", "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}},
                 {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "mirror", "port": 80}}}],
-             "backendRefs": [{"name": "api-v2", "port": 80, "weight": 90}, {"name": "api-v1", "namespace": "other"}],
+             "backendRefs": [{"name": "api-v2", "port": 80, "weight": 90}, {"name": "api-v1", "namespace": "shop"}],
              "timeouts": {"request": "1m30s", "backendRequest": "500ms"},
              "retry": {"codes": [503], "attempts": 3, "backoff": "10ms"}},
             {"filters": [{"type": "RequestRedirect", "requestRedirect": {"scheme": "https", "port": 8443, "statusCode": 301}}]}
@@ -68,7 +68,7 @@ fn a_valid_route_reads_whole_without_findings() {
             rule.backends[1].weight,
             rule.backends[1].port
         ),
-        ("other", 1, 0)
+        ("shop", 1, 0)
     );
     assert_eq!(rule.request_timeout_ms, Some(90_000));
     assert_eq!(rule.backend_request_timeout_ms, Some(500));
@@ -333,7 +333,7 @@ fn faults_read_with_their_fields() {
 #[test]
 fn parent_refs() {
     let (r, f) = http(json!({"parentRefs": [
-        {"kind": "Service", "name": "a", "namespace": "other", "sectionName": "http"},
+        {"kind": "Service", "name": "a", "namespace": "shop", "sectionName": "http"},
         {"kind": "Service"},
         {"kind": "Service", "name": "b", "port": 70000},
         "api",
@@ -341,7 +341,7 @@ fn parent_refs() {
     assert_eq!(r.parents.len(), 1);
     assert_eq!(
         (r.parents[0].namespace.as_str(), r.parents[0].port),
-        ("other", 0)
+        ("shop", 0)
     );
     assert_eq!(
         fields(&f),
@@ -353,4 +353,41 @@ fn parent_refs() {
         ]
     );
     assert!(r.rules.is_empty() && r.problems.is_empty());
+}
+
+/// A route in one namespace cannot take over a Service in another (`evil` routing
+/// `bank/payments`' /transfer to its own sniffer), nor send to another namespace's
+/// Service without a ReferenceGrant.
+#[test]
+fn other_namespaces_are_out_of_reach() {
+    let (r, f) = http(json!({
+        "parentRefs": [{"kind": "Service", "namespace": "bank", "name": "payments"}],
+        "rules": [{"matches": [{"path": {"type": "Exact", "value": "/transfer"}}],
+                   "backendRefs": [{"name": "sniffer"}, {"namespace": "bank", "name": "ledger"}]}]
+    }));
+    assert!(r.parents.is_empty(), "{:?}", r.parents);
+    assert_eq!(f[0].field, "spec.parentRefs[0].namespace");
+    assert_eq!(f[0].severity, Severity::Unsupported);
+    assert!(
+        f[0].message.contains("consumer routes (GAMMA)"),
+        "{}",
+        f[0].message
+    );
+    let backends = &r.rules[0].backends;
+    assert!(backends[0].problems.is_empty(), "same namespace: usable");
+    assert_eq!(
+        backends[1].problems[0].field,
+        "spec.rules[0].backendRefs[1].namespace"
+    );
+    assert!(
+        backends[1].problems[0]
+            .message
+            .contains("needs a ReferenceGrant, not supported"),
+        "{:?}",
+        backends[1].problems
+    );
+    // As the waypoint compiles it: attached nowhere; the foreign backend's share fails.
+    let (route, _) = crate::compiled::compile(&r);
+    assert!(!route.attaches_to("bank", "payments", 80));
+    assert!(route.rules[0].backends[1].invalid.is_some());
 }
