@@ -63,6 +63,8 @@ struct FakeState {
     patch_from: Vec<(String, String)>,
     /// Listener tags whose requests fail (a replica cut off from the API server).
     dead: Vec<String>,
+    /// Listener tags whose requests are never answered (a stalled API call).
+    hung: Vec<String>,
     /// Requests refused by RBAC (403): (verb, group, resource, namespace).
     denied: Vec<String>,
 }
@@ -256,6 +258,15 @@ impl Fake {
         req: hyper::Request<hyper::body::Incoming>,
     ) -> hyper::Response<Body> {
         let (plural, name, sub) = parse_path(req.uri().path());
+        let hung = self.0.lock().unwrap().hung.iter().any(|d| d == tag);
+        if hung {
+            self.0.lock().unwrap().requests.push((
+                tag.to_string(),
+                req.method().to_string(),
+                req.uri().path().to_string(),
+            ));
+            return std::future::pending().await;
+        }
         {
             let mut st = self.0.lock().unwrap();
             st.requests.push((
@@ -1679,6 +1690,43 @@ async fn one_replica_deploys_waypoints_and_repairs_what_is_deleted() {
     })
     .await;
     fake.assert_authorized();
+}
+
+/// A leader whose Lease renewal hangs (the API server accepts the request and never
+/// answers; kube's own read timeout is minutes) stops acting by itself, before the
+/// others may take the Lease over.
+#[tokio::test]
+async fn a_leader_whose_renewal_hangs_steps_down() {
+    let fake = Fake::default();
+    let url = fake.serve_as("a").await;
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let (tx, mut leader) = tokio::sync::watch::channel(false);
+    tokio::spawn(mesh_control::leader::run(
+        client,
+        mesh_control::leader::LeaseConfig {
+            namespace: CONTROL_NAMESPACE.into(),
+            name: "mesh-control-waypoints".into(),
+            identity: "replica-a".into(),
+            duration: Duration::from_secs(3),
+            renew_every: Duration::from_millis(200),
+        },
+        tx,
+    ));
+    tokio::time::timeout(Duration::from_secs(30), leader.wait_for(|l| *l))
+        .await
+        .expect("replica a to take the Lease")
+        .unwrap();
+    fake.0.lock().unwrap().hung.push("a".into());
+    let renewals = |st: &FakeState| st.requests.iter().filter(|(t, _, _)| t == "a").count();
+    let before = renewals(&fake.0.lock().unwrap());
+    until(&fake, "a renewal to be sent and hang", |st| {
+        renewals(st) > before
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(30), leader.wait_for(|l| !*l))
+        .await
+        .expect("the leader to step down while its renewal hangs")
+        .unwrap();
 }
 
 /// Older Istio CRDs serve security.istio.io at v1beta1 only: the policies are read there
