@@ -1474,6 +1474,54 @@ async fn concurrent_identical_tokens_share_one_review() {
     assert_eq!(fake.0.lock().unwrap().reviewed.len(), 2);
 }
 
+/// Callers sharing one review are each charged to their own peer: a peer over its
+/// budget is refused even while another peer's review of the same token is out, and
+/// never turns that other peer away.
+#[tokio::test]
+async fn a_shared_review_charges_every_caller_to_its_own_peer() {
+    use mesh_control::token_review::ReviewError;
+    let fake = Fake::default();
+    fake.0
+        .lock()
+        .unwrap()
+        .reviews
+        .insert("ztunnel-node-1-token".into(), ztunnel_review("node-1"));
+    let url = fake.serve().await;
+    let reviewer = reviewer(&url);
+    let objects = Objects::default();
+    let a = Some(std::net::IpAddr::from([10, 0, 0, 1]));
+    let b = Some(std::net::IpAddr::from([10, 0, 0, 2]));
+    // Peer a spends its budget on bad tokens.
+    for i in 0.. {
+        let v = reviewer
+            .authenticate(&format!("bad-{i}"), a, &objects)
+            .await;
+        if v == Err(ReviewError::RateLimited) {
+            break;
+        }
+        assert!(i < 100, "peer a is never limited: {v:?}");
+    }
+    // Long enough for the second caller to come while the first review is out.
+    fake.0.lock().unwrap().review_hold = Duration::from_millis(200);
+    let reviews = fake.0.lock().unwrap().reviewed.len();
+
+    // b's review is out when a comes with the same token: a is still over its budget.
+    let (vb, va) = tokio::join!(
+        reviewer.authenticate("shared-bad-token", b, &objects),
+        reviewer.authenticate("shared-bad-token", a, &objects),
+    );
+    assert!(matches!(vb, Err(ReviewError::Refused(_))), "{vb:?}");
+    assert_eq!(va, Err(ReviewError::RateLimited));
+    // a first: it is refused alone, b is reviewed.
+    let (va, vb) = tokio::join!(
+        reviewer.authenticate("ztunnel-node-1-token", a, &objects),
+        reviewer.authenticate("ztunnel-node-1-token", b, &objects),
+    );
+    assert_eq!(va, Err(ReviewError::RateLimited));
+    assert_eq!(vb, Ok(mesh_control::auth::Principal::Node("node-1".into())));
+    assert_eq!(fake.0.lock().unwrap().reviewed.len(), reviews + 2);
+}
+
 /// A 429 from the API server is retried after its Retry-After; throttled past the
 /// retry budget, the caller is told to retry later (gRPC UNAVAILABLE), never
 /// "unauthenticated", and the token is not remembered as refused.
