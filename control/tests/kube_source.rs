@@ -65,6 +65,8 @@ struct FakeState {
     dead: Vec<String>,
     /// Listener tags whose requests are never answered (a stalled API call).
     hung: Vec<String>,
+    /// Requests whose path contains one of these wait until it is removed.
+    held: Vec<String>,
     /// Requests refused by RBAC (403): (verb, group, resource, namespace).
     denied: Vec<String>,
 }
@@ -290,6 +292,10 @@ impl Fake {
                 );
                 return status_response(403, "Forbidden", &message);
             }
+        }
+        let path = req.uri().path().to_string();
+        while self.0.lock().unwrap().held.iter().any(|h| path.contains(h)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if req.method() == hyper::Method::PATCH {
             let path = req.uri().path().to_string();
@@ -1775,6 +1781,80 @@ async fn a_leader_whose_renewal_hangs_steps_down() {
         .await
         .expect("the leader to step down while its renewal hangs")
         .unwrap();
+}
+
+/// A leader that loses the Lease in the middle of a pass (its renewals stall while one
+/// Gateway's apply is slow) writes nothing more: the next Gateway waits until it leads
+/// again.
+#[tokio::test]
+async fn a_leader_that_loses_the_lease_mid_pass_stops_writing() {
+    const FIRST: &str = "/namespaces/shop/deployments/a-waypoint";
+    const FIRST_STATUS: &str = "/namespaces/shop/gateways/a-waypoint/status";
+    const SECOND: &str = "/namespaces/shop/deployments/b-waypoint";
+    let gateway = |name: &str| {
+        json!({"metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "generation": 1},
+               "spec": {"gatewayClassName": "istio-waypoint",
+                        "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
+    };
+    let fake = Fake::default();
+    fake.set("namespaces", vec![ns("shop", json!({}))]);
+    fake.set(
+        "gateways",
+        vec![gateway("a-waypoint"), gateway("b-waypoint")],
+    );
+    // The first Gateway's apply is slow.
+    fake.0.lock().unwrap().held.push(FIRST.into());
+    let url = fake.serve_as("a").await;
+    let _a = replica(&url, "replica-a").await;
+    let seen = |st: &FakeState, m: &str, p: &str| {
+        st.requests
+            .iter()
+            .position(|(_, method, path)| method == m && path.ends_with(p))
+    };
+    until(&fake, "the first Gateway's apply", |st| {
+        seen(st, "PATCH", FIRST).is_some()
+    })
+    .await;
+    // Its renewals stall too; a round that ended without renewing means it no longer
+    // leads (the next round starts only after that).
+    let lease_gets = |st: &FakeState| {
+        st.requests
+            .iter()
+            .filter(|(_, m, p)| m == "GET" && p.ends_with("/leases/mesh-control-waypoints"))
+            .count()
+    };
+    let before = {
+        let mut st = fake.0.lock().unwrap();
+        st.held.push("/leases/".into());
+        lease_gets(&st)
+    };
+    until(&fake, "a renewal round to give up", |st| {
+        lease_gets(st) >= before + 2
+    })
+    .await;
+    // The slow apply finishes; then the API server answers Lease requests again.
+    fake.0.lock().unwrap().held.retain(|h| h != FIRST);
+    until(&fake, "the first Gateway's status", |st| {
+        seen(st, "PATCH", FIRST_STATUS).is_some()
+    })
+    .await;
+    let released = fake.0.lock().unwrap().requests.len();
+    fake.0.lock().unwrap().held.clear();
+    until(&fake, "the second Gateway's apply", |st| {
+        seen(st, "PATCH", SECOND).is_some()
+    })
+    .await;
+    let st = fake.0.lock().unwrap();
+    let second = seen(&st, "PATCH", SECOND).unwrap();
+    let renewed = st.requests[released..]
+        .iter()
+        .position(|(_, m, p)| m == "PUT" && p.ends_with("/leases/mesh-control-waypoints"))
+        .map(|i| i + released);
+    assert!(
+        renewed.is_some_and(|r| r < second),
+        "the second Gateway was applied without the Lease: {:?}",
+        st.requests
+    );
 }
 
 /// Older Istio CRDs serve security.istio.io at v1beta1 only: the policies are read there
