@@ -240,7 +240,8 @@ pub enum DaemonSetState {
     /// The API server no longer lets the installer read its own DaemonSet (401: its
     /// ServiceAccount is gone, so is its token; 403: its Role or RoleBinding is gone).
     /// `helm uninstall` deletes those with the DaemonSet, often before the installer's
-    /// SIGTERM check runs, so this is the mesh going away, not a doubt.
+    /// SIGTERM check runs, so this is the mesh going away, not a doubt, once it persists
+    /// over a few re-checks (`settled_state`).
     AccessLost(u16),
 }
 
@@ -266,6 +267,44 @@ pub fn on_stop(daemonset: &str, state: Result<DaemonSetState, String>) -> OnStop
              removed, run `mesh-cni install --uninstall` on this node"
         )),
     }
+}
+
+/// How often a lost access is asked again before it is believed, and how far apart: a
+/// transient 401/403 (an authenticator outage, a key rotation) during a rollout must not
+/// remove the entry while pods are still being scheduled. Bounded well within the
+/// termination grace period (with each ask's own timeout, see `STOP_ASK_TIMEOUT`).
+pub const ACCESS_RECHECKS: u32 = 2;
+pub const ACCESS_RECHECK_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+/// Each ask of the API server while stopping: (1 + ACCESS_RECHECKS) asks and the gaps
+/// stay under 20 s, within the DaemonSet's 30 s grace period.
+pub const STOP_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether an answer is to be asked again before acting on it (only lost access).
+pub fn needs_recheck(state: &Result<DaemonSetState, String>) -> bool {
+    matches!(state, Ok(DaemonSetState::AccessLost(_)))
+}
+
+/// Asks with `ask` until the answer is not lost access, or lost access has been seen
+/// `1 + rechecks` times, `gap` apart; returns the last answer. Any other answer in
+/// between (the DaemonSet read, an error) is what `on_stop` decides from.
+pub async fn settled_state<F, Fut>(
+    mut ask: F,
+    rechecks: u32,
+    gap: std::time::Duration,
+) -> Result<DaemonSetState, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<DaemonSetState, String>>,
+{
+    let mut state = ask().await;
+    for _ in 0..rechecks {
+        if !needs_recheck(&state) {
+            break;
+        }
+        tokio::time::sleep(gap).await;
+        state = ask().await;
+    }
+    state
 }
 
 /// Asks the API server about `namespace/name` (the installer's own DaemonSet).
@@ -493,6 +532,58 @@ mod tests {
             OnStop::Keep(why) => assert!(why.contains("--uninstall"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lost_access_is_believed_only_when_it_persists() {
+        use std::collections::VecDeque;
+        use std::time::Duration;
+        let run = |answers: Vec<Result<DaemonSetState, String>>| async move {
+            let answers = std::sync::Mutex::new(VecDeque::from(answers));
+            let asked = std::sync::atomic::AtomicU32::new(0);
+            let state = settled_state(
+                || {
+                    asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let next = answers
+                        .lock()
+                        .unwrap()
+                        .pop_front()
+                        .expect("asked too often");
+                    async move { next }
+                },
+                ACCESS_RECHECKS,
+                ACCESS_RECHECK_GAP,
+            )
+            .await;
+            (state, asked.into_inner())
+        };
+        let lost = || Ok(DaemonSetState::AccessLost(401));
+        let start = tokio::time::Instant::now();
+        // Persisting: asked three times, a second apart, then believed.
+        assert_eq!(
+            run(vec![lost(), lost(), Ok(DaemonSetState::AccessLost(403))]).await,
+            (Ok(DaemonSetState::AccessLost(403)), 3)
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        // Transient: the next answer decides.
+        assert_eq!(
+            run(vec![lost(), Ok(DaemonSetState::Present)]).await,
+            (Ok(DaemonSetState::Present), 2)
+        );
+        assert_eq!(
+            run(vec![lost(), lost(), Err("timeout".into())]).await,
+            (Err("timeout".into()), 3)
+        );
+        // Anything else is not asked again.
+        assert_eq!(
+            run(vec![Ok(DaemonSetState::Gone)]).await,
+            (Ok(DaemonSetState::Gone), 1)
+        );
+        // Within the 30 s termination grace period even when every ask times out.
+        assert!(
+            STOP_ASK_TIMEOUT * (1 + ACCESS_RECHECKS) + ACCESS_RECHECK_GAP * ACCESS_RECHECKS
+                < Duration::from_secs(20)
+        );
     }
 
     #[test]

@@ -198,12 +198,26 @@ async fn keep_installed(a: InstallArgs) -> i32 {
     let state = match ds.split_once('/') {
         None => Err(format!("--daemonset {ds} is not namespace/name")),
         Some((ns, name)) => match install::kube_client(a.kubeconfig.as_deref()).await {
-            Ok(client) => tokio::time::timeout(
-                Duration::from_secs(10),
-                install::daemonset_state(client, ns, name),
-            )
-            .await
-            .unwrap_or_else(|_| Err("the API server did not answer within 10 s".into())),
+            Ok(client) => {
+                let ask = || {
+                    let client = client.clone();
+                    async move {
+                        tokio::time::timeout(
+                            install::STOP_ASK_TIMEOUT,
+                            install::daemonset_state(client, ns, name),
+                        )
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(format!(
+                                "the API server did not answer within {:?}",
+                                install::STOP_ASK_TIMEOUT
+                            ))
+                        })
+                    }
+                };
+                install::settled_state(ask, install::ACCESS_RECHECKS, install::ACCESS_RECHECK_GAP)
+                    .await
+            }
             Err(e) => Err(e),
         },
     };

@@ -109,9 +109,12 @@ fn installs_repairs_refuses_garbage_and_uninstalls() {
     assert_eq!(names, [std::ffi::OsString::from("10-kubenet.conflist")]);
 }
 
-/// A fake API server answering `GET .../daemonsets/mesh-cni` with whatever `reply` holds
+/// The replies the fake API server gives, in turn; the last one again and again.
+type Replies = std::sync::Arc<std::sync::Mutex<Vec<(u16, String)>>>;
+
+/// A fake API server answering `GET .../daemonsets/mesh-cni` with the replies in `reply`
 /// (an HTTP status and body), one connection at a time.
-async fn fake_api(reply: std::sync::Arc<std::sync::Mutex<(u16, String)>>) -> String {
+async fn fake_api(reply: Replies) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -131,7 +134,12 @@ async fn fake_api(reply: std::sync::Arc<std::sync::Mutex<(u16, String)>>) -> Str
                 let (code, body) = if head
                     .starts_with("GET /apis/apps/v1/namespaces/mesh-system/daemonsets/mesh-cni")
                 {
-                    reply.lock().unwrap().clone()
+                    let mut r = reply.lock().unwrap();
+                    if r.len() > 1 {
+                        r.remove(0)
+                    } else {
+                        r[0].clone()
+                    }
                 } else {
                     (400, "{}".to_string())
                 };
@@ -190,7 +198,7 @@ fn terminate(mut child: Child) -> std::process::ExitStatus {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_keeps_the_entry_on_upgrade_and_removes_it_when_the_daemonset_goes() {
-    let reply = std::sync::Arc::new(std::sync::Mutex::new((200, daemonset(false))));
+    let reply: Replies = std::sync::Arc::new(std::sync::Mutex::new(vec![(200, daemonset(false))]));
     let url = fake_api(reply.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let (net, bin) = (dir.path().join("net.d"), dir.path().join("bin"));
@@ -251,16 +259,28 @@ async fn sigterm_keeps_the_entry_on_upgrade_and_removes_it_when_the_daemonset_go
 
     // The API server fails (a 500, as an overloaded etcd makes it): in doubt, keep.
     write_kubeconfig(&url);
-    *reply.lock().unwrap() = (
+    *reply.lock().unwrap() = vec![(
         500,
         status_body(500, "InternalError", "etcdserver: request timed out"),
-    );
+    )];
     let status = tokio::task::block_in_place(|| terminate(start()));
     assert!(status.success(), "{status}");
     assert!(chained(), "a failing API server keeps the entry");
 
+    // A transient 401 (an authenticator outage, a key rotation) during a rollout: asked
+    // again, the DaemonSet is there, so the entry stays.
+    *reply.lock().unwrap() = vec![
+        (401, status_body(401, "Unauthorized", "Unauthorized")),
+        (200, daemonset(false)),
+    ];
+    let status = tokio::task::block_in_place(|| terminate(start()));
+    assert!(status.success(), "{status}");
+    assert!(chained(), "a transient 401 keeps the entry");
+    assert_eq!(reply.lock().unwrap().len(), 1, "asked again after the 401");
+
     // helm uninstall: the DaemonSet is being deleted, then gone; or the installer's own
-    // ServiceAccount (401) or Role (403) went first, as garbage collection often does.
+    // ServiceAccount (401) or Role (403) went first, as garbage collection often does
+    // (and stays gone over the re-checks).
     let forbidden = "daemonsets.apps \"mesh-cni\" is forbidden: User \"system:serviceaccount:mesh-system:mesh-cni\" \
                      cannot get resource \"daemonsets\" in API group \"apps\" in the namespace \"mesh-system\"";
     for (code, body) in [
@@ -272,7 +292,7 @@ async fn sigterm_keeps_the_entry_on_upgrade_and_removes_it_when_the_daemonset_go
         (401, status_body(401, "Unauthorized", "Unauthorized")),
         (403, status_body(403, "Forbidden", forbidden)),
     ] {
-        *reply.lock().unwrap() = (code, body);
+        *reply.lock().unwrap() = vec![(code, body)];
         let status = tokio::task::block_in_place(|| terminate(start()));
         assert!(status.success(), "{status}");
         assert!(!chained(), "uninstall removes the entry (reply {code})");

@@ -60,6 +60,18 @@ fn now_micro() -> MicroTime {
     MicroTime(k8s_openapi::jiff::Timestamp::now())
 }
 
+/// How long one round may take before it is abandoned. A leader's round must end before
+/// it has to step down (its last renewal plus two thirds of the lease), so a stalled API
+/// call (kube's read timeout is minutes) can never keep it acting after the others may
+/// have taken over. A follower's round is bounded the same way, from now.
+pub fn step_budget(since_renewal: Option<Duration>, duration: Duration) -> Duration {
+    let margin = duration * 2 / 3;
+    match since_renewal {
+        Some(s) => margin.saturating_sub(s),
+        None => margin,
+    }
+}
+
 /// Keeps trying to hold the Lease; `leader` says whether this replica holds it now.
 pub async fn run(client: kube::Client, cfg: LeaseConfig, leader: watch::Sender<bool>) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
@@ -70,16 +82,24 @@ pub async fn run(client: kube::Client, cfg: LeaseConfig, leader: watch::Sender<b
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let held = match step(&api, &cfg, &mut seen).await {
-            Ok(true) => {
-                renewed = Some(Instant::now());
+        // Counted from before the request: the others see the renewal no earlier.
+        let started = Instant::now();
+        let budget = step_budget(renewed.map(|r| r.elapsed()), cfg.duration);
+        let outcome = tokio::time::timeout(budget, step(&api, &cfg, &mut seen)).await;
+        let held = match outcome {
+            Ok(Ok(true)) => {
+                renewed = Some(started);
                 true
             }
-            Ok(false) => false,
-            Err(e) => {
+            Ok(Ok(false)) => false,
+            Ok(Err(e)) => {
                 tracing::warn!(lease = %cfg.name, error = %e, "leader election: cannot read or write the Lease");
                 // Keep acting only while the others cannot have taken over yet.
                 renewed.is_some_and(|r| !must_step_down(r.elapsed(), cfg.duration))
+            }
+            Err(_) => {
+                tracing::warn!(lease = %cfg.name, after = ?budget, "leader election: the API server did not answer in time");
+                false
             }
         };
         if !held {
@@ -194,5 +214,18 @@ mod tests {
         assert!(!must_step_down(Duration::from_secs(9), d));
         assert!(must_step_down(Duration::from_secs(10), d));
         assert!(must_step_down(d, d));
+    }
+
+    #[test]
+    fn a_round_ends_before_the_leader_would_have_to_step_down() {
+        let d = Duration::from_secs(15);
+        let s = Duration::from_secs;
+        assert_eq!(step_budget(None, d), s(10));
+        assert_eq!(step_budget(Some(s(4)), d), s(6));
+        assert_eq!(step_budget(Some(s(12)), d), Duration::ZERO);
+        // Whatever the round took, the leader has stopped when it may be overtaken.
+        for since in 0..15 {
+            assert!(must_step_down(s(since) + step_budget(Some(s(since)), d), d));
+        }
     }
 }

@@ -153,7 +153,9 @@ fn main() {
                         .leader_identity
                         .clone()
                         .or_else(|| std::env::var("HOSTNAME").ok())
-                        .unwrap_or_else(|| format!("mesh-control-{}", std::process::id())),
+                        // The pid alone is 1 in every container: a random suffix keeps
+                        // replicas apart.
+                        .unwrap_or_else(|| format!("mesh-control-{:016x}", rand::random::<u64>())),
                     duration: std::time::Duration::from_secs(15),
                     renew_every: std::time::Duration::from_secs(2),
                 }),

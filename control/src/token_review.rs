@@ -159,6 +159,16 @@ impl TokenReviewer {
                 "refused again (recently refused token)".into(),
             ));
         }
+        // Each caller is charged to its own peer's budget, before sharing a review: one
+        // peer over budget must not turn away the others, nor escape its own limit.
+        if !self
+            .limiter
+            .lock()
+            .expect("limiter lock")
+            .take(peer, Instant::now())
+        {
+            return Err(ReviewError::RateLimited);
+        }
         // One review per token at a time: who comes while it runs shares its verdict.
         let cell = {
             let mut inflight = self.inflight.lock().expect("inflight lock");
@@ -169,35 +179,26 @@ impl TokenReviewer {
             inflight.entry(token.to_string()).or_default().clone()
         };
         let result = cell
-            .get_or_init(|| self.review_once(token, peer, objects))
+            .get_or_init(|| self.review_once(token, objects))
             .await
             .clone();
-        let mut inflight = self.inflight.lock().expect("inflight lock");
-        if inflight.get(token).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            inflight.remove(token);
+        {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            if inflight.get(token).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                inflight.remove(token);
+            }
+        }
+        if result.is_ok() {
+            // Only failures count against the peer.
+            self.limiter.lock().expect("limiter lock").refund(peer);
         }
         result
     }
 
-    /// A review charged to `peer`'s budget, its verdict cached.
-    async fn review_once(
-        &self,
-        token: &str,
-        peer: Option<IpAddr>,
-        objects: &Objects,
-    ) -> Result<Principal, ReviewError> {
-        if !self
-            .limiter
-            .lock()
-            .expect("limiter lock")
-            .take(peer, Instant::now())
-        {
-            return Err(ReviewError::RateLimited);
-        }
+    /// One review, its verdict cached (never RateLimited: callers are charged before).
+    async fn review_once(&self, token: &str, objects: &Objects) -> Result<Principal, ReviewError> {
         match self.review(token, objects).await {
             Ok(p) => {
-                // Only failures count against the peer.
-                self.limiter.lock().expect("limiter lock").refund(peer);
                 let mut cache = self.cache.lock().expect("cache lock");
                 insert_bounded(
                     &mut cache,

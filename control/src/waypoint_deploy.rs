@@ -408,6 +408,10 @@ pub async fn run(
             if applied.get(&key) == Some(&fingerprint) {
                 continue;
             }
+            // Leadership can be lost during a pass (a renewal stalled): stop writing then.
+            if !*leader.borrow() {
+                break;
+            }
             match reconcile_one(&client, gw, &cfg, &root).await {
                 Ok(()) => {
                     applied.insert(key, fingerprint);

@@ -63,6 +63,10 @@ struct FakeState {
     patch_from: Vec<(String, String)>,
     /// Listener tags whose requests fail (a replica cut off from the API server).
     dead: Vec<String>,
+    /// Listener tags whose requests are never answered (a stalled API call).
+    hung: Vec<String>,
+    /// Requests whose path contains one of these wait until it is removed.
+    held: Vec<String>,
     /// Requests refused by RBAC (403): (verb, group, resource, namespace).
     denied: Vec<String>,
 }
@@ -256,6 +260,15 @@ impl Fake {
         req: hyper::Request<hyper::body::Incoming>,
     ) -> hyper::Response<Body> {
         let (plural, name, sub) = parse_path(req.uri().path());
+        let hung = self.0.lock().unwrap().hung.iter().any(|d| d == tag);
+        if hung {
+            self.0.lock().unwrap().requests.push((
+                tag.to_string(),
+                req.method().to_string(),
+                req.uri().path().to_string(),
+            ));
+            return std::future::pending().await;
+        }
         {
             let mut st = self.0.lock().unwrap();
             st.requests.push((
@@ -279,6 +292,10 @@ impl Fake {
                 );
                 return status_response(403, "Forbidden", &message);
             }
+        }
+        let path = req.uri().path().to_string();
+        while self.0.lock().unwrap().held.iter().any(|h| path.contains(h)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if req.method() == hyper::Method::PATCH {
             let path = req.uri().path().to_string();
@@ -1463,6 +1480,54 @@ async fn concurrent_identical_tokens_share_one_review() {
     assert_eq!(fake.0.lock().unwrap().reviewed.len(), 2);
 }
 
+/// Callers sharing one review are each charged to their own peer: a peer over its
+/// budget is refused even while another peer's review of the same token is out, and
+/// never turns that other peer away.
+#[tokio::test]
+async fn a_shared_review_charges_every_caller_to_its_own_peer() {
+    use mesh_control::token_review::ReviewError;
+    let fake = Fake::default();
+    fake.0
+        .lock()
+        .unwrap()
+        .reviews
+        .insert("ztunnel-node-1-token".into(), ztunnel_review("node-1"));
+    let url = fake.serve().await;
+    let reviewer = reviewer(&url);
+    let objects = Objects::default();
+    let a = Some(std::net::IpAddr::from([10, 0, 0, 1]));
+    let b = Some(std::net::IpAddr::from([10, 0, 0, 2]));
+    // Peer a spends its budget on bad tokens.
+    for i in 0.. {
+        let v = reviewer
+            .authenticate(&format!("bad-{i}"), a, &objects)
+            .await;
+        if v == Err(ReviewError::RateLimited) {
+            break;
+        }
+        assert!(i < 100, "peer a is never limited: {v:?}");
+    }
+    // Long enough for the second caller to come while the first review is out.
+    fake.0.lock().unwrap().review_hold = Duration::from_millis(200);
+    let reviews = fake.0.lock().unwrap().reviewed.len();
+
+    // b's review is out when a comes with the same token: a is still over its budget.
+    let (vb, va) = tokio::join!(
+        reviewer.authenticate("shared-bad-token", b, &objects),
+        reviewer.authenticate("shared-bad-token", a, &objects),
+    );
+    assert!(matches!(vb, Err(ReviewError::Refused(_))), "{vb:?}");
+    assert_eq!(va, Err(ReviewError::RateLimited));
+    // a first: it is refused alone, b is reviewed.
+    let (va, vb) = tokio::join!(
+        reviewer.authenticate("ztunnel-node-1-token", a, &objects),
+        reviewer.authenticate("ztunnel-node-1-token", b, &objects),
+    );
+    assert_eq!(va, Err(ReviewError::RateLimited));
+    assert_eq!(vb, Ok(mesh_control::auth::Principal::Node("node-1".into())));
+    assert_eq!(fake.0.lock().unwrap().reviewed.len(), reviews + 2);
+}
+
 /// A 429 from the API server is retried after its Retry-After; throttled past the
 /// retry budget, the caller is told to retry later (gRPC UNAVAILABLE), never
 /// "unauthenticated", and the token is not remembered as refused.
@@ -1679,6 +1744,117 @@ async fn one_replica_deploys_waypoints_and_repairs_what_is_deleted() {
     })
     .await;
     fake.assert_authorized();
+}
+
+/// A leader whose Lease renewal hangs (the API server accepts the request and never
+/// answers; kube's own read timeout is minutes) stops acting by itself, before the
+/// others may take the Lease over.
+#[tokio::test]
+async fn a_leader_whose_renewal_hangs_steps_down() {
+    let fake = Fake::default();
+    let url = fake.serve_as("a").await;
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let (tx, mut leader) = tokio::sync::watch::channel(false);
+    tokio::spawn(mesh_control::leader::run(
+        client,
+        mesh_control::leader::LeaseConfig {
+            namespace: CONTROL_NAMESPACE.into(),
+            name: "mesh-control-waypoints".into(),
+            identity: "replica-a".into(),
+            duration: Duration::from_secs(3),
+            renew_every: Duration::from_millis(200),
+        },
+        tx,
+    ));
+    tokio::time::timeout(Duration::from_secs(30), leader.wait_for(|l| *l))
+        .await
+        .expect("replica a to take the Lease")
+        .unwrap();
+    fake.0.lock().unwrap().hung.push("a".into());
+    let renewals = |st: &FakeState| st.requests.iter().filter(|(t, _, _)| t == "a").count();
+    let before = renewals(&fake.0.lock().unwrap());
+    until(&fake, "a renewal to be sent and hang", |st| {
+        renewals(st) > before
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(30), leader.wait_for(|l| !*l))
+        .await
+        .expect("the leader to step down while its renewal hangs")
+        .unwrap();
+}
+
+/// A leader that loses the Lease in the middle of a pass (its renewals stall while one
+/// Gateway's apply is slow) writes nothing more: the next Gateway waits until it leads
+/// again.
+#[tokio::test]
+async fn a_leader_that_loses_the_lease_mid_pass_stops_writing() {
+    const FIRST: &str = "/namespaces/shop/deployments/a-waypoint";
+    const FIRST_STATUS: &str = "/namespaces/shop/gateways/a-waypoint/status";
+    const SECOND: &str = "/namespaces/shop/deployments/b-waypoint";
+    let gateway = |name: &str| {
+        json!({"metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"), "generation": 1},
+               "spec": {"gatewayClassName": "istio-waypoint",
+                        "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
+    };
+    let fake = Fake::default();
+    fake.set("namespaces", vec![ns("shop", json!({}))]);
+    fake.set(
+        "gateways",
+        vec![gateway("a-waypoint"), gateway("b-waypoint")],
+    );
+    // The first Gateway's apply is slow.
+    fake.0.lock().unwrap().held.push(FIRST.into());
+    let url = fake.serve_as("a").await;
+    let _a = replica(&url, "replica-a").await;
+    let seen = |st: &FakeState, m: &str, p: &str| {
+        st.requests
+            .iter()
+            .position(|(_, method, path)| method == m && path.ends_with(p))
+    };
+    until(&fake, "the first Gateway's apply", |st| {
+        seen(st, "PATCH", FIRST).is_some()
+    })
+    .await;
+    // Its renewals stall too; a round that ended without renewing means it no longer
+    // leads (the next round starts only after that).
+    let lease_gets = |st: &FakeState| {
+        st.requests
+            .iter()
+            .filter(|(_, m, p)| m == "GET" && p.ends_with("/leases/mesh-control-waypoints"))
+            .count()
+    };
+    let before = {
+        let mut st = fake.0.lock().unwrap();
+        st.held.push("/leases/".into());
+        lease_gets(&st)
+    };
+    until(&fake, "a renewal round to give up", |st| {
+        lease_gets(st) >= before + 2
+    })
+    .await;
+    // The slow apply finishes; then the API server answers Lease requests again.
+    fake.0.lock().unwrap().held.retain(|h| h != FIRST);
+    until(&fake, "the first Gateway's status", |st| {
+        seen(st, "PATCH", FIRST_STATUS).is_some()
+    })
+    .await;
+    let released = fake.0.lock().unwrap().requests.len();
+    fake.0.lock().unwrap().held.clear();
+    until(&fake, "the second Gateway's apply", |st| {
+        seen(st, "PATCH", SECOND).is_some()
+    })
+    .await;
+    let st = fake.0.lock().unwrap();
+    let second = seen(&st, "PATCH", SECOND).unwrap();
+    let renewed = st.requests[released..]
+        .iter()
+        .position(|(_, m, p)| m == "PUT" && p.ends_with("/leases/mesh-control-waypoints"))
+        .map(|i| i + released);
+    assert!(
+        renewed.is_some_and(|r| r < second),
+        "the second Gateway was applied without the Lease: {:?}",
+        st.requests
+    );
 }
 
 /// Older Istio CRDs serve security.istio.io at v1beta1 only: the policies are read there

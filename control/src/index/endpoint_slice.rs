@@ -3,21 +3,39 @@
 //! are known only from its EndpointSlices. Each such endpoint is published as a workload
 //! of the Service, without HBONE (ztunnel connects to it in plaintext, passthrough) and
 //! in host-network mode (its address may be shared, so it is never looked up by IP).
-//! Endpoints that name a Pod are skipped: the pod's own workload says more.
+//! Endpoints that name a Pod are skipped: the pod's own workload says more. So are
+//! endpoints at a pod's IP without naming it: published in plaintext they would let
+//! enrolled clients reach that pod around its waypoint and without their identity. A
+//! Service with a selector takes its endpoints from its pods only.
 
 use super::IndexConfig;
 use super::service::ip_bytes;
 use crate::k8s::EndpointSlice;
 use crate::manifest::Objects;
 use mesh_proto::workload as pb;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 /// The label naming the Service a slice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// The workloads of one slice (none when it belongs to no known Service).
-pub fn workloads(objs: &Objects, cfg: &IndexConfig, es: &EndpointSlice) -> Vec<pb::Workload> {
+/// The IPs of every pod in its own network namespace (host-network pods share the node's).
+pub fn pod_addresses(objs: &Objects) -> HashSet<IpAddr> {
+    objs.pods
+        .values()
+        .filter(|p| !p.spec.host_network)
+        .flat_map(super::workload::pod_ips)
+        .collect()
+}
+
+/// The workloads of one slice (none when it belongs to no known Service, or to one with
+/// a selector). `pod_ips`: [`pod_addresses`].
+pub fn workloads(
+    objs: &Objects,
+    cfg: &IndexConfig,
+    es: &EndpointSlice,
+    pod_ips: &HashSet<IpAddr>,
+) -> Vec<pb::Workload> {
     let ns = es.metadata.ns();
     let Some(svc_name) = es.metadata.labels.get(SERVICE_NAME_LABEL) else {
         return vec![]; // not a Service's: a bag of addresses we have no use for
@@ -28,6 +46,9 @@ pub fn workloads(objs: &Objects, cfg: &IndexConfig, es: &EndpointSlice) -> Vec<p
     let Some(svc) = objs.services.get(&(ns.to_string(), svc_name.clone())) else {
         return vec![];
     };
+    if svc.spec.selector.as_ref().is_some_and(|s| !s.is_empty()) {
+        return vec![]; // its endpoints are its pods, published as the pods' workloads
+    }
     // A slice port is named after the Service port it serves; its number is the target.
     let ports = es
         .ports
@@ -75,6 +96,16 @@ pub fn workloads(objs: &Objects, cfg: &IndexConfig, es: &EndpointSlice) -> Vec<p
             tracing::warn!(slice = %es.metadata.name, namespace = ns, "an endpoint's address is not an IP; skipped");
             continue;
         };
+        if let Some(ip) = ep
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+            .find(|ip| pod_ips.contains(ip))
+        {
+            tracing::warn!(slice = %es.metadata.name, namespace = ns, address = %ip,
+                "an endpoint is a pod's IP without naming the pod; skipped (reach the pod through a Service that selects it)");
+            continue;
+        }
         out.push(pb::Workload {
             uid: format!(
                 "{}/discovery.k8s.io/EndpointSlice/{ns}/{}/{key}",
@@ -169,7 +200,7 @@ endpoints: [{addresses: [10.0.0.9]}]
     fn the_api_servers_endpoints_become_plaintext_workloads_of_its_service() {
         let o = objs();
         let es = &o.endpoint_slices[&("default".into(), "kubernetes".into())];
-        let ws = workloads(&o, &IndexConfig::default(), es);
+        let ws = workloads(&o, &IndexConfig::default(), es, &pod_addresses(&o));
         assert_eq!(ws.len(), 2, "the repeated address is published once");
         let w = &ws[0];
         assert_eq!(
@@ -193,7 +224,77 @@ endpoints: [{addresses: [10.0.0.9]}]
         let cfg = IndexConfig::default();
         for name in ["web-abcde", "orphan"] {
             let es = &o.endpoint_slices[&("shop".into(), name.into())];
-            assert!(workloads(&o, &cfg, es).is_empty(), "{name}");
+            assert!(
+                workloads(&o, &cfg, es, &pod_addresses(&o)).is_empty(),
+                "{name}"
+            );
         }
+    }
+
+    /// A selector-less Service whose slice lists an enrolled pod's IP without naming it,
+    /// beside a host-network pod's (the node's) and an outside address; and a Service with
+    /// a selector whose slice lists an outside address by hand.
+    const POD_IPS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop}
+spec: {nodeName: n1}
+status: {podIP: 10.10.1.7, podIPs: [{ip: 10.10.1.7}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: agent, namespace: kube-system}
+spec: {nodeName: n1, hostNetwork: true}
+status: {podIP: 172.18.0.5, podIPs: [{ip: 172.18.0.5}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: 10.96.0.20, ports: [{name: pg, port: 5432}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-manual, namespace: shop, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+endpoints:
+  - addresses: [10.10.1.7]
+  - addresses: [172.18.0.5]
+  - addresses: [192.0.2.10]
+ports: [{name: pg, port: 5432, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {selector: {app: api}, clusterIP: 10.96.0.21, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-extra, namespace: shop, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+endpoints: [{addresses: [192.0.2.11]}]
+ports: [{name: http, port: 80, protocol: TCP}]
+"#;
+
+    #[test]
+    fn a_pods_ip_is_never_published_as_a_plaintext_endpoint() {
+        let mut o = Objects::default();
+        o.add_file(Path::new("t"), POD_IPS).unwrap();
+        let cfg = IndexConfig::default();
+        let ips = pod_addresses(&o);
+        let es = &o.endpoint_slices[&("shop".into(), "db-manual".into())];
+        let published: Vec<_> = workloads(&o, &cfg, es, &ips)
+            .into_iter()
+            .map(|w| w.addresses)
+            .collect();
+        assert_eq!(
+            published,
+            vec![vec![vec![172, 18, 0, 5]], vec![vec![192, 0, 2, 10]]],
+            "the pod's IP is skipped, the node's and the outside address kept"
+        );
+        let es = &o.endpoint_slices[&("shop".into(), "api-extra".into())];
+        assert!(
+            workloads(&o, &cfg, es, &ips).is_empty(),
+            "a Service with a selector takes no endpoints from slices"
+        );
     }
 }

@@ -66,6 +66,21 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether a request's `Host` header names this loopback server (`port` is the one it
+/// listens on). Anything else is refused: a DNS-rebinding page (evil.example resolving
+/// to 127.0.0.1) would otherwise read the graph and node details from the browser.
+pub fn host_allowed(host: Option<&str>, port: u16) -> bool {
+    let Some(host) = host else { return false };
+    let Some((name, p)) = host.trim().rsplit_once(':') else {
+        return false;
+    };
+    p.parse::<u16>() == Ok(port)
+        && matches!(
+            name.to_ascii_lowercase().as_str(),
+            "127.0.0.1" | "localhost" | "[::1]"
+        )
+}
+
 /// The page with `graph` inlined, so it draws without waiting for a request.
 pub fn page(graph: &Graph) -> String {
     // Inside <script>: "</" must not end the element.
@@ -194,20 +209,38 @@ impl Dashboard {
         }
     }
 
-    fn handle(&self, s: TcpStream) {
+    fn handle(&self, s: TcpStream, port: u16) {
         s.set_read_timeout(Some(Duration::from_secs(10))).ok();
         let mut r = BufReader::new(&s);
         let mut line = String::new();
         if r.read_line(&mut line).is_err() {
             return;
         }
-        // The headers are not needed; read them off.
+        // Only Host is needed (one, or the request is refused).
+        let mut hosts = vec![];
         let mut h = String::new();
         while r.read_line(&mut h).is_ok_and(|n| n > 2) {
+            if let Some((k, v)) = h.split_once(':')
+                && k.trim().eq_ignore_ascii_case("host")
+            {
+                hosts.push(v.trim().to_string());
+            }
             h.clear();
         }
+        let host = match hosts.as_slice() {
+            [one] => Some(one.as_str()),
+            _ => None,
+        };
         let target = line.split_whitespace().nth(1).unwrap_or("/");
-        let (code, ctype, body) = if line.starts_with("GET ") {
+        let (code, ctype, body) = if !host_allowed(host, port) {
+            (
+                403,
+                "text/plain",
+                format!(
+                    "open the dashboard as http://127.0.0.1:{port}/ or http://localhost:{port}/\n"
+                ),
+            )
+        } else if line.starts_with("GET ") {
             self.respond(target)
         } else {
             (405, "text/plain", "GET only\n".into())
@@ -223,9 +256,10 @@ impl Dashboard {
 
     /// Serves until the process ends.
     pub fn serve(self, listener: TcpListener) {
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
         for s in listener.incoming().flatten() {
             let d = self.clone();
-            std::thread::spawn(move || d.handle(s));
+            std::thread::spawn(move || d.handle(s, port));
         }
     }
 }
@@ -244,6 +278,76 @@ mod tests {
         );
         assert_eq!(route("/api/node"), Route::NotFound);
         assert_eq!(route("/etc/passwd"), Route::NotFound);
+    }
+
+    #[test]
+    fn only_loopback_host_names_with_our_port_are_served() {
+        for ok in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "LocalHost:8080",
+            "[::1]:8080",
+        ] {
+            assert!(host_allowed(Some(ok), 8080), "{ok}");
+        }
+        for bad in [
+            "evil.example:8080",
+            "127.0.0.1:8081",
+            "127.0.0.1",
+            "localhost",
+            "localhost.evil.example:8080",
+            "127.0.0.2:8080",
+            "[::1]",
+            "",
+        ] {
+            assert!(!host_allowed(Some(bad), 8080), "{bad}");
+        }
+        assert!(!host_allowed(None, 8080));
+    }
+
+    /// The served answer over a real socket: a rebound name gets 403 before anything is
+    /// asked of Prometheus; the loopback name is served (an unknown path: 404).
+    #[test]
+    fn a_foreign_host_is_refused_over_the_socket() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let d = Dashboard {
+            // Nothing listens there: a request that reached it would fail with 502.
+            prometheus: Endpoint::parse("http://127.0.0.1:1").unwrap(),
+            control: "127.0.0.1:1".into(),
+            window: Window::parse("5m").unwrap(),
+        };
+        std::thread::spawn(move || d.serve(l));
+        let ask = |host: &str, path: &str| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+            out.split_whitespace()
+                .nth(1)
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(ask(&format!("evil.example:{port}"), "/api/graph"), "403");
+        assert_eq!(ask(&format!("evil.example:{port}"), "/nope"), "403");
+        assert_eq!(ask(&format!("localhost:{port}"), "/nope"), "404");
+        assert_eq!(ask(&format!("127.0.0.1:{port}"), "/api/graph"), "502");
+    }
+
+    /// Label values reach the page from any scraped target: it builds text with
+    /// textContent / text nodes only, never by parsing markup.
+    #[test]
+    fn the_page_never_parses_data_as_markup() {
+        for sink in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "DOMParser",
+            "createContextualFragment",
+        ] {
+            assert!(!PAGE.contains(sink), "{sink} in dashboard.html");
+        }
     }
 
     #[test]

@@ -75,10 +75,12 @@ impl State {
                 .or_default()
                 .insert(w.uid.clone());
         }
-        self.workloads_by_pod
-            .entry((w.namespace.clone(), w.name.clone()))
-            .or_default()
-            .insert(w.uid.clone());
+        if is_pod_uid(&w.uid, &w.namespace, &w.name) {
+            self.workloads_by_pod
+                .entry((w.namespace.clone(), w.name.clone()))
+                .or_default()
+                .insert(w.uid.clone());
+        }
         self.workloads.insert(w.uid.clone(), Arc::new(w));
     }
 
@@ -246,7 +248,8 @@ impl State {
             .and_then(|uid| self.workloads.get(uid))
     }
 
-    /// Finds a workload by the name/namespace the node agent reported (indexed).
+    /// Finds the pod `namespace/name`'s own workload, as the node agent reported the pod
+    /// (indexed; only workloads whose uid names that pod).
     pub fn workload_by_pod(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
         self.workloads_by_pod
             .get(&(namespace.to_string(), name.to_string()))?
@@ -446,6 +449,18 @@ fn weighted_choice(mut candidates: Vec<(Arc<Workload>, u16)>) -> Option<(Arc<Wor
         })
         .expect("pick < total");
     Some(candidates.swap_remove(idx))
+}
+
+/// Whether `uid` is the uid of the pod `namespace/name` (`<cluster>//Pod/<ns>/<name>`, as
+/// Istio writes it). Other workloads may share a pod's namespace and name (an
+/// EndpointSlice `shop/db-0`, a WorkloadEntry) and must never be taken for the pod itself:
+/// its identity is what the node proxy presents.
+pub fn is_pod_uid(uid: &str, namespace: &str, name: &str) -> bool {
+    uid.strip_suffix(name)
+        .and_then(|u| u.strip_suffix('/'))
+        .and_then(|u| u.strip_suffix(namespace))
+        .and_then(|u| u.strip_suffix("//Pod/"))
+        .is_some_and(|cluster| !cluster.contains('/'))
 }
 
 #[cfg(test)]
@@ -681,29 +696,81 @@ mod tests {
     }
 
     #[test]
+    fn only_a_pods_own_workload_is_found_by_its_name() {
+        assert!(is_pod_uid("Kubernetes//Pod/shop/db-0", "shop", "db-0"));
+        assert!(is_pod_uid("//Pod/shop/db-0", "shop", "db-0"));
+        assert!(!is_pod_uid(
+            "Kubernetes/discovery.k8s.io/EndpointSlice/shop/db-0/10.0.0.9",
+            "shop",
+            "db-0"
+        ));
+        assert!(!is_pod_uid(
+            "Kubernetes/networking.istio.io/WorkloadEntry/shop/db-0",
+            "shop",
+            "db-0"
+        ));
+        assert!(!is_pod_uid("Kubernetes//Pod/shop/db-0", "shop", "db-1"));
+        assert!(!is_pod_uid("Kubernetes//Pod/x/shop/db-0", "shop", "db-0"));
+        assert!(!is_pod_uid("uid-db-0", "shop", "db-0"));
+
+        // An EndpointSlice named like the pod, host-network as the control plane publishes
+        // it, arriving before and after the pod: the pod's lookup finds only the pod.
+        let mut st = State::default();
+        let mut slice = wl(
+            "Kubernetes/discovery.k8s.io/EndpointSlice/shop/db-0/10.0.0.9",
+            [10, 0, 0, 9],
+            "",
+            None,
+        );
+        slice.namespace = "shop".into();
+        slice.name = "db-0".into();
+        slice.host_network = true;
+        st.insert_workload(slice);
+        assert!(st.workload_by_pod("shop", "db-0").is_none());
+        let mut pod = wl("Kubernetes//Pod/shop/db-0", [10, 0, 0, 5], "n1", None);
+        pod.namespace = "shop".into();
+        pod.name = "db-0".into();
+        st.insert_workload(pod);
+        assert_eq!(
+            st.workload_by_pod("shop", "db-0").unwrap().uid,
+            "Kubernetes//Pod/shop/db-0"
+        );
+    }
+
+    #[test]
     fn pod_and_hostname_indexes_follow_inserts_replacements_and_removals() {
         let mut st = State::default();
-        let mut a = wl("uid-a", [10, 0, 0, 1], "n1", Some((KEY, 80, 8080)));
+        let mut a = wl(
+            "c1//Pod/ns/pod-a",
+            [10, 0, 0, 1],
+            "n1",
+            Some((KEY, 80, 8080)),
+        );
         a.name = "pod-a".into();
         st.insert_workload(a.clone());
-        assert_eq!(st.workload_by_pod("ns", "pod-a").unwrap().uid, "uid-a");
+        assert_eq!(
+            st.workload_by_pod("ns", "pod-a").unwrap().uid,
+            "c1//Pod/ns/pod-a"
+        );
         assert!(st.workload_by_pod("other", "pod-a").is_none());
-        // Renamed in place (same uid): the old name no longer finds it.
+        // Replaced (same uid) by one that no longer names the pod: the index forgets it.
         a.name = "pod-a2".into();
         st.insert_workload(a.clone());
         assert!(st.workload_by_pod("ns", "pod-a").is_none());
-        assert_eq!(st.workload_by_pod("ns", "pod-a2").unwrap().uid, "uid-a");
+        assert!(st.workload_by_pod("ns", "pod-a2").is_none());
+        a.name = "pod-a".into();
+        st.insert_workload(a.clone());
         // The same pod name from another cluster: either finds one, removal keeps the other.
         let mut a_other = a.clone();
-        a_other.uid = "uid-a-other".into();
+        a_other.uid = "c2//Pod/ns/pod-a".into();
         st.insert_workload(a_other);
-        assert!(st.remove_address("uid-a"));
+        assert!(st.remove_address("c1//Pod/ns/pod-a"));
         assert_eq!(
-            st.workload_by_pod("ns", "pod-a2").unwrap().uid,
-            "uid-a-other"
+            st.workload_by_pod("ns", "pod-a").unwrap().uid,
+            "c2//Pod/ns/pod-a"
         );
-        assert!(st.remove_address("uid-a-other"));
-        assert!(st.workload_by_pod("ns", "pod-a2").is_none());
+        assert!(st.remove_address("c2//Pod/ns/pod-a"));
+        assert!(st.workload_by_pod("ns", "pod-a").is_none());
 
         let s = svc(LoadBalancing::default(), 8080);
         st.insert_service(s.clone());

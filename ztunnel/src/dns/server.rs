@@ -363,7 +363,7 @@ mod tests {
     fn state() -> State {
         let mut st = State::default();
         st.insert_workload(crate::state::Workload {
-            uid: "client-uid".into(),
+            uid: "Kubernetes//Pod/ns1/client".into(),
             name: "client".into(),
             namespace: "ns1".into(),
             addresses: vec!["10.244.1.5".parse().unwrap()],
