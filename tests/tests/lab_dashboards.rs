@@ -233,6 +233,18 @@ fn defined_variables(dashboard: &Value) -> BTreeSet<String> {
         .collect()
 }
 
+/// Of `values`, those a dashboard may use: Grafana's own (`__...`) and its variables.
+fn for_dashboard<'a>(
+    values: &BTreeMap<&'a str, &'a str>,
+    defined: &BTreeSet<String>,
+) -> BTreeMap<&'a str, &'a str> {
+    values
+        .iter()
+        .filter(|(k, _)| k.starts_with("__") || defined.contains(**k))
+        .map(|(k, v)| (*k, *v))
+        .collect()
+}
+
 fn dashboards_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/charts/ambient-mesh/dashboards")
 }
@@ -306,20 +318,36 @@ fn every_metric_the_dashboards_query_is_emitted_and_every_query_is_valid() {
         .all(|q| !t.promql(q).is_empty())
     });
 
-    let emitted: BTreeSet<String> = t.prometheus("label/__name__/values", &[])["data"]
-        .as_array()
-        .expect("metric names from Prometheus")
+    let metric_names_in_prometheus = || -> BTreeSet<String> {
+        t.prometheus("label/__name__/values", &[])["data"]
+            .as_array()
+            .expect("metric names from Prometheus")
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    };
+    // Every target's first scrape (mesh-control's, the node agents') lands too.
+    let all_queried: BTreeSet<String> = boards
         .iter()
-        .filter_map(|v| v.as_str().map(str::to_string))
+        .flat_map(|(_, b)| dashboard_queries(b))
+        .flat_map(|(_, e)| metric_names(&e))
         .collect();
-    let values: BTreeMap<&str, &str> = [
-        ("namespace", "back"),
-        ("workload", "api"),
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut emitted = metric_names_in_prometheus();
+    while !all_queried.is_subset(&emitted) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        emitted = metric_names_in_prometheus();
+    }
+    // Grafana's own variables, and the dashboards' for the workload that receives the
+    // traffic (back/api) and the one that sends it (front/client).
+    let builtin = [
         ("__rate_interval", "1m"),
         ("__interval", "1m"),
         ("__range", "1h"),
-    ]
-    .into();
+    ];
+    let receiver = [("namespace", "back"), ("workload", "api")];
+    let sender = [("namespace", "front"), ("workload", "client")];
+    let values: BTreeMap<&str, &str> = builtin.iter().chain(&receiver).copied().collect();
     let mut missing = Vec::new();
     let mut rejected = Vec::new();
     let mut queried = BTreeSet::new();
@@ -327,11 +355,7 @@ fn every_metric_the_dashboards_query_is_emitted_and_every_query_is_valid() {
     for (file, board) in &boards {
         // Only the variables this dashboard defines, and Grafana's own (`$__...`).
         let defined = defined_variables(board);
-        let values: BTreeMap<&str, &str> = values
-            .iter()
-            .filter(|(k, _)| k.starts_with("__") || defined.contains(**k))
-            .map(|(k, v)| (*k, *v))
-            .collect();
+        let values = for_dashboard(&values, &defined);
         let queries = dashboard_queries(board);
         assert!(!queries.is_empty(), "{file} has no queries");
         for (place, expr) in queries {
@@ -368,28 +392,71 @@ fn every_metric_the_dashboards_query_is_emitted_and_every_query_is_valid() {
         "queries Prometheus rejects:\n{}",
         rejected.join("\n")
     );
-    // The variables offer the lab's namespace and workload.
-    let workload = boards
+    // Every panel and variable shows data, for the receiver or the sender: a label
+    // misspelt in a selector leaves a valid query that matches nothing. Rates need two
+    // scrapes of the traffic.
+    let subjects: Vec<BTreeMap<&str, &str>> = [receiver, sender]
         .iter()
-        .find(|(f, _)| f == "workload.json")
-        .map(|(_, b)| dashboard_queries(b))
-        .unwrap();
-    for (var, want) in [("namespace", "back"), ("workload", "api")] {
-        let (_, expr) = workload
-            .iter()
-            .find(|(p, _)| p == &format!("variable {var:?}"))
-            .unwrap();
-        let offered: Vec<String> = t
-            .promql(&substitute(expr, &values))
-            .iter()
-            .filter_map(|(m, _)| {
-                m.as_object()
-                    .and_then(|o| o.values().next())
-                    .and_then(|v| v.as_str())
-                    .map(str::to_string)
-            })
-            .collect();
-        assert!(offered.iter().any(|o| o == want), "{var}: {offered:?}");
+        .map(|s| builtin.iter().chain(s).copied().collect())
+        .collect();
+    let without_data = || -> Vec<String> {
+        let mut out = Vec::new();
+        for (file, board) in &boards {
+            let defined = defined_variables(board);
+            let mut places: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (place, expr) in dashboard_queries(board) {
+                places.entry(place).or_default().push(expr);
+            }
+            for (place, exprs) in places {
+                let shows = subjects.iter().any(|subject| {
+                    let values = for_dashboard(subject, &defined);
+                    exprs
+                        .iter()
+                        .any(|e| !t.promql(&substitute(e, &values)).is_empty())
+                });
+                if !shows {
+                    out.push(format!("{file} {place}: {exprs:?}"));
+                }
+            }
+        }
+        out
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut empty = without_data();
+    while !empty.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        empty = without_data();
+    }
+    assert!(
+        empty.is_empty(),
+        "panels and variables with no data after traffic:\n{}",
+        empty.join("\n")
+    );
+
+    // The variables offer the lab's namespace and workload (not "unknown" alone).
+    for (file, board) in &boards {
+        let values = for_dashboard(&values, &defined_variables(board));
+        for (place, expr) in dashboard_queries(board) {
+            let want = match place.as_str() {
+                "variable \"namespace\"" => "back",
+                "variable \"workload\"" => "api",
+                _ => continue,
+            };
+            let offered: Vec<String> = t
+                .promql(&substitute(&expr, &values))
+                .iter()
+                .filter_map(|(m, _)| {
+                    m.as_object()
+                        .and_then(|o| o.values().next())
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string)
+                })
+                .collect();
+            assert!(
+                offered.iter().any(|o| o == want),
+                "{file} {place}: {offered:?}"
+            );
+        }
     }
     // The dashboards cover each component's own metrics, not only the traffic's.
     for name in [
