@@ -136,7 +136,7 @@ pub fn load_or_create_ca(
     let key = dir.join("ca-key.pem");
     if ca_dir.is_some() && !cert.exists() {
         return Err(format!(
-            "no CA in {}: expected ca-cert.pem and ca-key.pem (and optionally root-cert.pem)",
+            "no CA in {}: expected ca-cert.pem and ca-key.pem (and optionally root-cert.pem, cert-chain.pem)",
             dir.display()
         ));
     }
@@ -145,7 +145,9 @@ pub fn load_or_create_ca(
         let k = std::fs::read_to_string(&key).map_err(|e| format!("{}: {e}", key.display()))?;
         let bundle_path = dir.join("root-cert.pem");
         let bundle = std::fs::read_to_string(&bundle_path).unwrap_or_else(|_| c.clone());
-        CertificateAuthority::load(trust_domain, &c, &k, None, &bundle)
+        // Istio's plug-in CA layout: the intermediates between ca-cert.pem and the root.
+        let chain = std::fs::read_to_string(dir.join("cert-chain.pem")).ok();
+        CertificateAuthority::load(trust_domain, &c, &k, chain.as_deref(), &bundle)
             .map_err(|e| format!("CA in {}: {e}", dir.display()))?
     } else {
         let ca =

@@ -36,7 +36,7 @@ pub fn targets(state: &State) -> Vec<Target> {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect();
-            l.insert("component".into(), p.role.clone());
+            l.insert("lab_process".into(), p.role.clone());
             l
         };
         let node = |role: &str| {
@@ -235,7 +235,7 @@ mod tests {
         assert_eq!(
             doc,
             json!([{"targets": ["10.244.2.5:15020"], "labels": {
-                "component": "pod:back/waypoint", "namespace": "back",
+                "lab_process": "pod:back/waypoint", "namespace": "back",
                 "node": "node-2", "pod": "waypoint"}}])
         );
     }

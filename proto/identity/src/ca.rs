@@ -158,7 +158,8 @@ impl CertificateAuthority {
     }
 
     /// Loads a CA from PEM: the signing certificate and its key, the chain up to (not
-    /// including) the root, and the root bundle. For a self-signed root, `chain` is empty
+    /// including) the root (Istio's `cert-chain.pem`, with the signing certificate and
+    /// the root in it, is accepted as well), and the root bundle. For a self-signed root, `chain` is empty
     /// and `root_bundle` may be the root itself (or that plus older roots).
     pub fn load(
         trust_domain: &str,
@@ -184,14 +185,18 @@ impl CertificateAuthority {
                 "the CA key does not belong to the CA certificate".into(),
             ));
         }
+        let bundle = certs_from_pem("root bundle", root_bundle_pem)?;
+        // Istio's plug-in CA `cert-chain.pem` starts with the signing certificate and ends
+        // with the root: both are already served in their own place, so only the
+        // intermediates between them are kept.
         let intermediates_pem = match chain_pem {
             Some(pem) if !pem.trim().is_empty() => certs_from_pem("CA chain", pem)?
                 .iter()
+                .filter(|c| **c != cert && !bundle.contains(c))
                 .map(|c| cert_to_pem(c))
                 .collect(),
             _ => Vec::new(),
         };
-        let bundle = certs_from_pem("root bundle", root_bundle_pem)?;
         Ok(CertificateAuthority {
             trust_domain: trust_domain.to_string(),
             key,

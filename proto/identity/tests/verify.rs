@@ -109,6 +109,39 @@ async fn chain_through_an_intermediate_is_accepted() {
     assert_eq!(out.server.unwrap(), Some(a));
 }
 
+/// An Istio plug-in CA two levels below the root: `cert-chain.pem` holds the signing
+/// certificate, the intermediate above it and the root; leaves are served with both
+/// intermediates (once each) and verify against the root alone.
+#[tokio::test]
+async fn istio_cert_chain_with_two_intermediates_is_served_whole() {
+    let root = CertificateAuthority::new_root("cluster.local", 365 * DAY).unwrap();
+    let (upper, upper_key) = root.issue_intermediate(60 * DAY).unwrap();
+    let upper_ca =
+        CertificateAuthority::load("cluster.local", &upper, &upper_key, None, &root.roots_pem())
+            .unwrap();
+    let (signing, signing_key) = upper_ca.issue_intermediate(30 * DAY).unwrap();
+    let cert_chain_pem = format!("{signing}{upper}{}", root.roots_pem());
+    let ca = CertificateAuthority::load(
+        "cluster.local",
+        &signing,
+        &signing_key,
+        Some(&cert_chain_pem),
+        &root.roots_pem(),
+    )
+    .unwrap();
+    let a = id("cluster.local", "a", "a");
+    let b = id("cluster.local", "b", "b");
+    let (ca_a, ca_b) = (issue(&ca, &a), issue(&ca, &b));
+    assert_eq!(
+        ca_a.chain().len(),
+        3,
+        "leaf + signing intermediate + the one above it"
+    );
+    let out = handshake(&ca_a, vec![b.clone()], &ca_b).await;
+    out.client.unwrap();
+    assert_eq!(out.server.unwrap(), Some(a));
+}
+
 #[tokio::test]
 async fn wrong_identity_is_refused_by_the_client() {
     let ca = CertificateAuthority::new_root("cluster.local", 365 * DAY).unwrap();
