@@ -38,7 +38,7 @@ impl std::fmt::Display for Verdict {
 pub struct Chain {
     pub table: String,
     pub name: String,
-    /// `type hook policy`, e.g. `nat output accept`.
+    /// `type hook priority policy`, e.g. `nat output -100 accept` (priority as a number).
     pub base: String,
     pub rules: Vec<Verdict>,
 }
@@ -81,9 +81,10 @@ pub fn planned(script: &str) -> Vec<Chain> {
                         .unwrap_or("")
                 };
                 c.base = format!(
-                    "{} {} {}",
+                    "{} {} {} {}",
                     words.first().copied().unwrap_or(""),
                     after("hook"),
+                    priority(after("priority")),
                     after("policy")
                 );
             } else if !line.is_empty() {
@@ -92,6 +93,20 @@ pub fn planned(script: &str) -> Vec<Chain> {
         }
     }
     out
+}
+
+/// A chain priority as nft lists it: the standard names of the `inet` family as numbers.
+fn priority(p: &str) -> String {
+    let n = match p {
+        "raw" => -300,
+        "mangle" => -150,
+        "dstnat" => -100,
+        "filter" => 0,
+        "security" => 50,
+        "srcnat" => 100,
+        other => return other.to_string(),
+    };
+    n.to_string()
 }
 
 fn verdict_of_line(rule: &str) -> Verdict {
@@ -128,12 +143,28 @@ pub fn read_back(json: &str, tables: &[&str]) -> Result<Vec<Chain>, String> {
     let ours = |o: &serde_json::Value| {
         o["family"] == "inet" && o["table"].as_str().is_some_and(|t| tables.contains(&t))
     };
+    let ours_table =
+        |t: &serde_json::Value| t["family"] == "inet" && t["name"].as_str().is_some_and(|n| tables.contains(&n));
     let mut out: Vec<Chain> = Vec::new();
     for item in items {
-        if let Some(c) = item.get("chain").filter(|c| ours(c)) {
+        if let Some(t) = item.get("table").filter(|t| ours_table(t)) {
+            // Our tables have no flags. `dormant` disables every chain of the table; any
+            // flag is a difference (nft 1.0.6 misprints the flags in JSON, so their
+            // presence is what counts).
+            if let Some(flags) = t.get("flags").filter(|f| !f.is_null()) {
+                let name = t["name"].as_str().unwrap_or("");
+                return Err(format!(
+                    "table inet {name} has flags {flags} (planned none; `dormant` disables all its chains)"
+                ));
+            }
+        } else if let Some(c) = item.get("chain").filter(|c| ours(c)) {
             let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
             let base = if c.get("hook").is_some() {
-                format!("{} {} {}", s("type"), s("hook"), s("policy"))
+                let prio = c["prio"]
+                    .as_i64()
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| s("prio"));
+                format!("{} {} {} {}", s("type"), s("hook"), prio, s("policy"))
             } else {
                 String::new()
             };
@@ -176,9 +207,30 @@ fn verdict_of_json(expr: &serde_json::Value) -> Verdict {
     }
 }
 
-/// The policy route for ztunnel's spoofed connections, from `ip rule show`.
+/// The policy route for ztunnel's spoofed connections, from `ip rule show`: a rule at
+/// our preference (an earlier rule would take those packets first) that sends conn-marked
+/// replies to our table.
 pub fn policy_route_present(ip_rules: &str) -> bool {
-    ip_rules.contains("fwmark 0x111/0xfff lookup 100")
+    use crate::rules::{CONN_MARK, MARK_MASK, RULE_PRIORITY, ROUTE_TABLE};
+    let fwmark = format!("{CONN_MARK:#x}/{MARK_MASK:#x}");
+    let table = ROUTE_TABLE.to_string();
+    ip_rules.lines().any(|l| {
+        let Some((pref, rest)) = l.trim().split_once(':') else {
+            return false;
+        };
+        let w: Vec<&str> = rest.split_whitespace().collect();
+        pref.trim().parse::<u32>() == Ok(RULE_PRIORITY)
+            && w == ["from", "all", "fwmark", fwmark.as_str(), "lookup", table.as_str()]
+    })
+}
+
+/// Table 100's route that delivers everything locally (to ztunnel's transparent
+/// socket), from `ip route show table 100`.
+pub fn local_route_present(routes: &str) -> bool {
+    routes.lines().any(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        w.starts_with(&["local", "default", "dev", "lo"])
+    })
 }
 
 /// `Ok` when every planned chain is there, as planned, and nothing else is in our
@@ -324,10 +376,19 @@ mod tests {
  {"rule": {"family": "inet", "table": "ambient-nat", "chain": "output", "handle": 13, "expr": [{"redirect": {"port": 15001}}]}},
  {"table": {"family": "inet", "name": "ambient-guard", "handle": 5}},
  {"chain": {"family": "inet", "table": "ambient-guard", "name": "output", "handle": 1, "type": "filter", "hook": "output", "prio": 0, "policy": "accept"}},
- {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 2, "expr": [{"accept": null}]}},
+ {"chain": {"family": "inet", "table": "ambient-guard", "name": "input", "handle": 2, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}},
  {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 3, "expr": [{"accept": null}]}},
  {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 4, "expr": [{"accept": null}]}},
- {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 5, "expr": [{"match": {}}, {"reject": {"type": "tcp reset"}}]}}
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 5, "expr": [{"accept": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 6, "expr": [{"match": {}}, {"drop": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 7, "expr": [{"match": {}}, {"reject": {"type": "tcp reset"}}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 8, "expr": [{"match": {}}, {"accept": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 9, "expr": [{"match": {}}, {"accept": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 10, "expr": [{"match": {}}, {"accept": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 11, "expr": [{"match": {}}, {"accept": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 12, "expr": [{"match": {}}, {"accept": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 13, "expr": [{"match": {}}, {"drop": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 14, "expr": [{"match": {}}, {"reject": {"type": "tcp reset"}}]}}
 ]}"#;
 
     fn ours() -> Vec<&'static str> {
@@ -337,11 +398,7 @@ mod tests {
     }
 
     fn plan(opts: &PodRuleOptions) -> Vec<Chain> {
-        planned(&format!(
-            "{}{}",
-            crate::agent::guard::table(),
-            pod_ruleset(opts)
-        ))
+        planned(&crate::agent::nft_script(opts))
     }
 
     #[test]
@@ -355,17 +412,20 @@ mod tests {
             names,
             [
                 "ambient-guard output",
+                "ambient-guard input",
                 "ambient-mangle prerouting",
                 "ambient-mangle output",
                 "ambient-nat prerouting",
                 "ambient-nat output"
             ]
         );
-        let nat_out = &p[4];
-        assert_eq!(nat_out.base, "nat output accept");
+        let nat_out = &p[5];
+        assert_eq!(nat_out.base, "nat output -100 accept");
         assert_eq!(nat_out.rules.last(), Some(&Verdict::Redirect(15001)));
         assert_eq!(p[0].rules.last(), Some(&Verdict::Reject));
-        assert_eq!(p[1].rules, vec![Verdict::Other]);
+        assert_eq!(p[1].base, "filter input 0 accept");
+        assert_eq!(p[2].rules, vec![Verdict::Other]);
+        assert_eq!(p[2].base, "filter prerouting -150 accept");
     }
 
     #[test]
@@ -417,7 +477,7 @@ mod tests {
         assert!(
             compare(&p, &policy)
                 .unwrap_err()
-                .contains("planned `filter output accept`")
+                .contains("planned `filter output 0 accept`")
         );
         // An extra chain in one of our tables.
         let mut extra = found.clone();
@@ -439,6 +499,48 @@ mod tests {
         });
         assert!(compare(&dns, &found).is_err());
         assert!(read_back("{}", &ours()).is_err());
+    }
+
+    #[test]
+    fn a_dormant_table_or_another_priority_is_a_difference() {
+        let p = plan(&PodRuleOptions::default());
+        // `nft add table inet ambient-nat '{ flags dormant; }'` (nft 1.0.6 misprints the
+        // flags' value in JSON; newer versions print the name).
+        for flags in [r#""Lester Gooch #5""#, r#""dormant""#, r#"["dormant"]"#] {
+            let dormant = LISTED.replace(
+                r#""name": "ambient-nat", "handle": 4}"#,
+                &format!(r#""name": "ambient-nat", "handle": 4, "flags": {flags}}}"#),
+            );
+            assert_ne!(dormant, LISTED);
+            let e = read_back(&dormant, &ours()).unwrap_err();
+            assert!(e.contains("table inet ambient-nat has flags"), "{e}");
+        }
+        // A capture chain moved after the guard's filter (another priority).
+        let late = LISTED.replace(
+            r#""name": "output", "handle": 2, "type": "nat", "hook": "output", "prio": -100"#,
+            r#""name": "output", "handle": 2, "type": "nat", "hook": "output", "prio": 10"#,
+        );
+        assert_ne!(late, LISTED);
+        let e = compare(&p, &read_back(&late, &ours()).unwrap()).unwrap_err();
+        assert!(e.contains("`nat output 10 accept`, planned `nat output -100 accept`"), "{e}");
+    }
+
+    #[test]
+    fn policy_rule_and_local_route_are_parsed() {
+        let rules = "0:\tfrom all lookup local\n32764:\tfrom all fwmark 0x111/0xfff lookup 100\n32766:\tfrom all lookup main\n";
+        assert!(policy_route_present(rules));
+        // Another preference, mark or table is not our rule.
+        assert!(!policy_route_present(&rules.replace("32764:", "32767:")));
+        assert!(!policy_route_present(&rules.replace("0x111/0xfff", "0x111/0xff")));
+        assert!(!policy_route_present(&rules.replace("lookup 100", "lookup 1000")));
+        assert!(!policy_route_present(&rules.replace("from all fwmark", "from 10.0.0.1 fwmark")));
+        assert!(!policy_route_present(
+            "0:\tfrom all lookup local\n32766:\tfrom all lookup main\n# 32764: from all fwmark 0x111/0xfff lookup 100"
+        ));
+        assert!(local_route_present("local default dev lo scope host \n"));
+        assert!(local_route_present("local default dev lo metric 1024 pref medium\n"));
+        assert!(!local_route_present(""));
+        assert!(!local_route_present("local 10.0.0.0/8 dev lo scope host\n"));
     }
 
     #[test]

@@ -76,6 +76,49 @@ struct PodRecord {
     apply_error: Option<String>,
     /// The last read-back of the programmed rules against the plan.
     read_back: Option<Result<(), String>>,
+    /// Something of ours may be in the pod's namespace (set before programming, cleared
+    /// once removed): a failed program or removal is retried until it is gone.
+    installed: bool,
+    /// The options the rules were programmed with (re-programmed when they change).
+    programmed_with: Option<PodRuleOptions>,
+}
+
+/// What a reconcile pass does for a pod.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Enroll,
+    Reenroll,
+    /// Rules in place, ztunnel not told yet.
+    HandOver,
+    Unenroll,
+    WaitForNetns,
+    Nothing,
+}
+
+/// The facts a reconcile pass decides on.
+#[derive(Clone, Copy, Debug, Default)]
+struct Now {
+    want: bool,
+    /// The namespace inode the rules were programmed for.
+    programmed: Option<u64>,
+    /// The pod's namespace inode now.
+    inode: Option<u64>,
+    acked: bool,
+    installed: bool,
+    /// The pod's rule options differ from those it was programmed with.
+    options_changed: bool,
+}
+
+fn step(n: Now) -> Step {
+    match (n.want, n.programmed, n.inode) {
+        (true, None, Some(_)) => Step::Enroll,
+        (true, Some(p), Some(i)) if p != i || n.options_changed => Step::Reenroll,
+        (true, Some(_), Some(_)) if !n.acked => Step::HandOver,
+        (true, None, None) => Step::WaitForNetns,
+        (false, Some(_), _) => Step::Unenroll,
+        (false, None, _) if n.installed => Step::Unenroll,
+        _ => Step::Nothing,
+    }
 }
 
 impl PodRecord {
@@ -310,26 +353,37 @@ impl Agent {
             return;
         };
         let inode = rec.netns.as_ref().map(|n| n.inode);
-        match (want, rec.programmed, inode) {
-            (true, None, Some(_)) => self.enroll(name, rec),
-            (true, Some(p), Some(i)) if p != i => {
-                tracing::info!(pod = name, "pod sandbox changed; re-enrolling");
+        let options_changed = match (&rec.view, &rec.programmed_with) {
+            (Some(v), Some(o)) => self.rule_options(v) != *o,
+            _ => false,
+        };
+        let now = Now {
+            want,
+            programmed: rec.programmed,
+            inode,
+            acked: rec.acked,
+            installed: rec.installed,
+            options_changed,
+        };
+        match step(now) {
+            Step::Enroll => self.enroll(name, rec),
+            Step::Reenroll => {
+                tracing::info!(pod = name, "pod sandbox or capture options changed; re-enrolling");
                 self.enroll(name, rec)
             }
-            (true, Some(_), Some(_)) if !rec.acked => {
-                // Rules are in place; ztunnel has not taken the pod yet.
+            Step::HandOver => {
                 if let Some(v) = &rec.view {
                     rec.acked = self.zds.add(&entry(v, rec.netns.as_ref())).is_ok();
                 }
             }
-            (false, Some(_), _) => self.unenroll(name, rec),
-            (true, None, None) => {
+            Step::Unenroll => self.unenroll(name, rec),
+            Step::WaitForNetns => {
                 tracing::debug!(
                     pod = name,
                     "enrolled, but its network namespace is not known yet"
                 );
             }
-            _ => {}
+            Step::Nothing => {}
         }
         // Read the rules back from the namespace on every pass: they are confirmed only
         // while what is there is what was planned.
@@ -377,6 +431,7 @@ impl Agent {
             return;
         };
         let opts = self.rule_options(v);
+        rec.installed = true;
         if let Err(e) = program(ns, &opts) {
             tracing::error!(pod = name, error = %e, "cannot program the pod's redirection");
             rec.apply_error = Some(e);
@@ -385,6 +440,7 @@ impl Agent {
         rec.apply_error = None;
         rec.read_back = None;
         rec.programmed = Some(ns.inode);
+        rec.programmed_with = Some(opts);
         match self.zds.add(&entry(v, Some(ns))) {
             Ok(()) => {
                 rec.acked = true;
@@ -398,16 +454,13 @@ impl Agent {
     }
 
     fn unenroll(&self, name: &str, rec: &mut PodRecord) {
-        if let Some(ns) = &rec.netns
-            && let Err(e) = redirect::remove(ns)
-        {
-            tracing::warn!(pod = name, error = %e, "cannot remove the pod's redirection");
-        }
-        // The guard last, once nothing redirects any more.
-        if let Some(ns) = &rec.netns
-            && let Err(e) = ns.run(&["nft", "-f", "-"], Some(&guard::removal()))
-        {
-            tracing::warn!(pod = name, error = %e, "cannot remove the pod's guard");
+        match rec.netns.as_ref().map(unprogram) {
+            Some(Err(e)) => {
+                // Kept as installed: the next pass tries again.
+                tracing::warn!(pod = name, error = %e, "cannot remove the pod's redirection and guard; retrying");
+            }
+            // Removed, or no namespace left to remove anything from.
+            _ => rec.installed = false,
         }
         let uid = rec
             .view
@@ -416,6 +469,7 @@ impl Agent {
             .unwrap_or_else(|| name.to_string());
         self.zds.del(&uid);
         rec.programmed = None;
+        rec.programmed_with = None;
         rec.acked = false;
         rec.read_back = None;
         rec.apply_error = None;
@@ -790,24 +844,62 @@ fn enrolment_of(pods: &BTreeMap<String, PodRecord>) -> Vec<PodEnrolment> {
 /// connection that leaves it in plaintext, whatever happens to the capture rules), then
 /// the redirection.
 pub fn program(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
-    ns.run(&["nft", "-f", "-"], Some(&guard::table()))?;
-    redirect::apply(ns, opts)
+    ns.run(&["nft", "-f", "-"], Some(&nft_script(opts)))?;
+    redirect::apply_routes(ns)
+}
+
+/// The guard and the capture tables, applied in one transaction: no moment where one is
+/// there without the other.
+pub fn nft_script(opts: &PodRuleOptions) -> String {
+    format!(
+        "{}{}",
+        guard::table(opts.bypass_inbound),
+        crate::rules::pod_ruleset(opts)
+    )
+}
+
+/// Removes the guard and the capture tables in one transaction (the guard alone would
+/// refuse new connections; the capture alone would leave them in plaintext), then the
+/// policy routing.
+pub fn unprogram(ns: &Netns) -> Result<(), String> {
+    ns.run(
+        &["nft", "-f", "-"],
+        Some(&format!(
+            "{}{}",
+            crate::rules::pod_ruleset_removal(),
+            guard::removal()
+        )),
+    )?;
+    redirect::remove_routes(ns);
+    Ok(())
 }
 
 /// Reads the pod's rules back (`nft -j list ruleset` and `ip rule`, in its namespace)
 /// and compares them with the plan for `opts`.
 pub fn read_back(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
-    let plan = enrolment::planned(&format!(
-        "{}{}",
-        guard::table(),
-        crate::rules::pod_ruleset(opts)
-    ));
+    let plan = enrolment::planned(&nft_script(opts));
     let mut tables = crate::rules::TABLES.to_vec();
     tables.push(guard::TABLE);
-    let found = enrolment::read_back(&ns.run(&["nft", "-j", "list", "ruleset"], None)?, &tables)?;
+    let found = enrolment::read_back(
+        &ns.run(&["nft", "-j", "list", "ruleset", "inet"], None)?,
+        &tables,
+    )?;
     enrolment::compare(&plan, &found)?;
-    if !enrolment::policy_route_present(&ns.run(&["ip", "rule", "show"], None)?) {
-        return Err("the fwmark 0x111 policy rule (lookup 100) is missing".into());
+    for family in redirect::families(ns) {
+        let name = family.name();
+        if !enrolment::policy_route_present(&ns.run(&["ip", family.flag(), "rule", "show"], None)?)
+        {
+            return Err(format!(
+                "the {name} policy rule (pref 32764 fwmark 0x111/0xfff lookup 100) is missing"
+            ));
+        }
+        if !enrolment::local_route_present(
+            &ns.run(&["ip", family.flag(), "route", "show", "table", "100"], None)?,
+        ) {
+            return Err(format!(
+                "the {name} local default route of table 100 is missing"
+            ));
+        }
     }
     Ok(())
 }
@@ -866,5 +958,62 @@ impl mesh_xds::Handler for ViewHandler {
         updates.extend(resp.removed_resources.iter().map(|n| (n.clone(), None)));
         let _ = self.tx.send(updates);
         errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconcile_steps() {
+        let on = Now {
+            want: true,
+            programmed: Some(7),
+            inode: Some(7),
+            acked: true,
+            installed: true,
+            options_changed: false,
+        };
+        assert_eq!(step(on), Step::Nothing);
+        assert_eq!(step(Now { acked: false, ..on }), Step::HandOver);
+        assert_eq!(step(Now { inode: Some(8), ..on }), Step::Reenroll);
+        // Options changed (DNS capture, inbound bypass): programmed again.
+        assert_eq!(
+            step(Now {
+                options_changed: true,
+                ..on
+            }),
+            Step::Reenroll
+        );
+        assert_eq!(step(Now { programmed: None, ..on }), Step::Enroll);
+        assert_eq!(
+            step(Now {
+                programmed: None,
+                inode: None,
+                ..on
+            }),
+            Step::WaitForNetns
+        );
+        assert_eq!(step(Now { want: false, ..on }), Step::Unenroll);
+        // A program that failed half-way (guard in, nothing recorded as programmed), or
+        // a removal that failed: whatever is left is removed once the pod leaves.
+        assert_eq!(
+            step(Now {
+                want: false,
+                programmed: None,
+                ..on
+            }),
+            Step::Unenroll
+        );
+        assert_eq!(
+            step(Now {
+                want: false,
+                programmed: None,
+                installed: false,
+                ..on
+            }),
+            Step::Nothing
+        );
     }
 }
