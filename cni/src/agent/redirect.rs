@@ -91,6 +91,13 @@ pub fn has_global_v6(out: &str) -> bool {
     out.lines().any(|l| l.contains(" inet6 "))
 }
 
+/// The capture alone, without the guard (the agent programs both with
+/// `agent::program`; tests of ztunnel's data path use this).
+pub fn apply(ns: &Netns, opts: &rules::PodRuleOptions) -> Result<(), String> {
+    ns.run(&["nft", "-f", "-"], Some(&rules::pod_ruleset(opts)))?;
+    apply_routes(ns)
+}
+
 /// The policy routing of the redirection (the nftables part is applied by the caller,
 /// in one transaction with the guard).
 pub fn apply_routes(ns: &Netns) -> Result<(), String> {
