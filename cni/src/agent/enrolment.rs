@@ -347,7 +347,7 @@ pub fn state(f: &Facts) -> (State, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{PodRuleOptions, TABLES, pod_ruleset};
+    use crate::rules::{PodRuleOptions, TABLES};
 
     /// What nftables 1.0.6 lists after applying `pod_ruleset(default)` and the guard
     /// (abridged: match expressions shortened, handles kept).
