@@ -83,6 +83,20 @@ struct PodRecord {
     programmed_with: Option<PodRuleOptions>,
 }
 
+/// A read-back to run without the pods lock: the namespace and the options its rules
+/// were programmed with.
+#[derive(Debug)]
+struct ReadBackJob {
+    netns: Netns,
+    opts: PodRuleOptions,
+}
+
+impl PartialEq for ReadBackJob {
+    fn eq(&self, other: &Self) -> bool {
+        self.netns.inode == other.netns.inode && self.opts == other.opts
+    }
+}
+
 /// What a reconcile pass does for a pod.
 #[derive(Debug, PartialEq, Eq)]
 enum Step {
@@ -385,19 +399,64 @@ impl Agent {
             }
             Step::Nothing => {}
         }
-        // Read the rules back from the namespace on every pass: they are confirmed only
-        // while what is there is what was planned.
-        if want && rec.programmed_here() {
-            let (Some(v), Some(ns)) = (&rec.view, &rec.netns) else {
-                return;
-            };
-            let now = read_back(ns, &self.rule_options(v));
-            if let Err(e) = &now
-                && rec.read_back.as_ref().is_none_or(|r| r.is_ok())
-            {
-                tracing::error!(pod = name, netns = %ns.path, "the pod's redirection differs from the plan: {e}; the pod is flagged failed and its guard refuses new connections that would leave it in plaintext");
+    }
+
+    /// What a read-back of a pod needs, copied out so it runs without the pods lock:
+    /// `None` unless the pod is enrolled and programmed for its current namespace.
+    fn read_back_job(&self, rec: &PodRecord) -> Option<ReadBackJob> {
+        let (Some(v), Some(ns)) = (&rec.view, &rec.netns) else {
+            return None;
+        };
+        if !(v.enrolled && rec.programmed_here()) {
+            return None;
+        }
+        Some(ReadBackJob {
+            netns: ns.try_clone().ok()?,
+            opts: rec.programmed_with.clone()?,
+        })
+    }
+
+    /// Records a read-back, unless the pod was re-programmed (or left) meanwhile.
+    fn record_read_back(
+        &self,
+        name: &str,
+        rec: &mut PodRecord,
+        job: &ReadBackJob,
+        now: Result<(), String>,
+    ) {
+        if self.read_back_job(rec).as_ref() != Some(job) {
+            return;
+        }
+        if let Err(e) = &now
+            && rec.read_back.as_ref().is_none_or(|r| r.is_ok())
+        {
+            tracing::error!(pod = name, netns = %job.netns.path, "the pod's redirection differs from the plan: {e}; the pod is flagged failed and its guard refuses new connections that would go around ztunnel");
+        }
+        rec.read_back = Some(now);
+    }
+
+    /// Reads back every enrolled pod's rules (they are confirmed only while what is
+    /// there is what was planned), with the pods lock released while nft and ip run.
+    async fn read_back_all(&self) {
+        let jobs: Vec<(String, ReadBackJob)> = {
+            let pods = self.pods.lock().await;
+            pods.iter()
+                .filter_map(|(k, r)| Some((k.clone(), self.read_back_job(r)?)))
+                .collect()
+        };
+        let results = tokio::task::block_in_place(|| {
+            jobs.into_iter()
+                .map(|(k, job)| {
+                    let now = read_back(&job.netns, &job.opts);
+                    (k, job, now)
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut pods = self.pods.lock().await;
+        for (k, job, now) in results {
+            if let Some(rec) = pods.get_mut(&k) {
+                self.record_read_back(&k, rec, &job, now);
             }
-            rec.read_back = Some(now);
         }
     }
 
@@ -591,7 +650,14 @@ impl Agent {
                                 return AgentReply::Ok { enrolled: false };
                             }
                             tokio::task::block_in_place(|| {
-                                self.reconcile(&mut pods, &k, &mut None)
+                                self.reconcile(&mut pods, &k, &mut None);
+                                // One pod, right after programming it: read back here.
+                                if let Some(rec) = pods.get_mut(&k)
+                                    && let Some(job) = self.read_back_job(rec)
+                                {
+                                    let now = read_back(&job.netns, &job.opts);
+                                    self.record_read_back(&k, rec, &job, now);
+                                }
                             });
                             let rec = pods.get(&k);
                             let programmed = rec.and_then(|r| r.programmed);
@@ -634,7 +700,7 @@ impl Agent {
                 let k = key(&namespace, &name);
                 let mut pods = self.pods.lock().await;
                 if let Some(rec) = pods.get_mut(&k) {
-                    if rec.programmed.is_some() {
+                    if rec.programmed.is_some() || rec.installed {
                         tokio::task::block_in_place(|| self.unenroll(&k, rec));
                     }
                     rec.netns = None;
@@ -685,6 +751,9 @@ impl Agent {
                     self.reconcile(&mut pods, &n, &mut scan);
                 }
             });
+            drop(pods);
+            self.read_back_all().await;
+            let pods = self.pods.lock().await;
             self.record_enrolment(&pods);
             self.write_cache(&pods);
             drop(pods);
