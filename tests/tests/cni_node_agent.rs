@@ -681,14 +681,29 @@ fn rules_read_back_from_a_namespace_match_the_plan_until_changed() {
     pod_ns.exec(&["nft", "add", "table", "inet", "app-own"]);
     mesh_cni::agent::read_back(&ns, &opts).unwrap();
     // A dormant capture table (all its chains disabled) is a difference.
-    pod_ns.exec(&["nft", "add", "table", "inet", "ambient-nat", "{ flags dormant; }"]);
+    pod_ns.exec(&[
+        "nft",
+        "add",
+        "table",
+        "inet",
+        "ambient-nat",
+        "{ flags dormant; }",
+    ]);
     let e = mesh_cni::agent::read_back(&ns, &opts).unwrap_err();
     assert!(e.contains("table inet ambient-nat has flags"), "{e}");
     // The policy rule at another preference is not the policy rule.
     mesh_cni::agent::program(&ns, &opts).unwrap();
     pod_ns.exec(&["ip", "rule", "del", "pref", "32764"]);
     pod_ns.exec(&[
-        "ip", "rule", "add", "fwmark", "0x111/0xfff", "pref", "32765", "lookup", "100",
+        "ip",
+        "rule",
+        "add",
+        "fwmark",
+        "0x111/0xfff",
+        "pref",
+        "32765",
+        "lookup",
+        "100",
     ]);
     let e = mesh_cni::agent::read_back(&ns, &opts).unwrap_err();
     assert!(e.contains("IPv4 policy rule"), "{e}");

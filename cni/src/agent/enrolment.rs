@@ -143,8 +143,9 @@ pub fn read_back(json: &str, tables: &[&str]) -> Result<Vec<Chain>, String> {
     let ours = |o: &serde_json::Value| {
         o["family"] == "inet" && o["table"].as_str().is_some_and(|t| tables.contains(&t))
     };
-    let ours_table =
-        |t: &serde_json::Value| t["family"] == "inet" && t["name"].as_str().is_some_and(|n| tables.contains(&n));
+    let ours_table = |t: &serde_json::Value| {
+        t["family"] == "inet" && t["name"].as_str().is_some_and(|n| tables.contains(&n))
+    };
     let mut out: Vec<Chain> = Vec::new();
     for item in items {
         if let Some(t) = item.get("table").filter(|t| ours_table(t)) {
@@ -211,7 +212,7 @@ fn verdict_of_json(expr: &serde_json::Value) -> Verdict {
 /// our preference (an earlier rule would take those packets first) that sends conn-marked
 /// replies to our table.
 pub fn policy_route_present(ip_rules: &str) -> bool {
-    use crate::rules::{CONN_MARK, MARK_MASK, RULE_PRIORITY, ROUTE_TABLE};
+    use crate::rules::{CONN_MARK, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY};
     let fwmark = format!("{CONN_MARK:#x}/{MARK_MASK:#x}");
     let table = ROUTE_TABLE.to_string();
     ip_rules.lines().any(|l| {
@@ -220,7 +221,14 @@ pub fn policy_route_present(ip_rules: &str) -> bool {
         };
         let w: Vec<&str> = rest.split_whitespace().collect();
         pref.trim().parse::<u32>() == Ok(RULE_PRIORITY)
-            && w == ["from", "all", "fwmark", fwmark.as_str(), "lookup", table.as_str()]
+            && w == [
+                "from",
+                "all",
+                "fwmark",
+                fwmark.as_str(),
+                "lookup",
+                table.as_str(),
+            ]
     })
 }
 
@@ -522,7 +530,10 @@ mod tests {
         );
         assert_ne!(late, LISTED);
         let e = compare(&p, &read_back(&late, &ours()).unwrap()).unwrap_err();
-        assert!(e.contains("`nat output 10 accept`, planned `nat output -100 accept`"), "{e}");
+        assert!(
+            e.contains("`nat output 10 accept`, planned `nat output -100 accept`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -531,14 +542,22 @@ mod tests {
         assert!(policy_route_present(rules));
         // Another preference, mark or table is not our rule.
         assert!(!policy_route_present(&rules.replace("32764:", "32767:")));
-        assert!(!policy_route_present(&rules.replace("0x111/0xfff", "0x111/0xff")));
-        assert!(!policy_route_present(&rules.replace("lookup 100", "lookup 1000")));
-        assert!(!policy_route_present(&rules.replace("from all fwmark", "from 10.0.0.1 fwmark")));
+        assert!(!policy_route_present(
+            &rules.replace("0x111/0xfff", "0x111/0xff")
+        ));
+        assert!(!policy_route_present(
+            &rules.replace("lookup 100", "lookup 1000")
+        ));
+        assert!(!policy_route_present(
+            &rules.replace("from all fwmark", "from 10.0.0.1 fwmark")
+        ));
         assert!(!policy_route_present(
             "0:\tfrom all lookup local\n32766:\tfrom all lookup main\n# 32764: from all fwmark 0x111/0xfff lookup 100"
         ));
         assert!(local_route_present("local default dev lo scope host \n"));
-        assert!(local_route_present("local default dev lo metric 1024 pref medium\n"));
+        assert!(local_route_present(
+            "local default dev lo metric 1024 pref medium\n"
+        ));
         assert!(!local_route_present(""));
         assert!(!local_route_present("local 10.0.0.0/8 dev lo scope host\n"));
     }

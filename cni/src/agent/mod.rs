@@ -83,6 +83,18 @@ struct PodRecord {
     programmed_with: Option<PodRuleOptions>,
 }
 
+/// Whether a peer may read `/enrolment` (every pod's name, UID and failure): only from
+/// the node itself. The readiness address is often 0.0.0.0 for Prometheus; meshctl runs
+/// on the node (its network namespace).
+pub fn may_read_enrolment(peer: std::net::IpAddr) -> bool {
+    match peer {
+        std::net::IpAddr::V4(a) => a.is_loopback(),
+        std::net::IpAddr::V6(a) => {
+            a.is_loopback() || a.to_ipv4_mapped().is_some_and(|a| a.is_loopback())
+        }
+    }
+}
+
 /// A read-back to run without the pods lock: the namespace and the options its rules
 /// were programmed with.
 #[derive(Debug)]
@@ -145,14 +157,16 @@ impl PodRecord {
         self.programmed.is_some() && self.programmed == self.netns.as_ref().map(|n| n.inode)
     }
 
-    fn enrolment(&self) -> (enrolment::State, Option<String>) {
+    /// `ztunnel_up`: a ztunnel is connected (an ack from one that left confirms nothing;
+    /// the next one gets the pod in its snapshot and acks again).
+    fn enrolment(&self, ztunnel_up: bool) -> (enrolment::State, Option<String>) {
         enrolment::state(&enrolment::Facts {
             netns_known: self.netns.is_some(),
             refused: self.refused.map(|r| r.label().to_string()),
             apply_error: self.apply_error.clone(),
             programmed: self.programmed_here(),
             read_back: self.read_back.clone(),
-            acked: self.acked,
+            acked: self.acked && ztunnel_up,
         })
     }
 
@@ -382,7 +396,10 @@ impl Agent {
         match step(now) {
             Step::Enroll => self.enroll(name, rec),
             Step::Reenroll => {
-                tracing::info!(pod = name, "pod sandbox or capture options changed; re-enrolling");
+                tracing::info!(
+                    pod = name,
+                    "pod sandbox or capture options changed; re-enrolling"
+                );
                 self.enroll(name, rec)
             }
             Step::HandOver => {
@@ -473,12 +490,13 @@ impl Agent {
         let pods = self.pods.lock().await;
         EnrolmentReport {
             node: self.cfg.node_name.clone(),
-            pods: enrolment_of(&pods),
+            ready: self.ready(),
+            pods: enrolment_of(&pods, self.zds.connected() > 0),
         }
     }
 
     fn record_enrolment(&self, pods: &BTreeMap<String, PodRecord>) {
-        let list = enrolment_of(pods);
+        let list = enrolment_of(pods, self.zds.connected() > 0);
         let count = |s: enrolment::State| list.iter().filter(|p| p.state == s).count() as u64;
         for s in enrolment::State::ALL {
             self.metrics.set_enrolment(s.label(), count(s));
@@ -880,6 +898,8 @@ impl Agent {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EnrolmentReport {
     pub node: String,
+    /// The control plane's view has arrived (until then the pod list means nothing).
+    pub ready: bool,
     pub pods: Vec<PodEnrolment>,
 }
 
@@ -894,11 +914,11 @@ pub struct PodEnrolment {
     pub reason: Option<String>,
 }
 
-fn enrolment_of(pods: &BTreeMap<String, PodRecord>) -> Vec<PodEnrolment> {
+fn enrolment_of(pods: &BTreeMap<String, PodRecord>, ztunnel_up: bool) -> Vec<PodEnrolment> {
     pods.iter()
         .filter(|(_, r)| r.enrolled())
         .map(|(k, r)| {
-            let (state, reason) = r.enrolment();
+            let (state, reason) = r.enrolment(ztunnel_up);
             PodEnrolment {
                 pod: k.clone(),
                 uid: r.view.as_ref().map(|v| v.uid.clone()).unwrap_or_default(),
@@ -962,9 +982,10 @@ pub fn read_back(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
                 "the {name} policy rule (pref 32764 fwmark 0x111/0xfff lookup 100) is missing"
             ));
         }
-        if !enrolment::local_route_present(
-            &ns.run(&["ip", family.flag(), "route", "show", "table", "100"], None)?,
-        ) {
+        if !enrolment::local_route_present(&ns.run(
+            &["ip", family.flag(), "route", "show", "table", "100"],
+            None,
+        )?) {
             return Err(format!(
                 "the {name} local default route of table 100 is missing"
             ));
@@ -1035,6 +1056,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn enrolment_is_served_to_loopback_peers_only() {
+        for ok in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"] {
+            assert!(may_read_enrolment(ok.parse().unwrap()), "{ok}");
+        }
+        for no in ["10.0.0.5", "0.0.0.0", "::ffff:10.0.0.5", "fd00::1", "::"] {
+            assert!(!may_read_enrolment(no.parse().unwrap()), "{no}");
+        }
+    }
+
+    #[test]
+    fn an_ack_counts_only_while_a_ztunnel_is_connected() {
+        let rec = PodRecord {
+            view: Some(NodePod {
+                enrolled: true,
+                ..Default::default()
+            }),
+            netns: Some(Netns::open("/proc/self/ns/net").unwrap()),
+            acked: true,
+            read_back: Some(Ok(())),
+            ..Default::default()
+        };
+        let rec = PodRecord {
+            programmed: rec.netns.as_ref().map(|n| n.inode),
+            ..rec
+        };
+        assert_eq!(rec.enrolment(true).0, enrolment::State::Confirmed);
+        let (state, reason) = rec.enrolment(false);
+        assert_eq!(state, enrolment::State::Pending);
+        assert!(reason.unwrap().contains("ztunnel has not acknowledged"));
+    }
+
+    #[test]
     fn reconcile_steps() {
         let on = Now {
             want: true,
@@ -1046,7 +1099,13 @@ mod tests {
         };
         assert_eq!(step(on), Step::Nothing);
         assert_eq!(step(Now { acked: false, ..on }), Step::HandOver);
-        assert_eq!(step(Now { inode: Some(8), ..on }), Step::Reenroll);
+        assert_eq!(
+            step(Now {
+                inode: Some(8),
+                ..on
+            }),
+            Step::Reenroll
+        );
         // Options changed (DNS capture, inbound bypass): programmed again.
         assert_eq!(
             step(Now {
@@ -1055,7 +1114,13 @@ mod tests {
             }),
             Step::Reenroll
         );
-        assert_eq!(step(Now { programmed: None, ..on }), Step::Enroll);
+        assert_eq!(
+            step(Now {
+                programmed: None,
+                ..on
+            }),
+            Step::Enroll
+        );
         assert_eq!(
             step(Now {
                 programmed: None,

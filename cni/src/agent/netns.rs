@@ -168,11 +168,16 @@ mod tests {
         let e = ns
             .run_within(&["sleep", "30"], None, Duration::from_millis(200))
             .unwrap_err();
-        assert!(e.contains("did not finish within 0.2s and was killed"), "{e}");
+        assert!(
+            e.contains("did not finish within 0.2s and was killed"),
+            "{e}"
+        );
         // A command that finishes gives its output and its failures as before.
         assert_eq!(ns.run(&["echo", "hi"], None).unwrap(), "hi\n");
         assert_eq!(ns.run(&["cat"], Some("in")).unwrap(), "in");
-        let e = ns.run(&["sh", "-c", "echo no >&2; exit 3"], None).unwrap_err();
+        let e = ns
+            .run(&["sh", "-c", "echo no >&2; exit 3"], None)
+            .unwrap_err();
         assert!(e.ends_with("failed: no"), "{e}");
     }
 

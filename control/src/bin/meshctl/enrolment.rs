@@ -42,6 +42,12 @@ pub fn fetch(agent: &str) -> Result<serde_json::Value, String> {
 /// The report for one agent's answer, and whether every pod is confirmed.
 pub fn render(v: &serde_json::Value) -> (String, bool) {
     let mut out = format!("NODE {}\n", v["node"].as_str().unwrap_or("(unnamed node)"));
+    // Until the control plane's view arrives an agent knows of no pod: say so, not
+    // "no enrolled pods". (Agents that do not report it are ready once they answer.)
+    if v["ready"] == false {
+        out.push_str("  NOT READY: the agent is waiting for the control plane's view\n");
+        return (out, false);
+    }
     let pods = v["pods"].as_array().cloned().unwrap_or_default();
     if pods.is_empty() {
         out.push_str("  (no enrolled pods)\n");
@@ -62,6 +68,19 @@ pub fn render(v: &serde_json::Value) -> (String, bool) {
         }
     }
     (out, all_confirmed)
+}
+
+/// meshctl's exit code for the agents' answers (`Ok(all confirmed)` or the reason it
+/// could not be read): 2 when an agent could not be read, 1 when pods are not
+/// confirmed, 0 otherwise.
+pub fn exit_code(answers: &[Result<bool, String>]) -> i32 {
+    if answers.iter().any(|a| a.is_err()) {
+        2
+    } else if answers.iter().any(|a| a == &Ok(false)) {
+        1
+    } else {
+        0
+    }
 }
 
 #[cfg(test)]
@@ -91,6 +110,24 @@ mod tests {
                 .0
                 .contains("no enrolled pods")
         );
+    }
+
+    #[test]
+    fn an_agent_not_ready_is_not_an_empty_node() {
+        let (text, ok) = render(&serde_json::json!({"node": "n", "ready": false, "pods": []}));
+        assert!(!ok);
+        assert!(text.contains("NOT READY"), "{text}");
+        assert!(!text.contains("no enrolled pods"), "{text}");
+        let (text, ok) = render(&serde_json::json!({"node": "n", "ready": true, "pods": []}));
+        assert!(ok && text.contains("no enrolled pods"), "{text}");
+    }
+
+    #[test]
+    fn unreachable_agents_exit_2_unconfirmed_pods_1() {
+        assert_eq!(exit_code(&[Ok(true), Ok(true)]), 0);
+        assert_eq!(exit_code(&[Ok(true), Ok(false)]), 1);
+        assert_eq!(exit_code(&[Ok(false), Err("down".into())]), 2);
+        assert_eq!(exit_code(&[]), 0);
     }
 
     #[test]
