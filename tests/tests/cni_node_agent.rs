@@ -679,7 +679,48 @@ fn rules_read_back_from_a_namespace_match_the_plan_until_changed() {
     // The pod's own tables are not ours to compare.
     mesh_cni::agent::program(&ns, &opts).unwrap();
     pod_ns.exec(&["nft", "add", "table", "inet", "app-own"]);
-    mesh_cni::agent::read_back(&ns, &opts).unwrap();
+    let baseline = mesh_cni::agent::read_back(&ns, &opts).unwrap();
+    // Read again (and after re-programming), the same nft lists the same rules exactly.
+    let again = mesh_cni::agent::read_back(&ns, &opts).unwrap();
+    mesh_cni::agent::enrolment::compare_baseline(&baseline, &again).unwrap();
+    // A redirect narrowed to one port keeps the planned verdicts, not the baseline.
+    let listed: serde_json::Value = serde_json::from_str(&pod_ns.exec(&[
+        "nft",
+        "-j",
+        "list",
+        "chain",
+        "inet",
+        "ambient-nat",
+        "output",
+    ]))
+    .unwrap();
+    let handle = listed["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["rule"]["handle"].as_u64())
+        .last()
+        .unwrap()
+        .to_string();
+    pod_ns.exec(&[
+        "nft",
+        "replace",
+        "rule",
+        "inet",
+        "ambient-nat",
+        "output",
+        "handle",
+        &handle,
+        "tcp",
+        "dport",
+        "1",
+        "redirect",
+        "to",
+        ":15001",
+    ]);
+    let narrowed = mesh_cni::agent::read_back(&ns, &opts).unwrap();
+    let e = mesh_cni::agent::enrolment::compare_baseline(&baseline, &narrowed).unwrap_err();
+    assert!(e.contains("changed since the pod was programmed"), "{e}");
     // A dormant capture table (all its chains disabled) is a difference.
     pod_ns.exec(&[
         "nft",

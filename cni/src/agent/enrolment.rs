@@ -41,6 +41,9 @@ pub struct Chain {
     /// `type hook priority policy`, e.g. `nat output -100 accept` (priority as a number).
     pub base: String,
     pub rules: Vec<Verdict>,
+    /// Each rule's `expr` as nft lists it (JSON; empty in a plan): the baseline taken
+    /// after programming, which later read-backs must equal exactly.
+    pub exprs: Vec<String>,
 }
 
 /// The chains an `inet` nftables script creates (the scripts of `rules` and `guard`:
@@ -61,6 +64,7 @@ pub fn planned(script: &str) -> Vec<Chain> {
                     name: name.trim().to_string(),
                     base: String::new(),
                     rules: vec![],
+                    exprs: vec![],
                 });
             }
         } else if line == "}" {
@@ -174,6 +178,7 @@ pub fn read_back(json: &str, tables: &[&str]) -> Result<Vec<Chain>, String> {
                 name: s("name"),
                 base,
                 rules: vec![],
+                exprs: vec![],
             });
         } else if let Some(r) = item.get("rule").filter(|r| ours(r)) {
             let (t, ch) = (r["table"].as_str(), r["chain"].as_str());
@@ -182,6 +187,7 @@ pub fn read_back(json: &str, tables: &[&str]) -> Result<Vec<Chain>, String> {
                 .find(|c| Some(c.table.as_str()) == t && Some(c.name.as_str()) == ch)
                 .ok_or("`nft -j` lists a rule before its chain")?;
             chain.rules.push(verdict_of_json(&r["expr"]));
+            chain.exprs.push(r["expr"].to_string());
         }
     }
     Ok(out)
@@ -285,6 +291,45 @@ pub fn compare(planned: &[Chain], found: &[Chain]) -> Result<(), String> {
         return Err(format!(
             "unplanned chain {} in table inet {}",
             extra.name, extra.table
+        ));
+    }
+    Ok(())
+}
+
+/// `Ok` when every rule of `found` is exactly (match expressions included) what the
+/// baseline read back after programming listed. The plan only fixes verdicts; this
+/// catches a rule rewritten behind the agent's back with the same verdict (a redirect
+/// narrowed to one port). Same nft both times, so no false differences.
+pub fn compare_baseline(baseline: &[Chain], found: &[Chain]) -> Result<(), String> {
+    for f in found {
+        let Some(b) = baseline
+            .iter()
+            .find(|b| b.table == f.table && b.name == f.name)
+        else {
+            return Err(format!(
+                "chain {} of table inet {} was not there when the pod was programmed",
+                f.name, f.table
+            ));
+        };
+        if let Some(i) =
+            (0..b.exprs.len().max(f.exprs.len())).find(|&i| b.exprs.get(i) != f.exprs.get(i))
+        {
+            return Err(format!(
+                "rule {} of chain {} in table inet {} changed since the pod was programmed: now {}",
+                i + 1,
+                f.name,
+                f.table,
+                f.exprs.get(i).map(String::as_str).unwrap_or("none")
+            ));
+        }
+    }
+    if let Some(gone) = baseline
+        .iter()
+        .find(|b| !found.iter().any(|f| f.table == b.table && f.name == b.name))
+    {
+        return Err(format!(
+            "chain {} of table inet {} is missing",
+            gone.name, gone.table
         ));
     }
     Ok(())
@@ -494,6 +539,7 @@ mod tests {
             name: "sneaky".into(),
             base: String::new(),
             rules: vec![],
+            exprs: vec![],
         });
         assert!(
             compare(&p, &extra)
@@ -533,6 +579,36 @@ mod tests {
         assert!(
             e.contains("`nat output 10 accept`, planned `nat output -100 accept`"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn later_read_backs_must_equal_the_baseline_exactly() {
+        let baseline = read_back(LISTED, &ours()).unwrap();
+        assert_eq!(compare_baseline(&baseline, &baseline), Ok(()));
+        // Handles are not compared: the same rules re-listed with other handles match.
+        let renumbered = LISTED.replace(r#""handle": 12,"#, r#""handle": 99,"#);
+        assert_ne!(renumbered, LISTED);
+        let again = read_back(&renumbered, &ours()).unwrap();
+        assert_eq!(compare_baseline(&baseline, &again), Ok(()));
+        // The same verdict with another match passes the plan, not the baseline.
+        let narrowed = LISTED.replace(
+            r#""handle": 12, "expr": [{"redirect": {"port": 15001}}]"#,
+            r#""handle": 12, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 1}}, {"redirect": {"port": 15001}}]"#,
+        );
+        assert_ne!(narrowed, LISTED);
+        let found = read_back(&narrowed, &ours()).unwrap();
+        assert_eq!(compare(&plan(&PodRuleOptions::default()), &found), Ok(()));
+        let e = compare_baseline(&baseline, &found).unwrap_err();
+        assert!(
+            e.starts_with("rule 6 of chain output in table inet ambient-nat changed"),
+            "{e}"
+        );
+        let fewer: Vec<Chain> = baseline[1..].to_vec();
+        assert!(
+            compare_baseline(&baseline, &fewer)
+                .unwrap_err()
+                .contains("is missing")
         );
     }
 

@@ -79,6 +79,8 @@ struct PodRecord {
     /// Something of ours may be in the pod's namespace (set before programming, cleared
     /// once removed): a failed program or removal is retried until it is gone.
     installed: bool,
+    /// The first read-back after programming (rules exactly as nft listed them).
+    baseline: Option<Vec<enrolment::Chain>>,
     /// The options the rules were programmed with (re-programmed when they change).
     programmed_with: Option<PodRuleOptions>,
 }
@@ -439,11 +441,20 @@ impl Agent {
         name: &str,
         rec: &mut PodRecord,
         job: &ReadBackJob,
-        now: Result<(), String>,
+        now: Result<Vec<enrolment::Chain>, String>,
     ) {
         if self.read_back_job(rec).as_ref() != Some(job) {
             return;
         }
+        // The first good read-back after programming is the baseline; later ones must
+        // equal it exactly.
+        let now = now.and_then(|found| match &rec.baseline {
+            Some(b) => enrolment::compare_baseline(b, &found),
+            None => {
+                rec.baseline = Some(found);
+                Ok(())
+            }
+        });
         if let Err(e) = &now
             && rec.read_back.as_ref().is_none_or(|r| r.is_ok())
         {
@@ -518,6 +529,7 @@ impl Agent {
         rec.read_back = None;
         rec.programmed = Some(ns.inode);
         rec.programmed_with = Some(opts);
+        rec.baseline = None;
         match self.zds.add(&entry(v, Some(ns))) {
             Ok(()) => {
                 rec.acked = true;
@@ -547,6 +559,7 @@ impl Agent {
         self.zds.del(&uid);
         rec.programmed = None;
         rec.programmed_with = None;
+        rec.baseline = None;
         rec.acked = false;
         rec.read_back = None;
         rec.apply_error = None;
@@ -749,7 +762,7 @@ impl Agent {
                 match Netns::open(&netns)
                     .and_then(|n| tokio::task::block_in_place(|| read_back(&n, &opts)))
                 {
-                    Ok(()) => AgentReply::Ok { enrolled: true },
+                    Ok(_) => AgentReply::Ok { enrolled: true },
                     Err(message) => AgentReply::Error { message },
                 }
             }
@@ -963,9 +976,10 @@ pub fn unprogram(ns: &Netns) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads the pod's rules back (`nft -j list ruleset` and `ip rule`, in its namespace)
-/// and compares them with the plan for `opts`.
-pub fn read_back(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
+/// Reads the pod's rules back (`nft -j list ruleset inet` and `ip rule`/`ip route`, in
+/// its namespace) and compares them with the plan for `opts`; `Ok` has the chains read
+/// (to keep as, or compare with, the baseline).
+pub fn read_back(ns: &Netns, opts: &PodRuleOptions) -> Result<Vec<enrolment::Chain>, String> {
     let plan = enrolment::planned(&nft_script(opts));
     let mut tables = crate::rules::TABLES.to_vec();
     tables.push(guard::TABLE);
@@ -991,7 +1005,7 @@ pub fn read_back(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
             ));
         }
     }
-    Ok(())
+    Ok(found)
 }
 
 fn uid_of(v: &NodePod) -> String {
