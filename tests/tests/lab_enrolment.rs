@@ -1,7 +1,8 @@
 //! Enrolment you can check, on a real lab cluster: every pod of an enrolled namespace is
 //! confirmed (its rules read back from its network namespace as planned, ztunnel's ack);
 //! a pod whose rules are changed from outside is flagged failed, with the reason, in
-//! `meshctl enrolment` and the agent's metric, and never sends plaintext off the node.
+//! `meshctl enrolment` and the agent's metric, never sends plaintext off the node, and
+//! cannot be reached in plaintext around ztunnel.
 
 use mesh_e2e::cluster::{contains, wait_until};
 use mesh_e2e::manifests::{
@@ -117,6 +118,48 @@ fn every_pod_confirmed_then_a_broken_pod_is_flagged_and_fails_closed() {
     let (bytes, _) = cap.finish();
     assert!(sent.is_err() && !contains(&bytes, "leak-marker-2"));
     // The untouched pod on the same node still goes through the mesh.
+    assert!(
+        t.curl("front/other", "http://10.96.0.20/").is_ok(),
+        "{}",
+        t.all_logs()
+    );
+
+    // Inbound: back/api's capture deleted too. A plaintext client on the fabric (node-1,
+    // not in the mesh) cannot reach the app around ztunnel's inbound authorization...
+    let api = t.lab.state.pods["back/api"].clone();
+    let del = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &api.netns,
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            "ambient-nat",
+        ])
+        .status()
+        .unwrap();
+    assert!(del.success());
+    let direct = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.lab.node_ns(1),
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+        ])
+        .arg(format!("http://{}:8080/", api.ip))
+        .output()
+        .unwrap();
+    assert!(
+        !direct.status.success(),
+        "a plaintext client reached the app of a pod whose inbound capture is gone: {}",
+        String::from_utf8_lossy(&direct.stdout)
+    );
+    // ...while HBONE from the mesh still reaches it through ztunnel.
     assert!(
         t.curl("front/other", "http://10.96.0.20/").is_ok(),
         "{}",
