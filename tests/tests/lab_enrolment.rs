@@ -4,11 +4,14 @@
 //! `meshctl enrolment` and the agent's metric, never sends plaintext off the node, and
 //! cannot be reached in plaintext around ztunnel.
 
+use mesh_e2e::binary;
 use mesh_e2e::cluster::{contains, wait_until};
 use mesh_e2e::manifests::{
     BACK_AMBIENT, BACK_API_POD_WITH_TCP_ECHO, FRONT_AMBIENT, FRONT_CLIENT, join,
 };
 use mesh_e2e::testlab::TestLab;
+use mesh_lab::lab::Lab;
+use std::process::Command;
 
 const SERVICE: &str = "apiVersion: v1
 kind: Service
@@ -60,6 +63,37 @@ fn every_pod_confirmed_then_a_broken_pod_is_flagged_and_fails_closed() {
         "{}",
         t.agent_metrics(1)
     );
+    // Every pod's name and UID are for the node only: from another node the agent's
+    // metrics answer, /enrolment does not; meshctl exits 2 for an agent it cannot read.
+    let node1 = format!("{}:8000", Lab::node_ip(1));
+    let from_node2 = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &t.lab.node_ns(2)])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let metrics = from_node2(&[
+        "curl",
+        "-s",
+        "--max-time",
+        "5",
+        &format!("http://{node1}/metrics"),
+    ]);
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("mesh_cni_pod_enrolment"));
+    let remote = from_node2(&[
+        binary("meshctl").to_str().unwrap(),
+        "enrolment",
+        "--agent",
+        &node1,
+    ]);
+    assert_eq!(remote.status.code(), Some(2), "{remote:?}");
+    let err = String::from_utf8_lossy(&remote.stderr);
+    assert!(
+        err.contains("serves /enrolment to its own node only"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&remote.stdout).contains("front/client"));
     wait_until("mTLS through the mesh", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
     });

@@ -22,7 +22,9 @@ pub fn fetch(agent: &str) -> Result<serde_json::Value, String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .map_err(|e| unreachable(e.to_string()))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(s, "GET /enrolment HTTP/1.0\r\nHost: {agent}\r\n\r\n")
+    // One write: the agent answers on the first segment and closes, so a request
+    // written in pieces could meet a reset.
+    s.write_all(format!("GET /enrolment HTTP/1.0\r\nHost: {agent}\r\n\r\n").as_bytes())
         .map_err(|e| unreachable(e.to_string()))?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)
@@ -30,6 +32,11 @@ pub fn fetch(agent: &str) -> Result<serde_json::Value, String> {
     let (head, body) = resp
         .split_once("\r\n\r\n")
         .ok_or("malformed response from the node agent")?;
+    if head.starts_with("HTTP/1.1 403") {
+        return Err(format!(
+            "the node agent at {agent} serves /enrolment to its own node only: run meshctl on that node (its network namespace) with --agent 127.0.0.1:<port>"
+        ));
+    }
     if !head.starts_with("HTTP/1.1 200") {
         return Err(format!(
             "the node agent at {agent} answered `{}`: is it an older agent without /enrolment?",
