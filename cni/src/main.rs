@@ -372,7 +372,7 @@ fn run_agent(args: Vec<String>) -> i32 {
 }
 
 /// `GET /readyz` (200 once the control plane's view arrived), `GET /metrics` and
-/// `GET /enrolment` (each enrolled pod's enrolment state, JSON). One
+/// `GET /enrolment` (each enrolled pod's enrolment state, JSON; loopback peers only). One
 /// task per connection, each bounded in time.
 async fn readiness(addr: SocketAddr, agent: std::sync::Arc<Agent>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -381,7 +381,7 @@ async fn readiness(addr: SocketAddr, agent: std::sync::Arc<Agent>) {
         return;
     };
     loop {
-        let Ok((mut s, _)) = l.accept().await else {
+        let Ok((mut s, peer)) = l.accept().await else {
             continue;
         };
         let agent = agent.clone();
@@ -393,6 +393,13 @@ async fn readiness(addr: SocketAddr, agent: std::sync::Arc<Agent>) {
             };
             let (code, body) = if buf[..n].starts_with(b"GET /metrics ") {
                 ("200 OK", agent.metrics().render())
+            } else if buf[..n].starts_with(b"GET /enrolment ")
+                && !mesh_cni::agent::may_read_enrolment(peer.ip())
+            {
+                (
+                    "403 Forbidden",
+                    "/enrolment is served to the node itself only\n".to_string(),
+                )
             } else if buf[..n].starts_with(b"GET /enrolment ") {
                 let report = agent.enrolment().await;
                 ("200 OK", serde_json::to_string(&report).unwrap_or_default())

@@ -18,6 +18,8 @@ pub const ROUTE_TABLE: u32 = 100;
 pub const RULE_PRIORITY: u32 = 32764;
 pub const PROBE_SNAT_V4: &str = "169.254.7.127";
 pub const PROBE_SNAT_V6: &str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff";
+/// ztunnel's listeners in the pod: outbound capture, inbound plaintext capture, HBONE.
+pub const ZTUNNEL_PORTS: [u16; 3] = [15001, 15006, 15008];
 
 /// Tables we own in a pod netns (deleted and re-created as a whole).
 pub const TABLES: [&str; 2] = ["ambient-nat", "ambient-mangle"];

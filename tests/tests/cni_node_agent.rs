@@ -679,5 +679,122 @@ fn rules_read_back_from_a_namespace_match_the_plan_until_changed() {
     // The pod's own tables are not ours to compare.
     mesh_cni::agent::program(&ns, &opts).unwrap();
     pod_ns.exec(&["nft", "add", "table", "inet", "app-own"]);
-    mesh_cni::agent::read_back(&ns, &opts).unwrap();
+    let baseline = mesh_cni::agent::read_back(&ns, &opts).unwrap();
+    // Read again (and after re-programming), the same nft lists the same rules exactly.
+    let again = mesh_cni::agent::read_back(&ns, &opts).unwrap();
+    mesh_cni::agent::enrolment::compare_baseline(&baseline, &again).unwrap();
+    // A redirect narrowed to one port keeps the planned verdicts, not the baseline.
+    let listed: serde_json::Value = serde_json::from_str(&pod_ns.exec(&[
+        "nft",
+        "-j",
+        "list",
+        "chain",
+        "inet",
+        "ambient-nat",
+        "output",
+    ]))
+    .unwrap();
+    let handle = listed["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["rule"]["handle"].as_u64())
+        .last()
+        .unwrap()
+        .to_string();
+    pod_ns.exec(&[
+        "nft",
+        "replace",
+        "rule",
+        "inet",
+        "ambient-nat",
+        "output",
+        "handle",
+        &handle,
+        "tcp",
+        "dport",
+        "1",
+        "redirect",
+        "to",
+        ":15001",
+    ]);
+    let narrowed = mesh_cni::agent::read_back(&ns, &opts).unwrap();
+    let e = mesh_cni::agent::enrolment::compare_baseline(&baseline, &narrowed).unwrap_err();
+    assert!(e.contains("changed since the pod was programmed"), "{e}");
+    // A dormant capture table (all its chains disabled) is a difference.
+    pod_ns.exec(&[
+        "nft",
+        "add",
+        "table",
+        "inet",
+        "ambient-nat",
+        "{ flags dormant; }",
+    ]);
+    let e = mesh_cni::agent::read_back(&ns, &opts).unwrap_err();
+    assert!(e.contains("table inet ambient-nat has flags"), "{e}");
+    // The policy rule at another preference is not the policy rule.
+    mesh_cni::agent::program(&ns, &opts).unwrap();
+    pod_ns.exec(&["ip", "rule", "del", "pref", "32764"]);
+    pod_ns.exec(&[
+        "ip",
+        "rule",
+        "add",
+        "fwmark",
+        "0x111/0xfff",
+        "pref",
+        "32765",
+        "lookup",
+        "100",
+    ]);
+    let e = mesh_cni::agent::read_back(&ns, &opts).unwrap_err();
+    assert!(e.contains("IPv4 policy rule"), "{e}");
+}
+
+/// The guard on a real namespace: with the capture tables deleted from outside, a
+/// plaintext client on another host cannot reach the app around ztunnel; ztunnel's
+/// HBONE port stays reachable; a pod that bypasses inbound capture has no inbound guard.
+#[test]
+fn the_guard_refuses_plaintext_inbound_when_the_capture_is_removed() {
+    require_tool("nft");
+    let pod_ns = Netns::new("gi");
+    let peer = Netns::new("gp");
+    mesh_e2e::net::veth(&pod_ns, "10.213.0.2/24", &peer, "10.213.0.1/24");
+    pod_ns.exec(&["ip", "link", "set", "lo", "up"]);
+    let ns = mesh_cni::agent::netns::Netns::open(&pod_ns.path()).unwrap();
+    let listen = |port: u16| {
+        pod_ns
+            .handle()
+            .run(move || TcpListener::bind(("0.0.0.0", port)))
+            .unwrap()
+            .unwrap()
+    };
+    let connect = |port: u16| {
+        let to: SocketAddr = format!("10.213.0.2:{port}").parse().unwrap();
+        peer.handle()
+            .run(move || TcpStream::connect_timeout(&to, Duration::from_secs(3)))
+            .unwrap()
+    };
+    let _app = listen(8080);
+    let _hbone = listen(15008);
+    // Unguarded, the app is reachable (the test can see a refusal at all).
+    connect(8080).expect("no rules: the app is reachable");
+
+    let opts = mesh_cni::rules::PodRuleOptions::default();
+    mesh_cni::agent::program(&ns, &opts).unwrap();
+    pod_ns.exec(&["nft", "delete", "table", "inet", "ambient-nat"]);
+    let e = connect(8080).expect_err("the guard refuses the app port");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    connect(15008).expect("HBONE to ztunnel stays reachable");
+
+    let bypass = mesh_cni::rules::PodRuleOptions {
+        bypass_inbound: true,
+        ..Default::default()
+    };
+    mesh_cni::agent::program(&ns, &bypass).unwrap();
+    mesh_cni::agent::read_back(&ns, &bypass).unwrap();
+    connect(8080).expect("inbound capture bypassed: no inbound guard");
+    // Removal takes the guard and the capture away together.
+    mesh_cni::agent::unprogram(&ns).unwrap();
+    let left = pod_ns.exec(&["nft", "list", "tables"]);
+    assert!(!left.contains("ambient-"), "{left}");
 }

@@ -1,13 +1,17 @@
 //! Enrolment you can check, on a real lab cluster: every pod of an enrolled namespace is
 //! confirmed (its rules read back from its network namespace as planned, ztunnel's ack);
 //! a pod whose rules are changed from outside is flagged failed, with the reason, in
-//! `meshctl enrolment` and the agent's metric, and never sends plaintext off the node.
+//! `meshctl enrolment` and the agent's metric, never sends plaintext off the node, and
+//! cannot be reached in plaintext around ztunnel.
 
+use mesh_e2e::binary;
 use mesh_e2e::cluster::{contains, wait_until};
 use mesh_e2e::manifests::{
     BACK_AMBIENT, BACK_API_POD_WITH_TCP_ECHO, FRONT_AMBIENT, FRONT_CLIENT, join,
 };
 use mesh_e2e::testlab::TestLab;
+use mesh_lab::lab::Lab;
+use std::process::Command;
 
 const SERVICE: &str = "apiVersion: v1
 kind: Service
@@ -59,6 +63,37 @@ fn every_pod_confirmed_then_a_broken_pod_is_flagged_and_fails_closed() {
         "{}",
         t.agent_metrics(1)
     );
+    // Every pod's name and UID are for the node only: from another node the agent's
+    // metrics answer, /enrolment does not; meshctl exits 2 for an agent it cannot read.
+    let node1 = format!("{}:8000", Lab::node_ip(1));
+    let from_node2 = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &t.lab.node_ns(2)])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let metrics = from_node2(&[
+        "curl",
+        "-s",
+        "--max-time",
+        "5",
+        &format!("http://{node1}/metrics"),
+    ]);
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("mesh_cni_pod_enrolment"));
+    let remote = from_node2(&[
+        binary("meshctl").to_str().unwrap(),
+        "enrolment",
+        "--agent",
+        &node1,
+    ]);
+    assert_eq!(remote.status.code(), Some(2), "{remote:?}");
+    let err = String::from_utf8_lossy(&remote.stderr);
+    assert!(
+        err.contains("serves /enrolment to its own node only"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&remote.stdout).contains("front/client"));
     wait_until("mTLS through the mesh", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
     });
@@ -117,6 +152,48 @@ fn every_pod_confirmed_then_a_broken_pod_is_flagged_and_fails_closed() {
     let (bytes, _) = cap.finish();
     assert!(sent.is_err() && !contains(&bytes, "leak-marker-2"));
     // The untouched pod on the same node still goes through the mesh.
+    assert!(
+        t.curl("front/other", "http://10.96.0.20/").is_ok(),
+        "{}",
+        t.all_logs()
+    );
+
+    // Inbound: back/api's capture deleted too. A plaintext client on the fabric (node-1,
+    // not in the mesh) cannot reach the app around ztunnel's inbound authorization...
+    let api = t.lab.state.pods["back/api"].clone();
+    let del = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &api.netns,
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            "ambient-nat",
+        ])
+        .status()
+        .unwrap();
+    assert!(del.success());
+    let direct = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.lab.node_ns(1),
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+        ])
+        .arg(format!("http://{}:8080/", api.ip))
+        .output()
+        .unwrap();
+    assert!(
+        !direct.status.success(),
+        "a plaintext client reached the app of a pod whose inbound capture is gone: {}",
+        String::from_utf8_lossy(&direct.stdout)
+    );
+    // ...while HBONE from the mesh still reaches it through ztunnel.
     assert!(
         t.curl("front/other", "http://10.96.0.20/").is_ok(),
         "{}",

@@ -38,9 +38,12 @@ impl std::fmt::Display for Verdict {
 pub struct Chain {
     pub table: String,
     pub name: String,
-    /// `type hook policy`, e.g. `nat output accept`.
+    /// `type hook priority policy`, e.g. `nat output -100 accept` (priority as a number).
     pub base: String,
     pub rules: Vec<Verdict>,
+    /// Each rule's `expr` as nft lists it (JSON; empty in a plan): the baseline taken
+    /// after programming, which later read-backs must equal exactly.
+    pub exprs: Vec<String>,
 }
 
 /// The chains an `inet` nftables script creates (the scripts of `rules` and `guard`:
@@ -61,6 +64,7 @@ pub fn planned(script: &str) -> Vec<Chain> {
                     name: name.trim().to_string(),
                     base: String::new(),
                     rules: vec![],
+                    exprs: vec![],
                 });
             }
         } else if line == "}" {
@@ -81,9 +85,10 @@ pub fn planned(script: &str) -> Vec<Chain> {
                         .unwrap_or("")
                 };
                 c.base = format!(
-                    "{} {} {}",
+                    "{} {} {} {}",
                     words.first().copied().unwrap_or(""),
                     after("hook"),
+                    priority(after("priority")),
                     after("policy")
                 );
             } else if !line.is_empty() {
@@ -92,6 +97,20 @@ pub fn planned(script: &str) -> Vec<Chain> {
         }
     }
     out
+}
+
+/// A chain priority as nft lists it: the standard names of the `inet` family as numbers.
+fn priority(p: &str) -> String {
+    let n = match p {
+        "raw" => -300,
+        "mangle" => -150,
+        "dstnat" => -100,
+        "filter" => 0,
+        "security" => 50,
+        "srcnat" => 100,
+        other => return other.to_string(),
+    };
+    n.to_string()
 }
 
 fn verdict_of_line(rule: &str) -> Verdict {
@@ -128,12 +147,29 @@ pub fn read_back(json: &str, tables: &[&str]) -> Result<Vec<Chain>, String> {
     let ours = |o: &serde_json::Value| {
         o["family"] == "inet" && o["table"].as_str().is_some_and(|t| tables.contains(&t))
     };
+    let ours_table = |t: &serde_json::Value| {
+        t["family"] == "inet" && t["name"].as_str().is_some_and(|n| tables.contains(&n))
+    };
     let mut out: Vec<Chain> = Vec::new();
     for item in items {
-        if let Some(c) = item.get("chain").filter(|c| ours(c)) {
+        if let Some(t) = item.get("table").filter(|t| ours_table(t)) {
+            // Our tables have no flags. `dormant` disables every chain of the table; any
+            // flag is a difference (nft 1.0.6 misprints the flags in JSON, so their
+            // presence is what counts).
+            if let Some(flags) = t.get("flags").filter(|f| !f.is_null()) {
+                let name = t["name"].as_str().unwrap_or("");
+                return Err(format!(
+                    "table inet {name} has flags {flags} (planned none; `dormant` disables all its chains)"
+                ));
+            }
+        } else if let Some(c) = item.get("chain").filter(|c| ours(c)) {
             let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
             let base = if c.get("hook").is_some() {
-                format!("{} {} {}", s("type"), s("hook"), s("policy"))
+                let prio = c["prio"]
+                    .as_i64()
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| s("prio"));
+                format!("{} {} {} {}", s("type"), s("hook"), prio, s("policy"))
             } else {
                 String::new()
             };
@@ -142,6 +178,7 @@ pub fn read_back(json: &str, tables: &[&str]) -> Result<Vec<Chain>, String> {
                 name: s("name"),
                 base,
                 rules: vec![],
+                exprs: vec![],
             });
         } else if let Some(r) = item.get("rule").filter(|r| ours(r)) {
             let (t, ch) = (r["table"].as_str(), r["chain"].as_str());
@@ -150,6 +187,7 @@ pub fn read_back(json: &str, tables: &[&str]) -> Result<Vec<Chain>, String> {
                 .find(|c| Some(c.table.as_str()) == t && Some(c.name.as_str()) == ch)
                 .ok_or("`nft -j` lists a rule before its chain")?;
             chain.rules.push(verdict_of_json(&r["expr"]));
+            chain.exprs.push(r["expr"].to_string());
         }
     }
     Ok(out)
@@ -176,9 +214,37 @@ fn verdict_of_json(expr: &serde_json::Value) -> Verdict {
     }
 }
 
-/// The policy route for ztunnel's spoofed connections, from `ip rule show`.
+/// The policy route for ztunnel's spoofed connections, from `ip rule show`: a rule at
+/// our preference (an earlier rule would take those packets first) that sends conn-marked
+/// replies to our table.
 pub fn policy_route_present(ip_rules: &str) -> bool {
-    ip_rules.contains("fwmark 0x111/0xfff lookup 100")
+    use crate::rules::{CONN_MARK, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY};
+    let fwmark = format!("{CONN_MARK:#x}/{MARK_MASK:#x}");
+    let table = ROUTE_TABLE.to_string();
+    ip_rules.lines().any(|l| {
+        let Some((pref, rest)) = l.trim().split_once(':') else {
+            return false;
+        };
+        let w: Vec<&str> = rest.split_whitespace().collect();
+        pref.trim().parse::<u32>() == Ok(RULE_PRIORITY)
+            && w == [
+                "from",
+                "all",
+                "fwmark",
+                fwmark.as_str(),
+                "lookup",
+                table.as_str(),
+            ]
+    })
+}
+
+/// Table 100's route that delivers everything locally (to ztunnel's transparent
+/// socket), from `ip route show table 100`.
+pub fn local_route_present(routes: &str) -> bool {
+    routes.lines().any(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        w.starts_with(&["local", "default", "dev", "lo"])
+    })
 }
 
 /// `Ok` when every planned chain is there, as planned, and nothing else is in our
@@ -225,6 +291,45 @@ pub fn compare(planned: &[Chain], found: &[Chain]) -> Result<(), String> {
         return Err(format!(
             "unplanned chain {} in table inet {}",
             extra.name, extra.table
+        ));
+    }
+    Ok(())
+}
+
+/// `Ok` when every rule of `found` is exactly (match expressions included) what the
+/// baseline read back after programming listed. The plan only fixes verdicts; this
+/// catches a rule rewritten behind the agent's back with the same verdict (a redirect
+/// narrowed to one port). Same nft both times, so no false differences.
+pub fn compare_baseline(baseline: &[Chain], found: &[Chain]) -> Result<(), String> {
+    for f in found {
+        let Some(b) = baseline
+            .iter()
+            .find(|b| b.table == f.table && b.name == f.name)
+        else {
+            return Err(format!(
+                "chain {} of table inet {} was not there when the pod was programmed",
+                f.name, f.table
+            ));
+        };
+        if let Some(i) =
+            (0..b.exprs.len().max(f.exprs.len())).find(|&i| b.exprs.get(i) != f.exprs.get(i))
+        {
+            return Err(format!(
+                "rule {} of chain {} in table inet {} changed since the pod was programmed: now {}",
+                i + 1,
+                f.name,
+                f.table,
+                f.exprs.get(i).map(String::as_str).unwrap_or("none")
+            ));
+        }
+    }
+    if let Some(gone) = baseline
+        .iter()
+        .find(|b| !found.iter().any(|f| f.table == b.table && f.name == b.name))
+    {
+        return Err(format!(
+            "chain {} of table inet {} is missing",
+            gone.name, gone.table
         ));
     }
     Ok(())
@@ -295,7 +400,7 @@ pub fn state(f: &Facts) -> (State, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{PodRuleOptions, TABLES, pod_ruleset};
+    use crate::rules::{PodRuleOptions, TABLES};
 
     /// What nftables 1.0.6 lists after applying `pod_ruleset(default)` and the guard
     /// (abridged: match expressions shortened, handles kept).
@@ -324,10 +429,19 @@ mod tests {
  {"rule": {"family": "inet", "table": "ambient-nat", "chain": "output", "handle": 13, "expr": [{"redirect": {"port": 15001}}]}},
  {"table": {"family": "inet", "name": "ambient-guard", "handle": 5}},
  {"chain": {"family": "inet", "table": "ambient-guard", "name": "output", "handle": 1, "type": "filter", "hook": "output", "prio": 0, "policy": "accept"}},
- {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 2, "expr": [{"accept": null}]}},
+ {"chain": {"family": "inet", "table": "ambient-guard", "name": "input", "handle": 2, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}},
  {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 3, "expr": [{"accept": null}]}},
  {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 4, "expr": [{"accept": null}]}},
- {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 5, "expr": [{"match": {}}, {"reject": {"type": "tcp reset"}}]}}
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 5, "expr": [{"accept": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 6, "expr": [{"match": {}}, {"drop": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "output", "handle": 7, "expr": [{"match": {}}, {"reject": {"type": "tcp reset"}}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 8, "expr": [{"match": {}}, {"accept": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 9, "expr": [{"match": {}}, {"accept": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 10, "expr": [{"match": {}}, {"accept": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 11, "expr": [{"match": {}}, {"accept": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 12, "expr": [{"match": {}}, {"accept": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 13, "expr": [{"match": {}}, {"drop": null}]}},
+ {"rule": {"family": "inet", "table": "ambient-guard", "chain": "input", "handle": 14, "expr": [{"match": {}}, {"reject": {"type": "tcp reset"}}]}}
 ]}"#;
 
     fn ours() -> Vec<&'static str> {
@@ -337,11 +451,7 @@ mod tests {
     }
 
     fn plan(opts: &PodRuleOptions) -> Vec<Chain> {
-        planned(&format!(
-            "{}{}",
-            crate::agent::guard::table(),
-            pod_ruleset(opts)
-        ))
+        planned(&crate::agent::nft_script(opts))
     }
 
     #[test]
@@ -355,17 +465,20 @@ mod tests {
             names,
             [
                 "ambient-guard output",
+                "ambient-guard input",
                 "ambient-mangle prerouting",
                 "ambient-mangle output",
                 "ambient-nat prerouting",
                 "ambient-nat output"
             ]
         );
-        let nat_out = &p[4];
-        assert_eq!(nat_out.base, "nat output accept");
+        let nat_out = &p[5];
+        assert_eq!(nat_out.base, "nat output -100 accept");
         assert_eq!(nat_out.rules.last(), Some(&Verdict::Redirect(15001)));
         assert_eq!(p[0].rules.last(), Some(&Verdict::Reject));
-        assert_eq!(p[1].rules, vec![Verdict::Other]);
+        assert_eq!(p[1].base, "filter input 0 accept");
+        assert_eq!(p[2].rules, vec![Verdict::Other]);
+        assert_eq!(p[2].base, "filter prerouting -150 accept");
     }
 
     #[test]
@@ -417,7 +530,7 @@ mod tests {
         assert!(
             compare(&p, &policy)
                 .unwrap_err()
-                .contains("planned `filter output accept`")
+                .contains("planned `filter output 0 accept`")
         );
         // An extra chain in one of our tables.
         let mut extra = found.clone();
@@ -426,6 +539,7 @@ mod tests {
             name: "sneaky".into(),
             base: String::new(),
             rules: vec![],
+            exprs: vec![],
         });
         assert!(
             compare(&p, &extra)
@@ -439,6 +553,89 @@ mod tests {
         });
         assert!(compare(&dns, &found).is_err());
         assert!(read_back("{}", &ours()).is_err());
+    }
+
+    #[test]
+    fn a_dormant_table_or_another_priority_is_a_difference() {
+        let p = plan(&PodRuleOptions::default());
+        // `nft add table inet ambient-nat '{ flags dormant; }'` (nft 1.0.6 misprints the
+        // flags' value in JSON; newer versions print the name).
+        for flags in [r#""Lester Gooch #5""#, r#""dormant""#, r#"["dormant"]"#] {
+            let dormant = LISTED.replace(
+                r#""name": "ambient-nat", "handle": 4}"#,
+                &format!(r#""name": "ambient-nat", "handle": 4, "flags": {flags}}}"#),
+            );
+            assert_ne!(dormant, LISTED);
+            let e = read_back(&dormant, &ours()).unwrap_err();
+            assert!(e.contains("table inet ambient-nat has flags"), "{e}");
+        }
+        // A capture chain moved after the guard's filter (another priority).
+        let late = LISTED.replace(
+            r#""name": "output", "handle": 2, "type": "nat", "hook": "output", "prio": -100"#,
+            r#""name": "output", "handle": 2, "type": "nat", "hook": "output", "prio": 10"#,
+        );
+        assert_ne!(late, LISTED);
+        let e = compare(&p, &read_back(&late, &ours()).unwrap()).unwrap_err();
+        assert!(
+            e.contains("`nat output 10 accept`, planned `nat output -100 accept`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn later_read_backs_must_equal_the_baseline_exactly() {
+        let baseline = read_back(LISTED, &ours()).unwrap();
+        assert_eq!(compare_baseline(&baseline, &baseline), Ok(()));
+        // Handles are not compared: the same rules re-listed with other handles match.
+        let renumbered = LISTED.replace(r#""handle": 12,"#, r#""handle": 99,"#);
+        assert_ne!(renumbered, LISTED);
+        let again = read_back(&renumbered, &ours()).unwrap();
+        assert_eq!(compare_baseline(&baseline, &again), Ok(()));
+        // The same verdict with another match passes the plan, not the baseline.
+        let narrowed = LISTED.replace(
+            r#""handle": 12, "expr": [{"redirect": {"port": 15001}}]"#,
+            r#""handle": 12, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 1}}, {"redirect": {"port": 15001}}]"#,
+        );
+        assert_ne!(narrowed, LISTED);
+        let found = read_back(&narrowed, &ours()).unwrap();
+        assert_eq!(compare(&plan(&PodRuleOptions::default()), &found), Ok(()));
+        let e = compare_baseline(&baseline, &found).unwrap_err();
+        assert!(
+            e.starts_with("rule 6 of chain output in table inet ambient-nat changed"),
+            "{e}"
+        );
+        let fewer: Vec<Chain> = baseline[1..].to_vec();
+        assert!(
+            compare_baseline(&baseline, &fewer)
+                .unwrap_err()
+                .contains("is missing")
+        );
+    }
+
+    #[test]
+    fn policy_rule_and_local_route_are_parsed() {
+        let rules = "0:\tfrom all lookup local\n32764:\tfrom all fwmark 0x111/0xfff lookup 100\n32766:\tfrom all lookup main\n";
+        assert!(policy_route_present(rules));
+        // Another preference, mark or table is not our rule.
+        assert!(!policy_route_present(&rules.replace("32764:", "32767:")));
+        assert!(!policy_route_present(
+            &rules.replace("0x111/0xfff", "0x111/0xff")
+        ));
+        assert!(!policy_route_present(
+            &rules.replace("lookup 100", "lookup 1000")
+        ));
+        assert!(!policy_route_present(
+            &rules.replace("from all fwmark", "from 10.0.0.1 fwmark")
+        ));
+        assert!(!policy_route_present(
+            "0:\tfrom all lookup local\n32766:\tfrom all lookup main\n# 32764: from all fwmark 0x111/0xfff lookup 100"
+        ));
+        assert!(local_route_present("local default dev lo scope host \n"));
+        assert!(local_route_present(
+            "local default dev lo metric 1024 pref medium\n"
+        ));
+        assert!(!local_route_present(""));
+        assert!(!local_route_present("local 10.0.0.0/8 dev lo scope host\n"));
     }
 
     #[test]

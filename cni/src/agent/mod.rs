@@ -76,6 +76,77 @@ struct PodRecord {
     apply_error: Option<String>,
     /// The last read-back of the programmed rules against the plan.
     read_back: Option<Result<(), String>>,
+    /// Something of ours may be in the pod's namespace (set before programming, cleared
+    /// once removed): a failed program or removal is retried until it is gone.
+    installed: bool,
+    /// The first read-back after programming (rules exactly as nft listed them).
+    baseline: Option<Vec<enrolment::Chain>>,
+    /// The options the rules were programmed with (re-programmed when they change).
+    programmed_with: Option<PodRuleOptions>,
+}
+
+/// Whether a peer may read `/enrolment` (every pod's name, UID and failure): only from
+/// the node itself. The readiness address is often 0.0.0.0 for Prometheus; meshctl runs
+/// on the node (its network namespace).
+pub fn may_read_enrolment(peer: std::net::IpAddr) -> bool {
+    match peer {
+        std::net::IpAddr::V4(a) => a.is_loopback(),
+        std::net::IpAddr::V6(a) => {
+            a.is_loopback() || a.to_ipv4_mapped().is_some_and(|a| a.is_loopback())
+        }
+    }
+}
+
+/// A read-back to run without the pods lock: the namespace and the options its rules
+/// were programmed with.
+#[derive(Debug)]
+struct ReadBackJob {
+    netns: Netns,
+    opts: PodRuleOptions,
+}
+
+impl PartialEq for ReadBackJob {
+    fn eq(&self, other: &Self) -> bool {
+        self.netns.inode == other.netns.inode && self.opts == other.opts
+    }
+}
+
+/// What a reconcile pass does for a pod.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Enroll,
+    Reenroll,
+    /// Rules in place, ztunnel not told yet.
+    HandOver,
+    Unenroll,
+    WaitForNetns,
+    Nothing,
+}
+
+/// The facts a reconcile pass decides on.
+#[derive(Clone, Copy, Debug, Default)]
+struct Now {
+    want: bool,
+    /// The namespace inode the rules were programmed for.
+    programmed: Option<u64>,
+    /// The pod's namespace inode now.
+    inode: Option<u64>,
+    acked: bool,
+    installed: bool,
+    /// The pod's rule options differ from those it was programmed with.
+    options_changed: bool,
+}
+
+fn step(n: Now) -> Step {
+    match (n.want, n.programmed, n.inode) {
+        (true, None, Some(_)) => Step::Enroll,
+        (true, Some(p), Some(i)) if p != i || n.options_changed => Step::Reenroll,
+        (true, Some(_), Some(_)) if !n.acked => Step::HandOver,
+        (true, None, None) => Step::WaitForNetns,
+        (false, Some(_), _) => Step::Unenroll,
+        (false, None, _) if n.installed => Step::Unenroll,
+        _ => Step::Nothing,
+    }
 }
 
 impl PodRecord {
@@ -88,14 +159,16 @@ impl PodRecord {
         self.programmed.is_some() && self.programmed == self.netns.as_ref().map(|n| n.inode)
     }
 
-    fn enrolment(&self) -> (enrolment::State, Option<String>) {
+    /// `ztunnel_up`: a ztunnel is connected (an ack from one that left confirms nothing;
+    /// the next one gets the pod in its snapshot and acks again).
+    fn enrolment(&self, ztunnel_up: bool) -> (enrolment::State, Option<String>) {
         enrolment::state(&enrolment::Facts {
             netns_known: self.netns.is_some(),
             refused: self.refused.map(|r| r.label().to_string()),
             apply_error: self.apply_error.clone(),
             programmed: self.programmed_here(),
             read_back: self.read_back.clone(),
-            acked: self.acked,
+            acked: self.acked && ztunnel_up,
         })
     }
 
@@ -310,40 +383,108 @@ impl Agent {
             return;
         };
         let inode = rec.netns.as_ref().map(|n| n.inode);
-        match (want, rec.programmed, inode) {
-            (true, None, Some(_)) => self.enroll(name, rec),
-            (true, Some(p), Some(i)) if p != i => {
-                tracing::info!(pod = name, "pod sandbox changed; re-enrolling");
+        let options_changed = match (&rec.view, &rec.programmed_with) {
+            (Some(v), Some(o)) => self.rule_options(v) != *o,
+            _ => false,
+        };
+        let now = Now {
+            want,
+            programmed: rec.programmed,
+            inode,
+            acked: rec.acked,
+            installed: rec.installed,
+            options_changed,
+        };
+        match step(now) {
+            Step::Enroll => self.enroll(name, rec),
+            Step::Reenroll => {
+                tracing::info!(
+                    pod = name,
+                    "pod sandbox or capture options changed; re-enrolling"
+                );
                 self.enroll(name, rec)
             }
-            (true, Some(_), Some(_)) if !rec.acked => {
-                // Rules are in place; ztunnel has not taken the pod yet.
+            Step::HandOver => {
                 if let Some(v) = &rec.view {
                     rec.acked = self.zds.add(&entry(v, rec.netns.as_ref())).is_ok();
                 }
             }
-            (false, Some(_), _) => self.unenroll(name, rec),
-            (true, None, None) => {
+            Step::Unenroll => self.unenroll(name, rec),
+            Step::WaitForNetns => {
                 tracing::debug!(
                     pod = name,
                     "enrolled, but its network namespace is not known yet"
                 );
             }
-            _ => {}
+            Step::Nothing => {}
         }
-        // Read the rules back from the namespace on every pass: they are confirmed only
-        // while what is there is what was planned.
-        if want && rec.programmed_here() {
-            let (Some(v), Some(ns)) = (&rec.view, &rec.netns) else {
-                return;
-            };
-            let now = read_back(ns, &self.rule_options(v));
-            if let Err(e) = &now
-                && rec.read_back.as_ref().is_none_or(|r| r.is_ok())
-            {
-                tracing::error!(pod = name, netns = %ns.path, "the pod's redirection differs from the plan: {e}; the pod is flagged failed and its guard refuses new connections that would leave it in plaintext");
+    }
+
+    /// What a read-back of a pod needs, copied out so it runs without the pods lock:
+    /// `None` unless the pod is enrolled and programmed for its current namespace.
+    fn read_back_job(&self, rec: &PodRecord) -> Option<ReadBackJob> {
+        let (Some(v), Some(ns)) = (&rec.view, &rec.netns) else {
+            return None;
+        };
+        if !(v.enrolled && rec.programmed_here()) {
+            return None;
+        }
+        Some(ReadBackJob {
+            netns: ns.try_clone().ok()?,
+            opts: rec.programmed_with.clone()?,
+        })
+    }
+
+    /// Records a read-back, unless the pod was re-programmed (or left) meanwhile.
+    fn record_read_back(
+        &self,
+        name: &str,
+        rec: &mut PodRecord,
+        job: &ReadBackJob,
+        now: Result<Vec<enrolment::Chain>, String>,
+    ) {
+        if self.read_back_job(rec).as_ref() != Some(job) {
+            return;
+        }
+        // The first good read-back after programming is the baseline; later ones must
+        // equal it exactly.
+        let now = now.and_then(|found| match &rec.baseline {
+            Some(b) => enrolment::compare_baseline(b, &found),
+            None => {
+                rec.baseline = Some(found);
+                Ok(())
             }
-            rec.read_back = Some(now);
+        });
+        if let Err(e) = &now
+            && rec.read_back.as_ref().is_none_or(|r| r.is_ok())
+        {
+            tracing::error!(pod = name, netns = %job.netns.path, "the pod's redirection differs from the plan: {e}; the pod is flagged failed and its guard refuses new connections that would go around ztunnel");
+        }
+        rec.read_back = Some(now);
+    }
+
+    /// Reads back every enrolled pod's rules (they are confirmed only while what is
+    /// there is what was planned), with the pods lock released while nft and ip run.
+    async fn read_back_all(&self) {
+        let jobs: Vec<(String, ReadBackJob)> = {
+            let pods = self.pods.lock().await;
+            pods.iter()
+                .filter_map(|(k, r)| Some((k.clone(), self.read_back_job(r)?)))
+                .collect()
+        };
+        let results = tokio::task::block_in_place(|| {
+            jobs.into_iter()
+                .map(|(k, job)| {
+                    let now = read_back(&job.netns, &job.opts);
+                    (k, job, now)
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut pods = self.pods.lock().await;
+        for (k, job, now) in results {
+            if let Some(rec) = pods.get_mut(&k) {
+                self.record_read_back(&k, rec, &job, now);
+            }
         }
     }
 
@@ -360,12 +501,13 @@ impl Agent {
         let pods = self.pods.lock().await;
         EnrolmentReport {
             node: self.cfg.node_name.clone(),
-            pods: enrolment_of(&pods),
+            ready: self.ready(),
+            pods: enrolment_of(&pods, self.zds.connected() > 0),
         }
     }
 
     fn record_enrolment(&self, pods: &BTreeMap<String, PodRecord>) {
-        let list = enrolment_of(pods);
+        let list = enrolment_of(pods, self.zds.connected() > 0);
         let count = |s: enrolment::State| list.iter().filter(|p| p.state == s).count() as u64;
         for s in enrolment::State::ALL {
             self.metrics.set_enrolment(s.label(), count(s));
@@ -377,6 +519,7 @@ impl Agent {
             return;
         };
         let opts = self.rule_options(v);
+        rec.installed = true;
         if let Err(e) = program(ns, &opts) {
             tracing::error!(pod = name, error = %e, "cannot program the pod's redirection");
             rec.apply_error = Some(e);
@@ -385,6 +528,8 @@ impl Agent {
         rec.apply_error = None;
         rec.read_back = None;
         rec.programmed = Some(ns.inode);
+        rec.programmed_with = Some(opts);
+        rec.baseline = None;
         match self.zds.add(&entry(v, Some(ns))) {
             Ok(()) => {
                 rec.acked = true;
@@ -398,16 +543,13 @@ impl Agent {
     }
 
     fn unenroll(&self, name: &str, rec: &mut PodRecord) {
-        if let Some(ns) = &rec.netns
-            && let Err(e) = redirect::remove(ns)
-        {
-            tracing::warn!(pod = name, error = %e, "cannot remove the pod's redirection");
-        }
-        // The guard last, once nothing redirects any more.
-        if let Some(ns) = &rec.netns
-            && let Err(e) = ns.run(&["nft", "-f", "-"], Some(&guard::removal()))
-        {
-            tracing::warn!(pod = name, error = %e, "cannot remove the pod's guard");
+        match rec.netns.as_ref().map(unprogram) {
+            Some(Err(e)) => {
+                // Kept as installed: the next pass tries again.
+                tracing::warn!(pod = name, error = %e, "cannot remove the pod's redirection and guard; retrying");
+            }
+            // Removed, or no namespace left to remove anything from.
+            _ => rec.installed = false,
         }
         let uid = rec
             .view
@@ -416,6 +558,8 @@ impl Agent {
             .unwrap_or_else(|| name.to_string());
         self.zds.del(&uid);
         rec.programmed = None;
+        rec.programmed_with = None;
+        rec.baseline = None;
         rec.acked = false;
         rec.read_back = None;
         rec.apply_error = None;
@@ -537,7 +681,14 @@ impl Agent {
                                 return AgentReply::Ok { enrolled: false };
                             }
                             tokio::task::block_in_place(|| {
-                                self.reconcile(&mut pods, &k, &mut None)
+                                self.reconcile(&mut pods, &k, &mut None);
+                                // One pod, right after programming it: read back here.
+                                if let Some(rec) = pods.get_mut(&k)
+                                    && let Some(job) = self.read_back_job(rec)
+                                {
+                                    let now = read_back(&job.netns, &job.opts);
+                                    self.record_read_back(&k, rec, &job, now);
+                                }
                             });
                             let rec = pods.get(&k);
                             let programmed = rec.and_then(|r| r.programmed);
@@ -580,7 +731,7 @@ impl Agent {
                 let k = key(&namespace, &name);
                 let mut pods = self.pods.lock().await;
                 if let Some(rec) = pods.get_mut(&k) {
-                    if rec.programmed.is_some() {
+                    if rec.programmed.is_some() || rec.installed {
                         tokio::task::block_in_place(|| self.unenroll(&k, rec));
                     }
                     rec.netns = None;
@@ -611,7 +762,7 @@ impl Agent {
                 match Netns::open(&netns)
                     .and_then(|n| tokio::task::block_in_place(|| read_back(&n, &opts)))
                 {
-                    Ok(()) => AgentReply::Ok { enrolled: true },
+                    Ok(_) => AgentReply::Ok { enrolled: true },
                     Err(message) => AgentReply::Error { message },
                 }
             }
@@ -631,6 +782,9 @@ impl Agent {
                     self.reconcile(&mut pods, &n, &mut scan);
                 }
             });
+            drop(pods);
+            self.read_back_all().await;
+            let pods = self.pods.lock().await;
             self.record_enrolment(&pods);
             self.write_cache(&pods);
             drop(pods);
@@ -757,6 +911,8 @@ impl Agent {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EnrolmentReport {
     pub node: String,
+    /// The control plane's view has arrived (until then the pod list means nothing).
+    pub ready: bool,
     pub pods: Vec<PodEnrolment>,
 }
 
@@ -771,11 +927,11 @@ pub struct PodEnrolment {
     pub reason: Option<String>,
 }
 
-fn enrolment_of(pods: &BTreeMap<String, PodRecord>) -> Vec<PodEnrolment> {
+fn enrolment_of(pods: &BTreeMap<String, PodRecord>, ztunnel_up: bool) -> Vec<PodEnrolment> {
     pods.iter()
         .filter(|(_, r)| r.enrolled())
         .map(|(k, r)| {
-            let (state, reason) = r.enrolment();
+            let (state, reason) = r.enrolment(ztunnel_up);
             PodEnrolment {
                 pod: k.clone(),
                 uid: r.view.as_ref().map(|v| v.uid.clone()).unwrap_or_default(),
@@ -790,26 +946,66 @@ fn enrolment_of(pods: &BTreeMap<String, PodRecord>) -> Vec<PodEnrolment> {
 /// connection that leaves it in plaintext, whatever happens to the capture rules), then
 /// the redirection.
 pub fn program(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
-    ns.run(&["nft", "-f", "-"], Some(&guard::table()))?;
-    redirect::apply(ns, opts)
+    ns.run(&["nft", "-f", "-"], Some(&nft_script(opts)))?;
+    redirect::apply_routes(ns)
 }
 
-/// Reads the pod's rules back (`nft -j list ruleset` and `ip rule`, in its namespace)
-/// and compares them with the plan for `opts`.
-pub fn read_back(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
-    let plan = enrolment::planned(&format!(
+/// The guard and the capture tables, applied in one transaction: no moment where one is
+/// there without the other.
+pub fn nft_script(opts: &PodRuleOptions) -> String {
+    format!(
         "{}{}",
-        guard::table(),
+        guard::table(opts.bypass_inbound),
         crate::rules::pod_ruleset(opts)
-    ));
+    )
+}
+
+/// Removes the guard and the capture tables in one transaction (the guard alone would
+/// refuse new connections; the capture alone would leave them in plaintext), then the
+/// policy routing.
+pub fn unprogram(ns: &Netns) -> Result<(), String> {
+    ns.run(
+        &["nft", "-f", "-"],
+        Some(&format!(
+            "{}{}",
+            crate::rules::pod_ruleset_removal(),
+            guard::removal()
+        )),
+    )?;
+    redirect::remove_routes(ns);
+    Ok(())
+}
+
+/// Reads the pod's rules back (`nft -j list ruleset inet` and `ip rule`/`ip route`, in
+/// its namespace) and compares them with the plan for `opts`; `Ok` has the chains read
+/// (to keep as, or compare with, the baseline).
+pub fn read_back(ns: &Netns, opts: &PodRuleOptions) -> Result<Vec<enrolment::Chain>, String> {
+    let plan = enrolment::planned(&nft_script(opts));
     let mut tables = crate::rules::TABLES.to_vec();
     tables.push(guard::TABLE);
-    let found = enrolment::read_back(&ns.run(&["nft", "-j", "list", "ruleset"], None)?, &tables)?;
+    let found = enrolment::read_back(
+        &ns.run(&["nft", "-j", "list", "ruleset", "inet"], None)?,
+        &tables,
+    )?;
     enrolment::compare(&plan, &found)?;
-    if !enrolment::policy_route_present(&ns.run(&["ip", "rule", "show"], None)?) {
-        return Err("the fwmark 0x111 policy rule (lookup 100) is missing".into());
+    for family in redirect::families(ns) {
+        let name = family.name();
+        if !enrolment::policy_route_present(&ns.run(&["ip", family.flag(), "rule", "show"], None)?)
+        {
+            return Err(format!(
+                "the {name} policy rule (pref 32764 fwmark 0x111/0xfff lookup 100) is missing"
+            ));
+        }
+        if !enrolment::local_route_present(&ns.run(
+            &["ip", family.flag(), "route", "show", "table", "100"],
+            None,
+        )?) {
+            return Err(format!(
+                "the {name} local default route of table 100 is missing"
+            ));
+        }
     }
-    Ok(())
+    Ok(found)
 }
 
 fn uid_of(v: &NodePod) -> String {
@@ -866,5 +1062,106 @@ impl mesh_xds::Handler for ViewHandler {
         updates.extend(resp.removed_resources.iter().map(|n| (n.clone(), None)));
         let _ = self.tx.send(updates);
         errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enrolment_is_served_to_loopback_peers_only() {
+        for ok in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"] {
+            assert!(may_read_enrolment(ok.parse().unwrap()), "{ok}");
+        }
+        for no in ["10.0.0.5", "0.0.0.0", "::ffff:10.0.0.5", "fd00::1", "::"] {
+            assert!(!may_read_enrolment(no.parse().unwrap()), "{no}");
+        }
+    }
+
+    #[test]
+    fn an_ack_counts_only_while_a_ztunnel_is_connected() {
+        let rec = PodRecord {
+            view: Some(NodePod {
+                enrolled: true,
+                ..Default::default()
+            }),
+            netns: Some(Netns::open("/proc/self/ns/net").unwrap()),
+            acked: true,
+            read_back: Some(Ok(())),
+            ..Default::default()
+        };
+        let rec = PodRecord {
+            programmed: rec.netns.as_ref().map(|n| n.inode),
+            ..rec
+        };
+        assert_eq!(rec.enrolment(true).0, enrolment::State::Confirmed);
+        let (state, reason) = rec.enrolment(false);
+        assert_eq!(state, enrolment::State::Pending);
+        assert!(reason.unwrap().contains("ztunnel has not acknowledged"));
+    }
+
+    #[test]
+    fn reconcile_steps() {
+        let on = Now {
+            want: true,
+            programmed: Some(7),
+            inode: Some(7),
+            acked: true,
+            installed: true,
+            options_changed: false,
+        };
+        assert_eq!(step(on), Step::Nothing);
+        assert_eq!(step(Now { acked: false, ..on }), Step::HandOver);
+        assert_eq!(
+            step(Now {
+                inode: Some(8),
+                ..on
+            }),
+            Step::Reenroll
+        );
+        // Options changed (DNS capture, inbound bypass): programmed again.
+        assert_eq!(
+            step(Now {
+                options_changed: true,
+                ..on
+            }),
+            Step::Reenroll
+        );
+        assert_eq!(
+            step(Now {
+                programmed: None,
+                ..on
+            }),
+            Step::Enroll
+        );
+        assert_eq!(
+            step(Now {
+                programmed: None,
+                inode: None,
+                ..on
+            }),
+            Step::WaitForNetns
+        );
+        assert_eq!(step(Now { want: false, ..on }), Step::Unenroll);
+        // A program that failed half-way (guard in, nothing recorded as programmed), or
+        // a removal that failed: whatever is left is removed once the pod leaves.
+        assert_eq!(
+            step(Now {
+                want: false,
+                programmed: None,
+                ..on
+            }),
+            Step::Unenroll
+        );
+        assert_eq!(
+            step(Now {
+                want: false,
+                programmed: None,
+                installed: false,
+                ..on
+            }),
+            Step::Nothing
+        );
     }
 }

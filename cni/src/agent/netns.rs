@@ -7,6 +7,11 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a command in a namespace may take (nft, ip: milliseconds normally). One that
+/// hangs is killed, so the agent is never stuck behind it.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An open namespace handle (keeps the namespace alive while held).
 #[derive(Debug)]
@@ -38,6 +43,16 @@ impl Netns {
     /// Runs `args` inside the namespace with `stdin`; returns stdout, or an error with
     /// the command and its stderr.
     pub fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+        self.run_within(args, stdin, COMMAND_TIMEOUT)
+    }
+
+    /// `run`, killing the command if it has not finished within `timeout`.
+    pub fn run_within(
+        &self,
+        args: &[&str],
+        stdin: Option<&str>,
+        timeout: Duration,
+    ) -> Result<String, String> {
         let fd = self.file.try_clone().map_err(|e| e.to_string())?;
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let stdin = stdin.map(str::to_string);
@@ -60,7 +75,14 @@ impl Netns {
                 pipe.write_all(input.as_bytes())
                     .map_err(|e| e.to_string())?;
             }
-            let out = child.wait_with_output().map_err(|e| e.to_string())?;
+            let out = wait_within(child, timeout).map_err(|e| match e {
+                Waited::TimedOut => format!(
+                    "`{}` in {path} did not finish within {}s and was killed",
+                    args.join(" "),
+                    timeout.as_secs_f32()
+                ),
+                Waited::Io(e) => format!("`{}` in {path}: {e}", args.join(" ")),
+            })?;
             if out.status.success() {
                 Ok(String::from_utf8_lossy(&out.stdout).into_owned())
             } else {
@@ -82,6 +104,48 @@ impl Netns {
     }
 }
 
+enum Waited {
+    TimedOut,
+    Io(std::io::Error),
+}
+
+/// Waits for `child` and collects its output, killing it at `timeout`. The pipes are
+/// read on their own threads so a chatty child cannot block on a full pipe.
+fn wait_within(
+    mut child: std::process::Child,
+    timeout: Duration,
+) -> Result<std::process::Output, Waited> {
+    use std::io::Read;
+    let reader = |p: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().map_err(Waited::Io)? {
+            Some(status) => break status,
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Waited::TimedOut);
+            }
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
 /// Parses `ip -j addr show` output into addresses (without prefix length).
 pub fn parse_ip_addr_json(out: &str) -> Result<Vec<String>, String> {
     let v: serde_json::Value =
@@ -96,6 +160,27 @@ pub fn parse_ip_addr_json(out: &str) -> Result<Vec<String>, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_that_hangs_is_killed() {
+        let ns = Netns::open("/proc/self/ns/net").unwrap();
+        let e = ns
+            .run_within(&["sleep", "30"], None, Duration::from_millis(200))
+            .unwrap_err();
+        assert!(
+            e.contains("did not finish within 0.2s and was killed"),
+            "{e}"
+        );
+        // A command that finishes gives its output and its failures as before.
+        assert_eq!(ns.run(&["echo", "hi"], None).unwrap(), "hi\n");
+        assert_eq!(ns.run(&["cat"], Some("in")).unwrap(), "in");
+        let e = ns
+            .run(&["sh", "-c", "echo no >&2; exit 3"], None)
+            .unwrap_err();
+        assert!(e.ends_with("failed: no"), "{e}");
+    }
+
     #[test]
     fn parses_ip_json() {
         let out = r#"[{"ifindex":1,"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},

@@ -3,7 +3,7 @@
 //! connections. Also the node-side SNAT of kubelet probes to enrolled pods.
 
 use super::netns::Netns;
-use crate::rules::{self, PodRuleOptions};
+use crate::rules;
 
 /// An address family of the pod's policy routing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -13,7 +13,14 @@ pub enum Family {
 }
 
 impl Family {
-    fn flag(self) -> &'static str {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    pub fn flag(self) -> &'static str {
         match self {
             Family::V4 => "-4",
             Family::V6 => "-6",
@@ -84,8 +91,16 @@ pub fn has_global_v6(out: &str) -> bool {
     out.lines().any(|l| l.contains(" inet6 "))
 }
 
-pub fn apply(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
+/// The capture alone, without the guard (the agent programs both with
+/// `agent::program`; tests of ztunnel's data path use this).
+pub fn apply(ns: &Netns, opts: &rules::PodRuleOptions) -> Result<(), String> {
     ns.run(&["nft", "-f", "-"], Some(&rules::pod_ruleset(opts)))?;
+    apply_routes(ns)
+}
+
+/// The policy routing of the redirection (the nftables part is applied by the caller,
+/// in one transaction with the guard).
+pub fn apply_routes(ns: &Netns) -> Result<(), String> {
     for family in families(ns) {
         // Added only when missing, never deleted and re-added: in between, the app's
         // replies on ztunnel's spoofed connections would be routed out of the pod (and
@@ -99,14 +114,14 @@ pub fn apply(ns: &Netns, opts: &PodRuleOptions) -> Result<(), String> {
     Ok(())
 }
 
-pub fn remove(ns: &Netns) -> Result<(), String> {
-    ns.run(&["nft", "-f", "-"], Some(&rules::pod_ruleset_removal()))?;
+/// Removes the policy routing (the nftables part is removed by the caller, in one
+/// transaction with the guard).
+pub fn remove_routes(ns: &Netns) {
     // Both families whatever the pod has now: nothing of ours may stay behind.
     for family in [Family::V4, Family::V6] {
         let _ = ns.run(&rule_command(family, "del"), None);
         let _ = ns.run(&flush_command(family), None);
     }
-    Ok(())
 }
 
 /// Tables present in the namespace, read back as JSON (`nft -j list tables`).
@@ -130,30 +145,6 @@ pub fn parse_tables_json(out: &str) -> Result<Vec<String>, String> {
             Some(format!("{} {}", t["family"].as_str()?, t["name"].as_str()?))
         })
         .collect())
-}
-
-/// Is the pod's redirection in place?
-pub fn verify(ns: &Netns) -> Result<(), String> {
-    let t = tables(ns)?;
-    for want in rules::TABLES {
-        if !t.iter().any(|x| x == &format!("inet {want}")) {
-            return Err(format!("table inet {want} is missing in {}", ns.path));
-        }
-    }
-    for family in families(ns) {
-        let r = ns.run(&["ip", family.flag(), "rule", "show"], None)?;
-        if !r.contains("fwmark 0x111/0xfff lookup 100") {
-            return Err(format!(
-                "the {} fwmark 0x111 rule is missing in {}",
-                match family {
-                    Family::V4 => "IPv4",
-                    Family::V6 => "IPv6",
-                },
-                ns.path
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The node-side tables that SNAT locally generated probes to enrolled pods, one per

@@ -95,7 +95,8 @@ enum Cmd {
     },
     /// Whether each enrolled pod's capture is confirmed (its rules read back from its
     /// network namespace as planned, and ztunnel acked it), from each node agent.
-    /// Pending and failed pods are flagged with the reason; exits 1 if there are any.
+    /// Pending and failed pods are flagged with the reason; exits 1 if there are any, 2 if
+    /// an agent cannot be read.
     Enrolment {
         /// A node agent's --readiness-addr (repeat for each node).
         #[arg(long = "agent", default_value = "127.0.0.1:8000")]
@@ -429,21 +430,23 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
         Cmd::Enrolment { agents } => {
-            let mut problems = Vec::new();
+            let mut answers = Vec::new();
             for a in &agents {
-                match enrolment::fetch(a) {
-                    Ok(v) => {
-                        let (text, ok) = enrolment::render(&v);
-                        print!("{text}");
-                        if !ok {
-                            problems.push(format!("pods not confirmed on the agent at {a}"));
-                        }
-                    }
-                    Err(e) => problems.push(e),
+                let answer = enrolment::fetch(a).map(|v| {
+                    let (text, ok) = enrolment::render(&v);
+                    print!("{text}");
+                    ok
+                });
+                match &answer {
+                    Ok(false) => eprintln!("meshctl: pods not confirmed on the agent at {a}"),
+                    Err(e) => eprintln!("meshctl: {e}"),
+                    Ok(true) => {}
                 }
+                answers.push(answer);
             }
-            if !problems.is_empty() {
-                return Err(problems.join("\n"));
+            let code = enrolment::exit_code(&answers);
+            if code != 0 {
+                std::process::exit(code);
             }
         }
         Cmd::Waypoint {

@@ -22,7 +22,9 @@ pub fn fetch(agent: &str) -> Result<serde_json::Value, String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .map_err(|e| unreachable(e.to_string()))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(s, "GET /enrolment HTTP/1.0\r\nHost: {agent}\r\n\r\n")
+    // One write: the agent answers on the first segment and closes, so a request
+    // written in pieces could meet a reset.
+    s.write_all(format!("GET /enrolment HTTP/1.0\r\nHost: {agent}\r\n\r\n").as_bytes())
         .map_err(|e| unreachable(e.to_string()))?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)
@@ -30,6 +32,11 @@ pub fn fetch(agent: &str) -> Result<serde_json::Value, String> {
     let (head, body) = resp
         .split_once("\r\n\r\n")
         .ok_or("malformed response from the node agent")?;
+    if head.starts_with("HTTP/1.1 403") {
+        return Err(format!(
+            "the node agent at {agent} serves /enrolment to its own node only: run meshctl on that node (its network namespace) with --agent 127.0.0.1:<port>"
+        ));
+    }
     if !head.starts_with("HTTP/1.1 200") {
         return Err(format!(
             "the node agent at {agent} answered `{}`: is it an older agent without /enrolment?",
@@ -42,6 +49,12 @@ pub fn fetch(agent: &str) -> Result<serde_json::Value, String> {
 /// The report for one agent's answer, and whether every pod is confirmed.
 pub fn render(v: &serde_json::Value) -> (String, bool) {
     let mut out = format!("NODE {}\n", v["node"].as_str().unwrap_or("(unnamed node)"));
+    // Until the control plane's view arrives an agent knows of no pod: say so, not
+    // "no enrolled pods". (Agents that do not report it are ready once they answer.)
+    if v["ready"] == false {
+        out.push_str("  NOT READY: the agent is waiting for the control plane's view\n");
+        return (out, false);
+    }
     let pods = v["pods"].as_array().cloned().unwrap_or_default();
     if pods.is_empty() {
         out.push_str("  (no enrolled pods)\n");
@@ -62,6 +75,19 @@ pub fn render(v: &serde_json::Value) -> (String, bool) {
         }
     }
     (out, all_confirmed)
+}
+
+/// meshctl's exit code for the agents' answers (`Ok(all confirmed)` or the reason it
+/// could not be read): 2 when an agent could not be read, 1 when pods are not
+/// confirmed, 0 otherwise.
+pub fn exit_code(answers: &[Result<bool, String>]) -> i32 {
+    if answers.iter().any(|a| a.is_err()) {
+        2
+    } else if answers.iter().any(|a| a == &Ok(false)) {
+        1
+    } else {
+        0
+    }
 }
 
 #[cfg(test)]
@@ -91,6 +117,24 @@ mod tests {
                 .0
                 .contains("no enrolled pods")
         );
+    }
+
+    #[test]
+    fn an_agent_not_ready_is_not_an_empty_node() {
+        let (text, ok) = render(&serde_json::json!({"node": "n", "ready": false, "pods": []}));
+        assert!(!ok);
+        assert!(text.contains("NOT READY"), "{text}");
+        assert!(!text.contains("no enrolled pods"), "{text}");
+        let (text, ok) = render(&serde_json::json!({"node": "n", "ready": true, "pods": []}));
+        assert!(ok && text.contains("no enrolled pods"), "{text}");
+    }
+
+    #[test]
+    fn unreachable_agents_exit_2_unconfirmed_pods_1() {
+        assert_eq!(exit_code(&[Ok(true), Ok(true)]), 0);
+        assert_eq!(exit_code(&[Ok(true), Ok(false)]), 1);
+        assert_eq!(exit_code(&[Ok(false), Err("down".into())]), 2);
+        assert_eq!(exit_code(&[]), 0);
     }
 
     #[test]
