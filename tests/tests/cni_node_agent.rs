@@ -698,8 +698,8 @@ fn rules_read_back_from_a_namespace_match_the_plan_until_changed() {
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|i| i["rule"]["handle"].as_u64())
-        .last()
+        .rev()
+        .find_map(|i| i["rule"]["handle"].as_u64())
         .unwrap()
         .to_string();
     pod_ns.exec(&[
