@@ -26,16 +26,20 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes a query value (`%XX` and `+`); malformed escapes stay as they are. Works on
+/// bytes, so a `%` before a multi-byte character cannot split it (a slice of the `str`
+/// there would panic on a peer's input).
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16);
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%'
             && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
         {
-            out.push(v);
+            out.push((h * 16 + l) as u8);
             i += 3;
             continue;
         }
@@ -338,5 +342,9 @@ mod tests {
             "spiffe://a/b"
         );
         assert_eq!(super::percent_decode("a+b%2"), "a b%2");
+        // A `%` before a multi-byte character, and a sign where a hex digit belongs.
+        assert_eq!(super::percent_decode("%aé"), "%aé");
+        assert_eq!(super::percent_decode("%é"), "%é");
+        assert_eq!(super::percent_decode("%+1x"), "% 1x");
     }
 }

@@ -41,29 +41,10 @@ pub fn route(target: &str) -> Route {
         "/api/node" => q
             .split('&')
             .find_map(|kv| kv.strip_prefix("id="))
-            .map(|v| Route::Node(percent_decode(v)))
+            .map(|v| Route::Node(crate::debug::percent_decode(v)))
             .unwrap_or(Route::NotFound),
         _ => Route::NotFound,
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether a request's `Host` header names this loopback server (`port` is the one it
