@@ -74,7 +74,7 @@ pub struct Lab {
     pub state: State,
 }
 
-fn run(args: &[&str]) -> Result<String, String> {
+pub(crate) fn run(args: &[&str]) -> Result<String, String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -90,7 +90,7 @@ fn run(args: &[&str]) -> Result<String, String> {
     }
 }
 
-fn ns_exec(ns: &str, args: &[&str]) -> Result<String, String> {
+pub(crate) fn ns_exec(ns: &str, args: &[&str]) -> Result<String, String> {
     let mut full = vec!["ip", "netns", "exec", ns];
     full.extend_from_slice(args);
     run(&full)
@@ -170,7 +170,7 @@ impl Lab {
         })
     }
 
-    fn save(&self) -> Result<(), String> {
+    pub(crate) fn save(&self) -> Result<(), String> {
         std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
         let tmp = self.dir.join("state.json.tmp");
         std::fs::write(
@@ -342,7 +342,7 @@ impl Lab {
         ))
     }
 
-    fn runtime(&self, node: usize) -> Runtime {
+    pub(crate) fn runtime(&self, node: usize) -> Runtime {
         let mut conflist = node_conflist(
             &format!("{}-net", self.name),
             "cni0",
@@ -666,7 +666,7 @@ impl Lab {
     }
 
     /// A process is ours if it runs in one of this lab's namespaces.
-    fn owns(&self, pid: u32) -> bool {
+    pub(crate) fn owns(&self, pid: u32) -> bool {
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
             return false;
         };
@@ -778,7 +778,7 @@ impl Lab {
         })))
     }
 
-    fn manifest_path(&self, kind: &str, ns: &str, name: &str) -> PathBuf {
+    pub(crate) fn manifest_path(&self, kind: &str, ns: &str, name: &str) -> PathBuf {
         let scope = if matches!(kind, "Namespace" | "Node") {
             ""
         } else {
@@ -840,14 +840,43 @@ impl Lab {
             .unwrap_or_else(|| random_hex(8));
         doc["metadata"]["uid"] = json!(uid);
         doc["spec"]["nodeName"] = json!(format!("node-{node}"));
+        // The control plane learns of the pod before its sandbox exists, as in Kubernetes.
+        self.write_manifest("Pod", &ns, &name, &doc)?;
+        match self.start_pod(&doc, node) {
+            Ok(ip) => Ok(format!("pod {key} created on node-{node} with IP {ip}")),
+            Err(e) => {
+                let _ = std::fs::remove_file(self.manifest_path("Pod", &ns, &name));
+                Err(e)
+            }
+        }
+    }
+
+    /// What a kubelet does for a pod it must run: its cgroup, a new sandbox (network
+    /// namespace, then ADD through the CNI chain), its status (IP) written back, then its
+    /// process. Nothing of the pod runs unless ADD succeeded: on failure the sandbox is
+    /// removed again (`Err` says why). The pod's manifest (`doc`, with its UID) exists.
+    /// Returns the pod's IPv4 address.
+    pub(crate) fn start_pod(&mut self, doc: &Value, node: usize) -> Result<String, String> {
+        let mut doc = doc.clone();
+        let ns = doc["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let name = doc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let key = format!("{ns}/{name}");
+        let uid = doc["metadata"]["uid"]
+            .as_str()
+            .ok_or_else(|| format!("pod {key} has no UID"))?
+            .to_string();
         // The pod's processes run in a cgroup named like the kubelet's (pod UID).
         let container_name = doc["spec"]["containers"][0]["name"]
             .as_str()
             .unwrap_or("app")
             .to_string();
         let cgroup = self.cgroups()?.create(&uid, &container_name)?;
-        // The control plane learns of the pod before its sandbox exists, as in Kubernetes.
-        self.write_manifest("Pod", &ns, &name, &doc)?;
         let netns = self.pod_ns(&ns, &name);
         run(&["ip", "netns", "add", &netns])?;
         if self.state.dual_stack {
@@ -873,7 +902,6 @@ impl Lab {
             Err(e) => {
                 let _ = rt.del(&sb("eth0"));
                 let _ = run(&["ip", "netns", "del", &netns]);
-                let _ = std::fs::remove_file(self.manifest_path("Pod", &ns, &name));
                 if let Ok(cg) = self.cgroups() {
                     cg.remove_pod(&uid);
                 }
@@ -950,10 +978,10 @@ impl Lab {
             cmd[0] = self.bin("mesh-lab");
         }
         self.spawn_in(&format!("pod:{key}"), &netns, &cmd, Some(&cgroup))?;
-        Ok(format!("pod {key} created on node-{node} with IP {ip}"))
+        Ok(ip)
     }
 
-    fn sandbox(p: &PodEntry) -> Sandbox {
+    pub(crate) fn sandbox(p: &PodEntry) -> Sandbox {
         Sandbox {
             container_id: p.container_id.clone(),
             netns: format!("/var/run/netns/{}", p.netns),
@@ -1216,7 +1244,7 @@ fn which(name: &str) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
-fn is_zombie(pid: u32) -> bool {
+pub(crate) fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
             s.rsplit_once(')')

@@ -57,6 +57,17 @@ enum Cmd {
     },
     /// Start a node's stopped ztunnel or agent again.
     Start { component: String },
+    /// Reboot a node: every process on it killed (SIGKILL), its runtime state (sockets,
+    /// the agent's cache, pod network namespaces) removed, then its components and pods
+    /// back as a kubelet brings them, each pod's sandbox recreated through the CNI chain.
+    Reboot {
+        /// node-N
+        node: String,
+        /// The order the node's agent, ztunnel and pods come back in (pods may come
+        /// before the agent: their sandboxes are retried until ADD succeeds).
+        #[arg(long, default_value = "agent,ztunnel,pods")]
+        order: mesh_lab::reboot::BootOrder,
+    },
     /// Run meshctl against the lab's control plane.
     Meshctl {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -226,6 +237,20 @@ fn run(cli: Cli) -> Result<i32, String> {
                 }
             }
             println!("{component} started");
+        }
+        Cmd::Reboot { node, order } => {
+            let n = mesh_lab::reboot::parse_node(&node, lab.state.nodes)?;
+            let report = lab.reboot(n, order)?;
+            for e in &report.events {
+                println!("{e}");
+            }
+            if !report.not_started.is_empty() {
+                return Err(format!(
+                    "node-{n} is back, but these pods did not start: {}",
+                    report.not_started.join(", ")
+                ));
+            }
+            println!("node-{n} rebooted");
         }
         Cmd::Meshctl { args } => {
             let mut cmd = vec![lab.bin_dir.join("meshctl").to_string_lossy().into_owned()];
