@@ -25,6 +25,9 @@ pub enum AgentRequest {
         name: String,
         uid: String,
         container_id: String,
+        /// CNI_NETNS, empty when the runtime gave none (the namespace may be gone).
+        #[serde(default)]
+        netns: String,
     },
     #[serde(rename_all = "camelCase")]
     Check {

@@ -303,6 +303,7 @@ pub fn run(env: &Env, stdin: &[u8], agent: &dyn Agent) -> Result<String, CniErro
                         name,
                         uid,
                         container_id: env.container_id.clone(),
+                        netns: env.netns.clone(),
                     },
                 );
             }

@@ -798,3 +798,35 @@ fn the_guard_refuses_plaintext_inbound_when_the_capture_is_removed() {
     let left = pod_ns.exec(&["nft", "list", "tables"]);
     assert!(!left.contains("ambient-"), "{left}");
 }
+
+/// After a reboot (or any re-creation of a pod's sandbox) the runtime may release the
+/// pod's lost sandbox only after it made the new one: that DEL names the old container
+/// and a namespace that is gone. The pod's new sandbox keeps its capture (a DEL that
+/// removed it would let the running pod send plaintext until the agent's next pass);
+/// the new sandbox's own DEL still removes it.
+#[test]
+fn a_del_for_a_lost_sandbox_leaves_the_pods_new_sandbox_captured() {
+    let node = Node::new(214, &namespaces(&["shop"], &pod("shop", "web", "u-web")));
+    let old_ns = Netns::new("co");
+    let old = node.sandbox(&old_ns, "shop", "web", "u-web");
+    node.runtime.add(&old).expect("ADD of the first sandbox");
+    assert!(captured(&old_ns));
+    // The node reboots: the first sandbox's namespace is lost, a new one is made.
+    drop(old_ns);
+    let new_ns = Netns::new("cw");
+    let new = node.sandbox(&new_ns, "shop", "web", "u-web");
+    node.runtime.add(&new).expect("ADD of the new sandbox");
+    assert!(captured(&new_ns));
+    // The lost sandbox released only now: DEL succeeds, the new sandbox is untouched.
+    node.runtime
+        .del(&old)
+        .expect("DEL of the lost sandbox succeeds");
+    assert!(
+        captured(&new_ns),
+        "a DEL for the lost sandbox removed the new sandbox's capture: {:?}",
+        tables(&new_ns)
+    );
+    node.runtime.check(&new).expect("CHECK of the new sandbox");
+    node.runtime.del(&new).expect("DEL of the new sandbox");
+    assert!(clean(&new_ns), "its own DEL removes its capture");
+}

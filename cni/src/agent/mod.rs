@@ -83,6 +83,31 @@ struct PodRecord {
     baseline: Option<Vec<enrolment::Chain>>,
     /// The options the rules were programmed with (re-programmed when they change).
     programmed_with: Option<PodRuleOptions>,
+    /// The runtime's container (sandbox) ID that came with `netns` in ADD; `None` when
+    /// the namespace was found otherwise (by the pod's cgroup, after an agent restart).
+    container_id: Option<String>,
+}
+
+/// Whether a DEL is for the pod's current sandbox, so its redirection may go. A runtime
+/// can release a lost sandbox (after a reboot, say) once it has made the pod's new one:
+/// that DEL must not tear down the new sandbox's capture, or the running pod sends
+/// plaintext until the agent's next pass. `known`: the container ID ADD gave with the
+/// current namespace (`current`, its inode); the DEL's container ID and the inode of its
+/// CNI_NETNS (`None` if empty or gone). Without a known container ID, only a DEL naming
+/// the current namespace itself counts; anything else leaves the capture in place (it
+/// fails closed: the pod's removal from the control plane still unenrolls it).
+fn del_is_current(
+    known: Option<&str>,
+    current: Option<u64>,
+    del_container: &str,
+    del_netns: Option<u64>,
+) -> bool {
+    match (known, current) {
+        // No namespace of the pod's known: nothing live to protect.
+        (_, None) => true,
+        (Some(c), Some(_)) => c == del_container,
+        (None, Some(i)) => del_netns == Some(i),
+    }
 }
 
 /// Whether a peer may read `/enrolment` (every pod's name, UID and failure): only from
@@ -374,6 +399,9 @@ impl Agent {
             match found {
                 Ok(ns) => {
                     rec.refused = None;
+                    if ns.is_some() {
+                        rec.container_id = None;
+                    }
                     rec.netns = ns;
                 }
                 Err(r) => rec.refused = Some(r),
@@ -655,6 +683,7 @@ impl Agent {
                 name,
                 netns,
                 ips,
+                container_id,
                 ..
             } => {
                 let k = key(&namespace, &name);
@@ -672,6 +701,7 @@ impl Agent {
                         match ns.try_clone() {
                             Ok(n) => {
                                 rec.netns = Some(n);
+                                rec.container_id = Some(container_id.clone());
                                 rec.refused = None;
                             }
                             Err(message) => return AgentReply::Error { message },
@@ -726,15 +756,40 @@ impl Agent {
                 }
             }
             AgentRequest::Del {
-                namespace, name, ..
+                namespace,
+                name,
+                container_id,
+                netns,
+                ..
             } => {
                 let k = key(&namespace, &name);
+                let del_netns = Some(netns)
+                    .filter(|n| !n.is_empty())
+                    .and_then(|n| Netns::open(&n).ok())
+                    .map(|n| n.inode);
                 let mut pods = self.pods.lock().await;
                 if let Some(rec) = pods.get_mut(&k) {
+                    let current = rec.netns.as_ref().map(|n| n.inode);
+                    if !del_is_current(
+                        rec.container_id.as_deref(),
+                        current,
+                        &container_id,
+                        del_netns,
+                    ) {
+                        tracing::info!(
+                            pod = k,
+                            container_id,
+                            "DEL for a sandbox that is not the pod's current one (a lost or replaced sandbox): the current sandbox keeps its redirection"
+                        );
+                        return AgentReply::Ok {
+                            enrolled: rec.enrolled(),
+                        };
+                    }
                     if rec.programmed.is_some() || rec.installed {
                         tokio::task::block_in_place(|| self.unenroll(&k, rec));
                     }
                     rec.netns = None;
+                    rec.container_id = None;
                 }
                 self.record_enrolment(&pods);
                 drop(pods);
@@ -1099,6 +1154,21 @@ mod tests {
         let (state, reason) = rec.enrolment(false);
         assert_eq!(state, enrolment::State::Pending);
         assert!(reason.unwrap().contains("ztunnel has not acknowledged"));
+    }
+
+    #[test]
+    fn only_a_del_for_the_current_sandbox_removes_its_redirection() {
+        // ADD gave the namespace with container c2: its own DEL counts, c1's does not.
+        assert!(del_is_current(Some("c2"), Some(7), "c2", None));
+        assert!(!del_is_current(Some("c2"), Some(7), "c1", None));
+        assert!(!del_is_current(Some("c2"), Some(7), "c1", Some(9)));
+        // Found by cgroup (no container ID known): only a DEL naming that namespace.
+        assert!(del_is_current(None, Some(7), "c2", Some(7)));
+        assert!(!del_is_current(None, Some(7), "c1", Some(9)));
+        assert!(!del_is_current(None, Some(7), "c1", None));
+        // No namespace known: nothing to keep.
+        assert!(del_is_current(Some("c2"), None, "c1", None));
+        assert!(del_is_current(None, None, "c1", None));
     }
 
     #[test]
