@@ -373,7 +373,7 @@ impl Lab {
         let strays: Vec<(String, u32)> = on_node(&all_processes(), &inodes, &known)
             .into_iter()
             .filter(|pid| *pid != std::process::id())
-            .map(|pid| (format!("process {pid}"), pid))
+            .map(|pid| (format!("a process in node-{node}'s namespaces"), pid))
             .collect();
         let victims: Vec<(String, u32)> = plan.kill.iter().cloned().chain(strays).collect();
         // Only processes that are ours (by the lab's marker), and each process group the
