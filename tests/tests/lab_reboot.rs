@@ -1,0 +1,199 @@
+//! A node reboot never lets a pod bypass the mesh, on a real lab cluster: node 2 is
+//! rebooted twice (`mesh-lab reboot`), once with its pods recreated before its node
+//! agent (and ztunnel before the agent), once with the agent first and the pods before
+//! ztunnel. A capture on node 2's uplink runs through both; a pod of node 2 whose own
+//! process is a loop of plaintext HTTP requests to a pod on node 1 runs from the moment
+//! it exists. Nothing of it crosses the fabric in plaintext (only HBONE, port 15008); a
+//! pod whose ADD fails while the agent is down is not started; once the node is back,
+//! every pod is confirmed and the loop's requests go through over mTLS.
+
+use mesh_e2e::cluster::contains;
+use mesh_e2e::manifests::{BACK_AMBIENT, BACK_API_POD_WITH_TCP_ECHO, FRONT_AMBIENT, join};
+use mesh_e2e::testlab::TestLab;
+use mesh_lab::reboot::{BootOrder, Event, Report};
+
+/// The pod on node 1 the loop talks to.
+const FRONT_SERVER: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: front, labels: {app: server}}
+spec:
+  nodeName: node-1
+  serviceAccountName: server
+  containers: [{name: server, ports: [{name: http, containerPort: 8080}]}]
+";
+
+/// What every request of the loop carries: never to be seen on the fabric.
+const MARKER: &str = "reboot-plaintext-marker";
+
+/// Pod `back/looper` on node 2: its process requests `server_ip:8080` forever, a line
+/// per attempt (`ok N` / `fail N`) in its log.
+fn looper(server_ip: &str) -> String {
+    let script = format!(
+        "i=0; while :; do i=$((i+1)); \
+         if curl -s -o /dev/null --max-time 2 http://{server_ip}:8080/{MARKER}-$i; \
+         then echo ok $i; else echo fail $i; fi; sleep 0.2; done"
+    );
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "looper", "namespace": "back", "labels": {"app": "looper"}},
+        "spec": {"nodeName": "node-2", "serviceAccountName": "looper",
+                 "containers": [{"name": "looper", "command": ["sh", "-c", script]}]}
+    })
+    .to_string()
+}
+
+const NODE2_PODS: [&str; 2] = ["back/api", "back/looper"];
+
+fn confirmed(t: &TestLab, node: usize, pods: &[&str]) -> bool {
+    let (ok, out) = t.meshctl_on(node, &["enrolment"]);
+    ok && pods.iter().all(|pod| {
+        out.lines()
+            .any(|l| l.contains(pod) && l.trim_end().ends_with("confirmed"))
+    })
+}
+
+/// What the current run of `role` wrote to its log.
+fn current_log(t: &TestLab, role: &str) -> String {
+    let p = t.lab.process(role).unwrap();
+    let all = std::fs::read(&p.log).unwrap_or_default();
+    String::from_utf8_lossy(all.get(p.log_offset as usize..).unwrap_or_default()).into_owned()
+}
+
+/// The reboot as `mesh-lab reboot` prints it, for the test's output.
+fn print_events(r: &Report) {
+    for e in &r.events {
+        eprintln!("reboot: {e}");
+    }
+}
+
+fn position(r: &Report, f: impl Fn(&Event) -> bool) -> Option<usize> {
+    r.events.iter().position(f)
+}
+
+fn started(r: &Report, what: &str) -> usize {
+    position(r, |e| matches!(e, Event::Started(w) if w == what))
+        .unwrap_or_else(|| panic!("{what} not started: {:#?}", r.events))
+}
+
+fn pod_started(r: &Report, pod: &str) -> usize {
+    position(
+        r,
+        |e| matches!(e, Event::PodStarted { pod: p, .. } if p == pod),
+    )
+    .unwrap_or_else(|| panic!("{pod} not started: {:#?}", r.events))
+}
+
+/// After a reboot: the node's pods all enrolled (confirmed), and the loop's requests
+/// from the recreated pod answered over mTLS (ztunnel on node 1 saw its identity).
+fn back_in_the_mesh(t: &TestLab, ztunnel1_from: usize) {
+    t.eventually("node-2's pods confirmed after the reboot", || {
+        confirmed(t, 2, &NODE2_PODS)
+    });
+    t.eventually("the recreated loop's requests answered", || {
+        current_log(t, "pod:back/looper")
+            .lines()
+            .any(|l| l.starts_with("ok "))
+    });
+    t.eventually("over mTLS, as back/looper", || {
+        t.log("ztunnel-1").get(ztunnel1_from..).is_some_and(|l| {
+            l.contains("src.identity=\"spiffe://cluster.local/ns/back/sa/looper\"")
+        })
+    });
+}
+
+#[test]
+fn a_rebooted_node_never_sends_plaintext_and_its_pods_come_back_enrolled() {
+    let mut t = TestLab::up_named("rbt", 2, &["curl", "tcpdump", "nft"]);
+    t.apply(&join(&[
+        FRONT_AMBIENT,
+        BACK_AMBIENT,
+        FRONT_SERVER,
+        BACK_API_POD_WITH_TCP_ECHO,
+    ]));
+    let server_ip = t.lab.state.pods["front/server"].ip.clone();
+    t.apply(&looper(&server_ip));
+    t.eventually("every pod confirmed", || {
+        confirmed(&t, 1, &["front/server"]) && confirmed(&t, 2, &NODE2_PODS)
+    });
+    t.eventually("the loop's requests answered", || {
+        t.log("pod:back/looper")
+            .lines()
+            .any(|l| l.starts_with("ok "))
+    });
+
+    // Everything that leaves node 2 for a pod, through both reboots.
+    let cap = mesh_e2e::cluster::capture_in(
+        &t.lab.fabric_ns(),
+        "n2",
+        &t.lab.dir,
+        "node2-uplink",
+        "tcp and net 10.244.0.0/16",
+    );
+
+    // 1. Pods first, then ztunnel, then the agent: every ADD fails while the agent is
+    // down, and no pod starts before it is up.
+    let from = t.log("ztunnel-1").len();
+    let old_pids: Vec<u32> = NODE2_PODS
+        .iter()
+        .map(|p| t.lab.process(&format!("pod:{p}")).unwrap().pid)
+        .collect();
+    let order: BootOrder = "pods,ztunnel,agent".parse().unwrap();
+    let r = t.lab.reboot(2, order).unwrap();
+    print_events(&r);
+    assert!(r.not_started.is_empty(), "{:#?}", r.events);
+    for (pod, old) in NODE2_PODS.iter().zip(&old_pids) {
+        assert!(
+            r.events.contains(&Event::Killed {
+                role: format!("pod:{pod}"),
+                pid: *old
+            }),
+            "{pod}'s process killed: {:#?}",
+            r.events
+        );
+        let refused = position(&r, |e| {
+            matches!(e, Event::NotStarted { pod: p, reason }
+                if p == pod && reason.contains("node agent unreachable"))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{pod}: ADD failed while the agent was down: {:#?}",
+                r.events
+            )
+        });
+        assert!(refused < started(&r, "agent-2"), "{:#?}", r.events);
+        assert!(
+            pod_started(&r, pod) > started(&r, "agent-2"),
+            "{pod} started only once the agent was: {:#?}",
+            r.events
+        );
+        assert_ne!(t.lab.process(&format!("pod:{pod}")).unwrap().pid, *old);
+    }
+    assert!(started(&r, "ztunnel-2") < started(&r, "agent-2"));
+    back_in_the_mesh(&t, from);
+
+    // 2. The agent first, then the pods, then ztunnel: the pods start (their rules read
+    // back), their traffic refused until ztunnel takes them.
+    let from = t.log("ztunnel-1").len();
+    let order: BootOrder = "agent,pods,ztunnel".parse().unwrap();
+    let r = t.lab.reboot(2, order).unwrap();
+    print_events(&r);
+    assert!(r.not_started.is_empty(), "{:#?}", r.events);
+    for pod in NODE2_PODS {
+        let at = pod_started(&r, pod);
+        assert!(started(&r, "agent-2") < at && at < started(&r, "ztunnel-2"));
+    }
+    back_in_the_mesh(&t, from);
+
+    // Throughout: nothing of the loop in plaintext, only HBONE between pods.
+    let (bytes, summary) = cap.finish();
+    eprintln!("node 2's uplink: {} packets", summary.lines().count());
+    assert!(
+        !contains(&bytes, MARKER),
+        "a pod of the rebooted node sent plaintext across the fabric:\n{summary}{}",
+        t.all_logs()
+    );
+    assert!(
+        !summary.is_empty() && summary.lines().all(|l| l.contains(".15008")),
+        "only HBONE on node 2's uplink:\n{summary}"
+    );
+}
