@@ -270,6 +270,27 @@ fn all_processes() -> Vec<(u32, u64)> {
         .collect()
 }
 
+/// `GET /readyz` of the node agent (127.0.0.1:8000 in the node's namespace `netns`)
+/// answers 200. Asked from a thread of its own that enters the namespace.
+fn agent_ready(netns: &Path) -> bool {
+    use std::io::{Read, Write};
+    let netns = netns.to_path_buf();
+    std::thread::spawn(move || -> std::io::Result<bool> {
+        let f = std::fs::File::open(&netns)?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 8000));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(head.ends_with(b" 200"))
+    })
+    .join()
+    .is_ok_and(|r| r.unwrap_or(false))
+}
+
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid)
 }
@@ -347,15 +368,19 @@ impl Lab {
         Ok(report)
     }
 
-    /// The agent of node `i` serves the plugin: it reached the control plane and its
-    /// socket is there.
+    /// The agent of node `i` is ready as its DaemonSet's readiness probe sees it (its
+    /// `/readyz`: the control plane's view arrived) and serves the plugin socket.
     fn wait_agent_ready(&self, i: usize) -> Result<(), String> {
         self.wait_log(&format!("agent-{i}"), "xDS connected", XDS_TIMEOUT)?;
         let socket = self.dir.join(format!("node{i}/agent.sock"));
+        let netns = Path::new("/var/run/netns").join(self.node_ns(i));
         let deadline = Instant::now() + XDS_TIMEOUT;
-        while !socket.exists() {
+        while !(socket.exists() && agent_ready(&netns)) {
             if Instant::now() > deadline {
-                return Err(format!("agent-{i} does not serve {}", socket.display()));
+                return Err(format!(
+                    "agent-{i} is not ready (its /readyz, or its socket {})",
+                    socket.display()
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
