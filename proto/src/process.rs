@@ -151,7 +151,10 @@ pub fn render(s: &ProcessStats, format: Format) -> String {
         ),
     ];
     for (name, help, v) in gauges {
-        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+        );
     }
     out
 }
@@ -193,7 +196,9 @@ mod tests {
         assert_eq!(parse_btime(PROC_STAT), Some(1764460800));
         assert_eq!(parse_max_fds(LIMITS), Some(1024));
         assert_eq!(
-            parse_max_fds("Max open files            unlimited            unlimited            files"),
+            parse_max_fds(
+                "Max open files            unlimited            unlimited            files"
+            ),
             Some(u64::MAX)
         );
         let s = stats_from(STAT, STATUS, PROC_STAT, LIMITS, 17).unwrap();
@@ -210,18 +215,32 @@ mod tests {
     fn renders_in_either_format_before_eof() {
         let s = stats_from(STAT, STATUS, PROC_STAT, LIMITS, 17).unwrap();
         let p = render(&s, Format::Prometheus);
-        assert!(p.contains("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 3.25\n"), "{p}");
+        assert!(
+            p.contains(
+                "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 3.25\n"
+            ),
+            "{p}"
+        );
         assert!(p.contains("process_resident_memory_bytes 9871360\n"), "{p}");
         assert!(p.contains("process_virtual_memory_bytes 52785152\n"), "{p}");
         assert!(p.contains("process_open_fds 17\n"), "{p}");
         assert!(p.contains("process_max_fds 1024\n"), "{p}");
-        assert!(p.contains("process_start_time_seconds 1764462034.56\n"), "{p}");
+        assert!(
+            p.contains("process_start_time_seconds 1764462034.56\n"),
+            "{p}"
+        );
         let o = render(&s, Format::OpenMetrics);
-        assert!(o.contains("# TYPE process_cpu_seconds counter\nprocess_cpu_seconds_total 3.25\n"), "{o}");
+        assert!(
+            o.contains("# TYPE process_cpu_seconds counter\nprocess_cpu_seconds_total 3.25\n"),
+            "{o}"
+        );
         let mut page = "# TYPE a gauge\na 1\n# EOF\n".to_string();
         insert(&mut page, &o);
         assert!(page.starts_with("# TYPE a gauge\na 1\n# HELP process_cpu_seconds"));
-        assert!(page.ends_with("process_start_time_seconds 1764462034.56\n# EOF\n"), "{page}");
+        assert!(
+            page.ends_with("process_start_time_seconds 1764462034.56\n# EOF\n"),
+            "{page}"
+        );
         let mut page = "a 1".to_string();
         insert(&mut page, "b 2\n");
         assert_eq!(page, "a 1\nb 2\n");

@@ -174,22 +174,17 @@ fn start_waypoint_and_receiver(ns: &Netns, ca_dir: &std::path::Path, receiver: R
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let otlp = tokio::net::TcpListener::bind((WAYPOINT, 4317)).await.unwrap();
+                let otlp = tokio::net::TcpListener::bind((WAYPOINT, 4317))
+                    .await
+                    .unwrap();
                 tokio::spawn(
                     tonic::transport::Server::builder()
                         .add_service(TraceServiceServer::new(receiver))
-                        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
-                            otlp,
-                        )),
+                        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(otlp)),
                 );
-                let ca = CertificateAuthority::load(
-                    "cluster.local",
-                    &ca_cert,
-                    &ca_key,
-                    None,
-                    &ca_cert,
-                )
-                .unwrap();
+                let ca =
+                    CertificateAuthority::load("cluster.local", &ca_cert, &ca_key, None, &ca_cert)
+                        .unwrap();
                 let certs = mesh_xds::certs::CertManager::new(mesh_xds::certs::CertSource::Local {
                     ca: Box::new(ca),
                     ttl: Duration::from_secs(3600),
@@ -218,7 +213,9 @@ fn start_waypoint_and_receiver(ns: &Netns, ca_dir: &std::path::Path, receiver: R
                         },
                     ),
                 });
-                let hbone = tokio::net::TcpListener::bind((WAYPOINT, 15008)).await.unwrap();
+                let hbone = tokio::net::TcpListener::bind((WAYPOINT, 15008))
+                    .await
+                    .unwrap();
                 ready_tx.send(()).unwrap();
                 let handler = Arc::new(waypoint::proxy::Handler(wp));
                 loop {
