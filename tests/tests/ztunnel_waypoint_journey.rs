@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-const WAYPOINT: &str = "10.201.3.2";
+/// The side namespace: the waypoint and the OTLP receiver.
+const SIDE: &str = "10.201.3.2";
+const WAYPOINT: &str = SIDE;
 const VIP: &str = "10.96.0.10";
 
 /// Spans as the collector got them, each with its resource's `service.name`.
@@ -159,12 +161,28 @@ fn waypoint_state() -> State {
     st
 }
 
-/// The waypoint and the receiver, on a current-thread runtime of a thread that stays in
-/// `ns` (everything they bind or dial is in it). Returns once both listen.
-fn start_waypoint_and_receiver(ns: &Netns, ca_dir: &std::path::Path, receiver: Receiver) {
+/// A namespace beside node 2 (at `SIDE`), routed from node 1: where the receiver (and
+/// the waypoint) run.
+fn side_namespace(c: &Cluster) -> Netns {
+    let ns = Netns::new("pw");
+    veth(&c.node2, "10.201.3.1/24", &ns, &format!("{SIDE}/24"));
+    ns.exec(&["ip", "route", "add", "default", "via", "10.201.3.1"]);
+    c.node1
+        .exec(&["ip", "route", "add", "10.201.3.0/24", "via", NODE2_FABRIC]);
+    ns
+}
+
+/// The receiver and, given the cluster's CA directory, the waypoint: on a current-thread
+/// runtime of a thread that stays in `ns` (everything they bind or dial is in it).
+/// Returns once they listen.
+fn start_receiver_and_waypoint(ns: &Netns, receiver: Receiver, ca_dir: Option<&std::path::Path>) {
     let handle = ns.handle();
-    let ca_cert = std::fs::read_to_string(ca_dir.join("ca-cert.pem")).unwrap();
-    let ca_key = std::fs::read_to_string(ca_dir.join("ca-key.pem")).unwrap();
+    let ca = ca_dir.map(|d| {
+        (
+            std::fs::read_to_string(d.join("ca-cert.pem")).unwrap(),
+            std::fs::read_to_string(d.join("ca-key.pem")).unwrap(),
+        )
+    });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         // The thread enters the namespace for good: it serves nothing else.
@@ -174,14 +192,16 @@ fn start_waypoint_and_receiver(ns: &Netns, ca_dir: &std::path::Path, receiver: R
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let otlp = tokio::net::TcpListener::bind((WAYPOINT, 4317))
-                    .await
-                    .unwrap();
+                let otlp = tokio::net::TcpListener::bind((SIDE, 4317)).await.unwrap();
                 tokio::spawn(
                     tonic::transport::Server::builder()
                         .add_service(TraceServiceServer::new(receiver))
                         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(otlp)),
                 );
+                let Some((ca_cert, ca_key)) = ca else {
+                    ready_tx.send(()).unwrap();
+                    return std::future::pending().await;
+                };
                 let ca =
                     CertificateAuthority::load("cluster.local", &ca_cert, &ca_key, None, &ca_cert)
                         .unwrap();
@@ -277,16 +297,12 @@ fn one_request_through_ztunnel_waypoint_ztunnel_is_one_trace() {
     mesh_e2e::require_tool("curl");
     let c = Cluster::with_ztunnel_args(
         Control::Local(config()),
-        &["--otlp-endpoint", &format!("http://{WAYPOINT}:4317")],
+        &["--otlp-endpoint", &format!("http://{SIDE}:4317")],
     );
     // The waypoint's own namespace, beside node 2, routed from node 1.
-    let pw = Netns::new("pw");
-    veth(&c.node2, "10.201.3.1/24", &pw, &format!("{WAYPOINT}/24"));
-    pw.exec(&["ip", "route", "add", "default", "via", "10.201.3.1"]);
-    c.node1
-        .exec(&["ip", "route", "add", "10.201.3.0/24", "via", NODE2_FABRIC]);
+    let pw = side_namespace(&c);
     let receiver = Receiver::default();
-    start_waypoint_and_receiver(&pw, &c.dir.join("ca"), receiver.clone());
+    start_receiver_and_waypoint(&pw, receiver.clone(), Some(&c.dir.join("ca")));
     http_app(&c.pod_b);
 
     let out = c.pod_a.exec(&[
@@ -373,5 +389,63 @@ fn one_request_through_ztunnel_waypoint_ztunnel_is_one_trace() {
         Some(2),
         "no error: {destination:?}"
     );
+    drop(pw);
+}
+
+/// Policy denial, visible in the trace: both ends' spans have an error status, the
+/// destination's names the policy, and it is still the child of the source's.
+#[test]
+fn a_denied_connection_is_an_error_on_both_ends_naming_the_policy() {
+    let policy = r#"
+  - name: deny-8081
+    namespace: back
+    action: DENY
+    rules:
+      - clauses:
+          - matches:
+              - destinationPorts: [8081]
+"#;
+    let c = Cluster::with_ztunnel_args(
+        Control::Local(base_config(policy, "")),
+        &["--otlp-endpoint", &format!("http://{SIDE}:4317")],
+    );
+    let pw = side_namespace(&c);
+    let receiver = Receiver::default();
+    start_receiver_and_waypoint(&pw, receiver.clone(), None);
+    let _denied = echo_server(&c.pod_b, "0.0.0.0:8081", "denied");
+    let err = talk(&c.pod_a, &format!("{POD_B}:8081"), "hi");
+    assert!(err.is_err(), "port 8081 must be refused, got {err:?}");
+    let both = |spans: &[(String, Span)]| {
+        spans.iter().any(|(s, _)| s == "ztunnel.node-1")
+            && spans.iter().any(|(s, _)| s == "ztunnel.node-2")
+    };
+    for _ in 0..300 {
+        if both(&receiver.0.lock().unwrap()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let spans = receiver.0.lock().unwrap().clone();
+    assert!(both(&spans), "missing spans: {spans:#?}");
+    let of = |svc: &str| spans.iter().find(|(s, _)| s == svc).unwrap().1.clone();
+    let (source, destination) = (of("ztunnel.node-1"), of("ztunnel.node-2"));
+    let attr = |s: &Span, key: &str| {
+        s.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.as_ref()?.value.clone())
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default()
+    };
+    for s in [&source, &destination] {
+        assert_eq!(s.status.as_ref().map(|s| s.code), Some(2), "error: {s:?}");
+        assert!(attr(s, "response_flags").contains("DENY"), "{s:?}");
+    }
+    assert!(
+        attr(&destination, "error.message").contains("explicitly denied by: back/deny-8081"),
+        "{destination:?}"
+    );
+    assert_eq!(destination.trace_id, source.trace_id);
+    assert_eq!(destination.parent_span_id, source.span_id);
     drop(pw);
 }
