@@ -222,7 +222,44 @@ impl Lab {
             "prometheus",
             "Server is ready to receive web requests",
             Duration::from_secs(30),
-        )
+        )?;
+        self.start_trace_receiver()
+    }
+
+    /// Runs the lab's dashboard with its OTLP trace receiver (idempotent), then restarts
+    /// the ztunnels started before observe was on, so that they export to it (waypoints
+    /// get the endpoint when made: apply them after `up --observe`).
+    pub fn start_trace_receiver(&mut self) -> Result<(), String> {
+        if !self.running("dashboard") {
+            let args = crate::traces::dashboard_command(&self.bin("meshctl"), &Self::node_ip(1));
+            self.state.procs.retain(|p| p.role != "dashboard");
+            self.spawn("dashboard", &self.node_ns(1), &args)?;
+            self.wait_log(
+                "dashboard",
+                "receiving traces over OTLP/gRPC",
+                Duration::from_secs(15),
+            )?;
+        }
+        for i in 1..=self.state.nodes {
+            let role = format!("ztunnel-{i}");
+            let Some(p) = self.process(&role) else {
+                continue;
+            };
+            let environ = std::fs::read(format!("/proc/{}/environ", p.pid)).unwrap_or_default();
+            if crate::traces::has_endpoint(&environ) {
+                continue;
+            }
+            self.stop(&role, false)?;
+            self.start_ztunnel(i)?;
+            self.wait_log(&role, "xDS connected", Duration::from_secs(15))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the process recorded for `role` runs.
+    fn running(&self, role: &str) -> bool {
+        self.process(role)
+            .is_some_and(|p| Path::new(&format!("/proc/{}", p.pid)).exists() && !is_zombie(p.pid))
     }
 
     pub fn fabric_ns(&self) -> String {
@@ -295,7 +332,15 @@ impl Lab {
         if let Some(cg) = cgroup {
             full = PodCgroups::wrap(cg, &full);
         }
-        let child = Command::new(&full[0])
+        let mut command = Command::new(&full[0]);
+        // With observe on, the proxies export their spans to the lab's receiver.
+        if self.state.observe && crate::traces::exports_traces(role, args.first().map_or("", String::as_str)) {
+            command.env(
+                crate::traces::ENDPOINT_ENV,
+                crate::traces::endpoint(&Self::node_ip(1)),
+            );
+        }
+        let child = command
             .args(&full[1..])
             .env("MESH_LAB_DIR", &self.dir)
             .stdin(Stdio::null())

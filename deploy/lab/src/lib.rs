@@ -12,3 +12,4 @@ pub mod demo;
 pub mod forward;
 pub mod lab;
 pub mod prometheus;
+pub mod traces;
