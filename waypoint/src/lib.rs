@@ -14,6 +14,5 @@ pub use mesh_authz::normalize;
 pub mod proxy;
 pub mod route;
 pub mod server;
-pub mod trace;
 pub mod upstream_pool;
 pub mod xds;

@@ -209,10 +209,14 @@ fn main() {
             normalization: a.path_normalization,
             shutdown: CancellationToken::new(),
             tracer: match &a.otlp_endpoint {
-                Some(e) => {
-                    waypoint::trace::Tracer::otlp(e.clone(), format!("{}.{}", a.name, a.namespace))
-                }
-                None => waypoint::trace::Tracer::disabled(),
+                Some(e) => mesh_trace::Tracer::otlp(
+                    e.clone(),
+                    mesh_trace::Origin {
+                        service: format!("{}.{}", a.name, a.namespace),
+                        scope: "mesh-waypoint",
+                    },
+                ),
+                None => mesh_trace::Tracer::disabled(),
             },
         });
         tokio::spawn(pool.run_sweeper());

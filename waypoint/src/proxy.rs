@@ -151,7 +151,7 @@ pub struct Waypoint {
     /// flight and close.
     pub shutdown: CancellationToken,
     /// Server and client spans, when an OTLP collector is configured.
-    pub tracer: Arc<crate::trace::Tracer>,
+    pub tracer: Arc<mesh_trace::Tracer>,
 }
 
 /// Bodies larger than this are not buffered for retries or mirroring (413).
@@ -207,6 +207,8 @@ fn is_http(p: AppProtocol) -> bool {
 
 struct Conn {
     source: SpiffeId,
+    /// The CONNECT's trace context: the source ztunnel's connection span when it traces.
+    traceparent: hbone::TraceParent,
     source_addr: SocketAddr,
     source_workload: Option<Arc<Workload>>,
     target: Bound,
@@ -230,8 +232,15 @@ impl Conn {
 }
 
 impl Waypoint {
-    /// Opens an HBONE tunnel to `endpoint` on `port` (through its ztunnel on 15008).
-    async fn tunnel_to(&self, ep: &Workload, port: u16) -> Result<hbone::Tunnel, String> {
+    /// Opens an HBONE tunnel to `endpoint` on `port` (through its ztunnel on 15008); the
+    /// CONNECT carries `trace` (the attempt's span, so the destination ztunnel's span is
+    /// its child), else a fresh context as ztunnel sends.
+    async fn tunnel_to(
+        &self,
+        ep: &Workload,
+        port: u16,
+        trace: Option<hbone::TraceParent>,
+    ) -> Result<hbone::Tunnel, String> {
         let ip = *ep.addresses.first().ok_or("endpoint has no address")?;
         let creds = tokio::time::timeout(CERT_WAIT, self.certs.get(&self.identity))
             .await
@@ -243,7 +252,10 @@ impl Waypoint {
             SocketAddr::new(ip, mesh_proto::ports::HBONE),
             None,
         );
-        let req = hbone::ConnectRequest::new(SocketAddr::new(ip, port));
+        let mut req = hbone::ConnectRequest::new(SocketAddr::new(ip, port));
+        if let Some(t) = trace {
+            req.traceparent = t;
+        }
         let est = self
             .client
             .connect(&key, &creds.cert, &req)
@@ -349,10 +361,11 @@ impl Waypoint {
             Ok(host) => {
                 // Traced: the upstream's parent is this request's server span.
                 let server_span = self.tracer.enabled().then(|| {
-                    crate::trace::ServerSpan::begin(
+                    mesh_trace::ServerSpan::begin_in(
                         req.headers()
                             .get("traceparent")
                             .and_then(|v| v.to_str().ok()),
+                        Some(&conn.traceparent),
                     )
                 });
                 if let Some(span) = &server_span
@@ -661,7 +674,7 @@ impl Waypoint {
         let client_span = self
             .tracer
             .enabled()
-            .then(|| crate::trace::ClientSpan::begin(req.headers_mut()))
+            .then(|| mesh_trace::ClientSpan::begin(req.headers_mut()))
             .flatten();
         let fut = self.forward(req, &ep, target_port, protocol);
         let result = within(per_try, fut).await;
@@ -818,6 +831,13 @@ impl Waypoint {
                 port,
             ),
         };
+        // A new upstream tunnel's CONNECT carries the attempt's context (pooled
+        // connections keep the one of the attempt that opened them).
+        let trace = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(hbone::TraceParent::parse);
         let resp = if matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc) {
             let mut sender = match self.pool.h2(&key, Instant::now()) {
                 Some(s) => s,
@@ -827,7 +847,7 @@ impl Waypoint {
                     if let Some(s) = self.pool.h2(&key, Instant::now()) {
                         s
                     } else {
-                        let tunnel = self.tunnel_to(ep, port).await.map_err(unavailable)?;
+                        let tunnel = self.tunnel_to(ep, port, trace).await.map_err(unavailable)?;
                         let (sender, conn) = hyper::client::conn::http2::handshake(
                             hyper_util::rt::TokioExecutor::new(),
                             hyper_util::rt::TokioIo::new(tunnel),
@@ -872,7 +892,7 @@ impl Waypoint {
                     },
                 }
             }
-            let tunnel = self.tunnel_to(ep, port).await.map_err(unavailable)?;
+            let tunnel = self.tunnel_to(ep, port, trace).await.map_err(unavailable)?;
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tunnel))
                     .await
@@ -959,7 +979,7 @@ impl Waypoint {
             );
         };
         set_tcp_destination(&mut rec.labels, &ep);
-        let upstream = match self.tunnel_to(&ep, port).await {
+        let upstream = match self.tunnel_to(&ep, port, Some(conn.traceparent)).await {
             Ok(t) => t,
             Err(e) => {
                 return refuse(
@@ -1023,6 +1043,7 @@ impl ConnectHandler for Handler {
         };
         let conn = Arc::new(Conn {
             source: req.peer_identity.clone(),
+            traceparent: req.request.traceparent,
             source_addr: req.peer_addr,
             source_workload,
             target,

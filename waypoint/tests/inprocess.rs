@@ -222,10 +222,10 @@ struct Setup {
 /// Services: `api` (VIP t.100, endpoints v1 and v2), `api-v1`, `api-v2`, `mirror` (t.103),
 /// and `tcp` (t.104, a TCP port).
 async fn setup(t: u8) -> Setup {
-    setup_traced(t, waypoint::trace::Tracer::disabled()).await
+    setup_traced(t, mesh_trace::Tracer::disabled()).await
 }
 
-async fn setup_traced(t: u8, tracer: Arc<waypoint::trace::Tracer>) -> Setup {
+async fn setup_traced(t: u8, tracer: Arc<mesh_trace::Tracer>) -> Setup {
     let ca = CertificateAuthority::new_root("cluster.local", 30 * DAY).unwrap();
     let backend_cert = cert(&ca, "shop", "backend");
     let backend_tls = Arc::new(mesh_identity::server_config(&backend_cert).unwrap());
@@ -306,7 +306,7 @@ fn new_waypoint(
     config: &Arc<RwLock<Config>>,
     certs: Arc<CertManager>,
     metrics: &Arc<waypoint::metrics::Metrics>,
-    tracer: Arc<waypoint::trace::Tracer>,
+    tracer: Arc<mesh_trace::Tracer>,
 ) -> Arc<Waypoint> {
     Arc::new(Waypoint {
         identity: id.clone(),
@@ -906,7 +906,7 @@ async fn not_ready_and_not_listening_until_addresses_routes_and_policies_synced(
         &config,
         s.certs.clone(),
         &s.metrics,
-        waypoint::trace::Tracer::disabled(),
+        mesh_trace::Tracer::disabled(),
     );
     let lifecycle = Lifecycle::new();
     let admin_at = admin(SocketAddr::new(ip(9, 201), 0), &wp, &lifecycle).await;
@@ -1050,7 +1050,7 @@ async fn a_slow_ca_never_blocks_the_accept_loop() {
         &s.config,
         slow,
         &s.metrics,
-        waypoint::trace::Tracer::disabled(),
+        mesh_trace::Tracer::disabled(),
     );
     let lifecycle = synced();
     let admin_at = admin(SocketAddr::new(ip(10, 201), 0), &wp, &lifecycle).await;
@@ -1108,7 +1108,7 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
         &s.config,
         s.certs.clone(),
         &s.metrics,
-        waypoint::trace::Tracer::disabled(),
+        mesh_trace::Tracer::disabled(),
     );
     let lifecycle = synced();
     let admin_at = admin(SocketAddr::new(ip(11, 201), 0), &wp, &lifecycle).await;
@@ -1207,7 +1207,7 @@ async fn the_drain_deadline_bounds_the_exit() {
         &s.config,
         s.certs.clone(),
         &s.metrics,
-        waypoint::trace::Tracer::disabled(),
+        mesh_trace::Tracer::disabled(),
     );
     let lifecycle = synced();
     let listen = SocketAddr::new(ip(12, 201), 15008);
@@ -1313,7 +1313,13 @@ async fn traces_go_to_an_otlp_collector_with_a_client_span_per_attempt() {
     );
     let s = setup_traced(
         9,
-        waypoint::trace::Tracer::otlp(endpoint, "waypoint.shop".into()),
+        mesh_trace::Tracer::otlp(
+            endpoint,
+            mesh_trace::Origin {
+                service: "waypoint.shop".into(),
+                scope: "mesh-waypoint",
+            },
+        ),
     )
     .await;
     s.route(r#"{"parentRefs":[{"kind":"Service","name":"api"}],"rules":[

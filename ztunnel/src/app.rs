@@ -156,6 +156,16 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
                 &cfg.dns_resolv_conf,
             ))
         }),
+        tracer: match &cfg.otlp_endpoint {
+            Some(e) => mesh_trace::Tracer::otlp(
+                e.as_str().to_string(),
+                mesh_trace::Origin {
+                    service: format!("ztunnel.{}", cfg.node_name),
+                    scope: "mesh-ztunnel",
+                },
+            ),
+            None => mesh_trace::Tracer::disabled(),
+        },
     });
     let drain = Drain::new();
     let manager = WorkloadManager::new(ctx.clone(), drain.clone(), cfg.drain_deadline);

@@ -102,6 +102,39 @@ pub struct Config {
     /// The cluster's DNS domain (`<svc>.<ns>.svc.<domain>`).
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+
+    /// OTLP/gRPC collector for connection spans (a client span per tunnelled outbound
+    /// connection, a server span per inbound tunnel), e.g. http://otel-collector:4317;
+    /// no tracing when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", value_parser = OtlpEndpoint::parse)]
+    pub otlp_endpoint: Option<OtlpEndpoint>,
+}
+
+/// Where spans are exported: an `http://` or `https://` URL with a host (the OTLP/gRPC
+/// port is usually 4317).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct OtlpEndpoint(String);
+
+impl OtlpEndpoint {
+    pub fn parse(s: &str) -> Result<OtlpEndpoint, String> {
+        let uri: http::Uri = s
+            .trim()
+            .parse()
+            .map_err(|e| format!("{s:?} is not a URL like http://otel-collector:4317: {e}"))?;
+        match (uri.scheme_str(), uri.host()) {
+            (Some("http" | "https"), Some(h)) if !h.is_empty() => {
+                Ok(OtlpEndpoint(s.trim().to_string()))
+            }
+            _ => Err(format!(
+                "{s:?} is not an http:// or https:// URL with a host, like http://otel-collector:4317"
+            )),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 pub const DEFAULT_MAX_CONNECTIONS_PER_LISTENER: usize = 16_384;
@@ -196,6 +229,31 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_otlp_endpoint_is_an_http_url_and_off_by_default() {
+        assert_eq!(
+            OtlpEndpoint::parse("http://otel-collector:4317")
+                .unwrap()
+                .as_str(),
+            "http://otel-collector:4317"
+        );
+        assert!(OtlpEndpoint::parse("https://10.0.0.1:4317").is_ok());
+        for bad in ["otel-collector:4317", "grpc://c:4317", "http://", ""] {
+            assert!(OtlpEndpoint::parse(bad).is_err(), "{bad}");
+        }
+        let base = ["ztunnel", "--node-name", "n", "--local-config", "c", "--local-ca", "ca"];
+        assert_eq!(Config::try_parse_from(base).unwrap().otlp_endpoint, None);
+        let mut on = base.to_vec();
+        on.extend(["--otlp-endpoint", "http://127.0.0.1:4317"]);
+        let cfg = Config::try_parse_from(on).unwrap();
+        assert!(
+            serde_json::to_string(&cfg)
+                .unwrap()
+                .contains(r#""otlp_endpoint":"http://127.0.0.1:4317""#),
+            "printed at start"
+        );
+    }
 
     fn parse(args: &[&str]) -> Config {
         Config::try_parse_from(std::iter::once("ztunnel").chain(args.iter().copied())).unwrap()

@@ -12,6 +12,7 @@ pub mod local;
 pub mod metrics;
 pub mod proxy;
 pub mod rbac;
+pub mod trace;
 pub mod updates;
 pub mod xds;
 

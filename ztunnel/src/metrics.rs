@@ -334,6 +334,7 @@ pub struct ConnRecorder {
     metrics: Arc<Metrics>,
     report: ConnReport,
     finished: bool,
+    span: Option<crate::trace::ConnSpan>,
 }
 
 /// How a connection ended.
@@ -370,7 +371,14 @@ impl ConnRecorder {
             metrics,
             report,
             finished: false,
+            span: None,
         }
+    }
+
+    /// The connection's span (tracing on), ended with the connection.
+    pub fn traced(mut self, span: Option<crate::trace::ConnSpan>) -> Self {
+        self.span = span;
+        self
     }
 
     pub fn report_mut(&mut self) -> &mut ConnReport {
@@ -393,12 +401,18 @@ impl ConnRecorder {
                 received,
             } => (flags, sent, received, Some(error.to_string())),
         };
-        r.access_log().complete(&Completion {
+        let log = r.access_log();
+        let done = Completion {
             bytes_sent: sent,
             bytes_recv: received,
             duration_ms,
             error,
-        });
+        };
+        log.complete(&done);
+        if let Some(span) = self.span.take() {
+            span.finish(&log, &done, flags);
+        }
+        let r = &self.report;
         let labels = r.labels(flags);
         let m = &self.metrics;
         m.closed.get_or_create(&labels).inc();

@@ -413,6 +413,7 @@ mod tests {
             state_changed: StateChanged::new(),
             max_connections_per_listener: 16,
             dns: None,
+            tracer: mesh_trace::Tracer::disabled(),
         })
     }
 

@@ -46,6 +46,8 @@ pub struct NodeContext {
     pub max_connections_per_listener: usize,
     /// The DNS proxy on 15053 in each pod (`None`: off).
     pub dns: Option<Arc<crate::dns::server::DnsSettings>>,
+    /// Connection spans, when an OTLP collector is configured (off: a disabled tracer).
+    pub tracer: Arc<mesh_trace::Tracer>,
 }
 
 /// The pod as the node agent described it.
@@ -333,8 +335,10 @@ impl PodProxy {
                     host,
                 };
                 req.baggage = Some(baggage(&src, &self.ctx.cluster_id));
+                let (traceparent, span) = crate::trace::outbound(&self.ctx.tracer);
+                req.traceparent = traceparent;
                 report.trace_id = req.traceparent.trace_id_hex();
-                let rec = ConnRecorder::open(self.ctx.metrics.clone(), report);
+                let rec = ConnRecorder::open(self.ctx.metrics.clone(), report).traced(span);
                 self.hbone_out(downstream, &src, hop, expected, req, rec, guard)
                     .await;
             }
@@ -579,6 +583,7 @@ impl ConnectHandler for InboundHandler {
     async fn handle(&self, req: InboundConnect, respond: Responder) {
         let pod = &self.pod;
         let guard = pod.drain.guard();
+        let mut span = crate::trace::inbound(&pod.ctx.tracer, &req.request.traceparent);
         let local = canonical(req.local_addr);
         let peer = canonical(req.peer_addr);
         let InboundPlan {
@@ -616,7 +621,7 @@ impl ConnectHandler for InboundHandler {
                     "the authority's host is no service of {} with port {port}",
                     local.ip()
                 ));
-                let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report);
+                let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report).traced(span.take());
                 finish_refusal(rec, &refusal, None);
                 return respond.refuse(&refusal);
             }
@@ -627,14 +632,14 @@ impl ConnectHandler for InboundHandler {
                 "authority {target} does not match the connection's destination {}",
                 local.ip()
             ));
-            let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report);
+            let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report).traced(span.take());
             finish_refusal(rec, &refusal, None);
             return respond.refuse(&refusal);
         }
         if ports::is_proxy_port(target.port()) {
             let refusal =
                 Refusal::Unavailable(format!("port {} is reserved for ztunnel", target.port()));
-            let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report);
+            let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report).traced(span.take());
             finish_refusal(rec, &refusal, None);
             return respond.refuse(&refusal);
         }
@@ -649,12 +654,12 @@ impl ConnectHandler for InboundHandler {
         let (app, dst) = match Box::pin(pod.connect_app(&mut report, &info)).await {
             Ok(x) => x,
             Err((refusal, policy)) => {
-                let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report);
+                let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report).traced(span.take());
                 finish_refusal(rec, &refusal, policy.as_deref());
                 return respond.refuse(&refusal);
             }
         };
-        let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report);
+        let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report).traced(span.take());
         let Ok(tunnel) = respond.accept(Default::default()) else {
             return rec.finish(Outcome::Failed {
                 flags: "CONNECT",
