@@ -171,7 +171,9 @@ fn a_trace_received_over_otlp_shows_as_a_journey() {
         .unwrap();
         let mut evil = span(0x01, 0, 3, EVIL, 0, 15, 200);
         evil.attributes.clear();
-        c.export(export("ztunnel-node-1", vec![evil])).await.unwrap();
+        c.export(export("ztunnel-node-1", vec![evil]))
+            .await
+            .unwrap();
     });
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();

@@ -242,7 +242,15 @@ mod tests {
         for bad in ["otel-collector:4317", "grpc://c:4317", "http://", ""] {
             assert!(OtlpEndpoint::parse(bad).is_err(), "{bad}");
         }
-        let base = ["ztunnel", "--node-name", "n", "--local-config", "c", "--local-ca", "ca"];
+        let base = [
+            "ztunnel",
+            "--node-name",
+            "n",
+            "--local-config",
+            "c",
+            "--local-ca",
+            "ca",
+        ];
         assert_eq!(Config::try_parse_from(base).unwrap().otlp_endpoint, None);
         let mut on = base.to_vec();
         on.extend(["--otlp-endpoint", "http://127.0.0.1:4317"]);

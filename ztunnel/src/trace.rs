@@ -67,7 +67,10 @@ pub fn connection_span(
         _ => None,
     };
     let target = log.dst_hbone_addr.unwrap_or(log.dst_addr);
-    let name = match (&log.dst_service, workload(&log.dst_namespace, &log.dst_workload)) {
+    let name = match (
+        &log.dst_service,
+        workload(&log.dst_namespace, &log.dst_workload),
+    ) {
         (Some(s), _) => format!("{} {s}:{}", log.direction, target.port()),
         (None, Some(w)) => format!("{} {w}:{}", log.direction, target.port()),
         (None, None) => format!("{} {target}", log.direction),
@@ -82,11 +85,17 @@ pub fn connection_span(
             attributes.push((key, Attr::Str(v)));
         }
     };
-    push("src.workload", workload(&log.src_namespace, &log.src_workload));
+    push(
+        "src.workload",
+        workload(&log.src_namespace, &log.src_workload),
+    );
     push("src.identity", log.src_identity.clone());
     push("dst.hbone_addr", log.dst_hbone_addr.map(|a| a.to_string()));
     push("dst.service", log.dst_service.clone());
-    push("dst.workload", workload(&log.dst_namespace, &log.dst_workload));
+    push(
+        "dst.workload",
+        workload(&log.dst_namespace, &log.dst_workload),
+    );
     push("dst.identity", log.dst_identity.clone());
     push("response_flags", Some(flags.to_string()));
     push("error.message", done.error.clone());
@@ -190,10 +199,7 @@ mod tests {
         let s = connection_span(OpenSpan::root(), Kind::Server, &l, &done, "DENY");
         assert!(s.error);
         assert_eq!(s.name, "inbound back/api-1:8080");
-        assert_eq!(
-            attr(&s, "response_flags"),
-            Some(&Attr::Str("DENY".into()))
-        );
+        assert_eq!(attr(&s, "response_flags"), Some(&Attr::Str("DENY".into())));
         assert!(
             matches!(attr(&s, "error.message"), Some(Attr::Str(m)) if m.contains("back/deny-web"))
         );
@@ -201,8 +207,14 @@ mod tests {
             attr(&s, "src.identity"),
             Some(&Attr::Str("spiffe://cluster.local/ns/front/sa/web".into()))
         );
-        assert_eq!(attr(&s, "src.workload"), Some(&Attr::Str("front/web-1".into())));
-        assert_eq!(attr(&s, "dst.workload"), Some(&Attr::Str("back/api-1".into())));
+        assert_eq!(
+            attr(&s, "src.workload"),
+            Some(&Attr::Str("front/web-1".into()))
+        );
+        assert_eq!(
+            attr(&s, "dst.workload"),
+            Some(&Attr::Str("back/api-1".into()))
+        );
         let ok = Completion {
             bytes_sent: 5,
             bytes_recv: 7,

@@ -409,9 +409,8 @@ fn dashboard(
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let d = match otlp {
         Some(addr) => {
-            let store = std::sync::Arc::new(std::sync::Mutex::new(
-                observe::traces::Store::new(limits),
-            ));
+            let store =
+                std::sync::Arc::new(std::sync::Mutex::new(observe::traces::Store::new(limits)));
             let bound = observe::otlp::spawn(addr, store.clone())?;
             println!("receiving traces over OTLP/gRPC on {bound}");
             observe::dashboard::Dashboard {

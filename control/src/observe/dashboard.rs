@@ -400,7 +400,10 @@ mod tests {
             ..Default::default()
         };
         let p = page_with(&g, Some("</script>down __INITIAL_GRAPH__"));
-        assert!(p.contains("[\"__GRAPH_ERROR__\"]"), "values are not placeholders");
+        assert!(
+            p.contains("[\"__GRAPH_ERROR__\"]"),
+            "values are not placeholders"
+        );
         assert!(
             p.contains("\"<\\/script>down __INITIAL_GRAPH__\""),
             "the error inlined as a JSON string"

@@ -33,7 +33,9 @@ impl TraceService for Receiver {
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: (rejected > 0).then(|| ExportTracePartialSuccess {
                 rejected_spans: rejected as i64,
-                error_message: "dropped by the dashboard's bounded store (invalid, duplicate or over its caps)".into(),
+                error_message:
+                    "dropped by the dashboard's bounded store (invalid, duplicate or over its caps)"
+                        .into(),
             }),
         }))
     }
@@ -41,8 +43,7 @@ impl TraceService for Receiver {
 
 /// Serves OTLP/gRPC on `listener` into `store` until the runtime ends.
 pub async fn serve(listener: tokio::net::TcpListener, store: Shared) -> Result<(), String> {
-    let svc =
-        TraceServiceServer::new(Receiver(store)).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let svc = TraceServiceServer::new(Receiver(store)).max_decoding_message_size(MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
         // Senders are many proxies, each with one connection: bound what each may hold.
         .concurrency_limit_per_connection(16)

@@ -290,7 +290,9 @@ impl Store {
 
     /// One trace as timeline rows (see [`timeline`]), or `None` if not held.
     pub fn trace(&self, id: &str) -> Option<Value> {
-        let tid = u128::from_str_radix(id, 16).ok().filter(|_| id.len() == 32)?;
+        let tid = u128::from_str_radix(id, 16)
+            .ok()
+            .filter(|_| id.len() == 32)?;
         let t = self.traces.get(&tid)?;
         let start = t.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
         let end = t.spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
@@ -524,7 +526,10 @@ mod tests {
         let mut short = span(1, 1, 0, 2, "x", 0);
         short.span_id = vec![1, 2, 3];
         let dup = span(1, 9, 0, 2, "x", 0);
-        assert_eq!(s.ingest(req("a", vec![zero.clone(), short, dup.clone()])), 2);
+        assert_eq!(
+            s.ingest(req("a", vec![zero.clone(), short, dup.clone()])),
+            2
+        );
         assert_eq!(s.ingest(req("a", vec![dup])), 1);
         assert_eq!(s.dropped.invalid_spans, 2);
         assert_eq!(s.dropped.duplicate_spans, 1);

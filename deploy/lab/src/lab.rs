@@ -249,7 +249,20 @@ impl Lab {
             if crate::traces::has_endpoint(&environ) {
                 continue;
             }
+            let pid = p.pid;
             self.stop(&role, false)?;
+            // It drains its connections first (up to its drain deadline); the new one
+            // needs its ports.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && !is_zombie(pid)
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) && self.owns(pid) {
+                let _ = run(&["kill", "-KILL", &pid.to_string()]);
+            }
             self.start_ztunnel(i)?;
             self.wait_log(&role, "xDS connected", Duration::from_secs(15))?;
         }
@@ -334,7 +347,9 @@ impl Lab {
         }
         let mut command = Command::new(&full[0]);
         // With observe on, the proxies export their spans to the lab's receiver.
-        if self.state.observe && crate::traces::exports_traces(role, args.first().map_or("", String::as_str)) {
+        if self.state.observe
+            && crate::traces::exports_traces(role, args.first().map_or("", String::as_str))
+        {
             command.env(
                 crate::traces::ENDPOINT_ENV,
                 crate::traces::endpoint(&Self::node_ip(1)),
@@ -420,8 +435,23 @@ impl Lab {
     /// [`Lab::up`], with `dual_stack` pods (an IPv4 and an IPv6 address each) and nodes
     /// routing both families.
     pub fn up_with(&mut self, nodes: usize, dual_stack: bool) -> Result<(), String> {
+        self.up_observed(nodes, dual_stack, false)
+    }
+
+    /// [`Lab::up_with`], and with `observe` Prometheus and the dashboard with its trace
+    /// receiver, the ztunnels started exporting to it from the first.
+    pub fn up_observed(
+        &mut self,
+        nodes: usize,
+        dual_stack: bool,
+        observe: bool,
+    ) -> Result<(), String> {
         if self.is_up() {
-            return Ok(());
+            return if observe {
+                self.start_prometheus()
+            } else {
+                Ok(())
+            };
         }
         if !(1..=9).contains(&nodes) {
             return Err("--nodes must be between 1 and 9".into());
@@ -432,6 +462,7 @@ impl Lab {
             nodes,
             next_vip: 10,
             dual_stack,
+            observe,
             ..Default::default()
         };
         std::fs::create_dir_all(self.manifests()).map_err(|e| e.to_string())?;
@@ -568,6 +599,9 @@ impl Lab {
                 "xDS connected",
                 Duration::from_secs(15),
             )?;
+        }
+        if observe {
+            self.start_prometheus()?;
         }
         Ok(())
     }

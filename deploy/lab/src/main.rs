@@ -171,10 +171,7 @@ fn run(cli: Cli) -> Result<i32, String> {
             dual_stack,
         } => {
             let was_up = lab.is_up();
-            lab.up_with(nodes, dual_stack)?;
-            if observe {
-                lab.start_prometheus()?;
-            }
+            lab.up_observed(nodes, dual_stack, observe)?;
             println!(
                 "{}",
                 if was_up {

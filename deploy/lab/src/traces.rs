@@ -52,7 +52,10 @@ mod tests {
     #[test]
     fn ztunnels_and_waypoints_export_to_node_1() {
         assert!(exports_traces("ztunnel-2", "/bin/ztunnel"));
-        assert!(exports_traces("pod:back/waypoint", "/x/target/debug/waypoint"));
+        assert!(exports_traces(
+            "pod:back/waypoint",
+            "/x/target/debug/waypoint"
+        ));
         assert!(!exports_traces("pod:back/api", "/x/mesh-lab"));
         assert!(!exports_traces("agent-1", "/x/mesh-cni"));
         assert!(!exports_traces("control", "/x/mesh-control"));

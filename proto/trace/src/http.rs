@@ -35,22 +35,23 @@ impl ServerSpan {
     /// nor link.
     pub fn begin_in(incoming: Option<&str>, connection: Option<&TraceParent>) -> ServerSpan {
         let connection = connection.filter(|c| c.flags & SAMPLED != 0);
-        let (trace_id, parent_id, flags, links) = match (incoming.and_then(TraceParent::parse), connection) {
-            (Some(tp), c) => (
-                tp.trace_id,
-                Some(tp.parent_id),
-                tp.flags,
-                c.map(|c| Link {
-                    trace_id: c.trace_id,
-                    span_id: c.parent_id,
-                    flags: c.flags,
-                })
-                .into_iter()
-                .collect(),
-            ),
-            (None, Some(c)) => (c.trace_id, Some(c.parent_id), c.flags, Vec::new()),
-            (None, None) => (TraceParent::random().trace_id, None, SAMPLED, Vec::new()),
-        };
+        let (trace_id, parent_id, flags, links) =
+            match (incoming.and_then(TraceParent::parse), connection) {
+                (Some(tp), c) => (
+                    tp.trace_id,
+                    Some(tp.parent_id),
+                    tp.flags,
+                    c.map(|c| Link {
+                        trace_id: c.trace_id,
+                        span_id: c.parent_id,
+                        flags: c.flags,
+                    })
+                    .into_iter()
+                    .collect(),
+                ),
+                (None, Some(c)) => (c.trace_id, Some(c.parent_id), c.flags, Vec::new()),
+                (None, None) => (TraceParent::random().trace_id, None, SAMPLED, Vec::new()),
+            };
         ServerSpan {
             trace_id,
             span_id: span_id(),
@@ -179,8 +180,8 @@ mod tests {
     /// with one, it keeps it and links the connection's span.
     #[test]
     fn the_connection_is_the_parent_unless_the_request_has_a_trace() {
-        let conn = TraceParent::parse("00-11111111111111111111111111111111-2222222222222222-01")
-            .unwrap();
+        let conn =
+            TraceParent::parse("00-11111111111111111111111111111111-2222222222222222-01").unwrap();
         let s = ServerSpan::begin_in(None, Some(&conn));
         assert_eq!(
             (s.trace_id, s.parent_id, s.flags),

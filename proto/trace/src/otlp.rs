@@ -156,10 +156,9 @@ mod tests {
 
     #[test]
     fn spans_become_otlp() {
-        let conn = hbone::TraceParent::parse(
-            "00-11111111111111111111111111111111-2222222222222222-01",
-        )
-        .unwrap();
+        let conn =
+            hbone::TraceParent::parse("00-11111111111111111111111111111111-2222222222222222-01")
+                .unwrap();
         let s = ServerSpan::begin_in(
             Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
             Some(&conn),

@@ -143,8 +143,8 @@ mod tests {
 
     #[test]
     fn a_child_continues_its_parents_trace_and_sampling() {
-        let parent = TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")
-            .unwrap();
+        let parent =
+            TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00").unwrap();
         let c = OpenSpan::child_of(&parent);
         assert_eq!(
             (c.trace_id, c.parent_id, c.flags),
@@ -157,7 +157,10 @@ mod tests {
         assert_eq!((r.parent_id, r.flags), (None, SAMPLED));
         assert_ne!(r.trace_id, 0);
         let s = r.clone().finish(Kind::Client, "x".into(), vec![], true);
-        assert_eq!((s.trace_id, s.span_id, s.error), (r.trace_id, r.span_id, true));
+        assert_eq!(
+            (s.trace_id, s.span_id, s.error),
+            (r.trace_id, r.span_id, true)
+        );
         assert!(s.end >= s.start);
     }
 
