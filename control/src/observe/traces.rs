@@ -279,7 +279,7 @@ impl Store {
                 (start, t.seq, v)
             })
             .collect();
-        rows.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+        rows.sort_by_key(|r| std::cmp::Reverse((r.0, r.1)));
         json!({
             "receiving": true,
             "traces": rows.into_iter().map(|r| r.2).collect::<Vec<_>>(),
