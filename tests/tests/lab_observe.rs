@@ -323,7 +323,7 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
         std::process::Command::new("ip")
             .args(["netns", "exec", &t.lab.node_ns(1)])
             .arg(mesh_e2e::binary("meshctl"))
-            .args(["dashboard", "--listen", "127.0.0.1:15080", "--window", "5m"])
+            .args(["dashboard", "--listen", "127.0.0.1:15090", "--window", "5m"])
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap(),
@@ -336,7 +336,7 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
                 "-s",
                 "--max-time",
                 "10",
-                "http://127.0.0.1:15080/api/graph",
+                "http://127.0.0.1:15090/api/graph",
             ])
             .output()
             .unwrap();
@@ -355,7 +355,7 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
         &t,
         profile.path(),
         &["--dump-dom"],
-        "http://127.0.0.1:15080/#service:back/api",
+        "http://127.0.0.1:15090/#service:back/api",
     );
     for node in [
         "data-id=\"workload:front/client\" data-kind=\"workload\" data-namespace=\"front\"",
@@ -404,7 +404,7 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
             &format!("--screenshot={}", png.display()),
             "--window-size=1400,800",
         ],
-        "http://127.0.0.1:15080/#workload:back/api",
+        "http://127.0.0.1:15090/#workload:back/api",
     );
     let bytes = std::fs::read(&png).unwrap_or_default();
     assert!(

@@ -88,6 +88,43 @@ fn attempts(spans: &[Value]) -> Vec<&Value> {
         .collect()
 }
 
+/// `mesh-lab dashboard` run for the test's lab; ended (by its PID) when dropped.
+struct Forwarder(std::process::Child);
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `path` of the lab's dashboard as a browser on this machine reaches it, through
+/// `mesh-lab dashboard`.
+fn via_mesh_lab_dashboard(t: &TestLab, path: &str) -> String {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(mesh_e2e::binary("mesh-lab"))
+        .args(["--name", &t.lab.name, "--state-root"])
+        .arg(t.lab.dir.parent().unwrap())
+        .arg("dashboard")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let _forwarder = Forwarder(child);
+    let mut line = String::new();
+    std::io::BufReader::new(out).read_line(&mut line).unwrap();
+    assert!(
+        line.starts_with("dashboard on http://127.0.0.1:15080/"),
+        "{line}"
+    );
+    let got = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "10"])
+        .arg(format!("http://127.0.0.1:15080{path}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&got.stdout).into_owned()
+}
+
 #[test]
 fn a_request_through_the_waypoint_is_one_trace_from_ztunnel_to_ztunnel() {
     let mut t = TestLab::up_observed("trace", 2, &["curl", "prometheus", "chromium"]);
@@ -205,6 +242,13 @@ fn a_request_through_the_waypoint_is_one_trace_from_ztunnel_to_ztunnel() {
             .iter()
             .any(|s| str_of(s, "service") == "waypoint.back" && str_of(s, "kind") == "client"),
         "a fault asks no upstream: {fault:?}"
+    );
+
+    // `mesh-lab dashboard` forwards this machine's 127.0.0.1:15080 to it.
+    let listed = via_mesh_lab_dashboard(&t, "/api/traces");
+    assert!(
+        listed.contains(&format!("\"traceId\":\"{id}\"")),
+        "the trace through `mesh-lab dashboard`: {listed}"
     );
 
     // The journey in the page: the rows in the API's order, the retries marked.

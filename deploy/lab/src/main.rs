@@ -64,13 +64,10 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The service graph and request journeys in your browser: forwards 127.0.0.1:PORT
+    /// The service graph and request journeys in your browser: forwards 127.0.0.1:15080
     /// here to the dashboard `up --observe` runs in node 1's namespace (beside Prometheus,
     /// with the trace receiver every ztunnel and waypoint exports to).
-    Dashboard {
-        #[arg(long, default_value_t = 15080)]
-        port: u16,
-    },
+    Dashboard,
     /// The guided demo: plaintext, then the same traffic over the mesh.
     Demo {
         /// Leave the lab up at the end.
@@ -235,13 +232,15 @@ fn run(cli: Cli) -> Result<i32, String> {
                 .map_err(|e| e.to_string())?;
             return Ok(status.code().unwrap_or(1));
         }
-        Cmd::Dashboard { port } => {
+        Cmd::Dashboard => {
             let Some(pid) = lab.process("dashboard").map(|p| p.pid) else {
                 return Err("the lab has no dashboard: run `mesh-lab up --observe` first".into());
             };
             let inner: std::net::SocketAddr = mesh_lab::traces::DASHBOARD_LISTEN
                 .parse()
                 .expect("a socket address");
+            // The same port here: the page is served for its own port only.
+            let port = inner.port();
             let listener = std::net::TcpListener::bind(("127.0.0.1", port))
                 .map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))?;
             println!("dashboard on http://127.0.0.1:{port}/ (Ctrl-C to stop)");

@@ -8,8 +8,10 @@ use std::path::Path;
 /// The standard OTLP/gRPC port, on node 1's fabric address (reachable from every node
 /// and pod).
 pub const RECEIVER_PORT: u16 = 4317;
-/// Where the lab's dashboard serves its page, on node 1's loopback.
-pub const DASHBOARD_LISTEN: &str = "127.0.0.1:15081";
+/// Where the lab's dashboard serves its page, on node 1's loopback; `mesh-lab dashboard`
+/// forwards the same port on the machine's loopback to it (the dashboard serves only
+/// requests naming its own port in `Host`).
+pub const DASHBOARD_LISTEN: &str = "127.0.0.1:15080";
 /// The variable the ztunnel and the waypoint read their OTLP endpoint from.
 pub const ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 
