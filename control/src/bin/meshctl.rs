@@ -102,6 +102,9 @@ enum Cmd {
         /// Spans kept per trace (later ones are dropped and counted).
         #[arg(long, default_value_t = observe::traces::Limits::default().spans_per_trace)]
         max_spans_per_trace: usize,
+        /// Memory for the spans held, in MiB (the oldest traces go to make room).
+        #[arg(long, default_value_t = observe::traces::Limits::default().bytes >> 20)]
+        max_trace_mib: usize,
     },
     /// Whether each enrolled pod's capture is confirmed (its rules read back from its
     /// network namespace as planned, and ztunnel acked it), from each node agent.
@@ -448,10 +451,12 @@ fn run(cli: Cli) -> Result<(), String> {
             otlp_listen,
             max_traces,
             max_spans_per_trace,
+            max_trace_mib,
         } => {
             let limits = observe::traces::Limits {
                 traces: (*max_traces).max(1),
                 spans_per_trace: (*max_spans_per_trace).max(1),
+                bytes: max_trace_mib.saturating_mul(1 << 20).max(1 << 20),
                 ..Default::default()
             };
             return dashboard(&cli, *listen, window, *otlp_listen, limits);

@@ -21,6 +21,9 @@ pub struct Limits {
     pub attributes_per_span: usize,
     /// Bytes kept of any string (span name, service, attribute key or value).
     pub string_bytes: usize,
+    /// Memory for all spans held (estimated from their strings); the oldest traces go
+    /// to make room. The caps above alone would allow gigabytes.
+    pub bytes: usize,
 }
 
 impl Default for Limits {
@@ -30,6 +33,7 @@ impl Default for Limits {
             spans_per_trace: 200,
             attributes_per_span: 32,
             string_bytes: 256,
+            bytes: 64 << 20,
         }
     }
 }
@@ -44,8 +48,10 @@ pub struct Dropped {
     pub invalid_spans: u64,
     /// Spans whose id the trace already held.
     pub duplicate_spans: u64,
-    /// Whole traces pushed out by newer ones.
+    /// Whole traces pushed out by newer ones (over the trace cap or the memory cap).
     pub evicted_traces: u64,
+    /// Spans that did not fit in memory even with every older trace gone.
+    pub spans_over_memory_cap: u64,
     /// Attributes beyond a span's cap.
     pub attributes: u64,
     /// Strings cut to `string_bytes`.
@@ -73,6 +79,8 @@ pub struct StoredSpan {
 #[derive(Debug, Default)]
 struct Trace {
     spans: Vec<StoredSpan>,
+    /// The spans' estimated size.
+    bytes: usize,
     /// Arrival order of the trace's first span (eviction and ties).
     seq: u64,
 }
@@ -86,6 +94,24 @@ pub struct Store {
     next_seq: u64,
     pub dropped: Dropped,
     pub received_spans: u64,
+    /// Estimated size of every span held.
+    bytes: usize,
+}
+
+impl StoredSpan {
+    /// Roughly what the span takes in memory: its strings and a fixed overhead.
+    fn size(&self) -> usize {
+        200 + self.span_id.len()
+            + self.parent_id.as_ref().map_or(0, String::len)
+            + self.name.len()
+            + self.service.len()
+            + self.status_message.len()
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| 48 + k.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary; counts a cut.
@@ -157,6 +183,7 @@ impl Store {
             next_seq: 0,
             dropped: Dropped::default(),
             received_spans: 0,
+            bytes: 0,
         }
     }
 
@@ -228,13 +255,25 @@ impl Store {
             status_message: bounded(&status.message, max, d),
             attributes,
         };
+        let size = span.size();
+        // Room in memory: older traces go first, never the one this span joins.
+        while self.bytes + size > self.limits.bytes {
+            let Some(pos) = self.order.iter().position(|t| *t != trace_id) else {
+                break;
+            };
+            let old = self.order.remove(pos).expect("found above");
+            self.evict(old);
+        }
+        if self.bytes + size > self.limits.bytes {
+            self.dropped.spans_over_memory_cap += 1;
+            return false;
+        }
         if !self.traces.contains_key(&trace_id) {
             while self.traces.len() >= self.limits.traces.max(1) {
                 let Some(old) = self.order.pop_front() else {
                     break;
                 };
-                self.traces.remove(&old);
-                self.dropped.evicted_traces += 1;
+                self.evict(old);
             }
             self.order.push_back(trace_id);
             self.next_seq += 1;
@@ -242,16 +281,23 @@ impl Store {
                 trace_id,
                 Trace {
                     spans: Vec::new(),
+                    bytes: 0,
                     seq: self.next_seq,
                 },
             );
         }
-        self.traces
-            .get_mut(&trace_id)
-            .expect("inserted above")
-            .spans
-            .push(span);
+        let t = self.traces.get_mut(&trace_id).expect("inserted above");
+        t.spans.push(span);
+        t.bytes += size;
+        self.bytes += size;
         true
+    }
+
+    fn evict(&mut self, id: u128) {
+        if let Some(t) = self.traces.remove(&id) {
+            self.bytes -= t.bytes;
+            self.dropped.evicted_traces += 1;
+        }
     }
 
     /// Recent traces, newest first (by start), each summarised by its root span.
@@ -473,7 +519,52 @@ mod tests {
             spans_per_trace: 4,
             attributes_per_span: 2,
             string_bytes: 8,
+            bytes: 1 << 20,
         }
+    }
+
+    /// Memory makes room by evicting the oldest other traces; a span that cannot fit
+    /// even then is dropped, and the accounting returns to zero as traces go.
+    #[test]
+    fn the_memory_cap_evicts_older_traces_then_drops() {
+        let one = StoredSpan {
+            span_id: format!("{:016x}", 1),
+            parent_id: None,
+            name: "x".into(),
+            kind: "server",
+            service: "a".into(),
+            start_ns: 0,
+            end_ns: 0,
+            error: false,
+            status_message: String::new(),
+            attributes: vec![],
+        }
+        .size();
+        let mut s = Store::new(Limits {
+            traces: 100,
+            spans_per_trace: 100,
+            // Three root spans, or a root and two children (each 16 bytes more: the
+            // parent's id).
+            bytes: 3 * one + 64,
+            ..limits()
+        });
+        for t in 1..=3u128 {
+            assert_eq!(s.ingest(req("a", vec![span(t, 1, 0, 2, "x", 0)])), 0);
+        }
+        assert_eq!(s.bytes, 3 * one);
+        // A fourth trace: the first goes.
+        assert_eq!(s.ingest(req("a", vec![span(4, 1, 0, 2, "x", 0)])), 0);
+        assert!(!s.traces.contains_key(&1) && s.traces.len() == 3);
+        // Trace 4 grows: the others go, then its own spans beyond the cap are dropped.
+        let more: Vec<PbSpan> = (2..=4).map(|i| span(4, i, 1, 3, "x", 0)).collect();
+        assert_eq!(s.ingest(req("a", more)), 1);
+        assert_eq!(s.traces.len(), 1);
+        assert_eq!(s.traces[&4].spans.len(), 3);
+        assert_eq!(s.dropped.evicted_traces, 3);
+        assert_eq!(s.dropped.spans_over_memory_cap, 1);
+        assert_eq!(s.bytes, 3 * one + 32);
+        s.evict(4);
+        assert_eq!(s.bytes, 0);
     }
 
     #[test]
