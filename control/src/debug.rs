@@ -242,11 +242,11 @@ async fn handle(
     }
     // Also on the readiness listener: the one a cluster's Prometheus can reach.
     if path == "/metrics" {
+        let mut page = render_metrics(&control_metrics(&state));
+        mesh_proto::process::append(&mut page, mesh_proto::process::Format::Prometheus);
         return Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(render_metrics(&control_metrics(
-                &state,
-            )))))
+            .body(Full::new(Bytes::from(page)))
             .expect("valid response");
     }
     if readiness_only {

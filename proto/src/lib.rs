@@ -75,6 +75,8 @@ pub use generated::mesh::cni::v1 as cni;
 pub use generated::mesh::echo::v1 as echo;
 pub use generated::mesh::waypoint::v1 as waypoint;
 
+pub mod process;
+
 pub use prost;
 pub use prost_types;
 

@@ -370,7 +370,7 @@ async fn mesh(t: u8, normalization: PathNormalization) -> Mesh {
         pool: Default::default(),
         normalization,
         shutdown: CancellationToken::new(),
-        tracer: waypoint::trace::Tracer::disabled(),
+        tracer: mesh_trace::Tracer::disabled(),
     });
     // The waypoint's real accept path, configuration already synced.
     let lifecycle = Lifecycle::new();

@@ -327,6 +327,18 @@ fn every_metric_the_dashboards_query_is_emitted_and_every_query_is_valid() {
             .collect()
     };
     // Every target's first scrape (mesh-control's, the node agents') lands too.
+    // The resource panels' metrics come from every component: ztunnel, waypoint, node
+    // agent and mesh-control each export them.
+    t.eventually("process metrics from every kind of component", || {
+        let jobs: BTreeSet<String> = t
+            .promql("count by (job) (process_resident_memory_bytes > 0 and process_cpu_seconds_total > 0)")
+            .iter()
+            .filter_map(|(m, _)| m["job"].as_str().map(str::to_string))
+            .collect();
+        ["ztunnel", "waypoint", "mesh-cni", "mesh-control"]
+            .iter()
+            .all(|j| jobs.contains(*j))
+    });
     let all_queried: BTreeSet<String> = boards
         .iter()
         .flat_map(|(_, b)| dashboard_queries(b))

@@ -136,7 +136,9 @@ pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, lifecycle
                     )
                 }
             } else {
-                ("200 OK", "text/plain; version=0.0.4", m.encode())
+                let mut page = m.encode();
+                mesh_proto::process::append(&mut page, mesh_proto::process::Format::Prometheus);
+                ("200 OK", "text/plain; version=0.0.4", page)
             };
             let _ = s
                 .write_all(

@@ -102,11 +102,15 @@ async fn admin(a: Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Byte
 
 async fn metrics(a: Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/metrics" | "/stats/prometheus" => respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            a.metrics.encode(),
-        ),
+        "/metrics" | "/stats/prometheus" => {
+            let mut page = a.metrics.encode();
+            mesh_proto::process::append(&mut page, mesh_proto::process::Format::OpenMetrics);
+            respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                page,
+            )
+        }
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }

@@ -139,7 +139,17 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
         (None, None) => return Err("no certificate source".into()),
     };
     let certs = CertManager::new(cert_source);
-    let metrics = Metrics::new(Some(certs.clone()));
+    let tracer = match &cfg.otlp_endpoint {
+        Some(e) => mesh_trace::Tracer::otlp(
+            e.as_str().to_string(),
+            mesh_trace::Origin {
+                service: format!("ztunnel.{}", cfg.node_name),
+                scope: "mesh-ztunnel",
+            },
+        ),
+        None => mesh_trace::Tracer::disabled(),
+    };
+    let metrics = Metrics::with_tracer(Some(certs.clone()), Some(tracer.clone()));
     let ctx = Arc::new(NodeContext {
         state: state.clone(),
         certs: certs.clone(),
@@ -156,16 +166,7 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
                 &cfg.dns_resolv_conf,
             ))
         }),
-        tracer: match &cfg.otlp_endpoint {
-            Some(e) => mesh_trace::Tracer::otlp(
-                e.as_str().to_string(),
-                mesh_trace::Origin {
-                    service: format!("ztunnel.{}", cfg.node_name),
-                    scope: "mesh-ztunnel",
-                },
-            ),
-            None => mesh_trace::Tracer::disabled(),
-        },
+        tracer,
     });
     let drain = Drain::new();
     let manager = WorkloadManager::new(ctx.clone(), drain.clone(), cfg.drain_deadline);

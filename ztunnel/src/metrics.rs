@@ -118,6 +118,28 @@ impl Collector for CertCollector {
     }
 }
 
+/// Connection spans dropped (exporter queue full, or the collector did not take them),
+/// read from the tracer on scrape.
+struct TracerCollector(Arc<mesh_trace::Tracer>);
+
+impl std::fmt::Debug for TracerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TracerCollector")
+    }
+}
+
+impl Collector for TracerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = ConstCounter::new(self.0.dropped());
+        c.encode(encoder.encode_descriptor(
+            "trace_spans_dropped",
+            "Connection spans dropped: the exporter's queue was full or the OTLP collector did not take them",
+            None,
+            c.metric_type(),
+        )?)
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
     opened: Family<TcpLabels, Counter>,
@@ -140,6 +162,14 @@ pub struct Metrics {
 impl Metrics {
     /// The registry, with certificate metrics from `certs` if given.
     pub fn new(certs: Option<Arc<CertManager>>) -> Arc<Self> {
+        Metrics::with_tracer(certs, None)
+    }
+
+    /// With `tracer`'s dropped spans (`ztunnel_trace_spans_dropped_total`) when tracing.
+    pub fn with_tracer(
+        certs: Option<Arc<CertManager>>,
+        tracer: Option<Arc<mesh_trace::Tracer>>,
+    ) -> Arc<Self> {
         let mut root = Registry::default();
         let istio = root.sub_registry_with_prefix("istio");
         let m = Metrics {
@@ -215,6 +245,9 @@ impl Metrics {
         );
         if let Some(certs) = certs {
             zt.register_collector(Box::new(CertCollector(certs)));
+        }
+        if let Some(tracer) = tracer.filter(|t| t.enabled()) {
+            zt.register_collector(Box::new(TracerCollector(tracer)));
         }
         let wm = root.sub_registry_with_prefix("workload_manager");
         wm.register(
@@ -563,6 +596,26 @@ mod tests {
         report.mtls = false;
         let l = report.access_log();
         assert_eq!((l.src_identity, l.dst_identity), (None, None));
+    }
+
+    #[test]
+    fn dropped_spans_are_exported_when_tracing() {
+        let (tracer, _rx) = mesh_trace::Tracer::with_queue(1);
+        let span = mesh_trace::OpenSpan::root().finish(
+            mesh_trace::Kind::Client,
+            "x".into(),
+            vec![],
+            false,
+        );
+        tracer.record(span.clone());
+        tracer.record(span);
+        let text = Metrics::with_tracer(None, Some(tracer)).encode();
+        assert!(
+            text.contains("ztunnel_trace_spans_dropped_total 1\n"),
+            "{text}"
+        );
+        let off = Metrics::with_tracer(None, Some(mesh_trace::Tracer::disabled())).encode();
+        assert!(!off.contains("trace_spans_dropped"), "{off}");
     }
 
     #[test]

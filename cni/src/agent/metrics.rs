@@ -133,6 +133,8 @@ impl Metrics {
         for (state, n) in self.enrolment.lock().expect("metrics lock").iter() {
             out.push_str(&format!("{ENROLMENT}{{state=\"{state}\"}} {n}\n"));
         }
+        // CPU, memory and descriptors, as every Prometheus client exports them.
+        mesh_proto::process::append(&mut out, mesh_proto::process::Format::Prometheus);
         out
     }
 }
@@ -156,6 +158,7 @@ mod tests {
         assert!(text.contains("mesh_cni_local_peer_refused_total{socket=\"agent\"} 2\n"));
         assert!(text.contains("# TYPE mesh_cni_local_request_refused_total counter\n"));
         assert!(text.contains("mesh_cni_pod_enrolment{state=\"failed\"} 0\n"));
+        assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
         m.set_enrolment("failed", 2);
         assert!(
             m.render()

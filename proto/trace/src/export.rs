@@ -3,6 +3,7 @@
 
 use crate::otlp::{Origin, to_otlp_batches};
 use crate::span::{SAMPLED, Span};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,14 +21,15 @@ pub const MAX_EXPORT_BYTES: usize = 4 << 20;
 /// Where finished spans go: nowhere (tracing off), or a bounded queue to the exporter.
 pub struct Tracer {
     tx: Option<mpsc::Sender<Span>>,
-    dropped: AtomicU64,
+    /// Spans dropped: queue full, too large, or their export failed.
+    dropped: Arc<AtomicU64>,
 }
 
 impl Tracer {
     pub fn disabled() -> Arc<Tracer> {
         Arc::new(Tracer {
             tx: None,
-            dropped: AtomicU64::new(0),
+            dropped: Arc::default(),
         })
     }
 
@@ -37,7 +39,7 @@ impl Tracer {
         (
             Arc::new(Tracer {
                 tx: Some(tx),
-                dropped: AtomicU64::new(0),
+                dropped: Arc::default(),
             }),
             rx,
         )
@@ -47,7 +49,7 @@ impl Tracer {
     /// Spawns the exporter: call inside a Tokio runtime.
     pub fn otlp(endpoint: String, origin: Origin) -> Arc<Tracer> {
         let (tracer, rx) = Tracer::with_queue(QUEUE);
-        tokio::spawn(export(rx, endpoint, origin));
+        tokio::spawn(export(rx, endpoint, origin, tracer.dropped.clone()));
         tracer
     }
 
@@ -69,7 +71,7 @@ impl Tracer {
         }
     }
 
-    /// Spans dropped so far.
+    /// Spans dropped so far (the queue was full, or the collector did not take them).
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
@@ -77,7 +79,12 @@ impl Tracer {
 
 /// Sends what the queue holds, in batches; a failed export drops its batch and
 /// reconnects for the next one.
-async fn export(mut rx: mpsc::Receiver<Span>, endpoint: String, origin: Origin) {
+async fn export(
+    mut rx: mpsc::Receiver<Span>,
+    endpoint: String,
+    origin: Origin,
+    dropped: Arc<AtomicU64>,
+) {
     let mut client = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -90,6 +97,7 @@ async fn export(mut rx: mpsc::Receiver<Span>, endpoint: String, origin: Origin) 
         let n = batch.len();
         let (requests, too_large) = to_otlp_batches(batch, &origin, MAX_EXPORT_BYTES);
         if too_large > 0 {
+            dropped.fetch_add(too_large as u64, Ordering::Relaxed);
             tracing::warn!(dropped = too_large, "spans too large to export dropped");
         }
         if client.is_none() {
@@ -109,17 +117,30 @@ async fn export(mut rx: mpsc::Receiver<Span>, endpoint: String, origin: Origin) 
             }
         }
         let Some(c) = client.as_mut() else {
+            dropped.fetch_add((n - too_large) as u64, Ordering::Relaxed);
             continue;
         };
+        let mut unsent: usize = requests.iter().map(spans_in).sum();
         for request in requests {
+            let len = spans_in(&request);
             let sent = tokio::time::timeout(Duration::from_secs(10), c.export(request)).await;
             if !matches!(sent, Ok(Ok(_))) {
-                tracing::warn!(%endpoint, dropped = n, "OTLP export failed; reconnecting");
+                tracing::warn!(%endpoint, dropped = unsent, "OTLP export failed; reconnecting");
                 client = None;
                 break;
             }
+            unsent -= len;
         }
+        dropped.fetch_add(unsent as u64, Ordering::Relaxed);
     }
+}
+
+fn spans_in(r: &ExportTraceServiceRequest) -> usize {
+    r.resource_spans
+        .iter()
+        .flat_map(|rs| &rs.scope_spans)
+        .map(|ss| ss.spans.len())
+        .sum()
 }
 
 #[cfg(test)]
@@ -149,6 +170,33 @@ mod tests {
         tracer.record(unsampled.finish("s", 80, "GET", "/", 200));
         assert!(rx.try_recv().is_err(), "not exported");
         assert_eq!(tracer.dropped(), 0);
+    }
+
+    /// Spans the collector never got are counted too (nobody listens on the port).
+    #[tokio::test]
+    async fn spans_a_collector_does_not_take_are_counted() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let tracer = Tracer::otlp(
+            format!("http://127.0.0.1:{port}"),
+            Origin {
+                service: "t".into(),
+                scope: "t",
+            },
+        );
+        for _ in 0..3 {
+            tracer.record(ServerSpan::begin(None).finish("s", 80, "GET", "/", 200));
+        }
+        // Polled: the exporter's connection attempt is refused at once on loopback.
+        for _ in 0..200 {
+            if tracer.dropped() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(tracer.dropped(), 3);
     }
 
     #[test]
