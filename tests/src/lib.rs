@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod manifests;
 pub mod net;
 pub mod node;
+pub mod observe;
 pub mod proc;
 pub mod testlab;
 

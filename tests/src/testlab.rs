@@ -33,14 +33,27 @@ impl TestLab {
 
     /// [`TestLab::up_named`], its pods `dual_stack` (an IPv4 and an IPv6 address each).
     pub fn up_family(tag: &str, nodes: usize, tools: &[&str], dual_stack: bool) -> TestLab {
+        TestLab::up_lab(tag, nodes, tools, dual_stack, false)
+    }
+
+    /// [`TestLab::up_named`] as `mesh-lab up --observe` makes it: with Prometheus, the
+    /// dashboard and its trace receiver.
+    pub fn up_observed(tag: &str, nodes: usize, tools: &[&str]) -> TestLab {
+        TestLab::up_lab(tag, nodes, tools, false, true)
+    }
+
+    fn up_lab(tag: &str, nodes: usize, tools: &[&str], dual_stack: bool, observe: bool) -> TestLab {
         for tool in tools {
             require_tool(tool);
         }
         let root = tempfile::tempdir().unwrap();
         let bins = binary("ztunnel").parent().unwrap().to_path_buf();
         let mut lab = Lab::open_with_binaries(&unique(tag), root.path(), &bins).unwrap();
-        lab.up_with(nodes, dual_stack).unwrap();
-        TestLab { lab, _root: root }
+        let up = lab.up_observed(nodes, dual_stack, observe);
+        // Dropped (torn down) before failing when only part of it came up.
+        let t = TestLab { lab, _root: root };
+        up.unwrap();
+        t
     }
 
     pub fn apply(&mut self, yaml: &str) {

@@ -2,36 +2,10 @@
 //! every ztunnel, node agent, waypoint and mesh-control through file-based discovery the
 //! lab keeps current, and the mesh's Istio-named metrics arrive with the traffic sent.
 
-use mesh_e2e::manifests::*;
+use mesh_e2e::observe::{app_behind_waypoint, chromium, screenshot_path};
 use mesh_e2e::testlab::TestLab;
 use serde_json::Value;
 use std::collections::BTreeMap;
-
-/// back/api's Service: HTTP on port 80, TCP echo on 9000.
-const API_SERVICE: &str = "apiVersion: v1
-kind: Service
-metadata: {name: api, namespace: back}
-spec:
-  selector: {app: api}
-  clusterIP: 10.96.0.20
-  ports: [{name: http, port: 80, targetPort: http}, {name: tcp-legacy, port: 9000, targetPort: 9000}]
-";
-
-/// front/client → Service back/api (10.96.0.20) through the waypoint of `back`.
-fn app_behind_waypoint(t: &mut TestLab) {
-    t.apply(&join(&[
-        FRONT_AMBIENT,
-        FRONT_CLIENT,
-        BACK_API_POD_WITH_TCP_ECHO,
-        API_SERVICE,
-        WAYPOINT_GATEWAY,
-        BACK_USES_WAYPOINT,
-    ]));
-    t.eventually("requests through the waypoint", || {
-        t.curl("front/client", "http://10.96.0.20/warmup").is_ok()
-            && t.log("pod:back/waypoint").contains("backend=back/api")
-    });
-}
 
 /// Active targets per job, and whether each is healthy.
 fn targets(t: &TestLab) -> BTreeMap<String, Vec<(String, String)>> {
@@ -304,31 +278,6 @@ impl Drop for DashboardProcess {
     }
 }
 
-/// Headless Chromium in node 1's namespace (where the dashboard listens), a fresh
-/// profile each run, nothing fetched but the page: `args` then the URL.
-fn chromium(t: &TestLab, profile: &std::path::Path, args: &[&str], url: &str) -> String {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &t.lab.node_ns(1), "chromium"])
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            // Scripts' fetches and timers run before the DOM is dumped.
-            "--virtual-time-budget=10000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(args)
-        .arg(url)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn the_dashboard_draws_the_service_graph_in_chromium() {
     let mut t = TestLab::up_named("dash", 2, &["curl", "prometheus", "chromium"]);
@@ -374,7 +323,7 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
         std::process::Command::new("ip")
             .args(["netns", "exec", &t.lab.node_ns(1)])
             .arg(mesh_e2e::binary("meshctl"))
-            .args(["dashboard", "--listen", "127.0.0.1:15080", "--window", "5m"])
+            .args(["dashboard", "--listen", "127.0.0.1:15090", "--window", "5m"])
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap(),
@@ -387,7 +336,7 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
                 "-s",
                 "--max-time",
                 "10",
-                "http://127.0.0.1:15080/api/graph",
+                "http://127.0.0.1:15090/api/graph",
             ])
             .output()
             .unwrap();
@@ -406,7 +355,7 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
         &t,
         profile.path(),
         &["--dump-dom"],
-        "http://127.0.0.1:15080/#service:back/api",
+        "http://127.0.0.1:15090/#service:back/api",
     );
     for node in [
         "data-id=\"workload:front/client\" data-kind=\"workload\" data-namespace=\"front\"",
@@ -447,13 +396,7 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
     assert!(dom.contains("<tr data-metric=\"success rate\">"), "{dom}");
     assert!(dom.contains("configurationVersion"), "{dom}");
 
-    let png = mesh_e2e::binary("meshctl")
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("dashboard.png");
-    let _ = std::fs::remove_file(&png);
+    let png = screenshot_path("dashboard.png");
     chromium(
         &t,
         profile.path(),
@@ -461,7 +404,7 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
             &format!("--screenshot={}", png.display()),
             "--window-size=1400,800",
         ],
-        "http://127.0.0.1:15080/#workload:back/api",
+        "http://127.0.0.1:15090/#workload:back/api",
     );
     let bytes = std::fs::read(&png).unwrap_or_default();
     assert!(

@@ -92,6 +92,19 @@ enum Cmd {
         listen: SocketAddr,
         #[arg(long, default_value = "1m")]
         window: String,
+        /// Also receive traces over OTLP/gRPC here (point the proxies'
+        /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT at it) and show each request's journey.
+        #[arg(long)]
+        otlp_listen: Option<SocketAddr>,
+        /// Traces kept in memory (the oldest go first).
+        #[arg(long, default_value_t = observe::traces::Limits::default().traces)]
+        max_traces: usize,
+        /// Spans kept per trace (later ones are dropped and counted).
+        #[arg(long, default_value_t = observe::traces::Limits::default().spans_per_trace)]
+        max_spans_per_trace: usize,
+        /// Memory for the spans held, in MiB (the oldest traces go to make room).
+        #[arg(long, default_value_t = observe::traces::Limits::default().bytes >> 20)]
+        max_trace_mib: usize,
     },
     /// Whether each enrolled pod's capture is confirmed (its rules read back from its
     /// network namespace as planned, and ztunnel acked it), from each node agent.
@@ -376,7 +389,13 @@ fn top(cli: &Cli, window: &str, limit: usize, once: bool, interval: u64) -> Resu
     }
 }
 
-fn dashboard(cli: &Cli, listen: SocketAddr, window: &str) -> Result<(), String> {
+fn dashboard(
+    cli: &Cli,
+    listen: SocketAddr,
+    window: &str,
+    otlp: Option<SocketAddr>,
+    limits: observe::traces::Limits,
+) -> Result<(), String> {
     // The page shows the mesh's traffic and configuration: never beyond this machine.
     if !listen.ip().is_loopback() {
         return Err(format!(
@@ -387,9 +406,23 @@ fn dashboard(cli: &Cli, listen: SocketAddr, window: &str) -> Result<(), String> 
         prometheus: observe::client::Endpoint::parse(&cli.prometheus)?,
         control: cli.control.clone(),
         window: observe::promql::Window::parse(window)?,
+        traces: None,
     };
     let l = std::net::TcpListener::bind(listen)
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let d = match otlp {
+        Some(addr) => {
+            let store =
+                std::sync::Arc::new(std::sync::Mutex::new(observe::traces::Store::new(limits)));
+            let bound = observe::otlp::spawn(addr, store.clone())?;
+            println!("receiving traces over OTLP/gRPC on {bound}");
+            observe::dashboard::Dashboard {
+                traces: Some(store),
+                ..d
+            }
+        }
+        None => d,
+    };
     println!(
         "dashboard on http://{}/ (Ctrl-C to stop)",
         l.local_addr().map_err(|e| e.to_string())?
@@ -412,7 +445,22 @@ fn run(cli: Cli) -> Result<(), String> {
             once,
             interval,
         } => return top(&cli, window, *limit, *once, *interval),
-        Cmd::Dashboard { listen, window } => return dashboard(&cli, *listen, window),
+        Cmd::Dashboard {
+            listen,
+            window,
+            otlp_listen,
+            max_traces,
+            max_spans_per_trace,
+            max_trace_mib,
+        } => {
+            let limits = observe::traces::Limits {
+                traces: (*max_traces).max(1),
+                spans_per_trace: (*max_spans_per_trace).max(1),
+                bytes: max_trace_mib.saturating_mul(1 << 20).max(1 << 20),
+                ..Default::default()
+            };
+            return dashboard(&cli, *listen, window, *otlp_listen, limits);
+        }
         _ => {}
     }
     match cli.cmd {

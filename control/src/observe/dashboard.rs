@@ -1,7 +1,8 @@
 //! `meshctl dashboard`: a small web page (inline JS and SVG, nothing fetched from
 //! elsewhere) drawing the service graph, refreshed from Prometheus; a node's details
-//! add its golden metrics and what mesh-control's debug API says about it. Served on
-//! loopback, one thread per connection.
+//! add its golden metrics and what mesh-control's debug API says about it. With a trace
+//! receiver (`--otlp-listen`), it also lists recent traces and shows one request's
+//! journey as a timeline. Served on loopback, one thread per connection.
 
 use super::client::{Endpoint, get_json, query};
 use super::graph::{Graph, GraphFigure, build, graph_query, parse_id};
@@ -21,6 +22,8 @@ pub struct Dashboard {
     /// mesh-control's debug API, `host:port`.
     pub control: String,
     pub window: Window,
+    /// Traces received over OTLP (`None`: no receiver runs).
+    pub traces: Option<super::otlp::Shared>,
 }
 
 /// What a request asks for.
@@ -29,6 +32,8 @@ pub enum Route {
     Page,
     Graph,
     Node(String),
+    Traces,
+    Trace(String),
     NotFound,
 }
 
@@ -38,6 +43,8 @@ pub fn route(target: &str) -> Route {
     match path {
         "/" | "/index.html" => Route::Page,
         "/api/graph" => Route::Graph,
+        "/api/traces" => Route::Traces,
+        p if p.starts_with("/api/traces/") => Route::Trace(p["/api/traces/".len()..].into()),
         "/api/node" => q
             .split('&')
             .find_map(|kv| kv.strip_prefix("id="))
@@ -64,11 +71,27 @@ pub fn host_allowed(host: Option<&str>, port: u16) -> bool {
 
 /// The page with `graph` inlined, so it draws without waiting for a request.
 pub fn page(graph: &Graph) -> String {
+    page_with(graph, None)
+}
+
+/// [`page`], noting why the graph is empty (Prometheus cannot be read): the traces
+/// still show.
+pub fn page_with(graph: &Graph, error: Option<&str>) -> String {
     // Inside <script>: "</" must not end the element.
     let json = serde_json::to_string(graph)
         .unwrap_or_else(|_| "{}".into())
         .replace("</", "<\\/");
-    PAGE.replace("__INITIAL_GRAPH__", &json)
+    let error = serde_json::to_string(&error)
+        .unwrap_or_else(|_| "null".into())
+        .replace("</", "<\\/");
+    // Split, not replaced: a value holding a placeholder's name stays as it is.
+    let (head, rest) = PAGE
+        .split_once("__INITIAL_GRAPH__")
+        .expect("the page has the graph placeholder");
+    let (middle, tail) = rest
+        .split_once("__GRAPH_ERROR__")
+        .expect("the page has the error placeholder after the graph's");
+    format!("{head}{json}{middle}{error}{tail}")
 }
 
 /// What mesh-control's `/debug/status` says about a node of the graph: where its pods
@@ -172,19 +195,38 @@ impl Dashboard {
             Err(e) => (502, "application/json", json!({"error": e}).to_string()),
         };
         match route(target) {
-            Route::Page => match self.graph() {
-                Ok(g) => (200, "text/html; charset=utf-8", page(&g)),
-                Err(e) => (502, "text/plain; charset=utf-8", format!("{e}\n")),
-            },
+            Route::Page => {
+                let (g, e) = match self.graph() {
+                    Ok(g) => (g, None),
+                    Err(e) => (Graph::default(), Some(e)),
+                };
+                (200, "text/html; charset=utf-8", page_with(&g, e.as_deref()))
+            }
             Route::Graph => json_of(
                 self.graph()
                     .and_then(|g| serde_json::to_value(g).map_err(|e| e.to_string())),
             ),
             Route::Node(id) => json_of(self.node(&id)),
+            Route::Traces => match &self.traces {
+                Some(t) => json_of(Ok(t.lock().unwrap_or_else(|e| e.into_inner()).list())),
+                None => json_of(Ok(json!({"receiving": false, "traces": []}))),
+            },
+            Route::Trace(id) => match self
+                .traces
+                .as_ref()
+                .and_then(|t| t.lock().unwrap_or_else(|e| e.into_inner()).trace(&id))
+            {
+                Some(v) => json_of(Ok(v)),
+                None => (
+                    404,
+                    "application/json",
+                    json!({"error": "no such trace (evicted, or never received)"}).to_string(),
+                ),
+            },
             Route::NotFound => (
                 404,
                 "application/json",
-                json!({"error": "unknown path", "paths": ["/", "/api/graph", "/api/node?id="]})
+                json!({"error": "unknown path", "paths": ["/", "/api/graph", "/api/node?id=", "/api/traces", "/api/traces/<trace id>"]})
                     .to_string(),
             ),
         }
@@ -258,6 +300,8 @@ mod tests {
             Route::Node("service:back/api".into())
         );
         assert_eq!(route("/api/node"), Route::NotFound);
+        assert_eq!(route("/api/traces"), Route::Traces);
+        assert_eq!(route("/api/traces/ab12"), Route::Trace("ab12".into()));
         assert_eq!(route("/etc/passwd"), Route::NotFound);
     }
 
@@ -297,6 +341,7 @@ mod tests {
             prometheus: Endpoint::parse("http://127.0.0.1:1").unwrap(),
             control: "127.0.0.1:1".into(),
             window: Window::parse("5m").unwrap(),
+            traces: None,
         };
         std::thread::spawn(move || d.serve(l));
         let ask = |host: &str, path: &str| {
@@ -313,6 +358,11 @@ mod tests {
         assert_eq!(ask(&format!("evil.example:{port}"), "/nope"), "403");
         assert_eq!(ask(&format!("localhost:{port}"), "/nope"), "404");
         assert_eq!(ask(&format!("127.0.0.1:{port}"), "/api/graph"), "502");
+        // Without Prometheus the page still loads (the traces do not need it).
+        assert_eq!(ask(&format!("127.0.0.1:{port}"), "/"), "200");
+        assert_eq!(ask(&format!("evil.example:{port}"), "/api/traces"), "403");
+        assert_eq!(ask(&format!("127.0.0.1:{port}"), "/api/traces"), "200");
+        assert_eq!(ask(&format!("127.0.0.1:{port}"), "/api/traces/00"), "404");
     }
 
     /// Label values reach the page from any scraped target: it builds text with
@@ -343,7 +393,22 @@ mod tests {
             p.contains("<\\/script><b>"),
             "inline JSON cannot close the script"
         );
-        assert_eq!(p.matches("</script>").count(), 2);
+        assert_eq!(p.matches("</script>").count(), 3);
+        assert!(!p.contains("__GRAPH_ERROR__"));
+        let g = Graph {
+            namespaces: vec!["__GRAPH_ERROR__".into()],
+            ..Default::default()
+        };
+        let p = page_with(&g, Some("</script>down __INITIAL_GRAPH__"));
+        assert!(
+            p.contains("[\"__GRAPH_ERROR__\"]"),
+            "values are not placeholders"
+        );
+        assert!(
+            p.contains("\"<\\/script>down __INITIAL_GRAPH__\""),
+            "the error inlined as a JSON string"
+        );
+        assert_eq!(p.matches("</script>").count(), 3);
         assert!(
             !p.contains("src=") && !p.contains("href="),
             "nothing loaded from elsewhere"

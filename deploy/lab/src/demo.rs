@@ -244,7 +244,7 @@ pub fn run(lab: &mut Lab, keep: bool, observe: bool) -> Result<i32, String> {
         );
         if observe {
             println!(
-                "Metrics: mesh-lab meshctl stat | mesh-lab meshctl top | mesh-lab dashboard (then open http://127.0.0.1:15080/)"
+                "Metrics: mesh-lab meshctl stat | mesh-lab meshctl top | mesh-lab dashboard (then open http://127.0.0.1:15080/: the service graph and request journeys)"
             );
         }
     } else {
@@ -260,12 +260,16 @@ fn scenario(lab: &mut Lab, observe: bool) -> Result<(), String> {
         1,
         "a cluster of 2 nodes: network namespaces on a fabric, real CNI plugins, mesh-control, and per node a ztunnel and a node agent",
     );
-    lab.up(2)?;
+    // Observed from the start: the ztunnels export their spans from the first.
+    lab.up_observed(2, false, observe)?;
     if observe {
-        lab.start_prometheus()?;
         println!(
             "  Prometheus scrapes them all, in node-1's namespace on {}",
             crate::prometheus::LISTEN
+        );
+        println!(
+            "  the dashboard receives every ztunnel's and waypoint's spans (OTLP) on {}",
+            crate::traces::endpoint(&Lab::node_ip(1))
         );
     }
     print!("{}", lab.status());

@@ -222,7 +222,57 @@ impl Lab {
             "prometheus",
             "Server is ready to receive web requests",
             Duration::from_secs(30),
-        )
+        )?;
+        self.start_trace_receiver()
+    }
+
+    /// Runs the lab's dashboard with its OTLP trace receiver (idempotent), then restarts
+    /// the ztunnels started before observe was on, so that they export to it (waypoints
+    /// get the endpoint when made: apply them after `up --observe`).
+    pub fn start_trace_receiver(&mut self) -> Result<(), String> {
+        if !self.running("dashboard") {
+            let args = crate::traces::dashboard_command(&self.bin("meshctl"), &Self::node_ip(1));
+            self.state.procs.retain(|p| p.role != "dashboard");
+            self.spawn("dashboard", &self.node_ns(1), &args)?;
+            self.wait_log(
+                "dashboard",
+                "receiving traces over OTLP/gRPC",
+                Duration::from_secs(15),
+            )?;
+        }
+        for i in 1..=self.state.nodes {
+            let role = format!("ztunnel-{i}");
+            let Some(p) = self.process(&role) else {
+                continue;
+            };
+            let environ = std::fs::read(format!("/proc/{}/environ", p.pid)).unwrap_or_default();
+            if crate::traces::has_endpoint(&environ) {
+                continue;
+            }
+            let pid = p.pid;
+            self.stop(&role, false)?;
+            // It drains its connections first (up to its drain deadline); the new one
+            // needs its ports.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && !is_zombie(pid)
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) && self.owns(pid) {
+                let _ = run(&["kill", "-KILL", &pid.to_string()]);
+            }
+            self.start_ztunnel(i)?;
+            self.wait_log(&role, "xDS connected", Duration::from_secs(15))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the process recorded for `role` runs.
+    fn running(&self, role: &str) -> bool {
+        self.process(role)
+            .is_some_and(|p| Path::new(&format!("/proc/{}", p.pid)).exists() && !is_zombie(p.pid))
     }
 
     pub fn fabric_ns(&self) -> String {
@@ -295,7 +345,17 @@ impl Lab {
         if let Some(cg) = cgroup {
             full = PodCgroups::wrap(cg, &full);
         }
-        let child = Command::new(&full[0])
+        let mut command = Command::new(&full[0]);
+        // With observe on, the proxies export their spans to the lab's receiver.
+        if self.state.observe
+            && crate::traces::exports_traces(role, args.first().map_or("", String::as_str))
+        {
+            command.env(
+                crate::traces::ENDPOINT_ENV,
+                crate::traces::endpoint(&Self::node_ip(1)),
+            );
+        }
+        let child = command
             .args(&full[1..])
             .env("MESH_LAB_DIR", &self.dir)
             .stdin(Stdio::null())
@@ -375,8 +435,23 @@ impl Lab {
     /// [`Lab::up`], with `dual_stack` pods (an IPv4 and an IPv6 address each) and nodes
     /// routing both families.
     pub fn up_with(&mut self, nodes: usize, dual_stack: bool) -> Result<(), String> {
+        self.up_observed(nodes, dual_stack, false)
+    }
+
+    /// [`Lab::up_with`], and with `observe` Prometheus and the dashboard with its trace
+    /// receiver, the ztunnels started exporting to it from the first.
+    pub fn up_observed(
+        &mut self,
+        nodes: usize,
+        dual_stack: bool,
+        observe: bool,
+    ) -> Result<(), String> {
         if self.is_up() {
-            return Ok(());
+            return if observe {
+                self.start_prometheus()
+            } else {
+                Ok(())
+            };
         }
         if !(1..=9).contains(&nodes) {
             return Err("--nodes must be between 1 and 9".into());
@@ -387,6 +462,7 @@ impl Lab {
             nodes,
             next_vip: 10,
             dual_stack,
+            observe,
             ..Default::default()
         };
         std::fs::create_dir_all(self.manifests()).map_err(|e| e.to_string())?;
@@ -523,6 +599,9 @@ impl Lab {
                 "xDS connected",
                 Duration::from_secs(15),
             )?;
+        }
+        if observe {
+            self.start_prometheus()?;
         }
         Ok(())
     }

@@ -13,3 +13,4 @@ pub mod forward;
 pub mod lab;
 pub mod prometheus;
 pub mod reboot;
+pub mod traces;

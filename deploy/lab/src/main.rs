@@ -23,7 +23,9 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         nodes: usize,
         /// Also run Prometheus (Debian's package) in node 1's namespace on 127.0.0.1:9090,
-        /// scraping every ztunnel, waypoint, node agent and mesh-control.
+        /// scraping every ztunnel, waypoint, node agent and mesh-control, and the dashboard
+        /// with its OTLP trace receiver (node 1's address, port 4317), which every ztunnel
+        /// and waypoint exports to.
         #[arg(long)]
         observe: bool,
         /// Give every pod an IPv6 address beside its IPv4 one (fd00:10:244:<node>::/64).
@@ -73,15 +75,10 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The service graph in your browser: runs `meshctl dashboard` in node 1's namespace
-    /// (beside Prometheus, from `up --observe`) and forwards 127.0.0.1:PORT here to it.
-    Dashboard {
-        #[arg(long, default_value_t = 15080)]
-        port: u16,
-        /// The range rates are taken over.
-        #[arg(long, default_value = "1m")]
-        window: String,
-    },
+    /// The service graph and request journeys in your browser: forwards 127.0.0.1:15080
+    /// here to the dashboard `up --observe` runs in node 1's namespace (beside Prometheus,
+    /// with the trace receiver every ztunnel and waypoint exports to).
+    Dashboard,
     /// The guided demo: plaintext, then the same traffic over the mesh.
     Demo {
         /// Leave the lab up at the end.
@@ -182,10 +179,7 @@ fn run(cli: Cli) -> Result<i32, String> {
             dual_stack,
         } => {
             let was_up = lab.is_up();
-            lab.up_with(nodes, dual_stack)?;
-            if observe {
-                lab.start_prometheus()?;
-            }
+            lab.up_observed(nodes, dual_stack, observe)?;
             println!(
                 "{}",
                 if was_up {
@@ -230,9 +224,10 @@ fn run(cli: Cli) -> Result<i32, String> {
                 Some(("agent", n)) => lab.start_agent(n.parse().map_err(|_| "agent-N")?)?,
                 _ if component == "control" => lab.start_control()?,
                 _ if component == "prometheus" => lab.start_prometheus()?,
+                _ if component == "dashboard" => lab.start_trace_receiver()?,
                 _ => {
                     return Err(format!(
-                        "cannot start {component}: give control, prometheus, ztunnel-N or agent-N"
+                        "cannot start {component}: give control, prometheus, dashboard, ztunnel-N or agent-N"
                     ));
                 }
             }
@@ -262,26 +257,15 @@ fn run(cli: Cli) -> Result<i32, String> {
                 .map_err(|e| e.to_string())?;
             return Ok(status.code().unwrap_or(1));
         }
-        Cmd::Dashboard { port, window } => {
-            if lab.process("prometheus").is_none() {
-                return Err("the lab has no Prometheus: run `mesh-lab up --observe` first".into());
-            }
-            let inner: std::net::SocketAddr = ([127, 0, 0, 1], 15080).into();
-            let mut child = std::process::Command::new("ip")
-                .args(["netns", "exec", &lab.node_ns(1)])
-                .arg(lab.bin_dir.join("meshctl"))
-                .args([
-                    "dashboard",
-                    "--listen",
-                    &inner.to_string(),
-                    "--window",
-                    &window,
-                ])
-                // Marked as the lab's: `down` ends it even if this command is killed.
-                .env("MESH_LAB_DIR", &lab.dir)
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .map_err(|e| format!("cannot start meshctl: {e}"))?;
+        Cmd::Dashboard => {
+            let Some(pid) = lab.process("dashboard").map(|p| p.pid) else {
+                return Err("the lab has no dashboard: run `mesh-lab up --observe` first".into());
+            };
+            let inner: std::net::SocketAddr = mesh_lab::traces::DASHBOARD_LISTEN
+                .parse()
+                .expect("a socket address");
+            // The same port here: the page is served for its own port only.
+            let port = inner.port();
             let listener = std::net::TcpListener::bind(("127.0.0.1", port))
                 .map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))?;
             println!("dashboard on http://127.0.0.1:{port}/ (Ctrl-C to stop)");
@@ -289,8 +273,11 @@ fn run(cli: Cli) -> Result<i32, String> {
             std::io::stdout().flush().ok();
             let netns = std::path::Path::new("/var/run/netns").join(lab.node_ns(1));
             std::thread::spawn(move || mesh_lab::forward::serve(listener, netns, inner));
-            let status = child.wait().map_err(|e| e.to_string())?;
-            return Ok(status.code().unwrap_or(1));
+            // Forwards while the lab's dashboard runs.
+            while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            return Err("the lab's dashboard ended (`mesh-lab logs dashboard`)".into());
         }
         Cmd::Demo { keep, observe } => return mesh_lab::demo::run(&mut lab, keep, observe),
         Cmd::Bench {
