@@ -1216,12 +1216,7 @@ mod tests {
 
     #[test]
     fn only_a_del_for_the_current_sandbox_removes_its_redirection() {
-        let ns = |inode| {
-            Some(NsId {
-                dev: 4,
-                inode,
-            })
-        };
+        let ns = |inode| Some(NsId { dev: 4, inode });
         let f = DelFacts {
             enrolled: true,
             known: Some("c2"),
