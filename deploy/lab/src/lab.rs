@@ -231,6 +231,7 @@ impl Lab {
     pub fn node_ns(&self, i: usize) -> String {
         format!("{}-node{i}", self.name)
     }
+    /// The start of the names of pod `ns/name`'s sandbox namespaces (each adds its own).
     fn pod_ns(&self, ns: &str, name: &str) -> String {
         format!("{}-pod-{ns}-{name}", self.name)
     }
@@ -877,12 +878,15 @@ impl Lab {
             .unwrap_or("app")
             .to_string();
         let cgroup = self.cgroups()?.create(&uid, &container_name)?;
-        let netns = self.pod_ns(&ns, &name);
+        // Each sandbox its own namespace path, as real runtimes make them: a late DEL for
+        // a pod's lost sandbox then never names its new one.
+        let sandbox = random_hex(6);
+        let container_id = format!("{}-{sandbox}", self.name);
+        let netns = format!("{}-{sandbox}", self.pod_ns(&ns, &name));
         run(&["ip", "netns", "add", &netns])?;
         if self.state.dual_stack {
             no_dad(&netns)?;
         }
-        let container_id = format!("{}-{}", self.name, random_hex(6));
         let sb = |ifname: &str| Sandbox {
             container_id: container_id.clone(),
             netns: format!("/var/run/netns/{netns}"),
