@@ -19,7 +19,7 @@
 //! [`on_node`]; the rest is a thin shell over the lab.
 
 use crate::cni_runtime::Sandbox;
-use crate::lab::{Lab, PodEntry, ProcEntry, is_zombie, ns_exec, run};
+use crate::lab::{Lab, PodEntry, ProcEntry, ns_exec, run};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -322,10 +322,6 @@ fn agent_ready(netns: &Path) -> bool {
     .is_ok_and(|r| r.unwrap_or(false))
 }
 
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid)
-}
-
 impl Lab {
     /// Reboots node `node`, its components coming back in `order`, each lost sandbox
     /// released before its pod's new one is made.
@@ -467,16 +463,18 @@ impl Lab {
         let victims: Vec<(String, u32)> = plan.kill.iter().cloned().chain(strays).collect();
         // Only processes that are ours (by the lab's marker), and each process group the
         // lab started (a pod's children with it); all before any is waited for.
-        let ours: Vec<&(String, u32)> = victims.iter().filter(|(_, p)| self.owns(*p)).collect();
-        for (_, pid) in &ours {
-            let _ = run(&["kill", "-KILL", "--", &format!("-{pid}")]);
-            let _ = run(&["kill", "-KILL", &pid.to_string()]);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while ours.iter().any(|(_, p)| alive(*p)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for (role, pid) in &ours {
+        let pids: Vec<u32> = victims.iter().map(|(_, p)| *p).collect();
+        let ended = crate::ending::end(
+            &pids,
+            &|p| self.owns(p),
+            crate::ending::Ending {
+                signal: "KILL",
+                group: true,
+                wait: Duration::from_secs(5),
+                then_kill: false,
+            },
+        );
+        for (role, pid) in victims.iter().filter(|(_, p)| ended.contains(p)) {
             report.events.push(Event::Killed {
                 role: role.clone(),
                 pid: *pid,
