@@ -374,6 +374,11 @@ pub fn capture_in(ns: &str, iface: &str, dir: &Path, name: &str, filter: &str) -
 }
 
 impl Capture {
+    /// tcpdump is still capturing (it did not exit on its own).
+    pub fn running(&mut self) -> bool {
+        self.proc.running()
+    }
+
     pub fn finish(mut self) -> (Vec<u8>, String) {
         std::thread::sleep(Duration::from_millis(300));
         self.proc.stop(Duration::from_secs(2));

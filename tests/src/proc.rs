@@ -38,6 +38,11 @@ impl Proc {
         }
     }
 
+    /// The process has not exited.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

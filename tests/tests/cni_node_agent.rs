@@ -449,8 +449,13 @@ async fn labelling_a_namespace_enrols_running_pods_and_agent_restart_reconciles(
     );
     zt.ack(None).await.unwrap();
     assert!(captured(&pod_ns));
+    // Since the restart the agent knows no container ID for the namespace, so a DEL
+    // cannot be told from a late one for a lost sandbox: the capture stays, and the
+    // pod's removal from the control plane takes it away.
     node.runtime.del(&sb).unwrap();
-    assert!(clean(&pod_ns), "DEL removes both families' routing");
+    assert!(captured(&pod_ns), "fails closed");
+    node.write(&namespaces(&["plain"], ""));
+    wait_until("the deleted pod's rules removed", || clean(&pod_ns));
     let _ = zds::Version::V1;
 }
 
@@ -829,4 +834,89 @@ fn a_del_for_a_lost_sandbox_leaves_the_pods_new_sandbox_captured() {
     node.runtime.check(&new).expect("CHECK of the new sandbox");
     node.runtime.del(&new).expect("DEL of the new sandbox");
     assert!(clean(&new_ns), "its own DEL removes its capture");
+}
+
+/// Whether the agent holds a handle on the namespace with this inode (an open fd).
+fn agent_holds(node: &Node, inode: u64) -> bool {
+    let pid = node.agent.as_ref().expect("agent running").pid();
+    let want = format!("net:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|l| l.to_string_lossy() == want)
+}
+
+/// A runtime that reuses one namespace path for every sandbox of a pod, and releases the
+/// lost sandbox only after making the new one, with the agent restarted in between (so
+/// it knows the new namespace by the pod's cgroup, not by ADD): the late DEL names the
+/// old container and the path that is now the new sandbox's. The capture stays. A DEL
+/// the agent cannot tie to the current sandbox (empty CNI_NETNS) leaves it too; once
+/// the pod leaves the control plane's view, its rules go and the agent lets go of its
+/// namespace (no record or open handle left behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_del_at_a_reused_path_after_an_agent_restart_keeps_the_capture() {
+    let mut node = Node::new(215, &namespaces(&["shop"], &pod("shop", "web", "u-web")));
+    let pod_ns = Netns::new("cu");
+    let old = node.sandbox(&pod_ns, "shop", "web", "u-web");
+    node.runtime.add(&old).expect("ADD of the first sandbox");
+    assert!(captured(&pod_ns));
+    // The node reboots: the namespace is lost, the new sandbox's is made at the same path.
+    mesh_e2e::net::run(&["ip", "netns", "del", &pod_ns.name]);
+    mesh_e2e::net::run(&["ip", "netns", "add", &pod_ns.name]);
+    pod_ns.exec(&["ip", "link", "set", "lo", "up"]);
+    let new = Sandbox {
+        container_id: format!("{}-2", old.container_id),
+        ..old.clone()
+    };
+    let result = node.runtime.add(&new).expect("ADD of the new sandbox");
+    assert!(captured(&pod_ns));
+    let inode = pod_ns.handle().inode();
+    // The agent restarts: it finds the new namespace by the pod's cgroup and IP.
+    let _app = node.run_pod_process(&pod_ns, "u-web");
+    let ip = result_ipv4(&result).unwrap();
+    node.write(&namespaces(
+        &["shop"],
+        &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop, uid: u-web}}\nspec: {{nodeName: node-1}}\nstatus: {{podIP: {ip}}}\n"),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    node.agent.as_mut().unwrap().kill();
+    node.start_agent();
+    let zt = zds_client(&node).await;
+    let ev = tokio::time::timeout(Duration::from_secs(15), zt.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(ev, ZdsEvent::Add { ref uid, ref netns, .. } if uid == "u-web" && netns.inode() == inode),
+        "{ev:?}"
+    );
+    zt.ack(None).await.unwrap();
+    assert!(agent_holds(&node, inode), "the agent found the namespace");
+
+    // The lost sandbox is released only now, naming the reused path.
+    node.runtime
+        .del(&old)
+        .expect("DEL of the lost sandbox succeeds");
+    assert!(
+        captured(&pod_ns),
+        "a late DEL at a reused path removed the new sandbox's capture: {:?}",
+        tables(&pod_ns)
+    );
+    // A DEL without a namespace: nothing ties it to the current sandbox either.
+    let no_netns = Sandbox {
+        netns: String::new(),
+        ..new.clone()
+    };
+    node.runtime.del(&no_netns).expect("DEL without CNI_NETNS");
+    assert!(
+        captured(&pod_ns),
+        "fails closed while the pod is in the mesh"
+    );
+
+    // The pod is deleted: its rules go and so does the agent's handle on its namespace.
+    node.write(&namespaces(&["shop"], ""));
+    wait_until("the deleted pod's rules removed", || clean(&pod_ns));
+    wait_until("the agent lets go of the deleted pod's namespace", || {
+        !agent_holds(&node, inode)
+    });
 }

@@ -22,7 +22,7 @@ use local::{LineError, PeerPolicy};
 use mesh_proto::cni::NodePod;
 use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::prost::Message;
-use netns::Netns;
+use netns::{Netns, NsId};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -88,26 +88,50 @@ struct PodRecord {
     container_id: Option<String>,
 }
 
+/// The sandbox ID to remember from ADD's container ID: an empty one names no sandbox,
+/// so it must never match a DEL's (empty) ID.
+fn sandbox_id(container_id: &str) -> Option<String> {
+    Some(container_id.to_string()).filter(|c| !c.is_empty())
+}
+
+/// What the agent knows when a DEL arrives, to decide whether it is for the pod's
+/// current sandbox (`del_is_current`).
+#[derive(Clone, Copy, Debug)]
+struct DelFacts<'a> {
+    /// The pod is in the control plane's view and enrolled.
+    enrolled: bool,
+    /// The container ID ADD gave with the current namespace (`None` when the namespace
+    /// was found by the pod's cgroup, after an agent restart).
+    known: Option<&'a str>,
+    /// The pod's current namespace.
+    current: Option<NsId>,
+    /// The DEL's container ID.
+    del_container: &'a str,
+    /// The namespace the DEL's CNI_NETNS names (`None` if empty, gone or not a
+    /// namespace).
+    del_netns: Option<NsId>,
+}
+
 /// Whether a DEL is for the pod's current sandbox, so its redirection may go. A runtime
 /// can release a lost sandbox (after a reboot, say) once it has made the pod's new one:
 /// that DEL must not tear down the new sandbox's capture, or the running pod sends
-/// plaintext until the agent's next pass. `known`: the container ID ADD gave with the
-/// current namespace (`current`, its inode); the DEL's container ID and the inode of its
-/// CNI_NETNS (`None` if empty or gone). Without a known container ID, only a DEL naming
-/// the current namespace itself counts; anything else leaves the capture in place (it
-/// fails closed: the pod's removal from the control plane still unenrolls it).
-fn del_is_current(
-    known: Option<&str>,
-    current: Option<u64>,
-    del_container: &str,
-    del_netns: Option<u64>,
-) -> bool {
-    match (known, current) {
-        // No namespace of the pod's known: nothing live to protect.
-        (_, None) => true,
-        (Some(c), Some(_)) => c == del_container,
-        (None, Some(i)) => del_netns == Some(i),
+/// plaintext until the agent's next pass. A DEL naming another live namespace is never
+/// current; otherwise the container ID decides. Without a known container ID nothing
+/// tells the current sandbox's DEL from a late one for a lost sandbox at a reused path
+/// (the namespace path alone proves nothing), so the capture stays: it fails closed, and
+/// the pod's removal from the control plane unenrolls it. A pod that is deleted or not
+/// enrolled has no capture to protect: its DEL always counts, so its record goes.
+fn del_is_current(f: DelFacts) -> bool {
+    let Some(current) = f.current else {
+        return true;
+    };
+    if !f.enrolled {
+        return true;
     }
+    if f.del_netns.is_some_and(|d| d != current) {
+        return false;
+    }
+    f.known == Some(f.del_container)
 }
 
 /// Whether a peer may read `/enrolment` (every pod's name, UID and failure): only from
@@ -162,6 +186,15 @@ struct Now {
     options_changed: bool,
 }
 
+/// Whether to let go of a pod's namespace handle: the pod left the view and nothing of
+/// ours is left in its namespace. A DEL is not needed for that (one may never come, or
+/// not be recognised as the current sandbox's), else the record and its open handle
+/// would stay for ever. A pod still in the view keeps the runtime's namespace, so
+/// enrolling it later (its namespace labelled) needs no discovery.
+fn release_netns(in_view: bool, programmed: Option<u64>, installed: bool) -> bool {
+    !in_view && programmed.is_none() && !installed
+}
+
 fn step(n: Now) -> Step {
     match (n.want, n.programmed, n.inode) {
         (true, None, Some(_)) => Step::Enroll,
@@ -175,6 +208,12 @@ fn step(n: Now) -> Step {
 }
 
 impl PodRecord {
+    /// Whether the record still stands for anything: a pod in the view, a namespace
+    /// handle held, or rules that may still need removing.
+    fn keep(&self) -> bool {
+        self.view.is_some() || self.netns.is_some() || self.programmed.is_some() || self.installed
+    }
+
     fn enrolled(&self) -> bool {
         self.view.as_ref().is_some_and(|v| v.enrolled)
     }
@@ -347,7 +386,7 @@ impl Agent {
         });
         // Only now is the snapshot for ztunnel complete.
         self.view_synced.send_replace(true);
-        pods.retain(|_, r| r.view.is_some() || r.netns.is_some() || r.programmed.is_some());
+        pods.retain(|_, r| r.keep());
         self.record_enrolment(&pods);
         self.write_cache(&pods);
         drop(pods);
@@ -445,6 +484,10 @@ impl Agent {
                 );
             }
             Step::Nothing => {}
+        }
+        if release_netns(rec.view.is_some(), rec.programmed, rec.installed) {
+            rec.netns = None;
+            rec.container_id = None;
         }
     }
 
@@ -687,9 +730,16 @@ impl Agent {
                 ..
             } => {
                 let k = key(&namespace, &name);
-                let ns = match Netns::open(&netns) {
-                    Ok(n) => n,
-                    Err(e) => return AgentReply::Error { message: e },
+                // Off the runtime's workers: the path is the runtime's, not ours.
+                let path = netns.clone();
+                let ns = match tokio::task::spawn_blocking(move || Netns::open(&path)).await {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(message)) => return AgentReply::Error { message },
+                    Err(e) => {
+                        return AgentReply::Error {
+                            message: format!("opening {netns}: {e}"),
+                        };
+                    }
                 };
                 let deadline = Instant::now() + UNKNOWN_POD_WAIT;
                 loop {
@@ -701,7 +751,7 @@ impl Agent {
                         match ns.try_clone() {
                             Ok(n) => {
                                 rec.netns = Some(n);
-                                rec.container_id = Some(container_id.clone());
+                                rec.container_id = sandbox_id(&container_id);
                                 rec.refused = None;
                             }
                             Err(message) => return AgentReply::Error { message },
@@ -763,23 +813,29 @@ impl Agent {
                 ..
             } => {
                 let k = key(&namespace, &name);
-                let del_netns = Some(netns)
-                    .filter(|n| !n.is_empty())
-                    .and_then(|n| Netns::open(&n).ok())
-                    .map(|n| n.inode);
+                // Off the runtime's workers: the path is the runtime's, not ours.
+                let del_netns = match Some(netns).filter(|n| !n.is_empty()) {
+                    Some(n) => tokio::task::spawn_blocking(move || Netns::open(&n))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .map(|n| n.id()),
+                    None => None,
+                };
                 let mut pods = self.pods.lock().await;
                 if let Some(rec) = pods.get_mut(&k) {
-                    let current = rec.netns.as_ref().map(|n| n.inode);
-                    if !del_is_current(
-                        rec.container_id.as_deref(),
-                        current,
-                        &container_id,
+                    let facts = DelFacts {
+                        enrolled: rec.enrolled(),
+                        known: rec.container_id.as_deref(),
+                        current: rec.netns.as_ref().map(Netns::id),
+                        del_container: &container_id,
                         del_netns,
-                    ) {
+                    };
+                    if !del_is_current(facts) {
                         tracing::info!(
                             pod = k,
                             container_id,
-                            "DEL for a sandbox that is not the pod's current one (a lost or replaced sandbox): the current sandbox keeps its redirection"
+                            "DEL for a sandbox that is not known to be the pod's current one (a lost or replaced sandbox, or the agent restarted since ADD): the current sandbox keeps its redirection until the pod leaves the mesh"
                         );
                         return AgentReply::Ok {
                             enrolled: rec.enrolled(),
@@ -791,6 +847,7 @@ impl Agent {
                     rec.netns = None;
                     rec.container_id = None;
                 }
+                pods.retain(|_, r| r.keep());
                 self.record_enrolment(&pods);
                 drop(pods);
                 self.sync_probe_set().await;
@@ -839,7 +896,8 @@ impl Agent {
             });
             drop(pods);
             self.read_back_all().await;
-            let pods = self.pods.lock().await;
+            let mut pods = self.pods.lock().await;
+            pods.retain(|_, r| r.keep());
             self.record_enrolment(&pods);
             self.write_cache(&pods);
             drop(pods);
@@ -1158,17 +1216,79 @@ mod tests {
 
     #[test]
     fn only_a_del_for_the_current_sandbox_removes_its_redirection() {
+        let ns = |inode| Some(NsId { dev: 4, inode });
+        let f = DelFacts {
+            enrolled: true,
+            known: Some("c2"),
+            current: ns(7),
+            del_container: "c2",
+            del_netns: None,
+        };
         // ADD gave the namespace with container c2: its own DEL counts, c1's does not.
-        assert!(del_is_current(Some("c2"), Some(7), "c2", None));
-        assert!(!del_is_current(Some("c2"), Some(7), "c1", None));
-        assert!(!del_is_current(Some("c2"), Some(7), "c1", Some(9)));
-        // Found by cgroup (no container ID known): only a DEL naming that namespace.
-        assert!(del_is_current(None, Some(7), "c2", Some(7)));
-        assert!(!del_is_current(None, Some(7), "c1", Some(9)));
-        assert!(!del_is_current(None, Some(7), "c1", None));
+        assert!(del_is_current(f));
+        assert!(del_is_current(DelFacts {
+            del_netns: ns(7),
+            ..f
+        }));
+        assert!(!del_is_current(DelFacts {
+            del_container: "c1",
+            ..f
+        }));
+        assert!(!del_is_current(DelFacts {
+            del_container: "c1",
+            del_netns: ns(9),
+            ..f
+        }));
+        // The right container ID, but naming another live namespace: not this sandbox.
+        assert!(!del_is_current(DelFacts {
+            del_netns: ns(9),
+            ..f
+        }));
+        // Same inode on another device is another file.
+        assert!(!del_is_current(DelFacts {
+            del_netns: Some(NsId { dev: 5, inode: 7 }),
+            ..f
+        }));
+        // An empty ID at ADD is stored as none: an empty DEL ID matches nothing.
+        assert_eq!(sandbox_id(""), None);
+        assert_eq!(sandbox_id("c2").as_deref(), Some("c2"));
+        assert!(!del_is_current(DelFacts {
+            known: sandbox_id("").as_deref(),
+            del_container: "",
+            ..f
+        }));
+        // Found by cgroup (no container ID known): even a DEL naming the current
+        // namespace may be a late one for a lost sandbox at a reused path.
+        for del_netns in [ns(7), ns(9), None] {
+            assert!(!del_is_current(DelFacts {
+                known: None,
+                del_netns,
+                ..f
+            }));
+        }
+        // Deleted or not enrolled: nothing to protect, the DEL lets the record go.
+        assert!(del_is_current(DelFacts {
+            enrolled: false,
+            known: None,
+            del_container: "c1",
+            ..f
+        }));
         // No namespace known: nothing to keep.
-        assert!(del_is_current(Some("c2"), None, "c1", None));
-        assert!(del_is_current(None, None, "c1", None));
+        assert!(del_is_current(DelFacts {
+            current: None,
+            del_container: "c1",
+            ..f
+        }));
+    }
+
+    #[test]
+    fn a_deleted_pods_namespace_is_released_once_nothing_is_left_in_it() {
+        assert!(release_netns(false, None, false));
+        // Rules still to remove (a removal that failed is retried with the handle).
+        assert!(!release_netns(false, Some(7), false));
+        assert!(!release_netns(false, None, true));
+        // Still in the view (enrolled or not): the runtime's namespace is kept.
+        assert!(!release_netns(true, None, false));
     }
 
     #[test]

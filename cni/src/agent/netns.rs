@@ -19,17 +19,40 @@ pub struct Netns {
     pub path: String,
     pub file: File,
     pub inode: u64,
+    /// The device of the namespace file: with `inode`, its identity (`id`).
+    pub dev: u64,
 }
 
 impl Netns {
+    /// Opens a network namespace file. Non-blocking, so a path that names a FIFO (a
+    /// runtime's CNI_NETNS is not ours to trust) cannot stall the caller; anything that
+    /// is not a namespace file (nsfs) is refused, so its inode is never taken for one.
     pub fn open(path: &str) -> Result<Netns, String> {
-        let file = File::open(path).map_err(|e| format!("open netns {path}: {e}"))?;
-        let inode = file.metadata().map_err(|e| e.to_string())?.ino();
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(path)
+            .map_err(|e| format!("open netns {path}: {e}"))?;
+        let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| format!("statfs {path}: {e}"))?;
+        if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+            return Err(format!("{path} is not a network namespace"));
+        }
+        let meta = file.metadata().map_err(|e| e.to_string())?;
         Ok(Netns {
             path: path.to_string(),
             file,
-            inode,
+            inode: meta.ino(),
+            dev: meta.dev(),
         })
+    }
+
+    /// The namespace's identity: (device, inode) of its file.
+    pub fn id(&self) -> NsId {
+        NsId {
+            dev: self.dev,
+            inode: self.inode,
+        }
     }
 
     pub fn try_clone(&self) -> Result<Netns, String> {
@@ -37,6 +60,7 @@ impl Netns {
             path: self.path.clone(),
             file: self.file.try_clone().map_err(|e| e.to_string())?,
             inode: self.inode,
+            dev: self.dev,
         })
     }
 
@@ -102,6 +126,13 @@ impl Netns {
         let out = self.run(&["ip", "-j", "addr", "show"], None)?;
         parse_ip_addr_json(&out)
     }
+}
+
+/// A namespace's identity: the (device, inode) of its namespace file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NsId {
+    pub dev: u64,
+    pub inode: u64,
 }
 
 enum Waited {
@@ -179,6 +210,23 @@ mod tests {
             .run(&["sh", "-c", "echo no >&2; exit 3"], None)
             .unwrap_err();
         assert!(e.ends_with("failed: no"), "{e}");
+    }
+
+    #[test]
+    fn only_namespace_files_open_and_a_fifo_does_not_block() {
+        let ns = Netns::open("/proc/self/ns/net").unwrap();
+        assert_eq!(ns.id(), Netns::open("/proc/self/ns/net").unwrap().id());
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "").unwrap();
+        let e = Netns::open(plain.to_str().unwrap()).unwrap_err();
+        assert!(e.ends_with("is not a network namespace"), "{e}");
+        // A FIFO with no writer: a blocking open would wait here for ever.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = Netns::open(fifo.to_str().unwrap()).unwrap_err();
+        assert!(e.ends_with("is not a network namespace"), "{e}");
+        assert!(Netns::open(dir.path().join("gone").to_str().unwrap()).is_err());
     }
 
     #[test]

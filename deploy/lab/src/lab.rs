@@ -281,6 +281,7 @@ impl Lab {
     pub fn node_ns(&self, i: usize) -> String {
         format!("{}-node{i}", self.name)
     }
+    /// The start of the names of pod `ns/name`'s sandbox namespaces (each adds its own).
     fn pod_ns(&self, ns: &str, name: &str) -> String {
         format!("{}-pod-{ns}-{name}", self.name)
     }
@@ -727,19 +728,16 @@ impl Lab {
         let Some(p) = self.process(role).cloned() else {
             return Err(format!("no process {role} in lab {}", self.name));
         };
-        if self.owns(p.pid) {
-            let _ = run(&[
-                "kill",
-                if kill { "-KILL" } else { "-TERM" },
-                &p.pid.to_string(),
-            ]);
-            for _ in 0..50 {
-                if !Path::new(&format!("/proc/{}", p.pid)).exists() || is_zombie(p.pid) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        crate::ending::end(
+            &[p.pid],
+            &|pid| self.owns(pid),
+            crate::ending::Ending {
+                signal: if kill { "KILL" } else { "TERM" },
+                group: false,
+                wait: Duration::from_millis(2500),
+                then_kill: false,
+            },
+        );
         self.state.procs.retain(|x| x.role != role);
         self.save()
     }
@@ -956,12 +954,15 @@ impl Lab {
             .unwrap_or("app")
             .to_string();
         let cgroup = self.cgroups()?.create(&uid, &container_name)?;
-        let netns = self.pod_ns(&ns, &name);
+        // Each sandbox its own namespace path, as real runtimes make them: a late DEL for
+        // a pod's lost sandbox then never names its new one.
+        let sandbox = random_hex(6);
+        let container_id = format!("{}-{sandbox}", self.name);
+        let netns = format!("{}-{sandbox}", self.pod_ns(&ns, &name));
         run(&["ip", "netns", "add", &netns])?;
         if self.state.dual_stack {
             no_dad(&netns)?;
         }
-        let container_id = format!("{}-{}", self.name, random_hex(6));
         let sb = |ifname: &str| Sandbox {
             container_id: container_id.clone(),
             netns: format!("/var/run/netns/{netns}"),
@@ -1265,28 +1266,16 @@ impl Lab {
                 }
             }
         }
-        pids.sort_unstable();
-        pids.dedup();
-        let ours: Vec<u32> = pids
-            .into_iter()
-            .filter(|p| *p != std::process::id() && self.owns(*p))
-            .collect();
-        for pid in &ours {
-            let _ = run(&["kill", "-TERM", &pid.to_string()]);
-        }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline
-            && ours
-                .iter()
-                .any(|p| Path::new(&format!("/proc/{p}")).exists() && !is_zombie(*p))
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        for pid in &ours {
-            if Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = run(&["kill", "-KILL", &pid.to_string()]);
-            }
-        }
+        crate::ending::end(
+            &pids,
+            &|p| self.owns(p),
+            crate::ending::Ending {
+                signal: "TERM",
+                group: false,
+                wait: Duration::from_secs(3),
+                then_kill: true,
+            },
+        );
         // Pod cgroups (what is left in them is ours), then
         // pods: CNI DEL as the runtime would (releases host-local leases), then namespaces.
         if let Ok(cg) = self.cgroups() {
@@ -1323,14 +1312,7 @@ fn which(name: &str) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
-pub(crate) fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
-}
+pub(crate) use crate::ending::is_zombie;
 
 fn ready_status(ip: &str, ip6: Option<&str>) -> Value {
     let mut ips = vec![json!({"ip": ip})];

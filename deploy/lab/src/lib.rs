@@ -9,6 +9,7 @@ pub mod bench_report;
 pub mod cgroup;
 pub mod cni_runtime;
 pub mod demo;
+pub mod ending;
 pub mod forward;
 pub mod lab;
 pub mod prometheus;

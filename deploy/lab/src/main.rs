@@ -69,6 +69,10 @@ enum Cmd {
         /// before the agent: their sandboxes are retried until ADD succeeds).
         #[arg(long, default_value = "agent,ztunnel,pods")]
         order: mesh_lab::reboot::BootOrder,
+        /// When each pod's lost sandbox is released (CNI DEL): before its new one is
+        /// made, or after the node's pods are back (as a kubelet does after a reboot).
+        #[arg(long, default_value = "before")]
+        release: mesh_lab::reboot::Release,
     },
     /// Run meshctl against the lab's control plane.
     Meshctl {
@@ -233,9 +237,13 @@ fn run(cli: Cli) -> Result<i32, String> {
             }
             println!("{component} started");
         }
-        Cmd::Reboot { node, order } => {
+        Cmd::Reboot {
+            node,
+            order,
+            release,
+        } => {
             let n = mesh_lab::reboot::parse_node(&node, lab.state.nodes)?;
-            let report = lab.reboot(n, order)?;
+            let report = lab.reboot_with(n, order, release, &mut |_, _| Ok(()))?;
             for e in &report.events {
                 println!("{e}");
             }

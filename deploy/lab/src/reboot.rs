@@ -18,7 +18,8 @@
 //! The decisions (what to kill, remove and recreate, in which order) are [`plan`] and
 //! [`on_node`]; the rest is a thin shell over the lab.
 
-use crate::lab::{Lab, PodEntry, ProcEntry, is_zombie, ns_exec, run};
+use crate::cni_runtime::Sandbox;
+use crate::lab::{Lab, PodEntry, ProcEntry, ns_exec, run};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -72,6 +73,33 @@ impl FromStr for BootOrder {
     }
 }
 
+/// When the runtime releases (CNI DEL) a pod's lost sandbox: before making the new one
+/// (`before`), or after the node's pods are back (`after`), as a kubelet does after a
+/// real reboot, its garbage collection finding the old sandboxes later. `Held`: not
+/// at all; the lost sandboxes are handed back in the report for the caller to release
+/// (`Lab::release_lost`), e.g. after restarting the node agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Release {
+    #[default]
+    Before,
+    After,
+    Held,
+}
+
+impl FromStr for Release {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "before" => Ok(Release::Before),
+            "after" => Ok(Release::After),
+            _ => Err(format!(
+                "release {s:?}: give before (the lost sandbox released before the new one is made) or after"
+            )),
+        }
+    }
+}
+
 /// `node-N` (or `N`) → N, for a lab of `nodes` nodes.
 pub fn parse_node(s: &str, nodes: usize) -> Result<usize, String> {
     s.strip_prefix("node-")
@@ -89,7 +117,8 @@ pub enum Boot {
     Control,
     Agent(usize),
     Ztunnel(usize),
-    /// These pods (`namespace/name`), each its lost sandbox released, then a new one.
+    /// These pods (`namespace/name`), each given a new sandbox (its lost one released
+    /// before or after, as `Release` says).
     Pods(Vec<String>),
     Prometheus,
 }
@@ -243,6 +272,8 @@ pub struct Report {
     pub events: Vec<Event>,
     /// Pods still not running when the time was up.
     pub not_started: Vec<String>,
+    /// With `Release::Held`: the lost sandboxes (pod, sandbox), not released yet.
+    pub held: Vec<(String, Sandbox)>,
 }
 
 fn netns_inode(path: &Path) -> Option<u64> {
@@ -291,13 +322,22 @@ fn agent_ready(netns: &Path) -> bool {
     .is_ok_and(|r| r.unwrap_or(false))
 }
 
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid)
-}
-
 impl Lab {
-    /// Reboots node `node`, its components coming back in `order`.
+    /// Reboots node `node`, its components coming back in `order`, each lost sandbox
+    /// released before its pod's new one is made.
     pub fn reboot(&mut self, node: usize, order: BootOrder) -> Result<Report, String> {
+        self.reboot_with(node, order, Release::Before, &mut |_, _| Ok(()))
+    }
+
+    /// `reboot`, the lost sandboxes released as `release` says; `before_step` runs
+    /// before each step of the way back up (to watch the node between two steps).
+    pub fn reboot_with(
+        &mut self,
+        node: usize,
+        order: BootOrder,
+        release: Release,
+        before_step: &mut dyn FnMut(&Lab, &Boot) -> Result<(), String>,
+    ) -> Result<Report, String> {
         if !self.is_up() {
             return Err(format!("lab {} is not up", self.name));
         }
@@ -316,6 +356,7 @@ impl Lab {
             .collect();
         let mut pending: Vec<String> = Vec::new();
         for step in &plan.boot {
+            before_step(self, step)?;
             match step {
                 Boot::Control => self.start_control()?,
                 // A DaemonSet's pod counts once it is ready: the next step comes after.
@@ -330,12 +371,11 @@ impl Lab {
                 Boot::Prometheus => self.start_prometheus()?,
                 Boot::Pods(keys) => {
                     for key in keys {
-                        let p = &lost[key];
-                        let released = self.runtime(node).del(&Lab::sandbox(p));
-                        report.events.push(Event::Released {
-                            pod: key.clone(),
-                            error: released.err().map(|e| e.to_string()),
-                        });
+                        if release == Release::Before {
+                            report.events.extend(
+                                self.release_lost(node, &[(key.clone(), Lab::sandbox(&lost[key]))]),
+                            );
+                        }
                         pending.push(key.clone());
                     }
                 }
@@ -360,6 +400,15 @@ impl Lab {
             self.try_pods(node, &mut pending, &mut report);
         }
         report.not_started = pending;
+        let lost: Vec<(String, Sandbox)> = lost
+            .iter()
+            .map(|(k, p)| (k.clone(), Lab::sandbox(p)))
+            .collect();
+        match release {
+            Release::Before => {}
+            Release::After => report.events.extend(self.release_lost(node, &lost)),
+            Release::Held => report.held = lost,
+        }
         for role in [format!("agent-{node}"), format!("ztunnel-{node}")] {
             self.wait_log(&role, "xDS connected", XDS_TIMEOUT)?;
         }
@@ -368,9 +417,20 @@ impl Lab {
         Ok(report)
     }
 
+    /// Releases lost sandboxes of node `node`'s pods through the CNI chain (DEL), as the
+    /// runtime does: each with its own container ID and namespace path (gone by now).
+    pub fn release_lost(&self, node: usize, lost: &[(String, Sandbox)]) -> Vec<Event> {
+        lost.iter()
+            .map(|(pod, sb)| Event::Released {
+                pod: pod.clone(),
+                error: self.runtime(node).del(sb).err().map(|e| e.to_string()),
+            })
+            .collect()
+    }
+
     /// The agent of node `i` is ready as its DaemonSet's readiness probe sees it (its
     /// `/readyz`: the control plane's view arrived) and serves the plugin socket.
-    fn wait_agent_ready(&self, i: usize) -> Result<(), String> {
+    pub fn wait_agent_ready(&self, i: usize) -> Result<(), String> {
         self.wait_log(&format!("agent-{i}"), "xDS connected", XDS_TIMEOUT)?;
         let socket = self.dir.join(format!("node{i}/agent.sock"));
         let netns = Path::new("/var/run/netns").join(self.node_ns(i));
@@ -403,16 +463,18 @@ impl Lab {
         let victims: Vec<(String, u32)> = plan.kill.iter().cloned().chain(strays).collect();
         // Only processes that are ours (by the lab's marker), and each process group the
         // lab started (a pod's children with it); all before any is waited for.
-        let ours: Vec<&(String, u32)> = victims.iter().filter(|(_, p)| self.owns(*p)).collect();
-        for (_, pid) in &ours {
-            let _ = run(&["kill", "-KILL", "--", &format!("-{pid}")]);
-            let _ = run(&["kill", "-KILL", &pid.to_string()]);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while ours.iter().any(|(_, p)| alive(*p)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for (role, pid) in &ours {
+        let pids: Vec<u32> = victims.iter().map(|(_, p)| *p).collect();
+        let ended = crate::ending::end(
+            &pids,
+            &|p| self.owns(p),
+            crate::ending::Ending {
+                signal: "KILL",
+                group: true,
+                wait: Duration::from_secs(5),
+                then_kill: false,
+            },
+        );
+        for (role, pid) in victims.iter().filter(|(_, p)| ended.contains(p)) {
             report.events.push(Event::Killed {
                 role: role.clone(),
                 pid: *pid,
@@ -642,6 +704,14 @@ mod tests {
         let procs = [(1, 100), (2, 200), (3, 300), (4, 200)];
         assert_eq!(on_node(&procs, &[200, 300], &[4]), [2, 3]);
         assert!(on_node(&procs, &[], &[]).is_empty());
+    }
+
+    #[test]
+    fn lost_sandboxes_are_released_before_or_after() {
+        assert_eq!("before".parse(), Ok(Release::Before));
+        assert_eq!("after".parse(), Ok(Release::After));
+        assert!("held".parse::<Release>().is_err());
+        assert!("later".parse::<Release>().is_err());
     }
 
     #[test]
