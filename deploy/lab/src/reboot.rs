@@ -138,9 +138,9 @@ pub struct Plan {
 }
 
 /// The node a process runs on: agent-N and ztunnel-N on N, a pod's on its pod's node,
-/// the control plane and Prometheus on node 1.
+/// the control plane, Prometheus and the dashboard (the lab's trace receiver) on node 1.
 fn node_of(role: &str, pods: &BTreeMap<String, PodEntry>) -> Option<usize> {
-    if role == "control" || role == "prometheus" {
+    if matches!(role, "control" | "prometheus" | "dashboard") {
         return Some(1);
     }
     if let Some(key) = role.strip_prefix("pod:") {
@@ -592,6 +592,7 @@ mod tests {
             proc("pod:back/wp", 24),
             proc("pod:front/web", 13),
             proc("prometheus", 14),
+            proc("dashboard", 15),
             proc("agent-12", 99),
         ];
         (procs, pods)
@@ -651,7 +652,8 @@ mod tests {
                 "agent-1",
                 "ztunnel-1",
                 "pod:front/web",
-                "prometheus"
+                "prometheus",
+                "dashboard"
             ]
         );
         assert_eq!(
