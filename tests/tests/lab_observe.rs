@@ -432,6 +432,13 @@ fn denied_connections(t: &TestLab) -> Option<f64> {
         .map(|(_, v)| *v)
 }
 
+/// The waypoint's 403 answers for back/api, as Prometheus last scraped them.
+fn forbidden_requests(t: &TestLab) -> Option<f64> {
+    t.promql("sum(istio_requests_total{reporter=\"waypoint\",destination_service_name=\"api\",response_code=\"403\"})")
+        .first()
+        .map(|(_, v)| *v)
+}
+
 /// The `<g>` of the edge `from` → `to` in the page's DOM, up to its closing tag.
 fn edge_markup<'a>(dom: &'a str, from: &str, to: &str) -> &'a str {
     let at = dom
@@ -452,7 +459,9 @@ fn the_dashboard_marks_an_edge_denied_by_policy() {
         "warm"
     );
     // L4, enforced by api's ztunnel: the waypoint's connections to api's port 9000 are
-    // refused; HTTP (8080) still flows on the same edge.
+    // refused; HTTP (8080) still flows on the same edge. L7, at the waypoint: /admin* on
+    // the Service's port 80 answered 403 (without the port, the waypoint would refuse
+    // the TCP port too: a DENY's HTTP fields are unknown there, and it fails closed).
     t.apply(
         "apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -461,8 +470,19 @@ spec:
   selector: {matchLabels: {app: api}}
   action: DENY
   rules: [{to: [{operation: {ports: [\"9000\"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: back}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {ports: [\"80\"], paths: [\"/admin*\"]}}]}]
 ",
     );
+    t.eventually("/admin to be refused by the waypoint", || {
+        t.status("front/client", "http://10.96.0.20/admin") == "403"
+    });
     t.eventually("the echo to be refused", || {
         t.tcp("front/client", "10.96.0.20:9000", "x")
             .map_or(true, |s| s.is_empty())
@@ -470,17 +490,22 @@ spec:
     t.wait_log("ztunnel-2", "explicitly denied by: back/no-echo");
     // The series exists (first denials) before the measured ones, so its rate counts them.
     t.eventually("the first denials in Prometheus", || {
-        denied_connections(&t).is_some()
+        denied_connections(&t).is_some() && forbidden_requests(&t).is_some()
     });
-    let before = denied_connections(&t).unwrap();
+    let before = (
+        denied_connections(&t).unwrap(),
+        forbidden_requests(&t).unwrap(),
+    );
     for i in 0..4 {
         let m = format!("denied-{i}");
         let got = t.tcp("front/client", "10.96.0.20:9000", &m);
         assert!(got.as_ref().map_or(true, |s| s.is_empty()), "{got:?}");
+        assert_eq!(t.status("front/client", "http://10.96.0.20/admin"), "403");
         t.curl("front/client", "http://10.96.0.20/ok").unwrap();
     }
     t.eventually("the denials scraped", || {
-        denied_connections(&t).is_some_and(|n| n >= before + 4.0)
+        denied_connections(&t).is_some_and(|n| n >= before.0 + 4.0)
+            && forbidden_requests(&t).is_some_and(|n| n >= before.1 + 4.0)
     });
 
     let dashboard = DashboardProcess::start(&t);
@@ -488,12 +513,13 @@ spec:
         g["edges"]
             .as_array()?
             .iter()
-            .find(|e| e["from"] == from && e["to"] == to && e["protocol"] == "tcp")?["denied"]
+            .find(|e| e["from"] == from && e["to"] == to)?["denied"]
             .as_f64()
     };
-    t.eventually("the graph's waypoint → api edge with its denials", || {
-        denied(&dashboard_graph(&t), "waypoint:back/waypoint", "workload:back/api")
-            .is_some_and(|d| d > 0.0)
+    t.eventually("the graph's edges with their denials", || {
+        let g = dashboard_graph(&t);
+        denied(&g, "waypoint:back/waypoint", "workload:back/api").is_some_and(|d| d > 0.0)
+            && denied(&g, "workload:front/client", "service:back/api").is_some_and(|d| d > 0.0)
     });
 
     let profile = tempfile::tempdir().unwrap();
@@ -508,23 +534,33 @@ spec:
         edge.contains("class=\"edge tcp mtls denied\""),
         "the edge drawn as denied: {edge}"
     );
-    let label = edge
-        .split("class=\"denied\">")
-        .nth(1)
-        .and_then(|s| s.split("</text>").next())
-        .unwrap_or_else(|| panic!("a denial label on the edge: {edge}"));
-    let rate: f64 = label
-        .strip_prefix("denied ")
-        .and_then(|l| l.strip_suffix(" conn/s"))
-        .and_then(|r| r.parse().ok())
-        .unwrap_or_else(|| panic!("\"denied N conn/s\": {label}"));
-    assert!(rate > 0.0, "{label}");
-    // Only that edge: the client's requests and the waypoint hop are not refused.
+    // "denied N conn/s" (or "rps (403)"), drawn as text on the edge.
+    let denied_label = |edge: &str, unit: &str| {
+        let label = edge
+            .split("class=\"denied\">")
+            .nth(1)
+            .and_then(|s| s.split("</text>").next())
+            .unwrap_or_else(|| panic!("a denial label on the edge: {edge}"));
+        let rate: f64 = label
+            .strip_prefix("denied ")
+            .and_then(|l| l.strip_suffix(unit))
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("\"denied N{unit}\": {label}"));
+        assert!(rate > 0.0, "{label}");
+    };
+    denied_label(edge, " conn/s");
     let http = edge_markup(&dom, "workload:front/client", "service:back/api");
     assert!(
-        http.contains("class=\"edge http mtls\"") && !http.contains("class=\"denied\""),
-        "{http}"
+        http.contains("class=\"edge http mtls denied\""),
+        "the requests' edge drawn as denied: {http}"
     );
-    assert_eq!(dom.matches("class=\"denied\"").count(), 1, "{dom}");
+    denied_label(http, " rps (403)");
+    // Only those: the hop from the Service to its waypoint refuses nothing.
+    let via = edge_markup(&dom, "service:back/api", "waypoint:back/waypoint");
+    assert!(
+        via.contains("class=\"edge via via\"") && !via.contains("class=\"denied\""),
+        "{via}"
+    );
+    assert_eq!(dom.matches("class=\"denied\"").count(), 2, "{dom}");
     drop(dashboard);
 }
