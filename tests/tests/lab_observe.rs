@@ -427,9 +427,11 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
 /// The total of `istio_tcp_connections_failed_total{response_flags="DENY"}` the
 /// destination ztunnels reported, as Prometheus last scraped it.
 fn denied_connections(t: &TestLab) -> Option<f64> {
-    t.promql("sum(istio_tcp_connections_failed_total{reporter=\"destination\",response_flags=\"DENY\"})")
-        .first()
-        .map(|(_, v)| *v)
+    t.promql(
+        "sum(istio_tcp_connections_failed_total{reporter=\"destination\",response_flags=\"DENY\"})",
+    )
+    .first()
+    .map(|(_, v)| *v)
 }
 
 /// The waypoint's 403 answers for back/api, as Prometheus last scraped them.

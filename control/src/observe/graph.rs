@@ -446,7 +446,11 @@ mod tests {
         let ids: Vec<&str> = g.nodes.iter().map(|n| n.id.as_str()).collect();
         assert_eq!(
             ids,
-            ["service:back/api", "workload:back/db", "workload:front/client"]
+            [
+                "service:back/api",
+                "workload:back/db",
+                "workload:front/client"
+            ]
         );
         let summary: Vec<_> = g
             .edges
@@ -456,7 +460,13 @@ mod tests {
         assert_eq!(
             summary,
             [
-                ("workload:front/client", "service:back/api", "http", 0.0, 0.25),
+                (
+                    "workload:front/client",
+                    "service:back/api",
+                    "http",
+                    0.0,
+                    0.25
+                ),
                 ("workload:front/client", "workload:back/db", "tcp", 0.0, 0.5),
             ]
         );
@@ -498,8 +508,14 @@ mod tests {
         // The waypoint's connections: its own node, not a workload, keeps the denials.
         let e = edge("waypoint:back/waypoint", "workload:back/api");
         assert_eq!((e.rate, e.denied, e.mtls), (2.0, 0.5, Some(1.0)));
-        assert_eq!(edge("workload:front/legacy", "workload:back/db").denied, 0.0);
-        assert_eq!(edge("service:back/api", "waypoint:back/waypoint").denied, 0.0);
+        assert_eq!(
+            edge("workload:front/legacy", "workload:back/db").denied,
+            0.0
+        );
+        assert_eq!(
+            edge("service:back/api", "waypoint:back/waypoint").denied,
+            0.0
+        );
     }
 
     #[test]
