@@ -271,11 +271,42 @@ fn meshctl_stat_and_top_report_the_traffic_sent() {
 /// `meshctl dashboard` running in node 1's namespace; killed (by its PID) when dropped.
 struct DashboardProcess(std::process::Child);
 
+impl DashboardProcess {
+    /// On node 1's 127.0.0.1:15090, rates over 5 minutes.
+    fn start(t: &TestLab) -> Self {
+        DashboardProcess(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &t.lab.node_ns(1)])
+                .arg(mesh_e2e::binary("meshctl"))
+                .args(["dashboard", "--listen", "127.0.0.1:15090", "--window", "5m"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
 impl Drop for DashboardProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The dashboard's `/api/graph` answer; Null when it has none.
+fn dashboard_graph(t: &TestLab) -> Value {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.lab.node_ns(1)])
+        .args([
+            "curl",
+            "-s",
+            "--max-time",
+            "10",
+            "http://127.0.0.1:15090/api/graph",
+        ])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
 #[test]
@@ -319,32 +350,10 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
         };
         count("503") == Some(6.0) && count("200").is_some_and(|n| n >= 21.0)
     });
-    let dashboard = DashboardProcess(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &t.lab.node_ns(1)])
-            .arg(mesh_e2e::binary("meshctl"))
-            .args(["dashboard", "--listen", "127.0.0.1:15090", "--window", "5m"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let graph = |t: &TestLab| -> Value {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &t.lab.node_ns(1)])
-            .args([
-                "curl",
-                "-s",
-                "--max-time",
-                "10",
-                "http://127.0.0.1:15090/api/graph",
-            ])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
+    let dashboard = DashboardProcess::start(&t);
     // Rates need two scrapes of the traffic in the window.
     t.eventually("the dashboard's graph with the client → api edge", || {
-        graph(&t)["edges"].as_array().is_some_and(|e| {
+        dashboard_graph(&t)["edges"].as_array().is_some_and(|e| {
             e.iter()
                 .any(|e| e["from"] == "workload:front/client" && e["rate"].as_f64() > Some(0.0))
         })
@@ -412,5 +421,148 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
         "a PNG at {}",
         png.display()
     );
+    drop(dashboard);
+}
+
+/// The total of `istio_tcp_connections_failed_total{response_flags="DENY"}` the
+/// destination ztunnels reported, as Prometheus last scraped it.
+fn denied_connections(t: &TestLab) -> Option<f64> {
+    t.promql(
+        "sum(istio_tcp_connections_failed_total{reporter=\"destination\",response_flags=\"DENY\"})",
+    )
+    .first()
+    .map(|(_, v)| *v)
+}
+
+/// The waypoint's 403 answers for back/api, as Prometheus last scraped them.
+fn forbidden_requests(t: &TestLab) -> Option<f64> {
+    t.promql("sum(istio_requests_total{reporter=\"waypoint\",destination_service_name=\"api\",response_code=\"403\"})")
+        .first()
+        .map(|(_, v)| *v)
+}
+
+/// The `<g>` of the edge `from` → `to` in the page's DOM, up to its closing tag.
+fn edge_markup<'a>(dom: &'a str, from: &str, to: &str) -> &'a str {
+    let at = dom
+        .find(&format!("data-from=\"{from}\" data-to=\"{to}\""))
+        .unwrap_or_else(|| panic!("no edge {from} → {to} in the page:\n{dom}"));
+    let start = dom[..at].rfind("<g ").unwrap_or(at);
+    let end = dom[at..].find("</g>").map_or(dom.len(), |e| at + e);
+    &dom[start..end]
+}
+
+#[test]
+fn the_dashboard_marks_an_edge_denied_by_policy() {
+    let mut t = TestLab::up_named("deny", 2, &["curl", "prometheus", "chromium"]);
+    t.lab.start_prometheus().unwrap();
+    app_behind_waypoint(&mut t);
+    assert_eq!(
+        t.tcp("front/client", "10.96.0.20:9000", "warm").unwrap(),
+        "warm"
+    );
+    // L4, enforced by api's ztunnel: the waypoint's connections to api's port 9000 are
+    // refused; HTTP (8080) still flows on the same edge. L7, at the waypoint: /admin* on
+    // the Service's port 80 answered 403 (without the port, the waypoint would refuse
+    // the TCP port too: a DENY's HTTP fields are unknown there, and it fails closed).
+    t.apply(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-echo, namespace: back}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules: [{to: [{operation: {ports: [\"9000\"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: back}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {ports: [\"80\"], paths: [\"/admin*\"]}}]}]
+",
+    );
+    t.eventually("/admin to be refused by the waypoint", || {
+        t.status("front/client", "http://10.96.0.20/admin") == "403"
+    });
+    t.eventually("the echo to be refused", || {
+        t.tcp("front/client", "10.96.0.20:9000", "x")
+            .map_or(true, |s| s.is_empty())
+    });
+    t.wait_log("ztunnel-2", "explicitly denied by: back/no-echo");
+    // The series exists (first denials) before the measured ones, so its rate counts them.
+    t.eventually("the first denials in Prometheus", || {
+        denied_connections(&t).is_some() && forbidden_requests(&t).is_some()
+    });
+    let before = (
+        denied_connections(&t).unwrap(),
+        forbidden_requests(&t).unwrap(),
+    );
+    for i in 0..4 {
+        let m = format!("denied-{i}");
+        let got = t.tcp("front/client", "10.96.0.20:9000", &m);
+        assert!(got.as_ref().map_or(true, |s| s.is_empty()), "{got:?}");
+        assert_eq!(t.status("front/client", "http://10.96.0.20/admin"), "403");
+        t.curl("front/client", "http://10.96.0.20/ok").unwrap();
+    }
+    t.eventually("the denials scraped", || {
+        denied_connections(&t).is_some_and(|n| n >= before.0 + 4.0)
+            && forbidden_requests(&t).is_some_and(|n| n >= before.1 + 4.0)
+    });
+
+    let dashboard = DashboardProcess::start(&t);
+    let denied = |g: &Value, from: &str, to: &str| -> Option<f64> {
+        g["edges"]
+            .as_array()?
+            .iter()
+            .find(|e| e["from"] == from && e["to"] == to)?["denied"]
+            .as_f64()
+    };
+    t.eventually("the graph's edges with their denials", || {
+        let g = dashboard_graph(&t);
+        denied(&g, "waypoint:back/waypoint", "workload:back/api").is_some_and(|d| d > 0.0)
+            && denied(&g, "workload:front/client", "service:back/api").is_some_and(|d| d > 0.0)
+    });
+
+    let profile = tempfile::tempdir().unwrap();
+    let dom = chromium(
+        &t,
+        profile.path(),
+        &["--dump-dom"],
+        "http://127.0.0.1:15090/",
+    );
+    let edge = edge_markup(&dom, "waypoint:back/waypoint", "workload:back/api");
+    assert!(
+        edge.contains("class=\"edge tcp mtls denied\""),
+        "the edge drawn as denied: {edge}"
+    );
+    // "denied N conn/s" (or "rps (403)"), drawn as text on the edge.
+    let denied_label = |edge: &str, unit: &str| {
+        let label = edge
+            .split("class=\"denied\">")
+            .nth(1)
+            .and_then(|s| s.split("</text>").next())
+            .unwrap_or_else(|| panic!("a denial label on the edge: {edge}"));
+        let rate: f64 = label
+            .strip_prefix("denied ")
+            .and_then(|l| l.strip_suffix(unit))
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("\"denied N{unit}\": {label}"));
+        assert!(rate > 0.0, "{label}");
+    };
+    denied_label(edge, " conn/s");
+    let http = edge_markup(&dom, "workload:front/client", "service:back/api");
+    assert!(
+        http.contains("class=\"edge http mtls denied\""),
+        "the requests' edge drawn as denied: {http}"
+    );
+    denied_label(http, " rps (403)");
+    // Only those: the hop from the Service to its waypoint refuses nothing.
+    let via = edge_markup(&dom, "service:back/api", "waypoint:back/waypoint");
+    assert!(
+        via.contains("class=\"edge via via\"") && !via.contains("class=\"denied\""),
+        "{via}"
+    );
+    assert_eq!(dom.matches("class=\"denied\"").count(), 2, "{dom}");
     drop(dashboard);
 }

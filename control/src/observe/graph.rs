@@ -6,6 +6,11 @@
 //! reporting waypoint, as Prometheus's usual Kubernetes relabelling and the lab set them).
 //! TCP edges come from the destination's ztunnel: workload → workload, connections/s and
 //! the mTLS share. Requests reported by a waypoint arrived over HBONE: always mTLS.
+//!
+//! Denials ride on the same edges: connections the destination's ztunnel refused by
+//! policy (`istio_tcp_connections_failed_total{response_flags="DENY"}`) and the
+//! waypoint's 403 answers (its request metrics carry no response flags, so an RBAC
+//! denial is told apart by its code only; an app's own 403 counts too).
 
 use super::promql::Window;
 use super::table::Sample;
@@ -19,15 +24,19 @@ pub enum GraphFigure {
     HttpP99,
     TcpOpened,
     TcpMtls,
+    TcpDenied,
+    HttpDenied,
 }
 
 impl GraphFigure {
-    pub const ALL: [GraphFigure; 5] = [
+    pub const ALL: [GraphFigure; 7] = [
         GraphFigure::HttpRps,
         GraphFigure::HttpErrors,
         GraphFigure::HttpP99,
         GraphFigure::TcpOpened,
         GraphFigure::TcpMtls,
+        GraphFigure::TcpDenied,
+        GraphFigure::HttpDenied,
     ];
 }
 
@@ -52,6 +61,12 @@ pub fn graph_query(figure: GraphFigure, window: &Window) -> String {
         ),
         GraphFigure::TcpMtls => format!(
             "sum by ({TCP_BY}) (rate(istio_tcp_connections_opened_total{{{tcp},connection_security_policy=\"mutual_tls\"}}[{window}]))"
+        ),
+        GraphFigure::TcpDenied => format!(
+            "sum by ({TCP_BY}) (rate(istio_tcp_connections_failed_total{{{tcp},response_flags=\"DENY\"}}[{window}]))"
+        ),
+        GraphFigure::HttpDenied => format!(
+            "sum by ({HTTP_BY}) (rate(istio_requests_total{{{http},response_code=\"403\"}}[{window}]))"
         ),
     }
 }
@@ -78,6 +93,8 @@ pub struct Edge {
     pub p99_ms: Option<f64>,
     /// Share of connections with mutual TLS; `None` when unknown (no new connection).
     pub mtls: Option<f64>,
+    /// Refused by policy per second: connections (tcp) or 403 answers (http).
+    pub denied: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -148,6 +165,7 @@ pub fn build(results: &BTreeMap<GraphFigure, Vec<Sample>>) -> Graph {
                 errors: None,
                 p99_ms: None,
                 mtls: Some(1.0),
+                denied: 0.0,
             });
         e.rate += s.value;
         if wp.1 != "unknown" {
@@ -160,6 +178,7 @@ pub fn build(results: &BTreeMap<GraphFigure, Vec<Sample>>) -> Graph {
                 errors: None,
                 p99_ms: None,
                 mtls: None,
+                denied: 0.0,
             });
         }
     }
@@ -235,8 +254,51 @@ pub fn build(results: &BTreeMap<GraphFigure, Vec<Sample>>) -> Graph {
                 p99_ms: None,
                 mtls: (s.value > 0.0)
                     .then(|| (mtls_rate.copied().unwrap_or(0.0) / s.value).min(1.0)),
+                denied: 0.0,
             },
         );
+    }
+    // Denials after the traffic: an edge that was only ever refused still gets drawn.
+    for s in get(GraphFigure::TcpDenied) {
+        let (src, dst) = tcp_key(s);
+        let src_id = id("workload", &src.0, &src.1);
+        let from = if waypoint_ids.contains(&src_id) {
+            id("waypoint", &src.0, &src.1)
+        } else {
+            add(&mut nodes, "workload", src.0, src.1)
+        };
+        let to = add(&mut nodes, "workload", dst.0, dst.1);
+        edges
+            .entry((from.clone(), to.clone(), "tcp"))
+            .or_insert(Edge {
+                from,
+                to,
+                protocol: "tcp",
+                rate: 0.0,
+                errors: None,
+                p99_ms: None,
+                mtls: None,
+                denied: 0.0,
+            })
+            .denied += s.value;
+    }
+    for s in get(GraphFigure::HttpDenied) {
+        let (src, svc, _) = http_key(s);
+        let from = add(&mut nodes, "workload", src.0, src.1);
+        let to = add(&mut nodes, "service", svc.0, svc.1);
+        edges
+            .entry((from.clone(), to.clone(), "http"))
+            .or_insert(Edge {
+                from,
+                to,
+                protocol: "http",
+                rate: 0.0,
+                errors: None,
+                p99_ms: None,
+                mtls: Some(1.0),
+                denied: 0.0,
+            })
+            .denied += s.value;
     }
     for e in edges.values_mut().filter(|e| e.protocol == "http") {
         let k = (e.from.clone(), e.to.clone());
@@ -369,6 +431,110 @@ mod tests {
         );
         assert_eq!(parse_id("pod:back/api"), None);
         assert_eq!(parse_id("service:back"), None);
+    }
+
+    #[test]
+    fn an_edge_only_ever_denied_is_drawn_with_its_denials() {
+        let results = BTreeMap::from([
+            (
+                GraphFigure::TcpDenied,
+                vec![tcp(("front", "client"), ("back", "db"), 0.5)],
+            ),
+            (GraphFigure::HttpDenied, vec![http(0.25)]),
+        ]);
+        let g = build(&results);
+        let ids: Vec<&str> = g.nodes.iter().map(|n| n.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "service:back/api",
+                "workload:back/db",
+                "workload:front/client"
+            ]
+        );
+        let summary: Vec<_> = g
+            .edges
+            .iter()
+            .map(|e| (e.from.as_str(), e.to.as_str(), e.protocol, e.rate, e.denied))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    "workload:front/client",
+                    "service:back/api",
+                    "http",
+                    0.0,
+                    0.25
+                ),
+                ("workload:front/client", "workload:back/db", "tcp", 0.0, 0.5),
+            ]
+        );
+        assert_eq!(g.edges[1].mtls, None, "no connection got through");
+        assert_eq!(g.edges[0].errors, None);
+    }
+
+    #[test]
+    fn denials_join_the_edge_that_also_carries_traffic() {
+        let results = BTreeMap::from([
+            (GraphFigure::HttpRps, vec![http(4.0)]),
+            (GraphFigure::HttpDenied, vec![http(1.0)]),
+            (
+                GraphFigure::TcpOpened,
+                vec![
+                    tcp(("back", "waypoint"), ("back", "api"), 2.0),
+                    tcp(("front", "legacy"), ("back", "db"), 1.0),
+                ],
+            ),
+            (
+                GraphFigure::TcpMtls,
+                vec![tcp(("back", "waypoint"), ("back", "api"), 2.0)],
+            ),
+            (
+                GraphFigure::TcpDenied,
+                vec![tcp(("back", "waypoint"), ("back", "api"), 0.5)],
+            ),
+        ]);
+        let g = build(&results);
+        assert_eq!(g.edges.len(), 4, "no edge added: {:?}", g.edges);
+        let edge = |from: &str, to: &str| {
+            g.edges
+                .iter()
+                .find(|e| e.from == from && e.to == to)
+                .unwrap_or_else(|| panic!("no edge {from} → {to}: {:?}", g.edges))
+        };
+        let e = edge("workload:front/client", "service:back/api");
+        assert_eq!((e.rate, e.denied, e.errors), (4.0, 1.0, Some(0.0)));
+        // The waypoint's connections: its own node, not a workload, keeps the denials.
+        let e = edge("waypoint:back/waypoint", "workload:back/api");
+        assert_eq!((e.rate, e.denied, e.mtls), (2.0, 0.5, Some(1.0)));
+        assert_eq!(
+            edge("workload:front/legacy", "workload:back/db").denied,
+            0.0
+        );
+        assert_eq!(
+            edge("service:back/api", "waypoint:back/waypoint").denied,
+            0.0
+        );
+    }
+
+    #[test]
+    fn denial_queries_count_policy_refusals_grouped_like_the_traffic() {
+        let w = Window::parse("1m").unwrap();
+        assert_eq!(
+            graph_query(GraphFigure::TcpDenied, &w),
+            format!(
+                "sum by ({TCP_BY}) (rate(istio_tcp_connections_failed_total{{reporter=\"destination\",response_flags=\"DENY\"}}[1m]))"
+            )
+        );
+        assert_eq!(
+            graph_query(GraphFigure::HttpDenied, &w),
+            format!(
+                "sum by ({HTTP_BY}) (rate(istio_requests_total{{reporter=\"waypoint\",response_code=\"403\"}}[1m]))"
+            )
+        );
+        assert!(GraphFigure::ALL.contains(&GraphFigure::TcpDenied));
+        assert!(GraphFigure::ALL.contains(&GraphFigure::HttpDenied));
     }
 
     #[test]
