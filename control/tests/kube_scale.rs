@@ -437,7 +437,7 @@ async fn ten_thousand_pods_are_served_within_memory_and_a_pod_change_is_pushed()
         .arg(dir.path().join("tokens.yaml"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--debug-listen", "127.0.0.1:0", "--dns-name", "mesh-control.test"])
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", std::env::var("SCALE_LOG").unwrap_or("error".into()))
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -532,6 +532,9 @@ async fn ten_thousand_pods_are_served_within_memory_and_a_pod_change_is_pushed()
         "the new IP is looked up as the pod"
     );
 
+    if std::env::var("SCALE_LOG").is_ok() {
+        println!("{}", std::fs::read_to_string(dir.path().join("mesh-control.log")).unwrap_or_default());
+    }
     let peak_kib = proc_kib(pid, "VmHWM");
     let rss_kib = proc_kib(pid, "VmRSS");
     client.abort();

@@ -88,10 +88,10 @@ fn kube_mode(
 }
 
 async fn next(
-    rx: &mut mpsc::UnboundedReceiver<Objects>,
+    rx: &mut mpsc::UnboundedReceiver<std::sync::Arc<Objects>>,
     what: &str,
     f: impl Fn(&Objects) -> bool,
-) -> Objects {
+) -> std::sync::Arc<Objects> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let o = tokio::time::timeout_at(deadline, rx.recv())

@@ -77,10 +77,14 @@ pub fn workload(
     let ns = pod.metadata.ns();
     let (workload_name, workload_type) = workload_identity(pod);
     let mut services = HashMap::new();
-    for svc in objs.services.values() {
-        if svc.metadata.ns() != ns {
-            continue;
-        }
+    // Only the pod's namespace (keys sort by namespace first): 10,000 pods never scan
+    // 2,000 Services each.
+    for svc in objs
+        .services
+        .range((ns.to_string(), String::new())..)
+        .take_while(|((n, _), _)| n == ns)
+        .map(|(_, s)| s)
+    {
         let Some(selector) = &svc.spec.selector else {
             continue;
         };
