@@ -6,6 +6,7 @@ use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Everything the control plane observes, keyed by (namespace, name) (namespace "" for
 /// cluster-scoped kinds).
@@ -13,9 +14,11 @@ use std::path::{Path, PathBuf};
 pub struct Objects {
     pub namespaces: BTreeMap<String, Namespace>,
     pub nodes: BTreeMap<String, Node>,
-    pub pods: BTreeMap<(String, String), Pod>,
-    pub services: BTreeMap<(String, String), Service>,
-    pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
+    /// The numerous kinds are shared: a snapshot of 10,000 pods copies pointers, and a
+    /// changed pod is one new allocation.
+    pub pods: BTreeMap<(String, String), Arc<Pod>>,
+    pub services: BTreeMap<(String, String), Arc<Service>>,
+    pub endpoint_slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
     pub service_accounts: BTreeMap<(String, String), ServiceAccount>,
     pub authorization_policies: BTreeMap<(String, String), AuthorizationPolicy>,
     pub peer_authentications: BTreeMap<(String, String), PeerAuthentication>,
@@ -220,13 +223,14 @@ impl Objects {
                 self.nodes.insert(name, typed(file, i, doc)?);
             }
             ("", "Pod") => {
-                self.pods.insert(key, typed(file, i, doc)?);
+                self.pods.insert(key, Arc::new(typed(file, i, doc)?));
             }
             ("", "Service") => {
-                self.services.insert(key, typed(file, i, doc)?);
+                self.services.insert(key, Arc::new(typed(file, i, doc)?));
             }
             ("discovery.k8s.io", "EndpointSlice") => {
-                self.endpoint_slices.insert(key, typed(file, i, doc)?);
+                self.endpoint_slices
+                    .insert(key, Arc::new(typed(file, i, doc)?));
             }
             ("", "ServiceAccount") => {
                 self.service_accounts.insert(key, typed(file, i, doc)?);

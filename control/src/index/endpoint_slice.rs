@@ -24,7 +24,7 @@ pub fn pod_addresses(objs: &Objects) -> HashSet<IpAddr> {
     objs.pods
         .values()
         .filter(|p| !p.spec.host_network)
-        .flat_map(super::workload::pod_ips)
+        .flat_map(|p| super::workload::pod_ips(p))
         .collect()
 }
 
