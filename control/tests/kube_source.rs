@@ -7,7 +7,7 @@ mod common;
 mod fake_api;
 
 use common::ca_request;
-use fake_api::{CONTROL_NAMESPACE, Fake, FakeState, write_kubeconfig};
+use fake_api::{CONTROL_NAMESPACE, Fake, FakeState, Refusal, write_kubeconfig};
 use mesh_control::manifest::Objects;
 use mesh_identity::{SpiffeId, generate_csr};
 use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
@@ -1498,6 +1498,103 @@ async fn token_reviews_of_1_28_and_1_32_api_servers_bind_the_node() {
             tonic::Code::PermissionDenied,
             "{token}: another node's pod"
         );
+    }
+    fake.assert_authorized();
+}
+
+/// Waits until mesh-control's readiness problems satisfy `f`.
+async fn until_problems(
+    running: &mesh_control::server::Running,
+    what: &str,
+    f: impl Fn(&[String]) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let problems = running.readiness.problems();
+        if f(&problems) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {problems:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The API server refuses lists on demand, as a real one does. A 429 (API priority and
+/// fairness) is retried after its `Retry-After`, not before. A 403 (a role taken away)
+/// or 401 (an expired token) on a re-list makes mesh-control not ready, saying why, while
+/// it keeps serving what it last read; it is ready again once it can list.
+#[tokio::test]
+async fn throttled_lists_wait_their_retry_after_and_refused_lists_make_it_not_ready() {
+    let fake = Fake::default();
+    fake.set(
+        "namespaces",
+        vec![ns("shop", json!({"istio.io/dataplane-mode": "ambient"}))],
+    );
+    fake.set("pods", vec![pod("shop", "web-1", "10.10.1.5")]);
+    fake.0.lock().unwrap().refuse.insert(
+        "pods".into(),
+        Refusal {
+            code: 429,
+            times: 1,
+            retry_after: Some(2),
+        },
+    );
+    let (_dir, running) = kube_plane(&fake).await;
+    let served = |running: &mesh_control::server::Running| {
+        running
+            .shared
+            .generation
+            .borrow()
+            .resources
+            .addresses
+            .contains_key("Kubernetes//Pod/shop/web-1")
+    };
+    assert!(served(&running), "served once the throttled list is retried");
+    let pods: Vec<_> = fake
+        .0
+        .lock()
+        .unwrap()
+        .answered
+        .iter()
+        .filter(|(p, ..)| p == "pods")
+        .cloned()
+        .collect();
+    assert_eq!(
+        pods.iter().map(|(_, code, _)| *code).take(2).collect::<Vec<_>>(),
+        [429, 200]
+    );
+    assert!(
+        pods[1].2 - pods[0].2 >= Duration::from_secs(2),
+        "retried {:?} after a 429 asking for 2 s",
+        pods[1].2 - pods[0].2
+    );
+
+    for (code, reason) in [(403, "Forbidden"), (401, "Unauthorized")] {
+        fake.0.lock().unwrap().refuse.insert(
+            "pods".into(),
+            Refusal {
+                code,
+                times: u32::MAX,
+                retry_after: None,
+            },
+        );
+        // The watch ends with 410 Gone: the pods must be listed again.
+        fake.expire("pods");
+        until_problems(&running, &format!("{code} reported"), |p| {
+            p.iter()
+                .any(|p| p.starts_with("Pod: cannot list Pod") && p.contains(reason))
+        })
+        .await;
+        assert!(served(&running), "{code}: the last-known pods are kept");
+        fake.0.lock().unwrap().refuse.remove("pods");
+        until_problems(&running, &format!("ready again after {code}"), |p| {
+            p.is_empty()
+        })
+        .await;
+        assert!(served(&running));
     }
     fake.assert_authorized();
 }

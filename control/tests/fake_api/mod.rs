@@ -64,6 +64,22 @@ pub struct FakeState {
     pub held: Vec<String>,
     /// Requests refused by RBAC (403): (verb, group, resource, namespace).
     pub denied: Vec<String>,
+    /// Lists and watches of a plural answered with an error on demand (an expired token:
+    /// 401, a role taken away: 403, API priority and fairness: 429).
+    pub refuse: BTreeMap<String, Refusal>,
+    /// Lists and watches of each plural, with the status answered and when.
+    pub answered: Vec<(String, u16, std::time::Instant)>,
+}
+
+/// An error the test API server answers a plural's lists and watches with.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    /// 401, 403 or 429.
+    pub code: u16,
+    /// How many more requests are refused (then answered again).
+    pub times: u32,
+    /// The `Retry-After` header of a 429, in seconds.
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Clone, Default)]
@@ -157,6 +173,29 @@ fn json_response(code: u16, body: &Value) -> hyper::Response<Body> {
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())).boxed())
         .unwrap()
+}
+
+/// A refusal as the API server words it.
+fn refusal(r: &Refusal, plural: &str) -> hyper::Response<Body> {
+    let (reason, message) = match r.code {
+        401 => ("Unauthorized", "Unauthorized".to_string()),
+        403 => (
+            "Forbidden",
+            format!(
+                "{plural} is forbidden: User \"system:serviceaccount:{CONTROL_NAMESPACE}:mesh-control\" cannot list resource \"{plural}\" at the cluster scope"
+            ),
+        ),
+        _ => (
+            "TooManyRequests",
+            "Too many requests, please try again later.".to_string(),
+        ),
+    };
+    let mut res = status_response(r.code, reason, &message);
+    if let Some(secs) = r.retry_after {
+        res.headers_mut()
+            .insert("retry-after", secs.to_string().parse().unwrap());
+    }
+    res
 }
 
 impl Fake {
@@ -459,6 +498,15 @@ impl Fake {
                 .body(Full::new(Bytes::from(body.to_string())).boxed())
                 .unwrap();
         }
+        if let Some(r) = st.refuse.get_mut(&plural).filter(|r| r.times > 0) {
+            r.times -= 1;
+            let r = r.clone();
+            st.answered
+                .push((plural.clone(), r.code, std::time::Instant::now()));
+            return refusal(&r, &plural);
+        }
+        st.answered
+            .push((plural.clone(), 200, std::time::Instant::now()));
         let param = |k: &str| {
             query
                 .split('&')
