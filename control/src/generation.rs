@@ -234,8 +234,9 @@ spec: {selector: {app: web}, clusterIP: 10.96.0.10, ports: [{port: 80, targetPor
         objects.add_file(Path::new("mesh.yaml"), MESH).unwrap();
         let before = Generation::build(1, Arc::new(objects.clone()), None, &cfg);
         let key = ("shop".to_string(), "web-2".to_string());
-        Arc::make_mut(objects.pods.get_mut(&key).unwrap()).status.pod_ip =
-            Some("10.10.1.9".into());
+        Arc::make_mut(objects.pods.get_mut(&key).unwrap())
+            .status
+            .pod_ip = Some("10.10.1.9".into());
         let objects = Arc::new(objects);
         let after = Generation::build(2, objects.clone(), Some(&before), &cfg);
         let scratch = Generation::build(2, objects, None, &cfg);

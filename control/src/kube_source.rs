@@ -95,7 +95,7 @@ struct Store {
 /// most on a real cluster. Reported and false when it cannot be read.
 fn parse_into(into: &mut Objects, mut o: DynamicObject, ar: &ApiResource) -> bool {
     o.metadata.managed_fields = None;
-    let v = to_value(&o, ar);
+    let v = into_value(o, ar);
     match into.add_document(Path::new(&format!("kubernetes/{}", ar.kind)), 0, v) {
         Ok(()) => true,
         Err(e) => {
@@ -115,8 +115,14 @@ fn key(o: &DynamicObject) -> (String, String) {
 
 /// What is parsed of an object: its JSON without what is never read and weighs most on
 /// a real cluster (`managedFields`, kubectl's last-applied copy of the whole object).
-fn to_value(o: &DynamicObject, ar: &ApiResource) -> serde_json::Value {
-    let mut v = serde_json::to_value(o).unwrap_or_default();
+/// The object's body is moved, not copied.
+fn into_value(o: DynamicObject, ar: &ApiResource) -> serde_json::Value {
+    let metadata = serde_json::to_value(&o.metadata).unwrap_or_default();
+    let mut v = match o.data {
+        serde_json::Value::Object(_) => o.data,
+        _ => serde_json::json!({}),
+    };
+    v["metadata"] = metadata;
     if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
         meta.remove("managedFields");
         if let Some(a) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
@@ -317,7 +323,7 @@ mod tests {
             "spec": {"nodeName": "node-1"},
         }))
         .unwrap();
-        let v = to_value(&o, &resource("", "v1", "Pod", "pods"));
+        let v = into_value(o, &resource("", "v1", "Pod", "pods"));
         assert!(v["metadata"].get("managedFields").is_none(), "{v}");
         assert_eq!(
             v["metadata"]["annotations"],
@@ -393,8 +399,14 @@ mod tests {
             assert!(parse_into(&mut trimmed, o, &ar));
         }
         let cfg = crate::index::IndexConfig::default();
-        let (a, b) = (crate::index::compute(&full, &cfg), crate::index::compute(&trimmed, &cfg));
-        assert!(a.addresses.len() >= 4 && !a.authorizations.is_empty(), "{a:?}");
+        let (a, b) = (
+            crate::index::compute(&full, &cfg),
+            crate::index::compute(&trimmed, &cfg),
+        );
+        assert!(
+            a.addresses.len() >= 4 && !a.authorizations.is_empty(),
+            "{a:?}"
+        );
         assert_eq!(a, b);
     }
 

@@ -120,6 +120,10 @@ async fn kube_config(kubeconfig: Option<&Path>) -> Result<kube::Config, String> 
             format!("no Kubernetes credentials (not in a pod, and no usable KUBECONFIG or ~/.kube/config): {e}")
         })?,
     };
+    // Relied on, not left to a default: a 429 (API priority and fairness), 503 or 504
+    // is retried after the server's Retry-After, not reported as a failure.
+    let mut config = config;
+    config.default_retry = true;
     Ok(config)
 }
 
@@ -372,14 +376,14 @@ impl Starting {
                     continue;
                 };
                 version += 1;
-                let g =
-                    match build_off_runtime(version, objects, Some(previous), &index_cfg).await {
-                        Ok(g) => g,
-                        Err(e) => {
-                            tracing::error!("{e}");
-                            return;
-                        }
-                    };
+                let g = match build_off_runtime(version, objects, Some(previous), &index_cfg).await
+                {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        return;
+                    }
+                };
                 for w in &g.resources.warnings {
                     tracing::warn!("{w}");
                 }

@@ -67,7 +67,12 @@ fn pod_ip(p: usize) -> String {
 }
 
 fn uid(kind: u32, i: usize) -> String {
-    format!("{kind:08x}-{:04x}-4{:03x}-a{:03x}-{i:012x}", i % 65536, i % 4096, i % 4096)
+    format!(
+        "{kind:08x}-{:04x}-4{:03x}-a{:03x}-{i:012x}",
+        i % 65536,
+        i % 4096,
+        i % 4096
+    )
 }
 
 const TS: &str = "2026-11-02T08:15:30Z";
@@ -257,7 +262,11 @@ fn authorization_policy(i: usize) -> Value {
     let n = i % NAMESPACES;
     let ns = namespace(n);
     let s = n * SERVICES_PER_NAMESPACE + (i / NAMESPACES) % SERVICES_PER_NAMESPACE;
-    let caller = format!("cluster.local/ns/{}/sa/{}", namespace((n + 1) % NAMESPACES), service_name(s));
+    let caller = format!(
+        "cluster.local/ns/{}/sa/{}",
+        namespace((n + 1) % NAMESPACES),
+        service_name(s)
+    );
     let spec = if i % 5 == 4 {
         json!({"action": "DENY", "selector": {"matchLabels": {"app": service_name(s)}},
                "rules": [{"from": [{"source": {"notNamespaces": [ns.clone(), namespace((n + 1) % NAMESPACES)]}}],
@@ -311,7 +320,10 @@ fn cluster() -> Vec<(&'static str, Vec<Value>)> {
         ("nodes", (0..NODES).map(node).collect()),
         ("pods", pods),
         ("services", (0..SERVICES).map(service).collect()),
-        ("endpointslices", (0..SERVICES).map(endpoint_slice).collect()),
+        (
+            "endpointslices",
+            (0..SERVICES).map(endpoint_slice).collect(),
+        ),
         ("serviceaccounts", accounts),
         (
             "authorizationpolicies",
@@ -417,7 +429,10 @@ async fn ten_thousand_pods_are_served_within_memory_and_a_pod_change_is_pushed()
     let kubeconfig = write_kubeconfig(dir.path(), &url);
     std::fs::write(
         dir.path().join("tokens.yaml"),
-        format!("tokens:\n- {{token: {NODE_TOKEN}, node: {}}}\n", node_name(0)),
+        format!(
+            "tokens:\n- {{token: {NODE_TOKEN}, node: {}}}\n",
+            node_name(0)
+        ),
     )
     .unwrap();
     std::fs::write(dir.path().join("token"), NODE_TOKEN).unwrap();
@@ -436,8 +451,16 @@ async fn ten_thousand_pods_are_served_within_memory_and_a_pod_change_is_pushed()
         .arg("--tokens")
         .arg(dir.path().join("tokens.yaml"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--debug-listen", "127.0.0.1:0", "--dns-name", "mesh-control.test"])
-        .env("RUST_LOG", std::env::var("SCALE_LOG").unwrap_or("error".into()))
+        .args([
+            "--debug-listen",
+            "127.0.0.1:0",
+            "--dns-name",
+            "mesh-control.test",
+        ])
+        .env(
+            "RUST_LOG",
+            std::env::var("SCALE_LOG").unwrap_or("error".into()),
+        )
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -478,7 +501,8 @@ async fn ten_thousand_pods_are_served_within_memory_and_a_pod_change_is_pushed()
     ));
 
     // Every pod is a workload (enrolled or not) and every Service is served.
-    let complete = |h: &Held| h.state.workloads().count() >= PODS && h.state.services().count() >= SERVICES;
+    let complete =
+        |h: &Held| h.state.workloads().count() >= PODS && h.state.services().count() >= SERVICES;
     let served = until(&held, &changed, Duration::from_secs(600), complete).await;
     let Some(served) = served else {
         let h = held.lock().unwrap();
@@ -492,7 +516,11 @@ async fn ten_thousand_pods_are_served_within_memory_and_a_pod_change_is_pushed()
     let first_serve = served - started;
     {
         let h = held.lock().unwrap();
-        assert!(h.rejected.is_empty(), "NACKed: {:?}", &h.rejected[..h.rejected.len().min(5)]);
+        assert!(
+            h.rejected.is_empty(),
+            "NACKed: {:?}",
+            &h.rejected[..h.rejected.len().min(5)]
+        );
         let w = h
             .state
             .workload_by_pod(&namespace(0), &pod_name(0, 0))
@@ -524,27 +552,30 @@ async fn ten_thousand_pods_are_served_within_memory_and_a_pod_change_is_pushed()
     .unwrap_or_else(|| panic!("the pod change never reached the client:\n{}", log_tail()));
     let push = pushed - pushed_at;
     assert!(
-        held.lock()
-            .unwrap()
-            .state
-            .destination("", new_ip)
-            .is_some(),
+        held.lock().unwrap().state.destination("", new_ip).is_some(),
         "the new IP is looked up as the pod"
     );
 
     if std::env::var("SCALE_LOG").is_ok() {
-        println!("{}", std::fs::read_to_string(dir.path().join("mesh-control.log")).unwrap_or_default());
+        println!(
+            "{}",
+            std::fs::read_to_string(dir.path().join("mesh-control.log")).unwrap_or_default()
+        );
     }
     let peak_kib = proc_kib(pid, "VmHWM");
     let rss_kib = proc_kib(pid, "VmRSS");
     let (anon_kib, file_kib) = (proc_kib(pid, "RssAnon"), proc_kib(pid, "RssFile"));
     client.abort();
     drop(process);
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     println!(
         "scale ({profile} build): {PODS} pods on {NODES} nodes in {NAMESPACES} namespaces ({ENROLLED} enrolled), \
-         {SERVICES} services + EndpointSlices, {POLICIES} AuthorizationPolicies; {} MiB of JSON in the API server"
-        , json_bytes >> 20
+         {SERVICES} services + EndpointSlices, {POLICIES} AuthorizationPolicies; {} MiB of JSON in the API server",
+        json_bytes >> 20
     );
     println!(
         "  peak RSS (VmHWM): {} MiB (RSS now {} MiB: heap and stacks {} MiB, binary and libraries {} MiB), target <= {MEMORY_TARGET_MIB} MiB: {}",

@@ -1552,7 +1552,10 @@ async fn throttled_lists_wait_their_retry_after_and_refused_lists_make_it_not_re
             .addresses
             .contains_key("Kubernetes//Pod/shop/web-1")
     };
-    assert!(served(&running), "served once the throttled list is retried");
+    assert!(
+        served(&running),
+        "served once the throttled list is retried"
+    );
     let pods: Vec<_> = fake
         .0
         .lock()
@@ -1563,7 +1566,10 @@ async fn throttled_lists_wait_their_retry_after_and_refused_lists_make_it_not_re
         .cloned()
         .collect();
     assert_eq!(
-        pods.iter().map(|(_, code, _)| *code).take(2).collect::<Vec<_>>(),
+        pods.iter()
+            .map(|(_, code, _)| *code)
+            .take(2)
+            .collect::<Vec<_>>(),
         [429, 200]
     );
     assert!(

@@ -134,7 +134,7 @@ pub fn compute(objs: &Objects, cfg: &IndexConfig) -> Resources {
     }
     let pod_ips = endpoint_slice::pod_addresses(objs);
     for es in objs.endpoint_slices.values() {
-        for w in endpoint_slice::workloads(objs, cfg, es, &pod_ips) {
+        for w in endpoint_slice::workloads(objs, cfg, es, &pod_ips, &mut out.warnings) {
             out.addresses.insert(
                 w.uid.clone(),
                 pb::Address {

@@ -273,7 +273,9 @@ spec:
         let mut o = Objects::default();
         o.add_file(Path::new("t"), OBJS).unwrap();
         let cfg = IndexConfig::default();
-        let mut pod = o.pods[&("shop".into(), "web-7d4b9-abcde".into())].as_ref().clone();
+        let mut pod = o.pods[&("shop".into(), "web-7d4b9-abcde".into())]
+            .as_ref()
+            .clone();
         pod.status.conditions.clear();
         let w = workload(&o, &cfg, &pod, true, &StrictModes::default()).unwrap();
         assert_eq!(w.status, pb::WorkloadStatus::Unhealthy as i32);
