@@ -17,6 +17,8 @@
 //! ```text
 //! cargo test --release -p mesh-control --test kube_scale -- --nocapture
 //! ```
+//!
+//! `SCALE_LOG=info` (a `RUST_LOG` filter) prints mesh-control's log at the end.
 
 mod fake_api;
 
@@ -546,7 +548,7 @@ async fn ten_thousand_pods_are_served_within_memory_and_a_pod_change_is_pushed()
     let pushed = until(&held, &changed, Duration::from_secs(120), |h| {
         h.state
             .workload_by_pod(&ns, &pod_name(s, k))
-            .is_some_and(|w| w.addresses == [new_ip])
+            .is_some_and(|w| w.addresses == [new_ip] && w.canonical_revision == "v2")
     })
     .await
     .unwrap_or_else(|| panic!("the pod change never reached the client:\n{}", log_tail()));
