@@ -81,41 +81,48 @@ pub(crate) fn resource(group: &str, version: &str, kind: &str, plural: &str) -> 
     }
 }
 
-type Key = (String, String); // (namespace, name)
-
+/// What has been read, each object parsed once, when it arrived: a change re-parses that
+/// object only, and a publish copies typed objects (only the fields the index reads),
+/// never JSON.
 #[derive(Default)]
 struct Store {
-    objects: BTreeMap<&'static str, BTreeMap<Key, serde_json::Value>>,
+    objects: Objects,
     synced: BTreeMap<&'static str, bool>,
 }
 
-impl Store {
-    fn build(&self) -> Objects {
-        let mut out = Objects::default();
-        for (kind, objs) in &self.objects {
-            for (i, v) in objs.values().enumerate() {
-                if let Err(e) =
-                    out.add_document(Path::new(&format!("kubernetes/{kind}")), i, v.clone())
-                {
-                    tracing::error!(error = %e, "object skipped");
-                }
-            }
+/// `o` parsed into `into` (as the directory source parses a document), with its
+/// `managedFields` dropped before anything is copied: they are never read and weigh
+/// most on a real cluster. Reported and false when it cannot be read.
+fn parse_into(into: &mut Objects, mut o: DynamicObject, ar: &ApiResource) -> bool {
+    o.metadata.managed_fields = None;
+    let v = into_value(o, ar);
+    match into.add_document(Path::new(&format!("kubernetes/{}", ar.kind)), 0, v) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "object skipped");
+            false
         }
-        out
     }
 }
 
-fn key(o: &DynamicObject) -> Key {
+/// (namespace, name) of an object.
+fn key(o: &DynamicObject) -> (String, String) {
     (
         o.metadata.namespace.clone().unwrap_or_default(),
         o.metadata.name.clone().unwrap_or_default(),
     )
 }
 
-/// What is kept of an object: its JSON without what is never read and weighs most on a
-/// real cluster (`managedFields`, kubectl's last-applied copy of the whole object).
-fn to_value(o: &DynamicObject, ar: &ApiResource) -> serde_json::Value {
-    let mut v = serde_json::to_value(o).unwrap_or_default();
+/// What is parsed of an object: its JSON without what is never read and weighs most on
+/// a real cluster (`managedFields`, kubectl's last-applied copy of the whole object).
+/// The object's body is moved, not copied.
+fn into_value(o: DynamicObject, ar: &ApiResource) -> serde_json::Value {
+    let metadata = serde_json::to_value(&o.metadata).unwrap_or_default();
+    let mut v = match o.data {
+        serde_json::Value::Object(_) => o.data,
+        _ => serde_json::json!({}),
+    };
+    v["metadata"] = metadata;
     if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
         meta.remove("managedFields");
         if let Some(a) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
@@ -184,35 +191,48 @@ async fn watch_kind(
     changed: &Notify,
     readiness: &Readiness,
 ) {
-    let mut buffer: BTreeMap<Key, serde_json::Value> = BTreeMap::new();
+    // A (re-)list is parsed aside and replaces the kind's objects when complete.
+    let mut buffer = Objects::default();
     let mut stream = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
     while let Some(ev) = stream.next().await {
-        let mut st = store.lock().expect("store lock");
         match ev {
-            Ok(Event::Init) => buffer.clear(),
+            Ok(Event::Init) => buffer = Objects::default(),
             Ok(Event::InitApply(o)) => {
-                buffer.insert(key(&o), to_value(&o, ar));
+                parse_into(&mut buffer, o, ar);
             }
             Ok(Event::InitDone) => {
-                st.objects.insert(kind, std::mem::take(&mut buffer));
+                let mut st = store.lock().expect("store lock");
+                st.objects.replace_kind(kind, std::mem::take(&mut buffer));
                 st.synced.insert(kind, true);
                 readiness.set(kind, SourceState::Synced);
                 changed.notify_one();
             }
             Ok(Event::Apply(o)) => {
-                st.objects
-                    .entry(kind)
-                    .or_default()
-                    .insert(key(&o), to_value(&o, ar));
+                let (ns, name) = key(&o);
+                // Parsed before the lock is taken; one that cannot be read replaces
+                // (removes) its previous version, as a re-list would.
+                let mut one = Objects::default();
+                let parsed = parse_into(&mut one, o, ar);
+                let mut st = store.lock().expect("store lock");
+                st.objects.remove(kind, &ns, &name);
+                if parsed {
+                    st.objects.absorb(one);
+                }
                 changed.notify_one();
             }
             Ok(Event::Delete(o)) => {
-                st.objects.entry(kind).or_default().remove(&key(&o));
+                let (ns, name) = key(&o);
+                store
+                    .lock()
+                    .expect("store lock")
+                    .objects
+                    .remove(kind, &ns, &name);
                 changed.notify_one();
             }
             Err(e) => {
+                let mut st = store.lock().expect("store lock");
                 let list_failed = matches!(&e, watcher::Error::InitialListFailed(_));
                 let missing = matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404);
                 let synced = st.synced.get(kind).copied().unwrap_or(false);
@@ -251,7 +271,7 @@ async fn watch_kind(
 pub async fn run(
     client: kube::Client,
     readiness: Readiness,
-    publish: impl Fn(Objects) + Send + Sync + 'static,
+    publish: impl Fn(Arc<Objects>) + Send + Sync + 'static,
 ) {
     let store = Arc::new(Mutex::new(Store::default()));
     let changed = Arc::new(Notify::new());
@@ -278,12 +298,13 @@ pub async fn run(
         changed.notified().await;
         // Debounce bursts (a re-list delivers many events at once).
         tokio::time::sleep(Duration::from_millis(100)).await;
+        // A copy of the typed objects (no parsing) is all that is done under the lock.
         let objects = {
             let st = store.lock().expect("store lock");
             if st.synced.len() < KINDS.len() {
                 continue;
             }
-            st.build()
+            Arc::new(st.objects.clone())
         };
         publish(objects);
     }
@@ -302,7 +323,7 @@ mod tests {
             "spec": {"nodeName": "node-1"},
         }))
         .unwrap();
-        let v = to_value(&o, &resource("", "v1", "Pod", "pods"));
+        let v = into_value(o, &resource("", "v1", "Pod", "pods"));
         assert!(v["metadata"].get("managedFields").is_none(), "{v}");
         assert_eq!(
             v["metadata"]["annotations"],
@@ -313,6 +334,101 @@ mod tests {
             (Some("v1"), Some("Pod"))
         );
         assert_eq!(v["spec"]["nodeName"], "node-1");
+    }
+
+    /// Objects as a 1.28-1.33 API server lists them: managedFields, kubectl's
+    /// last-applied copy, ownerReferences, dual-stack podIPs, a slice endpoint outside
+    /// any pod, policies whose specs are read field by field.
+    fn realistic() -> Vec<serde_json::Value> {
+        let managed = serde_json::json!([{"manager": "kubectl-client-side-apply", "operation": "Update",
+            "apiVersion": "v1", "time": "2026-11-01T10:00:00Z", "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:metadata": {"f:labels": {".": {}}}, "f:spec": {"f:ports": {}}}}]);
+        let last_applied = serde_json::json!({"kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{}}"});
+        serde_json::json!([
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop", "managedFields": managed,
+             "labels": {"istio.io/dataplane-mode": "ambient"}}},
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1", "managedFields": managed,
+             "labels": {"topology.kubernetes.io/zone": "eu-1a"}}, "status": {"images": [{"names": ["a"], "sizeBytes": 1}]}},
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web", "namespace": "shop", "managedFields": managed}},
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-7d4b9-abcde", "namespace": "shop", "uid": "u-1",
+              "labels": {"app": "web", "version": "v1"}, "annotations": last_applied, "managedFields": managed,
+              "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7d4b9", "uid": "r", "controller": true}]},
+             "spec": {"nodeName": "node-1", "serviceAccountName": "web",
+                      "containers": [{"name": "web", "image": "web:1", "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                                      "readinessProbe": {"httpGet": {"path": "/", "port": 8080}}}]},
+             "status": {"phase": "Running", "podIP": "10.10.1.5", "podIPs": [{"ip": "10.10.1.5"}, {"ip": "fd00::5"}],
+                        "hostIP": "172.18.0.2", "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-01T10:00:00Z"}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop", "annotations": last_applied,
+              "managedFields": managed},
+             "spec": {"selector": {"app": "web"}, "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "type": "ClusterIP",
+                      "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "shop", "managedFields": managed},
+             "spec": {"clusterIP": "10.96.0.11", "ports": [{"name": "pg", "port": 5432, "protocol": "TCP"}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "db-x1", "namespace": "shop",
+              "labels": {"kubernetes.io/service-name": "db"}, "managedFields": managed},
+             "addressType": "IPv4", "endpoints": [{"addresses": ["192.168.5.9"], "conditions": {"ready": true, "serving": true}}],
+             "ports": [{"name": "pg", "port": 5432, "protocol": "TCP"}]},
+            {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": "web", "namespace": "shop",
+              "annotations": last_applied, "managedFields": managed},
+             "spec": {"action": "ALLOW", "selector": {"matchLabels": {"app": "web"}},
+                      "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/web"]}}],
+                                 "to": [{"operation": {"ports": ["8080"], "methods": ["GET"]}}]}]}},
+            {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "strict", "namespace": "shop",
+              "managedFields": managed}, "spec": {"mtls": {"mode": "STRICT"}}},
+        ])
+        .as_array()
+        .unwrap()
+        .clone()
+    }
+
+    /// What the index computes never depends on what is dropped before parsing: the
+    /// Kubernetes source's objects give the same resources as the full manifests do.
+    #[test]
+    fn the_index_of_trimmed_objects_is_the_index_of_the_full_objects() {
+        let mut full = Objects::default();
+        let mut trimmed = Objects::default();
+        for (i, doc) in realistic().into_iter().enumerate() {
+            full.add_document(Path::new("full.yaml"), i, doc.clone())
+                .unwrap();
+            let api_version = doc["apiVersion"].as_str().unwrap().to_string();
+            let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
+            let kind = doc["kind"].as_str().unwrap().to_string();
+            let (.., plural) = KINDS.iter().find(|k| k.2 == kind).unwrap();
+            let ar = resource(group, version, &kind, plural);
+            let o: DynamicObject = serde_json::from_value(doc).unwrap();
+            assert!(parse_into(&mut trimmed, o, &ar));
+        }
+        let cfg = crate::index::IndexConfig::default();
+        let (a, b) = (
+            crate::index::compute(&full, &cfg),
+            crate::index::compute(&trimmed, &cfg),
+        );
+        assert!(
+            a.addresses.len() >= 4 && !a.authorizations.is_empty(),
+            "{a:?}"
+        );
+        assert_eq!(a, b);
+    }
+
+    /// Every kind read can be replaced (a re-list) and removed (a DELETED event).
+    #[test]
+    fn every_kind_read_can_be_replaced_and_removed() {
+        for (group, version, kind, plural) in KINDS {
+            let api_version = resource(group, version, kind, plural).api_version;
+            let doc = serde_json::json!({"apiVersion": api_version, "kind": kind,
+                                         "metadata": {"name": "x", "namespace": "shop"}});
+            let mut one = Objects::default();
+            one.add_document(Path::new("k"), 0, doc).unwrap();
+            assert_ne!(one, Objects::default(), "{kind}");
+            let mut store = Objects::default();
+            store.replace_kind(kind, one.clone());
+            assert_eq!(store, one, "{kind} replaced");
+            store.remove(kind, "shop", "x");
+            assert_eq!(store, Objects::default(), "{kind} removed");
+            store.absorb(one.clone());
+            store.replace_kind(kind, Objects::default());
+            assert_eq!(store, Objects::default(), "{kind} re-listed empty");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Everything the control plane observes, keyed by (namespace, name) (namespace "" for
 /// cluster-scoped kinds).
@@ -13,9 +14,11 @@ use std::path::{Path, PathBuf};
 pub struct Objects {
     pub namespaces: BTreeMap<String, Namespace>,
     pub nodes: BTreeMap<String, Node>,
-    pub pods: BTreeMap<(String, String), Pod>,
-    pub services: BTreeMap<(String, String), Service>,
-    pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
+    /// The numerous kinds are shared: a snapshot of 10,000 pods copies pointers, and a
+    /// changed pod is one new allocation.
+    pub pods: BTreeMap<(String, String), Arc<Pod>>,
+    pub services: BTreeMap<(String, String), Arc<Service>>,
+    pub endpoint_slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
     pub service_accounts: BTreeMap<(String, String), ServiceAccount>,
     pub authorization_policies: BTreeMap<(String, String), AuthorizationPolicy>,
     pub peer_authentications: BTreeMap<(String, String), PeerAuthentication>,
@@ -84,6 +87,67 @@ impl Objects {
         self.http_routes.extend(other.http_routes.clone());
         self.grpc_routes.extend(other.grpc_routes.clone());
         self.http_faults.extend(other.http_faults.clone());
+    }
+
+    /// Moves `other`'s objects in (its win on a name clash): cheap when `other` is small.
+    pub fn absorb(&mut self, other: Objects) {
+        self.namespaces.extend(other.namespaces);
+        self.nodes.extend(other.nodes);
+        self.pods.extend(other.pods);
+        self.services.extend(other.services);
+        self.endpoint_slices.extend(other.endpoint_slices);
+        self.service_accounts.extend(other.service_accounts);
+        self.authorization_policies
+            .extend(other.authorization_policies);
+        self.peer_authentications.extend(other.peer_authentications);
+        self.gateways.extend(other.gateways);
+        self.http_routes.extend(other.http_routes);
+        self.grpc_routes.extend(other.grpc_routes);
+        self.http_faults.extend(other.http_faults);
+    }
+
+    /// Removes the object `kind` `namespace/name` (cluster-scoped kinds by name alone).
+    pub fn remove(&mut self, kind: &str, namespace: &str, name: &str) {
+        let ns = if namespace.is_empty() {
+            "default"
+        } else {
+            namespace
+        };
+        let key = (ns.to_string(), name.to_string());
+        match kind {
+            "Namespace" => drop(self.namespaces.remove(name)),
+            "Node" => drop(self.nodes.remove(name)),
+            "Pod" => drop(self.pods.remove(&key)),
+            "Service" => drop(self.services.remove(&key)),
+            "EndpointSlice" => drop(self.endpoint_slices.remove(&key)),
+            "ServiceAccount" => drop(self.service_accounts.remove(&key)),
+            "AuthorizationPolicy" => drop(self.authorization_policies.remove(&key)),
+            "PeerAuthentication" => drop(self.peer_authentications.remove(&key)),
+            "Gateway" => drop(self.gateways.remove(&key)),
+            "HTTPRoute" => drop(self.http_routes.remove(&key)),
+            "GRPCRoute" => drop(self.grpc_routes.remove(&key)),
+            "HTTPFault" => drop(self.http_faults.remove(&key)),
+            _ => {}
+        }
+    }
+
+    /// Replaces every object of `kind` by `from`'s (a re-list of that kind).
+    pub fn replace_kind(&mut self, kind: &str, from: Objects) {
+        match kind {
+            "Namespace" => self.namespaces = from.namespaces,
+            "Node" => self.nodes = from.nodes,
+            "Pod" => self.pods = from.pods,
+            "Service" => self.services = from.services,
+            "EndpointSlice" => self.endpoint_slices = from.endpoint_slices,
+            "ServiceAccount" => self.service_accounts = from.service_accounts,
+            "AuthorizationPolicy" => self.authorization_policies = from.authorization_policies,
+            "PeerAuthentication" => self.peer_authentications = from.peer_authentications,
+            "Gateway" => self.gateways = from.gateways,
+            "HTTPRoute" => self.http_routes = from.http_routes,
+            "GRPCRoute" => self.grpc_routes = from.grpc_routes,
+            "HTTPFault" => self.http_faults = from.http_faults,
+            _ => {}
+        }
     }
 
     /// Parses one file's text and adds its objects. On any error nothing from this file
@@ -159,13 +223,14 @@ impl Objects {
                 self.nodes.insert(name, typed(file, i, doc)?);
             }
             ("", "Pod") => {
-                self.pods.insert(key, typed(file, i, doc)?);
+                self.pods.insert(key, Arc::new(typed(file, i, doc)?));
             }
             ("", "Service") => {
-                self.services.insert(key, typed(file, i, doc)?);
+                self.services.insert(key, Arc::new(typed(file, i, doc)?));
             }
             ("discovery.k8s.io", "EndpointSlice") => {
-                self.endpoint_slices.insert(key, typed(file, i, doc)?);
+                self.endpoint_slices
+                    .insert(key, Arc::new(typed(file, i, doc)?));
             }
             ("", "ServiceAccount") => {
                 self.service_accounts.insert(key, typed(file, i, doc)?);

@@ -64,16 +64,16 @@ fn spawn_source(
     source: &ConfigSource,
     kube: Option<kube::Client>,
     readiness: &Readiness,
-) -> Result<watch::Receiver<Option<Objects>>, String> {
-    let (tx, rx) = watch::channel(None::<Objects>);
+) -> Result<watch::Receiver<Option<Arc<Objects>>>, String> {
+    let (tx, rx) = watch::channel(None::<Arc<Objects>>);
     match source {
         ConfigSource::Directory(dir) => {
             let mut src = DirSource::new(dir);
             src.scan()?;
-            tx.send_replace(Some(src.objects()));
+            tx.send_replace(Some(Arc::new(src.objects())));
             readiness.set("directory", SourceState::Synced);
             tokio::spawn(source::watch(src, Duration::from_millis(250), move |o| {
-                tx.send_replace(Some(o));
+                tx.send_replace(Some(Arc::new(o)));
             }));
         }
         ConfigSource::Kubernetes { .. } => {
@@ -93,7 +93,9 @@ fn spawn_source(
 
 /// The source's first complete snapshot. Nothing is served before it: serving an empty
 /// set would tell every ztunnel to forget its workloads (and its policies).
-async fn first_snapshot(rx: &mut watch::Receiver<Option<Objects>>) -> Result<Objects, String> {
+async fn first_snapshot(
+    rx: &mut watch::Receiver<Option<Arc<Objects>>>,
+) -> Result<Arc<Objects>, String> {
     loop {
         let first = rx.borrow_and_update().clone();
         if let Some(first) = first {
@@ -118,6 +120,10 @@ async fn kube_config(kubeconfig: Option<&Path>) -> Result<kube::Config, String> 
             format!("no Kubernetes credentials (not in a pod, and no usable KUBECONFIG or ~/.kube/config): {e}")
         })?,
     };
+    // Relied on, not left to a default: a 429 (API priority and fairness), 503 or 504
+    // is retried after the server's Retry-After, not reported as a failure.
+    let mut config = config;
+    config.default_retry = true;
     Ok(config)
 }
 
@@ -192,6 +198,28 @@ async fn watch_tokens(path: PathBuf, tokens: Arc<RwLock<Tokens>>) {
     }
 }
 
+/// Builds a generation on a blocking thread: the index over every object is CPU work that
+/// would stall xDS streams, CA requests and watches sharing the async runtime. What did
+/// not change is taken from `previous` (see [`Generation::build`]).
+async fn build_off_runtime(
+    version: u64,
+    objects: Arc<Objects>,
+    previous: Option<Arc<Generation>>,
+    cfg: &IndexConfig,
+) -> Result<Arc<Generation>, String> {
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || {
+        Arc::new(Generation::build(
+            version,
+            objects,
+            previous.as_deref(),
+            &cfg,
+        ))
+    })
+    .await
+    .map_err(|e| format!("building the configuration failed: {e}"))
+}
+
 /// A running control plane (its listeners are bound when this returns).
 pub struct Running {
     pub grpc_addr: SocketAddr,
@@ -213,7 +241,7 @@ pub struct Starting {
     reviewer: Option<Arc<TokenReviewer>>,
     ca: CertificateAuthority,
     serving_cert: (String, String),
-    updates: watch::Receiver<Option<Objects>>,
+    updates: watch::Receiver<Option<Arc<Objects>>>,
     shared: Arc<OnceLock<Shared>>,
 }
 
@@ -335,19 +363,27 @@ impl Starting {
             }
             _ => {}
         }
-        let first = Generation::build(1, objects, &index_cfg);
+        let first = build_off_runtime(1, objects, None, &index_cfg).await?;
         for w in &first.resources.warnings {
             tracing::warn!("{w}");
         }
-        let (gen_tx, gen_rx) = watch::channel(Arc::new(first));
+        let (gen_tx, gen_rx) = watch::channel(first.clone());
         tokio::spawn(async move {
             let mut version = 1;
+            let mut previous = first;
             while updates.changed().await.is_ok() {
                 let Some(objects) = updates.borrow_and_update().clone() else {
                     continue;
                 };
                 version += 1;
-                let g = Generation::build(version, objects, &index_cfg);
+                let g = match build_off_runtime(version, objects, Some(previous), &index_cfg).await
+                {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        return;
+                    }
+                };
                 for w in &g.resources.warnings {
                     tracing::warn!("{w}");
                 }
@@ -357,7 +393,8 @@ impl Starting {
                     policies = g.authorizations.len(),
                     "configuration updated"
                 );
-                gen_tx.send_replace(Arc::new(g));
+                previous = g.clone();
+                gen_tx.send_replace(g);
             }
         });
 

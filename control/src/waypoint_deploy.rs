@@ -358,7 +358,7 @@ async fn watch_owned(
 pub async fn run(
     client: kube::Client,
     cfg: WaypointDeployConfig,
-    mut objects: watch::Receiver<Option<Objects>>,
+    mut objects: watch::Receiver<Option<std::sync::Arc<Objects>>>,
     root_pem: impl Fn() -> String + Send + 'static,
 ) {
     let (leader_tx, mut leader) = watch::channel(cfg.lease.is_none());

@@ -24,17 +24,19 @@ pub fn pod_addresses(objs: &Objects) -> HashSet<IpAddr> {
     objs.pods
         .values()
         .filter(|p| !p.spec.host_network)
-        .flat_map(super::workload::pod_ips)
+        .flat_map(|p| super::workload::pod_ips(p))
         .collect()
 }
 
 /// The workloads of one slice (none when it belongs to no known Service, or to one with
-/// a selector). `pod_ips`: [`pod_addresses`].
+/// a selector). `pod_ips`: [`pod_addresses`]. Endpoints skipped for a reason the user
+/// should know are added to `warnings` (`meshctl status`).
 pub fn workloads(
     objs: &Objects,
     cfg: &IndexConfig,
     es: &EndpointSlice,
     pod_ips: &HashSet<IpAddr>,
+    warnings: &mut Vec<String>,
 ) -> Vec<pb::Workload> {
     let ns = es.metadata.ns();
     let Some(svc_name) = es.metadata.labels.get(SERVICE_NAME_LABEL) else {
@@ -74,6 +76,7 @@ pub fn workloads(
         format!("{ns}/{}", cfg.service_hostname(ns, svc_name)),
         pb::PortList { ports },
     )]);
+    let slice = format!("EndpointSlice {ns}/{}", es.metadata.name);
     let mut seen = BTreeSet::new();
     let mut out = vec![];
     for ep in es.endpoints.iter().flatten() {
@@ -84,7 +87,7 @@ pub fn workloads(
             continue;
         };
         if !seen.insert(key.clone()) {
-            tracing::warn!(slice = %es.metadata.name, namespace = ns, address = %key, "address listed twice in an EndpointSlice");
+            warnings.push(format!("{slice}: {key} is listed twice; published once"));
             continue;
         }
         let Ok(addresses) = ep
@@ -93,7 +96,9 @@ pub fn workloads(
             .map(|a| a.parse::<IpAddr>().map(ip_bytes))
             .collect::<Result<Vec<_>, _>>()
         else {
-            tracing::warn!(slice = %es.metadata.name, namespace = ns, "an endpoint's address is not an IP; skipped");
+            warnings.push(format!(
+                "{slice}: endpoint {key}: an address is not an IP; skipped"
+            ));
             continue;
         };
         if let Some(ip) = ep
@@ -102,8 +107,9 @@ pub fn workloads(
             .filter_map(|a| a.parse::<IpAddr>().ok())
             .find(|ip| pod_ips.contains(ip))
         {
-            tracing::warn!(slice = %es.metadata.name, namespace = ns, address = %ip,
-                "an endpoint is a pod's IP without naming the pod; skipped (reach the pod through a Service that selects it)");
+            warnings.push(format!(
+                "{slice}: endpoint {ip} is a pod's IP without naming the pod; skipped (reach the pod through a Service that selects it)"
+            ));
             continue;
         }
         out.push(pb::Workload {
@@ -200,8 +206,19 @@ endpoints: [{addresses: [10.0.0.9]}]
     fn the_api_servers_endpoints_become_plaintext_workloads_of_its_service() {
         let o = objs();
         let es = &o.endpoint_slices[&("default".into(), "kubernetes".into())];
-        let ws = workloads(&o, &IndexConfig::default(), es, &pod_addresses(&o));
+        let mut warnings = vec![];
+        let ws = workloads(
+            &o,
+            &IndexConfig::default(),
+            es,
+            &pod_addresses(&o),
+            &mut warnings,
+        );
         assert_eq!(ws.len(), 2, "the repeated address is published once");
+        assert_eq!(
+            warnings,
+            ["EndpointSlice default/kubernetes: 172.18.0.2 is listed twice; published once"]
+        );
         let w = &ws[0];
         assert_eq!(
             w.uid,
@@ -225,7 +242,7 @@ endpoints: [{addresses: [10.0.0.9]}]
         for name in ["web-abcde", "orphan"] {
             let es = &o.endpoint_slices[&("shop".into(), name.into())];
             assert!(
-                workloads(&o, &cfg, es, &pod_addresses(&o)).is_empty(),
+                workloads(&o, &cfg, es, &pod_addresses(&o), &mut vec![]).is_empty(),
                 "{name}"
             );
         }
@@ -282,7 +299,8 @@ ports: [{name: http, port: 80, protocol: TCP}]
         let cfg = IndexConfig::default();
         let ips = pod_addresses(&o);
         let es = &o.endpoint_slices[&("shop".into(), "db-manual".into())];
-        let published: Vec<_> = workloads(&o, &cfg, es, &ips)
+        let mut warnings = vec![];
+        let published: Vec<_> = workloads(&o, &cfg, es, &ips, &mut warnings)
             .into_iter()
             .map(|w| w.addresses)
             .collect();
@@ -291,9 +309,16 @@ ports: [{name: http, port: 80, protocol: TCP}]
             vec![vec![vec![172, 18, 0, 5]], vec![vec![192, 0, 2, 10]]],
             "the pod's IP is skipped, the node's and the outside address kept"
         );
+        assert_eq!(
+            warnings,
+            [
+                "EndpointSlice shop/db-manual: endpoint 10.10.1.7 is a pod's IP without naming the pod; skipped (reach the pod through a Service that selects it)"
+            ],
+            "shown in meshctl status"
+        );
         let es = &o.endpoint_slices[&("shop".into(), "api-extra".into())];
         assert!(
-            workloads(&o, &cfg, es, &ips).is_empty(),
+            workloads(&o, &cfg, es, &ips, &mut vec![]).is_empty(),
             "a Service with a selector takes no endpoints from slices"
         );
     }

@@ -15,6 +15,18 @@ use crate::manifest::Objects;
 use mesh_proto::{security as pb_sec, workload as pb};
 use std::collections::BTreeMap;
 
+/// The objects of one namespace in a map keyed by (namespace, name): a range, not a scan
+/// (10,000 pods never look through every Service or policy).
+pub fn in_namespace<'a, T>(
+    objects: &'a BTreeMap<(String, String), T>,
+    ns: &'a str,
+) -> impl Iterator<Item = &'a T> + 'a {
+    objects
+        .range((ns.to_string(), String::new())..)
+        .take_while(move |((n, _), _)| n == ns)
+        .map(|(_, o)| o)
+}
+
 #[derive(Clone, Debug)]
 pub struct IndexConfig {
     pub cluster_id: String,
@@ -134,7 +146,7 @@ pub fn compute(objs: &Objects, cfg: &IndexConfig) -> Resources {
     }
     let pod_ips = endpoint_slice::pod_addresses(objs);
     for es in objs.endpoint_slices.values() {
-        for w in endpoint_slice::workloads(objs, cfg, es, &pod_ips) {
+        for w in endpoint_slice::workloads(objs, cfg, es, &pod_ips, &mut out.warnings) {
             out.addresses.insert(
                 w.uid.clone(),
                 pb::Address {

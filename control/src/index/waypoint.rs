@@ -99,7 +99,8 @@ mod tests {
         let mut svc = Service::default();
         svc.metadata.name = "wp".into();
         svc.metadata.namespace = Some("shop".into());
-        o.services.insert(("shop".into(), "wp".into()), svc);
+        o.services
+            .insert(("shop".into(), "wp".into()), std::sync::Arc::new(svc));
         o
     }
 

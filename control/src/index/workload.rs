@@ -77,10 +77,7 @@ pub fn workload(
     let ns = pod.metadata.ns();
     let (workload_name, workload_type) = workload_identity(pod);
     let mut services = HashMap::new();
-    for svc in objs.services.values() {
-        if svc.metadata.ns() != ns {
-            continue;
-        }
+    for svc in super::in_namespace(&objs.services, ns) {
         let Some(selector) = &svc.spec.selector else {
             continue;
         };
@@ -120,12 +117,17 @@ pub fn workload(
             pb::PortList { ports },
         );
     }
-    let mut authorization_policies: Vec<String> = objs
-        .authorization_policies
-        .values()
-        .filter(|p| super::authz::selects(p, pod, cfg))
-        .map(|p| format!("{}/{}", p.metadata.ns(), p.metadata.name))
-        .collect();
+    // A selector policy applies from the pod's namespace or the root namespace only.
+    let root = (cfg.root_namespace != ns).then_some(cfg.root_namespace.as_str());
+    let mut authorization_policies: Vec<String> =
+        super::in_namespace(&objs.authorization_policies, ns)
+            .chain(
+                root.into_iter()
+                    .flat_map(|r| super::in_namespace(&objs.authorization_policies, r)),
+            )
+            .filter(|p| super::authz::selects(p, pod, cfg))
+            .map(|p| format!("{}/{}", p.metadata.ns(), p.metadata.name))
+            .collect();
     authorization_policies.extend(strict.policies_for(pod));
     authorization_policies.sort();
     Some(pb::Workload {
@@ -269,11 +271,54 @@ spec:
         let mut o = Objects::default();
         o.add_file(Path::new("t"), OBJS).unwrap();
         let cfg = IndexConfig::default();
-        let mut pod = o.pods[&("shop".into(), "web-7d4b9-abcde".into())].clone();
+        let mut pod = o.pods[&("shop".into(), "web-7d4b9-abcde".into())]
+            .as_ref()
+            .clone();
         pod.status.conditions.clear();
         let w = workload(&o, &cfg, &pod, true, &StrictModes::default()).unwrap();
         assert_eq!(w.status, pb::WorkloadStatus::Unhealthy as i32);
         pod.status.pod_ips.clear();
         assert!(workload(&o, &cfg, &pod, true, &StrictModes::default()).is_none());
+    }
+    /// A pod's selector policies come from its namespace and the root namespace only (a
+    /// range of the sorted map: a namespace whose name starts the same is not included),
+    /// each once, even for a pod of the root namespace.
+    #[test]
+    fn selector_policies_of_the_pods_namespace_and_the_root_namespace() {
+        let policy = |ns: &str, name: &str| {
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{selector: {{matchLabels: {{app: web}}}}, rules: [{{}}]}}\n---\n"
+            )
+        };
+        let mut yaml = String::new();
+        for (ns, name) in [
+            ("shop", "a"),
+            ("shop", "z"),
+            ("shop-2", "other"),
+            ("sho", "other"),
+            ("istio-system", "mesh"),
+            ("back", "other"),
+        ] {
+            yaml += &policy(ns, name);
+        }
+        let mut o = Objects::default();
+        o.add_file(Path::new("p"), &yaml).unwrap();
+        let cfg = IndexConfig::default();
+        let pod = |ns: &str| {
+            let mut p = Pod::default();
+            p.metadata.name = "web-1".into();
+            p.metadata.namespace = Some(ns.into());
+            p.metadata.labels.insert("app".into(), "web".into());
+            p.status.pod_ip = Some("10.10.1.5".into());
+            p
+        };
+        let policies = |ns: &str| {
+            workload(&o, &cfg, &pod(ns), true, &StrictModes::default())
+                .unwrap()
+                .authorization_policies
+        };
+        assert_eq!(policies("shop"), ["istio-system/mesh", "shop/a", "shop/z"]);
+        assert_eq!(policies("istio-system"), ["istio-system/mesh"]);
+        assert_eq!(policies("empty"), ["istio-system/mesh"]);
     }
 }

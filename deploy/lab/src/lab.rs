@@ -1130,6 +1130,7 @@ impl Lab {
                             .all(|(k, v)| p.metadata.labels.get(k) == Some(v))
                 })
                 .filter(|p| p.status.pod_ip.is_some())
+                .map(|p| p.as_ref())
                 .collect();
             for port in &svc.spec.ports {
                 let endpoints: Vec<String> = members
