@@ -426,6 +426,7 @@ mod tests {
             store.remove(kind, "shop", "x");
             assert_eq!(store, Objects::default(), "{kind} removed");
             store.absorb(one.clone());
+            assert_eq!(store, one, "{kind} absorbed");
             store.replace_kind(kind, Objects::default());
             assert_eq!(store, Objects::default(), "{kind} re-listed empty");
         }

@@ -368,6 +368,7 @@ impl Starting {
             tracing::warn!("{w}");
         }
         let (gen_tx, gen_rx) = watch::channel(first.clone());
+        let build_state = readiness.clone();
         tokio::spawn(async move {
             let mut version = 1;
             let mut previous = first;
@@ -376,14 +377,29 @@ impl Starting {
                     continue;
                 };
                 version += 1;
-                let g = match build_off_runtime(version, objects, Some(previous), &index_cfg).await
-                {
-                    Ok(g) => g,
-                    Err(e) => {
-                        tracing::error!("{e}");
-                        return;
-                    }
-                };
+                let g =
+                    match build_off_runtime(version, objects, Some(previous.clone()), &index_cfg)
+                        .await
+                    {
+                        Ok(g) => {
+                            build_state.set("configuration", SourceState::Synced);
+                            g
+                        }
+                        // A build that panicked (a bug meeting some input): the last good
+                        // configuration stays served and streams stay open; not ready, with
+                        // the reason, until a later change builds.
+                        Err(e) => {
+                            tracing::error!("{e}; still serving version {}", previous.version);
+                            build_state.set(
+                                "configuration",
+                                SourceState::Unavailable(format!(
+                                    "{e}; serving the last good configuration (version {})",
+                                    previous.version
+                                )),
+                            );
+                            continue;
+                        }
+                    };
                 for w in &g.resources.warnings {
                     tracing::warn!("{w}");
                 }

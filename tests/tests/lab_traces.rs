@@ -138,6 +138,17 @@ fn a_request_through_the_waypoint_is_one_trace_from_ztunnel_to_ztunnel() {
         code == 503 && body.contains("fault filter abort")
     });
     t.apply(&pod);
+    // Traffic only once the app listens: the lab publishes a pod's address before its
+    // process is up (a readiness probe would hide that on a cluster), and attempts refused
+    // meanwhile count towards the waypoint's outlier ejection, after which no attempt
+    // reaches the app to be traced.
+    t.eventually("back/flaky's app listening", || {
+        t.in_pod("back/flaky")
+            .args(["curl", "-s", "-o", "/dev/null", "--max-time", "2"])
+            .arg("http://127.0.0.1:8080/")
+            .status()
+            .is_ok_and(|s| s.success())
+    });
     // Until a request reaches the app: three attempts, each answered 503 by it.
     let reached = |spans: &[Value]| {
         let a = attempts(spans);
