@@ -773,14 +773,7 @@ impl Lab {
         let mut pods = Vec::new();
         for mut doc in docs.into_iter().filter(|d| !d.is_null()) {
             let kind = doc["kind"].as_str().unwrap_or_default().to_string();
-            let ns = doc["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or("default")
-                .to_string();
-            let name = doc["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            let (ns, name) = namespace_and_name(&doc);
             match kind.as_str() {
                 "Pod" => pods.push(doc),
                 "Gateway" if doc["spec"]["gatewayClassName"] == "istio-waypoint" => {
@@ -878,14 +871,7 @@ impl Lab {
     }
 
     fn create_pod(&mut self, mut doc: Value) -> Result<String, String> {
-        let ns = doc["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_string();
-        let name = doc["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let (ns, name) = namespace_and_name(&doc);
         doc["metadata"]["namespace"] = json!(ns);
         let key = format!("{ns}/{name}");
         if let Some(existing) = self.state.pods.get(&key).cloned() {
@@ -935,14 +921,7 @@ impl Lab {
     /// Returns the pod's IPv4 address.
     pub(crate) fn start_pod(&mut self, doc: &Value, node: usize) -> Result<String, String> {
         let mut doc = doc.clone();
-        let ns = doc["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_string();
-        let name = doc["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let (ns, name) = namespace_and_name(&doc);
         let key = format!("{ns}/{name}");
         let uid = doc["metadata"]["uid"]
             .as_str()
@@ -1335,4 +1314,13 @@ fn no_dad(ns: &str) -> Result<(), String> {
         )?;
     }
     Ok(())
+}
+
+/// A manifest's namespace ("default" when it names none, as the API server does) and name.
+fn namespace_and_name(doc: &Value) -> (String, String) {
+    let meta = &doc["metadata"];
+    (
+        meta["namespace"].as_str().unwrap_or("default").to_string(),
+        meta["name"].as_str().unwrap_or_default().to_string(),
+    )
 }
