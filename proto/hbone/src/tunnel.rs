@@ -6,6 +6,7 @@ use h2::{RecvStream, SendStream};
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -56,11 +57,89 @@ pub struct CopyStats {
     pub received: u64,
 }
 
+/// Byte counts of a running copy, updated as each chunk is handed on, so that whoever
+/// stops the copy early (drain, policy) still knows what moved.
+#[derive(Debug, Default)]
+pub struct CopyProgress {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl CopyProgress {
+    pub fn stats(&self) -> CopyStats {
+        CopyStats {
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A copy that failed, with the bytes it had moved by then.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct CopyError {
+    pub error: io::Error,
+    pub stats: CopyStats,
+}
+
+/// What the copy knows about a stream when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamEnd {
+    /// Our side reached EOF and every byte before it was handed to the stream.
+    pub sent_all: bool,
+    /// The peer's END_STREAM arrived and every byte before it was passed on.
+    pub received_all: bool,
+    /// Why the peer reset the stream, if it did.
+    pub peer_reset: Option<h2::Reason>,
+}
+
+/// How a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndKind {
+    /// Everything both sides sent was delivered.
+    Clean,
+    /// Data may have been lost: a failure.
+    Failed,
+}
+
+/// Classifies a stream's end. A peer that resets with NO_ERROR or CANCEL once both
+/// directions are complete only releases the stream: h2 resets a stream with NO_ERROR
+/// when a server drops it after its END_STREAM without waiting for the client's
+/// (RFC 9113 §8.1), and with CANCEL when any side drops a half-open stream. Any other
+/// reason, or a reset with data still due either way, lost data.
+pub fn classify_end(end: StreamEnd) -> EndKind {
+    let complete = end.sent_all && end.received_all;
+    match end.peer_reset {
+        _ if !complete => EndKind::Failed,
+        None => EndKind::Clean,
+        Some(h2::Reason::NO_ERROR) | Some(h2::Reason::CANCEL) => EndKind::Clean,
+        Some(_) => EndKind::Failed,
+    }
+}
+
+/// The peer's reset reason if the stream was reset by the peer, without waiting.
+fn peer_reset_now(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Option<h2::Reason> {
+    match send.poll_reset(cx) {
+        Poll::Ready(Ok(reason)) => Some(reason),
+        _ => None,
+    }
+}
+
+fn reset_error(reason: h2::Reason) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!("stream reset by peer ({reason:?}: {reason})"),
+    )
+}
+
 fn h2_io_error(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e
             .into_io()
             .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    if let (true, true, Some(reason)) = (e.is_reset(), e.is_remote(), e.reason()) {
+        return reset_error(reason);
     }
     let kind = match e.reason() {
         Some(h2::Reason::NO_ERROR) | Some(h2::Reason::CANCEL) => io::ErrorKind::ConnectionReset,
@@ -89,9 +168,17 @@ impl Tunnel {
     /// Copies both ways between this tunnel and `tcp` until both directions have ended.
     /// EOF on either side is passed on as a half-close (END_STREAM / FIN); an error on
     /// either side aborts both (RST_STREAM / RST).
-    pub async fn copy_with_tcp(mut self, tcp: &TcpStream) -> io::Result<CopyStats> {
-        let mut sent = 0u64;
-        let mut received = 0u64;
+    pub async fn copy_with_tcp(self, tcp: &TcpStream) -> Result<CopyStats, CopyError> {
+        self.copy_with_tcp_counted(tcp, &CopyProgress::default())
+            .await
+    }
+
+    /// [`Self::copy_with_tcp`], counting into `progress` as bytes are handed on.
+    pub async fn copy_with_tcp_counted(
+        mut self,
+        tcp: &TcpStream,
+        progress: &CopyProgress,
+    ) -> Result<CopyStats, CopyError> {
         let Tunnel {
             send,
             recv,
@@ -107,15 +194,23 @@ impl Tunnel {
                 let mut buf = BytesMut::with_capacity(chunk);
                 match tcp.try_read_buf(&mut buf) {
                     Ok(0) => {
-                        finish_send(send, write_closed)?;
-                        return Ok::<_, io::Error>(());
+                        // Everything we had is handed over. A peer that already reset
+                        // the stream is judged once the download has ended too.
+                        return match finish_send(send, write_closed) {
+                            Ok(()) => Ok::<_, io::Error>(None),
+                            Err(e) => {
+                                match poll_fn(|cx| Poll::Ready(peer_reset_now(send, cx))).await {
+                                    Some(reason) => Ok(Some(reason)),
+                                    None => Err(e),
+                                }
+                            }
+                        };
                     }
                     Ok(n) => {
-                        sent += n as u64;
                         if n == chunk {
                             chunk = (chunk * 2).min(READ_CHUNK);
                         }
-                        send_all(send, buf.freeze()).await?;
+                        send_all(send, buf.freeze(), &progress.sent).await?;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
@@ -125,12 +220,16 @@ impl Tunnel {
         let download = async {
             if !pending.is_empty() {
                 write_all(tcp, &pending).await?;
-                received += pending.len() as u64;
+                progress
+                    .received
+                    .fetch_add(pending.len() as u64, Ordering::Relaxed);
             }
             while let Some(chunk) = poll_fn(|cx| recv.poll_data(cx)).await {
                 let chunk = chunk.map_err(h2_io_error)?;
                 write_all(tcp, &chunk).await?;
-                received += chunk.len() as u64;
+                progress
+                    .received
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 let _ = recv.flow_control().release_capacity(chunk.len());
             }
             // The peer half-closed: pass the FIN on.
@@ -139,17 +238,38 @@ impl Tunnel {
         };
         // Each direction runs until its EOF; the first error ends both and is made visible
         // to both ends.
-        if let Err(e) = tokio::try_join!(upload, download) {
-            self.send.send_reset(h2::Reason::CANCEL);
-            let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
-            return Err(e);
-        }
-        Ok(CopyStats { sent, received })
+        let error = match tokio::try_join!(upload, download) {
+            Ok((peer_reset, ())) => {
+                let end = StreamEnd {
+                    sent_all: true,
+                    received_all: true,
+                    peer_reset,
+                };
+                match (classify_end(end), peer_reset) {
+                    (EndKind::Clean, _) => return Ok(progress.stats()),
+                    (EndKind::Failed, reason) => {
+                        reset_error(reason.unwrap_or(h2::Reason::INTERNAL_ERROR))
+                    }
+                }
+            }
+            Err(e) => e,
+        };
+        self.send.send_reset(h2::Reason::CANCEL);
+        let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+        Err(CopyError {
+            error,
+            stats: progress.stats(),
+        })
     }
 }
 
 /// Sends `data` as DATA frames as flow control allows.
-async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
+/// Counts each chunk into `sent` once h2 has taken it.
+async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    sent: &AtomicU64,
+) -> io::Result<()> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let granted = poll_fn(|cx| send.poll_capacity(cx))
@@ -160,7 +280,9 @@ async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<(
             continue;
         }
         let chunk = data.split_to(granted.min(data.len()));
+        let n = chunk.len() as u64;
         send.send_data(chunk, false).map_err(h2_io_error)?;
+        sent.fetch_add(n, Ordering::Relaxed);
     }
     Ok(())
 }
@@ -241,10 +363,7 @@ impl AsyncWrite for Tunnel {
                     // Waiting for window: notice a reset from the peer meanwhile.
                     if let Poll::Ready(r) = self.send.poll_reset(cx) {
                         let e = match r {
-                            Ok(reason) => io::Error::new(
-                                io::ErrorKind::ConnectionReset,
-                                format!("stream reset by peer: {reason}"),
-                            ),
+                            Ok(reason) => reset_error(reason),
                             Err(e) => h2_io_error(e),
                         };
                         return Poll::Ready(Err(e));
@@ -260,8 +379,98 @@ impl AsyncWrite for Tunnel {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        Poll::Ready(finish_send(&mut this.send, &mut this.write_closed))
+        let Err(e) = finish_send(&mut this.send, &mut this.write_closed) else {
+            return Poll::Ready(Ok(()));
+        };
+        // A peer that already reset the stream after all its data was read is no failure.
+        let Some(reason) = peer_reset_now(&mut this.send, cx) else {
+            return Poll::Ready(Err(e));
+        };
+        let end = StreamEnd {
+            sent_all: true,
+            received_all: this.read_eof && this.pending.is_empty(),
+            peer_reset: Some(reason),
+        };
+        Poll::Ready(match classify_end(end) {
+            EndKind::Clean => Ok(()),
+            EndKind::Failed => Err(reset_error(reason)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use h2::Reason;
+
+    fn end(sent_all: bool, received_all: bool, peer_reset: Option<Reason>) -> EndKind {
+        classify_end(StreamEnd {
+            sent_all,
+            received_all,
+            peer_reset,
+        })
+    }
+
+    #[test]
+    fn both_directions_done_is_clean() {
+        assert_eq!(end(true, true, None), EndKind::Clean);
+    }
+
+    #[test]
+    fn release_after_both_directions_done_is_clean() {
+        // A server dropping the stream after its END_STREAM (RFC 9113 §8.1), or any side
+        // dropping a half-open stream once nothing is due.
+        assert_eq!(end(true, true, Some(Reason::NO_ERROR)), EndKind::Clean);
+        assert_eq!(end(true, true, Some(Reason::CANCEL)), EndKind::Clean);
+    }
+
+    #[test]
+    fn reset_with_data_due_either_way_is_a_failure() {
+        for reason in [Reason::NO_ERROR, Reason::CANCEL, Reason::INTERNAL_ERROR] {
+            assert_eq!(
+                end(false, true, Some(reason)),
+                EndKind::Failed,
+                "{reason:?}"
+            );
+            assert_eq!(
+                end(true, false, Some(reason)),
+                EndKind::Failed,
+                "{reason:?}"
+            );
+            assert_eq!(
+                end(false, false, Some(reason)),
+                EndKind::Failed,
+                "{reason:?}"
+            );
+        }
+        assert_eq!(end(false, true, None), EndKind::Failed);
+    }
+
+    #[test]
+    fn error_reasons_stay_failures_even_when_complete() {
+        for reason in [
+            Reason::PROTOCOL_ERROR,
+            Reason::INTERNAL_ERROR,
+            Reason::FLOW_CONTROL_ERROR,
+            Reason::REFUSED_STREAM,
+        ] {
+            assert_eq!(end(true, true, Some(reason)), EndKind::Failed, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn progress_reports_what_was_counted() {
+        let p = CopyProgress::default();
+        p.sent.fetch_add(3, Ordering::Relaxed);
+        p.received.fetch_add(5, Ordering::Relaxed);
+        assert_eq!(
+            p.stats(),
+            CopyStats {
+                sent: 3,
+                received: 5
+            }
+        );
     }
 }
