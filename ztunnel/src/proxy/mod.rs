@@ -441,22 +441,12 @@ impl PodProxy {
         // not keep it (locals alive across an await are stored in the task).
         let tunnel = est.tunnel;
         drop((est.headers, req, key, creds));
+        let progress = hbone::tunnel::CopyProgress::default();
         let result = tokio::select! {
-            r = tunnel.copy_with_tcp(&downstream) => r,
+            r = tunnel.copy_with_tcp_counted(&downstream, &progress) => r.map_err(|e| e.error),
             _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
         };
-        match result {
-            Ok(s) => rec.finish(Outcome::Complete {
-                sent: s.sent,
-                received: s.received,
-            }),
-            Err(e) => rec.finish(Outcome::Failed {
-                flags: "-",
-                error: &e.to_string(),
-                sent: 0,
-                received: 0,
-            }),
-        }
+        finish_tunnel_copy(rec, result, progress.stats());
     }
 
     // ---- inbound ----
@@ -671,12 +661,19 @@ impl ConnectHandler for InboundHandler {
         let tracked = pod.ctx.tracker.track(&dst.uid, info);
         // As on the way out: keep nothing across the copy that it does not need.
         drop((req, dst));
+        let progress = hbone::tunnel::CopyProgress::default();
         let r = tokio::select! {
-            r = tunnel.copy_with_tcp(&app) => r.map(|s| (s.received, s.sent)),
+            r = tunnel.copy_with_tcp_counted(&app, &progress) => r.map_err(|e| e.error),
             _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
             _ = tracked.closed_by_policy.cancelled() => Err(io::Error::other("closed: no longer allowed by policy")),
         };
-        finish_copy(rec, r);
+        // Seen from the app: what came out of the tunnel was sent to it.
+        let s = progress.stats();
+        let app_side = hbone::CopyStats {
+            sent: s.received,
+            received: s.sent,
+        };
+        finish_tunnel_copy(rec, r.map(|_| ()), app_side);
     }
 }
 
@@ -703,6 +700,23 @@ fn finish_copy(rec: ConnRecorder, r: io::Result<(u64, u64)>) {
             error: &e.to_string(),
             sent: 0,
             received: 0,
+        }),
+    }
+}
+
+/// Records a tunnel copy's end. `stats` are the bytes moved whatever the outcome: an
+/// error at the end does not undo what was delivered.
+fn finish_tunnel_copy(rec: ConnRecorder, r: io::Result<impl Sized>, stats: hbone::CopyStats) {
+    match r {
+        Ok(_) => rec.finish(Outcome::Complete {
+            sent: stats.sent,
+            received: stats.received,
+        }),
+        Err(e) => rec.finish(Outcome::Failed {
+            flags: "-",
+            error: &e.to_string(),
+            sent: stats.sent,
+            received: stats.received,
         }),
     }
 }
