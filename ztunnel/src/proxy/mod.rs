@@ -3,6 +3,7 @@
 //! flows behind them.
 
 pub mod accept;
+pub mod counted;
 pub mod plan;
 pub mod socket;
 
@@ -363,21 +364,13 @@ impl PodProxy {
                 });
             }
         };
-        let mut downstream = downstream;
+        let mut downstream = counted::Counted::new(downstream);
         let mut upstream = upstream;
         let result = tokio::select! {
             r = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => r,
             _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
         };
-        match result {
-            Ok((sent, received)) => rec.finish(Outcome::Complete { sent, received }),
-            Err(e) => rec.finish(Outcome::Failed {
-                flags: "-",
-                error: &e.to_string(),
-                sent: 0,
-                received: 0,
-            }),
-        }
+        finish_copy(rec, result, &downstream);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -446,7 +439,7 @@ impl PodProxy {
             r = tunnel.copy_with_tcp_counted(&downstream, &progress) => r.map_err(|e| e.error),
             _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
         };
-        finish_tunnel_copy(rec, result, progress.stats());
+        finish_with_bytes(rec, result, progress.stats());
     }
 
     // ---- inbound ----
@@ -529,13 +522,13 @@ impl PodProxy {
             Ok((app, dst)) => {
                 let rec = ConnRecorder::open(self.ctx.metrics.clone(), report);
                 let tracked = self.ctx.tracker.track(&dst.uid, info);
-                let (mut a, mut b) = (downstream, app);
+                let (mut a, mut b) = (counted::Counted::new(downstream), app);
                 let r = tokio::select! {
                     r = tokio::io::copy_bidirectional(&mut a, &mut b) => r,
                     _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
                     _ = tracked.closed_by_policy.cancelled() => Err(io::Error::other("closed: no longer allowed by policy")),
                 };
-                finish_copy(rec, r);
+                finish_copy(rec, r, &a);
             }
         }
     }
@@ -673,7 +666,7 @@ impl ConnectHandler for InboundHandler {
             sent: s.received,
             received: s.sent,
         };
-        finish_tunnel_copy(rec, r.map(|_| ()), app_side);
+        finish_with_bytes(rec, r.map(|_| ()), app_side);
     }
 }
 
@@ -692,21 +685,19 @@ fn finish_refusal(rec: ConnRecorder, refusal: &Refusal, policy: Option<&str>) {
     }
 }
 
-fn finish_copy(rec: ConnRecorder, r: io::Result<(u64, u64)>) {
-    match r {
-        Ok((sent, received)) => rec.finish(Outcome::Complete { sent, received }),
-        Err(e) => rec.finish(Outcome::Failed {
-            flags: "-",
-            error: &e.to_string(),
-            sent: 0,
-            received: 0,
-        }),
-    }
+/// Records a plain copy's end, with the bytes counted on the downstream side: what was
+/// read from it was sent on, what was written to it was received.
+fn finish_copy<T>(rec: ConnRecorder, r: io::Result<(u64, u64)>, downstream: &counted::Counted<T>) {
+    let stats = hbone::CopyStats {
+        sent: downstream.read,
+        received: downstream.written,
+    };
+    finish_with_bytes(rec, r, stats);
 }
 
-/// Records a tunnel copy's end. `stats` are the bytes moved whatever the outcome: an
-/// error at the end does not undo what was delivered.
-fn finish_tunnel_copy(rec: ConnRecorder, r: io::Result<impl Sized>, stats: hbone::CopyStats) {
+/// Records a copy's end. `stats` are the bytes moved whatever the outcome: an error at
+/// the end does not undo what was delivered.
+fn finish_with_bytes(rec: ConnRecorder, r: io::Result<impl Sized>, stats: hbone::CopyStats) {
     match r {
         Ok(_) => rec.finish(Outcome::Complete {
             sent: stats.sent,
