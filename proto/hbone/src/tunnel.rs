@@ -167,7 +167,9 @@ impl Tunnel {
 
     /// Copies both ways between this tunnel and `tcp` until both directions have ended.
     /// EOF on either side is passed on as a half-close (END_STREAM / FIN); an error on
-    /// either side aborts both (RST_STREAM / RST).
+    /// either side aborts both (RST_STREAM / RST). A peer that releases the stream once
+    /// everything was delivered is a normal end ([`classify_end`]); on failure the error
+    /// carries the bytes moved so far.
     pub async fn copy_with_tcp(self, tcp: &TcpStream) -> Result<CopyStats, CopyError> {
         self.copy_with_tcp_counted(tcp, &CopyProgress::default())
             .await
@@ -239,17 +241,18 @@ impl Tunnel {
         // Each direction runs until its EOF; the first error ends both and is made visible
         // to both ends.
         let error = match tokio::try_join!(upload, download) {
-            Ok((peer_reset, ())) => {
+            Ok((None, ())) => return Ok(progress.stats()),
+            // Both directions completed, but the peer had reset the stream before our
+            // END_STREAM went out: a release or a failure, depending on why.
+            Ok((Some(reason), ())) => {
                 let end = StreamEnd {
                     sent_all: true,
                     received_all: true,
-                    peer_reset,
+                    peer_reset: Some(reason),
                 };
-                match (classify_end(end), peer_reset) {
-                    (EndKind::Clean, _) => return Ok(progress.stats()),
-                    (EndKind::Failed, reason) => {
-                        reset_error(reason.unwrap_or(h2::Reason::INTERNAL_ERROR))
-                    }
+                match classify_end(end) {
+                    EndKind::Clean => return Ok(progress.stats()),
+                    EndKind::Failed => reset_error(reason),
                 }
             }
             Err(e) => e,
