@@ -102,18 +102,28 @@ pub enum EndKind {
     Failed,
 }
 
-/// Classifies a stream's end. A peer that resets with NO_ERROR or CANCEL once both
-/// directions are complete only releases the stream: h2 resets a stream with NO_ERROR
-/// when a server drops it after its END_STREAM without waiting for the client's
-/// (RFC 9113 §8.1), and with CANCEL when any side drops a half-open stream. Any other
-/// reason, or a reset with data still due either way, lost data.
+/// Classifies a stream's end. A peer that resets with NO_ERROR or CANCEL once our side
+/// has finished only releases the stream: h2 resets with NO_ERROR when a server drops a
+/// stream after its END_STREAM without waiting for ours (RFC 9113 §8.1), and with CANCEL
+/// when a peer drops a stream it no longer needs (its END_STREAM, if still queued, is
+/// discarded then). Everything it sent before was passed on. A reset while we still had
+/// data to send lost it, and any other reason is a failure: a tunnel whose TCP side
+/// failed resets with CONNECT_ERROR (RFC 9113 §8.5).
 pub fn classify_end(end: StreamEnd) -> EndKind {
-    let complete = end.sent_all && end.received_all;
     match end.peer_reset {
-        _ if !complete => EndKind::Failed,
-        None => EndKind::Clean,
-        Some(h2::Reason::NO_ERROR) | Some(h2::Reason::CANCEL) => EndKind::Clean,
+        None if end.sent_all && end.received_all => EndKind::Clean,
+        None => EndKind::Failed,
+        Some(h2::Reason::NO_ERROR) | Some(h2::Reason::CANCEL) if end.sent_all => EndKind::Clean,
         Some(_) => EndKind::Failed,
+    }
+}
+
+/// The reason of a reset the peer sent, if `e` is one.
+fn remote_reset(e: &h2::Error) -> Option<h2::Reason> {
+    if e.is_reset() && e.is_remote() {
+        e.reason()
+    } else {
+        None
     }
 }
 
@@ -138,7 +148,7 @@ fn h2_io_error(e: h2::Error) -> io::Error {
             .into_io()
             .unwrap_or_else(|| io::Error::other("h2 I/O error"));
     }
-    if let (true, true, Some(reason)) = (e.is_reset(), e.is_remote(), e.reason()) {
+    if let Some(reason) = remote_reset(&e) {
         return reset_error(reason);
     }
     let kind = match e.reason() {
@@ -160,9 +170,10 @@ impl Tunnel {
         }
     }
 
-    /// Aborts the stream (RST_STREAM) so the peer sees a failure rather than a clean end.
+    /// Aborts the stream so the peer sees a failure rather than a clean end: the TCP
+    /// connection behind it failed (RST_STREAM(CONNECT_ERROR), RFC 9113 §8.5).
     pub fn reset(&mut self) {
-        self.send.send_reset(h2::Reason::CANCEL);
+        self.send.send_reset(h2::Reason::CONNECT_ERROR);
     }
 
     /// Copies both ways between this tunnel and `tcp` until both directions have ended.
@@ -226,8 +237,20 @@ impl Tunnel {
                     .received
                     .fetch_add(pending.len() as u64, Ordering::Relaxed);
             }
+            let mut peer_reset = None;
             while let Some(chunk) = poll_fn(|cx| recv.poll_data(cx)).await {
-                let chunk = chunk.map_err(h2_io_error)?;
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    // The peer may just have released the stream: pass its end on as FIN;
+                    // the upload decides, by whether data of ours was still due.
+                    Err(e) => match remote_reset(&e) {
+                        Some(r @ (h2::Reason::NO_ERROR | h2::Reason::CANCEL)) => {
+                            peer_reset = Some(r);
+                            break;
+                        }
+                        _ => return Err(h2_io_error(e)),
+                    },
+                };
                 write_all(tcp, &chunk).await?;
                 progress
                     .received
@@ -236,28 +259,31 @@ impl Tunnel {
             }
             // The peer half-closed: pass the FIN on.
             socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write)?;
-            Ok::<_, io::Error>(())
+            Ok::<_, io::Error>(peer_reset)
         };
         // Each direction runs until its EOF; the first error ends both and is made visible
         // to both ends.
         let error = match tokio::try_join!(upload, download) {
-            Ok((None, ())) => return Ok(progress.stats()),
-            // Both directions completed, but the peer had reset the stream before our
-            // END_STREAM went out: a release or a failure, depending on why.
-            Ok((Some(reason), ())) => {
+            Ok((None, None)) => return Ok(progress.stats()),
+            // Our side finished (the upload only ends at EOF), but the peer reset the
+            // stream: a release or a failure, depending on why.
+            Ok((upload_reset, download_reset)) => {
                 let end = StreamEnd {
                     sent_all: true,
-                    received_all: true,
-                    peer_reset: Some(reason),
+                    received_all: download_reset.is_none(),
+                    peer_reset: upload_reset.or(download_reset),
                 };
                 match classify_end(end) {
                     EndKind::Clean => return Ok(progress.stats()),
-                    EndKind::Failed => reset_error(reason),
+                    EndKind::Failed => {
+                        reset_error(end.peer_reset.unwrap_or(h2::Reason::CONNECT_ERROR))
+                    }
                 }
             }
             Err(e) => e,
         };
-        self.send.send_reset(h2::Reason::CANCEL);
+        // RFC 9113 §8.5: a failed tunnel is CONNECT_ERROR on the stream, RST on the TCP side.
+        self.send.send_reset(h2::Reason::CONNECT_ERROR);
         let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
         Err(CopyError {
             error,
@@ -422,23 +448,26 @@ mod tests {
     }
 
     #[test]
-    fn release_after_both_directions_done_is_clean() {
-        // A server dropping the stream after its END_STREAM (RFC 9113 §8.1), or any side
-        // dropping a half-open stream once nothing is due.
-        assert_eq!(end(true, true, Some(Reason::NO_ERROR)), EndKind::Clean);
-        assert_eq!(end(true, true, Some(Reason::CANCEL)), EndKind::Clean);
+    fn release_once_our_side_finished_is_clean() {
+        // A server dropping the stream after its END_STREAM (RFC 9113 §8.1), or a peer
+        // dropping a stream it no longer needs, its END_STREAM possibly discarded.
+        for received_all in [true, false] {
+            assert_eq!(
+                end(true, received_all, Some(Reason::NO_ERROR)),
+                EndKind::Clean
+            );
+            assert_eq!(
+                end(true, received_all, Some(Reason::CANCEL)),
+                EndKind::Clean
+            );
+        }
     }
 
     #[test]
-    fn reset_with_data_due_either_way_is_a_failure() {
-        for reason in [Reason::NO_ERROR, Reason::CANCEL, Reason::INTERNAL_ERROR] {
+    fn reset_with_our_data_still_due_is_a_failure() {
+        for reason in [Reason::NO_ERROR, Reason::CANCEL, Reason::CONNECT_ERROR] {
             assert_eq!(
                 end(false, true, Some(reason)),
-                EndKind::Failed,
-                "{reason:?}"
-            );
-            assert_eq!(
-                end(true, false, Some(reason)),
                 EndKind::Failed,
                 "{reason:?}"
             );
@@ -449,11 +478,13 @@ mod tests {
             );
         }
         assert_eq!(end(false, true, None), EndKind::Failed);
+        assert_eq!(end(true, false, None), EndKind::Failed);
     }
 
     #[test]
     fn error_reasons_stay_failures_even_when_complete() {
         for reason in [
+            Reason::CONNECT_ERROR,
             Reason::PROTOCOL_ERROR,
             Reason::INTERNAL_ERROR,
             Reason::FLOW_CONTROL_ERROR,

@@ -20,6 +20,7 @@ use common::Mesh;
 const ANSWER_AND_DROP: u16 = 1001;
 const ECHO: u16 = 1002;
 const RESET_MIDWAY: u16 = 1003;
+const DROP_MIDWAY: u16 = 1004;
 
 /// The far end, played with the tunnel's own `AsyncRead`/`AsyncWrite` (as the waypoint's
 /// HTTP server does).
@@ -54,6 +55,13 @@ impl ConnectHandler for FarEnd {
                 t.write_all(b"pong").await.unwrap();
                 t.read_exact(&mut buf).await.unwrap();
                 t.reset();
+            }
+            DROP_MIDWAY => {
+                // Answer; once the client confirms it has the answer, drop the stream
+                // without ending it: h2 resets with CANCEL (discarding anything queued).
+                t.read_exact(&mut buf).await.unwrap();
+                t.write_all(b"pong").await.unwrap();
+                t.read_exact(&mut buf).await.unwrap();
             }
             _ => {}
         }
@@ -213,4 +221,59 @@ async fn shutting_down_a_tunnel_the_far_end_released_is_no_error() {
         .shutdown()
         .await
         .expect("the far end answered and released the stream");
+}
+
+#[tokio::test]
+async fn data_sent_after_the_far_end_dropped_the_stream_is_lost_and_an_error() {
+    let s = setup().await;
+    let (mut c, copy) = proxied(&s, DROP_MIDWAY).await;
+    c.write_all(b"ping").await.unwrap();
+    let mut answer = [0u8; 4];
+    c.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"pong");
+    c.write_all(b"next").await.unwrap();
+    let mut answer = Vec::new();
+    // The far end's CANCEL reaches the client as FIN.
+    c.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.is_empty());
+    // What the client still sends has nowhere to go.
+    c.write_all(b"more").await.unwrap();
+    drop(c);
+    let err = copy
+        .await
+        .unwrap()
+        .expect_err("data the far end will never get is a failure");
+    assert_eq!(
+        err.stats,
+        CopyStats {
+            sent: 8,
+            received: 4
+        }
+    );
+}
+
+#[tokio::test]
+async fn far_end_dropping_the_stream_once_it_has_everything_is_a_normal_close() {
+    let s = setup().await;
+    let (mut c, copy) = proxied(&s, DROP_MIDWAY).await;
+    c.write_all(b"ping").await.unwrap();
+    let mut answer = [0u8; 4];
+    c.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"pong");
+    c.write_all(b"next").await.unwrap();
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.is_empty());
+    drop(c);
+    let stats = copy
+        .await
+        .unwrap()
+        .expect("the far end had everything the client sent");
+    assert_eq!(
+        stats,
+        CopyStats {
+            sent: 8,
+            received: 4
+        }
+    );
 }
