@@ -21,13 +21,21 @@ const READ_CHUNK: usize = 128 * 1024;
 /// Called once when the stream is finished (returns its slot to the pool).
 pub(crate) type OnDrop = Box<dyn FnOnce() + Send + Sync>;
 
+/// How long a dropped client-side tunnel waits for the peer's END_STREAM ([`Linger`]).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Tunnel {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    /// Taken only when a dropped tunnel lingers.
+    recv: Option<RecvStream>,
     /// Remainder of the last DATA frame, not yet read by the caller.
     pending: Bytes,
     read_eof: bool,
     write_closed: bool,
+    /// We reset the stream (a failure): nothing is left to deliver.
+    reset_sent: bool,
+    /// Our side opened the stream (an h2 client), see [`Linger`].
+    linger: bool,
     on_drop: Option<OnDrop>,
 }
 
@@ -42,9 +50,71 @@ impl std::fmt::Debug for Tunnel {
 
 impl Drop for Tunnel {
     fn drop(&mut self) {
-        if let Some(f) = self.on_drop.take() {
+        let on_drop = self.on_drop.take();
+        let linger = Linger::decide(LingerState {
+            client: self.linger,
+            write_closed: self.write_closed,
+            read_eof: self.read_eof,
+            reset_sent: self.reset_sent,
+        });
+        if linger == Linger::UntilPeerEnds
+            && let (Some(recv), Ok(rt)) = (self.recv.take(), tokio::runtime::Handle::try_current())
+        {
+            rt.spawn(linger_until_peer_ends(recv, on_drop));
+            return;
+        }
+        if let Some(f) = on_drop {
             f();
         }
+    }
+}
+
+/// What a tunnel knows about its stream when it is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LingerState {
+    client: bool,
+    write_closed: bool,
+    read_eof: bool,
+    reset_sent: bool,
+}
+
+/// What dropping a tunnel does to its stream. An h2 client dropping a stream the peer
+/// has not finished resets it with CANCEL and discards what it still had queued —
+/// including our END_STREAM, so a peer would see a clean end as a failure. A client
+/// tunnel whose side is finished therefore keeps its receive half until the peer ends
+/// too (bounded by [`LINGER`]) while h2 sends the queued END_STREAM. A server's drop
+/// needs no help: h2 sends its queued END_STREAM, then RST_STREAM(NO_ERROR).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linger {
+    /// Drop now: the stream is complete, failed, a server's, or ours was not finished
+    /// (CANCEL is then the truth).
+    No,
+    UntilPeerEnds,
+}
+
+impl Linger {
+    fn decide(s: LingerState) -> Linger {
+        if s.client && s.write_closed && !s.read_eof && !s.reset_sent {
+            Linger::UntilPeerEnds
+        } else {
+            Linger::No
+        }
+    }
+}
+
+/// Holds a finished client stream until the peer's END_STREAM (the stream then closes
+/// with no reset), a reset, or [`LINGER`]. Data still arriving has nobody to read it:
+/// the stream is dropped at once, which h2 turns into CANCEL, as after the bound.
+async fn linger_until_peer_ends(mut recv: RecvStream, on_drop: Option<OnDrop>) {
+    let _ = tokio::time::timeout(LINGER, async {
+        if let Some(Ok(data)) = poll_fn(|cx| recv.poll_data(cx)).await {
+            let _ = recv.flow_control().release_capacity(data.len());
+        }
+    })
+    .await;
+    drop(recv);
+    if let Some(f) = on_drop {
+        f();
     }
 }
 
@@ -102,18 +172,17 @@ pub enum EndKind {
     Failed,
 }
 
-/// Classifies a stream's end. A peer that resets with NO_ERROR or CANCEL once our side
-/// has finished only releases the stream: h2 resets with NO_ERROR when a server drops a
-/// stream after its END_STREAM without waiting for ours (RFC 9113 §8.1), and with CANCEL
-/// when a peer drops a stream it no longer needs (its END_STREAM, if still queued, is
-/// discarded then). Everything it sent before was passed on. A reset while we still had
-/// data to send lost it, and any other reason is a failure: a tunnel whose TCP side
-/// failed resets with CONNECT_ERROR (RFC 9113 §8.5).
+/// Classifies a stream's end. Clean only when everything both sides sent was delivered
+/// (our END_STREAM was handed to h2, the peer's reached us) and the peer did not reset
+/// the stream, or reset it with NO_ERROR — what h2 does when a server drops a stream it finished sending
+/// without waiting for ours (RFC 9113 §8.1; its END_STREAM goes out first). CANCEL is
+/// never clean: an h2 client dropping a stream discards what it had queued, and our own
+/// ends (drain, policy) and Istio's send it on failures. Any other reason is a failure
+/// too: a tunnel whose TCP side failed resets with CONNECT_ERROR (RFC 9113 §8.5).
 pub fn classify_end(end: StreamEnd) -> EndKind {
     match end.peer_reset {
-        None if end.sent_all && end.received_all => EndKind::Clean,
-        None => EndKind::Failed,
-        Some(h2::Reason::NO_ERROR) | Some(h2::Reason::CANCEL) if end.sent_all => EndKind::Clean,
+        _ if !(end.sent_all && end.received_all) => EndKind::Failed,
+        None | Some(h2::Reason::NO_ERROR) => EndKind::Clean,
         Some(_) => EndKind::Failed,
     }
 }
@@ -159,27 +228,40 @@ fn h2_io_error(e: h2::Error) -> io::Error {
 }
 
 impl Tunnel {
-    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, on_drop: Option<OnDrop>) -> Self {
+    /// `client`: our side opened the stream (see [`Linger`]).
+    pub(crate) fn new(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        client: bool,
+        on_drop: Option<OnDrop>,
+    ) -> Self {
         Tunnel {
             send,
-            recv,
+            recv: Some(recv),
             pending: Bytes::new(),
             read_eof: false,
             write_closed: false,
+            reset_sent: false,
+            linger: client,
             on_drop,
         }
+    }
+
+    fn recv(&mut self) -> &mut RecvStream {
+        self.recv.as_mut().expect("taken only on drop")
     }
 
     /// Aborts the stream so the peer sees a failure rather than a clean end: the TCP
     /// connection behind it failed (RST_STREAM(CONNECT_ERROR), RFC 9113 §8.5).
     pub fn reset(&mut self) {
+        self.reset_sent = true;
         self.send.send_reset(h2::Reason::CONNECT_ERROR);
     }
 
     /// Copies both ways between this tunnel and `tcp` until both directions have ended.
     /// EOF on either side is passed on as a half-close (END_STREAM / FIN); an error on
-    /// either side aborts both (RST_STREAM / RST). A peer that releases the stream once
-    /// everything was delivered is a normal end ([`classify_end`]); on failure the error
+    /// either side, or a reset by the peer before its END_STREAM, aborts both
+    /// (RST_STREAM / RST). How the end is judged is [`classify_end`]; on failure the error
     /// carries the bytes moved so far.
     pub async fn copy_with_tcp(self, tcp: &TcpStream) -> Result<CopyStats, CopyError> {
         self.copy_with_tcp_counted(tcp, &CopyProgress::default())
@@ -188,18 +270,55 @@ impl Tunnel {
 
     /// [`Self::copy_with_tcp`], counting into `progress` as bytes are handed on.
     pub async fn copy_with_tcp_counted(
-        mut self,
+        self,
         tcp: &TcpStream,
         progress: &CopyProgress,
     ) -> Result<CopyStats, CopyError> {
+        self.copy_with_tcp_until(tcp, progress, std::future::pending())
+            .await
+    }
+
+    /// [`Self::copy_with_tcp_counted`], aborted as a failure when `stop` completes
+    /// (drain, policy): both ends then see a failure (RST_STREAM(CONNECT_ERROR), TCP RST)
+    /// rather than a silently dropped stream, and the copy returns `stop`'s error.
+    pub async fn copy_with_tcp_until(
+        mut self,
+        tcp: &TcpStream,
+        progress: &CopyProgress,
+        stop: impl Future<Output = io::Error>,
+    ) -> Result<CopyStats, CopyError> {
+        let error = match self.copy_both_ways(tcp, progress, stop).await {
+            Ok(()) => {
+                self.read_eof = true;
+                return Ok(progress.stats());
+            }
+            Err(e) => e,
+        };
+        // RFC 9113 §8.5: a failed tunnel is CONNECT_ERROR on the stream, RST on the TCP side.
+        self.reset();
+        let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+        Err(CopyError {
+            error,
+            stats: progress.stats(),
+        })
+    }
+
+    /// Both directions of the copy; `Ok` only for an end [`classify_end`] calls clean.
+    async fn copy_both_ways(
+        &mut self,
+        tcp: &TcpStream,
+        progress: &CopyProgress,
+        stop: impl Future<Output = io::Error>,
+    ) -> io::Result<()> {
         let Tunnel {
             send,
             recv,
             pending,
             write_closed,
             ..
-        } = &mut self;
+        } = self;
         let pending = std::mem::take(pending);
+        let recv = recv.as_mut().expect("taken only on drop");
         let upload = async {
             let mut chunk = READ_CHUNK_MIN;
             loop {
@@ -237,20 +356,11 @@ impl Tunnel {
                     .received
                     .fetch_add(pending.len() as u64, Ordering::Relaxed);
             }
-            let mut peer_reset = None;
+            // h2 (0.4.20) keeps a received END_STREAM when a reset follows it, so an error
+            // here means the peer's data ended without END_STREAM: a reset of any reason
+            // before it is a broken transfer, never passed on as FIN.
             while let Some(chunk) = poll_fn(|cx| recv.poll_data(cx)).await {
-                let chunk = match chunk {
-                    Ok(c) => c,
-                    // The peer may just have released the stream: pass its end on as FIN;
-                    // the upload decides, by whether data of ours was still due.
-                    Err(e) => match remote_reset(&e) {
-                        Some(r @ (h2::Reason::NO_ERROR | h2::Reason::CANCEL)) => {
-                            peer_reset = Some(r);
-                            break;
-                        }
-                        _ => return Err(h2_io_error(e)),
-                    },
-                };
+                let chunk = chunk.map_err(h2_io_error)?;
                 write_all(tcp, &chunk).await?;
                 progress
                     .received
@@ -259,36 +369,24 @@ impl Tunnel {
             }
             // The peer half-closed: pass the FIN on.
             socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write)?;
-            Ok::<_, io::Error>(peer_reset)
+            Ok::<_, io::Error>(())
         };
-        // Each direction runs until its EOF; the first error ends both and is made visible
-        // to both ends.
-        let error = match tokio::try_join!(upload, download) {
-            Ok((None, None)) => return Ok(progress.stats()),
-            // Our side finished (the upload only ends at EOF), but the peer reset the
-            // stream: a release or a failure, depending on why.
-            Ok((upload_reset, download_reset)) => {
-                let end = StreamEnd {
-                    sent_all: true,
-                    received_all: download_reset.is_none(),
-                    peer_reset: upload_reset.or(download_reset),
-                };
-                match classify_end(end) {
-                    EndKind::Clean => return Ok(progress.stats()),
-                    EndKind::Failed => {
-                        reset_error(end.peer_reset.unwrap_or(h2::Reason::CONNECT_ERROR))
-                    }
-                }
-            }
-            Err(e) => e,
+        // Each direction runs until its EOF; the first error ends both.
+        let both = async { tokio::try_join!(upload, download) };
+        let (peer_reset, ()) = tokio::select! {
+            r = both => r?,
+            e = stop => return Err(e),
         };
-        // RFC 9113 §8.5: a failed tunnel is CONNECT_ERROR on the stream, RST on the TCP side.
-        self.send.send_reset(h2::Reason::CONNECT_ERROR);
-        let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
-        Err(CopyError {
-            error,
-            stats: progress.stats(),
-        })
+        // Both directions reached their EOF; the peer may have reset the stream since.
+        let end = StreamEnd {
+            sent_all: true,
+            received_all: true,
+            peer_reset,
+        };
+        match classify_end(end) {
+            EndKind::Clean => Ok(()),
+            EndKind::Failed => Err(reset_error(peer_reset.unwrap_or(h2::Reason::CONNECT_ERROR))),
+        }
     }
 }
 
@@ -348,13 +446,13 @@ impl AsyncRead for Tunnel {
                 let n = self.pending.len().min(buf.remaining());
                 buf.put_slice(&self.pending[..n]);
                 self.pending.advance(n);
-                let _ = self.recv.flow_control().release_capacity(n);
+                let _ = self.recv().flow_control().release_capacity(n);
                 return Poll::Ready(Ok(()));
             }
             if self.read_eof {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(self.recv.poll_data(cx)) {
+            match ready!(self.recv().poll_data(cx)) {
                 Some(Ok(data)) => self.pending = data,
                 Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
                 None => self.read_eof = true,
@@ -448,18 +546,63 @@ mod tests {
     }
 
     #[test]
-    fn release_once_our_side_finished_is_clean() {
-        // A server dropping the stream after its END_STREAM (RFC 9113 §8.1), or a peer
-        // dropping a stream it no longer needs, its END_STREAM possibly discarded.
-        for received_all in [true, false] {
+    fn no_error_after_the_peers_end_stream_is_clean() {
+        // A server dropping the stream after its END_STREAM (RFC 9113 §8.1).
+        assert_eq!(end(true, true, Some(Reason::NO_ERROR)), EndKind::Clean);
+    }
+
+    #[test]
+    fn a_reset_before_the_peers_end_stream_is_a_failure() {
+        // Indistinguishable from a peer that crashed mid-answer.
+        for reason in [Reason::NO_ERROR, Reason::CANCEL, Reason::CONNECT_ERROR] {
             assert_eq!(
-                end(true, received_all, Some(Reason::NO_ERROR)),
-                EndKind::Clean
+                end(true, false, Some(reason)),
+                EndKind::Failed,
+                "{reason:?}"
             );
+        }
+    }
+
+    #[test]
+    fn cancel_is_never_clean() {
+        // h2 clients discard their queued END_STREAM on CANCEL; Istio's ztunnel and our
+        // drain/policy ends send it on failures.
+        for (sent_all, received_all) in [(true, true), (true, false), (false, true)] {
             assert_eq!(
-                end(true, received_all, Some(Reason::CANCEL)),
-                EndKind::Clean
+                end(sent_all, received_all, Some(Reason::CANCEL)),
+                EndKind::Failed
             );
+        }
+    }
+
+    #[test]
+    fn linger_only_for_a_finished_client_stream_awaiting_the_peer() {
+        let finished = LingerState {
+            client: true,
+            write_closed: true,
+            read_eof: false,
+            reset_sent: false,
+        };
+        assert_eq!(Linger::decide(finished), Linger::UntilPeerEnds);
+        for s in [
+            LingerState {
+                client: false,
+                ..finished
+            },
+            LingerState {
+                write_closed: false,
+                ..finished
+            },
+            LingerState {
+                read_eof: true,
+                ..finished
+            },
+            LingerState {
+                reset_sent: true,
+                ..finished
+            },
+        ] {
+            assert_eq!(Linger::decide(s), Linger::No, "{s:?}");
         }
     }
 

@@ -1,7 +1,8 @@
 //! How a tunnel's copy ends when the other side closes first: real TLS, real HTTP/2 over
 //! loopback. A peer that answers, ends its stream and drops it (h2 then sends
 //! RST_STREAM(NO_ERROR), RFC 9113 §8.1) ended the connection normally; a peer that resets
-//! while data is still due did not, and the bytes moved so far are still reported.
+//! or drops its stream before ending it did not — the TCP client sees a reset, never a
+//! FIN — and the bytes moved so far are still reported.
 
 use hbone::client::{Client, ClientSettings, TcpDialer};
 use hbone::protocol::{ConnectRequest, Refusal};
@@ -21,6 +22,7 @@ const ANSWER_AND_DROP: u16 = 1001;
 const ECHO: u16 = 1002;
 const RESET_MIDWAY: u16 = 1003;
 const DROP_MIDWAY: u16 = 1004;
+const PART_AND_DROP: u16 = 1005;
 
 /// The far end, played with the tunnel's own `AsyncRead`/`AsyncWrite` (as the waypoint's
 /// HTTP server does).
@@ -62,6 +64,13 @@ impl ConnectHandler for FarEnd {
                 t.read_exact(&mut buf).await.unwrap();
                 t.write_all(b"pong").await.unwrap();
                 t.read_exact(&mut buf).await.unwrap();
+            }
+            PART_AND_DROP => {
+                // Read the whole request, write part of the answer, and drop the
+                // stream without ending it (as a crash would).
+                let mut all = Vec::new();
+                t.read_to_end(&mut all).await.unwrap();
+                t.write_all(b"par").await.unwrap();
             }
             _ => {}
         }
@@ -223,8 +232,15 @@ async fn shutting_down_a_tunnel_the_far_end_released_is_no_error() {
         .expect("the far end answered and released the stream");
 }
 
+fn assert_reset(r: std::io::Result<usize>) {
+    let e = r.expect_err("the client must see a reset, not a FIN");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+}
+
 #[tokio::test]
-async fn data_sent_after_the_far_end_dropped_the_stream_is_lost_and_an_error() {
+async fn far_end_dropping_the_stream_without_ending_it_is_a_failure() {
+    // The far end never sends END_STREAM: indistinguishable from a crash mid-answer,
+    // even though it had everything the client sent.
     let s = setup().await;
     let (mut c, copy) = proxied(&s, DROP_MIDWAY).await;
     c.write_all(b"ping").await.unwrap();
@@ -232,17 +248,13 @@ async fn data_sent_after_the_far_end_dropped_the_stream_is_lost_and_an_error() {
     c.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"pong");
     c.write_all(b"next").await.unwrap();
-    let mut answer = Vec::new();
-    // The far end's CANCEL reaches the client as FIN.
-    c.read_to_end(&mut answer).await.unwrap();
-    assert!(answer.is_empty());
-    // What the client still sends has nowhere to go.
-    c.write_all(b"more").await.unwrap();
-    drop(c);
+    let mut rest = Vec::new();
+    assert_reset(c.read_to_end(&mut rest).await);
+    assert!(rest.is_empty());
     let err = copy
         .await
         .unwrap()
-        .expect_err("data the far end will never get is a failure");
+        .expect_err("a stream dropped before its END_STREAM is a failure");
     assert_eq!(
         err.stats,
         CopyStats {
@@ -250,30 +262,22 @@ async fn data_sent_after_the_far_end_dropped_the_stream_is_lost_and_an_error() {
             received: 4
         }
     );
+    assert!(err.to_string().contains("reset"), "{err}");
 }
 
 #[tokio::test]
-async fn far_end_dropping_the_stream_once_it_has_everything_is_a_normal_close() {
+async fn far_end_dropping_the_stream_mid_answer_resets_the_half_closed_client() {
     let s = setup().await;
-    let (mut c, copy) = proxied(&s, DROP_MIDWAY).await;
+    let (mut c, copy) = proxied(&s, PART_AND_DROP).await;
     c.write_all(b"ping").await.unwrap();
-    let mut answer = [0u8; 4];
-    c.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"pong");
-    c.write_all(b"next").await.unwrap();
+    c.shutdown().await.unwrap();
     let mut answer = Vec::new();
-    c.read_to_end(&mut answer).await.unwrap();
-    assert!(answer.is_empty());
-    drop(c);
-    let stats = copy
+    assert_reset(c.read_to_end(&mut answer).await);
+    assert!(b"par".starts_with(&answer), "{answer:?}");
+    let err = copy
         .await
         .unwrap()
-        .expect("the far end had everything the client sent");
-    assert_eq!(
-        stats,
-        CopyStats {
-            sent: 8,
-            received: 4
-        }
-    );
+        .expect_err("an answer cut short is a failure");
+    assert_eq!(err.stats.sent, 4);
+    assert!(err.stats.received <= 3, "{:?}", err.stats);
 }
