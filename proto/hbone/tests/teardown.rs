@@ -281,3 +281,40 @@ async fn far_end_dropping_the_stream_mid_answer_resets_the_half_closed_client() 
     assert_eq!(err.stats.sent, 4);
     assert!(err.stats.received <= 3, "{:?}", err.stats);
 }
+
+#[tokio::test]
+async fn a_stopped_copy_resets_both_ends_and_keeps_the_bytes_moved() {
+    // Drain and policy stop the copy: the client sees a reset, not a FIN.
+    let s = setup().await;
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (client, key, cert) = (s.client.clone(), s.key.clone(), s.cert.clone());
+    let target = SocketAddr::new(s.hbone.ip(), ECHO);
+    let copy = tokio::spawn(async move {
+        let (downstream, _) = front.accept().await.unwrap();
+        let est = client
+            .connect(&key, &cert, &ConnectRequest::new(target))
+            .await
+            .unwrap();
+        let stop = async {
+            let _ = stop_rx.await;
+            std::io::Error::other("drained")
+        };
+        let progress = hbone::tunnel::CopyProgress::default();
+        est.tunnel
+            .copy_with_tcp_until(&downstream, &progress, stop)
+            .await
+    });
+    let mut c = TcpStream::connect(front_addr).await.unwrap();
+    c.write_all(b"ping").await.unwrap();
+    stop_tx.send(()).unwrap();
+    let err = copy
+        .await
+        .unwrap()
+        .expect_err("a stopped copy is a failure");
+    assert_eq!(err.to_string(), "drained");
+    assert!(err.stats.sent <= 4, "{:?}", err.stats);
+    let mut rest = Vec::new();
+    assert_reset(c.read_to_end(&mut rest).await);
+}

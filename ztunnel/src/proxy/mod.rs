@@ -435,10 +435,16 @@ impl PodProxy {
         let tunnel = est.tunnel;
         drop((est.headers, req, key, creds));
         let progress = hbone::tunnel::CopyProgress::default();
-        let result = tokio::select! {
-            r = tunnel.copy_with_tcp_counted(&downstream, &progress) => r.map_err(|e| e.error),
-            _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
+        // A drain ends the copy as a failure (CONNECT_ERROR on the stream, RST to the
+        // client), never as a silently dropped stream.
+        let drained = async {
+            guard.force_close.cancelled().await;
+            io::Error::other("drained")
         };
+        let result = tunnel
+            .copy_with_tcp_until(&downstream, &progress, drained)
+            .await
+            .map_err(|e| e.error);
         finish_with_bytes(rec, result, progress.stats());
     }
 
@@ -655,11 +661,18 @@ impl ConnectHandler for InboundHandler {
         // As on the way out: keep nothing across the copy that it does not need.
         drop((req, dst));
         let progress = hbone::tunnel::CopyProgress::default();
-        let r = tokio::select! {
-            r = tunnel.copy_with_tcp_counted(&app, &progress) => r.map_err(|e| e.error),
-            _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
-            _ = tracked.closed_by_policy.cancelled() => Err(io::Error::other("closed: no longer allowed by policy")),
+        // Drain and policy end the copy as a failure (CONNECT_ERROR on the stream, RST to
+        // the app), never as a silently dropped stream.
+        let stopped = async {
+            tokio::select! {
+                _ = guard.force_close.cancelled() => io::Error::other("drained"),
+                _ = tracked.closed_by_policy.cancelled() => io::Error::other("closed: no longer allowed by policy"),
+            }
         };
+        let r = tunnel
+            .copy_with_tcp_until(&app, &progress, stopped)
+            .await
+            .map_err(|e| e.error);
         // Seen from the app: what came out of the tunnel was sent to it.
         let s = progress.stats();
         let app_side = hbone::CopyStats {
