@@ -23,6 +23,10 @@ const ECHO: u16 = 1002;
 const RESET_MIDWAY: u16 = 1003;
 const DROP_MIDWAY: u16 = 1004;
 const PART_AND_DROP: u16 = 1005;
+const READ_ALL: u16 = 1006;
+
+/// What the `READ_ALL` far end read: 1 = the whole request up to END_STREAM, 2 = an error.
+static READ_ALL_OUTCOME: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// The far end, played with the tunnel's own `AsyncRead`/`AsyncWrite` (as the waypoint's
 /// HTTP server does).
@@ -71,6 +75,16 @@ impl ConnectHandler for FarEnd {
                 let mut all = Vec::new();
                 t.read_to_end(&mut all).await.unwrap();
                 t.write_all(b"par").await.unwrap();
+            }
+            READ_ALL => {
+                let mut all = Vec::new();
+                let outcome = match t.read_to_end(&mut all).await {
+                    Ok(_) if all == b"ping" => 1,
+                    _ => 2,
+                };
+                READ_ALL_OUTCOME.store(outcome, std::sync::atomic::Ordering::SeqCst);
+                // Hold the stream a little so the client's drop happens before our end.
+                let _ = t.write_all(b"late").await;
             }
             _ => {}
         }
@@ -317,4 +331,29 @@ async fn a_stopped_copy_resets_both_ends_and_keeps_the_bytes_moved() {
     assert!(err.stats.sent <= 4, "{:?}", err.stats);
     let mut rest = Vec::new();
     assert_reset(c.read_to_end(&mut rest).await);
+}
+
+#[tokio::test]
+async fn a_finished_client_tunnel_dropped_at_once_still_delivers_its_end_stream() {
+    // An h2 client dropping a stream cancels it, discarding a queued END_STREAM; the
+    // tunnel lingers so the far end still sees a complete request.
+    let s = setup().await;
+    let target = SocketAddr::new(s.hbone.ip(), READ_ALL);
+    let mut est = s
+        .client
+        .connect(&s.key, &s.cert, &ConnectRequest::new(target))
+        .await
+        .unwrap();
+    est.tunnel.write_all(b"ping").await.unwrap();
+    est.tunnel.shutdown().await.unwrap();
+    drop(est);
+    loop {
+        match READ_ALL_OUTCOME.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            outcome => {
+                assert_eq!(outcome, 1, "the far end must read the request to its end");
+                break;
+            }
+        }
+    }
 }
