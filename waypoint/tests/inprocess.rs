@@ -1421,7 +1421,9 @@ async fn source_ztunnel_copy(
 /// The source's view of a request through the waypoint that closes the connection after
 /// answering (HTTP path: the waypoint ends its stream and drops it, so h2 resets it with
 /// NO_ERROR before the client has closed; TCP path: plain half-closes). Either way the
-/// copy ends cleanly with every byte counted.
+/// copy ends cleanly with every byte counted. The client's EOF proves the waypoint's
+/// END_STREAM arrived: a stream reset before it reaches the client as a TCP reset, and
+/// the copy then fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_copy_through_the_waypoint_ends_cleanly_with_its_bytes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
