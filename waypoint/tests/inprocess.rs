@@ -1393,3 +1393,67 @@ async fn traces_go_to_an_otlp_collector_with_a_client_span_per_attempt() {
         assert!(c.end_time_unix_nano <= server[0].end_time_unix_nano);
     }
 }
+
+/// What a source ztunnel does: a local TCP client's connection copied over HBONE to the
+/// waypoint for `vip` with `copy_with_tcp`. Returns the client socket and the copy.
+async fn source_ztunnel_copy(
+    s: &Setup,
+    vip: IpAddr,
+) -> (
+    tokio::net::TcpStream,
+    tokio::task::JoinHandle<Result<hbone::CopyStats, hbone::tunnel::CopyError>>,
+) {
+    let front = tokio::net::TcpListener::bind(SocketAddr::new(ip(15, 50), 0))
+        .await
+        .unwrap();
+    let front_addr = front.local_addr().unwrap();
+    let tunnel = s.tunnel(vip).await;
+    let copy = tokio::spawn(async move {
+        let (downstream, _) = front.accept().await.unwrap();
+        tunnel.copy_with_tcp(&downstream).await
+    });
+    (
+        tokio::net::TcpStream::connect(front_addr).await.unwrap(),
+        copy,
+    )
+}
+
+/// The source's view of a request through the waypoint that closes the connection after
+/// answering (HTTP path: the waypoint ends its stream and drops it, so h2 resets it with
+/// NO_ERROR before the client has closed; TCP path: plain half-closes). Either way the
+/// copy ends cleanly with every byte counted. The client's EOF proves the waypoint's
+/// END_STREAM arrived: a stream reset before it reaches the client as a TCP reset, and
+/// the copy then fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_copy_through_the_waypoint_ends_cleanly_with_its_bytes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(15).await;
+    for (vip, kind) in [(ip(15, 100), "http"), (ip(15, 104), "tcp")] {
+        let (mut c, copy) = source_ztunnel_copy(&s, vip).await;
+        let request =
+            b"GET /x HTTP/1.1\r\nhost: api.shop.svc.cluster.local\r\nconnection: close\r\n\r\n";
+        c.write_all(request).await.unwrap();
+        let mut response = Vec::new();
+        c.read_to_end(&mut response).await.unwrap();
+        let text = String::from_utf8_lossy(&response);
+        assert!(text.starts_with("HTTP/1.1 200"), "{kind}: {text}");
+        // One more request on the same HBONE connection: frames arrive in order, so the
+        // waypoint's end of the first stream has reached the source before it closes.
+        let (code, _, _) = s.get(vip, "/barrier").await;
+        assert_eq!(code, 200);
+        assert_eq!(s.client.connections(), 1, "{kind}: one HBONE connection");
+        drop(c);
+        let stats = copy
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{kind}: the request succeeded, yet: {e} ({:?})", e.stats));
+        assert_eq!(
+            stats,
+            hbone::CopyStats {
+                sent: request.len() as u64,
+                received: response.len() as u64,
+            },
+            "{kind}"
+        );
+    }
+}

@@ -332,7 +332,7 @@ impl<D: Dialer> Client<D> {
             return Err(StreamError::Failed(ConnectError::Refused(refused)));
         }
         let (parts, recv) = response.into_parts();
-        let tunnel = Tunnel::new(send, recv, guard.0.take());
+        let tunnel = Tunnel::new(send, recv, true, guard.0.take());
         Ok(Established {
             tunnel,
             headers: parts.headers,

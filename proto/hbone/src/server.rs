@@ -51,7 +51,7 @@ impl Responder {
         let mut resp = Response::new(());
         *resp.headers_mut() = headers;
         let send = respond.send_response(resp, false)?;
-        Ok(Tunnel::new(send, recv, None))
+        Ok(Tunnel::new(send, recv, false, None))
     }
 }
 

@@ -6,6 +6,7 @@ use h2::{RecvStream, SendStream};
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -20,13 +21,21 @@ const READ_CHUNK: usize = 128 * 1024;
 /// Called once when the stream is finished (returns its slot to the pool).
 pub(crate) type OnDrop = Box<dyn FnOnce() + Send + Sync>;
 
+/// How long a dropped client-side tunnel waits for the peer's END_STREAM ([`Linger`]).
+const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Tunnel {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    /// Taken only when a dropped tunnel lingers.
+    recv: Option<RecvStream>,
     /// Remainder of the last DATA frame, not yet read by the caller.
     pending: Bytes,
     read_eof: bool,
     write_closed: bool,
+    /// We reset the stream (a failure): nothing is left to deliver.
+    reset_sent: bool,
+    /// Our side opened the stream (an h2 client), see [`Linger`].
+    linger: bool,
     on_drop: Option<OnDrop>,
 }
 
@@ -41,9 +50,71 @@ impl std::fmt::Debug for Tunnel {
 
 impl Drop for Tunnel {
     fn drop(&mut self) {
-        if let Some(f) = self.on_drop.take() {
+        let on_drop = self.on_drop.take();
+        let linger = Linger::decide(LingerState {
+            client: self.linger,
+            write_closed: self.write_closed,
+            read_eof: self.read_eof,
+            reset_sent: self.reset_sent,
+        });
+        if linger == Linger::UntilPeerEnds
+            && let (Some(recv), Ok(rt)) = (self.recv.take(), tokio::runtime::Handle::try_current())
+        {
+            rt.spawn(linger_until_peer_ends(recv, on_drop));
+            return;
+        }
+        if let Some(f) = on_drop {
             f();
         }
+    }
+}
+
+/// What a tunnel knows about its stream when it is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LingerState {
+    client: bool,
+    write_closed: bool,
+    read_eof: bool,
+    reset_sent: bool,
+}
+
+/// What dropping a tunnel does to its stream. An h2 client dropping a stream the peer
+/// has not finished resets it with CANCEL and discards what it still had queued —
+/// including our END_STREAM, so a peer would see a clean end as a failure. A client
+/// tunnel whose side is finished therefore keeps its receive half until the peer ends
+/// too (bounded by [`LINGER`]) while h2 sends the queued END_STREAM. A server's drop
+/// needs no help: h2 sends its queued END_STREAM, then RST_STREAM(NO_ERROR).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linger {
+    /// Drop now: the stream is complete, failed, a server's, or ours was not finished
+    /// (CANCEL is then the truth).
+    No,
+    UntilPeerEnds,
+}
+
+impl Linger {
+    fn decide(s: LingerState) -> Linger {
+        if s.client && s.write_closed && !s.read_eof && !s.reset_sent {
+            Linger::UntilPeerEnds
+        } else {
+            Linger::No
+        }
+    }
+}
+
+/// Holds a finished client stream until the peer's END_STREAM (the stream then closes
+/// with no reset), a reset, or [`LINGER`]. Data still arriving has nobody to read it:
+/// the stream is dropped at once, which h2 turns into CANCEL, as after the bound.
+async fn linger_until_peer_ends(mut recv: RecvStream, on_drop: Option<OnDrop>) {
+    let _ = tokio::time::timeout(LINGER, async {
+        if let Some(Ok(data)) = poll_fn(|cx| recv.poll_data(cx)).await {
+            let _ = recv.flow_control().release_capacity(data.len());
+        }
+    })
+    .await;
+    drop(recv);
+    if let Some(f) = on_drop {
+        f();
     }
 }
 
@@ -56,11 +127,98 @@ pub struct CopyStats {
     pub received: u64,
 }
 
+/// Byte counts of a running copy, updated as each chunk is handed on, so that whoever
+/// stops the copy early (drain, policy) still knows what moved.
+#[derive(Debug, Default)]
+pub struct CopyProgress {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl CopyProgress {
+    pub fn stats(&self) -> CopyStats {
+        CopyStats {
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A copy that failed, with the bytes it had moved by then.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct CopyError {
+    pub error: io::Error,
+    pub stats: CopyStats,
+}
+
+/// What the copy knows about a stream when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamEnd {
+    /// Our side reached EOF and every byte before it was handed to the stream.
+    pub sent_all: bool,
+    /// The peer's END_STREAM arrived and every byte before it was passed on.
+    pub received_all: bool,
+    /// Why the peer reset the stream, if it did.
+    pub peer_reset: Option<h2::Reason>,
+}
+
+/// How a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndKind {
+    /// Everything both sides sent was delivered.
+    Clean,
+    /// Data may have been lost: a failure.
+    Failed,
+}
+
+/// Classifies a stream's end. Clean only when everything both sides sent was delivered
+/// (our END_STREAM was handed to h2, the peer's reached us) and the peer did not reset
+/// the stream, or reset it with NO_ERROR — what h2 does when a server drops a stream it finished sending
+/// without waiting for ours (RFC 9113 §8.1; its END_STREAM goes out first). CANCEL is
+/// never clean: an h2 client dropping a stream discards what it had queued, and our own
+/// ends (drain, policy) and Istio's send it on failures. Any other reason is a failure
+/// too: a tunnel whose TCP side failed resets with CONNECT_ERROR (RFC 9113 §8.5).
+pub fn classify_end(end: StreamEnd) -> EndKind {
+    match end.peer_reset {
+        _ if !(end.sent_all && end.received_all) => EndKind::Failed,
+        None | Some(h2::Reason::NO_ERROR) => EndKind::Clean,
+        Some(_) => EndKind::Failed,
+    }
+}
+
+/// The reason of a reset the peer sent, if `e` is one.
+fn remote_reset(e: &h2::Error) -> Option<h2::Reason> {
+    if e.is_reset() && e.is_remote() {
+        e.reason()
+    } else {
+        None
+    }
+}
+
+/// The peer's reset reason if the stream was reset by the peer, without waiting.
+fn peer_reset_now(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Option<h2::Reason> {
+    match send.poll_reset(cx) {
+        Poll::Ready(Ok(reason)) => Some(reason),
+        _ => None,
+    }
+}
+
+fn reset_error(reason: h2::Reason) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        format!("stream reset by peer ({reason:?}: {reason})"),
+    )
+}
+
 fn h2_io_error(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e
             .into_io()
             .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    if let Some(reason) = remote_reset(&e) {
+        return reset_error(reason);
     }
     let kind = match e.reason() {
         Some(h2::Reason::NO_ERROR) | Some(h2::Reason::CANCEL) => io::ErrorKind::ConnectionReset,
@@ -70,36 +228,97 @@ fn h2_io_error(e: h2::Error) -> io::Error {
 }
 
 impl Tunnel {
-    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, on_drop: Option<OnDrop>) -> Self {
+    /// `client`: our side opened the stream (see [`Linger`]).
+    pub(crate) fn new(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        client: bool,
+        on_drop: Option<OnDrop>,
+    ) -> Self {
         Tunnel {
             send,
-            recv,
+            recv: Some(recv),
             pending: Bytes::new(),
             read_eof: false,
             write_closed: false,
+            reset_sent: false,
+            linger: client,
             on_drop,
         }
     }
 
-    /// Aborts the stream (RST_STREAM) so the peer sees a failure rather than a clean end.
+    fn recv(&mut self) -> &mut RecvStream {
+        self.recv.as_mut().expect("taken only on drop")
+    }
+
+    /// Aborts the stream so the peer sees a failure rather than a clean end: the TCP
+    /// connection behind it failed (RST_STREAM(CONNECT_ERROR), RFC 9113 §8.5).
     pub fn reset(&mut self) {
-        self.send.send_reset(h2::Reason::CANCEL);
+        self.reset_sent = true;
+        self.send.send_reset(h2::Reason::CONNECT_ERROR);
     }
 
     /// Copies both ways between this tunnel and `tcp` until both directions have ended.
     /// EOF on either side is passed on as a half-close (END_STREAM / FIN); an error on
-    /// either side aborts both (RST_STREAM / RST).
-    pub async fn copy_with_tcp(mut self, tcp: &TcpStream) -> io::Result<CopyStats> {
-        let mut sent = 0u64;
-        let mut received = 0u64;
+    /// either side, or a reset by the peer before its END_STREAM, aborts both
+    /// (RST_STREAM / RST). How the end is judged is [`classify_end`]; on failure the error
+    /// carries the bytes moved so far.
+    pub async fn copy_with_tcp(self, tcp: &TcpStream) -> Result<CopyStats, CopyError> {
+        self.copy_with_tcp_counted(tcp, &CopyProgress::default())
+            .await
+    }
+
+    /// [`Self::copy_with_tcp`], counting into `progress` as bytes are handed on.
+    pub async fn copy_with_tcp_counted(
+        self,
+        tcp: &TcpStream,
+        progress: &CopyProgress,
+    ) -> Result<CopyStats, CopyError> {
+        self.copy_with_tcp_until(tcp, progress, std::future::pending())
+            .await
+    }
+
+    /// [`Self::copy_with_tcp_counted`], aborted as a failure when `stop` completes
+    /// (drain, policy): both ends then see a failure (RST_STREAM(CONNECT_ERROR), TCP RST)
+    /// rather than a silently dropped stream, and the copy returns `stop`'s error.
+    pub async fn copy_with_tcp_until(
+        mut self,
+        tcp: &TcpStream,
+        progress: &CopyProgress,
+        stop: impl Future<Output = io::Error>,
+    ) -> Result<CopyStats, CopyError> {
+        let error = match self.copy_both_ways(tcp, progress, stop).await {
+            Ok(()) => {
+                self.read_eof = true;
+                return Ok(progress.stats());
+            }
+            Err(e) => e,
+        };
+        // RFC 9113 §8.5: a failed tunnel is CONNECT_ERROR on the stream, RST on the TCP side.
+        self.reset();
+        let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+        Err(CopyError {
+            error,
+            stats: progress.stats(),
+        })
+    }
+
+    /// Both directions of the copy; `Ok` only for an end [`classify_end`] calls clean.
+    async fn copy_both_ways(
+        &mut self,
+        tcp: &TcpStream,
+        progress: &CopyProgress,
+        stop: impl Future<Output = io::Error>,
+    ) -> io::Result<()> {
         let Tunnel {
             send,
             recv,
             pending,
             write_closed,
             ..
-        } = &mut self;
+        } = self;
         let pending = std::mem::take(pending);
+        let recv = recv.as_mut().expect("taken only on drop");
         let upload = async {
             let mut chunk = READ_CHUNK_MIN;
             loop {
@@ -107,15 +326,23 @@ impl Tunnel {
                 let mut buf = BytesMut::with_capacity(chunk);
                 match tcp.try_read_buf(&mut buf) {
                     Ok(0) => {
-                        finish_send(send, write_closed)?;
-                        return Ok::<_, io::Error>(());
+                        // Everything we had is handed over. A peer that already reset
+                        // the stream is judged once the download has ended too.
+                        return match finish_send(send, write_closed) {
+                            Ok(()) => Ok::<_, io::Error>(None),
+                            Err(e) => {
+                                match poll_fn(|cx| Poll::Ready(peer_reset_now(send, cx))).await {
+                                    Some(reason) => Ok(Some(reason)),
+                                    None => Err(e),
+                                }
+                            }
+                        };
                     }
                     Ok(n) => {
-                        sent += n as u64;
                         if n == chunk {
                             chunk = (chunk * 2).min(READ_CHUNK);
                         }
-                        send_all(send, buf.freeze()).await?;
+                        send_all(send, buf.freeze(), &progress.sent).await?;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
@@ -125,31 +352,51 @@ impl Tunnel {
         let download = async {
             if !pending.is_empty() {
                 write_all(tcp, &pending).await?;
-                received += pending.len() as u64;
+                progress
+                    .received
+                    .fetch_add(pending.len() as u64, Ordering::Relaxed);
             }
+            // h2 (0.4.20) keeps a received END_STREAM when a reset follows it, so an error
+            // here means the peer's data ended without END_STREAM: a reset of any reason
+            // before it is a broken transfer, never passed on as FIN.
             while let Some(chunk) = poll_fn(|cx| recv.poll_data(cx)).await {
                 let chunk = chunk.map_err(h2_io_error)?;
                 write_all(tcp, &chunk).await?;
-                received += chunk.len() as u64;
+                progress
+                    .received
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 let _ = recv.flow_control().release_capacity(chunk.len());
             }
             // The peer half-closed: pass the FIN on.
             socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write)?;
             Ok::<_, io::Error>(())
         };
-        // Each direction runs until its EOF; the first error ends both and is made visible
-        // to both ends.
-        if let Err(e) = tokio::try_join!(upload, download) {
-            self.send.send_reset(h2::Reason::CANCEL);
-            let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
-            return Err(e);
+        // Each direction runs until its EOF; the first error ends both.
+        let both = async { tokio::try_join!(upload, download) };
+        let (peer_reset, ()) = tokio::select! {
+            r = both => r?,
+            e = stop => return Err(e),
+        };
+        // Both directions reached their EOF; the peer may have reset the stream since.
+        let end = StreamEnd {
+            sent_all: true,
+            received_all: true,
+            peer_reset,
+        };
+        match classify_end(end) {
+            EndKind::Clean => Ok(()),
+            EndKind::Failed => Err(reset_error(peer_reset.unwrap_or(h2::Reason::CONNECT_ERROR))),
         }
-        Ok(CopyStats { sent, received })
     }
 }
 
 /// Sends `data` as DATA frames as flow control allows.
-async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
+/// Counts each chunk into `sent` once h2 has taken it.
+async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    sent: &AtomicU64,
+) -> io::Result<()> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let granted = poll_fn(|cx| send.poll_capacity(cx))
@@ -160,7 +407,9 @@ async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<(
             continue;
         }
         let chunk = data.split_to(granted.min(data.len()));
+        let n = chunk.len() as u64;
         send.send_data(chunk, false).map_err(h2_io_error)?;
+        sent.fetch_add(n, Ordering::Relaxed);
     }
     Ok(())
 }
@@ -197,13 +446,13 @@ impl AsyncRead for Tunnel {
                 let n = self.pending.len().min(buf.remaining());
                 buf.put_slice(&self.pending[..n]);
                 self.pending.advance(n);
-                let _ = self.recv.flow_control().release_capacity(n);
+                let _ = self.recv().flow_control().release_capacity(n);
                 return Poll::Ready(Ok(()));
             }
             if self.read_eof {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(self.recv.poll_data(cx)) {
+            match ready!(self.recv().poll_data(cx)) {
                 Some(Ok(data)) => self.pending = data,
                 Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
                 None => self.read_eof = true,
@@ -241,10 +490,7 @@ impl AsyncWrite for Tunnel {
                     // Waiting for window: notice a reset from the peer meanwhile.
                     if let Poll::Ready(r) = self.send.poll_reset(cx) {
                         let e = match r {
-                            Ok(reason) => io::Error::new(
-                                io::ErrorKind::ConnectionReset,
-                                format!("stream reset by peer: {reason}"),
-                            ),
+                            Ok(reason) => reset_error(reason),
                             Err(e) => h2_io_error(e),
                         };
                         return Poll::Ready(Err(e));
@@ -260,8 +506,148 @@ impl AsyncWrite for Tunnel {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        Poll::Ready(finish_send(&mut this.send, &mut this.write_closed))
+        let Err(e) = finish_send(&mut this.send, &mut this.write_closed) else {
+            return Poll::Ready(Ok(()));
+        };
+        // A peer that already reset the stream after all its data was read is no failure.
+        let Some(reason) = peer_reset_now(&mut this.send, cx) else {
+            return Poll::Ready(Err(e));
+        };
+        let end = StreamEnd {
+            sent_all: true,
+            received_all: this.read_eof && this.pending.is_empty(),
+            peer_reset: Some(reason),
+        };
+        Poll::Ready(match classify_end(end) {
+            EndKind::Clean => Ok(()),
+            EndKind::Failed => Err(reset_error(reason)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use h2::Reason;
+
+    fn end(sent_all: bool, received_all: bool, peer_reset: Option<Reason>) -> EndKind {
+        classify_end(StreamEnd {
+            sent_all,
+            received_all,
+            peer_reset,
+        })
+    }
+
+    #[test]
+    fn both_directions_done_is_clean() {
+        assert_eq!(end(true, true, None), EndKind::Clean);
+    }
+
+    #[test]
+    fn no_error_after_the_peers_end_stream_is_clean() {
+        // A server dropping the stream after its END_STREAM (RFC 9113 §8.1).
+        assert_eq!(end(true, true, Some(Reason::NO_ERROR)), EndKind::Clean);
+    }
+
+    #[test]
+    fn a_reset_before_the_peers_end_stream_is_a_failure() {
+        // Indistinguishable from a peer that crashed mid-answer.
+        for reason in [Reason::NO_ERROR, Reason::CANCEL, Reason::CONNECT_ERROR] {
+            assert_eq!(
+                end(true, false, Some(reason)),
+                EndKind::Failed,
+                "{reason:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cancel_is_never_clean() {
+        // h2 clients discard their queued END_STREAM on CANCEL; Istio's ztunnel and our
+        // drain/policy ends send it on failures.
+        for (sent_all, received_all) in [(true, true), (true, false), (false, true)] {
+            assert_eq!(
+                end(sent_all, received_all, Some(Reason::CANCEL)),
+                EndKind::Failed
+            );
+        }
+    }
+
+    #[test]
+    fn linger_only_for_a_finished_client_stream_awaiting_the_peer() {
+        let finished = LingerState {
+            client: true,
+            write_closed: true,
+            read_eof: false,
+            reset_sent: false,
+        };
+        assert_eq!(Linger::decide(finished), Linger::UntilPeerEnds);
+        for s in [
+            LingerState {
+                client: false,
+                ..finished
+            },
+            LingerState {
+                write_closed: false,
+                ..finished
+            },
+            LingerState {
+                read_eof: true,
+                ..finished
+            },
+            LingerState {
+                reset_sent: true,
+                ..finished
+            },
+        ] {
+            assert_eq!(Linger::decide(s), Linger::No, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn reset_with_our_data_still_due_is_a_failure() {
+        for reason in [Reason::NO_ERROR, Reason::CANCEL, Reason::CONNECT_ERROR] {
+            assert_eq!(
+                end(false, true, Some(reason)),
+                EndKind::Failed,
+                "{reason:?}"
+            );
+            assert_eq!(
+                end(false, false, Some(reason)),
+                EndKind::Failed,
+                "{reason:?}"
+            );
+        }
+        assert_eq!(end(false, true, None), EndKind::Failed);
+        assert_eq!(end(true, false, None), EndKind::Failed);
+    }
+
+    #[test]
+    fn error_reasons_stay_failures_even_when_complete() {
+        for reason in [
+            Reason::CONNECT_ERROR,
+            Reason::PROTOCOL_ERROR,
+            Reason::INTERNAL_ERROR,
+            Reason::FLOW_CONTROL_ERROR,
+            Reason::REFUSED_STREAM,
+        ] {
+            assert_eq!(end(true, true, Some(reason)), EndKind::Failed, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn progress_reports_what_was_counted() {
+        let p = CopyProgress::default();
+        p.sent.fetch_add(3, Ordering::Relaxed);
+        p.received.fetch_add(5, Ordering::Relaxed);
+        assert_eq!(
+            p.stats(),
+            CopyStats {
+                sent: 3,
+                received: 5
+            }
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! flows behind them.
 
 pub mod accept;
+pub mod counted;
 pub mod plan;
 pub mod socket;
 
@@ -363,21 +364,13 @@ impl PodProxy {
                 });
             }
         };
-        let mut downstream = downstream;
+        let mut downstream = counted::Counted::new(downstream);
         let mut upstream = upstream;
         let result = tokio::select! {
             r = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => r,
             _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
         };
-        match result {
-            Ok((sent, received)) => rec.finish(Outcome::Complete { sent, received }),
-            Err(e) => rec.finish(Outcome::Failed {
-                flags: "-",
-                error: &e.to_string(),
-                sent: 0,
-                received: 0,
-            }),
-        }
+        finish_copy(rec, result, &downstream);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -441,22 +434,18 @@ impl PodProxy {
         // not keep it (locals alive across an await are stored in the task).
         let tunnel = est.tunnel;
         drop((est.headers, req, key, creds));
-        let result = tokio::select! {
-            r = tunnel.copy_with_tcp(&downstream) => r,
-            _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
+        let progress = hbone::tunnel::CopyProgress::default();
+        // A drain ends the copy as a failure (CONNECT_ERROR on the stream, RST to the
+        // client), never as a silently dropped stream.
+        let drained = async {
+            guard.force_close.cancelled().await;
+            io::Error::other("drained")
         };
-        match result {
-            Ok(s) => rec.finish(Outcome::Complete {
-                sent: s.sent,
-                received: s.received,
-            }),
-            Err(e) => rec.finish(Outcome::Failed {
-                flags: "-",
-                error: &e.to_string(),
-                sent: 0,
-                received: 0,
-            }),
-        }
+        let result = tunnel
+            .copy_with_tcp_until(&downstream, &progress, drained)
+            .await
+            .map_err(|e| e.error);
+        finish_with_bytes(rec, result, progress.stats());
     }
 
     // ---- inbound ----
@@ -539,13 +528,13 @@ impl PodProxy {
             Ok((app, dst)) => {
                 let rec = ConnRecorder::open(self.ctx.metrics.clone(), report);
                 let tracked = self.ctx.tracker.track(&dst.uid, info);
-                let (mut a, mut b) = (downstream, app);
+                let (mut a, mut b) = (counted::Counted::new(downstream), app);
                 let r = tokio::select! {
                     r = tokio::io::copy_bidirectional(&mut a, &mut b) => r,
                     _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
                     _ = tracked.closed_by_policy.cancelled() => Err(io::Error::other("closed: no longer allowed by policy")),
                 };
-                finish_copy(rec, r);
+                finish_copy(rec, r, &a);
             }
         }
     }
@@ -671,12 +660,26 @@ impl ConnectHandler for InboundHandler {
         let tracked = pod.ctx.tracker.track(&dst.uid, info);
         // As on the way out: keep nothing across the copy that it does not need.
         drop((req, dst));
-        let r = tokio::select! {
-            r = tunnel.copy_with_tcp(&app) => r.map(|s| (s.received, s.sent)),
-            _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
-            _ = tracked.closed_by_policy.cancelled() => Err(io::Error::other("closed: no longer allowed by policy")),
+        let progress = hbone::tunnel::CopyProgress::default();
+        // Drain and policy end the copy as a failure (CONNECT_ERROR on the stream, RST to
+        // the app), never as a silently dropped stream.
+        let stopped = async {
+            tokio::select! {
+                _ = guard.force_close.cancelled() => io::Error::other("drained"),
+                _ = tracked.closed_by_policy.cancelled() => io::Error::other("closed: no longer allowed by policy"),
+            }
         };
-        finish_copy(rec, r);
+        let r = tunnel
+            .copy_with_tcp_until(&app, &progress, stopped)
+            .await
+            .map_err(|e| e.error);
+        // Seen from the app: what came out of the tunnel was sent to it.
+        let s = progress.stats();
+        let app_side = hbone::CopyStats {
+            sent: s.received,
+            received: s.sent,
+        };
+        finish_with_bytes(rec, r.map(|_| ()), app_side);
     }
 }
 
@@ -695,14 +698,29 @@ fn finish_refusal(rec: ConnRecorder, refusal: &Refusal, policy: Option<&str>) {
     }
 }
 
-fn finish_copy(rec: ConnRecorder, r: io::Result<(u64, u64)>) {
+/// Records a plain copy's end, with the bytes counted on the downstream side: what was
+/// read from it was sent on, what was written to it was received.
+fn finish_copy<T>(rec: ConnRecorder, r: io::Result<(u64, u64)>, downstream: &counted::Counted<T>) {
+    let stats = hbone::CopyStats {
+        sent: downstream.read,
+        received: downstream.written,
+    };
+    finish_with_bytes(rec, r, stats);
+}
+
+/// Records a copy's end. `stats` are the bytes moved whatever the outcome: an error at
+/// the end does not undo what was delivered.
+fn finish_with_bytes(rec: ConnRecorder, r: io::Result<impl Sized>, stats: hbone::CopyStats) {
     match r {
-        Ok((sent, received)) => rec.finish(Outcome::Complete { sent, received }),
+        Ok(_) => rec.finish(Outcome::Complete {
+            sent: stats.sent,
+            received: stats.received,
+        }),
         Err(e) => rec.finish(Outcome::Failed {
             flags: "-",
             error: &e.to_string(),
-            sent: 0,
-            received: 0,
+            sent: stats.sent,
+            received: stats.received,
         }),
     }
 }
