@@ -135,6 +135,19 @@ fn every_pod_confirmed_then_a_broken_pod_is_flagged_and_fails_closed() {
                 && l.contains("table inet ambient-nat is missing")
         }) && confirmed_line(&out, "front/other")
     });
+    // `meshctl status` flags it too, with the reason, and counts the rest as confirmed.
+    let (_, status) = t.meshctl_on(1, &["status"]);
+    let section = status
+        .split_once("ENROLMENT")
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("no ENROLMENT section in meshctl status:\n{status}"));
+    assert!(
+        section.contains("1 of 2 enrolled pods confirmed")
+            && section.lines().any(|l| l.contains("front/client")
+                && l.contains("FAILED")
+                && l.contains("table inet ambient-nat is missing")),
+        "{status}"
+    );
     let m = t.agent_metrics(1);
     assert!(
         m.contains("mesh_cni_pod_enrolment{state=\"failed\"} 1\n"),

@@ -41,8 +41,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Readiness (and why not), nodes, connected ztunnels/agents/waypoints, enrolled
-    /// workloads. Exits 1 when mesh-control is not ready.
-    Status,
+    /// workloads, and each node agent's enrolment (pods not confirmed flagged with the
+    /// reason). Exits 1 when mesh-control is not ready.
+    Status {
+        /// A node agent's --readiness-addr whose enrolment to show (repeat for each
+        /// node; the agent answers its own node only).
+        #[arg(long = "agent", default_value = "127.0.0.1:8000")]
+        agents: Vec<String>,
+    },
     /// What the control plane sent to a node's clients.
     Config {
         #[command(subcommand)]
@@ -326,6 +332,18 @@ fn print_status(v: &serde_json::Value) -> Result<(), String> {
     }
 }
 
+/// The ENROLMENT section of `meshctl status`: each node agent's own account (an agent
+/// that cannot be read is said so, it does not hide the rest).
+fn print_enrolment(agents: &[String]) {
+    println!("\nENROLMENT (from the node agents; details: meshctl enrolment)");
+    for a in agents {
+        match enrolment::fetch(a) {
+            Ok(v) => print!("{}", enrolment::summary(&v)),
+            Err(e) => println!("  {a}: {}", e.lines().next().unwrap_or_default()),
+        }
+    }
+}
+
 /// Runs `queries` against Prometheus; with `show`, prints each before its answer is used.
 fn run_queries<K: Ord + Copy>(
     prometheus: &str,
@@ -467,7 +485,12 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Stat { .. } | Cmd::Top { .. } | Cmd::Dashboard { .. } => {
             unreachable!("handled above")
         }
-        Cmd::Status => print_status(&get(&cli.control, "/debug/status")?)?,
+        Cmd::Status { agents } => {
+            let status = get(&cli.control, "/debug/status")?;
+            let ready = print_status(&status);
+            print_enrolment(&agents);
+            ready?
+        }
         Cmd::Config {
             cmd: ConfigCmd::Dump { node },
         } => {

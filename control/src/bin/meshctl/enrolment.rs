@@ -77,6 +77,33 @@ pub fn render(v: &serde_json::Value) -> (String, bool) {
     (out, all_confirmed)
 }
 
+/// The few lines `meshctl status` prints for one agent's answer: how many pods are
+/// confirmed, and each pod that is not, with the reason (the full list is
+/// `meshctl enrolment`).
+pub fn summary(v: &serde_json::Value) -> String {
+    let node = v["node"].as_str().unwrap_or("(unnamed node)");
+    if v["ready"] == false {
+        return format!(
+            "  {node:<20} NOT READY: the agent is waiting for the control plane's view\n"
+        );
+    }
+    let pods = v["pods"].as_array().cloned().unwrap_or_default();
+    let confirmed = pods.iter().filter(|p| p["state"] == "confirmed").count();
+    let mut out = format!(
+        "  {node:<20} {confirmed} of {} enrolled pods confirmed\n",
+        pods.len()
+    );
+    for p in pods.iter().filter(|p| p["state"] != "confirmed") {
+        out.push_str(&format!(
+            "    {:<38} {}: {}\n",
+            p["pod"].as_str().unwrap_or_default(),
+            p["state"].as_str().unwrap_or("unknown").to_uppercase(),
+            p["reason"].as_str().unwrap_or("(no reason given)")
+        ));
+    }
+    out
+}
+
 /// meshctl's exit code for the agents' answers (`Ok(all confirmed)` or the reason it
 /// could not be read): 2 when an agent could not be read, 1 when pods are not
 /// confirmed, 0 otherwise.
@@ -117,6 +144,33 @@ mod tests {
                 .0
                 .contains("no enrolled pods")
         );
+    }
+
+    #[test]
+    fn status_summary_counts_and_flags_with_reasons() {
+        let v = serde_json::json!({"node": "node-1", "ready": true, "pods": [
+            {"pod": "front/client", "state": "confirmed"},
+            {"pod": "front/other", "state": "confirmed"},
+            {"pod": "back/api", "state": "failed", "reason": "table inet ambient-nat is missing"},
+            {"pod": "back/db", "state": "pending"},
+        ]});
+        let s = summary(&v);
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines.len(), 3, "{s}");
+        assert!(
+            lines[0].contains("node-1") && lines[0].ends_with("2 of 4 enrolled pods confirmed")
+        );
+        assert!(
+            lines[1].contains("back/api")
+                && lines[1].ends_with("FAILED: table inet ambient-nat is missing")
+        );
+        assert!(lines[2].contains("back/db") && lines[2].ends_with("PENDING: (no reason given)"));
+        assert!(
+            !s.contains("front/client"),
+            "confirmed pods are only counted: {s}"
+        );
+        let s = summary(&serde_json::json!({"node": "n", "ready": false, "pods": []}));
+        assert!(s.contains("NOT READY"), "{s}");
     }
 
     #[test]
