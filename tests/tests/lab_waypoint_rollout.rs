@@ -9,7 +9,7 @@ use mesh_e2e::manifests::{
     BACK_USES_WAYPOINT, FRONT_AMBIENT, FRONT_CLIENT, WAYPOINT_GATEWAY, back_api, join,
 };
 use mesh_e2e::testlab::TestLab;
-use mesh_lab::rollout::Ended;
+use mesh_lab::rollout::{Ended, Listing, listing};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,8 +24,8 @@ const API: &str = "http://10.96.0.20";
 #[derive(Default, Debug)]
 struct Seen {
     ok: usize,
-    /// HTTP/2 requests sent again because their connection never sent them.
-    resent: usize,
+    /// HTTP/2 requests sent again on a new connection: never processed on their first.
+    resent: Vec<String>,
     failures: Vec<String>,
 }
 
@@ -94,32 +94,43 @@ fn h1_client(
 type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
 
 /// A new HTTP/2 connection to the app's Service from inside the pod at `netns`.
-async fn h2_connect(netns: &str) -> H2 {
+async fn h2_connect(netns: &str) -> Result<H2, String> {
     let to: SocketAddr = "10.96.0.20:80".parse().unwrap();
     let ns = ztunnel::inpod::netns::Netns::open(netns).unwrap();
     let tcp = ns
         .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
         .unwrap()
-        .unwrap();
+        .map_err(|e| format!("connect: {e}"))?;
     tcp.set_nonblocking(true).unwrap();
     let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(tcp).unwrap());
     let (sender, conn) =
         hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
             .await
-            .unwrap();
+            .map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(conn);
-    sender
+    Ok(sender)
 }
 
 /// Why an HTTP/2 request got no answer.
 #[derive(Debug)]
 enum H2Error {
-    /// The connection took it but never sent it (it was going away): safe to send again
-    /// on a new connection, as HTTP/2 clients do (hyper-util's pooled client retries
-    /// exactly these).
+    /// Never processed, so safe to send again on a new connection, as HTTP/2 clients do:
+    /// the connection never sent it (it was going away; hyper-util's pooled client
+    /// retries these), or the server's final GOAWAY said its stream was above the last
+    /// one it processes (RFC 9113 §6.8; h2 fails exactly those streams with a remote
+    /// GOAWAY error).
     NotSent,
     /// Sent, and failed: a dropped request (why).
     Failed(#[allow(dead_code)] String),
+}
+
+/// The server's GOAWAY (without error) named a last stream below this request's one.
+fn refused_by_goaway(e: &hyper::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h| {
+            h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR)
+        })
 }
 
 /// GET `path` and read the whole answer: (status, body).
@@ -131,10 +142,12 @@ async fn h2_get(sender: &mut H2, path: &str) -> Result<(u16, String), H2Error> {
     let resp = match sender.try_send_request(req).await {
         Ok(r) => r,
         Err(mut e) => {
-            return Err(if e.take_message().is_some() {
+            let not_sent = e.take_message().is_some();
+            let e = e.into_error();
+            return Err(if not_sent || refused_by_goaway(&e) {
                 H2Error::NotSent
             } else {
-                H2Error::Failed(format!("{path}: {}", e.into_error()))
+                H2Error::Failed(format!("{path}: {e:?}"))
             });
         }
     };
@@ -162,7 +175,13 @@ async fn h2_client(
     while !stop.load(Ordering::SeqCst) {
         // A connection that received GOAWAY (or closed) takes no new request.
         if sender.ready().await.is_err() {
-            sender = h2_connect(&netns).await;
+            match h2_connect(&netns).await {
+                Ok(s) => sender = s,
+                Err(e) => {
+                    seen.failures.push(format!("new connection: {e}"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
             connections.fetch_add(1, Ordering::SeqCst);
             continue;
         }
@@ -170,7 +189,7 @@ async fn h2_client(
         match h2_get(&mut sender, &path).await {
             Ok((200, body)) if body.contains(&format!(" {path} ")) => seen.ok += 1,
             Err(H2Error::NotSent) => {
-                seen.resent += 1;
+                seen.resent.push(path);
                 continue;
             }
             other => seen.failures.push(format!("{path}: {other:?}")),
@@ -179,6 +198,18 @@ async fn h2_client(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (seen, sender)
+}
+
+/// How node `node_ns`'s ztunnel lists the workload at `ip` (its `/config_dump`).
+fn ztunnel_lists(node_ns: &str, ip: &str) -> Listing {
+    let out = Command::new("ip")
+        .args(["netns", "exec", node_ns, "curl", "-s", "--max-time", "5"])
+        .arg("http://127.0.0.1:15000/config_dump")
+        .output()
+        .unwrap();
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{node_ns}'s ztunnel /config_dump: {e}"));
+    listing(&dump, ip)
 }
 
 /// The sum of a waypoint's `istio_requests_total` series.
@@ -226,7 +257,7 @@ async fn a_waypoint_rollout_drops_no_request() {
         let ns = client_ns.clone();
         std::thread::spawn(move || curl_keepalive(&ns, &[format!("{API}/hold/h1slow")], None))
     };
-    let mut sender = h2_connect(&client_ns_path).await;
+    let mut sender = h2_connect(&client_ns_path).await.unwrap();
     let held_h2 = {
         let mut s = sender.clone();
         tokio::spawn(async move { h2_get(&mut s, "/hold/h2slow").await })
@@ -256,12 +287,26 @@ async fn a_waypoint_rollout_drops_no_request() {
         h2_connections.clone(),
     ));
 
+    // When the old pod is told to stop: what every ztunnel holds of it, and new
+    // requests (each on a new connection) made while it drains; then the held requests
+    // are released.
+    let nodes: Vec<String> = (1..=2).map(|i| t.lab.node_ns(i)).collect();
+    let old_ip = t.lab.state.pods[OLD].ip.clone();
+    let mut at_sigterm = Vec::new();
+    let mut during_drain = Vec::new();
     let mut events = Vec::new();
     let report = tokio::task::block_in_place(|| {
         t.lab
             .rollout_waypoint("back", "waypoint", None, &mut |e| {
                 events.push(e.to_string());
                 if e.contains("sent SIGTERM") {
+                    for n in &nodes {
+                        at_sigterm.push((n.clone(), ztunnel_lists(n, &old_ip)));
+                    }
+                    for i in 0..5 {
+                        let url = format!("{API}/during-drain-{i}");
+                        during_drain.push(curl_keepalive(&client_ns, &[url], None));
+                    }
                     std::fs::write(&h1_release, b"").unwrap();
                     std::fs::write(&h2_release, b"").unwrap();
                 }
@@ -276,10 +321,21 @@ async fn a_waypoint_rollout_drops_no_request() {
         "the old pod drained and exited by itself: {events:#?}"
     );
     assert!(!mesh_lab::ending::alive(old_pid));
-    let old_text = std::fs::read_to_string(&old_log).unwrap();
+    // Endpoints first: no ztunnel sent new connections to the old pod any more when it
+    // was told to stop.
+    assert_eq!(at_sigterm.len(), 2);
+    for (node, l) in &at_sigterm {
+        assert_ne!(
+            *l,
+            Listing::Healthy,
+            "{node}'s ztunnel still sent to the old pod at SIGTERM"
+        );
+    }
     assert!(
-        old_text.contains("waypoint stopped") && !old_text.contains("drain deadline passed"),
-        "{old_text}"
+        during_drain
+            .iter()
+            .all(|(ok, codes)| *ok && codes == &["200"]),
+        "new requests while the old pod drained: {during_drain:?}"
     );
 
     // The clients keep going after it (a whole batch each started after it), then stop.
@@ -317,6 +373,18 @@ async fn a_waypoint_rollout_drops_no_request() {
         );
     }
     eprintln!("served: {h1_seen:?} {h2_seen:?}");
+    // A request sent again was indeed never processed by the old pod (its GOAWAY named
+    // the right last stream); the new pod served it.
+    for p in &h2_seen.resent {
+        assert!(
+            !old_text.contains(&format!("path={p} ")),
+            "{p} was processed by the old pod"
+        );
+        assert!(
+            new_log.contains(&format!("path={p} ")),
+            "{p} was served by the new pod"
+        );
+    }
     assert!(
         h2_connections.load(Ordering::SeqCst) >= 2,
         "the HTTP/2 client moved to a new connection when the old pod went away"
@@ -334,6 +402,11 @@ async fn a_waypoint_rollout_drops_no_request() {
         "{body}"
     );
     assert!(old_text.contains("path=/hold/h1slow") && old_text.contains("path=/hold/h2slow"));
+    // The old pod drained: it did not wait for its deadline.
+    assert!(
+        old_text.contains("drained") && !old_text.contains("drain deadline passed"),
+        "{old_text}"
+    );
 
     // From now on, every new request is served by the new pod: the old one's record
     // (its log, kept after it exited) has none of them, the new one's has all.
@@ -355,7 +428,11 @@ async fn a_waypoint_rollout_drops_no_request() {
     );
     let new_log = t.log(&format!("pod:{new}"));
     for i in 0..10 {
-        for p in [format!("/after-h1-{i}"), format!("/after-h2-{i}")] {
+        let drain = (i < 5).then(|| format!("/during-drain-{i}"));
+        for p in [format!("/after-h1-{i}"), format!("/after-h2-{i}")]
+            .into_iter()
+            .chain(drain)
+        {
             assert!(
                 new_log.contains(&format!("path={p} ")),
                 "{p} in the new pod's log"
