@@ -440,7 +440,10 @@ async fn a_waypoint_rollout_drops_no_request() {
             assert!(!old_text.contains(&p), "{p} not in the old pod's log");
         }
     }
-    // The old pod is gone from the cluster; the lab knows one waypoint pod.
-    assert_eq!(t.lab.waypoint_pods("back", "waypoint"), vec![new]);
+    // The old pod is gone from the cluster; the lab knows one waypoint pod, also after
+    // the Gateway is applied again.
+    assert_eq!(t.lab.waypoint_pods("back", "waypoint"), vec![new.clone()]);
     assert!(!t.lab.state.pods.contains_key(OLD));
+    tokio::task::block_in_place(|| t.apply(WAYPOINT_GATEWAY));
+    assert_eq!(t.lab.waypoint_pods("back", "waypoint"), vec![new]);
 }

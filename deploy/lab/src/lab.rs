@@ -809,8 +809,8 @@ impl Lab {
     /// its pod, which runs the waypoint and is never captured itself. Returns the pod's
     /// manifest when it does not exist yet.
     fn provision_waypoint(&mut self, ns: &str, name: &str) -> Result<Option<Value>, String> {
-        let key = format!("{ns}/{name}");
-        if self.state.pods.contains_key(&key) {
+        // Its pods keep their Gateway's label, whatever their names (after a rollout too).
+        if !self.waypoint_pods(ns, name).is_empty() {
             return Ok(None);
         }
         let token_path = self.dir.join(format!("waypoints/{ns}-{name}.token"));
