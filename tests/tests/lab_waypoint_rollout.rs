@@ -295,9 +295,13 @@ async fn a_waypoint_rollout_drops_no_request() {
     let mut at_sigterm = Vec::new();
     let mut during_drain = Vec::new();
     let mut events = Vec::new();
+    // The new pod runs the binary given (an upgrade): here the same build, under
+    // another name.
+    let new_binary = t.lab.dir.join("waypoint-next");
+    std::os::unix::fs::symlink(t.lab.bin_dir.join("waypoint"), &new_binary).unwrap();
     let report = tokio::task::block_in_place(|| {
         t.lab
-            .rollout_waypoint("back", "waypoint", None, &mut |e| {
+            .rollout_waypoint("back", "waypoint", Some(&new_binary), &mut |e| {
                 events.push(e.to_string());
                 if e.contains("sent SIGTERM") {
                     for n in &nodes {
@@ -321,6 +325,16 @@ async fn a_waypoint_rollout_drops_no_request() {
         "the old pod drained and exited by itself: {events:#?}"
     );
     assert!(!mesh_lab::ending::alive(old_pid));
+    let new_pid = t.lab.process(&format!("pod:{new}")).unwrap().pid;
+    let cmdline = std::fs::read(format!("/proc/{new_pid}/cmdline")).unwrap();
+    assert!(
+        cmdline
+            .split(|b| *b == 0)
+            .next()
+            .is_some_and(|argv0| argv0 == new_binary.as_os_str().as_encoded_bytes()),
+        "the new pod runs {}",
+        new_binary.display()
+    );
     // Endpoints first: no ztunnel sent new connections to the old pod any more when it
     // was told to stop.
     assert_eq!(at_sigterm.len(), 2);
