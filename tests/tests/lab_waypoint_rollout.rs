@@ -11,7 +11,7 @@ use mesh_e2e::manifests::{
 use mesh_e2e::testlab::TestLab;
 use mesh_lab::rollout::{Ended, Listing, listing};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -221,10 +221,6 @@ fn requests_total(metrics: &str) -> f64 {
         .sum()
 }
 
-fn wait_file(path: &Path) {
-    mesh_e2e::cluster::wait_until(&format!("{}", path.display()), || path.exists());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waypoint_rollout_drops_no_request() {
     let mut t = tokio::task::block_in_place(|| {
@@ -263,8 +259,9 @@ async fn a_waypoint_rollout_drops_no_request() {
         tokio::spawn(async move { h2_get(&mut s, "/hold/h2slow").await })
     };
     tokio::task::block_in_place(|| {
-        wait_file(&h1_arrived);
-        wait_file(&h2_arrived);
+        t.eventually("the held requests at the app", || {
+            h1_arrived.exists() && h2_arrived.exists()
+        })
     });
     assert!(h2_get(&mut sender, "/h2-before").await.is_ok());
 
