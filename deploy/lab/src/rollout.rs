@@ -175,35 +175,31 @@ pub fn terminating(doc: &Value, now: &str) -> Value {
     doc
 }
 
-/// The drain deadline a waypoint's command line gives it (`--drain-deadline D` or
-/// `--drain-deadline=D`), else the waypoint's default.
-pub fn drain_deadline(command: &[String]) -> Duration {
+/// The duration a waypoint's command line gives `flag` (`--flag D` or `--flag=D`),
+/// parsed as the waypoint parses it.
+fn flag_duration(command: &[String], flag: &str) -> Option<Duration> {
+    let with_eq = format!("{flag}=");
     let value = command.iter().enumerate().find_map(|(i, a)| {
-        if a == "--drain-deadline" {
+        if a == flag {
             command.get(i + 1).map(String::as_str)
         } else {
-            a.strip_prefix("--drain-deadline=")
+            a.strip_prefix(&with_eq)
         }
     });
-    value.and_then(parse_duration).unwrap_or(DEFAULT_DRAIN)
+    value.and_then(mesh_route::parse_duration)
 }
 
-/// `500ms`, `5s`, `1m`.
-fn parse_duration(s: &str) -> Option<Duration> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = n.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => Some(Duration::from_secs(n * 60)),
-        _ => None,
-    }
+/// The drain deadline a waypoint's command line gives it, else the waypoint's default.
+pub fn drain_deadline(command: &[String]) -> Duration {
+    flag_duration(command, "--drain-deadline").unwrap_or(DEFAULT_DRAIN)
 }
 
 /// How long the old pod may take to exit after SIGTERM before it is killed: its drain
-/// deadline plus a margin (a Deployment's `terminationGracePeriodSeconds`).
+/// delay and deadline plus a margin (a Deployment's `terminationGracePeriodSeconds`).
 pub fn grace_period(command: &[String]) -> Duration {
-    drain_deadline(command) + GRACE_MARGIN
+    flag_duration(command, "--drain-delay").unwrap_or_default()
+        + drain_deadline(command)
+        + GRACE_MARGIN
 }
 
 /// `now` in RFC 3339 (UTC, seconds), as Kubernetes writes timestamps.
@@ -668,6 +664,15 @@ mod tests {
         assert_eq!(
             drain_deadline(&cmd(&["w", "--drain-deadline", "x"])),
             DEFAULT_DRAIN
+        );
+        assert_eq!(
+            drain_deadline(&cmd(&["waypoint", "--drain-deadline=1m30s"])),
+            Duration::from_secs(90)
+        );
+        // A drain delay comes before the drain.
+        assert_eq!(
+            grace_period(&cmd(&["w", "--drain-delay=5s", "--drain-deadline", "20s"])),
+            Duration::from_secs(25) + GRACE_MARGIN
         );
     }
 
