@@ -172,9 +172,12 @@ async fn h2_client(
 ) -> (Seen, H2) {
     let mut seen = Seen::default();
     let mut i = 0;
+    // The connection was told to go away: new requests go on a new one.
+    let mut going_away = false;
     while !stop.load(Ordering::SeqCst) {
         // A connection that received GOAWAY (or closed) takes no new request.
-        if sender.ready().await.is_err() {
+        if going_away || sender.ready().await.is_err() {
+            going_away = false;
             match h2_connect(&netns).await {
                 Ok(s) => sender = s,
                 Err(e) => {
@@ -190,6 +193,7 @@ async fn h2_client(
             Ok((200, body)) if body.contains(&format!(" {path} ")) => seen.ok += 1,
             Err(H2Error::NotSent) => {
                 seen.resent.push(path);
+                going_away = true;
                 continue;
             }
             other => seen.failures.push(format!("{path}: {other:?}")),
