@@ -332,7 +332,14 @@ impl Lab {
             new_pod: format!("{ns}/{new_name}"),
             old_pods: old.iter().map(|o| (o.clone(), None)).collect(),
         };
-        let binary = binary.map(|b| b.to_string_lossy().into_owned());
+        // An absolute path: the pod may be started again later (a node reboot).
+        let binary = binary
+            .map(|b| match std::path::absolute(b) {
+                Ok(p) if p.is_file() => Ok(p.to_string_lossy().into_owned()),
+                Ok(p) => Err(format!("--binary {}: no such file", p.display())),
+                Err(e) => Err(format!("--binary {}: {e}", b.display())),
+            })
+            .transpose()?;
         for step in plan(&old, &report.new_pod) {
             match step {
                 Step::Start { new } => {
