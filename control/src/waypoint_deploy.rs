@@ -40,6 +40,15 @@ pub const WATCHED: [(&str, &str, &str, &str); 2] = [OWNED[2], OWNED[3]];
 /// The label every owned object carries (`meta`), selecting them in watches.
 pub const MANAGED_LABEL: (&str, &str) = ("gateway.istio.io/managed", "istio.io-mesh-controller");
 
+/// On SIGTERM, how long a waypoint keeps accepting new connections (its readiness
+/// failing) before it drains: Kubernetes removes a terminating pod's endpoints while it
+/// signals it, not before, so ztunnels may still send new connections for a moment.
+pub const DRAIN_DELAY_SECS: u64 = 5;
+/// How long requests in flight may take to finish once the drain starts.
+pub const DRAIN_DEADLINE_SECS: u64 = 20;
+/// Beyond the delay and the deadline, before the kubelet's SIGKILL.
+const GRACE_MARGIN_SECS: u64 = 5;
+
 /// What every waypoint Deployment is given.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct WaypointDeployConfig {
@@ -96,6 +105,10 @@ pub fn desired_objects(
         "metadata": meta(gw, name),
         "spec": {
             "selector": {"matchLabels": selector},
+            // A rollout never lowers capacity: the new pod is ready before an old one
+            // leaves.
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
                 "metadata": {
                     "labels": {GATEWAY_NAME_LABEL: name, "istio.io/dataplane-mode": "none"},
@@ -103,6 +116,9 @@ pub fn desired_objects(
                 },
                 "spec": {
                     "serviceAccountName": name,
+                    // The drain delay and deadline fit before the kubelet's SIGKILL.
+                    "terminationGracePeriodSeconds":
+                        DRAIN_DELAY_SECS + DRAIN_DEADLINE_SECS + GRACE_MARGIN_SECS,
                     "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [{
@@ -117,6 +133,8 @@ pub fn desired_objects(
                             "--token-file=/var/run/secrets/tokens/mesh-token",
                             format!("--trust-domain={}", cfg.trust_domain),
                             format!("--cluster-id={}", cfg.cluster_id),
+                            format!("--drain-delay={DRAIN_DELAY_SECS}s"),
+                            format!("--drain-deadline={DRAIN_DEADLINE_SECS}s"),
                         ],
                         "env": [{"name": "RUST_LOG", "value": cfg.log_level}],
                         "ports": [{"name": "hbone", "containerPort": 15008},
@@ -477,6 +495,42 @@ mod tests {
         );
         assert_eq!(objs[1].1["data"]["root-cert.pem"], "ROOT");
         assert_eq!(objs[3].1["spec"]["ports"][0]["port"], 15008);
+    }
+
+    #[test]
+    fn a_rollout_surges_and_the_old_pod_drains_before_it_is_killed() {
+        let objs = desired_objects(&gateway(), &cfg(), "ROOT");
+        let spec = &objs[2].1["spec"];
+        assert_eq!(
+            spec["strategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+        );
+        let pod = &spec["template"]["spec"];
+        let secs = |flag: &str| -> u64 {
+            pod["containers"][0]["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find_map(|a| a.as_str()?.strip_prefix(flag)?.strip_suffix('s'))
+                .unwrap_or_else(|| panic!("{flag} in the waypoint's args"))
+                .parse()
+                .unwrap()
+        };
+        let (delay, deadline) = (secs("--drain-delay="), secs("--drain-deadline="));
+        assert!(
+            delay > 0,
+            "endpoints removal races SIGTERM: a drain delay covers it"
+        );
+        let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+        assert!(
+            grace > delay + deadline,
+            "SIGKILL ({grace}s) only after the drain delay ({delay}s) and deadline ({deadline}s)"
+        );
+        // Traffic only once ready (the waypoint is not ready while it drains).
+        assert_eq!(
+            pod["containers"][0]["readinessProbe"]["httpGet"]["path"],
+            "/healthz/ready"
+        );
     }
 
     #[test]

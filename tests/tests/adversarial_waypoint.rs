@@ -389,6 +389,7 @@ async fn mesh(t: u8, normalization: PathNormalization) -> Mesh {
             listen: waypoint_addr,
             cert_wait: Duration::from_secs(5),
             drain_deadline: Duration::from_secs(1),
+            drain_delay: Duration::ZERO,
         },
         std::future::pending(),
     ));

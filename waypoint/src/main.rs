@@ -50,6 +50,12 @@ struct Args {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     #[serde(serialize_with = "display_duration")]
     drain_deadline: Duration,
+    /// On SIGTERM, how long the waypoint keeps accepting new connections, its readiness
+    /// already failing, before it drains: in a cluster, endpoints are removed while the
+    /// pod is told to stop, and ztunnels may still send to it meanwhile.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    #[serde(serialize_with = "display_duration")]
+    drain_delay: Duration,
     /// OTLP/gRPC collector for traces (a server span per request, a client span per
     /// upstream attempt), e.g. http://otel-collector:4317; no tracing when unset.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
@@ -234,6 +240,7 @@ fn main() {
             listen: a.listen,
             cert_wait: waypoint::proxy::CERT_WAIT,
             drain_deadline: a.drain_deadline,
+            drain_delay: a.drain_delay,
         };
         match waypoint::server::serve(wp, lifecycle, cfg, shutdown).await {
             Ok(Stopped::DeadlineExceeded { open }) => {

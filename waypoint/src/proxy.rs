@@ -27,6 +27,10 @@ use tokio_util::sync::CancellationToken;
 /// How long the data path waits for the waypoint's certificate (a slow CA delays, never
 /// blocks, a connection).
 pub const CERT_WAIT: Duration = Duration::from_secs(5);
+/// When the drain starts, how long an HTTP connection that has not sent its first
+/// request yet is given to send it (it was accepted just before: closing it unanswered
+/// would fail that request, and a client does not retry on a new connection).
+pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -266,7 +270,11 @@ impl Waypoint {
 
     async fn serve_http(self: Arc<Self>, conn: Arc<Conn>, tunnel: hbone::Tunnel) {
         let shutdown = self.shutdown.clone();
+        // Holds a permit once a request has been received on this connection.
+        let requested = Arc::new(tokio::sync::Notify::new());
+        let on_request = requested.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            on_request.notify_one();
             let (wp, conn) = (self.clone(), conn.clone());
             async move { Ok::<_, std::convert::Infallible>(wp.request(conn, req).await) }
         });
@@ -275,12 +283,24 @@ impl Waypoint {
             hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
         let served = builder.serve_connection(io, svc);
         tokio::pin!(served);
-        // Draining: the request in flight completes, then the connection closes.
+        // Draining: the request in flight completes, then the connection closes (an idle
+        // keep-alive one at once: a client retries a request on a reused connection that
+        // closed before answering). A new connection first gets its first request in.
         let r = tokio::select! {
             r = served.as_mut() => r,
             _ = shutdown.cancelled() => {
-                served.as_mut().graceful_shutdown();
-                served.await
+                let ended = tokio::select! {
+                    r = served.as_mut() => Some(r),
+                    _ = requested.notified() => None,
+                    _ = tokio::time::sleep(FIRST_REQUEST_GRACE) => None,
+                };
+                match ended {
+                    Some(r) => r,
+                    None => {
+                        served.as_mut().graceful_shutdown();
+                        served.await
+                    }
+                }
             }
         };
         if let Err(e) = r {

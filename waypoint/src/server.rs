@@ -7,9 +7,12 @@
 //!   nothing is served on a partial configuration (no policy yet must not mean "allow");
 //! - **certificates** are fetched off the accept path: each connection waits for one at
 //!   most `cert_wait` in its own task, so a slow CA never stalls the accept loop;
-//! - **drain** (SIGTERM): the listener closes, HBONE connections get a GOAWAY, HTTP
-//!   connections finish the request in flight and close, and the waypoint exits once all
-//!   are done or the drain deadline has passed.
+//! - **drain** (SIGTERM): readiness fails at once; for `drain_delay` the waypoint keeps
+//!   accepting and serving as before (in a cluster, endpoints are removed while the pod is
+//!   told to stop, not before: ztunnels may still send new connections for a moment);
+//!   then the listener closes, HBONE connections get a GOAWAY, HTTP connections finish
+//!   the request in flight and close, and the waypoint exits once all are done or the
+//!   drain deadline has passed.
 
 use crate::metrics::Metrics;
 use crate::proxy::{Handler, Waypoint};
@@ -160,6 +163,9 @@ pub struct ServeConfig {
     pub cert_wait: Duration,
     /// How long a drain may take before the waypoint exits anyway.
     pub drain_deadline: Duration,
+    /// After shutdown is asked, how long new connections are still accepted (readiness
+    /// failing) before the drain starts.
+    pub drain_delay: Duration,
 }
 
 /// How serving ended.
@@ -200,24 +206,16 @@ pub async fn serve(
     tracing::info!(listen = %cfg.listen, "waypoint serving HBONE");
     let handler = Arc::new(Handler(wp.clone()));
     let tracker = TaskTracker::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                tracker.spawn(connection(wp.clone(), handler.clone(), tcp, peer, cfg.cert_wait));
-            }
-            _ = &mut shutdown => break,
-        }
+    accept_until(&listener, &tracker, &wp, &handler, cfg.cert_wait, shutdown).await;
+    // Not ready from now on; still accepting while the endpoints catch up.
+    lifecycle.set_draining();
+    if !cfg.drain_delay.is_zero() {
+        tracing::info!(delay = ?cfg.drain_delay, "not ready; still serving new connections while endpoints are updated");
+        let delay = tokio::time::sleep(cfg.drain_delay);
+        tokio::pin!(delay);
+        accept_until(&listener, &tracker, &wp, &handler, cfg.cert_wait, delay).await;
     }
     // Drain: refuse new connections, GOAWAY and graceful close on the open ones.
-    lifecycle.set_draining();
     drop(listener);
     prefetch.abort();
     wp.shutdown.cancel();
@@ -235,6 +233,34 @@ pub async fn serve(
                 "drain deadline passed; closing the remaining connections"
             );
             Ok(Stopped::DeadlineExceeded { open })
+        }
+    }
+}
+
+/// Accepts connections on `listener`, each served in a task of `tracker`, until `until`
+/// completes.
+async fn accept_until(
+    listener: &TcpListener,
+    tracker: &TaskTracker,
+    wp: &Arc<Waypoint>,
+    handler: &Arc<Handler>,
+    cert_wait: Duration,
+    mut until: std::pin::Pin<&mut impl Future<Output = ()>>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                tracker.spawn(connection(wp.clone(), handler.clone(), tcp, peer, cert_wait));
+            }
+            _ = &mut until => return,
         }
     }
 }

@@ -919,6 +919,7 @@ async fn not_ready_and_not_listening_until_addresses_routes_and_policies_synced(
             listen,
             cert_wait: Duration::from_secs(2),
             drain_deadline: Duration::from_secs(2),
+            drain_delay: Duration::ZERO,
         },
         async {
             let _ = stopped.await;
@@ -1062,6 +1063,7 @@ async fn a_slow_ca_never_blocks_the_accept_loop() {
             listen,
             cert_wait: CERT_WAIT,
             drain_deadline: Duration::from_secs(1),
+            drain_delay: Duration::ZERO,
         },
         std::future::pending(),
     ));
@@ -1122,6 +1124,7 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
                 listen,
                 cert_wait: Duration::from_secs(2),
                 drain_deadline: Duration::from_secs(5),
+                drain_delay: Duration::ZERO,
             },
             async {
                 let _ = stopped.await;
@@ -1200,6 +1203,106 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_accepted_just_before_the_drain_gets_its_first_request_answered() {
+    let s = setup(17).await;
+    let wp = new_waypoint(
+        &s.waypoint_id,
+        &s.config,
+        s.certs.clone(),
+        &s.metrics,
+        mesh_trace::Tracer::disabled(),
+    );
+    let lifecycle = synced();
+    let listen = SocketAddr::new(ip(17, 201), 15008);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(waypoint::server::serve(
+        wp.clone(),
+        lifecycle.clone(),
+        ServeConfig {
+            listen,
+            cert_wait: Duration::from_secs(2),
+            drain_deadline: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    wait_for(|| lifecycle.ready()).await;
+    // A new HTTP connection through the waypoint, its request not sent yet.
+    let io = hyper_util::rt::TokioIo::new(s.tunnel_via(listen, ip(17, 101)).await);
+    let (mut sender, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(c);
+    stop.send(()).unwrap();
+    wait_for(|| wp.shutdown.is_cancelled()).await;
+    // (Time for the connection to see the drain: without the grace it closes now.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let resp = sender
+        .send_request(
+            http::Request::get("/first")
+                .header("host", "api-v1.shop.svc.cluster.local")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .expect("the first request of a connection accepted before the drain is answered");
+    assert_eq!(resp.status(), 200);
+    // ...and the client is told the connection ends with it.
+    let connection = resp.headers()["connection"].to_str().unwrap().to_string();
+    assert!(
+        connection.split(',').any(|t| t.trim() == "close"),
+        "connection: {connection}"
+    );
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"v1 /first");
+    assert_eq!(served.await.unwrap().unwrap(), Stopped::Drained);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_drain_delay_new_connections_are_served_while_not_ready() {
+    let s = setup(16).await;
+    let wp = new_waypoint(
+        &s.waypoint_id,
+        &s.config,
+        s.certs.clone(),
+        &s.metrics,
+        mesh_trace::Tracer::disabled(),
+    );
+    let lifecycle = synced();
+    let admin_at = admin(SocketAddr::new(ip(16, 201), 0), &wp, &lifecycle).await;
+    let listen = SocketAddr::new(ip(16, 201), 15008);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(waypoint::server::serve(
+        wp,
+        lifecycle.clone(),
+        ServeConfig {
+            listen,
+            cert_wait: Duration::from_secs(2),
+            drain_deadline: Duration::from_secs(5),
+            // Longer than the test: it ends while the delay runs.
+            drain_delay: Duration::from_secs(600),
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    wait_for(|| lifecycle.ready()).await;
+    stop.send(()).unwrap();
+    // Told to stop: readiness fails at once, so endpoints drop the pod...
+    wait_for(|| !lifecycle.ready()).await;
+    let (code, body) = admin_get(admin_at, "/healthz/ready").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("draining"), "{body}");
+    // ...while new connections that still come meanwhile are accepted and served.
+    let tcp = tokio::net::TcpStream::connect(listen).await;
+    assert!(tcp.is_ok(), "still accepting during the drain delay");
+    let (code, body, _) = s.get_via(listen, ip(16, 101), "/late").await;
+    assert_eq!((code, body.as_str()), (200, "v1 /late"));
+    assert!(!served.is_finished());
+    served.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_deadline_bounds_the_exit() {
     let s = setup(12).await;
     let wp = new_waypoint(
@@ -1219,6 +1322,7 @@ async fn the_drain_deadline_bounds_the_exit() {
             listen,
             cert_wait: Duration::from_secs(2),
             drain_deadline: Duration::from_millis(500),
+            drain_delay: Duration::ZERO,
         },
         async {
             let _ = stopped.await;

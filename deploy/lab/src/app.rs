@@ -66,6 +66,17 @@ async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Respo
         .and_then(|c| c.parse::<u16>().ok())
         .and_then(|c| StatusCode::from_u16(c).ok())
         .unwrap_or(StatusCode::OK);
+    // `/delay/MS` answers after MS milliseconds; `/hold/TOKEN` once the lab releases it
+    // (requests in flight during a drain, without depending on timing).
+    if let Some(ms) = path
+        .strip_prefix("/delay/")
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
+    }
+    if let Some(token) = path.strip_prefix("/hold/") {
+        hold(token).await;
+    }
     let body_len = req
         .into_body()
         .collect()
@@ -84,6 +95,43 @@ async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Respo
         .header("x-seen-host", host)
         .body(Full::new(Bytes::from(body)))
         .expect("valid response")
+}
+
+/// Where `/hold/TOKEN` marks its arrival and waits for its release: files
+/// `TOKEN.arrived` and `TOKEN.release` in `$MESH_LAB_DIR/holds` (pods share the lab's
+/// filesystem), so a test knows a request is in flight and chooses when it ends.
+pub fn hold_files(
+    lab_dir: &std::path::Path,
+    token: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = lab_dir.join("holds");
+    (
+        dir.join(format!("{token}.arrived")),
+        dir.join(format!("{token}.release")),
+    )
+}
+
+/// Marks `token`'s arrival, then waits (at most a minute) for its release.
+async fn hold(token: &str) {
+    let Some(lab) = std::env::var_os("MESH_LAB_DIR") else {
+        return;
+    };
+    if token.is_empty()
+        || !token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return;
+    }
+    let (arrived, release) = hold_files(std::path::Path::new(&lab), token);
+    let _ = tokio::fs::create_dir_all(arrived.parent().expect("in a directory")).await;
+    let _ = tokio::fs::write(&arrived, b"").await;
+    for _ in 0..3000 {
+        if tokio::fs::try_exists(&release).await.unwrap_or(false) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Listens on both families (`[::]`, IPv4 mapped), or IPv4 alone where the pod has no

@@ -128,7 +128,7 @@ fn netns_exists(name: &str) -> bool {
     Path::new("/var/run/netns").join(name).exists()
 }
 
-fn random_hex(n: usize) -> String {
+pub(crate) fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         use std::io::Read;
@@ -809,8 +809,8 @@ impl Lab {
     /// its pod, which runs the waypoint and is never captured itself. Returns the pod's
     /// manifest when it does not exist yet.
     fn provision_waypoint(&mut self, ns: &str, name: &str) -> Result<Option<Value>, String> {
-        let key = format!("{ns}/{name}");
-        if self.state.pods.contains_key(&key) {
+        // Its pods keep their Gateway's label, whatever their names (after a rollout too).
+        if !self.waypoint_pods(ns, name).is_empty() {
             return Ok(None);
         }
         let token_path = self.dir.join(format!("waypoints/{ns}-{name}.token"));
@@ -858,7 +858,13 @@ impl Lab {
             .join(format!("{}-{scope}-{name}.yaml", kind.to_lowercase()))
     }
 
-    fn write_manifest(&self, kind: &str, ns: &str, name: &str, doc: &Value) -> Result<(), String> {
+    pub(crate) fn write_manifest(
+        &self,
+        kind: &str,
+        ns: &str,
+        name: &str,
+        doc: &Value,
+    ) -> Result<(), String> {
         // JSON is YAML: the control plane reads it as written.
         let path = self.manifest_path(kind, ns, name);
         let tmp = path.with_extension("tmp");
@@ -920,6 +926,17 @@ impl Lab {
     /// removed again (`Err` says why). The pod's manifest (`doc`, with its UID) exists.
     /// Returns the pod's IPv4 address.
     pub(crate) fn start_pod(&mut self, doc: &Value, node: usize) -> Result<String, String> {
+        self.start_pod_as(doc, node, true)
+    }
+
+    /// [`Lab::start_pod`], its status Ready only if `ready` (a pod whose readiness probe
+    /// has yet to pass starts with Ready=False, as a kubelet reports it).
+    pub(crate) fn start_pod_as(
+        &mut self,
+        doc: &Value,
+        node: usize,
+        ready: bool,
+    ) -> Result<String, String> {
         let mut doc = doc.clone();
         let (ns, name) = namespace_and_name(&doc);
         let key = format!("{ns}/{name}");
@@ -974,6 +991,9 @@ impl Lab {
             return Err(format!("pod {key}: no IPv6 address from the CNI chain"));
         }
         doc["status"] = ready_status(&ip, ip6.as_deref());
+        if !ready {
+            doc["status"]["conditions"][0]["status"] = json!("False");
+        }
         self.write_manifest("Pod", &ns, &name, &doc)?;
         self.state.pods.insert(
             key.clone(),

@@ -14,4 +14,5 @@ pub mod forward;
 pub mod lab;
 pub mod prometheus;
 pub mod reboot;
+pub mod rollout;
 pub mod traces;

@@ -74,6 +74,19 @@ enum Cmd {
         #[arg(long, default_value = "before")]
         release: mesh_lab::reboot::Release,
     },
+    /// Roll out a waypoint as a Deployment with maxSurge 1, maxUnavailable 0 does: the
+    /// new pod gets traffic once ready, the old one leaves the endpoints, then drains and
+    /// exits (`rollout waypoint back/waypoint`).
+    Rollout {
+        /// What to roll out: `waypoint`.
+        #[arg(value_parser = ["waypoint"])]
+        kind: String,
+        /// The waypoint's Gateway (namespace/name).
+        gateway: String,
+        /// The new pod's waypoint binary (default: the one the old pod runs).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Run meshctl against the lab's control plane.
     Meshctl {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -254,6 +267,18 @@ fn run(cli: Cli) -> Result<i32, String> {
                 ));
             }
             println!("node-{n} rebooted");
+        }
+        Cmd::Rollout {
+            kind: _,
+            gateway,
+            binary,
+        } => {
+            let (ns, name) = gateway
+                .split_once('/')
+                .ok_or("give the waypoint's Gateway as namespace/name")?;
+            let report =
+                lab.rollout_waypoint(ns, name, binary.as_deref(), &mut |e| println!("{e}"))?;
+            println!("waypoint {gateway} rolled out to pod {}", report.new_pod);
         }
         Cmd::Meshctl { args } => {
             let mut cmd = vec![lab.bin_dir.join("meshctl").to_string_lossy().into_owned()];
