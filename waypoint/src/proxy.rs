@@ -34,7 +34,8 @@ pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-fn boxed_response(r: Response<Incoming>) -> Response<Body> {
+fn boxed_response(mut r: Response<Incoming>) -> Response<Body> {
+    crate::hop::strip(r.headers_mut());
     r.map(|b| {
         b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
             .boxed()
@@ -362,6 +363,9 @@ impl Waypoint {
         let start = Instant::now();
         let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut req = req.map(|b| counted_request(b, request_bytes.clone()));
+        // Policy, routes and the upstream all see the request without the client
+        // connection's own headers.
+        crate::hop::strip(req.headers_mut());
         let method = req.method().clone();
         let received_path = req.uri().path().to_string();
         let mut labels = RequestLabels::new(

@@ -73,15 +73,21 @@ async fn backend(
                             if path == "/echo-headers" {
                                 body = format!("{:?}", req.headers());
                             }
-                            let close = if path == "/close" {
-                                "close"
-                            } else {
-                                "keep-alive"
+                            let close = match path.as_str() {
+                                "/close" => "close",
+                                // Hop-by-hop headers of the upstream connection.
+                                "/hop" => "keep-alive, x-hop",
+                                _ => "keep-alive",
                             };
+                            if path == "/hop" {
+                                body = format!("{:?}", req.headers());
+                            }
                             Ok::<_, std::convert::Infallible>(
                                 http::Response::builder()
                                     .status(status)
                                     .header("connection", close)
+                                    .header("x-hop", "upstream-connection-detail")
+                                    .header("keep-alive", "timeout=5")
                                     .body(Full::new(Bytes::from(body)))
                                     .unwrap(),
                             )
@@ -445,6 +451,41 @@ async fn no_route_goes_to_the_service_and_matches_pick_backends() {
         assert_eq!(code, 200, "{path}");
         assert!(body.starts_with(want), "{path} → {body}");
     }
+}
+
+/// Hop-by-hop headers stop at the waypoint, both ways (RFC 9110 §7.6.1): the upstream
+/// never sees the client connection's, the client never sees the upstream connection's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_stop_at_the_waypoint() {
+    let s = setup(18).await;
+    let io = hyper_util::rt::TokioIo::new(s.tunnel(ip(18, 101)).await);
+    let (mut c, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/hop")
+        .header("host", "api.shop.svc.cluster.local")
+        .header("connection", "x-client-hop")
+        .header("x-client-hop", "client-connection-detail")
+        .header("keep-alive", "timeout=9")
+        .header("x-end-to-end", "kept")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    let seen =
+        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert!(seen.contains("\"x-end-to-end\": \"kept\""), "{seen}");
+    for leaked in ["x-client-hop", "keep-alive", "timeout=9"] {
+        assert!(!seen.contains(leaked), "the upstream saw {leaked}: {seen}");
+    }
+    assert!(h.get("x-hop").is_none(), "{h:?}");
+    assert!(h.get("keep-alive").is_none(), "{h:?}");
+    assert!(
+        h.get_all("connection")
+            .iter()
+            .all(|v| v != "keep-alive, x-hop"),
+        "{h:?}"
+    );
 }
 
 /// Once a route attaches to the Service port, a request none of its rules matches gets
