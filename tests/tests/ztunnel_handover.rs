@@ -337,6 +337,8 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
         node.zt_log(a)
             .contains("handed over: 1 connections still open")
     });
+    // The open connection keeps flowing, byte-exact.
+    roundtrip(&long, 256 * 1024, 2);
     let m = node.agent_metrics();
     assert!(m.contains("mesh_cni_ztunnel_handovers_total 1\n"), "{m}");
     assert!(
@@ -367,8 +369,6 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
         dump["handover"]
     );
 
-    // The open connection keeps flowing, byte-exact.
-    roundtrip(&long, 256 * 1024, 2);
 
     // (b) A new connection lands on the new process, by each process's own count.
     let fresh = connect_from(&pod, echo);
