@@ -40,6 +40,8 @@ struct Node {
     dir: PathBuf,
     manifests: PathBuf,
     ztunnels: Vec<Proc>,
+    /// The pod has been added through the runtime.
+    pod_added: bool,
     agent: Option<Proc>,
     _control: Proc,
     runtime: Runtime,
@@ -139,6 +141,7 @@ impl Node {
             dir,
             manifests,
             ztunnels: Vec::new(),
+            pod_added: false,
             agent: Some(agent),
             _control: control,
             runtime,
@@ -189,18 +192,13 @@ impl Node {
             &args,
             &self.dir.join(format!("ztunnel-{i}.log")),
         );
-        let ready = match self.runtime_has_pod() {
+        let ready = match self.pod_added {
             true => p.wait_for("pod proxy started", Duration::from_secs(15)),
             false => p.wait_for("connected to the node agent", Duration::from_secs(15)),
         };
         assert!(ready, "ztunnel {i} did not start: {}", p.output());
         self.ztunnels.push(p);
         i
-    }
-
-    /// The pod has been added through the runtime (host-local gave out its address).
-    fn runtime_has_pod(&self) -> bool {
-        self.dir.join(format!("ipam/lab/10.{OCTET}.0.2")).exists()
     }
 
     fn get(&self, url: &str) -> String {
@@ -312,6 +310,7 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
         args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web;K8S_POD_UID=u-web".into(),
     };
     let result = node.runtime.add(&sb).expect("ADD through the CNI chain");
+    node.pod_added = true;
     assert_eq!(
         result_ipv4(&result).as_deref(),
         Some(format!("10.{OCTET}.0.2").as_str())
