@@ -20,6 +20,14 @@ use ztunnel::inpod::zds::{ZdsConnection, ZdsEvent};
 const TOKEN: &str = "handover-test-node-token-5c1e";
 const OCTET: u8 = 214;
 const ECHO_PORT: u16 = 9000;
+/// Every socket ztunnel listens on in a pod (`ss` flag, port).
+const LISTENERS: [(&str, u16); 5] = [
+    ("-t", 15001),
+    ("-t", 15006),
+    ("-t", 15008),
+    ("-t", 15053),
+    ("-u", 15053),
+];
 
 fn manifests(enrolled: bool) -> String {
     let labels = if enrolled {
@@ -281,9 +289,10 @@ fn roundtrip(s: &TcpStream, n: usize, seed: u64) {
     assert!(got == expected, "echo differs from what was sent");
 }
 
-/// Which processes listen on `port` in the pod (from `ss`, the kernel's view).
-fn listener_pids(pod: &Netns, port: u16) -> Vec<u32> {
-    let out = pod.exec(&["ss", "-Htlnp", &format!("sport = :{port}")]);
+/// Which processes listen on `port` in the pod (from `ss`, the kernel's view); `flag`
+/// is `-t` (TCP) or `-u` (UDP).
+fn listener_pids(pod: &Netns, flag: &str, port: u16) -> Vec<u32> {
+    let out = pod.exec(&["ss", "-Hlnp", flag, &format!("sport = :{port}")]);
     let mut pids: Vec<u32> = out
         .split("pid=")
         .skip(1)
@@ -327,7 +336,13 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     assert_eq!(node.zt_metric(a, "ztunnel_open_connections"), Some(1));
     assert_eq!(node.zt_metric(a, "ztunnel_accepting"), Some(1));
     let pid_a = node.ztunnels[a].pid();
-    assert_eq!(listener_pids(&pod, 15001), vec![pid_a]);
+    for (flag, port) in LISTENERS {
+        assert_eq!(
+            listener_pids(&pod, flag, port),
+            vec![pid_a],
+            "{flag} {port}"
+        );
+    }
 
     // The upgrade: a second ztunnel arrives; once it has the pod, ztunnel 0 is handed over.
     let b = node.start_ztunnel(&["--handover-max-age", "2s"]);
@@ -346,9 +361,9 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
         "{m}"
     );
     // Only the new process listens in the pod now, for every port ztunnel serves.
-    for port in [15001, 15006, 15008, 15053] {
+    for (flag, port) in LISTENERS {
         wait_until("ztunnel 0's listeners closed", || {
-            listener_pids(&pod, port) == vec![pid_b]
+            listener_pids(&pod, flag, port) == vec![pid_b]
         });
     }
     assert_eq!(
@@ -367,7 +382,6 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
         "{}",
         dump["handover"]
     );
-
 
     // (b) A new connection lands on the new process, by each process's own count.
     let fresh = connect_from(&pod, echo);
