@@ -35,12 +35,28 @@ fn manifests(enrolled: bool) -> String {
     } else {
         "{}"
     };
-    format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {labels}}}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop, uid: u-web}}\n\
-         spec: {{nodeName: node-1, serviceAccountName: web}}\n\
-         status: {{podIP: 10.{OCTET}.0.2, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
-    )
+    let mut s =
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {labels}}}\n");
+    // host-local hands out .2 then .3.
+    for (name, ip) in [("web", 2), ("web2", 3)] {
+        s.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, uid: u-{name}}}\n\
+             spec: {{nodeName: node-1, serviceAccountName: web}}\n\
+             status: {{podIP: 10.{OCTET}.0.{ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+        ));
+    }
+    s
+}
+
+fn sandbox(pod: &Netns, name: &str) -> Sandbox {
+    Sandbox {
+        container_id: format!("c-{}", pod.name),
+        netns: pod.path(),
+        ifname: "eth0".into(),
+        args: format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name};K8S_POD_UID=u-{name}"
+        ),
+    }
 }
 
 /// A node: mesh-control, the node agent, the CNI chain, and the ztunnels started so far.
@@ -225,6 +241,10 @@ impl Node {
         self.get("http://127.0.0.1:8000/metrics")
     }
 
+    fn agent_log(&self) -> String {
+        self.agent.as_ref().unwrap().output()
+    }
+
     fn zt_log(&self, i: usize) -> String {
         self.ztunnels[i].output()
     }
@@ -312,12 +332,7 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
             .contains("mesh_cni_ztunnel_connections{state=\"serving\"} 1\n")
     });
     let pod = Netns::new("hp");
-    let sb = Sandbox {
-        container_id: format!("c-{}", pod.name),
-        netns: pod.path(),
-        ifname: "eth0".into(),
-        args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web;K8S_POD_UID=u-web".into(),
-    };
+    let sb = sandbox(&pod, "web");
     let result = node.runtime.add(&sb).expect("ADD through the CNI chain");
     node.pod_added = true;
     assert_eq!(
@@ -435,8 +450,57 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     assert_eq!(node.zt_metric(c, "ztunnel_open_connections"), Some(1));
     drop(fresh);
 
+    // A handed-over ztunnel never takes pods or traffic back: ztunnel 3 takes over from
+    // ztunnel 2 (which keeps a connection) and crashes. New connections are refused, never
+    // passed around the mesh, and a new pod waits (fail closed) instead of going to
+    // ztunnel 2, until ztunnel 4 starts and takes it.
+    let kept = connect_from(&pod, echo);
+    roundtrip(&kept, 16 * 1024, 7);
+    let d = node.start_ztunnel(&[]);
+    wait_until("ztunnel 2 handed over", || {
+        node.zt_log(c)
+            .contains("handed over: 1 connections still open")
+    });
+    node.ztunnels[d].kill();
+    wait_until("the agent sees only a handed-over ztunnel", || {
+        let m = node.agent_metrics();
+        m.contains("mesh_cni_ztunnel_connections{state=\"serving\"} 0\n")
+            && m.contains("mesh_cni_ztunnel_connections{state=\"handed_over\"} 1\n")
+    });
+    let refused = pod
+        .handle()
+        .run(|| TcpStream::connect_timeout(&echo, Duration::from_secs(5)))
+        .unwrap();
+    assert!(
+        refused.is_err(),
+        "no ztunnel takes new connections: refused"
+    );
+    let pod2 = Netns::new("hq");
+    let sb2 = sandbox(&pod2, "web2");
+    node.runtime.add(&sb2).expect("ADD of a second pod");
+    wait_until("the new pod waiting for a ztunnel", || {
+        node.agent_log()
+            .lines()
+            .any(|l| l.contains("web2") && l.contains("no ztunnel is connected"))
+    });
+    roundtrip(&kept, 16 * 1024, 8);
+    let e = node.start_ztunnel(&[]);
+    if !node.ztunnels[e].wait_for("uid=\"u-web2\"", Duration::from_secs(10)) {
+        panic!(
+            "ztunnel 4 did not take the new pod:\n{}\nagent:\n{}",
+            node.zt_log(e),
+            node.agent_log()
+        );
+    }
+    assert!(!node.zt_log(c).contains("u-web2"), "{}", node.zt_log(c));
+    drop(kept);
+    let status = node.ztunnels[c]
+        .wait_exit(Duration::from_secs(20))
+        .expect("ztunnel 2 exits once its connection ends");
+    assert!(status.success());
+
     // (e) A ZDS client with Istio's hello (no capabilities) is never handed over: it
-    // connects (taking over from ztunnel 2, which understands it), then a newer ztunnel
+    // connects (taking over from ztunnel 4, which understands it), then a newer ztunnel
     // arrives; the next message it gets is a Del, queued after anything the newer
     // ztunnel's arrival could have caused.
     let istio = ZdsConnection::connect_with(&node.dir.join("zds.sock"), &[])
@@ -456,9 +520,9 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
         }
     }
     assert!(seen[0].starts_with("Add"), "{seen:?}");
-    let status = node.ztunnels[c]
+    let status = node.ztunnels[e]
         .wait_exit(Duration::from_secs(20))
-        .expect("ztunnel 2, handed over with nothing open, exits");
+        .expect("ztunnel 4, handed over with nothing open, exits");
     assert!(status.success());
     node.start_ztunnel(&[]);
     wait_until("the agent counts the newest ztunnel serving", || {
@@ -467,17 +531,20 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     });
     assert!(
         node.agent_metrics()
-            .contains("mesh_cni_ztunnel_handovers_total 3\n")
+            .contains("mesh_cni_ztunnel_handovers_total 4\n")
     );
     std::fs::write(node.manifests.join("mesh.yaml"), manifests(false)).unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(15), istio.recv())
-        .await
-        .expect("a message after the namespace left the mesh")
-        .unwrap();
-    assert!(
-        matches!(&next, ZdsEvent::Del { uid } if uid == "u-web"),
-        "a ztunnel without handover.v1 got {next:?}"
-    );
-    istio.ack(None).await.unwrap();
+    for _ in 0..2 {
+        let next = tokio::time::timeout(Duration::from_secs(15), istio.recv())
+            .await
+            .expect("a message after the namespace left the mesh")
+            .unwrap();
+        assert!(
+            matches!(&next, ZdsEvent::Del { .. }),
+            "a ztunnel without handover.v1 got {next:?}"
+        );
+        istio.ack(None).await.unwrap();
+    }
     node.runtime.del(&sb).expect("DEL");
+    node.runtime.del(&sb2).expect("DEL");
 }
