@@ -66,6 +66,7 @@ struct Node {
     ztunnels: Vec<Proc>,
     /// The pod has been added through the runtime.
     pod_added: bool,
+    agents_started: usize,
     agent: Option<Proc>,
     _control: Proc,
     runtime: Runtime,
@@ -132,8 +133,33 @@ impl Node {
             run_in_netns: Some(node.name.clone()),
         };
         let cgroups = PodCgroups::at(mount_point().unwrap(), &unique("cg"));
+        Node {
+            dir,
+            manifests,
+            ztunnels: Vec::new(),
+            pod_added: false,
+            agents_started: 0,
+            agent: None,
+            _control: control,
+            runtime,
+            node,
+            cgroups,
+        }
+        .with_agent()
+    }
+
+    fn with_agent(mut self) -> Node {
+        self.start_agent();
+        self
+    }
+
+    /// Starts the node agent (again), its log in a file of its own.
+    fn start_agent(&mut self) {
+        self.agents_started += 1;
+        let (dir, cgroups) = (&self.dir, &self.cgroups);
+        let log = dir.join(format!("agent-{}.log", self.agents_started));
         let agent = Proc::spawn(
-            Some(&node.name),
+            Some(&self.node.name),
             &[
                 binary("mesh-cni").to_str().unwrap(),
                 "agent",
@@ -154,24 +180,32 @@ impl Node {
                 "--cgroup-root",
                 cgroups.root(),
             ],
-            &dir.join("agent.log"),
+            &log,
         );
         assert!(
             agent.wait_for("xDS connected", Duration::from_secs(10)),
             "{}",
             agent.output()
         );
-        Node {
-            dir,
-            manifests,
-            ztunnels: Vec::new(),
-            pod_added: false,
-            agent: Some(agent),
-            _control: control,
-            runtime,
-            node,
-            cgroups,
-        }
+        self.agent = Some(agent);
+    }
+
+    /// Starts the pod's process (a `sleep`) as a runtime does: in the pod's cgroup (by
+    /// UID) and its network namespace, so a restarted agent finds the pod's namespace.
+    fn run_pod_process(&self, pod: &Netns, uid: &str) -> Proc {
+        let cg = self.cgroups.create(uid, "app").unwrap();
+        let args = PodCgroups::wrap(
+            &cg,
+            &["ip", "netns", "exec", &pod.name, "sleep", "600"].map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = Proc::spawn(None, &args, &self.dir.join(format!("pod-{uid}.log")));
+        let want = pod.handle().inode();
+        wait_until("the pod's process in its namespace", || {
+            std::fs::metadata(format!("/proc/{}/ns/net", p.pid()))
+                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == want)
+        });
+        p
     }
 
     /// Starts the next ztunnel (index = how many came before), with its own admin,
@@ -335,6 +369,7 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     let sb = sandbox(&pod, "web");
     let result = node.runtime.add(&sb).expect("ADD through the CNI chain");
     node.pod_added = true;
+    let _app = node.run_pod_process(&pod, "u-web");
     assert_eq!(
         result_ipv4(&result).as_deref(),
         Some(format!("10.{OCTET}.0.2").as_str())
@@ -404,6 +439,25 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     assert_eq!(node.zt_metric(b, "ztunnel_open_connections"), Some(1));
     assert_eq!(node.zt_metric(a, "ztunnel_open_connections"), Some(1));
     assert_eq!(node.zt_metric(b, "ztunnel_accepting"), Some(1));
+    drop(fresh);
+
+    // The agent restarts mid-handover: the handed-over ztunnel does not reconnect (it would
+    // be the newest connection and take pods back); the serving one does; traffic flows.
+    node.agent.as_mut().unwrap().kill();
+    node.start_agent();
+    wait_until("ztunnel 0 stays away from the new agent", || {
+        node.zt_log(a)
+            .contains("handed over: not reconnecting to the node agent")
+    });
+    wait_until("ztunnel 1 back with the new agent", || {
+        let m = node.agent_metrics();
+        m.contains("mesh_cni_ztunnel_connections{state=\"serving\"} 1\n")
+            && m.contains("mesh_cni_ztunnel_connections{state=\"handed_over\"} 0\n")
+    });
+    roundtrip(&long, 64 * 1024, 9);
+    let fresh = connect_from(&pod, echo);
+    roundtrip(&fresh, 16 * 1024, 10);
+    assert_eq!(node.zt_metric(b, "ztunnel_open_connections"), Some(1));
     drop(fresh);
 
     // A SIGTERM (Kubernetes sends one when the new pod is ready) does not cut it short.
@@ -531,7 +585,8 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     });
     assert!(
         node.agent_metrics()
-            .contains("mesh_cni_ztunnel_handovers_total 4\n")
+            .contains("mesh_cni_ztunnel_handovers_total 3\n"),
+        "counted since the agent's restart: ztunnels 1, 2 and 4"
     );
     std::fs::write(node.manifests.join("mesh.yaml"), manifests(false)).unwrap();
     for _ in 0..2 {
