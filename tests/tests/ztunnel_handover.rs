@@ -445,16 +445,16 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     // be the newest connection and take pods back); the serving one does; traffic flows.
     node.agent.as_mut().unwrap().kill();
     node.start_agent();
-    wait_until("ztunnel 0 stays away from the new agent", || {
-        node.zt_log(a)
-            .contains("handed over: not reconnecting to the node agent")
-    });
     wait_until("ztunnel 1 back with the new agent", || {
         let m = node.agent_metrics();
         m.contains("mesh_cni_ztunnel_connections{state=\"serving\"} 1\n")
             && m.contains("mesh_cni_ztunnel_connections{state=\"handed_over\"} 0\n")
     });
     roundtrip(&long, 64 * 1024, 9);
+    assert!(
+        node.zt_log(a)
+            .contains("handed over: not reconnecting to the node agent")
+    );
     let fresh = connect_from(&pod, echo);
     roundtrip(&fresh, 16 * 1024, 10);
     assert_eq!(node.zt_metric(b, "ztunnel_open_connections"), Some(1));
