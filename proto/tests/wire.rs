@@ -183,8 +183,22 @@ fn zds_messages_match_hand_built_bytes() {
     assert_eq!(keep.encode_to_vec(), bytes("2a 04 0a 02 7531"));
     let hello = zds::ZdsHello {
         version: zds::Version::V1 as i32,
+        capabilities: vec![],
     };
     assert_eq!(hello.encode_to_vec(), bytes("08 01"));
+    // Our extension: field 100 (tag a2 06), which Istio's agent skips as unknown.
+    let hello = zds::ZdsHello {
+        version: zds::Version::V1 as i32,
+        capabilities: vec!["handover.v1".into()],
+    };
+    assert_eq!(
+        hello.encode_to_vec(),
+        bytes("08 01 a2 06 0b 68616e646f7665722e7631")
+    );
+    let handover = zds::WorkloadRequest {
+        payload: Some(Payload::Handover(zds::Handover {})),
+    };
+    assert_eq!(handover.encode_to_vec(), bytes("a2 06 00"));
     let nack = zds::WorkloadResponse {
         payload: Some(zds::workload_response::Payload::Ack(zds::Ack {
             error: "x".into(),
@@ -437,6 +451,7 @@ fn every_message_round_trips() {
 
     roundtrip(zds::ZdsHello {
         version: zds::Version::V1 as i32,
+        capabilities: vec![],
     });
     roundtrip(zds::WorkloadRequest {
         payload: Some(zds::workload_request::Payload::Add(zds::AddWorkload {
@@ -453,4 +468,32 @@ fn every_message_round_trips() {
             error: String::new(),
         })),
     });
+}
+
+/// Istio's `ZdsHello` and `WorkloadRequest` as its own schema has them (no extension
+/// fields): what Istio's node agent and ztunnel decode.
+mod istio_schema {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ZdsHello {
+        #[prost(int32, tag = "1")]
+        pub version: i32,
+    }
+}
+
+#[test]
+fn the_handover_extension_is_invisible_to_istios_schema() {
+    // Our ztunnel's hello, read by Istio's agent: the capability is skipped.
+    let ours = zds::ZdsHello {
+        version: zds::Version::V1 as i32,
+        capabilities: vec!["handover.v1".into()],
+    };
+    let seen = istio_schema::ZdsHello::decode(ours.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(seen.version, zds::Version::V1 as i32);
+    // Istio's ztunnel's hello, read by our agent: no capability, so never a Handover.
+    let istio = istio_schema::ZdsHello {
+        version: zds::Version::V1 as i32,
+    };
+    let seen = zds::ZdsHello::decode(istio.encode_to_vec().as_slice()).unwrap();
+    assert!(seen.capabilities.is_empty());
+    assert_eq!(seen.version, zds::Version::V1 as i32);
 }
