@@ -15,3 +15,4 @@ pub mod lab;
 pub mod prometheus;
 pub mod reboot;
 pub mod traces;
+pub mod upgrade;

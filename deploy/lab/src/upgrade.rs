@@ -1,0 +1,511 @@
+//! `mesh-lab upgrade ztunnel-N [--binary PATH]`: a new ztunnel starts on node N beside
+//! the running one, as a DaemonSet surges its pod. The old process keeps what it serves;
+//! the node agent hands every pod to the new one, and the old one ends on its own once
+//! its connections are done.
+//!
+//! Both processes run in the node's network namespace, so their admin, metrics and
+//! readiness ports must differ: each node generation takes one of two port sets in turn
+//! ([`PORT_SETS`]), recorded with the process in the lab's state. The node's installed
+//! ztunnel is a symlink in its state directory ([`Lab::node_ztunnel_exe`]): the agent
+//! accepts on its ZDS socket only a process running that file, so an upgrade to another
+//! binary points the link at it before the new process starts.
+//!
+//! The decisions (which ports, which roles, which arguments) are [`plan`], [`next_run`]
+//! and [`args`]; the rest is a thin shell over the lab.
+
+use crate::lab::{Lab, ProcEntry};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long a new ztunnel may take to be ready (configuration and pod snapshot).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The ports of one ztunnel process in its node's namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZtunnelPorts {
+    pub admin: u16,
+    pub metrics: u16,
+    pub readiness: u16,
+}
+
+/// The two port sets node generations take in turn: ztunnel's defaults, then the same
+/// shifted by 100.
+pub const PORT_SETS: [ZtunnelPorts; 2] = [
+    ZtunnelPorts {
+        admin: 15000,
+        metrics: 15020,
+        readiness: 15021,
+    },
+    ZtunnelPorts {
+        admin: 15100,
+        metrics: 15120,
+        readiness: 15121,
+    },
+];
+
+/// Which ztunnel of its node a process is: its generation (0 for the first after the
+/// node came up or after all its ztunnels were stopped) and its ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZtunnelRun {
+    pub generation: u32,
+    pub ports: ZtunnelPorts,
+}
+
+impl ZtunnelRun {
+    pub fn new(generation: u32) -> ZtunnelRun {
+        ZtunnelRun {
+            generation,
+            ports: PORT_SETS[(generation % 2) as usize],
+        }
+    }
+
+    /// The file name (without `.log`) of this generation's log on `node`: the first
+    /// keeps the name it always had; later ones get their own, as two processes write
+    /// at the same time.
+    pub fn log_name(&self, node: usize) -> String {
+        match self.generation {
+            0 => current_role(node),
+            g => format!("{}.gen{g}", current_role(node)),
+        }
+    }
+}
+
+/// The run recorded for a ztunnel process (one recorded before ports were recorded ran
+/// with ztunnel's defaults).
+pub fn run_of(p: &ProcEntry) -> ZtunnelRun {
+    p.ztunnel.unwrap_or(ZtunnelRun::new(0))
+}
+
+/// The role of node `node`'s current ztunnel.
+pub fn current_role(node: usize) -> String {
+    format!("ztunnel-{node}")
+}
+
+/// The role of the ztunnel an upgrade of node `node` replaced, while it finishes.
+pub fn old_role(node: usize) -> String {
+    format!("ztunnel-{node}-old")
+}
+
+/// The node of a ztunnel role (`ztunnel-N` or `ztunnel-N-old`).
+pub fn node_of(role: &str) -> Option<usize> {
+    let rest = role.strip_prefix("ztunnel-")?;
+    rest.strip_suffix("-old").unwrap_or(rest).parse().ok()
+}
+
+/// Why an upgrade cannot start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    NoSuchNode { given: String, nodes: usize },
+    NotRunning { node: usize },
+    OldStillRunning { node: usize, pid: u32 },
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refused::NoSuchNode { given, nodes } => write!(
+                f,
+                "no component {given:?} to upgrade: give ztunnel-1 .. ztunnel-{nodes} or agent-1 .. agent-{nodes}"
+            ),
+            Refused::NotRunning { node } => write!(
+                f,
+                "ztunnel-{node} is not running: an upgrade hands over from a running ztunnel \
+                 (start it with `mesh-lab start ztunnel-{node}`)"
+            ),
+            Refused::OldStillRunning { node, pid } => write!(
+                f,
+                "ztunnel-{node}-old (pid {pid}) from the last upgrade still serves connections \
+                 and holds the other ports: wait for it to exit, or end it with \
+                 `mesh-lab stop ztunnel-{node}-old`"
+            ),
+        }
+    }
+}
+
+/// What an upgrade of one node's ztunnel does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub node: usize,
+    /// The running ztunnel (its PID), recorded as `ztunnel-N-old` from now on.
+    pub retire: u32,
+    /// The record of an earlier old ztunnel that has exited, dropped.
+    pub forget: Option<u32>,
+    /// The new process, recorded as `ztunnel-N`.
+    pub run: ZtunnelRun,
+}
+
+/// The upgrade of node `node`'s ztunnel, from the lab's records (`alive`: whether a
+/// PID's process runs).
+pub fn plan(node: usize, procs: &[ProcEntry], alive: &dyn Fn(u32) -> bool) -> Result<Plan, Refused> {
+    let current = procs
+        .iter()
+        .find(|p| p.role == current_role(node) && alive(p.pid))
+        .ok_or(Refused::NotRunning { node })?;
+    let old = procs.iter().find(|p| p.role == old_role(node));
+    if let Some(o) = old.filter(|o| alive(o.pid)) {
+        return Err(Refused::OldStillRunning { node, pid: o.pid });
+    }
+    Ok(Plan {
+        node,
+        retire: current.pid,
+        forget: old.map(|o| o.pid),
+        run: ZtunnelRun::new(run_of(current).generation + 1),
+    })
+}
+
+/// The run of a ztunnel started on node `node` (`mesh-lab start`, a reboot): after a
+/// still running old one, the other port set; otherwise the first generation.
+pub fn next_run(node: usize, procs: &[ProcEntry], alive: &dyn Fn(u32) -> bool) -> ZtunnelRun {
+    procs
+        .iter()
+        .find(|p| p.role == old_role(node) && alive(p.pid))
+        .map_or(ZtunnelRun::new(0), |o| {
+            ZtunnelRun::new(run_of(o).generation + 1)
+        })
+}
+
+/// A ztunnel's command line: `exe`, the node's arguments (`base`), and its ports, on
+/// the addresses ztunnel's defaults use (admin on loopback only).
+pub fn args(exe: &str, base: &[String], ports: ZtunnelPorts) -> Vec<String> {
+    let mut a = vec![exe.to_string()];
+    a.extend(base.iter().cloned());
+    a.extend([
+        "--admin-addr".into(),
+        format!("127.0.0.1:{}", ports.admin),
+        "--metrics-addr".into(),
+        format!("[::]:{}", ports.metrics),
+        "--readiness-addr".into(),
+        format!("[::]:{}", ports.readiness),
+    ]);
+    a
+}
+
+/// What `mesh-lab upgrade ztunnel-N` did.
+#[derive(Debug, Clone)]
+pub struct Upgraded {
+    pub node: usize,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    pub ports: ZtunnelPorts,
+    pub exe: PathBuf,
+}
+
+impl fmt::Display for Upgraded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.node;
+        write!(
+            f,
+            "ztunnel-{n} pid {} is ready ({}; admin {}, metrics {}, readiness {})\n\
+             ztunnel-{n}-old pid {} serves its established connections and exits when they end",
+            self.new_pid,
+            self.exe.display(),
+            self.ports.admin,
+            self.ports.metrics,
+            self.ports.readiness,
+            self.old_pid,
+        )
+    }
+}
+
+/// `ztunnel-N` → N, for a lab of `nodes` nodes.
+pub fn parse_ztunnel(s: &str, nodes: usize) -> Result<usize, Refused> {
+    s.strip_prefix("ztunnel-")
+        .and_then(|n| n.parse().ok())
+        .filter(|n| (1..=nodes).contains(n))
+        .ok_or_else(|| Refused::NoSuchNode {
+            given: s.to_string(),
+            nodes,
+        })
+}
+
+/// `mesh-lab upgrade COMPONENT [--binary PATH]`: what it did, for the terminal.
+pub fn run(lab: &mut Lab, component: &str, binary: Option<&Path>) -> Result<String, String> {
+    let node = parse_ztunnel(component, lab.state.nodes).map_err(|e| e.to_string())?;
+    lab.upgrade_ztunnel(node, binary).map(|u| u.to_string())
+}
+
+impl Lab {
+    /// The node's installed ztunnel: a symlink in its state directory that the node
+    /// agent checks ZDS peers against. Made pointing at the lab's ztunnel when missing.
+    pub fn node_ztunnel_exe(&self, node: usize) -> Result<PathBuf, String> {
+        let link = self.dir.join(format!("node{node}/ztunnel-exe"));
+        if std::fs::symlink_metadata(&link).is_err() {
+            install(&link, &self.bin_dir.join("ztunnel"))?;
+        }
+        Ok(link)
+    }
+
+    /// Starts a ztunnel on node `node` as `run` says, from the node's installed binary,
+    /// recorded as `ztunnel-N`.
+    pub(crate) fn spawn_ztunnel(&mut self, node: usize, run: ZtunnelRun) -> Result<u32, String> {
+        let link = self.node_ztunnel_exe(node)?;
+        let exe = std::fs::canonicalize(&link).map_err(|e| {
+            format!("{}: {e} (the node's installed ztunnel)", link.display())
+        })?;
+        let cmd = args(
+            &exe.to_string_lossy(),
+            &self.ztunnel_args(node),
+            run.ports,
+        );
+        let role = current_role(node);
+        let ns = self.node_ns(node);
+        let pid = self.spawn_logged(&role, &run.log_name(node), &ns, &cmd, None)?;
+        if let Some(p) = self.state.procs.iter_mut().find(|p| p.pid == pid) {
+            p.ztunnel = Some(run);
+        }
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// The ports of the process recorded for `role` (a ztunnel's).
+    pub fn ztunnel_ports(&self, role: &str) -> Option<ZtunnelPorts> {
+        self.process(role)
+            .filter(|p| node_of(&p.role).is_some())
+            .map(|p| run_of(p).ports)
+    }
+
+    /// `mesh-lab upgrade ztunnel-N`: a new ztunnel (from `binary`, or the lab's) beside
+    /// the running one, waited for until ready; the running one recorded as
+    /// `ztunnel-N-old`. If the new one does not become ready it is ended and the node
+    /// is left as it was.
+    pub fn upgrade_ztunnel(
+        &mut self,
+        node: usize,
+        binary: Option<&Path>,
+    ) -> Result<Upgraded, String> {
+        if !self.is_up() {
+            return Err(format!("lab {} is not up", self.name));
+        }
+        let plan = plan(node, &self.state.procs, &crate::ending::alive).map_err(|e| e.to_string())?;
+        let exe = match binary {
+            Some(b) => std::fs::canonicalize(b)
+                .map_err(|e| format!("--binary {}: {e}", b.display()))?,
+            None => self.bin_dir.join("ztunnel"),
+        };
+        if !is_executable(&exe) {
+            return Err(format!("{} is not an executable file", exe.display()));
+        }
+        let link = self.node_ztunnel_exe(node)?;
+        let before = std::fs::read_link(&link).map_err(|e| format!("{}: {e}", link.display()))?;
+        if let Some(pid) = plan.forget {
+            self.state
+                .procs
+                .retain(|p| !(p.role == old_role(node) && p.pid == pid));
+        }
+        self.rename_process(plan.retire, &old_role(node));
+        self.save()?;
+        install(&link, &exe)?;
+        let started = self.spawn_ztunnel(node, plan.run).and_then(|pid| {
+            self.wait_ztunnel_ready(node, plan.run.ports)
+                .map(|()| pid)
+        });
+        match started {
+            Ok(new_pid) => Ok(Upgraded {
+                node,
+                old_pid: plan.retire,
+                new_pid,
+                ports: plan.run.ports,
+                exe,
+            }),
+            Err(e) => {
+                // Back as it was: the new process gone, the old one current again.
+                let _ = self.stop(&current_role(node), true);
+                let _ = install(&link, &before);
+                self.rename_process(plan.retire, &current_role(node));
+                self.save()?;
+                Err(format!("the new ztunnel-{node} did not start: {e}"))
+            }
+        }
+    }
+
+    fn rename_process(&mut self, pid: u32, role: &str) {
+        if let Some(p) = self.state.procs.iter_mut().find(|p| p.pid == pid) {
+            p.role = role.to_string();
+        }
+    }
+
+    /// Waits until node `node`'s ztunnel on `ports` answers ready (its `/healthz/ready`:
+    /// configuration and pod snapshot received).
+    fn wait_ztunnel_ready(&self, node: usize, ports: ZtunnelPorts) -> Result<(), String> {
+        let role = current_role(node);
+        let netns = Path::new("/var/run/netns").join(self.node_ns(node));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if http_ok(&netns, ports.readiness, "/healthz/ready") {
+                return Ok(());
+            }
+            let p = self.process(&role).ok_or(format!("{role} is not recorded"))?;
+            if !crate::ending::alive(p.pid) {
+                return Err(format!("{role} exited (see {})", p.log.display()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{role} was not ready within {}s (its port {}; see {})",
+                    READY_TIMEOUT.as_secs(),
+                    ports.readiness,
+                    p.log.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Points symlink `link` at `target`, atomically (the agent may check it at any time).
+fn install(link: &Path, target: &Path) -> Result<(), String> {
+    let tmp = link.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, link).map_err(|e| format!("{}: {e}", link.display()))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// GET `path` on 127.0.0.1:`port` inside namespace `netns` answers 200.
+fn http_ok(netns: &Path, port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let (netns, path) = (netns.to_path_buf(), path.to_string());
+    // A thread of its own: entering a namespace changes the calling thread only.
+    std::thread::spawn(move || -> std::io::Result<bool> {
+        let f = std::fs::File::open(&netns)?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: ztunnel\r\n\r\n").as_bytes())?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(head.ends_with(b" 200"))
+    })
+    .join()
+    .is_ok_and(|r| r.unwrap_or(false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proc(role: &str, pid: u32, generation: Option<u32>) -> ProcEntry {
+        ProcEntry {
+            role: role.into(),
+            pid,
+            log: "/dev/null".into(),
+            log_offset: 0,
+            ztunnel: generation.map(ZtunnelRun::new),
+        }
+    }
+
+    fn alive_but(dead: &'static [u32]) -> impl Fn(u32) -> bool {
+        move |p| !dead.contains(&p)
+    }
+
+    #[test]
+    fn the_first_upgrade_takes_the_other_port_set_and_retires_the_running_one() {
+        let procs = [
+            proc("agent-1", 10, None),
+            proc("ztunnel-1", 11, Some(0)),
+            proc("ztunnel-2", 21, Some(0)),
+        ];
+        let p = plan(1, &procs, &alive_but(&[])).unwrap();
+        assert_eq!(
+            p,
+            Plan {
+                node: 1,
+                retire: 11,
+                forget: None,
+                run: ZtunnelRun {
+                    generation: 1,
+                    ports: PORT_SETS[1]
+                },
+            }
+        );
+        assert_eq!(p.run.ports.metrics, 15120);
+    }
+
+    #[test]
+    fn port_sets_alternate_by_generation_and_never_collide() {
+        let sets: Vec<ZtunnelPorts> = (0..4).map(|g| ZtunnelRun::new(g).ports).collect();
+        assert_eq!(sets, [PORT_SETS[0], PORT_SETS[1], PORT_SETS[0], PORT_SETS[1]]);
+        let a = PORT_SETS[0];
+        let b = PORT_SETS[1];
+        for x in [a.admin, a.metrics, a.readiness] {
+            assert!(![b.admin, b.metrics, b.readiness].contains(&x));
+        }
+        // A process recorded before ports were recorded ran with ztunnel's defaults.
+        assert_eq!(run_of(&proc("ztunnel-1", 1, None)).ports, PORT_SETS[0]);
+    }
+
+    #[test]
+    fn a_second_upgrade_waits_for_the_old_process_and_forgets_it_once_exited() {
+        let procs = [proc("ztunnel-1-old", 11, Some(0)), proc("ztunnel-1", 12, Some(1))];
+        assert_eq!(
+            plan(1, &procs, &alive_but(&[])),
+            Err(Refused::OldStillRunning { node: 1, pid: 11 })
+        );
+        let p = plan(1, &procs, &alive_but(&[11])).unwrap();
+        assert_eq!((p.retire, p.forget), (12, Some(11)));
+        assert_eq!(p.run, ZtunnelRun::new(2));
+        assert_eq!(p.run.ports, PORT_SETS[0]);
+    }
+
+    #[test]
+    fn no_upgrade_without_a_running_ztunnel() {
+        assert_eq!(
+            plan(2, &[proc("ztunnel-1", 11, Some(0))], &alive_but(&[])),
+            Err(Refused::NotRunning { node: 2 })
+        );
+        assert_eq!(
+            plan(1, &[proc("ztunnel-1", 11, Some(0))], &alive_but(&[11])),
+            Err(Refused::NotRunning { node: 1 })
+        );
+        let msg = Refused::NotRunning { node: 1 }.to_string();
+        assert!(msg.contains("mesh-lab start ztunnel-1"), "{msg}");
+    }
+
+    #[test]
+    fn a_started_ztunnel_avoids_the_ports_of_a_running_old_one() {
+        assert_eq!(next_run(1, &[], &alive_but(&[])), ZtunnelRun::new(0));
+        let procs = [proc("ztunnel-1-old", 11, Some(0)), proc("ztunnel-2-old", 21, Some(1))];
+        assert_eq!(next_run(1, &procs, &alive_but(&[])).ports, PORT_SETS[1]);
+        assert_eq!(next_run(2, &procs, &alive_but(&[])).ports, PORT_SETS[0]);
+        // An old one that has exited holds nothing.
+        assert_eq!(next_run(1, &procs, &alive_but(&[11])), ZtunnelRun::new(0));
+    }
+
+    #[test]
+    fn the_command_line_carries_the_ports_on_ztunnels_default_addresses() {
+        let base = vec!["--node-name".to_string(), "node-1".to_string()];
+        assert_eq!(
+            args("/bin/zt", &base, PORT_SETS[1]),
+            [
+                "/bin/zt",
+                "--node-name",
+                "node-1",
+                "--admin-addr",
+                "127.0.0.1:15100",
+                "--metrics-addr",
+                "[::]:15120",
+                "--readiness-addr",
+                "[::]:15121"
+            ]
+        );
+    }
+
+    #[test]
+    fn roles_and_logs_name_the_node_and_generation() {
+        assert_eq!(node_of("ztunnel-3"), Some(3));
+        assert_eq!(node_of("ztunnel-3-old"), Some(3));
+        assert_eq!(node_of("ztunnel-x"), None);
+        assert_eq!(node_of("agent-3"), None);
+        assert_eq!(ZtunnelRun::new(0).log_name(2), "ztunnel-2");
+        assert_eq!(ZtunnelRun::new(3).log_name(2), "ztunnel-2.gen3");
+        assert_eq!(parse_ztunnel("ztunnel-2", 2), Ok(2));
+        assert!(parse_ztunnel("ztunnel-3", 2).is_err());
+        assert!(parse_ztunnel("node-1", 2).is_err());
+    }
+}
