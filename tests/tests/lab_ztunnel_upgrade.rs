@@ -138,7 +138,15 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
                 && t.log("ztunnel-2")
                     .contains("src.identity=\"spiffe://cluster.local/ns/front/sa/web\"")
         });
-        t.wait_log("pod:back/iperf", "Server listening");
+        // (iperf3 buffers its output in a file: its socket says it listens.)
+        t.eventually("the iperf3 server to listen", || {
+            let out = t
+                .in_pod("back/iperf")
+                .args(["ss", "-Htln", "sport", "=", ":5201"])
+                .output()
+                .unwrap();
+            !out.stdout.is_empty()
+        });
         let ip = t.lab.state.pods["back/iperf"].ip.clone();
         (t, ip)
     });
@@ -229,15 +237,18 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
                 let answer = t.curl("front/client", &url);
                 assert!(answer.is_ok(), "{url}: {answer:?}{}", t.all_logs());
             }
-            t.eventually("the new process to report the new connections", || {
-                opened(&t, &new_role, reporter) >= new_before + NEW_CONNECTIONS as f64
+            // Each connection is counted by whichever process took it.
+            let delta = |role: &str, before: f64| opened(&t, role, reporter) - before;
+            t.eventually("the new connections to be counted", || {
+                delta(&old_role, old_before) + delta(&new_role, new_before)
+                    >= NEW_CONNECTIONS as f64
             });
-            let old_after = opened(&t, &old_role, reporter);
+            let on_old = delta(&old_role, old_before);
             assert_eq!(
-                old_after,
-                old_before,
-                "{} of {NEW_CONNECTIONS} new connections landed on the old ztunnel-{node} (pid {old})",
-                old_after - old_before
+                on_old,
+                0.0,
+                "{on_old} of {NEW_CONNECTIONS} new connections landed on the old ztunnel-{node} (pid {old}), {} on the new one (pid {new})",
+                delta(&new_role, new_before)
             );
             // The pods are still confirmed (the new process acknowledged them).
             t.eventually("front/client confirmed after the upgrade", || {
