@@ -295,7 +295,8 @@ impl TestLab {
     /// `ztunnel-N-old` during an upgrade), read on that process's own metrics port in
     /// its node's namespace; empty when it does not answer.
     pub fn ztunnel_metrics(&self, role: &str) -> String {
-        let node = mesh_lab::upgrade::node_of(role).unwrap_or_else(|| panic!("{role}: not a ztunnel"));
+        let node =
+            mesh_lab::upgrade::node_of(role).unwrap_or_else(|| panic!("{role}: not a ztunnel"));
         let port = self
             .lab
             .ztunnel_ports(role)

@@ -217,7 +217,10 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
         tokio::task::block_in_place(|| {
             let (old, new) = t.upgrade_ztunnel(node);
             assert_ne!(old, new);
-            assert_eq!(t.lab.process(&format!("ztunnel-{node}-old")).unwrap().pid, old);
+            assert_eq!(
+                t.lab.process(&format!("ztunnel-{node}-old")).unwrap().pid,
+                old
+            );
             assert_eq!(t.lab.process(&format!("ztunnel-{node}")).unwrap().pid, new);
             old_pids.push(old);
             let ports = |role: &str| t.lab.ztunnel_ports(role).unwrap();
@@ -323,7 +326,9 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
         for node in 1..=2 {
             let old = format!("ztunnel-{node}-old");
             assert!(
-                status.lines().any(|l| l.contains(&old) && l.contains("EXITED")),
+                status
+                    .lines()
+                    .any(|l| l.contains(&old) && l.contains("EXITED")),
                 "{status}"
             );
         }

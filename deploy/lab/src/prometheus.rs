@@ -244,7 +244,13 @@ mod tests {
         let zt: Vec<(String, String, String)> = targets(&s)
             .into_iter()
             .filter(|t| t.job == "ztunnel")
-            .map(|t| (t.address, t.labels["lab_process"].clone(), t.labels["pid"].clone()))
+            .map(|t| {
+                (
+                    t.address,
+                    t.labels["lab_process"].clone(),
+                    t.labels["pid"].clone(),
+                )
+            })
             .collect();
         let row = |a: &str, r: &str, p: &str| (a.to_string(), r.to_string(), p.to_string());
         assert_eq!(

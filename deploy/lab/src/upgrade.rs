@@ -138,7 +138,11 @@ pub struct Plan {
 
 /// The upgrade of node `node`'s ztunnel, from the lab's records (`alive`: whether a
 /// PID's process runs).
-pub fn plan(node: usize, procs: &[ProcEntry], alive: &dyn Fn(u32) -> bool) -> Result<Plan, Refused> {
+pub fn plan(
+    node: usize,
+    procs: &[ProcEntry],
+    alive: &dyn Fn(u32) -> bool,
+) -> Result<Plan, Refused> {
     let current = procs
         .iter()
         .find(|p| p.role == current_role(node) && alive(p.pid))
@@ -241,14 +245,9 @@ impl Lab {
     /// recorded as `ztunnel-N`.
     pub(crate) fn spawn_ztunnel(&mut self, node: usize, run: ZtunnelRun) -> Result<u32, String> {
         let link = self.node_ztunnel_exe(node)?;
-        let exe = std::fs::canonicalize(&link).map_err(|e| {
-            format!("{}: {e} (the node's installed ztunnel)", link.display())
-        })?;
-        let cmd = args(
-            &exe.to_string_lossy(),
-            &self.ztunnel_args(node),
-            run.ports,
-        );
+        let exe = std::fs::canonicalize(&link)
+            .map_err(|e| format!("{}: {e} (the node's installed ztunnel)", link.display()))?;
+        let cmd = args(&exe.to_string_lossy(), &self.ztunnel_args(node), run.ports);
         let role = current_role(node);
         let ns = self.node_ns(node);
         let pid = self.spawn_logged(&role, &run.log_name(node), &ns, &cmd, None)?;
@@ -278,10 +277,12 @@ impl Lab {
         if !self.is_up() {
             return Err(format!("lab {} is not up", self.name));
         }
-        let plan = plan(node, &self.state.procs, &crate::ending::alive).map_err(|e| e.to_string())?;
+        let plan =
+            plan(node, &self.state.procs, &crate::ending::alive).map_err(|e| e.to_string())?;
         let exe = match binary {
-            Some(b) => std::fs::canonicalize(b)
-                .map_err(|e| format!("--binary {}: {e}", b.display()))?,
+            Some(b) => {
+                std::fs::canonicalize(b).map_err(|e| format!("--binary {}: {e}", b.display()))?
+            }
             None => self.bin_dir.join("ztunnel"),
         };
         if !is_executable(&exe) {
@@ -297,10 +298,9 @@ impl Lab {
         self.rename_process(plan.retire, &old_role(node));
         self.save()?;
         install(&link, &exe)?;
-        let started = self.spawn_ztunnel(node, plan.run).and_then(|pid| {
-            self.wait_ztunnel_ready(node, plan.run.ports)
-                .map(|()| pid)
-        });
+        let started = self
+            .spawn_ztunnel(node, plan.run)
+            .and_then(|pid| self.wait_ztunnel_ready(node, plan.run.ports).map(|()| pid));
         match started {
             Ok(new_pid) => Ok(Upgraded {
                 node,
@@ -336,7 +336,9 @@ impl Lab {
             if http_ok(&netns, ports.readiness, "/healthz/ready") {
                 return Ok(());
             }
-            let p = self.process(&role).ok_or(format!("{role} is not recorded"))?;
+            let p = self
+                .process(&role)
+                .ok_or(format!("{role} is not recorded"))?;
             if !crate::ending::alive(p.pid) {
                 return Err(format!("{role} exited (see {})", p.log.display()));
             }
@@ -373,7 +375,8 @@ fn http_ok(netns: &Path, port: u16, path: &str) -> bool {
     // A thread of its own: entering a namespace changes the calling thread only.
     std::thread::spawn(move || -> std::io::Result<bool> {
         let f = std::fs::File::open(&netns)?;
-        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -430,7 +433,10 @@ mod tests {
     #[test]
     fn port_sets_alternate_by_generation_and_never_collide() {
         let sets: Vec<ZtunnelPorts> = (0..4).map(|g| ZtunnelRun::new(g).ports).collect();
-        assert_eq!(sets, [PORT_SETS[0], PORT_SETS[1], PORT_SETS[0], PORT_SETS[1]]);
+        assert_eq!(
+            sets,
+            [PORT_SETS[0], PORT_SETS[1], PORT_SETS[0], PORT_SETS[1]]
+        );
         let a = PORT_SETS[0];
         let b = PORT_SETS[1];
         for x in [a.admin, a.metrics, a.readiness] {
@@ -442,7 +448,10 @@ mod tests {
 
     #[test]
     fn a_second_upgrade_waits_for_the_old_process_and_forgets_it_once_exited() {
-        let procs = [proc("ztunnel-1-old", 11, Some(0)), proc("ztunnel-1", 12, Some(1))];
+        let procs = [
+            proc("ztunnel-1-old", 11, Some(0)),
+            proc("ztunnel-1", 12, Some(1)),
+        ];
         assert_eq!(
             plan(1, &procs, &alive_but(&[])),
             Err(Refused::OldStillRunning { node: 1, pid: 11 })
@@ -470,7 +479,10 @@ mod tests {
     #[test]
     fn a_started_ztunnel_avoids_the_ports_of_a_running_old_one() {
         assert_eq!(next_run(1, &[], &alive_but(&[])), ZtunnelRun::new(0));
-        let procs = [proc("ztunnel-1-old", 11, Some(0)), proc("ztunnel-2-old", 21, Some(1))];
+        let procs = [
+            proc("ztunnel-1-old", 11, Some(0)),
+            proc("ztunnel-2-old", 21, Some(1)),
+        ];
         assert_eq!(next_run(1, &procs, &alive_but(&[])).ports, PORT_SETS[1]);
         assert_eq!(next_run(2, &procs, &alive_but(&[])).ports, PORT_SETS[0]);
         // An old one that has exited holds nothing.
