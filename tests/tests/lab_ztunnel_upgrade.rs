@@ -355,3 +355,90 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
         );
     });
 }
+
+/// The lab's side of an upgrade: the lab's Prometheus scrapes both processes of the
+/// node, each on its own port; a second upgrade waits for the old process; a reboot
+/// and `down` end both processes, by PID.
+#[test]
+fn both_ztunnels_of_an_upgrading_node_are_scraped_and_ended_with_the_node() {
+    let mut t = TestLab::up_observed("upr", 2, &["curl", "nft"]);
+    t.apply(&join(&[
+        FRONT_AMBIENT,
+        BACK_AMBIENT,
+        BACK_API_POD_WITH_TCP_ECHO,
+        SERVICE,
+        FRONT_CLIENT,
+    ]));
+    let ready = |t: &TestLab| {
+        t.eventually("front/client confirmed", || {
+            all_confirmed(t, 1, "front/client")
+        });
+        t.eventually("back/api confirmed", || all_confirmed(t, 2, "back/api"));
+        t.eventually("traffic through the mesh", || {
+            t.curl("front/client", "http://10.96.0.20/").is_ok()
+        });
+    };
+    ready(&t);
+    // A connection through node 2 that keeps its old ztunnel busy.
+    let mut held = connect_from(&t, "front/client", "10.96.0.20:9000");
+    echo_chunk(&mut held, 0, 1024);
+    let (old, new) = t.upgrade_ztunnel(2);
+
+    let refused = t.lab.upgrade_ztunnel(2, None).unwrap_err();
+    assert!(
+        refused.contains("ztunnel-2-old") && refused.contains(&format!("pid {old}")),
+        "{refused}"
+    );
+    assert_eq!(t.lab.process("ztunnel-2").unwrap().pid, new, "nothing changed");
+
+    // Each process's own metrics, in the lab's Prometheus.
+    t.eventually("both ztunnels of node-2 scraped", || {
+        let mut up: Vec<(String, String, bool)> = t
+            .promql("up{job=\"ztunnel\",node=\"node-2\"}")
+            .into_iter()
+            .map(|(m, v)| {
+                let label = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+                (label("lab_process"), label("pid"), v == 1.0)
+            })
+            .collect();
+        up.sort();
+        up == [
+            ("ztunnel-2".into(), new.to_string(), true),
+            ("ztunnel-2-old".into(), old.to_string(), true),
+        ]
+    });
+    // Each target is its own process: the new one started after the old one.
+    t.eventually("each process's start time", || {
+        let started = |pid: u32| {
+            t.promql(&format!(
+                "process_start_time_seconds{{job=\"ztunnel\",pid=\"{pid}\"}}"
+            ))
+            .first()
+            .map(|(_, v)| *v)
+        };
+        matches!((started(old), started(new)), (Some(o), Some(n)) if n > o)
+    });
+    echo_chunk(&mut held, 1024, 1024);
+
+    // A reboot ends both, and brings back one ztunnel on the first port set.
+    t.lab
+        .reboot(2, mesh_lab::reboot::BootOrder::default())
+        .unwrap();
+    assert!(!mesh_lab::ending::alive(old) && !mesh_lab::ending::alive(new));
+    assert!(t.lab.process("ztunnel-2-old").is_none());
+    assert_eq!(
+        t.lab.ztunnel_ports("ztunnel-2"),
+        Some(mesh_lab::upgrade::PORT_SETS[0])
+    );
+    drop(held);
+    ready(&t);
+
+    // `down` ends both too.
+    let mut held = connect_from(&t, "front/client", "10.96.0.20:9000");
+    echo_chunk(&mut held, 0, 1024);
+    let (old, new) = t.upgrade_ztunnel(2);
+    t.lab.down().unwrap();
+    for pid in [old, new] {
+        assert!(!mesh_lab::ending::alive(pid), "pid {pid} still runs");
+    }
+}
