@@ -389,7 +389,11 @@ fn both_ztunnels_of_an_upgrading_node_are_scraped_and_ended_with_the_node() {
         refused.contains("ztunnel-2-old") && refused.contains(&format!("pid {old}")),
         "{refused}"
     );
-    assert_eq!(t.lab.process("ztunnel-2").unwrap().pid, new, "nothing changed");
+    assert_eq!(
+        t.lab.process("ztunnel-2").unwrap().pid,
+        new,
+        "nothing changed"
+    );
 
     // Each process's own metrics, in the lab's Prometheus.
     t.eventually("both ztunnels of node-2 scraped", || {

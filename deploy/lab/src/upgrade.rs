@@ -333,12 +333,15 @@ impl Lab {
         let netns = Path::new("/var/run/netns").join(self.node_ns(node));
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if http_ok(&netns, ports.readiness, "/healthz/ready") {
-                return Ok(());
-            }
             let p = self
                 .process(&role)
                 .ok_or(format!("{role} is not recorded"))?;
+            // The answer must be the new process's: a stopped ztunnel still draining
+            // may hold the same port.
+            if listens(p.pid, ports.readiness) && http_ok(&netns, ports.readiness, "/healthz/ready")
+            {
+                return Ok(());
+            }
             if !crate::ending::alive(p.pid) {
                 return Err(format!("{role} exited (see {})", p.log.display()));
             }
@@ -361,6 +364,43 @@ fn install(link: &Path, target: &Path) -> Result<(), String> {
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(target, &tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, link).map_err(|e| format!("{}: {e}", link.display()))
+}
+
+/// The socket inodes listening on TCP port `port` in a `/proc/<pid>/net/tcp{,6}` table.
+pub fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = f.get(1)?.rsplit_once(':')?.1;
+            let listening = *f.get(3)? == "0A";
+            (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                .then(|| f.get(9)?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// Process `pid` holds a socket listening on TCP port `port` (in its namespace).
+fn listens(pid: u32, port: u16) -> bool {
+    let inodes: Vec<u64> = ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).ok())
+        .flat_map(|table| listening_inodes(&table, port))
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|l| {
+            l.to_string_lossy()
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| inodes.contains(&n))
+        })
+    })
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -506,6 +546,23 @@ mod tests {
                 "[::]:15121"
             ]
         );
+    }
+
+    #[test]
+    fn listening_sockets_are_found_by_port_and_state() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:3A98 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0 100 0 0 10 0
+   1: 00000000:3ACD 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 222 1 0 100 0 0 10 0
+   2: 0100007F:3ACD 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 333 1 0 20 4 30 10 -1
+";
+        // 0x3ACD = 15053: the listener only, not an established connection to it.
+        assert_eq!(listening_inodes(table, 15053), [222]);
+        assert_eq!(listening_inodes(table, 15000), [111]);
+        assert!(listening_inodes(table, 15021).is_empty());
+        let table6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000000000000:3ACD 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 444 1 0 100 0 0 10 0
+";
+        assert_eq!(listening_inodes(table6, 15053), [444]);
     }
 
     #[test]
