@@ -92,6 +92,7 @@ fn seqpacket_hello(path: &Path) -> Result<Vec<u8>, String> {
     let fd = seqpacket_connect(path)?;
     let hello = zds::ZdsHello {
         version: zds::Version::V1 as i32,
+        capabilities: vec![],
     }
     .encode_to_vec();
     socket::send(fd.as_raw_fd(), &hello, MsgFlags::MSG_NOSIGNAL)
@@ -195,6 +196,7 @@ fn zds_handshake(path: &Path) -> Result<(), String> {
     let fd = seqpacket_connect(path)?;
     let hello = zds::ZdsHello {
         version: zds::Version::V1 as i32,
+        capabilities: vec![],
     }
     .encode_to_vec();
     socket::send(fd.as_raw_fd(), &hello, MsgFlags::MSG_NOSIGNAL).map_err(|e| e.to_string())?;

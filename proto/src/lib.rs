@@ -100,6 +100,13 @@ pub mod type_url {
 /// certificate for (in the CSR request's `metadata` Struct).
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
+/// ZDS capabilities (`ZdsHello.capabilities`, our extension).
+pub mod zds_capability {
+    /// The ztunnel understands `Handover`: it stops accepting, keeps its open
+    /// connections, and exits on its own.
+    pub const HANDOVER_V1: &str = "handover.v1";
+}
+
 /// Well-known ports (ztunnel in each pod netns, waypoints, admin).
 pub mod ports {
     pub const OUTBOUND: u16 = 15001;

@@ -183,8 +183,22 @@ fn zds_messages_match_hand_built_bytes() {
     assert_eq!(keep.encode_to_vec(), bytes("2a 04 0a 02 7531"));
     let hello = zds::ZdsHello {
         version: zds::Version::V1 as i32,
+        capabilities: vec![],
     };
     assert_eq!(hello.encode_to_vec(), bytes("08 01"));
+    // Our extension: field 100 (tag a2 06), which Istio's agent skips as unknown.
+    let hello = zds::ZdsHello {
+        version: zds::Version::V1 as i32,
+        capabilities: vec!["handover.v1".into()],
+    };
+    assert_eq!(
+        hello.encode_to_vec(),
+        bytes("08 01 a2 06 0b 68616e646f7665722e7631")
+    );
+    let handover = zds::WorkloadRequest {
+        payload: Some(Payload::Handover(zds::Handover {})),
+    };
+    assert_eq!(handover.encode_to_vec(), bytes("a2 06 00"));
     let nack = zds::WorkloadResponse {
         payload: Some(zds::workload_response::Payload::Ack(zds::Ack {
             error: "x".into(),
@@ -437,6 +451,7 @@ fn every_message_round_trips() {
 
     roundtrip(zds::ZdsHello {
         version: zds::Version::V1 as i32,
+        capabilities: vec![],
     });
     roundtrip(zds::WorkloadRequest {
         payload: Some(zds::workload_request::Payload::Add(zds::AddWorkload {

@@ -27,6 +27,8 @@ pub struct AdminState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Returns the list of things not yet ready (empty: ready).
     pub pending: Arc<dyn Fn() -> Vec<&'static str> + Send + Sync>,
+    /// Serving, handed over or draining.
+    pub lifecycle: Arc<crate::handover::Status>,
 }
 
 /// The dump `istioctl ztunnel-config` reads (see [`crate::config_dump`]).
@@ -34,7 +36,10 @@ pub fn config_dump(a: &AdminState) -> Value {
     let pods = a.manager.lock().expect("manager lock").pods();
     let certs = a.certs.status();
     let st = a.state.read().expect("state lock");
-    crate::config_dump::config_dump(&st, &certs, &pods, &a.config)
+    let mut dump = crate::config_dump::config_dump(&st, &certs, &pods, &a.config);
+    // Ours, beside Istio's keys (its reader ignores unknown ones).
+    dump["handover"] = a.lifecycle.json();
+    dump
 }
 
 fn respond(

@@ -3,6 +3,7 @@
 use crate::admin::{self, AdminState, Endpoint, LogReload};
 use crate::config::Config;
 use crate::drain::Drain;
+use crate::handover::{self, Action, Event, Phase, Status};
 use crate::identity::{CertManager, CertSource};
 use crate::inpod::manager::{self, PodSource, WorkloadManager};
 use crate::inpod::{netns::Netns, podfile};
@@ -16,7 +17,7 @@ use mesh_identity::ca::CertificateAuthority;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Loads `dir/ca-cert.pem` + `dir/ca-key.pem`, creating a new root there if absent.
 pub fn load_or_create_local_ca(
@@ -80,14 +81,21 @@ async fn watch_local_config(
 }
 
 /// What readiness still waits for (empty: ready): the configuration (local file or xDS),
-/// the pod snapshot, and no identity whose latest certificate request failed.
+/// the pod snapshot, and no identity whose latest certificate request failed. A process
+/// handed over or draining is never ready again: it takes no new connections.
 fn not_ready(
     is_local: bool,
     config_ready: bool,
     snapshot: bool,
     certs_failing: usize,
+    phase: Phase,
 ) -> Vec<&'static str> {
     let mut p = Vec::new();
+    match phase {
+        Phase::Serving => {}
+        Phase::HandedOver { .. } => p.push("handed over"),
+        Phase::Draining | Phase::Exit => p.push("draining"),
+    }
     if !config_ready {
         p.push(if is_local { "local config" } else { "xds" });
     }
@@ -149,7 +157,13 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
         ),
         None => mesh_trace::Tracer::disabled(),
     };
-    let metrics = Metrics::with_tracer(Some(certs.clone()), Some(tracer.clone()));
+    let drain = Drain::new();
+    let lifecycle = Arc::new(Status::new(drain.clone(), cfg.handover_max_age));
+    let metrics = Metrics::for_process(
+        Some(certs.clone()),
+        Some(tracer.clone()),
+        Some(lifecycle.clone()),
+    );
     let ctx = Arc::new(NodeContext {
         state: state.clone(),
         certs: certs.clone(),
@@ -168,7 +182,6 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
         }),
         tracer,
     });
-    let drain = Drain::new();
     let manager = WorkloadManager::new(ctx.clone(), drain.clone(), cfg.drain_deadline);
     let snapshot = manager
         .lock()
@@ -217,12 +230,13 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let pending = {
-        let (local, progress, snapshot, is_local, certs) = (
+        let (local, progress, snapshot, is_local, certs, lifecycle) = (
             local_loaded.clone(),
             progress.clone(),
             snapshot.clone(),
             cfg.local_config.is_some(),
             certs.clone(),
+            lifecycle.clone(),
         );
         Arc::new(move || {
             not_ready(
@@ -234,9 +248,15 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
                 },
                 snapshot.load(Ordering::Relaxed),
                 certs.failing().len(),
+                lifecycle.phase(),
             )
         })
     };
+    let handed_over = manager
+        .lock()
+        .expect("manager lock")
+        .handed_over
+        .subscribe();
     let admin_state = Arc::new(AdminState {
         state,
         certs,
@@ -247,6 +267,7 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
         log_level: Mutex::new(cfg.log_level.clone()),
         shutdown: shutdown.clone(),
         pending,
+        lifecycle: lifecycle.clone(),
     });
     for (addr, which) in [
         (cfg.admin_addr, Endpoint::Admin),
@@ -258,32 +279,141 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     }
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| e.to_string())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
-        _ = shutdown.cancelled() => tracing::info!("quitquitquit: draining"),
+    lifecycle_loop(
+        drain,
+        lifecycle,
+        handed_over,
+        shutdown,
+        cfg.drain_deadline,
+        cfg.handover_max_age,
+    )
+    .await
+}
+
+/// Drives the lifecycle state machine (`crate::handover`) from signals, the node agent's
+/// Handover, the open connection count and the clock, until it says exit.
+async fn lifecycle_loop(
+    drain: Drain,
+    status: Arc<Status>,
+    mut handed_over: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
+    drain_deadline: Duration,
+    max_age: Duration,
+) -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut phase = Phase::Serving;
+    let mut draining: Option<tokio::task::JoinHandle<()>> = None;
+    let (mut handover_seen, mut quit_seen) = (false, false);
+    loop {
+        let handed = matches!(phase, Phase::HandedOver { .. });
+        let (events, cause) = tokio::select! {
+            _ = term.recv() => (vec![Event::Signal], "SIGTERM"),
+            _ = int.recv() => (vec![Event::Signal], "SIGINT"),
+            _ = shutdown.cancelled(), if !quit_seen => {
+                quit_seen = true;
+                (vec![Event::Quit], "quitquitquit")
+            }
+            r = handed_over.wait_for(|h| *h), if !handover_seen => {
+                handover_seen = true;
+                if r.is_err() {
+                    continue; // The manager is gone; nothing more will come.
+                }
+                (vec![Event::Handover { now: Instant::now() }], "handover")
+            }
+            _ = async {
+                match draining.as_mut() {
+                    Some(t) => { let _ = t.await; }
+                    None => std::future::pending().await,
+                }
+            } => {
+                draining = None;
+                (vec![Event::Drained], "drain")
+            }
+            // Connections end and the clock runs: sampled while handed over.
+            _ = tokio::time::sleep(Duration::from_millis(100)), if handed => (
+                vec![
+                    Event::OpenConnections(drain.open_connections()),
+                    Event::Tick { now: Instant::now() },
+                ],
+                "tick",
+            ),
+        };
+        for event in events {
+            let (next, action) = handover::step(phase, event, max_age);
+            phase = next;
+            status.set(phase);
+            match action {
+                Action::None => {}
+                Action::StopAccepting => {
+                    drain.stop_accepting_now();
+                    tracing::info!(
+                        open = drain.open_connections(),
+                        max_age = ?max_age,
+                        "handed over: {} connections still open",
+                        drain.open_connections()
+                    );
+                }
+                Action::SignalIgnored => tracing::info!(
+                    open = drain.open_connections(),
+                    "{cause} during a handover: open connections run on until they end or the maximum age; signal again to drain now"
+                ),
+                Action::DrainMaxAge | Action::Drain => {
+                    if action == Action::DrainMaxAge {
+                        tracing::info!(
+                            open = drain.open_connections(),
+                            "handover max age reached: draining"
+                        );
+                    } else {
+                        tracing::info!("{cause}: draining");
+                    }
+                    let d = drain.clone();
+                    draining = Some(tokio::spawn(async move { d.run(drain_deadline).await }));
+                }
+                Action::ExitHandoverComplete => {
+                    tracing::info!("handover complete: exiting");
+                    return Ok(());
+                }
+                Action::ExitDrained => {
+                    tracing::info!("drained; exiting");
+                    return Ok(());
+                }
+            }
+        }
     }
-    drain.run(cfg.drain_deadline).await;
-    tracing::info!("drained; exiting");
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::not_ready;
+    use crate::handover::Phase;
+
+    const S: Phase = Phase::Serving;
 
     #[test]
     fn readiness_names_what_is_missing_including_failing_certificates() {
-        assert!(not_ready(false, true, true, 0).is_empty());
-        assert_eq!(not_ready(true, false, true, 0), vec!["local config"]);
+        assert!(not_ready(false, true, true, 0, S).is_empty());
+        assert_eq!(not_ready(true, false, true, 0, S), vec!["local config"]);
         assert_eq!(
-            not_ready(false, false, false, 0),
+            not_ready(false, false, false, 0, S),
             vec!["xds", "pod snapshot"]
         );
-        let p = not_ready(false, true, true, 2);
+        let p = not_ready(false, true, true, 2, S);
         assert_eq!(p.len(), 1);
         assert!(p[0].starts_with("certificates"), "{p:?}");
+    }
+
+    #[test]
+    fn a_handed_over_process_is_not_ready() {
+        let h = Phase::HandedOver {
+            since: std::time::Instant::now(),
+            signalled: false,
+        };
+        assert_eq!(not_ready(false, true, true, 0, h), vec!["handed over"]);
+        assert_eq!(
+            not_ready(false, true, true, 0, Phase::Draining),
+            vec!["draining"]
+        );
     }
 }

@@ -78,6 +78,12 @@ pub struct Config {
     #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", default_value = "5s", value_parser = parse_duration)]
     #[serde(with = "secs")]
     pub drain_deadline: Duration,
+    /// After a handover (the node agent moved new pods and connections to a newer
+    /// ztunnel), how long this one keeps its open connections before draining them as
+    /// SIGTERM does. It exits on its own as soon as the last one ends.
+    #[arg(long, env = "HANDOVER_MAX_AGE", default_value = "1h", value_parser = parse_duration)]
+    #[serde(with = "secs")]
+    pub handover_max_age: Duration,
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,

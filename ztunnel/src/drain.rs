@@ -2,6 +2,7 @@
 //! what is left. Used for the whole process (SIGTERM) and for one pod (ZDS Del).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -9,14 +10,25 @@ use tokio_util::sync::CancellationToken;
 pub struct Drain {
     stop_accepting: CancellationToken,
     force_close: CancellationToken,
-    active: Arc<()>,
+    /// Open connections here and in child drains (shared by clones of this drain).
+    active: Arc<AtomicUsize>,
+    /// The parents' counters: a connection in a pod counts for the whole process too.
+    ancestors: Vec<Arc<AtomicUsize>>,
 }
 
-/// Held by each open connection; the drain waits for all of them.
+/// Held by each open connection; the drain (and its parents) wait for all of them.
 #[derive(Debug)]
 pub struct ConnGuard {
-    _active: Arc<()>,
+    counted: Vec<Arc<AtomicUsize>>,
     pub force_close: CancellationToken,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        for c in &self.counted {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drain {
@@ -24,12 +36,15 @@ impl Drain {
         Self::default()
     }
 
-    /// A drain that also starts when `self` does.
+    /// A drain that also starts when `self` does, and whose connections `self` counts.
     pub fn child(&self) -> Drain {
+        let mut ancestors = self.ancestors.clone();
+        ancestors.push(self.active.clone());
         Drain {
             stop_accepting: self.stop_accepting.child_token(),
             force_close: self.force_close.child_token(),
-            active: Arc::new(()),
+            active: Arc::default(),
+            ancestors,
         }
     }
 
@@ -37,15 +52,27 @@ impl Drain {
         self.stop_accepting.clone()
     }
 
+    /// Stops accepting (listeners close, HBONE connections get GOAWAY) and leaves open
+    /// connections running, with no deadline: a handover.
+    pub fn stop_accepting_now(&self) {
+        self.stop_accepting.cancel();
+    }
+
     pub fn guard(&self) -> ConnGuard {
+        let mut counted = self.ancestors.clone();
+        counted.push(self.active.clone());
+        for c in &counted {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         ConnGuard {
-            _active: self.active.clone(),
+            counted,
             force_close: self.force_close.clone(),
         }
     }
 
+    /// Connections open here and in every child drain.
     pub fn open_connections(&self) -> usize {
-        Arc::strong_count(&self.active) - 1
+        self.active.load(Ordering::Relaxed)
     }
 
     /// Stops accepting, waits for open connections up to `deadline`, then force-closes.
@@ -92,6 +119,26 @@ mod tests {
             start.elapsed() < Duration::from_secs(1),
             "finished once the connection ended"
         );
+    }
+
+    #[test]
+    fn a_parent_counts_its_childrens_connections() {
+        let parent = Drain::new();
+        let (a, b) = (parent.child(), parent.child());
+        let _clone = a.clone();
+        assert_eq!(
+            parent.open_connections(),
+            0,
+            "drains and clones are not connections"
+        );
+        let g1 = a.guard();
+        let g2 = b.guard();
+        let g3 = a.clone().guard();
+        assert_eq!((parent.open_connections(), a.open_connections()), (3, 2));
+        drop((g1, g3));
+        assert_eq!((parent.open_connections(), a.open_connections()), (1, 0));
+        drop(g2);
+        assert_eq!(parent.open_connections(), 0);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod config_dump;
 pub mod dns;
 pub mod drain;
+pub mod handover;
 pub mod inpod;
 pub mod local;
 pub mod metrics;

@@ -81,6 +81,32 @@ impl ListenerLabel {
 /// Certificate requests and the identities failing them, read from the manager on scrape.
 struct CertCollector(Arc<CertManager>);
 
+/// `ztunnel_accepting` and `ztunnel_open_connections`: what this process holds, so two
+/// ztunnels side by side during a handover can be told apart.
+#[derive(Debug)]
+struct LifecycleCollector(Arc<crate::handover::Status>);
+
+impl Collector for LifecycleCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, v) in [
+            (
+                "accepting",
+                "1 while this process takes new connections; 0 once handed over or draining",
+                self.0.phase().accepting() as i64,
+            ),
+            (
+                "open_connections",
+                "Connections this process still carries, all pods",
+                self.0.open_connections() as i64,
+            ),
+        ] {
+            let g = ConstGauge::new(v);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for CertCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CertCollector")
@@ -170,6 +196,15 @@ impl Metrics {
         certs: Option<Arc<CertManager>>,
         tracer: Option<Arc<mesh_trace::Tracer>>,
     ) -> Arc<Self> {
+        Metrics::for_process(certs, tracer, None)
+    }
+
+    /// As [`Metrics::with_tracer`], with the process lifecycle gauges from `lifecycle`.
+    pub fn for_process(
+        certs: Option<Arc<CertManager>>,
+        tracer: Option<Arc<mesh_trace::Tracer>>,
+        lifecycle: Option<Arc<crate::handover::Status>>,
+    ) -> Arc<Self> {
         let mut root = Registry::default();
         let istio = root.sub_registry_with_prefix("istio");
         let m = Metrics {
@@ -248,6 +283,9 @@ impl Metrics {
         }
         if let Some(tracer) = tracer.filter(|t| t.enabled()) {
             zt.register_collector(Box::new(TracerCollector(tracer)));
+        }
+        if let Some(status) = lifecycle {
+            zt.register_collector(Box::new(LifecycleCollector(status)));
         }
         let wm = root.sub_registry_with_prefix("workload_manager");
         wm.register(
@@ -616,6 +654,29 @@ mod tests {
         );
         let off = Metrics::with_tracer(None, Some(mesh_trace::Tracer::disabled())).encode();
         assert!(!off.contains("trace_spans_dropped"), "{off}");
+    }
+
+    #[test]
+    fn lifecycle_gauges_show_what_this_process_holds() {
+        let drain = crate::drain::Drain::new();
+        let status = Arc::new(crate::handover::Status::new(
+            drain.clone(),
+            std::time::Duration::from_secs(60),
+        ));
+        let m = Metrics::for_process(None, None, Some(status.clone()));
+        let pod = drain.child();
+        let _g = pod.guard();
+        let text = m.encode();
+        assert!(
+            text.contains("# TYPE ztunnel_accepting gauge\nztunnel_accepting 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("ztunnel_open_connections 1\n"), "{text}");
+        status.set(crate::handover::Phase::HandedOver {
+            since: Instant::now(),
+            signalled: false,
+        });
+        assert!(m.encode().contains("ztunnel_accepting 0\n"));
     }
 
     #[test]

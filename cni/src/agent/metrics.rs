@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 type Key = (&'static str, Vec<(&'static str, &'static str)>);
 
-const HELP: [(&str, &str); 3] = [
+const HELP: [(&str, &str); 4] = [
     (
         "mesh_cni_netns_refused_total",
         "Pod network namespaces not bound to a pod because they match more than one pod (or the pod has several).",
@@ -20,7 +20,14 @@ const HELP: [(&str, &str); 3] = [
         "mesh_cni_local_request_refused_total",
         "Local control socket requests refused: too long, too slow, or too many at once.",
     ),
+    (
+        "mesh_cni_ztunnel_handovers_total",
+        "Handovers sent: an older ztunnel told to stop accepting because a newer one took its snapshot.",
+    ),
 ];
+
+const ZTUNNELS: &str = "mesh_cni_ztunnel_connections";
+const ZTUNNELS_HELP: &str = "Connected ztunnels: serving (takes new pods) or handed_over (keeps its open connections until they end).";
 
 const ENROLMENT: &str = "mesh_cni_pod_enrolment";
 const ENROLMENT_HELP: &str = "Enrolled pods on this node by enrolment state: confirmed (rules read back as planned and ztunnel acked), pending, failed.";
@@ -29,6 +36,8 @@ pub struct Metrics {
     counters: Mutex<BTreeMap<Key, u64>>,
     /// `mesh_cni_pod_enrolment` by state.
     enrolment: Mutex<BTreeMap<&'static str, u64>>,
+    /// `mesh_cni_ztunnel_connections`: (serving, handed_over).
+    ztunnels: Mutex<(u64, u64)>,
 }
 
 impl Default for Metrics {
@@ -36,7 +45,9 @@ impl Default for Metrics {
         let m = Metrics {
             counters: Mutex::default(),
             enrolment: Mutex::default(),
+            ztunnels: Mutex::default(),
         };
+        m.add("mesh_cni_ztunnel_handovers_total", vec![], 0);
         for s in ["pending", "confirmed", "failed"] {
             m.set_enrolment(s, 0);
         }
@@ -103,6 +114,14 @@ impl Metrics {
             .insert(state, pods);
     }
 
+    pub fn inc_ztunnel_handovers(&self) {
+        self.add("mesh_cni_ztunnel_handovers_total", vec![], 1);
+    }
+
+    pub fn set_ztunnel_connections(&self, serving: u64, handed_over: u64) {
+        *self.ztunnels.lock().expect("metrics lock") = (serving, handed_over);
+    }
+
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
         self.counters
             .lock()
@@ -124,7 +143,11 @@ impl Metrics {
                     continue;
                 }
                 let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-                out.push_str(&format!("{name}{{{}}} {v}\n", l.join(",")));
+                if l.is_empty() {
+                    out.push_str(&format!("{name} {v}\n"));
+                } else {
+                    out.push_str(&format!("{name}{{{}}} {v}\n", l.join(",")));
+                }
             }
         }
         out.push_str(&format!(
@@ -133,6 +156,12 @@ impl Metrics {
         for (state, n) in self.enrolment.lock().expect("metrics lock").iter() {
             out.push_str(&format!("{ENROLMENT}{{state=\"{state}\"}} {n}\n"));
         }
+        let (serving, handed_over) = *self.ztunnels.lock().expect("metrics lock");
+        out.push_str(&format!(
+            "# HELP {ZTUNNELS} {ZTUNNELS_HELP}\n# TYPE {ZTUNNELS} gauge\n\
+             {ZTUNNELS}{{state=\"serving\"}} {serving}\n\
+             {ZTUNNELS}{{state=\"handed_over\"}} {handed_over}\n"
+        ));
         // CPU, memory and descriptors, as every Prometheus client exports them.
         mesh_proto::process::append(&mut out, mesh_proto::process::Format::Prometheus);
         out
@@ -168,5 +197,21 @@ mod tests {
             m.get("mesh_cni_local_peer_refused_total", &[("socket", "agent")]),
             2
         );
+    }
+
+    #[test]
+    fn renders_ztunnel_connections_and_handovers() {
+        let m = Metrics::default();
+        let text = m.render();
+        assert!(
+            text.contains("mesh_cni_ztunnel_handovers_total 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("mesh_cni_ztunnel_connections{state=\"serving\"} 0\n"));
+        m.set_ztunnel_connections(1, 1);
+        m.inc_ztunnel_handovers();
+        let text = m.render();
+        assert!(text.contains("# TYPE mesh_cni_ztunnel_handovers_total counter\nmesh_cni_ztunnel_handovers_total 1\n"), "{text}");
+        assert!(text.contains("# TYPE mesh_cni_ztunnel_connections gauge\nmesh_cni_ztunnel_connections{state=\"serving\"} 1\nmesh_cni_ztunnel_connections{state=\"handed_over\"} 1\n"), "{text}");
     }
 }

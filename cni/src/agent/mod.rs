@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod netns;
 pub mod redirect;
 pub mod zds;
+pub mod zds_route;
 
 use crate::events::{AgentReply, AgentRequest};
 use crate::rules::PodRuleOptions;

@@ -2,7 +2,9 @@
 //! SOCK_SEQPACKET socket (the fd in SCM_RIGHTS), wire-compatible with Istio's node agent.
 //! Per connection: hello, snapshot (Add with fd, or Keep), SnapshotSent, then incremental
 //! messages, each acked within 5 s. New Adds go only to the newest ztunnel (upgrades run
-//! two side by side); Dels go to all.
+//! two side by side); Dels go to all. A ztunnel whose hello lists `handover.v1` is sent a
+//! Handover once a newer one has taken its snapshot, and no Add after that (see
+//! `zds_route`).
 //!
 //! The socket is 0600 in a 0700 directory and each peer is checked with SO_PEERCRED
 //! before a byte is read. Everything runs on tokio: one task per connection, every wait
@@ -11,6 +13,7 @@
 
 use super::local::{self, Peer, PeerPolicy};
 use super::metrics::Metrics;
+use super::zds_route::{self, ConnView};
 use mesh_proto::prost::Message;
 use mesh_proto::zds;
 use nix::sys::socket::{
@@ -58,6 +61,10 @@ struct Handle {
     id: u64,
     tx: mpsc::UnboundedSender<Job>,
     alive: Arc<AtomicBool>,
+    /// Its hello listed `handover.v1`.
+    handover_capable: bool,
+    /// A Handover was sent (set before sending, so no Add races it).
+    handed_over: Arc<AtomicBool>,
 }
 
 impl Handle {
@@ -70,6 +77,41 @@ impl Handle {
             .map_err(|_| "ztunnel disconnected".to_string())?;
         wait.recv_timeout(ACK_TIMEOUT + Duration::from_secs(1))
             .map_err(|_| "timed out waiting for ztunnel".to_string())?
+    }
+
+    fn view(&self) -> ConnView {
+        ConnView {
+            id: self.id,
+            handover_capable: self.handover_capable,
+            handed_over: self.handed_over.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sends a Handover without waiting; the ack is logged when it comes.
+    fn hand_over(&self) {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        let req = zds::WorkloadRequest {
+            payload: Some(zds::workload_request::Payload::Handover(zds::Handover {})),
+        };
+        if self
+            .tx
+            .send(Job {
+                req,
+                fd: None,
+                done,
+            })
+            .is_err()
+        {
+            return; // Disconnected meanwhile: nothing to hand over.
+        }
+        let id = self.id;
+        tokio::task::spawn_blocking(move || {
+            match wait.recv_timeout(ACK_TIMEOUT + Duration::from_secs(1)) {
+                Ok(Ok(())) => tracing::info!(conn = id, "ztunnel acknowledged the handover"),
+                Ok(Err(e)) => tracing::warn!(conn = id, error = %e, "handover not acknowledged"),
+                Err(_) => tracing::warn!(conn = id, "handover not acknowledged in time"),
+            }
+        });
     }
 }
 
@@ -94,6 +136,7 @@ pub type Snapshot =
 #[derive(Clone)]
 pub struct ZdsServer {
     conns: Arc<Mutex<Vec<Handle>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// The peer's credentials on a connected unix socket.
@@ -135,7 +178,9 @@ impl ZdsServer {
         let listener = register(fd).map_err(|e| format!("ZDS socket: {e}"))?;
         let server = ZdsServer {
             conns: Arc::default(),
+            metrics: metrics.clone(),
         };
+        server.update_census();
         let s = server.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
@@ -209,6 +254,10 @@ impl ZdsServer {
             if hello.version != zds::Version::V1 as i32 {
                 return Err(format!("unsupported ZDS version {}", hello.version));
             }
+            let capable = hello
+                .capabilities
+                .iter()
+                .any(|c| c == mesh_proto::zds_capability::HANDOVER_V1);
             let pods = snapshot().await;
             for p in &pods {
                 let req = match &p.netns {
@@ -235,21 +284,31 @@ impl ZdsServer {
                 None,
             )
             .await?;
-            Ok::<_, String>(pods.len())
+            Ok::<_, String>((pods.len(), capable))
         };
-        match handshake.await {
-            Ok(n) => tracing::info!(conn = id, pods = n, "ztunnel connected; snapshot sent"),
+        let handover_capable = match handshake.await {
+            Ok((n, capable)) => {
+                tracing::info!(
+                    conn = id,
+                    pods = n,
+                    handover = capable,
+                    "ztunnel connected; snapshot sent"
+                );
+                capable
+            }
             Err(e) => {
                 tracing::warn!(conn = id, error = %e, "ztunnel connection failed during the snapshot");
                 return;
             }
-        }
+        };
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let alive = Arc::new(AtomicBool::new(true));
-        self.conns.lock().expect("conns lock").push(Handle {
+        self.ready(Handle {
             id,
             tx,
             alive: alive.clone(),
+            handover_capable,
+            handed_over: Arc::default(),
         });
         loop {
             tokio::select! {
@@ -288,11 +347,46 @@ impl ZdsServer {
             .lock()
             .expect("conns lock")
             .retain(|c| c.id != id);
+        self.update_census();
         rx.close();
         while let Ok(job) = rx.try_recv() {
             let _ = job.done.send(Err("ztunnel disconnected".into()));
         }
         tracing::info!(conn = id, "ztunnel disconnected");
+    }
+
+    /// A connection finished its snapshot: from now on it takes the new pods, and older
+    /// ztunnels that understand it are handed over (each once).
+    fn ready(&self, conn: Handle) {
+        let ready = conn.id;
+        let mut conns = self.conns.lock().expect("conns lock");
+        conns.push(conn);
+        let views: Vec<ConnView> = conns
+            .iter()
+            .filter(|c| c.alive.load(Ordering::Relaxed))
+            .map(Handle::view)
+            .collect();
+        for old in zds_route::hand_over_on_ready(&views, ready) {
+            if let Some(h) = conns.iter().find(|c| c.id == old) {
+                // Marked first: from here on no Add picks it.
+                h.handed_over.store(true, Ordering::Relaxed);
+                tracing::info!(
+                    conn = old,
+                    newer = ready,
+                    "handing over: the older ztunnel stops accepting and keeps its open connections"
+                );
+                self.metrics.inc_ztunnel_handovers();
+                h.hand_over();
+            }
+        }
+        drop(conns);
+        self.update_census();
+    }
+
+    fn update_census(&self) {
+        let views: Vec<ConnView> = self.live().iter().map(Handle::view).collect();
+        let (serving, handed_over) = zds_route::census(&views);
+        self.metrics.set_ztunnel_connections(serving, handed_over);
     }
 
     fn live(&self) -> Vec<Handle> {
@@ -305,13 +399,23 @@ impl ZdsServer {
             .collect()
     }
 
+    /// Connected ztunnels that take new pods (handed-over ones do not).
     pub fn connected(&self) -> usize {
-        self.live().len()
+        self.live()
+            .iter()
+            .filter(|c| !c.handed_over.load(Ordering::Relaxed))
+            .count()
     }
 
-    /// Blocking: sends an Add to the newest ztunnel and waits for its ack.
+    /// Blocking: sends an Add to the newest ztunnel not handed over and waits for its ack.
     pub fn add(&self, pod: &PodEntry) -> Result<(), String> {
-        let newest = self.live().pop().ok_or("no ztunnel is connected")?;
+        let live = self.live();
+        let views: Vec<ConnView> = live.iter().map(Handle::view).collect();
+        let target = zds_route::add_target(&views).ok_or("no ztunnel is connected")?;
+        let newest = live
+            .into_iter()
+            .find(|c| c.id == target)
+            .ok_or("no ztunnel is connected")?;
         let fd = match &pod.netns {
             Some(f) => Some(f.try_clone().map_err(|e| e.to_string())?),
             None => None,

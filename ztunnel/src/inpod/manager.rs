@@ -33,6 +33,9 @@ pub struct WorkloadManager {
     seen_in_snapshot: HashSet<String>,
     /// Set once a snapshot has been received (readiness).
     pub snapshot_received: Arc<std::sync::atomic::AtomicBool>,
+    /// Becomes true when the node agent hands this ztunnel over (the process lifecycle
+    /// in `app.rs` watches it).
+    pub handed_over: tokio::sync::watch::Sender<bool>,
     /// Ourselves, for work that finishes after a pod's drain.
     this: Weak<Mutex<WorkloadManager>>,
 }
@@ -48,6 +51,7 @@ impl WorkloadManager {
                 proxies: HashMap::new(),
                 seen_in_snapshot: HashSet::new(),
                 snapshot_received: Arc::default(),
+                handed_over: tokio::sync::watch::Sender::new(false),
                 this: this.clone(),
             })
         })
@@ -104,6 +108,9 @@ impl WorkloadManager {
     /// Applies one event; `Err` is the reason sent back in the ack.
     pub fn handle(&mut self, event: ZdsEvent) -> Result<(), String> {
         match event {
+            ZdsEvent::Add { .. } if *self.handed_over.borrow() => {
+                Err("this ztunnel was handed over to a newer one and takes no new pods".into())
+            }
             ZdsEvent::Add { uid, info, netns } => {
                 self.seen_in_snapshot.insert(uid.clone());
                 if let Some(existing) = self.proxies.get(&uid) {
@@ -143,7 +150,31 @@ impl WorkloadManager {
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
+            ZdsEvent::Handover => {
+                self.hand_over();
+                Ok(())
+            }
         }
+    }
+
+    /// A newer ztunnel took the node: every pod's listeners close (their queued
+    /// connections migrate to the newer ztunnel's listeners), HBONE connections get
+    /// GOAWAY, open connections run on. Done before the ack, so once the agent has it
+    /// every new connection lands on the newer process.
+    fn hand_over(&mut self) {
+        if *self.handed_over.borrow() {
+            return;
+        }
+        for p in self.proxies.values() {
+            if let Err(e) = crate::proxy::socket::enable_migrate_req(&p.netns) {
+                // Without it, connections queued but not yet accepted are reset when the
+                // listener closes; everything else still works.
+                tracing::warn!(pod = %format!("{}/{}", p.info.namespace, p.info.name), error = %e,
+                    "cannot set net.ipv4.tcp_migrate_req; connections queued at the handover may be reset");
+            }
+        }
+        self.drain.stop_accepting_now();
+        self.handed_over.send_replace(true);
     }
 
     fn start(
@@ -226,6 +257,12 @@ pub async fn run(source: PodSource, mgr: Arc<Mutex<WorkloadManager>>) {
                     Err(ZdsError::Closed) => tracing::warn!("node agent closed the ZDS connection"),
                     Err(e) => tracing::warn!(error = %e, "ZDS connection failed"),
                     Ok(()) => {}
+                }
+                // Handed over: a new connection would make us the newest ztunnel again
+                // and take pods back from the one we handed over to.
+                if *mgr.lock().expect("manager lock").handed_over.borrow() {
+                    tracing::info!("handed over: not reconnecting to the node agent");
+                    return;
                 }
             }
             Err(e) => {

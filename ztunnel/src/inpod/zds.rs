@@ -30,6 +30,9 @@ pub enum ZdsEvent {
         uid: String,
     },
     SnapshotSent,
+    /// Our extension: a newer ztunnel took the node; stop accepting, keep open
+    /// connections, exit when they end.
+    Handover,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,7 @@ pub fn decode_request(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<ZdsEvent, Zds
         Some(Payload::Keep(k)) => Ok(ZdsEvent::Keep { uid: k.uid }),
         Some(Payload::Del(d)) => Ok(ZdsEvent::Del { uid: d.uid }),
         Some(Payload::SnapshotSent(_)) => Ok(ZdsEvent::SnapshotSent),
+        Some(Payload::Handover(_)) => Ok(ZdsEvent::Handover),
         None => Err(ZdsError::Protocol("empty WorkloadRequest".into())),
     }
 }
@@ -100,7 +104,13 @@ pub struct ZdsConnection {
 }
 
 impl ZdsConnection {
+    /// Connects and says hello, advertising `handover.v1`.
     pub async fn connect(path: &Path) -> Result<Self, ZdsError> {
+        Self::connect_with(path, &[mesh_proto::zds_capability::HANDOVER_V1]).await
+    }
+
+    /// Connects and says hello with these capabilities (none: exactly Istio's hello).
+    pub async fn connect_with(path: &Path, capabilities: &[&str]) -> Result<Self, ZdsError> {
         let fd = socket::socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -123,6 +133,7 @@ impl ZdsConnection {
         conn.send(
             &zds::ZdsHello {
                 version: zds::Version::V1 as i32,
+                capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
             }
             .encode_to_vec(),
         )
@@ -270,6 +281,20 @@ mod tests {
         assert!(decode_request(&del, vec![ns]).is_err());
         assert!(decode_request(&[0xff, 0xff], vec![]).is_err());
         assert!(decode_request(&[], vec![]).is_err(), "empty request");
+    }
+
+    #[test]
+    fn handover_decodes_and_carries_no_fds() {
+        let h = zds::WorkloadRequest {
+            payload: Some(zds::workload_request::Payload::Handover(zds::Handover {})),
+        }
+        .encode_to_vec();
+        assert!(matches!(
+            decode_request(&h, vec![]).unwrap(),
+            ZdsEvent::Handover
+        ));
+        let ns = OwnedFd::from(std::fs::File::open("/proc/self/ns/net").unwrap());
+        assert!(decode_request(&h, vec![ns]).is_err());
     }
 
     #[tokio::test]

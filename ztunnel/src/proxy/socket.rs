@@ -46,6 +46,14 @@ pub fn listen_in(netns: &Netns, port: u16) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// Makes the kernel move connections still queued on a closing listener to another
+/// listener of its SO_REUSEPORT group (the newer ztunnel's) instead of resetting them
+/// (`net.ipv4.tcp_migrate_req`, Linux 5.14+; per network namespace, IPv6 included).
+pub fn enable_migrate_req(netns: &Netns) -> io::Result<()> {
+    // /proc/sys/net resolves to the namespace of the thread that opens it.
+    netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))?
+}
+
 /// Connects from inside `netns` to `dst`. With `spoof_src`, the socket is transparent and
 /// bound to that address, so the app sees the original client as the source.
 pub async fn connect_in(
