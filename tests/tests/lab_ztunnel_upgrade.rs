@@ -446,3 +446,56 @@ fn both_ztunnels_of_an_upgrading_node_are_scraped_and_ended_with_the_node() {
         assert!(!mesh_lab::ending::alive(pid), "pid {pid} still runs");
     }
 }
+
+/// `mesh-lab upgrade agent-N --binary PATH`: the agent runs the new binary, the pods
+/// stay confirmed and an open connection carries on.
+#[test]
+fn an_agent_upgrade_runs_the_new_binary_and_leaves_traffic_alone() {
+    let mut t = TestLab::up_named("upa", 2, &["curl", "nft"]);
+    t.apply(&join(&[
+        FRONT_AMBIENT,
+        BACK_AMBIENT,
+        BACK_API_POD_WITH_TCP_ECHO,
+        SERVICE,
+        FRONT_CLIENT,
+    ]));
+    t.eventually("front/client confirmed", || {
+        all_confirmed(&t, 1, "front/client")
+    });
+    t.eventually("traffic through the mesh", || {
+        t.curl("front/client", "http://10.96.0.20/").is_ok()
+    });
+    let mut held = connect_from(&t, "front/client", "10.96.0.20:9000");
+    echo_chunk(&mut held, 0, 1024);
+
+    // The "new" binary: another name for the built one (no copy on disk).
+    let next = t.lab.dir.join("mesh-cni-next");
+    std::fs::hard_link(mesh_e2e::binary("mesh-cni"), &next).unwrap();
+    let old = t.lab.process("agent-1").unwrap().pid;
+    let said = mesh_lab::upgrade::run(&mut t.lab, "agent-1", Some(&next))
+        .unwrap_or_else(|e| panic!("{e}{}", t.all_logs()));
+    let new = t.lab.process("agent-1").unwrap().pid;
+    assert!(said.contains(&format!("pid {new}")), "{said}");
+    assert_ne!(old, new);
+    assert!(!mesh_lab::ending::alive(old), "the old agent ended");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{new}/exe")).unwrap(),
+        next,
+        "the agent runs the new binary"
+    );
+
+    echo_chunk(&mut held, 1024, 1024);
+    t.eventually("front/client confirmed by the new agent", || {
+        all_confirmed(&t, 1, "front/client")
+    });
+    assert!(t.curl("front/client", "http://10.96.0.20/after").is_ok());
+    // A later start (a reboot, `mesh-lab start`) keeps the installed binary.
+    t.lab.stop("agent-1", false).unwrap();
+    t.lab.start_agent(1).unwrap();
+    t.lab.wait_agent_ready(1).unwrap();
+    let again = t.lab.process("agent-1").unwrap().pid;
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{again}/exe")).unwrap(),
+        next
+    );
+}

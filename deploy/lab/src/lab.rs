@@ -679,8 +679,11 @@ impl Lab {
             .join(format!("node{i}/ztunnel.sock"))
             .to_string_lossy()
             .into_owned();
+        // The node's installed agent (`upgrade agent-N` repoints it).
+        let exe = self.node_exe(i, "mesh-cni")?;
+        let exe = std::fs::canonicalize(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
         let mut agent = vec![
-            self.bin("mesh-cni"),
+            exe.to_string_lossy().into_owned(),
             "agent".into(),
             "--node-name".into(),
             format!("node-{i}"),

@@ -10,6 +10,9 @@
 //! accepts on its ZDS socket only a process running that file, so an upgrade to another
 //! binary points the link at it before the new process starts.
 //!
+//! `mesh-lab upgrade agent-N [--binary PATH]` restarts the node agent from the new
+//! binary (its own node symlink too): traffic never passes through the agent.
+//!
 //! The decisions (which ports, which roles, which arguments) are [`plan`], [`next_run`]
 //! and [`args`]; the rest is a thin shell over the lab.
 
@@ -213,11 +216,23 @@ impl fmt::Display for Upgraded {
     }
 }
 
-/// `ztunnel-N` → N, for a lab of `nodes` nodes.
-pub fn parse_ztunnel(s: &str, nodes: usize) -> Result<usize, Refused> {
-    s.strip_prefix("ztunnel-")
-        .and_then(|n| n.parse().ok())
-        .filter(|n| (1..=nodes).contains(n))
+/// What `mesh-lab upgrade` upgrades.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Ztunnel(usize),
+    Agent(usize),
+}
+
+/// `ztunnel-N` or `agent-N`, for a lab of `nodes` nodes.
+pub fn parse_component(s: &str, nodes: usize) -> Result<Component, Refused> {
+    let node = |prefix: &str| {
+        s.strip_prefix(prefix)
+            .and_then(|n| n.parse().ok())
+            .filter(|n| (1..=nodes).contains(n))
+    };
+    node("ztunnel-")
+        .map(Component::Ztunnel)
+        .or_else(|| node("agent-").map(Component::Agent))
         .ok_or_else(|| Refused::NoSuchNode {
             given: s.to_string(),
             nodes,
@@ -226,19 +241,89 @@ pub fn parse_ztunnel(s: &str, nodes: usize) -> Result<usize, Refused> {
 
 /// `mesh-lab upgrade COMPONENT [--binary PATH]`: what it did, for the terminal.
 pub fn run(lab: &mut Lab, component: &str, binary: Option<&Path>) -> Result<String, String> {
-    let node = parse_ztunnel(component, lab.state.nodes).map_err(|e| e.to_string())?;
-    lab.upgrade_ztunnel(node, binary).map(|u| u.to_string())
+    match parse_component(component, lab.state.nodes).map_err(|e| e.to_string())? {
+        Component::Ztunnel(n) => lab.upgrade_ztunnel(n, binary).map(|u| u.to_string()),
+        Component::Agent(n) => lab.upgrade_agent(n, binary),
+    }
+}
+
+/// The binary an upgrade installs: `binary` (resolved), or the lab's `default`.
+fn resolve_binary(binary: Option<&Path>, default: PathBuf) -> Result<PathBuf, String> {
+    let exe = match binary {
+        Some(b) => {
+            std::fs::canonicalize(b).map_err(|e| format!("--binary {}: {e}", b.display()))?
+        }
+        None => default,
+    };
+    if !is_executable(&exe) {
+        return Err(format!("{} is not an executable file", exe.display()));
+    }
+    Ok(exe)
 }
 
 impl Lab {
     /// The node's installed ztunnel: a symlink in its state directory that the node
     /// agent checks ZDS peers against. Made pointing at the lab's ztunnel when missing.
     pub fn node_ztunnel_exe(&self, node: usize) -> Result<PathBuf, String> {
-        let link = self.dir.join(format!("node{node}/ztunnel-exe"));
+        self.node_exe(node, "ztunnel")
+    }
+
+    /// The node's installed `name` (ztunnel, mesh-cni): a symlink `node<N>/<name>-exe`
+    /// that upgrades repoint, made pointing at the lab's binary when missing.
+    pub fn node_exe(&self, node: usize, name: &str) -> Result<PathBuf, String> {
+        let link = self.dir.join(format!("node{node}/{name}-exe"));
         if std::fs::symlink_metadata(&link).is_err() {
-            install(&link, &self.bin_dir.join("ztunnel"))?;
+            install(&link, &self.bin_dir.join(name))?;
         }
         Ok(link)
+    }
+
+    /// `mesh-lab upgrade agent-N`: the node agent restarted from `binary` (or the
+    /// lab's), waited for until ready. Traffic never passes through the agent.
+    pub fn upgrade_agent(&mut self, node: usize, binary: Option<&Path>) -> Result<String, String> {
+        if !self.is_up() {
+            return Err(format!("lab {} is not up", self.name));
+        }
+        let exe = resolve_binary(binary, self.bin_dir.join("mesh-cni"))?;
+        let role = format!("agent-{node}");
+        let old = self.process(&role).map(|p| p.pid);
+        let link = self.node_exe(node, "mesh-cni")?;
+        let before = std::fs::read_link(&link).map_err(|e| format!("{}: {e}", link.display()))?;
+        if old.is_some() {
+            self.stop(&role, false)?;
+        }
+        // Its sockets and port are the new one's only once it is gone.
+        if let Some(pid) = old.filter(|p| !wait_gone(*p, Duration::from_secs(10))) {
+            crate::ending::end(
+                &[pid],
+                &|p| self.owns(p),
+                crate::ending::Ending {
+                    signal: "KILL",
+                    group: false,
+                    wait: Duration::from_secs(2),
+                    then_kill: false,
+                },
+            );
+        }
+        install(&link, &exe)?;
+        let started = self
+            .start_agent(node)
+            .and_then(|()| self.wait_agent_ready(node));
+        if let Err(e) = started {
+            let _ = self.stop(&role, true);
+            let _ = install(&link, &before);
+            return Err(format!(
+                "the new agent-{node} did not start: {e} (`mesh-lab start agent-{node}` starts the previous binary again)"
+            ));
+        }
+        let new = self.process(&role).map_or(0, |p| p.pid);
+        Ok(match old {
+            Some(old) => format!(
+                "agent-{node} pid {new} is ready ({}); pid {old} ended",
+                exe.display()
+            ),
+            None => format!("agent-{node} pid {new} is ready ({})", exe.display()),
+        })
     }
 
     /// Starts a ztunnel on node `node` as `run` says, from the node's installed binary,
@@ -279,15 +364,7 @@ impl Lab {
         }
         let plan =
             plan(node, &self.state.procs, &crate::ending::alive).map_err(|e| e.to_string())?;
-        let exe = match binary {
-            Some(b) => {
-                std::fs::canonicalize(b).map_err(|e| format!("--binary {}: {e}", b.display()))?
-            }
-            None => self.bin_dir.join("ztunnel"),
-        };
-        if !is_executable(&exe) {
-            return Err(format!("{} is not an executable file", exe.display()));
-        }
+        let exe = resolve_binary(binary, self.bin_dir.join("ztunnel"))?;
         let link = self.node_ztunnel_exe(node)?;
         let before = std::fs::read_link(&link).map_err(|e| format!("{}: {e}", link.display()))?;
         if let Some(pid) = plan.forget {
@@ -401,6 +478,18 @@ fn listens(pid: u32, port: u16) -> bool {
                 .is_some_and(|n| inodes.contains(&n))
         })
     })
+}
+
+/// Waits up to `timeout` for process `pid` to be gone; whether it is.
+fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while crate::ending::alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -573,8 +662,11 @@ mod tests {
         assert_eq!(node_of("agent-3"), None);
         assert_eq!(ZtunnelRun::new(0).log_name(2), "ztunnel-2");
         assert_eq!(ZtunnelRun::new(3).log_name(2), "ztunnel-2.gen3");
-        assert_eq!(parse_ztunnel("ztunnel-2", 2), Ok(2));
-        assert!(parse_ztunnel("ztunnel-3", 2).is_err());
-        assert!(parse_ztunnel("node-1", 2).is_err());
+        assert_eq!(parse_component("ztunnel-2", 2), Ok(Component::Ztunnel(2)));
+        assert_eq!(parse_component("agent-1", 2), Ok(Component::Agent(1)));
+        assert!(parse_component("ztunnel-3", 2).is_err());
+        assert!(parse_component("agent-0", 2).is_err());
+        let refused = parse_component("node-1", 2).unwrap_err().to_string();
+        assert!(refused.contains("ztunnel-1 .. ztunnel-2"), "{refused}");
     }
 }
