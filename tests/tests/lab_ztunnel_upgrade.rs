@@ -11,6 +11,7 @@ use mesh_e2e::manifests::{
 };
 use mesh_e2e::proc::Proc;
 use mesh_e2e::testlab::{TestLab, metric_sum, wait_exit};
+use mesh_lab::upgrade::accepting;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -232,9 +233,19 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
                 "the two processes have their own ports"
             );
 
-            // Every new connection from now on is the new process's.
+            // Each process's own metrics: the old one stopped accepting and still holds
+            // the long-lived connections; the new one accepts.
             let old_role = format!("ztunnel-{node}-old");
             let new_role = format!("ztunnel-{node}");
+            let old_page = t.ztunnel_metrics(&old_role);
+            assert_eq!(accepting(&old_page), Some(false), "{old_page}");
+            assert!(
+                metric_sum(&old_page, "ztunnel_open_connections", &[]) >= 1.0,
+                "{old_page}"
+            );
+            assert_eq!(accepting(&t.ztunnel_metrics(&new_role)), Some(true));
+
+            // Every new connection from now on is the new process's.
             let old_before = opened(&t, &old_role, reporter);
             let new_before = opened(&t, &new_role, reporter);
             for i in 0..NEW_CONNECTIONS {

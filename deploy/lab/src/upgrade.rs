@@ -197,6 +197,10 @@ pub struct Upgraded {
     pub new_pid: u32,
     pub ports: ZtunnelPorts,
     pub exe: PathBuf,
+    /// The old process's `ztunnel_accepting` once the upgrade returned: `Some(false)`
+    /// when it handed over, `None` when it does not report it (a ztunnel without the
+    /// handover, which keeps accepting until stopped).
+    pub old_accepting: Option<bool>,
 }
 
 impl fmt::Display for Upgraded {
@@ -205,13 +209,25 @@ impl fmt::Display for Upgraded {
         write!(
             f,
             "ztunnel-{n} pid {} is ready ({}; admin {}, metrics {}, readiness {})\n\
-             ztunnel-{n}-old pid {} serves its established connections and exits when they end",
+             ztunnel-{n}-old pid {} {}",
             self.new_pid,
             self.exe.display(),
             self.ports.admin,
             self.ports.metrics,
             self.ports.readiness,
             self.old_pid,
+            match self.old_accepting {
+                Some(false) => {
+                    "stopped accepting; it serves its established connections and exits when they end"
+                }
+                Some(true) => {
+                    "still accepts new connections (no handover from the node agent yet): see its log"
+                }
+                None => {
+                    "does not report a handover: it keeps accepting until stopped \
+                     (`mesh-lab stop ztunnel-{n}-old`)"
+                }
+            }
         )
     }
 }
@@ -385,6 +401,7 @@ impl Lab {
                 new_pid,
                 ports: plan.run.ports,
                 exe,
+                old_accepting: self.wait_handed_over(node, plan.retire),
             }),
             Err(e) => {
                 // Back as it was: the new process gone, the old one current again.
@@ -394,6 +411,25 @@ impl Lab {
                 self.save()?;
                 Err(format!("the new ztunnel-{node} did not start: {e}"))
             }
+        }
+    }
+
+    /// Waits until the old ztunnel `pid` of node `node` stops accepting (the node agent
+    /// hands it over once the new one has every pod); its `ztunnel_accepting` last
+    /// read, `None` when it does not report one.
+    fn wait_handed_over(&self, node: usize, pid: u32) -> Option<bool> {
+        let p = self.state.procs.iter().find(|p| p.pid == pid)?;
+        let port = run_of(p).ports.metrics;
+        let netns = Path::new("/var/run/netns").join(self.node_ns(node));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let accepting = http_get(&netns, port, "/metrics")
+                .as_deref()
+                .and_then(accepting);
+            if accepting != Some(true) || Instant::now() > deadline {
+                return accepting;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -499,10 +535,15 @@ fn is_executable(p: &Path) -> bool {
 
 /// GET `path` on 127.0.0.1:`port` inside namespace `netns` answers 200.
 fn http_ok(netns: &Path, port: u16, path: &str) -> bool {
+    http_get(netns, port, path).is_some()
+}
+
+/// The body of a 200 answer to GET `path` on 127.0.0.1:`port` inside namespace `netns`.
+fn http_get(netns: &Path, port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let (netns, path) = (netns.to_path_buf(), path.to_string());
     // A thread of its own: entering a namespace changes the calling thread only.
-    std::thread::spawn(move || -> std::io::Result<bool> {
+    std::thread::spawn(move || -> std::io::Result<Option<String>> {
         let f = std::fs::File::open(&netns)?;
         nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(std::io::Error::from)?;
@@ -510,12 +551,30 @@ fn http_ok(netns: &Path, port: u16, path: &str) -> bool {
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         s.write_all(format!("GET {path} HTTP/1.0\r\nHost: ztunnel\r\n\r\n").as_bytes())?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head)?;
-        Ok(head.ends_with(b" 200"))
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)?;
+        let answer = String::from_utf8_lossy(&answer);
+        let ok = answer
+            .lines()
+            .next()
+            .is_some_and(|l| l.ends_with(" 200 OK") || l.ends_with(" 200"));
+        Ok(ok.then(|| {
+            answer
+                .split_once("\r\n\r\n")
+                .map_or(String::new(), |(_, b)| b.to_string())
+        }))
     })
     .join()
-    .is_ok_and(|r| r.unwrap_or(false))
+    .ok()
+    .and_then(|r| r.ok().flatten())
+}
+
+/// A ztunnel's `ztunnel_accepting` gauge in its metrics page; `None` when it has none.
+pub fn accepting(page: &str) -> Option<bool> {
+    page.lines()
+        .find_map(|l| l.strip_prefix("ztunnel_accepting "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v != 0.0)
 }
 
 #[cfg(test)]
@@ -652,6 +711,19 @@ mod tests {
    0: 00000000000000000000000000000000:3ACD 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 444 1 0 100 0 0 10 0
 ";
         assert_eq!(listening_inodes(table6, 15053), [444]);
+    }
+
+    #[test]
+    fn the_accepting_gauge_is_read_when_reported() {
+        let page =
+            "# TYPE ztunnel_accepting gauge\nztunnel_accepting 0\nztunnel_open_connections 3\n";
+        assert_eq!(accepting(page), Some(false));
+        assert_eq!(accepting("ztunnel_accepting 1\n"), Some(true));
+        assert_eq!(
+            accepting("istio_build 1\n"),
+            None,
+            "a ztunnel without the handover"
+        );
     }
 
     #[test]
