@@ -197,10 +197,49 @@ pub struct Upgraded {
     pub new_pid: u32,
     pub ports: ZtunnelPorts,
     pub exe: PathBuf,
-    /// The old process's `ztunnel_accepting` once the upgrade returned: `Some(false)`
-    /// when it handed over, `None` when it does not report it (a ztunnel without the
-    /// handover, which keeps accepting until stopped).
-    pub old_accepting: Option<bool>,
+    /// Where the old process was when the upgrade returned.
+    pub old: OldZtunnel,
+}
+
+/// The replaced ztunnel once the new one is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OldZtunnel {
+    /// It stopped accepting and serves its established connections until they end.
+    Draining,
+    /// It had nothing left to serve and exited.
+    Exited,
+    /// It still accepts new connections (the node agent has not handed it over).
+    Accepting,
+    /// It reports no `ztunnel_accepting`: a ztunnel without the handover, which keeps
+    /// accepting until stopped.
+    NoHandover,
+}
+
+impl OldZtunnel {
+    /// From what the lab sees of it: whether it runs, and its `ztunnel_accepting`.
+    pub fn of(alive: bool, accepting: Option<bool>) -> OldZtunnel {
+        match (alive, accepting) {
+            (false, _) => OldZtunnel::Exited,
+            (true, Some(false)) => OldZtunnel::Draining,
+            (true, Some(true)) => OldZtunnel::Accepting,
+            (true, None) => OldZtunnel::NoHandover,
+        }
+    }
+
+    fn describe(self, node: usize) -> String {
+        match self {
+            OldZtunnel::Draining => {
+                "stopped accepting; it serves its established connections and exits when they end".into()
+            }
+            OldZtunnel::Exited => "had no connections left and exited".into(),
+            OldZtunnel::Accepting => {
+                "still accepts new connections (the node agent has not handed it over): see its log and the agent's".into()
+            }
+            OldZtunnel::NoHandover => format!(
+                "reports no handover: it keeps accepting until stopped (`mesh-lab stop ztunnel-{node}-old`)"
+            ),
+        }
+    }
 }
 
 impl fmt::Display for Upgraded {
@@ -216,18 +255,7 @@ impl fmt::Display for Upgraded {
             self.ports.metrics,
             self.ports.readiness,
             self.old_pid,
-            match self.old_accepting {
-                Some(false) => {
-                    "stopped accepting; it serves its established connections and exits when they end"
-                }
-                Some(true) => {
-                    "still accepts new connections (no handover from the node agent yet): see its log"
-                }
-                None => {
-                    "does not report a handover: it keeps accepting until stopped \
-                     (`mesh-lab stop ztunnel-{n}-old`)"
-                }
-            }
+            self.old.describe(n),
         )
     }
 }
@@ -401,7 +429,7 @@ impl Lab {
                 new_pid,
                 ports: plan.run.ports,
                 exe,
-                old_accepting: self.wait_handed_over(node, plan.retire),
+                old: self.wait_handed_over(node, plan.retire),
             }),
             Err(e) => {
                 // Back as it was: the new process gone, the old one current again.
@@ -415,19 +443,25 @@ impl Lab {
     }
 
     /// Waits until the old ztunnel `pid` of node `node` stops accepting (the node agent
-    /// hands it over once the new one has every pod); its `ztunnel_accepting` last
-    /// read, `None` when it does not report one.
-    fn wait_handed_over(&self, node: usize, pid: u32) -> Option<bool> {
-        let p = self.state.procs.iter().find(|p| p.pid == pid)?;
-        let port = run_of(p).ports.metrics;
+    /// hands it over once the new one has every pod), or exits.
+    fn wait_handed_over(&self, node: usize, pid: u32) -> OldZtunnel {
+        let port = self
+            .state
+            .procs
+            .iter()
+            .find(|p| p.pid == pid)
+            .map_or(PORT_SETS[0].metrics, |p| run_of(p).ports.metrics);
         let netns = Path::new("/var/run/netns").join(self.node_ns(node));
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let accepting = http_get(&netns, port, "/metrics")
-                .as_deref()
-                .and_then(accepting);
-            if accepting != Some(true) || Instant::now() > deadline {
-                return accepting;
+            let page = http_get(&netns, port, "/metrics");
+            // Read after the page: a process that exits meanwhile answers nothing.
+            let old = OldZtunnel::of(
+                crate::ending::alive(pid),
+                page.as_deref().and_then(accepting),
+            );
+            if old != OldZtunnel::Accepting || Instant::now() > deadline {
+                return old;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -711,6 +745,20 @@ mod tests {
    0: 00000000000000000000000000000000:3ACD 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 444 1 0 100 0 0 10 0
 ";
         assert_eq!(listening_inodes(table6, 15053), [444]);
+    }
+
+    #[test]
+    fn the_old_ztunnel_is_told_apart_by_its_process_and_gauge() {
+        assert_eq!(OldZtunnel::of(false, None), OldZtunnel::Exited);
+        assert_eq!(OldZtunnel::of(false, Some(true)), OldZtunnel::Exited);
+        assert_eq!(OldZtunnel::of(true, Some(false)), OldZtunnel::Draining);
+        assert_eq!(OldZtunnel::of(true, Some(true)), OldZtunnel::Accepting);
+        assert_eq!(OldZtunnel::of(true, None), OldZtunnel::NoHandover);
+        assert!(
+            OldZtunnel::NoHandover
+                .describe(2)
+                .contains("mesh-lab stop ztunnel-2-old")
+        );
     }
 
     #[test]
