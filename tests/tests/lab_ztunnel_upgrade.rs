@@ -233,19 +233,9 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
                 "the two processes have their own ports"
             );
 
-            // Each process's own metrics: the old one stopped accepting and still holds
-            // the long-lived connections; the new one accepts.
+            // Every new connection from now on is the new process's.
             let old_role = format!("ztunnel-{node}-old");
             let new_role = format!("ztunnel-{node}");
-            let old_page = t.ztunnel_metrics(&old_role);
-            assert_eq!(accepting(&old_page), Some(false), "{old_page}");
-            assert!(
-                metric_sum(&old_page, "ztunnel_open_connections", &[]) >= 1.0,
-                "{old_page}"
-            );
-            assert_eq!(accepting(&t.ztunnel_metrics(&new_role)), Some(true));
-
-            // Every new connection from now on is the new process's.
             let old_before = opened(&t, &old_role, reporter);
             let new_before = opened(&t, &new_role, reporter);
             for i in 0..NEW_CONNECTIONS {
@@ -266,6 +256,16 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
                 "{on_old} of {NEW_CONNECTIONS} new connections landed on the old ztunnel-{node} (pid {old}), {} on the new one (pid {new})",
                 delta(&new_role, new_before)
             );
+            // Each process's own metrics: the old one stopped accepting and still holds
+            // the long-lived connections; the new one accepts.
+            let old_page = t.ztunnel_metrics(&old_role);
+            assert_eq!(accepting(&old_page), Some(false), "{old_page}");
+            assert!(
+                metric_sum(&old_page, "ztunnel_open_connections", &[]) >= 1.0,
+                "{old_page}"
+            );
+            assert_eq!(accepting(&t.ztunnel_metrics(&new_role)), Some(true));
+
             // The pods are still confirmed (the new process acknowledged them).
             t.eventually("front/client confirmed after the upgrade", || {
                 all_confirmed(&t, 1, "front/client")
