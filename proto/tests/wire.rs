@@ -469,3 +469,31 @@ fn every_message_round_trips() {
         })),
     });
 }
+
+/// Istio's `ZdsHello` and `WorkloadRequest` as its own schema has them (no extension
+/// fields): what Istio's node agent and ztunnel decode.
+mod istio_schema {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ZdsHello {
+        #[prost(int32, tag = "1")]
+        pub version: i32,
+    }
+}
+
+#[test]
+fn the_handover_extension_is_invisible_to_istios_schema() {
+    // Our ztunnel's hello, read by Istio's agent: the capability is skipped.
+    let ours = zds::ZdsHello {
+        version: zds::Version::V1 as i32,
+        capabilities: vec!["handover.v1".into()],
+    };
+    let seen = istio_schema::ZdsHello::decode(ours.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(seen.version, zds::Version::V1 as i32);
+    // Istio's ztunnel's hello, read by our agent: no capability, so never a Handover.
+    let istio = istio_schema::ZdsHello {
+        version: zds::Version::V1 as i32,
+    };
+    let seen = zds::ZdsHello::decode(istio.encode_to_vec().as_slice()).unwrap();
+    assert!(seen.capabilities.is_empty());
+    assert_eq!(seen.version, zds::Version::V1 as i32);
+}

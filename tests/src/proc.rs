@@ -63,6 +63,21 @@ impl Proc {
         false
     }
 
+    /// Waits up to `timeout` for the process to exit on its own; its status, or `None`
+    /// if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then SIGKILL after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         if self.child.try_wait().ok().flatten().is_some() {

@@ -299,4 +299,25 @@ mod tests {
             (Phase::Exit, Action::None)
         );
     }
+
+    #[test]
+    fn the_status_reports_phase_and_open_connections() {
+        let drain = Drain::new();
+        let status = Status::new(drain.clone(), AGE);
+        let _conn = drain.child().guard();
+        let v = status.json();
+        assert_eq!(
+            (&v["state"], &v["accepting"]),
+            (&"serving".into(), &true.into())
+        );
+        assert_eq!(v["openConnections"], 1);
+        status.set(handed_over(Instant::now()));
+        let v = status.json();
+        assert_eq!(
+            (&v["state"], &v["accepting"]),
+            (&"handed_over".into(), &false.into())
+        );
+        assert_eq!(v["maxAgeSeconds"], 3600);
+        assert!(v["drainsInSeconds"].as_u64().unwrap() <= 3600, "{v}");
+    }
 }

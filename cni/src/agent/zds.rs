@@ -259,6 +259,7 @@ impl ZdsServer {
                 .iter()
                 .any(|c| c == mesh_proto::zds_capability::HANDOVER_V1);
             let pods = snapshot().await;
+            let mut refused = 0;
             for p in &pods {
                 let req = match &p.netns {
                     Some(_) => add_request(p),
@@ -272,6 +273,7 @@ impl ZdsServer {
                     if !e.starts_with("ztunnel refused") {
                         return Err(e);
                     }
+                    refused += 1;
                     tracing::warn!(conn = id, pod = %format!("{}/{}", p.namespace, p.name), error = %e, "snapshot entry refused");
                 }
             }
@@ -284,17 +286,25 @@ impl ZdsServer {
                 None,
             )
             .await?;
-            Ok::<_, String>((pods.len(), capable))
+            Ok::<_, String>((pods.len(), capable, refused))
         };
-        let handover_capable = match handshake.await {
-            Ok((n, capable)) => {
+        let (handover_capable, complete) = match handshake.await {
+            Ok((n, capable, refused)) => {
                 tracing::info!(
                     conn = id,
                     pods = n,
+                    refused,
                     handover = capable,
                     "ztunnel connected; snapshot sent"
                 );
-                capable
+                if refused > 0 {
+                    tracing::warn!(
+                        conn = id,
+                        refused,
+                        "the new ztunnel refused part of its snapshot; older ztunnels are not handed over"
+                    );
+                }
+                (capable, refused == 0)
             }
             Err(e) => {
                 tracing::warn!(conn = id, error = %e, "ztunnel connection failed during the snapshot");
@@ -303,13 +313,16 @@ impl ZdsServer {
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let alive = Arc::new(AtomicBool::new(true));
-        self.ready(Handle {
-            id,
-            tx,
-            alive: alive.clone(),
-            handover_capable,
-            handed_over: Arc::default(),
-        });
+        self.ready(
+            Handle {
+                id,
+                tx,
+                alive: alive.clone(),
+                handover_capable,
+                handed_over: Arc::default(),
+            },
+            complete,
+        );
         loop {
             tokio::select! {
                 job = rx.recv() => {
@@ -357,7 +370,7 @@ impl ZdsServer {
 
     /// A connection finished its snapshot: from now on it takes the new pods, and older
     /// ztunnels that understand it are handed over (each once).
-    fn ready(&self, conn: Handle) {
+    fn ready(&self, conn: Handle, complete: bool) {
         let ready = conn.id;
         let mut conns = self.conns.lock().expect("conns lock");
         conns.push(conn);
@@ -366,7 +379,7 @@ impl ZdsServer {
             .filter(|c| c.alive.load(Ordering::Relaxed))
             .map(Handle::view)
             .collect();
-        for old in zds_route::hand_over_on_ready(&views, ready) {
+        for old in zds_route::hand_over_on_ready(&views, ready, complete) {
             if let Some(h) = conns.iter().find(|c| c.id == old) {
                 // Marked first: from here on no Add picks it.
                 h.handed_over.store(true, Ordering::Relaxed);

@@ -15,8 +15,13 @@ pub struct ConnView {
 
 /// The connections to send a Handover now that `ready` has taken its snapshot: every
 /// older one that understands it and has not had one. A ztunnel without the capability
-/// (Istio's) never gets one: it keeps today's behaviour, serving until SIGTERM.
-pub fn hand_over_on_ready(conns: &[ConnView], ready: u64) -> Vec<u64> {
+/// (Istio's) never gets one: it keeps today's behaviour, serving until SIGTERM. If the
+/// new ztunnel refused part of its snapshot (`complete` false), nobody is handed over: a
+/// pod it could not start a proxy for would be left with no listener at all.
+pub fn hand_over_on_ready(conns: &[ConnView], ready: u64, complete: bool) -> Vec<u64> {
+    if !complete {
+        return Vec::new();
+    }
     conns
         .iter()
         .filter(|c| c.id < ready && c.handover_capable && !c.handed_over)
@@ -51,21 +56,27 @@ mod tests {
     #[test]
     fn a_new_ztunnel_takes_over_from_older_capable_ones_once() {
         let conns = [c(1, true, false), c(2, true, false)];
-        assert_eq!(hand_over_on_ready(&conns, 2), vec![1]);
+        assert_eq!(hand_over_on_ready(&conns, 2, true), vec![1]);
         // Already handed over: not again.
         let conns = [c(1, true, true), c(2, true, false), c(3, true, false)];
-        assert_eq!(hand_over_on_ready(&conns, 3), vec![2]);
+        assert_eq!(hand_over_on_ready(&conns, 3, true), vec![2]);
         // The ready connection itself and newer ones are left alone.
         let conns = [c(1, true, false), c(2, true, false)];
-        assert!(hand_over_on_ready(&conns, 1).is_empty());
+        assert!(hand_over_on_ready(&conns, 1, true).is_empty());
+    }
+
+    #[test]
+    fn no_handover_when_the_new_ztunnel_refused_part_of_its_snapshot() {
+        let conns = [c(1, true, false), c(2, true, false)];
+        assert!(hand_over_on_ready(&conns, 2, false).is_empty());
     }
 
     #[test]
     fn a_ztunnel_without_the_capability_never_gets_a_handover() {
         let conns = [c(1, false, false), c(2, true, false)];
-        assert!(hand_over_on_ready(&conns, 2).is_empty());
+        assert!(hand_over_on_ready(&conns, 2, true).is_empty());
         let conns = [c(1, false, false), c(2, true, false), c(3, false, false)];
-        assert_eq!(hand_over_on_ready(&conns, 3), vec![2]);
+        assert_eq!(hand_over_on_ready(&conns, 3, true), vec![2]);
     }
 
     #[test]

@@ -1,0 +1,550 @@
+//! Zero-reset ztunnel upgrades: a real node agent (configured by a real mesh-control, the
+//! pod enrolled through the real CNI chain) and ztunnel processes started one after the
+//! other, as a DaemonSet surge does. The newer one takes every new connection; the older
+//! one keeps its open connections byte-exact, then exits on its own, or drains at its
+//! maximum age. A ZDS client that does not advertise `handover.v1` (Istio's hello) is
+//! never sent a Handover.
+
+use mesh_e2e::cluster::wait_until;
+use mesh_e2e::net::{Netns, unique};
+use mesh_e2e::proc::Proc;
+use mesh_e2e::{binary, require_tool};
+use mesh_lab::cgroup::{PodCgroups, mount_point};
+use mesh_lab::cni_runtime::{Runtime, Sandbox, node_conflist, result_ipv4};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+use ztunnel::inpod::zds::{ZdsConnection, ZdsEvent};
+
+const TOKEN: &str = "handover-test-node-token-5c1e";
+const OCTET: u8 = 214;
+const ECHO_PORT: u16 = 9000;
+/// Every socket ztunnel listens on in a pod (`ss` flag, port).
+const LISTENERS: [(&str, u16); 5] = [
+    ("-t", 15001),
+    ("-t", 15006),
+    ("-t", 15008),
+    ("-t", 15053),
+    ("-u", 15053),
+];
+
+fn manifests(enrolled: bool) -> String {
+    let labels = if enrolled {
+        "{istio.io/dataplane-mode: ambient}"
+    } else {
+        "{}"
+    };
+    let mut s =
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {labels}}}\n");
+    // host-local hands out .2 then .3.
+    for (name, ip) in [("web", 2), ("web2", 3)] {
+        s.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, uid: u-{name}}}\n\
+             spec: {{nodeName: node-1, serviceAccountName: web}}\n\
+             status: {{podIP: 10.{OCTET}.0.{ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+        ));
+    }
+    s
+}
+
+fn sandbox(pod: &Netns, name: &str) -> Sandbox {
+    Sandbox {
+        container_id: format!("c-{}", pod.name),
+        netns: pod.path(),
+        ifname: "eth0".into(),
+        args: format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name};K8S_POD_UID=u-{name}"
+        ),
+    }
+}
+
+/// A node: mesh-control, the node agent, the CNI chain, and the ztunnels started so far.
+struct Node {
+    dir: PathBuf,
+    manifests: PathBuf,
+    ztunnels: Vec<Proc>,
+    /// The pod has been added through the runtime.
+    pod_added: bool,
+    agent: Option<Proc>,
+    _control: Proc,
+    runtime: Runtime,
+    node: Netns,
+    cgroups: PodCgroups,
+}
+
+impl Node {
+    fn new() -> Node {
+        require_tool("nft");
+        require_tool("curl");
+        require_tool("ss");
+        assert!(
+            std::path::Path::new("/usr/lib/cni/bridge").exists(),
+            "containernetworking-plugins is not installed: run scripts/install-deps.sh"
+        );
+        let node = Netns::new("hn");
+        let dir = std::env::temp_dir().join(format!("{}-handover", node.name));
+        let manifests = dir.join("manifests");
+        std::fs::create_dir_all(&manifests).unwrap();
+        std::fs::write(manifests.join("mesh.yaml"), self::manifests(true)).unwrap();
+        std::fs::write(
+            dir.join("tokens.yaml"),
+            format!("tokens:\n- {{token: {TOKEN}, node: node-1}}\n"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("token"), TOKEN).unwrap();
+        let control = Proc::spawn(
+            Some(&node.name),
+            &[
+                binary("mesh-control").to_str().unwrap(),
+                "--config-dir",
+                manifests.to_str().unwrap(),
+                "--state-dir",
+                dir.join("state").to_str().unwrap(),
+                "--tokens",
+                dir.join("tokens.yaml").to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:15012",
+                "--dns-name",
+                "mesh-control.lab",
+            ],
+            &dir.join("control.log"),
+        );
+        assert!(
+            control.wait_for("serving xDS and CA", Duration::from_secs(10)),
+            "{}",
+            control.output()
+        );
+        let runtime = Runtime {
+            bin_dirs: vec![
+                "/usr/lib/cni".into(),
+                binary("mesh-cni").parent().unwrap().to_path_buf(),
+            ],
+            conflist: node_conflist(
+                "lab",
+                &unique("br"),
+                &format!("10.{OCTET}.0.0/24"),
+                &format!("10.{OCTET}.0.1"),
+                &dir.join("ipam"),
+                &dir.join("agent.sock"),
+            ),
+            cache_dir: dir.join("cni-cache"),
+            run_in_netns: Some(node.name.clone()),
+        };
+        let cgroups = PodCgroups::at(mount_point().unwrap(), &unique("cg"));
+        let agent = Proc::spawn(
+            Some(&node.name),
+            &[
+                binary("mesh-cni").to_str().unwrap(),
+                "agent",
+                "--node-name",
+                "node-1",
+                "--xds-address",
+                "https://127.0.0.1:15012",
+                "--root-cert",
+                dir.join("state/root-cert.pem").to_str().unwrap(),
+                "--control-hostname",
+                "mesh-control.lab",
+                "--token-file",
+                dir.join("token").to_str().unwrap(),
+                "--zds-socket",
+                dir.join("zds.sock").to_str().unwrap(),
+                "--agent-socket",
+                dir.join("agent.sock").to_str().unwrap(),
+                "--cgroup-root",
+                cgroups.root(),
+            ],
+            &dir.join("agent.log"),
+        );
+        assert!(
+            agent.wait_for("xDS connected", Duration::from_secs(10)),
+            "{}",
+            agent.output()
+        );
+        Node {
+            dir,
+            manifests,
+            ztunnels: Vec::new(),
+            pod_added: false,
+            agent: Some(agent),
+            _control: control,
+            runtime,
+            node,
+            cgroups,
+        }
+    }
+
+    /// Starts the next ztunnel (index = how many came before), with its own admin,
+    /// metrics and readiness ports, and waits until it serves the pod (or, before the pod
+    /// exists, until it has its snapshot).
+    fn start_ztunnel(&mut self, extra: &[&str]) -> usize {
+        let i = self.ztunnels.len();
+        let port = |n: usize| format!("127.0.0.1:{}", 16000 + i * 10 + n);
+        let mut args = vec![
+            binary("ztunnel").to_str().unwrap().to_string(),
+            "--node-name".into(),
+            "node-1".into(),
+            "--xds-address".into(),
+            "https://127.0.0.1:15012".into(),
+            "--root-cert".into(),
+            self.dir
+                .join("state/root-cert.pem")
+                .to_str()
+                .unwrap()
+                .into(),
+            "--control-hostname".into(),
+            "mesh-control.lab".into(),
+            "--token-file".into(),
+            self.dir.join("token").to_str().unwrap().into(),
+            "--zds-socket".into(),
+            self.dir.join("zds.sock").to_str().unwrap().into(),
+            "--admin-addr".into(),
+            port(0),
+            "--metrics-addr".into(),
+            port(1),
+            "--readiness-addr".into(),
+            port(2),
+            "--drain-deadline".into(),
+            "1s".into(),
+            "--log-level".into(),
+            "info,access=debug".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = Proc::spawn(
+            Some(&self.node.name),
+            &args,
+            &self.dir.join(format!("ztunnel-{i}.log")),
+        );
+        let ready = match self.pod_added {
+            true => p.wait_for("pod proxy started", Duration::from_secs(15)),
+            false => p.wait_for("connected to the node agent", Duration::from_secs(15)),
+        };
+        assert!(ready, "ztunnel {i} did not start: {}", p.output());
+        self.ztunnels.push(p);
+        i
+    }
+
+    fn get(&self, url: &str) -> String {
+        self.node
+            .exec(&["curl", "-s", "--max-time", "5", url])
+            .to_string()
+    }
+
+    /// One unlabelled gauge or counter of ztunnel `i`.
+    fn zt_metric(&self, i: usize, name: &str) -> Option<i64> {
+        let text = self.get(&format!("http://127.0.0.1:{}/metrics", 16000 + i * 10 + 1));
+        metric(&text, name)
+    }
+
+    fn agent_metrics(&self) -> String {
+        self.get("http://127.0.0.1:8000/metrics")
+    }
+
+    fn agent_log(&self) -> String {
+        self.agent.as_ref().unwrap().output()
+    }
+
+    fn zt_log(&self, i: usize) -> String {
+        self.ztunnels[i].output()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.ztunnels.clear();
+        self.agent = None;
+        self.cgroups.remove_all();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The value of `name` (whole line match, no labels) in Prometheus text.
+fn metric(text: &str, name: &str) -> Option<i64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// An echo server in the node's namespace (the pod's traffic to it goes through ztunnel's
+/// outbound listener: an unknown destination, passed through).
+fn echo_server(node: &Netns, addr: SocketAddr) {
+    let listener = node
+        .handle()
+        .run(|| TcpListener::bind(addr))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut read = conn.try_clone().unwrap();
+                let _ = std::io::copy(&mut read, &mut conn);
+                let _ = conn.shutdown(Shutdown::Write);
+            });
+        }
+    });
+}
+
+fn connect_from(pod: &Netns, to: SocketAddr) -> TcpStream {
+    let s = pod
+        .handle()
+        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+        .unwrap()
+        .expect("connect from the pod");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Sends `n` pseudo-random bytes (from `seed`) and checks the echo is byte-exact.
+fn roundtrip(s: &TcpStream, n: usize, seed: u64) {
+    let data: Vec<u8> = (0..n as u64)
+        .map(|i| ((i.wrapping_mul(2654435761) ^ seed) >> 7) as u8)
+        .collect();
+    let mut w = s.try_clone().unwrap();
+    let expected = data.clone();
+    let writer = std::thread::spawn(move || w.write_all(&data));
+    let mut got = vec![0u8; n];
+    (&*s).read_exact(&mut got).expect("echo read");
+    writer.join().unwrap().expect("echo write");
+    assert!(got == expected, "echo differs from what was sent");
+}
+
+/// Which processes listen on `port` in the pod (from `ss`, the kernel's view); `flag`
+/// is `-t` (TCP) or `-u` (UDP).
+fn listener_pids(pod: &Netns, flag: &str, port: u16) -> Vec<u32> {
+    let out = pod.exec(&["ss", "-Hlnp", flag, &format!("sport = :{port}")]);
+    let mut pids: Vec<u32> = out
+        .split("pid=")
+        .skip(1)
+        .filter_map(|s| s.split(',').next()?.parse().ok())
+        .collect();
+    pids.sort();
+    pids.dedup();
+    pids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
+    let mut node = Node::new();
+    let a = node.start_ztunnel(&[]);
+    wait_until("ztunnel 0 has its snapshot", || {
+        node.agent_metrics()
+            .contains("mesh_cni_ztunnel_connections{state=\"serving\"} 1\n")
+    });
+    let pod = Netns::new("hp");
+    let sb = sandbox(&pod, "web");
+    let result = node.runtime.add(&sb).expect("ADD through the CNI chain");
+    node.pod_added = true;
+    assert_eq!(
+        result_ipv4(&result).as_deref(),
+        Some(format!("10.{OCTET}.0.2").as_str())
+    );
+    wait_until("ztunnel 0 serves the pod", || {
+        node.zt_log(a).contains("pod proxy started")
+    });
+    let echo: SocketAddr = format!("10.{OCTET}.0.1:{ECHO_PORT}").parse().unwrap();
+    echo_server(&node.node, echo);
+
+    // (a) A long-lived connection through ztunnel 0.
+    let long = connect_from(&pod, echo);
+    roundtrip(&long, 64 * 1024, 1);
+    assert_eq!(node.zt_metric(a, "ztunnel_open_connections"), Some(1));
+    assert_eq!(node.zt_metric(a, "ztunnel_accepting"), Some(1));
+    let pid_a = node.ztunnels[a].pid();
+    for (flag, port) in LISTENERS {
+        assert_eq!(
+            listener_pids(&pod, flag, port),
+            vec![pid_a],
+            "{flag} {port}"
+        );
+    }
+
+    // The upgrade: a second ztunnel arrives; once it has the pod, ztunnel 0 is handed over.
+    let b = node.start_ztunnel(&["--handover-max-age", "2s"]);
+    let pid_b = node.ztunnels[b].pid();
+    wait_until("ztunnel 0 handed over", || {
+        node.zt_log(a)
+            .contains("handed over: 1 connections still open")
+    });
+    // The open connection keeps flowing, byte-exact.
+    roundtrip(&long, 256 * 1024, 2);
+    let m = node.agent_metrics();
+    assert!(m.contains("mesh_cni_ztunnel_handovers_total 1\n"), "{m}");
+    assert!(
+        m.contains("mesh_cni_ztunnel_connections{state=\"handed_over\"} 1\n")
+            && m.contains("mesh_cni_ztunnel_connections{state=\"serving\"} 1\n"),
+        "{m}"
+    );
+    // Only the new process listens in the pod now, for every port ztunnel serves.
+    for (flag, port) in LISTENERS {
+        wait_until("ztunnel 0's listeners closed", || {
+            listener_pids(&pod, flag, port) == vec![pid_b]
+        });
+    }
+    assert_eq!(
+        pod.exec(&["sysctl", "-n", "net.ipv4.tcp_migrate_req"])
+            .trim(),
+        "1",
+        "queued connections migrate to the new listener instead of being reset"
+    );
+    assert_eq!(node.zt_metric(a, "ztunnel_accepting"), Some(0));
+    let ready = node.get("http://127.0.0.1:16002/healthz/ready");
+    assert!(ready.contains("handed over"), "{ready}");
+    let dump: serde_json::Value =
+        serde_json::from_str(&node.get("http://127.0.0.1:16000/config_dump")).unwrap();
+    assert_eq!(
+        dump["handover"]["state"], "handed_over",
+        "{}",
+        dump["handover"]
+    );
+
+    // (b) A new connection lands on the new process, by each process's own count.
+    let fresh = connect_from(&pod, echo);
+    roundtrip(&fresh, 16 * 1024, 3);
+    assert_eq!(node.zt_metric(b, "ztunnel_open_connections"), Some(1));
+    assert_eq!(node.zt_metric(a, "ztunnel_open_connections"), Some(1));
+    assert_eq!(node.zt_metric(b, "ztunnel_accepting"), Some(1));
+    drop(fresh);
+
+    // A SIGTERM (Kubernetes sends one when the new pod is ready) does not cut it short.
+    mesh_e2e::net::run(&["kill", "-TERM", &pid_a.to_string()]);
+    wait_until("the signal noted", || {
+        node.zt_log(a).contains("SIGTERM during a handover")
+    });
+    roundtrip(&long, 64 * 1024, 4);
+
+    // (c) The last connection ends: ztunnel 0 exits on its own, with status 0.
+    long.shutdown(Shutdown::Both).unwrap();
+    drop(long);
+    let status = node.ztunnels[a]
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("ztunnel 0 still running:\n{}", node.zt_log(a)));
+    assert!(status.success(), "{status:?}:\n{}", node.zt_log(a));
+    assert!(node.zt_log(a).contains("handover complete: exiting"));
+
+    // (d) ztunnel 1 (max age 2s) is handed over with a connection open: it drains at its
+    // maximum age and exits, the connection closed as a drain closes it.
+    let held = connect_from(&pod, echo);
+    roundtrip(&held, 16 * 1024, 5);
+    assert_eq!(node.zt_metric(b, "ztunnel_open_connections"), Some(1));
+    let c = node.start_ztunnel(&[]);
+    wait_until("ztunnel 1 handed over", || {
+        node.zt_log(b)
+            .contains("handed over: 1 connections still open")
+    });
+    let status = node.ztunnels[b]
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("ztunnel 1 still running:\n{}", node.zt_log(b)));
+    let log = node.zt_log(b);
+    assert!(log.contains("handover max age reached: draining"), "{log}");
+    assert!(status.success(), "{status:?}:\n{log}");
+    let mut buf = [0u8; 16];
+    let ended = (&held).read(&mut buf);
+    assert!(
+        matches!(ended, Ok(0)) || ended.is_err(),
+        "the drained connection is closed: {ended:?}"
+    );
+    // New connections are ztunnel 2's.
+    let fresh = connect_from(&pod, echo);
+    roundtrip(&fresh, 16 * 1024, 6);
+    assert_eq!(node.zt_metric(c, "ztunnel_open_connections"), Some(1));
+    drop(fresh);
+
+    // A handed-over ztunnel never takes pods or traffic back: ztunnel 3 takes over from
+    // ztunnel 2 (which keeps a connection) and crashes. New connections are refused, never
+    // passed around the mesh, and a new pod waits (fail closed) instead of going to
+    // ztunnel 2, until ztunnel 4 starts and takes it.
+    let kept = connect_from(&pod, echo);
+    roundtrip(&kept, 16 * 1024, 7);
+    let d = node.start_ztunnel(&[]);
+    wait_until("ztunnel 2 handed over", || {
+        node.zt_log(c)
+            .contains("handed over: 1 connections still open")
+    });
+    node.ztunnels[d].kill();
+    wait_until("the agent sees only a handed-over ztunnel", || {
+        let m = node.agent_metrics();
+        m.contains("mesh_cni_ztunnel_connections{state=\"serving\"} 0\n")
+            && m.contains("mesh_cni_ztunnel_connections{state=\"handed_over\"} 1\n")
+    });
+    let refused = pod
+        .handle()
+        .run(|| TcpStream::connect_timeout(&echo, Duration::from_secs(5)))
+        .unwrap();
+    assert!(
+        refused.is_err(),
+        "no ztunnel takes new connections: refused"
+    );
+    let pod2 = Netns::new("hq");
+    let sb2 = sandbox(&pod2, "web2");
+    node.runtime.add(&sb2).expect("ADD of a second pod");
+    wait_until("the new pod waiting for a ztunnel", || {
+        node.agent_log()
+            .lines()
+            .any(|l| l.contains("web2") && l.contains("no ztunnel is connected"))
+    });
+    roundtrip(&kept, 16 * 1024, 8);
+    let e = node.start_ztunnel(&[]);
+    if !node.ztunnels[e].wait_for("uid=\"u-web2\"", Duration::from_secs(10)) {
+        panic!(
+            "ztunnel 4 did not take the new pod:\n{}\nagent:\n{}",
+            node.zt_log(e),
+            node.agent_log()
+        );
+    }
+    assert!(!node.zt_log(c).contains("u-web2"), "{}", node.zt_log(c));
+    drop(kept);
+    let status = node.ztunnels[c]
+        .wait_exit(Duration::from_secs(20))
+        .expect("ztunnel 2 exits once its connection ends");
+    assert!(status.success());
+
+    // (e) A ZDS client with Istio's hello (no capabilities) is never handed over: it
+    // connects (taking over from ztunnel 4, which understands it), then a newer ztunnel
+    // arrives; the next message it gets is a Del, queued after anything the newer
+    // ztunnel's arrival could have caused.
+    let istio = ZdsConnection::connect_with(&node.dir.join("zds.sock"), &[])
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), istio.recv())
+            .await
+            .expect("snapshot from the agent")
+            .unwrap();
+        let done = matches!(ev, ZdsEvent::SnapshotSent);
+        seen.push(format!("{ev:?}"));
+        istio.ack(None).await.unwrap();
+        if done {
+            break;
+        }
+    }
+    assert!(seen[0].starts_with("Add"), "{seen:?}");
+    let status = node.ztunnels[e]
+        .wait_exit(Duration::from_secs(20))
+        .expect("ztunnel 4, handed over with nothing open, exits");
+    assert!(status.success());
+    node.start_ztunnel(&[]);
+    wait_until("the agent counts the newest ztunnel serving", || {
+        node.agent_metrics()
+            .contains("mesh_cni_ztunnel_connections{state=\"serving\"} 2\n")
+    });
+    assert!(
+        node.agent_metrics()
+            .contains("mesh_cni_ztunnel_handovers_total 4\n")
+    );
+    std::fs::write(node.manifests.join("mesh.yaml"), manifests(false)).unwrap();
+    for _ in 0..2 {
+        let next = tokio::time::timeout(Duration::from_secs(15), istio.recv())
+            .await
+            .expect("a message after the namespace left the mesh")
+            .unwrap();
+        assert!(
+            matches!(&next, ZdsEvent::Del { .. }),
+            "a ztunnel without handover.v1 got {next:?}"
+        );
+        istio.ack(None).await.unwrap();
+    }
+    node.runtime.del(&sb).expect("DEL");
+    node.runtime.del(&sb2).expect("DEL");
+}
