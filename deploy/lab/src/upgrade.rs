@@ -395,9 +395,10 @@ impl Lab {
     }
 
     /// `mesh-lab upgrade ztunnel-N`: a new ztunnel (from `binary`, or the lab's) beside
-    /// the running one, waited for until ready; the running one recorded as
-    /// `ztunnel-N-old`. If the new one does not become ready it is ended and the node
-    /// is left as it was.
+    /// the running one, waited for until ready, then until the old one stops accepting
+    /// (when it reports the handover); the running one recorded as `ztunnel-N-old`. If
+    /// the new one does not become ready it is ended and the node left as it was (if
+    /// the old one was already handed over, the error says so).
     pub fn upgrade_ztunnel(
         &mut self,
         node: usize,
@@ -432,12 +433,23 @@ impl Lab {
                 old: self.wait_handed_over(node, plan.retire),
             }),
             Err(e) => {
-                // Back as it was: the new process gone, the old one current again.
+                // Back as it was: the new process gone, the old one current again,
+                // unless the agent already handed it over (it takes nothing back).
                 let _ = self.stop(&current_role(node), true);
                 let _ = install(&link, &before);
-                self.rename_process(plan.retire, &current_role(node));
+                let old = self.old_ztunnel_now(node, plan.retire);
+                if old == OldZtunnel::Accepting || old == OldZtunnel::NoHandover {
+                    self.rename_process(plan.retire, &current_role(node));
+                    self.save()?;
+                    return Err(format!("the new ztunnel-{node} did not start: {e}"));
+                }
                 self.save()?;
-                Err(format!("the new ztunnel-{node} did not start: {e}"))
+                Err(format!(
+                    "the new ztunnel-{node} did not start: {e}\nztunnel-{node}-old pid {} {}; \
+                     node-{node} needs a new ztunnel: `mesh-lab start ztunnel-{node}`",
+                    plan.retire,
+                    old.describe(node)
+                ))
             }
         }
     }
@@ -445,6 +457,18 @@ impl Lab {
     /// Waits until the old ztunnel `pid` of node `node` stops accepting (the node agent
     /// hands it over once the new one has every pod), or exits.
     fn wait_handed_over(&self, node: usize, pid: u32) -> OldZtunnel {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let old = self.old_ztunnel_now(node, pid);
+            if old != OldZtunnel::Accepting || Instant::now() > deadline {
+                return old;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Where the old ztunnel `pid` of node `node` is now (no waiting).
+    fn old_ztunnel_now(&self, node: usize, pid: u32) -> OldZtunnel {
         let port = self
             .state
             .procs
@@ -452,19 +476,13 @@ impl Lab {
             .find(|p| p.pid == pid)
             .map_or(PORT_SETS[0].metrics, |p| run_of(p).ports.metrics);
         let netns = Path::new("/var/run/netns").join(self.node_ns(node));
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let page = http_get(&netns, port, "/metrics");
-            // Read after the page: a process that exits meanwhile answers nothing.
-            let old = OldZtunnel::of(
-                crate::ending::alive(pid),
-                page.as_deref().and_then(accepting),
-            );
-            if old != OldZtunnel::Accepting || Instant::now() > deadline {
-                return old;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let page = http_get(&netns, port, "/metrics");
+        // The process is looked at after its page: one that exits meanwhile answers
+        // nothing, and is Exited rather than NoHandover.
+        OldZtunnel::of(
+            crate::ending::alive(pid),
+            page.as_deref().and_then(accepting),
+        )
     }
 
     fn rename_process(&mut self, pid: u32, role: &str) {
