@@ -346,7 +346,21 @@ pub fn capture(ns: &Netns, iface: &str, dir: &Path) -> Capture {
 
 /// Captures `filter` on `iface` in namespace `ns` into `<dir>/<name>.pcap`.
 pub fn capture_in(ns: &str, iface: &str, dir: &Path, name: &str, filter: &str) -> Capture {
+    capture_in_snaplen(ns, iface, dir, name, filter, 0)
+}
+
+/// [`capture_in`], keeping only the first `snaplen` bytes of each packet (0: all of
+/// it): a long bulk transfer stays small on disk.
+pub fn capture_in_snaplen(
+    ns: &str,
+    iface: &str,
+    dir: &Path,
+    name: &str,
+    filter: &str,
+    snaplen: u32,
+) -> Capture {
     require_tool("tcpdump");
+    let snaplen = snaplen.to_string();
     let file = dir.join(format!("{name}.pcap"));
     let proc = Proc::spawn(
         Some(ns),
@@ -358,7 +372,7 @@ pub fn capture_in(ns: &str, iface: &str, dir: &Path, name: &str, filter: &str) -
             "-U",
             "-n",
             "-s",
-            "0",
+            &snaplen,
             "-w",
             file.to_str().unwrap(),
             filter,

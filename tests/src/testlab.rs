@@ -2,7 +2,7 @@
 //! down (processes, namespaces, cgroups) when dropped, also when the test panics; and
 //! the ways a test talks to it (from inside a pod, to a component's log, to meshctl).
 
-use crate::cluster::{Capture, capture_in, wait_until};
+use crate::cluster::{Capture, capture_in, capture_in_snaplen, wait_until};
 use crate::net::unique;
 use crate::{binary, require_tool};
 use mesh_lab::lab::Lab;
@@ -291,6 +291,47 @@ impl TestLab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The metrics page of the ztunnel process recorded for `role` (`ztunnel-N`, or
+    /// `ztunnel-N-old` during an upgrade), read on that process's own metrics port in
+    /// its node's namespace; empty when it does not answer.
+    pub fn ztunnel_metrics(&self, role: &str) -> String {
+        let node =
+            mesh_lab::upgrade::node_of(role).unwrap_or_else(|| panic!("{role}: not a ztunnel"));
+        let port = self
+            .lab
+            .ztunnel_ports(role)
+            .unwrap_or_else(|| panic!("no process {role} in the lab"))
+            .metrics;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.lab.node_ns(node)])
+            .args(["curl", "-s", "--max-time", "5"])
+            .arg(format!("http://127.0.0.1:{port}/metrics"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `mesh-lab upgrade ztunnel-N`: (old PID, new PID).
+    pub fn upgrade_ztunnel(&mut self, node: usize) -> (u32, u32) {
+        match self.lab.upgrade_ztunnel(node, None) {
+            Ok(u) => (u.old_pid, u.new_pid),
+            Err(e) => panic!("upgrade of ztunnel-{node}: {e}{}", self.all_logs()),
+        }
+    }
+
+    /// [`TestLab::capture`], keeping the first `snaplen` bytes of each packet: enough
+    /// for the headers and the start of each segment's payload, through a long transfer.
+    pub fn capture_headers(&self, name: &str, snaplen: u32) -> Capture {
+        capture_in_snaplen(
+            &self.lab.fabric_ns(),
+            "br0",
+            &self.lab.dir,
+            name,
+            "tcp and net 10.244.0.0/16",
+            snaplen,
+        )
+    }
+
     /// A capture of pod traffic only on the fabric's bridge (the control plane's own TLS
     /// also crosses the fabric), written as `<name>.pcap` in the lab's directory.
     pub fn capture(&self, name: &str) -> Capture {
@@ -301,5 +342,50 @@ impl TestLab {
             name,
             "tcp and net 10.244.0.0/16",
         )
+    }
+}
+
+/// The sum of metric `name` in a Prometheus/OpenMetrics page over its series carrying
+/// every label of `labels` (each written `key="value"`).
+pub fn metric_sum(page: &str, name: &str, labels: &[&str]) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits up to `timeout` for process `pid` to be gone (or a zombie of this test, which
+/// started it); whether it is.
+pub fn wait_exit(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !mesh_lab::ending::alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_sum;
+
+    #[test]
+    fn metric_sum_adds_the_series_with_the_labels_asked_for() {
+        let page = "# TYPE istio_tcp_connections_opened counter\n\
+            istio_tcp_connections_opened_total{reporter=\"source\",x=\"a\"} 3\n\
+            istio_tcp_connections_opened_total{reporter=\"destination\"} 5\n\
+            istio_tcp_connections_opened_total{reporter=\"source\",x=\"b\"} 4\n\
+            istio_tcp_connections_opened_totalx{reporter=\"source\"} 100\n";
+        let name = "istio_tcp_connections_opened_total";
+        assert_eq!(metric_sum(page, name, &["reporter=\"source\""]), 7.0);
+        assert_eq!(metric_sum(page, name, &[]), 12.0);
+        assert_eq!(metric_sum(page, name, &["x=\"b\""]), 4.0);
+        assert_eq!(metric_sum("", name, &[]), 0.0);
     }
 }

@@ -633,7 +633,15 @@ impl<'a> Bench<'a> {
     }
 
     fn ztunnel2_inbound(&self) -> f64 {
-        scrape(&self.lab.node_ns(2), "istio_tcp_connections_opened_total")
+        let port = self
+            .lab
+            .ztunnel_ports("ztunnel-2")
+            .map_or(crate::upgrade::PORT_SETS[0].metrics, |p| p.metrics);
+        scrape(
+            &self.lab.node_ns(2),
+            port,
+            "istio_tcp_connections_opened_total",
+        )
     }
 
     fn waypoint_requests(&self) -> f64 {
@@ -641,7 +649,7 @@ impl<'a> Bench<'a> {
             .state
             .pods
             .get("bench/waypoint")
-            .map_or(0.0, |p| scrape(&p.netns, "istio_requests_total"))
+            .map_or(0.0, |p| scrape(&p.netns, 15020, "istio_requests_total"))
     }
 }
 
@@ -691,9 +699,9 @@ fn in_netns(netns: &str, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The sum of a metric over all its label sets, from `:15020/metrics` in `netns`
+/// The sum of a metric over all its label sets, from `:<port>/metrics` in `netns`
 /// (0 when it cannot be read).
-fn scrape(netns: &str, name: &str) -> f64 {
+fn scrape(netns: &str, port: u16, name: &str) -> f64 {
     let text = in_netns(
         netns,
         &[
@@ -701,7 +709,7 @@ fn scrape(netns: &str, name: &str) -> f64 {
             "-s",
             "--max-time",
             "3",
-            "http://127.0.0.1:15020/metrics",
+            &format!("http://127.0.0.1:{port}/metrics"),
         ],
     )
     .unwrap_or_default();

@@ -332,6 +332,9 @@ fn scenario(lab: &mut Lab, observe: bool) -> Result<(), String> {
     {
         println!("  ztunnel on node-1 (outbound):\n    {}", line.trim());
     }
+    let port = lab
+        .ztunnel_ports("ztunnel-2")
+        .map_or(crate::upgrade::PORT_SETS[0].metrics, |p| p.metrics);
     let metrics = Command::new("ip")
         .args([
             "netns",
@@ -339,7 +342,7 @@ fn scenario(lab: &mut Lab, observe: bool) -> Result<(), String> {
             &lab.node_ns(2),
             "curl",
             "-s",
-            "http://127.0.0.1:15020/metrics",
+            &format!("http://127.0.0.1:{port}/metrics"),
         ])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())

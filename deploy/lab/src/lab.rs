@@ -46,6 +46,9 @@ pub struct ProcEntry {
     /// Where this process's output starts in its (appended) log.
     #[serde(default)]
     pub log_offset: u64,
+    /// A ztunnel's generation on its node and its ports (`upgrade`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ztunnel: Option<crate::upgrade::ZtunnelRun>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -327,10 +330,22 @@ impl Lab {
         args: &[String],
         cgroup: Option<&Path>,
     ) -> Result<u32, String> {
+        self.spawn_logged(role, role, ns, args, cgroup)
+    }
+
+    /// `spawn_in`, the output in logs/<log_name>.log.
+    pub(crate) fn spawn_logged(
+        &mut self,
+        role: &str,
+        log_name: &str,
+        ns: &str,
+        args: &[String],
+        cgroup: Option<&Path>,
+    ) -> Result<u32, String> {
         use std::os::unix::process::CommandExt;
         let logs = self.dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
-        let log = logs.join(format!("{}.log", role.replace(['/', ':'], "_")));
+        let log = logs.join(format!("{}.log", log_name.replace(['/', ':'], "_")));
         // Appended: a restarted component's log keeps what came before.
         let log_offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let file = std::fs::OpenOptions::new()
@@ -371,6 +386,7 @@ impl Lab {
             pid,
             log: log.clone(),
             log_offset,
+            ztunnel: None,
         });
         self.save()?;
         Ok(pid)
@@ -663,8 +679,11 @@ impl Lab {
             .join(format!("node{i}/ztunnel.sock"))
             .to_string_lossy()
             .into_owned();
+        // The node's installed agent (`upgrade agent-N` repoints it).
+        let exe = self.node_exe(i, "mesh-cni")?;
+        let exe = std::fs::canonicalize(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
         let mut agent = vec![
-            self.bin("mesh-cni"),
+            exe.to_string_lossy().into_owned(),
             "agent".into(),
             "--node-name".into(),
             format!("node-{i}"),
@@ -678,9 +697,9 @@ impl Lab {
             // Running pods are found by their kubelet-style cgroups, in this lab's subtree.
             "--cgroup-root".into(),
             self.cgroups()?.root().to_string(),
-            // Only the lab's ztunnel may take pods' namespaces.
+            // Only the node's installed ztunnel may take pods' namespaces.
             "--zds-peer-exe".into(),
-            self.bin("ztunnel"),
+            self.node_ztunnel_exe(i)?.to_string_lossy().into(),
             // Metrics (and readiness) on the node's address too, for the lab's Prometheus.
             "--readiness-addr".into(),
             "0.0.0.0:8000".into(),
@@ -691,15 +710,23 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts node `i`'s ztunnel (`ztunnel-N`), on the ports a still running old one
+    /// leaves free.
     pub fn start_ztunnel(&mut self, i: usize) -> Result<(), String> {
-        let ns = self.node_ns(i);
+        let role = crate::upgrade::current_role(i);
+        self.state.procs.retain(|p| p.role != role);
+        let run = crate::upgrade::next_run(i, &self.state.procs, &crate::ending::alive);
+        self.spawn_ztunnel(i, run).map(|_| ())
+    }
+
+    /// Node `i`'s ztunnel arguments, without the program and its ports.
+    pub(crate) fn ztunnel_args(&self, i: usize) -> Vec<String> {
         let zds = self
             .dir
             .join(format!("node{i}/ztunnel.sock"))
             .to_string_lossy()
             .into_owned();
-        let mut zt = vec![
-            self.bin("ztunnel"),
+        let mut zt: Vec<String> = vec![
             "--node-name".into(),
             format!("node-{i}"),
             "--zds-socket".into(),
@@ -716,11 +743,7 @@ impl Lab {
             self.node_resolv_conf(i).to_string_lossy().into(),
         ];
         zt.extend(self.control_args(&self.node_token(i)));
-        self.state
-            .procs
-            .retain(|p| p.role != format!("ztunnel-{i}"));
-        self.spawn(&format!("ztunnel-{i}"), &ns, &zt)?;
-        Ok(())
+        zt
     }
 
     /// Ends the process recorded for `role` (by its PID, after checking it is ours).
@@ -1239,8 +1262,14 @@ impl Lab {
         s.push_str("\nCOMPONENTS\n");
         for p in &self.state.procs {
             let alive = Path::new(&format!("/proc/{}", p.pid)).exists() && !is_zombie(p.pid);
+            let ports = p.ztunnel.map_or(String::new(), |z| {
+                format!(
+                    "  admin {} metrics {} readiness {}",
+                    z.ports.admin, z.ports.metrics, z.ports.readiness
+                )
+            });
             s.push_str(&format!(
-                "  {:<32} pid {:<8} {}\n",
+                "  {:<32} pid {:<8} {}{ports}\n",
                 p.role,
                 p.pid,
                 if alive { "running" } else { "EXITED" }

@@ -16,3 +16,4 @@ pub mod prometheus;
 pub mod reboot;
 pub mod rollout;
 pub mod traces;
+pub mod upgrade;

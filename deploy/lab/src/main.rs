@@ -59,6 +59,18 @@ enum Cmd {
     },
     /// Start a node's stopped ztunnel or agent again.
     Start { component: String },
+    /// Upgrade a node's ztunnel without a reset: a new one (from --binary, or the lab's)
+    /// starts beside the running one on the other port set and takes every new
+    /// connection once ready; the old one, now ztunnel-N-old, keeps its established
+    /// connections and exits when they end. agent-N: the node agent restarted from the
+    /// new binary (traffic never passes through it).
+    Upgrade {
+        /// ztunnel-N or agent-N
+        component: String,
+        /// The new binary (default: the one next to mesh-lab).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Reboot a node: every process on it killed (SIGKILL), its runtime state (sockets,
     /// the agent's cache, pod network namespaces) removed, then its components and pods
     /// back as a kubelet brings them, each pod's sandbox recreated through the CNI chain.
@@ -279,6 +291,12 @@ fn run(cli: Cli) -> Result<i32, String> {
             let report =
                 lab.rollout_waypoint(ns, name, binary.as_deref(), &mut |e| println!("{e}"))?;
             println!("waypoint {gateway} rolled out to pod {}", report.new_pod);
+        }
+        Cmd::Upgrade { component, binary } => {
+            println!(
+                "{}",
+                mesh_lab::upgrade::run(&mut lab, &component, binary.as_deref())?
+            );
         }
         Cmd::Meshctl { args } => {
             let mut cmd = vec![lab.bin_dir.join("meshctl").to_string_lossy().into_owned()];

@@ -25,7 +25,8 @@ pub struct Target {
 }
 
 /// Every running component and waypoint pod of the lab, as Prometheus reaches it from
-/// node 1: ztunnels on their node's address (port 15020), node agents on port 8000,
+/// node 1: each ztunnel process (a node runs two during an upgrade) on its node's
+/// address and its own metrics port, labelled with its PID; node agents on port 8000,
 /// waypoints on their pod IP (15020), mesh-control on node 1's loopback (debug API).
 pub fn targets(state: &State) -> Vec<Target> {
     let mut out = Vec::new();
@@ -44,11 +45,12 @@ pub fn targets(state: &State) -> Vec<Target> {
                 .strip_prefix(role)
                 .and_then(|n| n.parse::<usize>().ok())
         };
-        if let Some(i) = node("ztunnel-") {
+        if let Some(i) = crate::upgrade::node_of(&p.role) {
+            let port = crate::upgrade::run_of(p).ports.metrics;
             out.push(Target {
                 job: "ztunnel",
-                address: format!("{}:15020", node_ip(i)),
-                labels: labels(&[("node", format!("node-{i}"))]),
+                address: format!("{}:{port}", node_ip(i)),
+                labels: labels(&[("node", format!("node-{i}")), ("pid", p.pid.to_string())]),
             });
         } else if let Some(i) = node("agent-") {
             out.push(Target {
@@ -145,6 +147,7 @@ mod tests {
             pid: 1,
             log: "/dev/null".into(),
             log_offset: 0,
+            ztunnel: None,
         }
     }
 
@@ -226,6 +229,38 @@ mod tests {
         assert_eq!(addresses(&s, "ztunnel"), ["10.100.0.11:15020"]);
         assert!(addresses(&s, "waypoint").is_empty());
         assert_eq!(file_sd("waypoint", &targets(&s)), json!([]));
+    }
+
+    #[test]
+    fn both_ztunnels_of_an_upgrading_node_are_scraped_on_their_own_ports() {
+        let mut s = state();
+        let z1 = s.procs.iter_mut().find(|p| p.role == "ztunnel-1").unwrap();
+        z1.role = "ztunnel-1-old".into();
+        z1.pid = 100;
+        let mut new = proc("ztunnel-1");
+        new.pid = 101;
+        new.ztunnel = Some(crate::upgrade::ZtunnelRun::new(1));
+        s.procs.push(new);
+        let zt: Vec<(String, String, String)> = targets(&s)
+            .into_iter()
+            .filter(|t| t.job == "ztunnel")
+            .map(|t| {
+                (
+                    t.address,
+                    t.labels["lab_process"].clone(),
+                    t.labels["pid"].clone(),
+                )
+            })
+            .collect();
+        let row = |a: &str, r: &str, p: &str| (a.to_string(), r.to_string(), p.to_string());
+        assert_eq!(
+            zt,
+            [
+                row("10.100.0.11:15020", "ztunnel-1-old", "100"),
+                row("10.100.0.12:15020", "ztunnel-2", "1"),
+                row("10.100.0.11:15120", "ztunnel-1", "101"),
+            ]
+        );
     }
 
     #[test]

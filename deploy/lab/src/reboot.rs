@@ -146,6 +146,10 @@ fn node_of(role: &str, pods: &BTreeMap<String, PodEntry>) -> Option<usize> {
     if let Some(key) = role.strip_prefix("pod:") {
         return pods.get(key).map(|p| p.node);
     }
+    // Both ztunnels of a node being upgraded (`ztunnel-N-old` too).
+    if let Some(n) = crate::upgrade::node_of(role) {
+        return Some(n);
+    }
     let (kind, n) = role.rsplit_once('-')?;
     matches!(kind, "agent" | "ztunnel")
         .then(|| n.parse().ok())
@@ -572,6 +576,7 @@ mod tests {
             pid,
             log: PathBuf::new(),
             log_offset: 0,
+            ztunnel: None,
         }
     }
 
@@ -666,6 +671,16 @@ mod tests {
                 Boot::Prometheus
             ]
         );
+    }
+
+    #[test]
+    fn both_ztunnels_of_an_upgrading_node_are_killed() {
+        let (mut procs, pods) = lab_state();
+        procs.push(proc("ztunnel-2-old", 25));
+        let p = plan(2, &procs, &pods, Path::new("/s"), BootOrder::default());
+        assert!(p.kill.contains(&("ztunnel-2-old".to_string(), 25)), "{p:?}");
+        let p = plan(1, &procs, &pods, Path::new("/s"), BootOrder::default());
+        assert!(!p.kill.iter().any(|(r, _)| r == "ztunnel-2-old"), "{p:?}");
     }
 
     #[test]
