@@ -1,5 +1,5 @@
-//! The DNS proxy on a real lab cluster: a pod whose DNS is captured (the per-pod
-//! annotation) resolves Service names to their VIPs with `dig`, a headless Service's
+//! The DNS proxy on a real lab cluster: a pod whose DNS is captured (the default; a pod
+//! annotated `ambient.istio.io/dns-capture: "false"` is not) resolves Service names to their VIPs with `dig`, a headless Service's
 //! name to its ready endpoints and a StatefulSet-style pod host to its pod, gets other
 //! names from an upstream resolver (dnsmasq, run by the test in a lab pod) that ztunnel
 //! takes from its resolv.conf while running, and gets no answer at all while ztunnel is
@@ -60,8 +60,8 @@ spec: {{nodeName: node-1, containers: [{{name: dns, command: [{command}]}}]}}
     )
 }
 
-/// Enrolled namespaces `front` (pod `client`, DNS captured by its annotation; pod `plain`,
-/// not captured; Service `local` on 10.96.0.30) and `back` (Service `api` on 10.96.0.20).
+/// Enrolled namespaces `front` (pod `client`, DNS captured by default; pod `plain`, not
+/// captured: its annotation turns capture off; Service `local` on 10.96.0.30) and `back` (Service `api` on 10.96.0.20).
 const MESH: &str = r#"apiVersion: v1
 kind: Namespace
 metadata: {name: front, labels: {istio.io/dataplane-mode: ambient}}
@@ -72,12 +72,12 @@ metadata: {name: back, labels: {istio.io/dataplane-mode: ambient}}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: client, namespace: front, labels: {app: client}, annotations: {ambient.istio.io/dns-capture: "true"}}
+metadata: {name: client, namespace: front, labels: {app: client}}
 spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: client, ports: [{name: http, containerPort: 8080}]}]}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: plain, namespace: front, labels: {app: plain}}
+metadata: {name: plain, namespace: front, labels: {app: plain}, annotations: {ambient.istio.io/dns-capture: "false"}}
 spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: plain}]}
 ---
 apiVersion: v1
