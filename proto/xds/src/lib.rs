@@ -210,7 +210,8 @@ pub async fn run(
         match r {
             Ok(()) => tracing::warn!("xDS stream closed by the control plane"),
             Err(e) if why == Termination::Reconnect => {
-                tracing::info!(reason = %e, "xDS stream ended by the control plane; reconnecting");
+                tracing::info!(reason = %e,
+                    "xDS stream ended (control plane gone or recycling connections); reconnecting, keeping the last known configuration");
                 // As Istio's ztunnel: a benign end starts the backoff over.
                 backoff = MIN_BACKOFF;
             }
