@@ -75,7 +75,7 @@ def check(path, full):
     if full:
         expect(("Secret", "mesh-ca") not in o, "existingSecret: no generated CA")
         expect("--trust-domain=example.org" in args and "--exclude-namespace=legacy" in args, f"control args: {args}")
-        expect("--dns-capture" in agent["args"], "DNS capture flag")
+        expect("--dns-capture=false" in agent["args"], "DNS capture turned off")
         expect(spec["containers"][0]["image"] == "registry.example.com/platform/mesh:1.2.3", "image")
         ns = o.get(("Namespace", "mesh-system"))
         expect(ns is not None, "namespace.create renders the release Namespace")
@@ -91,7 +91,7 @@ def check(path, full):
         vol = next(v for v in spec_of(o, "Deployment", "mesh-control")["volumes"] if v["name"] == "ca")
         expect(vol["secret"]["secretName"] == "mesh-ca", "control mounts the named CA Secret")
         expect(not any(k == "Namespace" for k, _ in o), "no Namespace unless namespace.create")
-        expect("--dns-capture" not in agent["args"], "DNS capture off by default")
+        expect("--dns-capture=true" in agent["args"], "DNS capture on by default")
     return problems
 
 if __name__ == "__main__":

@@ -35,8 +35,11 @@ struct AgentArgs {
     zds_socket: PathBuf,
     #[arg(long, default_value = plugin::DEFAULT_AGENT_SOCKET)]
     agent_socket: PathBuf,
-    /// Capture DNS (UDP/TCP 53) to ztunnel for enrolled pods.
-    #[arg(long, env = "AMBIENT_DNS_CAPTURE", default_value_t = false)]
+    /// Capture DNS (UDP/TCP 53) to ztunnel for enrolled pods (on by default, as Istio
+    /// ambient since 1.25; `--dns-capture=false` turns it off, a pod's
+    /// `ambient.istio.io/dns-capture` annotation decides for that pod).
+    #[arg(long, env = "AMBIENT_DNS_CAPTURE", default_value_t = true,
+        action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     dns_capture: bool,
     /// SNAT kubelet probes to enrolled pods to 169.254.7.127 (node side).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -447,4 +450,34 @@ fn main() {
         2
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dns_capture(extra: &[&str]) -> bool {
+        let mut args = vec![
+            "mesh-cni agent",
+            "--node-name=n",
+            "--xds-address=https://cp:15012",
+            "--root-cert=/r.pem",
+            "--token-file=/t",
+        ];
+        args.extend_from_slice(extra);
+        AgentArgs::try_parse_from(args).unwrap().dns_capture
+    }
+
+    #[test]
+    fn dns_capture_is_on_unless_turned_off() {
+        // The environment would override the default under test.
+        assert!(std::env::var_os("AMBIENT_DNS_CAPTURE").is_none());
+        assert!(dns_capture(&[]), "on by default");
+        assert!(
+            dns_capture(&["--dns-capture"]),
+            "the flag alone still means on"
+        );
+        assert!(dns_capture(&["--dns-capture=true"]));
+        assert!(!dns_capture(&["--dns-capture=false"]));
+    }
 }

@@ -1,7 +1,9 @@
-//! The DNS proxy on a real lab cluster: a pod whose DNS is captured (the per-pod
-//! annotation) resolves Service names to their VIPs with `dig`, gets other names from an
-//! upstream resolver (dnsmasq, run by the test in a lab pod), and gets no answer at all
-//! while ztunnel is down. Nothing leaves the lab: the upstream is a lab pod.
+//! The DNS proxy on a real lab cluster: a pod whose DNS is captured (the default; a pod
+//! annotated `ambient.istio.io/dns-capture: "false"` is not) resolves Service names to their VIPs with `dig`, a headless Service's
+//! name to its ready endpoints and a StatefulSet-style pod host to its pod, gets other
+//! names from an upstream resolver (dnsmasq, run by the test in a lab pod) that ztunnel
+//! takes from its resolv.conf while running, and gets no answer at all while ztunnel is
+//! down. Nothing leaves the lab: the upstream is a lab pod.
 
 use mesh_e2e::require_tool;
 use mesh_e2e::testlab::TestLab;
@@ -58,8 +60,8 @@ spec: {{nodeName: node-1, containers: [{{name: dns, command: [{command}]}}]}}
     )
 }
 
-/// Enrolled namespaces `front` (pod `client`, DNS captured by its annotation; pod `plain`,
-/// not captured; Service `local` on 10.96.0.30) and `back` (Service `api` on 10.96.0.20).
+/// Enrolled namespaces `front` (pod `client`, DNS captured by default; pod `plain`, not
+/// captured: its annotation turns capture off; Service `local` on 10.96.0.30) and `back` (Service `api` on 10.96.0.20).
 const MESH: &str = r#"apiVersion: v1
 kind: Namespace
 metadata: {name: front, labels: {istio.io/dataplane-mode: ambient}}
@@ -70,12 +72,12 @@ metadata: {name: back, labels: {istio.io/dataplane-mode: ambient}}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: client, namespace: front, labels: {app: client}, annotations: {ambient.istio.io/dns-capture: "true"}}
+metadata: {name: client, namespace: front, labels: {app: client}}
 spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: client, ports: [{name: http, containerPort: 8080}]}]}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: plain, namespace: front, labels: {app: plain}}
+metadata: {name: plain, namespace: front, labels: {app: plain}, annotations: {ambient.istio.io/dns-capture: "false"}}
 spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: plain}]}
 ---
 apiVersion: v1
@@ -98,6 +100,24 @@ spec:
   selector: {app: api}
   clusterIP: 10.96.0.20
   ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: back}
+spec:
+  selector: {app: db}
+  clusterIP: None
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: back, labels: {app: db}}
+spec: {nodeName: node-1, hostname: db-0, subdomain: db, containers: [{name: db}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: back, labels: {app: db}}
+spec: {nodeName: node-1, hostname: db-1, subdomain: db, containers: [{name: db}]}
 "#;
 
 /// `dig` from inside `pod`, one try; (exit success, stdout).
@@ -123,6 +143,85 @@ fn short(t: &TestLab, pod: &str, server: &str, args: &[&str]) -> Vec<String> {
     out.lines().map(str::to_string).collect()
 }
 
+/// Replaces node 1's resolv.conf as an editor or a kubelet does: a new file renamed over
+/// the old one.
+fn write_resolv_conf(t: &TestLab, text: &str) {
+    let path = t.lab.node_resolv_conf(1);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
+/// Sets pod `ns/name`'s Ready condition as its kubelet would (the control plane reads
+/// the lab's manifests as written).
+fn set_ready(t: &TestLab, ns: &str, name: &str, ready: bool) {
+    let path = t.lab.dir.join(format!("manifests/pod-{ns}-{name}.yaml"));
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let conditions = doc["status"]["conditions"].as_array_mut().unwrap();
+    let c = conditions
+        .iter_mut()
+        .find(|c| c["type"] == "Ready")
+        .unwrap();
+    c["status"] = serde_json::json!(if ready { "True" } else { "False" });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, doc.to_string()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
+/// `back/db` is headless: its name resolves to the ready pods' addresses, `db-N.db.back`
+/// to pod `db-N`; a pod that turns not ready leaves the answers. The upstream knows none
+/// of these names, so the answers are ztunnel's.
+fn headless_service_answers_its_ready_endpoints(t: &TestLab, up: &str) {
+    let ip = |pod: &str| t.lab.state.pods[pod].ip.clone();
+    let (db0, db1) = (ip("back/db-0"), ip("back/db-1"));
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let mut both = vec![db0.clone(), db1.clone()];
+    both.sort();
+    t.eventually("the headless Service's endpoints", || {
+        sorted(short(t, "front/client", up, &["db.back"])) == both
+    });
+    for name in ["db.back.svc", "db.back.svc.cluster.local"] {
+        assert_eq!(
+            sorted(short(t, "front/client", up, &[name])),
+            both,
+            "{name}"
+        );
+    }
+    for name in ["db-1.db.back", "db-1.db.back.svc.cluster.local"] {
+        assert_eq!(
+            short(t, "front/client", up, &[name]),
+            std::slice::from_ref(&db1),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        short(t, "front/client", up, &["+tcp", "db-0.db.back"]),
+        std::slice::from_ref(&db0)
+    );
+    let upstream_answer = short(t, "front/plain", up, &["db.back.svc.cluster.local"]);
+    assert!(
+        !upstream_answer.contains(&db0),
+        "the upstream does not know the headless Service: {upstream_answer:?}"
+    );
+
+    set_ready(t, "back", "db-1", false);
+    t.eventually("the not-ready endpoint gone from the answer", || {
+        short(t, "front/client", up, &["db.back"]) == [db0.clone()]
+    });
+    assert!(
+        !short(t, "front/client", up, &["db-1.db.back"]).contains(&db1),
+        "nor its pod host"
+    );
+    set_ready(t, "back", "db-1", true);
+    t.eventually("back once ready", || {
+        sorted(short(t, "front/client", up, &["db.back"])) == both
+    });
+}
+
 fn ztunnel_metrics(t: &TestLab) -> String {
     let out = Command::new("ip")
         .args(["netns", "exec", &t.lab.node_ns(1)])
@@ -140,10 +239,20 @@ fn captured_pod_resolves_services_from_the_mesh_and_the_rest_upstream_and_fails_
     t.apply(&dns_pod);
     t.apply(MESH);
     let up = t.lab.state.pods["upstream/dns"].ip.clone();
-    // The node's resolver is the lab's dnsmasq; ztunnel reads it when it starts.
-    std::fs::write(t.lab.node_resolv_conf(1), format!("nameserver {up}\n")).unwrap();
-    t.lab.stop("ztunnel-1", true).unwrap();
-    t.lab.start_ztunnel(1).unwrap();
+
+    // ztunnel started without a resolv.conf: mesh names are answered, the rest fails.
+    t.eventually("the DNS proxy answering", || {
+        short(&t, "front/client", &up, &["api.back"]) == ["10.96.0.20"]
+    });
+    let (_, none) = dig(
+        &t,
+        "front/client",
+        &[&format!("@{up}"), "www.outside.example"],
+    );
+    assert!(none.contains("status: SERVFAIL"), "no upstream yet: {none}");
+    // The node's resolver becomes the lab's dnsmasq while ztunnel runs: it follows the
+    // file, no restart.
+    write_resolv_conf(&t, &format!("nameserver {up}\n"));
 
     // Positive control, outside the capture: the upstream answers its own names and
     // knows nothing of the mesh's.
@@ -157,9 +266,13 @@ fn captured_pod_resolves_services_from_the_mesh_and_the_rest_upstream_and_fails_
     );
 
     // The captured pod: whatever server it asks, port 53 reaches ztunnel in the pod.
-    t.eventually("the Service's VIP through the DNS proxy", || {
-        short(&t, "front/client", &up, &["api.back.svc.cluster.local"]) == ["10.96.0.20"]
+    t.eventually("forwarding to the resolver of the new resolv.conf", || {
+        short(&t, "front/client", &up, &["www.outside.example"]) == ["203.0.113.7"]
     });
+    assert_eq!(
+        short(&t, "front/client", &up, &["api.back.svc.cluster.local"]),
+        ["10.96.0.20"]
+    );
     for name in ["api.back", "api.back.svc", "api.back.svc.cluster.local."] {
         assert_eq!(
             short(&t, "front/client", &up, &[name]),
@@ -222,6 +335,16 @@ fn captured_pod_resolves_services_from_the_mesh_and_the_rest_upstream_and_fails_
         short(&t, "front/client", &up, &["+noedns", "big.outside.example"]).len(),
         40,
         "dig retried over TCP and got every record"
+    );
+
+    headless_service_answers_its_ready_endpoints(&t, &up);
+
+    // A broken resolv.conf keeps the resolver in use, and ztunnel says why.
+    write_resolv_conf(&t, "nameserver not-an-address\n");
+    t.wait_log("ztunnel-1", "keeping the upstream resolvers in use");
+    assert_eq!(
+        short(&t, "front/client", &up, &["www.outside.example"]),
+        ["203.0.113.7"]
     );
 
     // Istio's metric names, with the protocol and query type.

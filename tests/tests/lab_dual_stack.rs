@@ -120,7 +120,7 @@ spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: client}]}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: plain, namespace: front}
+metadata: {name: plain, namespace: front, annotations: {ambient.istio.io/dns-capture: "false"}}
 spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: plain}]}
 ---
 apiVersion: v1

@@ -175,10 +175,14 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
         state_changed: state_changed.clone(),
         max_connections_per_listener: cfg.max_connections_per_listener,
         dns: cfg.dns_proxy.then(|| {
-            Arc::new(crate::dns::server::DnsSettings::new(
-                &cfg.cluster_domain,
-                &cfg.dns_resolv_conf,
-            ))
+            let settings =
+                crate::dns::server::DnsSettings::new(&cfg.cluster_domain, &cfg.dns_resolv_conf);
+            tokio::spawn(crate::dns::resolv::keep_current(
+                cfg.dns_resolv_conf.clone(),
+                settings.upstreams.clone(),
+                crate::dns::resolv::POLL,
+            ));
+            Arc::new(settings)
         }),
         tracer,
     });

@@ -102,7 +102,9 @@ pub struct Config {
     /// rest); the node agent's DNS capture sends pods' port-53 traffic there.
     #[arg(long, env = "DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
     pub dns_proxy: bool,
-    /// Where the DNS proxy finds its upstream resolvers (`nameserver` lines).
+    /// Where the DNS proxy finds its upstream resolvers (`nameserver` lines). Read again
+    /// every 2 s: a change applies without a restart; a file that cannot be read or
+    /// parsed, or names no resolver, keeps the ones in use (and is logged).
     #[arg(long, env = "DNS_RESOLV_CONF", default_value = "/etc/resolv.conf")]
     pub dns_resolv_conf: PathBuf,
     /// The cluster's DNS domain (`<svc>.<ns>.svc.<domain>`).

@@ -310,7 +310,7 @@ impl Metrics {
     }
 
     /// An xDS stream ended (reason as Istio names it: `ConnectionError`, `Error`,
-    /// `Complete`).
+    /// `Reconnect`, `Complete`; see [`mesh_xds::Termination`]).
     pub fn xds_terminated(&self, reason: &'static str) {
         self.xds_connection_terminations
             .get_or_create(&ReasonLabel { reason })

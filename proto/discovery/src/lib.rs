@@ -270,6 +270,15 @@ impl State {
             .find_map(|k| self.services.get(k))
     }
 
+    /// Every workload that backs `svc`, whatever its health (in uid order).
+    pub fn endpoints_of<'a>(&'a self, svc: &Service) -> impl Iterator<Item = &'a Arc<Workload>> {
+        self.endpoints
+            .get(&svc.key())
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| self.workloads.get(uid))
+    }
+
     /// The service named `hostname` among those `w` is an endpoint of, if any. What a peer
     /// claims (a `forwarded: host=`, a CONNECT authority) is only ever resolved this way,
     /// so it can name nothing but one of the destination's own services.

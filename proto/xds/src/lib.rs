@@ -84,16 +84,63 @@ pub enum Termination {
     ConnectionError,
     /// The stream failed once established.
     Error,
-    /// The control plane ended the stream cleanly.
+    /// The stream ended the way a control plane going away or recycling connections
+    /// ends it (cancelled, GOAWAY, transport closing): the client reconnects at once.
+    Reconnect,
+    /// The control plane ended the stream with an OK status.
     Complete,
 }
 
+/// How a session ended, when not with an OK status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionError {
+    /// A gRPC status, from the control plane or from the transport under the stream.
+    Status { code: tonic::Code, message: String },
+    /// A failure of ours (the token unreadable, the request channel closed).
+    Local(String),
+}
+
+impl std::fmt::Display for SessionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionError::Status { code, message } => write!(f, "{code:?}: {message}"),
+            SessionError::Local(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<tonic::Status> for SessionError {
+    fn from(s: tonic::Status) -> Self {
+        SessionError::Status {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+impl From<String> for SessionError {
+    fn from(m: String) -> Self {
+        SessionError::Local(m)
+    }
+}
+
+impl From<&str> for SessionError {
+    fn from(m: &str) -> Self {
+        SessionError::Local(m.to_string())
+    }
+}
+
 impl Termination {
-    pub fn of(connected: bool, result: &Result<(), String>) -> Self {
+    /// The reason for a session that `connected` (got its stream) or not and ended with
+    /// `result`; the statuses Istio's ztunnel counts as `Reconnect` are the same here.
+    pub fn of(connected: bool, result: &Result<(), SessionError>) -> Self {
         match (connected, result) {
             (false, _) => Termination::ConnectionError,
-            (true, Err(_)) => Termination::Error,
             (true, Ok(())) => Termination::Complete,
+            (true, Err(SessionError::Status { code, message })) if is_benign(*code, message) => {
+                Termination::Reconnect
+            }
+            (true, Err(_)) => Termination::Error,
         }
     }
 
@@ -101,8 +148,22 @@ impl Termination {
         match self {
             Termination::ConnectionError => "ConnectionError",
             Termination::Error => "Error",
+            Termination::Reconnect => "Reconnect",
             Termination::Complete => "Complete",
         }
+    }
+}
+
+/// A status that ends a healthy stream: the server cancelled it, a deadline passed, the
+/// connection went away under it (GOAWAY, max connection age, a restart).
+fn is_benign(code: tonic::Code, message: &str) -> bool {
+    use tonic::Code::*;
+    match code {
+        Unknown | Cancelled | DeadlineExceeded => true,
+        Unavailable => {
+            message.contains("transport is closing") || message.contains("received prior goaway")
+        }
+        _ => false,
     }
 }
 
@@ -144,9 +205,16 @@ pub async fn run(
         )
         .await;
         handler.connection(false);
-        handler.ended(Termination::of(connected, &r));
+        let why = Termination::of(connected, &r);
+        handler.ended(why);
         match r {
             Ok(()) => tracing::warn!("xDS stream closed by the control plane"),
+            Err(e) if why == Termination::Reconnect => {
+                tracing::info!(reason = %e,
+                    "xDS stream ended (control plane gone or recycling connections); reconnecting, keeping the last known configuration");
+                // As Istio's ztunnel: a benign end starts the backoff over.
+                backoff = MIN_BACKOFF;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "xDS stream failed; keeping the last known configuration")
             }
@@ -168,7 +236,7 @@ async fn session(
     held: &mut HashMap<&'static str, HashMap<String, String>>,
     backoff: &mut Duration,
     connected: &mut bool,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let (tx, rx) = tokio::sync::mpsc::channel::<DeltaDiscoveryRequest>(16);
     for (i, t) in types.iter().enumerate() {
         let mut r = request(t);
@@ -183,19 +251,11 @@ async fn session(
     cp.authorize(&mut req)?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(200 * 1024 * 1024);
-    let mut stream = client
-        .delta_aggregated_resources(req)
-        .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-        .into_inner();
+    let mut stream = client.delta_aggregated_resources(req).await?.into_inner();
     *connected = true;
     handler.connection(true);
     tracing::info!(address = %cp.address, "xDS connected");
-    while let Some(resp) = stream
-        .message()
-        .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-    {
+    while let Some(resp) = stream.message().await? {
         *backoff = MIN_BACKOFF;
         let mut reply = request(&resp.type_url);
         reply.response_nonce = resp.nonce.clone();
@@ -244,17 +304,54 @@ async fn session(
 
 #[cfg(test)]
 mod tests {
-    use super::Termination;
+    use super::{SessionError, Termination};
+    use tonic::Code;
 
     #[test]
     fn terminations_are_named_as_istio_names_them() {
-        let err = Err("Unavailable: connection reset".to_string());
+        let status = |code, message: &str| {
+            Err(SessionError::Status {
+                code,
+                message: message.into(),
+            })
+        };
+        let reset = status(Code::Unavailable, "connection reset");
         assert_eq!(
-            Termination::of(false, &err).as_str(),
+            Termination::of(false, &reset).as_str(),
             "ConnectionError",
             "no stream was ever established"
         );
-        assert_eq!(Termination::of(true, &err).as_str(), "Error");
+        assert_eq!(
+            Termination::of(false, &status(Code::Cancelled, "")).as_str(),
+            "ConnectionError"
+        );
+        assert_eq!(Termination::of(true, &reset).as_str(), "Error");
         assert_eq!(Termination::of(true, &Ok(())).as_str(), "Complete");
+        for (code, message) in [
+            (Code::Cancelled, "stream cancelled"),
+            (Code::DeadlineExceeded, ""),
+            (Code::Unknown, "h2 protocol error"),
+            (Code::Unavailable, "error reading: received prior goaway"),
+            (Code::Unavailable, "transport is closing"),
+        ] {
+            assert_eq!(
+                Termination::of(true, &status(code, message)).as_str(),
+                "Reconnect",
+                "{code:?}: {message}"
+            );
+        }
+        for (code, message) in [
+            (Code::Unavailable, "tcp connect error"),
+            (Code::Internal, "received prior goaway"),
+            (Code::PermissionDenied, "not allowed"),
+        ] {
+            assert_eq!(
+                Termination::of(true, &status(code, message)),
+                Termination::Error,
+                "{code:?}: {message}"
+            );
+        }
+        let local = Err(SessionError::Local("request channel closed".into()));
+        assert_eq!(Termination::of(true, &local), Termination::Error);
     }
 }

@@ -4,11 +4,13 @@
 //! - [`resolve`]: which answer for which name (pure);
 //! - [`message`]: the wire format (hickory-proto), sizes, truncation and EDNS (pure);
 //! - [`forward`]: the upstream exchange, from the pod's network namespace;
+//! - [`resolv`]: the upstream resolvers, kept current with `--dns-resolv-conf`;
 //! - [`server`]: the per-pod listeners and their limits;
 //! - [`metrics`]: Istio's `istio_dns_*` metrics.
 
 pub mod forward;
 pub mod message;
 pub mod metrics;
+pub mod resolv;
 pub mod resolve;
 pub mod server;

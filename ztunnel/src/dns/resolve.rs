@@ -7,11 +7,16 @@
 //! any of these with one of the pod's search domains appended (what a resolver sends
 //! while walking its search list: answered with a CNAME to the shorter name). A known
 //! name is answered with the VIPs of the requested family reachable from the pod's
-//! network, or with no records at all (NODATA) when there are none. Unknown names and
-//! other record types go to the upstream resolvers, so NXDOMAIN only ever comes from
-//! there.
+//! network, or with no records at all (NODATA) when there are none.
+//!
+//! A Kubernetes headless Service (no VIP, a `.svc.<domain>` hostname) is answered with
+//! the addresses of its ready endpoints, and `<pod>.<svc>.<ns>.svc.<domain>` (the name a
+//! StatefulSet pod gets through its headless Service, in the same short forms) with that
+//! pod's address while it is ready. A Service without a VIP that is not a Kubernetes
+//! Service (a ServiceEntry resolved by DNS) is the upstream's, as are unknown names and
+//! other record types, so NXDOMAIN only ever comes from there.
 
-use crate::state::{Service, State};
+use crate::state::{Service, State, Workload};
 use std::net::IpAddr;
 
 /// TTL of the records we answer (Istio's).
@@ -73,18 +78,26 @@ pub fn decide(
     }
     let domain = normalize(cluster_domain);
     for c in candidates(&name, &domain, client.namespace) {
-        let Some((svc, wildcard)) = find_service(state, &c.host, client.namespace) else {
-            continue;
-        };
-        let addrs = svc
-            .vips
-            .iter()
-            .filter(|(net, ip)| net == client.network && matches_family(ip, family))
-            .map(|(_, ip)| *ip)
-            .collect();
-        // A wildcard host has no single canonical name to point a CNAME at.
-        let cname = c.stripped.filter(|_| !wildcard);
-        return Decision::Answer { cname, addrs };
+        if let Some((svc, wildcard)) = find_service(state, &c.host, client.namespace, &domain) {
+            let addrs = if svc.vips.is_empty() {
+                endpoint_addrs(state, svc, client.network, family)
+            } else {
+                svc.vips
+                    .iter()
+                    .filter(|(net, ip)| net == client.network && matches_family(ip, family))
+                    .map(|(_, ip)| *ip)
+                    .collect()
+            };
+            // A wildcard host has no single canonical name to point a CNAME at.
+            let cname = c.stripped.filter(|_| !wildcard);
+            return Decision::Answer { cname, addrs };
+        }
+        if let Some(pod) = find_pod_host(state, &c.host, client, &domain) {
+            return Decision::Answer {
+                cname: c.stripped,
+                addrs: address_of(pod, family).into_iter().collect(),
+            };
+        }
     }
     Decision::Forward
 }
@@ -110,16 +123,22 @@ fn search_domains(domain: &str, namespace: &str) -> [String; 3] {
     ]
 }
 
-/// The Kubernetes FQDN a short service name stands for, if it has that shape:
-/// `svc` → `svc.<ns>.svc.<domain>`, `svc.ns` → `svc.ns.svc.<domain>`,
-/// `svc.ns.svc` → `svc.ns.svc.<domain>`.
-fn kube_fqdn(name: &str, domain: &str, namespace: &str) -> Option<String> {
+/// The Kubernetes FQDNs a short name may stand for, service form first:
+/// `svc` → `svc.<ns>.svc.<domain>`; `svc.ns` → `svc.ns.svc.<domain>`, or the pod host
+/// `pod.sub` → `pod.sub.<ns>.svc.<domain>`; `svc.ns.svc` → `svc.ns.svc.<domain>`; the pod
+/// host `pod.sub.ns` → `pod.sub.ns.svc.<domain>`, `pod.sub.ns.svc` → `…<domain>`.
+fn kube_fqdns(name: &str, domain: &str, namespace: &str) -> Vec<String> {
     let labels: Vec<&str> = name.split('.').collect();
     match labels.as_slice() {
-        [_] => Some(format!("{name}.{namespace}.svc.{domain}")),
-        [_, _] => Some(format!("{name}.svc.{domain}")),
-        [_, _, "svc"] => Some(format!("{name}.{domain}")),
-        _ => None,
+        [_] => vec![format!("{name}.{namespace}.svc.{domain}")],
+        [_, _] => vec![
+            format!("{name}.svc.{domain}"),
+            format!("{name}.{namespace}.svc.{domain}"),
+        ],
+        [_, _, "svc"] => vec![format!("{name}.{domain}"), format!("{name}.svc.{domain}")],
+        [_, _, _] => vec![format!("{name}.svc.{domain}")],
+        [_, _, _, "svc"] => vec![format!("{name}.{domain}")],
+        _ => vec![],
     }
 }
 
@@ -132,7 +151,7 @@ fn candidates(name: &str, domain: &str, namespace: &str) -> Vec<Candidate> {
         }
     };
     push(name.to_string(), None);
-    if let Some(f) = kube_fqdn(name, domain, namespace) {
+    for f in kube_fqdns(name, domain, namespace) {
         push(f, None);
     }
     for sd in search_domains(domain, namespace) {
@@ -143,7 +162,7 @@ fn candidates(name: &str, domain: &str, namespace: &str) -> Vec<Candidate> {
             continue;
         }
         push(short.to_string(), Some(short.to_string()));
-        if let Some(f) = kube_fqdn(short, domain, namespace) {
+        for f in kube_fqdns(short, domain, namespace) {
             push(f, Some(short.to_string()));
         }
     }
@@ -151,15 +170,20 @@ fn candidates(name: &str, domain: &str, namespace: &str) -> Vec<Candidate> {
 }
 
 /// The service for `host` or, failing that, for the closest wildcard above it
-/// (`*.example.com`, then `*.com`); `true` when found through a wildcard. Services without
-/// a VIP are left to the upstream resolvers (headless).
-fn find_service<'s>(state: &'s State, host: &str, namespace: &str) -> Option<(&'s Service, bool)> {
-    if let Some(s) = service_with_vip(state, host, namespace) {
+/// (`*.example.com`, then `*.com`); `true` when found through a wildcard. Only services
+/// with a VIP, or Kubernetes headless ones, are ours.
+fn find_service<'s>(
+    state: &'s State,
+    host: &str,
+    namespace: &str,
+    domain: &str,
+) -> Option<(&'s Service, bool)> {
+    if let Some(s) = answerable_service(state, host, namespace, domain) {
         return Some((s, false));
     }
     let mut rest = host;
     while let Some((_, parent)) = rest.split_once('.') {
-        if let Some(s) = service_with_vip(state, &format!("*.{parent}"), namespace) {
+        if let Some(s) = answerable_service(state, &format!("*.{parent}"), namespace, domain) {
             return Some((s, true));
         }
         rest = parent;
@@ -168,18 +192,109 @@ fn find_service<'s>(state: &'s State, host: &str, namespace: &str) -> Option<(&'
 }
 
 /// The asking pod's own namespace wins when several namespaces declare the host.
-fn service_with_vip<'s>(state: &'s State, host: &str, namespace: &str) -> Option<&'s Service> {
+fn answerable_service<'s>(
+    state: &'s State,
+    host: &str,
+    namespace: &str,
+    domain: &str,
+) -> Option<&'s Service> {
+    service_named(state, host, namespace)
+        .filter(|s| !s.vips.is_empty() || is_kubernetes_headless(s, domain))
+}
+
+fn service_named<'s>(state: &'s State, host: &str, namespace: &str) -> Option<&'s Service> {
     state
         .service(namespace, host)
         .or_else(|| state.service_by_hostname(host))
         .map(|s| s.as_ref())
-        .filter(|s| !s.vips.is_empty())
+}
+
+/// A Service without a VIP whose hostname is a Kubernetes Service's. xDS says no more
+/// (Istio's ztunnel tells them apart the same way): a ServiceEntry without addresses has
+/// another hostname and stays the upstream's.
+fn is_kubernetes_headless(svc: &Service, domain: &str) -> bool {
+    svc.vips.is_empty()
+        && svc
+            .hostname
+            .strip_suffix(domain)
+            .is_some_and(|h| h.ends_with(".svc."))
+}
+
+/// Whether `w` is an endpoint DNS may name: ready (unless the Service publishes
+/// not-ready addresses) and addressed.
+fn in_dns(svc: &Service, w: &Workload) -> bool {
+    (w.healthy || svc.load_balancing.allow_unhealthy) && !w.addresses.is_empty()
+}
+
+/// A workload's address of `family` (its first: a pod has one per family).
+fn address_of(w: &Workload, family: Family) -> Option<IpAddr> {
+    w.addresses
+        .iter()
+        .copied()
+        .find(|ip| matches_family(ip, family))
+}
+
+/// The addresses of `family` of a headless Service's endpoints in the asking pod's
+/// network, sorted.
+fn endpoint_addrs(state: &State, svc: &Service, network: &str, family: Family) -> Vec<IpAddr> {
+    let mut addrs: Vec<IpAddr> = state
+        .endpoints_of(svc)
+        .filter(|w| w.network == network && in_dns(svc, w))
+        .filter_map(|w| address_of(w, family))
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+/// `host` as `<pod>.<headless service hostname>`: the endpoint of that Service named
+/// `<pod>` (a StatefulSet pod's name is its hostname), if it is in DNS.
+fn find_pod_host<'s>(
+    state: &'s State,
+    host: &str,
+    client: Client<'_>,
+    domain: &str,
+) -> Option<&'s Workload> {
+    let (pod, svc_host) = host.split_once('.')?;
+    let svc = service_named(state, svc_host, client.namespace)
+        .filter(|s| is_kubernetes_headless(s, domain))?;
+    state
+        .endpoints_of(svc)
+        .map(|w| w.as_ref())
+        .find(|w| w.name == pod && w.network == client.network && in_dns(svc, w))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::state::{LoadBalancing, Service};
+    use mesh_identity::SpiffeId;
+    use std::collections::HashMap;
+
+    /// Pod `ns1/name`, an endpoint of `headless` (and of nothing else).
+    fn pod(name: &str, ips: &[&str], ready: bool, network: &str) -> Workload {
+        Workload {
+            uid: format!("Kubernetes//Pod/ns1/{name}"),
+            name: name.into(),
+            namespace: "ns1".into(),
+            addresses: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            network: network.into(),
+            hbone: true,
+            identity: SpiffeId::new("cluster.local", "ns1", "default").unwrap(),
+            waypoint: None,
+            node: "node-1".into(),
+            canonical_name: "web".into(),
+            canonical_revision: "v1".into(),
+            workload_name: "web".into(),
+            services: HashMap::from([("ns1/headless.ns1.svc.cluster.local".into(), vec![])]),
+            authorization_policies: vec![],
+            healthy: ready,
+            cluster_id: String::new(),
+            locality: Default::default(),
+            host_network: false,
+            capacity: 1,
+        }
+    }
 
     fn svc(ns: &str, host: &str, vips: &[(&str, &str)]) -> Service {
         Service {
@@ -219,6 +334,13 @@ mod tests {
             &[("", "10.96.0.30")],
         ));
         st.insert_service(svc("ns1", "headless.ns1.svc.cluster.local", &[]));
+        // Its endpoints: two ready (one dual-stack), one not ready, one in another network.
+        st.insert_workload(pod("web-0", &["10.244.1.10", "fd00:244::10"], true, ""));
+        st.insert_workload(pod("web-1", &["10.244.1.11"], true, ""));
+        st.insert_workload(pod("web-2", &["10.244.1.12"], false, ""));
+        st.insert_workload(pod("web-3", &["10.244.9.13"], true, "other"));
+        // A ServiceEntry resolved by DNS: no VIP, not a Kubernetes Service.
+        st.insert_service(svc("ext", "dns.example.com", &[]));
         st.insert_service(svc("ext", "api.example.com", &[("", "240.240.0.1")]));
         st.insert_service(svc("ext", "*.wild.example.org", &[("", "240.240.0.2")]));
         st
@@ -326,7 +448,16 @@ mod tests {
     fn everything_else_is_forwarded() {
         assert_eq!(a("www.example.net"), Decision::Forward);
         assert_eq!(a("unknown.ns1.svc.cluster.local"), Decision::Forward);
-        assert_eq!(a("headless"), Decision::Forward, "no VIP: upstream answers");
+        assert_eq!(
+            a("dns.example.com"),
+            Decision::Forward,
+            "a ServiceEntry without VIP: the upstream resolves it"
+        );
+        assert_eq!(
+            a("web-0.headless.ns2"),
+            Decision::Forward,
+            "no such Service"
+        );
         assert_eq!(a(""), Decision::Forward);
         assert_eq!(a("."), Decision::Forward);
         assert_eq!(
@@ -334,6 +465,94 @@ mod tests {
             Decision::Forward,
             "other record types (MX, TXT, SRV...) are the upstream's"
         );
+    }
+
+    #[test]
+    fn headless_services_answer_their_ready_endpoints_in_every_form() {
+        for name in [
+            "headless",
+            "headless.ns1",
+            "headless.ns1.svc",
+            "headless.ns1.svc.cluster.local.",
+        ] {
+            assert_eq!(
+                a(name),
+                answer(None, &["10.244.1.10", "10.244.1.11"]),
+                "{name}: ready endpoints of this network only"
+            );
+        }
+        assert_eq!(
+            a("headless.ns1.ns1.svc.cluster.local"),
+            answer(Some("headless.ns1"), &["10.244.1.10", "10.244.1.11"])
+        );
+        let aaaa = decide(&state(), "cluster.local", NS1, "headless", Some(Family::V6));
+        assert_eq!(aaaa, answer(None, &["fd00:244::10"]));
+        let other = Client {
+            namespace: "ns1",
+            network: "other",
+        };
+        assert_eq!(
+            decide(
+                &state(),
+                "cluster.local",
+                other,
+                "headless",
+                Some(Family::V4)
+            ),
+            answer(None, &["10.244.9.13"])
+        );
+    }
+
+    #[test]
+    fn a_headless_service_publishing_not_ready_addresses_answers_them_too() {
+        let mut st = state();
+        let mut s = svc("ns1", "headless.ns1.svc.cluster.local", &[]);
+        s.load_balancing.allow_unhealthy = true;
+        st.insert_service(s);
+        assert_eq!(
+            decide(&st, "cluster.local", NS1, "headless", Some(Family::V4)),
+            answer(None, &["10.244.1.10", "10.244.1.11", "10.244.1.12"])
+        );
+    }
+
+    #[test]
+    fn a_headless_service_without_ready_endpoints_is_nodata() {
+        let mut st = state();
+        st.insert_workload(pod("web-0", &["10.244.1.10"], false, ""));
+        st.insert_workload(pod("web-1", &["10.244.1.11"], false, ""));
+        assert_eq!(
+            decide(&st, "cluster.local", NS1, "headless", Some(Family::V4)),
+            answer(None, &[])
+        );
+    }
+
+    #[test]
+    fn pod_hosts_of_a_headless_service() {
+        for name in [
+            "web-1.headless",
+            "web-1.headless.ns1",
+            "web-1.headless.ns1.svc",
+            "web-1.headless.ns1.svc.cluster.local",
+        ] {
+            assert_eq!(a(name), answer(None, &["10.244.1.11"]), "{name}");
+        }
+        assert_eq!(
+            a("web-1.headless.svc.cluster.local"),
+            answer(Some("web-1.headless"), &["10.244.1.11"]),
+            "a search-list expansion"
+        );
+        let aaaa = |n: &str| decide(&state(), "cluster.local", NS1, n, Some(Family::V6));
+        assert_eq!(aaaa("web-0.headless.ns1"), answer(None, &["fd00:244::10"]));
+        assert_eq!(aaaa("web-1.headless.ns1"), answer(None, &[]), "NODATA");
+        // Not ready, another network, no such pod, not a headless Service: upstream's.
+        for name in [
+            "web-2.headless.ns1",
+            "web-3.headless.ns1",
+            "web-9.headless.ns1",
+            "web-1.echo.ns1",
+        ] {
+            assert_eq!(a(name), Decision::Forward, "{name}");
+        }
     }
 
     #[test]
@@ -355,7 +574,14 @@ mod tests {
             .into_iter()
             .map(|c| c.host)
             .collect();
-        assert_eq!(c, ["echo.ns1", "echo.ns1.svc.cluster.local"]);
+        assert_eq!(
+            c,
+            [
+                "echo.ns1",
+                "echo.ns1.svc.cluster.local",
+                "echo.ns1.ns1.svc.cluster.local"
+            ]
+        );
         let c = candidates("echo.ns1.svc.cluster.local", "cluster.local", "ns1");
         assert_eq!(c[0].host, "echo.ns1.svc.cluster.local");
         assert_eq!(c[0].stripped, None);

@@ -9,6 +9,7 @@
 use super::forward::{Upstreams, forward};
 use super::message::{Rejected, Request, Transport};
 use super::metrics::DnsLabels;
+use super::resolv::SharedUpstreams;
 use super::resolve::{Client, Decision, decide};
 use crate::drain::Drain;
 use crate::inpod::netns::Netns;
@@ -17,6 +18,7 @@ use crate::proxy::accept::{ConnLimit, spawn_accept_loop};
 use crate::state::Workload;
 use hickory_proto::op::ResponseCode;
 use mesh_proto::ports;
+use rand::seq::SliceRandom;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -44,7 +46,8 @@ const UNKNOWN_CLIENT_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct DnsSettings {
     pub cluster_domain: String,
-    pub upstreams: Upstreams,
+    /// Kept current with the file by [`super::resolv::keep_current`].
+    pub upstreams: SharedUpstreams,
     /// [`MAX_IN_FLIGHT`] (tests use less).
     pub max_in_flight: usize,
     /// [`REQUEST_TIMEOUT`].
@@ -57,7 +60,7 @@ impl DnsSettings {
     pub fn new(cluster_domain: &str, resolv_conf: &Path) -> DnsSettings {
         DnsSettings {
             cluster_domain: cluster_domain.to_string(),
-            upstreams: Upstreams::load(resolv_conf),
+            upstreams: SharedUpstreams::new(Upstreams::load(resolv_conf)),
             max_in_flight: MAX_IN_FLIGHT,
             request_timeout: REQUEST_TIMEOUT,
             upstream_try: UPSTREAM_TRY,
@@ -280,7 +283,10 @@ impl PodDns {
             )
         };
         match decision {
-            Decision::Answer { cname, addrs } => {
+            Decision::Answer { cname, mut addrs } => {
+                // A headless Service's endpoints in another order each time, as Istio's
+                // ztunnel and cluster DNS do: clients that take the first spread out.
+                addrs.shuffle(&mut rand::rng());
                 tracing::debug!(target: "dns", query = req.type_label(), src.workload = %src_name, src.namespace = %src_ns,
                     domain = %name, result = "success", endpoints = addrs.len(), "dns query");
                 req.answer(cname.as_deref(), &addrs)
@@ -291,11 +297,12 @@ impl PodDns {
                 metrics.upstream_requests.get_or_create(&labels).inc();
                 let started = Instant::now();
                 let id: u16 = rand::random();
+                let upstreams = self.settings.upstreams.get();
                 let result = tokio::time::timeout_at(
                     deadline,
                     forward(
                         &self.netns,
-                        &self.settings.upstreams,
+                        &upstreams,
                         req,
                         id,
                         self.settings.upstream_try,
@@ -444,9 +451,9 @@ mod tests {
         let (upstream, seen) = silent_upstream().await;
         let settings = Arc::new(DnsSettings {
             cluster_domain: "cluster.local".into(),
-            upstreams: Upstreams {
+            upstreams: SharedUpstreams::new(Upstreams {
                 servers: vec![upstream],
-            },
+            }),
             max_in_flight: 3,
             request_timeout: Duration::from_secs(1),
             // Longer than the deadline: the deadline is what ends the query.
@@ -551,9 +558,9 @@ mod tests {
         let (upstream, upstream_ids) = upstream_behind_spoofers().await;
         let settings = Arc::new(DnsSettings {
             cluster_domain: "cluster.local".into(),
-            upstreams: Upstreams {
+            upstreams: SharedUpstreams::new(Upstreams {
                 servers: vec![upstream],
-            },
+            }),
             max_in_flight: 8,
             request_timeout: Duration::from_secs(5),
             upstream_try: Duration::from_secs(5),
@@ -609,7 +616,7 @@ mod tests {
         assert!(has_v6_loopback, "the test needs ::1 in its namespace");
         let settings = Arc::new(DnsSettings {
             cluster_domain: "cluster.local".into(),
-            upstreams: Upstreams::default(),
+            upstreams: SharedUpstreams::default(),
             max_in_flight: 8,
             request_timeout: Duration::from_secs(1),
             upstream_try: Duration::from_secs(1),
@@ -637,7 +644,7 @@ mod tests {
     async fn tcp_queries_are_framed_and_half_sent_ones_closed() {
         let settings = Arc::new(DnsSettings {
             cluster_domain: "cluster.local".into(),
-            upstreams: Upstreams::default(),
+            upstreams: SharedUpstreams::default(),
             max_in_flight: 8,
             request_timeout: Duration::from_secs(1),
             upstream_try: Duration::from_secs(1),
