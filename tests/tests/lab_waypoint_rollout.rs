@@ -1,15 +1,18 @@
 //! A waypoint rollout drops no request, on a real lab cluster: HTTP/1.1 keep-alive
-//! clients (curl) and an HTTP/2 keep-alive client (hyper) send requests through the
-//! namespace's waypoint all through `rollout waypoint`; none fails. Requests in flight
-//! when the old pod is told to stop (held by the app until then) finish with their full
-//! answer; the old pod's process exits by itself; afterwards every new request is served
-//! by the new pod, as each pod's own access log and metrics show.
+//! clients (curl, and hyper sending POSTs and never retrying one) and an HTTP/2
+//! keep-alive client (hyper) send requests through the namespace's waypoint all through
+//! `rollout waypoint`; none fails. Requests in flight when the old pod starts its drain
+//! (held by the app until then) finish with their full answer; the old pod's process
+//! exits by itself; afterwards every new request is served by the new pod, as each pod's
+//! own access log and metrics show. The story runs twice: with the old pod told to stop
+//! once every ztunnel has dropped it, and in Kubernetes' order (endpoint removal and
+//! SIGTERM together), where its drain delay is the only cover.
 
 use mesh_e2e::manifests::{
     BACK_USES_WAYPOINT, FRONT_AMBIENT, FRONT_CLIENT, WAYPOINT_GATEWAY, back_api, join,
 };
 use mesh_e2e::testlab::TestLab;
-use mesh_lab::rollout::{Ended, Listing, listing};
+use mesh_lab::rollout::{Ended, Listing, Order, listing};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
@@ -204,6 +207,91 @@ async fn h2_client(
     (seen, sender)
 }
 
+type H1 = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// A new HTTP/1.1 connection to the app's Service from inside the pod at `netns`.
+async fn h1_connect(netns: &str) -> Result<H1, String> {
+    let to: SocketAddr = "10.96.0.20:80".parse().unwrap();
+    let ns = ztunnel::inpod::netns::Netns::open(netns).unwrap();
+    let tcp = ns
+        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+        .unwrap()
+        .map_err(|e| format!("connect: {e}"))?;
+    tcp.set_nonblocking(true).unwrap();
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(tcp).unwrap());
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// An HTTP/1.1 keep-alive client that never retries: POSTs (not idempotent) one at a
+/// time on one connection, a new connection only once the server said the old one ends
+/// (`connection: close`) or it is seen closed before a request is sent; any request
+/// without its answer (an incomplete message, a reset) is a failure. Until `stop`.
+async fn h1_strict_client(netns: String, stop: Arc<AtomicBool>) -> Seen {
+    use http_body_util::BodyExt;
+    let mut seen = Seen::default();
+    let mut sender: Option<H1> = None;
+    let mut i = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let usable = match &mut sender {
+            Some(s) => s.ready().await.is_ok(),
+            None => false,
+        };
+        let s = match (&mut sender, usable) {
+            (Some(s), true) => s,
+            _ => {
+                match h1_connect(&netns).await {
+                    Ok(s) => sender = Some(s),
+                    Err(e) => {
+                        seen.failures.push(format!("new connection: {e}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                continue;
+            }
+        };
+        let path = format!("/h1strict-{i}");
+        i += 1;
+        let req = http::Request::post(&path)
+            .header("host", "10.96.0.20")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"order",
+            )))
+            .unwrap();
+        match s.send_request(req).await {
+            Ok(resp) => {
+                let closes = resp
+                    .headers()
+                    .get("connection")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.split(',').any(|t| t.trim() == "close"));
+                let status = resp.status().as_u16();
+                match resp.into_body().collect().await.map(|b| b.to_bytes()) {
+                    Ok(b)
+                        if status == 200
+                            && String::from_utf8_lossy(&b).contains(&format!(" {path} ")) =>
+                    {
+                        seen.ok += 1
+                    }
+                    other => seen.failures.push(format!("{path}: {status} {other:?}")),
+                }
+                if closes {
+                    sender = None;
+                }
+            }
+            Err(e) => {
+                seen.failures.push(format!("{path}: {e:?}"));
+                sender = None;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
+}
+
 /// How node `node_ns`'s ztunnel lists the workload at `ip` (its `/config_dump`).
 fn ztunnel_lists(node_ns: &str, ip: &str) -> Listing {
     let out = Command::new("ip")
@@ -227,8 +315,17 @@ fn requests_total(metrics: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waypoint_rollout_drops_no_request() {
+    rollout_story("wro", Order::EndpointsFirst).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_rollout_in_kubernetes_order_drops_no_request() {
+    rollout_story("wrk", Order::Kubernetes).await;
+}
+
+async fn rollout_story(lab: &str, order: Order) {
     let mut t = tokio::task::block_in_place(|| {
-        let mut t = TestLab::up_named("wro", 2, &["curl"]);
+        let mut t = TestLab::up_named(lab, 2, &["curl"]);
         t.apply(&join(&[
             FRONT_AMBIENT,
             BACK_USES_WAYPOINT,
@@ -280,6 +377,7 @@ async fn a_waypoint_rollout_drops_no_request() {
             std::thread::spawn(move || h1_client(ns, tag, stop, batches))
         })
         .collect();
+    let strict = tokio::spawn(h1_strict_client(client_ns_path.clone(), stop.clone()));
     let h2_connections = Arc::new(AtomicUsize::new(1));
     let h2 = tokio::spawn(h2_client(
         client_ns_path.clone(),
@@ -289,8 +387,8 @@ async fn a_waypoint_rollout_drops_no_request() {
     ));
 
     // When the old pod is told to stop: what every ztunnel holds of it, and new
-    // requests (each on a new connection) made while it drains; then the held requests
-    // are released.
+    // requests (each on a new connection) made meanwhile; then, once its drain proper
+    // has started (after its drain delay), the held requests are released.
     let nodes: Vec<String> = (1..=2).map(|i| t.lab.node_ns(i)).collect();
     let old_ip = t.lab.state.pods[OLD].ip.clone();
     let mut at_sigterm = Vec::new();
@@ -302,7 +400,7 @@ async fn a_waypoint_rollout_drops_no_request() {
     std::os::unix::fs::symlink(t.lab.bin_dir.join("waypoint"), &new_binary).unwrap();
     let report = tokio::task::block_in_place(|| {
         t.lab
-            .rollout_waypoint("back", "waypoint", Some(&new_binary), &mut |e| {
+            .rollout_waypoint("back", "waypoint", Some(&new_binary), order, &mut |e| {
                 events.push(e.to_string());
                 if e.contains("sent SIGTERM") {
                     for n in &nodes {
@@ -311,6 +409,16 @@ async fn a_waypoint_rollout_drops_no_request() {
                     for i in 0..5 {
                         let url = format!("{API}/during-drain-{i}");
                         during_drain.push(curl_keepalive(&client_ns, &[url], None));
+                    }
+                    for _ in 0..600 {
+                        let log = std::fs::read_to_string(&old_log).unwrap_or_default();
+                        if log
+                            .lines()
+                            .any(|l| l.contains("draining") && l.contains("open="))
+                        {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
                     }
                     std::fs::write(&h1_release, b"").unwrap();
                     std::fs::write(&h2_release, b"").unwrap();
@@ -337,12 +445,11 @@ async fn a_waypoint_rollout_drops_no_request() {
         new_binary.display()
     );
     // Endpoints first: no ztunnel sent new connections to the old pod any more when it
-    // was told to stop.
+    // was told to stop (in Kubernetes' order they may: the drain delay covers them).
     assert_eq!(at_sigterm.len(), 2);
     for (node, l) in &at_sigterm {
-        assert_ne!(
-            *l,
-            Listing::Healthy,
+        assert!(
+            order == Order::Kubernetes || *l != Listing::Healthy,
             "{node}'s ztunnel still sent to the old pod at SIGTERM"
         );
     }
@@ -371,6 +478,7 @@ async fn a_waypoint_rollout_drops_no_request() {
     for c in h1 {
         h1_seen.push(c.join().unwrap());
     }
+    h1_seen.push(strict.await.unwrap());
     let (h2_seen, mut sender) = h2.await.unwrap();
     for s in h1_seen.iter().chain([&h2_seen]) {
         assert!(
@@ -381,7 +489,7 @@ async fn a_waypoint_rollout_drops_no_request() {
     // Each client was served by the old pod, then by the new one (each pod's own log).
     let new_log = t.log(&format!("pod:{new}"));
     let old_text = std::fs::read_to_string(&old_log).unwrap();
-    for tag in ["/h1a-", "/h1b-", "/h2-"] {
+    for tag in ["/h1a-", "/h1b-", "/h1strict-", "/h2-"] {
         assert!(
             old_text.contains(&format!("path={tag}")) && new_log.contains(&format!("path={tag}")),
             "{tag}* requests reached both pods"
@@ -406,6 +514,7 @@ async fn a_waypoint_rollout_drops_no_request() {
     );
 
     // The requests in flight at SIGTERM finished with their whole answer.
+    // (A hold never released answers 504.)
     let (ok, codes) = held_h1.join().unwrap();
     assert!(ok && codes == ["200"], "held HTTP/1.1 request: {codes:?}");
     let (status, body) = held_h2.await.unwrap().expect("the held HTTP/2 request");
@@ -443,7 +552,8 @@ async fn a_waypoint_rollout_drops_no_request() {
     );
     let new_log = t.log(&format!("pod:{new}"));
     for i in 0..10 {
-        let drain = (i < 5).then(|| format!("/during-drain-{i}"));
+        // (In Kubernetes' order, the old pod may still have served these in its delay.)
+        let drain = (i < 5 && order == Order::EndpointsFirst).then(|| format!("/during-drain-{i}"));
         for p in [format!("/after-h1-{i}"), format!("/after-h2-{i}")]
             .into_iter()
             .chain(drain)

@@ -61,7 +61,7 @@ async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Respo
         })
         .unwrap_or_default();
     // `/status/NNN` answers with that status (for retries and fault tests).
-    let status = path
+    let mut status = path
         .strip_prefix("/status/")
         .and_then(|c| c.parse::<u16>().ok())
         .and_then(|c| StatusCode::from_u16(c).ok())
@@ -74,8 +74,12 @@ async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Respo
     {
         tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
     }
-    if let Some(token) = path.strip_prefix("/hold/") {
-        hold(token).await;
+    // A hold never released answers 504: a test that counted on it being in flight
+    // (and released) must not pass on an answer that merely timed out.
+    if let Some(token) = path.strip_prefix("/hold/")
+        && hold(token).await == Held::TimedOut
+    {
+        status = StatusCode::GATEWAY_TIMEOUT;
     }
     let body_len = req
         .into_body()
@@ -111,27 +115,38 @@ pub fn hold_files(
     )
 }
 
+/// How a `/hold/TOKEN` request ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Held {
+    Released,
+    /// Not released within a minute.
+    TimedOut,
+    /// Not a hold the app can make (no lab directory, or a token that is not a name).
+    NotHeld,
+}
+
 /// Marks `token`'s arrival, then waits (at most a minute) for its release.
-async fn hold(token: &str) {
+async fn hold(token: &str) -> Held {
     let Some(lab) = std::env::var_os("MESH_LAB_DIR") else {
-        return;
+        return Held::NotHeld;
     };
     if token.is_empty()
         || !token
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
     {
-        return;
+        return Held::NotHeld;
     }
     let (arrived, release) = hold_files(std::path::Path::new(&lab), token);
     let _ = tokio::fs::create_dir_all(arrived.parent().expect("in a directory")).await;
     let _ = tokio::fs::write(&arrived, b"").await;
     for _ in 0..3000 {
         if tokio::fs::try_exists(&release).await.unwrap_or(false) {
-            return;
+            return Held::Released;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    Held::TimedOut
 }
 
 /// Listens on both families (`[::]`, IPv4 mapped), or IPv4 alone where the pod has no
