@@ -292,6 +292,32 @@ async fn h1_strict_client(netns: String, stop: Arc<AtomicBool>) -> Seen {
     seen
 }
 
+/// Reads one HTTP/1.1 response with a `content-length`: (head, body).
+fn read_response(s: &mut TcpStream) -> (String, String) {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or_else(|| panic!("no content-length: {head}"));
+            if body.len() >= len {
+                return (head.to_string(), body.to_string());
+            }
+        }
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before a whole answer: {text:?}");
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// How node `node_ns`'s ztunnel lists the workload at `ip` (its `/config_dump`).
 fn ztunnel_lists(node_ns: &str, ip: &str) -> Listing {
     let out = Command::new("ip")
@@ -350,6 +376,26 @@ async fn rollout_story(lab: &str, order: Order) {
     let lab_dir = t.lab.dir.clone();
     let (h1_arrived, h1_release) = mesh_lab::app::hold_files(&lab_dir, "h1slow");
     let (h2_arrived, h2_release) = mesh_lab::app::hold_files(&lab_dir, "h2slow");
+    // A keep-alive HTTP/1.1 connection (a client that never retries) that served one
+    // request: its next one is partly written before the rollout and finished only once
+    // the old pod's drain proper has started.
+    let mut partial = {
+        use std::io::Write;
+        let ns = ztunnel::inpod::netns::Netns::open(&client_ns_path).unwrap();
+        let to: SocketAddr = "10.96.0.20:80".parse().unwrap();
+        let mut s = ns
+            .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+            .unwrap()
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"GET /partial-first HTTP/1.1\r\nhost: 10.96.0.20\r\n\r\n")
+            .unwrap();
+        let (head, _) = read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        s.write_all(b"POST /partial-second HTTP/1.1\r\nhost: 10.96.0.20\r\n")
+            .unwrap();
+        s
+    };
     let held_h1 = {
         let ns = client_ns.clone();
         std::thread::spawn(move || curl_keepalive(&ns, &[format!("{API}/hold/h1slow")], None))
@@ -419,6 +465,12 @@ async fn rollout_story(lab: &str, order: Order) {
                             break;
                         }
                         std::thread::sleep(Duration::from_millis(50));
+                    }
+                    {
+                        use std::io::Write;
+                        partial
+                            .write_all(b"content-length: 5\r\n\r\norder")
+                            .unwrap();
                     }
                     std::fs::write(&h1_release, b"").unwrap();
                     std::fs::write(&h2_release, b"").unwrap();
@@ -513,6 +565,17 @@ async fn rollout_story(lab: &str, order: Order) {
         "the HTTP/2 client moved to a new connection when the old pod went away"
     );
 
+    // The request partly sent when the drain started was answered, with the end of its
+    // connection.
+    let (head, body) = read_response(&mut partial);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.lines()
+            .any(|l| l.eq_ignore_ascii_case("connection: close")),
+        "{head}"
+    );
+    assert!(body.contains(" /partial-second "), "{body}");
+    assert!(old_text.contains("path=/partial-second "));
     // The requests in flight at SIGTERM finished with their whole answer.
     // (A hold never released answers 504.)
     let (ok, codes) = held_h1.join().unwrap();
