@@ -1488,6 +1488,68 @@ async fn new_connections_are_served_for_the_drain_delay_then_refused_and_the_dra
     assert_eq!(served.await.unwrap().unwrap(), Stopped::Drained);
 }
 
+// One thread: the connection below is queued, and the waypoint told to stop, before the
+// waypoint's accept loop runs again.
+#[tokio::test(flavor = "current_thread")]
+async fn a_connection_queued_but_not_accepted_when_the_drain_starts_is_not_reset() {
+    use tokio::io::AsyncReadExt;
+    let s = setup(20).await;
+    let wp = new_waypoint(
+        &s.waypoint_id,
+        &s.config,
+        s.certs.clone(),
+        &s.metrics,
+        mesh_trace::Tracer::disabled(),
+    );
+    let lifecycle = synced();
+    let listen = SocketAddr::new(ip(20, 201), 15008);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(waypoint::server::serve(
+        wp.clone(),
+        lifecycle.clone(),
+        ServeConfig {
+            listen,
+            cert_wait: Duration::from_secs(2),
+            drain_deadline: Duration::from_millis(500),
+            drain_delay: Duration::ZERO,
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    wait_for(|| lifecycle.ready()).await;
+    let mut listening = false;
+    for _ in 0..50 {
+        if let Ok(probe) = tokio::net::TcpStream::connect(listen).await {
+            drop(probe);
+            listening = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(listening);
+    // Let the waypoint take that probe, so the queue holds only the next connection.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The kernel completes the handshake (blocking: the waypoint's task does not run).
+    let queued = std::net::TcpStream::connect(listen).unwrap();
+    stop.send(()).unwrap();
+    // Served like any connection taken before the drain: open (it waits for a TLS
+    // handshake that never comes) until the deadline, not reset with the listener.
+    let r = served.await.unwrap().unwrap();
+    assert!(
+        matches!(r, Stopped::DeadlineExceeded { open } if open >= 1),
+        "{r:?}"
+    );
+    queued.set_nonblocking(true).unwrap();
+    let mut queued = tokio::net::TcpStream::from_std(queued).unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_millis(200), queued.read(&mut buf)).await;
+    assert!(
+        !matches!(&read, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{read:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_deadline_bounds_the_exit() {
     let s = setup(12).await;
