@@ -31,12 +31,16 @@ pub const CERT_WAIT: Duration = Duration::from_secs(5);
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-fn boxed_response(mut r: Response<Incoming>) -> Response<Body> {
+/// The upstream's response, without its connection's headers; 502 if its framing
+/// cannot be forwarded faithfully.
+fn boxed_response(mut r: Response<Incoming>) -> Result<Response<Body>, (StatusCode, String)> {
+    crate::hop::check_transfer_coding(r.headers())
+        .map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream response: {e}")))?;
     crate::hop::strip(r.headers_mut());
-    r.map(|b| {
+    Ok(r.map(|b| {
         b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
             .boxed()
-    })
+    }))
 }
 
 /// Awaits `fut`, answering 504 if it takes longer than `limit`.
@@ -373,7 +377,8 @@ impl Waypoint {
         let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut req = req.map(|b| counted_request(b, request_bytes.clone()));
         // Policy, routes and the upstream all see the request without the client
-        // connection's own headers.
+        // connection's own headers (its framing checked first: it is stripped too).
+        let framing = crate::hop::check_transfer_coding(req.headers());
         crate::hop::strip(req.headers_mut());
         let method = req.method().clone();
         let received_path = req.uri().path().to_string();
@@ -383,11 +388,11 @@ impl Waypoint {
             conn.service().map(|s| s.as_ref()),
             conn.target.protocol,
         );
-        let (resp, backend, path) = match self.normalize(&conn, &mut req) {
+        let (resp, backend, path) = match framing.and_then(|()| self.normalize(&conn, &mut req)) {
             Err(reason) => {
                 tracing::warn!(target: "access", method = %method, path = %received_path, src.identity = %conn.source,
                     src.addr = %conn.source_addr, dst = %conn.destination(), reason = %reason,
-                    "request refused: it cannot be normalised");
+                    "request refused: it is malformed or cannot be normalised");
                 let resp = local(StatusCode::BAD_REQUEST, format!("bad request: {reason}\n"));
                 (resp, "-".to_string(), received_path.clone())
             }
@@ -631,6 +636,8 @@ impl Waypoint {
                 _ => {}
             }
         }
+        // A route's header filter does not get to speak for the connection.
+        crate::hop::strip(req.headers_mut());
         let retry = rule.as_ref().and_then(|r| r.retry.clone());
         let mirror = rule.as_ref().and_then(|r| r.mirror().cloned());
         let overall = rule.as_ref().and_then(|r| r.request_timeout);
@@ -653,6 +660,7 @@ impl Waypoint {
                         m.apply(resp.headers_mut());
                     }
                 }
+                crate::hop::strip(resp.headers_mut());
                 (resp, backend)
             }
             Err((code, msg)) => (local(code, format!("{msg}\n")), backend),
@@ -913,7 +921,7 @@ impl Waypoint {
                 match sender.try_send_request(req).await {
                     Ok(resp) => {
                         self.recycle_h1(key, sender);
-                        return Ok(boxed_response(resp));
+                        return boxed_response(resp);
                     }
                     Err(mut e) => match e.take_message() {
                         Some(unsent) => req = unsent,
@@ -938,8 +946,8 @@ impl Waypoint {
             }
             resp
         };
-        resp.map(boxed_response)
-            .map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream error: {e}")))
+        resp.map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream error: {e}")))
+            .and_then(boxed_response)
     }
 
     /// Back to the pool once the response body has been read to the end (or never, when

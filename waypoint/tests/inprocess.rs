@@ -82,14 +82,18 @@ async fn backend(
                             if path == "/hop" {
                                 body = format!("{:?}", req.headers());
                             }
+                            // A coding on top of the chunked framing.
+                            let coding = (path == "/gzip-coded").then_some("gzip");
+                            let mut resp = http::Response::builder()
+                                .status(status)
+                                .header("connection", close)
+                                .header("x-hop", "upstream-connection-detail")
+                                .header("keep-alive", "timeout=5");
+                            if let Some(c) = coding {
+                                resp = resp.header("transfer-encoding", c);
+                            }
                             Ok::<_, std::convert::Infallible>(
-                                http::Response::builder()
-                                    .status(status)
-                                    .header("connection", close)
-                                    .header("x-hop", "upstream-connection-detail")
-                                    .header("keep-alive", "timeout=5")
-                                    .body(Full::new(Bytes::from(body)))
-                                    .unwrap(),
+                                resp.body(Full::new(Bytes::from(body))).unwrap(),
                             )
                         }
                     });
@@ -487,6 +491,81 @@ async fn hop_by_hop_headers_stop_at_the_waypoint() {
             .all(|v| v != "keep-alive, x-hop"),
         "{h:?}"
     );
+}
+
+/// A route's header filters cannot put hop-by-hop headers back: they are stripped after
+/// the filters, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_header_filters_do_not_re_add_hop_by_hop_headers() {
+    let s = setup(21).await;
+    s.route(
+        r#"{"parentRefs":[{"group":"","kind":"Service","name":"api-v1","port":80}],"rules":[
+        {"backendRefs":[{"name":"api-v1","port":80}],
+         "filters":[{"type":"RequestHeaderModifier","requestHeaderModifier":{"set":[
+                        {"name":"x-added","value":"yes"},{"name":"keep-alive","value":"timeout=77"},
+                        {"name":"upgrade","value":"websocket"},{"name":"proxy-connection","value":"keep-alive"}]}},
+                    {"type":"ResponseHeaderModifier","responseHeaderModifier":{"add":[
+                        {"name":"x-from","value":"waypoint"},{"name":"keep-alive","value":"timeout=88"},
+                        {"name":"upgrade","value":"h2c"}]}}]}
+    ]}"#,
+    );
+    let io = hyper_util::rt::TokioIo::new(s.tunnel(ip(21, 101)).await);
+    let (mut c, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/echo-headers")
+        .header("host", "api-v1.shop.svc.cluster.local")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    let seen =
+        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert!(seen.contains("\"x-added\": \"yes\""), "{seen}");
+    for leaked in ["timeout=77", "websocket", "proxy-connection"] {
+        assert!(!seen.contains(leaked), "the upstream got {leaked}: {seen}");
+    }
+    assert_eq!(h["x-from"], "waypoint");
+    assert!(h.get("upgrade").is_none(), "{h:?}");
+    assert!(
+        h.get_all("keep-alive").iter().all(|v| v != "timeout=88"),
+        "{h:?}"
+    );
+}
+
+/// A message framed with a coding on top of `chunked` is refused (the framing is undone
+/// and the header stripped, so the coding would be lost): 400 for a request, 502 for a
+/// response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_other_than_chunked_is_refused_both_ways() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup(22).await;
+    let mut io = s.tunnel(ip(22, 101)).await;
+    io.write_all(
+        b"POST /coded HTTP/1.1\r\nhost: api-v1.shop.svc.cluster.local\r\n\
+          transfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, body) = read_response(&mut io).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(body.contains("only chunked"), "{body}");
+    assert_eq!(s.hits[0].load(Ordering::SeqCst), 0, "never forwarded");
+    // Plain chunked is served.
+    let mut io = s.tunnel(ip(22, 101)).await;
+    io.write_all(
+        b"POST /plain HTTP/1.1\r\nhost: api-v1.shop.svc.cluster.local\r\n\
+          transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, body) = read_response(&mut io).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "v1 /plain");
+    // An upstream answer with a coding: 502.
+    let (code, body, _) = s.get(ip(22, 101), "/gzip-coded").await;
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("only chunked"), "{body}");
 }
 
 /// Once a route attaches to the Service port, a request none of its rules matches gets
@@ -1335,7 +1414,7 @@ async fn read_response(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> (String,
 async fn a_request_partly_sent_on_an_idle_keep_alive_connection_when_the_drain_starts_is_answered()
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let s = setup(18).await;
+    let s = setup(23).await;
     let wp = new_waypoint(
         &s.waypoint_id,
         &s.config,
@@ -1344,7 +1423,7 @@ async fn a_request_partly_sent_on_an_idle_keep_alive_connection_when_the_drain_s
         mesh_trace::Tracer::disabled(),
     );
     let lifecycle = synced();
-    let listen = SocketAddr::new(ip(18, 201), 15008);
+    let listen = SocketAddr::new(ip(23, 201), 15008);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(waypoint::server::serve(
         wp.clone(),
@@ -1362,7 +1441,7 @@ async fn a_request_partly_sent_on_an_idle_keep_alive_connection_when_the_drain_s
     wait_for(|| lifecycle.ready()).await;
     // A client that never retries: raw HTTP/1.1 on one keep-alive connection, one
     // request answered...
-    let mut io = s.tunnel_via(listen, ip(18, 101)).await;
+    let mut io = s.tunnel_via(listen, ip(23, 101)).await;
     let host = "host: api-v1.shop.svc.cluster.local\r\n";
     io.write_all(format!("GET /one HTTP/1.1\r\n{host}\r\n").as_bytes())
         .await
