@@ -123,7 +123,7 @@ enum Held {
     /// Not released within a minute.
     TimedOut,
     /// Not a hold the app can make (no lab directory, or a token that is not a name).
-    NotHeld,
+    Refused,
 }
 
 /// How long `/hold/TOKEN` waits for its release at most.
@@ -137,7 +137,7 @@ async fn hold(lab: &std::path::Path, token: &str, limit: std::time::Duration) ->
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
     {
-        return Held::NotHeld;
+        return Held::Refused;
     }
     let (arrived, release) = hold_files(lab, token);
     let _ = tokio::fs::create_dir_all(arrived.parent().expect("in a directory")).await;
@@ -242,8 +242,8 @@ mod tests {
             Held::Released
         );
         // Not a name: not held at all.
-        assert_eq!(hold(&dir, "../x", limit).await, Held::NotHeld);
-        assert_eq!(hold(&dir, "", limit).await, Held::NotHeld);
+        assert_eq!(hold(&dir, "../x", limit).await, Held::Refused);
+        assert_eq!(hold(&dir, "", limit).await, Held::Refused);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
