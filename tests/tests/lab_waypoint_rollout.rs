@@ -635,3 +635,63 @@ async fn rollout_story(lab: &str, order: Order) {
     tokio::task::block_in_place(|| t.apply(WAYPOINT_GATEWAY));
     assert_eq!(t.lab.waypoint_pods("back", "waypoint"), vec![new]);
 }
+
+/// A rollout whose new pod never gets ready (its binary exits at once) is rolled back:
+/// the surge pod is removed, and the old pod, never touched, keeps serving.
+#[test]
+fn a_rollout_whose_new_pod_never_gets_ready_is_rolled_back() {
+    let mut t = TestLab::up_named("wrb", 2, &["curl"]);
+    t.apply(&join(&[
+        FRONT_AMBIENT,
+        BACK_USES_WAYPOINT,
+        &back_api(),
+        FRONT_CLIENT,
+        WAYPOINT_GATEWAY,
+    ]));
+    t.eventually("traffic through the waypoint", || {
+        t.curl("front/client", &format!("{API}/warm-up")).is_ok()
+            && t.log(&format!("pod:{OLD}")).contains("/warm-up")
+    });
+    let old_pid = t.lab.process(&format!("pod:{OLD}")).unwrap().pid;
+    let broken = t.lab.dir.join("waypoint-broken");
+    std::os::unix::fs::symlink("/bin/false", &broken).unwrap();
+    let mut events = Vec::new();
+    let e = t
+        .lab
+        .rollout_waypoint(
+            "back",
+            "waypoint",
+            Some(&broken),
+            Order::Kubernetes,
+            &mut |e| events.push(e.to_string()),
+        )
+        .expect_err("the new pod never gets ready");
+    assert!(
+        e.contains("exited before it was ready") && e.contains("rolled back"),
+        "{e}"
+    );
+    assert!(
+        !events.iter().any(|e| e.contains(&format!("pod {OLD} "))),
+        "the old pod was never touched: {events:?}"
+    );
+    assert_eq!(
+        t.lab.waypoint_pods("back", "waypoint"),
+        vec![OLD.to_string()]
+    );
+    assert!(mesh_lab::ending::alive(old_pid));
+    let manifests = std::fs::read_dir(t.lab.dir.join("manifests"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("pod-back-waypoint-"))
+        .collect::<Vec<_>>();
+    assert!(
+        manifests.is_empty(),
+        "the surge pod's manifest is gone: {manifests:?}"
+    );
+    let body = t
+        .curl("front/client", &format!("{API}/after-rollback"))
+        .unwrap();
+    assert!(body.contains("/after-rollback"), "{body}");
+    assert!(t.log(&format!("pod:{OLD}")).contains("/after-rollback"));
+}
