@@ -49,6 +49,15 @@ pub const DRAIN_DEADLINE_SECS: u64 = 20;
 /// Beyond the delay and the deadline, before the kubelet's SIGKILL.
 const GRACE_MARGIN_SECS: u64 = 5;
 
+/// The waypoint's drain flags, as every waypoint Deployment (and the lab's waypoint
+/// pods) runs it.
+pub fn drain_args() -> [String; 2] {
+    [
+        format!("--drain-delay={DRAIN_DELAY_SECS}s"),
+        format!("--drain-deadline={DRAIN_DEADLINE_SECS}s"),
+    ]
+}
+
 /// What every waypoint Deployment is given.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct WaypointDeployConfig {
@@ -99,6 +108,18 @@ pub fn desired_objects(
     let root = json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": meta(gw, &format!("{name}-{ROOT_CONFIGMAP}")),
         "data": {"root-cert.pem": root_pem}});
+    let args: Vec<String> = [
+        format!("--name={name}"),
+        format!("--namespace={}", gw.metadata.ns()),
+        format!("--xds-address={}", cfg.xds_address),
+        "--root-cert=/var/run/secrets/mesh/root-cert.pem".into(),
+        "--token-file=/var/run/secrets/tokens/mesh-token".into(),
+        format!("--trust-domain={}", cfg.trust_domain),
+        format!("--cluster-id={}", cfg.cluster_id),
+    ]
+    .into_iter()
+    .chain(drain_args())
+    .collect();
     let deployment = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -125,17 +146,7 @@ pub fn desired_objects(
                         "name": "waypoint",
                         "image": cfg.image,
                         "command": ["/usr/local/bin/waypoint"],
-                        "args": [
-                            format!("--name={name}"),
-                            format!("--namespace={}", gw.metadata.ns()),
-                            format!("--xds-address={}", cfg.xds_address),
-                            "--root-cert=/var/run/secrets/mesh/root-cert.pem",
-                            "--token-file=/var/run/secrets/tokens/mesh-token",
-                            format!("--trust-domain={}", cfg.trust_domain),
-                            format!("--cluster-id={}", cfg.cluster_id),
-                            format!("--drain-delay={DRAIN_DELAY_SECS}s"),
-                            format!("--drain-deadline={DRAIN_DEADLINE_SECS}s"),
-                        ],
+                        "args": args,
                         "env": [{"name": "RUST_LOG", "value": cfg.log_level}],
                         "ports": [{"name": "hbone", "containerPort": 15008},
                                   {"name": "metrics", "containerPort": 15020},

@@ -370,6 +370,7 @@ async fn mesh(t: u8, normalization: PathNormalization) -> Mesh {
         pool: Default::default(),
         normalization,
         shutdown: CancellationToken::new(),
+        idle_grace: waypoint::in_flight::IDLE_GRACE,
         tracer: mesh_trace::Tracer::disabled(),
     });
     // The waypoint's real accept path, configuration already synced.

@@ -1,15 +1,18 @@
 //! A waypoint rollout drops no request, on a real lab cluster: HTTP/1.1 keep-alive
-//! clients (curl) and an HTTP/2 keep-alive client (hyper) send requests through the
-//! namespace's waypoint all through `rollout waypoint`; none fails. Requests in flight
-//! when the old pod is told to stop (held by the app until then) finish with their full
-//! answer; the old pod's process exits by itself; afterwards every new request is served
-//! by the new pod, as each pod's own access log and metrics show.
+//! clients (curl, and hyper sending POSTs and never retrying one) and an HTTP/2
+//! keep-alive client (hyper) send requests through the namespace's waypoint all through
+//! `rollout waypoint`; none fails. Requests in flight when the old pod starts its drain
+//! (held by the app until then) finish with their full answer; the old pod's process
+//! exits by itself; afterwards every new request is served by the new pod, as each pod's
+//! own access log and metrics show. The story runs twice: with the old pod told to stop
+//! once every ztunnel has dropped it, and in Kubernetes' order (endpoint removal and
+//! SIGTERM together), where its drain delay is the only cover.
 
 use mesh_e2e::manifests::{
     BACK_USES_WAYPOINT, FRONT_AMBIENT, FRONT_CLIENT, WAYPOINT_GATEWAY, back_api, join,
 };
 use mesh_e2e::testlab::TestLab;
-use mesh_lab::rollout::{Ended, Listing, listing};
+use mesh_lab::rollout::{Ended, Listing, Order, listing};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
@@ -204,6 +207,117 @@ async fn h2_client(
     (seen, sender)
 }
 
+type H1 = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// A new HTTP/1.1 connection to the app's Service from inside the pod at `netns`.
+async fn h1_connect(netns: &str) -> Result<H1, String> {
+    let to: SocketAddr = "10.96.0.20:80".parse().unwrap();
+    let ns = ztunnel::inpod::netns::Netns::open(netns).unwrap();
+    let tcp = ns
+        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+        .unwrap()
+        .map_err(|e| format!("connect: {e}"))?;
+    tcp.set_nonblocking(true).unwrap();
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(tcp).unwrap());
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// An HTTP/1.1 keep-alive client that never retries: POSTs (not idempotent) one at a
+/// time on one connection, a new connection only once the server said the old one ends
+/// (`connection: close`) or it is seen closed before a request is sent; any request
+/// without its answer (an incomplete message, a reset) is a failure. Until `stop`.
+async fn h1_strict_client(netns: String, stop: Arc<AtomicBool>) -> Seen {
+    use http_body_util::BodyExt;
+    let mut seen = Seen::default();
+    let mut sender: Option<H1> = None;
+    let mut i = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let usable = match &mut sender {
+            Some(s) => s.ready().await.is_ok(),
+            None => false,
+        };
+        let s = match (&mut sender, usable) {
+            (Some(s), true) => s,
+            _ => {
+                match h1_connect(&netns).await {
+                    Ok(s) => sender = Some(s),
+                    Err(e) => {
+                        seen.failures.push(format!("new connection: {e}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                continue;
+            }
+        };
+        let path = format!("/h1strict-{i}");
+        i += 1;
+        let req = http::Request::post(&path)
+            .header("host", "10.96.0.20")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"order",
+            )))
+            .unwrap();
+        match s.send_request(req).await {
+            Ok(resp) => {
+                let closes = resp
+                    .headers()
+                    .get("connection")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.split(',').any(|t| t.trim() == "close"));
+                let status = resp.status().as_u16();
+                match resp.into_body().collect().await.map(|b| b.to_bytes()) {
+                    Ok(b)
+                        if status == 200
+                            && String::from_utf8_lossy(&b).contains(&format!(" {path} ")) =>
+                    {
+                        seen.ok += 1
+                    }
+                    other => seen.failures.push(format!("{path}: {status} {other:?}")),
+                }
+                if closes {
+                    sender = None;
+                }
+            }
+            Err(e) => {
+                seen.failures.push(format!("{path}: {e:?}"));
+                sender = None;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
+}
+
+/// Reads one HTTP/1.1 response with a `content-length`: (head, body).
+fn read_response(s: &mut TcpStream) -> (String, String) {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or_else(|| panic!("no content-length: {head}"));
+            if body.len() >= len {
+                return (head.to_string(), body.to_string());
+            }
+        }
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before a whole answer: {text:?}");
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// How node `node_ns`'s ztunnel lists the workload at `ip` (its `/config_dump`).
 fn ztunnel_lists(node_ns: &str, ip: &str) -> Listing {
     let out = Command::new("ip")
@@ -227,8 +341,17 @@ fn requests_total(metrics: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waypoint_rollout_drops_no_request() {
+    rollout_story("wro", Order::EndpointsFirst).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_rollout_in_kubernetes_order_drops_no_request() {
+    rollout_story("wrk", Order::Kubernetes).await;
+}
+
+async fn rollout_story(lab: &str, order: Order) {
     let mut t = tokio::task::block_in_place(|| {
-        let mut t = TestLab::up_named("wro", 2, &["curl"]);
+        let mut t = TestLab::up_named(lab, 2, &["curl"]);
         t.apply(&join(&[
             FRONT_AMBIENT,
             BACK_USES_WAYPOINT,
@@ -253,6 +376,26 @@ async fn a_waypoint_rollout_drops_no_request() {
     let lab_dir = t.lab.dir.clone();
     let (h1_arrived, h1_release) = mesh_lab::app::hold_files(&lab_dir, "h1slow");
     let (h2_arrived, h2_release) = mesh_lab::app::hold_files(&lab_dir, "h2slow");
+    // A keep-alive HTTP/1.1 connection (a client that never retries) that served one
+    // request: its next one is partly written before the rollout and finished only once
+    // the old pod's drain proper has started.
+    let mut partial = {
+        use std::io::Write;
+        let ns = ztunnel::inpod::netns::Netns::open(&client_ns_path).unwrap();
+        let to: SocketAddr = "10.96.0.20:80".parse().unwrap();
+        let mut s = ns
+            .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+            .unwrap()
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"GET /partial-first HTTP/1.1\r\nhost: 10.96.0.20\r\n\r\n")
+            .unwrap();
+        let (head, _) = read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        s.write_all(b"POST /partial-second HTTP/1.1\r\nhost: 10.96.0.20\r\n")
+            .unwrap();
+        s
+    };
     let held_h1 = {
         let ns = client_ns.clone();
         std::thread::spawn(move || curl_keepalive(&ns, &[format!("{API}/hold/h1slow")], None))
@@ -280,6 +423,7 @@ async fn a_waypoint_rollout_drops_no_request() {
             std::thread::spawn(move || h1_client(ns, tag, stop, batches))
         })
         .collect();
+    let strict = tokio::spawn(h1_strict_client(client_ns_path.clone(), stop.clone()));
     let h2_connections = Arc::new(AtomicUsize::new(1));
     let h2 = tokio::spawn(h2_client(
         client_ns_path.clone(),
@@ -289,8 +433,8 @@ async fn a_waypoint_rollout_drops_no_request() {
     ));
 
     // When the old pod is told to stop: what every ztunnel holds of it, and new
-    // requests (each on a new connection) made while it drains; then the held requests
-    // are released.
+    // requests (each on a new connection) made meanwhile; then, once its drain proper
+    // has started (after its drain delay), the held requests are released.
     let nodes: Vec<String> = (1..=2).map(|i| t.lab.node_ns(i)).collect();
     let old_ip = t.lab.state.pods[OLD].ip.clone();
     let mut at_sigterm = Vec::new();
@@ -302,7 +446,7 @@ async fn a_waypoint_rollout_drops_no_request() {
     std::os::unix::fs::symlink(t.lab.bin_dir.join("waypoint"), &new_binary).unwrap();
     let report = tokio::task::block_in_place(|| {
         t.lab
-            .rollout_waypoint("back", "waypoint", Some(&new_binary), &mut |e| {
+            .rollout_waypoint("back", "waypoint", Some(&new_binary), order, &mut |e| {
                 events.push(e.to_string());
                 if e.contains("sent SIGTERM") {
                     for n in &nodes {
@@ -311,6 +455,22 @@ async fn a_waypoint_rollout_drops_no_request() {
                     for i in 0..5 {
                         let url = format!("{API}/during-drain-{i}");
                         during_drain.push(curl_keepalive(&client_ns, &[url], None));
+                    }
+                    for _ in 0..600 {
+                        let log = std::fs::read_to_string(&old_log).unwrap_or_default();
+                        if log
+                            .lines()
+                            .any(|l| l.contains("draining") && l.contains("open="))
+                        {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    {
+                        use std::io::Write;
+                        partial
+                            .write_all(b"content-length: 5\r\n\r\norder")
+                            .unwrap();
                     }
                     std::fs::write(&h1_release, b"").unwrap();
                     std::fs::write(&h2_release, b"").unwrap();
@@ -337,12 +497,11 @@ async fn a_waypoint_rollout_drops_no_request() {
         new_binary.display()
     );
     // Endpoints first: no ztunnel sent new connections to the old pod any more when it
-    // was told to stop.
+    // was told to stop (in Kubernetes' order they may: the drain delay covers them).
     assert_eq!(at_sigterm.len(), 2);
     for (node, l) in &at_sigterm {
-        assert_ne!(
-            *l,
-            Listing::Healthy,
+        assert!(
+            order == Order::Kubernetes || *l != Listing::Healthy,
             "{node}'s ztunnel still sent to the old pod at SIGTERM"
         );
     }
@@ -371,6 +530,7 @@ async fn a_waypoint_rollout_drops_no_request() {
     for c in h1 {
         h1_seen.push(c.join().unwrap());
     }
+    h1_seen.push(strict.await.unwrap());
     let (h2_seen, mut sender) = h2.await.unwrap();
     for s in h1_seen.iter().chain([&h2_seen]) {
         assert!(
@@ -381,7 +541,7 @@ async fn a_waypoint_rollout_drops_no_request() {
     // Each client was served by the old pod, then by the new one (each pod's own log).
     let new_log = t.log(&format!("pod:{new}"));
     let old_text = std::fs::read_to_string(&old_log).unwrap();
-    for tag in ["/h1a-", "/h1b-", "/h2-"] {
+    for tag in ["/h1a-", "/h1b-", "/h1strict-", "/h2-"] {
         assert!(
             old_text.contains(&format!("path={tag}")) && new_log.contains(&format!("path={tag}")),
             "{tag}* requests reached both pods"
@@ -405,7 +565,19 @@ async fn a_waypoint_rollout_drops_no_request() {
         "the HTTP/2 client moved to a new connection when the old pod went away"
     );
 
+    // The request partly sent when the drain started was answered, with the end of its
+    // connection.
+    let (head, body) = read_response(&mut partial);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.lines()
+            .any(|l| l.eq_ignore_ascii_case("connection: close")),
+        "{head}"
+    );
+    assert!(body.contains(" /partial-second "), "{body}");
+    assert!(old_text.contains("path=/partial-second "));
     // The requests in flight at SIGTERM finished with their whole answer.
+    // (A hold never released answers 504.)
     let (ok, codes) = held_h1.join().unwrap();
     assert!(ok && codes == ["200"], "held HTTP/1.1 request: {codes:?}");
     let (status, body) = held_h2.await.unwrap().expect("the held HTTP/2 request");
@@ -443,7 +615,8 @@ async fn a_waypoint_rollout_drops_no_request() {
     );
     let new_log = t.log(&format!("pod:{new}"));
     for i in 0..10 {
-        let drain = (i < 5).then(|| format!("/during-drain-{i}"));
+        // (In Kubernetes' order, the old pod may still have served these in its delay.)
+        let drain = (i < 5 && order == Order::EndpointsFirst).then(|| format!("/during-drain-{i}"));
         for p in [format!("/after-h1-{i}"), format!("/after-h2-{i}")]
             .into_iter()
             .chain(drain)
@@ -461,4 +634,64 @@ async fn a_waypoint_rollout_drops_no_request() {
     assert!(!t.lab.state.pods.contains_key(OLD));
     tokio::task::block_in_place(|| t.apply(WAYPOINT_GATEWAY));
     assert_eq!(t.lab.waypoint_pods("back", "waypoint"), vec![new]);
+}
+
+/// A rollout whose new pod never gets ready (its binary exits at once) is rolled back:
+/// the surge pod is removed, and the old pod, never touched, keeps serving.
+#[test]
+fn a_rollout_whose_new_pod_never_gets_ready_is_rolled_back() {
+    let mut t = TestLab::up_named("wrb", 2, &["curl"]);
+    t.apply(&join(&[
+        FRONT_AMBIENT,
+        BACK_USES_WAYPOINT,
+        &back_api(),
+        FRONT_CLIENT,
+        WAYPOINT_GATEWAY,
+    ]));
+    t.eventually("traffic through the waypoint", || {
+        t.curl("front/client", &format!("{API}/warm-up")).is_ok()
+            && t.log(&format!("pod:{OLD}")).contains("/warm-up")
+    });
+    let old_pid = t.lab.process(&format!("pod:{OLD}")).unwrap().pid;
+    let broken = t.lab.dir.join("waypoint-broken");
+    std::os::unix::fs::symlink("/bin/false", &broken).unwrap();
+    let mut events = Vec::new();
+    let e = t
+        .lab
+        .rollout_waypoint(
+            "back",
+            "waypoint",
+            Some(&broken),
+            Order::Kubernetes,
+            &mut |e| events.push(e.to_string()),
+        )
+        .expect_err("the new pod never gets ready");
+    assert!(
+        e.contains("exited before it was ready") && e.contains("rolled back"),
+        "{e}"
+    );
+    assert!(
+        !events.iter().any(|e| e.contains(&format!("pod {OLD} "))),
+        "the old pod was never touched: {events:?}"
+    );
+    assert_eq!(
+        t.lab.waypoint_pods("back", "waypoint"),
+        vec![OLD.to_string()]
+    );
+    assert!(mesh_lab::ending::alive(old_pid));
+    let manifests = std::fs::read_dir(t.lab.dir.join("manifests"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("pod-back-waypoint-"))
+        .collect::<Vec<_>>();
+    assert!(
+        manifests.is_empty(),
+        "the surge pod's manifest is gone: {manifests:?}"
+    );
+    let body = t
+        .curl("front/client", &format!("{API}/after-rollback"))
+        .unwrap();
+    assert!(body.contains("/after-rollback"), "{body}");
+    assert!(t.log(&format!("pod:{OLD}")).contains("/after-rollback"));
 }

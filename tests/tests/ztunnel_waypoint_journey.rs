@@ -225,6 +225,7 @@ fn start_receiver_and_waypoint(ns: &Netns, receiver: Receiver, ca_dir: Option<&s
                     pool: Default::default(),
                     normalization: Default::default(),
                     shutdown: CancellationToken::new(),
+                    idle_grace: waypoint::in_flight::IDLE_GRACE,
                     tracer: mesh_trace::Tracer::otlp(
                         format!("http://{WAYPOINT}:4317"),
                         mesh_trace::Origin {

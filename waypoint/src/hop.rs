@@ -40,6 +40,32 @@ pub fn strip(headers: &mut HeaderMap) {
     }
 }
 
+/// Refuses a message whose `transfer-encoding` is anything but exactly `chunked`: the
+/// framing is undone on receipt and the header stripped, so any other coding (`gzip,
+/// chunked`) would reach the other side silently decoded of its framing but not of its
+/// coding, and be misread.
+pub fn check_transfer_coding(headers: &HeaderMap) -> Result<(), String> {
+    let codings: Vec<String> = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .filter(|c| !c.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    match codings.as_slice() {
+        [] => Ok(()),
+        [c] if c == "chunked" => Ok(()),
+        _ => Err(format!(
+            "transfer-encoding {:?} is not served (only chunked)",
+            codings.join(", ")
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +109,25 @@ mod tests {
         let mut h = map(&[("te", "gzip, trailers")]);
         strip(&mut h);
         assert!(h.get("te").is_none());
+    }
+
+    #[test]
+    fn only_plain_chunked_framing_is_served() {
+        assert!(check_transfer_coding(&map(&[])).is_ok());
+        assert!(check_transfer_coding(&map(&[("transfer-encoding", "chunked")])).is_ok());
+        assert!(check_transfer_coding(&map(&[("transfer-encoding", "Chunked ")])).is_ok());
+        for bad in [
+            &[("transfer-encoding", "gzip, chunked")][..],
+            &[
+                ("transfer-encoding", "gzip"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "chunked, chunked")],
+            &[("transfer-encoding", "identity")],
+        ] {
+            let e = check_transfer_coding(&map(bad)).unwrap_err();
+            assert!(e.contains("only chunked"), "{e}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod binding;
 pub mod counted;
 pub mod hop;
+pub mod in_flight;
 pub mod l4;
 pub mod metrics;
 /// The request normalisation policies are evaluated on (shared with `meshctl authz check`).

@@ -214,6 +214,7 @@ fn main() {
             pool: pool.clone(),
             normalization: a.path_normalization,
             shutdown: CancellationToken::new(),
+            idle_grace: waypoint::in_flight::idle_grace(a.drain_deadline),
             tracer: match &a.otlp_endpoint {
                 Some(e) => mesh_trace::Tracer::otlp(
                     e.clone(),

@@ -5,6 +5,7 @@
 
 use crate::authz::{self, Decision, Policy};
 use crate::binding::{self, Bound, Dest, Me};
+use crate::in_flight::{AtDrain, InFlight};
 use crate::metrics::{Metrics, RequestLabels, TcpConnection, set_tcp_destination, tcp_labels};
 use crate::normalize::{self, PathNormalization};
 use crate::route::{self, RequestInfo, Route};
@@ -27,19 +28,19 @@ use tokio_util::sync::CancellationToken;
 /// How long the data path waits for the waypoint's certificate (a slow CA delays, never
 /// blocks, a connection).
 pub const CERT_WAIT: Duration = Duration::from_secs(5);
-/// When the drain starts, how long an HTTP connection that has not sent its first
-/// request yet is given to send it (it was accepted just before: closing it unanswered
-/// would fail that request, and a client does not retry on a new connection).
-pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-fn boxed_response(mut r: Response<Incoming>) -> Response<Body> {
+/// The upstream's response, without its connection's headers; 502 if its framing
+/// cannot be forwarded faithfully.
+fn boxed_response(mut r: Response<Incoming>) -> Result<Response<Body>, (StatusCode, String)> {
+    crate::hop::check_transfer_coding(r.headers())
+        .map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream response: {e}")))?;
     crate::hop::strip(r.headers_mut());
-    r.map(|b| {
+    Ok(r.map(|b| {
         b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
             .boxed()
-    })
+    }))
 }
 
 /// Awaits `fut`, answering 504 if it takes longer than `limit`.
@@ -155,6 +156,9 @@ pub struct Waypoint {
     /// Cancelled when the waypoint drains: HTTP connections finish their request in
     /// flight and close.
     pub shutdown: CancellationToken,
+    /// When the drain starts, how long an idle HTTP connection is given to send its next
+    /// request ([`crate::in_flight::idle_grace`]).
+    pub idle_grace: Duration,
     /// Server and client spans, when an OTLP collector is configured.
     pub tracer: Arc<mesh_trace::Tracer>,
 }
@@ -271,29 +275,38 @@ impl Waypoint {
 
     async fn serve_http(self: Arc<Self>, conn: Arc<Conn>, tunnel: hbone::Tunnel) {
         let shutdown = self.shutdown.clone();
-        // Holds a permit once a request has been received on this connection.
-        let requested = Arc::new(tokio::sync::Notify::new());
-        let on_request = requested.clone();
+        let grace = self.idle_grace;
+        let in_flight = Arc::new(InFlight::default());
+        let requests = in_flight.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            on_request.notify_one();
+            let serving = requests.start();
             let (wp, conn) = (self.clone(), conn.clone());
-            async move { Ok::<_, std::convert::Infallible>(wp.request(conn, req).await) }
+            async move {
+                let resp = wp.request(conn, req).await;
+                drop(serving);
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         });
         let io = hyper_util::rt::TokioIo::new(tunnel);
         let builder =
             hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
         let served = builder.serve_connection(io, svc);
         tokio::pin!(served);
-        // Draining: the request in flight completes, then the connection closes (an idle
-        // keep-alive one at once: a client retries a request on a reused connection that
-        // closed before answering). A new connection first gets its first request in.
+        // Draining: a request being served completes, answered with `connection: close`
+        // (HTTP/2: GOAWAY). An idle connection (new, or keep-alive between requests) may
+        // have a request in transit or partly read, which closing would lose: it gets up
+        // to the grace for it to arrive (then answered the same way), or for its end.
         let r = tokio::select! {
             r = served.as_mut() => r,
             _ = shutdown.cancelled() => {
-                let ended = tokio::select! {
-                    r = served.as_mut() => Some(r),
-                    _ = requested.notified() => None,
-                    _ = tokio::time::sleep(FIRST_REQUEST_GRACE) => None,
+                let (what, arrived) = in_flight.at_drain();
+                let ended = match what {
+                    AtDrain::CloseAfterIt => None,
+                    AtDrain::AwaitNextRequest => tokio::select! {
+                        r = served.as_mut() => Some(r),
+                        _ = arrived => None,
+                        _ = tokio::time::sleep(grace) => None,
+                    },
                 };
                 match ended {
                     Some(r) => r,
@@ -364,7 +377,8 @@ impl Waypoint {
         let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut req = req.map(|b| counted_request(b, request_bytes.clone()));
         // Policy, routes and the upstream all see the request without the client
-        // connection's own headers.
+        // connection's own headers (its framing checked first: it is stripped too).
+        let framing = crate::hop::check_transfer_coding(req.headers());
         crate::hop::strip(req.headers_mut());
         let method = req.method().clone();
         let received_path = req.uri().path().to_string();
@@ -374,11 +388,11 @@ impl Waypoint {
             conn.service().map(|s| s.as_ref()),
             conn.target.protocol,
         );
-        let (resp, backend, path) = match self.normalize(&conn, &mut req) {
+        let (resp, backend, path) = match framing.and_then(|()| self.normalize(&conn, &mut req)) {
             Err(reason) => {
                 tracing::warn!(target: "access", method = %method, path = %received_path, src.identity = %conn.source,
                     src.addr = %conn.source_addr, dst = %conn.destination(), reason = %reason,
-                    "request refused: it cannot be normalised");
+                    "request refused: it is malformed or cannot be normalised");
                 let resp = local(StatusCode::BAD_REQUEST, format!("bad request: {reason}\n"));
                 (resp, "-".to_string(), received_path.clone())
             }
@@ -622,6 +636,8 @@ impl Waypoint {
                 _ => {}
             }
         }
+        // A route's header filter does not get to speak for the connection.
+        crate::hop::strip(req.headers_mut());
         let retry = rule.as_ref().and_then(|r| r.retry.clone());
         let mirror = rule.as_ref().and_then(|r| r.mirror().cloned());
         let overall = rule.as_ref().and_then(|r| r.request_timeout);
@@ -644,6 +660,7 @@ impl Waypoint {
                         m.apply(resp.headers_mut());
                     }
                 }
+                crate::hop::strip(resp.headers_mut());
                 (resp, backend)
             }
             Err((code, msg)) => (local(code, format!("{msg}\n")), backend),
@@ -829,6 +846,7 @@ impl Waypoint {
             pool: self.pool.clone(),
             normalization: self.normalization,
             shutdown: self.shutdown.clone(),
+            idle_grace: self.idle_grace,
             tracer: self.tracer.clone(),
         })
     }
@@ -903,7 +921,7 @@ impl Waypoint {
                 match sender.try_send_request(req).await {
                     Ok(resp) => {
                         self.recycle_h1(key, sender);
-                        return Ok(boxed_response(resp));
+                        return boxed_response(resp);
                     }
                     Err(mut e) => match e.take_message() {
                         Some(unsent) => req = unsent,
@@ -928,8 +946,8 @@ impl Waypoint {
             }
             resp
         };
-        resp.map(boxed_response)
-            .map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream error: {e}")))
+        resp.map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream error: {e}")))
+            .and_then(boxed_response)
     }
 
     /// Back to the pool once the response body has been read to the end (or never, when

@@ -10,9 +10,10 @@
 //! - **drain** (SIGTERM): readiness fails at once; for `drain_delay` the waypoint keeps
 //!   accepting and serving as before (in a cluster, endpoints are removed while the pod is
 //!   told to stop, not before: ztunnels may still send new connections for a moment);
-//!   then the listener closes, HBONE connections get a GOAWAY, HTTP connections finish
-//!   the request in flight and close, and the waypoint exits once all are done or the
-//!   drain deadline has passed.
+//!   then the listener closes (connections already in its accept queue are taken and
+//!   served, not reset), HBONE connections get a GOAWAY, HTTP connections finish the
+//!   request in flight and close, and the waypoint exits once all are done or the drain
+//!   deadline has passed.
 
 use crate::metrics::Metrics;
 use crate::proxy::{Handler, Waypoint};
@@ -215,8 +216,28 @@ pub async fn serve(
         tokio::pin!(delay);
         accept_until(&listener, &tracker, &wp, &handler, cfg.cert_wait, delay).await;
     }
-    // Drain: refuse new connections, GOAWAY and graceful close on the open ones.
-    drop(listener);
+    // Drain: refuse new connections, GOAWAY and graceful close on the open ones. The
+    // connections the kernel has completed but nobody accepted yet would be reset with
+    // the listener: they are served like the others.
+    match listener.into_std() {
+        Ok(l) => {
+            for (tcp, peer) in accept_queued(&l, MAX_QUEUED) {
+                match tokio::net::TcpStream::from_std(tcp) {
+                    Ok(tcp) => {
+                        tracker.spawn(connection(
+                            wp.clone(),
+                            handler.clone(),
+                            tcp,
+                            peer,
+                            cfg.cert_wait,
+                        ));
+                    }
+                    Err(e) => tracing::warn!(%peer, error = %e, "cannot serve a queued connection"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot take the queued connections"),
+    }
     prefetch.abort();
     wp.shutdown.cancel();
     tracker.close();
@@ -237,6 +258,32 @@ pub async fn serve(
     }
 }
 
+/// At most this many connections are taken from the accept queue when the drain starts
+/// (a listen backlog's worth).
+const MAX_QUEUED: usize = 1024;
+
+/// The connections waiting in `listener`'s accept queue (non-blocking), at most `max`,
+/// as non-blocking sockets.
+pub fn accept_queued(
+    listener: &std::net::TcpListener,
+    max: usize,
+) -> Vec<(std::net::TcpStream, SocketAddr)> {
+    let mut out = Vec::new();
+    while out.len() < max {
+        match listener.accept() {
+            Ok((tcp, peer)) => {
+                if tcp.set_nonblocking(true).is_ok() {
+                    out.push((tcp, peer));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // WouldBlock: the queue is empty; anything else: nothing more to take.
+            Err(_) => break,
+        }
+    }
+    out
+}
+
 /// Accepts connections on `listener`, each served in a task of `tracker`, until `until`
 /// completes.
 async fn accept_until(
@@ -249,6 +296,9 @@ async fn accept_until(
 ) {
     loop {
         tokio::select! {
+            // Once told to stop, stop: what is queued then is taken by the drain.
+            biased;
+            _ = &mut until => return,
             accepted = listener.accept() => {
                 let (tcp, peer) = match accepted {
                     Ok(a) => a,
@@ -260,7 +310,6 @@ async fn accept_until(
                 };
                 tracker.spawn(connection(wp.clone(), handler.clone(), tcp, peer, cert_wait));
             }
-            _ = &mut until => return,
         }
     }
 }
@@ -322,5 +371,31 @@ async fn fetch_certificate(wp: Arc<Waypoint>, lifecycle: Arc<Lifecycle>, wait: D
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accept_queue_is_taken_whole_without_blocking_and_bounded() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let at = l.local_addr().unwrap();
+        // Handshakes the kernel completes with nobody accepting.
+        let clients: Vec<_> = (0..5)
+            .map(|_| std::net::TcpStream::connect(at).unwrap())
+            .collect();
+        let first = accept_queued(&l, 2);
+        assert_eq!(first.len(), 2, "bounded");
+        let rest = accept_queued(&l, 100);
+        assert_eq!(rest.len(), 3, "the rest, then it stops at an empty queue");
+        let mut peers: Vec<_> = first.iter().chain(&rest).map(|(_, p)| *p).collect();
+        peers.sort();
+        let mut expected: Vec<_> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        expected.sort();
+        assert_eq!(peers, expected);
+        assert!(accept_queued(&l, 100).is_empty());
     }
 }

@@ -82,14 +82,18 @@ async fn backend(
                             if path == "/hop" {
                                 body = format!("{:?}", req.headers());
                             }
+                            // A coding on top of the chunked framing.
+                            let coding = (path == "/gzip-coded").then_some("gzip");
+                            let mut resp = http::Response::builder()
+                                .status(status)
+                                .header("connection", close)
+                                .header("x-hop", "upstream-connection-detail")
+                                .header("keep-alive", "timeout=5");
+                            if let Some(c) = coding {
+                                resp = resp.header("transfer-encoding", c);
+                            }
                             Ok::<_, std::convert::Infallible>(
-                                http::Response::builder()
-                                    .status(status)
-                                    .header("connection", close)
-                                    .header("x-hop", "upstream-connection-detail")
-                                    .header("keep-alive", "timeout=5")
-                                    .body(Full::new(Bytes::from(body)))
-                                    .unwrap(),
+                                resp.body(Full::new(Bytes::from(body))).unwrap(),
                             )
                         }
                     });
@@ -330,6 +334,7 @@ fn new_waypoint(
         pool: Default::default(),
         normalization: Default::default(),
         shutdown: CancellationToken::new(),
+        idle_grace: waypoint::in_flight::IDLE_GRACE,
         tracer,
     })
 }
@@ -486,6 +491,81 @@ async fn hop_by_hop_headers_stop_at_the_waypoint() {
             .all(|v| v != "keep-alive, x-hop"),
         "{h:?}"
     );
+}
+
+/// A route's header filters cannot put hop-by-hop headers back: they are stripped after
+/// the filters, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_header_filters_do_not_re_add_hop_by_hop_headers() {
+    let s = setup(21).await;
+    s.route(
+        r#"{"parentRefs":[{"group":"","kind":"Service","name":"api-v1","port":80}],"rules":[
+        {"backendRefs":[{"name":"api-v1","port":80}],
+         "filters":[{"type":"RequestHeaderModifier","requestHeaderModifier":{"set":[
+                        {"name":"x-added","value":"yes"},{"name":"keep-alive","value":"timeout=77"},
+                        {"name":"upgrade","value":"websocket"},{"name":"proxy-connection","value":"keep-alive"}]}},
+                    {"type":"ResponseHeaderModifier","responseHeaderModifier":{"add":[
+                        {"name":"x-from","value":"waypoint"},{"name":"keep-alive","value":"timeout=88"},
+                        {"name":"upgrade","value":"h2c"}]}}]}
+    ]}"#,
+    );
+    let io = hyper_util::rt::TokioIo::new(s.tunnel(ip(21, 101)).await);
+    let (mut c, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/echo-headers")
+        .header("host", "api-v1.shop.svc.cluster.local")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    let seen =
+        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert!(seen.contains("\"x-added\": \"yes\""), "{seen}");
+    for leaked in ["timeout=77", "websocket", "proxy-connection"] {
+        assert!(!seen.contains(leaked), "the upstream got {leaked}: {seen}");
+    }
+    assert_eq!(h["x-from"], "waypoint");
+    assert!(h.get("upgrade").is_none(), "{h:?}");
+    assert!(
+        h.get_all("keep-alive").iter().all(|v| v != "timeout=88"),
+        "{h:?}"
+    );
+}
+
+/// A message framed with a coding on top of `chunked` is refused (the framing is undone
+/// and the header stripped, so the coding would be lost): 400 for a request, 502 for a
+/// response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_other_than_chunked_is_refused_both_ways() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup(22).await;
+    let mut io = s.tunnel(ip(22, 101)).await;
+    io.write_all(
+        b"POST /coded HTTP/1.1\r\nhost: api-v1.shop.svc.cluster.local\r\n\
+          transfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, body) = read_response(&mut io).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(body.contains("only chunked"), "{body}");
+    assert_eq!(s.hits[0].load(Ordering::SeqCst), 0, "never forwarded");
+    // Plain chunked is served.
+    let mut io = s.tunnel(ip(22, 101)).await;
+    io.write_all(
+        b"POST /plain HTTP/1.1\r\nhost: api-v1.shop.svc.cluster.local\r\n\
+          transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, body) = read_response(&mut io).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "v1 /plain");
+    // An upstream answer with a coding: 502.
+    let (code, body, _) = s.get(ip(22, 101), "/gzip-coded").await;
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("only chunked"), "{body}");
 }
 
 /// Once a route attaches to the Service port, a request none of its rules matches gets
@@ -1177,7 +1257,8 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
     wait_for(|| lifecycle.ready()).await;
     let (code, _, _) = s.get_via(listen, ip(11, 101), "/warm").await;
     assert_eq!(code, 200);
-    // An idle keep-alive connection must not hold the drain up: it is closed at once.
+    // An idle keep-alive connection holds the drain up at most the idle grace (its next
+    // request may be on its way), then it is closed.
     let idle = {
         let io = hyper_util::rt::TokioIo::new(s.tunnel_via(listen, ip(11, 101)).await);
         let (mut sender, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
@@ -1231,8 +1312,8 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
         (200, "v1 /slow"),
         "the request in flight completed"
     );
-    // Drained (not stopped by the deadline): the idle connection was closed for it; and
-    // not before the request in flight was done (the app takes 2 s to answer it).
+    // Drained (not stopped by the deadline): the idle connection was closed after its
+    // grace; and not before the request in flight was done (the app takes 2 s).
     let (stopped, stopped_at) = served.await.unwrap();
     assert_eq!(stopped, Stopped::Drained);
     assert!(
@@ -1299,6 +1380,101 @@ async fn a_connection_accepted_just_before_the_drain_gets_its_first_request_answ
     assert_eq!(served.await.unwrap().unwrap(), Stopped::Drained);
 }
 
+/// Reads one HTTP/1.1 response with a `content-length` from `io`: (head, body).
+async fn read_response(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .expect("a content-length");
+            if body.len() >= len {
+                return (head.to_string(), body.to_string());
+            }
+        }
+        let n = io.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "the connection closed before a whole answer: {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_partly_sent_on_an_idle_keep_alive_connection_when_the_drain_starts_is_answered()
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(23).await;
+    let wp = new_waypoint(
+        &s.waypoint_id,
+        &s.config,
+        s.certs.clone(),
+        &s.metrics,
+        mesh_trace::Tracer::disabled(),
+    );
+    let lifecycle = synced();
+    let listen = SocketAddr::new(ip(23, 201), 15008);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(waypoint::server::serve(
+        wp.clone(),
+        lifecycle.clone(),
+        ServeConfig {
+            listen,
+            cert_wait: Duration::from_secs(2),
+            drain_deadline: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    wait_for(|| lifecycle.ready()).await;
+    // A client that never retries: raw HTTP/1.1 on one keep-alive connection, one
+    // request answered...
+    let mut io = s.tunnel_via(listen, ip(23, 101)).await;
+    let host = "host: api-v1.shop.svc.cluster.local\r\n";
+    io.write_all(format!("GET /one HTTP/1.1\r\n{host}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut io).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "v1 /one");
+    // ...the next one partly written when the drain starts, the rest after it.
+    io.write_all(b"GET /two HTTP/1.1\r\n").await.unwrap();
+    io.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    wait_for(|| wp.shutdown.is_cancelled()).await;
+    // (Time for the connection to see the drain: closing an idle one at once loses it.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    io.write_all(format!("{host}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut io).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "v1 /two");
+    assert!(
+        head.lines()
+            .any(|l| l.eq_ignore_ascii_case("connection: close")),
+        "the answer says the connection ends: {head}"
+    );
+    // ...and it does.
+    let mut rest = Vec::new();
+    let _ = io.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert_eq!(served.await.unwrap().unwrap(), Stopped::Drained);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_the_drain_delay_new_connections_are_served_while_not_ready() {
     let s = setup(16).await;
@@ -1341,6 +1517,116 @@ async fn during_the_drain_delay_new_connections_are_served_while_not_ready() {
     assert_eq!((code, body.as_str()), (200, "v1 /late"));
     assert!(!served.is_finished());
     served.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_are_served_for_the_drain_delay_then_refused_and_the_drain_ends() {
+    let s = setup(19).await;
+    let wp = new_waypoint(
+        &s.waypoint_id,
+        &s.config,
+        s.certs.clone(),
+        &s.metrics,
+        mesh_trace::Tracer::disabled(),
+    );
+    let lifecycle = synced();
+    let listen = SocketAddr::new(ip(19, 201), 15008);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    const DELAY: Duration = Duration::from_millis(500);
+    let served = tokio::spawn(waypoint::server::serve(
+        wp.clone(),
+        lifecycle.clone(),
+        ServeConfig {
+            listen,
+            cert_wait: Duration::from_secs(2),
+            drain_deadline: Duration::from_secs(5),
+            drain_delay: DELAY,
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    wait_for(|| lifecycle.ready()).await;
+    stop.send(()).unwrap();
+    wait_for(|| !lifecycle.ready()).await;
+    // Within the delay (the drain proper, which refuses, has not started): served.
+    assert!(!wp.shutdown.is_cancelled(), "the delay is still running");
+    let (code, body, _) = s.get_via(listen, ip(19, 101), "/in-delay").await;
+    assert_eq!((code, body.as_str()), (200, "v1 /in-delay"));
+    // After it: refused.
+    wait_for(|| wp.shutdown.is_cancelled()).await;
+    let mut refused = false;
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(listen).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "new connections refused once the delay is over");
+    assert_eq!(served.await.unwrap().unwrap(), Stopped::Drained);
+}
+
+// One thread: the connection below is queued, and the waypoint told to stop, before the
+// waypoint's accept loop runs again.
+#[tokio::test(flavor = "current_thread")]
+async fn a_connection_queued_but_not_accepted_when_the_drain_starts_is_not_reset() {
+    use tokio::io::AsyncReadExt;
+    let s = setup(20).await;
+    let wp = new_waypoint(
+        &s.waypoint_id,
+        &s.config,
+        s.certs.clone(),
+        &s.metrics,
+        mesh_trace::Tracer::disabled(),
+    );
+    let lifecycle = synced();
+    let listen = SocketAddr::new(ip(20, 201), 15008);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(waypoint::server::serve(
+        wp.clone(),
+        lifecycle.clone(),
+        ServeConfig {
+            listen,
+            cert_wait: Duration::from_secs(2),
+            drain_deadline: Duration::from_millis(500),
+            drain_delay: Duration::ZERO,
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    wait_for(|| lifecycle.ready()).await;
+    let mut listening = false;
+    for _ in 0..50 {
+        if let Ok(probe) = tokio::net::TcpStream::connect(listen).await {
+            drop(probe);
+            listening = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(listening);
+    // Let the waypoint take that probe, so the queue holds only the next connection.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The kernel completes the handshake (blocking: the waypoint's task does not run).
+    let queued = std::net::TcpStream::connect(listen).unwrap();
+    stop.send(()).unwrap();
+    // Served like any connection taken before the drain: open (it waits for a TLS
+    // handshake that never comes) until the deadline, not reset with the listener.
+    let r = served.await.unwrap().unwrap();
+    assert!(
+        matches!(r, Stopped::DeadlineExceeded { open } if open >= 1),
+        "{r:?}"
+    );
+    queued.set_nonblocking(true).unwrap();
+    let mut queued = tokio::net::TcpStream::from_std(queued).unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_millis(200), queued.read(&mut buf)).await;
+    assert!(
+        !matches!(&read, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{read:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,7 +61,7 @@ async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Respo
         })
         .unwrap_or_default();
     // `/status/NNN` answers with that status (for retries and fault tests).
-    let status = path
+    let mut status = path
         .strip_prefix("/status/")
         .and_then(|c| c.parse::<u16>().ok())
         .and_then(|c| StatusCode::from_u16(c).ok())
@@ -74,8 +74,13 @@ async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Respo
     {
         tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
     }
-    if let Some(token) = path.strip_prefix("/hold/") {
-        hold(token).await;
+    // A hold never released answers 504: a test that counted on it being in flight
+    // (and released) must not pass on an answer that merely timed out.
+    if let Some(token) = path.strip_prefix("/hold/")
+        && let Some(lab) = std::env::var_os("MESH_LAB_DIR")
+        && hold(std::path::Path::new(&lab), token, HOLD_LIMIT).await == Held::TimedOut
+    {
+        status = StatusCode::GATEWAY_TIMEOUT;
     }
     let body_len = req
         .into_body()
@@ -111,27 +116,40 @@ pub fn hold_files(
     )
 }
 
-/// Marks `token`'s arrival, then waits (at most a minute) for its release.
-async fn hold(token: &str) {
-    let Some(lab) = std::env::var_os("MESH_LAB_DIR") else {
-        return;
-    };
+/// How a `/hold/TOKEN` request ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Held {
+    Released,
+    /// Not released within a minute.
+    TimedOut,
+    /// Not a hold the app can make (no lab directory, or a token that is not a name).
+    Refused,
+}
+
+/// How long `/hold/TOKEN` waits for its release at most.
+const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Marks `token`'s arrival under lab directory `lab`, then waits (at most `limit`) for
+/// its release.
+async fn hold(lab: &std::path::Path, token: &str, limit: std::time::Duration) -> Held {
     if token.is_empty()
         || !token
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
     {
-        return;
+        return Held::Refused;
     }
-    let (arrived, release) = hold_files(std::path::Path::new(&lab), token);
+    let (arrived, release) = hold_files(lab, token);
     let _ = tokio::fs::create_dir_all(arrived.parent().expect("in a directory")).await;
     let _ = tokio::fs::write(&arrived, b"").await;
-    for _ in 0..3000 {
+    let until = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < until {
         if tokio::fs::try_exists(&release).await.unwrap_or(false) {
-            return;
+            return Held::Released;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    Held::TimedOut
 }
 
 /// Listens on both families (`[::]`, IPv4 mapped), or IPv4 alone where the pod has no
@@ -201,4 +219,31 @@ pub async fn run(cfg: AppConfig) -> std::io::Result<()> {
         t.await.map_err(std::io::Error::other)??;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hold_is_released_or_times_out_and_says_which() {
+        let dir = std::env::temp_dir().join(format!("mesh-lab-hold-{}", std::process::id()));
+        let limit = Duration::from_millis(200);
+        // Never released: timed out (the app answers 504, not 200).
+        assert_eq!(hold(&dir, "never", limit).await, Held::TimedOut);
+        let (arrived, _) = hold_files(&dir, "never");
+        assert!(arrived.exists(), "its arrival is marked");
+        // Released: released.
+        let (_, release) = hold_files(&dir, "freed");
+        std::fs::write(&release, b"").unwrap();
+        assert_eq!(
+            hold(&dir, "freed", Duration::from_secs(30)).await,
+            Held::Released
+        );
+        // Not a name: not held at all.
+        assert_eq!(hold(&dir, "../x", limit).await, Held::Refused);
+        assert_eq!(hold(&dir, "", limit).await, Held::Refused);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -861,7 +861,9 @@ impl Lab {
             "--namespace".into(),
             ns.into(),
         ];
-        let args = [args, self.control_args(&token_path)].concat();
+        // Drains as in a cluster (the Deployment's flags).
+        let drain = mesh_control::waypoint_deploy::drain_args().to_vec();
+        let args = [args, self.control_args(&token_path), drain].concat();
         Ok(Some(json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": ns, "labels": {

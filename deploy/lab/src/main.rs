@@ -98,6 +98,11 @@ enum Cmd {
         /// The new pod's waypoint binary (default: the one the old pod runs).
         #[arg(long)]
         binary: Option<PathBuf>,
+        /// Send the old pod SIGTERM as it leaves the endpoints, as Kubernetes does (its
+        /// drain delay covers the ztunnels that still send to it), rather than once every
+        /// ztunnel has dropped it.
+        #[arg(long)]
+        k8s_order: bool,
     },
     /// Run meshctl against the lab's control plane.
     Meshctl {
@@ -284,12 +289,18 @@ fn run(cli: Cli) -> Result<i32, String> {
             kind: _,
             gateway,
             binary,
+            k8s_order,
         } => {
             let (ns, name) = gateway
                 .split_once('/')
                 .ok_or("give the waypoint's Gateway as namespace/name")?;
+            let order = if k8s_order {
+                mesh_lab::rollout::Order::Kubernetes
+            } else {
+                mesh_lab::rollout::Order::EndpointsFirst
+            };
             let report =
-                lab.rollout_waypoint(ns, name, binary.as_deref(), &mut |e| println!("{e}"))?;
+                lab.rollout_waypoint(ns, name, binary.as_deref(), order, &mut |e| println!("{e}"))?;
             println!("waypoint {gateway} rolled out to pod {}", report.new_pod);
         }
         Cmd::Upgrade { component, binary } => {

@@ -9,9 +9,14 @@
 //! 3. the old pod leaves the endpoints first (Ready=False, `deletionTimestamp` set), and
 //!    only when no ztunnel lists it as healthy any more is it sent SIGTERM: it drains
 //!    (requests in flight finish, HTTP/2 clients get GOAWAY) and exits by itself. It is
-//!    SIGKILLed only if it outlives its drain deadline plus a margin, as a kubelet does
-//!    after `terminationGracePeriodSeconds`;
+//!    SIGKILLed only if it outlives its drain delay and deadline plus a margin, as a
+//!    kubelet does after `terminationGracePeriodSeconds`. With [`Order::Kubernetes`] it
+//!    is sent SIGTERM as it leaves the endpoints, as in a cluster: the ztunnels that
+//!    still send to it for a moment are covered by its drain delay alone;
 //! 4. its sandbox and manifest are removed.
+//!
+//! If the new pod never becomes ready (or known to every ztunnel), it is removed again
+//! and the old pod, untouched, keeps serving.
 //!
 //! The order is decided by [`plan`]; the checks it waits on are pure functions over what
 //! the components answer ([`listing`], [`probe_passes`]); the rest is a thin shell.
@@ -38,6 +43,16 @@ const GRACE_MARGIN: Duration = Duration::from_secs(5);
 const PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
 
+/// When the old pod is told to stop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Order {
+    /// Once no ztunnel sends to it any more (stricter than a cluster).
+    #[default]
+    EndpointsFirst,
+    /// As it leaves the endpoints, as Kubernetes does: its drain delay is the only cover.
+    Kubernetes,
+}
+
 /// One step of a rollout, in the order [`plan`] gives them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -59,9 +74,9 @@ pub enum Step {
 
 /// The steps that replace the pods `old` with the pod `new`, one surge pod at a time
 /// and never fewer ready pods than before: the new pod is ready and known to every
-/// ztunnel before any old pod leaves, and each old pod leaves the endpoints before it is
-/// told to stop.
-pub fn plan(old: &[String], new: &str) -> Vec<Step> {
+/// ztunnel before any old pod leaves, and each old pod leaves the endpoints before (or,
+/// in [`Order::Kubernetes`], as) it is told to stop.
+pub fn plan(old: &[String], new: &str, order: Order) -> Vec<Step> {
     let new = new.to_string();
     let mut steps = vec![
         Step::Start { new: new.clone() },
@@ -69,14 +84,44 @@ pub fn plan(old: &[String], new: &str) -> Vec<Step> {
         Step::AwaitListedHealthy { new },
     ];
     for o in old {
+        steps.push(Step::TakeOut { old: o.clone() });
+        if order == Order::EndpointsFirst {
+            steps.push(Step::AwaitUnlisted { old: o.clone() });
+        }
         steps.extend([
-            Step::TakeOut { old: o.clone() },
-            Step::AwaitUnlisted { old: o.clone() },
             Step::Terminate { old: o.clone() },
             Step::Remove { old: o.clone() },
         ]);
     }
     steps
+}
+
+/// Whether a rollout that failed at `step` removes its new pod again: only while no old
+/// pod has been touched (the old pods then serve as before the rollout).
+pub fn rolls_back(step: &Step) -> bool {
+    matches!(
+        step,
+        Step::AwaitReady { .. } | Step::AwaitListedHealthy { .. }
+    )
+}
+
+/// Whether pod manifest `doc` can be the new pod's template: Ready and not terminating
+/// (a pod left over from an interrupted rollout is neither).
+pub fn is_template(doc: &Value) -> bool {
+    doc["metadata"].get("deletionTimestamp").is_none()
+        && doc["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+/// A container's whole command line: `command` then `args`, as the kubelet runs it.
+pub fn container_argv(container: &Value) -> Vec<String> {
+    ["command", "args"]
+        .iter()
+        .flat_map(|k| container[*k].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
 }
 
 /// The name of the pod that replaces Gateway `gateway`'s: the Gateway's name and a
@@ -307,26 +352,36 @@ impl Lab {
 
     /// Replaces Gateway `ns/gateway`'s waypoint pod as a Deployment rollout with
     /// `maxSurge: 1, maxUnavailable: 0` does (see the module's documentation), with
-    /// `binary` as the new pod's waypoint if given. `progress` hears of each step.
+    /// `binary` as the new pod's waypoint if given, the old pod told to stop in `order`.
+    /// `progress` hears of each step.
     pub fn rollout_waypoint(
         &mut self,
         ns: &str,
         gateway: &str,
         binary: Option<&Path>,
+        order: Order,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Report, String> {
         if !self.is_up() {
             return Err(format!("lab {} is not up", self.name));
         }
         let old = self.waypoint_pods(ns, gateway);
-        let Some(template) = old.first() else {
+        if old.is_empty() {
             return Err(format!(
                 "Gateway {ns}/{gateway} has no waypoint pod in lab {}: apply the Gateway first",
                 self.name
             ));
-        };
-        let (_, template_name) = template.split_once('/').expect("ns/name");
-        let template = self.pod_manifest(ns, template_name)?;
+        }
+        let template = old
+            .iter()
+            .filter_map(|k| self.pod_manifest(ns, k.split_once('/').expect("ns/name").1).ok())
+            .find(is_template)
+            .ok_or_else(|| {
+                format!(
+                    "Gateway {ns}/{gateway} has no ready waypoint pod to copy (pods: {}); wait for one, or apply the Gateway again",
+                    old.join(", ")
+                )
+            })?;
         let new_name = surge_name(gateway, &random_hex(3));
         let mut report = Report {
             new_pod: format!("{ns}/{new_name}"),
@@ -340,63 +395,97 @@ impl Lab {
                 Err(e) => Err(format!("--binary {}: {e}", b.display())),
             })
             .transpose()?;
-        for step in plan(&old, &report.new_pod) {
-            match step {
-                Step::Start { new } => {
-                    let doc = surge_pod(&template, &new_name, binary.as_deref());
-                    let ip = self.start_unready(doc)?;
-                    progress(&format!("pod {new} started (not ready), IP {ip}"));
+        for step in plan(&old, &report.new_pod, order) {
+            let undo = rolls_back(&step);
+            let done = self.rollout_step(
+                step,
+                &template,
+                &new_name,
+                binary.as_deref(),
+                &mut report,
+                progress,
+            );
+            if let Err(e) = done {
+                if undo {
+                    let new = report.new_pod.clone();
+                    return Err(match self.delete_pod(&new) {
+                        Ok(()) => format!(
+                            "{e}; rolled back: pod {new} removed, the old pod keeps serving"
+                        ),
+                        Err(d) => format!("{e}; pod {new} could not be removed either: {d}"),
+                    });
                 }
-                Step::AwaitReady { new } => {
-                    self.await_ready(&new)?;
-                    progress(&format!("pod {new} is ready"));
-                }
-                Step::AwaitListedHealthy { new } => {
-                    let ip = self.state.pods[&new].ip.clone();
-                    self.await_ztunnels(&format!("{new} listed as healthy"), |l| {
-                        l(&ip) == Listing::Healthy
-                    })?;
-                    progress(&format!("every ztunnel sends to {new}"));
-                }
-                Step::TakeOut { old } => {
-                    let (ons, oname) = old.split_once('/').expect("ns/name");
-                    let doc = self.pod_manifest(ons, oname)?;
-                    self.write_manifest(
-                        "Pod",
-                        ons,
-                        oname,
-                        &terminating(&doc, &rfc3339(SystemTime::now())),
-                    )?;
-                    progress(&format!("pod {old} taken out of the endpoints"));
-                }
-                Step::AwaitUnlisted { old } => {
-                    let ip = self.state.pods[&old].ip.clone();
-                    self.await_ztunnels(&format!("{old} no longer listed as healthy"), |l| {
-                        l(&ip) != Listing::Healthy
-                    })?;
-                    progress(&format!("no ztunnel sends to {old} any more"));
-                }
-                Step::Terminate { old } => {
-                    let ended = self.terminate_pod(&old, progress)?;
-                    progress(&format!(
-                        "pod {old} {}",
-                        match ended {
-                            Ended::Exited => "drained and exited",
-                            Ended::Killed => "outlived its grace period: killed",
-                            Ended::NotRunning => "was not running",
-                        }
-                    ));
-                    if let Some(e) = report.old_pods.iter_mut().find(|(k, _)| *k == old) {
-                        e.1 = Some(ended);
-                    }
-                }
-                Step::Remove { old } => {
-                    self.delete_pod(&old)?;
-                    progress(&format!("pod {old} removed"));
-                }
+                return Err(e);
             }
         }
         Ok(report)
+    }
+
+    /// One step of a rollout.
+    fn rollout_step(
+        &mut self,
+        step: Step,
+        template: &Value,
+        new_name: &str,
+        binary: Option<&str>,
+        report: &mut Report,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(), String> {
+        match step {
+            Step::Start { new } => {
+                let doc = surge_pod(template, new_name, binary);
+                let ip = self.start_unready(doc)?;
+                progress(&format!("pod {new} started (not ready), IP {ip}"));
+            }
+            Step::AwaitReady { new } => {
+                self.await_ready(&new)?;
+                progress(&format!("pod {new} is ready"));
+            }
+            Step::AwaitListedHealthy { new } => {
+                let ip = self.state.pods[&new].ip.clone();
+                self.await_ztunnels(&format!("{new} listed as healthy"), |l| {
+                    l(&ip) == Listing::Healthy
+                })?;
+                progress(&format!("every ztunnel sends to {new}"));
+            }
+            Step::TakeOut { old } => {
+                let (ons, oname) = old.split_once('/').expect("ns/name");
+                let doc = self.pod_manifest(ons, oname)?;
+                self.write_manifest(
+                    "Pod",
+                    ons,
+                    oname,
+                    &terminating(&doc, &rfc3339(SystemTime::now())),
+                )?;
+                progress(&format!("pod {old} taken out of the endpoints"));
+            }
+            Step::AwaitUnlisted { old } => {
+                let ip = self.state.pods[&old].ip.clone();
+                self.await_ztunnels(&format!("{old} no longer listed as healthy"), |l| {
+                    l(&ip) != Listing::Healthy
+                })?;
+                progress(&format!("no ztunnel sends to {old} any more"));
+            }
+            Step::Terminate { old } => {
+                let ended = self.terminate_pod(&old, progress)?;
+                progress(&format!(
+                    "pod {old} {}",
+                    match ended {
+                        Ended::Exited => "drained and exited",
+                        Ended::Killed => "outlived its grace period: killed",
+                        Ended::NotRunning => "was not running",
+                    }
+                ));
+                if let Some(e) = report.old_pods.iter_mut().find(|(k, _)| *k == old) {
+                    e.1 = Some(ended);
+                }
+            }
+            Step::Remove { old } => {
+                self.delete_pod(&old)?;
+                progress(&format!("pod {old} removed"));
+            }
+        }
+        Ok(())
     }
 
     /// Schedules and starts the pod `doc` with Ready=False, as a kubelet reports a pod
@@ -504,16 +593,15 @@ impl Lab {
             return Ok(Ended::NotRunning);
         }
         let (ns, name) = key.split_once('/').expect("ns/name");
-        let command: Vec<String> = self.pod_manifest(ns, name)?["spec"]["containers"][0]["command"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let grace = grace_period(&command);
-        crate::lab::run(&["kill", "-TERM", &pid.to_string()])?;
+        let argv = container_argv(&self.pod_manifest(ns, name)?["spec"]["containers"][0]);
+        let grace = grace_period(&argv);
+        if let Err(e) = crate::lab::run(&["kill", "-TERM", &pid.to_string()]) {
+            // It exited by itself since it was checked.
+            if !crate::ending::alive(pid) {
+                return Ok(Ended::Exited);
+            }
+            return Err(e);
+        }
         progress(&format!("pod {key} sent SIGTERM (grace period {grace:?})"));
         let deadline = Instant::now() + grace;
         while crate::ending::alive(pid) {
@@ -539,7 +627,11 @@ mod tests {
 
     #[test]
     fn the_new_pod_is_ready_and_known_everywhere_before_the_old_one_is_touched() {
-        let steps = plan(&names(&["back/waypoint"]), "back/waypoint-abc");
+        let steps = plan(
+            &names(&["back/waypoint"]),
+            "back/waypoint-abc",
+            Order::EndpointsFirst,
+        );
         let new = "back/waypoint-abc".to_string();
         let old = "back/waypoint".to_string();
         assert_eq!(
@@ -558,7 +650,7 @@ mod tests {
 
     #[test]
     fn each_old_pod_leaves_the_endpoints_before_it_is_told_to_stop() {
-        let steps = plan(&names(&["ns/a", "ns/b"]), "ns/c");
+        let steps = plan(&names(&["ns/a", "ns/b"]), "ns/c", Order::EndpointsFirst);
         for o in ["ns/a", "ns/b"] {
             let pos = |s: Step| steps.iter().position(|x| *x == s).unwrap();
             let out = pos(Step::TakeOut { old: o.into() });
@@ -571,6 +663,66 @@ mod tests {
             );
         }
         assert_eq!(steps.len(), 3 + 2 * 4);
+    }
+
+    #[test]
+    fn in_kubernetes_order_the_old_pod_is_told_to_stop_as_it_leaves_the_endpoints() {
+        let steps = plan(&names(&["ns/a"]), "ns/c", Order::Kubernetes);
+        let (new, old) = ("ns/c".to_string(), "ns/a".to_string());
+        assert_eq!(
+            steps,
+            vec![
+                Step::Start { new: new.clone() },
+                Step::AwaitReady { new: new.clone() },
+                Step::AwaitListedHealthy { new },
+                Step::TakeOut { old: old.clone() },
+                Step::Terminate { old: old.clone() },
+                Step::Remove { old },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failure_rolls_back_only_while_no_old_pod_was_touched() {
+        let steps = plan(&names(&["ns/a"]), "ns/c", Order::EndpointsFirst);
+        let undone: Vec<bool> = steps.iter().map(rolls_back).collect();
+        // Start cleans up after itself; the two waits on the new pod roll back; nothing
+        // after the old pod left the endpoints does.
+        assert_eq!(undone, [false, true, true, false, false, false, false]);
+    }
+
+    #[test]
+    fn the_template_is_a_ready_pod_that_is_not_terminating() {
+        let ready = json!({"metadata": {"name": "w"},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+        assert!(is_template(&ready));
+        assert!(!is_template(&with_ready(&ready, false)));
+        assert!(!is_template(&terminating(&ready, "2026-11-30T05:00:00Z")));
+        let mut gone_but_ready = ready.clone();
+        gone_but_ready["metadata"]["deletionTimestamp"] = json!("2026-11-30T05:00:00Z");
+        assert!(!is_template(&gone_but_ready));
+        assert!(!is_template(&json!({"metadata": {"name": "w"}})));
+    }
+
+    #[test]
+    fn the_command_line_is_command_then_args() {
+        let c = json!({"command": ["/usr/local/bin/waypoint"],
+                       "args": ["--drain-delay=5s", "--drain-deadline=20s"]});
+        let argv = container_argv(&c);
+        assert_eq!(
+            argv,
+            names(&[
+                "/usr/local/bin/waypoint",
+                "--drain-delay=5s",
+                "--drain-deadline=20s"
+            ])
+        );
+        // The Deployment's flags are in `args`: its grace period counts them.
+        assert_eq!(grace_period(&argv), Duration::from_secs(25) + GRACE_MARGIN);
+        assert_eq!(
+            container_argv(&json!({"command": ["w", "--x"]})),
+            names(&["w", "--x"])
+        );
     }
 
     #[test]
