@@ -15,4 +15,5 @@ pub mod lab;
 pub mod prometheus;
 pub mod reboot;
 pub mod rollout;
+pub mod service_vips;
 pub mod traces;
