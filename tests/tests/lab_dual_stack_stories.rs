@@ -96,7 +96,11 @@ fn the_core_stories_hold_on_the_ipv4_and_the_ipv6_vip_alike() {
     assert_eq!(vips.len(), 2, "{svc}");
     assert!(vips[0].starts_with("10.96.0.") && vips[1].starts_with("fd00:96::"));
     let pod = |key: &str| t.lab.state.pods[key].clone();
-    let (client, attacker, legacy) = (pod("front/client"), pod("front/attacker"), pod("outside/legacy"));
+    let (client, attacker, legacy) = (
+        pod("front/client"),
+        pod("front/attacker"),
+        pod("outside/legacy"),
+    );
     let families = [
         Family {
             name: "IPv4",
@@ -127,39 +131,56 @@ fn the_core_stories_hold_on_the_ipv4_and_the_ipv6_vip_alike() {
             .curl("front/client", &url(&f.vip, &marker))
             .unwrap_or_else(|e| panic!("{}: {e}{}", f.name, t.all_logs()));
         assert!(
-            answer.contains("hello from back/api:") && answer.contains(&format!("from {}", f.client)),
+            answer.contains("hello from back/api:")
+                && answer.contains(&format!("from {}", f.client)),
             "{}: the app answers and sees the caller's address: {answer}",
             f.name
         );
         let echo_marker = format!("story-{}-echo", f.name);
         let echoed = t
-            .tcp("front/client", &format!("{}:9000", host(&f.vip)), &echo_marker)
+            .tcp(
+                "front/client",
+                &format!("{}:9000", host(&f.vip)),
+                &echo_marker,
+            )
             .unwrap_or_else(|e| panic!("{}: {e}{}", f.name, t.all_logs()));
         assert_eq!(echoed, echo_marker);
         let (bytes, summary) = cap.finish();
-        assert!(!summary.is_empty(), "{}: pod traffic crossed the fabric", f.name);
+        assert!(
+            !summary.is_empty(),
+            "{}: pod traffic crossed the fabric",
+            f.name
+        );
         assert!(
             summary.lines().all(|l| l.contains(".15008")),
             "{}: only HBONE between the nodes:\n{summary}",
             f.name
         );
         assert!(!contains(&bytes, &marker) && !contains(&bytes, &echo_marker));
-        t.eventually(&format!("{}: the caller's identity in the destination's log", f.name), || {
-            logged_from(
-                &t.log("ztunnel-2"),
-                &f.client,
-                "src.identity=\"spiffe://cluster.local/ns/front/sa/web\"",
-            )
-        });
+        t.eventually(
+            &format!("{}: the caller's identity in the destination's log", f.name),
+            || {
+                logged_from(
+                    &t.log("ztunnel-2"),
+                    &f.client,
+                    "src.identity=\"spiffe://cluster.local/ns/front/sa/web\"",
+                )
+            },
+        );
         // Before any policy, the attacker gets in too: the baseline the policies narrow.
-        t.eventually(&format!("{}: the attacker's pod in the mesh", f.name), || {
-            t.curl("front/attacker", &url(&f.vip, "")).is_ok()
-        });
+        t.eventually(
+            &format!("{}: the attacker's pod in the mesh", f.name),
+            || t.curl("front/attacker", &url(&f.vip, "")).is_ok(),
+        );
         // Outside the mesh, the node's NAT takes the VIP of either family to the pod.
         let plain = t
             .curl("outside/legacy", &url(&f.vip, "from-outside"))
             .unwrap_or_else(|e| panic!("{}: outside the mesh: {e}{}", f.name, t.all_logs()));
-        assert!(plain.contains(&format!("from {legacy_ip}")), "{}: {plain}", f.name);
+        assert!(
+            plain.contains(&format!("from {legacy_ip}")),
+            "{}: {plain}",
+            f.name
+        );
     }
 
     // ALLOW by identity: the right one gets in over both families, the attacker over
@@ -170,11 +191,20 @@ fn the_core_stories_hold_on_the_ipv4_and_the_ipv6_vip_alike() {
         r#"[{from: [{source: {principals: ["cluster.local/ns/front/sa/web"]}}]}]"#,
     ));
     t.eventually("the ALLOW policy", || {
-        t.curl("front/attacker", &url(&families[0].vip, "")).is_err()
+        t.curl("front/attacker", &url(&families[0].vip, ""))
+            .is_err()
     });
     for f in &families {
-        assert!(t.curl("front/client", &url(&f.vip, "")).is_ok(), "{}: web is allowed", f.name);
-        assert!(t.curl("front/attacker", &url(&f.vip, "")).is_err(), "{}: attacker refused", f.name);
+        assert!(
+            t.curl("front/client", &url(&f.vip, "")).is_ok(),
+            "{}: web is allowed",
+            f.name
+        );
+        assert!(
+            t.curl("front/attacker", &url(&f.vip, "")).is_err(),
+            "{}: attacker refused",
+            f.name
+        );
         t.eventually(&format!("{}: the ALLOW miss logged", f.name), || {
             logged_from(
                 &t.log("ztunnel-2"),
@@ -205,7 +235,11 @@ fn the_core_stories_hold_on_the_ipv4_and_the_ipv6_vip_alike() {
                     "explicitly denied by: back/no-attacker",
                 )
         });
-        assert!(t.curl("front/client", &url(&f.vip, "")).is_ok(), "{}: web is allowed", f.name);
+        assert!(
+            t.curl("front/client", &url(&f.vip, "")).is_ok(),
+            "{}: web is allowed",
+            f.name
+        );
     }
 
     // ipBlocks: a block of one family matches sources of that family only. Each in turn,
@@ -216,7 +250,10 @@ fn the_core_stories_hold_on_the_ipv4_and_the_ipv6_vip_alike() {
         t.apply(&policy(
             "no-client-ip",
             "DENY",
-            &format!(r#"[{{from: [{{source: {{ipBlocks: ["{}/{prefix}"]}}}}]}}]"#, f.client),
+            &format!(
+                r#"[{{from: [{{source: {{ipBlocks: ["{}/{prefix}"]}}}}]}}]"#,
+                f.client
+            ),
         ));
         t.eventually(&format!("{}: the DENY by ipBlocks", f.name), || {
             t.curl("front/client", &url(&f.vip, "")).is_err()
@@ -233,7 +270,11 @@ fn the_core_stories_hold_on_the_ipv4_and_the_ipv6_vip_alike() {
             other.name
         );
     }
-    t.apply(&policy("no-client-ip", "DENY", r#"[{from: [{source: {ipBlocks: ["192.0.2.0/24"]}}]}]"#));
+    t.apply(&policy(
+        "no-client-ip",
+        "DENY",
+        r#"[{from: [{source: {ipBlocks: ["192.0.2.0/24"]}}]}]"#,
+    ));
     t.apply(&policy("only-web", "ALLOW", "[{}]"));
 
     // A waypoint's HTTPRoute, on both VIPs: /v2 to api-v2, the rest to api (v1).

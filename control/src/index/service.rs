@@ -202,9 +202,8 @@ spec:
         let mut objs = Objects::default();
         objs.add_file(std::path::Path::new("t"), yaml).unwrap();
         let out = super::super::compute(&objs, &IndexConfig::default());
-        let Some(pb::address::Type::Service(svc)) = &out.addresses
-            ["back/api.back.svc.cluster.local"]
-            .r#type
+        let Some(pb::address::Type::Service(svc)) =
+            &out.addresses["back/api.back.svc.cluster.local"].r#type
         else {
             panic!("the Service is published")
         };
@@ -221,7 +220,9 @@ spec:
 
         // Only `clusterIP` (a single-stack Service written before `clusterIPs`): that one;
         // headless (`None`): no VIP at all.
-        let mut s = objs.services[&("back".into(), "api".into())].as_ref().clone();
+        let mut s = objs.services[&("back".into(), "api".into())]
+            .as_ref()
+            .clone();
         s.spec.cluster_ips.clear();
         assert_eq!(cluster_ips(&s), ["10.96.0.20".parse::<IpAddr>().unwrap()]);
         s.spec.cluster_ip = Some("None".into());

@@ -33,7 +33,11 @@ pub fn assign(spec: &mut Value, n: u8, dual_stack_lab: bool) -> Result<bool, Str
             .iter()
             .filter_map(|v| v.as_str().map(str::to_string))
             .collect(),
-        _ => spec["clusterIP"].as_str().map(str::to_string).into_iter().collect(),
+        _ => spec["clusterIP"]
+            .as_str()
+            .map(str::to_string)
+            .into_iter()
+            .collect(),
     };
     let family_of = |ip: &str| -> Result<&'static str, String> {
         match ip.parse::<IpAddr>() {
@@ -59,13 +63,20 @@ pub fn assign(spec: &mut Value, n: u8, dual_stack_lab: bool) -> Result<bool, Str
         None if given.len() > 1 || families.len() > 1 => "RequireDualStack".to_string(),
         None => "SingleStack".to_string(),
     };
-    if let Some(f) = families.iter().find(|f| !matches!(f.as_str(), "IPv4" | "IPv6")) {
+    if let Some(f) = families
+        .iter()
+        .find(|f| !matches!(f.as_str(), "IPv4" | "IPv6"))
+    {
         return Err(format!("ipFamilies: {f:?} is neither IPv4 nor IPv6"));
     }
     match policy.as_str() {
         "SingleStack" => families.truncate(1),
         "PreferDualStack" | "RequireDualStack" if dual_stack_lab => {
-            let other = if families[0] == "IPv4" { "IPv6" } else { "IPv4" };
+            let other = if families[0] == "IPv4" {
+                "IPv6"
+            } else {
+                "IPv4"
+            };
             families.truncate(1);
             families.push(other.to_string());
         }

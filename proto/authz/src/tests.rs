@@ -34,7 +34,11 @@ fn ip_blocks_keep_to_their_family_and_mapped_sources_are_ipv4() {
     // The mapped form: the IPv4 address, whichever way the block or the source is written.
     assert!(v4.contains(ip("::ffff:10.244.1.5")));
     assert!(!v4.contains(ip("::ffff:10.244.2.5")));
-    assert!(!IpNet::parse("::/0").unwrap().contains(ip("::ffff:10.244.1.5")));
+    assert!(
+        !IpNet::parse("::/0")
+            .unwrap()
+            .contains(ip("::ffff:10.244.1.5"))
+    );
     let mapped = IpNet::parse("::ffff:10.244.1.0/120").unwrap();
     assert!(mapped.contains(ip("10.244.1.5")));
     assert!(mapped.contains(ip("::ffff:10.244.1.5")));
@@ -52,7 +56,10 @@ fn ip_blocks_keep_to_their_family_and_mapped_sources_are_ipv4() {
     c.src_ip = ip("::ffff:10.244.1.5");
     assert!(!evaluate([&deny], &c).is_allowed());
     c.src_ip = ip("fd00:10:244:1::5");
-    assert!(evaluate([&deny], &c).is_allowed(), "an IPv6 source is not in an IPv4 block");
+    assert!(
+        evaluate([&deny], &c).is_allowed(),
+        "an IPv6 source is not in an IPv4 block"
+    );
 }
 
 fn conn(id: Option<&str>, port: u16) -> ConnectionInfo {

@@ -363,17 +363,26 @@ mod tests {
     fn dual_stack_vip_picks_the_endpoint_address_of_the_dialled_family() {
         let mut st = State::default();
         let mut svc = service(None);
-        svc.vips.push((String::new(), "fd00:96::a".parse().unwrap()));
+        svc.vips
+            .push((String::new(), "fd00:96::a".parse().unwrap()));
         st.insert_service(svc);
         let mut w = with_svc(wl("b", [10, 0, 1, 5], true, "b"), KEY, 8080);
         w.addresses.push("fd00:10:244:1::5".parse().unwrap());
         st.insert_workload(w);
         for (vip, hop, authority) in [
             ("10.96.0.10:80", "10.0.1.5:15008", "10.0.1.5:8080"),
-            ("[fd00:96::a]:80", "[fd00:10:244:1::5]:15008", "[fd00:10:244:1::5]:8080"),
+            (
+                "[fd00:96::a]:80",
+                "[fd00:10:244:1::5]:15008",
+                "[fd00:10:244:1::5]:8080",
+            ),
         ] {
             match plan_outbound(&st, "", None, addr(vip)) {
-                OutboundPlan::Hbone { hop: h, authority: a, .. } => {
+                OutboundPlan::Hbone {
+                    hop: h,
+                    authority: a,
+                    ..
+                } => {
                     assert_eq!((h, a), (addr(hop), addr(authority)), "{vip}")
                 }
                 other => panic!("{vip}: {other:?}"),
