@@ -214,12 +214,12 @@ fn the_core_stories_hold_on_the_ipv4_and_the_ipv6_vip_alike() {
         });
     }
 
-    // DENY by identity: the attacker is let in by the ALLOW now, refused by the DENY over
-    // both families.
+    // DENY by identity: the attacker is let in by the ALLOW now (by namespace), refused by
+    // the DENY over both families.
     t.apply(&policy(
         "only-web",
         "ALLOW",
-        r#"[{from: [{source: {principals: ["cluster.local/ns/front/sa/web", "cluster.local/ns/front/sa/attacker"]}}]}]"#,
+        r#"[{from: [{source: {namespaces: ["front"]}}]}]"#,
     ));
     t.apply(&policy(
         "no-attacker",
@@ -310,15 +310,40 @@ spec:
   - backendRefs: [{name: api-v1, port: 80}]
 "#,
     ]));
+    // The Service `api` selects both pods: only the waypoint's route makes every /v2
+    // request land on api-v2 and every other on api (through api-v1), each logged by the
+    // waypoint.
     for f in &families {
+        let routed = |path: &str, pod: &str, backend: &str| {
+            let answer = t
+                .curl("front/client", &url(&f.vip, path))
+                .unwrap_or_default();
+            answer.contains(&format!("hello from back/{pod}:"))
+                && logged_path(&t.log("pod:back/waypoint"), path, backend)
+        };
         t.eventually(&format!("{}: the waypoint's route", f.name), || {
-            t.curl("front/client", &url(&f.vip, "v2/x"))
-                .is_ok_and(|a| a.contains("hello from back/api-v2:"))
+            routed(&format!("v2/{}-0", f.name), "api-v2", "api-v2")
         });
-        let rest = t
-            .curl("front/client", &url(&f.vip, "x"))
-            .unwrap_or_else(|e| panic!("{}: {e}{}", f.name, t.all_logs()));
-        assert!(rest.contains("hello from back/api:"), "{}: {rest}", f.name);
+        for i in 1..=5 {
+            assert!(
+                routed(&format!("v2/{}-{i}", f.name), "api-v2", "api-v2"),
+                "{}: /v2 to api-v2",
+                f.name
+            );
+            assert!(
+                routed(&format!("{}-{i}", f.name), "api", "api-v1"),
+                "{}: the rest to api",
+                f.name
+            );
+        }
     }
-    assert!(t.log("pod:back/waypoint").contains("backend=back/api-v2"));
+}
+
+/// Whether the waypoint logged a request for `/path` sent to `backend`'s port 80.
+fn logged_path(log: &str, path: &str, backend: &str) -> bool {
+    let (p, b) = (
+        format!(" path=/{path} "),
+        format!(" backend=back/{backend}:80"),
+    );
+    log.lines().any(|l| l.contains(&p) && l.contains(&b))
 }
