@@ -25,7 +25,7 @@ pub fn vip(n: u8, ipv6: bool) -> String {
 /// (`clusterIP: None`) are left alone. Errors are the API server's refusals: a family the
 /// lab does not have, or dual stack required of a single-stack lab.
 pub fn assign(spec: &mut Value, n: u8, dual_stack_lab: bool) -> Result<bool, String> {
-    if spec["clusterIP"] == "None" {
+    if spec["clusterIP"] == "None" || spec["clusterIPs"][0] == "None" {
         return Ok(false);
     }
     let mut given: Vec<String> = match spec["clusterIPs"].as_array() {
@@ -39,6 +39,7 @@ pub fn assign(spec: &mut Value, n: u8, dual_stack_lab: bool) -> Result<bool, Str
             .into_iter()
             .collect(),
     };
+    given.retain(|ip| !ip.is_empty()); // `""`: allocate one, as the API server does
     let family_of = |ip: &str| -> Result<&'static str, String> {
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(_)) => Ok("IPv4"),
@@ -247,9 +248,17 @@ mod tests {
         assert_eq!(assign(&mut s, 30, true), Ok(true));
         assert_eq!(s["clusterIPs"], json!(["10.96.0.20", "fd00:96::1e"]));
 
+        let mut s = spec(r#"{clusterIP: ""}"#);
+        assert_eq!(assign(&mut s, 30, true), Ok(true));
+        assert_eq!(s["clusterIPs"], json!(["10.96.0.30"]));
+
         let mut s = spec("{clusterIP: None}");
         assert_eq!(assign(&mut s, 30, true), Ok(false));
         assert!(s["clusterIPs"].is_null());
+        assert_eq!(
+            assign(&mut spec("{clusterIPs: [None]}"), 30, true),
+            Ok(false)
+        );
     }
 
     #[test]
