@@ -337,6 +337,30 @@ spec:
             );
         }
     }
+
+    // remoteIpBlocks at the waypoint (L7): a block of one family refuses the client's
+    // requests from its address of that family (403, named in the waypoint's log), not
+    // those of the other: the waypoint sees the caller's address of the family dialled.
+    for (i, f) in families.iter().enumerate() {
+        let other = &families[1 - i];
+        let prefix = if f.name == "IPv4" { 32 } else { 128 };
+        t.apply(&format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: no-client-remote, namespace: back}}\nspec:\n  targetRefs: [{{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}}]\n  action: DENY\n  rules: [{{from: [{{source: {{remoteIpBlocks: [\"{}/{prefix}\"]}}}}]}}]\n",
+            f.client
+        ));
+        t.eventually(
+            &format!("{}: the waypoint's DENY by remoteIpBlocks", f.name),
+            || t.status("front/client", &url(&f.vip, "x")) == "403",
+        );
+        assert_eq!(
+            t.status("front/client", &url(&other.vip, "x")),
+            "200",
+            "an {} block at the waypoint does not match the {} source",
+            f.name,
+            other.name
+        );
+    }
+    t.wait_log("pod:back/waypoint", "policy=back/no-client-remote");
 }
 
 /// Whether the waypoint logged a request for `/path` sent to `backend`'s port 80.
