@@ -319,7 +319,7 @@ spec:
                 .curl("front/client", &url(&f.vip, path))
                 .unwrap_or_default();
             answer.contains(&format!("hello from back/{pod}:"))
-                && logged_path(&t.log("pod:back/waypoint"), path, backend)
+                && logged_path(&t.log("pod:back/waypoint"), &f.client, path, backend)
         };
         t.eventually(&format!("{}: the waypoint's route", f.name), || {
             routed(&format!("v2/{}-0", f.name), "api-v2", "api-v2")
@@ -363,11 +363,12 @@ spec:
     t.wait_log("pod:back/waypoint", "policy=back/no-client-remote");
 }
 
-/// Whether the waypoint logged a request for `/path` sent to `backend`'s port 80.
-fn logged_path(log: &str, path: &str, backend: &str) -> bool {
+/// Whether the waypoint logged a request from `client` (its address as the family it
+/// has, never IPv4-mapped) for `/path` sent to `backend`'s port 80.
+fn logged_path(log: &str, client: &str, path: &str, backend: &str) -> bool {
     let (p, b) = (
         format!(" path=/{path} "),
         format!(" backend=back/{backend}:80"),
     );
-    log.lines().any(|l| l.contains(&p) && l.contains(&b))
+    logged_from(log, client, &p) && log.lines().any(|l| l.contains(&p) && l.contains(&b))
 }
