@@ -32,7 +32,8 @@ struct Args {
     /// This waypoint's bearer token for the control plane.
     #[arg(long, env = "TOKEN_FILE")]
     token_file: PathBuf,
-    #[arg(long, default_value = "0.0.0.0:15008")]
+    /// `[::]` takes both families (IPv4 as well where IPv6 is off on the host).
+    #[arg(long, default_value = "[::]:15008")]
     listen: SocketAddr,
     /// Metrics (`/metrics`) and readiness (`/healthz/ready`).
     #[arg(long, default_value = "0.0.0.0:15020")]

@@ -1053,7 +1053,10 @@ impl Waypoint {
 pub struct Handler(pub Arc<Waypoint>);
 
 impl ConnectHandler for Handler {
-    async fn handle(&self, req: InboundConnect, respond: Responder) {
+    async fn handle(&self, mut req: InboundConnect, respond: Responder) {
+        // A dual-stack listener shows an IPv4 peer as `::ffff:a.b.c.d`: it is that IPv4
+        // address (for finding its workload, logs and policies' IP blocks).
+        req.peer_addr = SocketAddr::new(req.peer_addr.ip().to_canonical(), req.peer_addr.port());
         let wp = self.0.clone();
         let Authority::Addr(dst) = req.request.authority else {
             tracing::warn!(target: "access", authority = ?req.request.authority, src.identity = %req.peer_identity,

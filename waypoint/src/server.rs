@@ -203,8 +203,17 @@ pub async fn serve(
             return Ok(Stopped::BeforeSync);
         }
     }
-    let listener = TcpListener::bind(cfg.listen).await?;
-    tracing::info!(listen = %cfg.listen, "waypoint serving HBONE");
+    let listener = match TcpListener::bind(cfg.listen).await {
+        // `[::]` on a host without IPv6: IPv4 only.
+        Err(e) if cfg.listen.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], cfg.listen.port()));
+            tracing::warn!(error = %e, listen = %v4, "no IPv6 listener; serving HBONE over IPv4 only");
+            TcpListener::bind(v4).await?
+        }
+        other => other?,
+    };
+    let listen = listener.local_addr()?;
+    tracing::info!(%listen, "waypoint serving HBONE");
     let handler = Arc::new(Handler(wp.clone()));
     let tracker = TaskTracker::new();
     accept_until(&listener, &tracker, &wp, &handler, cfg.cert_wait, shutdown).await;

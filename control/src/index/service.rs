@@ -172,4 +172,61 @@ mod tests {
         assert_eq!(lb.mode, pb::load_balancing::Mode::Failover as i32);
         assert_eq!(lb.routing_preference.len(), 3);
     }
+
+    /// A dual-stack Service is published with every VIP of `spec.clusterIPs`, in order
+    /// (Istio's `Service.addresses` is a list), and its pods with both of their addresses:
+    /// a client dialling either family finds the Service and an endpoint of that family.
+    #[test]
+    fn dual_stack_service_and_pods_publish_both_families() {
+        let yaml = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: back, labels: {app: api}}
+spec: {nodeName: node-1, containers: [{name: api}]}
+status:
+  podIP: 10.244.1.5
+  podIPs: [{ip: 10.244.1.5}, {ip: "fd00:10:244:1::5"}]
+  conditions: [{type: Ready, status: "True"}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: back}
+spec:
+  selector: {app: api}
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20, "fd00:96::20"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: PreferDualStack
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#;
+        let mut objs = Objects::default();
+        objs.add_file(std::path::Path::new("t"), yaml).unwrap();
+        let out = super::super::compute(&objs, &IndexConfig::default());
+        let Some(pb::address::Type::Service(svc)) =
+            &out.addresses["back/api.back.svc.cluster.local"].r#type
+        else {
+            panic!("the Service is published")
+        };
+        let v6: std::net::Ipv6Addr = "fd00:96::20".parse().unwrap();
+        let vips: Vec<&[u8]> = svc.addresses.iter().map(|a| &a.address[..]).collect();
+        assert_eq!(vips, [&[10, 96, 0, 20][..], &v6.octets()[..]]);
+        let Some(pb::address::Type::Workload(w)) =
+            &out.addresses["Kubernetes//Pod/back/api"].r#type
+        else {
+            panic!("the pod is published")
+        };
+        let pod6: std::net::Ipv6Addr = "fd00:10:244:1::5".parse().unwrap();
+        assert_eq!(w.addresses, [vec![10, 244, 1, 5], pod6.octets().to_vec()]);
+
+        // Only `clusterIP` (a single-stack Service written before `clusterIPs`): that one;
+        // headless (`None`): no VIP at all.
+        let mut s = objs.services[&("back".into(), "api".into())]
+            .as_ref()
+            .clone();
+        s.spec.cluster_ips.clear();
+        assert_eq!(cluster_ips(&s), ["10.96.0.20".parse::<IpAddr>().unwrap()]);
+        s.spec.cluster_ip = Some("None".into());
+        s.spec.cluster_ips = vec!["None".into()];
+        assert!(cluster_ips(&s).is_empty());
+    }
 }

@@ -805,9 +805,14 @@ impl Lab {
                     pods.extend(self.provision_waypoint(&ns, &name)?);
                 }
                 _ => {
-                    if kind == "Service" && doc["spec"]["clusterIP"].is_null() {
-                        doc["spec"]["clusterIP"] =
-                            json!(format!("10.96.0.{}", self.state.next_vip));
+                    if kind == "Service"
+                        && crate::service_vips::assign(
+                            &mut doc["spec"],
+                            self.state.next_vip,
+                            self.state.dual_stack,
+                        )
+                        .map_err(|e| format!("service {ns}/{name}: {e}"))?
+                    {
                         self.state.next_vip = self.state.next_vip.wrapping_add(1).max(10);
                     }
                     self.write_manifest(&kind, &ns, &name, &doc)?;
@@ -1118,8 +1123,8 @@ impl Lab {
         self.program_services()
     }
 
-    /// kube-proxy's job for pods outside the mesh: Service VIP → endpoints NAT on every
-    /// node (mesh pods never get here: ztunnel resolves VIPs inside the pod).
+    /// kube-proxy's job for pods outside the mesh: Service VIPs (both families) →
+    /// endpoints NAT on every node ([`crate::service_vips::nat_rules`]).
     pub fn program_services(&self) -> Result<(), String> {
         let mut objs = mesh_control::manifest::Objects::default();
         for entry in std::fs::read_dir(self.manifests())
@@ -1131,75 +1136,7 @@ impl Lab {
                 let _ = objs.add_file(&path, &text);
             }
         }
-        let mut rules = String::from(
-            "add table ip lab-services\ndelete table ip lab-services\ntable ip lab-services {\n",
-        );
-        let mut body = String::new();
-        for svc in objs.services.values() {
-            let Some(vip) = svc.spec.cluster_ip.as_deref().filter(|v| *v != "None") else {
-                continue;
-            };
-            let Some(selector) = &svc.spec.selector else {
-                continue;
-            };
-            let ns = svc.metadata.ns();
-            let members: Vec<&mesh_control::k8s::Pod> = objs
-                .pods
-                .values()
-                .filter(|p| {
-                    p.metadata.ns() == ns
-                        && !selector.is_empty()
-                        && selector
-                            .iter()
-                            .all(|(k, v)| p.metadata.labels.get(k) == Some(v))
-                })
-                .filter(|p| p.status.pod_ip.is_some())
-                .map(|p| p.as_ref())
-                .collect();
-            for port in &svc.spec.ports {
-                let endpoints: Vec<String> = members
-                    .iter()
-                    .filter_map(|p| {
-                        let target = match &port.target_port {
-                            None => port.port,
-                            Some(mesh_control::k8s::IntOrString::Int(t)) => *t,
-                            Some(mesh_control::k8s::IntOrString::String(n)) => {
-                                p.spec
-                                    .containers
-                                    .iter()
-                                    .flat_map(|c| &c.ports)
-                                    .find(|cp| cp.name.as_deref() == Some(n.as_str()))?
-                                    .container_port
-                            }
-                        };
-                        Some(format!("{} . {target}", p.status.pod_ip.as_deref()?))
-                    })
-                    .collect();
-                if endpoints.is_empty() {
-                    continue;
-                }
-                let map: Vec<String> = endpoints
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| format!("{i} : {e}"))
-                    .collect();
-                body.push_str(&format!(
-                    "    ip daddr {vip} tcp dport {} dnat to numgen random mod {} map {{ {} }}\n",
-                    port.port,
-                    endpoints.len(),
-                    map.join(", ")
-                ));
-            }
-        }
-        rules.push_str(
-            "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n",
-        );
-        rules.push_str(&body);
-        rules.push_str(
-            "  }\n  chain output {\n    type nat hook output priority -100; policy accept;\n",
-        );
-        rules.push_str(&body);
-        rules.push_str("  }\n}\n");
+        let rules = crate::service_vips::nat_rules(&objs);
         for i in 1..=self.state.nodes {
             ns_exec_stdin(&self.node_ns(i), &["nft", "-f", "-"], &rules)?;
         }

@@ -15,5 +15,6 @@ pub mod lab;
 pub mod prometheus;
 pub mod reboot;
 pub mod rollout;
+pub mod service_vips;
 pub mod traces;
 pub mod upgrade;

@@ -184,7 +184,23 @@ impl IpNet {
         })
     }
 
+    /// Whether `ip` is in the block. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, how a
+    /// dual-stack socket shows an IPv4 peer) is that IPv4 address, and a block written
+    /// in that form (`::ffff:10.0.0.0/104`) is the IPv4 block: an IPv4 peer is matched by
+    /// IPv4 blocks only, however it is written, so the mapped form is no way around an
+    /// IPv4 DENY, nor into an IPv6 ALLOW.
     pub fn contains(&self, ip: IpAddr) -> bool {
+        let (addr, prefix) = match self.addr {
+            IpAddr::V6(v6) if self.prefix >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => (IpAddr::V4(v4), self.prefix - 96),
+                None => (self.addr, self.prefix),
+            },
+            _ => (self.addr, self.prefix),
+        };
+        IpNet { addr, prefix }.contains_canonical(ip.to_canonical())
+    }
+
+    fn contains_canonical(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 let p = u32::from(self.prefix.min(32));

@@ -16,6 +16,52 @@ fn ip_nets_parse_with_bounded_prefixes() {
 
 use super::*;
 
+/// Families never cross: an IPv4 block never matches an IPv6 source or the reverse, and an
+/// IPv4-mapped IPv6 source (`::ffff:a.b.c.d`) is the IPv4 peer it stands for, so it is
+/// caught by the IPv4 DENY it might try to get around and let in by no IPv6 block.
+#[test]
+fn ip_blocks_keep_to_their_family_and_mapped_sources_are_ipv4() {
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let v4 = IpNet::parse("10.244.1.0/24").unwrap();
+    let v6 = IpNet::parse("fd00:10:244:1::/64").unwrap();
+    assert!(v4.contains(ip("10.244.1.5")));
+    assert!(v6.contains(ip("fd00:10:244:1::5")));
+    assert!(!v6.contains(ip("fd00:10:244:2::5")));
+    assert!(!v4.contains(ip("fd00:10:244:1::5")));
+    assert!(!v6.contains(ip("10.244.1.5")));
+    assert!(!IpNet::parse("::/0").unwrap().contains(ip("10.0.0.1")));
+    assert!(!IpNet::parse("0.0.0.0/0").unwrap().contains(ip("::1")));
+    // The mapped form: the IPv4 address, whichever way the block or the source is written.
+    assert!(v4.contains(ip("::ffff:10.244.1.5")));
+    assert!(!v4.contains(ip("::ffff:10.244.2.5")));
+    assert!(
+        !IpNet::parse("::/0")
+            .unwrap()
+            .contains(ip("::ffff:10.244.1.5"))
+    );
+    let mapped = IpNet::parse("::ffff:10.244.1.0/120").unwrap();
+    assert!(mapped.contains(ip("10.244.1.5")));
+    assert!(mapped.contains(ip("::ffff:10.244.1.5")));
+    assert!(!mapped.contains(ip("10.244.2.5")));
+    // An IPv4 DENY holds against the mapped form of a denied source.
+    let deny = policy(
+        "deny-v4",
+        Action::Deny,
+        vec![vec![vec![Match {
+            source_ips: vec![v4],
+            ..Default::default()
+        }]]],
+    );
+    let mut c = conn(Some(A), 80);
+    c.src_ip = ip("::ffff:10.244.1.5");
+    assert!(!evaluate([&deny], &c).is_allowed());
+    c.src_ip = ip("fd00:10:244:1::5");
+    assert!(
+        evaluate([&deny], &c).is_allowed(),
+        "an IPv6 source is not in an IPv4 block"
+    );
+}
+
 fn conn(id: Option<&str>, port: u16) -> ConnectionInfo {
     ConnectionInfo {
         src_identity: id.map(|s| s.parse().unwrap()),

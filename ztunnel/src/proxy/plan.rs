@@ -84,11 +84,15 @@ struct Waypoint {
     workload: Arc<Workload>,
 }
 
+/// `dialled`: the destination the app dialled; a waypoint instance's address of its family
+/// is preferred, so the waypoint sees the caller's address of that family (what its
+/// policies' IP blocks are matched against).
 fn resolve_waypoint(
     st: &State,
     network: &str,
     gw: &GatewayAddress,
     src: Option<&Workload>,
+    dialled: SocketAddr,
 ) -> Result<Waypoint, String> {
     match gw {
         GatewayAddress::Ip { ip, port } => {
@@ -115,7 +119,9 @@ fn resolve_waypoint(
                 .ok_or_else(|| format!("waypoint {hostname} has no healthy instance"))?;
             let ip = *w
                 .addresses
-                .first()
+                .iter()
+                .find(|a| a.is_ipv4() == dialled.is_ipv4())
+                .or(w.addresses.first())
                 .ok_or_else(|| format!("waypoint instance {} has no address", w.uid))?;
             let mut ids = vec![w.identity.clone()];
             ids.extend(svc.subject_alt_names.iter().cloned());
@@ -146,7 +152,7 @@ pub fn plan_outbound(
         },
         Some(Destination::Service(svc)) => {
             if let Some(gw) = &svc.waypoint {
-                match resolve_waypoint(st, network, gw, src) {
+                match resolve_waypoint(st, network, gw, src, orig) {
                     Ok(wp) if !is_self(src, &wp.workload) => {
                         return OutboundPlan::Hbone {
                             hop: wp.hop,
@@ -198,7 +204,7 @@ pub fn plan_outbound(
         }
         Some(Destination::Workload(w)) => {
             if let Some(gw) = &w.waypoint {
-                match resolve_waypoint(st, network, gw, src) {
+                match resolve_waypoint(st, network, gw, src, orig) {
                     Ok(wp) if !is_self(src, &wp.workload) => {
                         return OutboundPlan::Hbone {
                             hop: wp.hop,
@@ -357,6 +363,39 @@ mod tests {
         ));
     }
 
+    /// A dual-stack Service: the endpoint address of the family the app dialled (the
+    /// app's socket only takes replies of its own family), for either VIP.
+    #[test]
+    fn dual_stack_vip_picks_the_endpoint_address_of_the_dialled_family() {
+        let mut st = State::default();
+        let mut svc = service(None);
+        svc.vips
+            .push((String::new(), "fd00:96::a".parse().unwrap()));
+        st.insert_service(svc);
+        let mut w = with_svc(wl("b", [10, 0, 1, 5], true, "b"), KEY, 8080);
+        w.addresses.push("fd00:10:244:1::5".parse().unwrap());
+        st.insert_workload(w);
+        for (vip, hop, authority) in [
+            ("10.96.0.10:80", "10.0.1.5:15008", "10.0.1.5:8080"),
+            (
+                "[fd00:96::a]:80",
+                "[fd00:10:244:1::5]:15008",
+                "[fd00:10:244:1::5]:8080",
+            ),
+        ] {
+            match plan_outbound(&st, "", None, addr(vip)) {
+                OutboundPlan::Hbone {
+                    hop: h,
+                    authority: a,
+                    ..
+                } => {
+                    assert_eq!((h, a), (addr(hop), addr(authority)), "{vip}")
+                }
+                other => panic!("{vip}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn service_with_waypoint_goes_to_the_waypoint_with_the_vip_as_authority() {
         let mut st = State::default();
@@ -392,6 +431,56 @@ mod tests {
                 assert_eq!(hop, addr("10.0.1.5:15008"));
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// Through a waypoint found by hostname: its instance's address of the family the app
+    /// dialled, so the waypoint sees the caller's address of that family.
+    #[test]
+    fn dual_stack_waypoint_is_reached_over_the_dialled_family() {
+        let mut st = State::default();
+        let mut svc = service(Some(GatewayAddress::Hostname {
+            namespace: "ns".into(),
+            hostname: "wp.ns.svc.cluster.local".into(),
+            port: 15008,
+        }));
+        svc.vips
+            .push((String::new(), "fd00:96::a".parse().unwrap()));
+        st.insert_service(svc);
+        let mut wp_svc = service(None);
+        wp_svc.name = "wp".into();
+        wp_svc.hostname = "wp.ns.svc.cluster.local".into();
+        wp_svc.vips = vec![(String::new(), IpAddr::from([10, 96, 0, 99]))];
+        wp_svc.ports[0].service_port = 15008;
+        wp_svc.ports[0].target_port = 15008;
+        st.insert_service(wp_svc);
+        let mut wp = wl("waypoint", [10, 0, 2, 9], true, "waypoint");
+        wp.addresses.push("fd00:10:244:2::9".parse().unwrap());
+        wp.services.insert(
+            "ns/wp.ns.svc.cluster.local".into(),
+            vec![PortMapping {
+                service_port: 15008,
+                target_port: 15008,
+                app_protocol: AppProtocol::Unknown,
+            }],
+        );
+        st.insert_workload(wp);
+        for (vip, hop) in [
+            ("10.96.0.10:80", "10.0.2.9:15008"),
+            ("[fd00:96::a]:80", "[fd00:10:244:2::9]:15008"),
+        ] {
+            match plan_outbound(&st, "", None, addr(vip)) {
+                OutboundPlan::Hbone {
+                    hop: h,
+                    authority,
+                    via_waypoint,
+                    ..
+                } => {
+                    assert!(via_waypoint);
+                    assert_eq!((h, authority), (addr(hop), addr(vip)));
+                }
+                other => panic!("{vip}: {other:?}"),
+            }
         }
     }
 
