@@ -656,8 +656,8 @@ impl Lab {
         ]
     }
 
-    /// Node `i`'s `resolv.conf` as its ztunnel reads it at start (the DNS proxy's
-    /// upstream resolvers).
+    /// Node `i`'s `resolv.conf` as its ztunnel reads it, followed while it runs (the DNS
+    /// proxy's upstream resolvers).
     pub fn node_resolv_conf(&self, i: usize) -> PathBuf {
         self.dir.join(format!("node{i}/resolv.conf"))
     }
