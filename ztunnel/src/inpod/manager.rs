@@ -12,6 +12,9 @@ use std::time::Duration;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// How long the end of a snapshot waits for its pods' certificates before the ack (the
+/// agent hands the node over on that ack): bounded, as a slow CA must not stall ZDS.
+const SNAPSHOT_CERT_WAIT: Duration = Duration::from_secs(5);
 
 /// Per-pod state shown in `/config_dump`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -220,8 +223,48 @@ async fn serve(conn: ZdsConnection, mgr: &Mutex<WorkloadManager>) -> Result<(), 
     mgr.lock().expect("manager lock").new_connection();
     loop {
         let event = conn.recv().await?;
-        let result = mgr.lock().expect("manager lock").handle(event);
+        let snapshot_end = matches!(event, ZdsEvent::SnapshotSent);
+        let (result, pods) = {
+            let mut m = mgr.lock().expect("manager lock");
+            let result = m.handle(event);
+            let pods: Vec<Arc<PodProxy>> = match snapshot_end {
+                true => m.proxies.values().cloned().collect(),
+                false => Vec::new(),
+            };
+            (result, pods)
+        };
+        if snapshot_end {
+            certificates_ready(pods, SNAPSHOT_CERT_WAIT).await;
+        }
         conn.ack(result.err().as_deref()).await?;
+    }
+}
+
+/// Waits (up to `wait`) for the certificates of `pods`, so that once the snapshot is
+/// acked, and the node handed over to us, the first connections need no CA round trip.
+/// Past `wait`, or on failure, it says so and returns: the ack goes out anyway.
+async fn certificates_ready(pods: Vec<Arc<PodProxy>>, wait: Duration) {
+    let total = pods.len();
+    let mut fetches = tokio::task::JoinSet::new();
+    for p in pods {
+        fetches.spawn(async move { p.certificate().await });
+    }
+    let mut failed = Vec::new();
+    let all = async {
+        while let Some(r) = fetches.join_next().await {
+            if let Ok(Err(e)) = r {
+                failed.push(e);
+            }
+        }
+    };
+    if tokio::time::timeout(wait, all).await.is_err() {
+        tracing::warn!(pods = total, pending = fetches.len(), wait = ?wait,
+            "pod certificates not all fetched in time; acking the snapshot anyway");
+    } else if !failed.is_empty() {
+        tracing::warn!(pods = total, errors = ?failed,
+            "pod certificates failed; acking the snapshot anyway (they are retried on first use)");
+    } else {
+        tracing::info!(pods = total, "pod certificates ready");
     }
 }
 

@@ -211,17 +211,27 @@ impl PodProxy {
     pub fn prefetch_certificate(self: &Arc<Self>) {
         let pod = self.clone();
         tokio::spawn(async move {
-            let id = match pod.wait_for_workload().await {
-                Some(w) => w.identity.clone(),
-                None => match pod.fallback_identity() {
-                    Some(id) => id,
-                    None => return,
-                },
-            };
-            if let Err(e) = pod.ctx.certs.get(&id).await {
-                tracing::warn!(identity = %id, error = %e, "certificate prefetch failed; will retry on first use");
+            if let Err(e) = pod.certificate().await {
+                tracing::warn!(pod = %pod.info.name, error = %e, "certificate prefetch failed; will retry on first use");
             }
         });
+    }
+
+    /// Fetches (or finds cached) the pod's certificate. Concurrent calls share one
+    /// request to the CA.
+    pub async fn certificate(&self) -> Result<(), String> {
+        let id = match self.wait_for_workload().await {
+            Some(w) => w.identity.clone(),
+            None => self
+                .fallback_identity()
+                .ok_or("no identity: the pod is not in the configuration")?,
+        };
+        self.ctx
+            .certs
+            .get(&id)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{id}: {e}"))
     }
 
     fn fallback_identity(&self) -> Option<SpiffeId> {
