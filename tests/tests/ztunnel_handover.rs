@@ -599,6 +599,7 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
             node.agent_log()
         );
     }
+    // (A handed-over ztunnel logs a refused Add with its uid.)
     assert!(!node.zt_log(c).contains("u-web2"), "{}", node.zt_log(c));
     // Its last connection ends before any SIGTERM: ztunnel 2 stays up, idle, and the
     // agent still counts it handed over (it never takes anything back).
@@ -610,10 +611,11 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     );
     node.sigterm_and_wait_exit(c);
 
-    // (e) A ZDS client with Istio's hello (no capabilities) is never handed over: it
-    // connects (taking over from ztunnel 4, which understands it), then a newer ztunnel
-    // arrives; the next message it gets is a Del, queued after anything the newer
-    // ztunnel's arrival could have caused.
+    // (e) A ZDS client with Istio's hello (no capabilities) is never handed over. It runs
+    // in this test's process, started before every ztunnel: ordered by process start
+    // time (not by connection order) it is the oldest, so it takes nothing from ztunnel
+    // 4, which keeps serving. A newer ztunnel then hands over ztunnel 4 but never it; the
+    // next message it gets is a Del, queued after anything that arrival could have caused.
     let istio = ZdsConnection::connect_with(&node.dir.join("zds.sock"), &[])
         .await
         .unwrap();
@@ -631,10 +633,16 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
         }
     }
     assert!(seen[0].starts_with("Add"), "{seen:?}");
+    wait_until("both counted serving, nobody handed over", || {
+        let m = node.agent_metrics();
+        m.contains("mesh_cni_ztunnel_connections{state=\"serving\"} 2\n")
+            && m.contains("mesh_cni_ztunnel_connections{state=\"handed_over\"} 0\n")
+    });
+    assert_eq!(node.zt_metric(e, "ztunnel_accepting"), Some(1));
+    node.start_ztunnel(&[]);
     // ztunnel 4, handed over with nothing open, waits for its SIGTERM.
     node.assert_idle_until_sigterm(e);
     node.sigterm_and_wait_exit(e);
-    node.start_ztunnel(&[]);
     wait_until("the agent counts the newest ztunnel serving", || {
         node.agent_metrics()
             .contains("mesh_cni_ztunnel_connections{state=\"serving\"} 2\n")
@@ -710,5 +718,73 @@ async fn a_ztunnel_without_its_control_plane_never_takes_the_node() {
     assert_eq!(node.zt_metric(a, "ztunnel_open_connections"), Some(2));
     roundtrip(&long, 16 * 1024, 3);
     drop((fresh, long));
+    node.runtime.del(&sb).expect("DEL");
+}
+
+/// A pod added while a new ztunnel receives its snapshot goes to the old one (the only one
+/// serving) and is queued for the new one behind its snapshot: after the handover the
+/// new one serves it. The window is held open by a CA that never answers the new ztunnel
+/// (it waits up to 3 s for its snapshot pods' certificates before acking the snapshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_added_during_the_snapshot_is_queued_for_the_new_ztunnel() {
+    let mut node = Node::new();
+    let a = node.start_ztunnel(&[]);
+    wait_until("ztunnel 0 has its snapshot", || {
+        node.agent_metrics()
+            .contains("mesh_cni_ztunnel_connections{state=\"serving\"} 1\n")
+    });
+    let pod = Netns::new("hw");
+    let sb = sandbox(&pod, "web");
+    node.runtime.add(&sb).expect("ADD through the CNI chain");
+    node.pod_added = true;
+    wait_until("ztunnel 0 serves the pod", || {
+        node.zt_log(a).contains("pod proxy started")
+    });
+    // Accepts connections and never answers: certificate requests hang.
+    let _silent_ca = node
+        .node
+        .handle()
+        .run(|| TcpListener::bind("127.0.0.1:15097"))
+        .unwrap()
+        .unwrap();
+    let b = node.spawn_ztunnel(
+        "https://127.0.0.1:15012",
+        &["--ca-address", "https://127.0.0.1:15097"],
+    );
+    wait_until("ztunnel 1 took the snapshot's pod", || {
+        node.zt_log(b).contains("pod proxy started")
+    });
+    // Its snapshot is not acked yet: the new pod goes to ztunnel 0.
+    let pod2 = Netns::new("hx");
+    let sb2 = sandbox(&pod2, "web2");
+    node.runtime.add(&sb2).expect("ADD during the snapshot");
+    assert!(
+        node.zt_log(a).contains("uid=\"u-web2\""),
+        "the pod was added within the snapshot window, to ztunnel 0:\n{}",
+        node.zt_log(a)
+    );
+    assert!(!node.zt_log(b).contains("pod certificates"));
+    wait_until("ztunnel 0 handed over", || {
+        node.zt_log(a).contains("handed over:")
+    });
+    let pid_b = node.ztunnels[b].pid();
+    for (flag, port) in LISTENERS {
+        wait_until("ztunnel 1 listens in the pod added meanwhile", || {
+            listener_pids(&pod2, flag, port) == vec![pid_b]
+        });
+        assert_eq!(listener_pids(&pod, flag, port), vec![pid_b]);
+    }
+    let log = node.zt_log(b);
+    assert!(
+        log.contains("pod certificates not all fetched in time"),
+        "{log}"
+    );
+    // The bounded wait stays within the agent's ack timeout: one ZDS connection.
+    assert_eq!(
+        log.matches("connected to the node agent").count(),
+        1,
+        "{log}"
+    );
+    node.runtime.del(&sb2).expect("DEL");
     node.runtime.del(&sb).expect("DEL");
 }

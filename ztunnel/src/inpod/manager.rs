@@ -13,8 +13,9 @@ use std::time::Duration;
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// How long the end of a snapshot waits for its pods' certificates before the ack (the
-/// agent hands the node over on that ack): bounded, as a slow CA must not stall ZDS.
-const SNAPSHOT_CERT_WAIT: Duration = Duration::from_secs(5);
+/// agent hands the node over on that ack): bounded, as a slow CA must not stall ZDS, and
+/// well under the agent's 5 s ack timeout (it would drop the connection).
+const SNAPSHOT_CERT_WAIT: Duration = Duration::from_secs(3);
 
 /// Per-pod state shown in `/config_dump`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -224,6 +225,12 @@ async fn serve(conn: ZdsConnection, mgr: &Mutex<WorkloadManager>) -> Result<(), 
     loop {
         let event = conn.recv().await?;
         let snapshot_end = matches!(event, ZdsEvent::SnapshotSent);
+        let uid = match &event {
+            ZdsEvent::Add { uid, .. } | ZdsEvent::Keep { uid } | ZdsEvent::Del { uid } => {
+                Some(uid.clone())
+            }
+            _ => None,
+        };
         let (result, pods) = {
             let mut m = mgr.lock().expect("manager lock");
             let result = m.handle(event);
@@ -235,6 +242,9 @@ async fn serve(conn: ZdsConnection, mgr: &Mutex<WorkloadManager>) -> Result<(), 
         };
         if snapshot_end {
             certificates_ready(pods, SNAPSHOT_CERT_WAIT).await;
+        }
+        if let Err(e) = &result {
+            tracing::warn!(uid = uid.as_deref().unwrap_or(""), error = %e, "ZDS request refused");
         }
         conn.ack(result.err().as_deref()).await?;
     }
