@@ -692,6 +692,23 @@ async fn a_ztunnel_without_its_control_plane_never_takes_the_node() {
     let long = connect_from(&pod, echo);
     roundtrip(&long, 16 * 1024, 1);
 
+    // A connection counts from its accept: an HBONE connection still in its TLS handshake
+    // (this client sends nothing) keeps a handed-over ztunnel from judging itself idle.
+    let hbone: SocketAddr = format!("10.{OCTET}.0.2:15008").parse().unwrap();
+    let handshaking = node
+        .node
+        .handle()
+        .run(|| TcpStream::connect_timeout(&hbone, Duration::from_secs(5)))
+        .unwrap()
+        .expect("connect to the pod's HBONE port");
+    wait_until("the handshaking HBONE connection counted", || {
+        node.zt_metric(a, "ztunnel_open_connections") == Some(2)
+    });
+    drop(handshaking);
+    wait_until("no longer counted once closed", || {
+        node.zt_metric(a, "ztunnel_open_connections") == Some(1)
+    });
+
     // Nothing listens on this port in the node's namespace.
     let b = node.spawn_ztunnel("https://127.0.0.1:15099", &[]);
     wait_until("ztunnel 1 retrying its control plane", || {

@@ -171,10 +171,12 @@ impl WorkloadManager {
         }
         for p in self.proxies.values() {
             if let Err(e) = crate::proxy::socket::enable_migrate_req(&p.netns) {
-                // Without it, connections queued but not yet accepted are reset when the
-                // listener closes; everything else still works.
+                // Without it, a connection arriving between the last accept and the
+                // close is reset; everything else still works.
+                // What is queued when the listener closes is accepted and served anyway.
+                self.ctx.metrics.handover_migrate_req_failures.inc();
                 tracing::warn!(pod = %format!("{}/{}", p.info.namespace, p.info.name), error = %e,
-                    "cannot set net.ipv4.tcp_migrate_req; connections queued at the handover may be reset");
+                    "cannot set net.ipv4.tcp_migrate_req; connections arriving as the listeners close may be reset");
             }
         }
         self.drain.stop_accepting_now();
