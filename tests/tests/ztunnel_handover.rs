@@ -431,6 +431,13 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     });
     let echo: SocketAddr = format!("10.{OCTET}.0.1:{ECHO_PORT}").parse().unwrap();
     echo_server(&node.node, echo);
+    // Set by the agent at enrolment (ztunnel may not be allowed to): queued connections
+    // migrate to the new listener at a handover instead of being reset.
+    assert_eq!(
+        pod.exec(&["sysctl", "-n", "net.ipv4.tcp_migrate_req"])
+            .trim(),
+        "1"
+    );
 
     // (a) A long-lived connection through ztunnel 0.
     let long = connect_from(&pod, echo);

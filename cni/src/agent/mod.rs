@@ -610,6 +610,11 @@ impl Agent {
             return;
         }
         rec.apply_error = None;
+        // For ztunnel upgrades; without it only a connection arriving as the old
+        // ztunnel's listener closes can be reset.
+        if let Err(e) = ns.enable_migrate_req() {
+            tracing::warn!(pod = name, error = %e, "cannot set net.ipv4.tcp_migrate_req");
+        }
         rec.read_back = None;
         rec.programmed = Some(ns.inode);
         rec.programmed_with = Some(opts);
