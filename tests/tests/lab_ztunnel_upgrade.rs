@@ -2,8 +2,9 @@
 //! stream, an HTTP/2 keep-alive connection making requests throughout and a byte-pattern
 //! TCP echo run across `mesh-lab upgrade` of the ztunnel on node 1, then on node 2. No
 //! reset, no byte lost; every new connection after an upgrade is carried by the new
-//! process (each process's own metrics say so); each old process exits on its own once
-//! its connections end; only HBONE crosses the fabric throughout.
+//! process (each process's own metrics say so); each old process gets the SIGTERM the
+//! DaemonSet controller sends once the new pod is ready, keeps its connections after it,
+//! and exits once they end; only HBONE crosses the fabric throughout.
 
 use mesh_e2e::cluster::{contains, wait_until};
 use mesh_e2e::manifests::{
@@ -226,6 +227,13 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
             );
             assert_eq!(t.lab.process(&format!("ztunnel-{node}")).unwrap().pid, new);
             old_pids.push(old);
+            // The upgrade sent the old one SIGTERM, as the DaemonSet controller does; it
+            // noted it and carries on (the checks below run after it).
+            t.eventually("the old ztunnel noted its SIGTERM", || {
+                t.log(&format!("ztunnel-{node}-old"))
+                    .contains("SIGTERM during a handover")
+            });
+            assert!(mesh_lab::ending::alive(old), "{}", t.all_logs());
             let ports = |role: &str| t.lab.ztunnel_ports(role).unwrap();
             assert_ne!(
                 ports(&format!("ztunnel-{node}")),
@@ -332,7 +340,7 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
         assert!(sent > 0, "iperf3 sent nothing: {out}");
         assert_eq!(received, sent, "bytes received vs sent");
 
-        // With their connections ended, the old processes exit on their own.
+        // With their connections ended, the signalled old processes exit.
         for pid in &old_pids {
             assert!(
                 wait_exit(*pid, OLD_EXIT_TIMEOUT),

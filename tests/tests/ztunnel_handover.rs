@@ -1,9 +1,10 @@
 //! Zero-reset ztunnel upgrades: a real node agent (configured by a real mesh-control, the
 //! pod enrolled through the real CNI chain) and ztunnel processes started one after the
 //! other, as a DaemonSet surge does. The newer one takes every new connection; the older
-//! one keeps its open connections byte-exact, then exits on its own, or drains at its
-//! maximum age. A ZDS client that does not advertise `handover.v1` (Istio's hello) is
-//! never sent a Handover.
+//! one keeps its open connections byte-exact, or drains them at its maximum age, and
+//! exits once they are done and it has had the SIGTERM Kubernetes sends; without that
+//! SIGTERM it stays up idle (an exit would be restarted and take the node back). A ZDS
+//! client that does not advertise `handover.v1` (Istio's hello) is never sent a Handover.
 
 use mesh_e2e::cluster::wait_until;
 use mesh_e2e::net::{Netns, unique};
@@ -212,6 +213,18 @@ impl Node {
     /// metrics and readiness ports, and waits until it serves the pod (or, before the pod
     /// exists, until it has its snapshot).
     fn start_ztunnel(&mut self, extra: &[&str]) -> usize {
+        let i = self.spawn_ztunnel("https://127.0.0.1:15012", extra);
+        let p = &self.ztunnels[i];
+        let ready = match self.pod_added {
+            true => p.wait_for("pod proxy started", Duration::from_secs(15)),
+            false => p.wait_for("connected to the node agent", Duration::from_secs(15)),
+        };
+        assert!(ready, "ztunnel {i} did not start: {}", p.output());
+        i
+    }
+
+    /// Starts the next ztunnel with its xDS (and CA) at `xds`, without waiting.
+    fn spawn_ztunnel(&mut self, xds: &str, extra: &[&str]) -> usize {
         let i = self.ztunnels.len();
         let port = |n: usize| format!("127.0.0.1:{}", 16000 + i * 10 + n);
         let mut args = vec![
@@ -219,7 +232,7 @@ impl Node {
             "--node-name".into(),
             "node-1".into(),
             "--xds-address".into(),
-            "https://127.0.0.1:15012".into(),
+            xds.into(),
             "--root-cert".into(),
             self.dir
                 .join("state/root-cert.pem")
@@ -250,11 +263,6 @@ impl Node {
             &args,
             &self.dir.join(format!("ztunnel-{i}.log")),
         );
-        let ready = match self.pod_added {
-            true => p.wait_for("pod proxy started", Duration::from_secs(15)),
-            false => p.wait_for("connected to the node agent", Duration::from_secs(15)),
-        };
-        assert!(ready, "ztunnel {i} did not start: {}", p.output());
         self.ztunnels.push(p);
         i
     }
@@ -281,6 +289,50 @@ impl Node {
 
     fn zt_log(&self, i: usize) -> String {
         self.ztunnels[i].output()
+    }
+
+    /// ztunnel `i`'s `handover` section of `/config_dump`.
+    fn zt_handover(&self, i: usize) -> serde_json::Value {
+        let page = self.get(&format!("http://127.0.0.1:{}/config_dump", 16000 + i * 10));
+        serde_json::from_str::<serde_json::Value>(&page)
+            .map(|d| d["handover"].clone())
+            .unwrap_or_default()
+    }
+
+    /// ztunnel `i` has nothing left open and waits, idle, for a SIGTERM: it says so,
+    /// and (after saying so) still answers as a live, not-ready process.
+    fn assert_idle_until_sigterm(&self, i: usize) {
+        wait_until("the handed-over ztunnel idle", || {
+            self.zt_log(i)
+                .contains("handed over with nothing left open: idle until SIGTERM")
+        });
+        let state = self.zt_handover(i);
+        assert_eq!(state["state"], "idle", "{state}\n{}", self.zt_log(i));
+        let ready = self.get(&format!(
+            "http://127.0.0.1:{}/healthz/ready",
+            16000 + i * 10 + 2
+        ));
+        assert!(ready.contains("handed over"), "{ready}");
+        assert!(
+            !self.zt_log(i).contains("handover complete: exiting"),
+            "{}",
+            self.zt_log(i)
+        );
+    }
+
+    /// SIGTERM to ztunnel `i` (started by this test, by PID); it exits with status 0.
+    fn sigterm_and_wait_exit(&mut self, i: usize) {
+        let pid = self.ztunnels[i].pid();
+        mesh_e2e::net::run(&["kill", "-TERM", &pid.to_string()]);
+        let status = self.ztunnels[i]
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| {
+                panic!(
+                    "ztunnel {i} still running after SIGTERM:\n{}",
+                    self.zt_log(i)
+                )
+            });
+        assert!(status.success(), "{status:?}:\n{}", self.zt_log(i));
     }
 }
 
@@ -379,6 +431,13 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     });
     let echo: SocketAddr = format!("10.{OCTET}.0.1:{ECHO_PORT}").parse().unwrap();
     echo_server(&node.node, echo);
+    // Set by the agent at enrolment (ztunnel may not be allowed to): queued connections
+    // migrate to the new listener at a handover instead of being reset.
+    assert_eq!(
+        pod.exec(&["sysctl", "-n", "net.ipv4.tcp_migrate_req"])
+            .trim(),
+        "1"
+    );
 
     // (a) A long-lived connection through ztunnel 0.
     let long = connect_from(&pod, echo);
@@ -467,7 +526,7 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     });
     roundtrip(&long, 64 * 1024, 4);
 
-    // (c) The last connection ends: ztunnel 0 exits on its own, with status 0.
+    // (c) The last connection ends: ztunnel 0, signalled, exits with status 0.
     long.shutdown(Shutdown::Both).unwrap();
     drop(long);
     let status = node.ztunnels[a]
@@ -477,7 +536,8 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     assert!(node.zt_log(a).contains("handover complete: exiting"));
 
     // (d) ztunnel 1 (max age 2s) is handed over with a connection open: it drains at its
-    // maximum age and exits, the connection closed as a drain closes it.
+    // maximum age, the connection closed as a drain closes it; with no SIGTERM yet it
+    // then waits idle, and exits on the SIGTERM.
     let held = connect_from(&pod, echo);
     roundtrip(&held, 16 * 1024, 5);
     assert_eq!(node.zt_metric(b, "ztunnel_open_connections"), Some(1));
@@ -486,18 +546,18 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
         node.zt_log(b)
             .contains("handed over: 1 connections still open")
     });
-    let status = node.ztunnels[b]
-        .wait_exit(Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("ztunnel 1 still running:\n{}", node.zt_log(b)));
-    let log = node.zt_log(b);
-    assert!(log.contains("handover max age reached: draining"), "{log}");
-    assert!(status.success(), "{status:?}:\n{log}");
+    wait_until("ztunnel 1 at its maximum age", || {
+        node.zt_log(b)
+            .contains("handover max age reached: draining")
+    });
+    node.assert_idle_until_sigterm(b);
     let mut buf = [0u8; 16];
     let ended = (&held).read(&mut buf);
     assert!(
         matches!(ended, Ok(0)) || ended.is_err(),
         "the drained connection is closed: {ended:?}"
     );
+    node.sigterm_and_wait_exit(b);
     // New connections are ztunnel 2's.
     let fresh = connect_from(&pod, echo);
     roundtrip(&fresh, 16 * 1024, 6);
@@ -546,17 +606,23 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
             node.agent_log()
         );
     }
+    // (A handed-over ztunnel logs a refused Add with its uid.)
     assert!(!node.zt_log(c).contains("u-web2"), "{}", node.zt_log(c));
+    // Its last connection ends before any SIGTERM: ztunnel 2 stays up, idle, and the
+    // agent still counts it handed over (it never takes anything back).
     drop(kept);
-    let status = node.ztunnels[c]
-        .wait_exit(Duration::from_secs(20))
-        .expect("ztunnel 2 exits once its connection ends");
-    assert!(status.success());
+    node.assert_idle_until_sigterm(c);
+    assert!(
+        node.agent_metrics()
+            .contains("mesh_cni_ztunnel_connections{state=\"handed_over\"} 1\n")
+    );
+    node.sigterm_and_wait_exit(c);
 
-    // (e) A ZDS client with Istio's hello (no capabilities) is never handed over: it
-    // connects (taking over from ztunnel 4, which understands it), then a newer ztunnel
-    // arrives; the next message it gets is a Del, queued after anything the newer
-    // ztunnel's arrival could have caused.
+    // (e) A ZDS client with Istio's hello (no capabilities) is never handed over. It runs
+    // in this test's process, started before every ztunnel: ordered by process start
+    // time (not by connection order) it is the oldest, so it takes nothing from ztunnel
+    // 4, which keeps serving. A newer ztunnel then hands over ztunnel 4 but never it; the
+    // next message it gets is a Del, queued after anything that arrival could have caused.
     let istio = ZdsConnection::connect_with(&node.dir.join("zds.sock"), &[])
         .await
         .unwrap();
@@ -574,11 +640,16 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
         }
     }
     assert!(seen[0].starts_with("Add"), "{seen:?}");
-    let status = node.ztunnels[e]
-        .wait_exit(Duration::from_secs(20))
-        .expect("ztunnel 4, handed over with nothing open, exits");
-    assert!(status.success());
+    wait_until("both counted serving, nobody handed over", || {
+        let m = node.agent_metrics();
+        m.contains("mesh_cni_ztunnel_connections{state=\"serving\"} 2\n")
+            && m.contains("mesh_cni_ztunnel_connections{state=\"handed_over\"} 0\n")
+    });
+    assert_eq!(node.zt_metric(e, "ztunnel_accepting"), Some(1));
     node.start_ztunnel(&[]);
+    // ztunnel 4, handed over with nothing open, waits for its SIGTERM.
+    node.assert_idle_until_sigterm(e);
+    node.sigterm_and_wait_exit(e);
     wait_until("the agent counts the newest ztunnel serving", || {
         node.agent_metrics()
             .contains("mesh_cni_ztunnel_connections{state=\"serving\"} 2\n")
@@ -602,4 +673,142 @@ async fn ztunnel_upgrade_hands_over_without_resetting_open_connections() {
     }
     node.runtime.del(&sb).expect("DEL");
     node.runtime.del(&sb2).expect("DEL");
+}
+
+/// A new ztunnel that cannot reach its control plane (no xDS, no certificates) could
+/// serve nothing: it never connects to the node agent, so the running one is never
+/// handed over and keeps taking every new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ztunnel_without_its_control_plane_never_takes_the_node() {
+    let mut node = Node::new();
+    let a = node.start_ztunnel(&[]);
+    wait_until("ztunnel 0 has its snapshot", || {
+        node.agent_metrics()
+            .contains("mesh_cni_ztunnel_connections{state=\"serving\"} 1\n")
+    });
+    let pod = Netns::new("hu");
+    let sb = sandbox(&pod, "web");
+    node.runtime.add(&sb).expect("ADD through the CNI chain");
+    node.pod_added = true;
+    let _app = node.run_pod_process(&pod, "u-web");
+    wait_until("ztunnel 0 serves the pod", || {
+        node.zt_log(a).contains("pod proxy started")
+    });
+    let echo: SocketAddr = format!("10.{OCTET}.0.1:{ECHO_PORT}").parse().unwrap();
+    echo_server(&node.node, echo);
+    let long = connect_from(&pod, echo);
+    roundtrip(&long, 16 * 1024, 1);
+
+    // A connection counts from its accept: an HBONE connection still in its TLS handshake
+    // (this client sends nothing) keeps a handed-over ztunnel from judging itself idle.
+    let hbone: SocketAddr = format!("10.{OCTET}.0.2:15008").parse().unwrap();
+    let handshaking = node
+        .node
+        .handle()
+        .run(|| TcpStream::connect_timeout(&hbone, Duration::from_secs(5)))
+        .unwrap()
+        .expect("connect to the pod's HBONE port");
+    wait_until("the handshaking HBONE connection counted", || {
+        node.zt_metric(a, "ztunnel_open_connections") == Some(2)
+    });
+    drop(handshaking);
+    wait_until("no longer counted once closed", || {
+        node.zt_metric(a, "ztunnel_open_connections") == Some(1)
+    });
+
+    // Nothing listens on this port in the node's namespace.
+    let b = node.spawn_ztunnel("https://127.0.0.1:15099", &[]);
+    wait_until("ztunnel 1 retrying its control plane", || {
+        node.zt_log(b).matches("xDS stream failed").count() >= 6
+    });
+    let log = node.zt_log(b);
+    assert!(
+        log.contains("waiting for the configuration before connecting to the node agent"),
+        "{log}"
+    );
+    assert!(!log.contains("connected to the node agent"), "{log}");
+    let m = node.agent_metrics();
+    assert!(
+        m.contains("mesh_cni_ztunnel_connections{state=\"serving\"} 1\n")
+            && m.contains("mesh_cni_ztunnel_connections{state=\"handed_over\"} 0\n"),
+        "{m}"
+    );
+    assert_eq!(node.zt_metric(a, "ztunnel_accepting"), Some(1));
+    let ready = node.get("http://127.0.0.1:16012/healthz/ready");
+    assert!(ready.contains("xds"), "ztunnel 1 is not ready: {ready}");
+    // New connections still land on ztunnel 0; the open one flows on.
+    let fresh = connect_from(&pod, echo);
+    roundtrip(&fresh, 16 * 1024, 2);
+    assert_eq!(node.zt_metric(a, "ztunnel_open_connections"), Some(2));
+    roundtrip(&long, 16 * 1024, 3);
+    drop((fresh, long));
+    node.runtime.del(&sb).expect("DEL");
+}
+
+/// A pod added while a new ztunnel receives its snapshot goes to the old one (the only one
+/// serving) and is queued for the new one behind its snapshot: after the handover the
+/// new one serves it. The window is held open by a CA that never answers the new ztunnel
+/// (it waits up to 3 s for its snapshot pods' certificates before acking the snapshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_added_during_the_snapshot_is_queued_for_the_new_ztunnel() {
+    let mut node = Node::new();
+    let a = node.start_ztunnel(&[]);
+    wait_until("ztunnel 0 has its snapshot", || {
+        node.agent_metrics()
+            .contains("mesh_cni_ztunnel_connections{state=\"serving\"} 1\n")
+    });
+    let pod = Netns::new("hw");
+    let sb = sandbox(&pod, "web");
+    node.runtime.add(&sb).expect("ADD through the CNI chain");
+    node.pod_added = true;
+    wait_until("ztunnel 0 serves the pod", || {
+        node.zt_log(a).contains("pod proxy started")
+    });
+    // Accepts connections and never answers: certificate requests hang.
+    let _silent_ca = node
+        .node
+        .handle()
+        .run(|| TcpListener::bind("127.0.0.1:15097"))
+        .unwrap()
+        .unwrap();
+    let b = node.spawn_ztunnel(
+        "https://127.0.0.1:15012",
+        &["--ca-address", "https://127.0.0.1:15097"],
+    );
+    wait_until("ztunnel 1 took the snapshot's pod", || {
+        node.zt_log(b).contains("pod proxy started")
+    });
+    // Its snapshot is not acked yet: the new pod goes to ztunnel 0.
+    let pod2 = Netns::new("hx");
+    let sb2 = sandbox(&pod2, "web2");
+    node.runtime.add(&sb2).expect("ADD during the snapshot");
+    assert!(
+        node.zt_log(a).contains("uid=\"u-web2\""),
+        "the pod was added within the snapshot window, to ztunnel 0:\n{}",
+        node.zt_log(a)
+    );
+    assert!(!node.zt_log(b).contains("pod certificates"));
+    wait_until("ztunnel 0 handed over", || {
+        node.zt_log(a).contains("handed over:")
+    });
+    let pid_b = node.ztunnels[b].pid();
+    for (flag, port) in LISTENERS {
+        wait_until("ztunnel 1 listens in the pod added meanwhile", || {
+            listener_pids(&pod2, flag, port) == vec![pid_b]
+        });
+        assert_eq!(listener_pids(&pod, flag, port), vec![pid_b]);
+    }
+    let log = node.zt_log(b);
+    assert!(
+        log.contains("pod certificates not all fetched in time"),
+        "{log}"
+    );
+    // The bounded wait stays within the agent's ack timeout: one ZDS connection.
+    assert_eq!(
+        log.matches("connected to the node agent").count(),
+        1,
+        "{log}"
+    );
+    node.runtime.del(&sb2).expect("DEL");
+    node.runtime.del(&sb).expect("DEL");
 }

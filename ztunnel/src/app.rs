@@ -93,8 +93,8 @@ fn not_ready(
     let mut p = Vec::new();
     match phase {
         Phase::Serving => {}
-        Phase::HandedOver { .. } => p.push("handed over"),
-        Phase::Draining | Phase::Exit => p.push("draining"),
+        Phase::HandedOver { .. } | Phase::Idle => p.push("handed over"),
+        Phase::Draining { .. } | Phase::Exit => p.push("draining"),
     }
     if !config_ready {
         p.push(if is_local { "local config" } else { "xds" });
@@ -230,7 +230,33 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
         ),
         None => PodSource::Agent(cfg.zds_socket.clone()),
     };
-    tokio::spawn(manager::run(pods, manager.clone()));
+    // The node agent hands the node over to the newest ztunnel that has acked its pod
+    // snapshot: connect only once this one can serve (configuration synced), or a
+    // ztunnel that never syncs (control plane unreachable, bad token) would take every
+    // pod's new connections and fail them. Readiness waits for both.
+    let config_synced = {
+        let (local, progress, is_local) = (
+            local_loaded.clone(),
+            progress.clone(),
+            cfg.local_config.is_some(),
+        );
+        move || match is_local {
+            true => local.load(Ordering::Relaxed),
+            false => progress.synced(),
+        }
+    };
+    {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            if !config_synced() {
+                tracing::info!("waiting for the configuration before connecting to the node agent");
+                while !config_synced() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            manager::run(pods, manager).await
+        });
+    }
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let pending = {
@@ -361,7 +387,13 @@ async fn lifecycle_loop(
                 }
                 Action::SignalIgnored => tracing::info!(
                     open = drain.open_connections(),
-                    "{cause} during a handover: open connections run on until they end or the maximum age; signal again to drain now"
+                    "{cause} during a handover: open connections run on until they end or the maximum age, then exit; signal again to drain now"
+                ),
+                Action::SignalNoted => {
+                    tracing::info!("{cause} during the max-age drain: exiting once it is done")
+                }
+                Action::Idle => tracing::info!(
+                    "handed over with nothing left open: idle until SIGTERM (no listeners, not ready)"
                 ),
                 Action::DrainMaxAge | Action::Drain => {
                     if action == Action::DrainMaxAge {
@@ -416,7 +448,11 @@ mod tests {
         };
         assert_eq!(not_ready(false, true, true, 0, h), vec!["handed over"]);
         assert_eq!(
-            not_ready(false, true, true, 0, Phase::Draining),
+            not_ready(false, true, true, 0, Phase::Idle),
+            vec!["handed over"]
+        );
+        assert_eq!(
+            not_ready(false, true, true, 0, Phase::Draining { exit_after: true }),
             vec!["draining"]
         );
     }

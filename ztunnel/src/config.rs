@@ -80,7 +80,9 @@ pub struct Config {
     pub drain_deadline: Duration,
     /// After a handover (the node agent moved new pods and connections to a newer
     /// ztunnel), how long this one keeps its open connections before draining them as
-    /// SIGTERM does. It exits on its own as soon as the last one ends.
+    /// SIGTERM does. Once it has seen SIGTERM (Kubernetes sends one when the new pod is
+    /// ready) it exits as soon as the last one ends; before that it stays up, idle, as a
+    /// container that exits is restarted and would take the node back.
     #[arg(long, env = "HANDOVER_MAX_AGE", default_value = "1h", value_parser = parse_duration)]
     #[serde(with = "secs")]
     pub handover_max_age: Duration,

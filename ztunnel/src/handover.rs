@@ -1,7 +1,11 @@
 //! The process lifecycle across an upgrade, as a pure state machine: Serving until the
 //! node agent sends a Handover (a newer ztunnel took the node) or a signal; HandedOver
-//! keeps every open connection but accepts none, until the last one ends (exit) or the
-//! maximum age (drain as SIGTERM does); Draining ends in Exit. The I/O is in `app.rs`.
+//! keeps every open connection but accepts none, until the last one ends or the maximum
+//! age (drain as SIGTERM does). A handed-over process exits only once it has seen a
+//! SIGTERM: under Kubernetes a container that exits on its own is restarted, and the old
+//! version would come back as the newest ztunnel and take the node back. Until then it
+//! waits Idle (no listeners, not ready). Draining ends in Exit (or Idle, for a max-age
+//! drain not yet signalled). The I/O is in `app.rs`.
 
 use crate::drain::Drain;
 use std::sync::Mutex;
@@ -11,12 +15,19 @@ use std::time::{Duration, Instant};
 pub enum Phase {
     Serving,
     /// Not accepting; open connections run on. `signalled`: a SIGTERM came meanwhile
-    /// (Kubernetes sends one as soon as the new pod is ready); the next one drains.
+    /// (Kubernetes sends one as soon as the new pod is ready): it exits once they end,
+    /// and the next signal drains.
     HandedOver {
         since: Instant,
         signalled: bool,
     },
-    Draining,
+    /// Closing what is left. `exit_after`: exit once done; otherwise (the handover's
+    /// maximum age, before any SIGTERM) wait Idle for one.
+    Draining {
+        exit_after: bool,
+    },
+    /// Handed over with nothing left open, waiting for SIGTERM to exit.
+    Idle,
     Exit,
 }
 
@@ -42,13 +53,18 @@ pub enum Action {
     None,
     /// Stop accepting in every pod (listeners closed, GOAWAY), keep open connections.
     StopAccepting,
-    /// A signal during a handover, noted and otherwise ignored.
+    /// A signal during a handover, noted: exit once the open connections end.
     SignalIgnored,
+    /// A signal during a max-age drain, noted: exit once it is done.
+    SignalNoted,
     /// Drain now: the handover's maximum age was reached.
     DrainMaxAge,
     /// Drain now: a signal or quitquitquit.
     Drain,
-    /// The last connection of a handover ended: exit 0.
+    /// Nothing left open and no SIGTERM yet: stay up, idle, until one comes.
+    Idle,
+    /// The last connection of a signalled handover ended, or the signal came when
+    /// nothing was left: exit 0.
     ExitHandoverComplete,
     /// The drain is over: exit.
     ExitDrained,
@@ -65,7 +81,8 @@ impl Phase {
         match self {
             Phase::Serving => "serving",
             Phase::HandedOver { .. } => "handed_over",
-            Phase::Draining => "draining",
+            Phase::Draining { .. } => "draining",
+            Phase::Idle => "idle",
             Phase::Exit => "exiting",
         }
     }
@@ -113,6 +130,10 @@ impl Status {
 
     /// The `handover` section of `/config_dump`.
     pub fn json(&self) -> serde_json::Value {
+        self.json_at(Instant::now())
+    }
+
+    fn json_at(&self, now: Instant) -> serde_json::Value {
         let phase = self.phase();
         let mut v = serde_json::json!({
             "state": phase.name(),
@@ -120,13 +141,11 @@ impl Status {
             "openConnections": self.open_connections(),
             "maxAgeSeconds": self.max_age.as_secs(),
         });
-        if let Phase::HandedOver { since, .. } = phase {
-            v["handedOverSecondsAgo"] = since.elapsed().as_secs().into();
-            v["drainsInSeconds"] = self
-                .max_age
-                .saturating_sub(since.elapsed())
-                .as_secs()
-                .into();
+        if let Phase::HandedOver { since, signalled } = phase {
+            let ago = now.saturating_duration_since(since);
+            v["handedOverSecondsAgo"] = ago.as_secs().into();
+            v["drainsInSeconds"] = self.max_age.saturating_sub(ago).as_secs().into();
+            v["signalled"] = signalled.into();
         }
         v
     }
@@ -138,9 +157,17 @@ pub fn step(phase: Phase, event: Event, max_age: Duration) -> (Phase, Action) {
     use Phase as P;
     match (phase, event) {
         (P::Exit, _) => (P::Exit, A::None),
-        (P::Draining, Event::Drained) => (P::Exit, A::ExitDrained),
-        (P::Draining, _) => (P::Draining, A::None),
-        (_, Event::Quit) => (P::Draining, A::Drain),
+        (P::Draining { exit_after: true }, Event::Drained) => (P::Exit, A::ExitDrained),
+        (P::Draining { exit_after: false }, Event::Drained) => (P::Idle, A::Idle),
+        (P::Draining { exit_after: false }, Event::Signal) => {
+            (P::Draining { exit_after: true }, A::SignalNoted)
+        }
+        (P::Draining { .. }, Event::Quit) => (P::Draining { exit_after: true }, A::None),
+        (p @ P::Draining { .. }, _) => (p, A::None),
+        // Nothing is open: a signal or quitquitquit ends it at once.
+        (P::Idle, Event::Signal | Event::Quit) => (P::Exit, A::ExitHandoverComplete),
+        (P::Idle, _) => (P::Idle, A::None),
+        (_, Event::Quit) => (P::Draining { exit_after: true }, A::Drain),
         (P::Serving, Event::Handover { now }) => (
             P::HandedOver {
                 since: now,
@@ -148,7 +175,7 @@ pub fn step(phase: Phase, event: Event, max_age: Duration) -> (Phase, Action) {
             },
             A::StopAccepting,
         ),
-        (P::Serving, Event::Signal) => (P::Draining, A::Drain),
+        (P::Serving, Event::Signal) => (P::Draining { exit_after: true }, A::Drain),
         (P::Serving, _) => (P::Serving, A::None),
         (
             P::HandedOver {
@@ -168,11 +195,25 @@ pub fn step(phase: Phase, event: Event, max_age: Duration) -> (Phase, Action) {
                 signalled: true, ..
             },
             Event::Signal,
-        ) => (P::Draining, A::Drain),
-        (P::HandedOver { .. }, Event::OpenConnections(0)) => (P::Exit, A::ExitHandoverComplete),
-        (P::HandedOver { since, .. }, Event::Tick { now }) if now >= since + max_age => {
-            (P::Draining, A::DrainMaxAge)
-        }
+        ) => (P::Draining { exit_after: true }, A::Drain),
+        (
+            P::HandedOver {
+                signalled: true, ..
+            },
+            Event::OpenConnections(0),
+        ) => (P::Exit, A::ExitHandoverComplete),
+        (
+            P::HandedOver {
+                signalled: false, ..
+            },
+            Event::OpenConnections(0),
+        ) => (P::Idle, A::Idle),
+        (P::HandedOver { since, signalled }, Event::Tick { now }) if now >= since + max_age => (
+            P::Draining {
+                exit_after: signalled,
+            },
+            A::DrainMaxAge,
+        ),
         (p @ P::HandedOver { .. }, _) => (p, A::None),
     }
 }
@@ -182,13 +223,18 @@ mod tests {
     use super::*;
 
     const AGE: Duration = Duration::from_secs(3600);
+    const DRAIN_EXIT: Phase = Phase::Draining { exit_after: true };
 
     fn handed_over(t0: Instant) -> Phase {
         step(Phase::Serving, Event::Handover { now: t0 }, AGE).0
     }
 
+    fn signalled(t0: Instant) -> Phase {
+        step(handed_over(t0), Event::Signal, AGE).0
+    }
+
     #[test]
-    fn handover_stops_accepting_then_exits_when_the_last_connection_ends() {
+    fn handover_stops_accepting_then_exits_after_sigterm_and_the_last_connection() {
         let t0 = Instant::now();
         let (p, a) = step(Phase::Serving, Event::Handover { now: t0 }, AGE);
         assert_eq!(a, Action::StopAccepting);
@@ -199,16 +245,48 @@ mod tests {
             (p, Action::None),
             "open connections keep it running"
         );
+        // A second Handover changes nothing.
+        assert_eq!(step(p, Event::Handover { now: t0 }, AGE), (p, Action::None));
+        let (p, a) = step(p, Event::Signal, AGE);
+        assert_eq!(a, Action::SignalIgnored);
+        assert_eq!(step(p, Event::OpenConnections(2), AGE), (p, Action::None));
         assert_eq!(
             step(p, Event::OpenConnections(0), AGE),
             (Phase::Exit, Action::ExitHandoverComplete)
         );
-        // A second Handover changes nothing.
-        assert_eq!(step(p, Event::Handover { now: t0 }, AGE), (p, Action::None));
     }
 
     #[test]
-    fn max_age_drains() {
+    fn without_sigterm_a_handed_over_process_with_nothing_open_stays_up_idle() {
+        // A DaemonSet restarts a container that exits: the old version would come back.
+        let (p, a) = step(handed_over(Instant::now()), Event::OpenConnections(0), AGE);
+        assert_eq!((p, a), (Phase::Idle, Action::Idle));
+        assert!(!p.accepting());
+        assert_eq!(p.name(), "idle");
+        for e in [
+            Event::OpenConnections(0),
+            Event::Tick {
+                now: Instant::now() + AGE * 2,
+            },
+            Event::Handover {
+                now: Instant::now(),
+            },
+            Event::Drained,
+        ] {
+            assert_eq!(step(p, e, AGE), (Phase::Idle, Action::None), "{e:?}");
+        }
+        assert_eq!(
+            step(p, Event::Signal, AGE),
+            (Phase::Exit, Action::ExitHandoverComplete)
+        );
+        assert_eq!(
+            step(p, Event::Quit, AGE),
+            (Phase::Exit, Action::ExitHandoverComplete)
+        );
+    }
+
+    #[test]
+    fn max_age_drains_then_waits_for_sigterm_unless_it_came_already() {
         let t0 = Instant::now();
         let p = handed_over(t0);
         assert_eq!(p.deadline(AGE), Some(t0 + AGE));
@@ -223,8 +301,22 @@ mod tests {
             (p, Action::None)
         );
         let (p, a) = step(p, Event::Tick { now: t0 + AGE }, AGE);
-        assert_eq!((p, a), (Phase::Draining, Action::DrainMaxAge));
+        assert_eq!(
+            (p, a),
+            (Phase::Draining { exit_after: false }, Action::DrainMaxAge)
+        );
         assert_eq!(step(p, Event::OpenConnections(0), AGE), (p, Action::None));
+        assert_eq!(step(p, Event::Drained, AGE), (Phase::Idle, Action::Idle));
+        // A SIGTERM during that drain: exit once it is done.
+        let (p2, a) = step(p, Event::Signal, AGE);
+        assert_eq!((p2, a), (DRAIN_EXIT, Action::SignalNoted));
+        assert_eq!(
+            step(p2, Event::Drained, AGE),
+            (Phase::Exit, Action::ExitDrained)
+        );
+        // Signalled before the maximum age: the drain ends in exit.
+        let (p, a) = step(signalled(t0), Event::Tick { now: t0 + AGE }, AGE);
+        assert_eq!((p, a), (DRAIN_EXIT, Action::DrainMaxAge));
         assert_eq!(
             step(p, Event::Drained, AGE),
             (Phase::Exit, Action::ExitDrained)
@@ -232,20 +324,12 @@ mod tests {
     }
 
     #[test]
-    fn the_first_signal_during_a_handover_is_ignored_the_second_drains() {
+    fn the_first_signal_during_a_handover_is_noted_the_second_drains() {
         let t0 = Instant::now();
         let (p, a) = step(handed_over(t0), Event::Signal, AGE);
         assert_eq!(a, Action::SignalIgnored);
         assert!(matches!(p, Phase::HandedOver { since, signalled: true } if since == t0));
-        assert_eq!(
-            step(p, Event::Signal, AGE),
-            (Phase::Draining, Action::Drain)
-        );
-        // Still exits on its own after the ignored signal.
-        assert_eq!(
-            step(p, Event::OpenConnections(0), AGE),
-            (Phase::Exit, Action::ExitHandoverComplete)
-        );
+        assert_eq!(step(p, Event::Signal, AGE), (DRAIN_EXIT, Action::Drain));
     }
 
     #[test]
@@ -253,7 +337,11 @@ mod tests {
         assert!(Phase::Serving.accepting());
         assert_eq!(
             step(Phase::Serving, Event::Signal, AGE),
-            (Phase::Draining, Action::Drain)
+            (DRAIN_EXIT, Action::Drain)
+        );
+        assert_eq!(
+            step(DRAIN_EXIT, Event::Drained, AGE),
+            (Phase::Exit, Action::ExitDrained)
         );
         assert_eq!(
             step(Phase::Serving, Event::OpenConnections(0), AGE),
@@ -273,26 +361,30 @@ mod tests {
         // A Handover while draining is too late to matter.
         assert_eq!(
             step(
-                Phase::Draining,
+                DRAIN_EXIT,
                 Event::Handover {
                     now: Instant::now()
                 },
                 AGE
             ),
-            (Phase::Draining, Action::None)
+            (DRAIN_EXIT, Action::None)
         );
     }
 
     #[test]
-    fn quit_drains_from_any_live_phase() {
+    fn quit_drains_from_any_live_phase_and_exits_after() {
         let t0 = Instant::now();
         assert_eq!(
             step(handed_over(t0), Event::Quit, AGE),
-            (Phase::Draining, Action::Drain)
+            (DRAIN_EXIT, Action::Drain)
         );
         assert_eq!(
             step(Phase::Serving, Event::Quit, AGE),
-            (Phase::Draining, Action::Drain)
+            (DRAIN_EXIT, Action::Drain)
+        );
+        assert_eq!(
+            step(Phase::Draining { exit_after: false }, Event::Quit, AGE),
+            (DRAIN_EXIT, Action::None)
         );
         assert_eq!(
             step(Phase::Exit, Event::Quit, AGE),
@@ -311,13 +403,18 @@ mod tests {
             (&"serving".into(), &true.into())
         );
         assert_eq!(v["openConnections"], 1);
-        status.set(handed_over(Instant::now()));
-        let v = status.json();
+        let t0 = Instant::now();
+        status.set(handed_over(t0));
+        let v = status.json_at(t0 + Duration::from_secs(600));
         assert_eq!(
             (&v["state"], &v["accepting"]),
             (&"handed_over".into(), &false.into())
         );
         assert_eq!(v["maxAgeSeconds"], 3600);
-        assert!(v["drainsInSeconds"].as_u64().unwrap() <= 3600, "{v}");
+        assert_eq!(v["handedOverSecondsAgo"], 600);
+        assert_eq!(v["drainsInSeconds"], 3000);
+        assert_eq!(v["signalled"], false);
+        status.set(Phase::Idle);
+        assert_eq!(status.json()["state"], "idle");
     }
 }

@@ -177,6 +177,8 @@ pub struct Metrics {
     pub active_proxies: Gauge,
     pub proxies_started: Counter,
     pub proxies_stopped: Counter,
+    /// Handovers where `net.ipv4.tcp_migrate_req` could not be set in a pod.
+    pub handover_migrate_req_failures: Counter,
     xds_connection_terminations: Family<ReasonLabel, Counter>,
     xds_messages: Family<UrlLabel, Counter>,
     /// Connections closed at once because their listener was at its cap.
@@ -217,6 +219,7 @@ impl Metrics {
             active_proxies: Gauge::default(),
             proxies_started: Counter::default(),
             proxies_stopped: Counter::default(),
+            handover_migrate_req_failures: Counter::default(),
             xds_connection_terminations: Family::default(),
             xds_messages: Family::default(),
             connections_refused: Family::default(),
@@ -277,6 +280,11 @@ impl Metrics {
             "listener_connections_refused",
             "Connections closed because their listener was at --max-connections-per-listener",
             m.connections_refused.clone(),
+        );
+        zt.register(
+            "handover_migrate_req_failures",
+            "Pods where a handover could not set net.ipv4.tcp_migrate_req (read-only /proc/sys): connections arriving as the listener closes may be reset",
+            m.handover_migrate_req_failures.clone(),
         );
         if let Some(certs) = certs {
             zt.register_collector(Box::new(CertCollector(certs)));

@@ -296,7 +296,7 @@ impl Agent {
             &cfg.zds_socket,
             cfg.zds_peer.clone(),
             metrics.clone(),
-            Arc::new(move || {
+            Arc::new(move |register: zds::Register| {
                 let src = src.clone();
                 Box::pin(async move {
                     // A ztunnel may connect before the agent is fully built; never answer
@@ -308,7 +308,7 @@ impl Agent {
                             .as_ref()
                             .and_then(|w| w.upgrade());
                         if let Some(a) = agent {
-                            return a.snapshot().await;
+                            return a.snapshot(register).await;
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
@@ -343,15 +343,18 @@ impl Agent {
 
     /// Pods a connecting ztunnel must get: every programmed pod with its netns. Waits
     /// until the first view from the control plane has been applied: an early, partial
-    /// snapshot would make ztunnel drain the proxies of pods it does not list.
-    async fn snapshot(&self) -> Vec<zds::PodEntry> {
+    /// snapshot would make ztunnel drain the proxies of pods it does not list. `register`
+    /// runs under the pod lock once the list is taken: every Add and Del after it is
+    /// queued for the new connection.
+    async fn snapshot(&self, register: zds::Register) -> Vec<zds::PodEntry> {
         let _ = self
             .view_synced
             .subscribe()
             .wait_for(|synced| *synced)
             .await;
         let pods = self.pods.lock().await;
-        pods.values()
+        let list = pods
+            .values()
             .filter(|r| r.programmed.is_some())
             .filter_map(|r| {
                 let v = r.view.as_ref()?;
@@ -363,7 +366,10 @@ impl Agent {
                     netns: r.netns.as_ref().and_then(|n| n.file.try_clone().ok()),
                 })
             })
-            .collect()
+            .collect();
+        register();
+        drop(pods);
+        list
     }
 
     pub fn ready(&self) -> bool {
@@ -459,7 +465,13 @@ impl Agent {
             want,
             programmed: rec.programmed,
             inode,
-            acked: rec.acked,
+            // Acked by an older ztunnel, but the newest one lacks it (refused in its
+            // snapshot, or sent as Keep): its Add is sent again.
+            acked: rec.acked
+                && !rec
+                    .view
+                    .as_ref()
+                    .is_some_and(|v| self.zds.missing(&uid_of(v))),
             installed: rec.installed,
             options_changed,
         };
@@ -598,6 +610,11 @@ impl Agent {
             return;
         }
         rec.apply_error = None;
+        // For ztunnel upgrades; without it only a connection arriving as the old
+        // ztunnel's listener closes can be reset.
+        if let Err(e) = ns.enable_migrate_req() {
+            tracing::warn!(pod = name, error = %e, "cannot set net.ipv4.tcp_migrate_req");
+        }
         rec.read_back = None;
         rec.programmed = Some(ns.inode);
         rec.programmed_with = Some(opts);

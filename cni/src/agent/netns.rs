@@ -121,6 +121,23 @@ impl Netns {
         .map_err(|_| "netns command thread panicked".to_string())?
     }
 
+    /// Sets `net.ipv4.tcp_migrate_req=1` here (IPv6 included): a closing listener's queued
+    /// connections move to another listener of its SO_REUSEPORT group instead of being
+    /// reset. ztunnel sets it at a handover too, but cannot where its /proc/sys is
+    /// read-only (a non-privileged container); the agent can.
+    pub fn enable_migrate_req(&self) -> Result<(), String> {
+        let fd = self.file.try_clone().map_err(|e| e.to_string())?;
+        let path = self.path.clone();
+        std::thread::spawn(move || -> Result<(), String> {
+            setns(&fd, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns into {path}: {e}"))?;
+            // /proc/sys/net resolves to the namespace of the thread that opens it.
+            std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
+                .map_err(|e| format!("net.ipv4.tcp_migrate_req in {path}: {e}"))
+        })
+        .join()
+        .map_err(|_| "netns thread panicked".to_string())?
+    }
+
     /// The namespace's IP addresses (via `ip -j addr`).
     pub fn addresses(&self) -> Result<Vec<String>, String> {
         let out = self.run(&["ip", "-j", "addr", "show"], None)?;

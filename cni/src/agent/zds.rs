@@ -2,9 +2,11 @@
 //! SOCK_SEQPACKET socket (the fd in SCM_RIGHTS), wire-compatible with Istio's node agent.
 //! Per connection: hello, snapshot (Add with fd, or Keep), SnapshotSent, then incremental
 //! messages, each acked within 5 s. New Adds go only to the newest ztunnel (upgrades run
-//! two side by side); Dels go to all. A ztunnel whose hello lists `handover.v1` is sent a
-//! Handover once a newer one has taken its snapshot, and no Add after that (see
-//! `zds_route`).
+//! two side by side); Dels go to all. A connection is registered under the agent's pod
+//! lock as its snapshot is taken, so every Add and Del made while it receives that
+//! snapshot is queued for it behind the snapshot (Istio's order). A ztunnel whose hello
+//! lists `handover.v1` is sent a Handover once a newer one has every pod, and no Add
+//! after that (see `zds_route`).
 //!
 //! The socket is 0600 in a 0700 directory and each peer is checked with SO_PEERCRED
 //! before a byte is read. Everything runs on tokio: one task per connection, every wait
@@ -13,12 +15,13 @@
 
 use super::local::{self, Peer, PeerPolicy};
 use super::metrics::Metrics;
-use super::zds_route::{self, ConnView};
+use super::zds_route::{self, ConnView, Sent};
 use mesh_proto::prost::Message;
 use mesh_proto::zds;
 use nix::sys::socket::{
     self, AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
+use std::collections::HashSet;
 use std::fs::File;
 use std::future::Future;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -49,22 +52,30 @@ pub struct PodEntry {
     pub netns: Option<File>,
 }
 
-/// One request for a connection's task, answered on `done`.
+/// One request for a connection's task, answered on `done` (`None`: queued behind a
+/// snapshot, nobody waits; a failure is logged and leaves the pod missing there).
 struct Job {
     req: zds::WorkloadRequest,
     fd: Option<File>,
-    done: std::sync::mpsc::SyncSender<Result<(), String>>,
+    done: Option<std::sync::mpsc::SyncSender<Result<(), String>>>,
 }
 
 #[derive(Clone)]
 struct Handle {
     id: u64,
+    /// The ztunnel process's start time, which orders connections (`zds_route`).
+    started: Option<u64>,
     tx: mpsc::UnboundedSender<Job>,
     alive: Arc<AtomicBool>,
+    /// Its snapshot was sent and acked (and what was queued meanwhile).
+    serving: Arc<AtomicBool>,
     /// Its hello listed `handover.v1`.
     handover_capable: bool,
     /// A Handover was sent (set before sending, so no Add races it).
     handed_over: Arc<AtomicBool>,
+    /// Pods it has no proxy for (refused, or a Keep in its snapshot): while any, it takes
+    /// over from nobody, and the agent retries their Adds.
+    missing: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Handle {
@@ -73,18 +84,37 @@ impl Handle {
     fn call(&self, req: zds::WorkloadRequest, fd: Option<File>) -> Result<(), String> {
         let (done, wait) = std::sync::mpsc::sync_channel(1);
         self.tx
-            .send(Job { req, fd, done })
+            .send(Job {
+                req,
+                fd,
+                done: Some(done),
+            })
             .map_err(|_| "ztunnel disconnected".to_string())?;
         wait.recv_timeout(ACK_TIMEOUT + Duration::from_secs(1))
             .map_err(|_| "timed out waiting for ztunnel".to_string())?
     }
 
+    /// Queues a request behind the connection's snapshot, without waiting.
+    fn enqueue(&self, req: zds::WorkloadRequest, fd: Option<File>) {
+        let _ = self.tx.send(Job {
+            req,
+            fd,
+            done: None,
+        });
+    }
+
     fn view(&self) -> ConnView {
         ConnView {
             id: self.id,
+            started: self.started,
+            serving: self.serving.load(Ordering::Relaxed),
             handover_capable: self.handover_capable,
             handed_over: self.handed_over.load(Ordering::Relaxed),
         }
+    }
+
+    fn missing(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.missing.lock().expect("missing lock")
     }
 
     /// Sends a Handover without waiting; the ack is logged when it comes.
@@ -98,7 +128,7 @@ impl Handle {
             .send(Job {
                 req,
                 fd: None,
-                done,
+                done: Some(done),
             })
             .is_err()
         {
@@ -128,10 +158,34 @@ fn add_request(p: &PodEntry) -> zds::WorkloadRequest {
     }
 }
 
+/// Called by the snapshot while it holds the lock every Add and Del is made under, once
+/// the list is taken: from then on the new connection queues them.
+pub type Register = Box<dyn FnOnce() + Send>;
+
 /// Lists the pods a newly connected ztunnel must receive (waits until that list is
-/// complete).
+/// complete), calling the `Register` under the same lock as it takes the list.
 pub type Snapshot =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Vec<PodEntry>> + Send>> + Send + Sync>;
+    Arc<dyn Fn(Register) -> Pin<Box<dyn Future<Output = Vec<PodEntry>> + Send>> + Send + Sync>;
+
+/// What a message is, for the connection's missing pods.
+fn sent(req: &zds::WorkloadRequest) -> Sent<'_> {
+    use zds::workload_request::Payload;
+    match &req.payload {
+        Some(Payload::Add(a)) => Sent::Add(&a.uid),
+        Some(Payload::Keep(k)) => Sent::Keep(&k.uid),
+        Some(Payload::Del(d)) => Sent::Del(&d.uid),
+        _ => Sent::Other,
+    }
+}
+
+/// The start time of process `pid` (0: not visible from here).
+fn process_start(pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    zds_route::start_time(&stat)
+}
 
 #[derive(Clone)]
 pub struct ZdsServer {
@@ -212,12 +266,15 @@ impl ZdsServer {
                 #[allow(unsafe_code)]
                 let owned = unsafe { OwnedFd::from_raw_fd(raw) };
                 let id = next.fetch_add(1, Ordering::Relaxed);
-                let peer = peer_of(&owned);
-                if let Err(e) = peer.and_then(|p| policy.check(&p)) {
-                    metrics.inc_peer_refused("zds");
-                    tracing::warn!(conn = id, error = %e, "ZDS connection refused: not the expected ztunnel");
-                    continue;
-                }
+                let peer = match peer_of(&owned).and_then(|p| policy.check(&p).map(|()| p)) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        metrics.inc_peer_refused("zds");
+                        tracing::warn!(conn = id, error = %e, "ZDS connection refused: not the expected ztunnel");
+                        continue;
+                    }
+                };
+                let started = process_start(peer.pid);
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     metrics.inc_request_refused("zds", "busy");
                     tracing::warn!(
@@ -230,14 +287,14 @@ impl ZdsServer {
                 let (s, snapshot) = (s.clone(), snapshot.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    s.serve(id, owned, snapshot).await
+                    s.serve(id, started, owned, snapshot).await
                 });
             }
         });
         Ok(server)
     }
 
-    async fn serve(&self, id: u64, fd: OwnedFd, snapshot: Snapshot) {
+    async fn serve(&self, id: u64, started: Option<u64>, fd: OwnedFd, snapshot: Snapshot) {
         let conn = match register(fd) {
             Ok(fd) => Conn { fd },
             Err(e) => {
@@ -245,93 +302,163 @@ impl ZdsServer {
                 return;
             }
         };
-        let handshake = async {
-            let hello = tokio::time::timeout(HELLO_TIMEOUT, conn.recv())
-                .await
-                .map_err(|_| "no hello within 5 s".to_string())??;
-            let hello = zds::ZdsHello::decode(hello.as_slice())
-                .map_err(|e| format!("malformed hello: {e}"))?;
-            if hello.version != zds::Version::V1 as i32 {
-                return Err(format!("unsupported ZDS version {}", hello.version));
-            }
-            let capable = hello
-                .capabilities
-                .iter()
-                .any(|c| c == mesh_proto::zds_capability::HANDOVER_V1);
-            let pods = snapshot().await;
-            let mut refused = 0;
-            for p in &pods {
-                let req = match &p.netns {
-                    Some(_) => add_request(p),
-                    None => zds::WorkloadRequest {
-                        payload: Some(zds::workload_request::Payload::Keep(zds::KeepWorkload {
-                            uid: p.uid.clone(),
-                        })),
-                    },
-                };
-                if let Err(e) = conn.request(&req, p.netns.as_ref()).await {
-                    if !e.starts_with("ztunnel refused") {
-                        return Err(e);
-                    }
-                    refused += 1;
-                    tracing::warn!(conn = id, pod = %format!("{}/{}", p.namespace, p.name), error = %e, "snapshot entry refused");
-                }
-            }
-            conn.request(
-                &zds::WorkloadRequest {
-                    payload: Some(zds::workload_request::Payload::SnapshotSent(
-                        zds::SnapshotSent {},
-                    )),
-                },
-                None,
-            )
-            .await?;
-            Ok::<_, String>((pods.len(), capable, refused))
-        };
-        let (handover_capable, complete) = match handshake.await {
-            Ok((n, capable, refused)) => {
-                tracing::info!(
-                    conn = id,
-                    pods = n,
-                    refused,
-                    handover = capable,
-                    "ztunnel connected; snapshot sent"
-                );
-                if refused > 0 {
-                    tracing::warn!(
-                        conn = id,
-                        refused,
-                        "the new ztunnel refused part of its snapshot; older ztunnels are not handed over"
-                    );
-                }
-                (capable, refused == 0)
-            }
-            Err(e) => {
-                tracing::warn!(conn = id, error = %e, "ztunnel connection failed during the snapshot");
-                return;
-            }
-        };
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let alive = Arc::new(AtomicBool::new(true));
-        self.ready(
-            Handle {
-                id,
-                tx,
-                alive: alive.clone(),
-                handover_capable,
-                handed_over: Arc::default(),
+        let result = self
+            .handshake(id, started, &conn, tx, alive.clone(), &mut rx, snapshot)
+            .await;
+        if let Err(e) = &result {
+            tracing::warn!(conn = id, error = %e, "ztunnel connection failed during the snapshot");
+        }
+        if let Ok(handle) = result {
+            self.serve_requests(&conn, &handle, &mut rx).await;
+        }
+        alive.store(false, Ordering::Relaxed);
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .retain(|c| c.id != id);
+        self.update_census();
+        rx.close();
+        while let Ok(job) = rx.try_recv() {
+            if let Some(done) = job.done {
+                let _ = done.send(Err("ztunnel disconnected".into()));
+            }
+        }
+        tracing::info!(conn = id, "ztunnel disconnected");
+    }
+
+    /// Hello, snapshot (the connection registered as it is taken), SnapshotSent, then what
+    /// was queued meanwhile; then it serves, and takes over from older ztunnels if it has
+    /// every pod.
+    #[allow(clippy::too_many_arguments)]
+    async fn handshake(
+        &self,
+        id: u64,
+        started: Option<u64>,
+        conn: &Conn,
+        tx: mpsc::UnboundedSender<Job>,
+        alive: Arc<AtomicBool>,
+        rx: &mut mpsc::UnboundedReceiver<Job>,
+        snapshot: Snapshot,
+    ) -> Result<Handle, String> {
+        let hello = tokio::time::timeout(HELLO_TIMEOUT, conn.recv())
+            .await
+            .map_err(|_| "no hello within 5 s".to_string())??;
+        let hello =
+            zds::ZdsHello::decode(hello.as_slice()).map_err(|e| format!("malformed hello: {e}"))?;
+        if hello.version != zds::Version::V1 as i32 {
+            return Err(format!("unsupported ZDS version {}", hello.version));
+        }
+        let handover_capable = hello
+            .capabilities
+            .iter()
+            .any(|c| c == mesh_proto::zds_capability::HANDOVER_V1);
+        let handle = Handle {
+            id,
+            started,
+            tx,
+            alive,
+            serving: Arc::default(),
+            handover_capable,
+            handed_over: Arc::default(),
+            missing: Arc::default(),
+        };
+        let conns = self.conns.clone();
+        let pending = handle.clone();
+        let pods = snapshot(Box::new(move || {
+            conns.lock().expect("conns lock").push(pending);
+        }))
+        .await;
+        {
+            // A snapshot source that did not call it: registered now.
+            let mut conns = self.conns.lock().expect("conns lock");
+            if !conns.iter().any(|c| c.id == id) {
+                conns.push(handle.clone());
+            }
+        }
+        for p in &pods {
+            let req = match &p.netns {
+                Some(_) => add_request(p),
+                None => zds::WorkloadRequest {
+                    payload: Some(zds::workload_request::Payload::Keep(zds::KeepWorkload {
+                        uid: p.uid.clone(),
+                    })),
+                },
+            };
+            let r = conn.request(&req, p.netns.as_ref()).await;
+            if let Err(e) = &r {
+                if !e.starts_with("ztunnel refused") {
+                    return Err(e.clone());
+                }
+                tracing::warn!(conn = id, pod = %format!("{}/{}", p.namespace, p.name), error = %e, "snapshot entry refused");
+            }
+            zds_route::track_missing(&mut handle.missing(), sent(&req), r.is_ok());
+        }
+        conn.request(
+            &zds::WorkloadRequest {
+                payload: Some(zds::workload_request::Payload::SnapshotSent(
+                    zds::SnapshotSent {},
+                )),
             },
-            complete,
-        );
+            None,
+        )
+        .await?;
+        // What was queued meanwhile, then serving: decided under the lock Adds and Dels
+        // pick their targets under, so nothing slips between.
+        loop {
+            let job = {
+                let conns = self.conns.lock().expect("conns lock");
+                match rx.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => {
+                        handle.serving.store(true, Ordering::Relaxed);
+                        let missing = handle.missing().len();
+                        tracing::info!(
+                            conn = id,
+                            pods = pods.len(),
+                            missing,
+                            handover = handover_capable,
+                            "ztunnel connected; snapshot sent"
+                        );
+                        if missing > 0 {
+                            tracing::warn!(
+                                conn = id,
+                                missing,
+                                "the new ztunnel has no proxy for some pods (refused, or not yet handed to it); older ztunnels are handed over once it has them"
+                            );
+                        }
+                        self.take_over(&conns, id);
+                        break;
+                    }
+                }
+            };
+            self.run_job(conn, &handle, job).await?;
+        }
+        self.update_census();
+        Ok(handle)
+    }
+
+    /// Incremental requests until ztunnel goes away.
+    async fn serve_requests(
+        &self,
+        conn: &Conn,
+        handle: &Handle,
+        rx: &mut mpsc::UnboundedReceiver<Job>,
+    ) {
+        let id = handle.id;
         loop {
             tokio::select! {
                 job = rx.recv() => {
                     let Some(job) = job else { break };
-                    let r = conn.request(&job.req, job.fd.as_ref()).await;
-                    let fatal = matches!(&r, Err(e) if !e.starts_with("ztunnel refused"));
-                    let _ = job.done.send(r);
-                    if fatal {
+                    let had_missing = !handle.missing().is_empty();
+                    if self.run_job(conn, handle, job).await.is_err() {
                         break;
+                    }
+                    // Its last missing pod was just retried: it has every pod now.
+                    if had_missing && handle.missing().is_empty() {
+                        let conns = self.conns.lock().expect("conns lock");
+                        self.take_over(&conns, id);
                     }
                 }
                 // Between requests ztunnel sends nothing: readable means it closed (or
@@ -355,25 +482,38 @@ impl ZdsServer {
                 }
             }
         }
-        alive.store(false, Ordering::Relaxed);
-        self.conns
-            .lock()
-            .expect("conns lock")
-            .retain(|c| c.id != id);
-        self.update_census();
-        rx.close();
-        while let Ok(job) = rx.try_recv() {
-            let _ = job.done.send(Err("ztunnel disconnected".into()));
-        }
-        tracing::info!(conn = id, "ztunnel disconnected");
     }
 
-    /// A connection finished its snapshot: from now on it takes the new pods, and older
-    /// ztunnels that understand it are handed over (each once).
-    fn ready(&self, conn: Handle, complete: bool) {
-        let ready = conn.id;
-        let mut conns = self.conns.lock().expect("conns lock");
-        conns.push(conn);
+    /// Sends one job and answers it; `Err` when the connection is broken.
+    async fn run_job(&self, conn: &Conn, handle: &Handle, job: Job) -> Result<(), String> {
+        let r = conn.request(&job.req, job.fd.as_ref()).await;
+        let fatal = matches!(&r, Err(e) if !e.starts_with("ztunnel refused"));
+        if !fatal {
+            zds_route::track_missing(&mut handle.missing(), sent(&job.req), r.is_ok());
+        }
+        match job.done {
+            Some(done) => {
+                let _ = done.send(r.clone());
+            }
+            None => {
+                if let Err(e) = &r {
+                    tracing::warn!(conn = handle.id, error = %e, "request queued behind the snapshot failed");
+                }
+            }
+        }
+        match (fatal, r) {
+            (true, Err(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Connection `ready` serves: older ztunnels that understand it are handed over
+    /// (each once), if it has every pod. Called with the connections locked.
+    fn take_over(&self, conns: &[Handle], ready: u64) {
+        let Some(me) = conns.iter().find(|c| c.id == ready) else {
+            return;
+        };
+        let complete = me.missing().is_empty();
         let views: Vec<ConnView> = conns
             .iter()
             .filter(|c| c.alive.load(Ordering::Relaxed))
@@ -392,8 +532,13 @@ impl ZdsServer {
                 h.hand_over();
             }
         }
-        drop(conns);
-        self.update_census();
+        let views: Vec<ConnView> = conns
+            .iter()
+            .filter(|c| c.alive.load(Ordering::Relaxed))
+            .map(Handle::view)
+            .collect();
+        let (serving, handed_over) = zds_route::census(&views);
+        self.metrics.set_ztunnel_connections(serving, handed_over);
     }
 
     fn update_census(&self) {
@@ -416,34 +561,66 @@ impl ZdsServer {
     pub fn connected(&self) -> usize {
         self.live()
             .iter()
-            .filter(|c| !c.handed_over.load(Ordering::Relaxed))
+            .filter(|c| c.serving.load(Ordering::Relaxed) && !c.handed_over.load(Ordering::Relaxed))
             .count()
     }
 
-    /// Blocking: sends an Add to the newest ztunnel not handed over and waits for its ack.
-    pub fn add(&self, pod: &PodEntry) -> Result<(), String> {
+    /// Whether the ztunnel that takes new pods lacks pod `uid` (refused it, or got it as
+    /// Keep): the agent then sends its Add again.
+    pub fn missing(&self, uid: &str) -> bool {
         let live = self.live();
         let views: Vec<ConnView> = live.iter().map(Handle::view).collect();
-        let target = zds_route::add_target(&views).ok_or("no ztunnel is connected")?;
-        let newest = live
-            .into_iter()
-            .find(|c| c.id == target)
-            .ok_or("no ztunnel is connected")?;
-        let fd = match &pod.netns {
-            Some(f) => Some(f.try_clone().map_err(|e| e.to_string())?),
-            None => None,
-        };
-        newest.call(add_request(pod), fd)
+        zds_route::add_target(&views)
+            .and_then(|t| live.iter().find(|c| c.id == t))
+            .is_some_and(|c| c.missing().contains(uid))
     }
 
-    /// Blocking: sends a Del to every connected ztunnel.
+    /// Blocking: sends an Add to the newest ztunnel not handed over and waits for its ack;
+    /// queues it for connections still receiving their snapshot.
+    pub fn add(&self, pod: &PodEntry) -> Result<(), String> {
+        let clone_fd = || match &pod.netns {
+            Some(f) => f.try_clone().map(Some).map_err(|e| e.to_string()),
+            None => Ok(None),
+        };
+        let newest = {
+            let conns = self.conns.lock().expect("conns lock");
+            let live: Vec<&Handle> = conns
+                .iter()
+                .filter(|c| c.alive.load(Ordering::Relaxed))
+                .collect();
+            let views: Vec<ConnView> = live.iter().map(|c| c.view()).collect();
+            for q in zds_route::queue_targets(&views) {
+                if let Some(h) = live.iter().find(|c| c.id == q) {
+                    h.enqueue(add_request(pod), clone_fd()?);
+                }
+            }
+            zds_route::add_target(&views)
+                .and_then(|t| live.iter().find(|c| c.id == t))
+                .map(|c| (*c).clone())
+        };
+        let newest = newest.ok_or("no ztunnel is connected")?;
+        newest.call(add_request(pod), clone_fd()?)
+    }
+
+    /// Blocking: sends a Del to every connected ztunnel (queued for those still receiving
+    /// their snapshot).
     pub fn del(&self, uid: &str) {
         let req = zds::WorkloadRequest {
             payload: Some(zds::workload_request::Payload::Del(zds::DelWorkload {
                 uid: uid.to_string(),
             })),
         };
-        for c in self.live() {
+        let serving: Vec<Handle> = {
+            let conns = self.conns.lock().expect("conns lock");
+            let live = conns.iter().filter(|c| c.alive.load(Ordering::Relaxed));
+            let (serving, pending): (Vec<&Handle>, Vec<&Handle>) =
+                live.partition(|c| c.serving.load(Ordering::Relaxed));
+            for p in pending {
+                p.enqueue(req.clone(), None);
+            }
+            serving.into_iter().cloned().collect()
+        };
+        for c in serving {
             if let Err(e) = c.call(req.clone(), None) {
                 tracing::warn!(conn = c.id, uid, error = %e, "Del not acknowledged");
             }

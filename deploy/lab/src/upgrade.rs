@@ -1,7 +1,9 @@
 //! `mesh-lab upgrade ztunnel-N [--binary PATH]`: a new ztunnel starts on node N beside
 //! the running one, as a DaemonSet surges its pod. The old process keeps what it serves;
-//! the node agent hands every pod to the new one, and the old one ends on its own once
-//! its connections are done.
+//! the node agent hands every pod to the new one. Once the new one is ready the lab
+//! sends the old one SIGTERM, as the DaemonSet controller does when the surged pod is
+//! ready: a handed-over ztunnel notes it and exits once its connections are done (it
+//! never exits before that signal, as Kubernetes would restart it).
 //!
 //! Both processes run in the node's network namespace, so their admin, metrics and
 //! readiness ports must differ: each node generation takes one of two port sets in turn
@@ -226,17 +228,23 @@ impl OldZtunnel {
         }
     }
 
+    /// Whether the lab sends it SIGTERM now that the new one is ready: as the DaemonSet
+    /// controller does for any old pod that still runs.
+    pub fn to_signal(self) -> bool {
+        self != OldZtunnel::Exited
+    }
+
     fn describe(self, node: usize) -> String {
         match self {
             OldZtunnel::Draining => {
-                "stopped accepting; it serves its established connections and exits when they end".into()
+                "stopped accepting and got SIGTERM; it serves its established connections and exits when they end".into()
             }
             OldZtunnel::Exited => "had no connections left and exited".into(),
             OldZtunnel::Accepting => {
-                "still accepts new connections (the node agent has not handed it over): see its log and the agent's".into()
+                "was still accepting new connections (the node agent had not handed it over: see its log and the agent's); SIGTERM drains it".into()
             }
             OldZtunnel::NoHandover => format!(
-                "reports no handover: it keeps accepting until stopped (`mesh-lab stop ztunnel-{node}-old`)"
+                "reports no handover: SIGTERM drains it, as Kubernetes does (`mesh-lab stop ztunnel-{node}-old --kill` ends it now)"
             ),
         }
     }
@@ -424,14 +432,20 @@ impl Lab {
             .spawn_ztunnel(node, plan.run)
             .and_then(|pid| self.wait_ztunnel_ready(node, plan.run.ports).map(|()| pid));
         match started {
-            Ok(new_pid) => Ok(Upgraded {
-                node,
-                old_pid: plan.retire,
-                new_pid,
-                ports: plan.run.ports,
-                exe,
-                old: self.wait_handed_over(node, plan.retire),
-            }),
+            Ok(new_pid) => {
+                let old = self.wait_handed_over(node, plan.retire);
+                if old.to_signal() {
+                    self.signal_old(plan.retire);
+                }
+                Ok(Upgraded {
+                    node,
+                    old_pid: plan.retire,
+                    new_pid,
+                    ports: plan.run.ports,
+                    exe,
+                    old,
+                })
+            }
             Err(e) => {
                 // Back as it was: the new process gone, the old one current again,
                 // unless the agent already handed it over (it takes nothing back).
@@ -452,6 +466,21 @@ impl Lab {
                 ))
             }
         }
+    }
+
+    /// SIGTERM to the old ztunnel `pid` (the lab's own only), without waiting: it exits
+    /// once its connections end.
+    fn signal_old(&self, pid: u32) {
+        crate::ending::end(
+            &[pid],
+            &|p| self.owns(p),
+            crate::ending::Ending {
+                signal: "TERM",
+                group: false,
+                wait: Duration::ZERO,
+                then_kill: false,
+            },
+        );
     }
 
     /// Waits until the old ztunnel `pid` of node `node` stops accepting (the node agent
@@ -777,6 +806,11 @@ mod tests {
                 .describe(2)
                 .contains("mesh-lab stop ztunnel-2-old")
         );
+        // The DaemonSet controller signals every old pod still running.
+        assert!(OldZtunnel::Draining.to_signal());
+        assert!(OldZtunnel::Accepting.to_signal());
+        assert!(OldZtunnel::NoHandover.to_signal());
+        assert!(!OldZtunnel::Exited.to_signal());
     }
 
     #[test]

@@ -12,6 +12,10 @@ use std::time::Duration;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// How long the end of a snapshot waits for its pods' certificates before the ack (the
+/// agent hands the node over on that ack): bounded, as a slow CA must not stall ZDS, and
+/// well under the agent's 5 s ack timeout (it would drop the connection).
+const SNAPSHOT_CERT_WAIT: Duration = Duration::from_secs(3);
 
 /// Per-pod state shown in `/config_dump`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -167,10 +171,12 @@ impl WorkloadManager {
         }
         for p in self.proxies.values() {
             if let Err(e) = crate::proxy::socket::enable_migrate_req(&p.netns) {
-                // Without it, connections queued but not yet accepted are reset when the
-                // listener closes; everything else still works.
+                // Without it, a connection arriving between the last accept and the
+                // close is reset; everything else still works.
+                // What is queued when the listener closes is accepted and served anyway.
+                self.ctx.metrics.handover_migrate_req_failures.inc();
                 tracing::warn!(pod = %format!("{}/{}", p.info.namespace, p.info.name), error = %e,
-                    "cannot set net.ipv4.tcp_migrate_req; connections queued at the handover may be reset");
+                    "cannot set net.ipv4.tcp_migrate_req; connections arriving as the listeners close may be reset");
             }
         }
         self.drain.stop_accepting_now();
@@ -220,8 +226,57 @@ async fn serve(conn: ZdsConnection, mgr: &Mutex<WorkloadManager>) -> Result<(), 
     mgr.lock().expect("manager lock").new_connection();
     loop {
         let event = conn.recv().await?;
-        let result = mgr.lock().expect("manager lock").handle(event);
+        let snapshot_end = matches!(event, ZdsEvent::SnapshotSent);
+        let uid = match &event {
+            ZdsEvent::Add { uid, .. } | ZdsEvent::Keep { uid } | ZdsEvent::Del { uid } => {
+                Some(uid.clone())
+            }
+            _ => None,
+        };
+        let (result, pods) = {
+            let mut m = mgr.lock().expect("manager lock");
+            let result = m.handle(event);
+            let pods: Vec<Arc<PodProxy>> = match snapshot_end {
+                true => m.proxies.values().cloned().collect(),
+                false => Vec::new(),
+            };
+            (result, pods)
+        };
+        if snapshot_end {
+            certificates_ready(pods, SNAPSHOT_CERT_WAIT).await;
+        }
+        if let Err(e) = &result {
+            tracing::warn!(uid = uid.as_deref().unwrap_or(""), error = %e, "ZDS request refused");
+        }
         conn.ack(result.err().as_deref()).await?;
+    }
+}
+
+/// Waits (up to `wait`) for the certificates of `pods`, so that once the snapshot is
+/// acked, and the node handed over to us, the first connections need no CA round trip.
+/// Past `wait`, or on failure, it says so and returns: the ack goes out anyway.
+async fn certificates_ready(pods: Vec<Arc<PodProxy>>, wait: Duration) {
+    let total = pods.len();
+    let mut fetches = tokio::task::JoinSet::new();
+    for p in pods {
+        fetches.spawn(async move { p.certificate().await });
+    }
+    let mut failed = Vec::new();
+    let all = async {
+        while let Some(r) = fetches.join_next().await {
+            if let Ok(Err(e)) = r {
+                failed.push(e);
+            }
+        }
+    };
+    if tokio::time::timeout(wait, all).await.is_err() {
+        tracing::warn!(pods = total, pending = fetches.len(), wait = ?wait,
+            "pod certificates not all fetched in time; acking the snapshot anyway");
+    } else if !failed.is_empty() {
+        tracing::warn!(pods = total, errors = ?failed,
+            "pod certificates failed; acking the snapshot anyway (they are retried on first use)");
+    } else {
+        tracing::info!(pods = total, "pod certificates ready");
     }
 }
 

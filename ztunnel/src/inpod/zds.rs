@@ -31,7 +31,7 @@ pub enum ZdsEvent {
     },
     SnapshotSent,
     /// Our extension: a newer ztunnel took the node; stop accepting, keep open
-    /// connections, exit when they end.
+    /// connections, exit once they end and a SIGTERM came.
     Handover,
 }
 

@@ -1,7 +1,10 @@
 //! The accept loop of one listener, with a cap on the connections it has open at once.
 //! At the cap, a new connection is accepted and closed at once (the client sees the close
 //! instead of waiting in the backlog), and the listener says so in the log once each time
-//! it reaches the cap, not once per refused connection.
+//! it reaches the cap, not once per refused connection. When the listener closes (a
+//! handover, a drain) the connections already queued on it are accepted and served
+//! first: closing a listener resets what is still in its queue, unless the kernel can
+//! migrate it (`net.ipv4.tcp_migrate_req`, which needs a writable /proc/sys).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -82,8 +85,11 @@ impl ConnLimit {
     }
 }
 
+/// At most this many connections queued on a closing listener are accepted and served.
+const MAX_QUEUED_AT_CLOSE: usize = 4096;
+
 /// Accepts on `listener` until `stop`, running `handle` for each admitted connection (the
-/// slot is held until `handle` returns).
+/// slot is held until `handle` returns); at `stop`, serves what is queued, then closes.
 pub fn spawn_accept_loop<F, Fut>(
     listener: TcpListener,
     limit: Arc<ConnLimit>,
@@ -93,31 +99,59 @@ pub fn spawn_accept_loop<F, Fut>(
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let name = limit.name.clone();
+    let serve = move |s: TcpStream| {
+        let Some(permit) = limit.admit() else {
+            drop(s);
+            return;
+        };
+        let _ = s.set_nodelay(true);
+        let fut = handle(s);
+        tokio::spawn(async move {
+            fut.await;
+            drop(permit);
+        });
+    };
     tokio::spawn(async move {
         loop {
             tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((s, _)) => {
-                        let Some(permit) = limit.admit() else {
-                            drop(s);
-                            continue;
-                        };
-                        let _ = s.set_nodelay(true);
-                        let fut = handle(s);
-                        tokio::spawn(async move {
-                            fut.await;
-                            drop(permit);
-                        });
-                    }
+                    Ok((s, _)) => serve(s),
                     Err(e) => {
-                        tracing::warn!(listener = %limit.name, error = %e, "accept failed");
+                        tracing::warn!(listener = %name, error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
-                _ = stop.cancelled() => return,
             }
         }
+        let served = accept_queued(listener, MAX_QUEUED_AT_CLOSE, serve);
+        if served > 0 {
+            tracing::info!(listener = %name, served, "listener closing: served the connections queued on it");
+        }
     });
+}
+
+/// Accepts (without waiting) what is queued on `listener`, at most `max`, passing each to
+/// `serve`; then the listener closes. How many were accepted.
+fn accept_queued(listener: TcpListener, max: usize, serve: impl Fn(TcpStream)) -> usize {
+    let Ok(listener) = listener.into_std() else {
+        return 0;
+    };
+    let mut served = 0;
+    while served < max {
+        // The listener is non-blocking: WouldBlock once the queue is empty.
+        let Ok((s, _)) = listener.accept() else { break };
+        served += 1;
+        let tokio_stream = s
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(s));
+        if let Ok(s) = tokio_stream {
+            serve(s);
+        }
+    }
+    served
 }
 
 #[cfg(test)]
@@ -160,6 +194,27 @@ mod tests {
         fn text(&self) -> String {
             String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
         }
+    }
+
+    #[tokio::test]
+    async fn connections_queued_when_the_listener_closes_are_served_not_reset() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Connected (the kernel completed each handshake) but not accepted yet.
+        let mut queued = Vec::new();
+        for _ in 0..3 {
+            queued.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let limit = ConnLimit::new("test", 8);
+        spawn_accept_loop(listener, limit, stop, hold);
+        for s in &mut queued {
+            assert_eq!(greeting(s).await, Some(b'+'), "served, not reset");
+        }
+        // Closed for anything new.
+        let late = TcpStream::connect(addr).await;
+        assert!(late.is_err(), "{late:?}");
     }
 
     #[tokio::test]

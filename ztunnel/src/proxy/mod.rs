@@ -175,15 +175,18 @@ impl PodProxy {
             drain: parent.child(),
             ctx,
         });
-        spawn_accept(proxy.clone(), outbound, "outbound", |p, s| async move {
-            p.outbound(s).await
+        spawn_accept(proxy.clone(), outbound, "outbound", |p, s, g| async move {
+            p.outbound(s, g).await
         });
-        spawn_accept(proxy.clone(), plaintext, "inbound", |p, s| async move {
-            p.inbound_plaintext(s).await
+        spawn_accept(proxy.clone(), plaintext, "inbound", |p, s, g| async move {
+            p.inbound_plaintext(s, g).await
         });
-        spawn_accept(proxy.clone(), hbone_listener, "hbone", |p, s| async move {
-            p.inbound_hbone(s).await
-        });
+        spawn_accept(
+            proxy.clone(),
+            hbone_listener,
+            "hbone",
+            |p, s, g| async move { p.inbound_hbone(s, g).await },
+        );
         if let Some((settings, bound)) = dns {
             crate::dns::server::PodDns::serve(
                 proxy.ctx.clone(),
@@ -211,17 +214,27 @@ impl PodProxy {
     pub fn prefetch_certificate(self: &Arc<Self>) {
         let pod = self.clone();
         tokio::spawn(async move {
-            let id = match pod.wait_for_workload().await {
-                Some(w) => w.identity.clone(),
-                None => match pod.fallback_identity() {
-                    Some(id) => id,
-                    None => return,
-                },
-            };
-            if let Err(e) = pod.ctx.certs.get(&id).await {
-                tracing::warn!(identity = %id, error = %e, "certificate prefetch failed; will retry on first use");
+            if let Err(e) = pod.certificate().await {
+                tracing::warn!(pod = %pod.info.name, error = %e, "certificate prefetch failed; will retry on first use");
             }
         });
+    }
+
+    /// Fetches (or finds cached) the pod's certificate. Concurrent calls share one
+    /// request to the CA.
+    pub async fn certificate(&self) -> Result<(), String> {
+        let id = match self.wait_for_workload().await {
+            Some(w) => w.identity.clone(),
+            None => self
+                .fallback_identity()
+                .ok_or("no identity: the pod is not in the configuration")?,
+        };
+        self.ctx
+            .certs
+            .get(&id)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{id}: {e}"))
     }
 
     fn fallback_identity(&self) -> Option<SpiffeId> {
@@ -252,8 +265,7 @@ impl PodProxy {
 
     // ---- outbound (15001) ----
 
-    async fn outbound(self: Arc<Self>, downstream: TcpStream) {
-        let guard = self.drain.guard();
+    async fn outbound(self: Arc<Self>, downstream: TcpStream, guard: ConnGuard) {
         let Ok(peer) = downstream.peer_addr().map(canonical) else {
             return;
         };
@@ -483,8 +495,7 @@ impl PodProxy {
         }
     }
 
-    async fn inbound_plaintext(self: Arc<Self>, downstream: TcpStream) {
-        let guard = self.drain.guard();
+    async fn inbound_plaintext(self: Arc<Self>, downstream: TcpStream, guard: ConnGuard) {
         let (Ok(peer), Ok(orig)) = (
             downstream.peer_addr().map(canonical),
             original_dst(&downstream),
@@ -539,7 +550,19 @@ impl PodProxy {
         }
     }
 
-    async fn inbound_hbone(self: Arc<Self>, tcp: TcpStream) {
+    /// One HBONE connection: counted (`guard`) from accept through the certificate, the
+    /// TLS handshake and every stream, so a handover or drain never ends the process
+    /// while one is being set up; a forced close (drain deadline) ends it wherever it is.
+    async fn inbound_hbone(self: Arc<Self>, tcp: TcpStream, guard: ConnGuard) {
+        let force_close = guard.force_close.clone();
+        tokio::select! {
+            _ = self.serve_hbone(tcp) => {}
+            _ = force_close.cancelled() => {}
+        }
+        drop(guard);
+    }
+
+    async fn serve_hbone(self: &Arc<Self>, tcp: TcpStream) {
         let Some(identity) = self.identity() else {
             return;
         };
@@ -750,9 +773,11 @@ fn baggage(w: &Workload, cluster: &str) -> String {
     parts.join(",")
 }
 
+/// Accepts on one of the pod's listeners; each connection is counted (its guard taken)
+/// as it is accepted, before its handler first runs, and until the handler returns.
 fn spawn_accept<F, Fut>(proxy: Arc<PodProxy>, listener: TcpListener, which: &'static str, handle: F)
 where
-    F: Fn(Arc<PodProxy>, TcpStream) -> Fut + Send + 'static,
+    F: Fn(Arc<PodProxy>, TcpStream, ConnGuard) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let name = format!("{}/{} {which}", proxy.info.namespace, proxy.info.name);
@@ -765,5 +790,8 @@ where
     let limit = ConnLimit::counting(name, proxy.ctx.max_connections_per_listener, counter);
     let stop = proxy.drain.stop_accepting();
     let p = proxy.clone();
-    spawn_accept_loop(listener, limit, stop, move |s| handle(p.clone(), s));
+    spawn_accept_loop(listener, limit, stop, move |s| {
+        let guard = p.drain.guard();
+        handle(p.clone(), s, guard)
+    });
 }
