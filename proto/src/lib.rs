@@ -103,7 +103,7 @@ pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 /// ZDS capabilities (`ZdsHello.capabilities`, our extension).
 pub mod zds_capability {
     /// The ztunnel understands `Handover`: it stops accepting, keeps its open
-    /// connections, and exits on its own.
+    /// connections, and exits once they have ended and it has seen SIGTERM.
     pub const HANDOVER_V1: &str = "handover.v1";
 }
 

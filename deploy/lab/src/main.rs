@@ -61,8 +61,9 @@ enum Cmd {
     Start { component: String },
     /// Upgrade a node's ztunnel without a reset: a new one (from --binary, or the lab's)
     /// starts beside the running one on the other port set and takes every new
-    /// connection once ready; the old one, now ztunnel-N-old, keeps its established
-    /// connections and exits when they end. agent-N: the node agent restarted from the
+    /// connection once ready; the old one, now ztunnel-N-old, is sent SIGTERM (as the
+    /// DaemonSet controller does), keeps its established connections and exits when
+    /// they end. agent-N: the node agent restarted from the
     /// new binary (traffic never passes through it).
     Upgrade {
         /// ztunnel-N or agent-N
