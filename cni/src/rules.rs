@@ -148,7 +148,10 @@ mod tests {
         assert!(r.contains("ip saddr 169.254.7.127 meta l4proto tcp accept"));
         assert!(r.contains("ct mark set ct mark & 0xfffff000 | 0x111"));
         assert!(r.contains("type route hook output"));
-        assert!(!r.contains("15053"), "DNS capture is off unless the options ask for it");
+        assert!(
+            !r.contains("15053"),
+            "DNS capture is off unless the options ask for it"
+        );
     }
 
     #[test]

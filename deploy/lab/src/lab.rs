@@ -10,6 +10,7 @@ use crate::cgroup::PodCgroups;
 use crate::cni_runtime::{
     Runtime, Sandbox, loopback_conf, node_conflist, result_ipv4, result_ipv6, with_ipv6_range,
 };
+use crate::ip_family::{IpFamily, ipv6_only_range, pod_addresses, pod_ips};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -36,6 +37,22 @@ pub struct State {
     /// Pods get an IPv6 address beside their IPv4 one.
     #[serde(default)]
     pub dual_stack: bool,
+    /// Pods get an IPv6 address only (`up --ip-family ipv6`).
+    #[serde(default)]
+    pub ipv6_only: bool,
+}
+
+impl State {
+    /// The family of the lab's pod network.
+    pub fn family(&self) -> IpFamily {
+        if self.ipv6_only {
+            IpFamily::Ipv6
+        } else if self.dual_stack {
+            IpFamily::DualStack
+        } else {
+            IpFamily::Ipv4
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,8 +75,9 @@ pub struct PodEntry {
     pub node: usize,
     pub netns: String,
     pub container_id: String,
+    /// The pod's primary address (`status.podIP`): IPv6 in an IPv6-only lab.
     pub ip: String,
-    /// The pod's IPv6 address (dual-stack labs).
+    /// The pod's IPv6 address (dual-stack and IPv6-only labs).
     #[serde(default)]
     pub ip6: Option<String>,
     pub uid: String,
@@ -428,12 +446,11 @@ impl Lab {
             &self.dir.join(format!("node{node}/ipam")),
             &self.dir.join(format!("node{node}/agent.sock")),
         );
-        if self.state.dual_stack {
-            conflist = with_ipv6_range(
-                conflist,
-                &Self::pod_cidr6(node),
-                &format!("{POD_NET6}:{node}::1"),
-            );
+        let (subnet6, gateway6) = (Self::pod_cidr6(node), format!("{POD_NET6}:{node}::1"));
+        match self.state.family() {
+            IpFamily::Ipv4 => {}
+            IpFamily::DualStack => conflist = with_ipv6_range(conflist, &subnet6, &gateway6),
+            IpFamily::Ipv6 => conflist = ipv6_only_range(conflist, &subnet6, &gateway6),
         }
         Runtime {
             bin_dirs: vec![self.cni_bin_dir.clone(), self.bin_dir.clone()],
@@ -463,6 +480,23 @@ impl Lab {
         dual_stack: bool,
         observe: bool,
     ) -> Result<(), String> {
+        let family = if dual_stack {
+            IpFamily::DualStack
+        } else {
+            IpFamily::Ipv4
+        };
+        self.up_family(nodes, family, observe)
+    }
+
+    /// [`Lab::up_observed`] with pods of `family`: IPv4, dual stack or IPv6 only (nodes
+    /// then route IPv6 too; the fabric and the control plane stay IPv4).
+    pub fn up_family(
+        &mut self,
+        nodes: usize,
+        family: IpFamily,
+        observe: bool,
+    ) -> Result<(), String> {
+        let route6 = family.has_ipv6();
         if self.is_up() {
             return if observe {
                 self.start_prometheus()
@@ -478,7 +512,8 @@ impl Lab {
         self.state = State {
             nodes,
             next_vip: 10,
-            dual_stack,
+            dual_stack: family == IpFamily::DualStack,
+            ipv6_only: family == IpFamily::Ipv6,
             observe,
             ..Default::default()
         };
@@ -523,7 +558,7 @@ impl Lab {
                     "eth0",
                 ],
             )?;
-            if dual_stack {
+            if route6 {
                 // No duplicate address detection: addresses are usable at once.
                 no_dad(&ns)?;
                 ns_exec(
@@ -555,7 +590,7 @@ impl Lab {
                             &Self::node_ip(j),
                         ],
                     )?;
-                    if dual_stack {
+                    if route6 {
                         ns_exec(
                             &ns,
                             &[
@@ -809,7 +844,7 @@ impl Lab {
                         && crate::service_vips::assign(
                             &mut doc["spec"],
                             self.state.next_vip,
-                            self.state.dual_stack,
+                            self.state.family(),
                         )
                         .map_err(|e| format!("service {ns}/{name}: {e}"))?
                     {
@@ -986,7 +1021,7 @@ impl Lab {
         let container_id = format!("{}-{sandbox}", self.name);
         let netns = format!("{}-{sandbox}", self.pod_ns(&ns, &name));
         run(&["ip", "netns", "add", &netns])?;
-        if self.state.dual_stack {
+        if self.state.family().has_ipv6() {
             no_dad(&netns)?;
         }
         let sb = |ifname: &str| Sandbox {
@@ -1014,12 +1049,12 @@ impl Lab {
                 return Err(format!("pod {key} was not started: {e}"));
             }
         };
-        let ip = result_ipv4(&result)
-            .ok_or_else(|| format!("pod {key}: no IPv4 address from the CNI chain"))?;
-        let ip6 = result_ipv6(&result);
-        if self.state.dual_stack && ip6.is_none() {
-            return Err(format!("pod {key}: no IPv6 address from the CNI chain"));
-        }
+        let (ip, ip6) = pod_addresses(
+            self.state.family(),
+            result_ipv4(&result),
+            result_ipv6(&result),
+        )
+        .map_err(|e| format!("pod {key}: {e}"))?;
         doc["status"] = ready_status(&ip, ip6.as_deref());
         if !ready {
             doc["status"]["conditions"][0]["status"] = json!("False");
@@ -1283,8 +1318,10 @@ fn which(name: &str) -> Option<String> {
 pub(crate) use crate::ending::is_zombie;
 
 fn ready_status(ip: &str, ip6: Option<&str>) -> Value {
-    let mut ips = vec![json!({"ip": ip})];
-    ips.extend(ip6.map(|v6| json!({"ip": v6})));
+    let ips: Vec<Value> = pod_ips(ip, ip6)
+        .into_iter()
+        .map(|ip| json!({"ip": ip}))
+        .collect();
     json!({"phase": "Running", "podIP": ip, "podIPs": ips, "conditions": [{"type": "Ready", "status": "True"}]})
 }
 
