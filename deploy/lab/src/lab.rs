@@ -1220,17 +1220,23 @@ impl Lab {
         if !self.is_up() {
             return format!("lab {} is down\n", self.name);
         }
+        let ipv6_only = self.state.family() == IpFamily::Ipv6;
         let mut s = format!(
-            "lab {} ({} nodes, state in {})\n\nNODES\n",
+            "lab {} ({} nodes{}, state in {})\n\nNODES\n",
             self.name,
             self.state.nodes,
+            if ipv6_only { ", IPv6-only pods" } else { "" },
             self.dir.display()
         );
         for i in 1..=self.state.nodes {
             s.push_str(&format!(
                 "  node-{i}  {}  pods {}\n",
                 Self::node_ip(i),
-                Self::pod_cidr(i)
+                if ipv6_only {
+                    Self::pod_cidr6(i)
+                } else {
+                    Self::pod_cidr(i)
+                }
             ));
         }
         s.push_str("\nCOMPONENTS\n");
