@@ -383,25 +383,6 @@ pub fn wait_exit(pid: u32, timeout: Duration) -> bool {
     false
 }
 
-#[cfg(test)]
-mod tests {
-    use super::metric_sum;
-
-    #[test]
-    fn metric_sum_adds_the_series_with_the_labels_asked_for() {
-        let page = "# TYPE istio_tcp_connections_opened counter\n\
-            istio_tcp_connections_opened_total{reporter=\"source\",x=\"a\"} 3\n\
-            istio_tcp_connections_opened_total{reporter=\"destination\"} 5\n\
-            istio_tcp_connections_opened_total{reporter=\"source\",x=\"b\"} 4\n\
-            istio_tcp_connections_opened_totalx{reporter=\"source\"} 100\n";
-        let name = "istio_tcp_connections_opened_total";
-        assert_eq!(metric_sum(page, name, &["reporter=\"source\""]), 7.0);
-        assert_eq!(metric_sum(page, name, &[]), 12.0);
-        assert_eq!(metric_sum(page, name, &["x=\"b\""]), 4.0);
-        assert_eq!(metric_sum("", name, &[]), 0.0);
-    }
-}
-
 /// An IP as it goes in a URL or `host:port` (IPv6 in brackets).
 pub fn url_host(ip: &str) -> String {
     if ip.contains(':') {
@@ -420,4 +401,23 @@ pub fn url(ip: &str, path: &str) -> String {
 pub fn logged_from(log: &str, ip: &str, needle: &str) -> bool {
     let from = format!("src.addr={}:", url_host(ip));
     log.lines().any(|l| l.contains(&from) && l.contains(needle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_sum;
+
+    #[test]
+    fn metric_sum_adds_the_series_with_the_labels_asked_for() {
+        let page = "# TYPE istio_tcp_connections_opened counter\n\
+            istio_tcp_connections_opened_total{reporter=\"source\",x=\"a\"} 3\n\
+            istio_tcp_connections_opened_total{reporter=\"destination\"} 5\n\
+            istio_tcp_connections_opened_total{reporter=\"source\",x=\"b\"} 4\n\
+            istio_tcp_connections_opened_totalx{reporter=\"source\"} 100\n";
+        let name = "istio_tcp_connections_opened_total";
+        assert_eq!(metric_sum(page, name, &["reporter=\"source\""]), 7.0);
+        assert_eq!(metric_sum(page, name, &[]), 12.0);
+        assert_eq!(metric_sum(page, name, &["x=\"b\""]), 4.0);
+        assert_eq!(metric_sum("", name, &[]), 0.0);
+    }
 }
