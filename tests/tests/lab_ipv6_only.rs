@@ -2,7 +2,8 @@
 //! IPv6 address only and a Service gets an IPv6 VIP, as a single-stack IPv6 cluster's API
 //! server allocates it. Across nodes through the VIP only HBONE crosses the fabric, the
 //! app sees the caller's IPv6 address and the destination's ztunnel its identity; an L4
-//! DENY by principal refuses the attacker; the DNS proxy answers AAAA for the Service.
+//! DENY by principal refuses the attacker; a pod outside the mesh reaches the VIP through
+//! the node's NAT; the DNS proxy answers AAAA for the Service.
 
 use mesh_e2e::cluster::{capture_in, contains};
 use mesh_e2e::manifests::{BACK_AMBIENT, FRONT_AMBIENT, FRONT_CLIENT, join};
@@ -27,6 +28,15 @@ apiVersion: v1
 kind: Pod
 metadata: {name: attacker, namespace: front, labels: {app: attacker}}
 spec: {nodeName: node-1, serviceAccountName: attacker, containers: [{name: attacker}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: outside}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: outside}
+spec: {nodeName: node-1, containers: [{name: legacy}]}
 "#;
 
 const DENY_ATTACKER: &str = r#"apiVersion: security.istio.io/v1
@@ -99,6 +109,13 @@ fn an_ipv6_only_lab_runs_the_core_stories() {
             "src.identity=\"spiffe://cluster.local/ns/front/sa/web\"",
         )
     });
+
+    // Outside the mesh, the node's NAT takes the IPv6 VIP to the pod.
+    let legacy = t.lab.state.pods["outside/legacy"].ip.clone();
+    let plain = t
+        .curl("outside/legacy", &url(&vip, "from-outside"))
+        .unwrap_or_else(|e| panic!("outside the mesh: {e}{}", t.all_logs()));
+    assert!(plain.contains(&format!("from {legacy}")), "{plain}");
 
     // L4 DENY by principal: the attacker, in before, is refused and the refusal logged.
     t.eventually("the attacker's pod in the mesh", || {
