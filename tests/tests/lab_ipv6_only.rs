@@ -6,7 +6,9 @@
 //! the node's NAT; the DNS proxy answers AAAA for the Service.
 
 use mesh_e2e::cluster::{capture_in, contains};
-use mesh_e2e::manifests::{BACK_AMBIENT, FRONT_AMBIENT, FRONT_CLIENT, join};
+use mesh_e2e::manifests::{
+    BACK_AMBIENT, BACK_USES_WAYPOINT, FRONT_AMBIENT, FRONT_CLIENT, WAYPOINT_GATEWAY, join,
+};
 use mesh_e2e::testlab::{TestLab, logged_from, url};
 
 const APPS: &str = r#"apiVersion: v1
@@ -152,5 +154,14 @@ fn an_ipv6_only_lab_runs_the_core_stories() {
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim() == vip
+    });
+
+    // A waypoint (an IPv6-only pod too) takes the Service's traffic: the request is
+    // answered through it, and it logs the caller's IPv6 address.
+    t.apply(&join(&[WAYPOINT_GATEWAY, BACK_USES_WAYPOINT]));
+    t.eventually("the request through the waypoint", || {
+        t.curl("front/client", &url(&vip, "via-waypoint"))
+            .is_ok_and(|a| a.contains("hello from back/api:"))
+            && logged_from(&t.log("pod:back/waypoint"), &client, " path=/via-waypoint ")
     });
 }

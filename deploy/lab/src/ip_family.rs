@@ -94,6 +94,30 @@ pub fn pod_ips(ip: &str, ip6: Option<&str>) -> Vec<String> {
     ips
 }
 
+/// Where the control plane listens (on node 1, whose fabric addresses are `node_v4` and
+/// `node_v6`) and the IP SANs of its certificate. The nodes' components reach it over
+/// IPv4; in an IPv6-only lab pods (waypoints) have no IPv4 and reach it over IPv6, so it
+/// listens on both.
+pub fn control_listen(family: IpFamily, node_v4: &str, node_v6: &str) -> (String, Vec<String>) {
+    if family == IpFamily::Ipv6 {
+        (
+            "[::]:15012".into(),
+            vec![node_v4.to_string(), node_v6.to_string()],
+        )
+    } else {
+        (format!("{node_v4}:15012"), vec![node_v4.to_string()])
+    }
+}
+
+/// The control plane's xDS address as a pod (a waypoint) dials it.
+pub fn pod_control_address(family: IpFamily, node_v4: &str, node_v6: &str) -> String {
+    if family == IpFamily::Ipv6 {
+        format!("https://[{node_v6}]:15012")
+    } else {
+        format!("https://{node_v4}:15012")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +145,34 @@ mod tests {
         assert!(!IpFamily::Ipv6.allows_service_family("IPv4"));
         assert!(!IpFamily::Ipv4.allows_service_family("IPv6"));
         assert!(IpFamily::DualStack.allows_service_family("IPv6"));
+    }
+
+    #[test]
+    fn ipv6_only_pods_reach_the_control_plane_over_ipv6() {
+        let (v4, v6) = ("10.100.0.11", "fd00:100::11");
+        assert_eq!(
+            control_listen(IpFamily::Ipv4, v4, v6),
+            ("10.100.0.11:15012".to_string(), vec![v4.to_string()])
+        );
+        assert_eq!(
+            control_listen(IpFamily::DualStack, v4, v6),
+            control_listen(IpFamily::Ipv4, v4, v6)
+        );
+        assert_eq!(
+            control_listen(IpFamily::Ipv6, v4, v6),
+            (
+                "[::]:15012".to_string(),
+                vec![v4.to_string(), v6.to_string()]
+            )
+        );
+        assert_eq!(
+            pod_control_address(IpFamily::DualStack, v4, v6),
+            "https://10.100.0.11:15012"
+        );
+        assert_eq!(
+            pod_control_address(IpFamily::Ipv6, v4, v6),
+            "https://[fd00:100::11]:15012"
+        );
     }
 
     #[test]

@@ -10,7 +10,9 @@ use crate::cgroup::PodCgroups;
 use crate::cni_runtime::{
     Runtime, Sandbox, loopback_conf, node_conflist, result_ipv4, result_ipv6, with_ipv6_range,
 };
-use crate::ip_family::{IpFamily, ipv6_only_range, pod_addresses, pod_ips};
+use crate::ip_family::{
+    IpFamily, control_listen, ipv6_only_range, pod_addresses, pod_control_address, pod_ips,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -621,7 +623,8 @@ impl Lab {
             .map_err(|e| e.to_string())?;
 
         // The control plane runs on node 1, as a control-plane node would.
-        let control_args: Vec<String> = vec![
+        let (listen, ip_sans) = control_listen(family, &Self::node_ip(1), &Self::node_ip6(1));
+        let mut control_args: Vec<String> = vec![
             self.bin("mesh-control"),
             "--config-dir".into(),
             self.manifests().to_string_lossy().into(),
@@ -630,12 +633,13 @@ impl Lab {
             "--tokens".into(),
             self.dir.join("tokens.yaml").to_string_lossy().into(),
             "--listen".into(),
-            format!("{}:15012", Self::node_ip(1)),
+            listen,
             "--dns-name".into(),
             CONTROL_NAME.into(),
-            "--ip-san".into(),
-            Self::node_ip(1),
         ];
+        for ip in ip_sans {
+            control_args.extend(["--ip-san".into(), ip]);
+        }
         self.spawn_control(control_args)?;
         for i in 1..=nodes {
             self.start_node_components(i)?;
@@ -689,6 +693,13 @@ impl Lab {
             "--token-file".into(),
             token.to_string_lossy().into(),
         ]
+    }
+
+    /// [`Lab::control_args`] for a pod (a waypoint): over IPv6 in an IPv6-only lab.
+    fn pod_control_args(&self, token: &Path) -> Vec<String> {
+        let mut args = self.control_args(token);
+        args[1] = pod_control_address(self.state.family(), &Self::node_ip(1), &Self::node_ip6(1));
+        args
     }
 
     /// Node `i`'s `resolv.conf` as its ztunnel reads it, followed while it runs (the DNS
@@ -885,7 +896,9 @@ impl Lab {
         let mut tokens = std::fs::read_to_string(&tokens_file).map_err(|e| e.to_string())?;
         tokens.push_str(&format!("- {{token: {token}, waypoint: {ns}/{name}}}\n"));
         std::fs::write(&tokens_file, tokens).map_err(|e| e.to_string())?;
-        let vip = format!("10.96.0.{}", self.state.next_vip);
+        // The waypoint's Service VIP of the lab's primary family.
+        let vip =
+            crate::service_vips::vip(self.state.next_vip, self.state.family() == IpFamily::Ipv6);
         self.state.next_vip = self.state.next_vip.wrapping_add(1).max(10);
         let svc = json!({
             "apiVersion": "v1", "kind": "Service",
@@ -903,7 +916,7 @@ impl Lab {
         ];
         // Drains as in a cluster (the Deployment's flags).
         let drain = mesh_control::waypoint_deploy::drain_args().to_vec();
-        let args = [args, self.control_args(&token_path), drain].concat();
+        let args = [args, self.pod_control_args(&token_path), drain].concat();
         Ok(Some(json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": ns, "labels": {
