@@ -3,7 +3,8 @@
 //! server allocates it. Across nodes through the VIP only HBONE crosses the fabric, the
 //! app sees the caller's IPv6 address and the destination's ztunnel its identity; an L4
 //! DENY by principal refuses the attacker; a pod outside the mesh reaches the VIP through
-//! the node's NAT; the DNS proxy answers AAAA for the Service.
+//! the node's NAT; the DNS proxy answers AAAA for the Service; a waypoint takes the
+//! Service's traffic and answers its readiness probe on its IPv6 address.
 
 use mesh_e2e::cluster::{capture_in, contains};
 use mesh_e2e::manifests::{
@@ -164,4 +165,27 @@ fn an_ipv6_only_lab_runs_the_core_stories() {
             .is_ok_and(|a| a.contains("hello from back/api:"))
             && logged_from(&t.log("pod:back/waypoint"), &client, " path=/via-waypoint ")
     });
+
+    // The kubelet probes the waypoint's readiness on its (IPv6-only) pod address.
+    let waypoint = t.lab.state.pods["back/waypoint"].clone();
+    let probe = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.lab.node_ns(waypoint.node)])
+        .args([
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(url(&waypoint.ip, "healthz/ready").replace("]/", "]:15021/"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&probe.stdout),
+        "200",
+        "the waypoint's readiness over IPv6"
+    );
 }
