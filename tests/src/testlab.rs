@@ -5,6 +5,7 @@
 use crate::cluster::{Capture, capture_in, capture_in_snaplen, wait_until};
 use crate::net::unique;
 use crate::{binary, require_tool};
+use mesh_lab::ip_family::IpFamily;
 use mesh_lab::lab::Lab;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -33,23 +34,34 @@ impl TestLab {
 
     /// [`TestLab::up_named`], its pods `dual_stack` (an IPv4 and an IPv6 address each).
     pub fn up_family(tag: &str, nodes: usize, tools: &[&str], dual_stack: bool) -> TestLab {
-        TestLab::up_lab(tag, nodes, tools, dual_stack, false)
+        let family = if dual_stack {
+            IpFamily::DualStack
+        } else {
+            IpFamily::Ipv4
+        };
+        TestLab::up_lab(tag, nodes, tools, family, false)
+    }
+
+    /// [`TestLab::up_named`] as `mesh-lab up --ip-family ipv6` makes it: pods with an
+    /// IPv6 address only, Services with IPv6 VIPs.
+    pub fn up_ipv6_only(tag: &str, nodes: usize, tools: &[&str]) -> TestLab {
+        TestLab::up_lab(tag, nodes, tools, IpFamily::Ipv6, false)
     }
 
     /// [`TestLab::up_named`] as `mesh-lab up --observe` makes it: with Prometheus, the
     /// dashboard and its trace receiver.
     pub fn up_observed(tag: &str, nodes: usize, tools: &[&str]) -> TestLab {
-        TestLab::up_lab(tag, nodes, tools, false, true)
+        TestLab::up_lab(tag, nodes, tools, IpFamily::Ipv4, true)
     }
 
-    fn up_lab(tag: &str, nodes: usize, tools: &[&str], dual_stack: bool, observe: bool) -> TestLab {
+    fn up_lab(tag: &str, nodes: usize, tools: &[&str], family: IpFamily, observe: bool) -> TestLab {
         for tool in tools {
             require_tool(tool);
         }
         let root = tempfile::tempdir().unwrap();
         let bins = binary("ztunnel").parent().unwrap().to_path_buf();
         let mut lab = Lab::open_with_binaries(&unique(tag), root.path(), &bins).unwrap();
-        let up = lab.up_observed(nodes, dual_stack, observe);
+        let up = lab.up_family(nodes, family, observe);
         // Dropped (torn down) before failing when only part of it came up.
         let t = TestLab { lab, _root: root };
         up.unwrap();
@@ -369,6 +381,26 @@ pub fn wait_exit(pid: u32, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(200));
     }
     false
+}
+
+/// An IP as it goes in a URL or `host:port` (IPv6 in brackets).
+pub fn url_host(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    }
+}
+
+/// `http://<ip>/<path>`.
+pub fn url(ip: &str, path: &str) -> String {
+    format!("http://{}/{path}", url_host(ip))
+}
+
+/// Whether a line of the access log `log` about a connection from `ip` contains `needle`.
+pub fn logged_from(log: &str, ip: &str, needle: &str) -> bool {
+    let from = format!("src.addr={}:", url_host(ip));
+    log.lines().any(|l| l.contains(&from) && l.contains(needle))
 }
 
 #[cfg(test)]

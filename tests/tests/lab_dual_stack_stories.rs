@@ -9,7 +9,7 @@ use mesh_e2e::cluster::{capture_in, contains};
 use mesh_e2e::manifests::{
     BACK_AMBIENT, BACK_USES_WAYPOINT, FRONT_AMBIENT, FRONT_CLIENT, WAYPOINT_GATEWAY, join,
 };
-use mesh_e2e::testlab::TestLab;
+use mesh_e2e::testlab::{TestLab, logged_from, url, url_host as host};
 
 /// One address family's view of the lab.
 struct Family {
@@ -19,19 +19,6 @@ struct Family {
     attacker: String,
     /// tcpdump filter for pod traffic of this family on the fabric.
     pods: &'static str,
-}
-
-/// An IP as it goes in a URL or `host:port`.
-fn host(ip: &str) -> String {
-    if ip.contains(':') {
-        format!("[{ip}]")
-    } else {
-        ip.to_string()
-    }
-}
-
-fn url(ip: &str, path: &str) -> String {
-    format!("http://{}/{path}", host(ip))
 }
 
 const APPS: &str = r#"apiVersion: v1
@@ -69,12 +56,6 @@ fn policy(name: &str, action: &str, rules: &str) -> String {
     format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: back}}\nspec:\n  selector: {{matchLabels: {{app: api}}}}\n  action: {action}\n  rules: {rules}\n"
     )
-}
-
-/// A line of `log` about a connection from `ip` that contains `needle`.
-fn logged_from(log: &str, ip: &str, needle: &str) -> bool {
-    let from = format!("src.addr={}:", host(ip));
-    log.lines().any(|l| l.contains(&from) && l.contains(needle))
 }
 
 #[test]

@@ -35,11 +35,12 @@ struct Args {
     /// `[::]` takes both families (IPv4 as well where IPv6 is off on the host).
     #[arg(long, default_value = "[::]:15008")]
     listen: SocketAddr,
-    /// Metrics (`/metrics`) and readiness (`/healthz/ready`).
-    #[arg(long, default_value = "0.0.0.0:15020")]
+    /// Metrics (`/metrics`) and readiness (`/healthz/ready`); both families, as ztunnel
+    /// (an IPv6-only pod is probed on its IPv6 address).
+    #[arg(long, default_value = "[::]:15020")]
     metrics_addr: SocketAddr,
     /// Readiness (`/healthz/ready`), on Istio's port.
-    #[arg(long, default_value = "0.0.0.0:15021")]
+    #[arg(long, default_value = "[::]:15021")]
     readiness_addr: SocketAddr,
     /// How request paths are normalised before routing and policy (Istio's mesh config
     /// `pathNormalization`): NONE, BASE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES.
@@ -102,7 +103,16 @@ async fn serve_admin(
     metrics: Arc<waypoint::metrics::Metrics>,
     lifecycle: Arc<Lifecycle>,
 ) {
-    match tokio::net::TcpListener::bind(addr).await {
+    let bound = match tokio::net::TcpListener::bind(addr).await {
+        // `[::]` on a host without IPv6: IPv4 only, as the HBONE listener.
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::warn!(error = %e, listen = %v4, "no IPv6 admin listener; IPv4 only");
+            tokio::net::TcpListener::bind(v4).await
+        }
+        other => other,
+    };
+    match bound {
         Ok(l) => waypoint::server::serve_admin(l, metrics, lifecycle).await,
         Err(e) => tracing::warn!(%addr, error = %e, "cannot serve metrics and readiness"),
     }

@@ -10,6 +10,9 @@ use crate::cgroup::PodCgroups;
 use crate::cni_runtime::{
     Runtime, Sandbox, loopback_conf, node_conflist, result_ipv4, result_ipv6, with_ipv6_range,
 };
+use crate::ip_family::{
+    IpFamily, control_listen, ipv6_only_range, pod_addresses, pod_control_address, pod_ips,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -36,6 +39,22 @@ pub struct State {
     /// Pods get an IPv6 address beside their IPv4 one.
     #[serde(default)]
     pub dual_stack: bool,
+    /// Pods get an IPv6 address only (`up --ip-family ipv6`).
+    #[serde(default)]
+    pub ipv6_only: bool,
+}
+
+impl State {
+    /// The family of the lab's pod network.
+    pub fn family(&self) -> IpFamily {
+        if self.ipv6_only {
+            IpFamily::Ipv6
+        } else if self.dual_stack {
+            IpFamily::DualStack
+        } else {
+            IpFamily::Ipv4
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,8 +77,9 @@ pub struct PodEntry {
     pub node: usize,
     pub netns: String,
     pub container_id: String,
+    /// The pod's primary address (`status.podIP`): IPv6 in an IPv6-only lab.
     pub ip: String,
-    /// The pod's IPv6 address (dual-stack labs).
+    /// The pod's IPv6 address (dual-stack and IPv6-only labs).
     #[serde(default)]
     pub ip6: Option<String>,
     pub uid: String,
@@ -428,12 +448,11 @@ impl Lab {
             &self.dir.join(format!("node{node}/ipam")),
             &self.dir.join(format!("node{node}/agent.sock")),
         );
-        if self.state.dual_stack {
-            conflist = with_ipv6_range(
-                conflist,
-                &Self::pod_cidr6(node),
-                &format!("{POD_NET6}:{node}::1"),
-            );
+        let (subnet6, gateway6) = (Self::pod_cidr6(node), format!("{POD_NET6}:{node}::1"));
+        match self.state.family() {
+            IpFamily::Ipv4 => {}
+            IpFamily::DualStack => conflist = with_ipv6_range(conflist, &subnet6, &gateway6),
+            IpFamily::Ipv6 => conflist = ipv6_only_range(conflist, &subnet6, &gateway6),
         }
         Runtime {
             bin_dirs: vec![self.cni_bin_dir.clone(), self.bin_dir.clone()],
@@ -463,6 +482,23 @@ impl Lab {
         dual_stack: bool,
         observe: bool,
     ) -> Result<(), String> {
+        let family = if dual_stack {
+            IpFamily::DualStack
+        } else {
+            IpFamily::Ipv4
+        };
+        self.up_family(nodes, family, observe)
+    }
+
+    /// [`Lab::up_observed`] with pods of `family`: IPv4, dual stack or IPv6 only (nodes
+    /// then route IPv6 too; the fabric and the control plane stay IPv4).
+    pub fn up_family(
+        &mut self,
+        nodes: usize,
+        family: IpFamily,
+        observe: bool,
+    ) -> Result<(), String> {
+        let route6 = family.has_ipv6();
         if self.is_up() {
             return if observe {
                 self.start_prometheus()
@@ -478,7 +514,8 @@ impl Lab {
         self.state = State {
             nodes,
             next_vip: 10,
-            dual_stack,
+            dual_stack: family == IpFamily::DualStack,
+            ipv6_only: family == IpFamily::Ipv6,
             observe,
             ..Default::default()
         };
@@ -523,7 +560,7 @@ impl Lab {
                     "eth0",
                 ],
             )?;
-            if dual_stack {
+            if route6 {
                 // No duplicate address detection: addresses are usable at once.
                 no_dad(&ns)?;
                 ns_exec(
@@ -555,7 +592,7 @@ impl Lab {
                             &Self::node_ip(j),
                         ],
                     )?;
-                    if dual_stack {
+                    if route6 {
                         ns_exec(
                             &ns,
                             &[
@@ -586,7 +623,8 @@ impl Lab {
             .map_err(|e| e.to_string())?;
 
         // The control plane runs on node 1, as a control-plane node would.
-        let control_args: Vec<String> = vec![
+        let (listen, ip_sans) = control_listen(family, &Self::node_ip(1), &Self::node_ip6(1));
+        let mut control_args: Vec<String> = vec![
             self.bin("mesh-control"),
             "--config-dir".into(),
             self.manifests().to_string_lossy().into(),
@@ -595,12 +633,13 @@ impl Lab {
             "--tokens".into(),
             self.dir.join("tokens.yaml").to_string_lossy().into(),
             "--listen".into(),
-            format!("{}:15012", Self::node_ip(1)),
+            listen,
             "--dns-name".into(),
             CONTROL_NAME.into(),
-            "--ip-san".into(),
-            Self::node_ip(1),
         ];
+        for ip in ip_sans {
+            control_args.extend(["--ip-san".into(), ip]);
+        }
         self.spawn_control(control_args)?;
         for i in 1..=nodes {
             self.start_node_components(i)?;
@@ -654,6 +693,13 @@ impl Lab {
             "--token-file".into(),
             token.to_string_lossy().into(),
         ]
+    }
+
+    /// [`Lab::control_args`] for a pod (a waypoint): over IPv6 in an IPv6-only lab.
+    fn pod_control_args(&self, token: &Path) -> Vec<String> {
+        let mut args = self.control_args(token);
+        args[1] = pod_control_address(self.state.family(), &Self::node_ip(1), &Self::node_ip6(1));
+        args
     }
 
     /// Node `i`'s `resolv.conf` as its ztunnel reads it, followed while it runs (the DNS
@@ -809,7 +855,7 @@ impl Lab {
                         && crate::service_vips::assign(
                             &mut doc["spec"],
                             self.state.next_vip,
-                            self.state.dual_stack,
+                            self.state.family(),
                         )
                         .map_err(|e| format!("service {ns}/{name}: {e}"))?
                     {
@@ -850,7 +896,9 @@ impl Lab {
         let mut tokens = std::fs::read_to_string(&tokens_file).map_err(|e| e.to_string())?;
         tokens.push_str(&format!("- {{token: {token}, waypoint: {ns}/{name}}}\n"));
         std::fs::write(&tokens_file, tokens).map_err(|e| e.to_string())?;
-        let vip = format!("10.96.0.{}", self.state.next_vip);
+        // The waypoint's Service VIP of the lab's primary family.
+        let vip =
+            crate::service_vips::vip(self.state.next_vip, self.state.family() == IpFamily::Ipv6);
         self.state.next_vip = self.state.next_vip.wrapping_add(1).max(10);
         let svc = json!({
             "apiVersion": "v1", "kind": "Service",
@@ -868,7 +916,7 @@ impl Lab {
         ];
         // Drains as in a cluster (the Deployment's flags).
         let drain = mesh_control::waypoint_deploy::drain_args().to_vec();
-        let args = [args, self.control_args(&token_path), drain].concat();
+        let args = [args, self.pod_control_args(&token_path), drain].concat();
         Ok(Some(json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": ns, "labels": {
@@ -986,7 +1034,7 @@ impl Lab {
         let container_id = format!("{}-{sandbox}", self.name);
         let netns = format!("{}-{sandbox}", self.pod_ns(&ns, &name));
         run(&["ip", "netns", "add", &netns])?;
-        if self.state.dual_stack {
+        if self.state.family().has_ipv6() {
             no_dad(&netns)?;
         }
         let sb = |ifname: &str| Sandbox {
@@ -1014,12 +1062,12 @@ impl Lab {
                 return Err(format!("pod {key} was not started: {e}"));
             }
         };
-        let ip = result_ipv4(&result)
-            .ok_or_else(|| format!("pod {key}: no IPv4 address from the CNI chain"))?;
-        let ip6 = result_ipv6(&result);
-        if self.state.dual_stack && ip6.is_none() {
-            return Err(format!("pod {key}: no IPv6 address from the CNI chain"));
-        }
+        let (ip, ip6) = pod_addresses(
+            self.state.family(),
+            result_ipv4(&result),
+            result_ipv6(&result),
+        )
+        .map_err(|e| format!("pod {key}: {e}"))?;
         doc["status"] = ready_status(&ip, ip6.as_deref());
         if !ready {
             doc["status"]["conditions"][0]["status"] = json!("False");
@@ -1185,17 +1233,23 @@ impl Lab {
         if !self.is_up() {
             return format!("lab {} is down\n", self.name);
         }
+        let ipv6_only = self.state.family() == IpFamily::Ipv6;
         let mut s = format!(
-            "lab {} ({} nodes, state in {})\n\nNODES\n",
+            "lab {} ({} nodes{}, state in {})\n\nNODES\n",
             self.name,
             self.state.nodes,
+            if ipv6_only { ", IPv6-only pods" } else { "" },
             self.dir.display()
         );
         for i in 1..=self.state.nodes {
             s.push_str(&format!(
                 "  node-{i}  {}  pods {}\n",
                 Self::node_ip(i),
-                Self::pod_cidr(i)
+                if ipv6_only {
+                    Self::pod_cidr6(i)
+                } else {
+                    Self::pod_cidr(i)
+                }
             ));
         }
         s.push_str("\nCOMPONENTS\n");
@@ -1283,8 +1337,10 @@ fn which(name: &str) -> Option<String> {
 pub(crate) use crate::ending::is_zombie;
 
 fn ready_status(ip: &str, ip6: Option<&str>) -> Value {
-    let mut ips = vec![json!({"ip": ip})];
-    ips.extend(ip6.map(|v6| json!({"ip": v6})));
+    let ips: Vec<Value> = pod_ips(ip, ip6)
+        .into_iter()
+        .map(|ip| json!({"ip": ip}))
+        .collect();
     json!({"phase": "Running", "podIP": ip, "podIPs": ips, "conditions": [{"type": "Ready", "status": "True"}]})
 }
 

@@ -11,6 +11,7 @@ pub mod cni_runtime;
 pub mod demo;
 pub mod ending;
 pub mod forward;
+pub mod ip_family;
 pub mod lab;
 pub mod prometheus;
 pub mod reboot;

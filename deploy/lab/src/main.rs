@@ -31,6 +31,10 @@ enum Cmd {
         /// Give every pod an IPv6 address beside its IPv4 one (fd00:10:244:<node>::/64).
         #[arg(long)]
         dual_stack: bool,
+        /// The pods' address family: ipv4 (the default), dual (as --dual-stack) or ipv6
+        /// (an IPv6 address only, fd00:10:244:<node>::/64; Services get IPv6 VIPs).
+        #[arg(long, value_name = "ipv4|ipv6|dual")]
+        ip_family: Option<String>,
     },
     /// Remove everything the lab made (also after a crash).
     Down,
@@ -212,9 +216,12 @@ fn run(cli: Cli) -> Result<i32, String> {
             nodes,
             observe,
             dual_stack,
+            ip_family,
         } => {
             let was_up = lab.is_up();
-            lab.up_observed(nodes, dual_stack, observe)?;
+            let family =
+                mesh_lab::ip_family::IpFamily::from_args(ip_family.as_deref(), dual_stack)?;
+            lab.up_family(nodes, family, observe)?;
             println!(
                 "{}",
                 if was_up {

@@ -70,7 +70,12 @@ pub fn targets(state: &State) -> Vec<Target> {
         {
             out.push(Target {
                 job: "waypoint",
-                address: format!("{}:15020", pod.ip),
+                // In brackets when IPv6 (an IPv6-only lab's pods).
+                address: if pod.ip.contains(':') {
+                    format!("[{}]:15020", pod.ip)
+                } else {
+                    format!("{}:15020", pod.ip)
+                },
                 labels: labels(&[
                     ("node", format!("node-{}", pod.node)),
                     ("namespace", pod.namespace.clone()),
@@ -219,6 +224,16 @@ mod tests {
             6,
             "app pods and Prometheus are not scraped"
         );
+    }
+
+    #[test]
+    fn an_ipv6_only_waypoint_is_scraped_in_brackets() {
+        let mut s = state();
+        s.pods.insert(
+            "back/waypoint".into(),
+            pod("back", "waypoint", 2, "fd00:10:244:2::5", true),
+        );
+        assert_eq!(addresses(&s, "waypoint"), ["[fd00:10:244:2::5]:15020"]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! `ipFamilies`), and pods outside the mesh reach a VIP of either family through NAT on
 //! every node. Pure functions; `lab.rs` writes the manifests and loads the rules.
 
+use crate::ip_family::IpFamily;
 use mesh_control::index::service::cluster_ips;
 use mesh_control::index::workload::pod_ips;
 use mesh_control::k8s::IntOrString;
@@ -19,12 +20,22 @@ pub fn vip(n: u8, ipv6: bool) -> String {
     }
 }
 
+fn single_stack(lab: IpFamily) -> &'static str {
+    if lab == IpFamily::Ipv6 {
+        "IPv6 only"
+    } else {
+        "IPv4 only"
+    }
+}
+
 /// Fills in `spec.clusterIP`, `clusterIPs`, `ipFamilies` and `ipFamilyPolicy` of a
 /// Service manifest as the API server would in this lab, allocating the missing VIPs as
 /// number `n` of their family. `Ok(true)` when `n` was used. Headless Services
-/// (`clusterIP: None`) are left alone. Errors are the API server's refusals: a family the
-/// lab does not have, or dual stack required of a single-stack lab.
-pub fn assign(spec: &mut Value, n: u8, dual_stack_lab: bool) -> Result<bool, String> {
+/// (`clusterIP: None`) are left alone. A Service that names no family gets the lab's
+/// primary one (IPv6 in an IPv6-only lab). Errors are the API server's refusals: a family
+/// the lab does not have, or dual stack required of a single-stack lab.
+pub fn assign(spec: &mut Value, n: u8, lab: IpFamily) -> Result<bool, String> {
+    let dual_stack_lab = lab == IpFamily::DualStack;
     if spec["clusterIP"] == "None" || spec["clusterIPs"][0] == "None" {
         return Ok(false);
     }
@@ -52,7 +63,7 @@ pub fn assign(spec: &mut Value, n: u8, dual_stack_lab: bool) -> Result<bool, Str
             .iter()
             .filter_map(|v| v.as_str().map(str::to_string))
             .collect(),
-        _ if given.is_empty() => vec!["IPv4".to_string()],
+        _ if given.is_empty() => vec![lab.primary_service_family().to_string()],
         _ => given
             .iter()
             .map(|ip| family_of(ip).map(str::to_string))
@@ -83,10 +94,10 @@ pub fn assign(spec: &mut Value, n: u8, dual_stack_lab: bool) -> Result<bool, Str
         }
         "PreferDualStack" => families.truncate(1),
         "RequireDualStack" => {
-            return Err(
-                "ipFamilyPolicy RequireDualStack: this lab is IPv4 only (run `mesh-lab up --dual-stack`)"
-                    .into(),
-            );
+            return Err(format!(
+                "ipFamilyPolicy RequireDualStack: this lab is {} (run `mesh-lab up --dual-stack`)",
+                single_stack(lab)
+            ));
         }
         p => {
             return Err(format!(
@@ -94,10 +105,11 @@ pub fn assign(spec: &mut Value, n: u8, dual_stack_lab: bool) -> Result<bool, Str
             ));
         }
     }
-    if !dual_stack_lab && families.iter().any(|f| f == "IPv6") {
-        return Err(
-            "ipFamilies IPv6: this lab is IPv4 only (run `mesh-lab up --dual-stack`)".into(),
-        );
+    if let Some(f) = families.iter().find(|f| !lab.allows_service_family(f)) {
+        return Err(format!(
+            "ipFamilies {f}: this lab is {} (run `mesh-lab up --dual-stack`)",
+            single_stack(lab)
+        ));
     }
     let mut used = false;
     for family in &families {
@@ -211,7 +223,7 @@ mod tests {
     #[test]
     fn single_stack_by_default_even_in_a_dual_stack_lab() {
         let mut s = spec("{ports: [{port: 80}]}");
-        assert_eq!(assign(&mut s, 12, true), Ok(true));
+        assert_eq!(assign(&mut s, 12, IpFamily::DualStack), Ok(true));
         assert_eq!(s["clusterIP"], "10.96.0.12");
         assert_eq!(s["clusterIPs"], json!(["10.96.0.12"]));
         assert_eq!(s["ipFamilies"], json!(["IPv4"]));
@@ -221,42 +233,42 @@ mod tests {
     #[test]
     fn dual_stack_services_get_a_vip_of_each_family_primary_first() {
         let mut s = spec("{ipFamilyPolicy: PreferDualStack}");
-        assert_eq!(assign(&mut s, 26, true), Ok(true));
+        assert_eq!(assign(&mut s, 26, IpFamily::DualStack), Ok(true));
         assert_eq!(s["clusterIPs"], json!(["10.96.0.26", "fd00:96::1a"]));
         assert_eq!(s["ipFamilies"], json!(["IPv4", "IPv6"]));
 
         let mut s = spec("{ipFamilyPolicy: RequireDualStack, ipFamilies: [IPv6]}");
-        assert_eq!(assign(&mut s, 10, true), Ok(true));
+        assert_eq!(assign(&mut s, 10, IpFamily::DualStack), Ok(true));
         assert_eq!(s["clusterIP"], "fd00:96::a");
         assert_eq!(s["clusterIPs"], json!(["fd00:96::a", "10.96.0.10"]));
         assert_eq!(s["ipFamilies"], json!(["IPv6", "IPv4"]));
 
         let mut s = spec("{ipFamilies: [IPv6]}");
-        assert_eq!(assign(&mut s, 11, true), Ok(true));
+        assert_eq!(assign(&mut s, 11, IpFamily::DualStack), Ok(true));
         assert_eq!(s["clusterIPs"], json!(["fd00:96::b"]));
     }
 
     #[test]
     fn given_vips_are_kept_and_only_the_missing_family_allocated() {
         let mut s = spec(r#"{clusterIP: 10.96.0.20, clusterIPs: [10.96.0.20, "fd00:96::20"]}"#);
-        assert_eq!(assign(&mut s, 30, true), Ok(false));
+        assert_eq!(assign(&mut s, 30, IpFamily::DualStack), Ok(false));
         assert_eq!(s["clusterIPs"], json!(["10.96.0.20", "fd00:96::20"]));
         assert_eq!(s["ipFamilies"], json!(["IPv4", "IPv6"]));
         assert_eq!(s["ipFamilyPolicy"], "RequireDualStack");
 
         let mut s = spec("{clusterIP: 10.96.0.20, ipFamilyPolicy: PreferDualStack}");
-        assert_eq!(assign(&mut s, 30, true), Ok(true));
+        assert_eq!(assign(&mut s, 30, IpFamily::DualStack), Ok(true));
         assert_eq!(s["clusterIPs"], json!(["10.96.0.20", "fd00:96::1e"]));
 
         let mut s = spec(r#"{clusterIP: ""}"#);
-        assert_eq!(assign(&mut s, 30, true), Ok(true));
+        assert_eq!(assign(&mut s, 30, IpFamily::DualStack), Ok(true));
         assert_eq!(s["clusterIPs"], json!(["10.96.0.30"]));
 
         let mut s = spec("{clusterIP: None}");
-        assert_eq!(assign(&mut s, 30, true), Ok(false));
+        assert_eq!(assign(&mut s, 30, IpFamily::DualStack), Ok(false));
         assert!(s["clusterIPs"].is_null());
         assert_eq!(
-            assign(&mut spec("{clusterIPs: [None]}"), 30, true),
+            assign(&mut spec("{clusterIPs: [None]}"), 30, IpFamily::DualStack),
             Ok(false)
         );
     }
@@ -264,7 +276,7 @@ mod tests {
     #[test]
     fn a_single_stack_lab_refuses_ipv6_as_the_api_server_would() {
         let mut s = spec("{ipFamilyPolicy: PreferDualStack}");
-        assert_eq!(assign(&mut s, 10, false), Ok(true));
+        assert_eq!(assign(&mut s, 10, IpFamily::Ipv4), Ok(true));
         assert_eq!(s["clusterIPs"], json!(["10.96.0.10"]));
         for bad in [
             "{ipFamilyPolicy: RequireDualStack}",
@@ -272,7 +284,30 @@ mod tests {
             "{ipFamilyPolicy: Sometimes}",
             "{ipFamilies: [IPX]}",
         ] {
-            assert!(assign(&mut spec(bad), 10, false).is_err(), "{bad}");
+            assert!(assign(&mut spec(bad), 10, IpFamily::Ipv4).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_ipv6_only_lab_gives_ipv6_vips_by_default_and_refuses_ipv4() {
+        for ok in [
+            "{}",
+            "{ipFamilyPolicy: PreferDualStack}",
+            "{ipFamilies: [IPv6]}",
+        ] {
+            let mut s = spec(ok);
+            assert_eq!(assign(&mut s, 10, IpFamily::Ipv6), Ok(true), "{ok}");
+            assert_eq!(s["clusterIP"], "fd00:96::a", "{ok}");
+            assert_eq!(s["clusterIPs"], json!(["fd00:96::a"]), "{ok}");
+            assert_eq!(s["ipFamilies"], json!(["IPv6"]), "{ok}");
+        }
+        for bad in [
+            "{ipFamilyPolicy: RequireDualStack}",
+            "{ipFamilies: [IPv4]}",
+            "{clusterIP: 10.96.0.7}",
+        ] {
+            let err = assign(&mut spec(bad), 10, IpFamily::Ipv6).unwrap_err();
+            assert!(err.contains("IPv6 only"), "{bad}: {err}");
         }
     }
 
