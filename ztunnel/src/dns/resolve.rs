@@ -392,7 +392,7 @@ mod tests {
         Decision::Answer {
             cname: cname.map(str::to_string),
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
-            ttl: TTL_SECONDS,
+            ttl: 30,
         }
     }
 
@@ -401,7 +401,7 @@ mod tests {
         Decision::Answer {
             cname: cname.map(str::to_string),
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
-            ttl: ENDPOINT_TTL_SECONDS,
+            ttl: 5,
         }
     }
 
