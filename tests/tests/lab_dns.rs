@@ -40,6 +40,8 @@ fn upstream(dnsmasq: &str, dir: &std::path::Path) -> String {
         format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
         "--local=/outside.example/".into(),
         "--address=/www.outside.example/203.0.113.7".into(),
+        // A selector-less headless Service: kube-dns knows it, ztunnel knows no endpoint.
+        "--address=/manual.back.svc.cluster.local/192.0.2.9".into(),
         format!("--addn-hosts={}", hosts.display()),
     ];
     let command = args
@@ -61,7 +63,9 @@ spec: {{nodeName: node-1, containers: [{{name: dns, command: [{command}]}}]}}
 }
 
 /// Enrolled namespaces `front` (pod `client`, DNS captured by default; pod `plain`, not
-/// captured: its annotation turns capture off; Service `local` on 10.96.0.30) and `back` (Service `api` on 10.96.0.20).
+/// captured: its annotation turns capture off; Service `local` on 10.96.0.30) and `back`
+/// (Service `api` on 10.96.0.20; headless `db` over pods `db-0` and `db-1`, `cache` over
+/// `api` without ports, `manual` without selector).
 const MESH: &str = r#"apiVersion: v1
 kind: Namespace
 metadata: {name: front, labels: {istio.io/dataplane-mode: ambient}}
@@ -108,6 +112,16 @@ spec:
   selector: {app: db}
   clusterIP: None
   ports: [{name: pg, port: 5432}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cache, namespace: back}
+spec: {selector: {app: api}, clusterIP: None}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: manual, namespace: back}
+spec: {clusterIP: None}
 ---
 apiVersion: v1
 kind: Pod
@@ -220,6 +234,16 @@ fn headless_service_answers_its_ready_endpoints(t: &TestLab, up: &str) {
     assert!(
         !short(t, "front/client", up, &["db-1.db.back"]).contains(&db1),
         "db-1.db.back is not answered from the pod host"
+    );
+    // Headless without ports: still its endpoints. Without any endpoint ztunnel knows
+    // of (no selector): the upstream answers, not an empty NOERROR.
+    assert_eq!(
+        short(t, "front/client", up, &["cache.back.svc.cluster.local"]),
+        [ip("back/api")]
+    );
+    assert_eq!(
+        short(t, "front/client", up, &["manual.back.svc.cluster.local"]),
+        ["192.0.2.9"]
     );
     let upstream_answer = short(t, "front/plain", up, &["db.back.svc.cluster.local"]);
     assert!(
