@@ -9,12 +9,15 @@
 //! name is answered with the VIPs of the requested family reachable from the pod's
 //! network, or with no records at all (NODATA) when there are none.
 //!
-//! A Kubernetes headless Service (no VIP, a `.svc.<domain>` hostname) is answered with
-//! the addresses of its ready endpoints, and `<pod>.<svc>.<ns>.svc.<domain>` (the name a
-//! StatefulSet pod gets through its headless Service, in the same short forms) with that
-//! pod's address while it is ready. A Service without a VIP that is not a Kubernetes
-//! Service (a ServiceEntry resolved by DNS) is the upstream's, as are unknown names and
-//! other record types, so NXDOMAIN only ever comes from there.
+//! A Kubernetes headless Service (no VIP, a `.svc.<domain>` hostname) with endpoints is
+//! answered with the addresses of its ready endpoints, and `<pod>.<svc>.<ns>.svc.<domain>`
+//! (the name a StatefulSet pod gets through its headless Service; only this full form,
+//! as asked or with a search domain appended, as kube-dns) with that Pod's address while
+//! it is ready. Endpoint and pod-host records have CoreDNS's 5 s TTL, VIPs Istio's 30 s.
+//! A Service without a VIP and without any endpoint known (ExternalName, selector-less),
+//! or that is not a Kubernetes Service (a ServiceEntry resolved by DNS), is the
+//! upstream's, as are unknown names and other record types, so NXDOMAIN only ever comes
+//! from there.
 
 use crate::state::{Service, State, Workload};
 use std::net::IpAddr;
