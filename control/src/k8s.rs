@@ -145,6 +145,9 @@ pub struct Service {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
+    /// `ClusterIP` (the default), `NodePort`, `LoadBalancer` or `ExternalName`.
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
     #[serde(default)]
     pub selector: Option<Labels>,
     #[serde(default, rename = "clusterIP")]

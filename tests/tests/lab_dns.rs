@@ -40,6 +40,8 @@ fn upstream(dnsmasq: &str, dir: &std::path::Path) -> String {
         format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
         "--local=/outside.example/".into(),
         "--address=/www.outside.example/203.0.113.7".into(),
+        // A selector-less headless Service: kube-dns knows it, ztunnel knows no endpoint.
+        "--address=/manual.back.svc.cluster.local/192.0.2.9".into(),
         format!("--addn-hosts={}", hosts.display()),
     ];
     let command = args
@@ -61,7 +63,9 @@ spec: {{nodeName: node-1, containers: [{{name: dns, command: [{command}]}}]}}
 }
 
 /// Enrolled namespaces `front` (pod `client`, DNS captured by default; pod `plain`, not
-/// captured: its annotation turns capture off; Service `local` on 10.96.0.30) and `back` (Service `api` on 10.96.0.20).
+/// captured: its annotation turns capture off; Service `local` on 10.96.0.30) and `back`
+/// (Service `api` on 10.96.0.20; headless `db` over pods `db-0` and `db-1`, `cache` over
+/// `api` without ports, `manual` without selector).
 const MESH: &str = r#"apiVersion: v1
 kind: Namespace
 metadata: {name: front, labels: {istio.io/dataplane-mode: ambient}}
@@ -108,6 +112,16 @@ spec:
   selector: {app: db}
   clusterIP: None
   ports: [{name: pg, port: 5432}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cache, namespace: back}
+spec: {selector: {app: api}, clusterIP: None}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: manual, namespace: back}
+spec: {clusterIP: None}
 ---
 apiVersion: v1
 kind: Pod
@@ -191,16 +205,45 @@ fn headless_service_answers_its_ready_endpoints(t: &TestLab, up: &str) {
             "{name}"
         );
     }
-    for name in ["db-1.db.back", "db-1.db.back.svc.cluster.local"] {
-        assert_eq!(
-            short(t, "front/client", up, &[name]),
-            std::slice::from_ref(&db1),
-            "{name}"
-        );
-    }
+    // A pod host in its full form, as asked or after a search domain (a CNAME to it).
+    let full1 = "db-1.db.back.svc.cluster.local";
     assert_eq!(
-        short(t, "front/client", up, &["+tcp", "db-0.db.back"]),
+        short(t, "front/client", up, &[full1]),
+        std::slice::from_ref(&db1)
+    );
+    assert_eq!(
+        short(
+            t,
+            "front/client",
+            up,
+            &["db-1.db.back.svc.cluster.local.front.svc.cluster.local"]
+        ),
+        [format!("{full1}."), db1.clone()],
+        "a search-list expansion"
+    );
+    assert_eq!(
+        short(
+            t,
+            "front/client",
+            up,
+            &["+tcp", "db-0.db.back.svc.cluster.local"]
+        ),
         std::slice::from_ref(&db0)
+    );
+    // A short form is no Kubernetes name: the upstream's (which knows none).
+    assert!(
+        !short(t, "front/client", up, &["db-1.db.back"]).contains(&db1),
+        "db-1.db.back is not answered from the pod host"
+    );
+    // Headless without ports: still its endpoints. Without any endpoint ztunnel knows
+    // of (no selector): the upstream answers, not an empty NOERROR.
+    assert_eq!(
+        short(t, "front/client", up, &["cache.back.svc.cluster.local"]),
+        [ip("back/api")]
+    );
+    assert_eq!(
+        short(t, "front/client", up, &["manual.back.svc.cluster.local"]),
+        ["192.0.2.9"]
     );
     let upstream_answer = short(t, "front/plain", up, &["db.back.svc.cluster.local"]);
     assert!(
@@ -213,7 +256,7 @@ fn headless_service_answers_its_ready_endpoints(t: &TestLab, up: &str) {
         short(t, "front/client", up, &["db.back"]) == [db0.clone()]
     });
     assert!(
-        !short(t, "front/client", up, &["db-1.db.back"]).contains(&db1),
+        !short(t, "front/client", up, &[full1]).contains(&db1),
         "nor its pod host"
     );
     set_ready(t, "back", "db-1", true);
@@ -340,8 +383,13 @@ fn captured_pod_resolves_services_from_the_mesh_and_the_rest_upstream_and_fails_
     headless_service_answers_its_ready_endpoints(&t, &up);
 
     // A broken resolv.conf keeps the resolver in use, and ztunnel says why.
+    // (The line counted: the missing file at start logged it already.)
+    let kept = "keeping the upstream resolvers in use";
+    let before = t.log("ztunnel-1").matches(kept).count();
     write_resolv_conf(&t, "nameserver not-an-address\n");
-    t.wait_log("ztunnel-1", "keeping the upstream resolvers in use");
+    t.eventually("ztunnel rejecting the broken resolv.conf", || {
+        t.log("ztunnel-1").matches(kept).count() > before
+    });
     assert_eq!(
         short(&t, "front/client", &up, &["www.outside.example"]),
         ["203.0.113.7"]
@@ -357,6 +405,10 @@ fn captured_pod_resolves_services_from_the_mesh_and_the_rest_upstream_and_fails_
     ] {
         assert!(m.contains(needle), "{needle} in\n{m}");
     }
+
+    // A good file again (the same resolver: nothing to log), so that the ztunnel
+    // restarted below reads one and the SERVFAIL there is the upstream's absence.
+    write_resolv_conf(&t, &format!("nameserver {up}\n"));
 
     // ztunnel down: the captured pod's DNS fails, it is never answered from elsewhere
     // (the upstream it names is up: the uncaptured pod still gets its answer).
@@ -380,6 +432,11 @@ fn captured_pod_resolves_services_from_the_mesh_and_the_rest_upstream_and_fails_
     t.eventually("the DNS proxy back", || {
         short(&t, "front/client", &up, &["api.back"]) == ["10.96.0.20"]
     });
+    assert_eq!(
+        short(&t, "front/client", &up, &["www.outside.example"]),
+        ["203.0.113.7"],
+        "the restarted ztunnel forwards to the upstream of the good file"
+    );
     t.lab.stop("pod:upstream/dns", true).unwrap();
     let (_, fail) = dig(
         &t,

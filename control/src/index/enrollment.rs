@@ -56,8 +56,20 @@ impl NodePod {
             bypass_inbound: ann
                 .get("ambient.istio.io/bypass-inbound-capture")
                 .is_some_and(|v| v == "true"),
-            dns_capture: ann.get("ambient.istio.io/dns-capture").map(|v| v == "true"),
+            dns_capture: ann
+                .get("ambient.istio.io/dns-capture")
+                .and_then(|v| parse_bool(v)),
         }
+    }
+}
+
+/// An annotation's boolean as Istio reads it (Go's `strconv.ParseBool`); `None` for
+/// anything else, so the global default applies.
+pub fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
     }
 }
 
@@ -118,6 +130,30 @@ mod tests {
         assert!(
             !is_enrolled(&o, &cfg, &pod("kube-system", None, false)),
             "excluded namespace"
+        );
+    }
+
+    #[test]
+    fn dns_capture_annotation_reads_like_go_parse_bool() {
+        let with = |v: &str| {
+            let mut p = pod("shop", None, false);
+            p.metadata
+                .annotations
+                .insert("ambient.istio.io/dns-capture".into(), v.into());
+            NodePod::from_pod(&p, true).dns_capture
+        };
+        for v in ["1", "t", "T", "TRUE", "true", "True"] {
+            assert_eq!(with(v), Some(true), "{v}");
+        }
+        for v in ["0", "f", "F", "FALSE", "false", "False"] {
+            assert_eq!(with(v), Some(false), "{v}");
+        }
+        for v in ["", "yes", "no", "tRUE", " true", "2", "on"] {
+            assert_eq!(with(v), None, "{v:?}: the global default");
+        }
+        assert_eq!(
+            NodePod::from_pod(&pod("shop", None, false), true).dns_capture,
+            None
         );
     }
 }

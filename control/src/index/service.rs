@@ -43,7 +43,16 @@ pub fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
     ips.into_iter().filter_map(|s| s.parse().ok()).collect()
 }
 
+/// Whether `svc` is an `ExternalName` Service: ambient does not implement them (as
+/// istiod), so they are not published and DNS requests for them go to the upstream.
+pub fn is_external_name(svc: &Service) -> bool {
+    svc.spec.type_.as_deref() == Some("ExternalName")
+}
+
 pub fn service(objs: &Objects, cfg: &IndexConfig, svc: &Service) -> Option<pb::Service> {
+    if is_external_name(svc) {
+        return None;
+    }
     let ns = svc.metadata.ns();
     let name = &svc.metadata.name;
     let ports = svc
@@ -228,5 +237,53 @@ spec:
         s.spec.cluster_ip = Some("None".into());
         s.spec.cluster_ips = vec!["None".into()];
         assert!(cluster_ips(&s).is_empty());
+    }
+
+    #[test]
+    fn external_name_services_are_not_published_headless_ones_are() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: back}
+spec:
+  type: ExternalName
+  externalName: db.example.com
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: back}
+spec:
+  clusterIP: None
+  selector: {app: db}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: back, labels: {app: db}}
+spec:
+  nodeName: node-1
+  containers: [{name: db}]
+status:
+  podIPs: [{ip: 10.244.1.7}]
+  conditions: [{type: Ready, status: "True"}]
+"#;
+        let mut objs = Objects::default();
+        objs.add_file(std::path::Path::new("t"), yaml).unwrap();
+        let out = super::super::compute(&objs, &IndexConfig::default());
+        assert!(
+            !out.addresses
+                .contains_key("back/ext.back.svc.cluster.local"),
+            "an ExternalName Service is the upstream's"
+        );
+        assert!(out.addresses.contains_key("back/db.back.svc.cluster.local"));
+        let Some(pb::address::Type::Workload(w)) =
+            &out.addresses["Kubernetes//Pod/back/db-0"].r#type
+        else {
+            panic!("the pod is published")
+        };
+        assert!(
+            w.services.contains_key("back/db.back.svc.cluster.local"),
+            "a headless Service without ports still lists its endpoints: {:?}",
+            w.services
+        );
     }
 }

@@ -2,7 +2,7 @@
 
 use super::IndexConfig;
 use super::authz::StrictModes;
-use super::service::{cluster_ips, ip_bytes};
+use super::service::{ip_bytes, is_external_name};
 use super::waypoint::{self, TrafficKind};
 use crate::k8s::{IntOrString, Pod};
 use crate::manifest::Objects;
@@ -85,7 +85,7 @@ pub fn workload(
             || !selector
                 .iter()
                 .all(|(k, v)| pod.metadata.labels.get(k) == Some(v))
-            || cluster_ips(svc).is_empty() && svc.spec.ports.is_empty()
+            || is_external_name(svc)
         {
             continue;
         }

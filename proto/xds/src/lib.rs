@@ -190,7 +190,7 @@ pub async fn run(
     };
     let mut held: HashMap<&'static str, HashMap<String, String>> =
         types.iter().map(|t| (*t, HashMap::new())).collect();
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new();
     loop {
         let mut connected = false;
         let r = session(
@@ -212,16 +212,37 @@ pub async fn run(
             Err(e) if why == Termination::Reconnect => {
                 tracing::info!(reason = %e,
                     "xDS stream ended (control plane gone or recycling connections); reconnecting, keeping the last known configuration");
-                // As Istio's ztunnel: a benign end starts the backoff over.
-                backoff = MIN_BACKOFF;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "xDS stream failed; keeping the last known configuration")
             }
         }
         let jitter = rand::random::<f64>() * 0.5 + 0.75;
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(backoff.after(why).mul_f64(jitter)).await;
+    }
+}
+
+/// The wait before reconnecting. Only a message received resets it ([`Backoff::reset`]):
+/// a stream that ends before bringing one backs off further whatever the reason, a
+/// benign-looking one included, or a control plane that accepts streams and closes them
+/// at once would be reconnected to in a tight loop.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(MIN_BACKOFF)
+    }
+
+    fn reset(&mut self) {
+        self.0 = MIN_BACKOFF;
+    }
+
+    /// The wait after a stream that ended as `why` (before jitter); the next one doubles.
+    fn after(&mut self, _why: Termination) -> Duration {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+        wait
     }
 }
 
@@ -234,7 +255,7 @@ async fn session(
     channel: Channel,
     handler: &mut impl Handler,
     held: &mut HashMap<&'static str, HashMap<String, String>>,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
     connected: &mut bool,
 ) -> Result<(), SessionError> {
     let (tx, rx) = tokio::sync::mpsc::channel::<DeltaDiscoveryRequest>(16);
@@ -256,7 +277,7 @@ async fn session(
     handler.connection(true);
     tracing::info!(address = %cp.address, "xDS connected");
     while let Some(resp) = stream.message().await? {
-        *backoff = MIN_BACKOFF;
+        backoff.reset();
         let mut reply = request(&resp.type_url);
         reply.response_nonce = resp.nonce.clone();
         let Some(versions) = held
@@ -304,8 +325,30 @@ async fn session(
 
 #[cfg(test)]
 mod tests {
-    use super::{SessionError, Termination};
+    use super::{Backoff, MAX_BACKOFF, MIN_BACKOFF, SessionError, Termination};
     use tonic::Code;
+
+    #[test]
+    fn a_stream_ending_before_any_message_backs_off() {
+        for why in [
+            Termination::Reconnect,
+            Termination::Error,
+            Termination::ConnectionError,
+            Termination::Complete,
+        ] {
+            let mut b = Backoff::new();
+            assert_eq!(b.after(why), MIN_BACKOFF, "{why:?}");
+            assert_eq!(b.after(why), MIN_BACKOFF * 2, "{why:?}: no message, longer");
+            assert_eq!(b.after(why), MIN_BACKOFF * 4, "{why:?}");
+            b.reset(); // a message arrived
+            assert_eq!(b.after(why), MIN_BACKOFF, "{why:?}");
+        }
+        let mut b = Backoff::new();
+        for _ in 0..20 {
+            b.after(Termination::Reconnect);
+        }
+        assert_eq!(b.after(Termination::Reconnect), MAX_BACKOFF);
+    }
 
     #[test]
     fn terminations_are_named_as_istio_names_them() {

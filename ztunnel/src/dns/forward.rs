@@ -28,7 +28,7 @@ impl Upstreams {
     /// Reads the nameservers of a `resolv.conf`. A missing or unreadable file leaves none
     /// (forwarded queries then fail with SERVFAIL, said once in the log here).
     pub fn load(path: &Path) -> Upstreams {
-        match std::fs::read(path) {
+        match super::resolv::read_limited(path) {
             Ok(text) => Upstreams::parse(&text).unwrap_or_else(|e| {
                 tracing::warn!(file = %path.display(), error = %e,
                     "cannot read the upstream resolvers; DNS queries for names outside the mesh will fail");

@@ -173,12 +173,17 @@ impl Request {
         if let Some(e) = m.edns.as_mut() {
             e.set_rcode_high(code.high());
         }
-        encode(&m, self.max_reply())
+        encode(&m, self.max_reply(), self.transport)
     }
 
     /// Our authoritative answer: `addrs` (none: NODATA) for the question's name, or after
-    /// `question CNAME cname` for `cname`.
-    pub fn answer(&self, cname: Option<&str>, addrs: &[IpAddr]) -> Result<Vec<u8>, String> {
+    /// `question CNAME cname` for `cname`, every record with `ttl` seconds.
+    pub fn answer(
+        &self,
+        cname: Option<&str>,
+        addrs: &[IpAddr],
+        ttl: u32,
+    ) -> Result<Vec<u8>, String> {
         let mut m = self.reply();
         m.metadata.authoritative = true;
         let requested = self.query().name().clone();
@@ -188,7 +193,7 @@ impl Request {
                     .map_err(|e| format!("CNAME target {c:?}: {e}"))?;
                 m.add_answer(Record::from_rdata(
                     requested,
-                    super::resolve::TTL_SECONDS,
+                    ttl,
                     RData::CNAME(CNAME(target.clone())),
                 ));
                 target
@@ -200,13 +205,9 @@ impl Request {
                 IpAddr::V4(v4) => RData::A(A(*v4)),
                 IpAddr::V6(v6) => RData::AAAA(AAAA(*v6)),
             };
-            m.add_answer(Record::from_rdata(
-                owner.clone(),
-                super::resolve::TTL_SECONDS,
-                rdata,
-            ));
+            m.add_answer(Record::from_rdata(owner.clone(), ttl, rdata));
         }
-        encode(&m, self.max_reply())
+        encode(&m, self.max_reply(), self.transport)
     }
 
     /// The upstream's reply to [`Request::upstream_query`]`(id)`, checked to be one
@@ -225,7 +226,7 @@ impl Request {
         let mut m =
             Message::from_vec(upstream).map_err(|e| format!("unreadable upstream reply: {e}"))?;
         m.metadata.id = pod_id;
-        encode(&m, self.max_reply())
+        encode(&m, self.max_reply(), self.transport)
     }
 }
 
@@ -234,18 +235,47 @@ pub fn response_id(bytes: &[u8]) -> Option<u16> {
     (bytes.len() >= 12 && bytes[2] & 0x80 != 0).then(|| u16::from_be_bytes([bytes[0], bytes[1]]))
 }
 
-/// `m` encoded; when longer than `max`, the truncated form (TC set, header, question and
-/// OPT only), so the client asks again over TCP.
-fn encode(m: &Message, max: usize) -> Result<Vec<u8>, String> {
-    let bytes = m
-        .to_vec()
-        .map_err(|e| format!("cannot encode reply: {e}"))?;
-    if bytes.len() <= max {
+/// `m` encoded within `max` bytes. When longer: without its authority and additional
+/// records, then with as many answers as fit (dropped from the end: a shuffled endpoint
+/// list stays a fair sample, a CNAME stays first). Over UDP TC is set then, so the client
+/// may ask again over TCP for the rest; over TCP there is no bigger frame to ask for.
+fn encode(m: &Message, max: usize, transport: Transport) -> Result<Vec<u8>, String> {
+    let bytes = to_vec(m)?;
+    if fits(&bytes, m, max) {
         return Ok(bytes);
     }
-    let mut t = m.truncate();
+    let mut t = m.clone();
     t.metadata.message_type = MessageType::Response;
-    t.to_vec().map_err(|e| format!("cannot encode reply: {e}"))
+    t.metadata.truncation = transport == Transport::Udp;
+    t.authorities.clear();
+    t.additionals.clear();
+    t.signature = None;
+    let answers = std::mem::take(&mut t.answers);
+    // The largest count that fits (0 always does: header, question and OPT only).
+    let (mut kept, mut too_many) = (0, answers.len() + 1);
+    let mut best = to_vec(&t)?;
+    while too_many - kept > 1 {
+        let mid = (kept + too_many) / 2;
+        t.answers = answers[..mid].to_vec();
+        let b = to_vec(&t)?;
+        if fits(&b, &t, max) {
+            (kept, best) = (mid, b);
+        } else {
+            too_many = mid;
+        }
+    }
+    Ok(best)
+}
+
+/// Whether `bytes`, `m` encoded, is within `max` and whole: the encoder itself stops at
+/// 64 KiB and sets TC, which `m` did not ask for.
+fn fits(bytes: &[u8], m: &Message, max: usize) -> bool {
+    let tc = bytes.get(2).is_some_and(|b| b & 0x02 != 0);
+    bytes.len() <= max && tc == m.metadata.truncation
+}
+
+fn to_vec(m: &Message) -> Result<Vec<u8>, String> {
+    m.to_vec().map_err(|e| format!("cannot encode reply: {e}"))
 }
 
 /// FORMERR for a query we cannot read, if at least its header says it is a query.
@@ -287,7 +317,7 @@ mod tests {
     #[test]
     fn answer_carries_the_question_and_records_authoritatively() {
         let req = Request::parse(&query("echo.ns1.", RecordType::A, None), Transport::Udp).unwrap();
-        let r = read(&req.answer(None, &v4s(2)).unwrap());
+        let r = read(&req.answer(None, &v4s(2), 30).unwrap());
         assert_eq!(r.metadata.id, 4242);
         assert_eq!(r.metadata.message_type, MessageType::Response);
         assert!(r.metadata.authoritative && r.metadata.recursion_desired);
@@ -306,8 +336,9 @@ mod tests {
             Transport::Udp,
         )
         .unwrap();
-        let r = read(&req.answer(Some("echo.ns1"), &v4s(1)).unwrap());
+        let r = read(&req.answer(Some("echo.ns1"), &v4s(1), 5).unwrap());
         assert_eq!(r.answers.len(), 2);
+        assert!(r.answers.iter().all(|a| a.ttl == 5), "the TTL given");
         assert_eq!(r.answers[0].record_type(), RecordType::CNAME);
         assert_eq!(r.answers[1].name.to_ascii(), "echo.ns1.");
         assert_eq!(r.edns.as_ref().unwrap().max_payload(), OUR_UDP_PAYLOAD);
@@ -317,35 +348,77 @@ mod tests {
     fn nodata_is_noerror_without_records() {
         let req =
             Request::parse(&query("v4only.", RecordType::AAAA, None), Transport::Udp).unwrap();
-        let r = read(&req.answer(None, &[]).unwrap());
+        let r = read(&req.answer(None, &[], 30).unwrap());
         assert_eq!(r.metadata.response_code, ResponseCode::NoError);
         assert!(r.metadata.authoritative);
         assert!(r.answers.is_empty());
     }
 
     #[test]
-    fn too_large_for_udp_is_truncated_and_whole_over_tcp_or_with_edns() {
+    fn too_large_for_udp_keeps_what_fits_with_tc_and_is_whole_over_tcp_or_with_edns() {
         let bytes = query("big.", RecordType::A, None);
         let udp = Request::parse(&bytes, Transport::Udp).unwrap();
         assert_eq!(udp.max_reply(), 512);
-        let r = udp.answer(None, &v4s(40)).unwrap(); // 40 × 16 bytes > 512
+        let addrs = v4s(40);
+        let r = udp.answer(None, &addrs, 30).unwrap(); // 40 × 16 bytes > 512
         assert!(r.len() <= 512);
         let r = read(&r);
         assert!(r.metadata.truncation, "TC set");
-        assert!(r.answers.is_empty());
+        // 12 header + 9 question + n × 16 (name pointer, type, class, TTL, length, IP).
+        assert_eq!(r.answers.len(), 30, "as many as fit");
+        let got: Vec<RData> = r.answers.iter().map(|a| a.data.clone()).collect();
+        let first: Vec<RData> = addrs[..30]
+            .iter()
+            .map(|ip| match ip {
+                IpAddr::V4(v4) => RData::A(A(*v4)),
+                IpAddr::V6(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(got, first, "the first ones, in order");
         let tcp = Request::parse(&bytes, Transport::Tcp).unwrap();
-        let r = read(&tcp.answer(None, &v4s(40)).unwrap());
+        let r = read(&tcp.answer(None, &addrs, 30).unwrap());
         assert!(!r.metadata.truncation);
         assert_eq!(r.answers.len(), 40);
         let edns =
             Request::parse(&query("big.", RecordType::A, Some(4096)), Transport::Udp).unwrap();
         assert_eq!(
-            read(&edns.answer(None, &v4s(40)).unwrap()).answers.len(),
+            read(&edns.answer(None, &addrs, 30).unwrap()).answers.len(),
             40
         );
         let huge =
             Request::parse(&query("big.", RecordType::A, Some(65000)), Transport::Udp).unwrap();
         assert_eq!(huge.max_reply(), MAX_UDP_PAYLOAD as usize);
+
+        // 20 IPv6 (28 bytes each) after a CNAME: the CNAME stays, some AAAA follow.
+        let v6: Vec<IpAddr> = (0..20u16)
+            .map(|i| IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, i]))
+            .collect();
+        let q6 = query("big.ns1.svc.cluster.local.", RecordType::AAAA, None);
+        let r = Request::parse(&q6, Transport::Udp).unwrap();
+        let r = read(&r.answer(Some("big.ns1"), &v6, 30).unwrap());
+        assert!(r.metadata.truncation);
+        assert_eq!(r.answers[0].record_type(), RecordType::CNAME);
+        let n = r.answers.len() - 1;
+        assert!((1..20).contains(&n), "{n} AAAA records");
+        let r = Request::parse(&q6, Transport::Tcp).unwrap();
+        let r = read(&r.answer(Some("big.ns1"), &v6, 30).unwrap());
+        assert!(!r.metadata.truncation);
+        assert_eq!(r.answers.len(), 21);
+
+        // Past the TCP frame limit: what fits, without TC (there is nothing bigger).
+        let many: Vec<IpAddr> = (0..5000u32)
+            .map(|i| IpAddr::from(std::net::Ipv4Addr::from((10 << 24) | i)))
+            .collect();
+        let r = tcp.answer(None, &many, 30).unwrap();
+        assert!(r.len() <= u16::MAX as usize);
+        let r = read(&r);
+        assert!(!r.metadata.truncation);
+        // (The encoder's own limit is somewhat below the frame's: thousands, not all.)
+        assert!(
+            (1000..5000).contains(&r.answers.len()),
+            "{}",
+            r.answers.len()
+        );
     }
 
     #[test]
@@ -391,7 +464,9 @@ mod tests {
             ));
         }
         let cut = read(&req.relay(ours, &up.to_vec().unwrap()).unwrap());
-        assert!(cut.metadata.truncation && cut.answers.is_empty());
+        assert!(cut.metadata.truncation);
+        // 12 header + 21 question + n × 16.
+        assert_eq!(cut.answers.len(), 29, "the records that fit");
         assert_eq!(cut.metadata.id, 4242);
         // Not a reply to this query: the pod's own ID, another ID, another question or
         // type, a query, garbage.

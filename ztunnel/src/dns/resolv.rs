@@ -76,10 +76,31 @@ pub fn judge(before: Option<&Seen>, now: &Seen, current: &Upstreams) -> Change {
     }
 }
 
+/// The largest resolv.conf we read: a real one is a few hundred bytes; a bigger file is
+/// a mistake (or a device, a log file mounted there) we must not load every poll.
+pub const MAX_FILE: u64 = 64 * 1024;
+
+/// The file's bytes, at most [`MAX_FILE`] of them (blocking: call it off the runtime).
+pub fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.kind().to_string())?;
+    let mut text = Vec::new();
+    file.take(MAX_FILE + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| e.kind().to_string())?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(format!(
+            "it is larger than {} KiB, which no resolv.conf is",
+            MAX_FILE / 1024
+        ));
+    }
+    Ok(text)
+}
+
 fn read(path: &Path) -> Seen {
-    match std::fs::read(path) {
+    match read_limited(path) {
         Ok(t) => Seen::Text(t),
-        Err(e) => Seen::Unreadable(e.kind().to_string()),
+        Err(e) => Seen::Unreadable(e),
     }
 }
 
@@ -89,7 +110,11 @@ fn read(path: &Path) -> Seen {
 pub async fn keep_current(path: PathBuf, upstreams: SharedUpstreams, every: Duration) {
     let mut before = None;
     loop {
-        let now = read(&path);
+        // Off the runtime: the file may sit on a slow or hung mount.
+        let p = path.clone();
+        let now = tokio::task::spawn_blocking(move || read(&p))
+            .await
+            .unwrap_or_else(|e| Seen::Unreadable(e.to_string()));
         match judge(before.as_ref(), &now, &upstreams.get()) {
             Change::None => {}
             Change::Use(u) => {
@@ -166,6 +191,29 @@ mod tests {
                 Change::Use(ups(&["10.0.0.2:53", "10.0.0.3:53"]))
             );
         }
+    }
+
+    #[test]
+    fn a_file_past_64_kib_is_not_read_and_keeps_the_last_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resolv.conf");
+        let mut text = "nameserver 10.0.0.9\n".to_string();
+        text.push_str(&"#".repeat(MAX_FILE as usize - text.len()));
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(
+            read(&path),
+            Seen::Text(text.clone().into_bytes()),
+            "64 KiB: read"
+        );
+        text.push('#');
+        std::fs::write(&path, &text).unwrap();
+        let big = read(&path);
+        let one = ups(&["10.0.0.1:53"]);
+        match judge(None, &big, &one) {
+            Change::Keep { reason } => assert!(reason.contains("larger than 64 KiB"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(Upstreams::load(&path), Upstreams::default(), "nor at start");
     }
 
     #[tokio::test]

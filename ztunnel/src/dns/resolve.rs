@@ -9,18 +9,24 @@
 //! name is answered with the VIPs of the requested family reachable from the pod's
 //! network, or with no records at all (NODATA) when there are none.
 //!
-//! A Kubernetes headless Service (no VIP, a `.svc.<domain>` hostname) is answered with
-//! the addresses of its ready endpoints, and `<pod>.<svc>.<ns>.svc.<domain>` (the name a
-//! StatefulSet pod gets through its headless Service, in the same short forms) with that
-//! pod's address while it is ready. A Service without a VIP that is not a Kubernetes
-//! Service (a ServiceEntry resolved by DNS) is the upstream's, as are unknown names and
-//! other record types, so NXDOMAIN only ever comes from there.
+//! A Kubernetes headless Service (no VIP, a `.svc.<domain>` hostname) with endpoints is
+//! answered with the addresses of its ready endpoints, and `<pod>.<svc>.<ns>.svc.<domain>`
+//! (the name a StatefulSet pod gets through its headless Service; only this full form,
+//! as asked or with a search domain appended, as kube-dns) with that Pod's address while
+//! it is ready. Endpoint and pod-host records have CoreDNS's 5 s TTL, VIPs Istio's 30 s.
+//! A Service without a VIP and without any endpoint known (ExternalName, selector-less),
+//! or that is not a Kubernetes Service (a ServiceEntry resolved by DNS), is the
+//! upstream's, as are unknown names and other record types, so NXDOMAIN only ever comes
+//! from there.
 
 use crate::state::{Service, State, Workload};
 use std::net::IpAddr;
 
-/// TTL of the records we answer (Istio's).
+/// TTL of a Service's VIP records (Istio's): VIPs rarely change.
 pub const TTL_SECONDS: u32 = 30;
+/// TTL of endpoint and pod-host records (CoreDNS's for headless Services): endpoints
+/// come and go, a client must not keep one long after it left.
+pub const ENDPOINT_TTL_SECONDS: u32 = 5;
 
 /// Record types we answer ourselves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +55,7 @@ pub enum Decision {
     Answer {
         cname: Option<String>,
         addrs: Vec<IpAddr>,
+        ttl: u32,
     },
 }
 
@@ -79,23 +86,36 @@ pub fn decide(
     let domain = normalize(cluster_domain);
     for c in candidates(&name, &domain, client.namespace) {
         if let Some((svc, wildcard)) = find_service(state, &c.host, client.namespace, &domain) {
-            let addrs = if svc.vips.is_empty() {
-                endpoint_addrs(state, svc, client.network, family)
+            let (addrs, ttl) = if svc.vips.is_empty() {
+                (
+                    endpoint_addrs(state, svc, client.network, family),
+                    ENDPOINT_TTL_SECONDS,
+                )
             } else {
-                svc.vips
+                let vips = svc
+                    .vips
                     .iter()
                     .filter(|(net, ip)| net == client.network && matches_family(ip, family))
                     .map(|(_, ip)| *ip)
-                    .collect()
+                    .collect();
+                (vips, TTL_SECONDS)
             };
             // A wildcard host has no single canonical name to point a CNAME at.
             let cname = c.stripped.filter(|_| !wildcard);
-            return Decision::Answer { cname, addrs };
+            return Decision::Answer { cname, addrs, ttl };
         }
-        if let Some(pod) = find_pod_host(state, &c.host, client, &domain) {
+        // A pod host only in its full form, as asked or as a search-list expansion of
+        // it: kube-dns knows no short form, and `github.com` must never be read as pod
+        // `github` of a headless Service `com` in the asking pod's namespace.
+        let as_asked = c.host == name || c.stripped.as_deref() == Some(c.host.as_str());
+        if let Some(pod) = as_asked
+            .then(|| find_pod_host(state, &c.host, client, &domain))
+            .flatten()
+        {
             return Decision::Answer {
                 cname: c.stripped,
                 addrs: address_of(pod, family).into_iter().collect(),
+                ttl: ENDPOINT_TTL_SECONDS,
             };
         }
     }
@@ -198,8 +218,16 @@ fn answerable_service<'s>(
     namespace: &str,
     domain: &str,
 ) -> Option<&'s Service> {
-    service_named(state, host, namespace)
-        .filter(|s| !s.vips.is_empty() || is_kubernetes_headless(s, domain))
+    service_named(state, host, namespace).filter(|s| {
+        !s.vips.is_empty() || is_kubernetes_headless(s, domain) && has_endpoints(state, s)
+    })
+}
+
+/// Whether any endpoint of `svc` is known, ready or not. A VIP-less Service without one
+/// (an ExternalName Service, a selector-less one with hand-written endpoints ztunnel is
+/// not told about) is the upstream's: kube-dns knows what it names.
+fn has_endpoints(state: &State, svc: &Service) -> bool {
+    state.endpoints_of(svc).next().is_some()
 }
 
 fn service_named<'s>(state: &'s State, host: &str, namespace: &str) -> Option<&'s Service> {
@@ -247,8 +275,10 @@ fn endpoint_addrs(state: &State, svc: &Service, network: &str, family: Family) -
     addrs
 }
 
-/// `host` as `<pod>.<headless service hostname>`: the endpoint of that Service named
-/// `<pod>` (a StatefulSet pod's name is its hostname), if it is in DNS.
+/// `host` as `<pod>.<headless service hostname>` (the full `.svc.<domain>` form): the
+/// Pod endpoint of that Service named `<pod>` (a StatefulSet pod's name is its
+/// hostname), if it is in DNS. Endpoints read from EndpointSlices are no pods and have
+/// no pod host.
 fn find_pod_host<'s>(
     state: &'s State,
     host: &str,
@@ -257,11 +287,16 @@ fn find_pod_host<'s>(
 ) -> Option<&'s Workload> {
     let (pod, svc_host) = host.split_once('.')?;
     let svc = service_named(state, svc_host, client.namespace)
-        .filter(|s| is_kubernetes_headless(s, domain))?;
+        .filter(|s| s.hostname == svc_host && is_kubernetes_headless(s, domain))?;
     state
         .endpoints_of(svc)
         .map(|w| w.as_ref())
-        .find(|w| w.name == pod && w.network == client.network && in_dns(svc, w))
+        .find(|w| w.name == pod && is_pod(w) && w.network == client.network && in_dns(svc, w))
+}
+
+/// Whether `w` is a Kubernetes Pod (its UID `<cluster>//Pod/<ns>/<name>`).
+fn is_pod(w: &Workload) -> bool {
+    w.uid.contains("//Pod/")
 }
 
 #[cfg(test)]
@@ -355,10 +390,21 @@ mod tests {
         decide(&state(), "cluster.local", NS1, name, Some(Family::V4))
     }
 
+    /// An answer with VIPs.
     fn answer(cname: Option<&str>, addrs: &[&str]) -> Decision {
         Decision::Answer {
             cname: cname.map(str::to_string),
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            ttl: 30,
+        }
+    }
+
+    /// An answer with endpoint or pod-host addresses: CoreDNS's short TTL.
+    fn endpoints(cname: Option<&str>, addrs: &[&str]) -> Decision {
+        Decision::Answer {
+            cname: cname.map(str::to_string),
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            ttl: 5,
         }
     }
 
@@ -458,6 +504,16 @@ mod tests {
             Decision::Forward,
             "no such Service"
         );
+        let mut st = state();
+        st.insert_service(svc("ns1", "extname.ns1.svc.cluster.local", &[]));
+        for name in ["extname", "extname.ns1", "extname.ns1.svc.cluster.local"] {
+            assert_eq!(
+                decide(&st, "cluster.local", NS1, name, Some(Family::V4)),
+                Decision::Forward,
+                "{name}: a Service without VIP nor any endpoint known (ExternalName, \
+                 selector-less): kube-dns answers it"
+            );
+        }
         assert_eq!(a(""), Decision::Forward);
         assert_eq!(a("."), Decision::Forward);
         assert_eq!(
@@ -477,16 +533,16 @@ mod tests {
         ] {
             assert_eq!(
                 a(name),
-                answer(None, &["10.244.1.10", "10.244.1.11"]),
+                endpoints(None, &["10.244.1.10", "10.244.1.11"]),
                 "{name}: ready endpoints of this network only"
             );
         }
         assert_eq!(
             a("headless.ns1.ns1.svc.cluster.local"),
-            answer(Some("headless.ns1"), &["10.244.1.10", "10.244.1.11"])
+            endpoints(Some("headless.ns1"), &["10.244.1.10", "10.244.1.11"])
         );
         let aaaa = decide(&state(), "cluster.local", NS1, "headless", Some(Family::V6));
-        assert_eq!(aaaa, answer(None, &["fd00:244::10"]));
+        assert_eq!(aaaa, endpoints(None, &["fd00:244::10"]));
         let other = Client {
             namespace: "ns1",
             network: "other",
@@ -499,7 +555,7 @@ mod tests {
                 "headless",
                 Some(Family::V4)
             ),
-            answer(None, &["10.244.9.13"])
+            endpoints(None, &["10.244.9.13"])
         );
     }
 
@@ -511,7 +567,7 @@ mod tests {
         st.insert_service(s);
         assert_eq!(
             decide(&st, "cluster.local", NS1, "headless", Some(Family::V4)),
-            answer(None, &["10.244.1.10", "10.244.1.11", "10.244.1.12"])
+            endpoints(None, &["10.244.1.10", "10.244.1.11", "10.244.1.12"])
         );
     }
 
@@ -522,37 +578,109 @@ mod tests {
         st.insert_workload(pod("web-1", &["10.244.1.11"], false, ""));
         assert_eq!(
             decide(&st, "cluster.local", NS1, "headless", Some(Family::V4)),
-            answer(None, &[])
+            endpoints(None, &[])
         );
     }
 
     #[test]
     fn pod_hosts_of_a_headless_service() {
+        assert_eq!(
+            a("web-1.headless.ns1.svc.cluster.local"),
+            endpoints(None, &["10.244.1.11"])
+        );
+        for expansion in [
+            "web-1.headless.ns1.svc.cluster.local.ns1.svc.cluster.local",
+            "web-1.headless.ns1.svc.cluster.local.cluster.local",
+        ] {
+            assert_eq!(
+                a(expansion),
+                endpoints(
+                    Some("web-1.headless.ns1.svc.cluster.local"),
+                    &["10.244.1.11"]
+                ),
+                "a search-list expansion of the full form: {expansion}"
+            );
+        }
+        let aaaa = |n: &str| decide(&state(), "cluster.local", NS1, n, Some(Family::V6));
+        assert_eq!(
+            aaaa("web-0.headless.ns1.svc.cluster.local"),
+            endpoints(None, &["fd00:244::10"])
+        );
+        assert_eq!(
+            aaaa("web-1.headless.ns1.svc.cluster.local"),
+            endpoints(None, &[]),
+            "NODATA"
+        );
+        // Short forms (kube-dns has none), not ready, another network, no such pod, not a
+        // headless Service: the upstream's.
         for name in [
             "web-1.headless",
             "web-1.headless.ns1",
             "web-1.headless.ns1.svc",
-            "web-1.headless.ns1.svc.cluster.local",
-        ] {
-            assert_eq!(a(name), answer(None, &["10.244.1.11"]), "{name}");
-        }
-        assert_eq!(
-            a("web-1.headless.svc.cluster.local"),
-            answer(Some("web-1.headless"), &["10.244.1.11"]),
-            "a search-list expansion"
-        );
-        let aaaa = |n: &str| decide(&state(), "cluster.local", NS1, n, Some(Family::V6));
-        assert_eq!(aaaa("web-0.headless.ns1"), answer(None, &["fd00:244::10"]));
-        assert_eq!(aaaa("web-1.headless.ns1"), answer(None, &[]), "NODATA");
-        // Not ready, another network, no such pod, not a headless Service: upstream's.
-        for name in [
-            "web-2.headless.ns1",
-            "web-3.headless.ns1",
-            "web-9.headless.ns1",
-            "web-1.echo.ns1",
+            "web-1.headless.svc.cluster.local",
+            "web-2.headless.ns1.svc.cluster.local",
+            "web-3.headless.ns1.svc.cluster.local",
+            "web-9.headless.ns1.svc.cluster.local",
+            "web-1.echo.ns1.svc.cluster.local",
         ] {
             assert_eq!(a(name), Decision::Forward, "{name}");
         }
+    }
+
+    #[test]
+    fn a_bare_name_is_never_read_as_a_pod_host() {
+        // Headless Services `com` and `dev` in ns1, with pods `github` and `api`.
+        let mut st = state();
+        for (svc_name, pod_name) in [("com", "github"), ("dev", "api")] {
+            let host = format!("{svc_name}.ns1.svc.cluster.local");
+            st.insert_service(svc("ns1", &host, &[]));
+            let mut p = pod(pod_name, &["10.244.1.50"], true, "");
+            p.services = HashMap::from([(format!("ns1/{host}"), vec![])]);
+            st.insert_workload(p);
+        }
+        for name in [
+            "github.com",
+            "api.myco.dev",
+            "github.com.ns1",
+            "api.dev.ns1",
+        ] {
+            assert_eq!(
+                decide(&st, "cluster.local", NS1, name, Some(Family::V4)),
+                Decision::Forward,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            decide(
+                &st,
+                "cluster.local",
+                NS1,
+                "github.com.ns1.svc.cluster.local",
+                Some(Family::V4)
+            ),
+            endpoints(None, &["10.244.1.50"]),
+            "the full form is the pod host, as kube-dns answers it"
+        );
+    }
+
+    #[test]
+    fn endpoint_slice_endpoints_have_no_pod_host() {
+        let mut st = state();
+        let mut w = pod("web-1", &["10.244.1.11"], true, "");
+        w.uid = "cluster1/discovery.k8s.io/EndpointSlice/ns1/headless-abc/web-1".into();
+        st.insert_workload(w);
+        // Remove the Pod itself so only the EndpointSlice-derived one is named web-1.
+        assert!(st.remove_address("Kubernetes//Pod/ns1/web-1"));
+        assert_eq!(
+            decide(
+                &st,
+                "cluster.local",
+                NS1,
+                "web-1.headless.ns1.svc.cluster.local",
+                Some(Family::V4)
+            ),
+            Decision::Forward
+        );
     }
 
     #[test]

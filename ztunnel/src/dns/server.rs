@@ -283,13 +283,17 @@ impl PodDns {
             )
         };
         match decision {
-            Decision::Answer { cname, mut addrs } => {
+            Decision::Answer {
+                cname,
+                mut addrs,
+                ttl,
+            } => {
                 // A headless Service's endpoints in another order each time, as Istio's
                 // ztunnel and cluster DNS do: clients that take the first spread out.
                 addrs.shuffle(&mut rand::rng());
                 tracing::debug!(target: "dns", query = req.type_label(), src.workload = %src_name, src.namespace = %src_ns,
                     domain = %name, result = "success", endpoints = addrs.len(), "dns query");
-                req.answer(cname.as_deref(), &addrs)
+                req.answer(cname.as_deref(), &addrs, ttl)
                     .or_else(|_| req.error(ResponseCode::ServFail))
                     .ok()
             }
