@@ -173,9 +173,16 @@ impl PodDns {
         }
         for listener in bound.tcp {
             let limit = ConnLimit::new(format!("{namespace}/{name} dns"), MAX_TCP_CONNECTIONS);
-            let d = dns.clone();
+            let (d, drain) = (dns.clone(), drain.clone());
             spawn_accept_loop(listener, limit, drain.stop_accepting(), move |s| {
-                d.clone().tcp_connection(s)
+                // Counted from accept like every connection, so a handed-over or
+                // draining ztunnel does not exit under it.
+                let guard = drain.guard();
+                let d = d.clone();
+                async move {
+                    let _guard = guard;
+                    d.tcp_connection(s).await
+                }
             });
         }
     }
@@ -202,11 +209,14 @@ impl PodDns {
             };
             let query = buf[..n].to_vec();
             let (me, socket) = (self.clone(), socket.clone());
+            // A query being answered counts as an open connection until its reply is sent.
+            let guard = drain.guard();
             tokio::spawn(async move {
                 if let Some(reply) = me.handle(&query, Transport::Udp).await {
                     let _ = socket.send_to(&reply, peer).await;
                 }
                 drop(permit);
+                drop(guard);
             });
         }
     }
@@ -667,6 +677,17 @@ mod tests {
         let mut r = vec![0u8; len as usize];
         s.read_exact(&mut r).await.unwrap();
         assert_eq!(Message::from_vec(&r).unwrap().answers.len(), 1);
+        // An open DNS connection counts as one the process still holds (a handed-over
+        // or draining ztunnel waits for it), and stops counting once it ends.
+        assert_eq!(drain.open_connections(), 1, "the open TCP connection counts");
+        drop(s);
+        for _ in 0..200 {
+            if drain.open_connections() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(drain.open_connections(), 0, "a closed one no longer counts");
         // A connection that sends half a query is closed (not held open forever).
         let mut half = TcpStream::connect(server).await.unwrap();
         half.write_all(&[0, 40, 1, 2]).await.unwrap();
