@@ -357,6 +357,46 @@ impl TestLab {
     }
 }
 
+impl TestLab {
+    /// A TCP connection made from inside a pod's namespace (so its redirection applies),
+    /// with a 10 s read timeout.
+    pub fn connect_from(&self, pod: &str, to: &str) -> std::net::TcpStream {
+        let to: std::net::SocketAddr = to.parse().unwrap();
+        let ns = ztunnel::inpod::netns::Netns::open(&self.netns(pod)).unwrap();
+        let s = ns
+            .run(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+            .unwrap()
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    /// Whether `meshctl enrolment` on `node` says `pod` is confirmed.
+    pub fn confirmed(&self, node: usize, pod: &str) -> bool {
+        let (ok, out) = self.meshctl_on(node, &["enrolment"]);
+        ok && out
+            .lines()
+            .any(|l| l.contains(pod) && l.trim_end().ends_with("confirmed"))
+    }
+}
+
+/// Sends `n` bytes of a pattern that depends on `offset` on a connection to an echo
+/// server and reads the echo back, whole (a byte lost, reordered or changed fails).
+pub fn echo_chunk(s: &mut std::net::TcpStream, offset: usize, n: usize) {
+    use std::io::{Read, Write};
+    let sent: Vec<u8> = (offset..offset + n).map(|i| (i % 251) as u8).collect();
+    s.write_all(&sent)
+        .unwrap_or_else(|e| panic!("write at byte {offset}: {e}"));
+    let mut got = vec![0u8; n];
+    s.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("echo of bytes {offset}..{}: {e}", offset + n));
+    assert!(
+        got == sent,
+        "the echo of bytes {offset}..{} differs",
+        offset + n
+    );
+}
+
 /// The sum of metric `name` in a Prometheus/OpenMetrics page over its series carrying
 /// every label of `labels` (each written `key="value"`).
 pub fn metric_sum(page: &str, name: &str, labels: &[&str]) -> f64 {

@@ -7,7 +7,7 @@ use mesh_e2e::cluster::{contains, wait_until};
 use mesh_e2e::manifests::{
     BACK_AMBIENT, BACK_API_POD_WITH_TCP_ECHO, FRONT_AMBIENT, FRONT_CLIENT, join,
 };
-use mesh_e2e::testlab::TestLab;
+use mesh_e2e::testlab::{TestLab, echo_chunk};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -20,40 +20,6 @@ spec:
   clusterIP: 10.96.0.20
   ports: [{name: http, port: 80, targetPort: http}, {name: tcp-legacy, port: 9000, targetPort: 9000}]
 ";
-
-/// A TCP connection made from inside a pod's namespace (so its redirection applies).
-fn connect_from(t: &TestLab, pod: &str, to: &str) -> TcpStream {
-    let to: SocketAddr = to.parse().unwrap();
-    let ns = ztunnel::inpod::netns::Netns::open(&t.netns(pod)).unwrap();
-    let s = ns
-        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
-        .unwrap()
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
-}
-
-/// Sends `n` bytes of a pattern that depends on `offset` and reads the echo back, whole.
-fn echo_chunk(s: &mut TcpStream, offset: usize, n: usize) {
-    let sent: Vec<u8> = (offset..offset + n).map(|i| (i % 251) as u8).collect();
-    s.write_all(&sent)
-        .unwrap_or_else(|e| panic!("write at byte {offset}: {e}"));
-    let mut got = vec![0u8; n];
-    s.read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("echo of bytes {offset}..{}: {e}", offset + n));
-    assert!(
-        got == sent,
-        "the echo of bytes {offset}..{} differs",
-        offset + n
-    );
-}
-
-fn all_confirmed(t: &TestLab, node: usize, pod: &str) -> bool {
-    let (ok, out) = t.meshctl_on(node, &["enrolment"]);
-    ok && out
-        .lines()
-        .any(|l| l.contains(pod) && l.trim_end().ends_with("confirmed"))
-}
 
 type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
 
@@ -84,9 +50,9 @@ async fn a_node_agent_restart_leaves_streams_and_h2_connections_untouched() {
             FRONT_CLIENT,
         ]));
         t.eventually("front/client confirmed", || {
-            all_confirmed(&t, 1, "front/client")
+            t.confirmed(1, "front/client")
         });
-        t.eventually("back/api confirmed", || all_confirmed(&t, 2, "back/api"));
+        t.eventually("back/api confirmed", || t.confirmed(2, "back/api"));
         wait_until("mTLS", || {
             t.curl("front/client", "http://10.96.0.20/").is_ok()
                 && t.log("ztunnel-2")
@@ -97,13 +63,13 @@ async fn a_node_agent_restart_leaves_streams_and_h2_connections_untouched() {
 
     // The long-lived TCP stream (through both ztunnels, to the echo server) and the
     // HTTP/2 keep-alive connection, both made before the restart.
-    let mut stream = connect_from(&t, "front/client", "10.96.0.20:9000");
+    let mut stream = t.connect_from("front/client", "10.96.0.20:9000");
     let mut sent = 0;
     for _ in 0..4 {
         echo_chunk(&mut stream, sent, 64 * 1024);
         sent += 64 * 1024;
     }
-    let h2_tcp = connect_from(&t, "front/client", "10.96.0.20:80");
+    let h2_tcp = t.connect_from("front/client", "10.96.0.20:80");
     h2_tcp.set_nonblocking(true).unwrap();
     let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(h2_tcp).unwrap());
     let (mut sender, conn) =
@@ -135,10 +101,10 @@ async fn a_node_agent_restart_leaves_streams_and_h2_connections_untouched() {
         }
         // The new agents have re-programmed every pod and read the rules back.
         t.eventually("front/client confirmed again", || {
-            all_confirmed(&t, 1, "front/client")
+            t.confirmed(1, "front/client")
         });
         t.eventually("back/api confirmed again", || {
-            all_confirmed(&t, 2, "back/api")
+            t.confirmed(2, "back/api")
         });
     });
     // Once by the old agent, once by the new one.

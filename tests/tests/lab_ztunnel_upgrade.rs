@@ -11,7 +11,7 @@ use mesh_e2e::manifests::{
     BACK_AMBIENT, BACK_API_POD_WITH_TCP_ECHO, FRONT_AMBIENT, FRONT_CLIENT, join,
 };
 use mesh_e2e::proc::Proc;
-use mesh_e2e::testlab::{TestLab, metric_sum, wait_exit};
+use mesh_e2e::testlab::{TestLab, echo_chunk, metric_sum, wait_exit};
 use mesh_lab::upgrade::accepting;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -44,40 +44,6 @@ const NEW_CONNECTIONS: usize = 20;
 /// How long an old process may take to exit once its last connection ended.
 const OLD_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 const OPENED: &str = "istio_tcp_connections_opened_total";
-
-/// A TCP connection made from inside a pod's namespace (so its redirection applies).
-fn connect_from(t: &TestLab, pod: &str, to: &str) -> TcpStream {
-    let to: SocketAddr = to.parse().unwrap();
-    let ns = ztunnel::inpod::netns::Netns::open(&t.netns(pod)).unwrap();
-    let s = ns
-        .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
-        .unwrap()
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
-}
-
-/// Sends `n` bytes of a pattern that depends on `offset` and reads the echo back, whole.
-fn echo_chunk(s: &mut TcpStream, offset: usize, n: usize) {
-    let sent: Vec<u8> = (offset..offset + n).map(|i| (i % 251) as u8).collect();
-    s.write_all(&sent)
-        .unwrap_or_else(|e| panic!("write at byte {offset}: {e}"));
-    let mut got = vec![0u8; n];
-    s.read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("echo of bytes {offset}..{}: {e}", offset + n));
-    assert!(
-        got == sent,
-        "the echo of bytes {offset}..{} differs",
-        offset + n
-    );
-}
-
-fn all_confirmed(t: &TestLab, node: usize, pod: &str) -> bool {
-    let (ok, out) = t.meshctl_on(node, &["enrolment"]);
-    ok && out
-        .lines()
-        .any(|l| l.contains(pod) && l.trim_end().ends_with("confirmed"))
-}
 
 /// Established TCP connections from inside `pod` to `to` (an address:port).
 fn established(t: &TestLab, pod: &str, to: &str) -> usize {
@@ -129,11 +95,11 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
             IPERF_SERVER,
         ]));
         t.eventually("front/client confirmed", || {
-            all_confirmed(&t, 1, "front/client")
+            t.confirmed(1, "front/client")
         });
-        t.eventually("back/api confirmed", || all_confirmed(&t, 2, "back/api"));
+        t.eventually("back/api confirmed", || t.confirmed(2, "back/api"));
         t.eventually("back/iperf confirmed", || {
-            all_confirmed(&t, 2, "back/iperf")
+            t.confirmed(2, "back/iperf")
         });
         wait_until("mTLS", || {
             t.curl("front/client", "http://10.96.0.20/").is_ok()
@@ -183,13 +149,13 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
     });
 
     // The byte-pattern echo and the HTTP/2 keep-alive connection, made before any upgrade.
-    let mut stream = connect_from(&t, "front/client", "10.96.0.20:9000");
+    let mut stream = t.connect_from("front/client", "10.96.0.20:9000");
     let mut sent = 0;
     for _ in 0..4 {
         echo_chunk(&mut stream, sent, 64 * 1024);
         sent += 64 * 1024;
     }
-    let h2_tcp = connect_from(&t, "front/client", "10.96.0.20:80");
+    let h2_tcp = t.connect_from("front/client", "10.96.0.20:80");
     h2_tcp.set_nonblocking(true).unwrap();
     let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(h2_tcp).unwrap());
     let (mut sender, conn) =
@@ -276,10 +242,10 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
 
             // The pods are still confirmed (the new process acknowledged them).
             t.eventually("front/client confirmed after the upgrade", || {
-                all_confirmed(&t, 1, "front/client")
+                t.confirmed(1, "front/client")
             });
             t.eventually("back/api confirmed after the upgrade", || {
-                all_confirmed(&t, 2, "back/api")
+                t.confirmed(2, "back/api")
             });
             // The HTTP/2 connection made requests after this upgrade too.
             let at = answered.load(Ordering::Relaxed);
@@ -397,16 +363,16 @@ fn both_ztunnels_of_an_upgrading_node_are_scraped_and_ended_with_the_node() {
     ]));
     let ready = |t: &TestLab| {
         t.eventually("front/client confirmed", || {
-            all_confirmed(t, 1, "front/client")
+            t.confirmed(1, "front/client")
         });
-        t.eventually("back/api confirmed", || all_confirmed(t, 2, "back/api"));
+        t.eventually("back/api confirmed", || t.confirmed(2, "back/api"));
         t.eventually("traffic through the mesh", || {
             t.curl("front/client", "http://10.96.0.20/").is_ok()
         });
     };
     ready(&t);
     // A connection through node 2 that keeps its old ztunnel busy.
-    let mut held = connect_from(&t, "front/client", "10.96.0.20:9000");
+    let mut held = t.connect_from("front/client", "10.96.0.20:9000");
     echo_chunk(&mut held, 0, 1024);
     let (old, new) = t.upgrade_ztunnel(2);
 
@@ -464,7 +430,7 @@ fn both_ztunnels_of_an_upgrading_node_are_scraped_and_ended_with_the_node() {
     ready(&t);
 
     // `down` ends both too.
-    let mut held = connect_from(&t, "front/client", "10.96.0.20:9000");
+    let mut held = t.connect_from("front/client", "10.96.0.20:9000");
     echo_chunk(&mut held, 0, 1024);
     let (old, new) = t.upgrade_ztunnel(2);
     t.lab.down().unwrap();
@@ -486,12 +452,12 @@ fn an_agent_upgrade_runs_the_new_binary_and_leaves_traffic_alone() {
         FRONT_CLIENT,
     ]));
     t.eventually("front/client confirmed", || {
-        all_confirmed(&t, 1, "front/client")
+        t.confirmed(1, "front/client")
     });
     t.eventually("traffic through the mesh", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
     });
-    let mut held = connect_from(&t, "front/client", "10.96.0.20:9000");
+    let mut held = t.connect_from("front/client", "10.96.0.20:9000");
     echo_chunk(&mut held, 0, 1024);
 
     // The "new" binary: another name for the built one (no copy on disk).
@@ -512,7 +478,7 @@ fn an_agent_upgrade_runs_the_new_binary_and_leaves_traffic_alone() {
 
     echo_chunk(&mut held, 1024, 1024);
     t.eventually("front/client confirmed by the new agent", || {
-        all_confirmed(&t, 1, "front/client")
+        t.confirmed(1, "front/client")
     });
     assert!(t.curl("front/client", "http://10.96.0.20/after").is_ok());
     // A later start (a reboot, `mesh-lab start`) keeps the installed binary.
