@@ -8,9 +8,7 @@ use mesh_e2e::manifests::{
     BACK_AMBIENT, BACK_API_POD_WITH_TCP_ECHO, FRONT_AMBIENT, FRONT_CLIENT, join,
 };
 use mesh_e2e::testlab::{TestLab, echo_chunk};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::io::Read;
 
 const SERVICE: &str = "apiVersion: v1
 kind: Service
@@ -49,9 +47,7 @@ async fn a_node_agent_restart_leaves_streams_and_h2_connections_untouched() {
             SERVICE,
             FRONT_CLIENT,
         ]));
-        t.eventually("front/client confirmed", || {
-            t.confirmed(1, "front/client")
-        });
+        t.eventually("front/client confirmed", || t.confirmed(1, "front/client"));
         t.eventually("back/api confirmed", || t.confirmed(2, "back/api"));
         wait_until("mTLS", || {
             t.curl("front/client", "http://10.96.0.20/").is_ok()
@@ -103,9 +99,7 @@ async fn a_node_agent_restart_leaves_streams_and_h2_connections_untouched() {
         t.eventually("front/client confirmed again", || {
             t.confirmed(1, "front/client")
         });
-        t.eventually("back/api confirmed again", || {
-            t.confirmed(2, "back/api")
-        });
+        t.eventually("back/api confirmed again", || t.confirmed(2, "back/api"));
     });
     // Once by the old agent, once by the new one.
     let enrolled = |log: &str| log.matches("redirection programmed").count();

@@ -13,8 +13,7 @@ use mesh_e2e::manifests::{
 use mesh_e2e::proc::Proc;
 use mesh_e2e::testlab::{TestLab, echo_chunk, metric_sum, wait_exit};
 use mesh_lab::upgrade::accepting;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -94,13 +93,9 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
             FRONT_CLIENT,
             IPERF_SERVER,
         ]));
-        t.eventually("front/client confirmed", || {
-            t.confirmed(1, "front/client")
-        });
+        t.eventually("front/client confirmed", || t.confirmed(1, "front/client"));
         t.eventually("back/api confirmed", || t.confirmed(2, "back/api"));
-        t.eventually("back/iperf confirmed", || {
-            t.confirmed(2, "back/iperf")
-        });
+        t.eventually("back/iperf confirmed", || t.confirmed(2, "back/iperf"));
         wait_until("mTLS", || {
             t.curl("front/client", "http://10.96.0.20/").is_ok()
                 && t.log("ztunnel-2")
@@ -362,9 +357,7 @@ fn both_ztunnels_of_an_upgrading_node_are_scraped_and_ended_with_the_node() {
         FRONT_CLIENT,
     ]));
     let ready = |t: &TestLab| {
-        t.eventually("front/client confirmed", || {
-            t.confirmed(1, "front/client")
-        });
+        t.eventually("front/client confirmed", || t.confirmed(1, "front/client"));
         t.eventually("back/api confirmed", || t.confirmed(2, "back/api"));
         t.eventually("traffic through the mesh", || {
             t.curl("front/client", "http://10.96.0.20/").is_ok()
@@ -451,9 +444,7 @@ fn an_agent_upgrade_runs_the_new_binary_and_leaves_traffic_alone() {
         SERVICE,
         FRONT_CLIENT,
     ]));
-    t.eventually("front/client confirmed", || {
-        t.confirmed(1, "front/client")
-    });
+    t.eventually("front/client confirmed", || t.confirmed(1, "front/client"));
     t.eventually("traffic through the mesh", || {
         t.curl("front/client", "http://10.96.0.20/").is_ok()
     });

@@ -679,7 +679,11 @@ mod tests {
         assert_eq!(Message::from_vec(&r).unwrap().answers.len(), 1);
         // An open DNS connection counts as one the process still holds (a handed-over
         // or draining ztunnel waits for it), and stops counting once it ends.
-        assert_eq!(drain.open_connections(), 1, "the open TCP connection counts");
+        assert_eq!(
+            drain.open_connections(),
+            1,
+            "the open TCP connection counts"
+        );
         drop(s);
         for _ in 0..200 {
             if drain.open_connections() == 0 {
