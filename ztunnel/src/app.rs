@@ -49,7 +49,6 @@ async fn watch_local_config(
     path: std::path::PathBuf,
     cluster_id: String,
     state: Arc<RwLock<State>>,
-    tracker: Arc<ConnTracker>,
     changed: StateChanged,
     loaded: Arc<AtomicBool>,
 ) {
@@ -64,11 +63,10 @@ async fn watch_local_config(
                     for e in st.apply_snapshot(&addresses, &policies) {
                         tracing::warn!(file = %path.display(), error = %e, "invalid resource kept at its previous version");
                     }
-                    let closed = tracker.recheck(&st);
                     drop(st);
                     changed.notify();
                     tracing::info!(file = %path.display(), addresses = addresses.len(),
-                        policies = policies.len(), closed, "local configuration applied");
+                        policies = policies.len(), "local configuration applied");
                     loaded.store(true, Ordering::Relaxed);
                 }
                 Err(e) => {
@@ -114,6 +112,12 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
     let state = Arc::new(RwLock::new(State::default()));
     let state_changed = StateChanged::new();
     let tracker = Arc::new(ConnTracker::default());
+    // Open connections are re-checked after each update, outside the state's write lock.
+    tokio::spawn(
+        tracker
+            .clone()
+            .recheck_on_change(state.clone(), state_changed.subscribe()),
+    );
     let root_pem = match &cfg.root_cert {
         Some(p) => Some(
             std::fs::read_to_string(p).map_err(|e| format!("root cert {}: {e}", p.display()))?,
@@ -201,7 +205,6 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
             path.clone(),
             cfg.cluster_id.clone(),
             state.clone(),
-            tracker.clone(),
             state_changed.clone(),
             local_loaded.clone(),
         ));
@@ -216,7 +219,6 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
             control(addr),
             node,
             state.clone(),
-            tracker.clone(),
             state_changed.clone(),
             progress.clone(),
             metrics.clone(),

@@ -26,6 +26,16 @@ impl StateChanged {
         self.0.send_modify(|v| *v = v.wrapping_add(1));
     }
 
+    /// The current version (bumped by every [`StateChanged::notify`]).
+    pub fn version(&self) -> u64 {
+        *self.0.borrow()
+    }
+
+    /// A receiver that sees every later version.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+
     /// `find` on the state, now or after the next updates, for at most `timeout`.
     pub async fn wait_for<T>(
         &self,

@@ -2,7 +2,6 @@
 //! through the same validation as local config, ACKs or NACKs (with reasons), keeps the
 //! last-known state across disconnects and resumes with `initial_resource_versions`.
 
-use crate::proxy::ConnTracker;
 use crate::state::State;
 use crate::updates::StateChanged;
 use mesh_proto::discovery::DeltaDiscoveryResponse;
@@ -119,7 +118,6 @@ pub fn apply_response(state: &mut State, resp: &DeltaDiscoveryResponse) -> Vec<(
 
 struct Apply {
     state: Arc<RwLock<State>>,
-    tracker: Arc<ConnTracker>,
     changed: StateChanged,
     progress: Arc<XdsProgress>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -131,12 +129,9 @@ impl mesh_xds::Handler for Apply {
         self.metrics.xds_message(&resp.type_url);
         let mut st = self.state.write().expect("state lock");
         let errors = apply_response(&mut st, resp);
-        let closed = self.tracker.recheck(&st);
         drop(st);
+        // Wakes the connection tracker's re-check too (see `proxy::tracker`).
         self.changed.notify();
-        if closed > 0 {
-            tracing::info!(closed, "policy update closed open connections");
-        }
         match resp.type_url.as_str() {
             type_url::ADDRESS => self.progress.address_synced.store(true, Ordering::Relaxed),
             type_url::AUTHORIZATION => self
@@ -162,14 +157,12 @@ pub async fn run(
     cp: ControlPlane,
     node: NodeIdentity,
     state: Arc<RwLock<State>>,
-    tracker: Arc<ConnTracker>,
     changed: StateChanged,
     progress: Arc<XdsProgress>,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
     let handler = Apply {
         state,
-        tracker,
         changed,
         progress,
         metrics,

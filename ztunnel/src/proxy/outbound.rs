@@ -1,0 +1,226 @@
+//! Outbound (15001): carries out [`plan_outbound`] for a connection the pod's app made.
+
+use super::plan::{self, OutboundPlan, plan_outbound};
+use super::socket::{canonical, connect_in, original_dst};
+use super::{PodProxy, counted, finish_copy, finish_with_bytes};
+use crate::drain::ConnGuard;
+use crate::metrics::{ConnRecorder, ConnReport, Direction, Outcome};
+use crate::state::Workload;
+use mesh_identity::SpiffeId;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpStream;
+
+impl PodProxy {
+    pub(super) async fn outbound(self: Arc<Self>, downstream: TcpStream, guard: ConnGuard) {
+        let Ok(peer) = downstream.peer_addr().map(canonical) else {
+            return;
+        };
+        let orig = match original_dst(&downstream) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(pod = %self.info.name, error = %e, "no original destination on an outbound connection");
+                return;
+            }
+        };
+        if plan::is_loop(orig) {
+            tracing::warn!(dst = %orig, "refusing a connection to ztunnel's own port (loop)");
+            return;
+        }
+        let Some(src) = self.wait_for_workload().await else {
+            tracing::warn!(pod = %format!("{}/{}", self.info.namespace, self.info.name),
+                "refusing outbound connection: this pod is not (yet) known from the control plane");
+            return;
+        };
+        let plan = {
+            let st = self.ctx.state.read().expect("state lock");
+            plan_outbound(&st, &self.ctx.network, Some(&src), orig)
+        };
+        let mut report = ConnReport {
+            direction: Direction::Outbound,
+            src_addr: peer,
+            src: Some(src.clone()),
+            src_identity: Some(src.identity.clone()),
+            dst_addr: orig,
+            dst_hbone_addr: None,
+            dst_service: None,
+            dst: None,
+            dst_identity: None,
+            mtls: false,
+            trace_id: String::new(),
+            started: Instant::now(),
+        };
+        match plan {
+            OutboundPlan::Refuse(reason) => {
+                report.trace_id = hbone::TraceParent::random().trace_id_hex();
+                let rec = ConnRecorder::open(self.ctx.metrics.clone(), report);
+                rec.finish(Outcome::Failed {
+                    flags: "CONNECT",
+                    error: &reason.to_string(),
+                    sent: 0,
+                    received: 0,
+                });
+            }
+            OutboundPlan::Passthrough {
+                dst,
+                dst_workload,
+                service,
+            } => {
+                report.dst_addr = dst;
+                report.dst = dst_workload;
+                report.dst_service = service;
+                report.trace_id = hbone::TraceParent::random().trace_id_hex();
+                let rec = ConnRecorder::open(self.ctx.metrics.clone(), report);
+                self.passthrough(downstream, dst, rec, guard).await;
+            }
+            OutboundPlan::Hbone {
+                hop,
+                authority,
+                expected,
+                dst_workload,
+                service,
+                via_waypoint: _,
+            } => {
+                // As Istio logs it: the address dialled, and the target inside.
+                report.dst_addr = hop;
+                report.dst_hbone_addr = Some(authority);
+                report.dst_identity = expected.first().cloned();
+                report.dst = dst_workload;
+                let host = service.as_ref().map(|s| s.hostname.clone());
+                report.dst_service = service;
+                report.mtls = true;
+                let mut req = hbone::ConnectRequest::new(authority);
+                req.forwarded = hbone::Forwarded {
+                    for_addr: Some(peer),
+                    host,
+                };
+                req.baggage = Some(baggage(&src, &self.ctx.cluster_id));
+                let (traceparent, span) = crate::trace::outbound(&self.ctx.tracer);
+                req.traceparent = traceparent;
+                report.trace_id = req.traceparent.trace_id_hex();
+                let rec = ConnRecorder::open(self.ctx.metrics.clone(), report).traced(span);
+                self.hbone_out(downstream, &src, hop, expected, req, rec, guard)
+                    .await;
+            }
+        }
+    }
+
+    async fn passthrough(
+        &self,
+        downstream: TcpStream,
+        dst: SocketAddr,
+        rec: ConnRecorder,
+        guard: ConnGuard,
+    ) {
+        let upstream = match connect_in(&self.netns, dst, None).await {
+            Ok(u) => u,
+            Err(e) => {
+                return rec.finish(Outcome::Failed {
+                    flags: "CONNECT",
+                    error: &e.to_string(),
+                    sent: 0,
+                    received: 0,
+                });
+            }
+        };
+        let mut downstream = counted::Counted::new(downstream);
+        let mut upstream = upstream;
+        let result = tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => r,
+            _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
+        };
+        finish_copy(rec, result, &downstream);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn hbone_out(
+        &self,
+        downstream: TcpStream,
+        src: &Workload,
+        hop: SocketAddr,
+        expected: Vec<SpiffeId>,
+        req: hbone::ConnectRequest,
+        rec: ConnRecorder,
+        guard: ConnGuard,
+    ) {
+        // Boxed: fetching a certificate (a CA call on a miss) must not size the task either.
+        let creds = match Box::pin(self.ctx.certs.get(&src.identity)).await {
+            Ok(c) => c,
+            Err(e) => {
+                return rec.finish(Outcome::Failed {
+                    flags: "IDENTITY_ERROR",
+                    error: &e.to_string(),
+                    sent: 0,
+                    received: 0,
+                });
+            }
+        };
+        let key = hbone::PoolKey::new(
+            src.identity.clone(),
+            expected,
+            hop,
+            Some(
+                downstream
+                    .peer_addr()
+                    .map(|a| canonical(a).ip())
+                    .unwrap_or(hop.ip()),
+            ),
+        );
+        // Boxed for the same reason as the inbound connect: a new HBONE connection (TLS and
+        // HTTP/2 handshakes) is a large future that must not size every idle tunnel's task.
+        let est = match Box::pin(self.client.connect(&key, &creds.cert, &req)).await {
+            Ok(e) => e,
+            Err(e) => {
+                return rec.finish(Outcome::Failed {
+                    flags: plan::connect_failure_flags(&e),
+                    error: &e.to_string(),
+                    sent: 0,
+                    received: 0,
+                });
+            }
+        };
+        // Whatever the copy does not need is dropped first, so an idle tunnel's task does
+        // not keep it (locals alive across an await are stored in the task).
+        let tunnel = est.tunnel;
+        drop((est.headers, req, key, creds));
+        let progress = hbone::tunnel::CopyProgress::default();
+        // A drain ends the copy as a failure (CONNECT_ERROR on the stream, RST to the
+        // client), never as a silently dropped stream.
+        let drained = async {
+            guard.force_close.cancelled().await;
+            io::Error::other("drained")
+        };
+        let result = tunnel
+            .copy_with_tcp_until(&downstream, &progress, drained)
+            .await
+            .map_err(|e| e.error);
+        finish_with_bytes(rec, result, progress.stats());
+    }
+}
+
+/// Source description sent on CONNECT (`baggage`).
+fn baggage(w: &Workload, cluster: &str) -> String {
+    let mut parts = Vec::with_capacity(6);
+    let mut push = |k: &str, v: &str| {
+        if !v.is_empty() {
+            parts.push(format!("{k}={v}"));
+        }
+    };
+    push(
+        "k8s.cluster.name",
+        if w.cluster_id.is_empty() {
+            cluster
+        } else {
+            &w.cluster_id
+        },
+    );
+    push("k8s.namespace.name", &w.namespace);
+    push("k8s.pod.name", &w.name);
+    push("service.name", &w.canonical_name);
+    push("service.version", &w.canonical_revision);
+    push("cloud.region", &w.locality.region);
+    push("cloud.availability_zone", &w.locality.zone);
+    parts.join(",")
+}

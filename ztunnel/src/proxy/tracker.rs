@@ -1,0 +1,133 @@
+//! Open inbound connections, so a policy change closes those it no longer allows.
+//!
+//! The re-check runs in its own task, woken by the state's version channel
+//! ([`StateChanged`]) after an update is applied: never under the state's write lock, so
+//! an update is not held up by the number of open connections, and the data path is not
+//! held up by the re-check.
+
+use crate::rbac::{ConnectionInfo, Decision};
+use crate::state::State;
+use crate::updates::StateChanged;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Default)]
+pub struct ConnTracker {
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, Tracked>>,
+}
+
+struct Tracked {
+    dst_uid: String,
+    info: ConnectionInfo,
+    close: CancellationToken,
+}
+
+/// One tracked connection; dropping it stops tracking.
+pub struct TrackedHandle<'a> {
+    tracker: &'a ConnTracker,
+    id: u64,
+    /// Cancelled when policy no longer allows the connection.
+    pub closed_by_policy: CancellationToken,
+}
+
+impl Drop for TrackedHandle<'_> {
+    fn drop(&mut self) {
+        self.tracker
+            .conns
+            .lock()
+            .expect("tracker lock")
+            .remove(&self.id);
+    }
+}
+
+/// Why an open connection to `dst_uid` with `info` must close under `state`, if it must.
+/// A destination gone from the state is left alone (its pod going away ends it).
+fn denial(state: &State, dst_uid: &str, info: &ConnectionInfo) -> Option<(String, String)> {
+    let dst = state.workload(dst_uid)?;
+    match state.authorize(dst, info) {
+        Decision::Allow => None,
+        Decision::Deny { policy, reason } => Some((policy.unwrap_or_default(), reason)),
+    }
+}
+
+impl ConnTracker {
+    /// Tracks a connection allowed on the state of version `authorized_at`. If the state
+    /// changed since, the re-check of that change may have run before this connection was
+    /// tracked: it is re-checked here, so no update is missed.
+    pub fn track(
+        &self,
+        dst_uid: &str,
+        info: ConnectionInfo,
+        authorized_at: u64,
+        changed: &StateChanged,
+        state: &RwLock<State>,
+    ) -> TrackedHandle<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let close = CancellationToken::new();
+        let tracked = Tracked {
+            dst_uid: dst_uid.to_string(),
+            info,
+            close: close.clone(),
+        };
+        if changed.version() != authorized_at {
+            let st = state.read().expect("state lock");
+            close_if_denied(&st, &tracked);
+        }
+        self.conns.lock().expect("tracker lock").insert(id, tracked);
+        TrackedHandle {
+            tracker: self,
+            id,
+            closed_by_policy: close,
+        }
+    }
+
+    /// Re-evaluates every open inbound connection; closes the ones now denied.
+    pub fn recheck(&self, state: &State) -> usize {
+        let conns = self.conns.lock().expect("tracker lock");
+        conns.values().filter(|t| close_if_denied(state, t)).count()
+    }
+
+    /// Re-checks after every state version `changes` reports, until the sender is gone.
+    /// Versions that arrive while a re-check runs are folded into the next one.
+    pub async fn recheck_on_change(
+        self: Arc<Self>,
+        state: Arc<RwLock<State>>,
+        mut changes: watch::Receiver<u64>,
+    ) {
+        while changes.changed().await.is_ok() {
+            changes.borrow_and_update();
+            let closed = self.recheck(&state.read().expect("state lock"));
+            if closed > 0 {
+                tracing::info!(closed, "policy update closed open connections");
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.lock().expect("tracker lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Closes `t` if `state` denies it now; whether this call closed it.
+fn close_if_denied(state: &State, t: &Tracked) -> bool {
+    if t.close.is_cancelled() {
+        return false;
+    }
+    let Some((policy, reason)) = denial(state, &t.dst_uid, &t.info) else {
+        return false;
+    };
+    let (src_ip, dst_port) = (t.info.src_ip, t.info.dst_port);
+    tracing::info!(target: "access", direction = "inbound", src.addr = %src_ip, dst.port = dst_port,
+        policy = %policy, reason = %reason,
+        "closing open connection no longer allowed by policy");
+    t.close.cancel();
+    true
+}
