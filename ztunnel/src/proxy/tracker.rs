@@ -131,3 +131,90 @@ fn close_if_denied(state: &State, t: &Tracked) -> bool {
     t.close.cancel();
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::plan::fixtures::{deny_port, wl};
+    use std::net::IpAddr;
+    use std::time::Duration;
+
+    fn conn(port: u16) -> ConnectionInfo {
+        ConnectionInfo {
+            src_identity: None,
+            src_ip: IpAddr::from([10, 0, 1, 4]),
+            dst_ip: IpAddr::from([10, 0, 1, 5]),
+            dst_port: port,
+        }
+    }
+
+    fn node() -> State {
+        let mut st = State::default();
+        st.insert_workload(wl("b", [10, 0, 1, 5], true, "b"));
+        st
+    }
+
+    #[test]
+    fn recheck_closes_only_what_the_new_policy_denies() {
+        let tracker = ConnTracker::default();
+        let (changed, state) = (StateChanged::new(), RwLock::new(node()));
+        let v = changed.version();
+        let denied = tracker.track("b", conn(8080), v, &changed, &state);
+        let allowed = tracker.track("b", conn(9090), v, &changed, &state);
+        let gone = tracker.track("gone", conn(8080), v, &changed, &state);
+        assert_eq!(tracker.recheck(&state.read().unwrap()), 0);
+        let mut st = node();
+        st.insert_policy(deny_port(8080));
+        assert_eq!(tracker.recheck(&st), 1);
+        assert!(denied.closed_by_policy.is_cancelled());
+        assert!(!allowed.closed_by_policy.is_cancelled());
+        // A destination no longer in the state is left to its pod's end.
+        assert!(!gone.closed_by_policy.is_cancelled());
+        // Closed once: a later re-check does not count it again.
+        assert_eq!(tracker.recheck(&st), 0);
+        assert_eq!(tracker.len(), 3);
+        drop((denied, allowed, gone));
+        assert!(tracker.is_empty());
+    }
+
+    /// A connection allowed on an older state is re-checked as it is tracked: the
+    /// re-check of the newer state may have run before it was tracked.
+    #[test]
+    fn a_connection_planned_on_an_older_state_is_rechecked_when_tracked() {
+        let tracker = ConnTracker::default();
+        let changed = StateChanged::new();
+        let planned_at = changed.version();
+        let mut st = node();
+        st.insert_policy(deny_port(8080));
+        let state = RwLock::new(st);
+        // Planned on this version: the state is not looked at again here.
+        let current = tracker.track("b", conn(8080), planned_at, &changed, &state);
+        assert!(!current.closed_by_policy.is_cancelled());
+        changed.notify();
+        let stale = tracker.track("b", conn(8080), planned_at, &changed, &state);
+        assert!(stale.closed_by_policy.is_cancelled());
+        let other_port = tracker.track("b", conn(9090), planned_at, &changed, &state);
+        assert!(!other_port.closed_by_policy.is_cancelled());
+    }
+
+    /// The re-check runs on the version channel, after the writer has released the lock.
+    #[tokio::test]
+    async fn a_policy_update_closes_open_connections_through_the_version_channel() {
+        let tracker = Arc::new(ConnTracker::default());
+        let state = Arc::new(RwLock::new(node()));
+        let changed = StateChanged::new();
+        let task = tokio::spawn(
+            tracker
+                .clone()
+                .recheck_on_change(state.clone(), changed.subscribe()),
+        );
+        let v = changed.version();
+        let open = tracker.track("b", conn(8080), v, &changed, &state);
+        state.write().unwrap().insert_policy(deny_port(8080));
+        changed.notify();
+        tokio::time::timeout(Duration::from_secs(30), open.closed_by_policy.cancelled())
+            .await
+            .expect("the re-check closed the connection");
+        task.abort();
+    }
+}

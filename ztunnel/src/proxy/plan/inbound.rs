@@ -714,4 +714,47 @@ mod tests {
         assert_eq!(denied(None).policy(), None);
         assert_eq!(InboundRefusal::ReservedPort(15008).policy(), None);
     }
+
+    #[test]
+    fn connect_from_an_unknown_address_still_carries_the_proven_identity() {
+        let st = node();
+        let id = peer_id();
+        let authority = to_addr("10.0.1.5:8080");
+        let p = plan_inbound(
+            &st,
+            "",
+            &InboundRequest {
+                peer: addr("192.168.7.7:5000"),
+                local: addr("10.0.1.5:15008"),
+                hbone: Some(HboneConnect {
+                    authority: &authority,
+                    forwarded_host: None,
+                    peer_identity: &id,
+                }),
+            },
+        );
+        assert!(p.src.is_none());
+        let (_, _, info) = connects(&p);
+        assert_eq!(info.src_identity, Some(peer_id()));
+        assert_eq!(info.src_ip, addr("192.168.7.7:5000").ip());
+    }
+
+    /// Authorization is on the destination's own policies: a policy of another namespace
+    /// does not apply to it.
+    #[test]
+    fn only_the_destinations_policies_decide() {
+        let mut st = node();
+        let mut elsewhere = deny_port(8080);
+        elsewhere.namespace = "other".into();
+        st.insert_policy(elsewhere);
+        assert!(matches!(
+            plaintext(&st, "10.0.1.5:8080").action,
+            InboundAction::Connect { .. }
+        ));
+        st.insert_policy(deny_port(8080));
+        assert!(matches!(
+            refused(&plaintext(&st, "10.0.1.5:8080")),
+            InboundRefusal::Denied { .. }
+        ));
+    }
 }

@@ -889,4 +889,42 @@ mod tests {
             assert_eq!(r.to_string(), want);
         }
     }
+
+    /// An endpoint without an address of the dialled family is reached on the one it has.
+    #[test]
+    fn single_stack_endpoint_is_reached_on_its_family_whatever_was_dialled() {
+        let mut st = State::default();
+        let mut svc = service(None);
+        svc.vips
+            .push((String::new(), "fd00:96::a".parse().unwrap()));
+        st.insert_service(svc);
+        st.insert_workload(with_svc(wl("b", [10, 0, 1, 5], true, "b"), KEY, 8080));
+        let (hop, authority, _, _) = hbone(plan_outbound(&st, "", None, addr("[fd00:96::a]:80")));
+        assert_eq!(
+            (hop, authority),
+            (addr("10.0.1.5:15008"), addr("10.0.1.5:8080"))
+        );
+    }
+
+    #[test]
+    fn the_services_waypoint_sends_plain_endpoints_plain_tcp() {
+        let mut st = State::default();
+        st.insert_service(service(waypoint_at([10, 0, 2, 9])));
+        st.insert_workload(with_svc(wl("legacy", [10, 0, 1, 6], false, "l"), KEY, 9090));
+        st.insert_workload(wl("waypoint", [10, 0, 2, 9], true, "waypoint"));
+        let wp = st.workload("waypoint").unwrap().clone();
+        assert!(matches!(
+            plan_outbound(&st, "", Some(&wp), addr("10.96.0.10:80")),
+            OutboundPlan::Passthrough { dst, .. } if dst == addr("10.0.1.6:9090")
+        ));
+        // Anyone else goes through the waypoint, the VIP as authority.
+        let other = wl("a", [10, 0, 1, 4], true, "a");
+        let (hop, authority, via, _) =
+            hbone(plan_outbound(&st, "", Some(&other), addr("10.96.0.10:80")));
+        assert!(via);
+        assert_eq!(
+            (hop, authority),
+            (addr("10.0.2.9:15008"), addr("10.96.0.10:80"))
+        );
+    }
 }
