@@ -113,11 +113,19 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
     let state_changed = StateChanged::new();
     let tracker = Arc::new(ConnTracker::default());
     // Open connections are re-checked after each update, outside the state's write lock.
-    tokio::spawn(
+    let recheck = tokio::spawn(
         tracker
             .clone()
             .recheck_on_change(state.clone(), state_changed.subscribe()),
     );
+    // Without the re-check no policy update would close an open connection again: a
+    // re-check task that dies takes the process down (fail closed) rather than serve on.
+    tokio::spawn(async move {
+        if let Err(e) = recheck.await {
+            tracing::error!(error = %e, "connection re-check task failed; exiting");
+            std::process::exit(1);
+        }
+    });
     let root_pem = match &cfg.root_cert {
         Some(p) => Some(
             std::fs::read_to_string(p).map_err(|e| format!("root cert {}: {e}", p.display()))?,

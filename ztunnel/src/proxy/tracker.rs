@@ -1,9 +1,8 @@
 //! Open inbound connections, so a policy change closes those it no longer allows.
 //!
 //! The re-check runs in its own task, woken by the state's version channel
-//! ([`StateChanged`]) after an update is applied: never under the state's write lock, so
-//! an update is not held up by the number of open connections, and the data path is not
-//! held up by the re-check.
+//! ([`StateChanged`]) after an update is applied, never under the state's write lock. It
+//! holds the state's read lock while it runs, so a following update still waits for it.
 
 use crate::rbac::{ConnectionInfo, Decision};
 use crate::state::State;
@@ -73,11 +72,18 @@ impl ConnTracker {
             info,
             close: close.clone(),
         };
-        if changed.version() != authorized_at {
-            let st = state.read().expect("state lock");
-            close_if_denied(&st, &tracked);
-        }
+        // Inserted first, version read after: either the version still reads
+        // `authorized_at` (so the re-check of any later update runs after this insert and
+        // sees the connection), or it moved and the connection is re-checked here. Reading
+        // the version first would leave a gap where an update's re-check misses it.
         self.conns.lock().expect("tracker lock").insert(id, tracked);
+        if changed.version() != authorized_at {
+            // Lock order as in `recheck`: state, then connections.
+            let st = state.read().expect("state lock");
+            if let Some(t) = self.conns.lock().expect("tracker lock").get(&id) {
+                close_if_denied(&st, t);
+            }
+        }
         TrackedHandle {
             tracker: self,
             id,
