@@ -200,10 +200,21 @@ pub enum Unit {
 
 impl Unit {
     fn shown(self, v: f64) -> String {
+        format!("{}{}", self.number(v), self.suffix())
+    }
+
+    fn number(self, v: f64) -> String {
         match self {
-            Unit::Ratio => format!("{v:.2}"),
-            Unit::MiB => format!("{v:.1} MiB"),
-            Unit::KiB => format!("{v:.2} KiB"),
+            Unit::Ratio | Unit::KiB => format!("{v:.2}"),
+            Unit::MiB => format!("{v:.1}"),
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Unit::Ratio => "",
+            Unit::MiB => " MiB",
+            Unit::KiB => " KiB",
         }
     }
 }
@@ -382,11 +393,13 @@ pub fn check_targets(runs: &[Figures]) -> Vec<TargetResult> {
             let value = spread(values.clone());
             let mut shown = value.map_or("n/a".into(), |s| {
                 if s.runs > 1 {
+                    let n = |v| t.unit.number(v);
                     format!(
-                        "{} ({}–{})",
-                        t.unit.shown(s.median),
-                        t.unit.shown(s.min),
-                        t.unit.shown(s.max)
+                        "{} ({}–{}){}",
+                        n(s.median),
+                        n(s.min),
+                        n(s.max),
+                        t.unit.suffix()
                     )
                 } else {
                     t.unit.shown(s.median)
@@ -427,7 +440,7 @@ pub fn render_targets(builds: &[(String, Vec<TargetResult>)]) -> String {
                 Some(false) => "missed",
                 None => "not measured",
             };
-            row.push_str(&format!(" | {:<26} {verdict:<9}", r.shown));
+            row.push_str(&format!(" | {verdict:<7} {:<28}", r.shown));
         }
         t.push_str(row.trim_end());
         t.push('\n');
