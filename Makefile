@@ -1,7 +1,7 @@
 # The two entry points of the README: `make demo` and `make test`.
 CARGO ?= cargo
 
-.PHONY: test demo deps fmt-check clippy unit chart fuzz fuzz-smoke images bench bench-ztunnel bench-lab
+.PHONY: test demo deps fmt-check clippy unit chart fuzz fuzz-smoke images bench bench-ztunnel bench-lab profile
 
 test: deps fmt-check clippy unit chart fuzz-smoke
 
@@ -53,6 +53,12 @@ bench-ztunnel: deps
 bench-lab: deps
 	$(CARGO) build --release --workspace --bins
 	target/release/mesh-lab --name bench bench $(ARGS)
+
+# CPU profiles of both ztunnels and the waypoint under each bench load (perf record -g on
+# a release build with line tables and frame pointers), as flame graphs:
+# target/profile/<load>-<binary>.svg. make profile [PROFILE_SECONDS=5] [ARGS=...]
+profile: deps
+	scripts/profile.sh $(ARGS)
 
 demo: deps
 	$(CARGO) build --workspace --bins

@@ -83,11 +83,25 @@ fn the_bench_measures_every_path_and_reports_every_target() {
     }
     // Every held connection echoed a byte, so all 100 were open end to end.
     assert!(get("scale.100.ztunnels_kib_per_conn").is_finite());
+    // Every target of the speed issue is measured and printed met or missed: a missed
+    // target is a figure of this machine and build, never a failure of the test.
     let targets = v["targets"].as_array().unwrap();
-    assert_eq!(targets.len(), 8);
+    assert_eq!(targets.len(), 10, "{targets:?}");
     assert!(
         targets.iter().all(|t| t["met"].is_boolean()),
         "every target measured: {targets:?}"
     );
-    assert!(stdout.contains("targets (medians)") && stdout.contains("haproxy"));
+    assert!(stdout.contains("targets (median"), "{stdout}");
+    for t in targets {
+        let name = t["name"].as_str().unwrap();
+        let row = stdout
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("target {name:?} not printed:\n{stdout}"));
+        assert!(
+            row.contains("| met ") || row.contains("| missed "),
+            "{row:?}"
+        );
+    }
+    assert!(stdout.contains("haproxy"));
 }

@@ -3,6 +3,8 @@
 //! ztunnels and a waypoint; HAProxy doing the same HTTP routing as the waypoint is
 //! measured in the same run for comparison. Real load tools only: iperf3 and h2load.
 
+use crate::bench_builds::{self as builds, Build};
+use crate::bench_profile::Recording;
 use crate::bench_report::{self as report, Figures};
 use crate::demo::wait;
 use crate::lab::Lab;
@@ -22,6 +24,10 @@ pub struct BenchOptions {
     pub settle: Duration,
     pub out: PathBuf,
     pub keep: bool,
+    /// The builds compared in each run, the lab's own first (see [`builds::builds`]).
+    pub builds: Vec<Build>,
+    /// Where to record a CPU profile of each proxy under each load (none if `None`).
+    pub profile: Option<PathBuf>,
 }
 
 impl BenchOptions {
@@ -34,6 +40,8 @@ impl BenchOptions {
             settle: Duration::from_secs(1),
             out,
             keep: false,
+            builds: vec![Build::default()],
+            profile: None,
         }
     }
 }
@@ -175,6 +183,15 @@ pub fn run(lab: &mut Lab, opts: &BenchOptions) -> Result<i32, String> {
             ));
         }
     }
+    for b in &opts.builds {
+        for (flag, exe) in [("--ztunnel", &b.ztunnel), ("--waypoint", &b.waypoint)] {
+            if let Some(exe) = exe
+                && !exe.is_file()
+            {
+                return Err(format!("{flag} {}: no such file", exe.display()));
+            }
+        }
+    }
     let started = Instant::now();
     let result = (|| {
         lab.up(2)?;
@@ -202,7 +219,14 @@ struct Bench<'a> {
     lab: &'a mut Lab,
     opts: BenchOptions,
     ticks_per_sec: f64,
-    runs: Vec<Figures>,
+    /// Each build's runs (each run's figures include the direct and HAProxy figures
+    /// measured in that run, shared by the builds).
+    runs: Vec<Vec<Figures>>,
+    /// The builds' binaries now in use.
+    current: (PathBuf, PathBuf),
+    /// The proxies to profile under the loads now running, and the build they are of
+    /// (when several are compared).
+    profiled: (Vec<(&'static str, u32)>, Option<usize>),
 }
 
 impl<'a> Bench<'a> {
@@ -234,11 +258,17 @@ impl<'a> Bench<'a> {
             .ok()
             .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
             .unwrap_or(100.0);
+        let current = (
+            Build::default().ztunnel_exe(&lab.bin_dir),
+            Build::default().waypoint_exe(&lab.bin_dir),
+        );
         let bench = Bench {
             lab,
             opts: opts.clone(),
             ticks_per_sec: ticks,
-            runs: Vec::new(),
+            runs: vec![Vec::new(); opts.builds.len().max(1)],
+            current,
+            profiled: (Vec::new(), None),
         };
         wait("the server to answer", Duration::from_secs(30), || {
             bench
@@ -258,51 +288,134 @@ impl<'a> Bench<'a> {
     }
 
     fn measure_all(&mut self) -> Result<(), String> {
-        for run in 1..=self.opts.runs {
-            let mut f = Figures::new();
-            for path in [Path3::Direct, Path3::Mesh, Path3::Waypoint] {
-                println!(
-                    "run {run}/{}: {} ({} s per measurement)",
-                    self.opts.runs,
-                    path.name(),
-                    self.opts.seconds
-                );
-                self.set_path(path)?;
-                self.measure_path(path, &mut f)?;
-                if path == Path3::Direct {
+        let n = self.opts.builds.len().max(1);
+        let total = self.opts.runs;
+        for run in 0..total {
+            let mut shared = Figures::new();
+            println!(
+                "run {}/{total}: direct ({} s per measurement)",
+                run + 1,
+                self.opts.seconds
+            );
+            self.set_path(Path3::Direct)?;
+            self.measure_path(Path3::Direct, &mut shared)?;
+            println!(
+                "run {}/{total}: haproxy (same routing as the waypoint, no mesh)",
+                run + 1
+            );
+            self.measure_haproxy(&mut shared)?;
+            for b in builds::order(run, n) {
+                let mut f = shared.clone();
+                if n > 1 {
+                    self.use_build(b)?;
+                    self.profiled.1 = Some(b);
+                }
+                for path in [Path3::Mesh, Path3::Waypoint] {
                     println!(
-                        "run {run}/{}: haproxy (same routing as the waypoint, no mesh)",
-                        self.opts.runs
+                        "run {}/{total}: {}{}",
+                        run + 1,
+                        path.name(),
+                        if n > 1 {
+                            format!(", {}", builds::label(b))
+                        } else {
+                            String::new()
+                        }
                     );
-                    self.measure_haproxy(&mut f)?;
+                    self.set_path(path)?;
+                    self.measure_path(path, &mut f)?;
+                    if path == Path3::Mesh {
+                        self.measure_scale(&mut f)?;
+                    }
                 }
-                if path == Path3::Mesh {
-                    self.measure_scale(&mut f)?;
-                }
+                self.runs[b].push(f);
             }
-            self.runs.push(f);
         }
-        let summary = report::summarize(&self.runs);
-        let targets = report::check_targets(&summary);
+        self.report()
+    }
+
+    /// Prints each build's figures and the targets side by side; writes the JSON.
+    fn report(&self) -> Result<(), String> {
         let machine = machine();
         println!(
-            "\nmesh-lab bench: client pod on node-1 → server pods on node-2, {} run(s) of {} s per measurement; median (min–max)\nmachine: {machine}\n",
+            "\nmesh-lab bench: client pod on node-1 → server pods on node-2, {} run(s) of {} s per measurement; median (min–max)\nmachine: {machine}",
             self.opts.runs, self.opts.seconds
         );
-        print!("{}", report::render(&summary, &targets));
+        let mut columns = Vec::new();
+        let mut json_builds = Vec::new();
+        for (i, (build, runs)) in self.opts.builds.iter().zip(&self.runs).enumerate() {
+            let summary = report::summarize(runs);
+            let targets = report::check_targets(runs);
+            let label = builds::label(i);
+            println!("\n{label}: {}\n", build.describe());
+            print!("{}", report::render(&summary));
+            json_builds.push(serde_json::json!({
+                "label": label,
+                "ztunnel": build.ztunnel_exe(&self.lab.bin_dir),
+                "waypoint": build.waypoint_exe(&self.lab.bin_dir),
+                "runs": runs,
+                "summary": summary,
+                "targets": targets,
+            }));
+            columns.push((label, targets));
+        }
+        print!("{}", report::render_targets(&columns));
         let json = serde_json::json!({
             "machine": machine,
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "seconds_per_measurement": self.opts.seconds,
-            "runs": self.runs,
-            "summary": summary,
-            "targets": targets,
+            // The lab's own build, as before builds could be compared.
+            "runs": json_builds[0]["runs"],
+            "summary": json_builds[0]["summary"],
+            "targets": json_builds[0]["targets"],
+            "builds": json_builds,
         });
         std::fs::write(
             &self.opts.out,
             serde_json::to_string_pretty(&json).expect("figures serialize"),
         )
         .map_err(|e| format!("{}: {e}", self.opts.out.display()))
+    }
+
+    /// Puts build `b`'s binaries in place: both ztunnels restarted from its ztunnel (the
+    /// nodes' installed ztunnel repointed, as an upgrade does), the waypoint rolled out
+    /// from its waypoint. Binaries already in use are left running.
+    fn use_build(&mut self, b: usize) -> Result<(), String> {
+        let build = self.opts.builds[b].clone();
+        let (ztunnel, waypoint) = (
+            build.ztunnel_exe(&self.lab.bin_dir),
+            build.waypoint_exe(&self.lab.bin_dir),
+        );
+        if ztunnel != self.current.0 {
+            println!("  ztunnels from {}", ztunnel.display());
+            let exe = std::fs::canonicalize(&ztunnel)
+                .map_err(|e| format!("{}: {e}", ztunnel.display()))?;
+            for node in 1..=2 {
+                point_link(&self.lab.node_ztunnel_exe(node)?, &exe)?;
+            }
+            self.restart_ztunnels()?;
+            self.current.0 = ztunnel;
+        }
+        if waypoint != self.current.1 {
+            println!("  waypoint from {}", waypoint.display());
+            self.lab.rollout_waypoint(
+                "bench",
+                "waypoint",
+                Some(&waypoint),
+                crate::rollout::Order::EndpointsFirst,
+                &mut |_| {},
+            )?;
+            self.current.1 = waypoint;
+        }
+        Ok(())
+    }
+
+    /// The waypoint's pod (`bench/<name>`; a rollout gives it a new name).
+    fn waypoint_pod(&self) -> Result<String, String> {
+        self.lab
+            .waypoint_pods("bench", "waypoint")
+            .into_iter()
+            .find(|k| self.lab.process(&format!("pod:{k}")).is_some())
+            .ok_or_else(|| "no running waypoint pod for Gateway bench/waypoint".into())
     }
 
     /// Labels the namespace for `path` and waits until a request really takes it.
@@ -338,7 +451,10 @@ impl<'a> Bench<'a> {
             Path3::Waypoint => vec![
                 ("ztunnel1", self.pid("ztunnel-1")?),
                 ("ztunnel2", self.pid("ztunnel-2")?),
-                ("waypoint", self.pid("pod:bench/waypoint")?),
+                (
+                    "waypoint",
+                    self.pid(&format!("pod:{}", self.waypoint_pod()?))?,
+                ),
             ],
         };
         let pids: Vec<u32> = procs.iter().map(|(_, p)| *p).collect();
@@ -353,14 +469,23 @@ impl<'a> Bench<'a> {
             reset_peak(*pid)?;
         }
         let url = format!("http://{SERVER_VIP}/api/bench");
-        // Throughput, and CPU per GB on the single stream.
-        let cpu0 = self.cpu_seconds(&pids)?;
-        let (gbps, bytes) = self.iperf(1)?;
-        let cpu1 = self.cpu_seconds(&pids)?;
-        f.insert(format!("{p}.tput1_gbps"), gbps);
-        record_cpu(f, p, &procs, &cpu0, &cpu1, "gb", bytes / 1e9);
-        f.insert(format!("{p}.tput4_gbps"), self.iperf(4)?.0);
-        self.http_figures(p, &url, &procs, f)?;
+        // The component the path is about is the one profiled.
+        self.profiled.0 = watched.clone();
+        let measured = (|| {
+            // Throughput, and CPU per GB on the single stream.
+            let cpu0 = self.cpu_seconds(&pids)?;
+            let (gbps, bytes) = self.load("tput1", |b| b.iperf(1))?;
+            let cpu1 = self.cpu_seconds(&pids)?;
+            f.insert(format!("{p}.tput1_gbps"), gbps);
+            record_cpu(f, p, &procs, &cpu0, &cpu1, "gb", bytes / 1e9);
+            f.insert(
+                format!("{p}.tput4_gbps"),
+                self.load("tput4", |b| b.iperf(4))?.0,
+            );
+            self.http_figures(p, &url, &procs, f)
+        })();
+        self.profiled.0.clear();
+        measured?;
         for (who, pid) in &watched {
             f.insert(format!("{who}.rss_peak_mib"), rss_mib(*pid, "VmHWM")?);
         }
@@ -397,7 +522,9 @@ impl<'a> Bench<'a> {
         let secs = self.opts.seconds.to_string();
         let pids: Vec<u32> = procs.iter().map(|(_, p)| *p).collect();
         let cpu0 = self.cpu_seconds(&pids)?;
-        let h = self.h2load(&["--h1", "-c", "10", "-t", "1", "-D", &secs, url])?;
+        let h = self.load("h1", |b| {
+            b.h2load(&["--h1", "-c", "10", "-t", "1", "-D", &secs, url])
+        })?;
         let cpu1 = self.cpu_seconds(&pids)?;
         f.insert(format!("{p}.rps_h1"), h.req_per_sec);
         record_cpu(
@@ -409,18 +536,41 @@ impl<'a> Bench<'a> {
             "1000_req",
             h.succeeded as f64 / 1000.0,
         );
-        let h1 = self.fixed_rate(&["--h1"], url)?;
+        let h1 = self.load("h1-fixed-rate", |b| b.fixed_rate(&["--h1"], url))?;
         f.insert(format!("{p}.lat_h1_p50_ms"), h1.percentiles[0]);
         f.insert(format!("{p}.lat_h1_p90_ms"), h1.percentiles[1]);
         f.insert(format!("{p}.lat_h1_p99_ms"), h1.percentiles[2]);
         f.insert(format!("{p}.lat_h1_rate_share"), h1.rate_share);
-        let h = self.h2load(&["-c", "10", "-m", "10", "-t", "1", "-D", &secs, url])?;
+        let h = self.load("h2", |b| {
+            b.h2load(&["-c", "10", "-m", "10", "-t", "1", "-D", &secs, url])
+        })?;
         f.insert(format!("{p}.rps_h2"), h.req_per_sec);
-        let h2 = self.fixed_rate(&[], url)?;
+        let h2 = self.load("h2-fixed-rate", |b| b.fixed_rate(&[], url))?;
         f.insert(format!("{p}.lat_h2_p99_ms"), h2.percentiles[2]);
         f.insert(format!("{p}.lat_h2_rate_share"), h2.rate_share);
-        f.insert(format!("{p}.conn_per_s"), self.connection_rate(url)?);
+        f.insert(
+            format!("{p}.conn_per_s"),
+            self.load("connections", |b| b.connection_rate(url))?,
+        );
         Ok(())
+    }
+
+    /// Runs one load, recorded by perf for each profiled proxy when `--profile` is given.
+    fn load<T>(
+        &self,
+        name: &str,
+        run: impl FnOnce(&Self) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let rec = Recording::start(
+            self.opts.profile.as_deref(),
+            name,
+            &self.profiled.0,
+            self.profiled.1,
+        )?;
+        let out = run(self);
+        let stopped = rec.stop();
+        let out = out?;
+        stopped.map(|()| out)
     }
 
     /// New connections per second: 10 clients, each in a loop of connect, one request
@@ -645,10 +795,9 @@ impl<'a> Bench<'a> {
     }
 
     fn waypoint_requests(&self) -> f64 {
-        self.lab
-            .state
-            .pods
-            .get("bench/waypoint")
+        self.waypoint_pod()
+            .ok()
+            .and_then(|k| self.lab.state.pods.get(&k))
             .map_or(0.0, |p| scrape(&p.netns, 15020, "istio_requests_total"))
     }
 }
@@ -679,6 +828,14 @@ fn record_cpu(
             }
         }
     }
+}
+
+/// Points symlink `link` at `target`, atomically (the node agent may check it at any time).
+fn point_link(link: &std::path::Path, target: &std::path::Path) -> Result<(), String> {
+    let tmp = link.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, link).map_err(|e| format!("{}: {e}", link.display()))
 }
 
 fn in_netns(netns: &str, args: &[&str]) -> Result<String, String> {

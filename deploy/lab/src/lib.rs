@@ -5,6 +5,8 @@
 
 pub mod app;
 pub mod bench;
+pub mod bench_builds;
+pub mod bench_profile;
 pub mod bench_report;
 pub mod cgroup;
 pub mod cni_runtime;

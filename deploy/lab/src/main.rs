@@ -151,6 +151,19 @@ enum Cmd {
         /// Leave the lab up at the end.
         #[arg(long)]
         keep: bool,
+        /// Also measure another ztunnel build in the same run, alternating with the lab's
+        /// (repeatable; the n-th pairs with the n-th --waypoint).
+        #[arg(long, value_name = "PATH", alias = "compare-ztunnel")]
+        ztunnel: Vec<PathBuf>,
+        /// Also measure another waypoint build in the same run (repeatable).
+        #[arg(long, value_name = "PATH", alias = "compare-waypoint")]
+        waypoint: Vec<PathBuf>,
+        /// Record a CPU profile (perf record -g) of the ztunnels (mesh path) and the
+        /// waypoint (waypoint path) under each load into DIR/<load>-<binary>.perf.data
+        /// (`make profile` draws them as flame graphs). Figures taken while profiling are
+        /// slowed by it.
+        #[arg(long, value_name = "DIR")]
+        profile: Option<PathBuf>,
     },
     /// Holds N connections open (run inside a pod by the bench).
     #[command(hide = true)]
@@ -358,10 +371,16 @@ fn run(cli: Cli) -> Result<i32, String> {
             quick,
             out,
             keep,
+            ztunnel,
+            waypoint,
+            profile,
         } => {
+            let builds = mesh_lab::bench_builds::builds(&ztunnel, &waypoint);
             let opts = if quick {
                 mesh_lab::bench::BenchOptions {
                     keep,
+                    builds,
+                    profile,
                     ..mesh_lab::bench::BenchOptions::quick(out)
                 }
             } else {
@@ -372,6 +391,8 @@ fn run(cli: Cli) -> Result<i32, String> {
                     settle: std::time::Duration::from_secs(settle),
                     out,
                     keep,
+                    builds,
+                    profile,
                 }
             };
             return mesh_lab::bench::run(&mut lab, &opts);
