@@ -390,7 +390,7 @@ impl<'a> Bench<'a> {
             let exe = std::fs::canonicalize(&ztunnel)
                 .map_err(|e| format!("{}: {e}", ztunnel.display()))?;
             for node in 1..=2 {
-                point_link(&self.lab.node_ztunnel_exe(node)?, &exe)?;
+                crate::upgrade::point_link(&self.lab.node_ztunnel_exe(node)?, &exe)?;
             }
             self.restart_ztunnels()?;
             self.current.0 = ztunnel;
@@ -828,14 +828,6 @@ fn record_cpu(
             }
         }
     }
-}
-
-/// Points symlink `link` at `target`, atomically (the node agent may check it at any time).
-fn point_link(link: &std::path::Path, target: &std::path::Path) -> Result<(), String> {
-    let tmp = link.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, link).map_err(|e| format!("{}: {e}", link.display()))
 }
 
 fn in_netns(netns: &str, args: &[&str]) -> Result<String, String> {

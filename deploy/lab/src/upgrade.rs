@@ -325,7 +325,7 @@ impl Lab {
     pub fn node_exe(&self, node: usize, name: &str) -> Result<PathBuf, String> {
         let link = self.dir.join(format!("node{node}/{name}-exe"));
         if std::fs::symlink_metadata(&link).is_err() {
-            install(&link, &self.bin_dir.join(name))?;
+            point_link(&link, &self.bin_dir.join(name))?;
         }
         Ok(link)
     }
@@ -357,13 +357,13 @@ impl Lab {
                 },
             );
         }
-        install(&link, &exe)?;
+        point_link(&link, &exe)?;
         let started = self
             .start_agent(node)
             .and_then(|()| self.wait_agent_ready(node));
         if let Err(e) = started {
             let _ = self.stop(&role, true);
-            let _ = install(&link, &before);
+            let _ = point_link(&link, &before);
             return Err(format!(
                 "the new agent-{node} did not start: {e} (`mesh-lab start agent-{node}` starts the previous binary again)"
             ));
@@ -427,7 +427,7 @@ impl Lab {
         }
         self.rename_process(plan.retire, &old_role(node));
         self.save()?;
-        install(&link, &exe)?;
+        point_link(&link, &exe)?;
         let started = self
             .spawn_ztunnel(node, plan.run)
             .and_then(|pid| self.wait_ztunnel_ready(node, plan.run.ports).map(|()| pid));
@@ -450,7 +450,7 @@ impl Lab {
                 // Back as it was: the new process gone, the old one current again,
                 // unless the agent already handed it over (it takes nothing back).
                 let _ = self.stop(&current_role(node), true);
-                let _ = install(&link, &before);
+                let _ = point_link(&link, &before);
                 let old = self.old_ztunnel_now(node, plan.retire);
                 if old == OldZtunnel::Accepting || old == OldZtunnel::NoHandover {
                     self.rename_process(plan.retire, &current_role(node));
@@ -553,7 +553,7 @@ impl Lab {
 }
 
 /// Points symlink `link` at `target`, atomically (the agent may check it at any time).
-fn install(link: &Path, target: &Path) -> Result<(), String> {
+pub(crate) fn point_link(link: &Path, target: &Path) -> Result<(), String> {
     let tmp = link.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(target, &tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
