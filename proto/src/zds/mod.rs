@@ -100,6 +100,8 @@ pub enum ProtocolError {
     UnexpectedFds,
     #[error("Add without uid")]
     AddWithoutUid,
+    #[error("Add {uid}: its fd is not a network namespace: {reason}")]
+    NotANamespace { uid: String, reason: String },
     #[error("empty WorkloadRequest")]
     EmptyRequest,
     #[error("empty WorkloadResponse")]

@@ -376,12 +376,18 @@ mod tests {
             match client.recv().await.unwrap() {
                 Request::Add { uid, info, netns } => {
                     assert_eq!((uid.as_str(), info.namespace.as_str()), ("pod-1", "ns"));
-                    assert_eq!(inode(&netns), inode(&OwnedFd::from(ns.try_clone().unwrap())));
+                    assert_eq!(
+                        inode(&netns),
+                        inode(&OwnedFd::from(ns.try_clone().unwrap()))
+                    );
                 }
                 other => panic!("{other:?}"),
             }
             client.ack(None).await.unwrap();
-            assert!(matches!(client.recv().await.unwrap(), Request::SnapshotSent));
+            assert!(matches!(
+                client.recv().await.unwrap(),
+                Request::SnapshotSent
+            ));
             client.ack(Some("busy")).await.unwrap();
         };
         tokio::join!(agent, ztunnel);

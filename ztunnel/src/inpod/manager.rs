@@ -284,16 +284,20 @@ async fn certificates_ready(pods: Vec<Arc<PodProxy>>, wait: Duration) {
 pub enum PodSource {
     /// The node agent's socket.
     Agent(PathBuf),
-    /// A ready connection (e.g. the standalone pods file server), not reconnected.
-    Connected(ZdsConnection),
+    /// A connected socket (e.g. the standalone pods file server), not reconnected.
+    Connected(mesh_proto::zds::socket::SeqPacket),
 }
 
 /// Connects to the node agent and applies what it sends, reconnecting with backoff;
 /// running proxies keep serving while disconnected.
 pub async fn run(source: PodSource, mgr: Arc<Mutex<WorkloadManager>>) {
     let path = match source {
-        PodSource::Connected(conn) => {
-            if let Err(e) = serve(conn, &mgr).await
+        PodSource::Connected(sock) => {
+            let served = match ZdsConnection::over(sock).await {
+                Ok(conn) => serve(conn, &mgr).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = served
                 && !matches!(e, ZdsError::Closed)
             {
                 tracing::error!(error = %e, "pod source failed");
