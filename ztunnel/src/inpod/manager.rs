@@ -530,20 +530,21 @@ mod tests {
     async fn adds_are_idempotent_and_dels_stop_the_proxy() {
         let proxies = Arc::new(TestProxies::default());
         let m = manager(proxies.clone());
-        let mut g = m.lock().unwrap();
-        g.handle(add("a")).unwrap();
-        g.handle(add("a")).unwrap();
-        g.handle(add("b")).unwrap();
-        assert_eq!(
-            proxies.starts("a"),
-            1,
-            "the same netns again starts nothing"
-        );
-        assert_eq!(g.metrics.active_proxies.get(), 2);
-        g.handle(ZdsEvent::Del { uid: "a".into() }).unwrap();
-        // An unknown pod's Del is fine (the agent sends Dels to every ztunnel).
-        g.handle(ZdsEvent::Del { uid: "zz".into() }).unwrap();
-        drop(g);
+        {
+            let mut g = m.lock().unwrap();
+            g.handle(add("a")).unwrap();
+            g.handle(add("a")).unwrap();
+            g.handle(add("b")).unwrap();
+            assert_eq!(
+                proxies.starts("a"),
+                1,
+                "the same netns again starts nothing"
+            );
+            assert_eq!(g.metrics.active_proxies.get(), 2);
+            g.handle(ZdsEvent::Del { uid: "a".into() }).unwrap();
+            // An unknown pod's Del is fine (the agent sends Dels to every ztunnel).
+            g.handle(ZdsEvent::Del { uid: "zz".into() }).unwrap();
+        }
         assert_eq!(uids(&m), ["b"]);
         assert_eq!(m.lock().unwrap().metrics.proxies_stopped.get(), 1);
         let stopped = proxies.started.lock().unwrap()[0].clone();
