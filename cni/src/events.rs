@@ -1,11 +1,19 @@
 //! The plugin ↔ node agent protocol: one JSON request line and one JSON reply line over
-//! the agent's unix stream socket.
+//! the agent's unix stream socket. A leaf module: the plugin and the agent both use it,
+//! it uses neither.
 
-use crate::agent::local::MAX_LINE;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
+
+/// The longest plugin request or agent reply line.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Talks to the node agent.
+pub trait Agent {
+    fn call(&self, socket: &str, req: &AgentRequest) -> Result<AgentReply, String>;
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "camelCase")]
@@ -50,7 +58,7 @@ pub struct SocketAgent {
     pub timeout: Duration,
 }
 
-impl crate::plugin::Agent for SocketAgent {
+impl Agent for SocketAgent {
     fn call(&self, socket: &str, req: &AgentRequest) -> Result<AgentReply, String> {
         let mut s = UnixStream::connect(socket).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(self.timeout))
@@ -88,7 +96,7 @@ pub struct FallbackAgent<A> {
     pub cache: Option<std::path::PathBuf>,
 }
 
-impl<A: crate::plugin::Agent> crate::plugin::Agent for FallbackAgent<A> {
+impl<A: Agent> Agent for FallbackAgent<A> {
     fn call(&self, socket: &str, req: &AgentRequest) -> Result<AgentReply, String> {
         let e = match self.agent.call(socket, req) {
             Ok(r) => return Ok(r),

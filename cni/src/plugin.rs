@@ -228,10 +228,8 @@ pub fn fuzz_entry(data: &[u8]) {
     }
 }
 
-/// Talks to the node agent.
-pub trait Agent {
-    fn call(&self, socket: &str, req: &AgentRequest) -> Result<AgentReply, String>;
-}
+/// Talks to the node agent (defined with the protocol, so `events` needs nothing from here).
+pub use crate::events::Agent;
 
 /// Runs one invocation: `Ok(stdout)` or the error object to print.
 pub fn run(env: &Env, stdin: &[u8], agent: &dyn Agent) -> Result<String, CniError> {

@@ -3,7 +3,7 @@
 //! Generated from `protos/` at build time. Package names, message names and field
 //! numbers match Istio's and Envoy's, so an upstream peer can take the place of any of
 //! our programs. Convenience aliases sit at the crate root (`workload`, `security`, ...).
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // One exception: taking ownership of fds received over ZDS (`zds::socket`).
 
 /// Generated code, nested exactly as the protobuf packages so cross-package paths resolve.
 #[allow(clippy::all, clippy::pedantic)]
@@ -70,12 +70,12 @@ pub use generated::google::rpc;
 pub use generated::istio::security;
 pub use generated::istio::v1::auth as ca;
 pub use generated::istio::workload;
-pub use generated::istio::workload::zds;
 pub use generated::mesh::cni::v1 as cni;
 pub use generated::mesh::echo::v1 as echo;
 pub use generated::mesh::waypoint::v1 as waypoint;
 
 pub mod process;
+pub mod zds;
 
 pub use prost;
 pub use prost_types;

@@ -920,3 +920,58 @@ async fn a_late_del_at_a_reused_path_after_an_agent_restart_keeps_the_capture() 
         !agent_holds(&node, inode)
     });
 }
+
+/// The agent's own count of ztunnels taking new pods.
+fn serving_ztunnels(node: &Node) -> Option<u64> {
+    node.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("mesh_cni_ztunnel_connections{state=\"serving\"} "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// One ztunnel that takes the ZDS connection and then never answers holds up no CNI
+/// ADD: the agent sends ZDS messages after releasing its pod lock, so while it still
+/// waits for the ack of one pod's Add (its connection to that ztunnel still open; it
+/// gives up after its 5 s ack timeout), ADDs for that pod and for others have completed
+/// with their rules in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ztunnel_that_never_acks_holds_up_no_cni_add() {
+    let pods = format!("{}{}", pod("shop", "a", "u-a"), pod("shop", "b", "u-b"));
+    let node = Node::new(216, &namespaces(&["shop"], &pods));
+    // A ztunnel takes the (empty) snapshot, then goes silent.
+    let zt = zds_client(&node).await;
+    assert!(matches!(zt.recv().await.unwrap(), ZdsEvent::SnapshotSent));
+    zt.ack(None).await.unwrap();
+    wait_until("the agent serves the ztunnel", || {
+        serving_ztunnels(&node) == Some(1)
+    });
+
+    let ns_a = Netns::new("ca");
+    let sb_a = node.sandbox(&ns_a, "shop", "a", "u-a");
+    node.runtime.add(&sb_a).expect("ADD of pod a");
+    assert!(captured(&ns_a));
+    // The ztunnel got a's Add and sits on it.
+    match zt.recv().await.unwrap() {
+        ZdsEvent::Add { uid, .. } => assert_eq!(uid, "u-a"),
+        other => panic!("expected Add, got {other:?}"),
+    }
+    let ns_b = Netns::new("cb");
+    let sb_b = node.sandbox(&ns_b, "shop", "b", "u-b");
+    node.runtime
+        .add(&sb_b)
+        .expect("ADD of pod b while the ztunnel sits on a's Add");
+    assert!(captured(&ns_b));
+    assert_eq!(
+        serving_ztunnels(&node),
+        Some(1),
+        "both ADDs completed while the agent still waited for a's ack on an open connection"
+    );
+    // The agent gives up on the silent ztunnel (its ack timeout), and says so.
+    wait_until("the silent ztunnel dropped", || {
+        serving_ztunnels(&node) == Some(0)
+    });
+    drop(zt);
+    node.runtime.del(&sb_b).expect("DEL of pod b");
+    node.runtime.del(&sb_a).expect("DEL of pod a");
+    assert!(clean(&ns_a) && clean(&ns_b));
+}

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
-/// The longest plugin request or agent reply line.
-pub const MAX_LINE: usize = 64 * 1024;
+/// The longest plugin request or agent reply line (the protocol's, see `events`).
+pub use crate::events::MAX_LINE;
 /// How long a connected plugin has to send its request.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 

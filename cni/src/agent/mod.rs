@@ -68,6 +68,8 @@ struct PodRecord {
     programmed: Option<u64>,
     /// Reported by ztunnel's ack.
     acked: bool,
+    /// An Add for this namespace inode is queued or in flight (not sent again meanwhile).
+    add_queued: Option<u64>,
     /// IPs from the plugin's ADD (the control plane may learn them later).
     plugin_ips: Vec<String>,
     /// The last refusal reported for this pod's namespace (reported once, not on every
@@ -182,6 +184,8 @@ struct Now {
     /// The pod's namespace inode now.
     inode: Option<u64>,
     acked: bool,
+    /// An Add for the programmed namespace is already queued for ztunnel.
+    add_queued: bool,
     installed: bool,
     /// The pod's rule options differ from those it was programmed with.
     options_changed: bool,
@@ -196,11 +200,51 @@ fn release_netns(in_view: bool, programmed: Option<u64>, installed: bool) -> boo
     !in_view && programmed.is_none() && !installed
 }
 
+/// What a reconcile pass does for a pod, in order. `Program` and `Unprogram` act on the
+/// pod's own namespace under the pods lock; the ZDS messages wait for ztunnel's ack, so
+/// they run after the lock is released (`Deferred`), one ztunnel that never answers
+/// holding no CNI ADD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Program the rules for the pod's current namespace.
+    Program,
+    /// Remove the rules (and the guard) from its namespace.
+    Unprogram,
+    /// Hand the pod to ztunnel (only once its rules are programmed).
+    ZdsAdd,
+    /// Tell every ztunnel the pod left.
+    ZdsDel,
+}
+
+fn plan(n: Now) -> Vec<Action> {
+    match step(n) {
+        Step::Enroll | Step::Reenroll => vec![Action::Program, Action::ZdsAdd],
+        Step::HandOver => vec![Action::ZdsAdd],
+        Step::Unenroll => vec![Action::Unprogram, Action::ZdsDel],
+        Step::WaitForNetns | Step::Nothing => vec![],
+    }
+}
+
+/// A ZDS message a reconcile pass leaves for after the pods lock, sent in order by one
+/// task (`Agent::send_deferred`).
+enum Deferred {
+    /// The pod, as programmed for namespace `inode`: its ack is recorded only while the
+    /// pod is still programmed for that namespace.
+    Add {
+        pod: String,
+        inode: u64,
+        entry: zds::PodEntry,
+    },
+    Del {
+        uid: String,
+    },
+}
+
 fn step(n: Now) -> Step {
     match (n.want, n.programmed, n.inode) {
         (true, None, Some(_)) => Step::Enroll,
         (true, Some(p), Some(i)) if p != i || n.options_changed => Step::Reenroll,
-        (true, Some(_), Some(_)) if !n.acked => Step::HandOver,
+        (true, Some(_), Some(_)) if !n.acked && !n.add_queued => Step::HandOver,
         (true, None, None) => Step::WaitForNetns,
         (false, Some(_), _) => Step::Unenroll,
         (false, None, _) if n.installed => Step::Unenroll,
@@ -260,6 +304,8 @@ pub struct Agent {
     /// believed only while fresh (see `crate::cache`).
     cache_file: PathBuf,
     metrics: Arc<metrics::Metrics>,
+    /// ZDS messages to send once the pods lock is released, in order.
+    deferred: tokio::sync::mpsc::UnboundedSender<Deferred>,
 }
 
 /// One scan of the node's processes, shared by the pods reconciled together.
@@ -319,6 +365,7 @@ impl Agent {
         if cfg.host_probe_snat {
             run_here(&["nft", "-f", "-"], Some(&redirect::host_probe_table()))?;
         }
+        let (deferred, queue) = tokio::sync::mpsc::unbounded_channel();
         let agent = Arc::new(Agent {
             cfg,
             pods: Mutex::default(),
@@ -327,9 +374,64 @@ impl Agent {
             xds_connected: Arc::default(),
             cache_file,
             metrics,
+            deferred,
         });
         *snapshot_source.lock().expect("snapshot lock") = Some(Arc::downgrade(&agent));
+        tokio::spawn(Self::send_deferred(Arc::downgrade(&agent), queue));
         Ok(agent)
+    }
+
+    /// Queues ZDS messages decided under the pods lock (sent once it is released).
+    fn defer(&self, actions: Vec<Deferred>) {
+        for a in actions {
+            // The receiver lives as long as the agent.
+            let _ = self.deferred.send(a);
+        }
+    }
+
+    /// Sends the deferred ZDS messages one after another (so a pod's Add and Del keep
+    /// their order), waiting for each ack without the pods lock: a ztunnel that never
+    /// answers delays only these messages (each bounded by the ack timeout), never a
+    /// CNI ADD or a view update.
+    async fn send_deferred(
+        agent: std::sync::Weak<Agent>,
+        mut queue: tokio::sync::mpsc::UnboundedReceiver<Deferred>,
+    ) {
+        while let Some(action) = queue.recv().await {
+            let Some(agent) = agent.upgrade() else {
+                return;
+            };
+            let zds = agent.zds.clone();
+            match action {
+                Deferred::Add { pod, inode, entry } => {
+                    let sent = tokio::task::spawn_blocking(move || zds.add(&entry))
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()));
+                    let mut pods = agent.pods.lock().await;
+                    let Some(rec) = pods.get_mut(&pod).filter(|r| r.programmed == Some(inode))
+                    else {
+                        continue; // Re-enrolled or removed meanwhile: this ack is stale.
+                    };
+                    rec.add_queued = None;
+                    match sent {
+                        Ok(()) => {
+                            if !rec.acked {
+                                tracing::info!(pod, "pod handed to ztunnel");
+                            }
+                            rec.acked = true;
+                        }
+                        Err(e) => {
+                            rec.acked = false;
+                            tracing::warn!(pod, error = %e, "redirection programmed; ztunnel has not taken the pod yet (its traffic is refused until it does)");
+                        }
+                    }
+                    agent.record_enrolment(&pods);
+                }
+                Deferred::Del { uid } => {
+                    let _ = tokio::task::spawn_blocking(move || zds.del(&uid)).await;
+                }
+            }
+        }
     }
 
     pub fn metrics(&self) -> &metrics::Metrics {
@@ -385,11 +487,13 @@ impl Agent {
             rec.view = view;
             touched.push(name);
         }
-        tokio::task::block_in_place(|| {
+        let deferred = tokio::task::block_in_place(|| {
             let mut scan = None;
+            let mut deferred = Vec::new();
             for name in touched {
-                self.reconcile(&mut pods, &name, &mut scan);
+                deferred.extend(self.reconcile(&mut pods, &name, &mut scan));
             }
+            deferred
         });
         // Only now is the snapshot for ztunnel complete.
         self.view_synced.send_replace(true);
@@ -397,6 +501,7 @@ impl Agent {
         self.record_enrolment(&pods);
         self.write_cache(&pods);
         drop(pods);
+        self.defer(deferred);
         self.sync_probe_set().await;
     }
 
@@ -428,15 +533,17 @@ impl Agent {
         }
     }
 
-    /// Brings one pod's actual state to its desired state.
+    /// Brings one pod's actual state to its desired state: carries out `plan`'s actions
+    /// on the pod's namespace and returns the ZDS messages, to be sent once the pods
+    /// lock is released (`defer`).
     fn reconcile(
         &self,
         pods: &mut BTreeMap<String, PodRecord>,
         name: &str,
         scan: &mut Option<Discovery>,
-    ) {
+    ) -> Vec<Deferred> {
         let Some(rec) = pods.get(name) else {
-            return;
+            return vec![];
         };
         let want = rec.view.as_ref().is_some_and(|v| v.enrolled);
         if want && rec.netns.is_none() {
@@ -454,7 +561,7 @@ impl Agent {
             }
         }
         let Some(rec) = pods.get_mut(name) else {
-            return;
+            return vec![];
         };
         let inode = rec.netns.as_ref().map(|n| n.inode);
         let options_changed = match (&rec.view, &rec.programmed_with) {
@@ -467,41 +574,61 @@ impl Agent {
             inode,
             // Acked by an older ztunnel, but the newest one lacks it (refused in its
             // snapshot, or sent as Keep): its Add is sent again.
-            acked: rec.acked
+            acked: (rec.acked
                 && !rec
                     .view
                     .as_ref()
-                    .is_some_and(|v| self.zds.missing(&uid_of(v))),
+                    .is_some_and(|v| self.zds.missing(&uid_of(v)))),
+            add_queued: rec.add_queued.is_some() && rec.add_queued == rec.programmed,
             installed: rec.installed,
             options_changed,
         };
         match step(now) {
-            Step::Enroll => self.enroll(name, rec),
-            Step::Reenroll => {
-                tracing::info!(
-                    pod = name,
-                    "pod sandbox or capture options changed; re-enrolling"
-                );
-                self.enroll(name, rec)
-            }
-            Step::HandOver => {
-                if let Some(v) = &rec.view {
-                    rec.acked = self.zds.add(&entry(v, rec.netns.as_ref())).is_ok();
+            Step::Reenroll => tracing::info!(
+                pod = name,
+                "pod sandbox or capture options changed; re-enrolling"
+            ),
+            Step::WaitForNetns => tracing::debug!(
+                pod = name,
+                "enrolled, but its network namespace is not known yet"
+            ),
+            _ => {}
+        }
+        let mut deferred = Vec::new();
+        for action in plan(now) {
+            match action {
+                Action::Program => {
+                    if !self.enroll(name, rec) {
+                        break; // Not programmed: nothing to hand to ztunnel.
+                    }
                 }
+                Action::Unprogram => self.unenroll(name, rec),
+                Action::ZdsAdd => {
+                    if let (Some(v), Some(ns), Some(inode)) =
+                        (&rec.view, &rec.netns, rec.programmed)
+                    {
+                        rec.add_queued = Some(inode);
+                        deferred.push(Deferred::Add {
+                            pod: name.to_string(),
+                            inode,
+                            entry: entry(v, Some(ns)),
+                        });
+                    }
+                }
+                Action::ZdsDel => deferred.push(Deferred::Del {
+                    uid: rec
+                        .view
+                        .as_ref()
+                        .map(uid_of)
+                        .unwrap_or_else(|| name.to_string()),
+                }),
             }
-            Step::Unenroll => self.unenroll(name, rec),
-            Step::WaitForNetns => {
-                tracing::debug!(
-                    pod = name,
-                    "enrolled, but its network namespace is not known yet"
-                );
-            }
-            Step::Nothing => {}
         }
         if release_netns(rec.view.is_some(), rec.programmed, rec.installed) {
             rec.netns = None;
             rec.container_id = None;
         }
+        deferred
     }
 
     /// What a read-back of a pod needs, copied out so it runs without the pods lock:
@@ -598,16 +725,17 @@ impl Agent {
         }
     }
 
-    fn enroll(&self, name: &str, rec: &mut PodRecord) {
+    /// Programs the pod's rules; whether they are in place (then it goes to ztunnel).
+    fn enroll(&self, name: &str, rec: &mut PodRecord) -> bool {
         let (Some(v), Some(ns)) = (&rec.view, &rec.netns) else {
-            return;
+            return false;
         };
         let opts = self.rule_options(v);
         rec.installed = true;
         if let Err(e) = program(ns, &opts) {
             tracing::error!(pod = name, error = %e, "cannot program the pod's redirection");
             rec.apply_error = Some(e);
-            return;
+            return false;
         }
         rec.apply_error = None;
         // For ztunnel upgrades; without it only a connection arriving as the old
@@ -619,16 +747,9 @@ impl Agent {
         rec.programmed = Some(ns.inode);
         rec.programmed_with = Some(opts);
         rec.baseline = None;
-        match self.zds.add(&entry(v, Some(ns))) {
-            Ok(()) => {
-                rec.acked = true;
-                tracing::info!(pod = name, netns = %ns.path, "pod enrolled: redirection programmed and handed to ztunnel");
-            }
-            Err(e) => {
-                rec.acked = false;
-                tracing::warn!(pod = name, error = %e, "redirection programmed; ztunnel has not taken the pod yet (its traffic is refused until it does)");
-            }
-        }
+        rec.acked = false;
+        tracing::info!(pod = name, netns = %ns.path, "pod enrolled: redirection programmed; handing it to ztunnel");
+        true
     }
 
     fn unenroll(&self, name: &str, rec: &mut PodRecord) {
@@ -640,12 +761,6 @@ impl Agent {
             // Removed, or no namespace left to remove anything from.
             _ => rec.installed = false,
         }
-        let uid = rec
-            .view
-            .as_ref()
-            .map(uid_of)
-            .unwrap_or_else(|| name.to_string());
-        self.zds.del(&uid);
         rec.programmed = None;
         rec.programmed_with = None;
         rec.baseline = None;
@@ -778,8 +893,8 @@ impl Agent {
                             if !v.enrolled {
                                 return AgentReply::Ok { enrolled: false };
                             }
-                            tokio::task::block_in_place(|| {
-                                self.reconcile(&mut pods, &k, &mut None);
+                            let deferred = tokio::task::block_in_place(|| {
+                                let deferred = self.reconcile(&mut pods, &k, &mut None);
                                 // One pod, right after programming it: read back here.
                                 if let Some(rec) = pods.get_mut(&k)
                                     && let Some(job) = self.read_back_job(rec)
@@ -787,6 +902,7 @@ impl Agent {
                                     let now = read_back(&job.netns, &job.opts);
                                     self.record_read_back(&k, rec, &job, now);
                                 }
+                                deferred
                             });
                             let rec = pods.get(&k);
                             let programmed = rec.and_then(|r| r.programmed);
@@ -794,6 +910,9 @@ impl Agent {
                             let read_back = rec.and_then(|r| r.read_back.clone());
                             self.record_enrolment(&pods);
                             drop(pods);
+                            // The reply does not wait for ztunnel's ack (it never did
+                            // depend on it): the pod's traffic is refused until then.
+                            self.defer(deferred);
                             self.sync_probe_set().await;
                             return match read_back {
                                 Some(Ok(())) if programmed == Some(ns.inode) => {
@@ -841,6 +960,7 @@ impl Agent {
                     None => None,
                 };
                 let mut pods = self.pods.lock().await;
+                let mut deferred = Vec::new();
                 if let Some(rec) = pods.get_mut(&k) {
                     let facts = DelFacts {
                         enrolled: rec.enrolled(),
@@ -861,6 +981,9 @@ impl Agent {
                     }
                     if rec.programmed.is_some() || rec.installed {
                         tokio::task::block_in_place(|| self.unenroll(&k, rec));
+                        deferred.push(Deferred::Del {
+                            uid: rec.view.as_ref().map(uid_of).unwrap_or_else(|| k.clone()),
+                        });
                     }
                     rec.netns = None;
                     rec.container_id = None;
@@ -868,6 +991,7 @@ impl Agent {
                 pods.retain(|_, r| r.keep());
                 self.record_enrolment(&pods);
                 drop(pods);
+                self.defer(deferred);
                 self.sync_probe_set().await;
                 AgentReply::Ok { enrolled: false }
             }
@@ -906,13 +1030,16 @@ impl Agent {
             tokio::time::sleep(RESYNC).await;
             let mut pods = self.pods.lock().await;
             let names: Vec<String> = pods.keys().cloned().collect();
-            tokio::task::block_in_place(|| {
+            let deferred = tokio::task::block_in_place(|| {
                 let mut scan = None;
+                let mut deferred = Vec::new();
                 for n in names {
-                    self.reconcile(&mut pods, &n, &mut scan);
+                    deferred.extend(self.reconcile(&mut pods, &n, &mut scan));
                 }
+                deferred
             });
             drop(pods);
+            self.defer(deferred);
             self.read_back_all().await;
             let mut pods = self.pods.lock().await;
             pods.retain(|_, r| r.keep());
@@ -1310,17 +1437,66 @@ mod tests {
     }
 
     #[test]
+    fn reconcile_plans_rules_first_and_zds_after() {
+        let on = Now {
+            want: true,
+            programmed: Some(7),
+            inode: Some(7),
+            acked: true,
+            add_queued: false,
+            installed: true,
+            options_changed: false,
+        };
+        use Action::*;
+        assert_eq!(plan(on), vec![]);
+        assert_eq!(
+            plan(Now {
+                programmed: None,
+                ..on
+            }),
+            vec![Program, ZdsAdd]
+        );
+        assert_eq!(
+            plan(Now {
+                inode: Some(8),
+                ..on
+            }),
+            vec![Program, ZdsAdd]
+        );
+        assert_eq!(plan(Now { acked: false, ..on }), vec![ZdsAdd]);
+        assert_eq!(plan(Now { want: false, ..on }), vec![Unprogram, ZdsDel]);
+        assert_eq!(
+            plan(Now {
+                programmed: None,
+                inode: None,
+                ..on
+            }),
+            vec![]
+        );
+    }
+
+    #[test]
     fn reconcile_steps() {
         let on = Now {
             want: true,
             programmed: Some(7),
             inode: Some(7),
             acked: true,
+            add_queued: false,
             installed: true,
             options_changed: false,
         };
         assert_eq!(step(on), Step::Nothing);
         assert_eq!(step(Now { acked: false, ..on }), Step::HandOver);
+        // Its Add still waits behind a slow ztunnel: not queued twice.
+        assert_eq!(
+            step(Now {
+                acked: false,
+                add_queued: true,
+                ..on
+            }),
+            Step::Nothing
+        );
         assert_eq!(
             step(Now {
                 inode: Some(8),

@@ -16,16 +16,15 @@
 use super::local::{self, Peer, PeerPolicy};
 use super::metrics::Metrics;
 use super::zds_route::{self, ConnView, Sent};
-use mesh_proto::prost::Message;
 use mesh_proto::zds;
-use nix::sys::socket::{
-    self, AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
-};
+use mesh_proto::zds::ZdsError;
+use mesh_proto::zds::socket::{PeerStirred, SeqPacket, ServerConn};
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use std::collections::HashSet;
 use std::fs::File;
 use std::future::Future;
-use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,8 +36,6 @@ use tokio::sync::mpsc;
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connected peer must say hello within this.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Receive buffer size; the reference uses 1024 bytes on both sides.
-const MAX_MESSAGE: usize = 1024;
 /// Connections being served at once (ztunnels are one or two per node).
 const MAX_CONNECTIONS: usize = 8;
 
@@ -295,8 +292,8 @@ impl ZdsServer {
     }
 
     async fn serve(&self, id: u64, started: Option<u64>, fd: OwnedFd, snapshot: Snapshot) {
-        let conn = match register(fd) {
-            Ok(fd) => Conn { fd },
+        let conn = match SeqPacket::from_fd(fd) {
+            Ok(sock) => ServerConn::new(sock),
             Err(e) => {
                 tracing::warn!(conn = id, error = %e, "ZDS connection cannot be served");
                 return;
@@ -336,24 +333,14 @@ impl ZdsServer {
         &self,
         id: u64,
         started: Option<u64>,
-        conn: &Conn,
+        conn: &ServerConn,
         tx: mpsc::UnboundedSender<Job>,
         alive: Arc<AtomicBool>,
         rx: &mut mpsc::UnboundedReceiver<Job>,
         snapshot: Snapshot,
-    ) -> Result<Handle, String> {
-        let hello = tokio::time::timeout(HELLO_TIMEOUT, conn.recv())
-            .await
-            .map_err(|_| "no hello within 5 s".to_string())??;
-        let hello =
-            zds::ZdsHello::decode(hello.as_slice()).map_err(|e| format!("malformed hello: {e}"))?;
-        if hello.version != zds::Version::V1 as i32 {
-            return Err(format!("unsupported ZDS version {}", hello.version));
-        }
-        let handover_capable = hello
-            .capabilities
-            .iter()
-            .any(|c| c == mesh_proto::zds_capability::HANDOVER_V1);
+    ) -> Result<Handle, ZdsError> {
+        let hello = conn.hello(HELLO_TIMEOUT).await?;
+        let handover_capable = zds::offers_handover(&hello);
         let handle = Handle {
             id,
             started,
@@ -386,24 +373,21 @@ impl ZdsServer {
                     })),
                 },
             };
-            let r = conn.request(&req, p.netns.as_ref()).await;
-            if let Err(e) = &r {
-                if !e.starts_with("ztunnel refused") {
-                    return Err(e.clone());
+            let r = conn
+                .request(&req, p.netns.as_ref().map(|f| f.as_fd()), ACK_TIMEOUT)
+                .await;
+            let acked = match r {
+                Ok(()) => true,
+                Err(e) if e.is_refusal() => {
+                    tracing::warn!(conn = id, pod = %format!("{}/{}", p.namespace, p.name), error = %e, "snapshot entry refused");
+                    false
                 }
-                tracing::warn!(conn = id, pod = %format!("{}/{}", p.namespace, p.name), error = %e, "snapshot entry refused");
-            }
-            zds_route::track_missing(&mut handle.missing(), sent(&req), r.is_ok());
+                Err(e) => return Err(e),
+            };
+            zds_route::track_missing(&mut handle.missing(), sent(&req), acked);
         }
-        conn.request(
-            &zds::WorkloadRequest {
-                payload: Some(zds::workload_request::Payload::SnapshotSent(
-                    zds::SnapshotSent {},
-                )),
-            },
-            None,
-        )
-        .await?;
+        let (snapshot_sent, _) = zds::Request::<()>::SnapshotSent.into_wire();
+        conn.request(&snapshot_sent, None, ACK_TIMEOUT).await?;
         // What was queued meanwhile, then serving: decided under the lock Adds and Dels
         // pick their targets under, so nothing slips between.
         loop {
@@ -442,7 +426,7 @@ impl ZdsServer {
     /// Incremental requests until ztunnel goes away.
     async fn serve_requests(
         &self,
-        conn: &Conn,
+        conn: &ServerConn,
         handle: &Handle,
         rx: &mut mpsc::UnboundedReceiver<Job>,
     ) {
@@ -461,39 +445,30 @@ impl ZdsServer {
                         self.take_over(&conns, id);
                     }
                 }
-                // Between requests ztunnel sends nothing: readable means it closed (or
-                // broke the protocol).
-                ready = conn.fd.readable() => {
-                    let Ok(mut guard) = ready else { break };
-                    let mut b = [0u8; 1];
-                    match socket::recv(
-                        conn.fd.as_raw_fd(),
-                        &mut b,
-                        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-                    ) {
-                        Ok(0) => break,
-                        Ok(_) => {
-                            tracing::warn!(conn = id, "unexpected data from ztunnel; closing");
-                            break;
-                        }
-                        Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
-                        Err(_) => break,
+                // Between requests ztunnel sends nothing: anything from it means it
+                // closed (or broke the protocol).
+                stirred = conn.stirred() => {
+                    if let Ok(PeerStirred::SentData) = stirred {
+                        tracing::warn!(conn = id, "unexpected data from ztunnel; closing");
                     }
+                    break;
                 }
             }
         }
     }
 
     /// Sends one job and answers it; `Err` when the connection is broken.
-    async fn run_job(&self, conn: &Conn, handle: &Handle, job: Job) -> Result<(), String> {
-        let r = conn.request(&job.req, job.fd.as_ref()).await;
-        let fatal = matches!(&r, Err(e) if !e.starts_with("ztunnel refused"));
+    async fn run_job(&self, conn: &ServerConn, handle: &Handle, job: Job) -> Result<(), ZdsError> {
+        let r = conn
+            .request(&job.req, job.fd.as_ref().map(|f| f.as_fd()), ACK_TIMEOUT)
+            .await;
+        let fatal = matches!(&r, Err(e) if !e.is_refusal());
         if !fatal {
             zds_route::track_missing(&mut handle.missing(), sent(&job.req), r.is_ok());
         }
         match job.done {
             Some(done) => {
-                let _ = done.send(r.clone());
+                let _ = done.send(r.as_ref().map_err(ToString::to_string).copied());
             }
             None => {
                 if let Err(e) = &r {
@@ -634,87 +609,4 @@ fn register(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>, String> {
     // same socket until the AsyncFd is dropped, which is all registration requires.
     #[allow(unsafe_code)]
     unsafe { AsyncFd::register(fd) }.map_err(|e| e.to_string())
-}
-
-struct Conn {
-    fd: AsyncFd<OwnedFd>,
-}
-
-impl Conn {
-    async fn send(&self, msg: &[u8], fd: Option<&File>) -> Result<(), String> {
-        let fds: Vec<i32> = fd.map(|f| f.as_raw_fd()).into_iter().collect();
-        loop {
-            let mut guard = self.fd.writable().await.map_err(|e| format!("send: {e}"))?;
-            let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
-                vec![]
-            } else {
-                vec![ControlMessage::ScmRights(&fds)]
-            };
-            match guard.try_io(|s| {
-                socket::sendmsg::<()>(
-                    s.as_raw_fd(),
-                    &[IoSlice::new(msg)],
-                    &cmsgs,
-                    MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-                    None,
-                )
-                .map_err(io::Error::from)
-            }) {
-                Ok(r) => return r.map(|_| ()).map_err(|e| format!("send: {e}")),
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
-    /// One message (at most MAX_MESSAGE bytes, no fds accepted).
-    async fn recv(&self) -> Result<Vec<u8>, String> {
-        let mut buf = [0u8; MAX_MESSAGE];
-        loop {
-            let mut guard = self.fd.readable().await.map_err(|e| format!("recv: {e}"))?;
-            match guard.try_io(|s| {
-                let mut iov = [IoSliceMut::new(&mut buf)];
-                // No control buffer: fds a peer might send are closed by the kernel
-                // (MSG_CTRUNC), never installed here.
-                let m = socket::recvmsg::<()>(
-                    s.as_raw_fd(),
-                    &mut iov,
-                    None,
-                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-                )
-                .map_err(io::Error::from)?;
-                Ok((m.bytes, m.flags))
-            }) {
-                Ok(Ok((0, _))) => return Err("ztunnel closed the connection".into()),
-                Ok(Ok((_, flags))) if flags.contains(MsgFlags::MSG_TRUNC) => {
-                    return Err(format!(
-                        "message from ztunnel longer than {MAX_MESSAGE} bytes"
-                    ));
-                }
-                Ok(Ok((_, flags))) if flags.contains(MsgFlags::MSG_CTRUNC) => {
-                    return Err("ztunnel sent file descriptors; it never should".into());
-                }
-                Ok(Ok((n, _))) => return Ok(buf[..n].to_vec()),
-                Ok(Err(e)) => return Err(format!("recv: {e}")),
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
-    /// Sends one request and waits (bounded) for its ack; `Err` on I/O failure, timeout
-    /// or a refusal (`ztunnel refused: ...`).
-    async fn request(&self, req: &zds::WorkloadRequest, fd: Option<&File>) -> Result<(), String> {
-        self.send(&req.encode_to_vec(), fd).await?;
-        let reply = tokio::time::timeout(ACK_TIMEOUT, self.recv())
-            .await
-            .map_err(|_| "timed out waiting for ztunnel".to_string())??;
-        let resp = zds::WorkloadResponse::decode(reply.as_slice())
-            .map_err(|e| format!("malformed ack: {e}"))?;
-        match resp.payload {
-            Some(zds::workload_response::Payload::Ack(a)) if a.error.is_empty() => Ok(()),
-            Some(zds::workload_response::Payload::Ack(a)) => {
-                Err(format!("ztunnel refused: {}", a.error))
-            }
-            None => Err("empty response from ztunnel".into()),
-        }
-    }
 }

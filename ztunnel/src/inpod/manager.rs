@@ -4,11 +4,73 @@
 use super::netns::Netns;
 use super::zds::{ZdsConnection, ZdsError, ZdsEvent};
 use crate::drain::Drain;
+use crate::identity::CertManager;
+use crate::metrics::Metrics;
 use crate::proxy::{NodeContext, PodInfo, PodProxy};
+use mesh_identity::SpiffeId;
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+
+/// What the manager needs of one pod's proxy: the seam its tests use in place of
+/// listeners in real namespaces.
+pub trait PodHandle: Send + Sync + 'static {
+    fn info(&self) -> &PodInfo;
+    fn netns(&self) -> &Netns;
+    fn drain(&self) -> &Drain;
+    /// The identity it runs as (its certificate is kept while any pod runs as it).
+    fn identity(&self) -> Option<SpiffeId>;
+    /// Starts fetching its certificate in the background.
+    fn prefetch_certificate(self: Arc<Self>);
+    /// Fetches its certificate.
+    fn certificate(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    /// Lets connections queued on its listeners move to a newer ztunnel's (handover).
+    fn enable_migrate_req(&self) -> io::Result<()>;
+}
+
+/// Starts a pod's proxy (its listeners inside the pod's namespace), its drain a child
+/// of `parent`.
+pub trait ProxyFactory: Send + Sync + 'static {
+    fn start(&self, info: PodInfo, netns: Netns, parent: &Drain) -> io::Result<Arc<dyn PodHandle>>;
+}
+
+/// The real proxies.
+pub struct NodeProxies(pub Arc<NodeContext>);
+
+impl ProxyFactory for NodeProxies {
+    fn start(&self, info: PodInfo, netns: Netns, parent: &Drain) -> io::Result<Arc<dyn PodHandle>> {
+        let proxy: Arc<dyn PodHandle> = PodProxy::start(self.0.clone(), info, netns, parent)?;
+        Ok(proxy)
+    }
+}
+
+impl PodHandle for PodProxy {
+    fn info(&self) -> &PodInfo {
+        &self.info
+    }
+    fn netns(&self) -> &Netns {
+        &self.netns
+    }
+    fn drain(&self) -> &Drain {
+        &self.drain
+    }
+    fn identity(&self) -> Option<SpiffeId> {
+        PodProxy::identity(self)
+    }
+    fn prefetch_certificate(self: Arc<Self>) {
+        PodProxy::prefetch_certificate(&self)
+    }
+    fn certificate(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(PodProxy::certificate(self))
+    }
+    fn enable_migrate_req(&self) -> io::Result<()> {
+        crate::proxy::socket::enable_migrate_req(&self.netns)
+    }
+}
 
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
@@ -30,10 +92,12 @@ pub struct PodState {
 }
 
 pub struct WorkloadManager {
-    ctx: Arc<NodeContext>,
+    factory: Arc<dyn ProxyFactory>,
+    certs: Arc<CertManager>,
+    metrics: Arc<Metrics>,
     drain: Drain,
     deadline: Duration,
-    proxies: HashMap<String, Arc<PodProxy>>,
+    proxies: HashMap<String, Arc<dyn PodHandle>>,
     seen_in_snapshot: HashSet<String>,
     /// Set once a snapshot has been received (readiness).
     pub snapshot_received: Arc<std::sync::atomic::AtomicBool>,
@@ -47,9 +111,23 @@ pub struct WorkloadManager {
 impl WorkloadManager {
     /// The manager, shared (its drains report back to it when they end).
     pub fn new(ctx: Arc<NodeContext>, drain: Drain, deadline: Duration) -> Arc<Mutex<Self>> {
+        let (certs, metrics) = (ctx.certs.clone(), ctx.metrics.clone());
+        Self::with_factory(Arc::new(NodeProxies(ctx)), certs, metrics, drain, deadline)
+    }
+
+    /// The manager with its proxies made by `factory`.
+    pub fn with_factory(
+        factory: Arc<dyn ProxyFactory>,
+        certs: Arc<CertManager>,
+        metrics: Arc<Metrics>,
+        drain: Drain,
+        deadline: Duration,
+    ) -> Arc<Mutex<Self>> {
         Arc::new_cyclic(|this| {
             Mutex::new(WorkloadManager {
-                ctx,
+                factory,
+                certs,
+                metrics,
                 drain,
                 deadline,
                 proxies: HashMap::new(),
@@ -65,7 +143,7 @@ impl WorkloadManager {
     /// renewals stop).
     fn retain_certificates(&self) {
         let in_use: Vec<_> = self.proxies.values().filter_map(|p| p.identity()).collect();
-        self.ctx.certs.retain(|id| in_use.contains(id));
+        self.certs.retain(|id| in_use.contains(id));
     }
 
     pub fn pods(&self) -> Vec<PodState> {
@@ -73,13 +151,13 @@ impl WorkloadManager {
             .proxies
             .values()
             .map(|p| PodState {
-                uid: p.info.uid.clone(),
-                name: p.info.name.clone(),
-                namespace: p.info.namespace.clone(),
-                service_account: p.info.service_account.clone(),
+                uid: p.info().uid.clone(),
+                name: p.info().name.clone(),
+                namespace: p.info().namespace.clone(),
+                service_account: p.info().service_account.clone(),
                 state: "Up",
-                netns_inode: p.netns.inode(),
-                open_connections: p.drain.open_connections(),
+                netns_inode: p.netns().inode(),
+                open_connections: p.drain().open_connections(),
             })
             .collect();
         v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -88,19 +166,16 @@ impl WorkloadManager {
 
     fn stop(&mut self, uid: &str) {
         if let Some(p) = self.proxies.remove(uid) {
-            self.ctx.metrics.proxies_stopped.inc();
-            self.ctx
-                .metrics
-                .active_proxies
-                .set(self.proxies.len() as i64);
+            self.metrics.proxies_stopped.inc();
+            self.metrics.active_proxies.set(self.proxies.len() as i64);
             let deadline = self.deadline;
-            tracing::info!(uid, pod = %format!("{}/{}", p.info.namespace, p.info.name), "draining pod proxy");
+            tracing::info!(uid, pod = %format!("{}/{}", p.info().namespace, p.info().name), "draining pod proxy");
             // Identities no local pod runs as any more are forgotten now, and again once
             // the drain is over (a connection finishing meanwhile may have asked for one).
             self.retain_certificates();
             let this = self.this.clone();
             tokio::spawn(async move {
-                p.drain.run(deadline).await;
+                p.drain().run(deadline).await;
                 drop(p);
                 if let Some(mgr) = this.upgrade() {
                     mgr.lock().expect("manager lock").retain_certificates();
@@ -118,12 +193,12 @@ impl WorkloadManager {
             ZdsEvent::Add { uid, info, netns } => {
                 self.seen_in_snapshot.insert(uid.clone());
                 if let Some(existing) = self.proxies.get(&uid) {
-                    if existing.netns == netns {
+                    if *existing.netns() == netns {
                         return Ok(()); // idempotent
                     }
                     tracing::info!(
                         uid,
-                        old_netns = existing.netns.inode(),
+                        old_netns = existing.netns().inode(),
                         new_netns = netns.inode(),
                         "pod sandbox changed; replacing its proxy"
                     );
@@ -170,12 +245,12 @@ impl WorkloadManager {
             return;
         }
         for p in self.proxies.values() {
-            if let Err(e) = crate::proxy::socket::enable_migrate_req(&p.netns) {
+            if let Err(e) = p.enable_migrate_req() {
                 // Without it, a connection arriving between the last accept and the
                 // close is reset; everything else still works.
                 // What is queued when the listener closes is accepted and served anyway.
-                self.ctx.metrics.handover_migrate_req_failures.inc();
-                tracing::warn!(pod = %format!("{}/{}", p.info.namespace, p.info.name), error = %e,
+                self.metrics.handover_migrate_req_failures.inc();
+                tracing::warn!(pod = %format!("{}/{}", p.info().namespace, p.info().name), error = %e,
                     "cannot set net.ipv4.tcp_migrate_req; connections arriving as the listeners close may be reset");
             }
         }
@@ -196,16 +271,13 @@ impl WorkloadManager {
             service_account: info.service_account,
         };
         let label = format!("{}/{}", pod.namespace, pod.name);
-        match PodProxy::start(self.ctx.clone(), pod, netns, &self.drain) {
+        match self.factory.start(pod, netns, &self.drain) {
             Ok(p) => {
                 tracing::info!(uid, pod = %label, "pod proxy started");
-                p.prefetch_certificate();
+                p.clone().prefetch_certificate();
                 self.proxies.insert(uid, p);
-                self.ctx.metrics.proxies_started.inc();
-                self.ctx
-                    .metrics
-                    .active_proxies
-                    .set(self.proxies.len() as i64);
+                self.metrics.proxies_started.inc();
+                self.metrics.active_proxies.set(self.proxies.len() as i64);
                 Ok(())
             }
             Err(e) => {
@@ -236,7 +308,7 @@ async fn serve(conn: ZdsConnection, mgr: &Mutex<WorkloadManager>) -> Result<(), 
         let (result, pods) = {
             let mut m = mgr.lock().expect("manager lock");
             let result = m.handle(event);
-            let pods: Vec<Arc<PodProxy>> = match snapshot_end {
+            let pods: Vec<Arc<dyn PodHandle>> = match snapshot_end {
                 true => m.proxies.values().cloned().collect(),
                 false => Vec::new(),
             };
@@ -255,7 +327,7 @@ async fn serve(conn: ZdsConnection, mgr: &Mutex<WorkloadManager>) -> Result<(), 
 /// Waits (up to `wait`) for the certificates of `pods`, so that once the snapshot is
 /// acked, and the node handed over to us, the first connections need no CA round trip.
 /// Past `wait`, or on failure, it says so and returns: the ack goes out anyway.
-async fn certificates_ready(pods: Vec<Arc<PodProxy>>, wait: Duration) {
+async fn certificates_ready(pods: Vec<Arc<dyn PodHandle>>, wait: Duration) {
     let total = pods.len();
     let mut fetches = tokio::task::JoinSet::new();
     for p in pods {
@@ -284,16 +356,20 @@ async fn certificates_ready(pods: Vec<Arc<PodProxy>>, wait: Duration) {
 pub enum PodSource {
     /// The node agent's socket.
     Agent(PathBuf),
-    /// A ready connection (e.g. the standalone pods file server), not reconnected.
-    Connected(ZdsConnection),
+    /// A connected socket (e.g. the standalone pods file server), not reconnected.
+    Connected(mesh_proto::zds::socket::SeqPacket),
 }
 
 /// Connects to the node agent and applies what it sends, reconnecting with backoff;
 /// running proxies keep serving while disconnected.
 pub async fn run(source: PodSource, mgr: Arc<Mutex<WorkloadManager>>) {
     let path = match source {
-        PodSource::Connected(conn) => {
-            if let Err(e) = serve(conn, &mgr).await
+        PodSource::Connected(sock) => {
+            let served = match ZdsConnection::over(sock).await {
+                Ok(conn) => serve(conn, &mgr).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = served
                 && !matches!(e, ZdsError::Closed)
             {
                 tracing::error!(error = %e, "pod source failed");
@@ -326,5 +402,279 @@ pub async fn run(source: PodSource, mgr: Arc<Mutex<WorkloadManager>>) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::CertSource;
+    use mesh_identity::ca::CertificateAuthority;
+    use mesh_proto::zds;
+    use mesh_proto::zds::socket::{SeqPacket, ServerConn};
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use std::os::fd::AsFd;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A pod proxy without listeners: the manager's bookkeeping is what is under test.
+    struct TestPod {
+        info: PodInfo,
+        netns: Netns,
+        drain: Drain,
+        migrate_req: AtomicUsize,
+    }
+
+    impl PodHandle for TestPod {
+        fn info(&self) -> &PodInfo {
+            &self.info
+        }
+        fn netns(&self) -> &Netns {
+            &self.netns
+        }
+        fn drain(&self) -> &Drain {
+            &self.drain
+        }
+        fn identity(&self) -> Option<SpiffeId> {
+            None
+        }
+        fn prefetch_certificate(self: Arc<Self>) {}
+        fn certificate(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn enable_migrate_req(&self) -> io::Result<()> {
+            self.migrate_req.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    /// Starts `TestPod`s, refusing the uid in `refuse`; remembers every start.
+    #[derive(Default)]
+    struct TestProxies {
+        started: Mutex<Vec<Arc<TestPod>>>,
+        refuse: Option<&'static str>,
+    }
+
+    impl ProxyFactory for TestProxies {
+        fn start(
+            &self,
+            info: PodInfo,
+            netns: Netns,
+            parent: &Drain,
+        ) -> io::Result<Arc<dyn PodHandle>> {
+            if self.refuse == Some(info.uid.as_str()) {
+                return Err(io::Error::other("address in use"));
+            }
+            let p = Arc::new(TestPod {
+                info,
+                netns,
+                drain: parent.child(),
+                migrate_req: AtomicUsize::new(0),
+            });
+            self.started.lock().unwrap().push(p.clone());
+            Ok(p)
+        }
+    }
+
+    impl TestProxies {
+        fn starts(&self, uid: &str) -> usize {
+            let started = self.started.lock().unwrap();
+            started.iter().filter(|p| p.info.uid == uid).count()
+        }
+    }
+
+    fn manager(proxies: Arc<TestProxies>) -> Arc<Mutex<WorkloadManager>> {
+        let ca = CertificateAuthority::new_root("cluster.local", Duration::from_secs(3600));
+        let certs = CertManager::new(CertSource::Local {
+            ca: Box::new(ca.unwrap()),
+            ttl: Duration::from_secs(600),
+        });
+        let metrics = Metrics::new(Some(certs.clone()));
+        WorkloadManager::with_factory(
+            proxies,
+            certs,
+            metrics,
+            Drain::new(),
+            Duration::from_secs(1),
+        )
+    }
+
+    fn netns() -> Netns {
+        Netns::open("/proc/self/ns/net").unwrap()
+    }
+
+    fn add(uid: &str) -> ZdsEvent {
+        ZdsEvent::Add {
+            uid: uid.into(),
+            info: zds::WorkloadInfo {
+                name: format!("pod-{uid}"),
+                namespace: "ns".into(),
+                service_account: "sa".into(),
+            },
+            netns: netns(),
+        }
+    }
+
+    fn uids(m: &Mutex<WorkloadManager>) -> Vec<String> {
+        let mut v: Vec<String> = m
+            .lock()
+            .unwrap()
+            .pods()
+            .into_iter()
+            .map(|p| p.uid)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn adds_are_idempotent_and_dels_stop_the_proxy() {
+        let proxies = Arc::new(TestProxies::default());
+        let m = manager(proxies.clone());
+        {
+            let mut g = m.lock().unwrap();
+            g.handle(add("a")).unwrap();
+            g.handle(add("a")).unwrap();
+            g.handle(add("b")).unwrap();
+            assert_eq!(
+                proxies.starts("a"),
+                1,
+                "the same netns again starts nothing"
+            );
+            assert_eq!(g.metrics.active_proxies.get(), 2);
+            g.handle(ZdsEvent::Del { uid: "a".into() }).unwrap();
+            // An unknown pod's Del is fine (the agent sends Dels to every ztunnel).
+            g.handle(ZdsEvent::Del { uid: "zz".into() }).unwrap();
+        }
+        assert_eq!(uids(&m), ["b"]);
+        assert_eq!(m.lock().unwrap().metrics.proxies_stopped.get(), 1);
+        let stopped = proxies.started.lock().unwrap()[0].clone();
+        // Its drain runs (and stops its listeners) in a task of its own.
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            stopped.drain.stop_accepting().cancelled(),
+        )
+        .await
+        .expect("a's proxy drains");
+    }
+
+    #[tokio::test]
+    async fn a_proxy_that_cannot_start_is_refused_in_the_ack() {
+        let proxies = Arc::new(TestProxies {
+            refuse: Some("bad"),
+            ..Default::default()
+        });
+        let m = manager(proxies);
+        let e = m.lock().unwrap().handle(add("bad")).unwrap_err();
+        assert!(e.contains("cannot start proxy for ns/pod-bad"), "{e}");
+        assert!(uids(&m).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_drains_pods_it_does_not_list_and_keeps_kept_ones() {
+        let proxies = Arc::new(TestProxies::default());
+        let m = manager(proxies.clone());
+        {
+            let mut g = m.lock().unwrap();
+            g.new_connection();
+            for uid in ["a", "b", "c"] {
+                g.handle(add(uid)).unwrap();
+            }
+            g.handle(ZdsEvent::SnapshotSent).unwrap();
+        }
+        assert!(m.lock().unwrap().snapshot_received.load(Ordering::Relaxed));
+        assert_eq!(uids(&m), ["a", "b", "c"]);
+        // Reconnected: the agent lists a (Add) and b (Keep: its netns not open), not c.
+        {
+            let mut g = m.lock().unwrap();
+            g.new_connection();
+            g.handle(add("a")).unwrap();
+            g.handle(ZdsEvent::Keep { uid: "b".into() }).unwrap();
+            g.handle(ZdsEvent::SnapshotSent).unwrap();
+        }
+        assert_eq!(uids(&m), ["a", "b"]);
+        assert_eq!(proxies.starts("a"), 1, "a's proxy ran on untouched");
+    }
+
+    #[tokio::test]
+    async fn handover_closes_the_listeners_and_refuses_new_pods() {
+        let proxies = Arc::new(TestProxies::default());
+        let m = manager(proxies.clone());
+        let mut g = m.lock().unwrap();
+        g.handle(add("a")).unwrap();
+        g.handle(ZdsEvent::Handover).unwrap();
+        g.handle(ZdsEvent::Handover).unwrap();
+        assert!(*g.handed_over.borrow());
+        assert!(
+            g.drain.stop_accepting().is_cancelled(),
+            "every listener stops accepting"
+        );
+        let a = proxies.started.lock().unwrap()[0].clone();
+        assert_eq!(a.migrate_req.load(Ordering::Relaxed), 1, "once");
+        let e = g.handle(add("b")).unwrap_err();
+        assert!(e.contains("handed over"), "{e}");
+        assert_eq!(proxies.starts("b"), 0);
+        // A handed-over ztunnel still drains pods the agent deletes.
+        g.handle(ZdsEvent::Del { uid: "a".into() }).unwrap();
+        drop(g);
+        assert!(uids(&m).is_empty());
+    }
+
+    /// `serve` over a socketpair: the agent's end driven by the shared ZDS code.
+    #[tokio::test]
+    async fn serve_acks_each_request_and_a_reconnect_resyncs() {
+        let proxies = Arc::new(TestProxies {
+            refuse: Some("bad"),
+            ..Default::default()
+        });
+        let m = manager(proxies.clone());
+        let ns = std::fs::File::open("/proc/self/ns/net").unwrap();
+        let wait = Duration::from_secs(5);
+        let add_req = |uid: &str| {
+            zds::Request::Add {
+                uid: uid.into(),
+                info: zds::WorkloadInfo::default(),
+                netns: (),
+            }
+            .into_wire()
+            .0
+        };
+        let done = zds::Request::<()>::SnapshotSent.into_wire().0;
+        for (round, pods) in [["a", "b"], ["a", "bad"]].into_iter().enumerate() {
+            let (ours, theirs) = socketpair(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                None,
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            )
+            .unwrap();
+            let conn = ZdsConnection::over(SeqPacket::from_fd(ours).unwrap());
+            let agent = ServerConn::new(SeqPacket::from_fd(theirs).unwrap());
+            let (conn, hello) = tokio::join!(conn, agent.hello(wait));
+            hello.unwrap();
+            let served = serve(conn.unwrap(), &m);
+            let agent_side = async {
+                for uid in pods {
+                    let r = agent.request(&add_req(uid), Some(ns.as_fd()), wait).await;
+                    match uid {
+                        "bad" => assert!(matches!(r, Err(ZdsError::Refused(_))), "{r:?}"),
+                        _ => r.unwrap(),
+                    }
+                }
+                agent.request(&done, None, wait).await.unwrap();
+                // The agent goes away: serve ends, the proxies run on.
+                drop(agent);
+            };
+            let (served, ()) = tokio::join!(served, agent_side);
+            assert!(served.is_err(), "round {round}: {served:?}");
+            assert_eq!(
+                uids(&m),
+                match round {
+                    0 => vec!["a", "b"],
+                    _ => vec!["a"],
+                },
+                "round {round}"
+            );
+        }
+        assert_eq!(proxies.starts("a"), 1);
     }
 }
