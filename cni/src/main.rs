@@ -374,58 +374,10 @@ fn run_agent(args: Vec<String>) -> i32 {
     })
 }
 
-/// `GET /readyz` (200 once the control plane's view arrived), `GET /metrics` and
-/// `GET /enrolment` (each enrolled pod's enrolment state, JSON; loopback peers only). One
-/// task per connection, each bounded in time.
+/// `GET /readyz`, `GET /metrics` and `GET /enrolment` (see `mesh_cni::agent::http`).
 async fn readiness(addr: SocketAddr, agent: std::sync::Arc<Agent>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(l) = tokio::net::TcpListener::bind(addr).await else {
-        tracing::warn!(%addr, "cannot serve readiness");
-        return;
-    };
-    loop {
-        let Ok((mut s, peer)) = l.accept().await else {
-            continue;
-        };
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            let n = match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let (code, body) = if buf[..n].starts_with(b"GET /metrics ") {
-                ("200 OK", agent.metrics().render())
-            } else if buf[..n].starts_with(b"GET /enrolment ")
-                && !mesh_cni::agent::may_read_enrolment(peer.ip())
-            {
-                (
-                    "403 Forbidden",
-                    "/enrolment is served to the node itself only\n".to_string(),
-                )
-            } else if buf[..n].starts_with(b"GET /enrolment ") {
-                let report = agent.enrolment().await;
-                ("200 OK", serde_json::to_string(&report).unwrap_or_default())
-            } else if agent.ready() {
-                ("200 OK", "ready\n".to_string())
-            } else {
-                (
-                    "503 Service Unavailable",
-                    "waiting for the control plane\n".to_string(),
-                )
-            };
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                s.write_all(
-                    format!(
-                        "HTTP/1.1 {code}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .as_bytes(),
-                ),
-            )
-            .await;
-        });
+    if let Err(e) = mesh_cni::agent::http::serve(addr, agent).await {
+        tracing::warn!("cannot serve readiness: {e}");
     }
 }
 

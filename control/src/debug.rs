@@ -5,56 +5,22 @@
 
 use crate::grpc::Shared;
 use crate::readiness::Readiness;
-use crate::server::ServerConfig;
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http::StatusCode;
+use mesh_admin::{Request, Response, Routes};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use tokio::net::TcpListener;
 
-fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
-    req.uri()
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), percent_decode(v)))
-        .collect()
-}
-
-/// Decodes a query value (`%XX` and `+`); malformed escapes stay as they are. Works on
-/// bytes, so a `%` before a multi-byte character cannot split it (a slice of the `str`
-/// there would panic on a peer's input).
-pub(crate) fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let hex = |c: u8| (c as char).to_digit(16);
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-            continue;
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub(crate) use mesh_admin::percent_decode;
 
 /// What the debug endpoints read: `shared` is set once xDS is served.
 #[derive(Clone)]
 pub struct DebugState {
     pub shared: Arc<OnceLock<Shared>>,
     pub readiness: Readiness,
-    pub cfg: ServerConfig,
+    /// The mesh's trust domain, which `/debug/authz` checks identities against.
+    pub trust_domain: String,
 }
 
 fn readiness(r: &Readiness) -> (StatusCode, Value) {
@@ -216,102 +182,113 @@ pub fn render_metrics(m: &ControlMetrics) -> String {
     s
 }
 
-fn respond(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(
-            serde_json::to_vec_pretty(&body).unwrap_or_default(),
-        )))
-        .expect("valid response")
+fn respond(status: StatusCode, body: Value) -> Response {
+    Response::new(
+        status,
+        "application/json",
+        serde_json::to_vec_pretty(&body).unwrap_or_default(),
+    )
 }
 
-async fn handle(
-    state: DebugState,
-    readiness_only: bool,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    let q = query(&req);
-    let path = req.uri().path();
-    if path == "/ready" {
-        let (code, v) = readiness(&state.readiness);
-        return respond(code, v);
-    }
-    if path == "/healthz" {
-        return respond(StatusCode::OK, json!({"alive": true}));
-    }
-    // Also on the readiness listener: the one a cluster's Prometheus can reach.
-    if path == "/metrics" {
-        let mut page = render_metrics(&control_metrics(&state));
-        mesh_proto::process::append(&mut page, mesh_proto::process::Format::Prometheus);
-        return Response::builder()
-            .header("content-type", "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(page)))
-            .expect("valid response");
-    }
-    if readiness_only {
-        return respond(
-            StatusCode::NOT_FOUND,
-            json!({"error": "unknown path", "paths": ["/ready", "/healthz", "/metrics"]}),
-        );
-    }
-    if path == "/debug/status" {
-        return respond(StatusCode::OK, status_of(&state));
-    }
-    if !["/debug/config_dump", "/debug/authz"].contains(&path) {
-        return respond(
-            StatusCode::NOT_FOUND,
-            json!({"error": "unknown path", "paths": ["/debug/status", "/debug/config_dump?node=", "/debug/authz?from=&to=&port=", "/ready", "/metrics"]}),
-        );
-    }
+fn metrics_page(state: &DebugState) -> Response {
+    let mut page = render_metrics(&control_metrics(state));
+    mesh_proto::process::append(&mut page, mesh_proto::process::Format::Prometheus);
+    Response::new(StatusCode::OK, "text/plain; version=0.0.4", page)
+}
+
+/// What `/debug/config_dump` and `/debug/authz` answer before xDS is served.
+fn not_serving(state: &DebugState) -> Response {
+    respond(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": format!("not serving yet: {}", state.readiness.problems().join("; "))}),
+    )
+}
+
+fn config_dump_page(state: &DebugState, req: &Request) -> Response {
     let Some(shared) = state.shared.get() else {
-        return respond(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error": format!("not serving yet: {}", state.readiness.problems().join("; "))}),
-        );
+        return not_serving(state);
     };
-    if path == "/debug/config_dump" {
-        return match q.get("node") {
-            Some(n) => respond(StatusCode::OK, config_dump(shared, n)),
-            None => respond(StatusCode::BAD_REQUEST, json!({"error": "give ?node=NAME"})),
-        };
+    match req.param("node") {
+        Some(n) => respond(StatusCode::OK, config_dump(shared, &n)),
+        None => respond(StatusCode::BAD_REQUEST, json!({"error": "give ?node=NAME"})),
     }
+}
+
+fn authz_page(state: &DebugState, req: &Request) -> Response {
+    let Some(shared) = state.shared.get() else {
+        return not_serving(state);
+    };
+    let q: BTreeMap<String, String> = req
+        .query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), percent_decode(v)))
+        .collect();
     let g = shared.generation.borrow().clone();
-    match crate::authz_check::check(&g, &state.cfg.trust_domain, &q) {
+    match crate::authz_check::check(&g, &state.trust_domain, &q) {
         Ok(v) => respond(StatusCode::OK, v),
         Err(e) => respond(StatusCode::BAD_REQUEST, json!({"error": e})),
     }
 }
 
-/// Serves the debug API (or, with `readiness_only`, `/ready` and `/healthz` alone) on `addr`.
+/// The path table: the debug API, or with `readiness_only` the readiness listener's
+/// `/ready`, `/healthz` and `/metrics` (the one a cluster's Prometheus can reach).
+pub fn routes(state: DebugState, readiness_only: bool) -> Routes {
+    let s = state.clone();
+    let mut r = Routes::new()
+        .get("/ready", move |_| {
+            let (code, v) = readiness(&s.readiness);
+            std::future::ready(respond(code, v))
+        })
+        .get("/healthz", |_| {
+            std::future::ready(respond(StatusCode::OK, json!({"alive": true})))
+        });
+    let s = state.clone();
+    r = r.get("/metrics", move |_| std::future::ready(metrics_page(&s)));
+    if readiness_only {
+        return r.not_found(|_| {
+            std::future::ready(respond(
+                StatusCode::NOT_FOUND,
+                json!({"error": "unknown path", "paths": ["/ready", "/healthz", "/metrics"]}),
+            ))
+        });
+    }
+    let s = state.clone();
+    r = r.get("/debug/status", move |_| {
+        std::future::ready(respond(StatusCode::OK, status_of(&s)))
+    });
+    let s = state.clone();
+    r = r.get("/debug/config_dump", move |req| {
+        std::future::ready(config_dump_page(&s, &req))
+    });
+    let s = state;
+    r.get("/debug/authz", move |req| std::future::ready(authz_page(&s, &req)))
+        .not_found(|_| {
+            std::future::ready(respond(
+                StatusCode::NOT_FOUND,
+                json!({"error": "unknown path", "paths": ["/debug/status", "/debug/config_dump?node=", "/debug/authz?from=&to=&port=", "/ready", "/metrics"]}),
+            ))
+        })
+}
+
+/// Serves the debug API (or, with `readiness_only`, `/ready`, `/healthz` and `/metrics`
+/// alone) on `addr`.
 pub async fn serve(
     addr: SocketAddr,
     state: DebugState,
     readiness_only: bool,
-) -> Result<SocketAddr, String> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(handle(state, readiness_only, req).await)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
+) -> Result<SocketAddr, mesh_admin::BindError> {
+    let listener = mesh_admin::bind(addr).await?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| mesh_admin::BindError { addr, source })?;
+    mesh_admin::spawn(
+        listener,
+        routes(state, readiness_only),
+        mesh_admin::Limits::default(),
+    );
     Ok(local)
 }
 
@@ -333,18 +310,5 @@ mod tests {
         assert!(text.contains("\npilot_total_xds_rejects 2\n"), "{text}");
         assert!(text.contains("\nmesh_control_ready 1\n"), "{text}");
         assert!(text.contains("\nmesh_control_addresses 7\n"), "{text}");
-    }
-
-    #[test]
-    fn decodes_queries() {
-        assert_eq!(
-            super::percent_decode("spiffe%3A%2F%2Fa%2Fb"),
-            "spiffe://a/b"
-        );
-        assert_eq!(super::percent_decode("a+b%2"), "a b%2");
-        // A `%` before a multi-byte character, and a sign where a hex digit belongs.
-        assert_eq!(super::percent_decode("%aé"), "%aé");
-        assert_eq!(super::percent_decode("%é"), "%é");
-        assert_eq!(super::percent_decode("%+1x"), "% 1x");
     }
 }

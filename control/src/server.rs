@@ -297,11 +297,17 @@ pub async fn bind(cfg: ServerConfig) -> Result<Starting, String> {
     let debug = crate::debug::DebugState {
         shared: shared.clone(),
         readiness: readiness.clone(),
-        cfg: cfg.clone(),
+        trust_domain: cfg.trust_domain.clone(),
     };
-    let debug_addr = crate::debug::serve(cfg.debug_listen, debug.clone(), false).await?;
+    let debug_addr = crate::debug::serve(cfg.debug_listen, debug.clone(), false)
+        .await
+        .map_err(|e| e.to_string())?;
     let readiness_addr = match cfg.readiness_listen {
-        Some(addr) => Some(crate::debug::serve(addr, debug, true).await?),
+        Some(addr) => Some(
+            crate::debug::serve(addr, debug, true)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
         None => None,
     };
     let updates = spawn_source(&cfg.source, kube.clone(), &readiness)?;

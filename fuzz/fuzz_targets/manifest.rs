@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    mesh_control::manifest::fuzz_entry(data);
+    mesh_control::index::fuzz_entry(data);
 });

@@ -3,6 +3,7 @@
 //! chosen endpoint's ztunnel.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod authz;
 pub mod balancer;
 pub mod binding;

@@ -42,6 +42,10 @@ struct Args {
     /// Readiness (`/healthz/ready`), on Istio's port.
     #[arg(long, default_value = "[::]:15021")]
     readiness_addr: SocketAddr,
+    /// Admin (CPU and heap profiles under `/debug/pprof/`), localhost only as Envoy's
+    /// admin in Istio's waypoints.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
     /// How request paths are normalised before routing and policy (Istio's mesh config
     /// `pathNormalization`): NONE, BASE, MERGE_SLASHES or DECODE_AND_MERGE_SLASHES.
     #[arg(long, env = "PATH_NORMALIZATION", default_value = "BASE", value_parser = parse_normalization)]
@@ -194,6 +198,7 @@ fn main() {
             metrics.clone(),
             lifecycle.clone(),
         ));
+        tokio::spawn(waypoint::admin::serve_local(a.admin_addr));
         if a.readiness_addr != a.metrics_addr {
             tokio::spawn(serve_admin(
                 a.readiness_addr,

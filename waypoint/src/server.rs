@@ -23,7 +23,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
@@ -111,50 +110,9 @@ impl Lifecycle {
     }
 }
 
-/// The admin endpoint: `/healthz/ready` (readiness) and, on any other path, the metrics.
+/// The metrics and readiness endpoint (see [`crate::admin`]).
 pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, lifecycle: Arc<Lifecycle>) {
-    loop {
-        let Ok((mut s, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let (m, l) = (metrics.clone(), lifecycle.clone());
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or(0);
-            let line = String::from_utf8_lossy(&buf[..n]);
-            let path = line.split_whitespace().nth(1).unwrap_or("/");
-            let (status, ctype, body) = if path == "/healthz/ready" {
-                let missing = l.not_ready();
-                if missing.is_empty() {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                } else {
-                    (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        format!("not ready: {}\n", missing.join(", ")),
-                    )
-                }
-            } else {
-                let mut page = m.encode();
-                mesh_proto::process::append(&mut page, mesh_proto::process::Format::Prometheus);
-                ("200 OK", "text/plain; version=0.0.4", page)
-            };
-            let _ = s
-                .write_all(
-                    format!(
-                        "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .as_bytes(),
-                )
-                .await;
-        });
-    }
+    crate::admin::serve(listener, metrics, lifecycle).await
 }
 
 #[derive(Clone, Debug)]

@@ -5,14 +5,11 @@ use crate::identity::CertManager;
 use crate::inpod::manager::WorkloadManager;
 use crate::metrics::Metrics;
 use crate::state::State;
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http::{Method, StatusCode};
+use mesh_admin::{Request, Response, Routes};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use tokio::net::TcpListener;
 
 pub type LogReload = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
@@ -42,95 +39,42 @@ pub fn config_dump(a: &AdminState) -> Value {
     dump
 }
 
-fn respond(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .body(Full::new(body.into()))
-        .expect("static response parts are valid")
-}
-
-async fn admin(a: Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let path = req.uri().path();
-    match (req.method(), path) {
-        (&Method::GET, "/config_dump") => {
-            let body = serde_json::to_vec_pretty(&config_dump(&a)).unwrap_or_default();
-            respond(StatusCode::OK, "application/json", body)
+async fn logging(a: Arc<AdminState>, req: Request) -> Response {
+    match req.param("level") {
+        None => {
+            let cur = a.log_level.lock().expect("log lock").clone();
+            Response::text(StatusCode::OK, format!("current log level: {cur}\n"))
         }
-        (_, "/logging") => {
-            let level = req.uri().query().and_then(|q| {
-                q.split('&')
-                    .find_map(|kv| kv.strip_prefix("level=").map(str::to_string))
-            });
-            match level {
-                None => {
-                    let cur = a.log_level.lock().expect("log lock").clone();
-                    respond(
-                        StatusCode::OK,
-                        "text/plain",
-                        format!("current log level: {cur}\n"),
-                    )
-                }
-                Some(l) => match (a.log_reload)(&l) {
-                    Ok(()) => {
-                        *a.log_level.lock().expect("log lock") = l.clone();
-                        respond(
-                            StatusCode::OK,
-                            "text/plain",
-                            format!("log level set to {l}\n"),
-                        )
-                    }
-                    Err(e) => respond(
-                        StatusCode::BAD_REQUEST,
-                        "text/plain",
-                        format!("invalid level {l:?}: {e}\n"),
-                    ),
-                },
+        Some(l) => match (a.log_reload)(&l) {
+            Ok(()) => {
+                *a.log_level.lock().expect("log lock") = l.clone();
+                Response::text(StatusCode::OK, format!("log level set to {l}\n"))
             }
-        }
-        (&Method::POST, "/quitquitquit") => {
-            a.shutdown.cancel();
-            respond(StatusCode::OK, "text/plain", "draining\n")
-        }
-        (&Method::GET, "/") => respond(
-            StatusCode::OK,
-            "text/plain",
-            "ztunnel admin: /config_dump, /logging[?level=LEVEL], POST /quitquitquit\n",
-        ),
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+            Err(e) => Response::text(
+                StatusCode::BAD_REQUEST,
+                format!("invalid level {l:?}: {e}\n"),
+            ),
+        },
     }
 }
 
-async fn metrics(a: Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match req.uri().path() {
-        "/metrics" | "/stats/prometheus" => {
-            let mut page = a.metrics.encode();
-            mesh_proto::process::append(&mut page, mesh_proto::process::Format::OpenMetrics);
-            respond(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                page,
-            )
-        }
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
-    }
+fn metrics_page(a: &AdminState) -> Response {
+    let mut page = a.metrics.encode();
+    mesh_proto::process::append(&mut page, mesh_proto::process::Format::OpenMetrics);
+    Response::new(
+        StatusCode::OK,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        page,
+    )
 }
 
-async fn readiness(a: Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.uri().path() != "/healthz/ready" {
-        return respond(StatusCode::NOT_FOUND, "text/plain", "not found\n");
-    }
+fn readiness(a: &AdminState) -> Response {
     let pending = (a.pending)();
     if pending.is_empty() {
-        respond(StatusCode::OK, "text/plain", "ready\n")
+        Response::text(StatusCode::OK, "ready\n")
     } else {
-        respond(
+        Response::text(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
             format!("not ready, pending: {}\n", pending.join(", ")),
         )
     }
@@ -143,31 +87,47 @@ pub enum Endpoint {
     Readiness,
 }
 
+/// The path table of one endpoint.
+pub fn routes(which: Endpoint, a: Arc<AdminState>) -> Routes {
+    match which {
+        Endpoint::Admin => {
+            let (a1, a2, a3) = (a.clone(), a.clone(), a);
+            let routes = Routes::new()
+                .get("/", |_| async {
+                    Response::text(
+                        StatusCode::OK,
+                        "ztunnel admin: /config_dump, /logging[?level=LEVEL], POST /quitquitquit, /debug/pprof/profile[?seconds=N], /debug/pprof/heap\n",
+                    )
+                })
+                .get("/config_dump", move |_| {
+                    let body = serde_json::to_vec_pretty(&config_dump(&a1)).unwrap_or_default();
+                    std::future::ready(Response::new(StatusCode::OK, "application/json", body))
+                })
+                .any("/logging", move |req| logging(a2.clone(), req))
+                .method(Method::POST, "/quitquitquit", move |_| {
+                    a3.shutdown.cancel();
+                    std::future::ready(Response::text(StatusCode::OK, "draining\n"))
+                });
+            // Localhost only, as the rest of the admin endpoint.
+            mesh_admin::profile::routes(routes)
+        }
+        Endpoint::Metrics => {
+            let a2 = a.clone();
+            Routes::new()
+                .get("/metrics", move |_| std::future::ready(metrics_page(&a)))
+                .get("/stats/prometheus", move |_| {
+                    std::future::ready(metrics_page(&a2))
+                })
+        }
+        Endpoint::Readiness => {
+            Routes::new().get("/healthz/ready", move |_| std::future::ready(readiness(&a)))
+        }
+    }
+}
+
 /// Serves one of the endpoints on `addr` until the process ends.
 pub async fn serve(addr: SocketAddr, which: Endpoint, a: Arc<AdminState>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let a = a.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let a = a.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(match which {
-                            Endpoint::Admin => admin(a, req).await,
-                            Endpoint::Metrics => metrics(a, req).await,
-                            Endpoint::Readiness => readiness(a, req).await,
-                        })
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
+    let listener = mesh_admin::bind(addr).await.map_err(|e| e.source)?;
+    mesh_admin::spawn(listener, routes(which, a), mesh_admin::Limits::default());
     Ok(())
 }

@@ -9,6 +9,7 @@
 pub mod cgroup;
 pub mod enrolment;
 pub mod guard;
+pub mod http;
 pub mod local;
 pub mod metrics;
 pub mod netns;

@@ -215,3 +215,48 @@ pub fn compute(objs: &Objects, cfg: &IndexConfig) -> Resources {
     }
     out
 }
+
+/// The fuzz target's entry: parse any bytes as a manifest file and index the result;
+/// never panic.
+pub fn fuzz_entry(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut objects = Objects::default();
+    if objects
+        .add_file(std::path::Path::new("fuzz.yaml"), text)
+        .is_ok()
+    {
+        let _ = compute(&objects, &IndexConfig::default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fuzz_entry;
+
+    /// The fuzz entry on mutations of a valid file (deterministic, so it runs in CI).
+    #[test]
+    fn mutated_manifests_never_panic() {
+        const ALPHABET: &[u8] = b" :-{}[]#\n\"'0aZ";
+        let seed = crate::manifest::tests::GOOD.as_bytes().to_vec();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..3000 {
+            let mut d = seed.clone();
+            for _ in 0..(x % 6 + 1) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x as usize) % d.len();
+                match x % 3 {
+                    0 => d[i] = ALPHABET[(x >> 20) as usize % ALPHABET.len()],
+                    1 => {
+                        d.remove(i);
+                    }
+                    _ => d.insert(i, ALPHABET[(x >> 28) as usize % ALPHABET.len()]),
+                }
+            }
+            fuzz_entry(&d);
+        }
+    }
+}
