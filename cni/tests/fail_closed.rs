@@ -202,7 +202,8 @@ fn an_agent_socket_that_never_answers_fails_closed() {
         drop(s);
     });
     let (r, took) = add_in_process(&sock);
-    done.send(()).unwrap();
+    // A plugin without a deadline returns only once the server let go (it is gone then).
+    let _ = done.send(());
     mute.join().unwrap();
     assert_eq!(r.unwrap_err().code, TRY_AGAIN_LATER);
     // Far above the 500 ms deadline on any machine, far below the minute the server holds.

@@ -9,6 +9,7 @@ use mesh_e2e::manifests::{
 };
 use mesh_e2e::testlab::{TestLab, echo_chunk};
 use std::io::Read;
+use std::time::Duration;
 
 const SERVICE: &str = "apiVersion: v1
 kind: Service
