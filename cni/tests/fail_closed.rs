@@ -193,14 +193,24 @@ fn an_agent_socket_that_never_answers_fails_closed() {
     // Accepting and reading, but never replying.
     let _ = std::fs::remove_file(&sock);
     let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    // It holds the connection open until the test has its answer (at most a minute), so
+    // only the plugin's own read deadline can end the call, not the server letting go.
+    let (done, held) = std::sync::mpsc::channel::<()>();
     let mute = std::thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
-        std::thread::sleep(Duration::from_secs(2));
+        let _ = held.recv_timeout(Duration::from_secs(60));
         drop(s);
     });
-    let (r, _) = add_in_process(&sock);
-    assert_eq!(r.unwrap_err().code, TRY_AGAIN_LATER);
+    let (r, took) = add_in_process(&sock);
+    // A plugin without a deadline returns only once the server let go (it is gone then).
+    let _ = done.send(());
     mute.join().unwrap();
+    assert_eq!(r.unwrap_err().code, TRY_AGAIN_LATER);
+    // Far above the 500 ms deadline on any machine, far below the minute the server holds.
+    assert!(
+        took < Duration::from_secs(30),
+        "bounded by the read deadline: {took:?}"
+    );
     // Replying garbage, or an endless line: refused, bounded.
     let _ = std::fs::remove_file(&sock);
     let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();

@@ -89,9 +89,19 @@ fn installs_repairs_refuses_garbage_and_uninstalls() {
     // and the installer keeps running.
     let broken = net.join("05-broken.conflist");
     std::fs::write(&broken, "{\"plugins\": [").unwrap();
+    let mut installer = installer;
+    // A window of some ten passes (50 ms each) over the broken file.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(std::fs::read_to_string(&broken).unwrap(), "{\"plugins\": [");
+    assert!(
+        installer.0.try_wait().unwrap().is_none(),
+        "the installer keeps running past a file it cannot understand"
+    );
+    // ...and keeps working: once the broken file goes and the primary CNI rewrites its
+    // own, it chains it again (a pass after the broken file).
     std::fs::remove_file(&broken).unwrap();
+    std::fs::write(&conflist, BRIDGE).unwrap();
+    wait_until("re-chained after the broken file", chained);
     drop(installer);
 
     // Stopping (an upgrade) leaves everything in place; uninstall restores the file.

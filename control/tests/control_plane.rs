@@ -149,6 +149,18 @@ impl Stream {
     }
 }
 
+/// Polls `f` every 20 ms for up to 10 s; panics naming `what` otherwise.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn names(r: &DeltaDiscoveryResponse) -> Vec<String> {
     let mut v: Vec<String> = r.resources.iter().map(|r| r.name.clone()).collect();
     v.sort();
@@ -192,12 +204,35 @@ async fn directory_edits_reach_a_subscribed_client_as_deltas() {
     assert!(delta.removed_resources.is_empty());
     s.ack(&delta).await;
 
-    // A malformed edit changes nothing.
+    // A malformed edit changes nothing. The server's own record says it read the edit
+    // (every directory publish bumps the version, a rejected file too)...
+    let status = || mesh_control::debug::status(&plane.running.shared);
+    let v0 = status()["version"].as_u64().unwrap();
     plane.write(
         "more.yaml",
         "apiVersion: v1\nkind: Pod\nmetadata: {name: [oops\n",
     );
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    until("the malformed edit to be read", || {
+        status()["version"].as_u64().unwrap() > v0
+    })
+    .await;
+    // ...and still holds web-2: in its directory, for a new client, and the subscribed
+    // client is sent no change.
+    assert_eq!(status()["addresses"], 3, "{}", status());
+    let mut fresh = subscribe(plane.channel(), TOKEN_1, type_url::ADDRESS, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&fresh.next().await),
+        vec![
+            "Kubernetes//Pod/shop/web",
+            "Kubernetes//Pod/shop/web-2",
+            "shop/web.shop.svc.cluster.local"
+        ]
+    );
+    if let Ok(m) = tokio::time::timeout(Duration::from_millis(300), s.rx.message()).await {
+        panic!("a malformed edit sent a change: {m:?}");
+    }
     // Removing the file removes the workload.
     std::fs::remove_file(plane.dir.path().join("manifests/more.yaml")).unwrap();
     let delta = s.next().await;
@@ -229,7 +264,10 @@ async fn nack_is_recorded_and_reconnect_resumes_from_versions() {
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until("the NACK to be recorded", || {
+        mesh_control::debug::status(&plane.running.shared)["clients"][0]["nacks"] == 1
+    })
+    .await;
     let status = mesh_control::debug::status(&plane.running.shared);
     let c = &status["clients"][0];
     assert_eq!(c["nacks"], 1);

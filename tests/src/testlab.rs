@@ -100,6 +100,28 @@ impl TestLab {
         out
     }
 
+    /// How long `role`'s log is now: an offset for [`TestLab::log_since`], so a check
+    /// reads only the lines a later event wrote.
+    pub fn log_len(&self, role: &str) -> usize {
+        std::fs::metadata(self.lab.log_path(role).unwrap()).map_or(0, |m| m.len() as usize)
+    }
+
+    /// What `role`'s log gained after `offset` (from [`TestLab::log_len`]).
+    pub fn log_since(&self, role: &str, offset: usize) -> String {
+        let all = std::fs::read(self.lab.log_path(role).unwrap()).unwrap_or_default();
+        String::from_utf8_lossy(all.get(offset..).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits until `role`'s log gains a line containing `needle` after `offset`.
+    pub fn wait_log_since(&self, role: &str, offset: usize, needle: &str) {
+        wait_until(
+            &format!("{needle:?} in {role}'s log after byte {offset}"),
+            || self.log_since(role, offset).contains(needle),
+        );
+    }
+
+    /// Waits for `needle` anywhere in `role`'s log, every run of it: for lines no later
+    /// event could be needed for (use [`TestLab::wait_log_since`] otherwise).
     pub fn wait_log(&self, role: &str, needle: &str) {
         wait_until(&format!("{needle:?} in {role}'s log"), || {
             self.log(role).contains(needle)
@@ -162,6 +184,18 @@ impl TestLab {
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
         (status, text)
+    }
+
+    /// curl's exit code for a request from inside a pod: 0 answered, 7 refused (nothing
+    /// listening, or a reset at connect), 28 timed out, 52/56 closed after the
+    /// connection was set up (how a proxy's policy denial looks to a plaintext client).
+    pub fn curl_exit(&self, pod: &str, url: &str) -> i32 {
+        let out = self
+            .in_pod(pod)
+            .args(["curl", "-s", "-o", "/dev/null", "--max-time", "5", url])
+            .output()
+            .unwrap();
+        out.status.code().unwrap_or(-1)
     }
 
     /// The HTTP status a request from inside a pod gets ("000": no answer at all), the

@@ -9,7 +9,7 @@
 use mesh_e2e::manifests::{
     BACK_AMBIENT, BACK_USES_WAYPOINT, FRONT_AMBIENT, FRONT_CLIENT, WAYPOINT_GATEWAY, back_api, join,
 };
-use mesh_e2e::testlab::TestLab;
+use mesh_e2e::testlab::{TestLab, logged_from};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/front/sa/web";
 
@@ -68,29 +68,35 @@ fn at_ztunnel_unreadable_or_l7_only_policies_never_widen_access() {
     t.apply(&app());
     let url = "http://10.96.0.20/";
     t.eventually("mTLS to back/api", || status(&t, url) == "200");
+    let client_ip = t.lab.state.pods["front/client"].ip.clone();
+    // Each case with the reason ztunnel-2 must give for refusing the client.
     let cases = [
         (
             "an ALLOW with an unknown source field",
             "back",
             "  selector: {matchLabels: {app: api}}\n  rules:\n  - from: [{source: {namespaces: [front], principalz: [\"x\"]}}]\n",
+            "allow policies exist, but none allowed (checked back/adversarial",
         ),
         (
             "a DENY on paths only, enforced at L4",
             "back",
             "  selector: {matchLabels: {app: api}}\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]\n",
+            "explicitly denied by: back/adversarial",
         ),
         (
             "an unknown action",
             "back",
             "  selector: {matchLabels: {app: api}}\n  action: ALOW\n  rules: [{}]\n",
+            "explicitly denied by: back/adversarial",
         ),
         (
             "a root-namespace DENY selecting back/api",
             "istio-system",
             "  selector: {matchLabels: {app: api}}\n  action: DENY\n  rules: [{from: [{source: {namespaces: [front]}}]}]\n",
+            "explicitly denied by: istio-system/adversarial",
         ),
     ];
-    for (what, ns, spec) in cases {
+    for (what, ns, spec, reason) in cases {
         // Back to allowed (the same policy file, replaced).
         t.hold_manifest("adversarial-istio-system", "");
         t.hold_manifest("adversarial", &policy("back", ALLOW_ALL));
@@ -102,10 +108,27 @@ fn at_ztunnel_unreadable_or_l7_only_policies_never_widen_access() {
         } else {
             "adversarial-istio-system"
         };
+        let (from1, from2) = (t.log_len("ztunnel-1"), t.log_len("ztunnel-2"));
         t.hold_manifest(file, &policy(ns, spec));
         t.eventually(&format!("{what} to deny the client"), || {
             status(&t, url) == "000"
         });
+        // The destination's own record: ztunnel-2 refused this client, for this policy.
+        t.eventually(&format!("ztunnel-2 naming the reason for {what}"), || {
+            logged_from(&t.log_since("ztunnel-2", from2), &client_ip, reason)
+        });
+        // Closed after the tunnel was set up (52/56), not refused (7) or timed out (28).
+        let exit = t.curl_exit("front/client", url);
+        assert!(
+            exit == 52 || exit == 56,
+            "{what}: closed by the destination, curl exit {exit}"
+        );
+        // And the source side did not refuse it itself.
+        let zt1 = t.log_since("ztunnel-1", from1);
+        assert!(
+            !zt1.contains("IDENTITY_ERROR") && !zt1.contains("not (yet) known"),
+            "{what}: refused at the source, not by policy:\n{zt1}"
+        );
         assert_eq!(
             check(&t, "back/api", "8080", None),
             "DENY",

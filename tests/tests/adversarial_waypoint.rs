@@ -711,6 +711,25 @@ async fn host_variants_and_absolute_form_targets_cannot_bypass_a_host_policy() {
     );
 }
 
+/// A TCP connection from `who` refused by the waypoint's policy (not an upstream
+/// failure), with the echo app's own count of connections unchanged.
+async fn denied(m: &Mesh, who: &WorkloadCertificate, what: &str) {
+    let before = *m.echo_conns.lock().unwrap();
+    let r = m.echo_once(who).await;
+    assert!(
+        matches!(
+            r,
+            Err(hbone::ConnectError::Refused(hbone::Refused::Unauthorized))
+        ),
+        "{what}: {r:?}"
+    );
+    assert_eq!(
+        *m.echo_conns.lock().unwrap(),
+        before,
+        "{what}: nothing reached the app"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_and_http_through_the_same_waypoint_meet_a_gateway_deny() {
     let m = mesh(5, PathNormalization::Base).await;
@@ -796,10 +815,7 @@ async fn tcp_and_http_through_the_same_waypoint_meet_a_gateway_deny() {
         200,
         "HTTP: only /admin is denied"
     );
-    assert!(
-        echo_once(&m.front).await.is_err(),
-        "TCP: the DENY applies to every connection"
-    );
+    denied(&m, &m.front, "TCP: the DENY applies to every connection").await;
     m.clear_policies();
     m.policy(
         "front-gets",
@@ -810,16 +826,13 @@ async fn tcp_and_http_through_the_same_waypoint_meet_a_gateway_deny() {
         200,
         "HTTP GET from front is allowed"
     );
-    assert!(
-        echo_once(&m.front).await.is_err(),
-        "TCP: an ALLOW on methods allows nothing"
-    );
+    denied(&m, &m.front, "TCP: an ALLOW on methods allows nothing").await;
     m.policy(
         "front-tcp",
         r#"{"rules":[{"from":[{"source":{"namespaces":["front"]}}],"to":[{"operation":{"ports":["9000"]}}]}]}"#,
     );
     echo_once(&m.front).await.unwrap();
-    assert!(echo_once(&m.attacker).await.is_err());
+    denied(&m, &m.attacker, "TCP from a namespace no ALLOW names").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1258,11 +1271,25 @@ fn lab_a_route_filter_that_cannot_be_applied_answers_500() {
     }
     let (code, out) = t.curl_response("front/client", &["http://10.96.0.20/fine"]);
     assert_eq!(code, 200, "the route's other rules apply: {out}");
+    // The app's own record: it logs every request it serves (positive control first).
+    t.wait_log("pod:back/api", "request GET /fine from ");
     let app = t.log("pod:back/api");
     assert!(
         !app.contains("marker-cors") && !app.contains("marker-chaos"),
         "the app never saw them: {app}"
     );
+    // The waypoint's own record: answered 500 itself, with no backend chosen.
+    let waypoint = t.log("pod:back/waypoint");
+    for path in ["/cors/marker-cors", "/chaos/marker-chaos"] {
+        let line = waypoint
+            .lines()
+            .find(|l| l.contains(&format!(" path={path} ")))
+            .unwrap_or_else(|| panic!("no access line for {path}: {waypoint}"));
+        assert!(
+            line.contains("status=500") && line.contains("backend=-"),
+            "{path} answered by the waypoint without a backend: {line}"
+        );
+    }
     for finding in [
         "HTTPRoute back/guarded: spec.rules[0].filters[0].type",
         "HTTPRoute back/guarded: spec.rules[1].filters[0].extensionRef.name",

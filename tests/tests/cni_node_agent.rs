@@ -188,6 +188,30 @@ impl Node {
         std::fs::write(self.manifests.join("mesh.yaml"), text).unwrap();
     }
 
+    /// mesh-control's configuration version (its own count of what it published; 0 when
+    /// it does not answer), from its debug API in the node's namespace.
+    fn control_version(&self) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.node.name])
+            .args(["curl", "-s", "--max-time", "5"])
+            .arg("http://127.0.0.1:15014/debug/status")
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["version"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// [`Node::write`], then waits until mesh-control has published what it read.
+    fn write_published(&self, text: &str) {
+        let before = self.control_version();
+        self.write(text);
+        wait_until("mesh-control to publish the edit", || {
+            self.control_version() > before
+        });
+    }
+
     fn sandbox(&self, pod_ns: &Netns, ns: &str, name: &str, uid: &str) -> Sandbox {
         Sandbox {
             container_id: format!("c-{}", pod_ns.name),
@@ -430,11 +454,10 @@ async fn labelling_a_namespace_enrols_running_pods_and_agent_restart_reconciles(
     )
     .unwrap();
     let ip = result_ipv4(&result).unwrap();
-    node.write(&namespaces(
+    node.write_published(&namespaces(
         &["plain"],
         &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: legacy, namespace: plain, uid: u-legacy}}\nspec: {{nodeName: node-1}}\nstatus: {{podIP: {ip}}}\n"),
     ));
-    std::thread::sleep(Duration::from_millis(500));
     node.agent.as_mut().unwrap().kill();
     assert!(captured(&pod_ns), "rules survive the agent");
     node.start_agent();
@@ -874,11 +897,10 @@ async fn a_late_del_at_a_reused_path_after_an_agent_restart_keeps_the_capture() 
     // The agent restarts: it finds the new namespace by the pod's cgroup and IP.
     let _app = node.run_pod_process(&pod_ns, "u-web");
     let ip = result_ipv4(&result).unwrap();
-    node.write(&namespaces(
+    node.write_published(&namespaces(
         &["shop"],
         &format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop, uid: u-web}}\nspec: {{nodeName: node-1}}\nstatus: {{podIP: {ip}}}\n"),
     ));
-    std::thread::sleep(Duration::from_millis(500));
     node.agent.as_mut().unwrap().kill();
     node.start_agent();
     let zt = zds_client(&node).await;

@@ -174,6 +174,23 @@ fn every_pod_confirmed_then_a_broken_pod_is_flagged_and_fails_closed() {
     // Inbound: back/api's capture deleted too. A plaintext client on the fabric (node-1,
     // not in the mesh) cannot reach the app around ztunnel's inbound authorization...
     let api = t.lab.state.pods["back/api"].clone();
+    let node1 = Lab::node_ip(1);
+    // curl's exit code for a plaintext request from node-1's namespace to the app.
+    let direct = |path: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", &t.lab.node_ns(1)])
+            .args(["curl", "-s", "-o", "/dev/null", "--max-time", "5"])
+            .arg(format!("http://{}:8080/{path}", api.ip))
+            .status()
+            .unwrap()
+            .code()
+    };
+    // Positive control: with the capture in place, this client reaches the app, through
+    // ztunnel-2's (permissive) plaintext inbound, which records it, and the app sees it.
+    assert_eq!(direct("guard-control-8"), Some(0), "{}", t.all_logs());
+    t.wait_log("ztunnel-2", &format!("src.addr={node1}:"));
+    t.wait_log("pod:back/api", "request GET /guard-control-8 ");
+    let zt2_from = t.log_len("ztunnel-2");
     let del = std::process::Command::new("ip")
         .args([
             "netns",
@@ -188,23 +205,21 @@ fn every_pod_confirmed_then_a_broken_pod_is_flagged_and_fails_closed() {
         .status()
         .unwrap();
     assert!(del.success());
-    let direct = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &t.lab.node_ns(1),
-            "curl",
-            "-s",
-            "--max-time",
-            "5",
-        ])
-        .arg(format!("http://{}:8080/", api.ip))
-        .output()
-        .unwrap();
+    // The guard's `reject with tcp reset`: curl 7 (refused at connect), not a timeout or
+    // any other failure; neither ztunnel-2 nor the app saw the request.
+    assert_eq!(
+        direct("guard-marker-8"),
+        Some(7),
+        "the inbound guard refuses a plaintext client of a pod whose inbound capture is gone"
+    );
     assert!(
-        !direct.status.success(),
-        "a plaintext client reached the app of a pod whose inbound capture is gone: {}",
-        String::from_utf8_lossy(&direct.stdout)
+        !t.log("pod:back/api").contains("guard-marker-8"),
+        "the app saw the request around ztunnel"
+    );
+    let zt2 = t.log_since("ztunnel-2", zt2_from);
+    assert!(
+        !zt2.contains(&format!("src.addr={node1}:")),
+        "ztunnel-2 took the request after the capture was gone:\n{zt2}"
     );
     // ...while HBONE from the mesh still reaches it through ztunnel.
     assert!(

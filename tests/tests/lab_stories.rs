@@ -170,10 +170,22 @@ fn policy_strict_and_component_failures() {
             .is_ok(),
         "permissive by default"
     );
+    let strict_from = t.log_len("ztunnel-2");
     t.apply("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: back}\nspec: {mtls: {mode: STRICT}}\n");
+    // Refused by ztunnel-2 for STRICT (its own record says so), after the connection was
+    // set up (curl 52/56), not a connection nothing took (7) or a timeout (28).
+    let mut exit = 0;
     wait_until("STRICT", || {
-        t.curl("outside/legacy-client", "http://10.96.0.20/")
-            .is_err()
+        exit = t.curl_exit("outside/legacy-client", "http://10.96.0.20/");
+        exit != 0
+    });
+    assert!(
+        exit == 52 || exit == 56,
+        "plaintext closed by ztunnel, not refused or timed out: curl exit {exit}"
+    );
+    wait_until("ztunnel-2's STRICT denial", || {
+        t.log_since("ztunnel-2", strict_from)
+            .contains("explicitly denied by: istio-system/istio_converted_static_strict")
     });
     assert!(t.curl("front/client", "http://10.96.0.20/").is_ok());
 
@@ -184,7 +196,10 @@ fn policy_strict_and_component_failures() {
     t.lab
         .wait_log("agent-1", "xDS connected", Duration::from_secs(10))
         .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    // The new agent's own record: it confirmed the client's enrolment again.
+    t.eventually("the new agent confirming front/client", || {
+        t.confirmed(1, "front/client")
+    });
     if let Err(e) = t.curl("front/client", "http://10.96.0.20/") {
         let ls = std::process::Command::new("sh")
             .args(["-c", "ls -i /var/run/netns"])
@@ -199,7 +214,13 @@ fn policy_strict_and_component_failures() {
 
     // The control plane dies: traffic continues on last-known config.
     t.lab.stop("control", true).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    t.lab
+        .wait_log(
+            "ztunnel-1",
+            "keeping the last known configuration",
+            Duration::from_secs(30),
+        )
+        .unwrap();
     assert!(
         t.curl("front/client", "http://10.96.0.20/after-control")
             .unwrap()
@@ -220,15 +241,42 @@ fn policy_strict_and_component_failures() {
     // their rules and are not restarted) and traffic recovers once it is back.
     let client_pid = t.lab.process("pod:front/client").unwrap().pid;
     t.lab.start_ztunnel(1).unwrap();
+    // The new ztunnel runs and holds off the node agent until it has a configuration.
+    t.lab
+        .wait_log(
+            "ztunnel-1",
+            "waiting for the configuration before connecting to the node agent",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}{}", t.all_logs()));
+    let run = t.lab.process("ztunnel-1").unwrap().log_offset as usize;
+    let cap = t.capture("zt-no-config");
     assert!(
-        t.curl("front/client", "http://10.96.0.20/").is_err(),
-        "no config yet: still refused, never plaintext"
+        t.curl("front/client", "http://10.96.0.20/no-config-7")
+            .is_err(),
+        "no config yet: still refused"
+    );
+    let (seen, _) = finish(cap, "no-config-7");
+    assert!(!seen, "nothing in the clear before the configuration");
+    let started = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("pod proxy started") && l.contains("front/client"))
+    };
+    assert!(
+        !started(&t.log_since("ztunnel-1", run)),
+        "no pod proxy before the configuration:\n{}",
+        t.log_since("ztunnel-1", run)
     );
     t.lab.start_control().unwrap();
     wait_until("traffic to recover", || {
         t.curl("front/client", "http://10.96.0.20/recovered")
             .is_ok()
     });
+    assert!(
+        started(&t.log_since("ztunnel-1", run)),
+        "the new ztunnel took the pod once configured:\n{}",
+        t.log_since("ztunnel-1", run)
+    );
     assert_eq!(t.lab.process("pod:front/client").unwrap().pid, client_pid);
 }
 
@@ -338,20 +386,54 @@ fn a_namespace_waypoint_routes_splits_denies_and_is_never_bypassed() {
         "{metrics}"
     );
     // The waypoint down: requests fail, they never go around it.
+    let ip = |pod: &str| t.lab.state.pods[pod].ip.clone();
+    let (w, api, api2) = (ip("back/waypoint"), ip("back/api"), ip("back/api-v2"));
+    let web = "src.identity=\"spiffe://cluster.local/ns/front/sa/web\"";
+    // Positive control: with the waypoint up, the client's ztunnel dials the waypoint.
+    assert!(
+        t.log("ztunnel-1")
+            .contains(&format!("dst.addr={w}:15008 dst.hbone_addr=10.96.0.20:80")),
+        "ztunnel-1 sent the client's requests to the waypoint:\n{}",
+        t.log("ztunnel-1")
+    );
     t.lab.stop("pod:back/waypoint", true).unwrap();
+    let (from1, from2) = (t.log_len("ztunnel-1"), t.log_len("ztunnel-2"));
     let cap = t.capture("waypoint-down");
     assert!(
         t.curl("front/client", "http://10.96.0.20/bypass-marker-6")
             .is_err()
     );
-    let (seen, _) = finish(cap, "bypass-marker-6");
-    assert!(!seen);
-    // The attempt went to the waypoint pod's HBONE address (`dst.addr`, as Istio logs it).
-    t.wait_log("ztunnel-1", "dst.addr=10.244.");
-    let api_log = t.log("pod:back/api");
+    let (_, summary) = cap.finish();
+    // The attempt went to the waypoint pod's HBONE address (`dst.addr`, as Istio logs it)
+    // and failed there: ztunnel-1's own record of this request.
+    let to_waypoint = format!("dst.addr={w}:15008 dst.hbone_addr=10.96.0.20:80");
+    wait_until("ztunnel-1's record of the failed attempt", || {
+        t.log_since("ztunnel-1", from1)
+            .lines()
+            .any(|l| l.contains(&to_waypoint) && l.contains("error="))
+    });
+    let zt1 = t.log_since("ztunnel-1", from1);
+    for pod in [&api, &api2] {
+        assert!(
+            !zt1.contains(&format!("dst.addr={pod}:15008")),
+            "ztunnel-1 dialled api pod {pod} around the waypoint:\n{zt1}"
+        );
+        assert!(
+            !summary.contains(&format!("> {pod}.15008")),
+            "a packet went to api pod {pod} around the waypoint:\n{summary}"
+        );
+    }
+    // Positive control: the api pods' ztunnel records the waypoint as their caller (its
+    // pooled connections are logged when they close, at the latest with the waypoint).
+    wait_until("ztunnel-2's record of the waypoint's connections", || {
+        t.log("ztunnel-2")
+            .contains("src.identity=\"spiffe://cluster.local/ns/back/sa/waypoint\"")
+    });
+    // The server side's own record: no connection from the client reached the api pods.
+    let zt2 = t.log_since("ztunnel-2", from2);
     assert!(
-        !api_log.contains("bypass-marker-6"),
-        "the app never saw the request"
+        !zt2.contains(web),
+        "ztunnel-2 took a connection from the client itself:\n{zt2}"
     );
 }
 

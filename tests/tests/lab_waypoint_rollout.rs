@@ -440,6 +440,9 @@ async fn rollout_story(lab: &str, order: Order) {
     let mut at_sigterm = Vec::new();
     let mut during_drain = Vec::new();
     let mut events = Vec::new();
+    // Whether the old pod's drain proper (`draining … open=N`) began while the requests
+    // were held: what the rest of the story relies on.
+    let mut drain_seen = false;
     // The new pod runs the binary given (an upgrade): here the same build, under
     // another name.
     let new_binary = t.lab.dir.join("waypoint-next");
@@ -462,6 +465,7 @@ async fn rollout_story(lab: &str, order: Order) {
                             .lines()
                             .any(|l| l.contains("draining") && l.contains("open="))
                         {
+                            drain_seen = true;
                             break;
                         }
                         std::thread::sleep(Duration::from_millis(50));
@@ -479,6 +483,11 @@ async fn rollout_story(lab: &str, order: Order) {
             .unwrap_or_else(|e| panic!("rollout: {e}\n{events:#?}{}", t.all_logs()))
     });
     eprintln!("rollout: {events:#?}");
+    assert!(
+        drain_seen,
+        "the old pod began its drain proper (draining … open=) while requests were in flight:\n{}",
+        std::fs::read_to_string(&old_log).unwrap_or_default()
+    );
     let new = report.new_pod.clone();
     assert_eq!(
         report.old_pods,

@@ -2,7 +2,7 @@
 //! real kernel redirection, real TLS between the nodes. Needs root (CI runs as root).
 
 use mesh_e2e::cluster::*;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -115,10 +115,20 @@ fn strict_refuses_plaintext_but_not_mtls() {
         strict,
         "\"istio-system/istio_converted_static_strict\"",
     ));
-    std::thread::sleep(Duration::from_millis(1000));
+    // Awaited, not slept on: plaintext is refused once the reload applies...
+    wait_until("plaintext refused under STRICT", || {
+        talk(&c.node2, &format!("{POD_B}:8080"), "x").is_err()
+    });
+    // ...and refused by ztunnel-2 for STRICT, as its own record says (not for any other
+    // reason a reload could make plaintext fail).
+    c.wait_log(1, "src.addr=10.201.2.1:");
     assert!(
-        talk(&c.node2, &format!("{POD_B}:8080"), "x").is_err(),
-        "plaintext must be refused under STRICT"
+        c.ztunnel_log(1)
+            .lines()
+            .any(|l| l.contains("src.addr=10.201.2.1:")
+                && l.contains("explicitly denied by: istio-system/istio_converted_static_strict")),
+        "ztunnel-2 refused the plaintext client for STRICT:\n{}",
+        c.ztunnel_log(1)
     );
     assert!(
         talk(&c.pod_a, &format!("{POD_B}:8080"), "x")
@@ -143,6 +153,9 @@ fn policy_change_closes_open_connections() {
     let mut line = [0u8; 64];
     let n = s.read(&mut line).unwrap();
     assert!(n > 0);
+    // From here a read that times out means "still open", never "closed".
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let deny = r#"
   - name: deny-front
     namespace: back
@@ -153,14 +166,38 @@ fn policy_change_closes_open_connections() {
               - namespaces: [{exact: front}]
 "#;
     c.set_config(&base_config(deny, ""));
-    // The open connection is closed by ztunnel once the new policy applies.
+    // The open connection is closed by ztunnel once the new policy applies: an end of
+    // stream or a reset, not a read that merely found nothing yet.
     let mut buf = [0u8; 64];
-    let closed = (0..40).any(|_| {
-        let _ = s.write_all(b"ping");
-        std::thread::sleep(Duration::from_millis(100));
-        matches!(s.read(&mut buf), Ok(0) | Err(_))
-    });
-    assert!(closed, "connection survived a policy that denies it");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let closed = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connection survived a policy that denies it:\n{}",
+            c.ztunnel_log(1)
+        );
+        if let Err(e) = s.write_all(b"ping") {
+            break e.to_string();
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break "end of stream".to_string(),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {
+                break e.to_string();
+            }
+            Err(e) => panic!("reading the open connection: {e}"),
+        }
+    };
+    // ztunnel-2's own record: it closed it for this policy.
+    c.wait_log(1, "closing open connection no longer allowed by policy");
+    assert!(
+        c.ztunnel_log(1).lines().any(|l| l
+            .contains("closing open connection no longer allowed by policy")
+            && l.contains("policy=back/deny-front")),
+        "closed ({closed}) by ztunnel-2 for back/deny-front:\n{}",
+        c.ztunnel_log(1)
+    );
 }
 
 #[test]

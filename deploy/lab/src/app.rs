@@ -1,5 +1,6 @@
 //! The lab's sample app, run inside pods: an HTTP server (HTTP/1.1 and h2c) that says who
-//! it is and who called, and a raw TCP echo server.
+//! it is and who called, and a raw TCP echo server. Each request and each echo
+//! connection is logged (one line on stdout), so a test can check what the app itself saw.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -48,6 +49,7 @@ async fn serve_grpc(name: String, port: u16) -> std::io::Result<()> {
 async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let version = format!("{:?}", req.version());
+    record(&request_line(req.method().as_str(), &path, peer));
     // The authority the request reached the app with (tests check what a proxy sent).
     let host = req
         .uri()
@@ -100,6 +102,34 @@ async fn handle(name: String, peer: SocketAddr, req: Request<Incoming>) -> Respo
         .header("x-seen-host", host)
         .body(Full::new(Bytes::from(body)))
         .expect("valid response")
+}
+
+/// Writes one line of the app's record to stdout; a closed stdout is not the app's
+/// failure (it keeps serving).
+fn record(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+/// The app's record of one HTTP request: `request GET /path from 10.244.1.2:40000`.
+fn request_line(method: &str, path: &str, peer: SocketAddr) -> String {
+    format!("request {method} {path} from {}", canonical(peer))
+}
+
+/// The app's record of one echo connection and the first bytes it read (escaped, at
+/// most 64): `echo connection from 10.244.1.2:40000 first="hello"`.
+fn echo_line(peer: SocketAddr, first: &[u8]) -> String {
+    let first = &first[..first.len().min(64)];
+    format!(
+        "echo connection from {} first=\"{}\"",
+        canonical(peer),
+        first.escape_ascii()
+    )
+}
+
+/// A peer as the app reports it: IPv4 clients of the dual-stack listener as plain IPv4.
+fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
 }
 
 /// Where `/hold/TOKEN` marks its arrival and waits for its release: files
@@ -183,13 +213,22 @@ async fn serve_http(name: String, port: u16) -> std::io::Result<()> {
 async fn serve_echo(port: u16) -> std::io::Result<()> {
     let listener = listen(port).await?;
     loop {
-        let (mut tcp, _) = listener.accept().await?;
+        let (mut tcp, peer) = listener.accept().await?;
         tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
+            let mut first = true;
             loop {
                 match tcp.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => {
+                        if first {
+                            record(&echo_line(peer, b""));
+                        }
+                        return;
+                    }
                     Ok(n) => {
+                        if std::mem::take(&mut first) {
+                            record(&echo_line(peer, &buf[..n]));
+                        }
                         if tcp.write_all(&buf[..n]).await.is_err() {
                             return;
                         }
@@ -225,6 +264,31 @@ pub async fn run(cfg: AppConfig) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn requests_and_echo_connections_are_recorded_with_their_peer() {
+        let v4: SocketAddr = "10.244.1.2:40000".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:10.244.1.2]:40000".parse().unwrap();
+        assert_eq!(
+            request_line("GET", "/x/marker", mapped),
+            "request GET /x/marker from 10.244.1.2:40000"
+        );
+        assert_eq!(
+            echo_line(v4, b"hi\n\"there\""),
+            "echo connection from 10.244.1.2:40000 first=\"hi\\n\\\"there\\\"\""
+        );
+        assert_eq!(
+            echo_line(v4, &[b'a'; 100]),
+            format!(
+                "echo connection from 10.244.1.2:40000 first=\"{}\"",
+                "a".repeat(64)
+            )
+        );
+        assert_eq!(
+            echo_line(v4, b""),
+            "echo connection from 10.244.1.2:40000 first=\"\""
+        );
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hold_is_released_or_times_out_and_says_which() {
