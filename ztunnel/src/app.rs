@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{ConnTracker, NodeContext};
 use crate::state::State;
 use crate::updates::StateChanged;
-use crate::xds::{self, ControlPlane, NodeIdentity, XdsProgress};
+use crate::xds::{self, NodeIdentity, XdsProgress};
 use mesh_identity::ca::CertificateAuthority;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,35 +114,21 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
     let state = Arc::new(RwLock::new(State::default()));
     let state_changed = StateChanged::new();
     let tracker = Arc::new(ConnTracker::default());
-    let root_pem = match &cfg.root_cert {
-        Some(p) => Some(
-            std::fs::read_to_string(p).map_err(|e| format!("root cert {}: {e}", p.display()))?,
-        ),
-        None => None,
-    };
-    let control = |address: &str| ControlPlane {
-        address: address.to_string(),
-        root_pem: root_pem.clone().unwrap_or_default(),
-        hostname: cfg.control_hostname.clone(),
-        token_file: cfg.token_file.clone(),
-        cluster_id: cfg.cluster_id.clone(),
+    let control = |address: &str| {
+        cfg.control
+            .control_plane_at(address)
+            .map_err(|e| e.to_string())
     };
     let cert_source = match (
         &cfg.local_ca,
-        cfg.ca_address.as_ref().or(cfg.xds_address.as_ref()),
+        cfg.ca_address.as_ref().or(cfg.control.xds_address.as_ref()),
     ) {
         (Some(dir), _) => CertSource::Local {
             ca: Box::new(load_or_create_local_ca(dir, &cfg.trust_domain)?),
             ttl: cfg.cert_ttl,
         },
         (None, Some(addr)) => {
-            let cp = control(addr);
-            CertSource::Ca {
-                channel: cp.channel(addr)?,
-                token_file: cfg.token_file.clone(),
-                cluster_id: cfg.cluster_id.clone(),
-                ttl: cfg.cert_ttl,
-            }
+            CertSource::control_plane(&control(addr)?, cfg.cert_ttl).map_err(|e| e.to_string())?
         }
         (None, None) => return Err("no certificate source".into()),
     };
@@ -170,7 +156,7 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
         metrics: metrics.clone(),
         network: cfg.network.clone(),
         trust_domain: cfg.trust_domain.clone(),
-        cluster_id: cfg.cluster_id.clone(),
+        cluster_id: cfg.control.cluster_id.clone(),
         tracker: tracker.clone(),
         state_changed: state_changed.clone(),
         max_connections_per_listener: cfg.max_connections_per_listener,
@@ -199,13 +185,13 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
     if let Some(path) = &cfg.local_config {
         tokio::spawn(watch_local_config(
             path.clone(),
-            cfg.cluster_id.clone(),
+            cfg.control.cluster_id.clone(),
             state.clone(),
             tracker.clone(),
             state_changed.clone(),
             local_loaded.clone(),
         ));
-    } else if let Some(addr) = &cfg.xds_address {
+    } else if let Some(addr) = &cfg.control.xds_address {
         let node = NodeIdentity {
             node_name: cfg.node_name.clone(),
             pod_name: cfg.pod_name.clone(),
@@ -213,7 +199,7 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
             instance_ip: cfg.instance_ip.clone(),
         };
         tokio::spawn(xds::run(
-            control(addr),
+            control(addr)?,
             node,
             state.clone(),
             tracker.clone(),
