@@ -158,11 +158,7 @@ fn main() {
             user_agent_name: "waypoint".into(),
             ..Default::default()
         };
-        let types = vec![
-            mesh_proto::type_url::ADDRESS,
-            mesh_proto::type_url::HTTP_ROUTE,
-            mesh_proto::type_url::L7_POLICY,
-        ];
+        let types = waypoint::xds::types();
         tokio::spawn(mesh_xds::run(
             cp,
             node,

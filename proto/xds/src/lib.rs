@@ -7,10 +7,12 @@
 
 pub mod certs;
 pub mod control_plane;
+pub mod dispatch;
 
 pub use control_plane::{
     ConnectError, ControlPlane, ControlPlaneArgs, CredentialError, Credentials,
 };
+pub use dispatch::Registry;
 
 use mesh_proto::discovery::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
