@@ -469,4 +469,27 @@ mod tests {
         assert!(dns_capture(&["--dns-capture=true"]));
         assert!(!dns_capture(&["--dns-capture=false"]));
     }
+
+    #[test]
+    fn the_control_plane_flags_stay_required() {
+        let all = [
+            "--node-name=n",
+            "--xds-address=https://cp:15012",
+            "--root-cert=/r.pem",
+            "--token-file=/t",
+        ];
+        let a = AgentArgs::try_parse_from(std::iter::once("mesh-cni agent").chain(all)).unwrap();
+        assert_eq!(a.control.xds_address.as_deref(), Some("https://cp:15012"));
+        assert_eq!(a.control.cluster_id, "Kubernetes");
+        for missing in &all[1..] {
+            let args = all.iter().filter(|a| *a != missing);
+            let e = AgentArgs::try_parse_from(std::iter::once(&"mesh-cni agent").chain(args))
+                .unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{missing}"
+            );
+        }
+    }
 }

@@ -246,3 +246,31 @@ fn main() {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_plane_flags_stay_required() {
+        let all = [
+            "--name=w",
+            "--namespace=ns",
+            "--xds-address=https://cp:15012",
+            "--root-cert=/r.pem",
+            "--token-file=/t",
+        ];
+        let a = Args::try_parse_from(std::iter::once("waypoint").chain(all)).unwrap();
+        assert_eq!(a.control.token_file, Some("/t".into()));
+        assert_eq!(a.control.cluster_id, "Kubernetes");
+        for missing in &all[2..] {
+            let args = all.iter().filter(|a| *a != missing);
+            let e = Args::try_parse_from(std::iter::once(&"waypoint").chain(args)).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{missing}"
+            );
+        }
+    }
+}

@@ -24,24 +24,9 @@ pub fn load_or_create_local_ca(
     dir: &Path,
     trust_domain: &str,
 ) -> Result<CertificateAuthority, String> {
-    let cert_path = dir.join("ca-cert.pem");
-    let key_path = dir.join("ca-key.pem");
-    if cert_path.exists() {
-        let cert = std::fs::read_to_string(&cert_path)
-            .map_err(|e| format!("{}: {e}", cert_path.display()))?;
-        let key = std::fs::read_to_string(&key_path)
-            .map_err(|e| format!("{}: {e}", key_path.display()))?;
-        return CertificateAuthority::load(trust_domain, &cert, &key, None, &cert)
-            .map_err(|e| format!("local CA in {}: {e}", dir.display()));
-    }
-    let ca = CertificateAuthority::new_root(trust_domain, Duration::from_secs(10 * 365 * 86400))
-        .map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    std::fs::write(&cert_path, ca.cert_pem())
-        .map_err(|e| format!("{}: {e}", cert_path.display()))?;
-    mesh_identity::write_private(&key_path, ca.key_pem().as_bytes())
-        .map_err(|e| format!("{}: {e}", key_path.display()))?;
-    Ok(ca)
+    mesh_identity::bootstrap::load_or_create_ca(dir, trust_domain)
+        .map(|(ca, _)| ca)
+        .map_err(|e| format!("local {e}"))
 }
 
 /// Watches the local config file and applies it whenever it changes.
