@@ -330,19 +330,9 @@ pub async fn daemonset_state(
 
 /// A client from `kubeconfig`, else the in-cluster service account / `$KUBECONFIG`.
 pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, String> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| format!("no Kubernetes credentials: {e}"))?,
-    };
-    kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+    mesh_kube::connect(kubeconfig)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

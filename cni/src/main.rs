@@ -16,21 +16,17 @@ use std::time::Duration;
 /// their network namespaces to ztunnel.
 #[derive(Parser, Debug, serde::Serialize)]
 #[command(name = "mesh-cni agent", version)]
+#[command(mut_arg("xds_address", |a| a.required(true)))]
+#[command(mut_arg("root_cert", |a| a.required(true)))]
+#[command(mut_arg("token_file", |a| a.required(true)))]
 struct AgentArgs {
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// Control plane address, e.g. https://10.0.0.1:15012.
-    #[arg(long, env = "XDS_ADDRESS")]
-    xds_address: String,
-    #[arg(long, env = "XDS_ROOT_CA")]
-    root_cert: PathBuf,
-    #[arg(long, env = "ALT_XDS_HOSTNAME")]
-    control_hostname: Option<String>,
-    /// This node's bearer token for the control plane.
-    #[arg(long, env = "TOKEN_FILE")]
-    token_file: PathBuf,
-    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
-    cluster_id: String,
+    /// The control plane: --xds-address, --root-cert, --token-file (required here),
+    /// --control-hostname, --cluster-id; the same flags as ztunnel's and the waypoint's.
+    #[command(flatten)]
+    #[serde(flatten)]
+    control: mesh_xds::ControlPlaneArgs,
     #[arg(long, default_value = "/var/run/ztunnel/ztunnel.sock")]
     zds_socket: PathBuf,
     #[arg(long, default_value = plugin::DEFAULT_AGENT_SOCKET)]
@@ -286,10 +282,10 @@ fn run_agent(args: Vec<String>) -> i32 {
     let a = AgentArgs::parse_from(args);
     init_logging(&a.log_level);
     tracing::info!(config = %serde_json::to_string(&a).unwrap_or_default(), "starting the node agent");
-    let root_pem = match std::fs::read_to_string(&a.root_cert) {
-        Ok(r) => r,
+    let cp = match a.control.control_plane() {
+        Ok(cp) => cp,
         Err(e) => {
-            eprintln!("mesh-cni agent: --root-cert {}: {e}", a.root_cert.display());
+            eprintln!("mesh-cni agent: {e}");
             return 2;
         }
     };
@@ -326,13 +322,6 @@ fn run_agent(args: Vec<String>) -> i32 {
             }
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let cp = mesh_xds::ControlPlane {
-            address: a.xds_address.clone(),
-            root_pem,
-            hostname: a.control_hostname.clone(),
-            token_file: Some(a.token_file.clone()),
-            cluster_id: a.cluster_id.clone(),
-        };
         let node = mesh_proto::envoy_core::Node {
             id: format!("cni-agent~{}", a.node_name),
             user_agent_name: "mesh-cni".into(),
@@ -431,5 +420,28 @@ mod tests {
         );
         assert!(dns_capture(&["--dns-capture=true"]));
         assert!(!dns_capture(&["--dns-capture=false"]));
+    }
+
+    #[test]
+    fn the_control_plane_flags_stay_required() {
+        let all = [
+            "--node-name=n",
+            "--xds-address=https://cp:15012",
+            "--root-cert=/r.pem",
+            "--token-file=/t",
+        ];
+        let a = AgentArgs::try_parse_from(std::iter::once("mesh-cni agent").chain(all)).unwrap();
+        assert_eq!(a.control.xds_address.as_deref(), Some("https://cp:15012"));
+        assert_eq!(a.control.cluster_id, "Kubernetes");
+        for missing in &all[1..] {
+            let args = all.iter().filter(|a| *a != missing);
+            let e = AgentArgs::try_parse_from(std::iter::once(&"mesh-cni agent").chain(args))
+                .unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{missing}"
+            );
+        }
     }
 }

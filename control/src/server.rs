@@ -107,26 +107,6 @@ async fn first_snapshot(
     }
 }
 
-async fn kube_config(kubeconfig: Option<&Path>) -> Result<kube::Config, String> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
-        }
-        None => kube::Config::infer().await.map_err(|e| {
-            format!("no Kubernetes credentials (not in a pod, and no usable KUBECONFIG or ~/.kube/config): {e}")
-        })?,
-    };
-    // Relied on, not left to a default: a 429 (API priority and fairness), 503 or 504
-    // is retried after the server's Retry-After, not reported as a failure.
-    let mut config = config;
-    config.default_retry = true;
-    Ok(config)
-}
-
 /// Loads the CA from `ca_dir` when given (read-only, e.g. a mounted Secret: it must hold
 /// `ca-cert.pem` and `ca-key.pem`, optionally the `root-cert.pem` bundle), else from
 /// `state_dir`, creating and persisting a new root there on first start. Always writes
@@ -136,35 +116,28 @@ pub fn load_or_create_ca(
     ca_dir: Option<&Path>,
     trust_domain: &str,
 ) -> Result<CertificateAuthority, String> {
+    use mesh_identity::bootstrap::{
+        Origin, has_ca, load_ca, load_or_create_ca as load_or_create_ca_in,
+    };
     std::fs::create_dir_all(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
-    let dir = ca_dir.unwrap_or(state_dir);
-    let cert = dir.join("ca-cert.pem");
-    let key = dir.join("ca-key.pem");
-    if ca_dir.is_some() && !cert.exists() {
+    if let Some(dir) = ca_dir
+        && !has_ca(dir)
+    {
         return Err(format!(
             "no CA in {}: expected ca-cert.pem and ca-key.pem (and optionally root-cert.pem, cert-chain.pem)",
             dir.display()
         ));
     }
-    let ca = if cert.exists() {
-        let c = std::fs::read_to_string(&cert).map_err(|e| format!("{}: {e}", cert.display()))?;
-        let k = std::fs::read_to_string(&key).map_err(|e| format!("{}: {e}", key.display()))?;
-        let bundle_path = dir.join("root-cert.pem");
-        let bundle = std::fs::read_to_string(&bundle_path).unwrap_or_else(|_| c.clone());
-        // Istio's plug-in CA layout: the intermediates between ca-cert.pem and the root.
-        let chain = std::fs::read_to_string(dir.join("cert-chain.pem")).ok();
-        CertificateAuthority::load(trust_domain, &c, &k, chain.as_deref(), &bundle)
-            .map_err(|e| format!("CA in {}: {e}", dir.display()))?
-    } else {
-        let ca =
-            CertificateAuthority::new_root(trust_domain, Duration::from_secs(10 * 365 * 86400))
-                .map_err(|e| e.to_string())?;
-        std::fs::write(&cert, ca.cert_pem()).map_err(|e| format!("{}: {e}", cert.display()))?;
-        mesh_identity::write_private(&key, ca.key_pem().as_bytes())
-            .map_err(|e| format!("{}: {e}", key.display()))?;
-        tracing::info!(dir = %state_dir.display(), "created a new mesh root CA");
-        ca
-    };
+    let ca = match ca_dir {
+        Some(dir) => load_ca(dir, trust_domain),
+        None => load_or_create_ca_in(state_dir, trust_domain).map(|(ca, origin)| {
+            if origin == Origin::Created {
+                tracing::info!(dir = %state_dir.display(), "created a new mesh root CA");
+            }
+            ca
+        }),
+    }
+    .map_err(|e| e.to_string())?;
     let bundle = state_dir.join("root-cert.pem");
     std::fs::write(&bundle, ca.roots_pem()).map_err(|e| format!("{}: {e}", bundle.display()))?;
     Ok(ca)
@@ -254,14 +227,18 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, String> {
 /// endpoints.
 pub async fn bind(cfg: ServerConfig) -> Result<Starting, String> {
     let kube_config = match &cfg.source {
-        ConfigSource::Kubernetes { kubeconfig } => Some(kube_config(kubeconfig.as_deref()).await?),
+        ConfigSource::Kubernetes { kubeconfig } => Some(
+            mesh_kube::config(kubeconfig.as_deref())
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
         ConfigSource::Directory(_) => None,
     };
     let kube = kube_config
         .clone()
-        .map(kube::Client::try_from)
+        .map(mesh_kube::client)
         .transpose()
-        .map_err(|e| format!("Kubernetes client: {e}"))?;
+        .map_err(|e| e.to_string())?;
     let tokens = match (&cfg.tokens, &kube) {
         (Some(path), _) => {
             let tokens = Arc::new(RwLock::new(Tokens::load(path)?));
@@ -276,7 +253,7 @@ pub async fn bind(cfg: ServerConfig) -> Result<Starting, String> {
     let reviewer = kube_config
         .map(crate::token_review::review_client)
         .transpose()
-        .map_err(|e| format!("Kubernetes client: {e}"))?
+        .map_err(|e| e.to_string())?
         .map(|client| {
             Arc::new(TokenReviewer::new(
                 client,

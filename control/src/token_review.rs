@@ -68,9 +68,9 @@ pub enum ReviewError {
 /// A client for TokenReviews: kube's own retry layer is off (it retries 429s up to 15
 /// times over minutes) because a caller is waiting; `TokenReviewer` retries within
 /// its own bounds.
-pub fn review_client(mut config: kube::Config) -> Result<kube::Client, kube::Error> {
+pub fn review_client(mut config: kube::Config) -> Result<kube::Client, mesh_kube::KubeError> {
     config.default_retry = false;
-    kube::Client::try_from(config)
+    mesh_kube::client(config)
 }
 
 /// The wait before asking a throttled API server again, or None when the retries or the

@@ -1,7 +1,6 @@
 use clap::Parser;
 use mesh_xds::certs::{CertManager, CertSource};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +12,9 @@ use waypoint::server::{Lifecycle, ServeConfig, Stopped};
 /// authorization for the services bound to it, between ztunnels, over HBONE.
 #[derive(Parser, Debug, serde::Serialize)]
 #[command(name = "waypoint", version)]
+#[command(mut_arg("xds_address", |a| a.required(true)))]
+#[command(mut_arg("root_cert", |a| a.required(true)))]
+#[command(mut_arg("token_file", |a| a.required(true)))]
 struct Args {
     /// The waypoint's Gateway name (also its service account).
     #[arg(long, env = "WAYPOINT_NAME")]
@@ -21,17 +23,11 @@ struct Args {
     namespace: String,
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
-    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
-    cluster_id: String,
-    #[arg(long, env = "XDS_ADDRESS")]
-    xds_address: String,
-    #[arg(long, env = "XDS_ROOT_CA")]
-    root_cert: PathBuf,
-    #[arg(long, env = "ALT_XDS_HOSTNAME")]
-    control_hostname: Option<String>,
-    /// This waypoint's bearer token for the control plane.
-    #[arg(long, env = "TOKEN_FILE")]
-    token_file: PathBuf,
+    /// The control plane: --xds-address, --root-cert, --token-file (required here),
+    /// --control-hostname, --cluster-id; the same flags as ztunnel's and the agent's.
+    #[command(flatten)]
+    #[serde(flatten)]
+    control: mesh_xds::ControlPlaneArgs,
     /// `[::]` takes both families (IPv4 as well where IPv6 is off on the host).
     #[arg(long, default_value = "[::]:15008")]
     listen: SocketAddr,
@@ -137,10 +133,10 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let root_pem = match std::fs::read_to_string(&a.root_cert) {
-        Ok(r) => r,
+    let cp = match a.control.control_plane() {
+        Ok(cp) => cp,
         Err(e) => {
-            eprintln!("waypoint: --root-cert {}: {e}", a.root_cert.display());
+            eprintln!("waypoint: {e}");
             std::process::exit(2);
         }
     };
@@ -151,26 +147,14 @@ fn main() {
         .build()
         .expect("tokio runtime");
     rt.block_on(async move {
-        let cp = mesh_xds::ControlPlane {
-            address: a.xds_address.clone(),
-            root_pem,
-            hostname: a.control_hostname.clone(),
-            token_file: Some(a.token_file.clone()),
-            cluster_id: a.cluster_id.clone(),
-        };
-        let channel = match cp.channel(&a.xds_address) {
-            Ok(c) => c,
+        let source = match CertSource::control_plane(&cp, Duration::from_secs(24 * 3600)) {
+            Ok(s) => s,
             Err(e) => {
                 tracing::error!("{e}");
                 std::process::exit(2);
             }
         };
-        let certs = CertManager::new(CertSource::Ca {
-            channel,
-            token_file: Some(a.token_file.clone()),
-            cluster_id: a.cluster_id.clone(),
-            ttl: Duration::from_secs(24 * 3600),
-        });
+        let certs = CertManager::new(source);
         let config = Arc::new(RwLock::new(Config::default()));
         let lifecycle = Lifecycle::new();
         let node = mesh_proto::envoy_core::Node {
@@ -178,11 +162,7 @@ fn main() {
             user_agent_name: "waypoint".into(),
             ..Default::default()
         };
-        let types = vec![
-            mesh_proto::type_url::ADDRESS,
-            mesh_proto::type_url::HTTP_ROUTE,
-            mesh_proto::type_url::L7_POLICY,
-        ];
+        let types = waypoint::xds::types();
         tokio::spawn(mesh_xds::run(
             cp,
             node,
@@ -270,4 +250,32 @@ fn main() {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_plane_flags_stay_required() {
+        let all = [
+            "--name=w",
+            "--namespace=ns",
+            "--xds-address=https://cp:15012",
+            "--root-cert=/r.pem",
+            "--token-file=/t",
+        ];
+        let a = Args::try_parse_from(std::iter::once("waypoint").chain(all)).unwrap();
+        assert_eq!(a.control.token_file, Some("/t".into()));
+        assert_eq!(a.control.cluster_id, "Kubernetes");
+        for missing in &all[2..] {
+            let args = all.iter().filter(|a| *a != missing);
+            let e = Args::try_parse_from(std::iter::once(&"waypoint").chain(args)).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{missing}"
+            );
+        }
+    }
 }

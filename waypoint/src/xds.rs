@@ -11,7 +11,8 @@ use crate::server::Lifecycle;
 use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::prost::Message;
 use mesh_proto::{type_url, waypoint, workload};
-use std::sync::{Arc, RwLock};
+use mesh_xds::Registry;
+use std::sync::{Arc, LazyLock, RwLock};
 
 pub struct Apply {
     pub config: Arc<RwLock<Config>>,
@@ -64,101 +65,94 @@ fn refused_route(h: &waypoint::HttpRoute) -> Option<String> {
     })
 }
 
+/// The types the waypoint subscribes to, and how each is applied to its config.
+static REGISTRY: LazyLock<Registry<Config>> = LazyLock::new(|| {
+    Registry::new()
+        .with(type_url::ADDRESS, apply_address, |cfg, name| {
+            cfg.discovery.remove_address(name);
+        })
+        .with(type_url::HTTP_ROUTE, apply_route, |cfg, name| {
+            cfg.routes.remove(name);
+        })
+        .with(type_url::L7_POLICY, apply_policy, |cfg, name| {
+            cfg.policies.remove(name);
+        })
+});
+
+/// The types to subscribe to, in order.
+pub fn types() -> Vec<&'static str> {
+    REGISTRY.types()
+}
+
+fn apply_address(cfg: &mut Config, _name: &str, body: &[u8]) -> Result<(), String> {
+    let a = workload::Address::decode(body).map_err(|e| e.to_string())?;
+    cfg.discovery.apply_address(&a).map_err(|e| e.to_string())
+}
+
+/// Nothing of it can be read, or it attaches nowhere: the previous version (if any) is
+/// kept.
+fn apply_route(cfg: &mut Config, name: &str, body: &[u8]) -> Result<(), String> {
+    let h = waypoint::HttpRoute::decode(body).map_err(|e| e.to_string())?;
+    if let Some(refused) = refused_route(&h) {
+        return Err(refused);
+    }
+    let (route, unreadable) = route::compile(&h);
+    cfg.routes.insert(name.to_string(), route);
+    if unreadable.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} (failing closed)", unreadable.join("; ")))
+    }
+}
+
+/// Never refused outright: what cannot be read is enforced fail closed (and NACKed),
+/// since a policy left out could widen access.
+fn apply_policy(cfg: &mut Config, name: &str, body: &[u8]) -> Result<(), String> {
+    let (policy, targets, errors) = match waypoint::L7Policy::decode(body) {
+        Ok(p) => {
+            let (mut policy, mut errors) = Policy::from_proto(&p);
+            let (targets, bad) = targets(&p);
+            if let Some(bad) = &bad
+                && policy.policy.action == mesh_authz::Action::Allow
+            {
+                // Now on every request through the waypoint: an ALLOW there must allow
+                // nothing, or it would widen access to Services it never named. (A DENY
+                // there denies more, which is fail closed as it is.)
+                let m = &policy.policy;
+                policy.policy = mesh_authz::Policy::fail_closed(
+                    &m.namespace,
+                    &m.name,
+                    m.scope,
+                    m.action,
+                    m.dry_run,
+                    bad.clone(),
+                );
+            }
+            errors.extend(bad);
+            (policy, targets, errors)
+        }
+        Err(e) => {
+            let (ns, short) = name.split_once('/').unwrap_or(("", name));
+            let (policy, _) = Policy::from_proto(&waypoint::L7Policy {
+                namespace: ns.into(),
+                name: short.into(),
+                policy: None,
+            });
+            (policy, vec![Target::Gateway], vec![e.to_string()])
+        }
+    };
+    cfg.policies.insert(name.to_string(), (policy, targets));
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} (enforced fail closed)", errors.join("; ")))
+    }
+}
+
 impl mesh_xds::Handler for Apply {
     fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
         let mut cfg = self.config.write().expect("config lock");
-        let mut errors = Vec::new();
-        for r in &resp.resources {
-            let Some(any) = &r.resource else {
-                errors.push((r.name.clone(), "resource body missing".to_string()));
-                continue;
-            };
-            let result: Result<(), String> = match resp.type_url.as_str() {
-                type_url::ADDRESS => workload::Address::decode(any.value.as_slice())
-                    .map_err(|e| e.to_string())
-                    .and_then(|a| cfg.discovery.apply_address(&a).map_err(|e| e.to_string())),
-                type_url::HTTP_ROUTE => match waypoint::HttpRoute::decode(any.value.as_slice())
-                    .map_err(|e| e.to_string())
-                    .and_then(|h| refused_route(&h).map_or(Ok(h), Err))
-                {
-                    Ok(h) => {
-                        let (route, unreadable) = route::compile(&h);
-                        cfg.routes.insert(r.name.clone(), route);
-                        if unreadable.is_empty() {
-                            Ok(())
-                        } else {
-                            Err(format!("{} (failing closed)", unreadable.join("; ")))
-                        }
-                    }
-                    // Nothing of it can be read, or it attaches nowhere: the previous
-                    // version (if any) is kept.
-                    Err(e) => Err(e),
-                },
-                type_url::L7_POLICY => {
-                    // Never refused outright: what cannot be read is enforced fail closed
-                    // (and NACKed), since a policy left out could widen access.
-                    let (policy, targets, errors) =
-                        match waypoint::L7Policy::decode(any.value.as_slice()) {
-                            Ok(p) => {
-                                let (mut policy, mut errors) = Policy::from_proto(&p);
-                                let (targets, bad) = targets(&p);
-                                if let Some(bad) = &bad
-                                    && policy.policy.action == mesh_authz::Action::Allow
-                                {
-                                    // Now on every request through the waypoint: an ALLOW
-                                    // there must allow nothing, or it would widen access
-                                    // to Services it never named. (A DENY there denies
-                                    // more, which is fail closed as it is.)
-                                    let m = &policy.policy;
-                                    policy.policy = mesh_authz::Policy::fail_closed(
-                                        &m.namespace,
-                                        &m.name,
-                                        m.scope,
-                                        m.action,
-                                        m.dry_run,
-                                        bad.clone(),
-                                    );
-                                }
-                                errors.extend(bad);
-                                (policy, targets, errors)
-                            }
-                            Err(e) => {
-                                let (ns, name) = r.name.split_once('/').unwrap_or(("", &r.name));
-                                let (policy, _) = Policy::from_proto(&waypoint::L7Policy {
-                                    namespace: ns.into(),
-                                    name: name.into(),
-                                    policy: None,
-                                });
-                                (policy, vec![Target::Gateway], vec![e.to_string()])
-                            }
-                        };
-                    cfg.policies.insert(r.name.clone(), (policy, targets));
-                    if errors.is_empty() {
-                        Ok(())
-                    } else {
-                        Err(format!("{} (enforced fail closed)", errors.join("; ")))
-                    }
-                }
-                other => Err(format!("unexpected type {other}")),
-            };
-            if let Err(e) = result {
-                errors.push((r.name.clone(), e));
-            }
-        }
-        for name in &resp.removed_resources {
-            match resp.type_url.as_str() {
-                type_url::ADDRESS => {
-                    cfg.discovery.remove_address(name);
-                }
-                type_url::HTTP_ROUTE => {
-                    cfg.routes.remove(name);
-                }
-                type_url::L7_POLICY => {
-                    cfg.policies.remove(name);
-                }
-                _ => {}
-            }
-        }
+        let errors = REGISTRY.apply(&mut cfg, resp);
         drop(cfg);
         self.lifecycle.mark_synced(&resp.type_url);
         errors

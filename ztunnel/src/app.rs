@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{ConnTracker, NodeContext};
 use crate::state::State;
 use crate::updates::StateChanged;
-use crate::xds::{self, ControlPlane, NodeIdentity, XdsProgress};
+use crate::xds::{self, NodeIdentity, XdsProgress};
 use mesh_identity::ca::CertificateAuthority;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,24 +24,9 @@ pub fn load_or_create_local_ca(
     dir: &Path,
     trust_domain: &str,
 ) -> Result<CertificateAuthority, String> {
-    let cert_path = dir.join("ca-cert.pem");
-    let key_path = dir.join("ca-key.pem");
-    if cert_path.exists() {
-        let cert = std::fs::read_to_string(&cert_path)
-            .map_err(|e| format!("{}: {e}", cert_path.display()))?;
-        let key = std::fs::read_to_string(&key_path)
-            .map_err(|e| format!("{}: {e}", key_path.display()))?;
-        return CertificateAuthority::load(trust_domain, &cert, &key, None, &cert)
-            .map_err(|e| format!("local CA in {}: {e}", dir.display()));
-    }
-    let ca = CertificateAuthority::new_root(trust_domain, Duration::from_secs(10 * 365 * 86400))
-        .map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    std::fs::write(&cert_path, ca.cert_pem())
-        .map_err(|e| format!("{}: {e}", cert_path.display()))?;
-    mesh_identity::write_private(&key_path, ca.key_pem().as_bytes())
-        .map_err(|e| format!("{}: {e}", key_path.display()))?;
-    Ok(ca)
+    mesh_identity::bootstrap::load_or_create_ca(dir, trust_domain)
+        .map(|(ca, _)| ca)
+        .map_err(|e| format!("local {e}"))
 }
 
 /// Watches the local config file and applies it whenever it changes.
@@ -126,35 +111,21 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
             std::process::exit(1);
         }
     });
-    let root_pem = match &cfg.root_cert {
-        Some(p) => Some(
-            std::fs::read_to_string(p).map_err(|e| format!("root cert {}: {e}", p.display()))?,
-        ),
-        None => None,
-    };
-    let control = |address: &str| ControlPlane {
-        address: address.to_string(),
-        root_pem: root_pem.clone().unwrap_or_default(),
-        hostname: cfg.control_hostname.clone(),
-        token_file: cfg.token_file.clone(),
-        cluster_id: cfg.cluster_id.clone(),
+    let control = |address: &str| {
+        cfg.control
+            .control_plane_at(address)
+            .map_err(|e| e.to_string())
     };
     let cert_source = match (
         &cfg.local_ca,
-        cfg.ca_address.as_ref().or(cfg.xds_address.as_ref()),
+        cfg.ca_address.as_ref().or(cfg.control.xds_address.as_ref()),
     ) {
         (Some(dir), _) => CertSource::Local {
             ca: Box::new(load_or_create_local_ca(dir, &cfg.trust_domain)?),
             ttl: cfg.cert_ttl,
         },
         (None, Some(addr)) => {
-            let cp = control(addr);
-            CertSource::Ca {
-                channel: cp.channel(addr)?,
-                token_file: cfg.token_file.clone(),
-                cluster_id: cfg.cluster_id.clone(),
-                ttl: cfg.cert_ttl,
-            }
+            CertSource::control_plane(&control(addr)?, cfg.cert_ttl).map_err(|e| e.to_string())?
         }
         (None, None) => return Err("no certificate source".into()),
     };
@@ -182,7 +153,7 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
         metrics: metrics.clone(),
         network: cfg.network.clone(),
         trust_domain: cfg.trust_domain.clone(),
-        cluster_id: cfg.cluster_id.clone(),
+        cluster_id: cfg.control.cluster_id.clone(),
         tracker: tracker.clone(),
         state_changed: state_changed.clone(),
         max_connections_per_listener: cfg.max_connections_per_listener,
@@ -211,12 +182,12 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
     if let Some(path) = &cfg.local_config {
         tokio::spawn(watch_local_config(
             path.clone(),
-            cfg.cluster_id.clone(),
+            cfg.control.cluster_id.clone(),
             state.clone(),
             state_changed.clone(),
             local_loaded.clone(),
         ));
-    } else if let Some(addr) = &cfg.xds_address {
+    } else if let Some(addr) = &cfg.control.xds_address {
         let node = NodeIdentity {
             node_name: cfg.node_name.clone(),
             pod_name: cfg.pod_name.clone(),
@@ -224,7 +195,7 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
             instance_ip: cfg.instance_ip.clone(),
         };
         tokio::spawn(xds::run(
-            control(addr),
+            control(addr)?,
             node,
             state.clone(),
             state_changed.clone(),

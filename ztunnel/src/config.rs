@@ -18,8 +18,6 @@ pub struct Config {
     pub node_name: String,
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
-    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
-    pub cluster_id: String,
     /// This ztunnel's own pod (reported to the control plane).
     #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
     pub pod_name: String,
@@ -31,21 +29,14 @@ pub struct Config {
     #[arg(long, env = "NETWORK", default_value = "")]
     pub network: String,
 
-    /// Control plane xDS address, e.g. https://10.0.0.1:15012.
-    #[arg(long, env = "XDS_ADDRESS")]
-    pub xds_address: Option<String>,
+    /// The control plane: --xds-address, --root-cert, --control-hostname, --token-file,
+    /// --cluster-id (the same flags as the node agent's and the waypoint's).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub control: mesh_xds::ControlPlaneArgs,
     /// CA address (default: the xDS address).
     #[arg(long, env = "CA_ADDRESS")]
     pub ca_address: Option<String>,
-    /// PEM root(s) that sign the control plane's serving certificate.
-    #[arg(long, env = "XDS_ROOT_CA")]
-    pub root_cert: Option<PathBuf>,
-    /// Name checked on the control plane's certificate (default: host of the address).
-    #[arg(long, env = "ALT_XDS_HOSTNAME")]
-    pub control_hostname: Option<String>,
-    /// Bearer token presented to the control plane and CA.
-    #[arg(long, env = "TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
     /// Requested workload certificate lifetime.
     #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
     #[serde(with = "secs")]
@@ -187,7 +178,7 @@ impl Config {
         }
         mesh_identity::SpiffeId::new(&self.trust_domain, "x", "x")
             .map_err(|e| format!("--trust-domain: {e}"))?;
-        match (&self.xds_address, &self.local_config) {
+        match (&self.control.xds_address, &self.local_config) {
             (Some(_), Some(_)) => {
                 return Err(
                     "use either --xds-address (control plane) or --local-config, not both".into(),
@@ -198,12 +189,17 @@ impl Config {
             }
             _ => {}
         }
-        if self.local_ca.is_none() && self.xds_address.is_none() && self.ca_address.is_none() {
+        if self.local_ca.is_none()
+            && self.control.xds_address.is_none()
+            && self.ca_address.is_none()
+        {
             return Err(
                 "no certificate source: give --local-ca, --ca-address or --xds-address".into(),
             );
         }
-        if (self.xds_address.is_some() || self.ca_address.is_some()) && self.root_cert.is_none() {
+        if (self.control.xds_address.is_some() || self.ca_address.is_some())
+            && self.control.root_cert.is_none()
+        {
             return Err("--root-cert (XDS_ROOT_CA) is required to verify the control plane".into());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {

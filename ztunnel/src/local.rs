@@ -2,6 +2,7 @@
 //! file, converted to the same `Address`/`Authorization` messages xDS carries and applied
 //! through the same validation. Field names follow the protobuf (camelCase).
 
+use mesh_authz::ip_bytes;
 use mesh_proto::{security as sec, workload as pb};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -192,13 +193,6 @@ pub struct LocalMatch {
     pub not_service_accounts: Vec<LocalSa>,
 }
 
-fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    }
-}
-
 fn enum_value<E: Copy>(
     what: &str,
     value: &Option<String>,
@@ -215,7 +209,7 @@ fn gateway(g: &LocalGateway) -> Result<pb::GatewayAddress, String> {
     let destination = match (&g.address, &g.service) {
         (Some(ip), None) => pb::gateway_address::Destination::Address(pb::NetworkAddress {
             network: String::new(),
-            address: ip_bytes(ip),
+            address: ip_bytes(*ip),
             length: None,
         }),
         (None, Some(s)) => {
@@ -255,7 +249,7 @@ fn ports(v: &[LocalPort]) -> Result<Vec<pb::Port>, String> {
 fn cidr(s: &str) -> Result<sec::Address, String> {
     let net = mesh_authz::IpNet::parse(s)?;
     Ok(sec::Address {
-        address: ip_bytes(&net.addr),
+        address: ip_bytes(net.addr),
         length: u32::from(net.prefix),
     })
 }
@@ -319,7 +313,7 @@ impl LocalConfig {
                 uid: uid.clone(),
                 name: w.name.clone(),
                 namespace: w.namespace.clone(),
-                addresses: w.addresses.iter().map(ip_bytes).collect(),
+                addresses: w.addresses.iter().copied().map(ip_bytes).collect(),
                 network: w.network.clone(),
                 tunnel_protocol: enum_value(
                     &what,
@@ -398,7 +392,7 @@ impl LocalConfig {
                     .iter()
                     .map(|ip| pb::NetworkAddress {
                         network: String::new(),
-                        address: ip_bytes(ip),
+                        address: ip_bytes(*ip),
                         length: None,
                     })
                     .collect(),

@@ -7,8 +7,9 @@ use crate::updates::StateChanged;
 use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::prost::Message;
 use mesh_proto::{envoy_core, security, type_url, workload};
+use mesh_xds::Registry;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 
 pub use mesh_xds::ControlPlane;
 
@@ -63,57 +64,47 @@ impl XdsProgress {
     }
 }
 
+/// The types ztunnel subscribes to, and how each is applied to the state.
+static REGISTRY: LazyLock<Registry<State>> = LazyLock::new(|| {
+    Registry::new()
+        .with(type_url::ADDRESS, apply_address, |st, name| {
+            st.remove_address(name);
+        })
+        .with(type_url::AUTHORIZATION, apply_authorization, |st, name| {
+            st.remove_policy(name);
+        })
+});
+
+fn apply_address(state: &mut State, _name: &str, body: &[u8]) -> Result<(), String> {
+    let a = workload::Address::decode(body).map_err(|e| format!("cannot decode Address: {e}"))?;
+    state.apply_address(&a).map_err(|e| e.to_string())
+}
+
+fn apply_authorization(state: &mut State, name: &str, body: &[u8]) -> Result<(), String> {
+    match security::Authorization::decode(body) {
+        Ok(a) => state.apply_authorization(&a).map_err(|e| e.to_string()),
+        Err(e) => {
+            // Nothing of it can be read but its name: it denies everything in its
+            // namespace until a readable version arrives (a NACK never widens access).
+            let (ns, name) = name.split_once('/').unwrap_or(("", name));
+            state.insert_policy(mesh_authz::Policy::fail_closed(
+                ns,
+                name,
+                mesh_authz::PolicyScope::Namespace,
+                mesh_authz::Action::Deny,
+                false,
+                format!("cannot decode Authorization: {e}"),
+            ));
+            Err(format!(
+                "cannot decode Authorization: {e} (denying everything in namespace {ns:?} until it can be read)"
+            ))
+        }
+    }
+}
+
 /// Applies one response to the state; returns the rejected resources and why.
 pub fn apply_response(state: &mut State, resp: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
-    let mut errors = Vec::new();
-    for res in &resp.resources {
-        let Some(any) = &res.resource else {
-            errors.push((res.name.clone(), "resource body missing".to_string()));
-            continue;
-        };
-        let applied = match resp.type_url.as_str() {
-            type_url::ADDRESS => workload::Address::decode(any.value.as_slice())
-                .map_err(|e| format!("cannot decode Address: {e}"))
-                .and_then(|a| state.apply_address(&a).map_err(|e| e.to_string())),
-            type_url::AUTHORIZATION => {
-                match security::Authorization::decode(any.value.as_slice()) {
-                    Ok(a) => state.apply_authorization(&a).map_err(|e| e.to_string()),
-                    Err(e) => {
-                        // Nothing of it can be read but its name: it denies everything in its
-                        // namespace until a readable version arrives (a NACK never widens access).
-                        let (ns, name) = res.name.split_once('/').unwrap_or(("", &res.name));
-                        state.insert_policy(mesh_authz::Policy::fail_closed(
-                            ns,
-                            name,
-                            mesh_authz::PolicyScope::Namespace,
-                            mesh_authz::Action::Deny,
-                            false,
-                            format!("cannot decode Authorization: {e}"),
-                        ));
-                        Err(format!(
-                            "cannot decode Authorization: {e} (denying everything in namespace {ns:?} until it can be read)"
-                        ))
-                    }
-                }
-            }
-            other => Err(format!("unexpected type {other}")),
-        };
-        if let Err(e) = applied {
-            errors.push((res.name.clone(), e));
-        }
-    }
-    for name in &resp.removed_resources {
-        match resp.type_url.as_str() {
-            type_url::ADDRESS => {
-                state.remove_address(name);
-            }
-            type_url::AUTHORIZATION => {
-                state.remove_policy(name);
-            }
-            _ => {}
-        }
-    }
-    errors
+    REGISTRY.apply(state, resp)
 }
 
 struct Apply {
@@ -167,13 +158,7 @@ pub async fn run(
         progress,
         metrics,
     };
-    mesh_xds::run(
-        cp,
-        node.to_node(),
-        vec![type_url::ADDRESS, type_url::AUTHORIZATION],
-        handler,
-    )
-    .await;
+    mesh_xds::run(cp, node.to_node(), REGISTRY.types(), handler).await;
 }
 
 #[cfg(test)]

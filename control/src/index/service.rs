@@ -7,12 +7,7 @@ use crate::manifest::Objects;
 use mesh_proto::workload as pb;
 use std::net::IpAddr;
 
-pub fn ip_bytes(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v) => v.octets().to_vec(),
-        IpAddr::V6(v) => v.octets().to_vec(),
-    }
-}
+pub use mesh_authz::ip_bytes;
 
 /// From `appProtocol`, else the port name's prefix (`http-web`, `grpc`, ...).
 pub fn app_protocol(app_protocol: Option<&str>, port_name: Option<&str>) -> pb::AppProtocol {

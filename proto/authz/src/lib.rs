@@ -217,7 +217,21 @@ impl IpNet {
     }
 }
 
-pub fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, String> {
+/// An address on the wire (istio.workload, istio.security) that is neither 4 nor 16
+/// bytes long; holds its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("address of {0} bytes is neither IPv4 (4) nor IPv6 (16)")]
+pub struct IpLengthError(pub usize);
+
+impl From<IpLengthError> for String {
+    fn from(e: IpLengthError) -> String {
+        e.to_string()
+    }
+}
+
+/// An address from its wire form: 4 bytes (IPv4) or 16 (IPv6), network order. The one
+/// conversion every reader of the mesh's resources uses.
+pub fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, IpLengthError> {
     match b.len() {
         4 => Ok(IpAddr::from(
             <[u8; 4]>::try_from(b).expect("length checked"),
@@ -225,12 +239,11 @@ pub fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, String> {
         16 => Ok(IpAddr::from(
             <[u8; 16]>::try_from(b).expect("length checked"),
         )),
-        len => Err(format!(
-            "address of {len} bytes is neither IPv4 (4) nor IPv6 (16)"
-        )),
+        len => Err(IpLengthError(len)),
     }
 }
 
+/// An address in its wire form (the inverse of [`ip_from_bytes`]).
 pub fn ip_bytes(ip: IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(v) => v.octets().to_vec(),

@@ -632,3 +632,21 @@ fn header_values_that_are_not_text_still_meet_their_policy() {
     );
     assert!(!evaluate_request([&allow], &conn(Some(A), 80), Some(&r)).is_allowed());
 }
+
+#[test]
+fn addresses_go_to_their_wire_form_and_back() {
+    for ip in ["10.0.0.1", "::1", "fd00::7", "0.0.0.0"] {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        let b = crate::ip_bytes(ip);
+        assert_eq!(b.len(), if ip.is_ipv4() { 4 } else { 16 });
+        assert_eq!(crate::ip_from_bytes(&b), Ok(ip));
+    }
+    for len in [0, 3, 5, 15, 17] {
+        let e = crate::ip_from_bytes(&vec![1; len]).unwrap_err();
+        assert_eq!(e, crate::IpLengthError(len));
+        assert_eq!(
+            String::from(e),
+            format!("address of {len} bytes is neither IPv4 (4) nor IPv6 (16)")
+        );
+    }
+}

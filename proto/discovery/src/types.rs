@@ -16,19 +16,12 @@ pub enum ResourceError {
     Invalid { what: String, reason: String },
 }
 
+/// [`mesh_authz::ip_from_bytes`], the error naming what the address belongs to.
 pub fn ip_from_bytes(what: &str, b: &[u8]) -> Result<IpAddr, ResourceError> {
-    match b.len() {
-        4 => Ok(IpAddr::from(
-            <[u8; 4]>::try_from(b).expect("length checked"),
-        )),
-        16 => Ok(IpAddr::from(
-            <[u8; 16]>::try_from(b).expect("length checked"),
-        )),
-        len => Err(ResourceError::BadAddress {
-            what: what.to_string(),
-            len,
-        }),
-    }
+    mesh_authz::ip_from_bytes(b).map_err(|e| ResourceError::BadAddress {
+        what: what.to_string(),
+        len: e.0,
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -2,6 +2,7 @@
 //! by identity, and the CA library the control plane signs with.
 #![forbid(unsafe_code)]
 
+pub mod bootstrap;
 pub mod ca;
 pub mod cert;
 pub mod keyfile;

@@ -67,6 +67,20 @@ pub enum CertSource {
 }
 
 impl CertSource {
+    /// The CA of the control plane `cp` (at its address), over the same TLS channel and
+    /// with the same credentials as xDS.
+    pub fn control_plane(
+        cp: &crate::ControlPlane,
+        ttl: Duration,
+    ) -> Result<CertSource, crate::ConnectError> {
+        Ok(CertSource::Ca {
+            channel: cp.try_channel(&cp.address)?,
+            token_file: cp.token_file.clone(),
+            cluster_id: cp.cluster_id.clone(),
+            ttl,
+        })
+    }
+
     async fn issue(&self, id: &SpiffeId) -> Result<WorkloadCertificate, CertFetchError> {
         let csr = generate_csr(id).map_err(|e| CertFetchError::Local {
             id: id.clone(),
@@ -99,21 +113,8 @@ impl CertSource {
                         .into(),
                     }),
                 });
-                if let Some(path) = token_file {
-                    let token = std::fs::read_to_string(path).map_err(|e| {
-                        CertFetchError::Unreachable(format!(
-                            "cannot read the node token {}: {e}",
-                            path.display()
-                        ))
-                    })?;
-                    let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-                        CertFetchError::Unreachable("token is not a valid header".into())
-                    })?;
-                    req.metadata_mut().insert("authorization", value);
-                }
-                if let Ok(v) = cluster_id.parse() {
-                    req.metadata_mut().insert("clusterid", v);
-                }
+                crate::control_plane::authorize(&mut req, token_file.as_deref(), cluster_id)
+                    .map_err(|e| CertFetchError::Unreachable(e.to_string()))?;
                 let resp = IstioCertificateServiceClient::new(channel.clone())
                     .create_certificate(req)
                     .await

@@ -6,6 +6,13 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod control_plane;
+pub mod dispatch;
+
+pub use control_plane::{
+    ConnectError, ControlPlane, ControlPlaneArgs, CredentialError, Credentials,
+};
+pub use dispatch::Registry;
 
 use mesh_proto::discovery::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
@@ -13,57 +20,11 @@ use mesh_proto::discovery::{
 };
 use mesh_proto::{envoy_core, rpc};
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
-
-/// How to reach and authenticate to the control plane.
-#[derive(Clone, Debug)]
-pub struct ControlPlane {
-    pub address: String,
-    pub root_pem: String,
-    /// Name checked on the control plane's certificate (default: host of the address).
-    pub hostname: Option<String>,
-    pub token_file: Option<PathBuf>,
-    pub cluster_id: String,
-}
-
-impl ControlPlane {
-    /// A lazily connecting gRPC channel over TLS verified against the root.
-    pub fn channel(&self, address: &str) -> Result<Channel, String> {
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.root_pem));
-        if let Some(h) = &self.hostname {
-            tls = tls.domain_name(h.clone());
-        }
-        let ep = Endpoint::from_shared(address.to_string())
-            .map_err(|e| format!("control plane address {address:?}: {e}"))?
-            .tls_config(tls)
-            .map_err(|e| format!("TLS for {address}: {e}"))?
-            .connect_timeout(Duration::from_secs(10))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20));
-        Ok(ep.connect_lazy())
-    }
-
-    /// Adds `authorization: Bearer <token>` and `clusterid` metadata.
-    pub fn authorize<T>(&self, req: &mut tonic::Request<T>) -> Result<(), String> {
-        if let Some(path) = &self.token_file {
-            let token = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read token {}: {e}", path.display()))?;
-            let v = format!("Bearer {}", token.trim())
-                .parse()
-                .map_err(|_| "token is not a valid header value".to_string())?;
-            req.metadata_mut().insert("authorization", v);
-        }
-        if let Ok(v) = self.cluster_id.parse() {
-            req.metadata_mut().insert("clusterid", v);
-        }
-        Ok(())
-    }
-}
 
 /// Applies responses to the caller's state.
 pub trait Handler: Send + 'static {
