@@ -2,11 +2,11 @@ use clap::Parser;
 use mesh_xds::certs::{CertManager, CertSource};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use waypoint::normalize::PathNormalization;
-use waypoint::proxy::{Config, Waypoint};
+use waypoint::proxy::{ConfigStore, Waypoint};
 use waypoint::server::{Lifecycle, ServeConfig, Stopped};
 
 /// The L7 waypoint of a namespace: HTTP routing (Gateway API HTTPRoute) and L7
@@ -167,7 +167,7 @@ fn main() {
             cluster_id: a.cluster_id.clone(),
             ttl: Duration::from_secs(24 * 3600),
         });
-        let config = Arc::new(RwLock::new(Config::default()));
+        let config = Arc::new(ConfigStore::default());
         let lifecycle = Lifecycle::new();
         let node = mesh_proto::envoy_core::Node {
             id: format!("waypoint~{}~{}.{}", a.name, a.name, a.namespace),

@@ -5,16 +5,16 @@
 //! marks it synced (the waypoint serves nothing before all three have synced).
 
 use crate::authz::Policy;
-use crate::proxy::{Config, Target};
+use crate::proxy::{ConfigStore, Target};
 use crate::route;
 use crate::server::Lifecycle;
 use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::prost::Message;
 use mesh_proto::{type_url, waypoint, workload};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 pub struct Apply {
-    pub config: Arc<RwLock<Config>>,
+    pub config: Arc<ConfigStore>,
     pub lifecycle: Arc<Lifecycle>,
 }
 
@@ -168,11 +168,12 @@ impl mesh_xds::Handler for Apply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::Config;
     use mesh_proto::discovery::Resource;
     use mesh_xds::Handler;
 
     fn apply_policy(value: Vec<u8>) -> (Vec<(String, String)>, Config) {
-        let config = Arc::new(RwLock::new(Config::default()));
+        let config = Arc::new(ConfigStore::default());
         let mut a = Apply {
             config: config.clone(),
             lifecycle: Lifecycle::new(),
@@ -274,7 +275,7 @@ mod tests {
     }
 
     fn apply_route(route: &waypoint::HttpRoute) -> (Vec<(String, String)>, Config) {
-        let config = Arc::new(RwLock::new(Config::default()));
+        let config = Arc::new(ConfigStore::default());
         let mut a = Apply {
             config: config.clone(),
             lifecycle: Lifecycle::new(),
