@@ -322,7 +322,7 @@ impl Waypoint {
         };
         labels.response_code = resp.status().as_u16();
         self.metrics.record(&labels, start.elapsed());
-        let resp = counted_response(resp, self.metrics.clone(), labels.clone(), request_bytes);
+        let resp = counted_response(resp, self.metrics.clone(), labels, request_bytes);
         if path == received_path {
             tracing::info!(target: "access", method = %method, path = %path, status = resp.status().as_u16(),
                 src.identity = %conn.source, src.addr = %conn.source_addr, dst.service = %conn.destination(),
