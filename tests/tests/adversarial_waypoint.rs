@@ -27,13 +27,13 @@ use mesh_identity::{SpiffeId, WorkloadCertificate, generate_csr};
 use mesh_proto::workload as pb;
 use mesh_xds::certs::{CertManager, CertSource};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use waypoint::authz::Policy;
 use waypoint::normalize::PathNormalization;
-use waypoint::proxy::{Config, Target, Waypoint};
+use waypoint::proxy::{Config, ConfigStore, Target, Waypoint};
 use waypoint::server::{Lifecycle, ServeConfig};
 
 const DAY: Duration = Duration::from_secs(86400);
@@ -249,7 +249,7 @@ struct Mesh {
     client: hbone::Client,
     attacker: WorkloadCertificate,
     front: WorkloadCertificate,
-    config: Arc<RwLock<Config>>,
+    config: Arc<ConfigStore>,
     metrics: Arc<waypoint::metrics::Metrics>,
     api_seen: Seen,
     secret_seen: Seen,
@@ -340,7 +340,7 @@ async fn mesh(t: u8, normalization: PathNormalization) -> Mesh {
     ] {
         state.apply_address(&a).unwrap();
     }
-    let config = Arc::new(RwLock::new(Config {
+    let config = Arc::new(ConfigStore::new(Config {
         discovery: state,
         ..Default::default()
     }));

@@ -19,7 +19,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::trace::v1::Span;
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpListener};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -213,7 +213,7 @@ fn start_receiver_and_waypoint(ns: &Netns, receiver: Receiver, ca_dir: Option<&s
                 let creds = certs.get(&id).await.unwrap();
                 let wp = Arc::new(waypoint::proxy::Waypoint {
                     identity: id,
-                    config: Arc::new(RwLock::new(waypoint::proxy::Config {
+                    config: Arc::new(waypoint::proxy::ConfigStore::new(waypoint::proxy::Config {
                         discovery: waypoint_state(),
                         ..Default::default()
                     })),

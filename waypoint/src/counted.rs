@@ -2,7 +2,7 @@
 //! is dropped (fully sent, or abandoned by the peer): the sizes behind
 //! `istio_request_bytes` and `istio_response_bytes`.
 
-use crate::proxy::Body;
+use crate::body::Body;
 use bytes::Bytes;
 use hyper::body::Frame;
 use std::pin::Pin;

@@ -1,11 +1,11 @@
 use clap::Parser;
 use mesh_xds::certs::{CertManager, CertSource};
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use waypoint::normalize::PathNormalization;
-use waypoint::proxy::{Config, Waypoint};
+use waypoint::proxy::{ConfigStore, Waypoint};
 use waypoint::server::{Lifecycle, ServeConfig, Stopped};
 
 /// The L7 waypoint of a namespace: HTTP routing (Gateway API HTTPRoute) and L7
@@ -155,7 +155,7 @@ fn main() {
             }
         };
         let certs = CertManager::new(source);
-        let config = Arc::new(RwLock::new(Config::default()));
+        let config = Arc::new(ConfigStore::default());
         let lifecycle = Lifecycle::new();
         let node = mesh_proto::envoy_core::Node {
             id: format!("waypoint~{}~{}.{}", a.name, a.name, a.namespace),

@@ -2,61 +2,54 @@
 //! destination: a Service VIP:port or a pod IP:port, which must be bound to this
 //! waypoint), request normalisation, HTTP routing and L7 policy for HTTP ports, L4 policy
 //! and plain TCP for the others, and HBONE out to the chosen endpoint's ztunnel.
+//!
+//! This is the I/O shell: every decision is a stage of [`crate::pipeline`], and the
+//! configuration is read per request from one [`Snapshot`] of the current version.
 
-use crate::authz::{self, Decision, Policy};
+use crate::authz::Decision;
 use crate::binding::{self, Bound, Dest, Me};
+use crate::body::local;
 use crate::in_flight::{AtDrain, InFlight};
 use crate::metrics::{Metrics, RequestLabels, TcpConnection, set_tcp_destination, tcp_labels};
-use crate::normalize::{self, PathNormalization};
-use crate::route::{self, RequestInfo, Route};
+use crate::normalize::PathNormalization;
+use crate::pipeline::policy::{Peer, Seen};
+use crate::pipeline::timeout::within;
+use crate::pipeline::{Local, UpstreamError, admit, fault, filters, policy, retry, routing};
+use crate::route::{RequestInfo, Rule};
+use crate::snapshot::Snapshot;
 use crate::upstream_pool::{EndpointKey, UpstreamPool};
 use bytes::Bytes;
 use hbone::{Authority, ConnectHandler, InboundConnect, Refusal, Responder};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use mesh_discovery::{Service, State, Workload};
+use mesh_discovery::{Service, Workload};
 use mesh_identity::SpiffeId;
 use mesh_proto::workload::AppProtocol;
 use mesh_xds::certs::CertManager;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+pub use crate::body::Body;
+pub use crate::pipeline::retry::RetryBudget;
+pub use crate::snapshot::{Config, ConfigStore, Target};
 
 /// How long the data path waits for the waypoint's certificate (a slow CA delays, never
 /// blocks, a connection).
 pub const CERT_WAIT: Duration = Duration::from_secs(5);
 
-pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
-
 /// The upstream's response, without its connection's headers; 502 if its framing
 /// cannot be forwarded faithfully.
-fn boxed_response(mut r: Response<Incoming>) -> Result<Response<Body>, (StatusCode, String)> {
+fn boxed_response(mut r: Response<Incoming>) -> Result<Response<Body>, UpstreamError> {
     crate::hop::check_transfer_coding(r.headers())
-        .map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream response: {e}")))?;
+        .map_err(|e| UpstreamError::BadResponse(e.to_string()))?;
     crate::hop::strip(r.headers_mut());
     Ok(r.map(|b| {
         b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
             .boxed()
     }))
-}
-
-/// Awaits `fut`, answering 504 if it takes longer than `limit`.
-async fn within<T>(
-    limit: Option<std::time::Duration>,
-    fut: impl std::future::Future<Output = Result<T, (StatusCode, String)>>,
-) -> Result<T, (StatusCode, String)> {
-    match limit {
-        Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
-            Err((
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream request timeout".into(),
-            ))
-        }),
-        None => fut.await,
-    }
 }
 
 /// Reads a whole body of at most `limit` bytes (written out rather than with
@@ -102,49 +95,20 @@ fn counted_request(b: Incoming, count: Arc<std::sync::atomic::AtomicU64>) -> Bod
     crate::counted::Counted::new(b.map_err(boxed).boxed(), count, None).boxed()
 }
 
-/// Everything the waypoint knows, from xDS.
-#[derive(Default)]
-pub struct Config {
-    pub discovery: State,
-    pub routes: BTreeMap<String, Route>,
-    pub policies: BTreeMap<String, (Policy, Vec<Target>)>,
+/// A stage's own answer.
+fn answer(stop: &Local) -> Response<Body> {
+    local(stop.status(), format!("{stop}\n"))
 }
 
-/// What an L7 policy targets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    Gateway,
-    Service { namespace: String, name: String },
-}
-
-impl Target {
-    /// Whether a policy with this target applies to traffic for `dest`: Gateway policies
-    /// to everything the waypoint serves, Service policies to traffic addressed to that
-    /// Service.
-    pub fn applies_to(&self, dest: &Dest) -> bool {
-        match (self, dest) {
-            (Target::Gateway, _) => true,
-            (Target::Service { namespace, name }, Dest::Service(s)) => {
-                *namespace == s.namespace && *name == s.name
-            }
-            (Target::Service { .. }, Dest::Workload(_)) => false,
-        }
-    }
-}
-
-impl Config {
-    /// The policies that apply to traffic for `dest`.
-    pub fn policies_for<'a>(&'a self, dest: &'a Dest) -> impl Iterator<Item = &'a Policy> + 'a {
-        self.policies
-            .values()
-            .filter(move |(_, targets)| targets.iter().any(|t| t.applies_to(dest)))
-            .map(|(p, _)| p)
-    }
+/// The answer when no try produced a response.
+fn failed(e: &UpstreamError) -> Response<Body> {
+    local(e.status(), format!("{e}\n"))
 }
 
 pub struct Waypoint {
     pub identity: SpiffeId,
-    pub config: Arc<RwLock<Config>>,
+    /// The configuration, one compiled snapshot per version.
+    pub config: Arc<ConfigStore>,
     pub certs: Arc<CertManager>,
     pub client: hbone::Client,
     pub metrics: Arc<Metrics>,
@@ -165,47 +129,6 @@ pub struct Waypoint {
 
 /// Bodies larger than this are not buffered for retries or mirroring (413).
 const MAX_BUFFERED_BODY: usize = 4 << 20;
-
-/// Retries may add at most 20% (and at least 3 concurrent) on top of the requests in
-/// flight, so a failing backend is not hammered by its own retries.
-#[derive(Default, Debug)]
-pub struct RetryBudget {
-    in_flight: std::sync::atomic::AtomicUsize,
-    retrying: std::sync::atomic::AtomicUsize,
-}
-
-impl RetryBudget {
-    pub fn request_started(&self) {
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    pub fn request_done(&self) {
-        self.in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    fn try_retry(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        let allowed = (self.in_flight.load(Relaxed) / 5).max(3);
-        if self.retrying.fetch_add(1, Relaxed) < allowed {
-            true
-        } else {
-            self.retrying.fetch_sub(1, Relaxed);
-            false
-        }
-    }
-    fn retry_done(&self) {
-        self.retrying
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-fn local(status: StatusCode, body: String) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "text/plain")
-        .body(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())
-        .expect("valid response")
-}
 
 fn is_http(p: AppProtocol) -> bool {
     matches!(
@@ -228,6 +151,18 @@ impl Conn {
         match &self.target.dest {
             Dest::Service(s) => Some(s),
             Dest::Workload(_) => None,
+        }
+    }
+
+    /// The authority a request that names none is for.
+    fn default_host(&self) -> String {
+        match &self.target.dest {
+            Dest::Service(s) => s.hostname.clone(),
+            Dest::Workload(w) => w
+                .addresses
+                .first()
+                .map(|ip| SocketAddr::new(*ip, self.target.port).to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -322,56 +257,6 @@ impl Waypoint {
         }
     }
 
-    /// Normalises the request in place (path, authority, `Host`) before anything looks
-    /// at it; returns the host policies match on, or why the request cannot be served.
-    fn normalize(&self, conn: &Conn, req: &mut Request<Body>) -> Result<normalize::Host, String> {
-        normalize::check_method(req.method())?;
-        if req.method() == http::Method::CONNECT {
-            // A tunnel inside the tunnel would carry bytes no route or policy sees.
-            return Err("CONNECT is not served on an HTTP port".into());
-        }
-        let host = match normalize::request_authority(req.uri(), req.headers())? {
-            Some(a) => normalize::normalize_host(a)?,
-            None => normalize::normalize_host(&match &conn.target.dest {
-                Dest::Service(s) => s.hostname.clone(),
-                Dest::Workload(w) => w
-                    .addresses
-                    .first()
-                    .map(|ip| SocketAddr::new(*ip, conn.target.port).to_string())
-                    .unwrap_or_default(),
-            })?,
-        };
-        let path = normalize::normalize_path(req.uri().path(), self.normalization)?;
-        let authority = req.uri().authority().map(|a| a.as_str());
-        // The same form as received (origin-form, or with an authority), with the
-        // normalised path and authority; rebuilt only when one of them changed.
-        if matches!(path, std::borrow::Cow::Owned(_)) || authority.is_some_and(|a| a != host.header)
-        {
-            let pq = match req.uri().query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.into_owned(),
-            };
-            let target = if authority.is_some() {
-                let scheme = req.uri().scheme_str().unwrap_or("http");
-                format!("{scheme}://{}{pq}", host.header)
-            } else {
-                pq
-            };
-            *req.uri_mut() = target
-                .parse()
-                .map_err(|e| format!("the normalised request target is invalid: {e}"))?;
-        }
-        // The backend gets the Host policy saw.
-        if req.headers().get(http::header::HOST).map(|h| h.as_bytes())
-            != Some(host.header.as_bytes())
-        {
-            let value = http::HeaderValue::from_str(&host.header)
-                .map_err(|_| format!("{:?} is not a valid Host", host.header))?;
-            req.headers_mut().insert(http::header::HOST, value);
-        }
-        Ok(host)
-    }
-
     async fn request(&self, conn: Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
         let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -388,7 +273,9 @@ impl Waypoint {
             conn.service().map(|s| s.as_ref()),
             conn.target.protocol,
         );
-        let (resp, backend, path) = match framing.and_then(|()| self.normalize(&conn, &mut req)) {
+        let (resp, backend, path) = match framing
+            .and_then(|()| admit::admit(&mut req, || conn.default_host(), self.normalization))
+        {
             Err(reason) => {
                 tracing::warn!(target: "access", method = %method, path = %received_path, src.identity = %conn.source,
                     src.addr = %conn.source_addr, dst = %conn.destination(), reason = %reason,
@@ -435,7 +322,7 @@ impl Waypoint {
         };
         labels.response_code = resp.status().as_u16();
         self.metrics.record(&labels, start.elapsed());
-        let resp = counted_response(resp, self.metrics.clone(), labels.clone(), request_bytes);
+        let resp = counted_response(resp, self.metrics.clone(), labels, request_bytes);
         if path == received_path {
             tracing::info!(target: "access", method = %method, path = %path, status = resp.status().as_u16(),
                 src.identity = %conn.source, src.addr = %conn.source_addr, dst.service = %conn.destination(),
@@ -458,34 +345,24 @@ impl Waypoint {
         host: &str,
         labels: &mut RequestLabels,
     ) -> (Response<Body>, String) {
-        // 1. L7 policy, on the normalised request (a header sent twice is seen as one
-        // value, joined with commas).
-        let decision = {
-            let cfg = self.config.read().expect("config lock");
-            let merged = normalize::merged_for_policy(req.headers());
-            authz::evaluate(
-                cfg.policies_for(&conn.target.dest),
-                &authz::Request {
-                    source: Some(&conn.source),
-                    source_ip: conn.source_addr.ip(),
-                    method: method.as_str(),
-                    path,
-                    host,
-                    port: conn.target.port,
-                    headers: merged.as_ref().unwrap_or(req.headers()),
-                },
-            )
+        let snap = self.config.snapshot();
+        let peer = Peer {
+            source: &conn.source,
+            source_ip: conn.source_addr.ip(),
+            port: conn.target.port,
         };
-        if let Decision::Deny { policy, reason } = decision {
-            tracing::warn!(target: "access", method = %method, src.identity = %conn.source, path = %path,
-                policy = %policy, reason = %reason, "request denied by authorization policy");
-            return (
-                local(
-                    StatusCode::FORBIDDEN,
-                    format!("RBAC: access denied by {policy}\n"),
-                ),
-                "-".into(),
-            );
+        let seen = Seen {
+            method,
+            path,
+            host,
+            headers: req.headers(),
+        };
+        if let Err(stop) = policy::check(snap.policies_for(&conn.target.dest), peer, &seen) {
+            if let Local::Denied { policy, reason } = &stop {
+                tracing::warn!(target: "access", method = %method, src.identity = %conn.source, path = %path,
+                    policy = %policy, reason = %reason, "request denied by authorization policy");
+            }
+            return (answer(&stop), stop.backend().into());
         }
         let svc = match &conn.target.dest {
             Dest::Service(s) => s,
@@ -498,178 +375,72 @@ impl Waypoint {
                     .await
                 {
                     Ok(resp) => (resp, backend),
-                    Err((code, msg)) => (local(code, format!("{msg}\n")), backend),
+                    Err(e) => (failed(&e), backend),
                 };
             }
         };
-        // 2. Route: the first matching rule by precedence; no route attached → the service
-        // itself; routes attached but no rule matches → 404 (Istio's answer).
-        let (backend_svc, backend_port, rule) = {
-            let cfg = self.config.read().expect("config lock");
-            let info = RequestInfo {
-                method,
-                path,
-                query: req.uri().query(),
-                headers: req.headers(),
-            };
-            let attached = cfg
-                .routes
-                .values()
-                .filter(|r| r.attaches_to(&svc.namespace, &svc.name, conn.target.port));
-            match route::route_request(attached, &info) {
-                route::Routing::NoMatch => {
-                    return (
-                        local(
-                            StatusCode::NOT_FOUND,
-                            format!(
-                                "no route rule of {}/{}:{} matches the request\n",
-                                svc.namespace, svc.name, conn.target.port
-                            ),
-                        ),
-                        "-".into(),
-                    );
+        let info = RequestInfo {
+            method,
+            path,
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
+        let plan = match routing::plan(&snap, svc, conn.target.port, &info, |total| {
+            rand::random_range(0..total)
+        }) {
+            Ok(plan) => plan,
+            Err(stop) => {
+                if let Local::RuleFailed { route, why } = &stop {
+                    tracing::warn!(route = %route, %why,
+                        "request failed: its route rule cannot be applied as written");
                 }
-                route::Routing::Rule(r, rule) => match route::decide(r, rule, |total| {
-                    rand::random_range(0..total)
-                }) {
-                    route::Decision::Fail(why) => {
-                        tracing::warn!(route = %format!("{}/{}", r.namespace, r.name), %why,
-                            "request failed: its route rule cannot be applied as written");
-                        return (
-                            local(StatusCode::INTERNAL_SERVER_ERROR, format!("{why}\n")),
-                            "-".into(),
-                        );
-                    }
-                    route::Decision::Redirect => {
-                        (svc.clone(), conn.target.port, Some(rule.clone()))
-                    }
-                    route::Decision::Backend(b) => {
-                        let found = cfg
-                            .discovery
-                            .services()
-                            .find(|s| s.namespace == b.namespace && s.name == b.name)
-                            .cloned();
-                        match found {
-                            Some(s) => (s, b.port.unwrap_or(conn.target.port), Some(rule.clone())),
-                            None => {
-                                return (
-                                    local(
-                                        StatusCode::SERVICE_UNAVAILABLE,
-                                        format!(
-                                            "backend {}/{} is not a known service\n",
-                                            b.namespace, b.name
-                                        ),
-                                    ),
-                                    "-".into(),
-                                );
-                            }
-                        }
-                    }
-                },
-                route::Routing::Unrouted => (svc.clone(), conn.target.port, None),
+                return (answer(&stop), stop.backend().into());
             }
         };
+        drop(snap);
         let backend = format!(
-            "{}/{}:{backend_port}",
-            backend_svc.namespace, backend_svc.name
+            "{}/{}:{}",
+            plan.service.namespace, plan.service.name, plan.port
         );
-        let filters: &[route::Filter] = rule.as_ref().map_or(&[], |r| &r.filters);
-        let matched_prefix: Option<String> = rule.as_ref().and_then(|r| {
-            r.matched_prefix(&RequestInfo {
-                method,
-                path,
-                query: req.uri().query(),
-                headers: req.headers(),
-            })
-            .map(str::to_string)
-        });
+        let rule: Option<&Rule> = plan.rule.as_deref();
+        let filters: &[crate::route::Filter] = rule.map_or(&[], |r| &r.filters);
+        let at = filters::At {
+            host,
+            path,
+            matched_prefix: rule.and_then(|r| r.matched_prefix(&info)),
+        };
         // Faults first (as Envoy's fault filter runs before the router): delay, then abort.
-        if let Some(fault) = rule.as_ref().and_then(|r| r.fault()) {
-            if let Some((delay, pct)) = fault.delay
-                && route::fault_applies(pct, rand::random::<f64>() * 100.0)
-            {
+        if let Some(f) = rule.and_then(|r| r.fault()) {
+            let injected = fault::decide(f, || rand::random::<f64>() * 100.0);
+            if let Some(delay) = injected.delay {
                 tokio::time::sleep(delay).await;
             }
-            if let Some((status, pct)) = fault.abort
-                && route::fault_applies(pct, rand::random::<f64>() * 100.0)
-            {
-                let code =
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                return (local(code, "fault filter abort\n".into()), "fault".into());
+            if let Some(code) = injected.abort {
+                let stop = Local::FaultAbort(code);
+                return (answer(&stop), stop.backend().into());
             }
         }
         // Redirects are answered here.
-        if let Some(r) = rule.as_ref().and_then(|r| r.redirect()) {
-            let (code, location) = route::redirect(
-                r,
-                "http",
-                host,
-                path,
-                req.uri().query(),
-                matched_prefix.as_deref(),
-            );
-            let resp = Response::builder()
-                .status(code)
-                .header(http::header::LOCATION, location)
-                .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
-                .expect("valid redirect");
+        if let Some(resp) = rule.and_then(|r| filters::redirect(r, &at, req.uri().query())) {
             return (resp, "redirect".into());
         }
-        for f in filters {
-            match f {
-                route::Filter::RequestHeaders(m) => m.apply(req.headers_mut()),
-                route::Filter::Rewrite(rw) => {
-                    if let Some(h) = &rw.hostname {
-                        req.headers_mut().insert(http::header::HOST, h.clone());
-                    }
-                    if let Some(pm) = &rw.path {
-                        let new_path = route::modify_path(pm, path, matched_prefix.as_deref());
-                        let pq = match req.uri().query() {
-                            Some(q) => format!("{new_path}?{q}"),
-                            None => new_path,
-                        };
-                        if let Ok(uri) = pq.parse() {
-                            *req.uri_mut() = uri;
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        // A route's header filter does not get to speak for the connection.
-        crate::hop::strip(req.headers_mut());
-        let retry = rule.as_ref().and_then(|r| r.retry.clone());
-        let mirror = rule.as_ref().and_then(|r| r.mirror().cloned());
-        let overall = rule.as_ref().and_then(|r| r.request_timeout);
-        let per_try = rule.as_ref().and_then(|r| r.backend_request_timeout);
-        let attempt = self.attempts(
-            conn,
-            req,
-            &backend_svc,
-            backend_port,
-            retry,
-            mirror,
-            per_try,
-            labels,
-        );
-        let result = within(overall, attempt).await;
-        match result {
+        filters::on_request(filters, &mut req, &at);
+        let overall = rule.and_then(|r| r.request_timeout);
+        let per_try = rule.and_then(|r| r.backend_request_timeout);
+        let attempt = self.attempts(conn, req, &plan.service, plan.port, rule, per_try, labels);
+        match within(overall, attempt).await {
             Ok(mut resp) => {
-                for f in filters {
-                    if let route::Filter::ResponseHeaders(m) = f {
-                        m.apply(resp.headers_mut());
-                    }
-                }
-                crate::hop::strip(resp.headers_mut());
+                filters::on_response(filters, &mut resp);
                 (resp, backend)
             }
-            Err((code, msg)) => (local(code, format!("{msg}\n")), backend),
+            Err(e) => (failed(&e), backend),
         }
     }
 
     /// One try: an endpoint chosen by the balancer (two choices, outliers ejected, the
     /// service's in-flight limit), the request forwarded within `per_try`, and the
-    /// outcome reported back for outlier detection.
+    /// outcome reported back for outlier detection. Each try reads the current
+    /// configuration (a retry sees endpoints that changed meanwhile).
     async fn balanced(
         &self,
         mut req: Request<Body>,
@@ -678,12 +449,13 @@ impl Waypoint {
         protocol: AppProtocol,
         per_try: Option<std::time::Duration>,
         labels: &mut RequestLabels,
-    ) -> Result<Response<Body>, (StatusCode, String)> {
+    ) -> Result<Response<Body>, UpstreamError> {
         use crate::balancer::Choice;
-        let candidates = {
-            let cfg = self.config.read().expect("config lock");
-            cfg.discovery.endpoint_candidates(svc, port, None)
-        };
+        let candidates = self
+            .config
+            .snapshot()
+            .discovery
+            .endpoint_candidates(svc, port, None);
         let uids: Vec<&str> = candidates.iter().map(|(w, _)| w.uid.as_str()).collect();
         let rolls = (
             rand::random::<u32>() as usize,
@@ -692,22 +464,15 @@ impl Waypoint {
         let (ep, target_port) = match self.balancer.choose(&uids, rolls, Instant::now()) {
             Choice::Endpoint(i) => candidates[i].clone(),
             Choice::NoEndpoint => {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "no healthy endpoint for {}/{}:{port}",
-                        svc.namespace, svc.name
-                    ),
-                ));
+                return Err(UpstreamError::NoEndpoint {
+                    service: format!("{}/{}", svc.namespace, svc.name),
+                    port,
+                });
             }
             Choice::Overflow => {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "upstream overflow: {}/{} has too many requests in flight",
-                        svc.namespace, svc.name
-                    ),
-                ));
+                return Err(UpstreamError::Overflow {
+                    service: format!("{}/{}", svc.namespace, svc.name),
+                });
             }
         };
         labels.set_destination(&ep);
@@ -724,12 +489,12 @@ impl Waypoint {
             let endpoint = format!("{}/{}", ep.namespace, ep.name);
             self.tracer.record(match &result {
                 Ok(r) => span.finish(&endpoint, r.status().as_u16(), None),
-                Err((_, e)) => span.finish(&endpoint, 0, Some(e)),
+                Err(e) => span.finish(&endpoint, 0, Some(&e.to_string())),
             });
         }
         let ok = match &result {
             Ok(r) => !r.status().is_server_error(),
-            Err((code, _)) => !code.is_server_error(),
+            Err(e) => !e.status().is_server_error(),
         };
         if self.balancer.report(&ep.uid, ok, &uids, Instant::now()) {
             tracing::warn!(endpoint = %ep.uid, service = %format!("{}/{}", svc.namespace, svc.name), "endpoint ejected after consecutive failures");
@@ -747,23 +512,21 @@ impl Waypoint {
         req: Request<Body>,
         svc: &Service,
         port: u16,
-        retry: Option<route::Retry>,
-        mirror: Option<route::Backend>,
+        rule: Option<&Rule>,
         per_try: Option<std::time::Duration>,
         labels: &mut RequestLabels,
-    ) -> Result<Response<Body>, (StatusCode, String)> {
+    ) -> Result<Response<Body>, UpstreamError> {
+        let retry = rule.and_then(|r| r.retry.as_ref());
+        let mirror = rule.and_then(|r| r.mirror());
         if retry.is_none() && mirror.is_none() {
             return self
                 .balanced(req, svc, port, conn.target.protocol, per_try, labels)
                 .await;
         }
         let (parts, body) = req.into_parts();
-        let body = buffer_body(body, MAX_BUFFERED_BODY).await.map_err(|e| {
-            (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body not buffered for retry/mirror: {e}"),
-            )
-        })?;
+        let body = buffer_body(body, MAX_BUFFERED_BODY)
+            .await
+            .map_err(UpstreamError::BodyTooLarge)?;
         let copy = |uri: &http::Uri| {
             let mut r = Request::builder()
                 .method(parts.method.clone())
@@ -772,21 +535,18 @@ impl Waypoint {
             if let Some(h) = r.headers_mut() {
                 *h = parts.headers.clone();
             }
-            r.body(Full::new(body.clone()).map_err(|e| match e {}).boxed())
+            r.body(crate::body::full(body.clone()))
                 .expect("valid request")
         };
         if let Some(m) = mirror {
             // The copy goes to any endpoint of the mirror service; its outcome is ignored,
             // so it takes no part in balancing or outlier detection.
             let target = {
-                let cfg = self.config.read().expect("config lock");
-                cfg.discovery
-                    .services()
-                    .find(|s| s.namespace == m.namespace && s.name == m.name)
-                    .and_then(|ms| {
-                        cfg.discovery
-                            .pick_endpoint(ms, m.port.unwrap_or(port), None)
-                    })
+                let snap = self.config.snapshot();
+                snap.service(&m.namespace, &m.name).and_then(|ms| {
+                    snap.discovery
+                        .pick_endpoint(ms, m.port.unwrap_or(port), None)
+                })
             };
             if let Some((ep, tp)) = target {
                 let req = copy(&parts.uri);
@@ -797,11 +557,6 @@ impl Waypoint {
                 });
             }
         }
-        let retries = retry.as_ref().map_or(0, |r| r.attempts);
-        let codes: Vec<u16> = retry.as_ref().map(|r| r.codes.clone()).unwrap_or_default();
-        let backoff = retry
-            .as_ref()
-            .map_or(std::time::Duration::from_millis(25), |r| r.backoff);
         let mut tried = 0;
         loop {
             let result = self
@@ -814,22 +569,16 @@ impl Waypoint {
                     labels,
                 )
                 .await;
-            let retriable = match &result {
-                Ok(r) => codes.contains(&r.status().as_u16()),
-                Err((code, _)) => matches!(
-                    *code,
-                    StatusCode::SERVICE_UNAVAILABLE
-                        | StatusCode::BAD_GATEWAY
-                        | StatusCode::GATEWAY_TIMEOUT
-                ),
+            let Some(r) = retry else {
+                return result;
             };
-            if !retriable || tried >= retries || !self.budget.try_retry() {
+            let retriable = retry::retriable(result.as_ref().map(|x| x.status()), r);
+            if !retry::again(retriable, tried, r, &self.budget) {
                 return result;
             }
             tried += 1;
             tracing::debug!(attempt = tried, "retrying");
-            let jitter = rand::random::<f64>() * 0.5 + 0.75;
-            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            tokio::time::sleep(retry::backoff(r.backoff, rand::random::<f64>())).await;
             self.budget.retry_done();
         }
     }
@@ -857,13 +606,8 @@ impl Waypoint {
         ep: &Workload,
         port: u16,
         protocol: AppProtocol,
-    ) -> Result<Response<Body>, (StatusCode, String)> {
-        let unavailable = |e: String| {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("upstream connect error: {e}"),
-            )
-        };
+    ) -> Result<Response<Body>, UpstreamError> {
+        let unavailable = UpstreamError::Connect;
         let key = EndpointKey {
             workload_uid: ep.uid.clone(),
             addr: SocketAddr::new(
@@ -926,10 +670,7 @@ impl Waypoint {
                     Err(mut e) => match e.take_message() {
                         Some(unsent) => req = unsent,
                         None => {
-                            return Err((
-                                StatusCode::BAD_GATEWAY,
-                                format!("upstream error: {}", e.into_error()),
-                            ));
+                            return Err(UpstreamError::Protocol(e.into_error().to_string()));
                         }
                     },
                 }
@@ -946,7 +687,7 @@ impl Waypoint {
             }
             resp
         };
-        resp.map_err(|e| (StatusCode::BAD_GATEWAY, format!("upstream error: {e}")))
+        resp.map_err(|e| UpstreamError::Protocol(e.to_string()))
             .and_then(boxed_response)
     }
 
@@ -980,9 +721,11 @@ impl Waypoint {
             ),
         );
         let (decision, picked) = {
-            let cfg = self.config.read().expect("config lock");
+            let snap = self.config.snapshot();
             let decision = crate::l4::decide(
-                cfg.policies_for(&conn.target.dest),
+                snap.policies_for(&conn.target.dest)
+                    .iter()
+                    .map(|p| p.as_ref()),
                 &crate::l4::Connection {
                     source: Some(&conn.source),
                     source_ip: conn.source_addr.ip(),
@@ -990,7 +733,7 @@ impl Waypoint {
                 },
             );
             let picked = match &conn.target.dest {
-                Dest::Service(s) => cfg.discovery.pick_endpoint(s, conn.target.port, None),
+                Dest::Service(s) => snap.discovery.pick_endpoint(s, conn.target.port, None),
                 Dest::Workload(w) => Some((w.clone(), conn.target.port)),
             };
             (decision, picked)
@@ -1067,12 +810,12 @@ impl ConnectHandler for Handler {
         };
         let me = Me::from_identity(&wp.identity);
         let (target, source_workload) = {
-            let cfg = wp.config.read().expect("config lock");
-            let source = cfg
+            let snap: Arc<Snapshot> = wp.config.snapshot();
+            let source = snap
                 .discovery
                 .workload_by_ip("", req.peer_addr.ip())
                 .cloned();
-            (binding::resolve(&cfg.discovery, &me, dst), source)
+            (binding::resolve(&snap.discovery, &me, dst), source)
         };
         let target = match target {
             Ok(t) => t,

@@ -19,7 +19,8 @@ pub enum Decision<'a> {
 
 /// Decides for `rule` of `route`; `roll(total)` is uniform in [0, total).
 pub fn decide<'a>(route: &Route, rule: &'a Rule, roll: impl FnOnce(u32) -> u32) -> Decision<'a> {
-    let name = format!("{} {}/{}", route.kind, route.namespace, route.name);
+    // Named only in a failure (nothing is formatted for a request that goes through).
+    let name = RouteName(route);
     if let Some(why) = &rule.invalid {
         return Decision::Fail(format!("{name} {} cannot be applied: {why}", rule.at));
     }
@@ -39,6 +40,15 @@ pub fn decide<'a>(route: &Route, rule: &'a Rule, roll: impl FnOnce(u32) -> u32) 
             None => Decision::Backend(b),
         },
         None => Decision::Fail(format!("{name} {} has no backend", rule.at)),
+    }
+}
+
+/// A route as failures name it: `HTTPRoute shop/r`.
+struct RouteName<'a>(&'a Route);
+
+impl std::fmt::Display for RouteName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.0.kind, self.0.namespace, self.0.name)
     }
 }
 

@@ -3,7 +3,7 @@
 //! to the pool once their response body has been read to the end; an HTTP/2 connection
 //! is shared by every request to its endpoint.
 
-use crate::proxy::Body;
+use crate::body::Body;
 use hyper::client::conn::{http1, http2};
 use std::collections::HashMap;
 use std::net::SocketAddr;

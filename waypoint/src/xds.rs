@@ -5,17 +5,17 @@
 //! marks it synced (the waypoint serves nothing before all three have synced).
 
 use crate::authz::Policy;
-use crate::proxy::{Config, Target};
+use crate::proxy::{Config, ConfigStore, Target};
 use crate::route;
 use crate::server::Lifecycle;
 use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::prost::Message;
 use mesh_proto::{type_url, waypoint, workload};
 use mesh_xds::Registry;
-use std::sync::{Arc, LazyLock, RwLock};
+use std::sync::{Arc, LazyLock};
 
 pub struct Apply {
-    pub config: Arc<RwLock<Config>>,
+    pub config: Arc<ConfigStore>,
     pub lifecycle: Arc<Lifecycle>,
 }
 
@@ -166,7 +166,7 @@ mod tests {
     use mesh_xds::Handler;
 
     fn apply_policy(value: Vec<u8>) -> (Vec<(String, String)>, Config) {
-        let config = Arc::new(RwLock::new(Config::default()));
+        let config = Arc::new(ConfigStore::default());
         let mut a = Apply {
             config: config.clone(),
             lifecycle: Lifecycle::new(),
@@ -268,7 +268,7 @@ mod tests {
     }
 
     fn apply_route(route: &waypoint::HttpRoute) -> (Vec<(String, String)>, Config) {
-        let config = Arc::new(RwLock::new(Config::default()));
+        let config = Arc::new(ConfigStore::default());
         let mut a = Apply {
             config: config.clone(),
             lifecycle: Lifecycle::new(),

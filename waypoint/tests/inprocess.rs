@@ -12,12 +12,12 @@ use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::workload as pb;
 use mesh_xds::certs::{CertManager, CertSource};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use waypoint::authz::Policy;
-use waypoint::proxy::{Config, Handler, Target, Waypoint};
+use waypoint::proxy::{Config, ConfigStore, Handler, Target, Waypoint};
 use waypoint::server::{Lifecycle, ServeConfig, Stopped};
 
 const DAY: Duration = Duration::from_secs(86400);
@@ -221,7 +221,7 @@ struct Setup {
     client_cert: WorkloadCertificate,
     waypoint_id: SpiffeId,
     waypoint_addr: SocketAddr,
-    config: Arc<RwLock<Config>>,
+    config: Arc<ConfigStore>,
     hits: Vec<Arc<AtomicUsize>>,
     conns: Vec<Arc<AtomicUsize>>,
     metrics: Arc<waypoint::metrics::Metrics>,
@@ -268,7 +268,7 @@ async fn setup_traced(t: u8, tracer: Arc<mesh_trace::Tracer>) -> Setup {
     ] {
         state.apply_address(&a).unwrap();
     }
-    let config = Arc::new(RwLock::new(Config {
+    let config = Arc::new(ConfigStore::new(Config {
         discovery: state,
         ..Default::default()
     }));
@@ -313,7 +313,7 @@ async fn setup_traced(t: u8, tracer: Arc<mesh_trace::Tracer>) -> Setup {
 
 fn new_waypoint(
     id: &SpiffeId,
-    config: &Arc<RwLock<Config>>,
+    config: &Arc<ConfigStore>,
     certs: Arc<CertManager>,
     metrics: &Arc<waypoint::metrics::Metrics>,
     tracer: Arc<mesh_trace::Tracer>,
@@ -1021,7 +1021,7 @@ async fn not_ready_and_not_listening_until_addresses_routes_and_policies_synced(
     use mesh_xds::Handler as _;
     let s = setup(9).await;
     // A fresh waypoint, fed only by xDS.
-    let config = Arc::new(RwLock::new(Config::default()));
+    let config = Arc::new(ConfigStore::default());
     let wp = new_waypoint(
         &s.waypoint_id,
         &config,

@@ -1,0 +1,40 @@
+//! Stage: the route's timeouts (the whole request, each try) around an upstream future.
+
+use super::UpstreamError;
+use std::future::Future;
+use std::time::Duration;
+
+/// Awaits `fut`, or [`UpstreamError::Timeout`] if it takes longer than `limit`.
+pub async fn within<T>(
+    limit: Option<Duration>,
+    fut: impl Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    match limit {
+        Some(t) => tokio::time::timeout(t, fut)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout)),
+        None => fut.await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_future_that_never_ends_times_out_one_that_is_ready_does_not() {
+        let never = std::future::pending::<Result<(), UpstreamError>>();
+        assert_eq!(
+            within(Some(Duration::from_millis(1)), never).await,
+            Err(UpstreamError::Timeout)
+        );
+        let ready = async { Ok::<_, UpstreamError>(7) };
+        assert_eq!(within(Some(Duration::from_secs(3600)), ready).await, Ok(7));
+        let failed = async { Err::<(), _>(UpstreamError::Connect("refused".into())) };
+        assert_eq!(
+            within(None, failed).await,
+            Err(UpstreamError::Connect("refused".into())),
+            "no limit: the outcome as it is"
+        );
+    }
+}
