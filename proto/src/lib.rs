@@ -74,6 +74,7 @@ pub use generated::mesh::cni::v1 as cni;
 pub use generated::mesh::echo::v1 as echo;
 pub use generated::mesh::waypoint::v1 as waypoint;
 
+pub mod duration;
 pub mod process;
 pub mod zds;
 

@@ -49,13 +49,13 @@ struct Args {
     path_normalization: PathNormalization,
     /// On SIGTERM, how long in-flight requests may take to finish before the waypoint
     /// exits anyway (a Gateway API duration: 5s, 500ms, 1m).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = mesh_proto::duration::parse)]
     #[serde(serialize_with = "display_duration")]
     drain_deadline: Duration,
     /// On SIGTERM, how long the waypoint keeps accepting new connections, its readiness
     /// already failing, before it drains: in a cluster, endpoints are removed while the
     /// pod is told to stop, and ztunnels may still send to it meanwhile.
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = mesh_proto::duration::parse)]
     #[serde(serialize_with = "display_duration")]
     drain_delay: Duration,
     /// OTLP/gRPC collector for traces (a server span per request, a client span per
@@ -83,11 +83,6 @@ struct Args {
 
 fn parse_normalization(s: &str) -> Result<PathNormalization, String> {
     s.parse()
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    waypoint::route::parse_duration(s)
-        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 5s, 500ms, 1m)"))
 }
 
 fn display<S: serde::Serializer>(v: &PathNormalization, s: S) -> Result<S::Ok, S::Error> {

@@ -38,7 +38,7 @@ pub struct Config {
     #[arg(long, env = "CA_ADDRESS")]
     pub ca_address: Option<String>,
     /// Requested workload certificate lifetime.
-    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = mesh_proto::duration::parse)]
     #[serde(with = "secs")]
     pub cert_ttl: Duration,
 
@@ -66,7 +66,7 @@ pub struct Config {
     #[arg(long, env = "READINESS_ADDR", default_value = "[::]:15021")]
     pub readiness_addr: SocketAddr,
     /// How long open connections may finish after SIGTERM or a pod's removal.
-    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", default_value = "5s", value_parser = mesh_proto::duration::parse)]
     #[serde(with = "secs")]
     pub drain_deadline: Duration,
     /// After a handover (the node agent moved new pods and connections to a newer
@@ -74,7 +74,7 @@ pub struct Config {
     /// SIGTERM does. Once it has seen SIGTERM (Kubernetes sends one when the new pod is
     /// ready) it exits as soon as the last one ends; before that it stays up, idle, as a
     /// container that exits is restarted and would take the node back.
-    #[arg(long, env = "HANDOVER_MAX_AGE", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "HANDOVER_MAX_AGE", default_value = "1h", value_parser = mesh_proto::duration::parse)]
     #[serde(with = "secs")]
     pub handover_max_age: Duration,
     /// Log format: text or json.
@@ -149,25 +149,6 @@ mod secs {
     ) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{}s", d.as_secs_f64()))
     }
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 5s, 200ms, 24h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" | "" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
 }
 
 impl Config {
@@ -271,15 +252,6 @@ mod tests {
 
     fn parse(args: &[&str]) -> Config {
         Config::try_parse_from(std::iter::once("ztunnel").chain(args.iter().copied())).unwrap()
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("5 parsecs").is_err());
     }
 
     #[test]

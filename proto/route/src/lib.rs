@@ -16,8 +16,6 @@
 pub mod compiled;
 pub mod k8s;
 
-use std::time::Duration;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
     /// Not understood: the rule answers 500, or the match matches nothing.
@@ -73,34 +71,7 @@ impl std::fmt::Display for Finding {
 
 /// A Gateway API duration (GEP-2257): one to four `<1-5 digits><unit>` pairs, units
 /// `h`, `m`, `s`, `ms` (`2s`, `150ms`, `1m30s`).
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let mut rest = s;
-    let mut parts = 0;
-    let mut total = Duration::ZERO;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 || digits > 5 {
-            return None;
-        }
-        let n: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let (unit, len) = if rest.starts_with("ms") {
-            (Duration::from_millis(n), 2)
-        } else if rest.starts_with('h') {
-            (Duration::from_secs(3600 * n), 1)
-        } else if rest.starts_with('m') {
-            (Duration::from_secs(60 * n), 1)
-        } else if rest.starts_with('s') {
-            (Duration::from_secs(n), 1)
-        } else {
-            return None;
-        };
-        rest = &rest[len..];
-        total += unit;
-        parts += 1;
-    }
-    (1..=4).contains(&parts).then_some(total)
-}
+pub use mesh_proto::duration::parse_gateway as parse_duration;
 
 /// Whether a fault applies to a request, given a uniform roll in [0, 100); no percentage:
 /// every request.
@@ -111,18 +82,6 @@ pub fn fault_applies(percentage: Option<f64>, roll: f64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_follow_gep_2257() {
-        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
-        for bad in ["", "5", "ten", "1.5s", "123456s", "1s2s3s4s5s", "-1s", "1d"] {
-            assert_eq!(parse_duration(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn faults_apply_by_percentage() {
