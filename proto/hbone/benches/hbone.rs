@@ -1,5 +1,10 @@
 //! HBONE over loopback: single-stream throughput, and CONNECT streams per second on a
 //! warm (pooled) connection. Real TLS 1.3, real HTTP/2, real TCP apps.
+//!
+//! The `direct_*` / `mesh_*` pairs measure ztunnel's own data path against plain TCP in
+//! the same run: a TCP client → an outbound proxy (`Tunnel::copy_with_tcp`) → HBONE →
+//! the server's `copy_with_tcp` → the app, versus the client talking to the app. Compare
+//! their ratio, not absolute figures (the machine is shared).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hbone::client::{Client, ClientSettings, TcpDialer};
@@ -43,6 +48,18 @@ fn cert(ca: &CertificateAuthority, sa: &str) -> WorkloadCertificate {
     WorkloadCertificate::from_ca_response(&id, &csr.key, &chain).unwrap()
 }
 
+/// The settings under test: `HBONE_BENCH_TLS_BUFFER` (bytes) overrides rustls' send
+/// buffer limit, to compare values in alternated runs of one build.
+fn tuned(mut s: H2Settings) -> H2Settings {
+    if let Some(n) = std::env::var("HBONE_BENCH_TLS_BUFFER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        s.tls_send_buffer = n;
+    }
+    s
+}
+
 /// Reads to EOF, answers with one byte. Or echoes, when `echo`.
 async fn app(echo: bool) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -71,6 +88,62 @@ async fn app(echo: bool) -> SocketAddr {
     addr
 }
 
+/// An outbound proxy as ztunnel has it: each accepted TCP connection is tunnelled to
+/// `target` with `copy_with_tcp`.
+async fn outbound(
+    client: Client<TcpDialer>,
+    key: PoolKey,
+    cert: Arc<WorkloadCertificate>,
+    target: SocketAddr,
+) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            let _ = tcp.set_nodelay(true);
+            let (client, key, cert) = (client.clone(), key.clone(), cert.clone());
+            tokio::spawn(async move {
+                let est = client
+                    .connect(&key, &cert, &ConnectRequest::new(target))
+                    .await
+                    .unwrap();
+                let _ = est.tunnel.copy_with_tcp(&tcp).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `PAYLOAD` bytes to a sink at `addr` and waits for its one-byte answer.
+async fn push_payload(addr: SocketAddr, chunk: &[u8]) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.set_nodelay(true);
+    for _ in 0..PAYLOAD / chunk.len() {
+        s.write_all(chunk).await.unwrap();
+    }
+    s.shutdown().await.unwrap();
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack).await.unwrap();
+}
+
+/// `iters` request/response round trips of `size` bytes to an echo server at `addr`, on
+/// one connection; only the round trips are timed.
+async fn round_trips(addr: SocketAddr, size: usize, iters: u64) -> Duration {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.set_nodelay(true);
+    let (req, mut resp) = (vec![7u8; size], vec![0u8; size]);
+    // Warm the path (the tunnel is set up on the first bytes).
+    s.write_all(&req).await.unwrap();
+    s.read_exact(&mut resp).await.unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..iters {
+        s.write_all(&req).await.unwrap();
+        s.read_exact(&mut resp).await.unwrap();
+    }
+    start.elapsed()
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -84,7 +157,7 @@ fn bench(c: &mut Criterion) {
         let addr = l.local_addr().unwrap();
         let tls = Arc::new(mesh_identity::server_config(&server_cert).unwrap());
         tokio::spawn(async move {
-            let settings = H2Settings::server();
+            let settings = tuned(H2Settings::server());
             loop {
                 let (tcp, _) = l.accept().await.unwrap();
                 let (tls, settings) = (tls.clone(), settings.clone());
@@ -104,7 +177,13 @@ fn bench(c: &mut Criterion) {
             addr,
             app(false).await,
             app(true).await,
-            Client::new(TcpDialer, ClientSettings::default()),
+            Client::new(
+                TcpDialer,
+                ClientSettings {
+                    h2: tuned(H2Settings::client()),
+                    ..Default::default()
+                },
+            ),
         )
     });
     let key = PoolKey::new(
@@ -148,6 +227,30 @@ fn bench(c: &mut Criterion) {
             est.tunnel.read_exact(&mut back).await.unwrap();
         })
     });
+    g.finish();
+
+    let cert = Arc::new(client_cert.clone());
+    let (mesh_sink, mesh_echo) = rt.block_on(async {
+        (
+            outbound(client.clone(), key.clone(), cert.clone(), sink).await,
+            outbound(client.clone(), key.clone(), cert.clone(), echo).await,
+        )
+    });
+    let mut g = c.benchmark_group("path");
+    g.sample_size(10).measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Bytes(PAYLOAD as u64));
+    for (name, addr) in [("direct_64MiB", sink), ("mesh_64MiB", mesh_sink)] {
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| push_payload(addr, &chunk))
+        });
+    }
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(20).measurement_time(Duration::from_secs(4));
+    for (name, addr) in [("direct_rr_512B", echo), ("mesh_rr_512B", mesh_echo)] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| rt.block_on(round_trips(addr, 512, iters)))
+        });
+    }
     g.finish();
     assert_eq!(
         client.connections(),
