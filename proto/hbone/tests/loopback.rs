@@ -217,7 +217,11 @@ async fn large_transfer_through_both_copy_loops_is_byte_exact_with_half_close() 
         est.tunnel.copy_with_tcp(&downstream).await.unwrap()
     });
     let data = pattern(LEN);
-    let s = TcpStream::connect(front_addr).await.unwrap();
+    // A small receive buffer and a late reader: the proxy's writes to us fill the socket
+    // and come back short, so the rest of a batch must follow in order.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    let s = sock.connect(front_addr).await.unwrap();
     let (mut r, mut w) = s.into_split();
     let sending = data.clone();
     let writer = tokio::spawn(async move {
@@ -229,9 +233,10 @@ async fn large_transfer_through_both_copy_loops_is_byte_exact_with_half_close() 
         w.shutdown().await.unwrap();
         w
     });
+    let _w = writer.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut answer = Vec::with_capacity(LEN);
     r.read_to_end(&mut answer).await.unwrap();
-    let _w = writer.await.unwrap();
     let mut want = data;
     want.reverse();
     assert_eq!(answer.len(), LEN, "the app's FIN must end the answer");
