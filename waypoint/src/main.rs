@@ -118,11 +118,6 @@ async fn serve_admin(
     }
 }
 
-/// jemalloc, as in ztunnel: freed memory is reused without page faults and returned to
-/// the kernel after load.
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 fn main() {
     let a = Args::parse();
     tracing_subscriber::fmt()

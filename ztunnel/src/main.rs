@@ -4,11 +4,6 @@ use tracing_subscriber::prelude::*;
 use tracing_subscriber::{EnvFilter, reload};
 use ztunnel::config::Config;
 
-/// jemalloc: reuses freed buffers without faulting pages in again and returns them to
-/// the kernel after load, where glibc's arenas keep RSS up (see proto/hbone/README.md).
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 fn main() {
     let cfg = Config::parse();
     if let Err(e) = cfg.validate() {
