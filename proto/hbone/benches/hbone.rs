@@ -48,18 +48,6 @@ fn cert(ca: &CertificateAuthority, sa: &str) -> WorkloadCertificate {
     WorkloadCertificate::from_ca_response(&id, &csr.key, &chain).unwrap()
 }
 
-/// The settings under test: `HBONE_BENCH_TLS_BUFFER` (bytes) overrides rustls' send
-/// buffer limit, to compare values in alternated runs of one build.
-fn tuned(mut s: H2Settings) -> H2Settings {
-    if let Some(n) = std::env::var("HBONE_BENCH_TLS_BUFFER")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        s.tls_send_buffer = n;
-    }
-    s
-}
-
 /// Reads to EOF, answers with one byte. Or echoes, when `echo`.
 async fn app(echo: bool) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -144,6 +132,26 @@ async fn round_trips(addr: SocketAddr, size: usize, iters: u64) -> Duration {
     start.elapsed()
 }
 
+/// User + system CPU time of this process so far (`/proc/self/stat`, 100 ticks/s).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    Duration::from_millis((f[0] + f[1]) * 10)
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -157,7 +165,7 @@ fn bench(c: &mut Criterion) {
         let addr = l.local_addr().unwrap();
         let tls = Arc::new(mesh_identity::server_config(&server_cert).unwrap());
         tokio::spawn(async move {
-            let settings = tuned(H2Settings::server());
+            let settings = H2Settings::server();
             loop {
                 let (tcp, _) = l.accept().await.unwrap();
                 let (tls, settings) = (tls.clone(), settings.clone());
@@ -177,13 +185,7 @@ fn bench(c: &mut Criterion) {
             addr,
             app(false).await,
             app(true).await,
-            Client::new(
-                TcpDialer,
-                ClientSettings {
-                    h2: tuned(H2Settings::client()),
-                    ..Default::default()
-                },
-            ),
+            Client::new(TcpDialer, ClientSettings::default()),
         )
     });
     let key = PoolKey::new(
@@ -252,6 +254,47 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+
+    // The same paths timed in CPU-seconds of the whole process (client, proxies and app
+    // alike) rather than wall time: on a shared machine, waiting for a core inflates wall
+    // time but not CPU time. mesh − direct is what the two copies, TLS and HTTP/2 cost.
+    let mut g = c.benchmark_group("cpu");
+    g.sample_size(10).measurement_time(Duration::from_secs(8));
+    g.throughput(Throughput::Bytes(PAYLOAD as u64));
+    for (name, addr) in [("direct_64MiB", sink), ("mesh_64MiB", mesh_sink)] {
+        let chunk = &chunk;
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = cpu_time();
+                    for _ in 0..iters {
+                        push_payload(addr, chunk).await;
+                    }
+                    cpu_time() - start
+                })
+            })
+        });
+    }
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(20).measurement_time(Duration::from_secs(4));
+    for (name, addr) in [("direct_rr_512B", echo), ("mesh_rr_512B", mesh_echo)] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = cpu_time();
+                    round_trips(addr, 512, iters).await;
+                    cpu_time() - start
+                })
+            })
+        });
+    }
+    g.finish();
+
+    // Memory after the load above, and once the allocator has had time to give it back
+    // (jemalloc returns dirty pages after about 10 s; glibc keeps its arenas).
+    eprintln!("RSS after load: {} KiB", rss_kib());
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(12)).await });
+    eprintln!("RSS 12 s after load: {} KiB", rss_kib());
     assert_eq!(
         client.connections(),
         1,

@@ -230,13 +230,10 @@ impl<D: Dialer> Client<D> {
         let tls_config = mesh_identity::client_config(cert, key.dst_ids.clone())?;
         let connector = TlsConnector::from(Arc::new(tls_config));
         let name = ServerName::IpAddress(key.dst.ip().into());
-        let mut tls = tokio::time::timeout_at(ready_by, connector.connect(name, tcp))
+        let tls = tokio::time::timeout_at(ready_by, connector.connect(name, tcp))
             .await
             .map_err(|_| timed_out())?
             .map_err(|e| tls_error(key.dst, e))?;
-        tls.get_mut()
-            .1
-            .set_buffer_limit(Some(s.h2.tls_send_buffer));
         let (sender, mut conn) =
             tokio::time::timeout_at(ready_by, s.h2.client_builder().handshake(tls))
                 .await

@@ -135,13 +135,10 @@ where
     H: ConnectHandler,
 {
     let deadline = Instant::now() + settings.handshake_timeout;
-    let mut tls = tokio::time::timeout_at(deadline, TlsAcceptor::from(tls).accept(io))
+    let tls = tokio::time::timeout_at(deadline, TlsAcceptor::from(tls).accept(io))
         .await
         .map_err(|_| ServeError::TlsTimeout)?
         .map_err(ServeError::Tls)?;
-    tls.get_mut()
-        .1
-        .set_buffer_limit(Some(settings.tls_send_buffer));
     let peer_identity = mesh_identity::peer_identity(tls.get_ref().1.peer_certificates())
         .ok_or(ServeError::NoPeerIdentity)?;
     let mut conn = tokio::time::timeout_at(deadline, settings.server_builder().handshake(tls))

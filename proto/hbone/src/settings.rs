@@ -15,9 +15,6 @@ pub struct H2Settings {
     /// advertised limit caps it further).
     pub max_concurrent_streams: u32,
     pub max_send_buffer: usize,
-    /// rustls' limit on data queued for encryption and sending (its default is 64 KiB):
-    /// each `writev` of TLS records takes at most this much.
-    pub tls_send_buffer: usize,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     /// Longest a new connection may take from TCP to HTTP/2 ready: the TLS handshake, the
@@ -34,7 +31,6 @@ impl H2Settings {
             max_header_list_size: 64 * 1024,
             max_concurrent_streams: 200,
             max_send_buffer: 400 * 1024,
-            tls_send_buffer: 64 * 1024,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),

@@ -240,7 +240,10 @@ async fn large_transfer_through_both_copy_loops_is_byte_exact_with_half_close() 
     let mut want = data;
     want.reverse();
     assert_eq!(answer.len(), LEN, "the app's FIN must end the answer");
-    assert!(answer == want, "the answer differs from the reversed request");
+    assert!(
+        answer == want,
+        "the answer differs from the reversed request"
+    );
     let stats = proxy.await.unwrap();
     assert_eq!((stats.sent, stats.received), (LEN as u64, LEN as u64));
 }
