@@ -154,6 +154,34 @@ async fn bytes_flow_both_ways_with_half_close() {
 }
 
 #[tokio::test]
+async fn end_stream_alone_after_an_answer_is_a_clean_half_close() {
+    // The server's copy has passed everything on and waits; our END_STREAM then comes
+    // as an empty DATA frame of its own, which must become a FIN, not a failure.
+    let mesh = Mesh::new();
+    let (client_cert, server_cert) = (mesh.cert("client"), mesh.cert("server"));
+    let hbone = start_server(&server_cert, H2Settings::server()).await;
+    let app = start_echo_app().await;
+    let client = Client::new(TcpDialer, ClientSettings::default());
+    let mut est = client
+        .connect(
+            &key(&client_cert, &server_cert, hbone),
+            &client_cert,
+            &ConnectRequest::new(app),
+        )
+        .await
+        .unwrap();
+    est.tunnel.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    est.tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    est.tunnel.shutdown().await.unwrap();
+    // The echo app sees EOF and closes: a clean end reaches us, not a reset.
+    let mut rest = Vec::new();
+    est.tunnel.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+}
+
+#[tokio::test]
 async fn tcp_copy_loop_passes_half_close_both_ways() {
     // A local TCP client → tunnel.copy_with_tcp → HBONE → reverse app.
     let mesh = Mesh::new();
