@@ -359,39 +359,13 @@ impl Tunnel {
             // h2 (0.4.20) keeps a received END_STREAM when a reset follows it, so an error
             // here means the peer's data ended without END_STREAM: a reset of any reason
             // before it is a broken transfer, never passed on as FIN.
-            // DATA frames h2 already holds go out in one `writev` with the first.
-            let mut batch = Vec::new();
-            loop {
-                let after = poll_fn(|cx| Poll::Ready(gather(recv, cx, &mut batch))).await;
-                if batch.is_empty() {
-                    match after {
-                        // Nothing yet: wait for the next frame (or the end).
-                        BatchEnd::More => {
-                            match poll_fn(|cx| recv.poll_data(cx)).await {
-                                // An empty frame (END_STREAM on its own) has nothing to
-                                // write: a zero-length write would read as WriteZero.
-                                Some(Ok(chunk)) if chunk.is_empty() => {}
-                                Some(Ok(chunk)) => batch.push(chunk),
-                                Some(Err(e)) => return Err(h2_io_error(e)),
-                                None => break,
-                            }
-                            continue;
-                        }
-                        BatchEnd::Eof => break,
-                        BatchEnd::Failed(e) => return Err(h2_io_error(e)),
-                    }
-                }
-                while !batch.is_empty() {
-                    let n = write_batch(tcp, &batch).await?;
-                    progress.received.fetch_add(n as u64, Ordering::Relaxed);
-                    let _ = recv.flow_control().release_capacity(n);
-                    advance_batch(&mut batch, n);
-                }
-                match after {
-                    BatchEnd::More => {}
-                    BatchEnd::Eof => break,
-                    BatchEnd::Failed(e) => return Err(h2_io_error(e)),
-                }
+            while let Some(chunk) = poll_fn(|cx| recv.poll_data(cx)).await {
+                let chunk = chunk.map_err(h2_io_error)?;
+                write_all(tcp, &chunk).await?;
+                progress
+                    .received
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                let _ = recv.flow_control().release_capacity(chunk.len());
             }
             // The peer half-closed: pass the FIN on.
             socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write)?;
@@ -438,74 +412,6 @@ async fn send_all(
         sent.fetch_add(n, Ordering::Relaxed);
     }
     Ok(())
-}
-
-/// Most DATA frames passed to the TCP side in one `writev`.
-const MAX_BATCH: usize = 8;
-
-/// What followed the frames [`gather`] collected.
-enum BatchEnd {
-    /// h2 holds no more for now; the stream goes on.
-    More,
-    /// The peer's END_STREAM.
-    Eof,
-    /// The stream failed after the collected frames.
-    Failed(h2::Error),
-}
-
-/// Appends the DATA frames h2 has already received, without waiting, up to
-/// [`MAX_BATCH`]. The collected frames are delivered before what ended the gathering.
-fn gather(recv: &mut RecvStream, cx: &mut Context<'_>, batch: &mut Vec<Bytes>) -> BatchEnd {
-    while batch.len() < MAX_BATCH {
-        match recv.poll_data(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                if !chunk.is_empty() {
-                    batch.push(chunk);
-                }
-            }
-            Poll::Ready(Some(Err(e))) => return BatchEnd::Failed(e),
-            Poll::Ready(None) => return BatchEnd::Eof,
-            Poll::Pending => return BatchEnd::More,
-        }
-    }
-    BatchEnd::More
-}
-
-/// Drops the first `n` bytes of `batch` (what a write took), frame by frame.
-fn advance_batch(batch: &mut Vec<Bytes>, mut n: usize) {
-    let done = batch
-        .iter()
-        .take_while(|b| {
-            if n >= b.len() {
-                n -= b.len();
-                true
-            } else {
-                false
-            }
-        })
-        .count();
-    batch.drain(..done);
-    if n > 0 {
-        batch[0].advance(n);
-    }
-}
-
-/// One vectored write of (the start of) `batch`; returns the bytes written.
-async fn write_batch(tcp: &TcpStream, batch: &[Bytes]) -> io::Result<usize> {
-    let mut iov = [io::IoSlice::new(&[]); MAX_BATCH];
-    let k = batch.len().min(MAX_BATCH);
-    for (slot, b) in iov.iter_mut().zip(batch) {
-        *slot = io::IoSlice::new(b);
-    }
-    loop {
-        tcp.writable().await?;
-        match tcp.try_write_vectored(&iov[..k]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// Half-closes our direction (END_STREAM), once.
@@ -729,31 +635,6 @@ mod tests {
         ] {
             assert_eq!(end(true, true, Some(reason)), EndKind::Failed, "{reason:?}");
         }
-    }
-
-    fn frames(lens: &[usize]) -> Vec<Bytes> {
-        lens.iter()
-            .enumerate()
-            .map(|(i, &n)| Bytes::from(vec![i as u8; n]))
-            .collect()
-    }
-
-    #[test]
-    fn advance_batch_drops_written_frames_and_keeps_the_rest_in_order() {
-        let mut b = frames(&[3, 4, 5]);
-        advance_batch(&mut b, 0);
-        assert_eq!(b, frames(&[3, 4, 5]));
-        // Part of the first frame.
-        advance_batch(&mut b, 2);
-        assert_eq!(b.iter().map(Bytes::len).collect::<Vec<_>>(), [1, 4, 5]);
-        assert_eq!(b[0][..], [0u8]);
-        // The rest of the first, all of the second and part of the third.
-        advance_batch(&mut b, 1 + 4 + 2);
-        assert_eq!(b.len(), 1);
-        assert_eq!(b[0][..], [2u8; 3]);
-        // Exactly the end.
-        advance_batch(&mut b, 3);
-        assert!(b.is_empty());
     }
 
     #[test]
