@@ -154,6 +154,34 @@ async fn bytes_flow_both_ways_with_half_close() {
 }
 
 #[tokio::test]
+async fn end_stream_alone_after_an_answer_is_a_clean_half_close() {
+    // The server's copy has passed everything on and waits; our END_STREAM then comes
+    // as an empty DATA frame of its own, which must become a FIN, not a failure.
+    let mesh = Mesh::new();
+    let (client_cert, server_cert) = (mesh.cert("client"), mesh.cert("server"));
+    let hbone = start_server(&server_cert, H2Settings::server()).await;
+    let app = start_echo_app().await;
+    let client = Client::new(TcpDialer, ClientSettings::default());
+    let mut est = client
+        .connect(
+            &key(&client_cert, &server_cert, hbone),
+            &client_cert,
+            &ConnectRequest::new(app),
+        )
+        .await
+        .unwrap();
+    est.tunnel.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    est.tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    est.tunnel.shutdown().await.unwrap();
+    // The echo app sees EOF and closes: a clean end reaches us, not a reset.
+    let mut rest = Vec::new();
+    est.tunnel.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+}
+
+#[tokio::test]
 async fn tcp_copy_loop_passes_half_close_both_ways() {
     // A local TCP client → tunnel.copy_with_tcp → HBONE → reverse app.
     let mesh = Mesh::new();
@@ -180,6 +208,72 @@ async fn tcp_copy_loop_passes_half_close_both_ways() {
     assert_eq!(answer, b"cba");
     let stats = proxy.await.unwrap();
     assert_eq!((stats.sent, stats.received), (3, 3));
+}
+
+/// Bytes that differ at every position (an LCG), so a lost, repeated or reordered
+/// chunk shows up as a mismatch.
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_u32;
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transfer_through_both_copy_loops_is_byte_exact_with_half_close() {
+    // A TCP client → copy_with_tcp → HBONE → copy_with_tcp → reverse app, as between two
+    // ztunnels: tens of MiB each way cross the batched writes on both sides (partial
+    // writes included, as the client reads the answer only after sending everything).
+    const LEN: usize = 24 << 20;
+    let mesh = Mesh::new();
+    let (client_cert, server_cert) = (mesh.cert("client"), mesh.cert("server"));
+    let hbone = start_server(&server_cert, H2Settings::server()).await;
+    let app = start_reverse_app().await;
+    let client = Client::new(TcpDialer, ClientSettings::default());
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    let k = key(&client_cert, &server_cert, hbone);
+    let proxy = tokio::spawn(async move {
+        let (downstream, _) = front.accept().await.unwrap();
+        let est = client
+            .connect(&k, &client_cert, &ConnectRequest::new(app))
+            .await
+            .unwrap();
+        est.tunnel.copy_with_tcp(&downstream).await.unwrap()
+    });
+    let data = pattern(LEN);
+    // A small receive buffer and a late reader: the proxy's writes to us fill the socket
+    // and come back short, so the rest of a batch must follow in order.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    let s = sock.connect(front_addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let sending = data.clone();
+    let writer = tokio::spawn(async move {
+        // Odd-sized writes, so chunk boundaries never line up with frames.
+        for piece in sending.chunks(100_003) {
+            w.write_all(piece).await.unwrap();
+        }
+        // The app answers only after this FIN has come through the tunnel.
+        w.shutdown().await.unwrap();
+        w
+    });
+    let _w = writer.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut answer = Vec::with_capacity(LEN);
+    r.read_to_end(&mut answer).await.unwrap();
+    let mut want = data;
+    want.reverse();
+    assert_eq!(answer.len(), LEN, "the app's FIN must end the answer");
+    assert!(
+        answer == want,
+        "the answer differs from the reversed request"
+    );
+    let stats = proxy.await.unwrap();
+    assert_eq!((stats.sent, stats.received), (LEN as u64, LEN as u64));
 }
 
 fn rss_bytes() -> u64 {
