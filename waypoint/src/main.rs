@@ -48,7 +48,7 @@ struct Args {
     #[serde(serialize_with = "display")]
     path_normalization: PathNormalization,
     /// On SIGTERM, how long in-flight requests may take to finish before the waypoint
-    /// exits anyway (a Gateway API duration: 5s, 500ms, 1m).
+    /// exits anyway (5s, 500ms, 1m, 1.5s).
     #[arg(long, default_value = "5s", value_parser = mesh_proto::duration::parse)]
     #[serde(serialize_with = "display_duration")]
     drain_deadline: Duration,

@@ -231,7 +231,7 @@ fn flag_duration(command: &[String], flag: &str) -> Option<Duration> {
             a.strip_prefix(&with_eq)
         }
     });
-    value.and_then(mesh_route::parse_duration)
+    value.and_then(|v| mesh_proto::duration::parse(v).ok())
 }
 
 /// The drain deadline a waypoint's command line gives it, else the waypoint's default.
@@ -735,6 +735,26 @@ mod tests {
         assert_eq!(listing(&dump, "fd00::7"), Listing::Unhealthy);
         assert_eq!(listing(&dump, "10.244.2.70"), Listing::Absent);
         assert_eq!(listing(&json!({}), "10.244.1.5"), Listing::Absent);
+    }
+
+    #[test]
+    fn the_grace_period_reads_the_waypoints_flags_as_the_waypoint_does() {
+        let cmd = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        // Forms the waypoint accepts beyond the Gateway API's: a fraction, bare seconds.
+        let g = grace_period(&cmd(&[
+            "waypoint",
+            "--drain-delay",
+            "1.5s",
+            "--drain-deadline=30",
+        ]));
+        assert_eq!(
+            g,
+            Duration::from_millis(1500) + Duration::from_secs(30) + GRACE_MARGIN
+        );
+        assert_eq!(
+            grace_period(&cmd(&["waypoint"])),
+            DEFAULT_DRAIN + GRACE_MARGIN
+        );
     }
 
     #[test]
