@@ -553,6 +553,14 @@ impl ZdsServer {
     /// Blocking: sends an Add to the newest ztunnel not handed over and waits for its ack;
     /// queues it for connections still receiving their snapshot.
     pub fn add(&self, pod: &PodEntry) -> Result<(), String> {
+        // Checked before anything is sent: an Add without its netns would be refused by
+        // ztunnel as a protocol error, costing the connection.
+        if pod.netns.is_none() {
+            return Err(format!(
+                "the network namespace of {}/{} could not be duplicated; not sent",
+                pod.namespace, pod.name
+            ));
+        }
         let clone_fd = || match &pod.netns {
             Some(f) => f.try_clone().map(Some).map_err(|e| e.to_string()),
             None => Ok(None),
