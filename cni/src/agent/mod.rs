@@ -415,14 +415,8 @@ impl Agent {
 
     /// Queues ZDS messages decided under the pods lock, while it is still held (`_pods`
     /// proves it): a pod's messages are queued in the order they were decided, so a Del
-    /// never overtakes the Add before it. Returns the ack of `wait_for`'s Add, if queued.
-    fn defer(
-        &self,
-        _pods: &BTreeMap<String, PodRecord>,
-        actions: Vec<Deferred>,
-        wait_for: Option<&str>,
-    ) -> Option<tokio::sync::oneshot::Receiver<Result<(), String>>> {
-        let mut ack = None;
+    /// never overtakes the Add before it.
+    fn defer(&self, _pods: &BTreeMap<String, PodRecord>, actions: Vec<Deferred>) {
         let mut guard = self.deferred.queue.lock().expect("zds queue lock");
         let queue = guard.as_mut().expect("the queue lives as long as the agent");
         for a in actions {
@@ -431,22 +425,14 @@ impl Agent {
                     pod,
                     uid,
                     generation,
-                } => {
-                    let mut waiters = Vec::new();
-                    if wait_for == Some(pod.as_str()) {
-                        let (tx, rx) = tokio::sync::oneshot::channel();
-                        waiters.push(tx);
-                        ack = Some(rx);
-                    }
-                    queue.add(
-                        &uid,
-                        zds_queue::Add {
-                            pod,
-                            generation,
-                            waiters,
-                        },
-                    )
-                }
+                } => queue.add(
+                    &uid,
+                    zds_queue::Add {
+                        pod,
+                        generation,
+                        waiters: Vec::new(),
+                    },
+                ),
                 Deferred::Del { uid } => queue.del(&uid),
             };
             if let Err(e) = r {
@@ -458,7 +444,6 @@ impl Agent {
         self.metrics.set_zds_queue_depth(queue.len() as u64);
         drop(guard);
         self.deferred.wake.notify_one();
-        ack
     }
 
     /// The next queued ZDS message, waiting for one.
@@ -617,7 +602,7 @@ impl Agent {
         pods.retain(|_, r| r.keep());
         self.record_enrolment(&pods);
         self.write_cache(&pods);
-        self.defer(&pods, deferred, None);
+        self.defer(&pods, deferred);
         drop(pods);
         self.sync_probe_set().await;
     }
@@ -1028,7 +1013,7 @@ impl Agent {
                             self.record_enrolment(&pods);
                             // The reply does not wait for ztunnel's ack (it never did
                             // depend on it): the pod's traffic is refused until then.
-                            self.defer(&pods, deferred, None);
+                            self.defer(&pods, deferred);
                             drop(pods);
                             self.sync_probe_set().await;
                             return match read_back {
@@ -1107,7 +1092,7 @@ impl Agent {
                 }
                 pods.retain(|_, r| r.keep());
                 self.record_enrolment(&pods);
-                self.defer(&pods, deferred, None);
+                self.defer(&pods, deferred);
                 drop(pods);
                 self.sync_probe_set().await;
                 AgentReply::Ok { enrolled: false }
@@ -1155,7 +1140,7 @@ impl Agent {
                 }
                 deferred
             });
-            self.defer(&pods, deferred, None);
+            self.defer(&pods, deferred);
             drop(pods);
             self.read_back_all().await;
             let mut pods = self.pods.lock().await;
