@@ -223,7 +223,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("mesh_cni_ztunnel_connections{state=\"serving\"} 0\n"));
-        assert!(text.contains("# TYPE mesh_cni_zds_queue_depth gauge\nmesh_cni_zds_queue_depth 0\n"));
+        assert!(
+            text.contains("# TYPE mesh_cni_zds_queue_depth gauge\nmesh_cni_zds_queue_depth 0\n")
+        );
         m.set_zds_queue_depth(3);
         assert!(m.render().contains("\nmesh_cni_zds_queue_depth 3\n"));
         m.set_ztunnel_connections(1, 1);

@@ -418,7 +418,9 @@ impl Agent {
     /// never overtakes the Add before it.
     fn defer(&self, _pods: &BTreeMap<String, PodRecord>, actions: Vec<Deferred>) {
         let mut guard = self.deferred.queue.lock().expect("zds queue lock");
-        let queue = guard.as_mut().expect("the queue lives as long as the agent");
+        let queue = guard
+            .as_mut()
+            .expect("the queue lives as long as the agent");
         for a in actions {
             let r = match a {
                 Deferred::Add {
@@ -472,7 +474,12 @@ impl Agent {
             let Some(agent) = agent.upgrade() else {
                 return;
             };
-            let depth = q.queue.lock().expect("zds queue lock").as_ref().map_or(0, |q| q.len());
+            let depth = q
+                .queue
+                .lock()
+                .expect("zds queue lock")
+                .as_ref()
+                .map_or(0, |q| q.len());
             agent.metrics.set_zds_queue_depth(depth as u64);
             let zds = agent.zds.clone();
             match next {
@@ -706,8 +713,7 @@ impl Agent {
                 }
                 Action::Unprogram => self.unenroll(name, rec),
                 Action::ZdsAdd => {
-                    if let (Some(v), Some(_), Some(_)) = (&rec.view, &rec.netns, rec.programmed)
-                    {
+                    if let (Some(v), Some(_), Some(_)) = (&rec.view, &rec.netns, rec.programmed) {
                         rec.add_queued = Some(rec.generation);
                         deferred.push(Deferred::Add {
                             pod: name.to_string(),

@@ -8,8 +8,7 @@ use super::{
 };
 use crate::prost::Message;
 use nix::sys::socket::{
-    self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
-    UnixAddr,
+    self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -408,7 +407,9 @@ mod tests {
         assert_eq!((msg.as_slice(), fds.len()), (&b"x"[..], 3));
         let inode = |fd: RawFd| {
             use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino()
+            std::fs::metadata(format!("/proc/self/fd/{fd}"))
+                .unwrap()
+                .ino()
         };
         for f in &fds {
             assert_eq!(inode(f.as_raw_fd()), inode(x.as_raw_fd()));
