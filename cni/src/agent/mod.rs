@@ -278,6 +278,13 @@ impl PodRecord {
         self.view.is_some() || self.netns.is_some() || self.programmed.is_some() || self.installed
     }
 
+    /// Whether the ack of an Add queued for enrolment `generation` completes this pod's
+    /// current enrolment (not a namespace inode: a re-enrolment may keep the namespace,
+    /// and the kernel reuses inodes).
+    fn completed_by(&self, generation: u64) -> bool {
+        self.programmed.is_some() && self.generation == generation
+    }
+
     fn enrolled(&self) -> bool {
         self.view.as_ref().is_some_and(|v| v.enrolled)
     }
@@ -502,7 +509,7 @@ impl Agent {
             generation,
             waiters,
         } = add;
-        let current = |r: &&mut PodRecord| r.generation == generation && r.programmed.is_some();
+        let current = |r: &&mut PodRecord| r.completed_by(generation);
         let entry = {
             let mut pods = self.pods.lock().await;
             let Some(rec) = pods.get_mut(&pod).filter(current) else {
@@ -1581,6 +1588,22 @@ mod tests {
             }),
             vec![]
         );
+    }
+
+    #[test]
+    fn an_ack_completes_only_the_enrolment_its_add_was_queued_for() {
+        let mut rec = PodRecord {
+            programmed: Some(7),
+            generation: 1,
+            ..Default::default()
+        };
+        assert!(rec.completed_by(1));
+        // Re-enrolled on the same namespace (its capture options changed).
+        rec.generation = 2;
+        assert!(!rec.completed_by(1));
+        assert!(rec.completed_by(2));
+        rec.programmed = None;
+        assert!(!rec.completed_by(2));
     }
 
     #[test]

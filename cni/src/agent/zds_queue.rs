@@ -63,6 +63,10 @@ impl<W> Queue<W> {
         self.order.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
     fn slot(&mut self, uid: &str) -> Result<Option<Desired<W>>, Full> {
         match self.desired.remove(uid) {
             Some(d) => Ok(Some(d)),
@@ -155,7 +159,7 @@ mod tests {
         q.add("u1", add(2, 2)).unwrap();
         assert_eq!(q.len(), 2);
         assert_eq!(drain(&mut q), ["add u1 g2 w[2]", "del u2"]);
-        assert_eq!(q.len(), 0);
+        assert!(q.is_empty());
     }
 
     #[test]
