@@ -524,9 +524,13 @@ impl Agent {
             }
         };
         let zds = self.zds.clone();
-        let sent = tokio::task::spawn_blocking(move || zds.add(&entry))
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
+        let sent = match tokio::task::spawn_blocking(move || zds.add(&entry)).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                tracing::error!(error = %e, "sending a ZDS Add failed; exiting");
+                std::process::exit(1);
+            }
+        };
         for w in waiters {
             let _ = w.send(sent.clone());
         }
