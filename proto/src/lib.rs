@@ -3,7 +3,10 @@
 //! Generated from `protos/` at build time. Package names, message names and field
 //! numbers match Istio's and Envoy's, so an upstream peer can take the place of any of
 //! our programs. Convenience aliases sit at the crate root (`workload`, `security`, ...).
-#![deny(unsafe_code)] // One exception: taking ownership of fds received over ZDS (`zds::socket`).
+// Unsafe only where an fd changes hands, each block with its SAFETY comment: taking
+// ownership of fds received over ZDS, and registering an owned ZDS socket with tokio's
+// reactor (`zds::socket`).
+#![deny(unsafe_code)]
 
 /// Generated code, nested exactly as the protobuf packages so cross-package paths resolve.
 #[allow(clippy::all, clippy::pedantic)]

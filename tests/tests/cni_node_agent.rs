@@ -997,3 +997,70 @@ async fn a_ztunnel_that_never_acks_holds_up_no_cni_add() {
     node.runtime.del(&sb_a).expect("DEL of pod a");
     assert!(clean(&ns_a) && clean(&ns_b));
 }
+
+/// The agent's `mesh_cni_zds_queue_depth`.
+fn zds_queue_depth(node: &Node) -> u64 {
+    node.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("mesh_cni_zds_queue_depth "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("mesh_cni_zds_queue_depth exported")
+}
+
+/// Namespace handles the agent holds open (files on nsfs, whichever path opened them).
+fn agent_netns_fds(node: &Node) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let nsfs = std::fs::metadata("/proc/self/ns/net").unwrap().dev();
+    let pid = node.agent.as_ref().expect("agent running").pid();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
+        .filter(|m| m.dev() == nsfs)
+        .count()
+}
+
+/// A ztunnel that takes seconds to ack each message keeps the agent's ZDS sender busy;
+/// a pod's ADD/DEL cycles meanwhile leave at most one message queued for it (a later Del
+/// replaces a queued Add) and no namespace handle held for a queued Add (it is
+/// duplicated from the pod's record only when sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_ztunnel_keeps_the_zds_queue_and_the_agents_fds_bounded() {
+    let node = Node::new(217, &namespaces(&["shop"], &pod("shop", "c", "u-c")));
+    let zt = zds_client(&node).await;
+    assert!(matches!(zt.recv().await.unwrap(), ZdsEvent::SnapshotSent));
+    zt.ack(None).await.unwrap();
+    wait_until("the agent serves the ztunnel", || {
+        serving_ztunnels(&node) == Some(1)
+    });
+    // Acks each message 3 s late (within the agent's 5 s ack timeout).
+    let slow = tokio::spawn(async move {
+        while let Ok(ev) = zt.recv().await {
+            drop(ev);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            if zt.ack(None).await.is_err() {
+                break;
+            }
+        }
+    });
+    // The agent's own (its node's namespace, if any), before any pod.
+    let own = agent_netns_fds(&node);
+    let (mut queued, mut held) = (0, 0);
+    for _ in 0..16 {
+        let ns = Netns::new("cq");
+        let sb = node.sandbox(&ns, "shop", "c", "u-c");
+        node.runtime.add(&sb).expect("ADD");
+        assert!(captured(&ns));
+        node.runtime.del(&sb).expect("DEL");
+        queued = queued.max(zds_queue_depth(&node));
+        held = held.max(agent_netns_fds(&node));
+    }
+    slow.abort();
+    assert!(queued <= 1, "{queued} messages queued for one pod");
+    assert!(
+        // An Add in flight holds two (its pod's handle and the copy on its way to
+        // ztunnel), and one may be finishing as the next starts: a constant, never one
+        // per cycle (each queued Add held one before).
+        held <= own + 4,
+        "the agent held {held} namespace handles after the DELs ({own} of its own)"
+    );
+}

@@ -29,6 +29,9 @@ const HELP: [(&str, &str); 4] = [
 const ZTUNNELS: &str = "mesh_cni_ztunnel_connections";
 const ZTUNNELS_HELP: &str = "Connected ztunnels: serving (takes new pods) or handed_over (keeps its open connections until they end).";
 
+const ZDS_QUEUE: &str = "mesh_cni_zds_queue_depth";
+const ZDS_QUEUE_HELP: &str = "Pods with a ZDS message (Add or Del) waiting to be sent to ztunnel.";
+
 const ENROLMENT: &str = "mesh_cni_pod_enrolment";
 const ENROLMENT_HELP: &str = "Enrolled pods on this node by enrolment state: confirmed (rules read back as planned and ztunnel acked), pending, failed.";
 
@@ -38,6 +41,8 @@ pub struct Metrics {
     enrolment: Mutex<BTreeMap<&'static str, u64>>,
     /// `mesh_cni_ztunnel_connections`: (serving, handed_over).
     ztunnels: Mutex<(u64, u64)>,
+    /// `mesh_cni_zds_queue_depth`.
+    zds_queue: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Metrics {
@@ -46,6 +51,7 @@ impl Default for Metrics {
             counters: Mutex::default(),
             enrolment: Mutex::default(),
             ztunnels: Mutex::default(),
+            zds_queue: Default::default(),
         };
         m.add("mesh_cni_ztunnel_handovers_total", vec![], 0);
         for s in ["pending", "confirmed", "failed"] {
@@ -122,6 +128,11 @@ impl Metrics {
         *self.ztunnels.lock().expect("metrics lock") = (serving, handed_over);
     }
 
+    pub fn set_zds_queue_depth(&self, pods: u64) {
+        self.zds_queue
+            .store(pods, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
         self.counters
             .lock()
@@ -161,6 +172,10 @@ impl Metrics {
             "# HELP {ZTUNNELS} {ZTUNNELS_HELP}\n# TYPE {ZTUNNELS} gauge\n\
              {ZTUNNELS}{{state=\"serving\"}} {serving}\n\
              {ZTUNNELS}{{state=\"handed_over\"}} {handed_over}\n"
+        ));
+        let depth = self.zds_queue.load(std::sync::atomic::Ordering::Relaxed);
+        out.push_str(&format!(
+            "# HELP {ZDS_QUEUE} {ZDS_QUEUE_HELP}\n# TYPE {ZDS_QUEUE} gauge\n{ZDS_QUEUE} {depth}\n"
         ));
         // CPU, memory and descriptors, as every Prometheus client exports them.
         mesh_proto::process::append(&mut out, mesh_proto::process::Format::Prometheus);
@@ -208,6 +223,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("mesh_cni_ztunnel_connections{state=\"serving\"} 0\n"));
+        assert!(
+            text.contains("# TYPE mesh_cni_zds_queue_depth gauge\nmesh_cni_zds_queue_depth 0\n")
+        );
+        m.set_zds_queue_depth(3);
+        assert!(m.render().contains("\nmesh_cni_zds_queue_depth 3\n"));
         m.set_ztunnel_connections(1, 1);
         m.inc_ztunnel_handovers();
         let text = m.render();

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod netns;
 pub mod redirect;
 pub mod zds;
+pub mod zds_queue;
 pub mod zds_route;
 
 use crate::events::{AgentReply, AgentRequest};
@@ -69,7 +70,10 @@ struct PodRecord {
     programmed: Option<u64>,
     /// Reported by ztunnel's ack.
     acked: bool,
-    /// An Add for this namespace inode is queued or in flight (not sent again meanwhile).
+    /// Which enrolment the programmed rules are (the agent's counter, bumped on every
+    /// programming): an ack completes only the enrolment its Add was queued for.
+    generation: u64,
+    /// An Add for this enrolment is queued or in flight (not sent again meanwhile).
     add_queued: Option<u64>,
     /// IPs from the plugin's ADD (the control plane may learn them later).
     plugin_ips: Vec<String>,
@@ -226,19 +230,33 @@ fn plan(n: Now) -> Vec<Action> {
     }
 }
 
-/// A ZDS message a reconcile pass leaves for after the pods lock, sent in order by one
-/// task (`Agent::send_deferred`).
+/// A ZDS message a reconcile pass decides under the pods lock; queued before the lock
+/// is released (`Agent::defer`) and sent in order by one task (`Agent::send_deferred`).
 enum Deferred {
-    /// The pod, as programmed for namespace `inode`: its ack is recorded only while the
-    /// pod is still programmed for that namespace.
+    /// The pod, as enrolled in `generation`: its ack is recorded only while the pod is
+    /// still in that enrolment. Its netns is duplicated from the record when it is sent.
     Add {
         pod: String,
-        inode: u64,
-        entry: zds::PodEntry,
+        uid: String,
+        generation: u64,
     },
     Del {
         uid: String,
     },
+}
+
+/// Answered with the ack of a queued Add.
+type AckWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// Pods with a ZDS message owed beyond this: ztunnel is not keeping up and the agent
+/// exits (its restart hands ztunnel a fresh snapshot) rather than grow without bound.
+const MAX_QUEUED_PODS: usize = 4096;
+
+/// The ZDS messages owed, and the sender task's wake-up.
+#[derive(Default)]
+struct ZdsQueue {
+    queue: std::sync::Mutex<Option<zds_queue::Queue<AckWaiter>>>,
+    wake: tokio::sync::Notify,
 }
 
 fn step(n: Now) -> Step {
@@ -258,6 +276,13 @@ impl PodRecord {
     /// handle held, or rules that may still need removing.
     fn keep(&self) -> bool {
         self.view.is_some() || self.netns.is_some() || self.programmed.is_some() || self.installed
+    }
+
+    /// Whether the ack of an Add queued for enrolment `generation` completes this pod's
+    /// current enrolment (not a namespace inode: a re-enrolment may keep the namespace,
+    /// and the kernel reuses inodes).
+    fn completed_by(&self, generation: u64) -> bool {
+        self.programmed.is_some() && self.generation == generation
     }
 
     fn enrolled(&self) -> bool {
@@ -305,8 +330,10 @@ pub struct Agent {
     /// believed only while fresh (see `crate::cache`).
     cache_file: PathBuf,
     metrics: Arc<metrics::Metrics>,
-    /// ZDS messages to send once the pods lock is released, in order.
-    deferred: tokio::sync::mpsc::UnboundedSender<Deferred>,
+    /// ZDS messages decided under the pods lock, sent after it is released, in order.
+    deferred: Arc<ZdsQueue>,
+    /// The last enrolment generation handed out (`PodRecord::generation`).
+    generations: std::sync::atomic::AtomicU64,
 }
 
 /// One scan of the node's processes, shared by the pods reconciled together.
@@ -366,7 +393,9 @@ impl Agent {
         if cfg.host_probe_snat {
             run_here(&["nft", "-f", "-"], Some(&redirect::host_probe_table()))?;
         }
-        let (deferred, queue) = tokio::sync::mpsc::unbounded_channel();
+        let deferred = Arc::new(ZdsQueue::default());
+        *deferred.queue.lock().expect("zds queue lock") =
+            Some(zds_queue::Queue::new(MAX_QUEUED_PODS));
         let agent = Arc::new(Agent {
             cfg,
             pods: Mutex::default(),
@@ -375,64 +404,154 @@ impl Agent {
             xds_connected: Arc::default(),
             cache_file,
             metrics,
-            deferred,
+            deferred: deferred.clone(),
+            generations: Default::default(),
         });
         *snapshot_source.lock().expect("snapshot lock") = Some(Arc::downgrade(&agent));
-        tokio::spawn(Self::send_deferred(Arc::downgrade(&agent), queue));
+        let sender = tokio::spawn(Self::send_deferred(Arc::downgrade(&agent), deferred));
+        tokio::spawn(async move {
+            // Fail closed: without its sender no pod reaches ztunnel and no Del leaves it;
+            // the DaemonSet restarts the agent, whose snapshot puts ztunnel right.
+            if let Err(e) = sender.await {
+                tracing::error!(error = %e, "the ZDS sender task ended; exiting");
+                std::process::exit(1);
+            }
+        });
         Ok(agent)
     }
 
-    /// Queues ZDS messages decided under the pods lock (sent once it is released).
-    fn defer(&self, actions: Vec<Deferred>) {
+    /// Queues ZDS messages decided under the pods lock, while it is still held (`_pods`
+    /// proves it): a pod's messages are queued in the order they were decided, so a Del
+    /// never overtakes the Add before it.
+    fn defer(&self, _pods: &BTreeMap<String, PodRecord>, actions: Vec<Deferred>) {
+        let mut guard = self.deferred.queue.lock().expect("zds queue lock");
+        let queue = guard
+            .as_mut()
+            .expect("the queue lives as long as the agent");
         for a in actions {
-            // The receiver lives as long as the agent.
-            let _ = self.deferred.send(a);
+            let r = match a {
+                Deferred::Add {
+                    pod,
+                    uid,
+                    generation,
+                } => queue.add(
+                    &uid,
+                    zds_queue::Add {
+                        pod,
+                        generation,
+                        waiters: Vec::new(),
+                    },
+                ),
+                Deferred::Del { uid } => queue.del(&uid),
+            };
+            if let Err(e) = r {
+                // Fail closed: a dropped Del would leave ztunnel a proxy for a gone pod.
+                tracing::error!(error = %e, "cannot queue a ZDS message; exiting");
+                std::process::exit(1);
+            }
+        }
+        self.metrics.set_zds_queue_depth(queue.len() as u64);
+        drop(guard);
+        self.deferred.wake.notify_one();
+    }
+
+    /// The next queued ZDS message, waiting for one.
+    async fn next_deferred(q: &ZdsQueue) -> (String, zds_queue::Next<AckWaiter>) {
+        loop {
+            if let Some(next) = q
+                .queue
+                .lock()
+                .expect("zds queue lock")
+                .as_mut()
+                .and_then(zds_queue::Queue::pop)
+            {
+                return next;
+            }
+            // A wake-up sent since the pop above is kept (`notify_one` stores a permit).
+            q.wake.notified().await;
         }
     }
 
-    /// Sends the deferred ZDS messages one after another (so a pod's Add and Del keep
-    /// their order), waiting for each ack without the pods lock: a ztunnel that never
-    /// answers delays only these messages (each bounded by the ack timeout), never a
-    /// CNI ADD or a view update.
-    async fn send_deferred(
-        agent: std::sync::Weak<Agent>,
-        mut queue: tokio::sync::mpsc::UnboundedReceiver<Deferred>,
-    ) {
-        while let Some(action) = queue.recv().await {
+    /// Sends the queued ZDS messages one after another, waiting for each ack without the
+    /// pods lock: a ztunnel that never answers delays only these messages (each bounded
+    /// by the ack timeout), never a CNI ADD or a view update.
+    async fn send_deferred(agent: std::sync::Weak<Agent>, q: Arc<ZdsQueue>) {
+        loop {
+            let (uid, next) = Self::next_deferred(&q).await;
             let Some(agent) = agent.upgrade() else {
                 return;
             };
+            let depth = q
+                .queue
+                .lock()
+                .expect("zds queue lock")
+                .as_ref()
+                .map_or(0, |q| q.len());
+            agent.metrics.set_zds_queue_depth(depth as u64);
             let zds = agent.zds.clone();
-            match action {
-                Deferred::Add { pod, inode, entry } => {
-                    let sent = tokio::task::spawn_blocking(move || zds.add(&entry))
-                        .await
-                        .unwrap_or_else(|e| Err(e.to_string()));
-                    let mut pods = agent.pods.lock().await;
-                    let Some(rec) = pods.get_mut(&pod).filter(|r| r.programmed == Some(inode))
-                    else {
-                        continue; // Re-enrolled or removed meanwhile: this ack is stale.
-                    };
-                    rec.add_queued = None;
-                    match sent {
-                        Ok(()) => {
-                            if !rec.acked {
-                                tracing::info!(pod, "pod handed to ztunnel");
-                            }
-                            rec.acked = true;
-                        }
-                        Err(e) => {
-                            rec.acked = false;
-                            tracing::warn!(pod, error = %e, "redirection programmed; ztunnel has not taken the pod yet (its traffic is refused until it does)");
-                        }
+            match next {
+                zds_queue::Next::Add(add) => agent.send_add(add).await,
+                zds_queue::Next::Del => {
+                    if let Err(e) = tokio::task::spawn_blocking(move || zds.del(&uid)).await {
+                        tracing::error!(error = %e, "sending a ZDS Del failed; exiting");
+                        std::process::exit(1);
                     }
-                    agent.record_enrolment(&pods);
-                }
-                Deferred::Del { uid } => {
-                    let _ = tokio::task::spawn_blocking(move || zds.del(&uid)).await;
                 }
             }
         }
+    }
+
+    /// Sends one queued Add, its netns duplicated from the pod's record now (nothing is
+    /// sent if the pod left that enrolment meanwhile), and records the ack.
+    async fn send_add(&self, add: zds_queue::Add<AckWaiter>) {
+        let zds_queue::Add {
+            pod,
+            generation,
+            waiters,
+        } = add;
+        let current = |r: &&mut PodRecord| r.completed_by(generation);
+        let entry = {
+            let mut pods = self.pods.lock().await;
+            let Some(rec) = pods.get_mut(&pod).filter(current) else {
+                return; // Re-enrolled or removed meanwhile: its waiters see it dropped.
+            };
+            match (&rec.view, &rec.netns) {
+                (Some(v), Some(ns)) => entry(v, Some(ns)),
+                _ => {
+                    rec.add_queued = None;
+                    return;
+                }
+            }
+        };
+        let zds = self.zds.clone();
+        let sent = match tokio::task::spawn_blocking(move || zds.add(&entry)).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                tracing::error!(error = %e, "sending a ZDS Add failed; exiting");
+                std::process::exit(1);
+            }
+        };
+        for w in waiters {
+            let _ = w.send(sent.clone());
+        }
+        let mut pods = self.pods.lock().await;
+        let Some(rec) = pods.get_mut(&pod).filter(current) else {
+            return; // Re-enrolled or removed meanwhile: this ack is stale.
+        };
+        rec.add_queued = None;
+        match sent {
+            Ok(()) => {
+                if !rec.acked {
+                    tracing::info!(pod, "pod handed to ztunnel");
+                }
+                rec.acked = true;
+            }
+            Err(e) => {
+                rec.acked = false;
+                tracing::warn!(pod, error = %e, "redirection programmed; ztunnel has not taken the pod yet (its traffic is refused until it does)");
+            }
+        }
+        self.record_enrolment(&pods);
     }
 
     pub fn metrics(&self) -> &metrics::Metrics {
@@ -501,8 +620,8 @@ impl Agent {
         pods.retain(|_, r| r.keep());
         self.record_enrolment(&pods);
         self.write_cache(&pods);
+        self.defer(&pods, deferred);
         drop(pods);
-        self.defer(deferred);
         self.sync_probe_set().await;
     }
 
@@ -580,7 +699,7 @@ impl Agent {
                     .view
                     .as_ref()
                     .is_some_and(|v| self.zds.missing(&uid_of(v)))),
-            add_queued: rec.add_queued.is_some() && rec.add_queued == rec.programmed,
+            add_queued: rec.programmed.is_some() && rec.add_queued == Some(rec.generation),
             installed: rec.installed,
             options_changed,
         };
@@ -605,14 +724,12 @@ impl Agent {
                 }
                 Action::Unprogram => self.unenroll(name, rec),
                 Action::ZdsAdd => {
-                    if let (Some(v), Some(ns), Some(inode)) =
-                        (&rec.view, &rec.netns, rec.programmed)
-                    {
-                        rec.add_queued = Some(inode);
+                    if let (Some(v), Some(_), Some(_)) = (&rec.view, &rec.netns, rec.programmed) {
+                        rec.add_queued = Some(rec.generation);
                         deferred.push(Deferred::Add {
                             pod: name.to_string(),
-                            inode,
-                            entry: entry(v, Some(ns)),
+                            uid: uid_of(v),
+                            generation: rec.generation,
                         });
                     }
                 }
@@ -746,6 +863,7 @@ impl Agent {
         }
         rec.read_back = None;
         rec.programmed = Some(ns.inode);
+        rec.generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         rec.programmed_with = Some(opts);
         rec.baseline = None;
         rec.acked = false;
@@ -910,10 +1028,10 @@ impl Agent {
                             // The pod starts only once its rules were read back as planned.
                             let read_back = rec.and_then(|r| r.read_back.clone());
                             self.record_enrolment(&pods);
-                            drop(pods);
                             // The reply does not wait for ztunnel's ack (it never did
                             // depend on it): the pod's traffic is refused until then.
-                            self.defer(deferred);
+                            self.defer(&pods, deferred);
+                            drop(pods);
                             self.sync_probe_set().await;
                             return match read_back {
                                 Some(Ok(())) if programmed == Some(ns.inode) => {
@@ -991,8 +1109,8 @@ impl Agent {
                 }
                 pods.retain(|_, r| r.keep());
                 self.record_enrolment(&pods);
+                self.defer(&pods, deferred);
                 drop(pods);
-                self.defer(deferred);
                 self.sync_probe_set().await;
                 AgentReply::Ok { enrolled: false }
             }
@@ -1039,8 +1157,8 @@ impl Agent {
                 }
                 deferred
             });
+            self.defer(&pods, deferred);
             drop(pods);
-            self.defer(deferred);
             self.read_back_all().await;
             let mut pods = self.pods.lock().await;
             pods.retain(|_, r| r.keep());
@@ -1474,6 +1592,22 @@ mod tests {
             }),
             vec![]
         );
+    }
+
+    #[test]
+    fn an_ack_completes_only_the_enrolment_its_add_was_queued_for() {
+        let mut rec = PodRecord {
+            programmed: Some(7),
+            generation: 1,
+            ..Default::default()
+        };
+        assert!(rec.completed_by(1));
+        // Re-enrolled on the same namespace (its capture options changed).
+        rec.generation = 2;
+        assert!(!rec.completed_by(1));
+        assert!(rec.completed_by(2));
+        rec.programmed = None;
+        assert!(!rec.completed_by(2));
     }
 
     #[test]

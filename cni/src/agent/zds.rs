@@ -462,7 +462,8 @@ impl ZdsServer {
         let r = conn
             .request(&job.req, job.fd.as_ref().map(|f| f.as_fd()), ACK_TIMEOUT)
             .await;
-        let fatal = matches!(&r, Err(e) if !e.is_refusal());
+        // A refusal, or a request refused before it was sent, leaves the connection fine.
+        let fatal = matches!(&r, Err(e) if !e.is_refusal() && !e.is_unsent());
         if !fatal {
             zds_route::track_missing(&mut handle.missing(), sent(&job.req), r.is_ok());
         }
@@ -553,6 +554,14 @@ impl ZdsServer {
     /// Blocking: sends an Add to the newest ztunnel not handed over and waits for its ack;
     /// queues it for connections still receiving their snapshot.
     pub fn add(&self, pod: &PodEntry) -> Result<(), String> {
+        // Checked before anything is sent: an Add without its netns would be refused by
+        // ztunnel as a protocol error, costing the connection.
+        if pod.netns.is_none() {
+            return Err(format!(
+                "the network namespace of {}/{} could not be duplicated; not sent",
+                pod.namespace, pod.name
+            ));
+        }
         let clone_fd = || match &pod.netns {
             Some(f) => f.try_clone().map(Some).map_err(|e| e.to_string()),
             None => Ok(None),
@@ -609,4 +618,66 @@ fn register(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>, String> {
     // same socket until the AsyncFd is dropped, which is all registration requires.
     #[allow(unsafe_code)]
     unsafe { AsyncFd::register(fd) }.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> ZdsServer {
+        ZdsServer {
+            conns: Arc::default(),
+            metrics: Arc::default(),
+        }
+    }
+
+    fn pod(netns: Option<File>) -> PodEntry {
+        PodEntry {
+            uid: "u1".into(),
+            name: "p".into(),
+            namespace: "ns".into(),
+            service_account: "sa".into(),
+            netns,
+        }
+    }
+
+    #[test]
+    fn an_add_without_its_netns_is_not_sent() {
+        let e = server().add(&pod(None)).unwrap_err();
+        assert!(e.contains("could not be duplicated"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_request_refused_before_sending_keeps_the_connection() {
+        let (a, _b) = socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )
+        .unwrap();
+        let conn = ServerConn::new(SeqPacket::from_fd(a).unwrap());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let handle = Handle {
+            id: 1,
+            started: None,
+            tx,
+            alive: Arc::default(),
+            serving: Arc::default(),
+            handover_capable: false,
+            handed_over: Arc::default(),
+            missing: Arc::default(),
+        };
+        let (done, answer) = std::sync::mpsc::sync_channel(1);
+        // An Add without its fd: refused by the codec before a byte is written.
+        let job = Job {
+            req: add_request(&pod(None)),
+            fd: None,
+            done: Some(done),
+        };
+        let kept = server().run_job(&conn, &handle, job).await;
+        assert!(kept.is_ok(), "{kept:?}");
+        let e = answer.recv().unwrap().unwrap_err();
+        assert!(e.contains("exactly one netns fd"), "{e}");
+    }
 }

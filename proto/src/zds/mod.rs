@@ -81,6 +81,19 @@ impl ZdsError {
     pub fn is_refusal(&self) -> bool {
         matches!(self, ZdsError::Refused(_))
     }
+
+    /// Whether it was raised before anything was sent (a request that is not legal with
+    /// its fds): the connection is untouched and can go on.
+    pub fn is_unsent(&self) -> bool {
+        matches!(
+            self,
+            ZdsError::Protocol(
+                ProtocolError::EmptyRequest
+                    | ProtocolError::AddFds(_)
+                    | ProtocolError::StrayFds { .. }
+            )
+        )
+    }
 }
 
 impl From<OrderError> for ZdsError {

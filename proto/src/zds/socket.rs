@@ -8,8 +8,7 @@ use super::{
 };
 use crate::prost::Message;
 use nix::sys::socket::{
-    self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
-    UnixAddr,
+    self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -76,8 +75,8 @@ impl SeqPacket {
         }
     }
 
-    /// Receives one message. With `accept_fds` its fds are returned (at most two fit:
-    /// more is `Truncated`); without, a peer's fds are closed by the kernel, never
+    /// Receives one message. With `accept_fds` its fds are returned (at most
+    /// `MAX_FDS` fit: more is `Truncated`, and those that arrived are closed); without, a peer's fds are closed by the kernel, never
     /// installed here, and refused.
     pub async fn recv(&self, accept_fds: bool) -> Result<(Vec<u8>, Vec<OwnedFd>), ZdsError> {
         let mut buf = [0u8; MAX_MESSAGE];
@@ -167,38 +166,79 @@ pub fn recv_blocking(fd: BorrowedFd<'_>) -> Result<Vec<u8>, ZdsError> {
     }
 }
 
+/// The fds one message may carry (ZDS sends one); room for more, so a peer sending a
+/// few too many is refused with every fd that arrived closed.
+const MAX_FDS: usize = 16;
+
 fn recv_now(
     fd: RawFd,
     buf: &mut [u8],
     accept_fds: bool,
 ) -> io::Result<(usize, MsgFlags, Vec<OwnedFd>)> {
-    let mut space = nix::cmsg_space!([RawFd; 2]);
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
     let cmsg = match accept_fds {
         true => Some(&mut space[..]),
         false => None,
     };
-    let msg = socket::recvmsg::<()>(
-        fd,
-        &mut iov,
-        cmsg,
-        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
-    let mut fds = Vec::new();
-    if accept_fds {
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for r in raw {
-                    // SAFETY: SCM_RIGHTS just installed `r` in our fd table (with
-                    // CLOEXEC); nothing else refers to it, so taking ownership is sound
-                    // and closes it exactly once (also when the message is refused).
-                    #[allow(unsafe_code)]
-                    fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+    let (bytes, flags) = {
+        let msg = socket::recvmsg::<()>(
+            fd,
+            &mut iov,
+            cmsg,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        (msg.bytes, msg.flags)
+    };
+    // Parsed here rather than with nix's `cmsgs()`, which refuses a truncated buffer
+    // (MSG_CTRUNC) although the kernel installed the fds that fit: they must be owned
+    // to be closed.
+    let fds = match accept_fds {
+        true => scm_rights(&space)
+            .into_iter()
+            .map(|r| {
+                // SAFETY: SCM_RIGHTS just installed `r` in our fd table (with CLOEXEC)
+                // and only this buffer names it, so taking ownership is sound and closes
+                // it exactly once (also when the message is refused or truncated).
+                #[allow(unsafe_code)]
+                unsafe {
+                    OwnedFd::from_raw_fd(r)
                 }
+            })
+            .collect(),
+        false => Vec::new(),
+    };
+    Ok((bytes, flags, fds))
+}
+
+/// The fds in the SCM_RIGHTS messages of a received control buffer (zeroed before the
+/// receive, so the first header of length 0 ends it). A truncated buffer holds whole
+/// headers for the fds the kernel installed.
+fn scm_rights(control: &[u8]) -> Vec<RawFd> {
+    use nix::libc::{SCM_RIGHTS, SOL_SOCKET, c_int, cmsghdr};
+    let align = |n: usize| n.next_multiple_of(std::mem::size_of::<usize>());
+    let header = align(std::mem::size_of::<cmsghdr>());
+    let word = std::mem::size_of::<usize>();
+    let int = std::mem::size_of::<c_int>();
+    let read_int = |at: usize| c_int::from_ne_bytes(control[at..at + int].try_into().expect("int"));
+    let mut fds = Vec::new();
+    let mut at = 0;
+    while at + header <= control.len() {
+        // cmsghdr: cmsg_len (size_t), cmsg_level, cmsg_type (int), data aligned.
+        let len = usize::from_ne_bytes(control[at..at + word].try_into().expect("size_t"));
+        if len < header || at + len > control.len() {
+            break;
+        }
+        if read_int(at + word) == SOL_SOCKET && read_int(at + word + int) == SCM_RIGHTS {
+            let mut d = at + header;
+            while d + int <= at + len {
+                fds.push(read_int(d));
+                d += int;
             }
         }
+        at += align(len);
     }
-    Ok((msg.bytes, msg.flags, fds))
+    fds
 }
 
 /// ztunnel's end of a ZDS connection.
@@ -340,6 +380,40 @@ mod tests {
         std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
             .unwrap()
             .ino()
+    }
+
+    #[tokio::test]
+    async fn fds_of_a_truncated_message_are_closed() {
+        let (a, b) = pair();
+        // Every copy of `end` sent; once all are closed, `other` reads end-of-file.
+        let (end, mut other) = std::os::unix::net::UnixStream::pair().unwrap();
+        let copies = vec![end.as_raw_fd(); MAX_FDS + 3];
+        a.send(b"x", &copies).await.unwrap();
+        drop(end);
+        assert!(matches!(b.recv(true).await, Err(ZdsError::Truncated)));
+        // Closed synchronously: a copy still open reads WouldBlock, not end-of-file.
+        other.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        let n = std::io::Read::read(&mut other, &mut byte);
+        assert_eq!(n.unwrap(), 0, "a received copy is still open");
+    }
+
+    #[tokio::test]
+    async fn all_fds_of_a_message_arrive() {
+        let (a, b) = pair();
+        let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.send(b"x", &[x.as_raw_fd(); 3]).await.unwrap();
+        let (msg, fds) = b.recv(true).await.unwrap();
+        assert_eq!((msg.as_slice(), fds.len()), (&b"x"[..], 3));
+        let inode = |fd: RawFd| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(format!("/proc/self/fd/{fd}"))
+                .unwrap()
+                .ino()
+        };
+        for f in &fds {
+            assert_eq!(inode(f.as_raw_fd()), inode(x.as_raw_fd()));
+        }
     }
 
     #[tokio::test]
