@@ -1955,3 +1955,48 @@ async fn policy_does_not_see_headers_added_by_the_route() {
     let (code, body) = get_with(&s, ip(202, 100), "/echo-headers", &[("x-added", "yes")]).await;
     assert_eq!((code, body.as_str()), (403, "RBAC: access denied by shop/no-added\n"));
 }
+
+// A panic while an update was applied: the half-applied edit is never served, and neither
+// is anything else (new CONNECTs refused, requests on open connections answered 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_applying_config_fails_the_data_path_closed() {
+    let s = setup(203).await;
+    let io = hyper_util::rt::TokioIo::new(s.tunnel(ip(203, 100)).await);
+    let (mut open, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        http::Request::get(path)
+            .header("host", "api.shop.svc.cluster.local")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(open.send_request(get("/a")).await.unwrap().status(), 200);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut w = s.config.write().unwrap();
+        w.policies.clear();
+        panic!("bug while applying");
+    }));
+    assert!(r.is_err());
+    let resp = open.send_request(get("/b")).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("failed closed"),
+        "{body:?}"
+    );
+    let key = hbone::PoolKey::new(
+        s.client_cert.identity().clone(),
+        vec![s.waypoint_id.clone()],
+        s.waypoint_addr,
+        None,
+    );
+    let refused = s
+        .client
+        .connect(
+            &key,
+            &s.client_cert,
+            &hbone::ConnectRequest::new(SocketAddr::new(ip(203, 100), 80)),
+        )
+        .await;
+    assert!(refused.is_err(), "a new CONNECT is refused");
+}
