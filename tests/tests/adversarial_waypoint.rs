@@ -433,7 +433,10 @@ impl Mesh {
         });
         assert!(errors.is_empty(), "{errors:?}");
         self.config
-            .update(|c| c.policies.insert(format!("back/{name}"), (p, vec![Target::Gateway])))
+            .update(|c| {
+                c.policies
+                    .insert(format!("back/{name}"), (p, vec![Target::Gateway]))
+            })
             .unwrap();
     }
 

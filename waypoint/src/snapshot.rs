@@ -479,8 +479,7 @@ mod tests {
     #[test]
     fn a_panic_mid_edit_publishes_nothing_and_fails_the_store_closed() {
         let mut cfg = Config::default();
-        cfg.routes
-            .insert("shop/a".into(), route("a", "api", None));
+        cfg.routes.insert("shop/a".into(), route("a", "api", None));
         let store = ConfigStore::new(cfg);
         let before = store.snapshot();
         // One response: a route added, then a panic before the old one is removed.
@@ -491,7 +490,10 @@ mod tests {
         }));
         assert!(r.is_err());
         let after = store.snapshot();
-        assert!(Arc::ptr_eq(&before, &after), "the half-applied edit is not published");
+        assert!(
+            Arc::ptr_eq(&before, &after),
+            "the half-applied edit is not published"
+        );
         assert_eq!(after.routes_for("shop", "web", 80).count(), 0);
         assert!(store.failed(), "the data path is told to serve nothing");
         assert!(store.write().is_err(), "later writes are refused");

@@ -170,7 +170,11 @@ impl mesh_xds::Handler for Apply {
                 resp.resources
                     .iter()
                     .map(|r| (r.name.clone(), e.to_string()))
-                    .chain(resp.removed_resources.iter().map(|n| (n.clone(), e.to_string())))
+                    .chain(
+                        resp.removed_resources
+                            .iter()
+                            .map(|n| (n.clone(), e.to_string())),
+                    )
                     .collect()
             }
             Err(panic) => {

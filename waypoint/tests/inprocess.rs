@@ -374,7 +374,10 @@ impl Setup {
         });
         assert!(errors.is_empty(), "{errors:?}");
         self.config
-            .update(|c| c.policies.insert(format!("shop/{name}"), (p, vec![Target::Gateway])))
+            .update(|c| {
+                c.policies
+                    .insert(format!("shop/{name}"), (p, vec![Target::Gateway]))
+            })
             .unwrap();
     }
 
@@ -1953,7 +1956,10 @@ async fn policy_does_not_see_headers_added_by_the_route() {
     );
     // The same header sent by the client is denied: the policy itself does fire.
     let (code, body) = get_with(&s, ip(202, 100), "/echo-headers", &[("x-added", "yes")]).await;
-    assert_eq!((code, body.as_str()), (403, "RBAC: access denied by shop/no-added\n"));
+    assert_eq!(
+        (code, body.as_str()),
+        (403, "RBAC: access denied by shop/no-added\n")
+    );
 }
 
 // A panic while an update was applied: the half-applied edit is never served, and neither
