@@ -433,14 +433,15 @@ impl Mesh {
         });
         assert!(errors.is_empty(), "{errors:?}");
         self.config
-            .write()
-            .unwrap()
-            .policies
-            .insert(format!("back/{name}"), (p, vec![Target::Gateway]));
+            .update(|c| {
+                c.policies
+                    .insert(format!("back/{name}"), (p, vec![Target::Gateway]))
+            })
+            .unwrap();
     }
 
     fn clear_policies(&self) {
-        self.config.write().unwrap().policies.clear();
+        self.config.update(|c| c.policies.clear()).unwrap();
     }
 
     /// A raw CONNECT to the waypoint as `who`, asking for `authority`.

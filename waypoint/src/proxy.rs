@@ -345,6 +345,11 @@ impl Waypoint {
         host: &str,
         labels: &mut RequestLabels,
     ) -> (Response<Body>, String) {
+        // Failed closed: not even a request on a connection opened before is served.
+        if self.config.failed() {
+            let stop = Local::ConfigFailed;
+            return (answer(&stop), stop.backend().into());
+        }
         let snap = self.config.snapshot();
         let peer = Peer {
             source: &conn.source,
@@ -808,6 +813,12 @@ impl ConnectHandler for Handler {
                 "the waypoint expects an ip:port authority".into(),
             ));
         };
+        if wp.config.failed() {
+            let why = crate::snapshot::Poisoned;
+            tracing::warn!(target: "access", reason = %why, src.identity = %req.peer_identity,
+                src.addr = %req.peer_addr, dst.addr = %dst, "CONNECT refused: the configuration failed closed");
+            return respond.refuse(&Refusal::Unavailable(why.to_string()));
+        }
         let me = Me::from_identity(&wp.identity);
         let (target, source_workload) = {
             let snap: Arc<Snapshot> = wp.config.snapshot();

@@ -34,6 +34,8 @@ pub struct Lifecycle {
     policies: AtomicBool,
     certificate: AtomicBool,
     draining: AtomicBool,
+    /// The configuration store failed closed (a panic while applying xDS).
+    config_failed: AtomicBool,
     changed: tokio::sync::Notify,
 }
 
@@ -61,6 +63,12 @@ impl Lifecycle {
         self.changed.notify_waiters();
     }
 
+    /// The configuration failed closed: not ready until the waypoint is restarted.
+    pub fn set_config_failed(&self) {
+        self.config_failed.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.changed.notify_waiters();
@@ -85,6 +93,9 @@ impl Lifecycle {
             if !flag.load(Ordering::SeqCst) {
                 missing.push(what);
             }
+        }
+        if self.config_failed.load(Ordering::SeqCst) {
+            missing.push("configuration failed closed (restart the waypoint)");
         }
         if self.draining.load(Ordering::SeqCst) {
             missing.push("draining");

@@ -9,11 +9,12 @@ use crate::binding::Dest;
 use crate::route::Route;
 use mesh_discovery::{Service, State};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// Everything the waypoint knows, from xDS (the master copy: edited in place, then
 /// compiled into a [`Snapshot`]).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Config {
     pub discovery: State,
     pub routes: BTreeMap<String, Route>,
@@ -57,6 +58,19 @@ type ByName<V> = HashMap<String, HashMap<String, V>>;
 
 fn by_name<'a, V>(m: &'a ByName<V>, namespace: &str, name: &str) -> Option<&'a V> {
     m.get(namespace)?.get(name)
+}
+
+/// The order in which Services sharing a namespace/name are preferred: the Kubernetes
+/// Service's own hostname (`<name>.<namespace>.svc.<domain>`) first, then by hostname, so
+/// the choice never depends on the order they arrived in.
+fn service_rank(s: &Service) -> (bool, &str) {
+    let own = s
+        .hostname
+        .strip_prefix(s.name.as_str())
+        .and_then(|h| h.strip_prefix('.'))
+        .and_then(|h| h.strip_prefix(s.namespace.as_str()))
+        .is_some_and(|h| h.starts_with(".svc."));
+    (!own, s.hostname.as_str())
 }
 
 /// One configuration version, compiled for the data path.
@@ -134,9 +148,9 @@ impl Snapshot {
         }
         let mut services: ByName<Arc<Service>> = HashMap::new();
         let mut sorted: Vec<&Arc<Service>> = cfg.discovery.services().collect();
-        // Several services of one name (other hostnames): the first by hostname wins, as
-        // a scan in a stable order would pick one.
-        sorted.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+        // Several services of one name (ServiceEntries, other hostnames): the cluster's
+        // own `<name>.<namespace>.svc.<domain>` wins, then the first by hostname.
+        sorted.sort_by(|a, b| service_rank(a).cmp(&service_rank(b)));
         for s in sorted {
             services
                 .entry(s.namespace.clone())
@@ -182,23 +196,34 @@ impl Snapshot {
     }
 }
 
-/// The error of a poisoned configuration lock (a panic while xDS applied an update).
+/// The error of a configuration store that has failed closed: a panic while an xDS
+/// response was being applied (its lock is poisoned, its edits were discarded).
 #[derive(Debug)]
 pub struct Poisoned;
 
 impl std::fmt::Display for Poisoned {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the waypoint's configuration lock is poisoned")
+        f.write_str(
+            "the waypoint's configuration failed closed: a panic while an xDS update was \
+             applied; it serves nothing until restarted",
+        )
     }
 }
 
 impl std::error::Error for Poisoned {}
 
 /// The master copy (edited by xDS) and the current snapshot (read per request).
+///
+/// An edit is made on a copy of the master and takes effect only on
+/// [`ConfigWriter::commit`]: a writer dropped uncommitted (an error path, a panic)
+/// changes nothing. A panic during an edit fails the store closed: the half-applied copy
+/// is never published, later writes are refused, and [`ConfigStore::failed`] tells the
+/// data path to serve nothing (the xDS view is no longer known to match the master).
 #[derive(Default)]
 pub struct ConfigStore {
     master: Mutex<Config>,
     current: RwLock<Arc<Snapshot>>,
+    failed: AtomicBool,
 }
 
 impl ConfigStore {
@@ -207,10 +232,12 @@ impl ConfigStore {
         ConfigStore {
             master: Mutex::new(cfg),
             current: RwLock::new(snapshot),
+            failed: AtomicBool::new(false),
         }
     }
 
-    /// The current configuration version (the lock is held to copy the pointer only).
+    /// The current configuration version (the lock is held to copy the pointer only,
+    /// never across a compile or an edit, so it cannot be poisoned by one).
     pub fn snapshot(&self) -> Arc<Snapshot> {
         match self.current.read() {
             Ok(s) => s.clone(),
@@ -218,42 +245,85 @@ impl ConfigStore {
         }
     }
 
-    /// Edits the master copy; the edit is compiled and published as the new snapshot
-    /// when the writer is dropped (one version per xDS response).
+    /// Whether the store has failed closed (see [`Poisoned`]): serve nothing.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Starts an edit on a copy of the master; nothing changes until
+    /// [`ConfigWriter::commit`] (one version per xDS response).
     pub fn write(&self) -> Result<ConfigWriter<'_>, Poisoned> {
-        let cfg = self.master.lock().map_err(|_| Poisoned)?;
+        if self.failed() {
+            return Err(Poisoned);
+        }
+        let Ok(master) = self.master.lock() else {
+            self.failed.store(true, Ordering::SeqCst);
+            return Err(Poisoned);
+        };
+        let draft = master.clone();
         Ok(ConfigWriter {
-            cfg,
-            current: &self.current,
+            master,
+            draft,
+            store: self,
+            committed: false,
         })
+    }
+
+    /// One edit, committed.
+    pub fn update<R>(&self, edit: impl FnOnce(&mut Config) -> R) -> Result<R, Poisoned> {
+        let mut w = self.write()?;
+        let r = edit(&mut w);
+        w.commit();
+        Ok(r)
     }
 }
 
+/// An edit in progress: a copy of the master, published by [`ConfigWriter::commit`].
 pub struct ConfigWriter<'a> {
-    cfg: MutexGuard<'a, Config>,
-    current: &'a RwLock<Arc<Snapshot>>,
+    master: MutexGuard<'a, Config>,
+    draft: Config,
+    store: &'a ConfigStore,
+    committed: bool,
+}
+
+impl ConfigWriter<'_> {
+    /// Makes the edit the master copy and publishes it as the new snapshot.
+    pub fn commit(mut self) {
+        if std::thread::panicking() {
+            // Never publish from a drop during unwinding: the edit may be half done
+            // (dropping `self` uncommitted fails the store closed).
+            return;
+        }
+        // Compiled before the pointer lock is taken: readers never wait for a compile.
+        let snapshot = Arc::new(Snapshot::compile(&self.draft));
+        *self.master = std::mem::take(&mut self.draft);
+        match self.store.current.write() {
+            Ok(mut c) => *c = snapshot,
+            Err(poisoned) => *poisoned.into_inner() = snapshot,
+        }
+        self.committed = true;
+    }
 }
 
 impl std::ops::Deref for ConfigWriter<'_> {
     type Target = Config;
     fn deref(&self) -> &Config {
-        &self.cfg
+        &self.draft
     }
 }
 
 impl std::ops::DerefMut for ConfigWriter<'_> {
     fn deref_mut(&mut self) -> &mut Config {
-        &mut self.cfg
+        &mut self.draft
     }
 }
 
 impl Drop for ConfigWriter<'_> {
     fn drop(&mut self) {
-        // Compiled before the pointer lock is taken: readers never wait for a compile.
-        let snapshot = Arc::new(Snapshot::compile(&self.cfg));
-        match self.current.write() {
-            Ok(mut c) => *c = snapshot,
-            Err(poisoned) => *poisoned.into_inner() = snapshot,
+        // Uncommitted: the copy is discarded. Unwinding from a panic mid-edit: fail
+        // closed (the master lock is poisoned by this guard's drop just after).
+        if !self.committed && std::thread::panicking() {
+            self.store.failed.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -293,12 +363,16 @@ mod tests {
     }
 
     fn service(ns: &str, name: &str) -> Arc<Service> {
+        service_named(ns, name, &format!("{name}.{ns}.svc.cluster.local"))
+    }
+
+    fn service_named(ns: &str, name: &str, hostname: &str) -> Arc<Service> {
         let mut st = State::default();
         st.apply_address(&pb::Address {
             r#type: Some(pb::address::Type::Service(pb::Service {
                 name: name.into(),
                 namespace: ns.into(),
-                hostname: format!("{name}.{ns}.svc.cluster.local"),
+                hostname: hostname.into(),
                 ports: vec![pb::Port {
                     service_port: 80,
                     target_port: 8080,
@@ -375,8 +449,9 @@ mod tests {
         {
             let mut w = store.write().unwrap();
             w.routes.insert("shop/r".into(), route("r", "api", None));
-            // Not published until the writer is done.
+            // Not published until the writer commits.
             assert_eq!(store.snapshot().routes_for("shop", "api", 80).count(), 0);
+            w.commit();
         }
         let after = store.snapshot();
         assert_eq!(after.routes_for("shop", "api", 80).count(), 1);
@@ -385,5 +460,73 @@ mod tests {
             Arc::ptr_eq(&after, &store.snapshot()),
             "reads share one version"
         );
+    }
+
+    #[test]
+    fn a_writer_dropped_without_commit_changes_nothing() {
+        let store = ConfigStore::default();
+        let before = store.snapshot();
+        {
+            let mut w = store.write().unwrap();
+            w.routes.insert("shop/r".into(), route("r", "api", None));
+        }
+        assert!(Arc::ptr_eq(&before, &store.snapshot()), "nothing published");
+        // The master copy did not keep the edit either: the next write starts from it.
+        assert!(store.write().unwrap().routes.is_empty());
+        assert!(!store.failed());
+    }
+
+    #[test]
+    fn a_panic_mid_edit_publishes_nothing_and_fails_the_store_closed() {
+        let mut cfg = Config::default();
+        cfg.routes.insert("shop/a".into(), route("a", "api", None));
+        let store = ConfigStore::new(cfg);
+        let before = store.snapshot();
+        // One response: a route added, then a panic before the old one is removed.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut w = store.write().unwrap();
+            w.routes.insert("shop/b".into(), route("b", "web", None));
+            panic!("bug while applying");
+        }));
+        assert!(r.is_err());
+        let after = store.snapshot();
+        assert!(
+            Arc::ptr_eq(&before, &after),
+            "the half-applied edit is not published"
+        );
+        assert_eq!(after.routes_for("shop", "web", 80).count(), 0);
+        assert!(store.failed(), "the data path is told to serve nothing");
+        assert!(store.write().is_err(), "later writes are refused");
+        assert!(store.update(|c| c.routes.clear()).is_err());
+    }
+
+    #[test]
+    fn of_services_sharing_a_name_the_cluster_hostname_wins() {
+        let own = service_named("shop", "api", "api.shop.svc.cluster.local");
+        // Sorts before the cluster hostname: the first by hostname would pick it.
+        let entry = service_named("shop", "api", "api.example.com");
+        let lookalike = service_named("shop", "api", "api.shop2.svc.cluster.local");
+        assert!(service_rank(&own) < service_rank(&entry));
+        assert!(service_rank(&own) < service_rank(&lookalike));
+        // Neither is the cluster's own: the first by hostname, whatever the arrival order.
+        assert!(service_rank(&entry) < service_rank(&lookalike));
+        for order in [[&own, &entry], [&entry, &own]] {
+            let mut cfg = Config::default();
+            for s in order {
+                cfg.discovery
+                    .apply_address(&pb::Address {
+                        r#type: Some(pb::address::Type::Service(pb::Service {
+                            name: s.name.clone(),
+                            namespace: s.namespace.clone(),
+                            hostname: s.hostname.clone(),
+                            ..Default::default()
+                        })),
+                    })
+                    .unwrap();
+            }
+            let snap = Snapshot::compile(&cfg);
+            let got = snap.service("shop", "api").unwrap();
+            assert_eq!(got.hostname, "api.shop.svc.cluster.local");
+        }
     }
 }

@@ -150,12 +150,39 @@ fn apply_policy(cfg: &mut Config, name: &str, body: &[u8]) -> Result<(), String>
 }
 
 impl mesh_xds::Handler for Apply {
+    /// One version per response. A panic while applying fails the store closed (see
+    /// [`ConfigStore`]): the waypoint turns not ready and serves nothing rather than a
+    /// half-applied or frozen configuration; every later response is NACKed.
     fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
-        let mut cfg = self.config.write().expect("config lock");
-        let errors = REGISTRY.apply(&mut cfg, resp);
-        drop(cfg);
-        self.lifecycle.mark_synced(&resp.type_url);
-        errors
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut cfg = self.config.write()?;
+            let errors = REGISTRY.apply(&mut cfg, resp);
+            cfg.commit();
+            Ok::<_, crate::snapshot::Poisoned>(errors)
+        }));
+        match applied {
+            Ok(Ok(errors)) => {
+                self.lifecycle.mark_synced(&resp.type_url);
+                errors
+            }
+            Ok(Err(e)) => {
+                self.lifecycle.set_config_failed();
+                resp.resources
+                    .iter()
+                    .map(|r| (r.name.clone(), e.to_string()))
+                    .chain(
+                        resp.removed_resources
+                            .iter()
+                            .map(|n| (n.clone(), e.to_string())),
+                    )
+                    .collect()
+            }
+            Err(panic) => {
+                self.lifecycle.set_config_failed();
+                tracing::error!(type_url = %resp.type_url, "{}", crate::snapshot::Poisoned);
+                std::panic::resume_unwind(panic)
+            }
+        }
     }
 }
 
@@ -183,7 +210,7 @@ mod tests {
             }],
             ..Default::default()
         });
-        let cfg = std::mem::take(&mut *config.write().unwrap());
+        let cfg = Config::clone(&config.write().unwrap());
         (errors, cfg)
     }
 
@@ -285,7 +312,7 @@ mod tests {
             }],
             ..Default::default()
         });
-        let cfg = std::mem::take(&mut *config.write().unwrap());
+        let cfg = Config::clone(&config.write().unwrap());
         (errors, cfg)
     }
 
@@ -396,5 +423,40 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert!(lifecycle.synced());
         assert_eq!(lifecycle.not_ready(), ["no certificate"]);
+    }
+
+    #[test]
+    fn once_the_store_failed_closed_responses_are_nacked_and_the_waypoint_is_not_ready() {
+        let config = Arc::new(ConfigStore::default());
+        let lifecycle = Lifecycle::new();
+        let mut a = Apply {
+            config: config.clone(),
+            lifecycle: lifecycle.clone(),
+        };
+        let routes = DeltaDiscoveryResponse {
+            type_url: type_url::HTTP_ROUTE.into(),
+            resources: vec![Resource {
+                name: "shop/r".into(),
+                ..Default::default()
+            }],
+            removed_resources: vec!["shop/old".into()],
+            ..Default::default()
+        };
+        a.apply(&routes);
+        assert!(!lifecycle.not_ready().iter().any(|w| w.contains("failed")));
+        // A panic while some response was applied.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _w = config.write().unwrap();
+            panic!("bug while applying");
+        }));
+        let errors = a.apply(&routes);
+        let names: Vec<&str> = errors.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["shop/r", "shop/old"], "all of it NACKed");
+        assert!(errors[0].1.contains("failed closed"), "{errors:?}");
+        assert!(
+            lifecycle
+                .not_ready()
+                .contains(&"configuration failed closed (restart the waypoint)")
+        );
     }
 }

@@ -359,10 +359,8 @@ impl Setup {
         let (r, errors) = waypoint::route::compile(&typed);
         assert!(errors.is_empty(), "{errors:?}");
         self.config
-            .write()
-            .unwrap()
-            .routes
-            .insert("shop/r".into(), r);
+            .update(|c| c.routes.insert("shop/r".into(), r))
+            .unwrap();
     }
 
     fn policy(&self, name: &str, json: &str) {
@@ -376,10 +374,11 @@ impl Setup {
         });
         assert!(errors.is_empty(), "{errors:?}");
         self.config
-            .write()
-            .unwrap()
-            .policies
-            .insert(format!("shop/{name}"), (p, vec![Target::Gateway]));
+            .update(|c| {
+                c.policies
+                    .insert(format!("shop/{name}"), (p, vec![Target::Gateway]))
+            })
+            .unwrap();
     }
 
     async fn tunnel(&self, vip: IpAddr) -> hbone::Tunnel {
@@ -1887,4 +1886,123 @@ async fn a_source_copy_through_the_waypoint_ends_cleanly_with_its_bytes() {
             "{kind}"
         );
     }
+}
+
+/// One HTTP/1.1 GET through the waypoint carrying `headers`: (status, body).
+async fn get_with(s: &Setup, vip: IpAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let io = hyper_util::rt::TokioIo::new(s.tunnel(vip).await);
+    let (mut c, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::get(path).header("host", "api.shop.svc.cluster.local");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = c
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+// Policy sees the request as the client sent it: it runs before routing and filters, as
+// Istio's RBAC filter runs before the router (a rewrite cannot dodge a DENY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_sees_the_path_before_a_url_rewrite() {
+    let s = setup(201).await;
+    s.route(
+        r#"{"parentRefs":[{"kind":"Service","name":"api"}],"rules":[
+        {"matches":[{"path":{"type":"PathPrefix","value":"/old"}}],"backendRefs":[{"name":"api-v1","port":80}],
+         "filters":[{"type":"URLRewrite","urlRewrite":{"path":{"type":"ReplacePrefixMatch","replacePrefixMatch":"/new"}}}]},
+        {"backendRefs":[{"name":"api-v1","port":80}]}
+    ]}"#,
+    );
+    s.policy(
+        "no-old",
+        r#"{"action":"DENY","rules":[{"to":[{"operation":{"paths":["/old"]}}]}]}"#,
+    );
+    let (code, body) = get_with(&s, ip(201, 100), "/old", &[]).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (403, "RBAC: access denied by shop/no-old\n"),
+        "denied on the path the client sent, not the rewritten /new"
+    );
+    // The rewrite itself applies to what policy lets through.
+    let (code, body) = get_with(&s, ip(201, 100), "/old/x", &[]).await;
+    assert_eq!((code, body.as_str()), (200, "v1 /new/x"));
+    let (code, body) = get_with(&s, ip(201, 100), "/new", &[]).await;
+    assert_eq!((code, body.as_str()), (200, "v1 /new"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_does_not_see_headers_added_by_the_route() {
+    let s = setup(202).await;
+    s.route(
+        r#"{"parentRefs":[{"kind":"Service","name":"api"}],"rules":[
+        {"backendRefs":[{"name":"api-v1","port":80}],
+         "filters":[{"type":"RequestHeaderModifier","requestHeaderModifier":{"set":[{"name":"x-added","value":"yes"}]}}]}
+    ]}"#,
+    );
+    s.policy(
+        "no-added",
+        r#"{"action":"DENY","rules":[{"when":[{"key":"request.headers[x-added]","values":["yes"]}]}]}"#,
+    );
+    let (code, body) = get_with(&s, ip(202, 100), "/echo-headers", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"x-added\": \"yes\""),
+        "the filter ran, after policy: {body}"
+    );
+    // The same header sent by the client is denied: the policy itself does fire.
+    let (code, body) = get_with(&s, ip(202, 100), "/echo-headers", &[("x-added", "yes")]).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (403, "RBAC: access denied by shop/no-added\n")
+    );
+}
+
+// A panic while an update was applied: the half-applied edit is never served, and neither
+// is anything else (new CONNECTs refused, requests on open connections answered 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_applying_config_fails_the_data_path_closed() {
+    let s = setup(203).await;
+    let io = hyper_util::rt::TokioIo::new(s.tunnel(ip(203, 100)).await);
+    let (mut open, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        http::Request::get(path)
+            .header("host", "api.shop.svc.cluster.local")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(open.send_request(get("/a")).await.unwrap().status(), 200);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut w = s.config.write().unwrap();
+        w.policies.clear();
+        panic!("bug while applying");
+    }));
+    assert!(r.is_err());
+    let resp = open.send_request(get("/b")).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("failed closed"),
+        "{body:?}"
+    );
+    let key = hbone::PoolKey::new(
+        s.client_cert.identity().clone(),
+        vec![s.waypoint_id.clone()],
+        s.waypoint_addr,
+        None,
+    );
+    let refused = s
+        .client
+        .connect(
+            &key,
+            &s.client_cert,
+            &hbone::ConnectRequest::new(SocketAddr::new(ip(203, 100), 80)),
+        )
+        .await;
+    assert!(refused.is_err(), "a new CONNECT is refused");
 }

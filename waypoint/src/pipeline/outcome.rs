@@ -20,6 +20,8 @@ pub enum Local {
     UnknownBackend { namespace: String, name: String },
     /// A fault filter aborted it with this status.
     FaultAbort(StatusCode),
+    /// The configuration failed closed (a panic while applying xDS): nothing is served.
+    ConfigFailed,
 }
 
 impl Local {
@@ -30,6 +32,7 @@ impl Local {
             Local::RuleFailed { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Local::UnknownBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Local::FaultAbort(code) => *code,
+            Local::ConfigFailed => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -59,6 +62,7 @@ impl std::fmt::Display for Local {
                 write!(f, "backend {namespace}/{name} is not a known service")
             }
             Local::FaultAbort(_) => f.write_str("fault filter abort"),
+            Local::ConfigFailed => f.write_str(&crate::snapshot::Poisoned.to_string()),
         }
     }
 }
