@@ -145,6 +145,12 @@ fn paths_are_routed() {
     let r = get(agent.addr, "/metrics");
     assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
     assert!(r.contains("\nmesh_cni_ztunnel_connections"), "{r}");
+    // Prometheus 3 refuses a scrape without a content-type.
+    assert!(
+        r.to_lowercase()
+            .contains("\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+        "{r}"
+    );
     let r = get(agent.addr, "/enrolment");
     assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
     let body: serde_json::Value =

@@ -284,11 +284,13 @@ pub async fn serve(
     let local = listener
         .local_addr()
         .map_err(|source| mesh_admin::BindError { addr, source })?;
-    mesh_admin::spawn(
-        listener,
-        routes(state, readiness_only),
-        mesh_admin::Limits::default(),
-    );
+    // The kubelet probes the readiness-only endpoint: an idle connection there is short-lived.
+    let limits = if readiness_only {
+        mesh_admin::Limits::serving_probes()
+    } else {
+        mesh_admin::Limits::default()
+    };
+    mesh_admin::spawn(listener, routes(state, readiness_only), limits);
     Ok(local)
 }
 

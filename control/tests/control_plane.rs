@@ -427,23 +427,24 @@ async fn restart_keeps_the_root_and_rotation_serves_both_roots() {
     assert_eq!(cert.roots().len(), 2, "clients receive both roots");
 }
 
-/// The CA key is owner-only even when a file by that name was already there (a leftover
-/// 0644 file keeps its mode through `open(O_CREAT, 0600)`).
+/// A key left without its certificate (a creation cut short, a partial copy) is never
+/// overwritten by a new root: the start fails naming the file to delete. (A new key is
+/// owner-only from its creation: mesh-identity's bootstrap tests.)
 #[test]
-fn the_ca_key_is_0600_even_over_an_existing_file() {
+fn a_ca_key_without_its_certificate_is_kept_and_named() {
     use std::os::unix::fs::PermissionsExt;
     let state = tempfile::tempdir().unwrap();
     let key = state.path().join("ca-key.pem");
     std::fs::write(&key, "stale").unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e =
+        mesh_control::server::load_or_create_ca(state.path(), None, "cluster.local").unwrap_err();
+    assert!(e.contains("ca-key.pem") && e.contains("delete"), "{e}");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), "stale");
+    std::fs::remove_file(&key).unwrap();
     mesh_control::server::load_or_create_ca(state.path(), None, "cluster.local").unwrap();
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "ca-key.pem is {mode:o}");
-    assert!(
-        std::fs::read_to_string(&key)
-            .unwrap()
-            .contains("PRIVATE KEY")
-    );
 }
 
 /// The root the Helm chart generates (genCAWithKey: ECDSA P-256 in SEC1 PEM, with server

@@ -74,9 +74,14 @@ static REGISTRY: LazyLock<Registry<Config>> = LazyLock::new(|| {
         .with(type_url::HTTP_ROUTE, apply_route, |cfg, name| {
             cfg.routes.remove(name);
         })
-        .with(type_url::L7_POLICY, apply_policy, |cfg, name| {
-            cfg.policies.remove(name);
-        })
+        .with_fail_closed(
+            type_url::L7_POLICY,
+            apply_policy,
+            |cfg, name| {
+                cfg.policies.remove(name);
+            },
+            |cfg, name| fail_closed_policy(cfg, name, "L7 policy without a body".into()),
+        )
 });
 
 /// The types to subscribe to, in order.
@@ -131,15 +136,7 @@ fn apply_policy(cfg: &mut Config, name: &str, body: &[u8]) -> Result<(), String>
             errors.extend(bad);
             (policy, targets, errors)
         }
-        Err(e) => {
-            let (ns, short) = name.split_once('/').unwrap_or(("", name));
-            let (policy, _) = Policy::from_proto(&waypoint::L7Policy {
-                namespace: ns.into(),
-                name: short.into(),
-                policy: None,
-            });
-            (policy, vec![Target::Gateway], vec![e.to_string()])
-        }
+        Err(e) => return Err(fail_closed_policy(cfg, name, e.to_string())),
     };
     cfg.policies.insert(name.to_string(), (policy, targets));
     if errors.is_empty() {
@@ -147,6 +144,20 @@ fn apply_policy(cfg: &mut Config, name: &str, body: &[u8]) -> Result<(), String>
     } else {
         Err(format!("{} (enforced fail closed)", errors.join("; ")))
     }
+}
+
+/// Nothing of the policy can be read but its name (undecodable, or no body): enforced
+/// fail closed on every request through the waypoint. Returns the NACK's reason.
+fn fail_closed_policy(cfg: &mut Config, name: &str, why: String) -> String {
+    let (ns, short) = name.split_once('/').unwrap_or(("", name));
+    let (policy, _) = Policy::from_proto(&waypoint::L7Policy {
+        namespace: ns.into(),
+        name: short.into(),
+        policy: None,
+    });
+    cfg.policies
+        .insert(name.to_string(), (policy, vec![Target::Gateway]));
+    format!("{why} (enforced fail closed)")
 }
 
 impl mesh_xds::Handler for Apply {
@@ -292,6 +303,31 @@ mod tests {
             ),
             crate::authz::Decision::Deny { .. }
         ));
+    }
+
+    /// A policy sent without a body is enforced fail closed as an undecodable one is,
+    /// not skipped.
+    #[test]
+    fn a_policy_without_a_body_is_enforced_fail_closed() {
+        let config = Arc::new(ConfigStore::default());
+        let mut a = Apply {
+            config: config.clone(),
+            lifecycle: Lifecycle::new(),
+        };
+        let errors = a.apply(&DeltaDiscoveryResponse {
+            type_url: type_url::L7_POLICY.into(),
+            resources: vec![Resource {
+                name: "shop/p".into(),
+                resource: None,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].0, "shop/p");
+        assert!(errors[0].1.contains("fail closed"), "{errors:?}");
+        let cfg = std::mem::take(&mut *config.write().unwrap());
+        assert!(denies_everything(&cfg));
     }
 
     fn apply_route(route: &waypoint::HttpRoute) -> (Vec<(String, String)>, Config) {

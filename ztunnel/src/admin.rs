@@ -128,6 +128,11 @@ pub fn routes(which: Endpoint, a: Arc<AdminState>) -> Routes {
 /// Serves one of the endpoints on `addr` until the process ends.
 pub async fn serve(addr: SocketAddr, which: Endpoint, a: Arc<AdminState>) -> std::io::Result<()> {
     let listener = mesh_admin::bind(addr).await.map_err(|e| e.source)?;
-    mesh_admin::spawn(listener, routes(which, a), mesh_admin::Limits::default());
+    // The kubelet probes the readiness endpoint: an idle connection there is short-lived.
+    let limits = match which {
+        Endpoint::Readiness => mesh_admin::Limits::serving_probes(),
+        Endpoint::Admin | Endpoint::Metrics => mesh_admin::Limits::default(),
+    };
+    mesh_admin::spawn(listener, routes(which, a), limits);
     Ok(())
 }

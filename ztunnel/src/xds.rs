@@ -70,9 +70,14 @@ static REGISTRY: LazyLock<Registry<State>> = LazyLock::new(|| {
         .with(type_url::ADDRESS, apply_address, |st, name| {
             st.remove_address(name);
         })
-        .with(type_url::AUTHORIZATION, apply_authorization, |st, name| {
-            st.remove_policy(name);
-        })
+        .with_fail_closed(
+            type_url::AUTHORIZATION,
+            apply_authorization,
+            |st, name| {
+                st.remove_policy(name);
+            },
+            |st, name| deny_unreadable(st, name, "Authorization without a body".into()),
+        )
 });
 
 fn apply_address(state: &mut State, _name: &str, body: &[u8]) -> Result<(), String> {
@@ -83,23 +88,28 @@ fn apply_address(state: &mut State, _name: &str, body: &[u8]) -> Result<(), Stri
 fn apply_authorization(state: &mut State, name: &str, body: &[u8]) -> Result<(), String> {
     match security::Authorization::decode(body) {
         Ok(a) => state.apply_authorization(&a).map_err(|e| e.to_string()),
-        Err(e) => {
-            // Nothing of it can be read but its name: it denies everything in its
-            // namespace until a readable version arrives (a NACK never widens access).
-            let (ns, name) = name.split_once('/').unwrap_or(("", name));
-            state.insert_policy(mesh_authz::Policy::fail_closed(
-                ns,
-                name,
-                mesh_authz::PolicyScope::Namespace,
-                mesh_authz::Action::Deny,
-                false,
-                format!("cannot decode Authorization: {e}"),
-            ));
-            Err(format!(
-                "cannot decode Authorization: {e} (denying everything in namespace {ns:?} until it can be read)"
-            ))
-        }
+        Err(e) => Err(deny_unreadable(
+            state,
+            name,
+            format!("cannot decode Authorization: {e}"),
+        )),
     }
+}
+
+/// Nothing of the policy can be read but its name (undecodable, or no body): it denies
+/// everything in its namespace until a readable version arrives (a NACK never widens
+/// access). Returns the NACK's reason.
+fn deny_unreadable(state: &mut State, name: &str, why: String) -> String {
+    let (ns, name) = name.split_once('/').unwrap_or(("", name));
+    state.insert_policy(mesh_authz::Policy::fail_closed(
+        ns,
+        name,
+        mesh_authz::PolicyScope::Namespace,
+        mesh_authz::Action::Deny,
+        false,
+        why.clone(),
+    ));
+    format!("{why} (denying everything in namespace {ns:?} until it can be read)")
 }
 
 /// Applies one response to the state; returns the rejected resources and why.
@@ -223,10 +233,9 @@ mod tests {
         assert!(st.workload("good").is_none());
     }
 
-    /// An Authorization that cannot even be decoded is NACKed and denies everything in
-    /// its namespace meanwhile; before, it was simply absent (an ALLOW: everyone allowed).
-    #[test]
-    fn an_undecodable_authorization_is_nacked_and_fails_closed() {
+    /// Applies `ns/allow-front` with `resource` as its body; whether it was NACKed and
+    /// a connection into namespace `ns` is then allowed.
+    fn authorization_outcome(resource: Option<prost_types::Any>) -> (Vec<(String, String)>, bool) {
         let mut st = State::default();
         let resp = DeltaDiscoveryResponse {
             type_url: type_url::AUTHORIZATION.into(),
@@ -234,16 +243,12 @@ mod tests {
             resources: vec![Resource {
                 name: "ns/allow-front".into(),
                 version: "v1".into(),
-                resource: Some(prost_types::Any {
-                    type_url: type_url::AUTHORIZATION.into(),
-                    value: vec![0x0a, 0x05, b'x'],
-                }),
+                resource,
                 ..Default::default()
             }],
             ..Default::default()
         };
         let errors = apply_response(&mut st, &resp);
-        assert_eq!(errors.len(), 1, "NACKed");
         let w = mesh_discovery::Workload::from_proto(&workload::Workload {
             uid: "u".into(),
             name: "p".into(),
@@ -258,6 +263,27 @@ mod tests {
             dst_ip: [10, 0, 0, 1].into(),
             dst_port: 80,
         };
-        assert!(!st.authorize(&w, &conn).is_allowed());
+        (errors, st.authorize(&w, &conn).is_allowed())
+    }
+
+    /// An Authorization that cannot even be decoded is NACKed and denies everything in
+    /// its namespace meanwhile; before, it was simply absent (an ALLOW: everyone allowed).
+    #[test]
+    fn an_undecodable_authorization_is_nacked_and_fails_closed() {
+        let (errors, allowed) = authorization_outcome(Some(prost_types::Any {
+            type_url: type_url::AUTHORIZATION.into(),
+            value: vec![0x0a, 0x05, b'x'],
+        }));
+        assert_eq!(errors.len(), 1, "NACKed");
+        assert!(!allowed);
+    }
+
+    /// One sent without a body likewise: NACKed and denying, not skipped.
+    #[test]
+    fn an_authorization_without_a_body_is_nacked_and_fails_closed() {
+        let (errors, allowed) = authorization_outcome(None);
+        assert_eq!(errors.len(), 1, "NACKed");
+        assert!(errors[0].1.contains("without a body"), "{errors:?}");
+        assert!(!allowed);
     }
 }

@@ -8,6 +8,15 @@ use http::StatusCode;
 use mesh_admin::{Request, Response, Routes};
 use std::sync::Arc;
 
+/// The Prometheus text format's content-type: Prometheus 3 refuses a scrape without
+/// one (unless told a fallback).
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What `/metrics` answers.
+pub fn metrics_page(page: String) -> Response {
+    Response::new(StatusCode::OK, METRICS_CONTENT_TYPE, page)
+}
+
 /// What `/readyz` answers; bodies (and the absence of a content-type) as they always were.
 pub fn readiness(ready: bool) -> Response {
     if ready {
@@ -41,7 +50,7 @@ pub fn routes(agent: Arc<Agent>) -> Routes {
             std::future::ready(readiness(a1.ready()))
         })
         .get("/metrics", move |_| {
-            std::future::ready(Response::untyped(StatusCode::OK, a2.metrics().render()))
+            std::future::ready(metrics_page(a2.metrics().render()))
         })
         .get("/enrolment", move |req| enrolment(a3.clone(), req))
 }
@@ -52,13 +61,27 @@ pub async fn serve(
     agent: Arc<Agent>,
 ) -> Result<(), mesh_admin::BindError> {
     let l = mesh_admin::bind(addr).await?;
-    mesh_admin::serve(l, routes(agent), mesh_admin::Limits::default()).await;
+    // The kubelet probes /readyz here.
+    mesh_admin::serve(l, routes(agent), mesh_admin::Limits::serving_probes()).await;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_are_typed_for_prometheus() {
+        let r = metrics_page("a_total 1\n".into());
+        assert_eq!(
+            (r.status, r.content_type, &r.body[..]),
+            (
+                StatusCode::OK,
+                Some("text/plain; version=0.0.4; charset=utf-8"),
+                &b"a_total 1\n"[..]
+            )
+        );
+    }
 
     #[test]
     fn readiness_bodies() {

@@ -4,10 +4,12 @@
 //! [`routes`] decides which handler answers a request (pure, unit-tested); [`server`] is
 //! the I/O shell: one task per connection, a header-read timeout that also closes idle
 //! keep-alive connections, a cap on a connection's lifetime, bounded headers and bodies,
-//! and a cap on concurrent connections. A slow or idle client therefore holds only its
-//! own task: readiness keeps answering the kubelet.
+//! and caps on concurrent connections, overall and per peer address ([`admission`]). A
+//! slow or idle client therefore holds only its own task and its own share of slots:
+//! readiness keeps answering the kubelet.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 #[cfg(feature = "profiles")]
 pub mod profile;
 pub mod query;

@@ -1,6 +1,7 @@
 //! The I/O shell: accepts connections and serves each on its own task, bounded in time
 //! and size, answering from a [`Routes`] table.
 
+use crate::admission::{Admit, ConnId, Table};
 use crate::routes::{Request, Response, Routes};
 use bytes::Bytes;
 use http::StatusCode;
@@ -8,10 +9,10 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 
 /// The bounds every connection is served within.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,8 +30,13 @@ pub struct Limits {
     /// How long one connection may last, whatever it does (a CPU profile takes at most
     /// a minute).
     pub max_connection_age: Duration,
-    /// Connections served at once; more wait in the listen backlog.
+    /// Connections served at once. Each connection is accepted at once (none waits in
+    /// the listen backlog); at the cap the oldest one that has not sent its request head
+    /// is closed to make room, or the new one when every slot is serving a request.
     pub max_connections: usize,
+    /// Connections served at once from one peer address, so that one pod cannot hold
+    /// every slot; past it the peer's own oldest idle connection is closed.
+    pub max_connections_per_peer: usize,
     /// Whether a connection may carry more than one request. Off by default: each
     /// response ends with `connection: close`, as clients that read to the end expect.
     pub keep_alive: bool,
@@ -45,7 +51,19 @@ impl Default for Limits {
             max_header_bytes: 16 * 1024,
             max_connection_age: Duration::from_secs(300),
             max_connections: 1024,
+            max_connections_per_peer: 32,
             keep_alive: false,
+        }
+    }
+}
+
+impl Limits {
+    /// For a server that answers kubelet probes: a probe sends its request head at once
+    /// and gives up after 1 s by default, so an idle connection is not worth more than 2 s.
+    pub fn serving_probes() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(2),
+            ..Limits::default()
         }
     }
 }
@@ -74,11 +92,11 @@ pub fn spawn(listener: TcpListener, routes: Routes, limits: Limits) -> tokio::ta
 /// Serves `routes` on `listener`: each connection on its own task.
 pub async fn serve(listener: TcpListener, routes: Routes, limits: Limits) {
     let routes = Arc::new(routes);
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let table = Arc::new(Mutex::new(Table::new(
+        limits.max_connections,
+        limits.max_connections_per_peer,
+    )));
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -88,16 +106,64 @@ pub async fn serve(listener: TcpListener, routes: Routes, limits: Limits) {
                 continue;
             }
         };
+        let close = Arc::new(Notify::new());
+        let decision = lock(&table).admit(peer.ip(), close.clone());
+        let id = match decision {
+            Admit::Serve(id) => id,
+            Admit::ServeEvicting(id, victim) => {
+                // A stored permit: the victim's task closes even if not yet polled.
+                victim.notify_one();
+                id
+            }
+            Admit::Refuse(why) => {
+                tracing::debug!(%peer, ?why, "admin connection refused");
+                continue;
+            }
+        };
         let routes = routes.clone();
+        let table = table.clone();
         tokio::spawn(async move {
-            connection(tcp, peer, routes, limits).await;
-            drop(slot);
+            let _entry = Entry {
+                table: table.clone(),
+                id,
+            };
+            tokio::select! {
+                _ = connection(tcp, peer, routes, limits, table, id) => {}
+                _ = close.notified() => {}
+            }
         });
     }
 }
 
-async fn connection(tcp: TcpStream, peer: SocketAddr, routes: Arc<Routes>, limits: Limits) {
+fn lock<H>(t: &Mutex<Table<H>>) -> std::sync::MutexGuard<'_, Table<H>> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Conns = Arc<Mutex<Table<Arc<Notify>>>>;
+
+/// Takes a connection out of the table however its task ends.
+struct Entry {
+    table: Conns,
+    id: ConnId,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        lock(&self.table).remove(self.id);
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    routes: Arc<Routes>,
+    limits: Limits,
+    table: Conns,
+    id: ConnId,
+) {
     let svc = hyper::service::service_fn(move |req| {
+        // Serving a request now: not to be closed to make room.
+        lock(&table).head_received(id);
         let routes = routes.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(&routes, req, peer, limits).await) }
     });

@@ -74,6 +74,54 @@ async fn idle_connections_do_not_delay_readiness() {
     drop((idle, half));
 }
 
+/// A probe from `source` (a loopback address of its own), with the kubelet's default
+/// 1 s timeout.
+async fn probe_from(source: &str, addr: SocketAddr, path: &str) -> String {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let probe = async {
+        let mut s = sock.connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    tokio::time::timeout(Duration::from_secs(1), probe)
+        .await
+        .expect("the probe is answered within the kubelet's timeout")
+}
+
+#[tokio::test]
+async fn one_peer_filling_the_slots_does_not_starve_probes() {
+    // Idle connections are never closed by the header timeout during the test.
+    let addr = start(Limits {
+        header_read_timeout: Duration::from_secs(600),
+        max_connections: 8,
+        max_connections_per_peer: 4,
+        ..Limits::default()
+    })
+    .await;
+    // Peers past their share, and together past the global cap, all idle.
+    let mut idle = Vec::new();
+    for source in ["127.0.0.1", "127.0.0.3", "127.0.0.4"] {
+        for _ in 0..7 {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+            idle.push(sock.connect(addr).await.unwrap());
+        }
+    }
+    // Another source address: the kubelet.
+    let r = probe_from("127.0.0.2", addr, "/healthz/ready").await;
+    assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+    assert!(r.ends_with("\r\n\r\nready\n"), "{r}");
+    // And again, from the same address as the idle connections (a host-network pod
+    // shares the kubelet's): that peer's own idle connections make room.
+    let r = probe_from("127.0.0.1", addr, "/healthz/ready").await;
+    assert!(r.ends_with("\r\n\r\nready\n"), "{r}");
+    drop(idle);
+}
+
 #[tokio::test]
 async fn an_idle_connection_is_closed_after_the_header_timeout() {
     let addr = start(Limits {

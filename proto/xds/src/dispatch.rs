@@ -9,11 +9,15 @@ use mesh_proto::discovery::DeltaDiscoveryResponse;
 pub type ApplyFn<S> = fn(&mut S, &str, &[u8]) -> Result<(), String>;
 /// Removes one resource, by name, from the state `S`.
 pub type RemoveFn<S> = fn(&mut S, &str);
+/// Applies a resource that came without a body, by name, the way an undecodable one is
+/// (e.g. a policy enforced fail closed); returns why it is rejected.
+pub type BodylessFn<S> = fn(&mut S, &str) -> String;
 
 struct Kind<S> {
     type_url: &'static str,
     apply: ApplyFn<S>,
     remove: RemoveFn<S>,
+    bodyless: Option<BodylessFn<S>>,
 }
 
 /// The resource types one client subscribes to, each with its handlers.
@@ -36,7 +40,32 @@ impl<S> Registry<S> {
     ///
     /// # Panics
     /// If the type was already added (a programming error).
-    pub fn with(mut self, type_url: &'static str, apply: ApplyFn<S>, remove: RemoveFn<S>) -> Self {
+    pub fn with(self, type_url: &'static str, apply: ApplyFn<S>, remove: RemoveFn<S>) -> Self {
+        self.add(type_url, apply, remove, None)
+    }
+
+    /// Adds a type whose resources must not simply be skipped when they come without a
+    /// body (a policy left out could widen access): `bodyless` applies them by name.
+    ///
+    /// # Panics
+    /// If the type was already added (a programming error).
+    pub fn with_fail_closed(
+        self,
+        type_url: &'static str,
+        apply: ApplyFn<S>,
+        remove: RemoveFn<S>,
+        bodyless: BodylessFn<S>,
+    ) -> Self {
+        self.add(type_url, apply, remove, Some(bodyless))
+    }
+
+    fn add(
+        mut self,
+        type_url: &'static str,
+        apply: ApplyFn<S>,
+        remove: RemoveFn<S>,
+        bodyless: Option<BodylessFn<S>>,
+    ) -> Self {
         assert!(
             !self.knows(type_url),
             "{type_url} registered twice in one xDS registry"
@@ -45,6 +74,7 @@ impl<S> Registry<S> {
             type_url,
             apply,
             remove,
+            bodyless,
         });
         self
     }
@@ -60,13 +90,18 @@ impl<S> Registry<S> {
 
     /// Applies `resp` to `state`: each resource through its type's handler, then each
     /// removal. Returns `(resource name, reason)` for each rejected resource: one whose
-    /// body is missing, one its handler refused, every one of a type not registered.
+    /// body is missing (applied by name first where its type says so), one its handler
+    /// refused, every one of a type not registered.
     pub fn apply(&self, state: &mut S, resp: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
         let kind = self.kinds.iter().find(|k| k.type_url == resp.type_url);
         let mut rejected = Vec::new();
         for r in &resp.resources {
             let Some(any) = &r.resource else {
-                rejected.push((r.name.clone(), "resource body missing".to_string()));
+                let why = match kind.and_then(|k| k.bodyless) {
+                    Some(bodyless) => bodyless(state, &r.name),
+                    None => "resource body missing".to_string(),
+                };
+                rejected.push((r.name.clone(), why));
                 continue;
             };
             let applied = match kind {
@@ -194,6 +229,43 @@ mod tests {
             ]
         );
         assert_eq!(s.a.keys().collect::<Vec<_>>(), ["good", "good2"]);
+    }
+
+    #[test]
+    fn a_bodyless_resource_of_a_fail_closed_type_is_applied_by_name_and_rejected() {
+        let r = registry().with_fail_closed(
+            "type/policy",
+            |s: &mut Store, name, body| {
+                s.a.insert(name.into(), text(body)?);
+                Ok(())
+            },
+            |s: &mut Store, name| {
+                s.a.remove(name);
+            },
+            |s: &mut Store, name| {
+                s.a.insert(name.into(), "deny all".into());
+                "no body: denying all".into()
+            },
+        );
+        let mut s = Store::default();
+        let rejected = r.apply(
+            &mut s,
+            &resp(
+                "type/policy",
+                vec![res("p", None), res("q", Some(b"v"))],
+                &[],
+            ),
+        );
+        assert_eq!(
+            rejected,
+            vec![("p".to_string(), "no body: denying all".to_string())]
+        );
+        assert_eq!(s.a["p"], "deny all");
+        assert_eq!(s.a["q"], "v");
+        // Other types still skip a bodyless resource.
+        let rejected = r.apply(&mut s, &resp("type/b", vec![res("p", None)], &[]));
+        assert_eq!(rejected[0].1, "resource body missing");
+        assert!(s.b.is_empty());
     }
 
     #[test]
