@@ -106,7 +106,7 @@ impl Cluster {
         let ca =
             CertificateAuthority::new_root("cluster.local", Duration::from_secs(86400)).unwrap();
         std::fs::write(dir.join("ca/ca-cert.pem"), ca.cert_pem()).unwrap();
-        std::fs::write(dir.join("ca/ca-key.pem"), ca.key_pem()).unwrap();
+        mesh_identity::write_private(&dir.join("ca/ca-key.pem"), ca.key_pem().as_bytes()).unwrap();
         let (config_path, plane) = match &control {
             Control::Local(config) => {
                 let p = dir.join("mesh.yaml");
