@@ -149,13 +149,6 @@ async fn hbone_server<H: ConnectHandler>(
     });
 }
 
-fn ip_bytes(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v) => v.octets().to_vec(),
-        IpAddr::V6(v) => v.octets().to_vec(),
-    }
-}
-
 fn service(name: &str, vip: IpAddr, protocol: pb::AppProtocol) -> pb::Address {
     pb::Address {
         r#type: Some(pb::address::Type::Service(pb::Service {
@@ -164,7 +157,7 @@ fn service(name: &str, vip: IpAddr, protocol: pb::AppProtocol) -> pb::Address {
             hostname: format!("{name}.shop.svc.cluster.local"),
             addresses: vec![pb::NetworkAddress {
                 network: String::new(),
-                address: ip_bytes(vip),
+                address: mesh_authz::ip_bytes(vip),
                 length: None,
             }],
             ports: vec![pb::Port {
@@ -193,7 +186,7 @@ fn endpoint(name: &str, ip: IpAddr, services: &[&str]) -> pb::Address {
             uid: format!("c//Pod/shop/{name}"),
             name: name.into(),
             namespace: "shop".into(),
-            addresses: vec![ip_bytes(ip)],
+            addresses: vec![mesh_authz::ip_bytes(ip)],
             tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
             service_account: "backend".into(),
             services: services
@@ -1276,6 +1269,7 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
         sender
     };
     // A request that takes 2 s is in flight when the waypoint is told to stop.
+    let before = s.hits[0].load(Ordering::SeqCst);
     let start = std::time::Instant::now();
     let slow = {
         let io = hyper_util::rt::TokioIo::new(s.tunnel_via(listen, ip(11, 101)).await);
@@ -1296,16 +1290,23 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
             (status, String::from_utf8_lossy(&body).into_owned())
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In flight: the backend has it (and answers only 2 s later).
+    wait_for(|| s.hits[0].load(Ordering::SeqCst) > before).await;
     stop.send(()).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_for(|| !lifecycle.ready()).await;
     let (code, body) = admin_get(admin_at, "/healthz/ready").await;
     assert_eq!(code, 503);
     assert!(body.contains("draining"), "{body}");
-    assert!(
-        tokio::net::TcpStream::connect(listen).await.is_err(),
-        "no new connections while draining"
-    );
+    // The listener closes right after readiness fails (no await in between).
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(listen).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "no new connections while draining");
     let (code, body) = slow.await.unwrap();
     assert_eq!(
         (code, body.as_str()),
