@@ -193,7 +193,8 @@ mod tests {
     fn denies_everything(cfg: &Config) -> bool {
         let h = http::HeaderMap::new();
         let (p, t) = &cfg.policies["shop/p"];
-        let web: mesh_identity::SpiffeId = "spiffe://cluster.local/ns/front/sa/web".parse().unwrap();
+        let web: mesh_identity::SpiffeId =
+            "spiffe://cluster.local/ns/front/sa/web".parse().unwrap();
         let backend: mesh_identity::SpiffeId =
             "spiffe://cluster.local/ns/shop/sa/backend".parse().unwrap();
         let sources = [None, Some(&web), Some(&backend)];
@@ -256,7 +257,10 @@ mod tests {
         };
         let (errors, cfg) = apply_policy(msg.encode_to_vec());
         assert_eq!(errors.len(), 1);
-        assert!(denies_everything(&cfg), "no caller, named or not, is allowed");
+        assert!(
+            denies_everything(&cfg),
+            "no caller, named or not, is allowed"
+        );
         // Nor with the identity it names: on every Service now, it must allow nothing.
         let evil: mesh_identity::SpiffeId =
             "spiffe://cluster.local/ns/front/sa/evil".parse().unwrap();
