@@ -1043,8 +1043,13 @@ async fn not_ready_and_not_listening_until_addresses_routes_and_policies_synced(
         config: config.clone(),
         lifecycle: lifecycle.clone(),
     };
-    let not_listening = || async { tokio::net::TcpStream::connect(listen).await.is_err() };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Readiness needs no wait (`apply` sets it synchronously). "Not listening" is a
+    // negative: `serve` is given a window (10 of the test's 20 ms polls) in which a
+    // listener bound too early would accept.
+    let not_listening = || async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::net::TcpStream::connect(listen).await.is_err()
+    };
     let (code, body) = admin_get(admin_at, "/healthz/ready").await;
     assert_eq!(code, 503);
     assert!(
@@ -1077,7 +1082,6 @@ async fn not_ready_and_not_listening_until_addresses_routes_and_policies_synced(
             .is_empty()
     );
     apply.apply(&first_response(mesh_proto::type_url::HTTP_ROUTE, vec![]));
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let (code, body) = admin_get(admin_at, "/healthz/ready").await;
     assert_eq!(code, 503);
     assert!(
