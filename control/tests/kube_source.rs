@@ -732,6 +732,8 @@ async fn a_missing_policy_crd_version_makes_mesh_control_not_ready() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         v = serde_json::from_str(&http_get(ready_addr, "/ready").await.1).unwrap();
     }
+    // A negative window, not a wait for a condition: had it gone on to serve without
+    // the policies, it would within the source's 100 ms debounce; 500 ms is 5 of them.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !serve.is_finished(),
@@ -1594,6 +1596,19 @@ async fn throttled_lists_wait_their_retry_after_and_refused_lists_make_it_not_re
                 .any(|p| p.starts_with("Pod: cannot list Pod") && p.contains(reason))
         })
         .await;
+        // A generation built after the refusal: an event on a kind that still lists, and
+        // the generation that carries it (a wipe would be published by then).
+        let marker = format!("after-{code}");
+        fake.push("services", "ADDED", json!({"metadata": {"name": marker, "namespace": "shop"},
+                                              "spec": {"clusterIP": format!("10.96.1.{}", code % 256), "ports": [{"port": 80}]}}));
+        let mut generation = running.shared.generation.clone();
+        tokio::time::timeout(
+            Duration::from_secs(15),
+            generation.wait_for(|g| g.resources.addresses.keys().any(|k| k.contains(&marker))),
+        )
+        .await
+        .expect("a service added after the refusal is served")
+        .unwrap();
         assert!(served(&running), "{code}: the last-known pods are kept");
         fake.0.lock().unwrap().refuse.remove("pods");
         until_problems(&running, &format!("ready again after {code}"), |p| {

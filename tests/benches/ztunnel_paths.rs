@@ -3,7 +3,7 @@
 //! release binaries; `cargo test` runs it in a quick smoke mode.
 
 use mesh_e2e::cluster::{Cluster, Control, POD_B, base_config};
-use mesh_e2e::net::Netns;
+use mesh_e2e::net::{Netns, ns_run};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -81,8 +81,9 @@ fn throughput(client: &Netns, bytes: u64) -> f64 {
     sent as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
 }
 
-/// New connections per second (connect, 1-byte echo, close), sequentially.
-fn conn_rate(client: &Netns, time: Duration) -> f64 {
+/// New connections per second (connect, 1-byte echo, close), sequentially, and how many
+/// were made.
+fn conn_rate(client: &Netns, time: Duration) -> (f64, u64) {
     let to: SocketAddr = format!("{POD_B}:9001").parse().unwrap();
     let start = Instant::now();
     let mut n = 0u64;
@@ -93,7 +94,7 @@ fn conn_rate(client: &Netns, time: Duration) -> f64 {
         s.read_exact(&mut b).unwrap();
         n += 1;
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    (n as f64 / start.elapsed().as_secs_f64(), n)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -101,21 +102,62 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The connections node 2's ztunnel counted as their destination
+/// (`istio_tcp_connections_opened_total{reporter="destination"}`, summed over series).
+fn destination_opened(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 fn measure(control: Control, sizes: &Sizes) -> (f64, f64) {
+    let meshed = !matches!(control, Control::None);
     let c = Cluster::new(control);
     servers(&c.pod_b);
     // Warm up (certificates, pooled HBONE connection).
-    conn_rate(&c.pod_a, Duration::from_millis(200));
+    let (_, mut made) = conn_rate(&c.pod_a, Duration::from_millis(200));
     let tput = median(
         (0..sizes.runs)
             .map(|_| throughput(&c.pod_a, sizes.bytes))
             .collect(),
     );
+    made += sizes.runs as u64;
     let conns = median(
         (0..sizes.runs)
-            .map(|_| conn_rate(&c.pod_a, sizes.conn_time))
+            .map(|_| {
+                let (rate, n) = conn_rate(&c.pod_a, sizes.conn_time);
+                made += n;
+                rate
+            })
             .collect(),
     );
+    if meshed {
+        // The mesh figure is the mesh's: node 2's ztunnel received every connection
+        // (without the redirection they would go straight to pod B, uncounted).
+        let counted = || {
+            destination_opened(&ns_run(
+                &c.node2.name,
+                &["curl", "-sf", "http://127.0.0.1:15020/metrics"],
+            ))
+        };
+        let mut seen = counted();
+        for _ in 0..50 {
+            if seen >= made {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            seen = counted();
+        }
+        assert!(
+            seen >= made,
+            "node 2's ztunnel counted {seen} of the {made} connections made"
+        );
+    }
     (tput, conns)
 }
 

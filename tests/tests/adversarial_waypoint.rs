@@ -147,13 +147,6 @@ async fn hbone_server(addr: SocketAddr, tls: Arc<rustls::ServerConfig>, h: Arc<Z
     });
 }
 
-fn bytes_of(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v) => v.octets().to_vec(),
-        IpAddr::V6(v) => v.octets().to_vec(),
-    }
-}
-
 fn to_waypoint() -> pb::GatewayAddress {
     pb::GatewayAddress {
         destination: Some(pb::gateway_address::Destination::Hostname(
@@ -180,7 +173,7 @@ fn service(
             hostname: format!("{name}.{ns}.svc.cluster.local"),
             addresses: vec![pb::NetworkAddress {
                 network: String::new(),
-                address: bytes_of(vip),
+                address: mesh_authz::ip_bytes(vip),
                 length: None,
             }],
             ports: ports
@@ -210,7 +203,7 @@ fn pod(
             uid: format!("c//Pod/{ns}/{name}"),
             name: name.into(),
             namespace: ns.into(),
-            addresses: vec![bytes_of(ip)],
+            addresses: vec![mesh_authz::ip_bytes(ip)],
             tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
             service_account: sa.into(),
             waypoint: waypoint.then(to_waypoint),

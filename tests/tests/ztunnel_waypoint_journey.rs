@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
 use std::io::{Read, Write};
-use std::net::{IpAddr, TcpListener};
+use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -96,13 +96,6 @@ policies: []
     )
 }
 
-fn ip_bytes(ip: &str) -> Vec<u8> {
-    match ip.parse::<IpAddr>().unwrap() {
-        IpAddr::V4(v) => v.octets().to_vec(),
-        IpAddr::V6(v) => v.octets().to_vec(),
-    }
-}
-
 /// What the waypoint knows from its control plane: the service bound to it and its
 /// endpoint.
 fn waypoint_state() -> State {
@@ -114,7 +107,7 @@ fn waypoint_state() -> State {
             hostname: "api.back.svc.cluster.local".into(),
             addresses: vec![pb::NetworkAddress {
                 network: String::new(),
-                address: ip_bytes(VIP),
+                address: mesh_authz::ip_bytes(VIP.parse().unwrap()),
                 length: None,
             }],
             ports: vec![pb::Port {
@@ -139,7 +132,7 @@ fn waypoint_state() -> State {
             uid: "c//Pod/back/server".into(),
             name: "server".into(),
             namespace: "back".into(),
-            addresses: vec![ip_bytes(POD_B)],
+            addresses: vec![mesh_authz::ip_bytes(POD_B.parse().unwrap())],
             tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
             service_account: "api".into(),
             services: [(

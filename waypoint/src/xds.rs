@@ -225,25 +225,38 @@ mod tests {
         (errors, cfg)
     }
 
+    /// Deny for every caller asked: no identity, a client's and a server's own identity,
+    /// each with a read and a write, so a placeholder that lets any mesh identity through
+    /// (`principals: ["*"]`, "authenticated only") is caught too.
     fn denies_everything(cfg: &Config) -> bool {
         let h = http::HeaderMap::new();
         let (p, t) = &cfg.policies["shop/p"];
+        let web: mesh_identity::SpiffeId =
+            "spiffe://cluster.local/ns/front/sa/web".parse().unwrap();
+        let backend: mesh_identity::SpiffeId =
+            "spiffe://cluster.local/ns/shop/sa/backend".parse().unwrap();
+        let sources = [None, Some(&web), Some(&backend)];
+        let calls = [("GET", "/"), ("POST", "/x")];
         t == &vec![Target::Gateway]
-            && matches!(
-                crate::authz::evaluate(
-                    [p],
-                    &crate::authz::Request {
-                        source: None,
-                        source_ip: [10, 0, 0, 1].into(),
-                        method: "GET",
-                        path: "/",
-                        host: "h",
-                        port: 80,
-                        headers: &h,
-                    }
-                ),
-                crate::authz::Decision::Deny { .. }
-            )
+            && sources.iter().all(|source| {
+                calls.iter().all(|(method, path)| {
+                    matches!(
+                        crate::authz::evaluate(
+                            [p],
+                            &crate::authz::Request {
+                                source: *source,
+                                source_ip: [10, 0, 0, 1].into(),
+                                method,
+                                path,
+                                host: "h",
+                                port: 80,
+                                headers: &h,
+                            }
+                        ),
+                        crate::authz::Decision::Deny { .. }
+                    )
+                })
+            })
     }
 
     /// A policy the waypoint cannot read is NACKed and enforced fail closed, on every
@@ -282,7 +295,10 @@ mod tests {
         };
         let (errors, cfg) = apply_policy(msg.encode_to_vec());
         assert_eq!(errors.len(), 1);
-        assert!(denies_everything(&cfg), "no source identity: not allowed");
+        assert!(
+            denies_everything(&cfg),
+            "no caller, named or not, is allowed"
+        );
         // Nor with the identity it names: on every Service now, it must allow nothing.
         let evil: mesh_identity::SpiffeId =
             "spiffe://cluster.local/ns/front/sa/evil".parse().unwrap();

@@ -149,13 +149,6 @@ async fn hbone_server<H: ConnectHandler>(
     });
 }
 
-fn ip_bytes(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v) => v.octets().to_vec(),
-        IpAddr::V6(v) => v.octets().to_vec(),
-    }
-}
-
 fn service(name: &str, vip: IpAddr, protocol: pb::AppProtocol) -> pb::Address {
     pb::Address {
         r#type: Some(pb::address::Type::Service(pb::Service {
@@ -164,7 +157,7 @@ fn service(name: &str, vip: IpAddr, protocol: pb::AppProtocol) -> pb::Address {
             hostname: format!("{name}.shop.svc.cluster.local"),
             addresses: vec![pb::NetworkAddress {
                 network: String::new(),
-                address: ip_bytes(vip),
+                address: mesh_authz::ip_bytes(vip),
                 length: None,
             }],
             ports: vec![pb::Port {
@@ -193,7 +186,7 @@ fn endpoint(name: &str, ip: IpAddr, services: &[&str]) -> pb::Address {
             uid: format!("c//Pod/shop/{name}"),
             name: name.into(),
             namespace: "shop".into(),
-            addresses: vec![ip_bytes(ip)],
+            addresses: vec![mesh_authz::ip_bytes(ip)],
             tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
             service_account: "backend".into(),
             services: services
@@ -1049,8 +1042,13 @@ async fn not_ready_and_not_listening_until_addresses_routes_and_policies_synced(
         config: config.clone(),
         lifecycle: lifecycle.clone(),
     };
-    let not_listening = || async { tokio::net::TcpStream::connect(listen).await.is_err() };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Readiness needs no wait (`apply` sets it synchronously). "Not listening" is a
+    // negative: `serve` is given a window (10 of the test's 20 ms polls) in which a
+    // listener bound too early would accept.
+    let not_listening = || async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::net::TcpStream::connect(listen).await.is_err()
+    };
     let (code, body) = admin_get(admin_at, "/healthz/ready").await;
     assert_eq!(code, 503);
     assert!(
@@ -1083,7 +1081,6 @@ async fn not_ready_and_not_listening_until_addresses_routes_and_policies_synced(
             .is_empty()
     );
     apply.apply(&first_response(mesh_proto::type_url::HTTP_ROUTE, vec![]));
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let (code, body) = admin_get(admin_at, "/healthz/ready").await;
     assert_eq!(code, 503);
     assert!(
@@ -1275,6 +1272,7 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
         sender
     };
     // A request that takes 2 s is in flight when the waypoint is told to stop.
+    let before = s.hits[0].load(Ordering::SeqCst);
     let start = std::time::Instant::now();
     let slow = {
         let io = hyper_util::rt::TokioIo::new(s.tunnel_via(listen, ip(11, 101)).await);
@@ -1295,16 +1293,23 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
             (status, String::from_utf8_lossy(&body).into_owned())
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In flight: the backend has it (and answers only 2 s later).
+    wait_for(|| s.hits[0].load(Ordering::SeqCst) > before).await;
     stop.send(()).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_for(|| !lifecycle.ready()).await;
     let (code, body) = admin_get(admin_at, "/healthz/ready").await;
     assert_eq!(code, 503);
     assert!(body.contains("draining"), "{body}");
-    assert!(
-        tokio::net::TcpStream::connect(listen).await.is_err(),
-        "no new connections while draining"
-    );
+    // The listener closes right after readiness fails (no await in between).
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(listen).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "no new connections while draining");
     let (code, body) = slow.await.unwrap();
     assert_eq!(
         (code, body.as_str()),

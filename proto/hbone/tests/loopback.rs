@@ -500,15 +500,20 @@ async fn client_without_certificate_is_refused() {
     let mesh = Mesh::new();
     let server_cert = mesh.cert("server");
     let hbone = start_server(&server_cert, H2Settings::server()).await;
-    let mut roots = rustls::RootCertStore::empty();
-    for r in server_cert.roots() {
-        roots.add(r.clone()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(mesh_identity::provider())
+    // A client that accepts the server as a mesh client does (so the refusal can only be
+    // the server's), and presents no certificate.
+    let verifier = mesh_identity::tls::SpiffeServerVerifier::new(
+        server_cert.roots(),
+        vec![server_cert.identity().clone()],
+    )
+    .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(mesh_identity::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = TcpStream::connect(hbone).await.unwrap();
     let result = async {
         let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -523,5 +528,17 @@ async fn client_without_certificate_is_refused() {
         tls.read(&mut b).await
     }
     .await;
-    assert!(result.is_err() || result.unwrap() == 0);
+    // Refused by TLS itself (the server requires a client certificate), not closed after
+    // a handshake that accepted none.
+    let err = result.expect_err("a client without a certificate is refused");
+    let alert = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    assert_eq!(
+        alert,
+        Some(&rustls::Error::AlertReceived(
+            rustls::AlertDescription::CertificateRequired
+        )),
+        "{err:?}"
+    );
 }
