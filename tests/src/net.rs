@@ -66,8 +66,8 @@ impl Netns {
     }
 
     /// Opens the namespace for entering from this process (e.g. to create sockets).
-    pub fn handle(&self) -> ztunnel::inpod::netns::Netns {
-        ztunnel::inpod::netns::Netns::open(&self.path()).expect("open netns")
+    pub fn handle(&self) -> ztunnel::netns::Netns {
+        ztunnel::netns::Netns::open(&self.path()).expect("open netns")
     }
 }
 

@@ -224,7 +224,7 @@ impl TestLab {
     pub fn tcp(&self, pod: &str, to: &str, msg: &str) -> std::io::Result<String> {
         use std::io::{Read, Write};
         let to: std::net::SocketAddr = to.parse().unwrap();
-        let ns = ztunnel::inpod::netns::Netns::open(&self.netns(pod))?;
+        let ns = ztunnel::netns::Netns::open(&self.netns(pod))?;
         let mut s =
             ns.run(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)))??;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -396,7 +396,7 @@ impl TestLab {
     /// with a 10 s read timeout.
     pub fn connect_from(&self, pod: &str, to: &str) -> std::net::TcpStream {
         let to: std::net::SocketAddr = to.parse().unwrap();
-        let ns = ztunnel::inpod::netns::Netns::open(&self.netns(pod)).unwrap();
+        let ns = ztunnel::netns::Netns::open(&self.netns(pod)).unwrap();
         let s = ns
             .run(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)))
             .unwrap()

@@ -912,7 +912,7 @@ impl hbone::Dialer for NetnsDialer {
     ) -> std::io::Result<tokio::net::TcpStream> {
         let path = self.0.clone();
         let s = tokio::task::spawn_blocking(move || {
-            let ns = ztunnel::inpod::netns::Netns::open(&path)?;
+            let ns = ztunnel::netns::Netns::open(&path)?;
             ns.run(|| std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5)))?
         })
         .await

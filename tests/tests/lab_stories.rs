@@ -527,7 +527,7 @@ async fn grpc_echo(
     to: SocketAddr,
     msg: &str,
 ) -> Result<mesh_proto::echo::EchoReply, String> {
-    let ns = ztunnel::inpod::netns::Netns::open(netns).map_err(|e| e.to_string())?;
+    let ns = ztunnel::netns::Netns::open(netns).map_err(|e| e.to_string())?;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_| {

@@ -99,7 +99,7 @@ type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::B
 /// A new HTTP/2 connection to the app's Service from inside the pod at `netns`.
 async fn h2_connect(netns: &str) -> Result<H2, String> {
     let to: SocketAddr = "10.96.0.20:80".parse().unwrap();
-    let ns = ztunnel::inpod::netns::Netns::open(netns).unwrap();
+    let ns = ztunnel::netns::Netns::open(netns).unwrap();
     let tcp = ns
         .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
         .unwrap()
@@ -212,7 +212,7 @@ type H1 = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::By
 /// A new HTTP/1.1 connection to the app's Service from inside the pod at `netns`.
 async fn h1_connect(netns: &str) -> Result<H1, String> {
     let to: SocketAddr = "10.96.0.20:80".parse().unwrap();
-    let ns = ztunnel::inpod::netns::Netns::open(netns).unwrap();
+    let ns = ztunnel::netns::Netns::open(netns).unwrap();
     let tcp = ns
         .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))
         .unwrap()
@@ -381,7 +381,7 @@ async fn rollout_story(lab: &str, order: Order) {
     // the old pod's drain proper has started.
     let mut partial = {
         use std::io::Write;
-        let ns = ztunnel::inpod::netns::Netns::open(&client_ns_path).unwrap();
+        let ns = ztunnel::netns::Netns::open(&client_ns_path).unwrap();
         let to: SocketAddr = "10.96.0.20:80".parse().unwrap();
         let mut s = ns
             .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)))

@@ -108,7 +108,7 @@ async fn serve_admin(
         other => other,
     };
     match bound {
-        Ok(l) => waypoint::server::serve_admin(l, metrics, lifecycle).await,
+        Ok(l) => waypoint::admin::serve(l, metrics, lifecycle).await,
         Err(e) => tracing::warn!(%addr, error = %e, "cannot serve metrics and readiness"),
     }
 }

@@ -15,7 +15,6 @@
 //!   request in flight and close, and the waypoint exits once all are done or the drain
 //!   deadline has passed.
 
-use crate::metrics::Metrics;
 use crate::proxy::{Handler, Waypoint};
 use mesh_proto::type_url;
 use std::future::Future;
@@ -119,11 +118,6 @@ impl Lifecycle {
             changed.await;
         }
     }
-}
-
-/// The metrics and readiness endpoint (see [`crate::admin`]).
-pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, lifecycle: Arc<Lifecycle>) {
-    crate::admin::serve(listener, metrics, lifecycle).await
 }
 
 #[derive(Clone, Debug)]

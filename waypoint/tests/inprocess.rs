@@ -988,7 +988,7 @@ async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
 async fn admin(addr: SocketAddr, wp: &Waypoint, lifecycle: &Arc<Lifecycle>) -> SocketAddr {
     let l = tokio::net::TcpListener::bind(addr).await.unwrap();
     let at = l.local_addr().unwrap();
-    tokio::spawn(waypoint::server::serve_admin(
+    tokio::spawn(waypoint::admin::serve(
         l,
         wp.metrics.clone(),
         lifecycle.clone(),

@@ -11,6 +11,7 @@ pub mod handover;
 pub mod inpod;
 pub mod local;
 pub mod metrics;
+pub mod netns;
 pub mod proxy;
 pub mod rbac;
 pub mod trace;

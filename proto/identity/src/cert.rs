@@ -1,7 +1,7 @@
 //! Workload keys, CSRs and the certificate chains a CA returns.
 
+use crate::identity_error::IdentityError;
 use crate::spiffe::SpiffeId;
-use crate::tls::IdentityError;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};

@@ -2,14 +2,15 @@
 //! session resumption, no SNI. Peers are verified by SPIFFE identity, not by hostname.
 
 use crate::cert::{WorkloadCertificate, inspect};
+pub use crate::identity_error::IdentityError;
 use crate::spiffe::SpiffeId;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
-    RootCertStore, ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use std::fmt;
@@ -17,44 +18,6 @@ use std::sync::{Arc, OnceLock};
 
 /// ALPN protocol for HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
-
-/// Why a peer's certificate was refused, beyond what rustls itself reports
-/// (expiry, unknown issuer, bad signature).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IdentityError {
-    /// No URI SAN at all.
-    #[error("peer certificate carries no SPIFFE identity (no URI SAN)")]
-    NoIdentity,
-    /// More than one URI SAN: which one the peer "is" would be ambiguous, so none is used.
-    #[error("peer certificate carries {} URI SANs ({uris:?}); exactly one SPIFFE identity is required", uris.len())]
-    MultipleIdentities { uris: Vec<String> },
-    /// One URI SAN, but not a mesh SPIFFE identity (`spiffe://<td>/ns/<ns>/sa/<sa>`).
-    #[error("peer certificate's URI SAN {uri:?} is not a SPIFFE identity: {reason}")]
-    NotSpiffe { uri: String, reason: String },
-    #[error("peer identity {got:?} is none of the expected {expected:?}")]
-    UnexpectedIdentity {
-        got: Vec<String>,
-        expected: Vec<String>,
-    },
-    #[error("peer trust domain {got:?} differs from ours ({want:?})")]
-    WrongTrustDomain { got: String, want: String },
-}
-
-impl IdentityError {
-    /// Recovers our error from a rustls error, if it is one.
-    pub fn from_rustls(err: &rustls::Error) -> Option<&IdentityError> {
-        match err {
-            rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
-                other.0.downcast_ref::<IdentityError>()
-            }
-            _ => None,
-        }
-    }
-
-    fn into_rustls(self) -> rustls::Error {
-        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(self))))
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {

@@ -7,7 +7,7 @@
 //! counted and ignored, and the wait goes on: one spoofed datagram cannot end the query.
 
 use super::message::{Request, Transport, response_id};
-use crate::inpod::netns::Netns;
+use crate::netns::Netns;
 use crate::proxy::socket::{ZTUNNEL_MARK, connect_in};
 use prometheus_client::metrics::counter::Counter;
 use socket2::{Domain, Protocol, Socket, Type};

@@ -12,7 +12,7 @@ use super::metrics::DnsLabels;
 use super::resolv::SharedUpstreams;
 use super::resolve::{Client, Decision, decide};
 use crate::drain::Drain;
-use crate::inpod::netns::Netns;
+use crate::netns::Netns;
 use crate::proxy::NodeContext;
 use crate::proxy::accept::{ConnLimit, spawn_accept_loop};
 use crate::state::Workload;

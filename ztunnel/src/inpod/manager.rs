@@ -1,11 +1,11 @@
 //! Applies ZDS events: starts a proxy per added pod, drains it on Del, and after a
 //! snapshot drains pods the agent no longer knows.
 
-use super::netns::Netns;
 use super::zds::{ZdsConnection, ZdsError, ZdsEvent};
 use crate::drain::Drain;
 use crate::identity::CertManager;
 use crate::metrics::Metrics;
+use crate::netns::Netns;
 use crate::proxy::{NodeContext, PodInfo, PodProxy};
 use mesh_identity::SpiffeId;
 use std::collections::{HashMap, HashSet};

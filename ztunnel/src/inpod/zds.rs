@@ -3,7 +3,7 @@
 //! order rules and the framing are `mesh_proto::zds`, shared with the agent; here the
 //! Add's fd becomes a `Netns` (refused unless it is one).
 
-use super::netns::Netns;
+use crate::netns::Netns;
 use mesh_proto::zds::socket::{ClientConn, SeqPacket};
 use mesh_proto::zds::{ProtocolError, Request};
 use std::os::fd::OwnedFd;

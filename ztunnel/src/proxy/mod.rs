@@ -14,8 +14,8 @@ pub use tracker::ConnTracker;
 
 use crate::drain::{ConnGuard, Drain};
 use crate::identity::CertManager;
-use crate::inpod::netns::Netns;
 use crate::metrics::{ConnRecorder, Metrics, Outcome};
+use crate::netns::Netns;
 use crate::state::{State, Workload};
 use crate::updates::StateChanged;
 use accept::{ConnLimit, spawn_accept_loop};

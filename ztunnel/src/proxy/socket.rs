@@ -1,7 +1,7 @@
 //! Sockets ztunnel creates inside a pod's network namespace. Every one carries the mark
 //! 0x539 so the pod's redirect rules let it through.
 
-use crate::inpod::netns::Netns;
+use crate::netns::Netns;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};

@@ -32,18 +32,29 @@ pub fn fetch(agent: &str) -> Result<serde_json::Value, String> {
     let (head, body) = resp
         .split_once("\r\n\r\n")
         .ok_or("malformed response from the node agent")?;
-    if head.starts_with("HTTP/1.1 403") {
+    let status = status_code(head);
+    if status == Some(403) {
         return Err(format!(
             "the node agent at {agent} serves /enrolment to its own node only: run meshctl on that node (its network namespace) with --agent 127.0.0.1:<port>"
         ));
     }
-    if !head.starts_with("HTTP/1.1 200") {
+    if status != Some(200) {
         return Err(format!(
             "the node agent at {agent} answered `{}`: is it an older agent without /enrolment?",
             head.lines().next().unwrap_or_default()
         ));
     }
     serde_json::from_str(body).map_err(|e| format!("malformed JSON from the node agent: {e}"))
+}
+
+/// The status code of an HTTP/1.x response head, whichever minor version the agent
+/// answers with (it answers a 1.0 request in 1.0).
+fn status_code(head: &str) -> Option<u16> {
+    let line = head.lines().next()?;
+    let rest = line
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| line.strip_prefix("HTTP/1.0 "))?;
+    rest.get(..3)?.parse().ok()
 }
 
 /// The report for one agent's answer, and whether every pod is confirmed.
@@ -120,6 +131,17 @@ pub fn exit_code(answers: &[Result<bool, String>]) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_is_read_whichever_http_1_version_answers() {
+        assert_eq!(
+            status_code("HTTP/1.0 200 OK\r\ncontent-length: 2"),
+            Some(200)
+        );
+        assert_eq!(status_code("HTTP/1.1 403 Forbidden"), Some(403));
+        assert_eq!(status_code("HTTP/2 200"), None);
+        assert_eq!(status_code("garbage"), None);
+    }
 
     #[test]
     fn flags_every_pod_not_confirmed_with_its_reason() {
