@@ -330,7 +330,7 @@ fn run_agent(args: Vec<String>) -> i32 {
         tokio::spawn(mesh_xds::run(
             cp,
             node,
-            vec![mesh_proto::type_url::NODE_POD],
+            mesh_cni::agent::view_types(),
             ViewHandler {
                 tx,
                 connected: agent.xds_connected(),

@@ -1422,29 +1422,81 @@ impl mesh_xds::Handler for ViewHandler {
 
     fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
         let mut updates = Vec::new();
-        let mut errors = Vec::new();
-        for r in &resp.resources {
-            match r
-                .resource
-                .as_ref()
-                .map(|a| NodePod::decode(a.value.as_slice()))
-            {
-                Some(Ok(p)) => updates.push((r.name.clone(), Some(p))),
-                Some(Err(e)) => {
-                    errors.push((r.name.clone(), format!("cannot decode NodePod: {e}")))
-                }
-                None => errors.push((r.name.clone(), "resource body missing".into())),
-            }
-        }
-        updates.extend(resp.removed_resources.iter().map(|n| (n.clone(), None)));
+        let errors = VIEW_TYPES.apply(&mut updates, resp);
         let _ = self.tx.send(updates);
         errors
     }
 }
 
+/// Changes to the node's pod view from one response: a pod by name, `None` once removed.
+type ViewUpdates = Vec<(String, Option<NodePod>)>;
+
+/// The one type the agent subscribes to, dispatched like every client's.
+static VIEW_TYPES: std::sync::LazyLock<mesh_xds::Registry<ViewUpdates>> =
+    std::sync::LazyLock::new(|| {
+        mesh_xds::Registry::new().with(
+            mesh_proto::type_url::NODE_POD,
+            |updates, name, body| {
+                let pod = NodePod::decode(body).map_err(|e| format!("cannot decode NodePod: {e}"))?;
+                updates.push((name.to_string(), Some(pod)));
+                Ok(())
+            },
+            |updates, name| updates.push((name.to_string(), None)),
+        )
+    });
+
+/// The types the agent subscribes to.
+pub fn view_types() -> Vec<&'static str> {
+    VIEW_TYPES.types()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_view_handler_passes_pods_and_removals_and_nacks_what_it_cannot_read() {
+        use mesh_proto::discovery::Resource;
+        let res = |name: &str, body: Option<Vec<u8>>| Resource {
+            name: name.into(),
+            resource: body.map(|value| mesh_proto::prost_types::Any {
+                type_url: mesh_proto::type_url::NODE_POD.into(),
+                value,
+            }),
+            ..Default::default()
+        };
+        let pod = NodePod {
+            uid: "u1".into(),
+            name: "client".into(),
+            namespace: "front".into(),
+            ..Default::default()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut h = ViewHandler {
+            tx,
+            connected: Arc::new(AtomicBool::new(false)),
+        };
+        let nacked = mesh_xds::Handler::apply(
+            &mut h,
+            &DeltaDiscoveryResponse {
+                type_url: mesh_proto::type_url::NODE_POD.into(),
+                resources: vec![
+                    res("front/client", Some(pod.encode_to_vec())),
+                    res("front/garbled", Some(vec![0xff, 0xff])),
+                    res("front/empty", None),
+                ],
+                removed_resources: vec!["front/gone".into()],
+                ..Default::default()
+            },
+        );
+        let names: Vec<&str> = nacked.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["front/garbled", "front/empty"]);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            vec![("front/client".to_string(), Some(pod)), ("front/gone".to_string(), None)]
+        );
+        assert_eq!(view_types(), [mesh_proto::type_url::NODE_POD]);
+    }
 
     #[test]
     fn enrolment_is_served_to_loopback_peers_only() {
