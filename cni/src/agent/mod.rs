@@ -1437,7 +1437,8 @@ static VIEW_TYPES: std::sync::LazyLock<mesh_xds::Registry<ViewUpdates>> =
         mesh_xds::Registry::new().with(
             mesh_proto::type_url::NODE_POD,
             |updates, name, body| {
-                let pod = NodePod::decode(body).map_err(|e| format!("cannot decode NodePod: {e}"))?;
+                let pod =
+                    NodePod::decode(body).map_err(|e| format!("cannot decode NodePod: {e}"))?;
                 updates.push((name.to_string(), Some(pod)));
                 Ok(())
             },
@@ -1493,7 +1494,10 @@ mod tests {
         assert_eq!(names, ["front/garbled", "front/empty"]);
         assert_eq!(
             rx.try_recv().unwrap(),
-            vec![("front/client".to_string(), Some(pod)), ("front/gone".to_string(), None)]
+            vec![
+                ("front/client".to_string(), Some(pod)),
+                ("front/gone".to_string(), None)
+            ]
         );
         assert_eq!(view_types(), [mesh_proto::type_url::NODE_POD]);
     }
