@@ -528,8 +528,11 @@ async fn grpc_echo(
     msg: &str,
 ) -> Result<mesh_proto::echo::EchoReply, String> {
     let ns = ztunnel::netns::Netns::open(netns).map_err(|e| e.to_string())?;
+    // Bounded: a call that never answers is a failed attempt (the caller retries and
+    // reports the last error), never a test that waits forever.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
         .unwrap()
+        .timeout(Duration::from_secs(10))
         .connect_with_connector(tower::service_fn(move |_| {
             let ns = ns.clone();
             async move {
