@@ -52,6 +52,17 @@ impl std::fmt::Display for RouteName<'_> {
     }
 }
 
+/// A route of `spec` (an HTTPRoute spec as JSON, in namespace `shop`, attached to Service
+/// `api`), read and compiled as the control plane and the waypoint do: for unit tests.
+#[cfg(test)]
+pub(crate) fn compile_test_spec(mut spec: serde_json::Value) -> (Route, Vec<String>) {
+    spec["parentRefs"] = serde_json::json!([{"kind": "Service", "name": "api"}]);
+    let none = |_: &str| None;
+    let (typed, _) =
+        mesh_route::k8s::read_route(mesh_route::k8s::Kind::Http, "shop", "r", Some(&spec), &none);
+    compile(&typed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,16 +70,7 @@ mod tests {
     use crate::route::RequestInfo;
 
     fn rule(json: serde_json::Value) -> std::sync::Arc<Rule> {
-        let spec = serde_json::json!({"parentRefs": [{"kind": "Service", "name": "api"}], "rules": [json]});
-        let none = |_: &str| None;
-        let (typed, _) = mesh_route::k8s::read_route(
-            mesh_route::k8s::Kind::Http,
-            "shop",
-            "r",
-            Some(&spec),
-            &none,
-        );
-        let (r, errors) = route::compile(&typed);
+        let (r, errors) = route::compile_test_spec(serde_json::json!({"rules": [json]}));
         assert!(errors.is_empty(), "{errors:?}");
         r.rules[0].clone()
     }

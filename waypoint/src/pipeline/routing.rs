@@ -95,17 +95,9 @@ pub(crate) mod tests {
             st.apply_address(&service_address(n)).unwrap();
         }
         cfg.discovery = st;
-        if let Some(mut spec) = spec {
-            spec["parentRefs"] = serde_json::json!([{"kind": "Service", "name": "api"}]);
-            let none = |_: &str| None;
-            let (typed, _) = mesh_route::k8s::read_route(
-                mesh_route::k8s::Kind::Http,
-                "shop",
-                "r",
-                Some(&spec),
-                &none,
-            );
-            cfg.routes.insert("shop/r".into(), route::compile(&typed).0);
+        if let Some(spec) = spec {
+            cfg.routes
+                .insert("shop/r".into(), route::compile_test_spec(spec).0);
         }
         Snapshot::compile(&cfg)
     }
