@@ -366,7 +366,9 @@ fn run_agent(args: Vec<String>) -> i32 {
 /// `GET /readyz`, `GET /metrics` and `GET /enrolment` (see `mesh_cni::agent::http`).
 async fn readiness(addr: SocketAddr, agent: std::sync::Arc<Agent>) {
     if let Err(e) = mesh_cni::agent::http::serve(addr, agent).await {
-        tracing::warn!("cannot serve readiness: {e}");
+        // Never ready in the kubelet's eyes and nobody told why: exit, so it shows.
+        tracing::error!("cannot serve /readyz and /metrics: {e}");
+        std::process::exit(1);
     }
 }
 

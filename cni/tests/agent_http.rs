@@ -3,7 +3,7 @@
 //! each path is routed, a request head split across reads is still read whole.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,11 +25,15 @@ impl Drop for Agent {
     }
 }
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// The address the agent logs once it listens: it binds port 0 itself, so no other
+/// process can take the port between choosing and binding it.
+fn bound_addr(line: &str) -> Option<SocketAddr> {
+    if !line.contains("serving /readyz") {
+        return None;
+    }
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .and_then(|a| a.parse().ok())
 }
 
 /// An agent whose control plane never answers (port 9 on loopback: nothing listens), so
@@ -41,8 +45,7 @@ fn start() -> Agent {
     std::fs::create_dir_all(p("plugin")).unwrap();
     std::fs::write(p("root.pem"), "").unwrap();
     std::fs::write(p("token"), "t").unwrap();
-    let addr = free_port();
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .arg("agent")
         .args([
             "--node-name",
@@ -59,29 +62,41 @@ fn start() -> Agent {
         .arg("--agent-socket")
         .arg(p("plugin/agent.sock"))
         .args(["--host-probe-snat=false", "--proc-dir", ""])
-        .arg(format!("--readiness-addr={addr}"))
-        .stdout(Stdio::null())
+        .arg("--readiness-addr=127.0.0.1:0")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut agent = Agent {
+    // The log is read on a thread of its own to the end, so the agent never blocks on a
+    // full pipe; the first address it reports is handed back.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = bound_addr(&line)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = match rx.recv_timeout(NEVER) {
+        Ok(a) => a,
+        Err(_) => {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!("the agent never reported its readiness address (exit: {status:?})");
+        }
+    };
+    Agent {
         child,
         addr,
         _dir: dir,
-    };
-    let deadline = Instant::now() + NEVER;
-    while TcpStream::connect(addr).is_err() {
-        assert!(
-            agent.child.try_wait().unwrap().is_none(),
-            "the agent exited before listening"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the agent never listened on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
-    agent
 }
 
 /// Sends `parts` (each written and flushed apart) and reads the whole answer.
@@ -167,4 +182,59 @@ fn paths_are_routed() {
         &[b"POST /readyz HTTP/1.1\r\nHost: agent\r\nContent-Length: 0\r\n\r\n"],
     );
     assert!(r.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{r}");
+}
+
+#[test]
+fn a_readiness_port_taken_by_another_process_stops_the_agent() {
+    // Listening, so the agent's bind fails; a running agent the kubelet can never probe
+    // would look healthy to everyone but the kubelet.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    std::fs::write(p("root.pem"), "").unwrap();
+    std::fs::write(p("token"), "t").unwrap();
+    let mut child = Command::new(BIN)
+        .arg("agent")
+        .args([
+            "--node-name",
+            "node-1",
+            "--xds-address",
+            "https://127.0.0.1:9",
+        ])
+        .arg("--root-cert")
+        .arg(p("root.pem"))
+        .arg("--token-file")
+        .arg(p("token"))
+        .arg("--zds-socket")
+        .arg(p("ztunnel.sock"))
+        .arg("--agent-socket")
+        .arg(p("agent.sock"))
+        .args(["--host-probe-snat=false", "--proc-dir", ""])
+        .arg(format!("--readiness-addr={}", taken.local_addr().unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + NEVER;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent kept running without its readiness port");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut log = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("cannot serve /readyz and /metrics"), "{log}");
+    assert!(log.contains("is another process using the port?"), "{log}");
 }

@@ -61,6 +61,9 @@ pub async fn serve(
     agent: Arc<Agent>,
 ) -> Result<(), mesh_admin::BindError> {
     let l = mesh_admin::bind(addr).await?;
+    // The address actually bound (port 0 picks one): what tests and operators connect to.
+    let bound = l.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %bound, "serving /readyz, /metrics and /enrolment");
     // The kubelet probes /readyz here.
     mesh_admin::serve(l, routes(agent), mesh_admin::Limits::serving_probes()).await;
     Ok(())
