@@ -98,15 +98,7 @@ struct Args {
 
 fn main() {
     let a = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&a.log_level).unwrap_or_else(|e| {
-                eprintln!("mesh-control: invalid log level: {e}");
-                std::process::exit(2)
-            }),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    let _logging = mesh_log::init_or_exit("mesh-control", &a.log_level, mesh_log::Format::Text);
     if let Err(e) = mesh_identity::SpiffeId::new(&a.trust_domain, "x", "x") {
         eprintln!("mesh-control: --trust-domain: {e}");
         std::process::exit(2);

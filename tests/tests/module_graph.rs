@@ -20,6 +20,7 @@ const CRATES: &[&str] = &[
     "proto/hbone",
     "proto/identity",
     "proto/kube",
+    "proto/log",
     "proto/route",
     "proto/trace",
     "proto/xds",

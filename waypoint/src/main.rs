@@ -115,12 +115,8 @@ async fn serve_admin(
 
 fn main() {
     let a = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&a.log_level).unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    // Access lines (one per request) are written off the request path.
+    let _logging = mesh_log::init_or_exit("waypoint", &a.log_level, mesh_log::Format::Text);
     let identity = match mesh_identity::SpiffeId::new(&a.trust_domain, &a.namespace, &a.name) {
         Ok(id) => id,
         Err(e) => {
