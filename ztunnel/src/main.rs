@@ -1,7 +1,5 @@
 use clap::Parser;
 use std::sync::Arc;
-use tracing_subscriber::prelude::*;
-use tracing_subscriber::{EnvFilter, reload};
 use ztunnel::config::Config;
 
 fn main() {
@@ -10,25 +8,16 @@ fn main() {
         eprintln!("ztunnel: invalid configuration: {e}");
         std::process::exit(2);
     }
-    let filter = EnvFilter::try_new(&cfg.log_level).unwrap_or_else(|e| {
-        eprintln!("ztunnel: invalid log level {:?}: {e}", cfg.log_level);
-        std::process::exit(2);
-    });
-    let (filter, handle) = reload::Layer::new(filter);
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_target(true)
-        .with_ansi(ansi);
-    let registry = tracing_subscriber::registry().with(filter);
-    if cfg.log_format == "json" {
-        registry.with(fmt.json().flatten_event(true)).init();
+    let format = if cfg.log_format == "json" {
+        mesh_log::Format::Json
     } else {
-        registry.with(fmt).init();
-    }
-    let log_reload: ztunnel::admin::LogReload = Arc::new(move |level: &str| {
-        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-        handle.reload(f).map_err(|e| e.to_string())
-    });
+        mesh_log::Format::Text
+    };
+    // Access lines (one per connection) are written off the data path.
+    let logging = mesh_log::init_or_exit("ztunnel", &cfg.log_level, format);
+    let reload = logging.reload();
+    let log_reload: ztunnel::admin::LogReload =
+        Arc::new(move |level: &str| reload(level).map_err(|e| e.to_string()));
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
     raise_open_files_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -37,6 +26,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("cannot start the Tokio runtime");
+    {
+        // Freed memory goes back to the system after load (see `memory`).
+        let _rt = rt.enter();
+        ztunnel::memory::spawn_trimmer();
+    }
     if let Err(e) = rt.block_on(ztunnel::app::run(cfg, log_reload)) {
         tracing::error!("ztunnel failed: {e}");
         std::process::exit(1);
