@@ -108,7 +108,7 @@ struct InstallArgs {
 fn run_install(args: Vec<String>) -> i32 {
     use mesh_cni::install;
     let a = InstallArgs::parse_from(args);
-    let _logging = init_logging(&a.log_level);
+    init_logging(&a.log_level);
     tracing::info!(config = %serde_json::to_string(&a).unwrap_or_default(), "starting the installer");
     if a.uninstall {
         let problems = install::uninstall(&a.cni_net_dir, &a.cni_bin_dir);
@@ -269,13 +269,13 @@ fn run_plugin() -> i32 {
     }
 }
 
-fn init_logging(level: &str) -> mesh_log::Logging {
-    mesh_log::init_or_exit("mesh-cni", level, mesh_log::Format::Text)
+fn init_logging(level: &str) {
+    mesh_log::init_or_exit("mesh-cni", level, mesh_log::Format::Text);
 }
 
 fn run_agent(args: Vec<String>) -> i32 {
     let a = AgentArgs::parse_from(args);
-    let _logging = init_logging(&a.log_level);
+    init_logging(&a.log_level);
     tracing::info!(config = %serde_json::to_string(&a).unwrap_or_default(), "starting the node agent");
     let cp = match a.control.control_plane() {
         Ok(cp) => cp,

@@ -36,17 +36,17 @@ fn bound_addr(line: &str) -> Option<SocketAddr> {
         .and_then(|a| a.parse().ok())
 }
 
-/// An agent whose control plane never answers (port 9 on loopback: nothing listens), so
-/// it stays not ready; no host rules, no /proc scan.
-fn start() -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n);
+/// The agent's command line, its files in `dir`: a control plane that never answers
+/// (port 9 on loopback: nothing listens), so it stays not ready; no host rules, no /proc
+/// scan; its log on a pipe.
+fn agent_command(dir: &std::path::Path, readiness: &str) -> Command {
+    let p = |n: &str| dir.join(n);
     std::fs::create_dir_all(p("zds")).unwrap();
     std::fs::create_dir_all(p("plugin")).unwrap();
     std::fs::write(p("root.pem"), "").unwrap();
     std::fs::write(p("token"), "t").unwrap();
-    let mut child = Command::new(BIN)
-        .arg("agent")
+    let mut c = Command::new(BIN);
+    c.arg("agent")
         .args([
             "--node-name",
             "node-1",
@@ -62,12 +62,17 @@ fn start() -> Agent {
         .arg("--agent-socket")
         .arg(p("plugin/agent.sock"))
         .args(["--host-probe-snat=false", "--proc-dir", ""])
-        .arg("--readiness-addr=127.0.0.1:0")
+        .arg(format!("--readiness-addr={readiness}"))
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    c
+}
+
+/// A running agent, not ready (see [`agent_command`]), on a port it chose.
+fn start() -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = agent_command(dir.path(), "127.0.0.1:0").spawn().unwrap();
     // The log is read on a thread of its own to the end, so the agent never blocks on a
     // full pipe; the first address it reports is handed back.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -190,29 +195,7 @@ fn a_readiness_port_taken_by_another_process_stops_the_agent() {
     // would look healthy to everyone but the kubelet.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let p = |n: &str| dir.path().join(n);
-    std::fs::write(p("root.pem"), "").unwrap();
-    std::fs::write(p("token"), "t").unwrap();
-    let mut child = Command::new(BIN)
-        .arg("agent")
-        .args([
-            "--node-name",
-            "node-1",
-            "--xds-address",
-            "https://127.0.0.1:9",
-        ])
-        .arg("--root-cert")
-        .arg(p("root.pem"))
-        .arg("--token-file")
-        .arg(p("token"))
-        .arg("--zds-socket")
-        .arg(p("ztunnel.sock"))
-        .arg("--agent-socket")
-        .arg(p("agent.sock"))
-        .args(["--host-probe-snat=false", "--proc-dir", ""])
-        .arg(format!("--readiness-addr={}", taken.local_addr().unwrap()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+    let mut child = agent_command(dir.path(), &taken.local_addr().unwrap().to_string())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + NEVER;

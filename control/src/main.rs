@@ -98,7 +98,7 @@ struct Args {
 
 fn main() {
     let a = Args::parse();
-    let _logging = mesh_log::init_or_exit("mesh-control", &a.log_level, mesh_log::Format::Text);
+    mesh_log::init_or_exit("mesh-control", &a.log_level, mesh_log::Format::Text);
     if let Err(e) = mesh_identity::SpiffeId::new(&a.trust_domain, "x", "x") {
         eprintln!("mesh-control: --trust-domain: {e}");
         std::process::exit(2);

@@ -115,8 +115,7 @@ async fn serve_admin(
 
 fn main() {
     let a = Args::parse();
-    // Access lines (one per request) are written off the request path.
-    let _logging = mesh_log::init_or_exit("waypoint", &a.log_level, mesh_log::Format::Text);
+    mesh_log::init_or_exit("waypoint", &a.log_level, mesh_log::Format::Text);
     let identity = match mesh_identity::SpiffeId::new(&a.trust_domain, &a.namespace, &a.name) {
         Ok(id) => id,
         Err(e) => {

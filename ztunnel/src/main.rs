@@ -13,9 +13,7 @@ fn main() {
     } else {
         mesh_log::Format::Text
     };
-    // Access lines (one per connection) are written off the data path.
-    let logging = mesh_log::init_or_exit("ztunnel", &cfg.log_level, format);
-    let reload = logging.reload();
+    let reload = mesh_log::init_or_exit("ztunnel", &cfg.log_level, format);
     let log_reload: ztunnel::admin::LogReload =
         Arc::new(move |level: &str| reload(level).map_err(|e| e.to_string()));
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
@@ -26,11 +24,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("cannot start the Tokio runtime");
-    {
-        // Freed memory goes back to the system after load (see `memory`).
-        let _rt = rt.enter();
-        ztunnel::memory::spawn_trimmer();
-    }
+    // Freed memory goes back to the system after load (see `memory`).
+    ztunnel::memory::spawn_trimmer();
     if let Err(e) = rt.block_on(ztunnel::app::run(cfg, log_reload)) {
         tracing::error!("ztunnel failed: {e}");
         std::process::exit(1);
