@@ -203,18 +203,24 @@ mod tests {
     use mesh_proto::discovery::Resource;
     use mesh_xds::Handler;
 
-    fn apply_policy(value: Vec<u8>) -> (Vec<(String, String)>, Config) {
+    /// Applies one resource of `type_url` named `name` (`body` None: sent without one)
+    /// to an empty configuration: the errors reported, and the configuration after.
+    fn apply_one(
+        type_url: &str,
+        name: &str,
+        body: Option<Vec<u8>>,
+    ) -> (Vec<(String, String)>, Config) {
         let config = Arc::new(ConfigStore::default());
         let mut a = Apply {
             config: config.clone(),
             lifecycle: Lifecycle::new(),
         };
         let errors = a.apply(&DeltaDiscoveryResponse {
-            type_url: type_url::L7_POLICY.into(),
+            type_url: type_url.into(),
             resources: vec![Resource {
-                name: "shop/p".into(),
-                resource: Some(mesh_proto::prost_types::Any {
-                    type_url: type_url::L7_POLICY.into(),
+                name: name.into(),
+                resource: body.map(|value| mesh_proto::prost_types::Any {
+                    type_url: type_url.into(),
                     value,
                 }),
                 ..Default::default()
@@ -223,6 +229,10 @@ mod tests {
         });
         let cfg = Config::clone(&config.write().unwrap());
         (errors, cfg)
+    }
+
+    fn apply_policy(value: Vec<u8>) -> (Vec<(String, String)>, Config) {
+        apply_one(type_url::L7_POLICY, "shop/p", Some(value))
     }
 
     /// Deny for every caller asked: no identity, a client's and a server's own identity,
@@ -325,47 +335,15 @@ mod tests {
     /// not skipped.
     #[test]
     fn a_policy_without_a_body_is_enforced_fail_closed() {
-        let config = Arc::new(ConfigStore::default());
-        let mut a = Apply {
-            config: config.clone(),
-            lifecycle: Lifecycle::new(),
-        };
-        let errors = a.apply(&DeltaDiscoveryResponse {
-            type_url: type_url::L7_POLICY.into(),
-            resources: vec![Resource {
-                name: "shop/p".into(),
-                resource: None,
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
+        let (errors, cfg) = apply_one(type_url::L7_POLICY, "shop/p", None);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].0, "shop/p");
         assert!(errors[0].1.contains("fail closed"), "{errors:?}");
-        let cfg = std::mem::take(&mut *config.write().unwrap());
         assert!(denies_everything(&cfg));
     }
 
     fn apply_route(route: &waypoint::HttpRoute) -> (Vec<(String, String)>, Config) {
-        let config = Arc::new(ConfigStore::default());
-        let mut a = Apply {
-            config: config.clone(),
-            lifecycle: Lifecycle::new(),
-        };
-        let errors = a.apply(&DeltaDiscoveryResponse {
-            type_url: type_url::HTTP_ROUTE.into(),
-            resources: vec![Resource {
-                name: "shop/r".into(),
-                resource: Some(mesh_proto::prost_types::Any {
-                    type_url: type_url::HTTP_ROUTE.into(),
-                    value: route.encode_to_vec(),
-                }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
-        let cfg = Config::clone(&config.write().unwrap());
-        (errors, cfg)
+        apply_one(type_url::HTTP_ROUTE, "shop/r", Some(route.encode_to_vec()))
     }
 
     /// A route is compiled once, when it arrives. What mesh-control reported is applied

@@ -379,6 +379,15 @@ impl Setup {
     }
 
     async fn tunnel_via(&self, waypoint: SocketAddr, vip: IpAddr) -> hbone::Tunnel {
+        self.connect_via(waypoint, vip).await.unwrap().tunnel
+    }
+
+    /// A CONNECT to `vip`:80 through the waypoint at `waypoint`, as the client's ztunnel.
+    async fn connect_via(
+        &self,
+        waypoint: SocketAddr,
+        vip: IpAddr,
+    ) -> Result<hbone::Established, hbone::ConnectError> {
         let key = hbone::PoolKey::new(
             self.client_cert.identity().clone(),
             vec![self.waypoint_id.clone()],
@@ -392,8 +401,6 @@ impl Setup {
                 &hbone::ConnectRequest::new(SocketAddr::new(vip, 80)),
             )
             .await
-            .unwrap()
-            .tunnel
     }
 
     /// One HTTP/1.1 request through the waypoint: (status, body, headers).
@@ -934,20 +941,7 @@ async fn l7_policy_http2_tcp_and_malformed_http() {
     assert!(body.ends_with(b" /h2"), "{body:?}");
     // The same policies at L4 on the TCP port: the DENY on paths denies every
     // connection, the ALLOW on methods allows none (fail closed both ways).
-    let key = hbone::PoolKey::new(
-        s.client_cert.identity().clone(),
-        vec![s.waypoint_id.clone()],
-        s.waypoint_addr,
-        None,
-    );
-    let refused = s
-        .client
-        .connect(
-            &key,
-            &s.client_cert,
-            &hbone::ConnectRequest::new(SocketAddr::new(ip(4, 104), 80)),
-        )
-        .await;
+    let refused = s.connect_via(s.waypoint_addr, ip(4, 104)).await;
     assert!(
         matches!(
             refused,
@@ -1663,21 +1657,7 @@ async fn the_drain_deadline_bounds_the_exit() {
     // A TCP tunnel that stays open (nothing to tell it to close).
     let mut tcp = None;
     for _ in 0..50 {
-        let key = hbone::PoolKey::new(
-            s.client_cert.identity().clone(),
-            vec![s.waypoint_id.clone()],
-            listen,
-            None,
-        );
-        if let Ok(e) = s
-            .client
-            .connect(
-                &key,
-                &s.client_cert,
-                &hbone::ConnectRequest::new(SocketAddr::new(ip(12, 104), 80)),
-            )
-            .await
-        {
+        if let Ok(e) = s.connect_via(listen, ip(12, 104)).await {
             tcp = Some(e.tunnel);
             break;
         }
@@ -1995,19 +1975,6 @@ async fn a_panic_while_applying_config_fails_the_data_path_closed() {
         String::from_utf8_lossy(&body).contains("failed closed"),
         "{body:?}"
     );
-    let key = hbone::PoolKey::new(
-        s.client_cert.identity().clone(),
-        vec![s.waypoint_id.clone()],
-        s.waypoint_addr,
-        None,
-    );
-    let refused = s
-        .client
-        .connect(
-            &key,
-            &s.client_cert,
-            &hbone::ConnectRequest::new(SocketAddr::new(ip(203, 100), 80)),
-        )
-        .await;
+    let refused = s.connect_via(s.waypoint_addr, ip(203, 100)).await;
     assert!(refused.is_err(), "a new CONNECT is refused");
 }
