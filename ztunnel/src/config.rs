@@ -83,7 +83,8 @@ pub struct Config {
     /// Log filter, e.g. info or info,access=debug.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
-    /// Worker threads for the data plane (default: 2).
+    /// Data threads: each accepts on every pod listener and runs the connections it
+    /// accepted, HBONE included, on a single-threaded runtime of its own (default: 2).
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
     /// Most connections each pod listener (outbound, inbound, HBONE) has open at once;

@@ -18,9 +18,9 @@ fn main() {
         Arc::new(move |level: &str| reload(level).map_err(|e| e.to_string()));
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
     raise_open_files_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.worker_threads)
-        .thread_name("ztunnel-worker")
+    // Control work (xDS, certificates, DNS, admin) runs on this thread; connections run on
+    // `--worker-threads` data threads of their own (see `dataplane`).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("cannot start the Tokio runtime");

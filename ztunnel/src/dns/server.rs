@@ -174,7 +174,10 @@ impl PodDns {
         for listener in bound.tcp {
             let limit = ConnLimit::new(format!("{namespace}/{name} dns"), MAX_TCP_CONNECTIONS);
             let (d, drain) = (dns.clone(), drain.clone());
-            spawn_accept_loop(listener, limit, drain.stop_accepting(), move |s| {
+            let stop = drain.stop_accepting();
+            // DNS over TCP is rare: it stays on this (the control) runtime.
+            let here = crate::dataplane::DataPlane::inline();
+            let spawned = spawn_accept_loop(listener, limit, stop, &here, move |s| {
                 // Counted from accept like every connection, so a handed-over or
                 // draining ztunnel does not exit under it.
                 let guard = drain.guard();
@@ -184,6 +187,9 @@ impl PodDns {
                     d.tcp_connection(s).await
                 }
             });
+            if let Err(e) = spawned {
+                tracing::warn!(pod = %name, error = %e, "cannot serve DNS over TCP");
+            }
         }
     }
 
@@ -435,6 +441,7 @@ mod tests {
             max_connections_per_listener: 16,
             dns: None,
             tracer: mesh_trace::Tracer::disabled(),
+            data_plane: crate::dataplane::DataPlane::inline(),
         })
     }
 

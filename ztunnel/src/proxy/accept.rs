@@ -6,7 +6,9 @@
 //! first: closing a listener resets what is still in its queue, unless the kernel can
 //! migrate it (`net.ipv4.tcp_migrate_req`, which needs a writable /proc/sys).
 
+use crate::dataplane::DataPlane;
 use std::future::Future;
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -90,13 +92,54 @@ const MAX_QUEUED_AT_CLOSE: usize = 4096;
 
 /// Accepts on `listener` until `stop`, running `handle` for each admitted connection (the
 /// slot is held until `handle` returns); at `stop`, serves what is queued, then closes.
+/// With data threads, each accepts on the listener (a duplicate of its descriptor) and runs
+/// the connections it accepted; without, one loop runs on the current runtime.
 pub fn spawn_accept_loop<F, Fut>(
     listener: TcpListener,
     limit: Arc<ConnLimit>,
     stop: CancellationToken,
+    plane: &DataPlane,
     handle: F,
+) -> io::Result<()>
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let handle = Arc::new(handle);
+    if !plane.has_threads() {
+        tokio::spawn(accept_loop(listener, limit, stop, handle));
+        return Ok(());
+    }
+    let listener = listener.into_std()?;
+    let mut copies = Vec::with_capacity(plane.width());
+    for _ in 0..plane.width() {
+        copies.push(std::sync::Mutex::new(Some(listener.try_clone()?)));
+    }
+    drop(listener);
+    plane.spawn_on_each(|i| {
+        let copy = copies[i].lock().expect("copy lock").take();
+        let (limit, stop, handle) = (limit.clone(), stop.clone(), handle.clone());
+        async move {
+            // Registered with this thread's runtime: its readiness wakes this thread.
+            match copy.map(TcpListener::from_std) {
+                Some(Ok(l)) => accept_loop(l, limit, stop, handle).await,
+                Some(Err(e)) => {
+                    tracing::error!(listener = %limit.name, error = %e, "cannot accept on a data thread")
+                }
+                None => {}
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    limit: Arc<ConnLimit>,
+    stop: CancellationToken,
+    handle: Arc<F>,
 ) where
-    F: Fn(TcpStream) -> Fut + Send + 'static,
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let name = limit.name.clone();
@@ -112,25 +155,23 @@ pub fn spawn_accept_loop<F, Fut>(
             drop(permit);
         });
     };
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((s, _)) => serve(s),
-                    Err(e) => {
-                        tracing::warn!(listener = %name, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => serve(s),
+                Err(e) => {
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
         }
-        let served = accept_queued(listener, MAX_QUEUED_AT_CLOSE, serve);
-        if served > 0 {
-            tracing::info!(listener = %name, served, "listener closing: served the connections queued on it");
-        }
-    });
+    }
+    let served = accept_queued(listener, MAX_QUEUED_AT_CLOSE, serve);
+    if served > 0 {
+        tracing::info!(listener = %name, served, "listener closing: served the connections queued on it");
+    }
 }
 
 /// Accepts (without waiting) what is queued on `listener`, at most `max`, passing each to
@@ -208,13 +249,70 @@ mod tests {
         let stop = CancellationToken::new();
         stop.cancel();
         let limit = ConnLimit::new("test", 8);
-        spawn_accept_loop(listener, limit, stop, hold);
+        spawn_accept_loop(listener, limit, stop, &DataPlane::inline(), hold).unwrap();
         for s in &mut queued {
             assert_eq!(greeting(s).await, Some(b'+'), "served, not reset");
         }
         // Closed for anything new.
         let late = TcpStream::connect(addr).await;
         assert!(late.is_err(), "{late:?}");
+    }
+
+    /// Answers with the name of the thread serving the connection, checked again after a
+    /// wait (a connection never moves between threads), then holds it like [`hold`].
+    async fn name_thread(mut s: TcpStream) {
+        let name = std::thread::current().name().unwrap_or("?").to_owned();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let again = std::thread::current().name().unwrap_or("?").to_owned();
+        let said = if name == again {
+            name
+        } else {
+            format!("moved {name} -> {again}")
+        };
+        let _ = s.write_all(format!("{said}\n").as_bytes()).await;
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b).await;
+    }
+
+    #[tokio::test]
+    async fn with_data_threads_connections_are_served_on_them_and_stop_closes_every_copy() {
+        let plane = DataPlane::start(2).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let limit = ConnLimit::new("test", 64);
+        spawn_accept_loop(listener, limit.clone(), stop.clone(), &plane, name_thread).unwrap();
+        let mut open = Vec::new();
+        for _ in 0..20 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let mut said = Vec::new();
+            while !said.ends_with(b"\n") {
+                let mut b = [0u8; 1];
+                assert_eq!(s.read(&mut b).await.unwrap(), 1, "served");
+                said.push(b[0]);
+            }
+            let said = String::from_utf8(said).unwrap();
+            assert!(said.starts_with("ztunnel-data-"), "{said}");
+            open.push(s);
+        }
+        assert_eq!(limit.open(), 20);
+        // Every thread's copy of the listener closes at stop: nothing new is accepted.
+        stop.cancel();
+        let refused = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match TcpStream::connect(addr).await {
+                    Err(_) => break,
+                    Ok(mut late) => {
+                        // Queued before the last copy closed: served, then the next try.
+                        let _ = greeting(&mut late).await;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(refused.is_ok(), "the listener stayed open after stop");
+        drop(open);
     }
 
     #[tokio::test]
@@ -230,7 +328,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let limit = ConnLimit::new("test", 2);
-        spawn_accept_loop(listener, limit.clone(), CancellationToken::new(), hold);
+        spawn_accept_loop(
+            listener,
+            limit.clone(),
+            CancellationToken::new(),
+            &DataPlane::inline(),
+            hold,
+        )
+        .unwrap();
         let mut first = TcpStream::connect(addr).await.unwrap();
         let mut second = TcpStream::connect(addr).await.unwrap();
         assert_eq!(greeting(&mut first).await, Some(b'+'));

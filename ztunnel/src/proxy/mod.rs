@@ -47,6 +47,8 @@ pub struct NodeContext {
     pub dns: Option<Arc<crate::dns::server::DnsSettings>>,
     /// Connection spans, when an OTLP collector is configured (off: a disabled tracer).
     pub tracer: Arc<mesh_trace::Tracer>,
+    /// The threads connections run on.
+    pub data_plane: crate::dataplane::DataPlane,
 }
 
 /// The pod as the node agent described it.
@@ -63,7 +65,9 @@ pub struct PodProxy {
     pub netns: Netns,
     pub drain: Drain,
     ctx: Arc<NodeContext>,
-    client: hbone::Client<NetnsDialer>,
+    /// One HBONE pool per data thread, so a connection's tunnel rides an HTTP/2
+    /// connection driven on its own thread.
+    clients: Box<[hbone::Client<NetnsDialer>]>,
 }
 
 impl PodProxy {
@@ -81,30 +85,32 @@ impl PodProxy {
             Some(settings) => Some((settings.clone(), crate::dns::server::bind(&netns)?)),
             None => None,
         };
+        let clients = (0..ctx.data_plane.width())
+            .map(|_| {
+                hbone::Client::new(
+                    NetnsDialer {
+                        netns: netns.clone(),
+                    },
+                    hbone::ClientSettings::default(),
+                )
+            })
+            .collect();
         let proxy = Arc::new(PodProxy {
-            client: hbone::Client::new(
-                NetnsDialer {
-                    netns: netns.clone(),
-                },
-                hbone::ClientSettings::default(),
-            ),
+            clients,
             info,
             netns,
             drain: parent.child(),
             ctx,
         });
-        spawn_accept(proxy.clone(), outbound, "outbound", |p, s, g| async move {
+        spawn_accept(&proxy, outbound, "outbound", |p, s, g| async move {
             p.outbound(s, g).await
-        });
-        spawn_accept(proxy.clone(), plaintext, "inbound", |p, s, g| async move {
+        })?;
+        spawn_accept(&proxy, plaintext, "inbound", |p, s, g| async move {
             p.inbound_plaintext(s, g).await
-        });
-        spawn_accept(
-            proxy.clone(),
-            hbone_listener,
-            "hbone",
-            |p, s, g| async move { p.inbound_hbone(s, g).await },
-        );
+        })?;
+        spawn_accept(&proxy, hbone_listener, "hbone", |p, s, g| async move {
+            p.inbound_hbone(s, g).await
+        })?;
         if let Some((settings, bound)) = dns {
             crate::dns::server::PodDns::serve(
                 proxy.ctx.clone(),
@@ -153,6 +159,11 @@ impl PodProxy {
             .await
             .map(|_| ())
             .map_err(|e| format!("{id}: {e}"))
+    }
+
+    /// This data thread's HBONE pool.
+    fn client(&self) -> &hbone::Client<NetnsDialer> {
+        &self.clients[crate::dataplane::DataPlane::current() % self.clients.len()]
     }
 
     fn fallback_identity(&self) -> Option<SpiffeId> {
@@ -219,9 +230,14 @@ pub(crate) fn finish_with_bytes(
 
 /// Accepts on one of the pod's listeners; each connection is counted (its guard taken)
 /// as it is accepted, before its handler first runs, and until the handler returns.
-fn spawn_accept<F, Fut>(proxy: Arc<PodProxy>, listener: TcpListener, which: &'static str, handle: F)
+fn spawn_accept<F, Fut>(
+    proxy: &Arc<PodProxy>,
+    listener: TcpListener,
+    which: &'static str,
+    handle: F,
+) -> io::Result<()>
 where
-    F: Fn(Arc<PodProxy>, TcpStream, ConnGuard) -> Fut + Send + 'static,
+    F: Fn(Arc<PodProxy>, TcpStream, ConnGuard) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let name = format!("{}/{} {which}", proxy.info.namespace, proxy.info.name);
@@ -234,8 +250,8 @@ where
     let limit = ConnLimit::counting(name, proxy.ctx.max_connections_per_listener, counter);
     let stop = proxy.drain.stop_accepting();
     let p = proxy.clone();
-    spawn_accept_loop(listener, limit, stop, move |s| {
+    spawn_accept_loop(listener, limit, stop, &proxy.ctx.data_plane, move |s| {
         let guard = p.drain.guard();
         handle(p.clone(), s, guard)
-    });
+    })
 }

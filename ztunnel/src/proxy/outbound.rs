@@ -170,7 +170,7 @@ impl PodProxy {
         );
         // Boxed for the same reason as the inbound connect: a new HBONE connection (TLS and
         // HTTP/2 handshakes) is a large future that must not size every idle tunnel's task.
-        let est = match Box::pin(self.client.connect(&key, &creds.cert, &req)).await {
+        let est = match Box::pin(self.client().connect(&key, &creds.cert, &req)).await {
             Ok(e) => e,
             Err(e) => {
                 return rec.finish(Outcome::Failed {
