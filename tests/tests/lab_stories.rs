@@ -179,20 +179,20 @@ fn policy_strict_and_component_failures() {
     let strict_from = t.log_len("ztunnel-2");
     t.apply("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: back}\nspec: {mtls: {mode: STRICT}}\n");
     // Refused by ztunnel-2 for STRICT (its own record says so), after the connection was
-    // set up (curl 52/56), not a connection nothing took (7) or a timeout (28).
+    // set up (curl 52/56), not a connection nothing took (7) or a timeout (28). Every try
+    // is a new request: one that failed for another reason (in flight when STRICT arrived,
+    // or timed out on a slow machine) ends nothing.
     let mut exit = 0;
-    wait_until("STRICT", || {
+    t.eventually("ztunnel-2 refusing plaintext for STRICT", || {
         exit = t.curl_exit("outside/legacy-client", "http://10.96.0.20/");
         exit != 0
+            && t.log_since("ztunnel-2", strict_from)
+                .contains("explicitly denied by: istio-system/istio_converted_static_strict")
     });
     assert!(
         exit == 52 || exit == 56,
         "plaintext closed by ztunnel, not refused or timed out: curl exit {exit}"
     );
-    wait_until("ztunnel-2's STRICT denial", || {
-        t.log_since("ztunnel-2", strict_from)
-            .contains("explicitly denied by: istio-system/istio_converted_static_strict")
-    });
     assert!(t.curl("front/client", "http://10.96.0.20/").is_ok());
 
     // The node agent restarts: nothing breaks.
