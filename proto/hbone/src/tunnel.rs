@@ -287,6 +287,10 @@ impl Tunnel {
         progress: &CopyProgress,
         stop: impl Future<Output = io::Error>,
     ) -> Result<CopyStats, CopyError> {
+        // Pinned here and passed by reference (as are the two directions below): a future
+        // moved into a callee or a `select!` is kept again in the task, for as long as an
+        // idle tunnel lives.
+        let stop = std::pin::pin!(stop);
         let error = match self.copy_both_ways(tcp, progress, stop).await {
             Ok(()) => {
                 self.read_eof = true;
@@ -308,7 +312,7 @@ impl Tunnel {
         &mut self,
         tcp: &TcpStream,
         progress: &CopyProgress,
-        stop: impl Future<Output = io::Error>,
+        stop: Pin<&mut impl Future<Output = io::Error>>,
     ) -> io::Result<()> {
         let Tunnel {
             send,
@@ -372,7 +376,8 @@ impl Tunnel {
             Ok::<_, io::Error>(())
         };
         // Each direction runs until its EOF; the first error ends both.
-        let both = async { tokio::try_join!(upload, download) };
+        let (mut upload, mut download) = (std::pin::pin!(upload), std::pin::pin!(download));
+        let both = async { tokio::try_join!(&mut upload, &mut download) };
         let (peer_reset, ()) = tokio::select! {
             r = both => r?,
             e = stop => return Err(e),

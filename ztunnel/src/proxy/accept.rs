@@ -149,9 +149,11 @@ async fn accept_loop<F, Fut>(
             return;
         };
         let _ = s.set_nodelay(true);
-        let fut = handle(s);
+        let handle = handle.clone();
+        // The handler's future is made inside the task: captured, it would be kept twice
+        // (what an async block captures stays in its task beside what it awaits).
         tokio::spawn(async move {
-            fut.await;
+            handle(s).await;
             drop(permit);
         });
     };

@@ -8,6 +8,7 @@ use super::{PodProxy, counted, finish_copy, finish_with_bytes};
 use crate::drain::ConnGuard;
 use crate::metrics::{ConnRecorder, ConnReport, Direction, Outcome};
 use hbone::{Authority, ConnectHandler, InboundConnect, Refusal, Responder};
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -154,9 +155,76 @@ struct InboundHandler {
     pod: Arc<PodProxy>,
 }
 
+/// An accepted CONNECT once set up: all that its task keeps while the tunnel lives.
+struct InboundCopy {
+    tunnel: hbone::Tunnel,
+    app: TcpStream,
+    rec: ConnRecorder,
+    tracked: crate::proxy::tracker::TrackedHandle,
+    guard: ConnGuard,
+}
+
+/// Copies until both ends are done. Drain and policy end the copy as a failure
+/// (CONNECT_ERROR on the stream, RST to the app), never as a silently dropped stream.
+/// (Arguments rather than an `InboundCopy` taken apart: values moved out of an async fn's
+/// argument would be kept twice in the task.)
+async fn copy_inbound(
+    tunnel: hbone::Tunnel,
+    app: TcpStream,
+    rec: ConnRecorder,
+    tracked: crate::proxy::tracker::TrackedHandle,
+    guard: ConnGuard,
+) {
+    let progress = hbone::tunnel::CopyProgress::default();
+    let stopped = async {
+        tokio::select! {
+            _ = guard.force_close.cancelled() => io::Error::other("drained"),
+            _ = tracked.closed_by_policy.cancelled() => io::Error::other("closed: no longer allowed by policy"),
+        }
+    };
+    let r = tunnel
+        .copy_with_tcp_until(&app, &progress, stopped)
+        .await
+        .map_err(|e| e.error);
+    // Seen from the app: what came out of the tunnel was sent to it.
+    let s = progress.stats();
+    let app_side = hbone::CopyStats {
+        sent: s.received,
+        received: s.sent,
+    };
+    finish_with_bytes(rec, r.map(|_| ()), app_side);
+}
+
 impl ConnectHandler for InboundHandler {
-    async fn handle(&self, req: InboundConnect, respond: Responder) {
-        let pod = &self.pod;
+    /// Everything before the copy (the plan, the connection to the app) runs boxed and is
+    /// freed once done, so a tunnel's task keeps only its copy (see `OutboundCopy`); the
+    /// request is moved into that box at once rather than captured.
+    fn handle(&self, req: InboundConnect, respond: Responder) -> impl Future<Output = ()> + Send {
+        let opening = Box::pin(self.pod.clone().open_inbound(req, respond));
+        async move {
+            if let Some(InboundCopy {
+                tunnel,
+                app,
+                rec,
+                tracked,
+                guard,
+            }) = opening.await
+            {
+                copy_inbound(tunnel, app, rec, tracked, guard).await;
+            }
+        }
+    }
+}
+
+impl PodProxy {
+    /// Plans a CONNECT, connects to the app and accepts the stream; `None` once it is
+    /// refused (and recorded).
+    async fn open_inbound(
+        self: Arc<Self>,
+        req: InboundConnect,
+        respond: Responder,
+    ) -> Option<InboundCopy> {
+        let pod = &self;
         let guard = pod.drain.guard();
         let mut span = crate::trace::inbound(&pod.ctx.tracer, &req.request.traceparent);
         let local = canonical(req.local_addr);
@@ -180,59 +248,45 @@ impl ConnectHandler for InboundHandler {
         report.trace_id = req.request.traceparent.trace_id_hex();
         let (app, dst, info) = match plan.action {
             // Never planned for a CONNECT; dropping the responder resets the stream.
-            InboundAction::Ignore => return,
+            InboundAction::Ignore => return None,
             InboundAction::Refuse(why) => {
                 let refusal = why.to_refusal();
                 let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report).traced(span.take());
                 finish_refusal(rec, &refusal, why.policy());
-                return respond.refuse(&refusal);
+                respond.refuse(&refusal);
+                return None;
             }
             InboundAction::Connect { app, dst, info } => (app, dst, info),
         };
-        // Boxed: the connect future is large and finishes early, while the copy below may
-        // idle for hours; unboxed, its size would stay reserved in every tunnel's task.
-        let app = match Box::pin(pod.connect_app(app, info.src_ip)).await {
+        let app = match pod.connect_app(app, info.src_ip).await {
             Ok(a) => a,
             Err(refusal) => {
                 let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report).traced(span.take());
                 finish_refusal(rec, &refusal, None);
-                return respond.refuse(&refusal);
+                respond.refuse(&refusal);
+                return None;
             }
         };
         let rec = ConnRecorder::open(pod.ctx.metrics.clone(), report).traced(span.take());
         let Ok(tunnel) = respond.accept(Default::default()) else {
-            return rec.finish(Outcome::Failed {
+            rec.finish(Outcome::Failed {
                 flags: "CONNECT",
                 error: "stream reset before accept",
                 sent: 0,
                 received: 0,
             });
+            return None;
         };
         let ctx = &pod.ctx;
         let tracked = ctx
             .tracker
             .track(&dst.uid, info, version, &ctx.state_changed, &ctx.state);
-        // As on the way out: keep nothing across the copy that it does not need.
-        drop((req, dst, authority));
-        let progress = hbone::tunnel::CopyProgress::default();
-        // Drain and policy end the copy as a failure (CONNECT_ERROR on the stream, RST to
-        // the app), never as a silently dropped stream.
-        let stopped = async {
-            tokio::select! {
-                _ = guard.force_close.cancelled() => io::Error::other("drained"),
-                _ = tracked.closed_by_policy.cancelled() => io::Error::other("closed: no longer allowed by policy"),
-            }
-        };
-        let r = tunnel
-            .copy_with_tcp_until(&app, &progress, stopped)
-            .await
-            .map_err(|e| e.error);
-        // Seen from the app: what came out of the tunnel was sent to it.
-        let s = progress.stats();
-        let app_side = hbone::CopyStats {
-            sent: s.received,
-            received: s.sent,
-        };
-        finish_with_bytes(rec, r.map(|_| ()), app_side);
+        Some(InboundCopy {
+            tunnel,
+            app,
+            rec,
+            tracked,
+            guard,
+        })
     }
 }

@@ -102,15 +102,11 @@ impl PodProxy {
             drain: parent.child(),
             ctx,
         });
-        spawn_accept(&proxy, outbound, "outbound", |p, s, g| async move {
-            p.outbound(s, g).await
-        })?;
+        spawn_accept(&proxy, outbound, "outbound", PodProxy::outbound)?;
         spawn_accept(&proxy, plaintext, "inbound", |p, s, g| async move {
             p.inbound_plaintext(s, g).await
         })?;
-        spawn_accept(&proxy, hbone_listener, "hbone", |p, s, g| async move {
-            p.inbound_hbone(s, g).await
-        })?;
+        spawn_accept(&proxy, hbone_listener, "hbone", PodProxy::inbound_hbone)?;
         if let Some((settings, bound)) = dns {
             crate::dns::server::PodDns::serve(
                 proxy.ctx.clone(),

@@ -13,26 +13,103 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpStream;
 
+/// An outbound connection once set up: all that its task keeps while the connection
+/// lives (see [`PodProxy::outbound`]).
+enum OutboundCopy {
+    /// To a destination outside the mesh, as plain TCP.
+    Plain {
+        downstream: TcpStream,
+        upstream: TcpStream,
+        rec: ConnRecorder,
+    },
+    /// Through an HBONE tunnel.
+    Tunnel {
+        downstream: TcpStream,
+        tunnel: hbone::Tunnel,
+        rec: ConnRecorder,
+    },
+}
+
+/// Copies between the app and plain TCP until both ends are done, or a drain ends it;
+/// then records the end. (Arguments rather than a struct taken apart: values moved out of
+/// an async fn's argument would be kept twice in the task.)
+async fn copy_plain(
+    downstream: TcpStream,
+    mut upstream: TcpStream,
+    rec: ConnRecorder,
+    guard: ConnGuard,
+) {
+    let mut downstream = counted::Counted::new(downstream);
+    let result = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => r,
+        _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
+    };
+    finish_copy(rec, result, &downstream);
+}
+
+/// Copies between the app and its tunnel until both ends are done, or until a drain ends
+/// the copy as a failure (CONNECT_ERROR on the stream, RST to the client), never as a
+/// silently dropped stream; then records the end.
+async fn copy_tunnel(
+    downstream: TcpStream,
+    tunnel: hbone::Tunnel,
+    rec: ConnRecorder,
+    guard: ConnGuard,
+) {
+    let progress = hbone::tunnel::CopyProgress::default();
+    let drained = async {
+        guard.force_close.cancelled().await;
+        io::Error::other("drained")
+    };
+    let result = tunnel
+        .copy_with_tcp_until(&downstream, &progress, drained)
+        .await
+        .map_err(|e| e.error);
+    finish_with_bytes(rec, result, progress.stats());
+}
+
 impl PodProxy {
+    /// One connection the pod's app made. Everything before the copy (the plan, the
+    /// certificate, the HBONE connection) runs boxed and is freed once done, so a
+    /// connection's task keeps only its copy for as long as it lives (inline, the set-up
+    /// tripled an idle tunnel's task). Its arguments are small on purpose: an async fn
+    /// keeps its arguments in its task to the end.
     pub(super) async fn outbound(self: Arc<Self>, downstream: TcpStream, guard: ConnGuard) {
+        match Box::pin(self.open_outbound(downstream)).await {
+            None => {}
+            Some(OutboundCopy::Plain {
+                downstream,
+                upstream,
+                rec,
+            }) => copy_plain(downstream, upstream, rec, guard).await,
+            Some(OutboundCopy::Tunnel {
+                downstream,
+                tunnel,
+                rec,
+            }) => copy_tunnel(downstream, tunnel, rec, guard).await,
+        }
+    }
+
+    /// Plans and sets up an outbound connection; `None` once it is refused (and recorded).
+    async fn open_outbound(&self, downstream: TcpStream) -> Option<OutboundCopy> {
         let Ok(peer) = downstream.peer_addr().map(canonical) else {
-            return;
+            return None;
         };
         let orig = match original_dst(&downstream) {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(pod = %self.info.name, error = %e, "no original destination on an outbound connection");
-                return;
+                return None;
             }
         };
         if plan::is_loop(orig) {
             tracing::warn!(dst = %orig, "refusing a connection to ztunnel's own port (loop)");
-            return;
+            return None;
         }
         let Some(src) = self.wait_for_workload().await else {
             tracing::warn!(pod = %format!("{}/{}", self.info.namespace, self.info.name),
                 "refusing outbound connection: this pod is not (yet) known from the control plane");
-            return;
+            return None;
         };
         let plan = {
             let st = self.ctx.state.read().expect("state lock");
@@ -62,6 +139,7 @@ impl PodProxy {
                     sent: 0,
                     received: 0,
                 });
+                None
             }
             OutboundPlan::Passthrough {
                 dst,
@@ -73,7 +151,7 @@ impl PodProxy {
                 report.dst_service = service;
                 report.trace_id = hbone::TraceParent::random().trace_id_hex();
                 let rec = ConnRecorder::open(self.ctx.metrics.clone(), report);
-                self.passthrough(downstream, dst, rec, guard).await;
+                self.passthrough(downstream, dst, rec).await
             }
             OutboundPlan::Hbone {
                 hop,
@@ -101,8 +179,8 @@ impl PodProxy {
                 req.traceparent = traceparent;
                 report.trace_id = req.traceparent.trace_id_hex();
                 let rec = ConnRecorder::open(self.ctx.metrics.clone(), report).traced(span);
-                self.hbone_out(downstream, &src, hop, expected, req, rec, guard)
-                    .await;
+                self.hbone_out(downstream, &src, hop, expected, req, rec)
+                    .await
             }
         }
     }
@@ -112,29 +190,25 @@ impl PodProxy {
         downstream: TcpStream,
         dst: SocketAddr,
         rec: ConnRecorder,
-        guard: ConnGuard,
-    ) {
-        let upstream = match connect_in(&self.netns, dst, None).await {
-            Ok(u) => u,
+    ) -> Option<OutboundCopy> {
+        match connect_in(&self.netns, dst, None).await {
+            Ok(upstream) => Some(OutboundCopy::Plain {
+                downstream,
+                upstream,
+                rec,
+            }),
             Err(e) => {
-                return rec.finish(Outcome::Failed {
+                rec.finish(Outcome::Failed {
                     flags: "CONNECT",
                     error: &e.to_string(),
                     sent: 0,
                     received: 0,
                 });
+                None
             }
-        };
-        let mut downstream = counted::Counted::new(downstream);
-        let mut upstream = upstream;
-        let result = tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => r,
-            _ = guard.force_close.cancelled() => Err(io::Error::other("drained")),
-        };
-        finish_copy(rec, result, &downstream);
+        }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn hbone_out(
         &self,
         downstream: TcpStream,
@@ -143,18 +217,17 @@ impl PodProxy {
         expected: Vec<SpiffeId>,
         req: hbone::ConnectRequest,
         rec: ConnRecorder,
-        guard: ConnGuard,
-    ) {
-        // Boxed: fetching a certificate (a CA call on a miss) must not size the task either.
-        let creds = match Box::pin(self.ctx.certs.get(&src.identity)).await {
+    ) -> Option<OutboundCopy> {
+        let creds = match self.ctx.certs.get(&src.identity).await {
             Ok(c) => c,
             Err(e) => {
-                return rec.finish(Outcome::Failed {
+                rec.finish(Outcome::Failed {
                     flags: "IDENTITY_ERROR",
                     error: &e.to_string(),
                     sent: 0,
                     received: 0,
                 });
+                return None;
             }
         };
         let key = hbone::PoolKey::new(
@@ -168,35 +241,23 @@ impl PodProxy {
                     .unwrap_or(hop.ip()),
             ),
         );
-        // Boxed for the same reason as the inbound connect: a new HBONE connection (TLS and
-        // HTTP/2 handshakes) is a large future that must not size every idle tunnel's task.
-        let est = match Box::pin(self.client().connect(&key, &creds.cert, &req)).await {
+        let est = match self.client().connect(&key, &creds.cert, &req).await {
             Ok(e) => e,
             Err(e) => {
-                return rec.finish(Outcome::Failed {
+                rec.finish(Outcome::Failed {
                     flags: plan::connect_failure_flags(&e),
                     error: &e.to_string(),
                     sent: 0,
                     received: 0,
                 });
+                return None;
             }
         };
-        // Whatever the copy does not need is dropped first, so an idle tunnel's task does
-        // not keep it (locals alive across an await are stored in the task).
-        let tunnel = est.tunnel;
-        drop((est.headers, req, key, creds));
-        let progress = hbone::tunnel::CopyProgress::default();
-        // A drain ends the copy as a failure (CONNECT_ERROR on the stream, RST to the
-        // client), never as a silently dropped stream.
-        let drained = async {
-            guard.force_close.cancelled().await;
-            io::Error::other("drained")
-        };
-        let result = tunnel
-            .copy_with_tcp_until(&downstream, &progress, drained)
-            .await
-            .map_err(|e| e.error);
-        finish_with_bytes(rec, result, progress.stats());
+        Some(OutboundCopy::Tunnel {
+            downstream,
+            tunnel: est.tunnel,
+            rec,
+        })
     }
 }
 

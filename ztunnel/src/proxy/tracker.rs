@@ -26,14 +26,14 @@ struct Tracked {
 }
 
 /// One tracked connection; dropping it stops tracking.
-pub struct TrackedHandle<'a> {
-    tracker: &'a ConnTracker,
+pub struct TrackedHandle {
+    tracker: Arc<ConnTracker>,
     id: u64,
     /// Cancelled when policy no longer allows the connection.
     pub closed_by_policy: CancellationToken,
 }
 
-impl Drop for TrackedHandle<'_> {
+impl Drop for TrackedHandle {
     fn drop(&mut self) {
         self.tracker
             .conns
@@ -58,13 +58,13 @@ impl ConnTracker {
     /// changed since, the re-check of that change may have run before this connection was
     /// tracked: it is re-checked here, so no update is missed.
     pub fn track(
-        &self,
+        self: &Arc<Self>,
         dst_uid: &str,
         info: ConnectionInfo,
         authorized_at: u64,
         changed: &StateChanged,
         state: &RwLock<State>,
-    ) -> TrackedHandle<'_> {
+    ) -> TrackedHandle {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let close = CancellationToken::new();
         let tracked = Tracked {
@@ -85,7 +85,7 @@ impl ConnTracker {
             }
         }
         TrackedHandle {
-            tracker: self,
+            tracker: self.clone(),
             id,
             closed_by_policy: close,
         }
@@ -162,7 +162,7 @@ mod tests {
 
     #[test]
     fn recheck_closes_only_what_the_new_policy_denies() {
-        let tracker = ConnTracker::default();
+        let tracker = Arc::new(ConnTracker::default());
         let (changed, state) = (StateChanged::new(), RwLock::new(node()));
         let v = changed.version();
         let denied = tracker.track("b", conn(8080), v, &changed, &state);
@@ -187,7 +187,7 @@ mod tests {
     /// re-check of the newer state may have run before it was tracked.
     #[test]
     fn a_connection_planned_on_an_older_state_is_rechecked_when_tracked() {
-        let tracker = ConnTracker::default();
+        let tracker = Arc::new(ConnTracker::default());
         let changed = StateChanged::new();
         let planned_at = changed.version();
         let mut st = node();
