@@ -5,10 +5,10 @@
 //! streams run where the connection was accepted. Moving a byte then wakes no other thread
 //! (with one multi-threaded runtime, the HTTP/2 connection task and its stream tasks
 //! woke each other across threads: over half the system-call time went to futex).
-//! Control work (xDS, certificates, DNS, admin, metrics) stays on the main runtime.
+//! Control work (xDS, the policy re-check, DNS, admin, metrics) stays on the main runtime;
+//! a certificate fetched for a connection is fetched where that connection runs.
 
 use std::cell::Cell;
-use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use tokio::runtime::Handle;
@@ -66,20 +66,9 @@ impl DataPlane {
         WORKER.get().unwrap_or(0)
     }
 
-    /// Runs the future `make(i)` returns on each data thread `i`, or once (`make(0)`) on
-    /// the current runtime without data threads.
-    pub fn spawn_on_each<F, Fut>(&self, make: F)
-    where
-        F: Fn(usize) -> Fut,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        if self.workers.is_empty() {
-            tokio::spawn(make(0));
-            return;
-        }
-        for (i, h) in self.workers.iter().enumerate() {
-            h.spawn(make(i));
-        }
+    /// The data threads' runtimes (empty without data threads).
+    pub fn handles(&self) -> &[Handle] {
+        &self.workers
     }
 }
 
@@ -91,12 +80,12 @@ mod tests {
     #[test]
     fn each_data_thread_runs_its_own_task_and_knows_its_index() {
         let plane = DataPlane::start(2).unwrap();
-        assert_eq!(plane.width(), 2);
+        assert_eq!((plane.width(), plane.handles().len()), (2, 2));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        plane.spawn_on_each(|i| {
+        for (i, h) in plane.handles().iter().enumerate() {
             let (seen, tx) = (seen.clone(), tx.clone());
-            async move {
+            h.spawn(async move {
                 let name = std::thread::current().name().map(str::to_owned);
                 // Still on the same thread after yielding: a single-threaded runtime.
                 tokio::task::yield_now().await;
@@ -105,8 +94,8 @@ mod tests {
                     .unwrap()
                     .push((i, DataPlane::current(), name, same));
                 tx.send(()).unwrap();
-            }
-        });
+            });
+        }
         for _ in 0..2 {
             rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
         }
@@ -122,18 +111,10 @@ mod tests {
         assert_eq!(DataPlane::current(), 0, "off the data path");
     }
 
-    #[tokio::test]
-    async fn without_data_threads_work_runs_once_on_the_current_runtime() {
+    #[test]
+    fn without_data_threads_there_is_one_of_everything_and_no_runtime() {
         let plane = DataPlane::inline();
-        assert_eq!(plane.width(), 1);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let tx = Mutex::new(Some(tx));
-        plane.spawn_on_each(|i| {
-            let tx = tx.lock().unwrap().take().expect("spawned once");
-            async move {
-                tx.send(i).unwrap();
-            }
-        });
-        assert_eq!(rx.await.unwrap(), 0);
+        assert_eq!((plane.width(), plane.handles().len()), (1, 0));
+        assert!(!plane.has_threads());
     }
 }

@@ -7,12 +7,14 @@
 //! migrate it (`net.ipv4.tcp_migrate_req`, which needs a writable /proc/sys).
 
 use crate::dataplane::DataPlane;
+use futures_util::FutureExt;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -90,10 +92,52 @@ impl ConnLimit {
 /// At most this many connections queued on a closing listener are accepted and served.
 const MAX_QUEUED_AT_CLOSE: usize = 4096;
 
-/// Accepts on `listener` until `stop`, running `handle` for each admitted connection (the
-/// slot is held until `handle` returns); at `stop`, serves what is queued, then closes.
-/// With data threads, each accepts on the listener (a duplicate of its descriptor) and runs
-/// the connections it accepted; without, one loop runs on the current runtime.
+/// A listener ready to accept on every data thread: a duplicate of its descriptor
+/// registered with each thread's runtime, or, without data threads, the listener itself on
+/// the current runtime. Made before anything is spawned, so a listener that cannot be set
+/// up fails its pod's start while nothing runs yet.
+pub struct ReadyListener {
+    copies: Vec<(Option<Handle>, TcpListener)>,
+}
+
+impl ReadyListener {
+    pub fn new(listener: TcpListener, plane: &DataPlane) -> io::Result<Self> {
+        if plane.handles().is_empty() {
+            return Ok(ReadyListener {
+                copies: vec![(None, listener)],
+            });
+        }
+        let listener = listener.into_std()?;
+        let mut copies = Vec::with_capacity(plane.handles().len());
+        for h in plane.handles() {
+            let copy = listener.try_clone()?;
+            // Registered with that thread's runtime: its readiness wakes that thread. Every
+            // thread wakes for each new connection; one accepts it, the others find none.
+            let _on = h.enter();
+            copies.push((Some(h.clone()), TcpListener::from_std(copy)?));
+        }
+        Ok(ReadyListener { copies })
+    }
+
+    /// Accepts until `stop`, running `handle` for each admitted connection (the slot is
+    /// held until `handle`'s future ends); at `stop`, serves what is queued, then closes.
+    pub fn spawn<F, Fut>(self, limit: Arc<ConnLimit>, stop: CancellationToken, handle: F)
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let handle = Arc::new(handle);
+        for (runtime, listener) in self.copies {
+            let serving = accept_loop(listener, limit.clone(), stop.clone(), handle.clone());
+            match runtime {
+                Some(h) => drop(h.spawn(serving)),
+                None => drop(tokio::spawn(serving)),
+            }
+        }
+    }
+}
+
+/// [`ReadyListener::new`] then [`ReadyListener::spawn`].
 pub fn spawn_accept_loop<F, Fut>(
     listener: TcpListener,
     limit: Arc<ConnLimit>,
@@ -105,31 +149,7 @@ where
     F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let handle = Arc::new(handle);
-    if !plane.has_threads() {
-        tokio::spawn(accept_loop(listener, limit, stop, handle));
-        return Ok(());
-    }
-    let listener = listener.into_std()?;
-    let mut copies = Vec::with_capacity(plane.width());
-    for _ in 0..plane.width() {
-        copies.push(std::sync::Mutex::new(Some(listener.try_clone()?)));
-    }
-    drop(listener);
-    plane.spawn_on_each(|i| {
-        let copy = copies[i].lock().expect("copy lock").take();
-        let (limit, stop, handle) = (limit.clone(), stop.clone(), handle.clone());
-        async move {
-            // Registered with this thread's runtime: its readiness wakes this thread.
-            match copy.map(TcpListener::from_std) {
-                Some(Ok(l)) => accept_loop(l, limit, stop, handle).await,
-                Some(Err(e)) => {
-                    tracing::error!(listener = %limit.name, error = %e, "cannot accept on a data thread")
-                }
-                None => {}
-            }
-        }
-    });
+    ReadyListener::new(listener, plane)?.spawn(limit, stop, handle);
     Ok(())
 }
 
@@ -149,13 +169,12 @@ async fn accept_loop<F, Fut>(
             return;
         };
         let _ = s.set_nodelay(true);
-        let handle = handle.clone();
-        // The handler's future is made inside the task: captured, it would be kept twice
-        // (what an async block captures stays in its task beside what it awaits).
-        tokio::spawn(async move {
-            handle(s).await;
-            drop(permit);
-        });
+        // Made here, so whatever the handler takes at once (the drain's count of open
+        // connections) is taken as the connection is accepted. Mapped rather than awaited
+        // in an async block, which would keep the future twice in the task (once captured,
+        // once awaited).
+        let fut = handle(s);
+        tokio::spawn(fut.map(move |()| drop(permit)));
     };
     loop {
         tokio::select! {

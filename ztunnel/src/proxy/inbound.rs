@@ -202,13 +202,16 @@ impl ConnectHandler for InboundHandler {
     fn handle(&self, req: InboundConnect, respond: Responder) -> impl Future<Output = ()> + Send {
         let opening = Box::pin(self.pod.clone().open_inbound(req, respond));
         async move {
+            // Bound first: a pattern on the awaited value itself would keep that temporary in
+            // the task beside the copy.
+            let opened = opening.await;
             if let Some(InboundCopy {
                 tunnel,
                 app,
                 rec,
                 tracked,
                 guard,
-            }) = opening.await
+            }) = opened
             {
                 copy_inbound(tunnel, app, rec, tracked, guard).await;
             }

@@ -18,14 +18,14 @@ use crate::metrics::{ConnRecorder, Metrics, Outcome};
 use crate::netns::Netns;
 use crate::state::{State, Workload};
 use crate::updates::StateChanged;
-use accept::{ConnLimit, spawn_accept_loop};
+use accept::{ConnLimit, ReadyListener};
 use mesh_identity::SpiffeId;
 use mesh_proto::ports;
 use socket::{NetnsDialer, listen_in};
 use std::io;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// How long an outbound connection waits for its own pod to appear in xDS.
 const UNKNOWN_SOURCE_WAIT: Duration = Duration::from_secs(5);
@@ -85,6 +85,12 @@ impl PodProxy {
             Some(settings) => Some((settings.clone(), crate::dns::server::bind(&netns)?)),
             None => None,
         };
+        // Every listener set up on every data thread before any accepts: a failure leaves
+        // nothing serving the pod.
+        let plane = &ctx.data_plane;
+        let outbound = ReadyListener::new(outbound, plane)?;
+        let plaintext = ReadyListener::new(plaintext, plane)?;
+        let hbone_listener = ReadyListener::new(hbone_listener, plane)?;
         let clients = (0..ctx.data_plane.width())
             .map(|_| {
                 hbone::Client::new(
@@ -102,11 +108,9 @@ impl PodProxy {
             drain: parent.child(),
             ctx,
         });
-        spawn_accept(&proxy, outbound, "outbound", PodProxy::outbound)?;
-        spawn_accept(&proxy, plaintext, "inbound", |p, s, g| async move {
-            p.inbound_plaintext(s, g).await
-        })?;
-        spawn_accept(&proxy, hbone_listener, "hbone", PodProxy::inbound_hbone)?;
+        spawn_accept(&proxy, outbound, "outbound", PodProxy::outbound);
+        spawn_accept(&proxy, plaintext, "inbound", PodProxy::inbound_plaintext);
+        spawn_accept(&proxy, hbone_listener, "hbone", PodProxy::inbound_hbone);
         if let Some((settings, bound)) = dns {
             crate::dns::server::PodDns::serve(
                 proxy.ctx.clone(),
@@ -228,11 +232,10 @@ pub(crate) fn finish_with_bytes(
 /// as it is accepted, before its handler first runs, and until the handler returns.
 fn spawn_accept<F, Fut>(
     proxy: &Arc<PodProxy>,
-    listener: TcpListener,
+    listener: ReadyListener,
     which: &'static str,
     handle: F,
-) -> io::Result<()>
-where
+) where
     F: Fn(Arc<PodProxy>, TcpStream, ConnGuard) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -246,8 +249,8 @@ where
     let limit = ConnLimit::counting(name, proxy.ctx.max_connections_per_listener, counter);
     let stop = proxy.drain.stop_accepting();
     let p = proxy.clone();
-    spawn_accept_loop(listener, limit, stop, &proxy.ctx.data_plane, move |s| {
+    listener.spawn(limit, stop, move |s| {
         let guard = p.drain.guard();
         handle(p.clone(), s, guard)
-    })
+    });
 }

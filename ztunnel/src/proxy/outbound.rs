@@ -75,7 +75,10 @@ impl PodProxy {
     /// tripled an idle tunnel's task). Its arguments are small on purpose: an async fn
     /// keeps its arguments in its task to the end.
     pub(super) async fn outbound(self: Arc<Self>, downstream: TcpStream, guard: ConnGuard) {
-        match Box::pin(self.open_outbound(downstream)).await {
+        // Bound first: a match on the awaited value itself would keep that temporary in the
+        // task beside the copy.
+        let opened = Box::pin(self.open_outbound(downstream)).await;
+        match opened {
             None => {}
             Some(OutboundCopy::Plain {
                 downstream,
