@@ -51,11 +51,6 @@ impl DataPlane {
         Self::default()
     }
 
-    /// Whether connections run on data threads of their own.
-    pub fn has_threads(&self) -> bool {
-        !self.workers.is_empty()
-    }
-
     /// How many copies of per-thread state (an HBONE pool) to keep: one per data thread.
     pub fn width(&self) -> usize {
         self.workers.len().max(1)
@@ -115,6 +110,5 @@ mod tests {
     fn without_data_threads_there_is_one_of_everything_and_no_runtime() {
         let plane = DataPlane::inline();
         assert_eq!((plane.width(), plane.handles().len()), (1, 0));
-        assert!(!plane.has_threads());
     }
 }

@@ -1,35 +1,14 @@
 //! What the layer writes, against a real writer: levels (and a change of level while
 //! running), text and JSON.
 
-use mesh_log::{Format, layer};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use mesh_log::{Captured, Format, layer};
 use tracing_subscriber::prelude::*;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 #[test]
 fn lines_at_the_level_are_written_when_logged_and_the_level_changes_while_running() {
     let out = Captured::default();
     let o = out.clone();
-    let (layer, reload) = layer("info", Format::Text, false, move || o.clone()).unwrap();
+    let (layer, reload) = layer("info", Format::Text, false, o).unwrap();
     tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
         tracing::info!(target: "access", bytes = 5, "connection complete");
         // Written by the time the call returns.
@@ -52,7 +31,7 @@ fn lines_at_the_level_are_written_when_logged_and_the_level_changes_while_runnin
 fn json_lines_flatten_the_fields() {
     let out = Captured::default();
     let o = out.clone();
-    let (layer, _) = layer("info", Format::Json, false, move || o.clone()).unwrap();
+    let (layer, _) = layer("info", Format::Json, false, o).unwrap();
     tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
         tracing::info!(target: "access", direction = "inbound", "connection complete");
     });

@@ -238,26 +238,6 @@ mod tests {
         }
     }
 
-    /// Collects what is logged on this thread.
-    #[derive(Clone, Default)]
-    struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Log {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Log {
-        fn text(&self) -> String {
-            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-        }
-    }
-
     #[tokio::test]
     async fn connections_queued_when_the_listener_closes_are_served_not_reset() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -338,7 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_past_the_cap_are_closed_and_others_keep_being_served() {
-        let log = Log::default();
+        let log = mesh_log::Captured::default();
         let writer = log.clone();
         let _logging = tracing::subscriber::set_default(
             tracing_subscriber::fmt()

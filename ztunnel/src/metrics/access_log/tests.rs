@@ -1,33 +1,9 @@
 use super::*;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;
-
-/// Collects what the subscriber writes.
-#[derive(Clone, Default)]
-struct Buf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Buf {
-    type Writer = Buf;
-    fn make_writer(&'a self) -> Buf {
-        self.clone()
-    }
-}
 
 /// The line(s) `f` logs, through the formatter ztunnel's main installs (text or JSON).
 fn logged(json: bool, f: impl FnOnce()) -> String {
-    let buf = Buf::default();
+    let buf = mesh_log::Captured::default();
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(true)
         .with_ansi(false)
@@ -43,7 +19,7 @@ fn logged(json: bool, f: impl FnOnce()) -> String {
         let sub = tracing_subscriber::registry().with(filter).with(fmt);
         tracing::subscriber::with_default(sub, f);
     }
-    String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+    buf.text()
 }
 
 fn outbound() -> AccessLog {
