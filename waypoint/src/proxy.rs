@@ -528,6 +528,25 @@ impl Waypoint {
                 .balanced(req, svc, port, conn.target.protocol, per_try, labels)
                 .await;
         }
+        // Boxed: only routes with retries or a mirror pay for the buffered copy's state.
+        Box::pin(self.retried_or_mirrored(conn, req, svc, port, retry, mirror, per_try, labels))
+            .await
+    }
+
+    /// [`Self::attempts`] for a rule with retries or a mirror: the body buffered, the
+    /// mirror's copy sent off, each try a copy.
+    #[allow(clippy::too_many_arguments)]
+    async fn retried_or_mirrored(
+        &self,
+        conn: &Conn,
+        req: Request<Body>,
+        svc: &Service,
+        port: u16,
+        retry: Option<&crate::route::Retry>,
+        mirror: Option<&crate::route::Backend>,
+        per_try: Option<std::time::Duration>,
+        labels: &mut RequestLabels,
+    ) -> Result<Response<Body>, UpstreamError> {
         let (parts, body) = req.into_parts();
         let body = buffer_body(body, MAX_BUFFERED_BODY)
             .await
@@ -632,25 +651,9 @@ impl Waypoint {
         let resp = if matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc) {
             let mut sender = match self.pool.h2(&key, Instant::now()) {
                 Some(s) => s,
-                None => {
-                    let dial = self.pool.h2_dial_lock(&key);
-                    let _dialing = dial.lock().await;
-                    if let Some(s) = self.pool.h2(&key, Instant::now()) {
-                        s
-                    } else {
-                        let tunnel = self.tunnel_to(ep, port, trace).await.map_err(unavailable)?;
-                        let (sender, conn) = hyper::client::conn::http2::handshake(
-                            hyper_util::rt::TokioExecutor::new(),
-                            hyper_util::rt::TokioIo::new(tunnel),
-                        )
-                        .await
-                        .map_err(|e| unavailable(e.to_string()))?;
-                        tokio::spawn(conn);
-                        self.pool
-                            .set_h2(key.clone(), sender.clone(), Instant::now());
-                        sender
-                    }
-                }
+                // Boxed, as the dial below: rare, and large (a TLS handshake), it would
+                // otherwise make every request's future as large.
+                None => Box::pin(self.dial_h2(&key, ep, port, trace)).await?,
             };
             sender.send_request(req).await
         } else {
@@ -680,12 +683,7 @@ impl Waypoint {
                     },
                 }
             }
-            let tunnel = self.tunnel_to(ep, port, trace).await.map_err(unavailable)?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tunnel))
-                    .await
-                    .map_err(|e| unavailable(e.to_string()))?;
-            tokio::spawn(conn);
+            let mut sender = Box::pin(self.dial_h1(ep, port, trace)).await?;
             let resp = sender.send_request(req).await;
             if resp.is_ok() {
                 self.recycle_h1(key, sender);
@@ -694,6 +692,51 @@ impl Waypoint {
         };
         resp.map_err(|e| UpstreamError::Protocol(e.to_string()))
             .and_then(boxed_response)
+    }
+
+    /// A new HTTP/2 connection to `key`'s endpoint, pooled, unless one was made while
+    /// waiting for the right to dial.
+    async fn dial_h2(
+        &self,
+        key: &EndpointKey,
+        ep: &Workload,
+        port: u16,
+        trace: Option<hbone::TraceParent>,
+    ) -> Result<hyper::client::conn::http2::SendRequest<Body>, UpstreamError> {
+        let unavailable = UpstreamError::Connect;
+        let dial = self.pool.h2_dial_lock(key);
+        let _dialing = dial.lock().await;
+        if let Some(s) = self.pool.h2(key, Instant::now()) {
+            return Ok(s);
+        }
+        let tunnel = self.tunnel_to(ep, port, trace).await.map_err(unavailable)?;
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tunnel),
+        )
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+        tokio::spawn(conn);
+        self.pool
+            .set_h2(key.clone(), sender.clone(), Instant::now());
+        Ok(sender)
+    }
+
+    /// A new HTTP/1.1 connection to the endpoint (pooled once its first response is read).
+    async fn dial_h1(
+        &self,
+        ep: &Workload,
+        port: u16,
+        trace: Option<hbone::TraceParent>,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Body>, UpstreamError> {
+        let unavailable = UpstreamError::Connect;
+        let tunnel = self.tunnel_to(ep, port, trace).await.map_err(unavailable)?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tunnel))
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+        tokio::spawn(conn);
+        Ok(sender)
     }
 
     /// Back to the pool once the response body has been read to the end (or never, when
@@ -855,5 +898,82 @@ impl ConnectHandler for Handler {
         } else {
             wp.serve_tcp(conn, respond).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_identity::ca::CertificateAuthority;
+    use mesh_proto::workload as pb;
+    use mesh_xds::certs::CertSource;
+
+    fn waypoint() -> Waypoint {
+        let ca =
+            CertificateAuthority::new_root("cluster.local", Duration::from_secs(3600)).unwrap();
+        Waypoint {
+            identity: "spiffe://cluster.local/ns/shop/sa/waypoint"
+                .parse()
+                .unwrap(),
+            config: Arc::new(ConfigStore::new(Config::default())),
+            certs: CertManager::new(CertSource::Local {
+                ca: Box::new(ca),
+                ttl: Duration::from_secs(3600),
+            }),
+            client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
+            metrics: Arc::new(Metrics::new()),
+            budget: Default::default(),
+            balancer: Default::default(),
+            pool: Default::default(),
+            normalization: Default::default(),
+            shutdown: CancellationToken::new(),
+            idle_grace: Duration::from_secs(1),
+            tracer: mesh_trace::Tracer::disabled(),
+        }
+    }
+
+    fn conn() -> Conn {
+        let mut st = mesh_discovery::State::default();
+        st.apply_address(&pb::Address {
+            r#type: Some(pb::address::Type::Service(pb::Service {
+                name: "api".into(),
+                namespace: "shop".into(),
+                hostname: "api.shop.svc.cluster.local".into(),
+                ports: vec![pb::Port {
+                    service_port: 80,
+                    target_port: 8080,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+        })
+        .unwrap();
+        Conn {
+            source: "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap(),
+            traceparent: hbone::TraceParent::random(),
+            source_addr: "10.0.0.1:40000".parse().unwrap(),
+            source_workload: None,
+            target: Bound {
+                dest: Dest::Service(st.services().next().unwrap().clone()),
+                port: 80,
+                protocol: AppProtocol::Http11,
+            },
+        }
+    }
+
+    /// hyper moves each request's future whole into place as the request starts, so its
+    /// size is paid per request (it was 32 KB: a timeout that stored its future twice at
+    /// each of two levels, and the upstream dial with its TLS handshake inline).
+    #[tokio::test]
+    async fn what_a_request_keeps_while_it_is_forwarded_stays_small() {
+        let (wp, conn) = (waypoint(), conn());
+        let mut labels = RequestLabels::new(&conn.source, None, None, AppProtocol::Http11);
+        let req = Request::new(crate::body::full(Bytes::new()));
+        let fut = wp.route_and_forward(&conn, req, &http::Method::GET, "/", "api", &mut labels);
+        let size = std::mem::size_of_val(&fut);
+        assert!(
+            size <= 4 * 1024,
+            "the routing and forwarding future is {size} bytes"
+        );
     }
 }

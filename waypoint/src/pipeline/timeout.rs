@@ -1,19 +1,28 @@
 //! Stage: the route's timeouts (the whole request, each try) around an upstream future.
 
 use super::UpstreamError;
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use std::future::Future;
 use std::time::Duration;
 
 /// Awaits `fut`, or [`UpstreamError::Timeout`] if it takes longer than `limit`.
-pub async fn within<T>(
+///
+/// Not an `async fn`: one keeps its arguments apart from the state it awaits, so `fut`
+/// would be stored twice (as the argument and inside the timeout), doubling the size of
+/// every request's future, which is moved whole when a request starts.
+pub fn within<T, F>(
     limit: Option<Duration>,
-    fut: impl Future<Output = Result<T, UpstreamError>>,
-) -> Result<T, UpstreamError> {
+    fut: F,
+) -> impl Future<Output = Result<T, UpstreamError>>
+where
+    F: Future<Output = Result<T, UpstreamError>>,
+{
     match limit {
-        Some(t) => tokio::time::timeout(t, fut)
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout)),
-        None => fut.await,
+        Some(t) => Either::Left(
+            tokio::time::timeout(t, fut).map(|r| r.unwrap_or(Err(UpstreamError::Timeout))),
+        ),
+        None => Either::Right(fut),
     }
 }
 
