@@ -963,7 +963,9 @@ mod tests {
 
     /// hyper moves each request's future whole into place as the request starts, so its
     /// size is paid per request (it was 32 KB: a timeout that stored its future twice at
-    /// each of two levels, and the upstream dial with its TLS handshake inline).
+    /// each of two levels, and the upstream dial with its TLS handshake inline). Measured
+    /// on the routing and forwarding part, the bulk of it (`request` needs a body only
+    /// hyper can make); `request`'s own locals add about 1 KiB.
     #[tokio::test]
     async fn what_a_request_keeps_while_it_is_forwarded_stays_small() {
         let (wp, conn) = (waypoint(), conn());

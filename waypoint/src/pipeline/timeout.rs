@@ -10,7 +10,8 @@ use std::time::Duration;
 ///
 /// Not an `async fn`: one keeps its arguments apart from the state it awaits, so `fut`
 /// would be stored twice (as the argument and inside the timeout), doubling the size of
-/// every request's future, which is moved whole when a request starts.
+/// every request's future, which is moved whole when a request starts. The deadline is
+/// set when this is called (both callers await it at once), and it needs a Tokio runtime.
 pub fn within<T, F>(
     limit: Option<Duration>,
     fut: F,
