@@ -905,7 +905,6 @@ impl ConnectHandler for Handler {
 mod tests {
     use super::*;
     use mesh_identity::ca::CertificateAuthority;
-    use mesh_proto::workload as pb;
     use mesh_xds::certs::CertSource;
 
     fn waypoint() -> Waypoint {
@@ -933,28 +932,13 @@ mod tests {
     }
 
     fn conn() -> Conn {
-        let mut st = mesh_discovery::State::default();
-        st.apply_address(&pb::Address {
-            r#type: Some(pb::address::Type::Service(pb::Service {
-                name: "api".into(),
-                namespace: "shop".into(),
-                hostname: "api.shop.svc.cluster.local".into(),
-                ports: vec![pb::Port {
-                    service_port: 80,
-                    target_port: 8080,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })),
-        })
-        .unwrap();
         Conn {
             source: "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap(),
             traceparent: hbone::TraceParent::random(),
             source_addr: "10.0.0.1:40000".parse().unwrap(),
             source_workload: None,
             target: Bound {
-                dest: Dest::Service(st.services().next().unwrap().clone()),
+                dest: Dest::Service(crate::snapshot::tests::service("shop", "api")),
                 port: 80,
                 protocol: AppProtocol::Http11,
             },

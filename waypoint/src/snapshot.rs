@@ -329,7 +329,7 @@ impl Drop for ConfigWriter<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::binding::Dest;
     use mesh_proto::workload as pb;
@@ -362,7 +362,8 @@ mod tests {
         crate::route::compile(&typed).0
     }
 
-    fn service(ns: &str, name: &str) -> Arc<Service> {
+    /// A Service `name.ns.svc.cluster.local` with port 80 → 8080 (for other modules' tests).
+    pub(crate) fn service(ns: &str, name: &str) -> Arc<Service> {
         service_named(ns, name, &format!("{name}.{ns}.svc.cluster.local"))
     }
 
