@@ -329,7 +329,7 @@ impl Drop for ConfigWriter<'_> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::binding::Dest;
     use mesh_proto::workload as pb;
@@ -362,8 +362,7 @@ pub(crate) mod tests {
         crate::route::compile(&typed).0
     }
 
-    /// A Service `name.ns.svc.cluster.local` with port 80 → 8080 (for other modules' tests).
-    pub(crate) fn service(ns: &str, name: &str) -> Arc<Service> {
+    fn service(ns: &str, name: &str) -> Arc<Service> {
         service_named(ns, name, &format!("{name}.{ns}.svc.cluster.local"))
     }
 

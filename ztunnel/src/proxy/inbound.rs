@@ -168,7 +168,7 @@ struct InboundCopy {
 /// (CONNECT_ERROR on the stream, RST to the app), never as a silently dropped stream.
 /// (Arguments rather than an `InboundCopy` taken apart: values moved out of an async fn's
 /// argument would be kept twice in the task.)
-async fn copy_inbound(
+pub(super) async fn copy_inbound(
     tunnel: hbone::Tunnel,
     app: TcpStream,
     rec: ConnRecorder,
