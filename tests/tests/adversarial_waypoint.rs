@@ -352,15 +352,19 @@ async fn mesh(t: u8, normalization: PathNormalization) -> Mesh {
         ttl: std::time::Duration::from_secs(24 * 3600),
     });
     let metrics = Arc::new(waypoint::metrics::Metrics::new());
+    // The waypoint's data threads, as in production.
+    let plane = mesh_threads::DataPlane::start("test-waypoint-data", 2).unwrap();
     let wp = Arc::new(Waypoint {
         identity: waypoint_id.clone(),
         config: config.clone(),
         certs,
-        client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
+        client: mesh_threads::PerThread::new(&plane, || {
+            hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default())
+        }),
         metrics: metrics.clone(),
         budget: Default::default(),
         balancer: Arc::new(waypoint::balancer::Balancer::new(Default::default())),
-        pool: Default::default(),
+        pool: mesh_threads::PerThread::new(&plane, Default::default),
         normalization,
         shutdown: CancellationToken::new(),
         idle_grace: waypoint::in_flight::IDLE_GRACE,
@@ -384,6 +388,7 @@ async fn mesh(t: u8, normalization: PathNormalization) -> Mesh {
             cert_wait: Duration::from_secs(5),
             drain_deadline: Duration::from_secs(1),
             drain_delay: Duration::ZERO,
+            data_plane: plane,
         },
         std::future::pending(),
     ));

@@ -211,7 +211,10 @@ fn start_receiver_and_waypoint(ns: &Netns, receiver: Receiver, ca_dir: Option<&s
                         ..Default::default()
                     })),
                     certs,
-                    client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
+                    client: mesh_threads::PerThread::one(hbone::Client::new(
+                        hbone::TcpDialer,
+                        hbone::ClientSettings::default(),
+                    )),
                     metrics: Arc::new(waypoint::metrics::Metrics::new()),
                     budget: Default::default(),
                     balancer: Arc::new(waypoint::balancer::Balancer::new(Default::default())),

@@ -1,4 +1,5 @@
 use clap::Parser;
+use mesh_threads::PerThread;
 use mesh_xds::certs::{CertManager, CertSource};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -71,7 +72,7 @@ struct Args {
     /// Requests in flight per destination service before new ones get 503.
     #[arg(long, default_value_t = 4096)]
     max_requests_per_service: usize,
-    /// Idle HTTP/1.1 connections kept open per endpoint for reuse.
+    /// Idle HTTP/1.1 connections kept open per endpoint, on each data thread, for reuse.
     #[arg(long, default_value_t = 32)]
     max_idle_per_endpoint: usize,
     /// Idle upstream connections are closed after this many seconds.
@@ -79,6 +80,12 @@ struct Args {
     upstream_idle_timeout_secs: u64,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
+    /// Data threads: each HBONE connection, its requests and the upstream connections they
+    /// use run on one of them, a single-threaded runtime of its own (the one with the
+    /// fewest connections when it is accepted); xDS and admin run on the main thread.
+    #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: u16,
 }
 
 fn parse_normalization(s: &str) -> Result<PathNormalization, String> {
@@ -131,8 +138,16 @@ fn main() {
         }
     };
     tracing::info!(config = %serde_json::to_string(&a).unwrap_or_default(), %identity, "starting the waypoint");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let data_plane = match mesh_threads::DataPlane::start("waypoint-data", a.worker_threads.into())
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("waypoint: cannot start the data threads: {e}");
+            std::process::exit(1);
+        }
+    };
+    // Control work only: the data path runs on `data_plane`.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
@@ -176,17 +191,20 @@ fn main() {
                 lifecycle.clone(),
             ));
         }
-        let pool = Arc::new(waypoint::upstream_pool::UpstreamPool::new(
-            waypoint::upstream_pool::PoolLimits {
-                max_idle_per_endpoint: a.max_idle_per_endpoint,
-                idle_timeout: std::time::Duration::from_secs(a.upstream_idle_timeout_secs.max(1)),
-            },
-        ));
+        let limits = waypoint::upstream_pool::PoolLimits {
+            max_idle_per_endpoint: a.max_idle_per_endpoint,
+            idle_timeout: std::time::Duration::from_secs(a.upstream_idle_timeout_secs.max(1)),
+        };
+        let pool = PerThread::new(&data_plane, || {
+            Arc::new(waypoint::upstream_pool::UpstreamPool::new(limits))
+        });
         let wp = Arc::new(Waypoint {
             identity: identity.clone(),
             config,
             certs,
-            client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
+            client: PerThread::new(&data_plane, || {
+                hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default())
+            }),
             metrics,
             budget: Default::default(),
             balancer: Arc::new(waypoint::balancer::Balancer::new(
@@ -212,7 +230,9 @@ fn main() {
                 None => mesh_trace::Tracer::disabled(),
             },
         });
-        tokio::spawn(pool.run_sweeper());
+        for p in pool.all() {
+            tokio::spawn(p.clone().run_sweeper());
+        }
         tracing::info!("waiting for addresses, routes and policies from the control plane");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("signals");
@@ -228,6 +248,7 @@ fn main() {
             cert_wait: waypoint::proxy::CERT_WAIT,
             drain_deadline: a.drain_deadline,
             drain_delay: a.drain_delay,
+            data_plane,
         };
         match waypoint::server::serve(wp, lifecycle, cfg, shutdown).await {
             Ok(Stopped::DeadlineExceeded { open }) => {

@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use mesh_discovery::{Service, Workload};
 use mesh_identity::SpiffeId;
 use mesh_proto::workload::AppProtocol;
+use mesh_threads::PerThread;
 use mesh_xds::certs::CertManager;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -110,11 +111,14 @@ pub struct Waypoint {
     /// The configuration, one compiled snapshot per version.
     pub config: Arc<ConfigStore>,
     pub certs: Arc<CertManager>,
-    pub client: hbone::Client,
+    /// HBONE connections to endpoints, one pool per data thread: a request's upstream
+    /// tunnel rides an HTTP/2 connection driven on the request's own thread.
+    pub client: PerThread<hbone::Client>,
     pub metrics: Arc<Metrics>,
     pub budget: Arc<RetryBudget>,
     pub balancer: Arc<crate::balancer::Balancer>,
-    pub pool: Arc<UpstreamPool>,
+    /// HTTP connections to endpoints, one pool per data thread, as `client`.
+    pub pool: PerThread<Arc<UpstreamPool>>,
     /// How request paths are normalised before routing and policy.
     pub normalization: PathNormalization,
     /// Cancelled when the waypoint drains: HTTP connections finish their request in
@@ -202,6 +206,7 @@ impl Waypoint {
         }
         let est = self
             .client
+            .get()
             .connect(&key, &creds.cert, &req)
             .await
             .map_err(|e| e.to_string())?;
@@ -649,7 +654,7 @@ impl Waypoint {
             .and_then(|v| v.to_str().ok())
             .and_then(hbone::TraceParent::parse);
         let resp = if matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc) {
-            let mut sender = match self.pool.h2(&key, Instant::now()) {
+            let mut sender = match self.pool.get().h2(&key, Instant::now()) {
                 Some(s) => s,
                 // Boxed, as the dial below: rare, and large (a TLS handshake), it would
                 // otherwise make every request's future as large.
@@ -669,7 +674,7 @@ impl Waypoint {
             *req.version_mut() = http::Version::HTTP_11;
             // An idle connection may have been closed by the endpoint meanwhile: the
             // request comes back unsent and goes on the next one (or a new one).
-            while let Some(mut sender) = self.pool.take_h1(&key, Instant::now()) {
+            while let Some(mut sender) = self.pool.get().take_h1(&key, Instant::now()) {
                 match sender.try_send_request(req).await {
                     Ok(resp) => {
                         self.recycle_h1(key, sender);
@@ -704,9 +709,9 @@ impl Waypoint {
         trace: Option<hbone::TraceParent>,
     ) -> Result<hyper::client::conn::http2::SendRequest<Body>, UpstreamError> {
         let unavailable = UpstreamError::Connect;
-        let dial = self.pool.h2_dial_lock(key);
+        let dial = self.pool.get().h2_dial_lock(key);
         let _dialing = dial.lock().await;
-        if let Some(s) = self.pool.h2(key, Instant::now()) {
+        if let Some(s) = self.pool.get().h2(key, Instant::now()) {
             return Ok(s);
         }
         let tunnel = self.tunnel_to(ep, port, trace).await.map_err(unavailable)?;
@@ -718,6 +723,7 @@ impl Waypoint {
         .map_err(|e| unavailable(e.to_string()))?;
         tokio::spawn(conn);
         self.pool
+            .get()
             .set_h2(key.clone(), sender.clone(), Instant::now());
         Ok(sender)
     }
@@ -746,7 +752,7 @@ impl Waypoint {
         key: EndpointKey,
         mut sender: hyper::client::conn::http1::SendRequest<Body>,
     ) {
-        let pool = self.pool.clone();
+        let pool = self.pool.get().clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
                 pool.put_h1(key, sender, Instant::now());

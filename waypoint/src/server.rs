@@ -17,10 +17,11 @@
 
 use crate::proxy::{Handler, Waypoint};
 use mesh_proto::type_url;
+use mesh_threads::DataPlane;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
@@ -130,6 +131,9 @@ pub struct ServeConfig {
     /// After shutdown is asked, how long new connections are still accepted (readiness
     /// failing) before the drain starts.
     pub drain_delay: Duration,
+    /// Where connections run: each on one data thread, or, with none, on the runtime that
+    /// accepted it.
+    pub data_plane: DataPlane,
 }
 
 /// How serving ended.
@@ -178,15 +182,27 @@ pub async fn serve(
     let listen = listener.local_addr()?;
     tracing::info!(%listen, "waypoint serving HBONE");
     let handler = Arc::new(Handler(wp.clone()));
-    let tracker = TaskTracker::new();
-    accept_until(&listener, &tracker, &wp, &handler, cfg.cert_wait, shutdown).await;
+    let place = Placement {
+        tracker: TaskTracker::new(),
+        open: cfg
+            .data_plane
+            .handles()
+            .iter()
+            .map(|_| Default::default())
+            .collect(),
+        plane: cfg.data_plane.clone(),
+        wp: wp.clone(),
+        handler,
+        cert_wait: cfg.cert_wait,
+    };
+    accept_until(&listener, &place, shutdown).await;
     // Not ready from now on; still accepting while the endpoints catch up.
     lifecycle.set_draining();
     if !cfg.drain_delay.is_zero() {
         tracing::info!(delay = ?cfg.drain_delay, "not ready; still serving new connections while endpoints are updated");
         let delay = tokio::time::sleep(cfg.drain_delay);
         tokio::pin!(delay);
-        accept_until(&listener, &tracker, &wp, &handler, cfg.cert_wait, delay).await;
+        accept_until(&listener, &place, delay).await;
     }
     // Drain: refuse new connections, GOAWAY and graceful close on the open ones. The
     // connections the kernel has completed but nobody accepted yet would be reset with
@@ -194,24 +210,14 @@ pub async fn serve(
     match listener.into_std() {
         Ok(l) => {
             for (tcp, peer) in accept_queued(&l, MAX_QUEUED) {
-                match tokio::net::TcpStream::from_std(tcp) {
-                    Ok(tcp) => {
-                        tracker.spawn(connection(
-                            wp.clone(),
-                            handler.clone(),
-                            tcp,
-                            peer,
-                            cfg.cert_wait,
-                        ));
-                    }
-                    Err(e) => tracing::warn!(%peer, error = %e, "cannot serve a queued connection"),
-                }
+                place.spawn(tcp, peer);
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot take the queued connections"),
     }
     prefetch.abort();
     wp.shutdown.cancel();
+    let tracker = place.tracker;
     tracker.close();
     tracing::info!(open = tracker.len(), deadline = ?cfg.drain_deadline, "draining");
     match tokio::time::timeout(cfg.drain_deadline, tracker.wait()).await {
@@ -256,14 +262,10 @@ pub fn accept_queued(
     out
 }
 
-/// Accepts connections on `listener`, each served in a task of `tracker`, until `until`
-/// completes.
+/// Accepts connections on `listener`, each served by `place`, until `until` completes.
 async fn accept_until(
     listener: &TcpListener,
-    tracker: &TaskTracker,
-    wp: &Arc<Waypoint>,
-    handler: &Arc<Handler>,
-    cert_wait: Duration,
+    place: &Placement,
     mut until: std::pin::Pin<&mut impl Future<Output = ()>>,
 ) {
     loop {
@@ -280,9 +282,81 @@ async fn accept_until(
                         continue;
                     }
                 };
-                tracker.spawn(connection(wp.clone(), handler.clone(), tcp, peer, cert_wait));
+                // Off this runtime's poller: the connection's thread registers it.
+                match tcp.into_std() {
+                    Ok(tcp) => place.spawn(tcp, peer),
+                    Err(e) => tracing::warn!(%peer, error = %e, "cannot serve a connection"),
+                }
             }
         }
+    }
+}
+
+/// Where each accepted HBONE connection is served, in a task of `tracker`: the data thread
+/// with the fewest open connections. The connection's streams, their requests and the
+/// upstream connections those use then all run on that thread.
+struct Placement {
+    tracker: TaskTracker,
+    plane: DataPlane,
+    /// Open connections per data thread.
+    open: Arc<[AtomicUsize]>,
+    wp: Arc<Waypoint>,
+    handler: Arc<Handler>,
+    cert_wait: Duration,
+}
+
+impl Placement {
+    fn spawn(&self, tcp: std::net::TcpStream, peer: SocketAddr) {
+        let (wp, handler, cert_wait) = (self.wp.clone(), self.handler.clone(), self.cert_wait);
+        let serve = async move {
+            match tokio::net::TcpStream::from_std(tcp) {
+                Ok(tcp) => connection(wp, handler, tcp, peer, cert_wait).await,
+                Err(e) => tracing::warn!(%peer, error = %e, "cannot serve a connection"),
+            }
+        };
+        if self.plane.handles().is_empty() {
+            self.tracker.spawn(serve);
+            return;
+        }
+        let counts: Vec<usize> = self
+            .open
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect();
+        let i = least_loaded(&counts);
+        let open = OpenOn::new(self.open.clone(), i);
+        self.tracker.spawn_on(
+            async move {
+                let _open = open;
+                serve.await
+            },
+            &self.plane.handles()[i],
+        );
+    }
+}
+
+/// The data thread a new connection goes to: the one with the fewest open connections,
+/// the first of those.
+pub fn least_loaded(open: &[usize]) -> usize {
+    (0..open.len()).min_by_key(|&i| open[i]).unwrap_or(0)
+}
+
+/// One open connection counted on its data thread while it lives.
+struct OpenOn {
+    open: Arc<[AtomicUsize]>,
+    thread: usize,
+}
+
+impl OpenOn {
+    fn new(open: Arc<[AtomicUsize]>, thread: usize) -> Self {
+        open[thread].fetch_add(1, Ordering::Relaxed);
+        OpenOn { open, thread }
+    }
+}
+
+impl Drop for OpenOn {
+    fn drop(&mut self) {
+        self.open[self.thread].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -349,6 +423,15 @@ async fn fetch_certificate(wp: Arc<Waypoint>, lifecycle: Arc<Lifecycle>, wait: D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_connection_goes_to_the_thread_with_the_fewest_open() {
+        assert_eq!(least_loaded(&[0, 0]), 0, "ties: the first");
+        assert_eq!(least_loaded(&[1, 0]), 1);
+        assert_eq!(least_loaded(&[3, 1, 2]), 1);
+        assert_eq!(least_loaded(&[2, 5, 2]), 0);
+        assert_eq!(least_loaded(&[7]), 0);
+    }
 
     #[test]
     fn the_accept_queue_is_taken_whole_without_blocking_and_bounded() {

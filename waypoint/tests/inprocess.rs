@@ -10,6 +10,7 @@ use mesh_identity::ca::CertificateAuthority;
 use mesh_identity::{SpiffeId, WorkloadCertificate, generate_csr};
 use mesh_proto::discovery::DeltaDiscoveryResponse;
 use mesh_proto::workload as pb;
+use mesh_threads::{DataPlane, PerThread};
 use mesh_xds::certs::{CertManager, CertSource};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -281,7 +282,7 @@ async fn setup_traced(t: u8, tracer: Arc<mesh_trace::Tracer>) -> Setup {
     });
     let metrics = Arc::new(waypoint::metrics::Metrics::new());
     let wp = new_waypoint(&waypoint_id, &config, certs.clone(), &metrics, tracer);
-    let pool = wp.pool.clone();
+    let pool = wp.pool.get().clone();
     let waypoint_addr = SocketAddr::new(ip(t, 200), 15008);
     let creds = certs.get(&waypoint_id).await.unwrap();
     hbone_server(
@@ -311,11 +312,25 @@ fn new_waypoint(
     metrics: &Arc<waypoint::metrics::Metrics>,
     tracer: Arc<mesh_trace::Tracer>,
 ) -> Arc<Waypoint> {
+    new_waypoint_on(&DataPlane::inline(), id, config, certs, metrics, tracer)
+}
+
+/// A waypoint with an upstream pool per data thread of `plane`, as in production.
+fn new_waypoint_on(
+    plane: &DataPlane,
+    id: &SpiffeId,
+    config: &Arc<ConfigStore>,
+    certs: Arc<CertManager>,
+    metrics: &Arc<waypoint::metrics::Metrics>,
+    tracer: Arc<mesh_trace::Tracer>,
+) -> Arc<Waypoint> {
     Arc::new(Waypoint {
         identity: id.clone(),
         config: config.clone(),
         certs,
-        client: hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default()),
+        client: PerThread::new(plane, || {
+            hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default())
+        }),
         metrics: metrics.clone(),
         budget: Default::default(),
         balancer: Arc::new(waypoint::balancer::Balancer::new(
@@ -324,7 +339,7 @@ fn new_waypoint(
                 ..Default::default()
             },
         )),
-        pool: Default::default(),
+        pool: PerThread::new(plane, Default::default),
         normalization: Default::default(),
         shutdown: CancellationToken::new(),
         idle_grace: waypoint::in_flight::IDLE_GRACE,
@@ -388,13 +403,23 @@ impl Setup {
         waypoint: SocketAddr,
         vip: IpAddr,
     ) -> Result<hbone::Established, hbone::ConnectError> {
+        self.connect_with(&self.client, waypoint, vip).await
+    }
+
+    /// As [`Setup::connect_via`], over `client`'s HBONE connections.
+    async fn connect_with(
+        &self,
+        client: &hbone::Client,
+        waypoint: SocketAddr,
+        vip: IpAddr,
+    ) -> Result<hbone::Established, hbone::ConnectError> {
         let key = hbone::PoolKey::new(
             self.client_cert.identity().clone(),
             vec![self.waypoint_id.clone()],
             waypoint,
             None,
         );
-        self.client
+        client
             .connect(
                 &key,
                 &self.client_cert,
@@ -414,20 +439,25 @@ impl Setup {
         vip: IpAddr,
         path: &str,
     ) -> (u16, String, http::HeaderMap) {
-        let io = hyper_util::rt::TokioIo::new(self.tunnel_via(waypoint, vip).await);
-        let (mut s, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
-        tokio::spawn(c);
-        let req = http::Request::get(path)
-            .header("host", "api.shop.svc.cluster.local")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let resp = s.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes())
-            .into_owned();
-        (status, body, headers)
+        get_on(self.tunnel_via(waypoint, vip).await, path).await
     }
+}
+
+/// One HTTP/1.1 request over `tunnel`: (status, body, headers).
+async fn get_on(tunnel: hbone::Tunnel, path: &str) -> (u16, String, http::HeaderMap) {
+    let io = hyper_util::rt::TokioIo::new(tunnel);
+    let (mut s, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(c);
+    let req = http::Request::get(path)
+        .header("host", "api.shop.svc.cluster.local")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body =
+        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    (status, body, headers)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -591,6 +621,69 @@ async fn a_request_no_rule_matches_gets_404() {
             .lines()
             .any(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"404\"")),
         "counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_hbone_connection_runs_on_the_least_loaded_data_thread_with_that_threads_pool() {
+    let s = setup(24).await;
+    let plane = DataPlane::start("test-waypoint-data", 2).unwrap();
+    let wp = new_waypoint_on(
+        &plane,
+        &s.waypoint_id,
+        &s.config,
+        s.certs.clone(),
+        &s.metrics,
+        mesh_trace::Tracer::disabled(),
+    );
+    let lifecycle = synced();
+    let listen = SocketAddr::new(ip(24, 201), 15008);
+    tokio::spawn(waypoint::server::serve(
+        wp.clone(),
+        lifecycle.clone(),
+        ServeConfig {
+            listen,
+            cert_wait: Duration::from_secs(2),
+            drain_deadline: Duration::from_secs(1),
+            drain_delay: Duration::ZERO,
+            data_plane: plane,
+        },
+        std::future::pending(),
+    ));
+    wait_for(|| lifecycle.ready()).await;
+    let pools = wp.pool.all();
+    let idle = |thread: usize| pools[thread].held().0;
+    // The first HBONE connection (kept open by the client's pool) goes to thread 0; its
+    // request's upstream connection is pooled there.
+    let (code, body, _) = s.get_via(listen, ip(24, 101), "/a").await;
+    assert_eq!((code, body.as_str()), (200, "v1 /a"));
+    wait_idle(&pools[0], 1).await;
+    assert_eq!((idle(0), idle(1)), (1, 0));
+    // A second HBONE connection (another client) goes to the thread with fewer: thread 1,
+    // which dials an upstream connection of its own rather than borrow thread 0's.
+    let other = hbone::Client::new(hbone::TcpDialer, hbone::ClientSettings::default());
+    let tunnel = s.connect_with(&other, listen, ip(24, 101)).await.unwrap();
+    let (code, body, _) = get_on(tunnel.tunnel, "/b").await;
+    assert_eq!((code, body.as_str()), (200, "v1 /b"));
+    wait_idle(&pools[1], 1).await;
+    assert_eq!((idle(0), idle(1)), (1, 1));
+    assert_eq!(
+        s.conns[0].load(Ordering::SeqCst),
+        2,
+        "one upstream per thread"
+    );
+    // Each connection's next requests reuse its own thread's upstream connection.
+    for (i, client) in [&s.client, &other].into_iter().enumerate() {
+        let tunnel = s.connect_with(client, listen, ip(24, 101)).await.unwrap();
+        let (code, _, _) = get_on(tunnel.tunnel, "/again").await;
+        assert_eq!(code, 200);
+        wait_idle(&pools[i], 1).await;
+    }
+    assert_eq!((idle(0), idle(1)), (1, 1));
+    assert_eq!(
+        s.conns[0].load(Ordering::SeqCst),
+        2,
+        "reused, each on its thread"
     );
 }
 
@@ -1027,6 +1120,7 @@ async fn not_ready_and_not_listening_until_addresses_routes_and_policies_synced(
             cert_wait: Duration::from_secs(2),
             drain_deadline: Duration::from_secs(2),
             drain_delay: Duration::ZERO,
+            data_plane: Default::default(),
         },
         async {
             let _ = stopped.await;
@@ -1175,6 +1269,7 @@ async fn a_slow_ca_never_blocks_the_accept_loop() {
             cert_wait: CERT_WAIT,
             drain_deadline: Duration::from_secs(1),
             drain_delay: Duration::ZERO,
+            data_plane: Default::default(),
         },
         std::future::pending(),
     ));
@@ -1216,7 +1311,10 @@ async fn a_slow_ca_never_blocks_the_accept_loop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_within_the_deadline() {
     let s = setup(11).await;
-    let wp = new_waypoint(
+    // On data threads, as in production.
+    let plane = DataPlane::start("test-waypoint-data", 2).unwrap();
+    let wp = new_waypoint_on(
+        &plane,
         &s.waypoint_id,
         &s.config,
         s.certs.clone(),
@@ -1236,6 +1334,7 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
                 cert_wait: Duration::from_secs(2),
                 drain_deadline: Duration::from_secs(5),
                 drain_delay: Duration::ZERO,
+                data_plane: plane,
             },
             async {
                 let _ = stopped.await;
@@ -1343,6 +1442,7 @@ async fn a_connection_accepted_just_before_the_drain_gets_its_first_request_answ
             cert_wait: Duration::from_secs(2),
             drain_deadline: Duration::from_secs(10),
             drain_delay: Duration::ZERO,
+            data_plane: Default::default(),
         },
         async {
             let _ = stopped.await;
@@ -1431,6 +1531,7 @@ async fn a_request_partly_sent_on_an_idle_keep_alive_connection_when_the_drain_s
             cert_wait: Duration::from_secs(2),
             drain_deadline: Duration::from_secs(10),
             drain_delay: Duration::ZERO,
+            data_plane: Default::default(),
         },
         async {
             let _ = stopped.await;
@@ -1496,6 +1597,7 @@ async fn during_the_drain_delay_new_connections_are_served_while_not_ready() {
             drain_deadline: Duration::from_secs(5),
             // Longer than the test: it ends while the delay runs.
             drain_delay: Duration::from_secs(600),
+            data_plane: Default::default(),
         },
         async {
             let _ = stopped.await;
@@ -1539,6 +1641,7 @@ async fn new_connections_are_served_for_the_drain_delay_then_refused_and_the_dra
             cert_wait: Duration::from_secs(2),
             drain_deadline: Duration::from_secs(5),
             drain_delay: DELAY,
+            data_plane: Default::default(),
         },
         async {
             let _ = stopped.await;
@@ -1571,7 +1674,10 @@ async fn new_connections_are_served_for_the_drain_delay_then_refused_and_the_dra
 async fn a_connection_queued_but_not_accepted_when_the_drain_starts_is_not_reset() {
     use tokio::io::AsyncReadExt;
     let s = setup(20).await;
-    let wp = new_waypoint(
+    // On data threads, as in production.
+    let plane = DataPlane::start("test-waypoint-data", 2).unwrap();
+    let wp = new_waypoint_on(
+        &plane,
         &s.waypoint_id,
         &s.config,
         s.certs.clone(),
@@ -1589,6 +1695,7 @@ async fn a_connection_queued_but_not_accepted_when_the_drain_starts_is_not_reset
             cert_wait: Duration::from_secs(2),
             drain_deadline: Duration::from_millis(500),
             drain_delay: Duration::ZERO,
+            data_plane: plane,
         },
         async {
             let _ = stopped.await;
@@ -1630,7 +1737,10 @@ async fn a_connection_queued_but_not_accepted_when_the_drain_starts_is_not_reset
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_deadline_bounds_the_exit() {
     let s = setup(12).await;
-    let wp = new_waypoint(
+    // On data threads, as in production.
+    let plane = DataPlane::start("test-waypoint-data", 2).unwrap();
+    let wp = new_waypoint_on(
+        &plane,
         &s.waypoint_id,
         &s.config,
         s.certs.clone(),
@@ -1648,6 +1758,7 @@ async fn the_drain_deadline_bounds_the_exit() {
             cert_wait: Duration::from_secs(2),
             drain_deadline: Duration::from_millis(500),
             drain_delay: Duration::ZERO,
+            data_plane: plane,
         },
         async {
             let _ = stopped.await;

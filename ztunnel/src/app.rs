@@ -169,7 +169,7 @@ pub async fn run(cfg: Config, log_reload: LogReload) -> Result<(), String> {
             Arc::new(settings)
         }),
         tracer,
-        data_plane: crate::dataplane::DataPlane::start(cfg.worker_threads)
+        data_plane: mesh_threads::DataPlane::start("ztunnel-data", cfg.worker_threads)
             .map_err(|e| format!("cannot start the data threads: {e}"))?,
     });
     let manager = WorkloadManager::new(ctx.clone(), drain.clone(), cfg.drain_deadline);

@@ -5,7 +5,6 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod config_dump;
-pub mod dataplane;
 pub mod dns;
 pub mod drain;
 pub mod handover;

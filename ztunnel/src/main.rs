@@ -19,7 +19,7 @@ fn main() {
     tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting ztunnel");
     raise_open_files_limit();
     // Control work (xDS, certificates, DNS, admin) runs on this thread; connections run on
-    // `--worker-threads` data threads of their own (see `dataplane`).
+    // `--worker-threads` data threads of their own (see `mesh_threads`).
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -176,7 +176,7 @@ impl PodDns {
             let (d, drain) = (dns.clone(), drain.clone());
             let stop = drain.stop_accepting();
             // DNS over TCP is rare: it stays on this (the control) runtime.
-            let here = crate::dataplane::DataPlane::inline();
+            let here = mesh_threads::DataPlane::inline();
             let spawned = spawn_accept_loop(listener, limit, stop, &here, move |s| {
                 // Counted from accept like every connection, so a handed-over or
                 // draining ztunnel does not exit under it.
@@ -441,7 +441,7 @@ mod tests {
             max_connections_per_listener: 16,
             dns: None,
             tracer: mesh_trace::Tracer::disabled(),
-            data_plane: crate::dataplane::DataPlane::inline(),
+            data_plane: mesh_threads::DataPlane::inline(),
         })
     }
 

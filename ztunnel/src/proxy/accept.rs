@@ -6,8 +6,8 @@
 //! first: closing a listener resets what is still in its queue, unless the kernel can
 //! migrate it (`net.ipv4.tcp_migrate_req`, which needs a writable /proc/sys).
 
-use crate::dataplane::DataPlane;
 use futures_util::FutureExt;
+use mesh_threads::DataPlane;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -277,7 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn with_data_threads_connections_are_served_on_them_and_stop_closes_every_copy() {
-        let plane = DataPlane::start(2).unwrap();
+        let plane = DataPlane::start("ztunnel-data", 2).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();

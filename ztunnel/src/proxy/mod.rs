@@ -48,7 +48,7 @@ pub struct NodeContext {
     /// Connection spans, when an OTLP collector is configured (off: a disabled tracer).
     pub tracer: Arc<mesh_trace::Tracer>,
     /// The threads connections run on.
-    pub data_plane: crate::dataplane::DataPlane,
+    pub data_plane: mesh_threads::DataPlane,
 }
 
 /// The pod as the node agent described it.
@@ -67,7 +67,7 @@ pub struct PodProxy {
     ctx: Arc<NodeContext>,
     /// One HBONE pool per data thread, so a connection's tunnel rides an HTTP/2
     /// connection driven on its own thread.
-    clients: Box<[hbone::Client<NetnsDialer>]>,
+    clients: mesh_threads::PerThread<hbone::Client<NetnsDialer>>,
 }
 
 impl PodProxy {
@@ -91,16 +91,14 @@ impl PodProxy {
         let outbound = ReadyListener::new(outbound, plane)?;
         let plaintext = ReadyListener::new(plaintext, plane)?;
         let hbone_listener = ReadyListener::new(hbone_listener, plane)?;
-        let clients = (0..ctx.data_plane.width())
-            .map(|_| {
-                hbone::Client::new(
-                    NetnsDialer {
-                        netns: netns.clone(),
-                    },
-                    hbone::ClientSettings::default(),
-                )
-            })
-            .collect();
+        let clients = mesh_threads::PerThread::new(&ctx.data_plane, || {
+            hbone::Client::new(
+                NetnsDialer {
+                    netns: netns.clone(),
+                },
+                hbone::ClientSettings::default(),
+            )
+        });
         let proxy = Arc::new(PodProxy {
             clients,
             info,
@@ -163,7 +161,7 @@ impl PodProxy {
 
     /// This data thread's HBONE pool.
     fn client(&self) -> &hbone::Client<NetnsDialer> {
-        &self.clients[crate::dataplane::DataPlane::current() % self.clients.len()]
+        self.clients.get()
     }
 
     fn fallback_identity(&self) -> Option<SpiffeId> {
