@@ -72,7 +72,8 @@ struct Args {
     /// Requests in flight per destination service before new ones get 503.
     #[arg(long, default_value_t = 4096)]
     max_requests_per_service: usize,
-    /// Idle HTTP/1.1 connections kept open per endpoint, on each data thread, for reuse.
+    /// Idle HTTP/1.1 connections kept open per endpoint, on each data thread, for reuse
+    /// (each data thread also has its own HTTP/2 and HBONE connections to an endpoint).
     #[arg(long, default_value_t = 32)]
     max_idle_per_endpoint: usize,
     /// Idle upstream connections are closed after this many seconds.
@@ -146,8 +147,11 @@ fn main() {
             std::process::exit(1);
         }
     };
-    // Control work only: the data path runs on `data_plane`.
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Control work only: the data path runs on `data_plane`. The accept loop runs on this
+    // thread (`block_on`), xDS, certificates and admin on the one worker, so a long
+    // configuration push never holds up new connections.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .expect("tokio runtime");

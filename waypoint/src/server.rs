@@ -157,6 +157,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<Stopped> {
     tokio::pin!(shutdown);
+    let width = cfg.data_plane.width();
+    if wp.pool.all().len() != width || wp.client.all().len() != width {
+        // Pools shared between threads would wake each other's connections on every byte.
+        return Err(std::io::Error::other(format!(
+            "the waypoint's upstream pools ({}, {}) do not match its {width} data threads",
+            wp.pool.all().len(),
+            wp.client.all().len()
+        )));
+    }
     let prefetch = tokio::spawn(fetch_certificate(
         wp.clone(),
         lifecycle.clone(),
@@ -431,6 +440,23 @@ mod tests {
         assert_eq!(least_loaded(&[3, 1, 2]), 1);
         assert_eq!(least_loaded(&[2, 5, 2]), 0);
         assert_eq!(least_loaded(&[7]), 0);
+    }
+
+    #[test]
+    fn a_connection_counts_on_its_thread_while_it_lives() {
+        let open: Arc<[AtomicUsize]> = (0..2).map(|_| AtomicUsize::new(0)).collect();
+        let count = || {
+            open.iter()
+                .map(|n| n.load(Ordering::Relaxed))
+                .collect::<Vec<_>>()
+        };
+        let a = OpenOn::new(open.clone(), 1);
+        let b = OpenOn::new(open.clone(), 1);
+        assert_eq!(count(), [0, 2]);
+        drop(a);
+        assert_eq!(count(), [0, 1]);
+        drop(b);
+        assert_eq!(count(), [0, 0]);
     }
 
     #[test]

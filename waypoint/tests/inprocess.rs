@@ -654,8 +654,17 @@ async fn each_hbone_connection_runs_on_the_least_loaded_data_thread_with_that_th
     let pools = wp.pool.all();
     let idle = |thread: usize| pools[thread].held().0;
     // The first HBONE connection (kept open by the client's pool) goes to thread 0; its
-    // request's upstream connection is pooled there.
-    let (code, body, _) = s.get_via(listen, ip(24, 101), "/a").await;
+    // request's upstream connection is pooled there. Ready may come just before the
+    // listener is bound (a refused attempt reaches no thread).
+    let mut first = s.connect_via(listen, ip(24, 101)).await;
+    for _ in 0..100 {
+        if first.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        first = s.connect_via(listen, ip(24, 101)).await;
+    }
+    let (code, body, _) = get_on(first.unwrap().tunnel, "/a").await;
     assert_eq!((code, body.as_str()), (200, "v1 /a"));
     wait_idle(&pools[0], 1).await;
     assert_eq!((idle(0), idle(1)), (1, 0));
@@ -684,6 +693,39 @@ async fn each_hbone_connection_runs_on_the_least_loaded_data_thread_with_that_th
         s.conns[0].load(Ordering::SeqCst),
         2,
         "reused, each on its thread"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_that_do_not_match_the_data_threads_are_refused_at_start() {
+    let s = setup(25).await;
+    // One pool for two threads: their connections would wake each other.
+    let wp = new_waypoint(
+        &s.waypoint_id,
+        &s.config,
+        s.certs.clone(),
+        &s.metrics,
+        mesh_trace::Tracer::disabled(),
+    );
+    let served = waypoint::server::serve(
+        wp,
+        synced(),
+        ServeConfig {
+            listen: SocketAddr::new(ip(25, 201), 15008),
+            cert_wait: Duration::from_secs(2),
+            drain_deadline: Duration::from_secs(1),
+            drain_delay: Duration::ZERO,
+            data_plane: DataPlane::start("test-waypoint-data", 2).unwrap(),
+        },
+        std::future::pending(),
+    );
+    let e = tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("refused at once")
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("do not match its 2 data threads"),
+        "{e}"
     );
 }
 
