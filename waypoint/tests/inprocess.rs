@@ -348,6 +348,24 @@ fn new_waypoint_on(
 }
 
 impl Setup {
+    /// A waypoint of this set-up's identity, configuration and certificates, untraced,
+    /// without data threads.
+    fn waypoint(&self) -> Arc<Waypoint> {
+        self.waypoint_on(&DataPlane::inline())
+    }
+
+    /// [`Setup::waypoint`] with an upstream pool per data thread of `plane`.
+    fn waypoint_on(&self, plane: &DataPlane) -> Arc<Waypoint> {
+        new_waypoint_on(
+            plane,
+            &self.waypoint_id,
+            &self.config,
+            self.certs.clone(),
+            &self.metrics,
+            mesh_trace::Tracer::disabled(),
+        )
+    }
+
     fn route(&self, json: &str) {
         self.route_with_faults(json, serde_json::json!({}));
     }
@@ -628,14 +646,7 @@ async fn a_request_no_rule_matches_gets_404() {
 async fn each_hbone_connection_runs_on_the_least_loaded_data_thread_with_that_threads_pool() {
     let s = setup(24).await;
     let plane = DataPlane::start("test-waypoint-data", 2).unwrap();
-    let wp = new_waypoint_on(
-        &plane,
-        &s.waypoint_id,
-        &s.config,
-        s.certs.clone(),
-        &s.metrics,
-        mesh_trace::Tracer::disabled(),
-    );
+    let wp = s.waypoint_on(&plane);
     let lifecycle = synced();
     let listen = SocketAddr::new(ip(24, 201), 15008);
     tokio::spawn(waypoint::server::serve(
@@ -700,13 +711,7 @@ async fn each_hbone_connection_runs_on_the_least_loaded_data_thread_with_that_th
 async fn pools_that_do_not_match_the_data_threads_are_refused_at_start() {
     let s = setup(25).await;
     // One pool for two threads: their connections would wake each other.
-    let wp = new_waypoint(
-        &s.waypoint_id,
-        &s.config,
-        s.certs.clone(),
-        &s.metrics,
-        mesh_trace::Tracer::disabled(),
-    );
+    let wp = s.waypoint();
     let served = waypoint::server::serve(
         wp,
         synced(),
@@ -1355,14 +1360,7 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
     let s = setup(11).await;
     // On data threads, as in production.
     let plane = DataPlane::start("test-waypoint-data", 2).unwrap();
-    let wp = new_waypoint_on(
-        &plane,
-        &s.waypoint_id,
-        &s.config,
-        s.certs.clone(),
-        &s.metrics,
-        mesh_trace::Tracer::disabled(),
-    );
+    let wp = s.waypoint_on(&plane);
     let lifecycle = synced();
     let admin_at = admin(SocketAddr::new(ip(11, 201), 0), &wp, &lifecycle).await;
     let listen = SocketAddr::new(ip(11, 201), 15008);
@@ -1466,13 +1464,7 @@ async fn sigterm_drains_in_flight_requests_within_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_accepted_just_before_the_drain_gets_its_first_request_answered() {
     let s = setup(17).await;
-    let wp = new_waypoint(
-        &s.waypoint_id,
-        &s.config,
-        s.certs.clone(),
-        &s.metrics,
-        mesh_trace::Tracer::disabled(),
-    );
+    let wp = s.waypoint();
     let lifecycle = synced();
     let listen = SocketAddr::new(ip(17, 201), 15008);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1555,13 +1547,7 @@ async fn a_request_partly_sent_on_an_idle_keep_alive_connection_when_the_drain_s
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = setup(23).await;
-    let wp = new_waypoint(
-        &s.waypoint_id,
-        &s.config,
-        s.certs.clone(),
-        &s.metrics,
-        mesh_trace::Tracer::disabled(),
-    );
+    let wp = s.waypoint();
     let lifecycle = synced();
     let listen = SocketAddr::new(ip(23, 201), 15008);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1619,13 +1605,7 @@ async fn a_request_partly_sent_on_an_idle_keep_alive_connection_when_the_drain_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_the_drain_delay_new_connections_are_served_while_not_ready() {
     let s = setup(16).await;
-    let wp = new_waypoint(
-        &s.waypoint_id,
-        &s.config,
-        s.certs.clone(),
-        &s.metrics,
-        mesh_trace::Tracer::disabled(),
-    );
+    let wp = s.waypoint();
     let lifecycle = synced();
     let admin_at = admin(SocketAddr::new(ip(16, 201), 0), &wp, &lifecycle).await;
     let listen = SocketAddr::new(ip(16, 201), 15008);
@@ -1664,13 +1644,7 @@ async fn during_the_drain_delay_new_connections_are_served_while_not_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_connections_are_served_for_the_drain_delay_then_refused_and_the_drain_ends() {
     let s = setup(19).await;
-    let wp = new_waypoint(
-        &s.waypoint_id,
-        &s.config,
-        s.certs.clone(),
-        &s.metrics,
-        mesh_trace::Tracer::disabled(),
-    );
+    let wp = s.waypoint();
     let lifecycle = synced();
     let listen = SocketAddr::new(ip(19, 201), 15008);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1718,14 +1692,7 @@ async fn a_connection_queued_but_not_accepted_when_the_drain_starts_is_not_reset
     let s = setup(20).await;
     // On data threads, as in production.
     let plane = DataPlane::start("test-waypoint-data", 2).unwrap();
-    let wp = new_waypoint_on(
-        &plane,
-        &s.waypoint_id,
-        &s.config,
-        s.certs.clone(),
-        &s.metrics,
-        mesh_trace::Tracer::disabled(),
-    );
+    let wp = s.waypoint_on(&plane);
     let lifecycle = synced();
     let listen = SocketAddr::new(ip(20, 201), 15008);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1781,14 +1748,7 @@ async fn the_drain_deadline_bounds_the_exit() {
     let s = setup(12).await;
     // On data threads, as in production.
     let plane = DataPlane::start("test-waypoint-data", 2).unwrap();
-    let wp = new_waypoint_on(
-        &plane,
-        &s.waypoint_id,
-        &s.config,
-        s.certs.clone(),
-        &s.metrics,
-        mesh_trace::Tracer::disabled(),
-    );
+    let wp = s.waypoint_on(&plane);
     let lifecycle = synced();
     let listen = SocketAddr::new(ip(12, 201), 15008);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
