@@ -83,7 +83,8 @@ struct Args {
     log_level: String,
     /// Data threads: each HBONE connection, its requests and the upstream connections they
     /// use run on one of them, a single-threaded runtime of its own (the one with the
-    /// fewest connections when it is accepted); xDS and admin run on the main thread.
+    /// fewest connections when it is accepted); the accept loop, xDS and admin run on
+    /// threads of their own.
     #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: u16,
