@@ -165,31 +165,30 @@ impl<D: Dialer> Client<D> {
                 want: key.src_id.to_string(),
             });
         }
-        let key = Arc::new(key.clone());
         let s = &self.inner.settings;
         // Getting a connection (waiting for another caller's attempt included) never takes
         // longer than making one would.
         let deadline = tokio::time::Instant::now() + s.connect_timeout + s.h2.handshake_timeout;
         // A pooled connection may turn out to be going away; then try the next one.
         for _ in 0..4 {
-            let checkout = self.inner.book.lock().expect("pool lock").checkout(&key);
-            let (id, sender) = match checkout {
+            let checkout = self.inner.book.lock().expect("pool lock").checkout(key);
+            let (id, sender, pooled) = match checkout {
                 Some(c) => c,
                 None => {
-                    let gate = self.connect_gate(&key);
+                    let gate = self.connect_gate(key);
                     let _turn = tokio::time::timeout_at(deadline, gate.lock())
                         .await
                         .map_err(|_| ConnectError::PoolTimeout(key.dst))?;
-                    let again = self.inner.book.lock().expect("pool lock").checkout(&key);
+                    let again = self.inner.book.lock().expect("pool lock").checkout(key);
                     match again {
                         Some(c) => c,
-                        None => self.new_connection(&key, cert, deadline).await?,
+                        None => self.new_connection(key, cert, deadline).await?,
                     }
                 }
             };
-            match self.open_stream(&key, id, sender, req).await {
+            match self.open_stream(pooled, id, sender, req).await {
                 Err(StreamError::ConnectionGone) => {
-                    self.inner.book.lock().expect("pool lock").evict(&key, id);
+                    self.inner.book.lock().expect("pool lock").evict(key, id);
                     continue;
                 }
                 Err(StreamError::Failed(e)) => return Err(e),
@@ -210,10 +209,11 @@ impl<D: Dialer> Client<D> {
 
     async fn new_connection(
         &self,
-        key: &Arc<PoolKey>,
+        key: &PoolKey,
         cert: &WorkloadCertificate,
         deadline: tokio::time::Instant,
-    ) -> Result<(ConnId, SendRequest<Bytes>), ConnectError> {
+    ) -> Result<(ConnId, SendRequest<Bytes>, Arc<PoolKey>), ConnectError> {
+        let key = Arc::new(key.clone());
         let s = &self.inner.settings;
         let dial_by = deadline.min(tokio::time::Instant::now() + s.connect_timeout);
         let tcp = tokio::time::timeout_at(dial_by, self.inner.dialer.dial(key.dst, key.src_ip))
@@ -283,25 +283,28 @@ impl<D: Dialer> Client<D> {
         let limit = sender
             .current_max_send_streams()
             .min(s.h2.max_concurrent_streams as usize);
-        let id = self.inner.book.lock().expect("pool lock").insert(
-            (**key).clone(),
-            sender.clone(),
-            limit,
-        );
+        let id =
+            self.inner
+                .book
+                .lock()
+                .expect("pool lock")
+                .insert(key.clone(), sender.clone(), limit);
         let _ = id_slot.set(id);
-        Ok((id, sender))
+        Ok((id, sender, key))
     }
 
+    /// `key` is the one the connection is pooled under: the stream's release keeps it,
+    /// shared, for as long as the stream is open.
     async fn open_stream(
         &self,
-        key: &Arc<PoolKey>,
+        key: Arc<PoolKey>,
         id: ConnId,
         sender: SendRequest<Bytes>,
         req: &ConnectRequest,
     ) -> Result<Established, StreamError> {
+        let dst = key.dst;
         let release = {
             let weak: Weak<Inner<D>> = Arc::downgrade(&self.inner);
-            let key = key.clone();
             move || {
                 if let Some(inner) = weak.upgrade() {
                     inner
@@ -315,7 +318,7 @@ impl<D: Dialer> Client<D> {
         let mut guard = ReleaseOnDrop(Some(Box::new(release)));
         // A free stream slot and the server's answer: both within the response timeout.
         let answer_by = tokio::time::Instant::now() + self.inner.settings.response_timeout;
-        let timed_out = || StreamError::Failed(ConnectError::ResponseTimeout(key.dst));
+        let timed_out = || StreamError::Failed(ConnectError::ResponseTimeout(dst));
         let mut sender = tokio::time::timeout_at(answer_by, sender.ready())
             .await
             .map_err(|_| timed_out())?

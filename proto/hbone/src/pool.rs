@@ -4,6 +4,7 @@
 use mesh_identity::SpiffeId;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Connections are shared only between requests that agree on all four.
@@ -42,6 +43,9 @@ pub type ConnId = u64;
 #[derive(Debug)]
 struct Entry<C> {
     id: ConnId,
+    /// The key this connection is pooled under, shared with its streams (they give their
+    /// slot back by it) rather than copied for each.
+    key: Arc<PoolKey>,
     conn: C,
     active: usize,
     limit: usize,
@@ -51,7 +55,7 @@ struct Entry<C> {
 /// The pool's ledger. `C` is the connection handle (an h2 `SendRequest` in the client).
 #[derive(Debug)]
 pub struct PoolBook<C> {
-    conns: HashMap<PoolKey, Vec<Entry<C>>>,
+    conns: HashMap<Arc<PoolKey>, Vec<Entry<C>>>,
     next_id: ConnId,
     idle_timeout: Duration,
 }
@@ -65,8 +69,9 @@ impl<C: Clone> PoolBook<C> {
         }
     }
 
-    /// Takes a stream slot on an existing connection with room, if any.
-    pub fn checkout(&mut self, key: &PoolKey) -> Option<(ConnId, C)> {
+    /// Takes a stream slot on an existing connection with room, if any, with the key that
+    /// connection is pooled under (shared: a stream gives its slot back by it).
+    pub fn checkout(&mut self, key: &PoolKey) -> Option<(ConnId, C, Arc<PoolKey>)> {
         let entries = self.conns.get_mut(key)?;
         // Prefer the busiest connection with room, so idle ones can age out.
         let e = entries
@@ -75,15 +80,16 @@ impl<C: Clone> PoolBook<C> {
             .max_by_key(|e| e.active)?;
         e.active += 1;
         e.idle_since = None;
-        Some((e.id, e.conn.clone()))
+        Some((e.id, e.conn.clone(), e.key.clone()))
     }
 
     /// Records a new connection with one stream already taken.
-    pub fn insert(&mut self, key: PoolKey, conn: C, limit: usize) -> ConnId {
+    pub fn insert(&mut self, key: Arc<PoolKey>, conn: C, limit: usize) -> ConnId {
         let id = self.next_id;
         self.next_id += 1;
-        self.conns.entry(key).or_default().push(Entry {
+        self.conns.entry(key.clone()).or_default().push(Entry {
             id,
+            key,
             conn,
             active: 1,
             limit: limit.max(1),
@@ -181,14 +187,17 @@ mod tests {
         let mut book = PoolBook::new(Duration::from_secs(300));
         let k = key(15008);
         assert!(book.checkout(&k).is_none(), "empty pool: caller must open");
-        let c1 = book.insert(k.clone(), "c1", 3);
+        let c1 = book.insert(Arc::new(k.clone()), "c1", 3);
         assert_eq!(book.checkout(&k).unwrap().1, "c1");
         assert_eq!(book.checkout(&k).unwrap().1, "c1");
         assert!(book.checkout(&k).is_none(), "c1 is at its limit of 3");
-        let c2 = book.insert(k.clone(), "c2", 3);
+        let c2 = book.insert(Arc::new(k.clone()), "c2", 3);
         assert_eq!(book.streams(&k), vec![3, 1]);
         // Busiest-with-room first: c2 now.
-        assert_eq!(book.checkout(&k).unwrap(), (c2, "c2"));
+        assert_eq!(
+            book.checkout(&k).map(|(id, c, _)| (id, c)),
+            Some((c2, "c2"))
+        );
         book.release(&k, c1, Instant::now());
         // c1 has room again and is busier than c2 (2 vs 2 → either); both are valid.
         assert!(book.checkout(&k).is_some());
@@ -197,10 +206,25 @@ mod tests {
     }
 
     #[test]
+    fn streams_share_their_connections_key() {
+        let mut book = PoolBook::new(Duration::from_secs(300));
+        let k = key(15008);
+        let pooled = Arc::new(k.clone());
+        book.insert(pooled.clone(), "c1", 10);
+        for _ in 0..3 {
+            let (_, _, shared) = book.checkout(&k).unwrap();
+            assert!(
+                Arc::ptr_eq(&shared, &pooled),
+                "a copy of the key per stream"
+            );
+        }
+    }
+
+    #[test]
     fn evicted_connections_are_never_reused() {
         let mut book = PoolBook::new(Duration::from_secs(300));
         let k = key(15008);
-        let c1 = book.insert(k.clone(), "c1", 100);
+        let c1 = book.insert(Arc::new(k.clone()), "c1", 100);
         assert_eq!(book.evict(&k, c1), Some("c1"));
         assert!(book.checkout(&k).is_none());
         assert_eq!(book.connections(), 0);
@@ -212,8 +236,8 @@ mod tests {
         let mut book = PoolBook::new(Duration::from_secs(300));
         let k = key(15008);
         let t0 = Instant::now();
-        let idle = book.insert(k.clone(), "idle", 10);
-        let _busy = book.insert(k.clone(), "busy", 10);
+        let idle = book.insert(Arc::new(k.clone()), "idle", 10);
+        let _busy = book.insert(Arc::new(k.clone()), "busy", 10);
         book.release(&k, idle, t0);
         assert!(book.expire_idle(t0 + Duration::from_secs(299)).is_empty());
         assert_eq!(
@@ -222,7 +246,7 @@ mod tests {
         );
         assert_eq!(book.connections(), 1);
         // Reuse clears the idle clock.
-        let (id, _) = book.checkout(&k).unwrap();
+        let (id, _, _) = book.checkout(&k).unwrap();
         book.release(&k, id, t0);
         book.checkout(&k).unwrap();
         assert!(book.expire_idle(t0 + Duration::from_secs(1000)).is_empty());
