@@ -1,7 +1,7 @@
 //! One tunnelled TCP connection: an HTTP/2 stream pair, usable as `AsyncRead + AsyncWrite`
 //! or, on the hot path, copied to and from a `TcpStream` without intermediate copies.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
 use std::future::poll_fn;
 use std::io;
@@ -11,12 +11,8 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Read sizes on the TCP side: a read that fills its buffer doubles the next one, up to
-/// the maximum, so bulk transfers read large while request/response traffic does not
-/// allocate (and touch) large buffers for a few hundred bytes. Buffers are only
-/// allocated once the socket is readable, so idle tunnels hold none.
-const READ_CHUNK_MIN: usize = 16 * 1024;
-const READ_CHUNK: usize = 128 * 1024;
+mod copy;
+pub use copy::TunnelCopy;
 
 /// Called once when the stream is finished (returns its slot to the pool).
 pub(crate) type OnDrop = Box<dyn FnOnce() + Send + Sync>;
@@ -269,154 +265,26 @@ impl Tunnel {
     }
 
     /// [`Self::copy_with_tcp`], counting into `progress` as bytes are handed on.
-    pub async fn copy_with_tcp_counted(
+    pub fn copy_with_tcp_counted<'a>(
         self,
-        tcp: &TcpStream,
-        progress: &CopyProgress,
-    ) -> Result<CopyStats, CopyError> {
+        tcp: &'a TcpStream,
+        progress: &'a CopyProgress,
+    ) -> TunnelCopy<'a, std::future::Pending<io::Error>> {
         self.copy_with_tcp_until(tcp, progress, std::future::pending())
-            .await
     }
 
     /// [`Self::copy_with_tcp_counted`], aborted as a failure when `stop` completes
     /// (drain, policy): both ends then see a failure (RST_STREAM(CONNECT_ERROR), TCP RST)
-    /// rather than a silently dropped stream, and the copy returns `stop`'s error.
-    pub async fn copy_with_tcp_until(
-        mut self,
-        tcp: &TcpStream,
-        progress: &CopyProgress,
-        stop: impl Future<Output = io::Error>,
-    ) -> Result<CopyStats, CopyError> {
-        // Pinned here and passed by reference (as are the two directions below): a future
-        // moved into a callee or a `select!` is kept again in the task, for as long as an
-        // idle tunnel lives.
-        let stop = std::pin::pin!(stop);
-        let error = match self.copy_both_ways(tcp, progress, stop).await {
-            Ok(()) => {
-                self.read_eof = true;
-                return Ok(progress.stats());
-            }
-            Err(e) => e,
-        };
-        // RFC 9113 §8.5: a failed tunnel is CONNECT_ERROR on the stream, RST on the TCP side.
-        self.reset();
-        let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
-        Err(CopyError {
-            error,
-            stats: progress.stats(),
-        })
+    /// rather than a silently dropped stream, and the copy returns `stop`'s error. `stop`
+    /// is pinned by the caller (`std::pin::pin!`), so the copy does not keep a second one.
+    pub fn copy_with_tcp_until<'a, S: Future<Output = io::Error> + Unpin>(
+        self,
+        tcp: &'a TcpStream,
+        progress: &'a CopyProgress,
+        stop: S,
+    ) -> TunnelCopy<'a, S> {
+        TunnelCopy::new(self, tcp, progress, stop)
     }
-
-    /// Both directions of the copy; `Ok` only for an end [`classify_end`] calls clean.
-    async fn copy_both_ways(
-        &mut self,
-        tcp: &TcpStream,
-        progress: &CopyProgress,
-        stop: Pin<&mut impl Future<Output = io::Error>>,
-    ) -> io::Result<()> {
-        let Tunnel {
-            send,
-            recv,
-            pending,
-            write_closed,
-            ..
-        } = self;
-        let pending = std::mem::take(pending);
-        let recv = recv.as_mut().expect("taken only on drop");
-        let upload = async {
-            let mut chunk = READ_CHUNK_MIN;
-            loop {
-                tcp.readable().await?;
-                let mut buf = BytesMut::with_capacity(chunk);
-                match tcp.try_read_buf(&mut buf) {
-                    Ok(0) => {
-                        // Everything we had is handed over. A peer that already reset
-                        // the stream is judged once the download has ended too.
-                        return match finish_send(send, write_closed) {
-                            Ok(()) => Ok::<_, io::Error>(None),
-                            Err(e) => {
-                                match poll_fn(|cx| Poll::Ready(peer_reset_now(send, cx))).await {
-                                    Some(reason) => Ok(Some(reason)),
-                                    None => Err(e),
-                                }
-                            }
-                        };
-                    }
-                    Ok(n) => {
-                        if n == chunk {
-                            chunk = (chunk * 2).min(READ_CHUNK);
-                        }
-                        send_all(send, buf.freeze(), &progress.sent).await?;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-        };
-        let download = async {
-            if !pending.is_empty() {
-                write_all(tcp, &pending).await?;
-                progress
-                    .received
-                    .fetch_add(pending.len() as u64, Ordering::Relaxed);
-            }
-            // h2 (0.4.20) keeps a received END_STREAM when a reset follows it, so an error
-            // here means the peer's data ended without END_STREAM: a reset of any reason
-            // before it is a broken transfer, never passed on as FIN.
-            while let Some(chunk) = poll_fn(|cx| recv.poll_data(cx)).await {
-                let chunk = chunk.map_err(h2_io_error)?;
-                write_all(tcp, &chunk).await?;
-                progress
-                    .received
-                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                let _ = recv.flow_control().release_capacity(chunk.len());
-            }
-            // The peer half-closed: pass the FIN on.
-            socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write)?;
-            Ok::<_, io::Error>(())
-        };
-        // Each direction runs until its EOF; the first error ends both.
-        let (mut upload, mut download) = (std::pin::pin!(upload), std::pin::pin!(download));
-        let both = async { tokio::try_join!(&mut upload, &mut download) };
-        let (peer_reset, ()) = tokio::select! {
-            r = both => r?,
-            e = stop => return Err(e),
-        };
-        // Both directions reached their EOF; the peer may have reset the stream since.
-        let end = StreamEnd {
-            sent_all: true,
-            received_all: true,
-            peer_reset,
-        };
-        match classify_end(end) {
-            EndKind::Clean => Ok(()),
-            EndKind::Failed => Err(reset_error(peer_reset.unwrap_or(h2::Reason::CONNECT_ERROR))),
-        }
-    }
-}
-
-/// Sends `data` as DATA frames as flow control allows.
-/// Counts each chunk into `sent` once h2 has taken it.
-async fn send_all(
-    send: &mut SendStream<Bytes>,
-    mut data: Bytes,
-    sent: &AtomicU64,
-) -> io::Result<()> {
-    while !data.is_empty() {
-        send.reserve_capacity(data.len());
-        let granted = poll_fn(|cx| send.poll_capacity(cx))
-            .await
-            .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"))?
-            .map_err(h2_io_error)?;
-        if granted == 0 {
-            continue;
-        }
-        let chunk = data.split_to(granted.min(data.len()));
-        let n = chunk.len() as u64;
-        send.send_data(chunk, false).map_err(h2_io_error)?;
-        sent.fetch_add(n, Ordering::Relaxed);
-    }
-    Ok(())
 }
 
 /// Half-closes our direction (END_STREAM), once.
@@ -424,18 +292,6 @@ fn finish_send(send: &mut SendStream<Bytes>, closed: &mut bool) -> io::Result<()
     if !*closed {
         *closed = true;
         send.send_data(Bytes::new(), true).map_err(h2_io_error)?;
-    }
-    Ok(())
-}
-
-async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        tcp.writable().await?;
-        match tcp.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
     }
     Ok(())
 }

@@ -317,7 +317,7 @@ async fn a_stopped_copy_resets_both_ends_and_keeps_the_bytes_moved() {
         };
         let progress = hbone::tunnel::CopyProgress::default();
         est.tunnel
-            .copy_with_tcp_until(&downstream, &progress, stop)
+            .copy_with_tcp_until(&downstream, &progress, std::pin::pin!(stop))
             .await
     });
     let mut c = TcpStream::connect(front_addr).await.unwrap();

@@ -183,7 +183,7 @@ pub(super) async fn copy_inbound(
         }
     };
     let r = tunnel
-        .copy_with_tcp_until(&app, &progress, stopped)
+        .copy_with_tcp_until(&app, &progress, std::pin::pin!(stopped))
         .await
         .map_err(|e| e.error);
     // Seen from the app: what came out of the tunnel was sent to it.

@@ -62,7 +62,7 @@ async fn copy_tunnel(
         io::Error::other("drained")
     };
     let result = tunnel
-        .copy_with_tcp_until(&downstream, &progress, drained)
+        .copy_with_tcp_until(&downstream, &progress, std::pin::pin!(drained))
         .await
         .map_err(|e| e.error);
     finish_with_bytes(rec, result, progress.stats());
