@@ -409,11 +409,14 @@ impl ConnReport {
 }
 
 /// Tracks one connection from open to close; reports on `finish` (or drop, as failed).
+/// The report and the span are boxed: a connection's task carries the recorder for as
+/// long as the connection lives, and in more than one place (its set-up's result, then its
+/// copy), so inline they would be paid several times over (416 bytes each, 24 now).
 pub struct ConnRecorder {
     metrics: Arc<Metrics>,
-    report: ConnReport,
+    report: Box<ConnReport>,
     finished: bool,
-    span: Option<crate::trace::ConnSpan>,
+    span: Option<Box<crate::trace::ConnSpan>>,
 }
 
 /// How a connection ended.
@@ -448,7 +451,7 @@ impl ConnRecorder {
         report.access_log().opened();
         ConnRecorder {
             metrics,
-            report,
+            report: Box::new(report),
             finished: false,
             span: None,
         }
@@ -456,7 +459,7 @@ impl ConnRecorder {
 
     /// The connection's span (tracing on), ended with the connection.
     pub fn traced(mut self, span: Option<crate::trace::ConnSpan>) -> Self {
-        self.span = span;
+        self.span = span.map(Box::new);
         self
     }
 
