@@ -103,17 +103,18 @@ fn start_app(max: usize) -> SocketAddr {
     addr
 }
 
-/// Live heap bytes once they stop changing (frames in flight settle).
+/// Live heap bytes once they stop changing (frames in flight settle): the same for five
+/// readings 100 ms apart, so a slow machine's late frames are not taken for the level.
 async fn settled() -> isize {
     let mut last = LIVE.load(Ordering::Relaxed);
-    loop {
+    let mut same = 0;
+    while same < 5 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let now = LIVE.load(Ordering::Relaxed);
-        if now == last {
-            return now;
-        }
+        same = if now == last { same + 1 } else { 0 };
         last = now;
     }
+    last
 }
 
 #[tokio::test]
