@@ -2,17 +2,33 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// The trust domain used when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 const SCHEME: &str = "spiffe://";
 
-/// A workload identity: one per Kubernetes service account.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpiffeId {
+/// A workload identity: one per Kubernetes service account. Shared, so a clone is a
+/// reference count: every open connection's report and policy record carries its peers'
+/// identities (three strings each when they were copied).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId(Arc<Parts>);
+
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
     trust_domain: String,
     namespace: String,
     service_account: String,
+}
+
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeId")
+            .field("trust_domain", &self.0.trust_domain)
+            .field("namespace", &self.0.namespace)
+            .field("service_account", &self.0.service_account)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -40,7 +56,7 @@ impl SpiffeId {
         namespace: impl Into<String>,
         service_account: impl Into<String>,
     ) -> Result<Self, SpiffeIdError> {
-        let id = SpiffeId {
+        let id = Parts {
             trust_domain: trust_domain.into(),
             namespace: namespace.into(),
             service_account: service_account.into(),
@@ -48,24 +64,24 @@ impl SpiffeId {
         validate_trust_domain(&id.trust_domain)?;
         validate_segment("namespace", &id.namespace)?;
         validate_segment("service account", &id.service_account)?;
-        Ok(id)
+        Ok(SpiffeId(Arc::new(id)))
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.0.trust_domain
     }
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
     }
 
     /// The form AuthorizationPolicy principals use: the URI without `spiffe://`.
     pub fn principal(&self) -> String {
         format!(
             "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
+            self.0.trust_domain, self.0.namespace, self.0.service_account
         )
     }
 }
@@ -75,7 +91,7 @@ impl fmt::Display for SpiffeId {
         write!(
             f,
             "{SCHEME}{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
+            self.0.trust_domain, self.0.namespace, self.0.service_account
         )
     }
 }
@@ -151,6 +167,39 @@ mod tests {
             "spiffe://cluster.local/ns/default/sa/bookinfo"
         );
         assert_eq!(id.principal(), "cluster.local/ns/default/sa/bookinfo");
+    }
+
+    #[test]
+    fn clones_share_and_compare_by_value() {
+        let a: SpiffeId = "spiffe://td/ns/a/sa/b".parse().unwrap();
+        let b = a.clone();
+        assert!(
+            std::ptr::eq(a.service_account(), b.service_account()),
+            "a clone copied the strings"
+        );
+        let parsed_again: SpiffeId = "spiffe://td/ns/a/sa/b".parse().unwrap();
+        assert_eq!(a, parsed_again);
+        let mut ids: Vec<SpiffeId> = [
+            "spiffe://td/ns/b/sa/a",
+            "spiffe://td/ns/a/sa/z",
+            "spiffe://ta/ns/z/sa/z",
+        ]
+        .map(|s| s.parse().unwrap())
+        .into();
+        ids.sort();
+        let sorted: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        assert_eq!(
+            sorted,
+            [
+                "spiffe://ta/ns/z/sa/z",
+                "spiffe://td/ns/a/sa/z",
+                "spiffe://td/ns/b/sa/a"
+            ]
+        );
+        assert_eq!(
+            format!("{a:?}"),
+            r#"SpiffeId { trust_domain: "td", namespace: "a", service_account: "b" }"#
+        );
     }
 
     #[test]
