@@ -6,26 +6,37 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Drain {
     stop_accepting: CancellationToken,
     force_close: CancellationToken,
-    /// Open connections here and in child drains (shared by clones of this drain).
-    active: Arc<AtomicUsize>,
-    /// The parents' counters: a connection in a pod counts for the whole process too.
-    ancestors: Vec<Arc<AtomicUsize>>,
+    /// The counters a connection here counts in: the parents' first (a connection in a
+    /// pod counts for the whole process too), this drain's own last, which also counts
+    /// the child drains' connections. Shared by clones of this drain and by its guards, so
+    /// a guard costs a reference, not a list of its own.
+    counted: Arc<[Arc<AtomicUsize>]>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            stop_accepting: CancellationToken::new(),
+            force_close: CancellationToken::new(),
+            counted: Arc::new([Arc::default()]),
+        }
+    }
 }
 
 /// Held by each open connection; the drain (and its parents) wait for all of them.
 #[derive(Debug)]
 pub struct ConnGuard {
-    counted: Vec<Arc<AtomicUsize>>,
+    counted: Arc<[Arc<AtomicUsize>]>,
     pub force_close: CancellationToken,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        for c in &self.counted {
+        for c in self.counted.iter() {
             c.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -38,13 +49,15 @@ impl Drain {
 
     /// A drain that also starts when `self` does, and whose connections `self` counts.
     pub fn child(&self) -> Drain {
-        let mut ancestors = self.ancestors.clone();
-        ancestors.push(self.active.clone());
         Drain {
             stop_accepting: self.stop_accepting.child_token(),
             force_close: self.force_close.child_token(),
-            active: Arc::default(),
-            ancestors,
+            counted: self
+                .counted
+                .iter()
+                .cloned()
+                .chain([Arc::default()])
+                .collect(),
         }
     }
 
@@ -59,20 +72,22 @@ impl Drain {
     }
 
     pub fn guard(&self) -> ConnGuard {
-        let mut counted = self.ancestors.clone();
-        counted.push(self.active.clone());
-        for c in &counted {
+        for c in self.counted.iter() {
             c.fetch_add(1, Ordering::Relaxed);
         }
         ConnGuard {
-            counted,
+            counted: self.counted.clone(),
             force_close: self.force_close.clone(),
         }
     }
 
     /// Connections open here and in every child drain.
     pub fn open_connections(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+        let own = self
+            .counted
+            .last()
+            .expect("a drain counts its own connections");
+        own.load(Ordering::Relaxed)
     }
 
     /// Stops accepting, waits for open connections up to `deadline`, then force-closes.
@@ -139,6 +154,13 @@ mod tests {
         assert_eq!((parent.open_connections(), a.open_connections()), (1, 0));
         drop(g2);
         assert_eq!(parent.open_connections(), 0);
+        // Counted at every level up, and only there.
+        let grandchild = a.child();
+        let g4 = grandchild.guard();
+        let counts = |ds: [&Drain; 4]| ds.map(|d| d.open_connections());
+        assert_eq!(counts([&parent, &a, &b, &grandchild]), [1, 1, 0, 1]);
+        drop(g4);
+        assert_eq!(counts([&parent, &a, &b, &grandchild]), [0, 0, 0, 0]);
     }
 
     #[test]
