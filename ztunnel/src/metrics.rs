@@ -358,8 +358,19 @@ pub struct ConnReport {
     pub dst: Option<Arc<Workload>>,
     pub dst_identity: Option<SpiffeId>,
     pub mtls: bool,
-    pub trace_id: String,
+    /// The W3C trace id the connection carries (0: none yet), written as hex only when a
+    /// log line is: a connection keeps 16 bytes rather than a string of its own.
+    pub trace_id: u128,
     pub started: Instant,
+}
+
+/// A trace id as logs write it: 32 hex digits, or nothing when there is none.
+fn trace_id_hex(id: u128) -> String {
+    if id == 0 {
+        String::new()
+    } else {
+        format!("{id:032x}")
+    }
 }
 
 impl ConnReport {
@@ -403,7 +414,7 @@ impl ConnReport {
             dst_namespace: ns(&self.dst),
             dst_identity: id(&self.dst_identity),
             direction: self.direction.as_str(),
-            trace_id: self.trace_id.clone(),
+            trace_id: trace_id_hex(self.trace_id),
         }
     }
 }
@@ -526,6 +537,13 @@ impl Drop for ConnRecorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_ids_are_logged_as_32_hex_digits_or_not_at_all() {
+        assert_eq!(trace_id_hex(0), "");
+        assert_eq!(trace_id_hex(0xab), format!("{}ab", "0".repeat(30)));
+        assert_eq!(trace_id_hex(u128::MAX), "f".repeat(32));
+    }
     use crate::identity::CertSource;
     use mesh_identity::ca::CertificateAuthority;
     use std::time::Duration;
@@ -577,7 +595,7 @@ mod tests {
             dst: None,
             dst_identity: None,
             mtls: true,
-            trace_id: String::new(),
+            trace_id: 0,
             started: Instant::now(),
         };
         let l = report.labels("-");
@@ -629,7 +647,7 @@ mod tests {
             dst: Some(pod("", "back", "api")),
             dst_identity: Some(SpiffeId::new("cluster.local", "back", "api").unwrap()),
             mtls: true,
-            trace_id: String::new(),
+            trace_id: 0,
             started: Instant::now(),
         };
         let l = report.access_log();

@@ -44,7 +44,7 @@ fn report(plan: &InboundPlan, peer: SocketAddr, dst_addr: SocketAddr) -> ConnRep
         dst: plan.dst.clone(),
         dst_identity: plan.dst.as_ref().map(|d| d.identity.clone()),
         mtls: false,
-        trace_id: String::new(),
+        trace_id: 0,
         started: Instant::now(),
     }
 }
@@ -83,7 +83,7 @@ impl PodProxy {
         };
         let (plan, version) = self.plan_inbound(&req);
         let mut report = report(&plan, peer, orig);
-        report.trace_id = hbone::TraceParent::random().trace_id_hex();
+        report.trace_id = hbone::TraceParent::random().trace_id;
         let (app, dst, info) = match plan.action {
             InboundAction::Ignore => return,
             InboundAction::Refuse(why) => {
@@ -248,7 +248,7 @@ impl PodProxy {
         let mut report = report(&plan, peer, local);
         report.src_identity = Some(req.peer_identity.clone());
         report.mtls = true;
-        report.trace_id = req.request.traceparent.trace_id_hex();
+        report.trace_id = req.request.traceparent.trace_id;
         let (app, dst, info) = match plan.action {
             // Never planned for a CONNECT; dropping the responder resets the stream.
             InboundAction::Ignore => return None,

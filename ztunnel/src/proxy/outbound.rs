@@ -129,12 +129,12 @@ impl PodProxy {
             dst: None,
             dst_identity: None,
             mtls: false,
-            trace_id: String::new(),
+            trace_id: 0,
             started: Instant::now(),
         };
         match plan {
             OutboundPlan::Refuse(reason) => {
-                report.trace_id = hbone::TraceParent::random().trace_id_hex();
+                report.trace_id = hbone::TraceParent::random().trace_id;
                 let rec = ConnRecorder::open(self.ctx.metrics.clone(), report);
                 rec.finish(Outcome::Failed {
                     flags: "CONNECT",
@@ -152,7 +152,7 @@ impl PodProxy {
                 report.dst_addr = dst;
                 report.dst = dst_workload;
                 report.dst_service = service;
-                report.trace_id = hbone::TraceParent::random().trace_id_hex();
+                report.trace_id = hbone::TraceParent::random().trace_id;
                 let rec = ConnRecorder::open(self.ctx.metrics.clone(), report);
                 self.passthrough(downstream, dst, rec).await
             }
@@ -180,7 +180,7 @@ impl PodProxy {
                 req.baggage = Some(baggage(&src, &self.ctx.cluster_id));
                 let (traceparent, span) = crate::trace::outbound(&self.ctx.tracer);
                 req.traceparent = traceparent;
-                report.trace_id = req.traceparent.trace_id_hex();
+                report.trace_id = req.traceparent.trace_id;
                 let rec = ConnRecorder::open(self.ctx.metrics.clone(), report).traced(span);
                 self.hbone_out(downstream, &src, hop, expected, req, rec)
                     .await
