@@ -5,7 +5,7 @@
 
 use hbone::client::{Client, ClientSettings, TcpDialer};
 use hbone::protocol::{ConnectRequest, Refusal};
-use hbone::server::{ConnectHandler, InboundConnect, Responder, serve_connection};
+use hbone::server::{ConnectHandler, InboundConnect, Responder};
 use hbone::tunnel::CopyProgress;
 use hbone::{H2Settings, PoolKey, Tunnel};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 mod common;
 use common::Mesh;
@@ -124,24 +123,8 @@ async fn an_idle_tunnel_costs_little_heap_on_both_sides() {
     let (client_cert, server_cert) = (mesh.cert("client"), mesh.cert("server"));
     let app = start_app(N + 1);
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hbone_addr = listener.local_addr().unwrap();
-    let tls = Arc::new(mesh_identity::server_config(&server_cert).unwrap());
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (tls, settings) = (tls.clone(), H2Settings::server());
-            tokio::spawn(async move {
-                let _ = serve_connection(
-                    tcp,
-                    tls,
-                    Arc::new(Forward),
-                    &settings,
-                    CancellationToken::new(),
-                )
-                .await;
-            });
-        }
-    });
+    let hbone_addr =
+        common::start_hbone_server(&server_cert, Arc::new(Forward), H2Settings::server()).await;
 
     // The outbound proxy: each accepted connection gets a task that tunnels it to `app`.
     let front = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -2,7 +2,7 @@
 
 use hbone::client::{Client, ClientSettings, ConnectError, TcpDialer};
 use hbone::protocol::{ConnectRequest, Refusal, Refused};
-use hbone::server::{ConnectHandler, InboundConnect, Responder, serve_connection};
+use hbone::server::{ConnectHandler, InboundConnect, Responder};
 use hbone::{H2Settings, PoolKey};
 use mesh_identity::{SpiffeId, WorkloadCertificate};
 use std::net::SocketAddr;
@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 mod common;
 use common::Mesh;
@@ -45,21 +44,7 @@ impl ConnectHandler for ForwardHandler {
 }
 
 async fn start_server(cert: &WorkloadCertificate, settings: H2Settings) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tls = Arc::new(mesh_identity::server_config(cert).unwrap());
-    let handler = Arc::new(ForwardHandler);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let (tls, handler, settings) = (tls.clone(), handler.clone(), settings.clone());
-            tokio::spawn(async move {
-                let _ =
-                    serve_connection(tcp, tls, handler, &settings, CancellationToken::new()).await;
-            });
-        }
-    });
-    addr
+    common::start_hbone_server(cert, Arc::new(ForwardHandler), settings).await
 }
 
 /// An app that reads to EOF, then answers with the reversed bytes and closes.

@@ -6,13 +6,12 @@
 
 use hbone::client::{Client, ClientSettings, TcpDialer};
 use hbone::protocol::{ConnectRequest, Refusal};
-use hbone::server::{ConnectHandler, InboundConnect, Responder, serve_connection};
+use hbone::server::{ConnectHandler, InboundConnect, Responder};
 use hbone::{CopyStats, H2Settings, PoolKey};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 mod common;
 use common::Mesh;
@@ -101,26 +100,8 @@ struct Setup {
 async fn setup() -> Setup {
     let mesh = Mesh::new();
     let (cert, server_cert) = (mesh.cert("client"), mesh.cert("server"));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hbone = listener.local_addr().unwrap();
-    let tls = Arc::new(mesh_identity::server_config(&server_cert).unwrap());
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                let settings = H2Settings::server();
-                let _ = serve_connection(
-                    tcp,
-                    tls,
-                    Arc::new(FarEnd),
-                    &settings,
-                    CancellationToken::new(),
-                )
-                .await;
-            });
-        }
-    });
+    let hbone =
+        common::start_hbone_server(&server_cert, Arc::new(FarEnd), H2Settings::server()).await;
     let key = PoolKey::new(
         cert.identity().clone(),
         vec![server_cert.identity().clone()],
