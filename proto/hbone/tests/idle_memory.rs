@@ -104,10 +104,16 @@ fn start_app(max: usize) -> SocketAddr {
 
 /// Live heap bytes once they stop changing (frames in flight settle): the same for five
 /// readings 100 ms apart, so a slow machine's late frames are not taken for the level.
+/// A heap still moving after a minute is a failure of its own, not a hang.
 async fn settled() -> isize {
+    let start = std::time::Instant::now();
     let mut last = LIVE.load(Ordering::Relaxed);
     let mut same = 0;
     while same < 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the heap never settled: idle tunnels keep allocating"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         let now = LIVE.load(Ordering::Relaxed);
         same = if now == last { same + 1 } else { 0 };

@@ -23,11 +23,11 @@ use tokio::net::TcpStream;
 /// the maximum, so bulk transfers read large while request/response traffic does not
 /// allocate (and touch) large buffers for a few hundred bytes. Buffers are only
 /// allocated once the socket is readable, so idle tunnels hold none.
-pub(super) const READ_CHUNK_MIN: usize = 16 * 1024;
-pub(super) const READ_CHUNK: usize = 128 * 1024;
+const READ_CHUNK_MIN: usize = 16 * 1024;
+const READ_CHUNK: usize = 128 * 1024;
 
 /// The size of the read after one of `chunk` bytes that read `n`.
-pub(super) fn next_read_size(chunk: usize, n: usize) -> usize {
+fn next_read_size(chunk: usize, n: usize) -> usize {
     if n >= chunk {
         (chunk * 2).min(READ_CHUNK)
     } else {
