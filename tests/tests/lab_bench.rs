@@ -86,6 +86,19 @@ fn the_bench_measures_every_path_and_reports_every_target() {
             "{who}: idle {idle}, peak {peak}"
         );
         assert!(get(&format!("{who}.rss_after_mib")) > 1.0);
+        if who == "haproxy" {
+            continue;
+        }
+        // The anonymous part (heap, stacks) is some of the RSS, never all of it: the
+        // binary's pages are the rest.
+        for when in ["idle", "after"] {
+            let all = get(&format!("{who}.rss_{when}_mib"));
+            let anon = get(&format!("{who}.rss_{when}_anon_mib"));
+            assert!(
+                anon > 0.0 && anon < all,
+                "{who} {when}: anon {anon}, RSS {all}"
+            );
+        }
     }
     // Every held connection echoed a byte, so all 100 were open end to end while both
     // ztunnels' RSS was read: each is a process's RSS, and 100 tunnels cannot cost zero

@@ -466,6 +466,10 @@ impl<'a> Bench<'a> {
         };
         for (who, pid) in &watched {
             f.insert(format!("{who}.rss_idle_mib"), rss_mib(*pid, "VmRSS")?);
+            f.insert(
+                format!("{who}.rss_idle_anon_mib"),
+                rss_mib(*pid, "RssAnon")?,
+            );
             reset_peak(*pid)?;
         }
         let url = format!("http://{SERVER_VIP}/api/bench");
@@ -493,6 +497,10 @@ impl<'a> Bench<'a> {
             std::thread::sleep(self.opts.settle);
             for (who, pid) in &watched {
                 f.insert(format!("{who}.rss_after_mib"), rss_mib(*pid, "VmRSS")?);
+                f.insert(
+                    format!("{who}.rss_after_anon_mib"),
+                    rss_mib(*pid, "RssAnon")?,
+                );
             }
         }
         Ok(())

@@ -560,6 +560,16 @@ pub fn render(s: &BTreeMap<String, Spread>) -> String {
                 g("rss_peak_mib"),
                 g("rss_after_mib")
             ));
+            // The rest is file-backed: the binary's and libraries' pages, mapped as code
+            // runs and shared with every process mapping them.
+            if s.contains_key(&format!("{who}.rss_idle_anon_mib")) {
+                t.push_str(&format!(
+                    "    {:<34} {} / - / {}\n",
+                    "of which anonymous",
+                    g("rss_idle_anon_mib"),
+                    g("rss_after_anon_mib")
+                ));
+            }
         }
     }
     let mut scales: Vec<u64> = s
