@@ -3,10 +3,10 @@
 
 use bytes::{Buf, Bytes};
 use h2::{RecvStream, SendStream};
-use std::future::poll_fn;
+use std::borrow::Borrow;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -121,23 +121,6 @@ pub struct CopyStats {
     pub sent: u64,
     /// From the tunnel to the TCP side.
     pub received: u64,
-}
-
-/// Byte counts of a running copy, updated as each chunk is handed on, so that whoever
-/// stops the copy early (drain, policy) still knows what moved.
-#[derive(Debug, Default)]
-pub struct CopyProgress {
-    sent: AtomicU64,
-    received: AtomicU64,
-}
-
-impl CopyProgress {
-    pub fn stats(&self) -> CopyStats {
-        CopyStats {
-            sent: self.sent.load(Ordering::Relaxed),
-            received: self.received.load(Ordering::Relaxed),
-        }
-    }
 }
 
 /// A copy that failed, with the bytes it had moved by then.
@@ -257,33 +240,26 @@ impl Tunnel {
     /// Copies both ways between this tunnel and `tcp` until both directions have ended.
     /// EOF on either side is passed on as a half-close (END_STREAM / FIN); an error on
     /// either side, or a reset by the peer before its END_STREAM, aborts both
-    /// (RST_STREAM / RST). How the end is judged is [`classify_end`]; on failure the error
-    /// carries the bytes moved so far.
-    pub async fn copy_with_tcp(self, tcp: &TcpStream) -> Result<CopyStats, CopyError> {
-        self.copy_with_tcp_counted(tcp, &CopyProgress::default())
-            .await
+    /// (RST_STREAM / RST). How the end is judged is [`classify_end`]; the bytes moved come
+    /// back either way (on failure inside the error).
+    pub fn copy_with_tcp(
+        self,
+        tcp: &TcpStream,
+    ) -> TunnelCopy<&TcpStream, std::future::Pending<io::Error>> {
+        self.copy_with_tcp_until(tcp, std::future::pending())
     }
 
-    /// [`Self::copy_with_tcp`], counting into `progress` as bytes are handed on.
-    pub fn copy_with_tcp_counted<'a>(
+    /// [`Self::copy_with_tcp`], aborted as a failure when `stop` completes (drain,
+    /// policy): both ends then see a failure (RST_STREAM(CONNECT_ERROR), TCP RST) rather
+    /// than a silently dropped stream, and the copy returns `stop`'s error with the bytes
+    /// moved until then. The copy owns `tcp` (a `TcpStream`, or a reference to one) and
+    /// `stop`, so a task can be the copy and little else.
+    pub fn copy_with_tcp_until<T: Borrow<TcpStream>, S: Future<Output = io::Error>>(
         self,
-        tcp: &'a TcpStream,
-        progress: &'a CopyProgress,
-    ) -> TunnelCopy<'a, std::future::Pending<io::Error>> {
-        self.copy_with_tcp_until(tcp, progress, std::future::pending())
-    }
-
-    /// [`Self::copy_with_tcp_counted`], aborted as a failure when `stop` completes
-    /// (drain, policy): both ends then see a failure (RST_STREAM(CONNECT_ERROR), TCP RST)
-    /// rather than a silently dropped stream, and the copy returns `stop`'s error. `stop`
-    /// is pinned by the caller (`std::pin::pin!`), so the copy does not keep a second one.
-    pub fn copy_with_tcp_until<'a, S: Future<Output = io::Error> + Unpin>(
-        self,
-        tcp: &'a TcpStream,
-        progress: &'a CopyProgress,
+        tcp: T,
         stop: S,
-    ) -> TunnelCopy<'a, S> {
-        TunnelCopy::new(self, tcp, progress, stop)
+    ) -> TunnelCopy<T, S> {
+        TunnelCopy::new(self, tcp, stop)
     }
 }
 
@@ -496,19 +472,5 @@ mod tests {
         ] {
             assert_eq!(end(true, true, Some(reason)), EndKind::Failed, "{reason:?}");
         }
-    }
-
-    #[test]
-    fn progress_reports_what_was_counted() {
-        let p = CopyProgress::default();
-        p.sent.fetch_add(3, Ordering::Relaxed);
-        p.received.fetch_add(5, Ordering::Relaxed);
-        assert_eq!(
-            p.stats(),
-            CopyStats {
-                sent: 3,
-                received: 5
-            }
-        );
     }
 }

@@ -296,10 +296,7 @@ async fn a_stopped_copy_resets_both_ends_and_keeps_the_bytes_moved() {
             let _ = stop_rx.await;
             std::io::Error::other("drained")
         };
-        let progress = hbone::tunnel::CopyProgress::default();
-        est.tunnel
-            .copy_with_tcp_until(&downstream, &progress, std::pin::pin!(stop))
-            .await
+        est.tunnel.copy_with_tcp_until(&downstream, stop).await
     });
     let mut c = TcpStream::connect(front_addr).await.unwrap();
     c.write_all(b"ping").await.unwrap();

@@ -4,16 +4,20 @@
 
 use super::plan::{HboneConnect, InboundAction, InboundPlan, InboundRequest, plan_inbound};
 use super::socket::{canonical, connect_in, original_dst};
-use super::{PodProxy, counted, finish_copy, finish_with_bytes};
+use super::{PodProxy, counted, finish_copy, finish_tunnel_copy};
 use crate::drain::ConnGuard;
 use crate::metrics::{ConnRecorder, ConnReport, Direction, Outcome};
-use hbone::{Authority, ConnectHandler, InboundConnect, Refusal, Responder};
+use futures_util::future::{Either, FutureExt};
+use hbone::{Authority, ConnectHandler, CopyStats, InboundConnect, Refusal, Responder};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 use tokio::net::TcpStream;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 /// A refusal as the access log and metrics record it.
 fn finish_refusal(rec: ConnRecorder, refusal: &Refusal, policy: Option<&str>) {
@@ -151,7 +155,7 @@ impl PodProxy {
     }
 }
 
-struct InboundHandler {
+pub(super) struct InboundHandler {
     pod: Arc<PodProxy>,
 }
 
@@ -164,58 +168,76 @@ struct InboundCopy {
     guard: ConnGuard,
 }
 
-/// Copies until both ends are done. Drain and policy end the copy as a failure
-/// (CONNECT_ERROR on the stream, RST to the app), never as a silently dropped stream.
-/// (Arguments rather than an `InboundCopy` taken apart: values moved out of an async fn's
-/// argument would be kept twice in the task.)
-pub(super) async fn copy_inbound(
-    tunnel: hbone::Tunnel,
-    app: TcpStream,
-    rec: ConnRecorder,
-    tracked: crate::proxy::tracker::TrackedHandle,
-    guard: ConnGuard,
-) {
-    let progress = hbone::tunnel::CopyProgress::default();
-    let stopped = async {
-        tokio::select! {
-            _ = guard.force_close.cancelled() => io::Error::other("drained"),
-            _ = tracked.closed_by_policy.cancelled() => io::Error::other("closed: no longer allowed by policy"),
+pin_project_lite::pin_project! {
+    /// What ends an inbound copy early: a drain's forced close, or policy no longer
+    /// allowing the connection. Owns its two waits, so the copy can own it.
+    struct InboundStop {
+        #[pin]
+        drained: WaitForCancellationFutureOwned,
+        #[pin]
+        denied: WaitForCancellationFutureOwned,
+    }
+}
+
+impl Future for InboundStop {
+    type Output = io::Error;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let this = self.project();
+        if this.drained.poll(cx).is_ready() {
+            return Poll::Ready(io::Error::other("drained"));
         }
-    };
-    let r = tunnel
-        .copy_with_tcp_until(&app, &progress, std::pin::pin!(stopped))
-        .await
-        .map_err(|e| e.error);
-    // Seen from the app: what came out of the tunnel was sent to it.
-    let s = progress.stats();
-    let app_side = hbone::CopyStats {
+        if this.denied.poll(cx).is_ready() {
+            return Poll::Ready(io::Error::other("closed: no longer allowed by policy"));
+        }
+        Poll::Pending
+    }
+}
+
+/// Seen from the app: what came out of the tunnel was sent to it.
+fn seen_from_app(s: CopyStats) -> CopyStats {
+    CopyStats {
         sent: s.received,
         received: s.sent,
+    }
+}
+
+/// Copies until both ends are done. Drain and policy end the copy as a failure
+/// (CONNECT_ERROR on the stream, RST to the app), never as a silently dropped stream.
+/// The copy owns the socket and the stop; the recorder, the policy tracker's entry and the
+/// guard wait beside it, so the task is little more than the copy.
+fn copy_inbound(c: InboundCopy) -> impl Future<Output = ()> + Send {
+    let InboundCopy {
+        tunnel,
+        app,
+        rec,
+        tracked,
+        guard,
+    } = c;
+    let stop = InboundStop {
+        drained: guard.force_close.clone().cancelled_owned(),
+        denied: tracked.closed_by_policy.clone().cancelled_owned(),
     };
-    finish_with_bytes(rec, r.map(|_| ()), app_side);
+    tunnel.copy_with_tcp_until(app, stop).map(move |result| {
+        let result = result.map(seen_from_app).map_err(|mut e| {
+            e.stats = seen_from_app(e.stats);
+            e
+        });
+        finish_tunnel_copy(rec, result);
+        drop((tracked, guard));
+    })
 }
 
 impl ConnectHandler for InboundHandler {
     /// Everything before the copy (the plan, the connection to the app) runs boxed and is
-    /// freed once done, so a tunnel's task keeps only its copy (see `OutboundCopy`); the
+    /// freed once done, so a tunnel's task keeps only its copy (see `copy_inbound`); the
     /// request is moved into that box at once rather than captured.
     fn handle(&self, req: InboundConnect, respond: Responder) -> impl Future<Output = ()> + Send {
         let opening = Box::pin(self.pod.clone().open_inbound(req, respond));
-        async move {
-            // Bound first: a pattern on the awaited value itself would keep that temporary in
-            // the task beside the copy.
-            let opened = opening.await;
-            if let Some(InboundCopy {
-                tunnel,
-                app,
-                rec,
-                tracked,
-                guard,
-            }) = opened
-            {
-                copy_inbound(tunnel, app, rec, tracked, guard).await;
-            }
-        }
+        opening.then(|opened| match opened {
+            Some(c) => Either::Left(copy_inbound(c)),
+            None => Either::Right(std::future::ready(())),
+        })
     }
 }
 

@@ -2,11 +2,13 @@
 
 use super::plan::{self, OutboundPlan, plan_outbound};
 use super::socket::{canonical, connect_in, original_dst};
-use super::{PodProxy, counted, finish_copy, finish_with_bytes};
+use super::{PodProxy, counted, finish_copy, finish_tunnel_copy};
 use crate::drain::ConnGuard;
 use crate::metrics::{ConnRecorder, ConnReport, Direction, Outcome};
 use crate::state::Workload;
+use futures_util::future::{Either, FutureExt};
 use mesh_identity::SpiffeId;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,48 +51,56 @@ async fn copy_plain(
 
 /// Copies between the app and its tunnel until both ends are done, or until a drain ends
 /// the copy as a failure (CONNECT_ERROR on the stream, RST to the client), never as a
-/// silently dropped stream; then records the end.
-async fn copy_tunnel(
+/// silently dropped stream; then records the end. The copy owns the socket and the drain's
+/// wait; the recorder and the guard wait beside it, so the task is little more than the
+/// copy.
+fn copy_tunnel(
     downstream: TcpStream,
     tunnel: hbone::Tunnel,
     rec: ConnRecorder,
     guard: ConnGuard,
-) {
-    let progress = hbone::tunnel::CopyProgress::default();
-    let drained = async {
-        guard.force_close.cancelled().await;
-        io::Error::other("drained")
-    };
-    let result = tunnel
-        .copy_with_tcp_until(&downstream, &progress, std::pin::pin!(drained))
-        .await
-        .map_err(|e| e.error);
-    finish_with_bytes(rec, result, progress.stats());
+) -> impl Future<Output = ()> + Send {
+    let drained = guard
+        .force_close
+        .clone()
+        .cancelled_owned()
+        .map(|()| io::Error::other("drained"));
+    tunnel
+        .copy_with_tcp_until(downstream, drained)
+        .map(move |result| {
+            finish_tunnel_copy(rec, result);
+            drop(guard);
+        })
 }
 
 impl PodProxy {
     /// One connection the pod's app made. Everything before the copy (the plan, the
     /// certificate, the HBONE connection) runs boxed and is freed once done, so a
     /// connection's task keeps only its copy for as long as it lives (inline, the set-up
-    /// tripled an idle tunnel's task). Its arguments are small on purpose: an async fn
-    /// keeps its arguments in its task to the end.
-    pub(super) async fn outbound(self: Arc<Self>, downstream: TcpStream, guard: ConnGuard) {
-        // Bound first: a match on the awaited value itself would keep that temporary in the
-        // task beside the copy.
-        let opened = Box::pin(self.open_outbound(downstream)).await;
-        match opened {
-            None => {}
+    /// tripled an idle tunnel's task). Built from combinators rather than as an async fn,
+    /// which would keep its arguments and the opened connection beside the copy.
+    pub(super) fn outbound(
+        self: Arc<Self>,
+        downstream: TcpStream,
+        guard: ConnGuard,
+    ) -> impl Future<Output = ()> + Send {
+        let opening = Box::pin(async move { self.open_outbound(downstream).await });
+        opening.then(move |opened| match opened {
+            None => Either::Left(Either::Left(std::future::ready(()))),
+            // Plain TCP (outside the mesh) is boxed: the tunnel's copy sets the task's size.
             Some(OutboundCopy::Plain {
                 downstream,
                 upstream,
                 rec,
-            }) => copy_plain(downstream, upstream, rec, guard).await,
+            }) => Either::Left(Either::Right(Box::pin(copy_plain(
+                downstream, upstream, rec, guard,
+            )))),
             Some(OutboundCopy::Tunnel {
                 downstream,
                 tunnel,
                 rec,
-            }) => copy_tunnel(downstream, tunnel, rec, guard).await,
-        }
+            }) => Either::Right(copy_tunnel(downstream, tunnel, rec, guard)),
+        })
     }
 
     /// Plans and sets up an outbound connection; `None` once it is refused (and recorded).

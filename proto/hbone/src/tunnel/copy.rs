@@ -3,19 +3,22 @@
 //! An idle tunnel's task lives as long as its connection, so the copy's state is paid per
 //! open connection. Written with async blocks (two directions joined, raced against the
 //! stop, each awaiting readiness and h2 futures), that state was 2.5 KiB; here it is the
-//! tunnel, the two directions' positions and a few references (208 bytes). Waiting uses
-//! the slots the socket and the stream already have for one task (`poll_read_ready`,
-//! `poll_write_ready`, `poll_capacity`, `poll_data`), so waiting stores nothing either.
+//! tunnel, the TCP side (owned or borrowed), the two directions' positions and the byte
+//! counts (about 230 bytes), plus the caller's stop. Waiting uses the slots the socket
+//! and the stream already have for one task (`poll_read_ready`, `poll_write_ready`,
+//! `poll_capacity`, `poll_data`), so waiting stores nothing either. Owning the TCP side
+//! and the stop lets a caller's task be this future and little else (no async fn keeping
+//! its arguments beside it).
 
 use super::{
-    CopyError, CopyProgress, CopyStats, EndKind, StreamEnd, Tunnel, classify_end, finish_send,
-    h2_io_error, peer_reset_now, reset_error,
+    CopyError, CopyStats, EndKind, StreamEnd, Tunnel, classify_end, finish_send, h2_io_error,
+    peer_reset_now, reset_error,
 };
 use bytes::{Buf, Bytes, BytesMut};
+use std::borrow::Borrow;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use tokio::net::TcpStream;
 
@@ -59,26 +62,30 @@ enum Download {
     Done,
 }
 
-/// A tunnel's copy with its TCP connection ([`Tunnel::copy_with_tcp_until`]): both
-/// directions, each until its EOF (passed on as a half-close), the first error ending
-/// both, or `stop` ending the copy as a failure. Owns the tunnel, so this is all an idle
-/// connection's copy keeps.
-pub struct TunnelCopy<'a, S> {
+pin_project_lite::pin_project! {
+    /// A tunnel's copy with its TCP connection ([`Tunnel::copy_with_tcp_until`]): both
+    /// directions, each until its EOF (passed on as a half-close), the first error ending
+    /// both, or `stop` ending the copy as a failure. Owns the tunnel, the TCP side `T`
+    /// (a `TcpStream` or a reference to one) and the stop, so this is all an idle
+    /// connection's copy keeps.
+    pub struct TunnelCopy<T, S> {
+        state: CopyState<T>,
+        #[pin]
+        stop: S,
+    }
+}
+
+/// Everything but the stop: never pinned, so the two directions borrow it plainly.
+struct CopyState<T> {
     tunnel: Tunnel,
-    tcp: &'a TcpStream,
-    progress: &'a CopyProgress,
-    stop: S,
+    tcp: T,
+    stats: CopyStats,
     upload: Upload,
     download: Download,
 }
 
-impl<'a, S: Future<Output = io::Error> + Unpin> TunnelCopy<'a, S> {
-    pub(super) fn new(
-        mut tunnel: Tunnel,
-        tcp: &'a TcpStream,
-        progress: &'a CopyProgress,
-        stop: S,
-    ) -> Self {
+impl<T: Borrow<TcpStream>, S: Future<Output = io::Error>> TunnelCopy<T, S> {
+    pub(super) fn new(mut tunnel: Tunnel, tcp: T, stop: S) -> Self {
         // Data already taken off the stream (a caller read part of it first) goes first.
         let pending = std::mem::take(&mut tunnel.pending);
         let download = if pending.is_empty() {
@@ -90,27 +97,32 @@ impl<'a, S: Future<Output = io::Error> + Unpin> TunnelCopy<'a, S> {
             }
         };
         TunnelCopy {
-            tunnel,
-            tcp,
-            progress,
-            stop,
-            upload: Upload::Reading {
-                chunk: READ_CHUNK_MIN,
+            state: CopyState {
+                tunnel,
+                tcp,
+                stats: CopyStats::default(),
+                upload: Upload::Reading {
+                    chunk: READ_CHUNK_MIN,
+                },
+                download,
             },
-            download,
+            stop,
         }
     }
+}
 
+impl<T: Borrow<TcpStream>> CopyState<T> {
     fn poll_upload(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<h2::Reason>>> {
+        let tcp = self.tcp.borrow();
         let send = &mut self.tunnel.send;
         loop {
             match &mut self.upload {
                 Upload::Done(peer_reset) => return Poll::Ready(Ok(*peer_reset)),
                 Upload::Reading { chunk } => {
                     let chunk = *chunk;
-                    ready!(self.tcp.poll_read_ready(cx))?;
+                    ready!(tcp.poll_read_ready(cx))?;
                     let mut buf = BytesMut::with_capacity(chunk);
-                    match self.tcp.try_read_buf(&mut buf) {
+                    match tcp.try_read_buf(&mut buf) {
                         Ok(0) => {
                             // Everything we had is handed over. A peer that already reset
                             // the stream is judged once the download has ended too.
@@ -157,27 +169,26 @@ impl<'a, S: Future<Output = io::Error> + Unpin> TunnelCopy<'a, S> {
                     let piece = data.split_to(granted.min(data.len()));
                     let n = piece.len() as u64;
                     send.send_data(piece, false).map_err(h2_io_error)?;
-                    self.progress.sent.fetch_add(n, Ordering::Relaxed);
+                    self.stats.sent += n;
                 }
             }
         }
     }
 
     fn poll_download(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let tcp = self.tcp.borrow();
         let recv = self.tunnel.recv.as_mut().expect("taken only on drop");
         loop {
             match &mut self.download {
                 Download::Done => return Poll::Ready(Ok(())),
                 Download::Writing { data, window } => {
                     while !data.is_empty() {
-                        ready!(self.tcp.poll_write_ready(cx))?;
-                        match self.tcp.try_write(data) {
+                        ready!(tcp.poll_write_ready(cx))?;
+                        match tcp.try_write(data) {
                             Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                             Ok(n) => {
                                 data.advance(n);
-                                self.progress
-                                    .received
-                                    .fetch_add(n as u64, Ordering::Relaxed);
+                                self.stats.received += n as u64;
                             }
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                             Err(e) => return Poll::Ready(Err(e)),
@@ -199,7 +210,7 @@ impl<'a, S: Future<Output = io::Error> + Unpin> TunnelCopy<'a, S> {
                     Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
                     None => {
                         // The peer half-closed: pass the FIN on.
-                        socket2::SockRef::from(self.tcp).shutdown(std::net::Shutdown::Write)?;
+                        socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write)?;
                         self.download = Download::Done;
                     }
                 },
@@ -209,9 +220,6 @@ impl<'a, S: Future<Output = io::Error> + Unpin> TunnelCopy<'a, S> {
 
     /// Both directions, `Ok` only for an end [`classify_end`] calls clean.
     fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Poll::Ready(e) = Pin::new(&mut self.stop).poll(cx) {
-            return Poll::Ready(Err(e));
-        }
         // Both directions are polled on every wake-up (each is cheap when it has nothing
         // to do); either's error ends the copy.
         let upload = self.poll_upload(cx)?;
@@ -232,24 +240,29 @@ impl<'a, S: Future<Output = io::Error> + Unpin> TunnelCopy<'a, S> {
     }
 }
 
-impl<S: Future<Output = io::Error> + Unpin> Future for TunnelCopy<'_, S> {
+impl<T: Borrow<TcpStream>, S: Future<Output = io::Error>> Future for TunnelCopy<T, S> {
     type Output = Result<CopyStats, CopyError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let error = match ready!(this.poll_both(cx)) {
-            Ok(()) => {
-                this.tunnel.read_eof = true;
-                return Poll::Ready(Ok(this.progress.stats()));
-            }
-            Err(e) => e,
+        let this = self.project();
+        let state = this.state;
+        let error = match this.stop.poll(cx) {
+            Poll::Ready(e) => e,
+            Poll::Pending => match ready!(state.poll_both(cx)) {
+                Ok(()) => {
+                    state.tunnel.read_eof = true;
+                    return Poll::Ready(Ok(state.stats));
+                }
+                Err(e) => e,
+            },
         };
         // RFC 9113 §8.5: a failed tunnel is CONNECT_ERROR on the stream, RST on the TCP side.
-        this.tunnel.reset();
-        let _ = socket2::SockRef::from(this.tcp).set_linger(Some(std::time::Duration::ZERO));
+        state.tunnel.reset();
+        let _ =
+            socket2::SockRef::from(state.tcp.borrow()).set_linger(Some(std::time::Duration::ZERO));
         Poll::Ready(Err(CopyError {
             error,
-            stats: this.progress.stats(),
+            stats: state.stats,
         }))
     }
 }
@@ -268,12 +281,12 @@ mod tests {
         assert_eq!(next_read_size(READ_CHUNK, READ_CHUNK), READ_CHUNK);
     }
 
-    /// The copy, tunnel included, is what an idle connection's copy keeps (it was 2.5
-    /// KiB as async fns and blocks).
+    /// The copy, tunnel and TCP connection included, is what an idle connection's copy
+    /// keeps (it was 2.5 KiB as async fns and blocks).
     #[test]
     fn the_copy_state_is_small() {
         type Stop = std::future::Pending<io::Error>;
-        let size = std::mem::size_of::<TunnelCopy<'static, Stop>>();
+        let size = std::mem::size_of::<TunnelCopy<TcpStream, Stop>>();
         assert!(size <= 256, "the copy's state is {size} bytes");
     }
 }
