@@ -10,7 +10,6 @@ pub mod drain;
 pub mod handover;
 pub mod inpod;
 pub mod local;
-pub mod memory;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;

@@ -24,8 +24,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("cannot start the Tokio runtime");
-    // Freed memory goes back to the system after load (see `memory`).
-    ztunnel::memory::spawn_trimmer();
+    // Freed memory goes back to the system after load (see `mesh_memory`).
+    mesh_memory::spawn_trimmer();
     if let Err(e) = rt.block_on(ztunnel::app::run(cfg, log_reload)) {
         tracing::error!("ztunnel failed: {e}");
         std::process::exit(1);

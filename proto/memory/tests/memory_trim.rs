@@ -1,6 +1,6 @@
 //! The trimmer gives memory freed after a burst back to the system (in a process of its
 //! own: RSS is per process). Without it glibc keeps freed blocks in its arenas, and a
-//! ztunnel stays at its peak after load.
+//! proxy stays at its peak after load.
 
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ async fn memory_freed_after_a_burst_goes_back_to_the_system() {
         "the burst was not seen: {before} → {at_peak} KiB"
     );
     // Started after the burst, so that the peak is read before any trim.
-    ztunnel::memory::spawn_trimmer();
+    mesh_memory::spawn_trimmer();
     let deadline = Instant::now() + NEVER;
     loop {
         let now = rss_kib();

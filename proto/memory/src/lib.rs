@@ -1,6 +1,6 @@
-//! Giving freed memory back to the system.
+//! Giving freed memory back to the system, in ztunnel and the waypoint.
 //!
-//! glibc keeps what the proxy frees in per-thread arenas (and raises its trim threshold
+//! glibc keeps what a proxy frees in per-thread arenas (and raises its trim threshold
 //! after the first large buffer is freed), so after a burst of load the process stays
 //! at its peak. `malloc_trim` hands every whole free page back. It runs on a thread of
 //! its own (never on a proxy thread), and only when the memory the process holds resident
@@ -13,6 +13,8 @@
 //! the returned blocks stay counted free, and load that reuses and frees them again
 //! leaves that count where it was while their pages are resident again (a first rule on
 //! the free count alone missed exactly that: 6.7 MiB kept 10 s after load).
+
+#![deny(unsafe_code)]
 
 use std::time::Duration;
 
