@@ -237,6 +237,7 @@ fn main() {
                 ),
                 None => mesh_trace::Tracer::disabled(),
             },
+            mirrors: Default::default(),
         });
         for p in pool.all() {
             tokio::spawn(p.clone().run_sweeper());

@@ -135,6 +135,7 @@ pub struct Metrics {
     duration: Family<RequestLabels, Histogram>,
     request_bytes: Family<RequestLabels, Histogram>,
     response_bytes: Family<RequestLabels, Histogram>,
+    mirrors_dropped: Counter,
 }
 
 fn size_histogram() -> Histogram {
@@ -195,6 +196,12 @@ impl Metrics {
             "Bytes received from clients on TCP connections",
             tcp_received.clone(),
         );
+        let mirrors_dropped = Counter::default();
+        registry.sub_registry_with_prefix("waypoint").register(
+            "mirror_requests_dropped",
+            "Mirrored copies not sent: the copies in flight held their whole budget",
+            mirrors_dropped.clone(),
+        );
         Metrics {
             registry,
             tcp_opened,
@@ -205,7 +212,13 @@ impl Metrics {
             duration,
             request_bytes,
             response_bytes,
+            mirrors_dropped,
         }
+    }
+
+    /// A mirrored copy was not sent (the mirror budget was full).
+    pub fn mirror_dropped(&self) {
+        self.mirrors_dropped.inc();
     }
 
     pub fn record(&self, labels: &RequestLabels, elapsed: Duration) {

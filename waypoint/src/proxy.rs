@@ -12,6 +12,7 @@ use crate::body::local;
 use crate::in_flight::{AtDrain, InFlight};
 use crate::metrics::{Metrics, RequestLabels, TcpConnection, set_tcp_destination, tcp_labels};
 use crate::normalize::PathNormalization;
+use crate::pipeline::mirror::{self, MirrorLimit};
 use crate::pipeline::policy::{Peer, Seen};
 use crate::pipeline::timeout::within;
 use crate::pipeline::{Local, UpstreamError, admit, fault, filters, policy, retry, routing};
@@ -129,6 +130,8 @@ pub struct Waypoint {
     pub idle_grace: Duration,
     /// Server and client spans, when an OTLP collector is configured.
     pub tracer: Arc<mesh_trace::Tracer>,
+    /// What mirrored copies in flight may hold together.
+    pub mirrors: Arc<MirrorLimit>,
 }
 
 /// Bodies larger than this are not buffered for retries or mirroring (413).
@@ -577,13 +580,23 @@ impl Waypoint {
                         .pick_endpoint(ms, m.port.unwrap_or(port), None)
                 })
             };
+            // Only with a place in the budget, held until the copy ends (answered, failed
+            // or timed out): otherwise not sent, and counted.
             if let Some((ep, tp)) = target {
-                let req = copy(&parts.uri);
-                let this = self.clone_for_mirror();
-                let protocol = conn.target.protocol;
-                tokio::spawn(async move {
-                    let _ = this.forward(req, &ep, tp, protocol).await;
-                });
+                match self.mirrors.try_take(body.len()) {
+                    Some(place) => {
+                        let req = copy(&parts.uri);
+                        let this = self.clone_for_mirror();
+                        let protocol = conn.target.protocol;
+                        let limit = mirror::mirror_timeout(per_try);
+                        tokio::spawn(async move {
+                            let sent = this.forward(req, &ep, tp, protocol);
+                            let _ = tokio::time::timeout(limit, sent).await;
+                            drop(place);
+                        });
+                    }
+                    None => self.metrics.mirror_dropped(),
+                }
             }
         }
         let mut tried = 0;
@@ -626,6 +639,7 @@ impl Waypoint {
             shutdown: self.shutdown.clone(),
             idle_grace: self.idle_grace,
             tracer: self.tracer.clone(),
+            mirrors: self.mirrors.clone(),
         })
     }
 

@@ -68,6 +68,9 @@ async fn backend(
                             if path == "/slow" {
                                 tokio::time::sleep(Duration::from_secs(2)).await;
                             }
+                            if path == "/hang" {
+                                std::future::pending::<()>().await;
+                            }
                             if let Some(c) = path.strip_prefix("/status/") {
                                 status = c.parse().unwrap_or(500);
                             }
@@ -230,6 +233,15 @@ async fn setup(t: u8) -> Setup {
 }
 
 async fn setup_traced(t: u8, tracer: Arc<mesh_trace::Tracer>) -> Setup {
+    setup_with(t, tracer, Default::default()).await
+}
+
+/// [`setup_traced`] with a mirror budget of its own.
+async fn setup_with(
+    t: u8,
+    tracer: Arc<mesh_trace::Tracer>,
+    mirrors: Arc<waypoint::pipeline::mirror::MirrorLimit>,
+) -> Setup {
     let ca = CertificateAuthority::new_root("cluster.local", 30 * DAY).unwrap();
     let backend_cert = cert(&ca, "shop", "backend");
     let backend_tls = Arc::new(mesh_identity::server_config(&backend_cert).unwrap());
@@ -281,7 +293,8 @@ async fn setup_traced(t: u8, tracer: Arc<mesh_trace::Tracer>) -> Setup {
         ttl: std::time::Duration::from_secs(24 * 3600),
     });
     let metrics = Arc::new(waypoint::metrics::Metrics::new());
-    let wp = new_waypoint(&waypoint_id, &config, certs.clone(), &metrics, tracer);
+    let mut wp = new_waypoint(&waypoint_id, &config, certs.clone(), &metrics, tracer);
+    Arc::get_mut(&mut wp).expect("not shared yet").mirrors = mirrors;
     let pool = wp.pool.get().clone();
     let waypoint_addr = SocketAddr::new(ip(t, 200), 15008);
     let creds = certs.get(&waypoint_id).await.unwrap();
@@ -344,6 +357,7 @@ fn new_waypoint_on(
         shutdown: CancellationToken::new(),
         idle_grace: waypoint::in_flight::IDLE_GRACE,
         tracer,
+        mirrors: Default::default(),
     })
 }
 
@@ -867,6 +881,69 @@ async fn retries_timeouts_redirects_rewrites_headers_and_mirroring() {
         before + 1,
         "the mirror got a copy"
     );
+}
+
+/// Waits for `done`, within a bound only a broken waypoint reaches (never how fast this
+/// machine is).
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Mirrors are sent off and never waited for: a mirror slower than the traffic it copies
+/// must not pile up copies (each holds its request, body included) without bound. Past
+/// the budget a copy is not sent and is counted; the requests themselves are unaffected;
+/// a copy that gets no answer gives its place back when the rule's backend timeout ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_mirror_holds_at_most_its_budget_and_never_slows_requests() {
+    use waypoint::pipeline::mirror::{MIRROR_MIN_COST, MirrorLimit};
+    let budget = 2 * MIRROR_MIN_COST;
+    let limit = Arc::new(MirrorLimit::new(budget));
+    let s = setup_with(26, mesh_trace::Tracer::disabled(), limit.clone()).await;
+    // `/slow` takes 2 s on every backend, the mirror included; `/hang` never answers.
+    s.route(r#"{"parentRefs":[{"kind":"Service","name":"api"}],"rules":[
+        {"matches":[{"path":{"type":"Exact","value":"/slow"}}],"backendRefs":[{"name":"api-v1","port":80}],
+         "filters":[{"type":"RequestMirror","requestMirror":{"backendRef":{"name":"mirror","port":80}}}]},
+        {"matches":[{"path":{"type":"Exact","value":"/unanswered"}}],"backendRefs":[{"name":"api-v1","port":80}],
+         "timeouts":{"backendRequest":"500ms"},
+         "filters":[{"type":"URLRewrite","urlRewrite":{"path":{"type":"ReplaceFullPath","replaceFullPath":"/hang"}}},
+                    {"type":"RequestMirror","requestMirror":{"backendRef":{"name":"mirror","port":80}}}]}
+    ]}"#);
+    let dropped = || -> u64 {
+        let text = s.metrics.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("waypoint_mirror_requests_dropped_total"))
+            .unwrap_or_else(|| panic!("no mirror counter in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let mirrored = || s.hits[2].load(Ordering::SeqCst);
+    // Five at once: every request answered, two copies sent (they take 2 s), three not.
+    let gets = (0..5).map(|_| s.get(ip(26, 100), "/slow"));
+    for (code, body, _) in futures_util::future::join_all(gets).await {
+        assert_eq!((code, body.as_str()), (200, "v1 /slow"));
+    }
+    assert_eq!(dropped(), 3, "copies past the budget are counted");
+    until("the two copies reach the mirror", || mirrored() >= 2).await;
+    until("the two copies end", || limit.free() == budget).await;
+    assert_eq!(mirrored(), 2, "only the copies within the budget were sent");
+    // Their places are back.
+    let (code, _, _) = s.get(ip(26, 100), "/slow").await;
+    assert_eq!(code, 200);
+    until("a copy is sent again", || mirrored() == 3).await;
+    until("it ends", || limit.free() == budget).await;
+    // A mirror that never answers: the copy ends with the rule's 500 ms backend timeout,
+    // as the request does (the default bound, 15 s, would outlast this test's wait).
+    let (code, _, _) = s.get(ip(26, 100), "/unanswered").await;
+    assert_eq!(code, 504, "the request itself times out as the rule says");
+    until("the copy to a silent mirror gives its place back", || {
+        limit.free() == budget
+    })
+    .await;
+    assert_eq!(dropped(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
