@@ -369,6 +369,7 @@ async fn mesh(t: u8, normalization: PathNormalization) -> Mesh {
         shutdown: CancellationToken::new(),
         idle_grace: waypoint::in_flight::IDLE_GRACE,
         tracer: mesh_trace::Tracer::disabled(),
+        mirrors: Default::default(),
     });
     // The waypoint's real accept path, configuration already synced.
     let lifecycle = Lifecycle::new();

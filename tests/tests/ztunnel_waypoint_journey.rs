@@ -229,6 +229,7 @@ fn start_receiver_and_waypoint(ns: &Netns, receiver: Receiver, ca_dir: Option<&s
                             scope: "mesh-waypoint",
                         },
                     ),
+                    mirrors: Default::default(),
                 });
                 let hbone = tokio::net::TcpListener::bind((WAYPOINT, 15008))
                     .await
