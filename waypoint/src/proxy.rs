@@ -530,7 +530,11 @@ impl Waypoint {
         labels: &mut RequestLabels,
     ) -> Result<Response<Body>, UpstreamError> {
         let retry = rule.and_then(|r| r.retry.as_ref());
-        let mirror = rule.and_then(|r| r.mirror());
+        // A copy is bounded by the rule's timeouts as the request is (and at most 15 s).
+        let mirror = rule.and_then(|r| {
+            let bound = mirror::mirror_timeout(r.request_timeout, per_try);
+            r.mirror().map(|m| (m, bound))
+        });
         if retry.is_none() && mirror.is_none() {
             return self
                 .balanced(req, svc, port, conn.target.protocol, per_try, labels)
@@ -551,7 +555,7 @@ impl Waypoint {
         svc: &Service,
         port: u16,
         retry: Option<&crate::route::Retry>,
-        mirror: Option<&crate::route::Backend>,
+        mirror: Option<(&crate::route::Backend, Duration)>,
         per_try: Option<std::time::Duration>,
         labels: &mut RequestLabels,
     ) -> Result<Response<Body>, UpstreamError> {
@@ -570,7 +574,7 @@ impl Waypoint {
             r.body(crate::body::full(body.clone()))
                 .expect("valid request")
         };
-        if let Some(m) = mirror {
+        if let Some((m, bound)) = mirror {
             // The copy goes to any endpoint of the mirror service; its outcome is ignored,
             // so it takes no part in balancing or outlier detection.
             let target = {
@@ -581,17 +585,19 @@ impl Waypoint {
                 })
             };
             // Only with a place in the budget, held until the copy ends (answered, failed
-            // or timed out): otherwise not sent, and counted.
+            // or timed out) and its body is gone: otherwise not sent, and counted.
             if let Some((ep, tp)) = target {
-                match self.mirrors.try_take(body.len()) {
+                match self
+                    .mirrors
+                    .try_take(mirror::request_bytes(&parts, body.len()))
+                {
                     Some(place) => {
-                        let req = copy(&parts.uri);
+                        let req = copy(&parts.uri).map(|b| place.hold_body(b));
                         let this = self.clone_for_mirror();
                         let protocol = conn.target.protocol;
-                        let limit = mirror::mirror_timeout(per_try);
                         tokio::spawn(async move {
                             let sent = this.forward(req, &ep, tp, protocol);
-                            let _ = tokio::time::timeout(limit, sent).await;
+                            let _ = tokio::time::timeout(bound, sent).await;
                             drop(place);
                         });
                     }

@@ -68,7 +68,7 @@ async fn backend(
                             if path == "/slow" {
                                 tokio::time::sleep(Duration::from_secs(2)).await;
                             }
-                            if path == "/hang" {
+                            if path == "/hang" || (path == "/mirror-hangs" && name == "mirror") {
                                 std::future::pending::<()>().await;
                             }
                             if let Some(c) = path.strip_prefix("/status/") {
@@ -894,18 +894,20 @@ async fn until(what: &str, done: impl Fn() -> bool) {
 }
 
 /// Mirrors are sent off and never waited for: a mirror slower than the traffic it copies
-/// must not pile up copies (each holds its request, body included) without bound. Past
-/// the budget a copy is not sent and is counted; the requests themselves are unaffected;
-/// a copy that gets no answer gives its place back when the rule's backend timeout ends it.
+/// must not pile up copies (each holds its request) without bound. Past the budget a copy
+/// is not sent and is counted, the requests themselves are answered; a copy that gets no
+/// answer gives its place back when the rule's timeout ends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_mirror_holds_at_most_its_budget_and_never_slows_requests() {
+async fn a_silent_mirror_holds_at_most_its_budget_and_requests_are_still_answered() {
     use waypoint::pipeline::mirror::{MIRROR_MIN_COST, MirrorLimit};
     let budget = 2 * MIRROR_MIN_COST;
     let limit = Arc::new(MirrorLimit::new(budget));
     let s = setup_with(26, mesh_trace::Tracer::disabled(), limit.clone()).await;
-    // `/slow` takes 2 s on every backend, the mirror included; `/hang` never answers.
+    // The mirror never answers `/mirror-hangs` (the other backends do at once), nor
+    // `/hang` (nobody does).
     s.route(r#"{"parentRefs":[{"kind":"Service","name":"api"}],"rules":[
-        {"matches":[{"path":{"type":"Exact","value":"/slow"}}],"backendRefs":[{"name":"api-v1","port":80}],
+        {"matches":[{"path":{"type":"Exact","value":"/mirror-hangs"}}],"backendRefs":[{"name":"api-v1","port":80}],
+         "timeouts":{"request":"8s"},
          "filters":[{"type":"RequestMirror","requestMirror":{"backendRef":{"name":"mirror","port":80}}}]},
         {"matches":[{"path":{"type":"Exact","value":"/unanswered"}}],"backendRefs":[{"name":"api-v1","port":80}],
          "timeouts":{"backendRequest":"500ms"},
@@ -921,22 +923,28 @@ async fn a_slow_mirror_holds_at_most_its_budget_and_never_slows_requests() {
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
     let mirrored = || s.hits[2].load(Ordering::SeqCst);
-    // Five at once: every request answered, two copies sent (they take 2 s), three not.
-    let gets = (0..5).map(|_| s.get(ip(26, 100), "/slow"));
-    for (code, body, _) in futures_util::future::join_all(gets).await {
-        assert_eq!((code, body.as_str()), (200, "v1 /slow"));
+    // Five requests: each answered; the first two copies take the budget (they stay
+    // unanswered for the rule's 8 s), the other three are not sent.
+    for _ in 0..5 {
+        let (code, body, _) = s.get(ip(26, 100), "/mirror-hangs").await;
+        assert_eq!((code, body.as_str()), (200, "v1 /mirror-hangs"));
     }
     assert_eq!(dropped(), 3, "copies past the budget are counted");
     until("the two copies reach the mirror", || mirrored() >= 2).await;
-    until("the two copies end", || limit.free() == budget).await;
     assert_eq!(mirrored(), 2, "only the copies within the budget were sent");
-    // Their places are back.
-    let (code, _, _) = s.get(ip(26, 100), "/slow").await;
+    assert_eq!(limit.free(), 0, "the two copies hold the whole budget");
+    // The rule's 8 s request timeout ends them (the default bound, 15 s, would outlast
+    // the wait), and their places are back.
+    until("the copies end with the rule's timeout", || {
+        limit.free() == budget
+    })
+    .await;
+    let (code, _, _) = s.get(ip(26, 100), "/mirror-hangs").await;
     assert_eq!(code, 200);
     until("a copy is sent again", || mirrored() == 3).await;
-    until("it ends", || limit.free() == budget).await;
-    // A mirror that never answers: the copy ends with the rule's 500 ms backend timeout,
-    // as the request does (the default bound, 15 s, would outlast this test's wait).
+    assert_eq!(dropped(), 3);
+    // The backend timeout bounds a copy too (500 ms here), as it does the request.
+    until("that copy ends", || limit.free() == budget).await;
     let (code, _, _) = s.get(ip(26, 100), "/unanswered").await;
     assert_eq!(code, 504, "the request itself times out as the rule says");
     until("the copy to a silent mirror gives its place back", || {
