@@ -52,8 +52,9 @@ if [ "$cargo_profile" = dev ]; then
 else
   bin="$target/$cargo_profile"
   # Frame pointers: `perf record -g` walks stacks by them (DWARF unwinding would write
-  # hundreds of MB per load).
-  RUSTFLAGS="${RUSTFLAGS:-} -C force-frame-pointers=yes" \
+  # hundreds of MB per load). RUSTFLAGS replaces .cargo/config.toml's flags, so its
+  # packed relocations are repeated here (the profiled binary is the released one).
+  RUSTFLAGS="${RUSTFLAGS:-} -C force-frame-pointers=yes -C link-arg=-Wl,-z,pack-relative-relocs" \
     cargo build --profile "$cargo_profile" --workspace --bins
 fi
 
