@@ -351,12 +351,24 @@ fn the_dashboard_draws_the_service_graph_in_chromium() {
         count("503") == Some(6.0) && count("200").is_some_and(|n| n >= 21.0)
     });
     let dashboard = DashboardProcess::start(&t);
-    // Rates need two scrapes of the traffic in the window.
-    t.eventually("the dashboard's graph with the client → api edge", || {
-        dashboard_graph(&t)["edges"].as_array().is_some_and(|e| {
-            e.iter()
-                .any(|e| e["from"] == "workload:front/client" && e["rate"].as_f64() > Some(0.0))
-        })
+    // Rates need two scrapes of the traffic in the window, and each edge comes from its
+    // own target (the client's edge from the waypoint, the waypoint's from api's
+    // ztunnel), scraped at its own moment: every edge the page is checked for is waited
+    // for, not just the first.
+    t.eventually("the dashboard's graph with every edge of the story", || {
+        let graph = dashboard_graph(&t);
+        let edge = |from: &str, to: &str| {
+            graph["edges"].as_array().is_some_and(|e| {
+                e.iter().any(|e| {
+                    e["from"] == from
+                        && e["to"] == to
+                        && (e["protocol"] == "via" || e["rate"].as_f64() > Some(0.0))
+                })
+            })
+        };
+        edge("workload:front/client", "service:back/api")
+            && edge("service:back/api", "waypoint:back/waypoint")
+            && edge("waypoint:back/waypoint", "workload:back/api")
     });
 
     let profile = tempfile::tempdir().unwrap();
