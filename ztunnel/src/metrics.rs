@@ -537,6 +537,9 @@ impl Drop for ConnRecorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::CertSource;
+    use mesh_identity::ca::CertificateAuthority;
+    use std::time::Duration;
 
     #[test]
     fn trace_ids_are_logged_as_32_hex_digits_or_not_at_all() {
@@ -544,9 +547,6 @@ mod tests {
         assert_eq!(trace_id_hex(0xab), format!("{}ab", "0".repeat(30)));
         assert_eq!(trace_id_hex(u128::MAX), "f".repeat(32));
     }
-    use crate::identity::CertSource;
-    use mesh_identity::ca::CertificateAuthority;
-    use std::time::Duration;
 
     #[tokio::test]
     async fn certificate_requests_and_failing_identities_are_exported() {

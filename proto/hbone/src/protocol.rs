@@ -162,11 +162,6 @@ impl TraceParent {
         };
         (tp.trace_id != 0 && tp.parent_id != 0).then_some(tp)
     }
-
-    /// The id logs use to correlate both ends of a connection.
-    pub fn trace_id_hex(&self) -> String {
-        format!("{:032x}", self.trace_id)
-    }
 }
 
 impl fmt::Display for TraceParent {
