@@ -16,23 +16,28 @@
 //!   deadline has passed.
 
 use crate::proxy::{Handler, Waypoint};
+use mesh_identity::SpiffeId;
 use mesh_proto::type_url;
 use mesh_threads::DataPlane;
+use mesh_xds::certs::CertManager;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
 /// What the waypoint is waiting for, and whether it is draining.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Lifecycle {
     addresses: AtomicBool,
     routes: AtomicBool,
     policies: AtomicBool,
-    certificate: AtomicBool,
+    /// The manager the waypoint's connections take their certificate from, and its
+    /// identity: readiness asks it, so it never says "no certificate" while connections
+    /// are being served with one (or the reverse, once it expires).
+    certificate: OnceLock<(Arc<CertManager>, SpiffeId)>,
     draining: AtomicBool,
     /// The configuration store failed closed (a panic while applying xDS).
     config_failed: AtomicBool,
@@ -58,9 +63,17 @@ impl Lifecycle {
         }
     }
 
-    pub fn set_certificate(&self) {
-        self.certificate.store(true, Ordering::SeqCst);
-        self.changed.notify_waiters();
+    /// Readiness from now on requires `certs` to hold a valid certificate for `id`.
+    pub fn watch_certificate(&self, certs: Arc<CertManager>, id: SpiffeId) {
+        if self.certificate.set((certs, id)).is_err() {
+            tracing::warn!("readiness already watches a certificate; kept the first");
+        }
+    }
+
+    fn holds_certificate(&self) -> bool {
+        self.certificate
+            .get()
+            .is_some_and(|(certs, id)| certs.holds_valid(id))
     }
 
     /// The configuration failed closed: not ready until the waypoint is restarted.
@@ -88,11 +101,13 @@ impl Lifecycle {
             (&self.addresses, "addresses not synced"),
             (&self.routes, "routes not synced"),
             (&self.policies, "policies not synced"),
-            (&self.certificate, "no certificate"),
         ] {
             if !flag.load(Ordering::SeqCst) {
                 missing.push(what);
             }
+        }
+        if !self.holds_certificate() {
+            missing.push("no certificate");
         }
         if self.config_failed.load(Ordering::SeqCst) {
             missing.push("configuration failed closed (restart the waypoint)");
@@ -166,11 +181,8 @@ pub async fn serve(
             wp.client.all().len()
         )));
     }
-    let prefetch = tokio::spawn(fetch_certificate(
-        wp.clone(),
-        lifecycle.clone(),
-        cfg.cert_wait,
-    ));
+    lifecycle.watch_certificate(wp.certs.clone(), wp.identity.clone());
+    let prefetch = tokio::spawn(fetch_certificate(wp.clone(), cfg.cert_wait));
     tokio::select! {
         _ = lifecycle.wait_synced() => {}
         _ = &mut shutdown => {
@@ -402,10 +414,11 @@ async fn connection(
     }
 }
 
-/// Fetches the first certificate, for readiness, in the background and without a
-/// deadline of its own (a slow CA answers eventually; cancelling it would only start
-/// over); the certificate manager renews it from then on.
-async fn fetch_certificate(wp: Arc<Waypoint>, lifecycle: Arc<Lifecycle>, wait: Duration) {
+/// Fetches the first certificate in the background, before any connection asks, and
+/// without a deadline of its own (a slow CA answers eventually; cancelling it would only
+/// start over); the certificate manager renews it from then on. Readiness asks the
+/// manager, not this task: a connection may get the certificate first.
+async fn fetch_certificate(wp: Arc<Waypoint>, wait: Duration) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let fetch = wp.certs.get(&wp.identity);
@@ -418,10 +431,7 @@ async fn fetch_certificate(wp: Arc<Waypoint>, lifecycle: Arc<Lifecycle>, wait: D
             }
         };
         match r {
-            Ok(_) => {
-                lifecycle.set_certificate();
-                return;
-            }
+            Ok(_) => return,
             Err(e) => tracing::warn!(error = %e, "no certificate yet"),
         }
         tokio::time::sleep(backoff).await;
@@ -432,6 +442,38 @@ async fn fetch_certificate(wp: Arc<Waypoint>, lifecycle: Arc<Lifecycle>, wait: D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Readiness asks the manager the connections take their certificate from: one
+    /// fetched by anyone (here directly, as a connection's `get` does) makes the waypoint
+    /// ready at once, with no background fetch running to say so.
+    #[tokio::test]
+    async fn readiness_asks_the_certificate_manager_the_connections_use() {
+        use mesh_identity::ca::CertificateAuthority;
+        use mesh_xds::certs::CertSource;
+        let day = Duration::from_secs(86_400);
+        let ca = CertificateAuthority::new_root("cluster.local", day).unwrap();
+        let certs = CertManager::new(CertSource::Local {
+            ca: Box::new(ca),
+            ttl: day,
+        });
+        let id = SpiffeId::new("cluster.local", "shop", "waypoint").unwrap();
+        let lifecycle = Lifecycle::new();
+        for t in [type_url::ADDRESS, type_url::HTTP_ROUTE, type_url::L7_POLICY] {
+            lifecycle.mark_synced(t);
+        }
+        assert_eq!(lifecycle.not_ready(), ["no certificate"], "none watched");
+        lifecycle.watch_certificate(certs.clone(), id.clone());
+        assert_eq!(lifecycle.not_ready(), ["no certificate"], "none fetched");
+        let other = SpiffeId::new("cluster.local", "shop", "other").unwrap();
+        certs.get(&other).await.unwrap();
+        assert_eq!(
+            lifecycle.not_ready(),
+            ["no certificate"],
+            "another identity's"
+        );
+        certs.get(&id).await.unwrap();
+        assert!(lifecycle.ready(), "{:?}", lifecycle.not_ready());
+    }
 
     #[test]
     fn a_new_connection_goes_to_the_thread_with_the_fewest_open() {

@@ -527,6 +527,13 @@ impl CertManager {
         None
     }
 
+    /// Whether a certificate for `id` is held and not expired: what a connection asking
+    /// `get` now would be given at once (readiness reads this, never a copy of it).
+    pub fn holds_valid(&self, id: &SpiffeId) -> bool {
+        let book = self.book.lock().expect("cert lock");
+        book.slots.get(id).and_then(valid).is_some()
+    }
+
     /// Forgets identities no longer used by any local workload: their certificates, their
     /// place in the refresh queue, and any answer still in flight.
     pub fn retain(&self, keep: impl Fn(&SpiffeId) -> bool) {
