@@ -406,6 +406,29 @@ impl TestLab {
     }
 
     /// Whether `meshctl enrolment` on `node` says `pod` is confirmed.
+    /// How the ztunnel of the node namespace `node_ns` lists the workload at `ip` (its
+    /// `/config_dump`).
+    pub fn ztunnel_lists(node_ns: &str, ip: &str) -> mesh_lab::rollout::Listing {
+        let out = Command::new("ip")
+            .args(["netns", "exec", node_ns, "curl", "-s", "--max-time", "5"])
+            .arg("http://127.0.0.1:15000/config_dump")
+            .output()
+            .unwrap();
+        let dump: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{node_ns}'s ztunnel /config_dump: {e}"));
+        mesh_lab::rollout::listing(&dump, ip)
+    }
+
+    /// Whether pod `pod` is a healthy workload to the ztunnel of every node: until then a
+    /// client's ztunnel does not tunnel to it and the pod's own refuses what reaches it
+    /// (the node agent may confirm a pod before the control plane has published it).
+    pub fn known_to_every_ztunnel(&self, pod: &str) -> bool {
+        let ip = &self.lab.state.pods[pod].ip;
+        (1..=self.lab.state.nodes).all(|n| {
+            Self::ztunnel_lists(&self.lab.node_ns(n), ip) == mesh_lab::rollout::Listing::Healthy
+        })
+    }
+
     pub fn confirmed(&self, node: usize, pod: &str) -> bool {
         let (ok, out) = self.meshctl_on(node, &["enrolment"]);
         ok && out

@@ -12,7 +12,7 @@ use mesh_e2e::manifests::{
     BACK_USES_WAYPOINT, FRONT_AMBIENT, FRONT_CLIENT, WAYPOINT_GATEWAY, back_api, join,
 };
 use mesh_e2e::testlab::TestLab;
-use mesh_lab::rollout::{Ended, Listing, Order, listing};
+use mesh_lab::rollout::{Ended, Listing, Order};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
@@ -318,18 +318,6 @@ fn read_response(s: &mut TcpStream) -> (String, String) {
     }
 }
 
-/// How node `node_ns`'s ztunnel lists the workload at `ip` (its `/config_dump`).
-fn ztunnel_lists(node_ns: &str, ip: &str) -> Listing {
-    let out = Command::new("ip")
-        .args(["netns", "exec", node_ns, "curl", "-s", "--max-time", "5"])
-        .arg("http://127.0.0.1:15000/config_dump")
-        .output()
-        .unwrap();
-    let dump: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{node_ns}'s ztunnel /config_dump: {e}"));
-    listing(&dump, ip)
-}
-
 /// The sum of a waypoint's `istio_requests_total` series.
 fn requests_total(metrics: &str) -> f64 {
     metrics
@@ -453,7 +441,7 @@ async fn rollout_story(lab: &str, order: Order) {
                 events.push(e.to_string());
                 if e.contains("sent SIGTERM") {
                     for n in &nodes {
-                        at_sigterm.push((n.clone(), ztunnel_lists(n, &old_ip)));
+                        at_sigterm.push((n.clone(), TestLab::ztunnel_lists(n, &old_ip)));
                     }
                     for i in 0..5 {
                         let url = format!("{API}/during-drain-{i}");

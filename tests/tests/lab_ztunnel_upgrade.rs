@@ -96,6 +96,9 @@ async fn a_ztunnel_upgrade_on_both_nodes_keeps_every_connection_and_moves_new_on
         t.eventually("front/client confirmed", || t.confirmed(1, "front/client"));
         t.eventually("back/api confirmed", || t.confirmed(2, "back/api"));
         t.eventually("back/iperf confirmed", || t.confirmed(2, "back/iperf"));
+        t.eventually("back/iperf known to both ztunnels", || {
+            t.known_to_every_ztunnel("back/iperf")
+        });
         wait_until("mTLS", || {
             t.curl("front/client", "http://10.96.0.20/").is_ok()
                 && t.log("ztunnel-2")
