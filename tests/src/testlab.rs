@@ -405,17 +405,12 @@ impl TestLab {
         s
     }
 
-    /// Whether `meshctl enrolment` on `node` says `pod` is confirmed.
-    /// How the ztunnel of the node namespace `node_ns` lists the workload at `ip` (its
-    /// `/config_dump`).
+    /// How the ztunnel of the node namespace `node_ns` (on its first admin port) lists the
+    /// workload at `ip`: for callers that cannot borrow the lab.
     pub fn ztunnel_lists(node_ns: &str, ip: &str) -> mesh_lab::rollout::Listing {
-        let out = Command::new("ip")
-            .args(["netns", "exec", node_ns, "curl", "-s", "--max-time", "5"])
-            .arg("http://127.0.0.1:15000/config_dump")
-            .output()
-            .unwrap();
-        let dump: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{node_ns}'s ztunnel /config_dump: {e}"));
+        let admin = mesh_lab::upgrade::PORT_SETS[0].admin;
+        let dump = mesh_lab::rollout::ztunnel_dump_in(node_ns, admin)
+            .unwrap_or_else(|| panic!("{node_ns}'s ztunnel: no /config_dump"));
         mesh_lab::rollout::listing(&dump, ip)
     }
 
@@ -425,10 +420,13 @@ impl TestLab {
     pub fn known_to_every_ztunnel(&self, pod: &str) -> bool {
         let ip = &self.lab.state.pods[pod].ip;
         (1..=self.lab.state.nodes).all(|n| {
-            Self::ztunnel_lists(&self.lab.node_ns(n), ip) == mesh_lab::rollout::Listing::Healthy
+            self.lab.ztunnel_dump(n).is_some_and(|dump| {
+                mesh_lab::rollout::listing(&dump, ip) == mesh_lab::rollout::Listing::Healthy
+            })
         })
     }
 
+    /// Whether `meshctl enrolment` on `node` says `pod` is confirmed.
     pub fn confirmed(&self, node: usize, pod: &str) -> bool {
         let (ok, out) = self.meshctl_on(node, &["enrolment"]);
         ok && out

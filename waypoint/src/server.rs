@@ -164,7 +164,8 @@ pub enum Stopped {
 
 /// Serves HBONE once the configuration has synced, until `shutdown` completes; then
 /// drains within `drain_deadline`. A certificate is fetched in the background from the
-/// start (readiness), and again, bounded, by any connection that finds none.
+/// start (so the waypoint turns ready without waiting for a connection), and again,
+/// bounded, by any connection that finds none; readiness asks the manager either way.
 pub async fn serve(
     wp: Arc<Waypoint>,
     lifecycle: Arc<Lifecycle>,

@@ -775,9 +775,9 @@ impl<'a> Bench<'a> {
         }
         self.ztunnels_fresh = true;
         self.set_path(Path3::Mesh)?;
-        // Each ztunnel takes its pods one by one (a certificate each): the server pod
-        // answering says nothing of the iperf3 pod, whose connections are reset until its
-        // own proxy is up. Asked of ztunnel-2, not by traffic, so idle stays idle.
+        // Each ztunnel starts its pods' proxies one by one: the server pod answering says
+        // nothing of the iperf3 pod, whose connections are reset until its own proxy is
+        // up. Asked of ztunnel-2, not by traffic: no load before the idle reading.
         wait(
             "node-2's ztunnel to proxy the iperf3 pod",
             Duration::from_secs(40),
@@ -787,21 +787,7 @@ impl<'a> Bench<'a> {
 
     /// Whether node `node`'s ztunnel lists pod `namespace/name` as up (`/config_dump`).
     fn ztunnel_proxies(&self, node: usize, namespace: &str, name: &str) -> bool {
-        let Some(run) = self
-            .lab
-            .process(&format!("ztunnel-{node}"))
-            .and_then(|p| p.ztunnel.clone())
-        else {
-            return false;
-        };
-        let url = format!("http://127.0.0.1:{}/config_dump", run.ports.admin);
-        let Ok(page) = in_netns(
-            &self.lab.node_ns(node),
-            &["curl", "-sf", "--max-time", "3", &url],
-        ) else {
-            return false;
-        };
-        serde_json::from_str::<serde_json::Value>(&page).is_ok_and(|dump| {
+        self.lab.ztunnel_dump(node).is_some_and(|dump| {
             dump["workloadState"].as_object().is_some_and(|pods| {
                 pods.values().any(|p| {
                     p["state"] == "Up"

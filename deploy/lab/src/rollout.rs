@@ -33,8 +33,6 @@ const GATEWAY_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 /// Where the waypoint answers its readiness probe (Istio's port).
 const READINESS_PORT: u16 = 15021;
 const READINESS_PATH: &str = "/healthz/ready";
-/// ztunnel's admin endpoint in each node's namespace.
-const ZTUNNEL_ADMIN: &str = "127.0.0.1:15000";
 /// The waypoint's own default `--drain-deadline`.
 const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
 /// Beyond the drain deadline, how long the old pod may take to exit before SIGKILL.
@@ -324,11 +322,31 @@ pub struct Report {
     pub old_pods: Vec<(String, Option<Ended>)>,
 }
 
+/// The `/config_dump` of the ztunnel in node namespace `node_ns` whose admin port (on
+/// 127.0.0.1) is `admin_port`, or `None` if it does not answer with one.
+pub fn ztunnel_dump_in(node_ns: &str, admin_port: u16) -> Option<Value> {
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    http_get_in(&netns_path(node_ns), admin, "/config_dump")
+        .ok()
+        .filter(|(status, _)| *status == 200)
+        .and_then(|(_, body)| serde_json::from_str(&body).ok())
+}
+
 fn netns_path(name: &str) -> PathBuf {
     Path::new("/var/run/netns").join(name)
 }
 
 impl Lab {
+    /// Node `node`'s ztunnel's `/config_dump`, from the ztunnel running there now (an
+    /// upgrade moves the admin port), or `None` if it does not answer with one.
+    pub fn ztunnel_dump(&self, node: usize) -> Option<Value> {
+        let admin = self
+            .process(&format!("ztunnel-{node}"))
+            .and_then(|p| p.ztunnel)
+            .map_or(crate::upgrade::PORT_SETS[0].admin, |z| z.ports.admin);
+        ztunnel_dump_in(&self.node_ns(node), admin)
+    }
+
     /// The pods (`ns/name`) of Gateway `ns/gateway`'s waypoint.
     pub fn waypoint_pods(&self, ns: &str, gateway: &str) -> Vec<String> {
         self.state
@@ -553,16 +571,13 @@ impl Lab {
         what: &str,
         holds: impl Fn(&dyn Fn(&str) -> Listing) -> bool,
     ) -> Result<(), String> {
-        let admin: SocketAddr = ZTUNNEL_ADMIN.parse().expect("an address");
         let deadline = Instant::now() + PROGRESS_DEADLINE;
         let mut pending: Vec<usize> = (1..=self.state.nodes).collect();
         loop {
             pending.retain(|&i| {
-                let dump = http_get_in(&netns_path(&self.node_ns(i)), admin, "/config_dump")
-                    .ok()
-                    .filter(|(s, _)| *s == 200)
-                    .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok());
-                !dump.is_some_and(|d| holds(&|ip| listing(&d, ip)))
+                !self
+                    .ztunnel_dump(i)
+                    .is_some_and(|d| holds(&|ip| listing(&d, ip)))
             });
             if pending.is_empty() {
                 return Ok(());
