@@ -415,28 +415,23 @@ async fn connection(
     }
 }
 
-/// Fetches the first certificate in the background, before any connection asks, and
-/// without a deadline of its own (a slow CA answers eventually; cancelling it would only
-/// start over); the certificate manager renews it from then on. Readiness asks the
-/// manager, not this task: a connection may get the certificate first.
+/// Asks for the first certificate in the background, before any connection does, so the
+/// waypoint turns ready without waiting for one; without a deadline of its own (a slow CA
+/// answers eventually; cancelling it would only start over). One request is enough: the
+/// certificate manager retries a failure on its own backoff and renews from then on, and
+/// readiness asks the manager, not this task.
 async fn fetch_certificate(wp: Arc<Waypoint>, wait: Duration) {
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let fetch = wp.certs.get(&wp.identity);
-        tokio::pin!(fetch);
-        let r = tokio::select! {
-            r = &mut fetch => r,
-            _ = tokio::time::sleep(wait) => {
-                tracing::warn!(waited = ?wait, "the CA has not answered yet; still waiting");
-                fetch.await
-            }
-        };
-        match r {
-            Ok(_) => return,
-            Err(e) => tracing::warn!(error = %e, "no certificate yet"),
+    let fetch = wp.certs.get(&wp.identity);
+    tokio::pin!(fetch);
+    let r = tokio::select! {
+        r = &mut fetch => r,
+        _ = tokio::time::sleep(wait) => {
+            tracing::warn!(waited = ?wait, "the CA has not answered yet; still waiting");
+            fetch.await
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+    };
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "no certificate yet; the certificate manager retries");
     }
 }
 

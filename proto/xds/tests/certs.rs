@@ -224,6 +224,8 @@ async fn failures_back_off_exponentially_are_counted_and_recover() {
     ca.set_mode(ANSWER);
     tokio::time::sleep(Duration::from_secs(151)).await;
     assert!(certs.failing().is_empty());
+    // Held without anyone asking again (the waypoint's readiness relies on it).
+    assert!(certs.holds_valid(&a));
     certs.get(&a).await.unwrap();
     assert_eq!(certs.stats().issued, 1);
 }
